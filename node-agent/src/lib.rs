@@ -1,1 +1,4 @@
-//! Node agent library.
+//! Node agent library: installs the CNI plugin, watches Kubernetes, and
+//! redirects enrolled pods' traffic into ztunnel (in-pod or GENEVE mode).
+
+pub mod redirect;

@@ -77,7 +77,11 @@ mod tests {
             pod_name: "a".into(),
             pod_namespace: "demo".into(),
             pod_uid: Some("u1".into()),
-            ips: vec![PodIp { interface: Some(0), address: "10.0.0.5/24".into(), gateway: None }],
+            ips: vec![PodIp {
+                interface: Some(0),
+                address: "10.0.0.5/24".into(),
+                gateway: None,
+            }],
         };
         let v: serde_json::Value = serde_json::to_value(&ev).unwrap();
         assert_eq!(v["Netns"], "/var/run/netns/cni-1");
