@@ -177,7 +177,7 @@ pub fn is_netns(fd: BorrowedFd<'_>) -> bool {
     }
     match nix::sys::statfs::fstatfs(fd) {
         // nsfs answers ENOTTY only when the ioctl itself is unknown.
-        Ok(st) => st.filesystem_type().0 as i64 == NSFS_MAGIC,
+        Ok(st) => st.filesystem_type().0 == NSFS_MAGIC,
         Err(_) => false,
     }
 }
