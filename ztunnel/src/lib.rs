@@ -1,1 +1,2 @@
 //! ztunnel library.
+pub mod policy;

@@ -1,0 +1,6 @@
+//! L4 authorization (Istio `AuthorizationPolicy` semantics), evaluated at the
+//! destination. A pure module: it imports nothing from the rest of ztunnel.
+//!
+//! - [`model`]: the local-config `policies` schema (serde types).
+
+pub mod model;
