@@ -1,0 +1,83 @@
+{{/*
+Object names are fixed, like Istio's charts: one install per cluster (two
+node agents would fight over the node's CNI configuration). The ztunnel
+service account is "ztunnel" so that istiod's default CA_TRUSTED_NODE_ACCOUNTS
+(istio-system/ztunnel) accepts it when istiod is the CA.
+*/}}
+{{- define "geneva-mesh.nodeAgent.name" -}}node-agent{{- end }}
+{{- define "geneva-mesh.ztunnel.name" -}}ztunnel{{- end }}
+{{- define "geneva-mesh.ca.name" -}}mesh-ca{{- end }}
+{{- define "geneva-mesh.ca.generatedSecret" -}}mesh-ca-certs{{- end }}
+{{- define "geneva-mesh.rootCertConfigMap" -}}istio-ca-root-cert{{- end }}
+
+{{/* Cluster-scoped objects get the chart prefix. */}}
+{{- define "geneva-mesh.clusterName" -}}geneva-mesh-{{ . }}{{- end }}
+
+{{- define "geneva-mesh.labels" -}}
+app.kubernetes.io/part-of: geneva-mesh
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end }}
+
+{{/* Image reference: a name containing "/" is used verbatim. Args: (list . name) */}}
+{{- define "geneva-mesh.image" -}}
+{{- $root := index . 0 -}}
+{{- $name := index . 1 -}}
+{{- if contains "/" $name -}}
+{{ $name }}
+{{- else -}}
+{{ printf "%s/%s:%s" $root.Values.hub $name $root.Values.tag }}
+{{- end -}}
+{{- end }}
+
+{{- define "geneva-mesh.redirectMode" -}}{{ .Values.ambient.redirectMode }}{{- end }}
+{{- define "geneva-mesh.inpod" -}}{{ if eq .Values.ambient.redirectMode "inpod" }}true{{ end }}{{- end }}
+
+{{/* Fixed in-container paths (the program defaults, see ARCHITECTURE.md). */}}
+{{- define "geneva-mesh.hostCniBinDir" -}}/host/opt/cni/bin{{- end }}
+{{- define "geneva-mesh.hostCniConfDir" -}}/host/etc/cni/net.d{{- end }}
+{{- define "geneva-mesh.cniAgentRunDir" -}}/var/run/istio-cni{{- end }}
+{{- define "geneva-mesh.ztunnelSockDir" -}}/var/run/ztunnel{{- end }}
+{{- define "geneva-mesh.hostProcSysNet" -}}/host/proc/sys/net{{- end }}
+
+{{/* CA endpoint ztunnel uses. */}}
+{{- define "geneva-mesh.caAddress" -}}
+{{- if .Values.caAddress -}}
+{{ .Values.caAddress }}
+{{- else if .Values.ca.enabled -}}
+{{ printf "https://%s.%s.svc:%d" (include "geneva-mesh.ca.name" .) .Release.Namespace (int .Values.ca.grpcPort) }}
+{{- else -}}
+{{ printf "https://istiod.%s.svc:15012" .Release.Namespace }}
+{{- end -}}
+{{- end }}
+
+{{/* The Secret the CA reads its signing key from. */}}
+{{- define "geneva-mesh.ca.secretName" -}}
+{{- .Values.ca.existingSecret | default (include "geneva-mesh.ca.generatedSecret" .) -}}
+{{- end }}
+
+{{/* Checks that cannot be expressed in values.schema.json. */}}
+{{- define "geneva-mesh.validate" -}}
+{{- if .Values.xdsAddress }}
+{{- fail "xdsAddress: this ztunnel has no xDS client yet; leave xdsAddress empty (discovery comes from the Kubernetes API, ztunnel.kubernetesDiscovery, or ztunnel.localConfig)" }}
+{{- end }}
+{{- if and (not .Values.ztunnel.kubernetesDiscovery) (not .Values.ztunnel.localConfig) }}
+{{- fail "ztunnel: with kubernetesDiscovery=false ztunnel needs ztunnel.localConfig (it has no other source of workloads)" }}
+{{- end }}
+{{- if and .Values.ca.enabled .Values.caAddress }}
+{{- fail "caAddress is set while ca.enabled=true: either use the built-in CA (leave caAddress empty) or an external CA (ca.enabled=false)" }}
+{{- end }}
+{{- if eq (int .Values.nodeAgent.readyPort) (int .Values.nodeAgent.metricsPort) }}
+{{- fail "nodeAgent.readyPort and nodeAgent.metricsPort must differ" }}
+{{- end }}
+{{- end }}
+
+{{/* Env entries from a name: value map, sorted by name. */}}
+{{- define "geneva-mesh.extraEnv" -}}
+{{- range $k := keys . | sortAlpha }}
+- name: {{ $k }}
+  value: {{ index $ $k | quote }}
+{{- end }}
+{{- end }}
