@@ -1,2 +1,3 @@
 //! ztunnel library.
+pub mod identity;
 pub mod policy;

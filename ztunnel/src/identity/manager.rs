@@ -1,0 +1,310 @@
+//! Certificate cache and rotation, one entry per identity.
+//!
+//! The first [`SecretManager::fetch_certificate`] for an identity starts a background task
+//! (on the caller's runtime) that generates an ECDSA P-256 key, sends a CSR to the
+//! [`CertificateProvider`], publishes the result and sleeps until half of the certificate's
+//! lifetime has passed, then renews. Failures back off exponentially (capped at 150 s) while
+//! the current certificate stays in use until it expires. TLS configurations are built per
+//! handshake from the current certificate, so rotation never touches open connections.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{CertificateParams, KeyPair, SanType};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+
+use super::provider::{CertificateProvider, CertificateRequest};
+use super::{Identity, WorkloadCertificate};
+
+const BACKOFF_START: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(150);
+/// Never renew more often than this, whatever the certificate says.
+const MIN_REFRESH: Duration = Duration::from_secs(1);
+
+/// A certificate could not be obtained.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("certificate for {identity}: {reason}")]
+pub struct FetchError {
+    pub identity: Identity,
+    pub reason: String,
+}
+
+#[derive(Clone)]
+enum CertState {
+    Pending,
+    Ready(Arc<WorkloadCertificate>),
+    /// No certificate yet and the last attempt failed.
+    Failed(FetchError),
+}
+
+struct Entry {
+    state: watch::Sender<CertState>,
+    task: Mutex<Option<AbortHandle>>,
+}
+
+/// One certificate per identity, fetched on demand and rotated at half-life.
+pub struct SecretManager {
+    provider: Arc<dyn CertificateProvider>,
+    ttl: Duration,
+    entries: Mutex<HashMap<Identity, Arc<Entry>>>,
+}
+
+/// What `/config_dump` shows for one identity.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CertificateDump {
+    pub identity: String,
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expiration: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub chain: Vec<String>,
+}
+
+impl SecretManager {
+    /// `ttl` is the requested certificate lifetime (`SECRET_TTL`).
+    pub fn new(provider: Arc<dyn CertificateProvider>, ttl: Duration) -> Arc<Self> {
+        Arc::new(SecretManager {
+            provider,
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn provider_name(&self) -> &str {
+        self.provider.name()
+    }
+
+    /// The current certificate of `identity`, waiting for the first one if needed. Must be
+    /// called inside a tokio runtime (the rotation task is spawned there).
+    pub async fn fetch_certificate(
+        &self,
+        identity: &Identity,
+    ) -> Result<Arc<WorkloadCertificate>, FetchError> {
+        let mut rx = self.entry(identity).state.subscribe();
+        let state = rx
+            .wait_for(|s| !matches!(s, CertState::Pending))
+            .await
+            .map_err(|_| FetchError {
+                identity: identity.clone(),
+                reason: "certificate manager stopped".to_string(),
+            })?
+            .clone();
+        match state {
+            CertState::Ready(cert) if !cert.is_expired(SystemTime::now()) => Ok(cert),
+            CertState::Ready(cert) => Err(FetchError {
+                identity: identity.clone(),
+                reason: format!(
+                    "certificate {} expired at {} and renewal has not succeeded",
+                    cert.serial(),
+                    humantime::format_rfc3339_seconds(cert.not_after())
+                ),
+            }),
+            CertState::Failed(e) => Err(e),
+            CertState::Pending => unreachable!("wait_for returned a pending state"),
+        }
+    }
+
+    /// The current certificate, if one has been issued (never waits).
+    pub fn current(&self, identity: &Identity) -> Option<Arc<WorkloadCertificate>> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        match &*entries.get(identity)?.state.borrow() {
+            CertState::Ready(c) => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    /// Starts fetching in the background without waiting (e.g. when a workload is added).
+    pub fn prefetch(&self, identity: &Identity) {
+        self.entry(identity);
+    }
+
+    /// Stops rotating `identity` and drops its certificate (workload removed).
+    pub fn forget(&self, identity: &Identity) {
+        let removed = self
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(identity);
+        if let Some(entry) = removed
+            && let Some(task) = entry.task.lock().unwrap_or_else(|e| e.into_inner()).take()
+        {
+            task.abort();
+        }
+    }
+
+    /// State of every identity, sorted by identity.
+    pub fn dump(&self) -> Vec<CertificateDump> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<CertificateDump> = entries
+            .iter()
+            .map(|(id, entry)| {
+                let mut d = CertificateDump {
+                    identity: id.to_string(),
+                    state: "pending",
+                    serial: None,
+                    not_before: None,
+                    expiration: None,
+                    refresh_at: None,
+                    error: None,
+                    chain: Vec::new(),
+                };
+                match &*entry.state.borrow() {
+                    CertState::Pending => {}
+                    CertState::Failed(e) => {
+                        d.state = "failed";
+                        d.error = Some(e.reason.clone());
+                    }
+                    CertState::Ready(c) => {
+                        d.state = if c.is_expired(SystemTime::now()) {
+                            "expired"
+                        } else {
+                            "available"
+                        };
+                        d.serial = Some(c.serial().to_string());
+                        let t = |t| humantime::format_rfc3339_seconds(t).to_string();
+                        d.not_before = Some(t(c.not_before()));
+                        d.expiration = Some(t(c.not_after()));
+                        d.refresh_at = Some(t(c.refresh_at()));
+                        d.chain = c.chain_pem().to_vec();
+                    }
+                }
+                d
+            })
+            .collect();
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
+        out
+    }
+
+    fn entry(&self, identity: &Identity) -> Arc<Entry> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = entries.get(identity) {
+            return e.clone();
+        }
+        let (tx, _) = watch::channel(CertState::Pending);
+        let entry = Arc::new(Entry {
+            state: tx,
+            task: Mutex::new(None),
+        });
+        let task = tokio::spawn(rotate(
+            self.provider.clone(),
+            identity.clone(),
+            self.ttl,
+            entry.clone(),
+        ));
+        *entry.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
+        entries.insert(identity.clone(), entry.clone());
+        entry
+    }
+}
+
+impl Drop for SecretManager {
+    fn drop(&mut self) {
+        let entries = self.entries.get_mut().unwrap_or_else(|e| e.into_inner());
+        for entry in entries.values() {
+            if let Some(task) = entry.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// The rotation loop of one identity.
+async fn rotate(
+    provider: Arc<dyn CertificateProvider>,
+    identity: Identity,
+    ttl: Duration,
+    entry: Arc<Entry>,
+) {
+    let mut backoff = BACKOFF_START;
+    loop {
+        match request_certificate(provider.as_ref(), &identity, ttl).await {
+            Ok(cert) => {
+                backoff = BACKOFF_START;
+                let refresh_at = cert.refresh_at();
+                tracing::info!(
+                    identity = %identity,
+                    serial = cert.serial(),
+                    expiration = %humantime::format_rfc3339_seconds(cert.not_after()),
+                    refresh_at = %humantime::format_rfc3339_seconds(refresh_at),
+                    provider = provider.name(),
+                    "certificate issued"
+                );
+                entry.state.send_replace(CertState::Ready(cert));
+                let wait = refresh_at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+                    .max(MIN_REFRESH);
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => {
+                tracing::warn!(identity = %identity, error = %e, retry_in = ?backoff, "certificate request failed");
+                let has_valid = matches!(&*entry.state.borrow(),
+                    CertState::Ready(c) if !c.is_expired(SystemTime::now()));
+                if !has_valid {
+                    entry.state.send_replace(CertState::Failed(e));
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Generates a key and CSR for `identity` and asks the provider to sign it.
+pub async fn request_certificate(
+    provider: &dyn CertificateProvider,
+    identity: &Identity,
+    ttl: Duration,
+) -> Result<Arc<WorkloadCertificate>, FetchError> {
+    let fail = |reason: String| FetchError {
+        identity: identity.clone(),
+        reason,
+    };
+    let (key_pem, csr_pem) = generate_csr(identity).map_err(fail)?;
+    let chain = provider
+        .sign(CertificateRequest {
+            identity: identity.clone(),
+            csr_pem,
+            ttl,
+        })
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let cert =
+        WorkloadCertificate::from_pem(identity, &key_pem, &chain).map_err(|e| fail(e.to_string()))?;
+    if cert.is_expired(SystemTime::now()) {
+        return Err(fail(format!(
+            "{} returned certificate {} that expired at {}",
+            provider.name(),
+            cert.serial(),
+            humantime::format_rfc3339_seconds(cert.not_after())
+        )));
+    }
+    Ok(Arc::new(cert))
+}
+
+/// A fresh ECDSA P-256 key (PKCS#8 PEM) and a CSR (PEM) whose only SAN is the identity URI.
+pub fn generate_csr(identity: &Identity) -> Result<(String, String), String> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| format!("key generation failed: {e}"))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let uri = identity
+        .to_string()
+        .try_into()
+        .map_err(|e| format!("identity is not a valid URI SAN: {e}"))?;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| format!("CSR encoding failed: {e}"))?;
+    Ok((key.serialize_pem(), csr))
+}
