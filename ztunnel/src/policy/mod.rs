@@ -3,4 +3,11 @@
 //!
 //! - [`model`]: the local-config `policies` schema (serde types).
 
+pub mod evaluate;
+pub mod matching;
 pub mod model;
+pub mod set;
+
+pub use evaluate::{Decision, DenyReason, Request};
+pub use model::Authorization;
+pub use set::PolicySet;
