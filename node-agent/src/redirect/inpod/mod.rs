@@ -1,0 +1,461 @@
+//! In-pod redirection: capture rules inside each enrolled pod's own netns,
+//! the netns handed to ztunnel (ZDS), and the host's kubelet-probe SNAT.
+//!
+//! - [`rules`]: pure rule generators (golden-tested);
+//! - [`apply`]: apply/remove them in a netns (plus [`routing`]);
+//! - [`probe_snat`]: host chain + ipsets;
+//! - [`InpodRedirector`]: the [`Redirector`] for this mode, with the hand-off
+//!   to ztunnel behind the [`WorkloadHandoff`] trait (implemented by the ZDS
+//!   server in `crate::zds`, and by fakes in tests).
+//!
+//! Enrol order (as upstream): rules in the pod netns → hand-off (wait for
+//! ztunnel's Ack) → pod IPs into the probe ipset. Unenrol: ipset → rules →
+//! hand-off `del`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use mesh_proto::zds::WorkloadInfo;
+use tokio::sync::Mutex;
+
+use super::iptables::{self, Backend};
+use super::netns::Netns;
+use super::{PodRedirect, ReconcileReport, RedirectError, Redirector};
+
+pub mod apply;
+pub mod netns_discovery;
+pub mod probe_snat;
+pub mod routing;
+pub mod rules;
+
+pub use apply::{ApplyError, PodNetConfig, apply_pod, remove_pod};
+pub use rules::{PodRuleOptions, RuleConfig};
+
+/// Error from a [`WorkloadHandoff`].
+pub type HandoffError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Hands enrolled pods' netns to the proxy (ZDS in production).
+pub trait WorkloadHandoff: Send + Sync {
+    /// Gives `netns` to the proxy for pod `uid` and waits for its answer.
+    /// Also records the pod for later snapshots, even when this fails.
+    fn add<'a>(
+        &'a self,
+        uid: &'a str,
+        info: &'a WorkloadInfo,
+        netns: &'a Netns,
+    ) -> BoxFuture<'a, Result<(), HandoffError>>;
+
+    /// Records an enrolled pod for the next snapshot without sending anything
+    /// (start-up reconcile); `netns: None` = keep whatever proxy exists.
+    fn register(&self, uid: &str, info: &WorkloadInfo, netns: Option<&Netns>);
+
+    /// Tells every proxy to drop pod `uid` and forgets it. No proxy
+    /// connected is not an error.
+    fn del<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, Result<(), HandoffError>>;
+}
+
+/// Settings of in-pod mode.
+#[derive(Debug, Clone)]
+pub struct InpodConfig {
+    pub rules: RuleConfig,
+    /// `AMBIENT_DNS_CAPTURE` (a pod annotation can override it).
+    pub dns_capture: bool,
+    /// `AMBIENT_IPV6`.
+    pub ipv6: bool,
+    /// `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP`.
+    pub reconcile_rules_on_startup: bool,
+    /// The node's netns, where the probe SNAT goes. `None`: the agent's own
+    /// netns (hostNetwork agent). e.g. `/host/proc/1/ns/net`, or a simulated
+    /// node's netns in tests.
+    pub host_netns: Option<PathBuf>,
+    /// `None`: detect in the host netns, as upstream.
+    pub backend: Option<Backend>,
+    /// Where to look for pods' processes when the netns path is unknown.
+    pub proc_root: PathBuf,
+}
+
+impl Default for InpodConfig {
+    fn default() -> Self {
+        Self {
+            rules: RuleConfig::default(),
+            dns_capture: false,
+            ipv6: true,
+            reconcile_rules_on_startup: true,
+            host_netns: None,
+            backend: None,
+            proc_root: PathBuf::from("/proc"),
+        }
+    }
+}
+
+struct EnrolledPod {
+    netns: Netns,
+    ips: Vec<IpAddr>,
+}
+
+/// In-pod mode's [`Redirector`].
+pub struct InpodRedirector {
+    cfg: InpodConfig,
+    net: PodNetConfig,
+    host: Netns,
+    handoff: Arc<dyn WorkloadHandoff>,
+    pods: Mutex<HashMap<String, EnrolledPod>>,
+}
+
+fn info_of(pod: &PodRedirect) -> WorkloadInfo {
+    WorkloadInfo {
+        name: pod.name.clone(),
+        namespace: pod.namespace.clone(),
+        service_account: pod.service_account.clone(),
+    }
+}
+
+impl InpodRedirector {
+    /// Opens the host netns, detects the iptables backend there (unless
+    /// configured) and installs the host probe-SNAT chain and ipsets.
+    pub async fn new(
+        cfg: InpodConfig,
+        handoff: Arc<dyn WorkloadHandoff>,
+    ) -> Result<Self, RedirectError> {
+        let host = match &cfg.host_netns {
+            Some(p) => Netns::open(p),
+            None => Netns::current(),
+        }
+        .map_err(|e| RedirectError::node("opening the host netns", e))?;
+        let backend = match cfg.backend {
+            Some(b) => b,
+            None => host
+                .run_async(iptables::detect_backend)
+                .await
+                .map_err(|e| RedirectError::node("detecting the iptables backend", e))?,
+        };
+        tracing::info!(%backend, host_netns = %host.path().display(), "in-pod redirection");
+        let net = PodNetConfig {
+            backend,
+            ipv6: cfg.ipv6,
+            rules: cfg.rules.clone(),
+        };
+        let this = Self {
+            cfg,
+            net,
+            host,
+            handoff,
+            pods: Mutex::new(HashMap::new()),
+        };
+        this.ensure_host().await?;
+        Ok(this)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.net.backend
+    }
+
+    pub fn pod_net_config(&self) -> &PodNetConfig {
+        &self.net
+    }
+
+    /// UIDs currently enrolled (rules applied), in no order.
+    pub async fn enrolled_uids(&self) -> Vec<String> {
+        self.pods.lock().await.keys().cloned().collect()
+    }
+
+    async fn ensure_host(&self) -> Result<(), RedirectError> {
+        let (backend, rules, ipv6) = (self.net.backend, self.cfg.rules.clone(), self.cfg.ipv6);
+        let label = self.host.path().to_path_buf();
+        self.host
+            .run_async(move || probe_snat::ensure_host_here(backend, &rules, ipv6, &label))
+            .await
+            .map_err(|e| RedirectError::node("host probe SNAT", e))?
+            .map_err(|e| RedirectError::node("host probe SNAT", e))
+    }
+
+    async fn host_ipset<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&RuleConfig) -> Result<T, probe_snat::IpsetError> + Send + 'static,
+    ) -> Result<T, HandoffError> {
+        let rules = self.cfg.rules.clone();
+        Ok(self.host.run_async(move || f(&rules)).await??)
+    }
+
+    /// The pod's netns: the one we hold (same pod re-enrolled), else its
+    /// path, else a /proc scan.
+    async fn open_netns(
+        &self,
+        pod: &PodRedirect,
+        held: Option<&Netns>,
+    ) -> Result<Netns, RedirectError> {
+        if let Some(path) = &pod.netns {
+            let opened = Netns::open(path)
+                .map_err(|e| RedirectError::new(pod, "opening pod netns", false, e))?;
+            return Ok(opened);
+        }
+        if let Some(ns) = held {
+            return ns
+                .try_clone()
+                .map_err(|e| RedirectError::new(pod, "duplicating pod netns fd", false, e));
+        }
+        self.discover_netns(pod).await.ok_or_else(|| {
+            RedirectError::new(
+                pod,
+                "finding pod netns",
+                false,
+                format!(
+                    "no process of the pod under {}",
+                    self.cfg.proc_root.display()
+                ),
+            )
+        })
+    }
+
+    async fn discover_netns(&self, pod: &PodRedirect) -> Option<Netns> {
+        let root = self.cfg.proc_root.clone();
+        let uid = pod.uid.clone();
+        let host_inode = self.host.inode().ok();
+        tokio::task::spawn_blocking(move || {
+            netns_discovery::find_pod_netns(&root, &uid, host_inode)
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    async fn enrol_pod(&self, pod: &PodRedirect) -> Result<(), RedirectError> {
+        let opts = PodRuleOptions::from_annotations(self.cfg.dns_capture, &pod.annotations)
+            .map_err(|e| RedirectError::new(pod, "reading annotations", false, e))?;
+        let held = self
+            .pods
+            .lock()
+            .await
+            .get(&pod.uid)
+            .and_then(|p| p.netns.try_clone().ok());
+        let netns = self.open_netns(pod, held.as_ref()).await?;
+
+        if let Err(e) = apply_pod(&netns, &self.net, &opts).await {
+            if held.is_none() {
+                // Leave nothing half-applied in a pod we did not enrol before.
+                let _ = remove_pod(&netns, self.net.backend).await;
+            }
+            return Err(RedirectError::new(pod, "applying pod rules", false, e));
+        }
+        let kept = netns
+            .try_clone()
+            .map_err(|e| RedirectError::new(pod, "duplicating pod netns fd", false, e))?;
+        self.pods.lock().await.insert(
+            pod.uid.clone(),
+            EnrolledPod {
+                netns: kept,
+                ips: pod.ips.clone(),
+            },
+        );
+
+        self.handoff
+            .add(&pod.uid, &info_of(pod), &netns)
+            .await
+            .map_err(|e| RedirectError::new(pod, "handing the pod to ztunnel", true, e))?;
+
+        let (uid, ips) = (pod.uid.clone(), pod.ips.clone());
+        self.host_ipset(move |r| probe_snat::add_ips_here(r, &uid, &ips))
+            .await
+            .map_err(|e| RedirectError::new(pod, "adding pod IPs to the probe ipset", false, e))?;
+        tracing::info!(pod = %pod.key(), uid = %pod.uid, ?opts, "pod enrolled (in-pod)");
+        Ok(())
+    }
+
+    async fn unenrol_pod(&self, pod: &PodRedirect) -> Result<(), RedirectError> {
+        let entry = self.pods.lock().await.remove(&pod.uid);
+        let mut first_err = None;
+
+        let mut ips = pod.ips.clone();
+        if let Some(e) = &entry {
+            ips.extend(e.ips.iter().copied());
+        }
+        ips.sort();
+        ips.dedup();
+        if let Err(e) = self
+            .host_ipset(move |r| probe_snat::del_ips_here(r, &ips))
+            .await
+        {
+            first_err.get_or_insert(RedirectError::new(
+                pod,
+                "removing pod IPs from the probe ipset",
+                false,
+                e,
+            ));
+        }
+
+        let netns = match entry {
+            Some(e) => Some(e.netns),
+            None => pod.netns.as_ref().and_then(|p| Netns::open(p).ok()),
+        };
+        match netns {
+            Some(ns) => {
+                if let Err(e) = remove_pod(&ns, self.net.backend).await {
+                    first_err.get_or_insert(RedirectError::new(
+                        pod,
+                        "removing pod rules",
+                        false,
+                        e,
+                    ));
+                }
+            }
+            None => tracing::info!(pod = %pod.key(), "pod netns gone: no rules to remove"),
+        }
+
+        if let Err(e) = self.handoff.del(&pod.uid).await {
+            first_err.get_or_insert(RedirectError::new(
+                pod,
+                "removing the pod from ztunnel",
+                true,
+                e,
+            ));
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => {
+                tracing::info!(pod = %pod.key(), uid = %pod.uid, "pod unenrolled (in-pod)");
+                Ok(())
+            }
+        }
+    }
+
+    async fn reconcile_pods(&self, enrolled: &[PodRedirect]) -> ReconcileReport {
+        let mut report = ReconcileReport::default();
+        if let Err(e) = self.ensure_host().await {
+            report.failed.push(e);
+        }
+        for pod in enrolled {
+            match self.reconcile_one(pod).await {
+                Ok(()) => report.enrolled.push(pod.uid.clone()),
+                Err(e) => report.failed.push(e),
+            }
+        }
+        // Pods we hold that should no longer be enrolled.
+        let stale: Vec<String> = {
+            let pods = self.pods.lock().await;
+            pods.keys()
+                .filter(|uid| !enrolled.iter().any(|p| &&p.uid == uid))
+                .cloned()
+                .collect()
+        };
+        for uid in stale {
+            let pod = PodRedirect {
+                uid: uid.clone(),
+                ..Default::default()
+            };
+            match self.unenrol_pod(&pod).await {
+                Ok(()) => report.removed.push(uid),
+                Err(e) => report.failed.push(e),
+            }
+        }
+        // Probe ipset: exactly the enrolled pods' IPs.
+        let want: Vec<IpAddr> = enrolled
+            .iter()
+            .flat_map(|p| p.ips.iter().copied())
+            .collect();
+        match self.host_ipset(probe_snat::members_here).await {
+            Ok(members) => {
+                let extra: Vec<IpAddr> = members
+                    .into_iter()
+                    .map(|(ip, _)| ip)
+                    .filter(|ip| !want.contains(ip))
+                    .collect();
+                if !extra.is_empty()
+                    && let Err(e) = self
+                        .host_ipset(move |r| probe_snat::del_ips_here(r, &extra))
+                        .await
+                {
+                    report
+                        .failed
+                        .push(RedirectError::node("pruning the probe ipset", e));
+                }
+            }
+            Err(e) => report
+                .failed
+                .push(RedirectError::node("listing the probe ipset", e)),
+        }
+        report
+    }
+
+    async fn reconcile_one(&self, pod: &PodRedirect) -> Result<(), RedirectError> {
+        let info = info_of(pod);
+        let netns = match self.open_netns(pod, None).await {
+            Ok(ns) => ns,
+            Err(e) => {
+                // Enrolled, but we cannot reach its netns: ask ztunnel to keep
+                // whatever proxy it runs for it.
+                self.handoff.register(&pod.uid, &info, None);
+                return Err(e);
+            }
+        };
+        if self.cfg.reconcile_rules_on_startup {
+            let opts = PodRuleOptions::from_annotations(self.cfg.dns_capture, &pod.annotations)
+                .map_err(|e| RedirectError::new(pod, "reading annotations", false, e))?;
+            apply_pod(&netns, &self.net, &opts)
+                .await
+                .map_err(|e| RedirectError::new(pod, "re-applying pod rules", false, e))?;
+        }
+        self.handoff.register(&pod.uid, &info, Some(&netns));
+        let (uid, ips) = (pod.uid.clone(), pod.ips.clone());
+        self.pods.lock().await.insert(
+            pod.uid.clone(),
+            EnrolledPod {
+                netns,
+                ips: pod.ips.clone(),
+            },
+        );
+        self.host_ipset(move |r| probe_snat::add_ips_here(r, &uid, &ips))
+            .await
+            .map_err(|e| RedirectError::new(pod, "adding pod IPs to the probe ipset", false, e))
+    }
+
+    async fn cleanup(&self) -> Result<(), RedirectError> {
+        let uids: Vec<String> = self.pods.lock().await.keys().cloned().collect();
+        let mut first_err = None;
+        for uid in uids {
+            let pod = PodRedirect {
+                uid,
+                ..Default::default()
+            };
+            if let Err(e) = self.unenrol_pod(&pod).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        let (backend, rules) = (self.net.backend, self.cfg.rules.clone());
+        let label = self.host.path().to_path_buf();
+        let host = self
+            .host
+            .run_async(move || probe_snat::remove_host_here(backend, &rules, &label))
+            .await
+            .map_err(|e| RedirectError::node("removing host probe SNAT", e))
+            .and_then(|r| r.map_err(|e| RedirectError::node("removing host probe SNAT", e)));
+        if let Err(e) = host {
+            first_err.get_or_insert(e);
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Redirector for InpodRedirector {
+    fn mode(&self) -> &'static str {
+        "inpod"
+    }
+
+    fn enrol<'a>(&'a self, pod: &'a PodRedirect) -> BoxFuture<'a, Result<(), RedirectError>> {
+        Box::pin(self.enrol_pod(pod))
+    }
+
+    fn unenrol<'a>(&'a self, pod: &'a PodRedirect) -> BoxFuture<'a, Result<(), RedirectError>> {
+        Box::pin(self.unenrol_pod(pod))
+    }
+
+    fn reconcile<'a>(&'a self, enrolled: &'a [PodRedirect]) -> BoxFuture<'a, ReconcileReport> {
+        Box::pin(self.reconcile_pods(enrolled))
+    }
+
+    fn cleanup_all(&self) -> BoxFuture<'_, Result<(), RedirectError>> {
+        Box::pin(self.cleanup())
+    }
+}

@@ -1,0 +1,273 @@
+//! Host side of in-pod mode: the kubelet-probe SNAT rule (nat `ISTIO_POSTRT`,
+//! hooked first in POSTROUTING) and the ipsets of enrolled pod IPs it matches
+//! (`istio-inpod-probes-v4` / `-v6`).
+//!
+//! ipset is driven through `ipset restore -exist` batches (no netlink crate
+//! for it is worth the dependency); like iptables, the command acts on the
+//! calling thread's netns, so every `_here` function must run inside
+//! [`crate::redirect::netns::Netns::run`] for the host netns.
+//!
+//! Entries carry the pod UID as their ipset comment, so a start-up reconcile
+//! can tell which pod an IP belongs to.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::redirect::iptables::{Backend, Family};
+
+use super::apply::{ApplyError, sync_family_here};
+use super::rules::{self, RuleConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IpsetError {
+    #[error("cannot run ipset {action}: {source}")]
+    Spawn {
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ipset {action} on {set} failed ({status}): {stderr}")]
+    Failed {
+        action: &'static str,
+        set: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Rules(Box<ApplyError>),
+    #[error(transparent)]
+    Ipset(#[from] IpsetError),
+}
+
+impl From<ApplyError> for HostError {
+    fn from(e: ApplyError) -> Self {
+        HostError::Rules(Box::new(e))
+    }
+}
+
+fn family_of(ip: &IpAddr) -> Family {
+    match ip {
+        IpAddr::V4(_) => Family::V4,
+        IpAddr::V6(_) => Family::V6,
+    }
+}
+
+fn ipset_family(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "inet",
+        Family::V6 => "inet6",
+    }
+}
+
+/// A comment ipset accepts without quoting trouble (pod UIDs are UUIDs).
+fn safe_comment(uid: &str) -> Option<&str> {
+    (!uid.is_empty()
+        && uid.len() <= 255
+        && uid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')))
+    .then_some(uid)
+}
+
+fn ipset_restore(action: &'static str, set: &str, input: &str) -> Result<(), IpsetError> {
+    let mut child = Command::new("ipset")
+        .args(["restore", "-exist"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| IpsetError::Spawn { action, source })?;
+    let write = child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(input.as_bytes());
+    let out = child
+        .wait_with_output()
+        .map_err(|source| IpsetError::Spawn { action, source })?;
+    if !out.status.success() || write.is_err() {
+        return Err(IpsetError::Failed {
+            action,
+            set: set.to_string(),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn both_sets(cfg: &RuleConfig) -> String {
+    format!("{}/{}", cfg.probe_ipset_v4, cfg.probe_ipset_v6)
+}
+
+/// Creates the probe ipset(s) if missing and brings the SNAT rules to their
+/// desired state.
+pub fn ensure_host_here(
+    backend: Backend,
+    cfg: &RuleConfig,
+    ipv6: bool,
+    label: &Path,
+) -> Result<(), HostError> {
+    let families: &[Family] = if ipv6 {
+        &[Family::V4, Family::V6]
+    } else {
+        &[Family::V4]
+    };
+    for &family in families {
+        let set = cfg.probe_ipset(family);
+        ipset_restore(
+            "create",
+            set,
+            &format!(
+                "create {set} hash:ip family {} comment\n",
+                ipset_family(family)
+            ),
+        )?;
+        sync_family_here(
+            backend,
+            family,
+            &rules::host_rules(cfg, family),
+            rules::HOST_OWNERSHIP,
+            label,
+        )?;
+    }
+    Ok(())
+}
+
+/// Removes the SNAT rules (both families) and destroys the ipsets.
+pub fn remove_host_here(backend: Backend, cfg: &RuleConfig, label: &Path) -> Result<(), HostError> {
+    for family in [Family::V4, Family::V6] {
+        sync_family_here(backend, family, &[], rules::HOST_OWNERSHIP, label)?;
+        let set = cfg.probe_ipset(family);
+        if set_exists(set)? {
+            ipset_restore("destroy", set, &format!("destroy {set}\n"))?;
+        }
+    }
+    Ok(())
+}
+
+fn set_exists(set: &str) -> Result<bool, IpsetError> {
+    let out = Command::new("ipset")
+        .args(["list", "-n"])
+        .output()
+        .map_err(|source| IpsetError::Spawn {
+            action: "list",
+            source,
+        })?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == set))
+}
+
+/// Adds `ips` to the probe sets, commented with `uid`. Sets of a family not
+/// enabled (no set) are skipped: the IP simply gets no probe SNAT.
+pub fn add_ips_here(cfg: &RuleConfig, uid: &str, ips: &[IpAddr]) -> Result<(), IpsetError> {
+    let mut input = String::new();
+    let comment = safe_comment(uid)
+        .map(|c| format!(" comment \"{c}\""))
+        .unwrap_or_default();
+    for ip in ips {
+        let set = cfg.probe_ipset(family_of(ip));
+        if !set_exists(set)? {
+            continue;
+        }
+        input.push_str(&format!("add {set} {ip}{comment}\n"));
+    }
+    if input.is_empty() {
+        return Ok(());
+    }
+    ipset_restore("add", &both_sets(cfg), &input)
+}
+
+/// Removes `ips` from the probe sets (missing entries are fine).
+pub fn del_ips_here(cfg: &RuleConfig, ips: &[IpAddr]) -> Result<(), IpsetError> {
+    let mut input = String::new();
+    for ip in ips {
+        let set = cfg.probe_ipset(family_of(ip));
+        if !set_exists(set)? {
+            continue;
+        }
+        input.push_str(&format!("del {set} {ip}\n"));
+    }
+    if input.is_empty() {
+        return Ok(());
+    }
+    ipset_restore("del", &both_sets(cfg), &input)
+}
+
+/// Members of the probe sets: (IP, comment = pod UID if any).
+pub fn members_here(cfg: &RuleConfig) -> Result<Vec<(IpAddr, Option<String>)>, IpsetError> {
+    let mut out = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let set = cfg.probe_ipset(family);
+        if !set_exists(set)? {
+            continue;
+        }
+        let res = Command::new("ipset")
+            .args(["save", set])
+            .output()
+            .map_err(|source| IpsetError::Spawn {
+                action: "save",
+                source,
+            })?;
+        if !res.status.success() {
+            return Err(IpsetError::Failed {
+                action: "save",
+                set: set.to_string(),
+                status: res.status.to_string(),
+                stderr: String::from_utf8_lossy(&res.stderr).trim().to_string(),
+            });
+        }
+        out.extend(parse_members(&String::from_utf8_lossy(&res.stdout)));
+    }
+    Ok(out)
+}
+
+fn parse_members(save: &str) -> Vec<(IpAddr, Option<String>)> {
+    save.lines()
+        .filter_map(|l| l.strip_prefix("add "))
+        .filter_map(|rest| {
+            let mut words = rest.split_whitespace();
+            let _set = words.next()?;
+            let ip: IpAddr = words.next()?.parse().ok()?;
+            let comment = rest
+                .split_once(" comment \"")
+                .and_then(|(_, c)| c.split_once('"'))
+                .map(|(c, _)| c.to_string());
+            Some((ip, comment))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ipset_save() {
+        let save = "create s hash:ip family inet hashsize 1024 maxelem 65536 comment bucketsize 12 initval 0x1\n\
+                    add s 10.0.0.5 comment \"abc-123\"\n\
+                    add s 10.0.0.6\n";
+        let m = parse_members(save);
+        assert_eq!(
+            m,
+            vec![
+                ("10.0.0.5".parse().unwrap(), Some("abc-123".to_string())),
+                ("10.0.0.6".parse().unwrap(), None)
+            ]
+        );
+    }
+
+    #[test]
+    fn comments_are_restricted() {
+        assert_eq!(safe_comment("0b1c-22"), Some("0b1c-22"));
+        assert_eq!(safe_comment("a\"b"), None);
+        assert_eq!(safe_comment(""), None);
+    }
+}

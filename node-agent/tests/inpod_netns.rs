@@ -1,0 +1,420 @@
+//! In-pod redirection in real network namespaces (root): apply the rules,
+//! read them back with `iptables-save` and compare with the goldens, re-apply
+//! (nothing changes), switch variants, remove (nothing of ours left, foreign
+//! rules untouched), for both iptables backends; the host probe SNAT and
+//! ipsets; and the `InpodRedirector` with a fake hand-off.
+//!
+//! Every namespace is anonymous (unshare on a thread, held by fd), so it
+//! vanishes with its handle even when a test fails.
+
+mod inpod_support;
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use inpod_support::*;
+use mesh_proto::zds::WorkloadInfo;
+use node_agent::redirect::inpod::probe_snat;
+use node_agent::redirect::inpod::rules::{self, RuleConfig};
+use node_agent::redirect::inpod::{
+    HandoffError, InpodConfig, InpodRedirector, PodNetConfig, WorkloadHandoff, apply_pod,
+    remove_pod,
+};
+use node_agent::redirect::iptables::{Backend, Family};
+use node_agent::redirect::netns::Netns;
+use node_agent::redirect::{PodRedirect, Redirector};
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root to create network namespaces");
+            return;
+        }
+    };
+}
+
+fn net(backend: Backend) -> PodNetConfig {
+    PodNetConfig {
+        backend,
+        ipv6: true,
+        rules: RuleConfig::default(),
+    }
+}
+
+/// `iptables-save` of both families without comments and counters.
+fn full_save(ns: &Netns, backend: Backend) -> String {
+    let mut s = String::new();
+    for fam in [Family::V4, Family::V6] {
+        let cmd = backend.save_command(fam);
+        s += &run_in(ns, &cmd, &[])
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>();
+    }
+    s
+}
+
+async fn apply_readback_reapply_remove(backend: Backend) {
+    for (name, global_dns, ann) in GOLDEN_CASES {
+        let t = TestNetns::new();
+        let ns = t.netns();
+        // A foreign rule in a hooked chain and a foreign chain must survive.
+        ns.run(move || {
+            node_agent::redirect::iptables::restore(
+                backend,
+                Family::V4,
+                "*nat\n:FOREIGN - [0:0]\n-A FOREIGN -j RETURN\n-A OUTPUT -j FOREIGN\nCOMMIT\n",
+            )
+        })
+        .unwrap()
+        .unwrap();
+
+        let opts = options(*global_dns, ann);
+        apply_pod(&ns, &net(backend), &opts).await.unwrap();
+        let (views, routing) =
+            node_agent::redirect::inpod::apply::inspect_pod(&ns, backend).unwrap();
+        for (fam, view) in &views {
+            let golden = golden_view(
+                &format!("{name}_{}", family_suffix(*fam)),
+                rules::POD_OWNERSHIP,
+            );
+            assert_eq!(
+                view, &golden,
+                "{backend} {name} {fam:?}: read-back != golden"
+            );
+        }
+        assert_eq!(routing.rule_v4, 1, "{backend} {name}: {routing:?}");
+        assert_eq!(routing.route_v4, 1, "{backend} {name}: {routing:?}");
+        assert_eq!(routing.rule_v6, 1, "{backend} {name}: {routing:?}");
+        assert_eq!(routing.route_v6, 1, "{backend} {name}: {routing:?}");
+
+        // Re-applying changes nothing at all.
+        let before = full_save(&ns, backend);
+        apply_pod(&ns, &net(backend), &opts).await.unwrap();
+        assert_eq!(
+            full_save(&ns, backend),
+            before,
+            "{backend} {name}: re-apply changed rules"
+        );
+        let (_, routing2) = node_agent::redirect::inpod::apply::inspect_pod(&ns, backend).unwrap();
+        assert_eq!(routing2, routing);
+
+        remove_pod(&ns, backend).await.unwrap();
+        let (views, routing) =
+            node_agent::redirect::inpod::apply::inspect_pod(&ns, backend).unwrap();
+        for (fam, view) in views {
+            assert!(view.is_empty(), "{backend} {name} {fam:?}: left {view:?}");
+        }
+        assert!(routing.is_empty(), "{backend} {name}: left {routing:?}");
+        let after = full_save(&ns, backend);
+        assert!(after.contains("-A OUTPUT -j FOREIGN"), "{after}");
+        assert!(after.contains("-A FOREIGN -j RETURN"), "{after}");
+        assert!(!after.contains("ISTIO"), "{after}");
+        // Removing again is a no-op.
+        remove_pod(&ns, backend).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn pod_rules_nft() {
+    require_root!();
+    apply_readback_reapply_remove(Backend::Nft).await;
+}
+
+#[tokio::test]
+async fn pod_rules_legacy() {
+    require_root!();
+    apply_readback_reapply_remove(Backend::Legacy).await;
+}
+
+/// Changing a pod's variant in place converges to the new golden (e.g. DNS
+/// capture turned off removes the raw-table chains and hooks).
+#[tokio::test]
+async fn variant_change_converges() {
+    require_root!();
+    for backend in [Backend::Nft, Backend::Legacy] {
+        let t = TestNetns::new();
+        let ns = t.netns();
+        apply_pod(&ns, &net(backend), &options(true, &[]))
+            .await
+            .unwrap();
+        let vif = &[(
+            rules::ANNOTATION_REROUTE_VIRTUAL_INTERFACES,
+            "fake1s0f0,fake1s0f1",
+        )];
+        apply_pod(&ns, &net(backend), &options(false, vif))
+            .await
+            .unwrap();
+        let (views, _) = node_agent::redirect::inpod::apply::inspect_pod(&ns, backend).unwrap();
+        for (fam, view) in &views {
+            let golden = golden_view(
+                &format!("pod_virtual_interfaces_{}", family_suffix(*fam)),
+                rules::POD_OWNERSHIP,
+            );
+            assert_eq!(view, &golden, "{backend} {fam:?}");
+        }
+        let raw = run_in(&ns, &backend.save_command(Family::V4), &["-t", "raw"]);
+        assert!(!raw.contains("ISTIO"), "{raw}");
+    }
+}
+
+/// IPv6 off: no ip6tables rules and no IPv6 rule/route.
+#[tokio::test]
+async fn ipv6_disabled_programs_ipv4_only() {
+    require_root!();
+    let t = TestNetns::new();
+    let ns = t.netns();
+    let mut cfg = net(Backend::Nft);
+    cfg.ipv6 = false;
+    apply_pod(&ns, &cfg, &options(false, &[])).await.unwrap();
+    let (views, routing) =
+        node_agent::redirect::inpod::apply::inspect_pod(&ns, Backend::Nft).unwrap();
+    assert!(!views[0].1.is_empty());
+    assert!(views[1].1.is_empty(), "{:?}", views[1]);
+    assert_eq!(
+        (routing.rule_v4, routing.rule_v6, routing.route_v6),
+        (1, 0, 0)
+    );
+    remove_pod(&ns, Backend::Nft).await.unwrap();
+}
+
+#[tokio::test]
+async fn host_probe_snat_and_ipsets() {
+    require_root!();
+    for backend in [Backend::Nft, Backend::Legacy] {
+        let node = TestNetns::new();
+        let ns = node.netns();
+        let cfg = RuleConfig::default();
+        let label = node.path();
+        let (c, l) = (cfg.clone(), label.clone());
+        ns.run(move || probe_snat::ensure_host_here(backend, &c, true, &l))
+            .unwrap()
+            .unwrap();
+        // twice: idempotent
+        let before = full_save(&ns, backend);
+        let (c, l) = (cfg.clone(), label.clone());
+        ns.run(move || probe_snat::ensure_host_here(backend, &c, true, &l))
+            .unwrap()
+            .unwrap();
+        assert_eq!(full_save(&ns, backend), before);
+        for fam in [Family::V4, Family::V6] {
+            let saved = run_in(&ns, &backend.save_command(fam), &["-t", "nat"]);
+            let view = rules::owned_view(
+                &node_agent::redirect::iptables::Ruleset::parse(&saved),
+                rules::HOST_OWNERSHIP,
+            );
+            let golden = golden_view(
+                &format!("host_{}", family_suffix(fam)),
+                rules::HOST_OWNERSHIP,
+            );
+            assert_eq!(view, golden, "{backend} {fam:?}");
+            // hooked first in POSTROUTING
+            let first_post = saved
+                .lines()
+                .find(|l| l.starts_with("-A POSTROUTING"))
+                .unwrap();
+            assert_eq!(first_post, "-A POSTROUTING -j ISTIO_POSTRT");
+        }
+
+        let ips: Vec<IpAddr> = vec!["10.1.2.3".parse().unwrap(), "fd00::3".parse().unwrap()];
+        let (c, i) = (cfg.clone(), ips.clone());
+        ns.run(move || probe_snat::add_ips_here(&c, "uid-1", &i))
+            .unwrap()
+            .unwrap();
+        let c = cfg.clone();
+        let members = ns
+            .run(move || probe_snat::members_here(&c))
+            .unwrap()
+            .unwrap();
+        assert_eq!(members.len(), 2, "{members:?}");
+        assert!(members.iter().all(|(_, c)| c.as_deref() == Some("uid-1")));
+        let (c, i) = (cfg.clone(), ips.clone());
+        ns.run(move || probe_snat::del_ips_here(&c, &i))
+            .unwrap()
+            .unwrap();
+        let c = cfg.clone();
+        assert!(
+            ns.run(move || probe_snat::members_here(&c))
+                .unwrap()
+                .unwrap()
+                .is_empty()
+        );
+
+        let (c, l) = (cfg.clone(), label.clone());
+        ns.run(move || probe_snat::remove_host_here(backend, &c, &l))
+            .unwrap()
+            .unwrap();
+        let after = full_save(&ns, backend);
+        assert!(!after.contains("ISTIO"), "{after}");
+        let sets = run_in(&ns, "ipset", &["list", "-n"]);
+        assert!(sets.trim().is_empty(), "{sets}");
+    }
+}
+
+/// Records hand-off calls; fails `add` while `fail_add` is set.
+#[derive(Default)]
+struct FakeHandoff {
+    calls: Mutex<Vec<String>>,
+    fail_add: Mutex<bool>,
+}
+
+impl WorkloadHandoff for FakeHandoff {
+    fn add<'a>(
+        &'a self,
+        uid: &'a str,
+        info: &'a WorkloadInfo,
+        netns: &'a Netns,
+    ) -> BoxFuture<'a, Result<(), HandoffError>> {
+        Box::pin(async move {
+            assert!(node_agent::redirect::netns::is_netns(
+                std::os::fd::AsFd::as_fd(netns)
+            ));
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("add {uid} {}/{}", info.namespace, info.name));
+            if *self.fail_add.lock().unwrap() {
+                return Err("no ztunnel connected".into());
+            }
+            Ok(())
+        })
+    }
+
+    fn register(&self, uid: &str, _info: &WorkloadInfo, netns: Option<&Netns>) {
+        self.calls.lock().unwrap().push(format!(
+            "register {uid} {}",
+            if netns.is_some() { "netns" } else { "keep" }
+        ));
+    }
+
+    fn del<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, Result<(), HandoffError>> {
+        Box::pin(async move {
+            self.calls.lock().unwrap().push(format!("del {uid}"));
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn redirector_enrol_unenrol_reconcile_cleanup() {
+    require_root!();
+    let node = TestNetns::new();
+    let pod_a = TestNetns::new();
+    let pod_b = TestNetns::new();
+    let handoff = Arc::new(FakeHandoff::default());
+    let cfg = InpodConfig {
+        host_netns: Some(node.path()),
+        proc_root: tempfile::tempdir().unwrap().keep(),
+        ..Default::default()
+    };
+    let r = InpodRedirector::new(cfg, handoff.clone()).await.unwrap();
+    let backend = r.backend();
+    let host = node.netns();
+    assert!(full_save(&host, backend).contains("ISTIO_POSTRT"));
+
+    let mut a = PodRedirect {
+        uid: "uid-a".into(),
+        name: "a".into(),
+        namespace: "ns1".into(),
+        service_account: "sa".into(),
+        ips: vec!["10.9.0.1".parse().unwrap()],
+        netns: Some(pod_a.path()),
+        annotations: Default::default(),
+    };
+    r.enrol(&a).await.unwrap();
+    r.enrol(&a).await.unwrap(); // idempotent
+    let (views, _) =
+        node_agent::redirect::inpod::apply::inspect_pod(&pod_a.netns(), backend).unwrap();
+    assert_eq!(
+        views[0].1,
+        golden_view("pod_default_v4", rules::POD_OWNERSHIP)
+    );
+    let members = run_in(&host, "ipset", &["save", rules::DEFAULT_PROBE_IPSET_V4]);
+    assert!(
+        members.contains("add istio-inpod-probes-v4 10.9.0.1 comment \"uid-a\""),
+        "{members}"
+    );
+
+    // Bad annotation: refused, not retryable, names the pod and annotation.
+    a.annotations = annotations(&[(rules::ANNOTATION_DNS_CAPTURE, "maybe")]);
+    let e = r.enrol(&a).await.unwrap_err();
+    assert!(!e.is_retryable());
+    let msg = e.to_string();
+    assert!(
+        msg.contains("ns1/a") && msg.contains(rules::ANNOTATION_DNS_CAPTURE),
+        "{msg}"
+    );
+    a.annotations = Default::default();
+
+    // ztunnel not there: retryable, rules in place, no probe-ipset entry yet.
+    *handoff.fail_add.lock().unwrap() = true;
+    let b = PodRedirect {
+        uid: "uid-b".into(),
+        name: "b".into(),
+        namespace: "ns1".into(),
+        ips: vec!["10.9.0.2".parse().unwrap()],
+        netns: Some(pod_b.path()),
+        ..Default::default()
+    };
+    let e = r.enrol(&b).await.unwrap_err();
+    assert!(e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("ns1/b"), "{e}");
+    let (views, _) =
+        node_agent::redirect::inpod::apply::inspect_pod(&pod_b.netns(), backend).unwrap();
+    assert!(!views[0].1.is_empty());
+    let members = run_in(&host, "ipset", &["save", rules::DEFAULT_PROBE_IPSET_V4]);
+    assert!(!members.contains("10.9.0.2"), "{members}");
+    *handoff.fail_add.lock().unwrap() = false;
+
+    // Reconcile with only `a`: `b` is cleaned up; a stale ipset entry goes.
+    let c = rules::DEFAULT_PROBE_IPSET_V4;
+    run_in(&host, "ipset", &["add", c, "10.9.9.9"]);
+    let report = r.reconcile(std::slice::from_ref(&a)).await;
+    assert_eq!(report.enrolled, vec!["uid-a".to_string()]);
+    assert_eq!(report.removed, vec!["uid-b".to_string()]);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let (views, routing) =
+        node_agent::redirect::inpod::apply::inspect_pod(&pod_b.netns(), backend).unwrap();
+    assert!(views.iter().all(|(_, v)| v.is_empty()) && routing.is_empty());
+    let members = run_in(&host, "ipset", &["save", c]);
+    assert!(
+        !members.contains("10.9.9.9") && members.contains("10.9.0.1"),
+        "{members}"
+    );
+
+    // Unenrol a.
+    r.unenrol(&a).await.unwrap();
+    r.unenrol(&a).await.unwrap();
+    let (views, routing) =
+        node_agent::redirect::inpod::apply::inspect_pod(&pod_a.netns(), backend).unwrap();
+    assert!(views.iter().all(|(_, v)| v.is_empty()) && routing.is_empty());
+    let members = run_in(&host, "ipset", &["save", c]);
+    assert!(!members.contains("10.9.0.1"), "{members}");
+
+    // Enrol again, then cleanup_all removes pods and host state.
+    r.enrol(&a).await.unwrap();
+    r.cleanup_all().await.unwrap();
+    let (views, _) =
+        node_agent::redirect::inpod::apply::inspect_pod(&pod_a.netns(), backend).unwrap();
+    assert!(views.iter().all(|(_, v)| v.is_empty()));
+    assert!(!full_save(&host, backend).contains("ISTIO"));
+    assert!(run_in(&host, "ipset", &["list", "-n"]).trim().is_empty());
+
+    let calls = handoff.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls,
+        vec![
+            "add uid-a ns1/a",
+            "add uid-a ns1/a",
+            "add uid-b ns1/b",
+            "register uid-a netns",
+            "del uid-b",
+            "del uid-a",
+            "del uid-a",
+            "add uid-a ns1/a",
+            "del uid-a",
+        ]
+    );
+}
