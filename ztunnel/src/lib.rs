@@ -1,3 +1,4 @@
 //! ztunnel library.
 pub mod identity;
+pub mod tls;
 pub mod policy;

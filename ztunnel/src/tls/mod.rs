@@ -1,0 +1,353 @@
+//! rustls configurations for HBONE and the SPIFFE verifiers.
+//!
+//! - TLS 1.3 only, `TLS_AES_128_GCM_SHA256` / `TLS_AES_256_GCM_SHA384`, aws-lc-rs.
+//! - ALPN `h2` offered and required on both sides; SNI never sent; no resumption.
+//! - Server ([`server_config`]): client certificate required, chained to the trust roots, with a
+//!   URI SAN in the local trust domain ([`verifier::TrustDomainVerifier`]).
+//! - Client ([`client_config`]): server chain verified to the roots and its URI SAN equal to one
+//!   of the expected identities ([`verifier::IdentityVerifier`]).
+//!
+//! Configurations are built per handshake from the current [`WorkloadCertificate`] (cheap: a
+//! few reference counts), which is how certificate rotation reaches new connections while old
+//! ones keep their session.
+
+pub mod verifier;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, OnceLock};
+
+use rustls::client::{ResolvesClientCert, Resumption};
+use rustls::crypto::CryptoProvider;
+use rustls::crypto::aws_lc_rs::{cipher_suite, kx_group};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
+
+use crate::identity::certificate::identities_of;
+use crate::identity::{Identity, WorkloadCertificate};
+
+pub use verifier::{IdentityVerifier, TrustDomainVerifier};
+
+/// The only application protocol HBONE speaks.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// Errors building TLS material.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("trust roots {source_name}: {reason}")]
+    Roots { source_name: String, reason: String },
+}
+
+/// The process-wide crypto provider: aws-lc-rs, TLS 1.3 AES-GCM suites, X25519 / P-256.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            let mut p = rustls::crypto::aws_lc_rs::default_provider();
+            p.cipher_suites = vec![
+                cipher_suite::TLS13_AES_128_GCM_SHA256,
+                cipher_suite::TLS13_AES_256_GCM_SHA384,
+            ];
+            p.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1];
+            Arc::new(p)
+        })
+        .clone()
+}
+
+/// The certificates a peer's chain must lead to.
+#[derive(Clone, Debug)]
+pub struct TrustRoots {
+    store: Arc<RootCertStore>,
+    count: usize,
+}
+
+impl TrustRoots {
+    /// Roots from DER certificates; `source_name` names the origin (file) in errors.
+    pub fn from_der(
+        certs: impl IntoIterator<Item = CertificateDer<'static>>,
+        source_name: &str,
+    ) -> Result<Self, TlsError> {
+        let mut store = RootCertStore::empty();
+        for c in certs {
+            store.add(c).map_err(|e| TlsError::Roots {
+                source_name: source_name.to_string(),
+                reason: format!("unusable root certificate: {e}"),
+            })?;
+        }
+        if store.is_empty() {
+            return Err(TlsError::Roots {
+                source_name: source_name.to_string(),
+                reason: "no certificate".to_string(),
+            });
+        }
+        let count = store.len();
+        Ok(TrustRoots {
+            store: Arc::new(store),
+            count,
+        })
+    }
+
+    /// Roots from PEM text (one or more certificates).
+    pub fn from_pem(pem: &str, source_name: &str) -> Result<Self, TlsError> {
+        let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
+        let certs = certs.map_err(|e| TlsError::Roots {
+            source_name: source_name.to_string(),
+            reason: format!("bad PEM: {e}"),
+        })?;
+        Self::from_der(certs, source_name)
+    }
+
+    pub fn store(&self) -> &Arc<RootCertStore> {
+        &self.store
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/// Server configuration for the HBONE listener of `cert`'s workload.
+pub fn server_config(
+    cert: &WorkloadCertificate,
+    roots: &TrustRoots,
+    trust_domain: &str,
+) -> Arc<ServerConfig> {
+    let provider = crypto_provider();
+    let verifier = TrustDomainVerifier::new(roots, trust_domain, provider.clone());
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3 is supported by the aws-lc-rs provider")
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(Arc::new(FixedCert(cert.certified_key().clone())));
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    cfg.session_storage = Arc::new(NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Arc::new(cfg)
+}
+
+/// Client configuration presenting `cert` and accepting only servers proving one of
+/// `expected` identities.
+pub fn client_config(
+    cert: &WorkloadCertificate,
+    roots: &TrustRoots,
+    expected: Vec<Identity>,
+) -> Arc<ClientConfig> {
+    let provider = crypto_provider();
+    let verifier = IdentityVerifier::new(roots, expected, provider.clone());
+    let mut cfg = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3 is supported by the aws-lc-rs provider")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(FixedCert(cert.certified_key().clone())));
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    cfg.enable_sni = false;
+    cfg.resumption = Resumption::disabled();
+    Arc::new(cfg)
+}
+
+/// The placeholder server name HBONE clients use (never sent: SNI is off).
+pub fn placeholder_server_name() -> ServerName<'static> {
+    ServerName::IpAddress(IpAddr::V4(Ipv4Addr::UNSPECIFIED).into())
+}
+
+/// The peer's SPIFFE identity from its leaf certificate (first Istio-shaped URI SAN).
+pub fn peer_identity(peer_certs: Option<&[CertificateDer<'_>]>) -> Option<Identity> {
+    let leaf = peer_certs?.first()?;
+    identities_of(leaf).ok()?.into_iter().next()
+}
+
+/// A resolver that always presents the same certificate.
+#[derive(Debug)]
+struct FixedCert(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for FixedCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+impl ResolvesClientCert for FixedCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::local_ca::LocalCa;
+    use crate::identity::manager::generate_csr;
+    use std::path::PathBuf;
+    use std::time::{Duration, SystemTime};
+
+    fn ca(name: &str) -> LocalCa {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/ca");
+        LocalCa::from_files(
+            &dir.join(format!("{name}-root.pem")),
+            &dir.join(format!("{name}-root.key")),
+        )
+        .unwrap()
+    }
+
+    fn roots(ca: &LocalCa) -> TrustRoots {
+        TrustRoots::from_der([ca.root_certificate().clone()], "test").unwrap()
+    }
+
+    fn leaf(ca: &LocalCa, id: &Identity, valid: std::ops::Range<SystemTime>) -> WorkloadCertificate {
+        let (key, csr) = generate_csr(id).unwrap();
+        let chain = ca
+            .sign_csr_with_validity(&csr, id, valid.start, valid.end)
+            .unwrap();
+        WorkloadCertificate::from_pem(id, &key, &chain).unwrap()
+    }
+
+    fn now_valid() -> std::ops::Range<SystemTime> {
+        let now = SystemTime::now();
+        now - Duration::from_secs(60)..now + Duration::from_secs(3600)
+    }
+
+    /// Runs one handshake; returns (client result, server result, server-seen peer identity).
+    async fn handshake(
+        client: Arc<ClientConfig>,
+        server: Arc<ServerConfig>,
+    ) -> (Result<(), String>, Result<Option<Identity>, String>) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let c = async move {
+            tokio_rustls::TlsConnector::from(client)
+                .connect(placeholder_server_name(), a)
+                .await
+                .map(|s| {
+                    assert_eq!(s.get_ref().1.alpn_protocol(), Some(ALPN_H2));
+                })
+                .map_err(|e| e.to_string())
+        };
+        let s = async move {
+            tokio_rustls::TlsAcceptor::from(server)
+                .accept(b)
+                .await
+                .map(|s| peer_identity(s.get_ref().1.peer_certificates()))
+                .map_err(|e| e.to_string())
+        };
+        tokio::join!(c, s)
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_with_expected_identities() {
+        let ca = ca("ec");
+        let a = Identity::new("cluster.local", "ns", "a");
+        let b = Identity::new("cluster.local", "ns", "b");
+        let ca_cert = leaf(&ca, &a, now_valid());
+        let cb_cert = leaf(&ca, &b, now_valid());
+        let (c, s) = handshake(
+            client_config(&ca_cert, &roots(&ca), vec![b.clone()]),
+            server_config(&cb_cert, &roots(&ca), "cluster.local"),
+        )
+        .await;
+        c.unwrap();
+        assert_eq!(s.unwrap(), Some(a));
+    }
+
+    #[tokio::test]
+    async fn rsa_root_chain_verifies() {
+        let ca = ca("rsa");
+        let a = Identity::new("cluster.local", "ns", "a");
+        let cert = leaf(&ca, &a, now_valid());
+        let (c, s) = handshake(
+            client_config(&cert, &roots(&ca), vec![a.clone()]),
+            server_config(&cert, &roots(&ca), "cluster.local"),
+        )
+        .await;
+        c.unwrap();
+        assert_eq!(s.unwrap(), Some(a));
+    }
+
+    #[tokio::test]
+    async fn client_refuses_unexpected_server_identity() {
+        let ca = ca("ec");
+        let a = Identity::new("cluster.local", "ns", "a");
+        let b = Identity::new("cluster.local", "ns", "b");
+        let evil = Identity::new("cluster.local", "ns", "evil");
+        let (c, _s) = handshake(
+            client_config(&leaf(&ca, &a, now_valid()), &roots(&ca), vec![b]),
+            server_config(&leaf(&ca, &evil, now_valid()), &roots(&ca), "cluster.local"),
+        )
+        .await;
+        let err = c.unwrap_err();
+        assert!(err.contains("evil") && err.contains("not one of the expected"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn server_refuses_other_trust_domain() {
+        let ca = ca("ec");
+        let a = Identity::new("other.domain", "ns", "a");
+        let b = Identity::new("cluster.local", "ns", "b");
+        let (_c, s) = handshake(
+            client_config(&leaf(&ca, &a, now_valid()), &roots(&ca), vec![b.clone()]),
+            server_config(&leaf(&ca, &b, now_valid()), &roots(&ca), "cluster.local"),
+        )
+        .await;
+        let err = s.unwrap_err();
+        assert!(err.contains("not in trust domain"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn both_sides_refuse_untrusted_root() {
+        let good = ca("ec");
+        let rogue = ca("rsa");
+        let a = Identity::new("cluster.local", "ns", "a");
+        let b = Identity::new("cluster.local", "ns", "b");
+        // Client cert from a rogue CA: server refuses.
+        let (_c, s) = handshake(
+            client_config(&leaf(&rogue, &a, now_valid()), &roots(&good), vec![b.clone()]),
+            server_config(&leaf(&good, &b, now_valid()), &roots(&good), "cluster.local"),
+        )
+        .await;
+        let err = s.unwrap_err();
+        assert!(err.contains("UnknownIssuer"), "{err}");
+        // Server cert from a rogue CA: client refuses.
+        let (c, _s) = handshake(
+            client_config(&leaf(&good, &a, now_valid()), &roots(&good), vec![b.clone()]),
+            server_config(&leaf(&rogue, &b, now_valid()), &roots(&good), "cluster.local"),
+        )
+        .await;
+        let err = c.unwrap_err();
+        assert!(err.contains("UnknownIssuer"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn server_refuses_expired_client_certificate() {
+        let ca = ca("ec");
+        let a = Identity::new("cluster.local", "ns", "a");
+        let b = Identity::new("cluster.local", "ns", "b");
+        let now = SystemTime::now();
+        let expired = now - Duration::from_secs(7200)..now - Duration::from_secs(3600);
+        let (_c, s) = handshake(
+            client_config(&leaf(&ca, &a, expired), &roots(&ca), vec![b.clone()]),
+            server_config(&leaf(&ca, &b, now_valid()), &roots(&ca), "cluster.local"),
+        )
+        .await;
+        let err = s.unwrap_err();
+        assert!(err.contains("expired"), "{err}");
+    }
+
+    #[test]
+    fn roots_from_garbage_name_the_source() {
+        let err = TrustRoots::from_pem("not pem", "/etc/roots.pem").unwrap_err();
+        assert!(err.to_string().contains("/etc/roots.pem"), "{err}");
+    }
+}
