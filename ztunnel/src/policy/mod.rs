@@ -4,6 +4,7 @@
 //! - [`model`]: the local-config `policies` schema (serde types).
 
 pub mod evaluate;
+pub mod kube;
 pub mod matching;
 pub mod model;
 pub mod set;

@@ -1,0 +1,1138 @@
+//! Kubernetes `security.istio.io/v1` `AuthorizationPolicy` objects and their
+//! conversion into the L4 model (what istiod sends ztunnel, done locally).
+//!
+//! Scope: a policy with `targetRef(s)` is for waypoints (not converted); no
+//! `selector` in the root namespace → Global; no `selector` elsewhere →
+//! Namespace; a `selector` → WorkloadSelector (bind it to workloads with
+//! [`selector_matches`]).
+//!
+//! Actions: ALLOW, DENY, AUDIT (ours; upstream ztunnel ignores AUDIT policies)
+//! are converted; CUSTOM is not supported at L4 (not converted, warning).
+//! `istio.io/dry-run: "true"` sets `dryRun`.
+//!
+//! A rule becomes: one clause for `from` (OR over sources), one for `to` (OR
+//! over operations), one per `when` condition. Conditions ztunnel cannot
+//! enforce at L4 — HTTP attributes (`hosts`, `methods`, `paths`, their
+//! `not*`, `requestPrincipals`, `remoteIpBlocks`, non-L4 `when` keys), fields
+//! this code does not know, and values that do not parse (a port `http`, a
+//! CIDR `10.0.0.0/33`) — are handled the way Istio describes, always failing
+//! closed:
+//! - in an ALLOW policy the whole rule is omitted (it matches nothing);
+//! - in a DENY (or AUDIT) policy the unenforceable conditions are dropped and
+//!   the rest of the rule kept, so the rule matches more connections; a
+//!   source/operation/condition left without any condition matches
+//!   everything. Upstream istiod+ztunnel differ here: a DENY rule whose only
+//!   conditions are HTTP ones arrives as an empty match that never matches,
+//!   so the policy does nothing (istio/istio#61126); we deny instead, as the
+//!   upstream status message ("enforced without the HTTP rules ... more
+//!   restrictive") and sidecar mode do.
+//!
+//! Each case produces a warning; the caller logs them once per policy.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::model::{
+    Action, Authorization, Clause, IpBlock, Match, Rule, Scope, ServiceAccountMatch, StringMatch,
+};
+
+/// Istio's default root namespace.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+/// Annotation that makes a policy dry-run.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
+/// `security.istio.io/v1` `AuthorizationPolicy` (the fields ztunnel needs;
+/// unknown spec fields are kept so they can be reported, never ignored).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicy {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default, deserialize_with = "nullable")]
+    pub spec: AuthorizationPolicySpec,
+}
+
+impl ::kube::Resource for AuthorizationPolicy {
+    type DynamicType = ();
+    type Scope = ::kube::core::NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "AuthorizationPolicy".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        "security.istio.io".into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "authorizationpolicies".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<PolicyTargetReference>,
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub target_refs: Vec<PolicyTargetReference>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub action: KubeAction,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<serde_json::Value>,
+    /// `None` and `[]` both mean "no rules" (ALLOW: matches nothing).
+    #[serde(default, deserialize_with = "nullable")]
+    pub rules: Vec<KubeRule>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    #[serde(default, deserialize_with = "nullable")]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyTargetReference {
+    #[serde(default)]
+    pub group: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KubeAction {
+    #[default]
+    #[serde(rename = "ALLOW")]
+    Allow,
+    #[serde(rename = "DENY")]
+    Deny,
+    #[serde(rename = "AUDIT")]
+    Audit,
+    #[serde(rename = "CUSTOM")]
+    Custom,
+    #[serde(other)]
+    Unknown,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeRule {
+    #[serde(default, deserialize_with = "nullable")]
+    pub from: Vec<RuleFrom>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub to: Vec<RuleTo>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub when: Vec<Condition>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RuleFrom {
+    #[serde(default)]
+    pub source: Option<Source>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RuleTo {
+    #[serde(default)]
+    pub operation: Option<Operation>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Source {
+    #[serde(default, deserialize_with = "nullable")]
+    pub principals: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub not_principals: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub request_principals: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub not_request_principals: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub namespaces: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub not_namespaces: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub service_accounts: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub not_service_accounts: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub ip_blocks: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub not_ip_blocks: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub not_remote_ip_blocks: Vec<String>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Operation {
+    #[serde(default, deserialize_with = "nullable")]
+    pub hosts: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub not_hosts: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub ports: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub not_ports: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub methods: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub not_methods: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub paths: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub not_paths: Vec<String>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(default)]
+    pub key: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub values: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub not_values: Vec<String>,
+}
+
+/// `null` reads as the default (Kubernetes clients send explicit nulls).
+fn nullable<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// Conversion settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvertOptions {
+    /// Policies here without a selector are Global (mesh-wide).
+    pub root_namespace: String,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            root_namespace: DEFAULT_ROOT_NAMESPACE.to_owned(),
+        }
+    }
+}
+
+/// The result of converting one object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Converted {
+    /// `None` when ztunnel does not enforce the policy (it targets a
+    /// waypoint, or its action is CUSTOM/unknown).
+    pub authorization: Option<Authorization>,
+    /// Human-readable notes on what could not be enforced as written; log
+    /// them once per policy (they do not name the policy).
+    pub warnings: Vec<String>,
+}
+
+/// An object that cannot be converted at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConvertError {
+    #[error("AuthorizationPolicy without metadata.name (namespace {namespace:?})")]
+    MissingName { namespace: Option<String> },
+    #[error("AuthorizationPolicy {name:?} without metadata.namespace")]
+    MissingNamespace { name: String },
+}
+
+/// Convert one Kubernetes object into the L4 model.
+pub fn convert(
+    policy: &AuthorizationPolicy,
+    options: &ConvertOptions,
+) -> Result<Converted, ConvertError> {
+    let meta = &policy.metadata;
+    let name = meta.name.clone().ok_or_else(|| ConvertError::MissingName {
+        namespace: meta.namespace.clone(),
+    })?;
+    let namespace = meta
+        .namespace
+        .clone()
+        .ok_or_else(|| ConvertError::MissingNamespace { name: name.clone() })?;
+    let spec = &policy.spec;
+    let mut warnings = Vec::new();
+
+    if spec.target_ref.is_some() || !spec.target_refs.is_empty() {
+        // Waypoint policy: not for ztunnel (upstream sends nothing either).
+        return Ok(Converted {
+            authorization: None,
+            warnings,
+        });
+    }
+    let action = match spec.action {
+        KubeAction::Allow => Action::Allow,
+        KubeAction::Deny => Action::Deny,
+        KubeAction::Audit => Action::Audit,
+        KubeAction::Custom => {
+            warnings.push(
+                "action CUSTOM (external authorization) is not supported by ztunnel at L4; \
+                 the policy is ignored"
+                    .to_owned(),
+            );
+            return Ok(Converted {
+                authorization: None,
+                warnings,
+            });
+        }
+        KubeAction::Unknown => {
+            warnings.push("unknown action; the policy is ignored".to_owned());
+            return Ok(Converted {
+                authorization: None,
+                warnings,
+            });
+        }
+    };
+    for key in spec.other.keys() {
+        warnings.push(format!("unknown field spec.{key} ignored"));
+    }
+    let scope = match (&spec.selector, namespace == options.root_namespace) {
+        (Some(_), _) => Scope::WorkloadSelector,
+        (None, true) => Scope::Global,
+        (None, false) => Scope::Namespace,
+    };
+    let dry_run = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(DRY_RUN_ANNOTATION))
+        .is_some_and(|v| parse_bool(v));
+
+    let mut rules = Vec::with_capacity(spec.rules.len());
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let mut conv = RuleConverter::new(&namespace);
+        let converted = conv.rule(rule);
+        warnings.extend(conv.notes.into_iter().map(|n| format!("rules[{i}]: {n}")));
+        if conv.unenforceable.is_empty() {
+            rules.push(converted);
+            continue;
+        }
+        let what = conv.unenforceable.join(", ");
+        if action == Action::Allow {
+            warnings.push(format!(
+                "rules[{i}]: ztunnel cannot enforce {what} at L4 (use a waypoint for HTTP rules); \
+                 in an ALLOW policy the rule is omitted and matches nothing, \
+                 which is more restrictive than requested"
+            ));
+        } else {
+            warnings.push(format!(
+                "rules[{i}]: ztunnel cannot enforce {what} at L4 (use a waypoint for HTTP rules); \
+                 the rule is enforced without those conditions and matches more connections, \
+                 which is more restrictive than requested"
+            ));
+            rules.push(converted);
+        }
+    }
+
+    Ok(Converted {
+        authorization: Some(Authorization {
+            name,
+            namespace,
+            scope,
+            action,
+            rules,
+            dry_run,
+        }),
+        warnings,
+    })
+}
+
+/// Whether a WorkloadSelector policy selects a workload. A selector matches
+/// workloads of the policy's namespace, and of every namespace when the
+/// policy lives in the root namespace (Istio). Policies without a selector
+/// (they apply by scope) and waypoint policies (`targetRefs`) select nothing.
+pub fn selector_matches(
+    policy: &AuthorizationPolicy,
+    options: &ConvertOptions,
+    workload_namespace: &str,
+    workload_labels: &BTreeMap<String, String>,
+) -> bool {
+    let spec = &policy.spec;
+    let Some(selector) = &spec.selector else {
+        return false;
+    };
+    if spec.target_ref.is_some() || !spec.target_refs.is_empty() {
+        return false;
+    }
+    let Some(ns) = policy.metadata.namespace.as_deref() else {
+        return false;
+    };
+    if ns != workload_namespace && ns != options.root_namespace {
+        return false;
+    }
+    selector
+        .match_labels
+        .iter()
+        .all(|(k, v)| workload_labels.get(k) == Some(v))
+}
+
+/// Go's `strconv.ParseBool` truthy values (how Istio reads the annotation).
+fn parse_bool(v: &str) -> bool {
+    matches!(v, "1" | "t" | "T" | "true" | "TRUE" | "True")
+}
+
+/// The `when` keys ztunnel can enforce.
+const L4_WHEN_KEYS: &[&str] = &[
+    "source.ip",
+    "source.namespace",
+    "source.principal",
+    "destination.ip",
+    "destination.port",
+];
+
+/// Converts one rule, recording what cannot be enforced.
+struct RuleConverter<'a> {
+    namespace: &'a str,
+    /// Paths of conditions that cannot be enforced (e.g. `to[0].operation.methods`).
+    unenforceable: Vec<String>,
+    /// Other notes (literal wildcards, `spiffe://` principals).
+    notes: Vec<String>,
+}
+
+impl<'a> RuleConverter<'a> {
+    fn new(namespace: &'a str) -> Self {
+        RuleConverter {
+            namespace,
+            unenforceable: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn rule(&mut self, rule: &KubeRule) -> Rule {
+        for key in rule.other.keys() {
+            self.unenforceable.push(format!("unknown field {key}"));
+        }
+        let mut clauses: Rule = Vec::new();
+        if !rule.to.is_empty() {
+            let entries: Vec<Option<Match>> = rule
+                .to
+                .iter()
+                .enumerate()
+                .map(|(i, to)| self.operation(&format!("to[{i}].operation"), to.operation.as_ref()))
+                .collect();
+            self.push_clause(&mut clauses, entries);
+        }
+        if !rule.from.is_empty() {
+            let entries: Vec<Option<Match>> = rule
+                .from
+                .iter()
+                .enumerate()
+                .map(|(i, from)| self.source(&format!("from[{i}].source"), from.source.as_ref()))
+                .collect();
+            self.push_clause(&mut clauses, entries);
+        }
+        for (i, when) in rule.when.iter().enumerate() {
+            let entry = self.condition(&format!("when[{i}]"), when);
+            self.push_clause(&mut clauses, vec![entry]);
+        }
+        clauses
+    }
+
+    /// `None` entries are unconstrained after dropping what cannot be
+    /// enforced: they match everything, so the whole clause does and is left
+    /// out (an absent clause is neutral in the AND).
+    fn push_clause(&self, clauses: &mut Rule, entries: Vec<Option<Match>>) {
+        let clause: Option<Clause> = entries.into_iter().collect();
+        if let Some(clause) = clause {
+            clauses.push(clause);
+        }
+    }
+
+    /// A match, or `None` when nothing enforceable is left. An entry that
+    /// had no condition at all to begin with (Istio's validation rejects
+    /// those) is itself recorded as unenforceable.
+    fn non_empty(&mut self, path: &str, before: usize, m: Match) -> Option<Match> {
+        if !m.is_empty() {
+            return Some(m);
+        }
+        if self.unenforceable.len() == before {
+            self.unenforceable.push(format!("{path} (empty)"));
+        }
+        None
+    }
+
+    fn unenforceable_if_set(&mut self, path: &str, field: &str, values: &[String]) {
+        if !values.is_empty() {
+            self.unenforceable.push(format!("{path}.{field}"));
+        }
+    }
+
+    fn operation(&mut self, path: &str, op: Option<&Operation>) -> Option<Match> {
+        let Some(op) = op else {
+            self.unenforceable.push(format!("{path} (missing)"));
+            return None;
+        };
+        let before = self.unenforceable.len();
+        for (field, values) in [
+            ("hosts", &op.hosts),
+            ("notHosts", &op.not_hosts),
+            ("methods", &op.methods),
+            ("notMethods", &op.not_methods),
+            ("paths", &op.paths),
+            ("notPaths", &op.not_paths),
+        ] {
+            self.unenforceable_if_set(path, field, values);
+        }
+        for key in op.other.keys() {
+            self.unenforceable
+                .push(format!("{path}.{key} (unknown field)"));
+        }
+        let m = Match {
+            destination_ports: self.ports(path, "ports", &op.ports),
+            not_destination_ports: self.ports(path, "notPorts", &op.not_ports),
+            ..Default::default()
+        };
+        self.non_empty(path, before, m)
+    }
+
+    fn source(&mut self, path: &str, src: Option<&Source>) -> Option<Match> {
+        let Some(src) = src else {
+            self.unenforceable.push(format!("{path} (missing)"));
+            return None;
+        };
+        let before = self.unenforceable.len();
+        for (field, values) in [
+            ("requestPrincipals", &src.request_principals),
+            ("notRequestPrincipals", &src.not_request_principals),
+            ("remoteIpBlocks", &src.remote_ip_blocks),
+            ("notRemoteIpBlocks", &src.not_remote_ip_blocks),
+        ] {
+            self.unenforceable_if_set(path, field, values);
+        }
+        for key in src.other.keys() {
+            self.unenforceable
+                .push(format!("{path}.{key} (unknown field)"));
+        }
+        let m = Match {
+            namespaces: self.strings(path, "namespaces", &src.namespaces),
+            not_namespaces: self.strings(path, "notNamespaces", &src.not_namespaces),
+            service_accounts: self.service_accounts(&src.service_accounts),
+            not_service_accounts: self.service_accounts(&src.not_service_accounts),
+            principals: self.principals(path, "principals", &src.principals),
+            not_principals: self.principals(path, "notPrincipals", &src.not_principals),
+            source_ips: self.ip_blocks(path, "ipBlocks", &src.ip_blocks),
+            not_source_ips: self.ip_blocks(path, "notIpBlocks", &src.not_ip_blocks),
+            ..Default::default()
+        };
+        self.non_empty(path, before, m)
+    }
+
+    fn condition(&mut self, path: &str, when: &Condition) -> Option<Match> {
+        let key = when.key.as_str();
+        if !L4_WHEN_KEYS.contains(&key) {
+            self.unenforceable
+                .push(format!("{path} key {key:?} (not an L4 attribute)"));
+            return None;
+        }
+        let path = format!("{path}[{key}]");
+        let before = self.unenforceable.len();
+        let (pos, neg) = (&when.values, &when.not_values);
+        let mut m = Match::default();
+        match key {
+            "source.ip" => {
+                m.source_ips = self.ip_blocks(&path, "values", pos);
+                m.not_source_ips = self.ip_blocks(&path, "notValues", neg);
+            }
+            "destination.ip" => {
+                m.destination_ips = self.ip_blocks(&path, "values", pos);
+                m.not_destination_ips = self.ip_blocks(&path, "notValues", neg);
+            }
+            "destination.port" => {
+                m.destination_ports = self.ports(&path, "values", pos);
+                m.not_destination_ports = self.ports(&path, "notValues", neg);
+            }
+            "source.namespace" => {
+                m.namespaces = self.strings(&path, "values", pos);
+                m.not_namespaces = self.strings(&path, "notValues", neg);
+            }
+            _ => {
+                m.principals = self.principals(&path, "values", pos);
+                m.not_principals = self.principals(&path, "notValues", neg);
+            }
+        }
+        self.non_empty(&path, before, m)
+    }
+
+    fn strings(&mut self, path: &str, field: &str, values: &[String]) -> Vec<StringMatch> {
+        values
+            .iter()
+            .map(|v| {
+                let body = v
+                    .strip_prefix('*')
+                    .or_else(|| v.strip_suffix('*'))
+                    .unwrap_or(v);
+                if v != "*" && body.contains('*') {
+                    self.notes.push(format!(
+                        "{path}.{field} value {v:?}: Istio supports a single leading or \
+                         trailing `*`; the other `*` match literally"
+                    ));
+                }
+                StringMatch::from_istio_pattern(v)
+            })
+            .collect()
+    }
+
+    fn principals(&mut self, path: &str, field: &str, values: &[String]) -> Vec<StringMatch> {
+        for v in values {
+            if v.starts_with("spiffe://") {
+                self.notes.push(format!(
+                    "{path}.{field} value {v:?}: principals are written without `spiffe://`; \
+                     this value never matches"
+                ));
+            }
+        }
+        self.strings(path, field, values)
+    }
+
+    fn service_accounts(&self, values: &[String]) -> Vec<ServiceAccountMatch> {
+        values
+            .iter()
+            .map(|v| match v.split_once('/') {
+                Some((ns, sa)) => ServiceAccountMatch {
+                    namespace: ns.to_owned(),
+                    service_account: sa.to_owned(),
+                },
+                None => ServiceAccountMatch {
+                    namespace: self.namespace.to_owned(),
+                    service_account: v.clone(),
+                },
+            })
+            .collect()
+    }
+
+    /// Parsed ports; an invalid value makes the whole field unenforceable
+    /// (dropped: DENY matches more, ALLOW omits the rule).
+    fn ports(&mut self, path: &str, field: &str, values: &[String]) -> Vec<u16> {
+        let parsed: Result<Vec<u16>, &String> = values
+            .iter()
+            .map(|v| v.trim().parse::<u16>().ok().filter(|p| *p != 0).ok_or(v))
+            .collect();
+        match parsed {
+            Ok(p) => p,
+            Err(bad) => {
+                self.unenforceable
+                    .push(format!("{path}.{field} (invalid port {bad:?})"));
+                Vec::new()
+            }
+        }
+    }
+
+    fn ip_blocks(&mut self, path: &str, field: &str, values: &[String]) -> Vec<IpBlock> {
+        let parsed: Result<Vec<IpBlock>, &String> = values
+            .iter()
+            .map(|v| v.parse::<IpBlock>().map_err(|_| v))
+            .collect();
+        match parsed {
+            Ok(p) => p,
+            Err(bad) => {
+                self.unenforceable
+                    .push(format!("{path}.{field} (invalid IP block {bad:?})"));
+                Vec::new()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::evaluate::{Decision, Request};
+    use crate::policy::set::PolicySet;
+
+    fn object(yaml: &str) -> AuthorizationPolicy {
+        serde_yaml_ng::from_str(yaml).expect(yaml)
+    }
+
+    fn conv(yaml: &str) -> Converted {
+        convert(&object(yaml), &ConvertOptions::default()).expect(yaml)
+    }
+
+    /// Expected model, written as a local-config policy.
+    fn model(yaml: &str) -> Authorization {
+        serde_yaml_ng::from_str(yaml).expect(yaml)
+    }
+
+    fn assert_converts(name: &str, input: &str, want: &str, warnings: &[&str]) {
+        let got = conv(input);
+        assert_eq!(got.authorization, Some(model(want)), "{name}");
+        assert_eq!(
+            got.warnings.len(),
+            warnings.len(),
+            "{name}: warnings {:#?}",
+            got.warnings
+        );
+        for (w, want) in got.warnings.iter().zip(warnings) {
+            assert!(w.contains(want), "{name}: warning {w:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn scopes_and_actions() {
+        let cases = [
+            (
+                "namespace ALLOW",
+                "{metadata: {name: p, namespace: app}, spec: {action: ALLOW}}",
+                "{name: p, namespace: app, scope: Namespace, action: Allow}",
+            ),
+            (
+                "default action is ALLOW",
+                "{metadata: {name: p, namespace: app}, spec: {}}",
+                "{name: p, namespace: app, scope: Namespace, action: Allow}",
+            ),
+            (
+                "no spec at all",
+                "{metadata: {name: p, namespace: app}}",
+                "{name: p, namespace: app, scope: Namespace, action: Allow}",
+            ),
+            (
+                "root namespace → Global DENY",
+                "{metadata: {name: p, namespace: istio-system}, spec: {action: DENY}}",
+                "{name: p, namespace: istio-system, scope: Global, action: Deny}",
+            ),
+            (
+                "selector → WorkloadSelector AUDIT",
+                "{metadata: {name: p, namespace: app}, spec: {action: AUDIT, selector: {matchLabels: {app: a}}}}",
+                "{name: p, namespace: app, scope: WorkloadSelector, action: Audit}",
+            ),
+            (
+                "selector in the root namespace stays WorkloadSelector",
+                "{metadata: {name: p, namespace: istio-system}, spec: {selector: {matchLabels: {app: a}}}}",
+                "{name: p, namespace: istio-system, scope: WorkloadSelector, action: Allow}",
+            ),
+            (
+                "dry-run annotation",
+                "{metadata: {name: p, namespace: app, annotations: {istio.io/dry-run: 'true'}}, spec: {}}",
+                "{name: p, namespace: app, scope: Namespace, action: Allow, dryRun: true}",
+            ),
+            (
+                "dry-run annotation false",
+                "{metadata: {name: p, namespace: app, annotations: {istio.io/dry-run: 'false'}}, spec: {}}",
+                "{name: p, namespace: app, scope: Namespace, action: Allow}",
+            ),
+            (
+                "null lists",
+                "{metadata: {name: p, namespace: app}, spec: {rules: null, targetRefs: null}}",
+                "{name: p, namespace: app, scope: Namespace, action: Allow}",
+            ),
+        ];
+        for (name, input, want) in cases {
+            assert_converts(name, input, want, &[]);
+        }
+        let root = ConvertOptions {
+            root_namespace: "mesh-root".into(),
+        };
+        let c = convert(
+            &object("{metadata: {name: p, namespace: mesh-root}}"),
+            &root,
+        )
+        .unwrap();
+        assert_eq!(c.authorization.unwrap().scope, Scope::Global);
+        let c = convert(
+            &object("{metadata: {name: p, namespace: istio-system}}"),
+            &root,
+        )
+        .unwrap();
+        assert_eq!(c.authorization.unwrap().scope, Scope::Namespace);
+    }
+
+    #[test]
+    fn not_converted() {
+        let c = conv(
+            "{metadata: {name: p, namespace: app}, spec: {action: CUSTOM, provider: {name: ext}}}",
+        );
+        assert_eq!(c.authorization, None);
+        assert!(c.warnings[0].contains("CUSTOM"), "{:?}", c.warnings);
+        let c = conv("{metadata: {name: p, namespace: app}, spec: {action: BOGUS}}");
+        assert_eq!(c.authorization, None);
+        assert!(c.warnings[0].contains("unknown action"), "{:?}", c.warnings);
+        for waypoint in [
+            "{metadata: {name: p, namespace: app}, spec: {targetRefs: [{kind: Service, group: '', name: s}]}}",
+            "{metadata: {name: p, namespace: app}, spec: {targetRef: {kind: Gateway, group: gateway.networking.k8s.io, name: w}}}",
+        ] {
+            let c = conv(waypoint);
+            assert_eq!(c.authorization, None, "{waypoint}");
+            assert!(c.warnings.is_empty(), "{waypoint}");
+        }
+        let err = convert(
+            &object("{metadata: {namespace: app}}"),
+            &ConvertOptions::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("metadata.name"), "{err}");
+        let err =
+            convert(&object("{metadata: {name: p}}"), &ConvertOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("\"p\""), "{err}");
+    }
+
+    #[test]
+    fn every_l4_field() {
+        assert_converts(
+            "all L4 fields",
+            r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: app}
+spec:
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/x/sa/a", "*/sa/admin", "cluster.local/ns/y/*", "*"]
+        notPrincipals: ["cluster.local/ns/x/sa/evil"]
+        namespaces: ["x", "team-*"]
+        notNamespaces: ["*-test"]
+        serviceAccounts: ["client", "other/admin"]
+        notServiceAccounts: ["bad"]
+        ipBlocks: ["10.0.0.0/8", "192.168.1.1"]
+        notIpBlocks: ["10.9.0.0/16"]
+    - source:
+        namespaces: ["z"]
+    to:
+    - operation:
+        ports: ["80", "8080"]
+        notPorts: ["9999"]
+    when:
+    - key: source.ip
+      values: ["172.16.0.0/12"]
+      notValues: ["172.16.0.1"]
+    - key: source.namespace
+      values: ["x"]
+    - key: source.principal
+      notValues: ["*/sa/evil"]
+    - key: destination.ip
+      values: ["10.0.1.1"]
+    - key: destination.port
+      values: ["80"]
+      notValues: ["81"]
+  - {}
+status: {}
+"#,
+            r#"
+name: p
+namespace: app
+scope: Namespace
+action: Allow
+rules:
+- - - destinationPorts: [80, 8080]
+      notDestinationPorts: [9999]
+  - - principals:
+      - !Exact cluster.local/ns/x/sa/a
+      - !Suffix /sa/admin
+      - !Prefix cluster.local/ns/y/
+      - !Presence
+      notPrincipals: [!Exact cluster.local/ns/x/sa/evil]
+      namespaces: [!Exact x, !Prefix team-]
+      notNamespaces: [!Suffix -test]
+      serviceAccounts: [{namespace: app, serviceAccount: client}, {namespace: other, serviceAccount: admin}]
+      notServiceAccounts: [{namespace: app, serviceAccount: bad}]
+      sourceIps: [10.0.0.0/8, 192.168.1.1/32]
+      notSourceIps: [10.9.0.0/16]
+    - namespaces: [!Exact z]
+  - - sourceIps: [172.16.0.0/12]
+      notSourceIps: [172.16.0.1/32]
+  - - namespaces: [!Exact x]
+  - - notPrincipals: [!Suffix /sa/evil]
+  - - destinationIps: [10.0.1.1/32]
+  - - destinationPorts: [80]
+      notDestinationPorts: [81]
+- []
+"#,
+            &[],
+        );
+    }
+
+    #[test]
+    fn l7_fields_in_allow_omit_the_rule() {
+        let l7_rules = [
+            (
+                "to: [{operation: {methods: [GET]}}]",
+                "to[0].operation.methods",
+            ),
+            (
+                "to: [{operation: {ports: ['80'], paths: [/x]}}]",
+                "to[0].operation.paths",
+            ),
+            ("to: [{operation: {hosts: [a.com]}}]", "hosts"),
+            ("to: [{operation: {notHosts: [a.com]}}]", "notHosts"),
+            ("to: [{operation: {notMethods: [GET]}}]", "notMethods"),
+            ("to: [{operation: {notPaths: [/x]}}]", "notPaths"),
+            (
+                "from: [{source: {requestPrincipals: ['*']}}]",
+                "from[0].source.requestPrincipals",
+            ),
+            (
+                "from: [{source: {notRequestPrincipals: ['*']}}]",
+                "notRequestPrincipals",
+            ),
+            (
+                "from: [{source: {namespaces: [x], remoteIpBlocks: [1.2.3.4]}}]",
+                "remoteIpBlocks",
+            ),
+            (
+                "from: [{source: {notRemoteIpBlocks: [1.2.3.4]}}]",
+                "notRemoteIpBlocks",
+            ),
+            (
+                "when: [{key: 'request.headers[x]', values: [y]}]",
+                "request.headers[x]",
+            ),
+            ("when: [{key: remote.ip, values: [1.2.3.4]}]", "remote.ip"),
+            (
+                "from: [{source: {namespaces: [x], futureField: [y]}}]",
+                "futureField",
+            ),
+            (
+                "to: [{operation: {ports: [http]}}]",
+                "invalid port \"http\"",
+            ),
+            ("to: [{operation: {ports: ['0']}}]", "invalid port"),
+            (
+                "from: [{source: {ipBlocks: [10.0.0.0/33]}}]",
+                "invalid IP block",
+            ),
+            (
+                "when: [{key: destination.port, values: ['99999']}]",
+                "invalid port",
+            ),
+            ("when: [{key: source.ip}]", "(empty)"),
+            ("from: [{source: {}}]", "from[0].source (empty)"),
+            ("from: [{}]", "from[0].source (missing)"),
+            ("to: [{operation: {}}]", "to[0].operation (empty)"),
+        ];
+        for (rule, warning) in l7_rules {
+            let input = format!(
+                "{{metadata: {{name: p, namespace: app}}, spec: {{action: ALLOW, rules: [{{{rule}}}, {{from: [{{source: {{namespaces: [ok]}}}}]}}]}}}}"
+            );
+            assert_converts(
+                rule,
+                &input,
+                "{name: p, namespace: app, scope: Namespace, action: Allow, rules: [[[{namespaces: [!Exact ok]}]]]}",
+                &[warning],
+            );
+            let w = &conv(&input).warnings[0];
+            assert!(w.starts_with("rules[0]: ") && w.contains("omitted"), "{w}");
+        }
+    }
+
+    #[test]
+    fn l7_fields_in_deny_are_dropped() {
+        let cases = [
+            (
+                "L4 and L7 in one rule: keep the L4 part",
+                "{from: [{source: {namespaces: [x]}}], to: [{operation: {methods: [GET]}}]}",
+                "[[[{namespaces: [!Exact x]}]]]",
+                "to[0].operation.methods",
+            ),
+            (
+                "L7-only rule denies everything",
+                "{to: [{operation: {methods: [GET]}}]}",
+                "[[]]",
+                "methods",
+            ),
+            (
+                "field with L7 and L4 attributes keeps the L4 ones",
+                "{to: [{operation: {ports: ['80'], paths: [/admin]}}]}",
+                "[[[{destinationPorts: [80]}]]]",
+                "paths",
+            ),
+            (
+                "one unconstrained source makes the from clause match all",
+                "{from: [{source: {requestPrincipals: ['*']}}, {source: {namespaces: [a]}}], to: [{operation: {ports: ['22']}}]}",
+                "[[[{destinationPorts: [22]}]]]",
+                "requestPrincipals",
+            ),
+            (
+                "non-L4 when key is dropped",
+                "{from: [{source: {namespaces: [x]}}], when: [{key: 'request.auth.claims[iss]', values: [a]}]}",
+                "[[[{namespaces: [!Exact x]}]]]",
+                "request.auth.claims[iss]",
+            ),
+            (
+                "invalid port drops only that field",
+                "{to: [{operation: {ports: [http]}}], from: [{source: {namespaces: [x]}}]}",
+                "[[[{namespaces: [!Exact x]}]]]",
+                "invalid port",
+            ),
+            (
+                "invalid notIpBlocks value drops the field (matches more)",
+                "{from: [{source: {namespaces: [x], notIpBlocks: [nope]}}]}",
+                "[[[{namespaces: [!Exact x]}]]]",
+                "invalid IP block",
+            ),
+        ];
+        for (name, rule, want_rules, warning) in cases {
+            let input = format!(
+                "{{metadata: {{name: p, namespace: app}}, spec: {{action: DENY, rules: [{rule}]}}}}"
+            );
+            let want = format!(
+                "{{name: p, namespace: app, scope: Namespace, action: Deny, rules: {want_rules}}}"
+            );
+            assert_converts(name, &input, &want, &[warning]);
+            assert!(
+                conv(&input).warnings[0].contains("enforced without"),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn notes_for_odd_patterns() {
+        let c = conv(
+            "{metadata: {name: p, namespace: app}, spec: {rules: [{from: [{source: {principals: ['*/ns/foo/sa/*', 'spiffe://td/ns/a/sa/b']}}]}]}}",
+        );
+        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+        for want in ["single leading or trailing", "without `spiffe://`"] {
+            assert!(
+                c.warnings.iter().any(|w| w.contains(want)),
+                "{:?} lacks {want}",
+                c.warnings
+            );
+        }
+        // Still converted (literal, as Istio does).
+        let rules = &c.authorization.unwrap().rules;
+        assert_eq!(
+            rules[0][0][0].principals[0],
+            StringMatch::Suffix("/ns/foo/sa/*".into())
+        );
+    }
+
+    #[test]
+    fn selector_binding() {
+        let opts = ConvertOptions::default();
+        let labels: BTreeMap<String, String> = [("app", "web"), ("version", "v1")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let cases = [
+            (
+                "{metadata: {name: p, namespace: app}, spec: {selector: {matchLabels: {app: web}}}}",
+                "app",
+                true,
+            ),
+            (
+                "{metadata: {name: p, namespace: app}, spec: {selector: {matchLabels: {app: web, version: v1}}}}",
+                "app",
+                true,
+            ),
+            (
+                "{metadata: {name: p, namespace: app}, spec: {selector: {matchLabels: {app: web, version: v2}}}}",
+                "app",
+                false,
+            ),
+            (
+                "{metadata: {name: p, namespace: app}, spec: {selector: {matchLabels: {tier: x}}}}",
+                "app",
+                false,
+            ),
+            (
+                "{metadata: {name: p, namespace: app}, spec: {selector: {matchLabels: {}}}}",
+                "app",
+                true,
+            ),
+            (
+                "{metadata: {name: p, namespace: other}, spec: {selector: {matchLabels: {app: web}}}}",
+                "app",
+                false,
+            ),
+            (
+                "{metadata: {name: p, namespace: istio-system}, spec: {selector: {matchLabels: {app: web}}}}",
+                "app",
+                true,
+            ),
+            (
+                "{metadata: {name: p, namespace: app}, spec: {}}",
+                "app",
+                false,
+            ),
+            (
+                "{metadata: {name: p, namespace: app}, spec: {selector: {matchLabels: {app: web}}, targetRefs: [{kind: Service, name: s}]}}",
+                "app",
+                false,
+            ),
+        ];
+        for (input, ns, want) in cases {
+            assert_eq!(
+                selector_matches(&object(input), &opts, ns, &labels),
+                want,
+                "{input}"
+            );
+        }
+    }
+
+    #[test]
+    fn resource_metadata() {
+        use ::kube::Resource;
+        assert_eq!(
+            AuthorizationPolicy::api_version(&()),
+            "security.istio.io/v1"
+        );
+        assert_eq!(
+            AuthorizationPolicy::url_path(&(), Some("app")),
+            "/apis/security.istio.io/v1/namespaces/app/authorizationpolicies"
+        );
+    }
+
+    /// Converted policies evaluated end to end: the L7 fallbacks fail closed.
+    #[test]
+    fn converted_policies_fail_closed() {
+        let policies: Vec<Authorization> = [
+            // ALLOW only GET from x: the rule is omitted, so nothing is allowed.
+            "{metadata: {name: allow-get, namespace: app}, spec: {rules: [{from: [{source: {namespaces: [x]}}], to: [{operation: {methods: [GET]}}]}]}}",
+            // DENY POST from y: enforced as DENY everything from y.
+            "{metadata: {name: deny-post, namespace: other}, spec: {action: DENY, rules: [{from: [{source: {namespaces: [y]}}], to: [{operation: {methods: [POST]}}]}]}}",
+        ]
+        .iter()
+        .map(|y| conv(y).authorization.unwrap())
+        .collect();
+        let set = PolicySet::new(policies);
+        let eval = |ns: &str, id: &str| {
+            set.evaluate(&Request::<String> {
+                dst_workload_namespace: ns,
+                dst_workload_policy_refs: &[],
+                src_identity: Some(id),
+                src_ip: "10.0.0.1".parse().unwrap(),
+                dst_ip: "10.0.0.2".parse().unwrap(),
+                dst_port: 80,
+            })
+        };
+        assert_eq!(
+            eval("app", "spiffe://td/ns/x/sa/a").policy(),
+            Some("app/allow-get")
+        );
+        assert_eq!(
+            eval("other", "spiffe://td/ns/y/sa/a").policy(),
+            Some("other/deny-post")
+        );
+        assert_eq!(eval("other", "spiffe://td/ns/x/sa/a"), Decision::Allow);
+    }
+}
