@@ -1,0 +1,355 @@
+//! ADD: decide whether the agent must hear about this pod, ask it, and fall
+//! back to an API lookup when it cannot be reached.
+//!
+//! | situation | result |
+//! |---|---|
+//! | ambient off, not a Kubernetes pod, excluded namespace, agent's own pod | pass `prevResult` through (no I/O) |
+//! | agent answers 200 | pass through |
+//! | agent answers non-200 | error 11 (kubelet retries), agent's reason in `details` |
+//! | agent unreachable, API says ambient | error 11: fail closed |
+//! | agent unreachable, API says not ambient | pass through |
+//! | agent unreachable, API lookup fails | pass through (fail open), or error 11 with `enable_ambient_detection_retry` |
+
+use std::path::Path;
+use std::time::Duration;
+
+use mesh_proto::cni_event::{CmdAddEvent, Enrolment};
+
+use crate::agent_client::{AgentAnswer, AgentUnreachable};
+use crate::cni::error::{CniError, ErrorCode};
+use crate::cni::invocation::Invocation;
+use crate::config::PluginConf;
+use crate::enablement::Decision;
+use crate::pod_lookup::LookupError;
+
+/// Bound on the agent round trip (upstream uses the same 5 s).
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on one API lookup (pod and namespace GETs together).
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Lookups made when `enable_ambient_detection_retry` is on.
+pub const LOOKUP_ATTEMPTS_WITH_RETRY: u32 = 3;
+const LOOKUP_BACKOFF: Duration = Duration::from_millis(200);
+
+/// What ADD will do, decided without any I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    PassThrough(&'static str),
+    AskAgent(CmdAddEvent),
+}
+
+/// Decides from config and environment alone. Fails (code 7) when there is
+/// no `prevResult`: this plugin only works chained after an interface plugin.
+pub fn plan(conf: &PluginConf, inv: &Invocation) -> Result<Plan, CniError> {
+    let Some(prev) = &conf.prev_result else {
+        return Err(CniError::new(
+            ErrorCode::InvalidNetworkConfig,
+            format!(
+                "network {:?}: istio-cni must run chained after an interface plugin (no prevResult)",
+                conf.name
+            ),
+        ));
+    };
+    if !conf.ambient_enabled {
+        return Ok(Plan::PassThrough(
+            "ambient is not enabled in the plugin config",
+        ));
+    }
+    let Some(pod) = inv.args.k8s_pod() else {
+        return Ok(Plan::PassThrough(
+            "not a Kubernetes pod (no K8S_POD_* in CNI_ARGS)",
+        ));
+    };
+    if let Some(why) = conf.static_skip(pod.name, pod.namespace) {
+        return Ok(Plan::PassThrough(why));
+    }
+    Ok(Plan::AskAgent(CmdAddEvent {
+        netns: inv.netns.clone(),
+        pod_name: pod.name.to_string(),
+        pod_namespace: pod.namespace.to_string(),
+        pod_uid: pod.uid.map(String::from),
+        ips: prev.pod_ips(),
+    }))
+}
+
+/// The I/O ADD may do, behind a trait so the decision logic is unit-tested.
+#[allow(async_fn_in_trait)]
+pub trait Backends {
+    async fn ask_agent(
+        &self,
+        socket: &Path,
+        event: &CmdAddEvent,
+    ) -> Result<AgentAnswer, AgentUnreachable>;
+    async fn lookup(
+        &self,
+        conf: &PluginConf,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Decision, LookupError>;
+}
+
+/// Asks the agent, falls back to the API; `Ok` carries the logged reason
+/// for letting the pod through.
+pub async fn resolve(
+    conf: &PluginConf,
+    event: &CmdAddEvent,
+    backends: &impl Backends,
+) -> Result<String, CniError> {
+    let pod = format!("{}/{}", event.pod_namespace, event.pod_name);
+    let socket = conf.agent_socket();
+    let unreachable = match backends.ask_agent(&socket, event).await {
+        Ok(AgentAnswer::Accepted(reply)) => {
+            return Ok(match reply {
+                Some(r) => {
+                    let what = match r.enrolment {
+                        Enrolment::Enrolled => "enrolled",
+                        Enrolment::NotAmbient => "not ambient",
+                    };
+                    format!("pod {pod}: agent says {what}: {}", r.reason)
+                }
+                None => format!("pod {pod}: agent accepted the pod"),
+            });
+        }
+        Ok(AgentAnswer::Refused { status, reason }) => {
+            return Err(CniError::new(
+                ErrorCode::TryAgainLater,
+                format!("node agent refused pod {pod} (HTTP {status})"),
+            )
+            .with_details(reason));
+        }
+        Err(e) => e,
+    };
+    tracing::warn!(pod = %pod, error = %unreachable, "node agent unreachable; looking the pod up in the API server");
+    let attempts = if conf.detection_retry {
+        LOOKUP_ATTEMPTS_WITH_RETRY
+    } else {
+        1
+    };
+    let mut last_err = None;
+    for attempt in 1..=attempts {
+        if attempt > 1 {
+            tokio::time::sleep(LOOKUP_BACKOFF * (attempt - 1)).await;
+        }
+        match backends
+            .lookup(conf, &event.pod_namespace, &event.pod_name)
+            .await
+        {
+            Ok(decision) if decision.is_ambient() => {
+                return Err(CniError::new(
+                    ErrorCode::TryAgainLater,
+                    format!(
+                        "pod {pod} is ambient ({}) but the node agent is unreachable",
+                        decision.reason()
+                    ),
+                )
+                .with_details(unreachable.to_string()));
+            }
+            Ok(decision) => {
+                return Ok(format!(
+                    "pod {pod}: not ambient ({}); node agent was unreachable",
+                    decision.reason()
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod, attempt, error = %e, "ambient detection failed");
+                last_err = Some(e);
+            }
+        }
+    }
+    let err = last_err.expect("at least one lookup attempt");
+    if conf.detection_retry {
+        Err(CniError::new(
+            ErrorCode::TryAgainLater,
+            format!("cannot tell whether pod {pod} is ambient and the node agent is unreachable"),
+        )
+        .with_details(format!("{unreachable}; {err}")))
+    } else {
+        Ok(format!(
+            "pod {pod}: failing open, enrolment unknown (agent unreachable: {unreachable}; lookup: {err})"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cni::invocation::Invocation;
+    use mesh_proto::cni_event::CmdAddReply;
+    use std::cell::Cell;
+    use std::path::PathBuf;
+
+    fn conf(extra: &str) -> PluginConf {
+        let text = format!(
+            r#"{{"cniVersion":"1.0.0","name":"net","type":"istio-cni","ambient_enabled":true,
+                "pod_namespace":"istio-system","cni_agent_run_dir":"/run/x"{extra},
+                "prevResult":{{"cniVersion":"1.0.0","ips":[{{"address":"10.1.0.7/24","interface":0}}]}}}}"#
+        );
+        PluginConf::parse(text.as_bytes()).unwrap()
+    }
+
+    fn inv(args: &str) -> Invocation {
+        let args = args.to_string();
+        Invocation::from_env(move |k| {
+            Some(match k {
+                "CNI_COMMAND" => "ADD".into(),
+                "CNI_CONTAINERID" => "c".into(),
+                "CNI_NETNS" => "/var/run/netns/p".into(),
+                "CNI_IFNAME" => "eth0".into(),
+                "CNI_ARGS" => args.clone(),
+                _ => return None,
+            })
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn plan_skips_without_io() {
+        let c = conf("");
+        assert!(
+            matches!(plan(&c, &inv("")).unwrap(), Plan::PassThrough(r) if r.contains("not a Kubernetes"))
+        );
+        assert!(matches!(
+            plan(&c, &inv("K8S_POD_NAME=a;K8S_POD_NAMESPACE=kube-system")).unwrap(),
+            Plan::PassThrough("namespace is excluded")
+        ));
+        assert!(matches!(
+            plan(
+                &c,
+                &inv("K8S_POD_NAME=istio-cni-node-abc;K8S_POD_NAMESPACE=istio-system")
+            )
+            .unwrap(),
+            Plan::PassThrough("pod is the node agent itself")
+        ));
+        let off = conf(r#","ambient_enabled":false"#);
+        assert!(matches!(
+            plan(&off, &inv("K8S_POD_NAME=a;K8S_POD_NAMESPACE=demo")).unwrap(),
+            Plan::PassThrough(_)
+        ));
+        let Plan::AskAgent(ev) = plan(
+            &c,
+            &inv("K8S_POD_NAME=a;K8S_POD_NAMESPACE=demo;K8S_POD_UID=u1"),
+        )
+        .unwrap() else {
+            panic!("expected AskAgent");
+        };
+        assert_eq!(ev.netns, "/var/run/netns/p");
+        assert_eq!(ev.pod_uid.as_deref(), Some("u1"));
+        assert_eq!(ev.ips[0].address, "10.1.0.7/24");
+    }
+
+    #[test]
+    fn plan_requires_prev_result() {
+        let c = PluginConf::parse(br#"{"cniVersion":"1.0.0","name":"net","type":"istio-cni"}"#)
+            .unwrap();
+        let e = plan(&c, &inv("")).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidNetworkConfig);
+        assert!(e.msg.contains("prevResult"));
+    }
+
+    struct Fake {
+        agent: fn() -> Result<AgentAnswer, AgentUnreachable>,
+        lookup: fn() -> Result<Decision, LookupError>,
+        lookups: Cell<u32>,
+    }
+
+    impl Backends for Fake {
+        async fn ask_agent(
+            &self,
+            _: &Path,
+            _: &CmdAddEvent,
+        ) -> Result<AgentAnswer, AgentUnreachable> {
+            (self.agent)()
+        }
+        async fn lookup(&self, _: &PluginConf, _: &str, _: &str) -> Result<Decision, LookupError> {
+            self.lookups.set(self.lookups.get() + 1);
+            (self.lookup)()
+        }
+    }
+
+    fn down() -> Result<AgentAnswer, AgentUnreachable> {
+        Err(AgentUnreachable::Connect {
+            socket: PathBuf::from("/run/x/pluginevent.sock"),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })
+    }
+
+    fn lookup_fails() -> Result<Decision, LookupError> {
+        Err(LookupError::Timeout {
+            namespace: "demo".into(),
+            name: "a".into(),
+            after: Duration::from_secs(1),
+        })
+    }
+
+    fn run(conf: &PluginConf, fake: &Fake) -> Result<String, CniError> {
+        let Plan::AskAgent(ev) = plan(conf, &inv("K8S_POD_NAME=a;K8S_POD_NAMESPACE=demo")).unwrap()
+        else {
+            panic!()
+        };
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+            .block_on(resolve(conf, &ev, fake))
+    }
+
+    fn fake(
+        agent: fn() -> Result<AgentAnswer, AgentUnreachable>,
+        lookup: fn() -> Result<Decision, LookupError>,
+    ) -> Fake {
+        Fake {
+            agent,
+            lookup,
+            lookups: Cell::new(0),
+        }
+    }
+
+    #[test]
+    fn agent_answers_decide() {
+        let c = conf("");
+        let ok = fake(
+            || {
+                Ok(AgentAnswer::Accepted(Some(CmdAddReply {
+                    enrolment: Enrolment::Enrolled,
+                    reason: "namespace label".into(),
+                })))
+            },
+            || panic!("no lookup when the agent answers"),
+        );
+        assert!(run(&c, &ok).unwrap().contains("enrolled"));
+        let refused = fake(
+            || {
+                Ok(AgentAnswer::Refused {
+                    status: 500,
+                    reason: "no ztunnel connection".into(),
+                })
+            },
+            || panic!("no lookup when the agent answers"),
+        );
+        let e = run(&c, &refused).unwrap_err();
+        assert_eq!(e.code, ErrorCode::TryAgainLater);
+        assert_eq!(e.details.as_deref(), Some("no ztunnel connection"));
+        assert!(e.msg.contains("demo/a"));
+    }
+
+    #[test]
+    fn agent_down_fails_closed_for_ambient_and_open_otherwise() {
+        let c = conf("");
+        let e = run(&c, &fake(down, || Ok(Decision::Ambient("ns label")))).unwrap_err();
+        assert_eq!(e.code, ErrorCode::TryAgainLater);
+        assert!(e.details.unwrap().contains("pluginevent.sock"));
+        assert!(run(&c, &fake(down, || Ok(Decision::NotAmbient("no label")))).is_ok());
+        let f = fake(down, lookup_fails);
+        assert!(run(&c, &f).unwrap().contains("failing open"));
+        assert_eq!(f.lookups.get(), 1);
+    }
+
+    #[test]
+    fn detection_retry_retries_then_errors() {
+        let c = conf(r#","enable_ambient_detection_retry":true"#);
+        let f = fake(down, lookup_fails);
+        let e = run(&c, &f).unwrap_err();
+        assert_eq!(e.code, ErrorCode::TryAgainLater);
+        assert_eq!(f.lookups.get(), LOOKUP_ATTEMPTS_WITH_RETRY);
+    }
+}

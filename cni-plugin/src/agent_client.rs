@@ -1,0 +1,105 @@
+//! Asks the node agent about a new pod: one HTTP/1.1 `POST /cmdadd` on its
+//! Unix socket, bounded by a timeout.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use mesh_proto::cni_event::{CMD_ADD_PATH, CmdAddEvent, CmdAddReply};
+
+/// Longest agent answer we read (a reply is a few hundred bytes).
+const MAX_REPLY_BYTES: usize = 64 * 1024;
+
+/// The agent answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentAnswer {
+    /// `200`. The reply body is ours; an upstream agent sends none.
+    Accepted(Option<CmdAddReply>),
+    /// Any other status, with the agent's reason.
+    Refused { status: u16, reason: String },
+}
+
+/// The agent could not be asked (not running, not listening, hung).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentUnreachable {
+    #[error("cannot connect to the node agent at {socket}: {source}")]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP exchange with the node agent at {socket} failed: {source}")]
+    Http {
+        socket: PathBuf,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("reading the node agent's answer at {socket} failed: {reason}")]
+    Body { socket: PathBuf, reason: String },
+    #[error("the node agent at {socket} did not answer within {after:?}")]
+    Timeout { socket: PathBuf, after: Duration },
+}
+
+/// Sends `event` and waits at most `timeout` for the whole exchange.
+pub async fn send_cmd_add(
+    socket: &Path,
+    event: &CmdAddEvent,
+    timeout: Duration,
+) -> Result<AgentAnswer, AgentUnreachable> {
+    match tokio::time::timeout(timeout, exchange(socket, event)).await {
+        Ok(r) => r,
+        Err(_) => Err(AgentUnreachable::Timeout {
+            socket: socket.to_path_buf(),
+            after: timeout,
+        }),
+    }
+}
+
+async fn exchange(socket: &Path, event: &CmdAddEvent) -> Result<AgentAnswer, AgentUnreachable> {
+    let http_err = |source| AgentUnreachable::Http {
+        socket: socket.to_path_buf(),
+        source,
+    };
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|source| AgentUnreachable::Connect {
+            socket: socket.to_path_buf(),
+            source,
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(http_err)?;
+    let conn = tokio::spawn(conn);
+    let body = serde_json::to_vec(event).expect("CmdAddEvent is always serialisable");
+    let req = http::Request::post(CMD_ADD_PATH)
+        .header(http::header::HOST, "istio-cni-agent")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static request parts are valid");
+    let resp = sender.send_request(req).await.map_err(http_err)?;
+    let status = resp.status();
+    let bytes = Limited::new(resp.into_body(), MAX_REPLY_BYTES)
+        .collect()
+        .await
+        .map_err(|e| AgentUnreachable::Body {
+            socket: socket.to_path_buf(),
+            reason: e.to_string(),
+        })?
+        .to_bytes();
+    conn.abort();
+    if status == http::StatusCode::OK {
+        Ok(AgentAnswer::Accepted(serde_json::from_slice(&bytes).ok()))
+    } else {
+        let reason = String::from_utf8_lossy(&bytes).trim().to_string();
+        Ok(AgentAnswer::Refused {
+            status: status.as_u16(),
+            reason: if reason.is_empty() {
+                status.to_string()
+            } else {
+                reason
+            },
+        })
+    }
+}
