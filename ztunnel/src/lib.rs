@@ -1,4 +1,6 @@
 //! ztunnel library.
+pub mod config;
 pub mod identity;
+pub mod state;
 pub mod tls;
 pub mod policy;

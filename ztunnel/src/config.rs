@@ -1,0 +1,508 @@
+//! Environment → typed configuration, with upstream ztunnel's variable names.
+//!
+//! [`Config::from_env`] reads the process environment; [`Config::from_lookup`] takes any
+//! lookup function (tests). Every rejection names the variable and the offending value (or
+//! file).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// `PROXY_MODE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyMode {
+    /// One ztunnel per node (in-pod via ZDS, or TPROXY).
+    Shared,
+    /// One workload, from inside that workload's network namespace.
+    Dedicated,
+}
+
+/// `LOG_FORMAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// The workload a proxy serves: `namespace/name/serviceaccount` (`PROXY_WORKLOAD_INFO`, or
+/// ZDS `WorkloadInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct WorkloadInfo {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+}
+
+impl FromStr for WorkloadInfo {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split('/').collect::<Vec<_>>().as_slice() {
+            [ns, name, sa] if !ns.is_empty() && !name.is_empty() && !sa.is_empty() => {
+                Ok(WorkloadInfo {
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                    service_account: sa.to_string(),
+                })
+            }
+            _ => Err("expected namespace/name/serviceaccount".to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for WorkloadInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.namespace, self.name, self.service_account)
+    }
+}
+
+/// HTTP/2 and pool settings (upstream names and defaults).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct H2Config {
+    /// `HTTP2_STREAM_WINDOW_SIZE` (4 MiB).
+    pub stream_window: u32,
+    /// `HTTP2_CONNECTION_WINDOW_SIZE` (16 MiB).
+    pub connection_window: u32,
+    /// `HTTP2_FRAME_SIZE` (1 MiB).
+    pub frame_size: u32,
+    /// `POOL_MAX_STREAMS_PER_CONNECTION` (100).
+    pub max_streams_per_connection: u32,
+    /// `POOL_UNUSED_RELEASE_TIMEOUT` (5 min).
+    pub pool_unused_release_timeout: Duration,
+    /// PING interval (10 s).
+    pub keepalive_interval: Duration,
+    /// Connection dropped when no PONG within this (20 s).
+    pub keepalive_timeout: Duration,
+    /// Server: max concurrent streams per connection (200).
+    pub server_max_concurrent_streams: u32,
+}
+
+impl Default for H2Config {
+    fn default() -> Self {
+        H2Config {
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            frame_size: 1024 * 1024,
+            max_streams_per_connection: 100,
+            pool_unused_release_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
+            server_max_concurrent_streams: 200,
+        }
+    }
+}
+
+/// Listener ports of a proxy. Fixed by the protocol in production; tests may move them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ProxyPorts {
+    /// Outbound capture (15001).
+    pub outbound: u16,
+    /// Inbound plaintext capture (15006).
+    pub inbound_plain: u16,
+    /// HBONE (15008): listened on, and dialled on peers.
+    pub hbone: u16,
+}
+
+impl Default for ProxyPorts {
+    fn default() -> Self {
+        ProxyPorts {
+            outbound: 15001,
+            inbound_plain: 15006,
+            hbone: 15008,
+        }
+    }
+}
+
+impl ProxyPorts {
+    /// Ports that must never be a connection's target.
+    pub fn is_proxy_port(&self, port: u16) -> bool {
+        port == self.outbound || port == self.inbound_plain || port == self.hbone
+    }
+}
+
+/// The whole ztunnel configuration.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Config {
+    pub proxy_mode: ProxyMode,
+    /// `PROXY_WORKLOAD_INFO` (dedicated mode).
+    pub proxy_workload_info: Option<WorkloadInfo>,
+    /// `INPOD_ENABLED` (shared mode): in-pod via ZDS, else TPROXY.
+    pub inpod_enabled: bool,
+    /// `INPOD_UDS`.
+    pub inpod_uds: PathBuf,
+    /// `PACKET_MARK`: SO_MARK on every socket (1337 in in-pod and dedicated mode).
+    pub packet_mark: Option<u32>,
+    /// `INPOD_PORT_REUSE`.
+    pub inpod_port_reuse: bool,
+    /// `LOCAL_XDS_PATH`.
+    pub local_xds_path: Option<PathBuf>,
+    /// `KUBERNETES_DISCOVERY`.
+    pub kubernetes_discovery: bool,
+    /// `CA_ADDRESS` (empty: local CA).
+    pub ca_address: Option<String>,
+    /// `CA_ROOT_CERT`, `CA_ROOT_KEY`.
+    pub ca_root_cert: Option<PathBuf>,
+    pub ca_root_key: Option<PathBuf>,
+    /// `ROOT_CA_PATH`, `CA_TOKEN_PATH` (remote CA).
+    pub root_ca_path: PathBuf,
+    pub ca_token_path: PathBuf,
+    /// `CLUSTER_ID`.
+    pub cluster_id: String,
+    /// `TRUST_DOMAIN`.
+    pub trust_domain: String,
+    /// `SECRET_TTL`.
+    pub secret_ttl: Duration,
+    /// `NODE_NAME`, `POD_NAME`, `POD_NAMESPACE`, `INSTANCE_IP`.
+    pub node_name: Option<String>,
+    pub pod_name: Option<String>,
+    pub pod_namespace: Option<String>,
+    pub instance_ip: Option<IpAddr>,
+    /// `ENABLE_ORIG_SRC` (unset: decided per mode).
+    pub enable_orig_src: Option<bool>,
+    /// `TERMINATION_GRACE_PERIOD_SECONDS`.
+    pub termination_grace_period: Duration,
+    /// `ZTUNNEL_WORKER_THREADS`.
+    pub worker_threads: usize,
+    /// `LOG_FORMAT`.
+    pub log_format: LogFormat,
+    pub h2: H2Config,
+    pub ports: ProxyPorts,
+    /// `ADMIN_ADDR` (localhost:15000).
+    pub admin_addr: SocketAddr,
+    /// `STATS_ADDR` ([::]:15020, `/metrics`).
+    pub stats_addr: SocketAddr,
+    /// `READINESS_ADDR` ([::]:15021, `/healthz/ready`).
+    pub readiness_addr: SocketAddr,
+    /// Timeout for upstream connects (HBONE and plaintext); `CONNECTION_TIMEOUT` (10 s).
+    pub connect_timeout: Duration,
+    /// Timeout for an inbound TLS handshake (`HANDSHAKE_TIMEOUT`, 10 s).
+    pub handshake_timeout: Duration,
+}
+
+/// A rejected setting.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid {field}={value:?}: {reason}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_lookup(|_| None).expect("defaults are valid")
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        Config::from_lookup(|k| env.get(k).cloned())
+    }
+
+    /// Reads settings through `get` (returns `None` for unset variables; empty counts as
+    /// unset).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        let err = |field: &'static str, value: &str, reason: String| ConfigError {
+            field,
+            value: value.to_string(),
+            reason,
+        };
+        let parse_bool = |field: &'static str, default: bool| -> Result<bool, ConfigError> {
+            match get(field) {
+                None => Ok(default),
+                Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+                    "true" | "1" | "yes" | "on" => Ok(true),
+                    "false" | "0" | "no" | "off" => Ok(false),
+                    _ => Err(err(field, &v, "expected true or false".into())),
+                },
+            }
+        };
+        let parse_num = |field: &'static str, default: u64, min: u64| -> Result<u64, ConfigError> {
+            match get(field) {
+                None => Ok(default),
+                Some(v) => {
+                    let n: u64 = v
+                        .trim()
+                        .parse()
+                        .map_err(|e| err(field, &v, format!("not a number: {e}")))?;
+                    if n < min {
+                        return Err(err(field, &v, format!("must be at least {min}")));
+                    }
+                    Ok(n)
+                }
+            }
+        };
+        let parse_duration =
+            |field: &'static str, default: Duration| -> Result<Duration, ConfigError> {
+                match get(field) {
+                    None => Ok(default),
+                    Some(v) => {
+                        let d = humantime::parse_duration(v.trim()).map_err(|e| {
+                            err(field, &v, format!("not a duration like 24h or 90s: {e}"))
+                        })?;
+                        if d.is_zero() {
+                            return Err(err(field, &v, "must be positive".into()));
+                        }
+                        Ok(d)
+                    }
+                }
+            };
+        let parse_addr = |field: &'static str, default: &str| -> Result<SocketAddr, ConfigError> {
+            let v = get(field).unwrap_or_else(|| default.to_string());
+            v.trim()
+                .parse()
+                .map_err(|e| err(field, &v, format!("not an ip:port address: {e}")))
+        };
+
+        let proxy_mode = match get("PROXY_MODE").as_deref().map(str::trim) {
+            None | Some("shared") => ProxyMode::Shared,
+            Some("dedicated") => ProxyMode::Dedicated,
+            Some(v) => return Err(err("PROXY_MODE", v, "expected shared or dedicated".into())),
+        };
+        let proxy_workload_info = match get("PROXY_WORKLOAD_INFO") {
+            None => None,
+            Some(v) => Some(
+                v.trim()
+                    .parse::<WorkloadInfo>()
+                    .map_err(|r| err("PROXY_WORKLOAD_INFO", &v, r))?,
+            ),
+        };
+        if proxy_mode == ProxyMode::Dedicated && proxy_workload_info.is_none() {
+            return Err(err(
+                "PROXY_WORKLOAD_INFO",
+                "",
+                "required with PROXY_MODE=dedicated (namespace/name/serviceaccount)".into(),
+            ));
+        }
+        let inpod_enabled = parse_bool("INPOD_ENABLED", true)?;
+        let packet_mark = match get("PACKET_MARK") {
+            Some(v) => {
+                let s = v.trim();
+                let n = if let Some(hex) = s.strip_prefix("0x") {
+                    u32::from_str_radix(hex, 16)
+                } else {
+                    s.parse()
+                };
+                Some(n.map_err(|e| err("PACKET_MARK", &v, format!("not a 32-bit mark: {e}")))?)
+            }
+            None if proxy_mode == ProxyMode::Dedicated || inpod_enabled => Some(1337),
+            None => None,
+        };
+        let trust_domain = get("TRUST_DOMAIN").unwrap_or_else(|| "cluster.local".to_string());
+        if trust_domain.contains('/') || trust_domain.contains(char::is_whitespace) {
+            return Err(err(
+                "TRUST_DOMAIN",
+                &trust_domain,
+                "must be a DNS-like name without '/' or spaces".into(),
+            ));
+        }
+        let instance_ip = match get("INSTANCE_IP") {
+            None => None,
+            Some(v) => Some(
+                v.trim()
+                    .parse()
+                    .map_err(|e| err("INSTANCE_IP", &v, format!("not an IP address: {e}")))?,
+            ),
+        };
+        let enable_orig_src = match get("ENABLE_ORIG_SRC") {
+            None => None,
+            Some(_) => Some(parse_bool("ENABLE_ORIG_SRC", false)?),
+        };
+        let log_format = match get("LOG_FORMAT").as_deref().map(str::trim) {
+            None | Some("plain") | Some("text") => LogFormat::Plain,
+            Some("json") => LogFormat::Json,
+            Some(v) => return Err(err("LOG_FORMAT", v, "expected json or plain".into())),
+        };
+        let mut h2 = H2Config::default();
+        h2.stream_window = parse_num("HTTP2_STREAM_WINDOW_SIZE", h2.stream_window.into(), 65535)?
+            .min(u64::from(i32::MAX as u32)) as u32;
+        h2.connection_window = parse_num(
+            "HTTP2_CONNECTION_WINDOW_SIZE",
+            h2.connection_window.into(),
+            65535,
+        )?
+        .min(u64::from(i32::MAX as u32)) as u32;
+        let frame = parse_num("HTTP2_FRAME_SIZE", h2.frame_size.into(), 16384)?;
+        if frame > 16_777_215 {
+            return Err(err(
+                "HTTP2_FRAME_SIZE",
+                &frame.to_string(),
+                "at most 16777215 (HTTP/2 limit)".into(),
+            ));
+        }
+        h2.frame_size = frame as u32;
+        h2.max_streams_per_connection = parse_num(
+            "POOL_MAX_STREAMS_PER_CONNECTION",
+            h2.max_streams_per_connection.into(),
+            1,
+        )?
+        .min(u64::from(u32::MAX)) as u32;
+        h2.pool_unused_release_timeout =
+            parse_duration("POOL_UNUSED_RELEASE_TIMEOUT", h2.pool_unused_release_timeout)?;
+
+        Ok(Config {
+            proxy_mode,
+            proxy_workload_info,
+            inpod_enabled,
+            inpod_uds: get("INPOD_UDS")
+                .unwrap_or_else(|| "/var/run/ztunnel/ztunnel.sock".into())
+                .into(),
+            packet_mark,
+            inpod_port_reuse: parse_bool("INPOD_PORT_REUSE", true)?,
+            local_xds_path: get("LOCAL_XDS_PATH").map(PathBuf::from),
+            kubernetes_discovery: parse_bool("KUBERNETES_DISCOVERY", false)?,
+            ca_address: get("CA_ADDRESS"),
+            ca_root_cert: get("CA_ROOT_CERT").map(PathBuf::from),
+            ca_root_key: get("CA_ROOT_KEY").map(PathBuf::from),
+            root_ca_path: get("ROOT_CA_PATH")
+                .unwrap_or_else(|| "./var/run/secrets/istio/root-cert.pem".into())
+                .into(),
+            ca_token_path: get("CA_TOKEN_PATH")
+                .unwrap_or_else(|| "./var/run/secrets/tokens/istio-token".into())
+                .into(),
+            cluster_id: get("CLUSTER_ID").unwrap_or_else(|| "Kubernetes".into()),
+            trust_domain,
+            secret_ttl: parse_duration("SECRET_TTL", Duration::from_secs(24 * 3600))?,
+            node_name: get("NODE_NAME"),
+            pod_name: get("POD_NAME"),
+            pod_namespace: get("POD_NAMESPACE"),
+            instance_ip,
+            enable_orig_src,
+            termination_grace_period: Duration::from_secs(parse_num(
+                "TERMINATION_GRACE_PERIOD_SECONDS",
+                5,
+                0,
+            )?),
+            worker_threads: parse_num("ZTUNNEL_WORKER_THREADS", 2, 1)?.min(256) as usize,
+            log_format,
+            h2,
+            ports: ProxyPorts::default(),
+            admin_addr: parse_addr("ADMIN_ADDR", "127.0.0.1:15000")?,
+            stats_addr: parse_addr("STATS_ADDR", "[::]:15020")?,
+            readiness_addr: parse_addr("READINESS_ADDR", "[::]:15021")?,
+            connect_timeout: parse_duration("CONNECTION_TIMEOUT", Duration::from_secs(10))?,
+            handshake_timeout: parse_duration("HANDSHAKE_TIMEOUT", Duration::from_secs(10))?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_upstream() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.proxy_mode, ProxyMode::Shared);
+        assert_eq!(c.trust_domain, "cluster.local");
+        assert_eq!(c.cluster_id, "Kubernetes");
+        assert_eq!(c.secret_ttl, Duration::from_secs(86400));
+        assert_eq!(c.worker_threads, 2);
+        assert_eq!(c.packet_mark, Some(1337));
+        assert_eq!(c.termination_grace_period, Duration::from_secs(5));
+        assert_eq!(c.h2.stream_window, 4 << 20);
+        assert_eq!(c.h2.connection_window, 16 << 20);
+        assert_eq!(c.h2.frame_size, 1 << 20);
+        assert_eq!(c.h2.max_streams_per_connection, 100);
+        assert_eq!(c.ports, ProxyPorts::default());
+        assert_eq!(c.admin_addr.to_string(), "127.0.0.1:15000");
+        assert_eq!(c.stats_addr.port(), 15020);
+        assert_eq!(c.readiness_addr.port(), 15021);
+        assert_eq!(c.log_format, LogFormat::Plain);
+    }
+
+    #[test]
+    fn dedicated_mode() {
+        let c = cfg(&[
+            ("PROXY_MODE", "dedicated"),
+            ("PROXY_WORKLOAD_INFO", "default/sleep-1/sleep"),
+            ("SECRET_TTL", "1h30m"),
+            ("ZTUNNEL_WORKER_THREADS", "1"),
+            ("LOG_FORMAT", "json"),
+            ("PACKET_MARK", "0x539"),
+            ("TRUST_DOMAIN", "example.org"),
+        ])
+        .unwrap();
+        assert_eq!(c.proxy_mode, ProxyMode::Dedicated);
+        let w = c.proxy_workload_info.unwrap();
+        assert_eq!(
+            (w.namespace.as_str(), w.name.as_str(), w.service_account.as_str()),
+            ("default", "sleep-1", "sleep")
+        );
+        assert_eq!(c.secret_ttl, Duration::from_secs(5400));
+        assert_eq!(c.worker_threads, 1);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.packet_mark, Some(0x539));
+        assert_eq!(c.trust_domain, "example.org");
+    }
+
+    #[test]
+    fn tproxy_mode_has_no_default_mark() {
+        let c = cfg(&[("INPOD_ENABLED", "false")]).unwrap();
+        assert_eq!(c.packet_mark, None);
+    }
+
+    #[test]
+    fn rejections_name_the_field_and_value() {
+        for (vars, field, value) in [
+            (vec![("PROXY_MODE", "sidecar")], "PROXY_MODE", "sidecar"),
+            (vec![("PROXY_MODE", "dedicated")], "PROXY_WORKLOAD_INFO", ""),
+            (
+                vec![("PROXY_MODE", "dedicated"), ("PROXY_WORKLOAD_INFO", "a/b")],
+                "PROXY_WORKLOAD_INFO",
+                "a/b",
+            ),
+            (vec![("SECRET_TTL", "forever")], "SECRET_TTL", "forever"),
+            (vec![("SECRET_TTL", "0s")], "SECRET_TTL", "0s"),
+            (
+                vec![("ZTUNNEL_WORKER_THREADS", "0")],
+                "ZTUNNEL_WORKER_THREADS",
+                "0",
+            ),
+            (
+                vec![("ZTUNNEL_WORKER_THREADS", "two")],
+                "ZTUNNEL_WORKER_THREADS",
+                "two",
+            ),
+            (vec![("INPOD_ENABLED", "maybe")], "INPOD_ENABLED", "maybe"),
+            (vec![("LOG_FORMAT", "xml")], "LOG_FORMAT", "xml"),
+            (vec![("PACKET_MARK", "0xzz")], "PACKET_MARK", "0xzz"),
+            (vec![("INSTANCE_IP", "1.2.3")], "INSTANCE_IP", "1.2.3"),
+            (vec![("TRUST_DOMAIN", "a/b")], "TRUST_DOMAIN", "a/b"),
+            (
+                vec![("HTTP2_FRAME_SIZE", "100")],
+                "HTTP2_FRAME_SIZE",
+                "100",
+            ),
+            (vec![("ADMIN_ADDR", "localhost")], "ADMIN_ADDR", "localhost"),
+        ] {
+            let e = cfg(&vars).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert_eq!(e.value, value, "{e}");
+            let msg = e.to_string();
+            assert!(msg.contains(field), "{msg}");
+        }
+    }
+
+    #[test]
+    fn workload_info_round_trip() {
+        let w: WorkloadInfo = "ns/name/sa".parse().unwrap();
+        assert_eq!(w.to_string(), "ns/name/sa");
+        assert!("ns//sa".parse::<WorkloadInfo>().is_err());
+    }
+}

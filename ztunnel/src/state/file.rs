@@ -1,0 +1,324 @@
+//! The `LOCAL_XDS_PATH` source: a YAML file with `workloads`, `services` and `policies` in
+//! upstream ztunnel's local-config schema, reloaded whenever it changes.
+//!
+//! A file that does not parse at start-up is fatal (the error names the file, the field path
+//! and the line); a bad edit later is logged and the previous content stays in force.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use serde::Deserialize;
+
+use super::SourceHandle;
+use super::workload::{Service, Workload};
+use crate::policy::model::Authorization;
+
+/// Source name used in the store.
+pub const SOURCE_NAME: &str = "file";
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalConfig {
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub services: Vec<Service>,
+    #[serde(default)]
+    pub policies: Vec<Authorization>,
+}
+
+/// Values filled in where the file leaves them empty.
+#[derive(Debug, Clone)]
+pub struct FileDefaults {
+    pub trust_domain: String,
+    pub cluster_id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("LOCAL_XDS_PATH {path}: {reason}")]
+pub struct FileError {
+    pub path: String,
+    pub reason: String,
+}
+
+/// Parses the file's text; `path` is only used in errors.
+pub fn parse(text: &str, path: &Path, defaults: &FileDefaults) -> Result<LocalConfig, FileError> {
+    let err = |reason: String| FileError {
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut cfg: LocalConfig = if text.trim().is_empty() {
+        LocalConfig::default()
+    } else {
+        serde_yaml_ng::from_str(text).map_err(|e| err(e.to_string()))?
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (i, w) in cfg.workloads.iter_mut().enumerate() {
+        if w.namespace.is_empty() {
+            return Err(err(format!("workloads[{i}].namespace: must not be empty")));
+        }
+        if w.trust_domain.is_empty() {
+            w.trust_domain = defaults.trust_domain.clone();
+        }
+        if w.cluster_id.is_empty() {
+            w.cluster_id = defaults.cluster_id.clone();
+        }
+        if w.uid.is_empty() {
+            w.uid = format!("{}//v1/Pod/{}/{}", w.cluster_id, w.namespace, w.name);
+        }
+        if !seen.insert(w.uid.clone()) {
+            return Err(err(format!("workloads[{i}].uid: duplicate uid {:?}", w.uid)));
+        }
+        for key in w.services.keys() {
+            if !key.contains('/') {
+                return Err(err(format!(
+                    "workloads[{i}].services: key {key:?} is not <namespace>/<hostname>"
+                )));
+            }
+        }
+    }
+    for (i, s) in cfg.services.iter().enumerate() {
+        if s.hostname.is_empty() || s.namespace.is_empty() {
+            return Err(err(format!(
+                "services[{i}]: namespace and hostname must not be empty"
+            )));
+        }
+    }
+    Ok(cfg)
+}
+
+/// Reads and parses the file.
+pub fn load(path: &Path, defaults: &FileDefaults) -> Result<LocalConfig, FileError> {
+    let text = std::fs::read_to_string(path).map_err(|e| FileError {
+        path: path.display().to_string(),
+        reason: format!("cannot read: {e}"),
+    })?;
+    parse(&text, path, defaults)
+}
+
+/// Keeps the file watched while alive.
+pub struct FileWatcher {
+    _watcher: notify::RecommendedWatcher,
+}
+
+/// Loads the file into `source` (error if it does not parse) and reloads it on every change
+/// of its directory entry (editors and ConfigMap updates replace the file; the content is
+/// compared so spurious events do nothing). Reloads run on the watcher's own thread.
+pub fn watch(
+    path: &Path,
+    source: SourceHandle,
+    defaults: FileDefaults,
+) -> Result<FileWatcher, FileError> {
+    let text = std::fs::read_to_string(path).map_err(|e| FileError {
+        path: path.display().to_string(),
+        reason: format!("cannot read: {e}"),
+    })?;
+    apply(parse(&text, path, &defaults)?, &source);
+    tracing::info!(path = %path.display(), "local config loaded");
+    let last = Arc::new(Mutex::new(text));
+    let file: PathBuf = path.to_path_buf();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let reload_path = file.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_err() {
+            return;
+        }
+        // Let a writer finish (truncate + write arrive as separate events).
+        std::thread::sleep(Duration::from_millis(50));
+        reload(&reload_path, &source, &defaults, &last);
+    })
+    .map_err(|e| FileError {
+        path: path.display().to_string(),
+        reason: format!("cannot watch: {e}"),
+    })?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|e| FileError {
+            path: path.display().to_string(),
+            reason: format!("cannot watch directory {}: {e}", dir.display()),
+        })?;
+    Ok(FileWatcher { _watcher: watcher })
+}
+
+fn reload(path: &Path, source: &SourceHandle, defaults: &FileDefaults, last: &Mutex<String>) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "local config unreadable; keeping the previous content");
+            return;
+        }
+    };
+    let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+    if *last == text {
+        return;
+    }
+    match parse(&text, path, defaults) {
+        Ok(cfg) => {
+            let counts = (cfg.workloads.len(), cfg.services.len(), cfg.policies.len());
+            apply(cfg, source);
+            *last = text;
+            tracing::info!(path = %path.display(), workloads = counts.0, services = counts.1, policies = counts.2, "local config reloaded");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "local config rejected; keeping the previous content");
+        }
+    }
+}
+
+fn apply(cfg: LocalConfig, source: &SourceHandle) {
+    source.replace_all(cfg.workloads, cfg.services, cfg.policies);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Store;
+
+    fn defaults() -> FileDefaults {
+        FileDefaults {
+            trust_domain: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+        }
+    }
+
+    const EXAMPLE: &str = r#"
+workloads:
+- uid: Kubernetes//v1/Pod/default/local
+  name: local
+  namespace: default
+  serviceAccount: default
+  workloadIps: ["127.0.0.1"]
+  protocol: HBONE
+  node: local
+  network: ""
+  trustDomain: cluster.local
+  services:
+    "default/example.com":
+      80: 8080
+- name: plain
+  namespace: other
+  workloadIps: ["127.0.0.2"]
+  protocol: TCP
+  waypoint:
+    destination: "/10.0.0.9"
+    hboneMtlsPort: 15008
+  services: {}
+services:
+- name: example.com
+  namespace: default
+  hostname: example.com
+  vips: ["/127.10.0.1"]
+  ports:
+    80: 8080
+  subjectAltNames: ["spiffe://cluster.local/ns/default/sa/default"]
+policies:
+- name: allow-all-but-9999
+  namespace: default
+  scope: Namespace
+  action: Allow
+  rules:
+  - - - notDestinationPorts: [9999]
+"#;
+
+    #[test]
+    fn parses_upstream_schema_and_fills_defaults() {
+        let cfg = parse(EXAMPLE, Path::new("/cfg.yaml"), &defaults()).unwrap();
+        assert_eq!(cfg.workloads.len(), 2);
+        let plain = &cfg.workloads[1];
+        assert_eq!(plain.uid, "Kubernetes//v1/Pod/other/plain");
+        assert_eq!(plain.trust_domain, "cluster.local");
+        assert_eq!(plain.service_account, "default");
+        assert!(plain.waypoint.is_some());
+        assert_eq!(cfg.services[0].ports[&80], 8080);
+        assert_eq!(cfg.services[0].san_identities().len(), 1);
+        assert_eq!(cfg.policies[0].name, "allow-all-but-9999");
+        let store = Store::new();
+        apply(cfg, &store.source(SOURCE_NAME));
+        let s = store.snapshot();
+        assert_eq!(s.policies().len(), 1);
+        let svc = s.service_by_vip("", "127.10.0.1".parse().unwrap()).unwrap();
+        let (w, port) = s.pick_endpoint(svc, 80).unwrap();
+        assert_eq!((w.name.as_str(), port), ("local", 8080));
+    }
+
+    #[test]
+    fn rejections_name_file_and_field() {
+        for (text, want) in [
+            ("workloads:\n- namespace: a\n  bogus: 1\n", "bogus"),
+            ("workloads:\n- namespace: a\n  protocol: UDP\n", "protocol"),
+            ("workloads:\n- namespace: a\n  workloadIps: [\"1.2.3\"]\n", "workloadIps"),
+            ("services:\n- name: a\n  namespace: b\n  hostname: c\n  vips: [\"1.2.3.4\"]\n", "vips"),
+            ("extra: 1\n", "extra"),
+            ("workloads:\n- name: a\n", "namespace"),
+            ("workloads:\n- namespace: a\n  services:\n    nohost: {}\n", "nohost"),
+            (
+                "workloads:\n- namespace: a\n  name: x\n- namespace: a\n  name: x\n",
+                "duplicate uid",
+            ),
+            ("policies:\n- name: p\n", "policies"),
+        ] {
+            let e = parse(text, Path::new("/etc/ztunnel/local.yaml"), &defaults())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("LOCAL_XDS_PATH /etc/ztunnel/local.yaml"), "{e}");
+            assert!(e.contains(want), "{text:?} -> {e}");
+        }
+    }
+
+    #[test]
+    fn reloads_on_change_and_keeps_old_state_on_bad_edit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("local.yaml");
+        std::fs::write(&path, "workloads:\n- namespace: a\n  name: one\n").unwrap();
+        let store = Store::new();
+        let _w = watch(&path, store.source(SOURCE_NAME), defaults()).unwrap();
+        assert_eq!(store.snapshot().workloads().count(), 1);
+
+        let wait_for = |n: usize| {
+            for _ in 0..100 {
+                if store.snapshot().workloads().count() == n {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            false
+        };
+        // Replace by rename, the way editors and ConfigMaps do.
+        let tmp = dir.path().join("local.yaml.tmp");
+        std::fs::write(
+            &tmp,
+            "workloads:\n- namespace: a\n  name: one\n- namespace: a\n  name: two\n",
+        )
+        .unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert!(wait_for(2), "reload after rename");
+
+        std::fs::write(&path, "workloads: [this is not a workload").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(store.snapshot().workloads().count(), 2, "bad edit ignored");
+
+        std::fs::write(&path, "workloads: []\n").unwrap();
+        assert!(wait_for(0), "reload after in-place write");
+    }
+
+    #[test]
+    fn missing_file_is_an_error_naming_it() {
+        let store = Store::new();
+        let e = watch(
+            Path::new("/nonexistent/ztunnel.yaml"),
+            store.source(SOURCE_NAME),
+            defaults(),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("/nonexistent/ztunnel.yaml"), "{e}");
+    }
+}

@@ -1,0 +1,416 @@
+//! What the mesh looks like: workloads, services, policies, fed by sources.
+//!
+//! Several sources (the local config file now, Kubernetes later) each own a set of objects
+//! through a [`SourceHandle`]; the [`Store`] merges them into an immutable, indexed
+//! [`Snapshot`] published atomically (`ArcSwap`). The data path only does
+//! `store.snapshot()` (a reference count) and hash lookups, never takes a lock.
+//!
+//! Update API (control path):
+//! ```ignore
+//! let src = store.source("file");                 // or "kubernetes"
+//! src.replace_all(workloads, services, policies); // full state of that source
+//! src.upsert_workload(w); src.remove_workload(uid);
+//! src.upsert_service(s); src.remove_service(&key);
+//! src.upsert_policy(p);  src.remove_policy("ns/name");
+//! let mut changes = store.subscribe();            // watch::Receiver<u64> (version)
+//! ```
+
+pub mod file;
+pub mod workload;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::config::WorkloadInfo;
+use crate::policy::PolicySet;
+use crate::policy::model::Authorization;
+pub use workload::{NamespacedHostname, NetworkAddress, Protocol, Service, Workload};
+
+/// A service endpoint: a workload and its port mapping for that service.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub workload: Arc<Workload>,
+    pub ports: workload::PortMap,
+}
+
+/// Immutable merged view with indexes.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub version: u64,
+    workloads: HashMap<String, Arc<Workload>>,
+    by_ip: HashMap<NetworkAddress, Arc<Workload>>,
+    by_name: HashMap<(String, String), Vec<Arc<Workload>>>,
+    services: HashMap<NamespacedHostname, Arc<Service>>,
+    by_vip: HashMap<NetworkAddress, Arc<Service>>,
+    endpoints: HashMap<NamespacedHostname, Vec<Endpoint>>,
+    policies: Arc<PolicySet>,
+}
+
+impl Snapshot {
+    /// The workload owning `ip` on `network` (`""` = default network).
+    pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&NetworkAddress::new(network, ip))
+    }
+
+    pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.workloads.get(uid)
+    }
+
+    /// The service with VIP `ip` on `network`.
+    pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.by_vip.get(&NetworkAddress::new(network, ip))
+    }
+
+    pub fn service(&self, key: &NamespacedHostname) -> Option<&Arc<Service>> {
+        self.services.get(key)
+    }
+
+    /// The workload a proxy serves: matched by namespace, name and service account, among
+    /// workloads on `node` (all nodes when `node` is `None`).
+    pub fn find_workload(&self, info: &WorkloadInfo, node: Option<&str>) -> Option<&Arc<Workload>> {
+        self.by_name
+            .get(&(info.namespace.clone(), info.name.clone()))?
+            .iter()
+            .find(|w| {
+                w.service_account == info.service_account
+                    && node.is_none_or(|n| w.node.is_empty() || w.node == n)
+            })
+    }
+
+    /// Endpoints of a service.
+    pub fn endpoints(&self, key: &NamespacedHostname) -> &[Endpoint] {
+        self.endpoints.get(key).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// A healthy endpoint of `svc` for service port `port`, chosen at random, with the
+    /// target port. `None` when the service has no healthy endpoint.
+    pub fn pick_endpoint(&self, svc: &Service, port: u16) -> Option<(Arc<Workload>, u16)> {
+        let eps = self.endpoints(&svc.key());
+        let healthy: Vec<&Endpoint> = eps
+            .iter()
+            .filter(|e| e.workload.is_healthy() && !e.workload.workload_ips.is_empty())
+            .collect();
+        if healthy.is_empty() {
+            return None;
+        }
+        let ep = healthy[rand::random_range(0..healthy.len())];
+        let target = match ep.ports.get(&port) {
+            Some(&t) if t != 0 => t,
+            _ => match svc.ports.get(&port) {
+                Some(&t) if t != 0 => t,
+                _ => port,
+            },
+        };
+        Some((ep.workload.clone(), target))
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+
+    /// The scope-indexed authorization policies.
+    pub fn policies(&self) -> &Arc<PolicySet> {
+        &self.policies
+    }
+}
+
+#[derive(Default)]
+struct SourceData {
+    workloads: HashMap<String, Arc<Workload>>,
+    services: HashMap<NamespacedHostname, Arc<Service>>,
+    policies: BTreeMap<String, Authorization>,
+}
+
+struct Inner {
+    sources: BTreeMap<String, SourceData>,
+    version: u64,
+}
+
+/// The merged state of every source.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Mutex<Inner>>,
+    current: Arc<ArcSwap<Snapshot>>,
+    changes: Arc<watch::Sender<u64>>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("version", &self.snapshot().version)
+            .finish()
+    }
+}
+
+impl Store {
+    pub fn new() -> Self {
+        let (tx, _) = watch::channel(0);
+        Store {
+            inner: Arc::new(Mutex::new(Inner {
+                sources: BTreeMap::new(),
+                version: 0,
+            })),
+            current: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
+            changes: Arc::new(tx),
+        }
+    }
+
+    /// The current snapshot (lock-free; cheap).
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Notified (with the new version) after every change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// A handle through which the source `name` adds and removes its objects. Sources are
+    /// merged in name order; on a conflict (same uid / service / policy key) the later
+    /// source wins.
+    pub fn source(&self, name: &str) -> SourceHandle {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sources
+            .entry(name.to_string())
+            .or_default();
+        SourceHandle {
+            store: self.clone(),
+            name: name.to_string(),
+        }
+    }
+
+    fn update(&self, source: &str, f: impl FnOnce(&mut SourceData)) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        f(inner.sources.entry(source.to_string()).or_default());
+        inner.version += 1;
+        let snapshot = build_snapshot(&inner.sources, inner.version);
+        self.current.store(Arc::new(snapshot));
+        let version = inner.version;
+        drop(inner);
+        self.changes.send_replace(version);
+    }
+}
+
+fn build_snapshot(sources: &BTreeMap<String, SourceData>, version: u64) -> Snapshot {
+    let mut workloads: HashMap<String, Arc<Workload>> = HashMap::new();
+    let mut services: HashMap<NamespacedHostname, Arc<Service>> = HashMap::new();
+    let mut policies: BTreeMap<String, Authorization> = BTreeMap::new();
+    for data in sources.values() {
+        workloads.extend(data.workloads.iter().map(|(k, v)| (k.clone(), v.clone())));
+        services.extend(data.services.iter().map(|(k, v)| (k.clone(), v.clone())));
+        policies.extend(data.policies.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    let mut by_ip = HashMap::new();
+    let mut by_name: HashMap<(String, String), Vec<Arc<Workload>>> = HashMap::new();
+    let mut endpoints: HashMap<NamespacedHostname, Vec<Endpoint>> = HashMap::new();
+    let mut sorted: Vec<&Arc<Workload>> = workloads.values().collect();
+    sorted.sort_by(|a, b| a.uid.cmp(&b.uid));
+    for w in sorted {
+        for ip in &w.workload_ips {
+            let key = NetworkAddress::new(w.network.clone(), *ip);
+            if let Some(old) = by_ip.insert(key, w.clone()) {
+                tracing::warn!(ip = %ip, workload = %w.uid, other = %old.uid, "two workloads share an IP; the later uid wins");
+            }
+        }
+        by_name
+            .entry((w.namespace.clone(), w.name.clone()))
+            .or_default()
+            .push(w.clone());
+        for (svc, ports) in &w.services {
+            let Some((ns, host)) = svc.split_once('/') else {
+                tracing::warn!(workload = %w.uid, service = %svc, "service reference is not <namespace>/<hostname>; ignored");
+                continue;
+            };
+            endpoints
+                .entry(NamespacedHostname {
+                    namespace: ns.to_string(),
+                    hostname: host.to_string(),
+                })
+                .or_default()
+                .push(Endpoint {
+                    workload: w.clone(),
+                    ports: ports.clone(),
+                });
+        }
+    }
+    let mut by_vip = HashMap::new();
+    for s in services.values() {
+        for vip in &s.vips {
+            by_vip.insert(vip.clone(), s.clone());
+        }
+    }
+    Snapshot {
+        version,
+        workloads,
+        by_ip,
+        by_name,
+        services,
+        by_vip,
+        endpoints,
+        policies: Arc::new(PolicySet::new(policies.into_values().collect())),
+    }
+}
+
+/// One source's write access to the store.
+#[derive(Clone)]
+pub struct SourceHandle {
+    store: Store,
+    name: String,
+}
+
+impl SourceHandle {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Replaces everything this source provides.
+    pub fn replace_all(
+        &self,
+        workloads: Vec<Workload>,
+        services: Vec<Service>,
+        policies: Vec<Authorization>,
+    ) {
+        self.store.update(&self.name, |d| {
+            d.workloads = workloads
+                .into_iter()
+                .map(|w| (w.uid.clone(), Arc::new(w)))
+                .collect();
+            d.services = services
+                .into_iter()
+                .map(|s| (s.key(), Arc::new(s)))
+                .collect();
+            d.policies = policies.into_iter().map(|p| (p.key(), p)).collect();
+        });
+    }
+
+    pub fn upsert_workload(&self, w: Workload) {
+        self.store.update(&self.name, |d| {
+            d.workloads.insert(w.uid.clone(), Arc::new(w));
+        });
+    }
+
+    pub fn remove_workload(&self, uid: &str) {
+        self.store.update(&self.name, |d| {
+            d.workloads.remove(uid);
+        });
+    }
+
+    pub fn upsert_service(&self, s: Service) {
+        self.store.update(&self.name, |d| {
+            d.services.insert(s.key(), Arc::new(s));
+        });
+    }
+
+    pub fn remove_service(&self, key: &NamespacedHostname) {
+        self.store.update(&self.name, |d| {
+            d.services.remove(key);
+        });
+    }
+
+    pub fn upsert_policy(&self, p: Authorization) {
+        self.store.update(&self.name, |d| {
+            d.policies.insert(p.key(), p);
+        });
+    }
+
+    /// `key` is `"<namespace>/<name>"`.
+    pub fn remove_policy(&self, key: &str) {
+        self.store.update(&self.name, |d| {
+            d.policies.remove(key);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    pub(crate) fn workload(uid: &str, ns: &str, name: &str, ip: &str) -> Workload {
+        serde_yaml_ng::from_str(&format!(
+            "uid: {uid}\nname: {name}\nnamespace: {ns}\nserviceAccount: sa-{name}\n\
+             trustDomain: cluster.local\nworkloadIps: [\"{ip}\"]\nprotocol: HBONE\nnode: n1\n"
+        ))
+        .unwrap()
+    }
+
+    fn service(ns: &str, host: &str, vip: &str) -> Service {
+        serde_yaml_ng::from_str(&format!(
+            "name: {host}\nnamespace: {ns}\nhostname: {host}\nvips: [\"/{vip}\"]\nports: {{80: 8080}}\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn indexes_by_ip_vip_name_and_endpoints() {
+        let store = Store::new();
+        let src = store.source("file");
+        let mut a = workload("a", "ns", "a", "10.0.0.1");
+        a.services
+            .insert("ns/svc".into(), HashMap::from([(80, 9090)]));
+        let b = workload("b", "ns", "b", "10.0.0.2");
+        src.replace_all(vec![a, b], vec![service("ns", "svc", "10.96.0.1")], vec![]);
+        let s = store.snapshot();
+        assert_eq!(s.workload_by_ip("", "10.0.0.1".parse().unwrap()).unwrap().uid, "a");
+        assert!(s.workload_by_ip("other", "10.0.0.1".parse().unwrap()).is_none());
+        let svc = s.service_by_vip("", "10.96.0.1".parse().unwrap()).unwrap();
+        assert_eq!(svc.hostname, "svc");
+        let (ep, port) = s.pick_endpoint(svc, 80).unwrap();
+        assert_eq!((ep.uid.as_str(), port), ("a", 9090));
+        let info: WorkloadInfo = "ns/b/sa-b".parse().unwrap();
+        assert_eq!(s.find_workload(&info, Some("n1")).unwrap().uid, "b");
+        assert!(s.find_workload(&info, Some("n2")).is_none());
+        let wrong_sa: WorkloadInfo = "ns/b/other".parse().unwrap();
+        assert!(s.find_workload(&wrong_sa, None).is_none());
+    }
+
+    #[test]
+    fn unhealthy_endpoints_are_skipped() {
+        let store = Store::new();
+        let mut a = workload("a", "ns", "a", "10.0.0.1");
+        a.services.insert("ns/svc".into(), HashMap::new());
+        a.status = workload::HealthStatus::Unhealthy;
+        store
+            .source("file")
+            .replace_all(vec![a], vec![service("ns", "svc", "10.96.0.1")], vec![]);
+        let s = store.snapshot();
+        let svc = s.service_by_vip("", "10.96.0.1".parse().unwrap()).unwrap();
+        assert!(s.pick_endpoint(svc, 80).is_none());
+    }
+
+    #[test]
+    fn sources_merge_and_updates_bump_version() {
+        let store = Store::new();
+        let mut rx = store.subscribe();
+        let file = store.source("file");
+        let kube = store.source("kubernetes");
+        file.upsert_workload(workload("a", "ns", "a", "10.0.0.1"));
+        kube.upsert_workload(workload("b", "ns", "b", "10.0.0.2"));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), 2);
+        let s = store.snapshot();
+        assert_eq!(s.workloads().count(), 2);
+        file.remove_workload("a");
+        let s2 = store.snapshot();
+        assert_eq!(s2.workloads().count(), 1);
+        // The old snapshot is unaffected (readers keep a consistent view).
+        assert_eq!(s.workloads().count(), 2);
+        assert!(s2.version > s.version);
+    }
+}

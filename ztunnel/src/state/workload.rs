@@ -1,0 +1,291 @@
+//! Workload and Service: the mesh's view of pods and service VIPs.
+//!
+//! The serde form is upstream ztunnel's local-config schema (camelCase keys, unknown keys
+//! rejected), so the same YAML drives either implementation; other sources (Kubernetes)
+//! build these structs directly.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::identity::Identity;
+
+/// How peers reach a workload.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Protocol {
+    /// Plaintext TCP (not in the mesh, or no ztunnel in front of it).
+    #[default]
+    TCP,
+    /// mTLS + HTTP/2 CONNECT to port 15008.
+    HBONE,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum NetworkMode {
+    #[default]
+    Standard,
+    HostNetwork,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum HealthStatus {
+    #[default]
+    Healthy,
+    Unhealthy,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Locality {
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub subzone: String,
+}
+
+/// An IP on a network, written `"<network>/<ip>"` (`"/10.0.0.1"` on the default network).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NetworkAddress {
+    pub network: String,
+    pub address: IpAddr,
+}
+
+impl NetworkAddress {
+    pub fn new(network: impl Into<String>, address: IpAddr) -> Self {
+        NetworkAddress {
+            network: network.into(),
+            address,
+        }
+    }
+}
+
+impl fmt::Display for NetworkAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.address)
+    }
+}
+
+impl FromStr for NetworkAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (network, ip) = s
+            .rsplit_once('/')
+            .ok_or_else(|| format!("{s:?}: expected <network>/<ip>"))?;
+        let address = ip
+            .parse()
+            .map_err(|e| format!("{s:?}: bad IP address: {e}"))?;
+        Ok(NetworkAddress::new(network, address))
+    }
+}
+
+impl Serialize for NetworkAddress {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for NetworkAddress {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `<namespace>/<hostname>` of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NamespacedHostname {
+    pub namespace: String,
+    pub hostname: String,
+}
+
+impl fmt::Display for NamespacedHostname {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// Where a waypoint or network gateway is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum GatewayDestination {
+    Address(NetworkAddress),
+    Hostname(NamespacedHostname),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayAddress {
+    pub destination: GatewayDestination,
+    #[serde(default = "default_hbone_port")]
+    pub hbone_mtls_port: u16,
+}
+
+fn default_hbone_port() -> u16 {
+    15008
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[allow(clippy::upper_case_acronyms)]
+pub enum ApplicationTunnelProtocol {
+    NONE,
+    PROXY,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApplicationTunnel {
+    pub protocol: ApplicationTunnelProtocol,
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+/// Service port → target port.
+pub type PortMap = HashMap<u16, u16>;
+
+/// A pod (or VM) known to the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    #[serde(default)]
+    pub uid: String,
+    #[serde(default)]
+    pub name: String,
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    /// Empty: filled by the source with the configured `TRUST_DOMAIN`.
+    #[serde(default)]
+    pub trust_domain: String,
+    #[serde(default)]
+    pub workload_ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub network_mode: NetworkMode,
+    #[serde(default)]
+    pub node: String,
+    #[serde(default)]
+    pub network: String,
+    /// `"<ns>/<hostname>"` → service port → target port.
+    #[serde(default)]
+    pub services: HashMap<String, PortMap>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<GatewayAddress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_gateway: Option<GatewayAddress>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workload_name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workload_type: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub canonical_name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub canonical_revision: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hostname: String,
+    #[serde(default)]
+    pub native_tunnel: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub application_tunnel: Option<ApplicationTunnel>,
+    /// `"<ns>/<policy>"` of WorkloadSelector-scoped policies bound to this workload.
+    #[serde(default)]
+    pub authorization_policies: Vec<String>,
+    #[serde(default)]
+    pub status: HealthStatus,
+    #[serde(default)]
+    pub cluster_id: String,
+    #[serde(default)]
+    pub locality: Locality,
+    #[serde(default = "default_capacity")]
+    pub capacity: u32,
+}
+
+fn default_service_account() -> String {
+    "default".to_string()
+}
+
+fn default_capacity() -> u32 {
+    1
+}
+
+impl Workload {
+    /// `spiffe://<trustDomain>/ns/<namespace>/sa/<serviceAccount>`.
+    pub fn identity(&self) -> Identity {
+        Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.status == HealthStatus::Healthy
+    }
+
+    /// `k8s.<workloadType>.name` key and value for baggage (`deployment` when unknown).
+    pub fn workload_type_or_default(&self) -> &str {
+        if self.workload_type.is_empty() {
+            "deployment"
+        } else {
+            &self.workload_type
+        }
+    }
+
+    /// The name to report in telemetry (`workloadName`, else the pod name).
+    pub fn telemetry_name(&self) -> &str {
+        if self.workload_name.is_empty() {
+            &self.name
+        } else {
+            &self.workload_name
+        }
+    }
+}
+
+/// A service VIP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    #[serde(default)]
+    pub vips: Vec<NetworkAddress>,
+    #[serde(default)]
+    pub ports: PortMap,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<GatewayAddress>,
+    #[serde(default)]
+    pub canonical: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_families: Option<serde_yaml_ng::Value>,
+}
+
+impl Service {
+    pub fn key(&self) -> NamespacedHostname {
+        NamespacedHostname {
+            namespace: self.namespace.clone(),
+            hostname: self.hostname.clone(),
+        }
+    }
+
+    /// `subjectAltNames` that parse as SPIFFE identities.
+    pub fn san_identities(&self) -> Vec<Identity> {
+        self.subject_alt_names
+            .iter()
+            .filter_map(|s| {
+                let full = if s.starts_with("spiffe://") {
+                    s.clone()
+                } else {
+                    format!("spiffe://{s}")
+                };
+                full.parse().ok()
+            })
+            .collect()
+    }
+}
