@@ -2,3 +2,4 @@
 //! redirects enrolled pods' traffic into ztunnel (in-pod or GENEVE mode).
 
 pub mod redirect;
+pub mod zds;
