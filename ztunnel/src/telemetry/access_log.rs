@@ -1,0 +1,371 @@
+//! One access-log line and one set of metric updates per proxied connection.
+//!
+//! Tracing target `access`; "connection opened" at debug, "connection complete" at info, or
+//! at error with `error=` when the connection failed. Fields (upstream's names and order):
+//! `src.addr src.workload src.namespace src.identity dst.addr dst.hbone_addr dst.service
+//! dst.workload dst.namespace dst.identity direction bytes_sent bytes_recv duration`.
+//! `bytes_sent` counts source → destination bytes, `bytes_recv` destination → source.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+
+use super::metrics::{ProxyMetrics, Reporter, TrafficLabels};
+use crate::identity::Identity;
+use crate::state::Workload;
+
+/// Which way the connection goes, seen from this proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// What is known about one end of a connection.
+#[derive(Debug, Clone, Default)]
+pub struct PeerInfo {
+    pub workload: Option<String>,
+    pub namespace: Option<String>,
+    /// Set only when the identity is proven by mTLS (or is ours, presented over mTLS).
+    pub identity: Option<Identity>,
+    pub cluster: Option<String>,
+    pub canonical_service: Option<String>,
+    pub canonical_revision: Option<String>,
+}
+
+impl PeerInfo {
+    /// Workload details (the identity is left for the caller to set when mTLS proves it).
+    pub fn from_workload(w: &Workload) -> Self {
+        let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        PeerInfo {
+            workload: non_empty(w.telemetry_name()),
+            namespace: non_empty(&w.namespace),
+            identity: None,
+            cluster: non_empty(&w.cluster_id),
+            canonical_service: non_empty(&w.canonical_name).or_else(|| non_empty(&w.name)),
+            canonical_revision: non_empty(&w.canonical_revision),
+        }
+    }
+
+    pub fn with_identity(mut self, id: Option<Identity>) -> Self {
+        self.identity = id;
+        self
+    }
+}
+
+/// Everything the access log and the metrics say about a connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub direction: Direction,
+    pub src_addr: SocketAddr,
+    pub src: PeerInfo,
+    /// The address actually connected to (`peer:15008` for HBONE).
+    pub dst_addr: SocketAddr,
+    /// The HBONE target (`podIP:port`), when tunnelled.
+    pub dst_hbone_addr: Option<SocketAddr>,
+    /// Service hostname, when the client addressed a service VIP.
+    pub dst_service: Option<String>,
+    pub dst: PeerInfo,
+    pub mtls: bool,
+}
+
+impl ConnectionInfo {
+    fn labels(&self) -> TrafficLabels {
+        let reporter = match self.direction {
+            Direction::Outbound => Reporter::source,
+            Direction::Inbound => Reporter::destination,
+        };
+        let mut l = TrafficLabels::unknown(reporter);
+        let set = |slot: &mut String, v: &Option<String>| {
+            if let Some(v) = v {
+                slot.clone_from(v);
+            }
+        };
+        set(&mut l.source_workload, &self.src.workload);
+        set(&mut l.source_workload_namespace, &self.src.namespace);
+        set(&mut l.source_cluster, &self.src.cluster);
+        set(&mut l.source_canonical_service, &self.src.canonical_service);
+        set(&mut l.source_canonical_revision, &self.src.canonical_revision);
+        set(&mut l.source_app, &self.src.canonical_service);
+        set(&mut l.source_version, &self.src.canonical_revision);
+        if let Some(id) = &self.src.identity {
+            l.source_principal = id.to_string();
+        }
+        set(&mut l.destination_workload, &self.dst.workload);
+        set(&mut l.destination_workload_namespace, &self.dst.namespace);
+        set(&mut l.destination_cluster, &self.dst.cluster);
+        set(&mut l.destination_canonical_service, &self.dst.canonical_service);
+        set(&mut l.destination_canonical_revision, &self.dst.canonical_revision);
+        set(&mut l.destination_app, &self.dst.canonical_service);
+        set(&mut l.destination_version, &self.dst.canonical_revision);
+        if let Some(id) = &self.dst.identity {
+            l.destination_principal = id.to_string();
+        }
+        if let Some(svc) = &self.dst_service {
+            l.destination_service = svc.clone();
+            l.destination_service_name = svc.split('.').next().unwrap_or(svc).to_string();
+            if let Some(ns) = svc.split('.').nth(1) {
+                l.destination_service_namespace = ns.to_string();
+            }
+        }
+        if self.mtls {
+            l.connection_security_policy = "mutual_tls".to_string();
+        }
+        l
+    }
+}
+
+/// Telemetry of one open connection. Call [`Self::close`] when it ends; dropping it without
+/// closing (task cancelled, drain deadline) records it as failed with "connection aborted".
+pub struct ConnectionTelemetry {
+    info: ConnectionInfo,
+    labels: TrafficLabels,
+    metrics: Arc<ProxyMetrics>,
+    start: Instant,
+    established: bool,
+    closed: bool,
+}
+
+impl ConnectionTelemetry {
+    /// Counts the connection opened and logs it at debug.
+    pub fn open(metrics: &Arc<ProxyMetrics>, info: ConnectionInfo) -> Self {
+        let labels = info.labels();
+        metrics.connections_opened.get_or_create(&labels).inc();
+        metrics.sockets_open.inc();
+        tracing::debug!(
+            target: "access",
+            {
+            src.addr = %info.src_addr,
+            src.workload = info.src.workload.as_deref(),
+            src.namespace = info.src.namespace.as_deref(),
+            src.identity = info.src.identity.as_ref().map(display),
+            dst.addr = %info.dst_addr,
+            dst.hbone_addr = info.dst_hbone_addr.map(display),
+            dst.service = info.dst_service.as_deref(),
+            dst.workload = info.dst.workload.as_deref(),
+            dst.namespace = info.dst.namespace.as_deref(),
+            dst.identity = info.dst.identity.as_ref().map(display),
+            direction = info.direction.as_str(),
+            },
+            "connection opened"
+        );
+        ConnectionTelemetry {
+            info,
+            labels,
+            metrics: metrics.clone(),
+            start: Instant::now(),
+            established: false,
+            closed: false,
+        }
+    }
+
+    /// Marks the upstream side as connected (a later error is then not a failed connection).
+    pub fn established(&mut self) {
+        self.established = true;
+    }
+
+    pub fn info(&self) -> &ConnectionInfo {
+        &self.info
+    }
+
+    /// Records the end of the connection: counters and the access-log line.
+    /// `sent` = source → destination bytes, `recv` = destination → source bytes.
+    pub fn close(mut self, sent: u64, recv: u64, error: Option<&str>) {
+        self.record(sent, recv, error);
+    }
+
+    fn record(&mut self, sent: u64, recv: u64, error: Option<&str>) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        let m = &self.metrics;
+        m.sockets_open.dec();
+        m.connections_closed.get_or_create(&self.labels).inc();
+        if error.is_some() && !self.established {
+            m.connections_failed.get_or_create(&self.labels).inc();
+        }
+        if sent > 0 {
+            m.received_bytes.get_or_create(&self.labels).inc_by(sent);
+        }
+        if recv > 0 {
+            m.sent_bytes.get_or_create(&self.labels).inc_by(recv);
+        }
+        let info = &self.info;
+        let duration = format!("{}ms", self.start.elapsed().as_millis());
+        macro_rules! access {
+            ($level:ident, { $($extra:tt)* }) => {
+                tracing::$level!(
+                    target: "access",
+                    {
+                    src.addr = %info.src_addr,
+                    src.workload = info.src.workload.as_deref(),
+                    src.namespace = info.src.namespace.as_deref(),
+                    src.identity = info.src.identity.as_ref().map(display),
+                    dst.addr = %info.dst_addr,
+                    dst.hbone_addr = info.dst_hbone_addr.map(display),
+                    dst.service = info.dst_service.as_deref(),
+                    dst.workload = info.dst.workload.as_deref(),
+                    dst.namespace = info.dst.namespace.as_deref(),
+                    dst.identity = info.dst.identity.as_ref().map(display),
+                    direction = info.direction.as_str(),
+                    bytes_sent = sent,
+                    bytes_recv = recv,
+                    duration = duration.as_str(),
+                    $($extra)*
+                    },
+                    "connection complete"
+                )
+            };
+        }
+        match error {
+            Some(e) => access!(error, { error = e }),
+            None => access!(info, {}),
+        }
+    }
+}
+
+impl Drop for ConnectionTelemetry {
+    fn drop(&mut self) {
+        self.record(0, 0, Some("connection aborted"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::registry::Registry;
+
+    #[test]
+    fn counts_open_close_bytes_and_failures() {
+        let mut reg = Registry::default();
+        let m = Arc::new(ProxyMetrics::new(&mut reg));
+        let info = ConnectionInfo {
+            direction: Direction::Inbound,
+            src_addr: "10.0.0.1:1234".parse().unwrap(),
+            src: PeerInfo {
+                workload: Some("sleep".into()),
+                namespace: Some("default".into()),
+                identity: Some(Identity::new("cluster.local", "default", "sleep")),
+                ..Default::default()
+            },
+            dst_addr: "10.0.0.2:8080".parse().unwrap(),
+            dst_hbone_addr: None,
+            dst_service: Some("echo.default.svc.cluster.local".into()),
+            dst: PeerInfo::default(),
+            mtls: true,
+        };
+        let mut t = ConnectionTelemetry::open(&m, info.clone());
+        t.established();
+        t.close(100, 7, None);
+        let failed = ConnectionTelemetry::open(&m, info);
+        drop(failed);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
+                .to_string()
+        };
+        let opened = line("istio_tcp_connections_opened_total{");
+        assert!(opened.ends_with(" 2"), "{opened}");
+        assert!(opened.contains("reporter=\"destination\""), "{opened}");
+        assert!(
+            opened.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\""),
+            "{opened}"
+        );
+        assert!(opened.contains("connection_security_policy=\"mutual_tls\""));
+        assert!(opened.contains("destination_service_name=\"echo\""));
+        assert!(opened.contains("destination_service_namespace=\"default\""));
+        assert!(opened.contains("destination_workload=\"unknown\""));
+        assert!(line("istio_tcp_connections_closed_total{").ends_with(" 2"));
+        assert!(line("istio_tcp_connections_failed_total{").ends_with(" 1"));
+        assert!(line("istio_tcp_received_bytes_total{").ends_with(" 100"));
+        assert!(line("istio_tcp_sent_bytes_total{").ends_with(" 7"));
+        assert!(line("istio_tcp_sockets_open").ends_with(" 0"));
+    }
+}
+
+#[cfg(test)]
+mod log_format_tests {
+    use super::*;
+    use prometheus_client::registry::Registry;
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn access_line_has_upstream_fields() {
+        let buf = Buf::default();
+        let b2 = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || b2.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let m = Arc::new(ProxyMetrics::new(&mut Registry::default()));
+        tracing::subscriber::with_default(sub, || {
+            let info = ConnectionInfo {
+                direction: Direction::Outbound,
+                src_addr: "10.0.0.1:1234".parse().unwrap(),
+                src: PeerInfo {
+                    workload: Some("sleep".into()),
+                    namespace: Some("default".into()),
+                    identity: Some(Identity::new("cluster.local", "default", "sleep")),
+                    ..Default::default()
+                },
+                dst_addr: "10.0.0.2:15008".parse().unwrap(),
+                dst_hbone_addr: Some("10.0.0.2:80".parse().unwrap()),
+                dst_service: None,
+                dst: PeerInfo {
+                    workload: Some("echo".into()),
+                    namespace: Some("default".into()),
+                    identity: Some(Identity::new("cluster.local", "default", "echo")),
+                    ..Default::default()
+                },
+                mtls: true,
+            };
+            let t = ConnectionTelemetry::open(&m, info);
+            t.close(5, 6, Some("boom"));
+        });
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        for want in [
+            "ERROR access: connection complete",
+            "src.addr=10.0.0.1:1234",
+            "src.workload=\"sleep\"",
+            "src.identity=spiffe://cluster.local/ns/default/sa/sleep",
+            "dst.addr=10.0.0.2:15008",
+            "dst.hbone_addr=10.0.0.2:80",
+            "dst.identity=spiffe://cluster.local/ns/default/sa/echo",
+            "direction=\"outbound\"",
+            "bytes_sent=5",
+            "bytes_recv=6",
+            "error=\"boom\"",
+        ] {
+            assert!(out.contains(want), "{want} not in {out}");
+        }
+        assert!(!out.contains("dst.service"), "{out}");
+    }
+}

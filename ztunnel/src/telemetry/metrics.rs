@@ -1,0 +1,175 @@
+//! The `istio_tcp_*` metric families and ztunnel's own refusal counter.
+//!
+//! Byte counters follow Istio's convention, from the destination's point of view:
+//! `istio_tcp_received_bytes_total` counts request bytes (source → destination),
+//! `istio_tcp_sent_bytes_total` response bytes (destination → source).
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Which side reports.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Reporter {
+    source,
+    destination,
+}
+
+/// Istio's TCP label set. Unknown values are `"unknown"` (see [`TrafficLabels::unknown`]).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficLabels {
+    pub reporter: Reporter,
+    pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
+    pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
+    pub request_protocol: String,
+    pub response_flags: String,
+    pub connection_security_policy: String,
+}
+
+pub const UNKNOWN: &str = "unknown";
+
+impl TrafficLabels {
+    /// Every label `unknown` except `reporter`, `request_protocol=tcp`, `response_flags=-`.
+    pub fn unknown(reporter: Reporter) -> Self {
+        let u = || UNKNOWN.to_string();
+        TrafficLabels {
+            reporter,
+            source_workload: u(),
+            source_canonical_service: u(),
+            source_canonical_revision: u(),
+            source_workload_namespace: u(),
+            source_principal: u(),
+            source_app: u(),
+            source_version: u(),
+            source_cluster: u(),
+            destination_service: u(),
+            destination_service_namespace: u(),
+            destination_service_name: u(),
+            destination_workload: u(),
+            destination_canonical_service: u(),
+            destination_canonical_revision: u(),
+            destination_workload_namespace: u(),
+            destination_principal: u(),
+            destination_app: u(),
+            destination_version: u(),
+            destination_cluster: u(),
+            request_protocol: "tcp".to_string(),
+            response_flags: "-".to_string(),
+            connection_security_policy: UNKNOWN.to_string(),
+        }
+    }
+}
+
+/// Why a connection was refused before any data flowed.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RefusalReason {
+    /// TLS handshake failed (bad certificate, untrusted root, expired, wrong trust domain,
+    /// not TLS at all, no ALPN h2).
+    tls_handshake,
+    /// The handshake did not finish in time.
+    handshake_timeout,
+    /// The peer's certificate identity is not the identity of the workload at its IP.
+    identity_mismatch,
+    /// Not a CONNECT, bad `:authority`, destination validation failed.
+    bad_request,
+    /// Denied by authorization policy.
+    policy_denied,
+    /// No workload or upstream for the target, or the upstream connect failed.
+    upstream_unavailable,
+    /// The source workload could not be determined or has no certificate.
+    no_identity,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub direction: &'static str,
+    pub reason: RefusalReason,
+}
+
+/// The proxy's metric families.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyMetrics {
+    pub connections_opened: Family<TrafficLabels, Counter>,
+    pub connections_closed: Family<TrafficLabels, Counter>,
+    pub connections_failed: Family<TrafficLabels, Counter>,
+    pub received_bytes: Family<TrafficLabels, Counter>,
+    pub sent_bytes: Family<TrafficLabels, Counter>,
+    pub sockets_open: Gauge,
+    pub refused: Family<RefusalLabels, Counter>,
+}
+
+impl ProxyMetrics {
+    /// Registers the families: `istio_tcp_*` under prefix `istio`, the refusal counter as
+    /// `ztunnel_connections_refused_total`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = ProxyMetrics::default();
+        let istio = registry.sub_registry_with_prefix("istio");
+        istio.register(
+            "tcp_connections_opened",
+            "The total number of TCP connections opened",
+            m.connections_opened.clone(),
+        );
+        istio.register(
+            "tcp_connections_closed",
+            "The total number of TCP connections closed",
+            m.connections_closed.clone(),
+        );
+        istio.register(
+            "tcp_connections_failed",
+            "The total number of TCP connections that failed to establish",
+            m.connections_failed.clone(),
+        );
+        istio.register(
+            "tcp_received_bytes",
+            "The size of total bytes received during request in case of a TCP connection",
+            m.received_bytes.clone(),
+        );
+        istio.register(
+            "tcp_sent_bytes",
+            "The size of total bytes sent during response in case of a TCP connection",
+            m.sent_bytes.clone(),
+        );
+        istio.register(
+            "tcp_sockets_open",
+            "The current number of open proxied TCP connections",
+            m.sockets_open.clone(),
+        );
+        registry.sub_registry_with_prefix("ztunnel").register(
+            "connections_refused",
+            "Connections refused before any data flowed, by direction and reason",
+            m.refused.clone(),
+        );
+        m
+    }
+
+    /// Counts a refusal.
+    pub fn refused(&self, direction: super::Direction, reason: RefusalReason) {
+        self.refused
+            .get_or_create(&RefusalLabels {
+                direction: direction.as_str(),
+                reason,
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,16 @@
+//! Metrics (Prometheus, Istio names) and the per-connection access log.
+//!
+//! Entry points for the proxy:
+//! - [`metrics::ProxyMetrics::new`] registers the `istio_tcp_*` families into a registry;
+//! - [`ConnectionTelemetry::open`] at the start of a connection (counts it opened, logs
+//!   "connection opened" at debug), [`ConnectionTelemetry::close`] at its end (closed and
+//!   byte counters, the access-log line at info, or at error with `error=`);
+//! - [`metrics::ProxyMetrics::refused`] for connections refused before they had a destination
+//!   (TLS failures, identity mismatches, malformed requests).
+
+pub mod access_log;
+pub mod logging;
+pub mod metrics;
+
+pub use access_log::{ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo};
+pub use metrics::{ProxyMetrics, RefusalReason, Reporter, TrafficLabels};
