@@ -31,3 +31,24 @@ fmt:
 
 clean:
 	$(CARGO) clean
+
+# --- Chart, images, kind (issue 9; charts/README.md, e2e/kind/README.md) -----
+.PHONY: test-chart e2e-kind e2e-kind-clean
+
+# Offline chart checks: render every documented values combination with real
+# Helm, validate against Kubernetes schemas, security properties, env golden
+# files, bad values refused; shellcheck of the chart's scripts.
+test-chart: deps
+	cd charts/tests && python3 -m unittest -v test_chart test_images
+
+# localhost/geneva-mesh/{ztunnel,node-agent}:dev, offline (buildah, or docker/
+# podman with BUILDER=...), plus docker-archive tarballs in target/images-out.
+images: deps
+	images/build.sh
+
+# Needs docker, kind, kubectl and helm (cannot run on the build machine).
+e2e-kind:
+	e2e/kind/run.sh
+
+e2e-kind-clean:
+	e2e/kind/clean.sh
