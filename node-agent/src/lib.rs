@@ -3,3 +3,6 @@
 
 pub mod redirect;
 pub mod zds;
+pub mod health;
+pub mod install;
+pub mod plugin_events;

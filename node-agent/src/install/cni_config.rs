@@ -1,0 +1,396 @@
+//! The node's CNI config dir: find the primary config (libcni's choice: the
+//! first `.conf`/`.conflist` in lexical order), keep istio-cni chained into
+//! it (or into our own config that sorts first), and take it out again.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::atomic_write::{remove_stale_tmp, write_atomically};
+use super::chain::{self, ChainError, ConfKind, Unchained};
+
+/// Name of the config written in istio-owned mode (sorts before the usual
+/// `10-*` primary configs).
+pub const OWNED_CONFIG_NAME: &str = "02-istio-cni.conflist";
+
+const CONFIG_MODE: u32 = 0o644;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("waiting for a CNI config (.conf or .conflist) in {dir}")]
+    NoConfig { dir: PathBuf },
+    #[error("cannot list CNI config dir {dir}: {source}")]
+    List {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read CNI config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("CNI config {path} is not valid JSON: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error("cannot write CNI config {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot remove CNI config {path}: {source}")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{first} sorts before {ours} in {dir}: the runtime uses {first}, which has no istio-cni"
+    )]
+    OwnedShadowed {
+        dir: PathBuf,
+        first: String,
+        ours: String,
+    },
+}
+
+/// Config files in `dir`, in the order libcni considers them.
+pub fn config_files(dir: &Path) -> Result<Vec<(String, ConfKind)>, ConfigError> {
+    let entries = fs::read_dir(dir).map_err(|source| ConfigError::List {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    let mut out: Vec<(String, ConfKind)> = entries
+        .flatten()
+        .filter(|e| e.file_type().map(|t| !t.is_dir()).unwrap_or(false))
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let kind = kind_of(&name)?;
+            Some((name, kind))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn kind_of(name: &str) -> Option<ConfKind> {
+    if name.ends_with(".conflist") {
+        Some(ConfKind::List)
+    } else if name.ends_with(".conf") {
+        Some(ConfKind::Single)
+    } else {
+        None
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value, ConfigError> {
+    let bytes = fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<(), ConfigError> {
+    let mut text = serde_json::to_vec_pretty(v).expect("JSON values always serialise");
+    text.push(b'\n');
+    remove_stale_tmp(path);
+    write_atomically(path, &text, CONFIG_MODE).map_err(|source| ConfigError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn remove(path: &Path) -> Result<(), ConfigError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(ConfigError::Remove {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn with_ext(name: &str, ext: &str) -> String {
+    let stem = name
+        .strip_suffix(".conflist")
+        .or_else(|| name.strip_suffix(".conf"))
+        .unwrap_or(name);
+    format!("{stem}.{ext}")
+}
+
+/// Picks the primary config: `explicit` if given (or the `.conflist` we
+/// made of it), else the first config file not named `skip`.
+fn primary(
+    dir: &Path,
+    explicit: Option<&str>,
+    skip: Option<&str>,
+) -> Result<(String, ConfKind), ConfigError> {
+    let files = config_files(dir)?;
+    let found = match explicit {
+        Some(name) => files
+            .iter()
+            .find(|(n, _)| n == name)
+            .or_else(|| {
+                let wrapped = with_ext(name, "conflist");
+                files.iter().find(|(n, _)| *n == wrapped)
+            })
+            .cloned(),
+        None => files.into_iter().find(|(n, _)| Some(n.as_str()) != skip),
+    };
+    found.ok_or_else(|| ConfigError::NoConfig {
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// Chained mode: makes sure the primary config carries `entry`. Returns a
+/// description of what was changed, or `None` when it already did.
+pub fn ensure_chained(
+    dir: &Path,
+    entry: &Value,
+    explicit: Option<&str>,
+) -> Result<Option<String>, ConfigError> {
+    let (name, kind) = primary(dir, explicit, None)?;
+    let path = dir.join(&name);
+    let current = read_json(&path)?;
+    match kind {
+        ConfKind::List => {
+            if chain::is_chained(&current, entry) {
+                return Ok(None);
+            }
+            let out = chain::chain(&current, kind, entry, &path.to_string_lossy())?;
+            write_json(&path, &out)?;
+            Ok(Some(format!("chained istio-cni into {}", path.display())))
+        }
+        ConfKind::Single => {
+            let out = chain::chain(&current, kind, entry, &path.to_string_lossy())?;
+            let list = dir.join(with_ext(&name, "conflist"));
+            write_json(&list, &out)?;
+            remove(&path)?;
+            Ok(Some(format!(
+                "wrapped {} with istio-cni into {}",
+                path.display(),
+                list.display()
+            )))
+        }
+    }
+}
+
+/// Istio-owned mode: keeps `<dir>/02-istio-cni.conflist` equal to the
+/// primary config plus `entry`, and checks that it is the config the runtime
+/// uses (sorts first).
+pub fn ensure_owned(
+    dir: &Path,
+    entry: &Value,
+    explicit: Option<&str>,
+) -> Result<Option<String>, ConfigError> {
+    let (name, kind) = primary(dir, explicit, Some(OWNED_CONFIG_NAME))?;
+    let primary_path = dir.join(&name);
+    let primary_conf = read_json(&primary_path)?;
+    let wanted = chain::chain(&primary_conf, kind, entry, &primary_path.to_string_lossy())?;
+    let ours = dir.join(OWNED_CONFIG_NAME);
+    let changed = match read_json(&ours) {
+        Ok(current) if current == wanted => None,
+        _ => {
+            write_json(&ours, &wanted)?;
+            Some(format!(
+                "wrote {} from {}",
+                ours.display(),
+                primary_path.display()
+            ))
+        }
+    };
+    let files = config_files(dir)?;
+    match files.first() {
+        Some((first, _)) if first != OWNED_CONFIG_NAME => Err(ConfigError::OwnedShadowed {
+            dir: dir.to_path_buf(),
+            first: first.clone(),
+            ours: OWNED_CONFIG_NAME.into(),
+        }),
+        _ => Ok(changed),
+    }
+}
+
+/// Uninstall, chained mode: takes istio-cni out of every config list in
+/// `dir`, turning a list we made from a `.conf` back into that `.conf`
+/// (unless the primary CNI has written a new one meanwhile). Returns what
+/// changed.
+pub fn remove_chained(dir: &Path) -> Result<Vec<String>, ConfigError> {
+    let mut changed = Vec::new();
+    let files = match config_files(dir) {
+        Ok(f) => f,
+        Err(ConfigError::List { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(changed);
+        }
+        Err(e) => return Err(e),
+    };
+    for (name, kind) in files {
+        if kind != ConfKind::List {
+            continue;
+        }
+        let path = dir.join(&name);
+        let Ok(current) = read_json(&path) else {
+            continue;
+        };
+        match chain::unchain(&current) {
+            Unchained::Unchanged => {}
+            Unchained::List(v) => {
+                write_json(&path, &v)?;
+                changed.push(format!("removed istio-cni from {}", path.display()));
+            }
+            Unchained::Single(v) => {
+                let conf = dir.join(with_ext(&name, "conf"));
+                if conf.exists() {
+                    changed.push(format!(
+                        "removed {} ({} was rewritten by the primary CNI)",
+                        path.display(),
+                        conf.display()
+                    ));
+                } else {
+                    write_json(&conf, &v)?;
+                    changed.push(format!(
+                        "restored {} from {}",
+                        conf.display(),
+                        path.display()
+                    ));
+                }
+                remove(&path)?;
+            }
+        }
+    }
+    Ok(changed)
+}
+
+/// Uninstall, istio-owned mode: removes our config.
+pub fn remove_owned(dir: &Path) -> Result<Option<String>, ConfigError> {
+    let ours = dir.join(OWNED_CONFIG_NAME);
+    if !ours.exists() {
+        return Ok(None);
+    }
+    remove(&ours)?;
+    Ok(Some(format!("removed {}", ours.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn entry() -> Value {
+        json!({"type": "istio-cni", "name": "istio-cni", "ambient_enabled": true})
+    }
+
+    #[test]
+    fn lexical_order_and_extensions() {
+        let d = tempfile::tempdir().unwrap();
+        for n in [
+            "20-b.conflist",
+            "10-a.conf",
+            "05-x.json",
+            "99-z.conflist.tmp.1.2",
+            "README",
+        ] {
+            fs::write(d.path().join(n), "{}").unwrap();
+        }
+        fs::create_dir(d.path().join("00-dir.conf")).unwrap();
+        let names: Vec<String> = config_files(d.path())
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, vec!["10-a.conf", "20-b.conflist"]);
+    }
+
+    #[test]
+    fn waits_for_a_config() {
+        let d = tempfile::tempdir().unwrap();
+        let e = ensure_chained(d.path(), &entry(), None).unwrap_err();
+        assert!(matches!(e, ConfigError::NoConfig { .. }));
+        assert!(e.to_string().contains(&d.path().display().to_string()));
+    }
+
+    #[test]
+    fn conf_is_wrapped_then_left_alone_then_restored() {
+        let d = tempfile::tempdir().unwrap();
+        let orig = json!({"cniVersion": "0.4.0", "name": "k8s", "type": "bridge"});
+        fs::write(d.path().join("10-bridge.conf"), orig.to_string()).unwrap();
+        assert!(ensure_chained(d.path(), &entry(), None).unwrap().is_some());
+        assert!(!d.path().join("10-bridge.conf").exists());
+        assert!(ensure_chained(d.path(), &entry(), None).unwrap().is_none());
+        // The primary CNI writes its .conf again: it sorts first, so it is wrapped again.
+        fs::write(d.path().join("10-bridge.conf"), orig.to_string()).unwrap();
+        assert!(ensure_chained(d.path(), &entry(), None).unwrap().is_some());
+        assert_eq!(config_files(d.path()).unwrap().len(), 1);
+        let changed = remove_chained(d.path()).unwrap();
+        assert_eq!(changed.len(), 1, "{changed:?}");
+        assert_eq!(read_json(&d.path().join("10-bridge.conf")).unwrap(), orig);
+        assert!(!d.path().join("10-bridge.conflist").exists());
+    }
+
+    #[test]
+    fn explicit_primary_name_follows_the_wrap() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(
+            d.path().join("00-other.conflist"),
+            json!({"cniVersion":"1.0.0","name":"o","plugins":[{"type":"x"}]}).to_string(),
+        )
+        .unwrap();
+        fs::write(
+            d.path().join("10-bridge.conf"),
+            json!({"cniVersion":"1.0.0","name":"k","type":"bridge"}).to_string(),
+        )
+        .unwrap();
+        ensure_chained(d.path(), &entry(), Some("10-bridge.conf")).unwrap();
+        assert!(
+            ensure_chained(d.path(), &entry(), Some("10-bridge.conf"))
+                .unwrap()
+                .is_none()
+        );
+        let other = read_json(&d.path().join("00-other.conflist")).unwrap();
+        assert_eq!(
+            other["plugins"].as_array().unwrap().len(),
+            1,
+            "00-other untouched"
+        );
+    }
+
+    #[test]
+    fn owned_config_tracks_primary_and_must_sort_first() {
+        let d = tempfile::tempdir().unwrap();
+        let primary = json!({"cniVersion":"1.0.0","name":"k","plugins":[{"type":"bridge"}]});
+        fs::write(d.path().join("10-k.conflist"), primary.to_string()).unwrap();
+        assert!(ensure_owned(d.path(), &entry(), None).unwrap().is_some());
+        assert!(ensure_owned(d.path(), &entry(), None).unwrap().is_none());
+        assert_eq!(
+            read_json(&d.path().join("10-k.conflist")).unwrap(),
+            primary,
+            "primary untouched"
+        );
+        let ours = read_json(&d.path().join(OWNED_CONFIG_NAME)).unwrap();
+        assert_eq!(ours["plugins"][1], entry());
+        // primary drifts: our copy follows
+        let primary2 = json!({"cniVersion":"1.0.0","name":"k","plugins":[{"type":"bridge"},{"type":"portmap"}]});
+        fs::write(d.path().join("10-k.conflist"), primary2.to_string()).unwrap();
+        assert!(ensure_owned(d.path(), &entry(), None).unwrap().is_some());
+        assert_eq!(
+            read_json(&d.path().join(OWNED_CONFIG_NAME)).unwrap()["plugins"]
+                .as_array()
+                .unwrap()
+                .len(),
+            3
+        );
+        fs::write(d.path().join("01-first.conflist"), primary.to_string()).unwrap();
+        let e = ensure_owned(d.path(), &entry(), Some("10-k.conflist")).unwrap_err();
+        assert!(matches!(e, ConfigError::OwnedShadowed { .. }), "{e}");
+        assert!(remove_owned(d.path()).unwrap().is_some());
+        assert!(remove_owned(d.path()).unwrap().is_none());
+    }
+}

@@ -1,0 +1,293 @@
+//! Install and repair of the CNI plugin on the node: the binary in the CNI
+//! bin dir(s), the istio-cni entry in the node's CNI config, and the
+//! kubeconfig the plugin uses for its fallback lookup.
+//!
+//! [`Installer::reconcile`] is one idempotent pass (write only what is
+//! missing or wrong); [`Installer::run`] repeats it whenever the bin or conf
+//! dirs change (inotify) and at least every `resync_interval`, and keeps a
+//! readiness flag false while the install is invalid. On shutdown the caller
+//! decides: [`Installer::uninstall`] (the DaemonSet is gone) or
+//! [`Installer::keep_for_upgrade`] (leave everything, so new ambient pods
+//! fail closed until the next agent is up).
+
+pub mod atomic_write;
+pub mod binary;
+pub mod chain;
+pub mod cni_config;
+pub mod kubeconfig;
+mod watch;
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use mesh_proto::cni_event::DEFAULT_AGENT_RUN_DIR;
+use serde_json::Value;
+
+use crate::health::ReadyFlag;
+use binary::{BinaryError, Fingerprint};
+use chain::PluginSettings;
+use cni_config::ConfigError;
+use kubeconfig::{KubeconfigError, KubeconfigSource};
+
+/// Readiness component name of the installer.
+pub const READY_COMPONENT: &str = "cni-install";
+
+/// How the istio-cni entry gets into the runtime's config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigMode {
+    /// Append to the primary config (`CHAINED_CNI_PLUGIN=true`, default).
+    Chained,
+    /// Write `02-istio-cni.conflist`, a copy of the primary plus istio-cni
+    /// (`ISTIO_OWNED_CNI_CONFIG=true`).
+    IstioOwned,
+    /// Leave CNI configs alone (`CHAINED_CNI_PLUGIN=false`: the operator
+    /// references the plugin, e.g. from Multus).
+    Off,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallConfig {
+    /// The plugin binary shipped in the agent's image (`CNI_PLUGIN_SRC`).
+    pub plugin_src: PathBuf,
+    /// The host's CNI bin dir (`CNI_BIN_DIR`).
+    pub bin_dir: PathBuf,
+    /// Also install here when it is writable (`SECONDARY_BIN_DIR`).
+    pub secondary_bin_dir: Option<PathBuf>,
+    /// The host's CNI config dir (`CNI_CONF_DIR`).
+    pub conf_dir: PathBuf,
+    /// The primary config's file name; `None` = libcni's choice
+    /// (`CNI_CONF_NAME`).
+    pub primary_conf_name: Option<String>,
+    pub mode: ConfigMode,
+    /// What goes into the istio-cni entry.
+    pub plugin: PluginSettings,
+    /// Credentials to give the plugin; `None` = write no kubeconfig.
+    pub kubeconfig_source: Option<KubeconfigSource>,
+    /// Where the agent writes the plugin kubeconfig.
+    pub kubeconfig_path: PathBuf,
+    /// Re-check at least this often, even without inotify events.
+    pub resync_interval: Duration,
+}
+
+impl InstallConfig {
+    /// Reads the environment the chart sets: `CNI_PLUGIN_SRC`,
+    /// `CNI_BIN_DIR`, `SECONDARY_BIN_DIR`, `CNI_CONF_DIR`, `CNI_CONF_NAME`,
+    /// `CHAINED_CNI_PLUGIN`, `ISTIO_OWNED_CNI_CONFIG`, `CNI_AGENT_RUN_DIR`,
+    /// `PLUGIN_LOG_LEVEL`, `AMBIENT_ENABLED`, `EXCLUDE_NAMESPACES`,
+    /// `POD_NAMESPACE`, `ENABLE_AMBIENT_DETECTION_RETRY`, and `KUBECONFIG` /
+    /// `KUBERNETES_SERVICE_HOST` for the plugin's credentials.
+    pub fn from_env(env: impl Fn(&str) -> Option<String>) -> Self {
+        let get = |k: &str, default: &str| {
+            env(k)
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| default.to_string())
+        };
+        let flag = |k: &str, default: bool| match env(k).as_deref().map(str::trim) {
+            Some("true" | "1" | "yes") => true,
+            Some("false" | "0" | "no") => false,
+            _ => default,
+        };
+        let run_dir = PathBuf::from(get("CNI_AGENT_RUN_DIR", DEFAULT_AGENT_RUN_DIR));
+        let kubeconfig_path = run_dir.join(kubeconfig::PLUGIN_KUBECONFIG);
+        let mode = if !flag("CHAINED_CNI_PLUGIN", true) {
+            ConfigMode::Off
+        } else if flag("ISTIO_OWNED_CNI_CONFIG", false) {
+            ConfigMode::IstioOwned
+        } else {
+            ConfigMode::Chained
+        };
+        Self {
+            plugin_src: get("CNI_PLUGIN_SRC", "/opt/istio-cni/bin/istio-cni").into(),
+            bin_dir: get("CNI_BIN_DIR", "/host/opt/cni/bin").into(),
+            secondary_bin_dir: env("SECONDARY_BIN_DIR")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+            conf_dir: get("CNI_CONF_DIR", "/host/etc/cni/net.d").into(),
+            primary_conf_name: env("CNI_CONF_NAME").filter(|v| !v.is_empty()),
+            mode,
+            plugin: PluginSettings {
+                log_level: get("PLUGIN_LOG_LEVEL", "info"),
+                run_dir,
+                ambient_enabled: flag("AMBIENT_ENABLED", true),
+                exclude_namespaces: get("EXCLUDE_NAMESPACES", "kube-system")
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect(),
+                pod_namespace: get("POD_NAMESPACE", "istio-system"),
+                detection_retry: flag("ENABLE_AMBIENT_DETECTION_RETRY", false),
+                kubeconfig: kubeconfig_path.clone(),
+            },
+            kubeconfig_source: KubeconfigSource::from_env(&env),
+            kubeconfig_path,
+            resync_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error(transparent)]
+    Binary(#[from] BinaryError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Kubeconfig(#[from] KubeconfigError),
+    #[error("cannot remove plugin kubeconfig {path}: {source}")]
+    RemoveKubeconfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Installs, checks and repairs; owns the installer's readiness flag.
+#[derive(Debug)]
+pub struct Installer {
+    cfg: InstallConfig,
+    entry: Value,
+    ready: ReadyFlag,
+    /// Last verified binaries (primary, secondary); also serialises passes.
+    known: Mutex<[Option<Fingerprint>; 2]>,
+}
+
+impl Installer {
+    pub fn new(cfg: InstallConfig, ready: ReadyFlag) -> Self {
+        let entry = chain::plugin_entry(&cfg.plugin);
+        Self {
+            cfg,
+            entry,
+            ready,
+            known: Mutex::new([None, None]),
+        }
+    }
+
+    pub fn config(&self) -> &InstallConfig {
+        &self.cfg
+    }
+
+    /// The istio-cni object chained into the CNI config.
+    pub fn plugin_entry(&self) -> &Value {
+        &self.entry
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.is_ready()
+    }
+
+    /// One pass: binary, kubeconfig, then config (so the runtime never
+    /// sees the entry before the binary exists). Blocking file I/O: call
+    /// from a blocking thread. Sets readiness from the outcome; returns what
+    /// was changed.
+    pub fn reconcile(&self) -> Result<Vec<String>, InstallError> {
+        let r = self.reconcile_inner();
+        match &r {
+            Ok(changes) => {
+                for c in changes {
+                    tracing::info!(change = %c, "CNI install repaired");
+                }
+                self.ready.set_ready();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "CNI install is not valid");
+                self.ready.set_not_ready(e.to_string());
+            }
+        }
+        r
+    }
+
+    fn reconcile_inner(&self) -> Result<Vec<String>, InstallError> {
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let mut changes = Vec::new();
+        if binary::ensure_binary(&self.cfg.plugin_src, &self.cfg.bin_dir, &mut known[0])? {
+            changes.push(format!(
+                "installed {}",
+                self.cfg.bin_dir.join(binary::PLUGIN_BINARY).display()
+            ));
+        }
+        if let Some(dir) = &self.cfg.secondary_bin_dir {
+            match binary::ensure_binary(&self.cfg.plugin_src, dir, &mut known[1]) {
+                Ok(true) => changes.push(format!(
+                    "installed {}",
+                    dir.join(binary::PLUGIN_BINARY).display()
+                )),
+                Ok(false) => {}
+                // Optional: only when writable.
+                Err(e) => tracing::debug!(error = %e, "secondary CNI bin dir skipped"),
+            }
+        }
+        if let Some(src) = &self.cfg.kubeconfig_source {
+            let text = kubeconfig::render(src)?;
+            if kubeconfig::write_if_changed(&self.cfg.kubeconfig_path, &text)? {
+                changes.push(format!("wrote {}", self.cfg.kubeconfig_path.display()));
+            }
+        }
+        let primary = self.cfg.primary_conf_name.as_deref();
+        let config_change = match self.cfg.mode {
+            ConfigMode::Chained => {
+                cni_config::ensure_chained(&self.cfg.conf_dir, &self.entry, primary)?
+            }
+            ConfigMode::IstioOwned => {
+                cni_config::ensure_owned(&self.cfg.conf_dir, &self.entry, primary)?
+            }
+            ConfigMode::Off => None,
+        };
+        changes.extend(config_change);
+        Ok(changes)
+    }
+
+    /// Watches and repairs until `shutdown` completes (see module docs).
+    pub async fn run(self: std::sync::Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        watch::run(self, shutdown).await
+    }
+
+    /// Uninstall (the DaemonSet is gone): removes the config entry
+    /// (restoring a wrapped `.conf`), the binaries and the plugin
+    /// kubeconfig. Blocking. Marks the installer not ready.
+    pub fn uninstall(&self) -> Result<Vec<String>, InstallError> {
+        let _guard = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        self.ready.set_not_ready("uninstalled");
+        let mut changes = match self.cfg.mode {
+            ConfigMode::Chained => cni_config::remove_chained(&self.cfg.conf_dir)?,
+            ConfigMode::IstioOwned => cni_config::remove_owned(&self.cfg.conf_dir)?
+                .into_iter()
+                .collect(),
+            ConfigMode::Off => Vec::new(),
+        };
+        for dir in std::iter::once(&self.cfg.bin_dir).chain(self.cfg.secondary_bin_dir.as_ref()) {
+            if binary::remove_binary(dir)? {
+                changes.push(format!(
+                    "removed {}",
+                    dir.join(binary::PLUGIN_BINARY).display()
+                ));
+            }
+        }
+        if self.cfg.kubeconfig_source.is_some() {
+            let removed = kubeconfig::remove(&self.cfg.kubeconfig_path).map_err(|source| {
+                InstallError::RemoveKubeconfig {
+                    path: self.cfg.kubeconfig_path.clone(),
+                    source,
+                }
+            })?;
+            if removed {
+                changes.push(format!("removed {}", self.cfg.kubeconfig_path.display()));
+            }
+        }
+        for c in &changes {
+            tracing::info!(change = %c, "CNI uninstall");
+        }
+        Ok(changes)
+    }
+
+    /// Upgrade (the DaemonSet still exists): leaves binary, config and
+    /// kubeconfig in place. New ambient pods fail ADD (agent unreachable,
+    /// API says ambient) until the next agent answers.
+    pub fn keep_for_upgrade(&self) {
+        tracing::info!(
+            conf_dir = %self.cfg.conf_dir.display(),
+            "leaving the CNI plugin installed for the next agent"
+        );
+    }
+}

@@ -1,0 +1,239 @@
+//! The plugin-event endpoint: HTTP/1.1 on the Unix socket
+//! `<run_dir>/pluginevent.sock`, where the `istio-cni` plugin posts a
+//! [`CmdAddEvent`] for each new pod (`POST /cmdadd`) and waits for the
+//! agent's decision.
+//!
+//! | handler result | answer |
+//! |---|---|
+//! | `Ok(reply)` | `200`, JSON [`CmdAddReply`] |
+//! | `Err(reason)` | `500`, the reason as text (the plugin fails ADD, kubelet retries) |
+//! | no result within the timeout | `503`, text naming the pod |
+//! | body is not a `CmdAddEvent` | `400` |
+//!
+//! The handler runs in its own task: if the plugin gives up or the timeout
+//! fires, the handler still runs to completion (it is never cancelled halfway
+//! through an enrolment); its late result is logged.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use mesh_proto::cni_event::{CMD_ADD_PATH, CmdAddEvent, CmdAddReply, PLUGIN_EVENT_SOCKET};
+use tokio::net::UnixListener;
+
+/// Default bound on one handler call; below the plugin's own 5 s so the
+/// plugin receives our 503 with a reason instead of timing out itself.
+pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(4);
+/// Largest request body accepted.
+const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// Decides about a pod the CNI plugin is adding. Implemented by the control
+/// loop; `Err` carries a reason the plugin puts into its CNI error.
+pub trait PodEventHandler: Send + Sync + 'static {
+    fn cmd_add(&self, event: CmdAddEvent) -> BoxFuture<'_, Result<CmdAddReply, String>>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginEventError {
+    #[error("cannot create run dir {path}: {source}")]
+    RunDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot remove stale plugin-event socket {path}: {source}")]
+    Stale {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on plugin-event socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A bound, not yet serving, plugin-event socket.
+#[derive(Debug)]
+pub struct PluginEventListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl PluginEventListener {
+    /// Binds `<run_dir>/pluginevent.sock`, creating `run_dir` and replacing a
+    /// socket left by a previous agent. Call inside a tokio runtime.
+    pub fn bind(run_dir: &Path) -> Result<Self, PluginEventError> {
+        std::fs::create_dir_all(run_dir).map_err(|source| PluginEventError::RunDir {
+            path: run_dir.to_path_buf(),
+            source,
+        })?;
+        let path = run_dir.join(PLUGIN_EVENT_SOCKET);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(PluginEventError::Stale { path, source }),
+        }
+        let listener = UnixListener::bind(&path).map_err(|source| PluginEventError::Bind {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self { listener, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting and removes
+    /// the socket file. Requests already being handled finish on their own.
+    pub async fn serve(
+        self,
+        handler: Arc<dyn PodEventHandler>,
+        handler_timeout: Duration,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let Self { listener, path } = self;
+        tracing::info!(socket = %path.display(), "plugin-event endpoint listening");
+        tokio::pin!(shutdown);
+        loop {
+            let stream = tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(socket = %path.display(), error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(route(req, handler, handler_timeout).await) }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    tracing::debug!(error = %e, "plugin-event connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(socket = %path.display(), error = %e, "cannot remove plugin-event socket");
+        }
+        tracing::info!(socket = %path.display(), "plugin-event endpoint stopped");
+    }
+}
+
+async fn route(
+    req: Request<Incoming>,
+    handler: Arc<dyn PodEventHandler>,
+    handler_timeout: Duration,
+) -> Response<Full<Bytes>> {
+    if req.uri().path() != CMD_ADD_PATH {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("no endpoint {}", req.uri().path()),
+        );
+    }
+    if req.method() != Method::POST {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{CMD_ADD_PATH} takes POST, not {}", req.method()),
+        );
+    }
+    let body = match Limited::new(req.into_body(), MAX_EVENT_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read pod event: {e}"),
+            );
+        }
+    };
+    let event: CmdAddEvent = match serde_json::from_slice(&body) {
+        Ok(ev) => ev,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("invalid pod event: {e}")),
+    };
+    handle(event, handler, handler_timeout).await
+}
+
+async fn handle(
+    event: CmdAddEvent,
+    handler: Arc<dyn PodEventHandler>,
+    handler_timeout: Duration,
+) -> Response<Full<Bytes>> {
+    let pod = format!("{}/{}", event.pod_namespace, event.pod_name);
+    tracing::debug!(pod = %pod, netns = %event.netns, "CNI ADD event");
+    let task_pod = pod.clone();
+    let mut task = tokio::spawn(async move {
+        let r = handler.cmd_add(event).await;
+        (task_pod, r)
+    });
+    let outcome = match tokio::time::timeout(handler_timeout, &mut task).await {
+        Ok(joined) => joined,
+        Err(_) => {
+            tokio::spawn(async move {
+                if let Ok((pod, r)) = task.await {
+                    tracing::warn!(pod = %pod, result = ?r, "CNI ADD handler finished after the plugin was answered");
+                }
+            });
+            tracing::warn!(pod = %pod, timeout = ?handler_timeout, "CNI ADD handler timed out");
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("node agent did not finish handling pod {pod} within {handler_timeout:?}"),
+            );
+        }
+    };
+    match outcome {
+        Ok((_, Ok(reply))) => {
+            tracing::info!(pod = %pod, enrolment = ?reply.enrolment, reason = %reply.reason, "CNI ADD handled");
+            let body = serde_json::to_vec(&reply).expect("CmdAddReply is always serialisable");
+            Response::builder()
+                .status(StatusCode::OK)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .expect("static response parts are valid")
+        }
+        Ok((_, Err(reason))) => {
+            tracing::warn!(pod = %pod, reason = %reason, "CNI ADD refused");
+            text(StatusCode::INTERNAL_SERVER_ERROR, reason)
+        }
+        Err(e) => {
+            tracing::error!(pod = %pod, error = %e, "CNI ADD handler panicked");
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("node agent failed while handling pod {pod}"),
+            )
+        }
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
