@@ -101,6 +101,8 @@ struct Shared {
     pods: StdMutex<BTreeMap<String, Entry>>,
     /// Oldest first; the last one gets Adds.
     conns: StdMutex<Vec<Arc<Conn>>>,
+    /// Connection tasks, aborted on shutdown (which closes their sockets).
+    tasks: StdMutex<Vec<JoinHandle<()>>>,
     next_id: AtomicU64,
 }
 
@@ -122,6 +124,7 @@ impl ZdsServer {
                 cfg,
                 pods: StdMutex::new(BTreeMap::new()),
                 conns: StdMutex::new(Vec::new()),
+                tasks: StdMutex::new(Vec::new()),
                 next_id: AtomicU64::new(1),
             }),
             accept: Arc::new(StdMutex::new(None)),
@@ -157,7 +160,10 @@ impl ZdsServer {
                 match listener.accept().await {
                     Ok(sock) => {
                         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-                        tokio::spawn(handle_conn(shared.clone(), id, sock));
+                        let task = tokio::spawn(handle_conn(shared.clone(), id, sock));
+                        let mut tasks = shared.tasks.lock().unwrap();
+                        tasks.retain(|t| !t.is_finished());
+                        tasks.push(task);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "ZDS accept failed");
@@ -172,9 +178,12 @@ impl ZdsServer {
         Ok(())
     }
 
-    /// Stops accepting and drops every connection.
+    /// Stops accepting and closes every connection.
     pub fn shutdown(&self) {
         if let Some(task) = self.accept.lock().unwrap().take() {
+            task.abort();
+        }
+        for task in self.shared.tasks.lock().unwrap().drain(..) {
             task.abort();
         }
         self.shared.conns.lock().unwrap().clear();
