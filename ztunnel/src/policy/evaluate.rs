@@ -16,7 +16,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::matching::{Peer, policy_matches};
+use super::matching::{Peer, PeerIdentity, policy_matches};
 use super::model::Action;
 use super::set::{Entry, Kind, PolicySet};
 
@@ -29,9 +29,9 @@ pub struct Request<'a, S: AsRef<str> = String> {
     /// (its `authorizationPolicies`, i.e. WorkloadSelector-scoped policies
     /// whose selector matches it). Unknown keys are ignored.
     pub dst_workload_policy_refs: &'a [S],
-    /// Peer SPIFFE id (`spiffe://td/ns/x/sa/y`, scheme optional) proven by
-    /// mTLS; `None` for plaintext.
-    pub src_identity: Option<&'a str>,
+    /// Peer identity proven by mTLS; `None` for plaintext. Borrow it from
+    /// the caller's identity type, or [`PeerIdentity::from_spiffe`].
+    pub src_identity: Option<PeerIdentity<'a>>,
     pub src_ip: IpAddr,
     pub dst_ip: IpAddr,
     pub dst_port: u16,
@@ -182,7 +182,7 @@ impl PolicySet {
         for e in self.applicable(req, Kind::Observe) {
             let p = &e.policy;
             let matched = policy_matches(p, peer);
-            let src = OptDisplay(req.src_identity);
+            let src = OptDisplay(req.src_identity.as_ref());
             if p.action == Action::Audit && !p.dry_run {
                 if matched {
                     tracing::info!(
@@ -242,11 +242,14 @@ fn would_be(action: Action, matched: bool, actual: &Decision, allow_applied: boo
     }
 }
 
-struct OptDisplay<'a>(Option<&'a str>);
+struct OptDisplay<'a, T>(Option<&'a T>);
 
-impl fmt::Display for OptDisplay<'_> {
+impl<T: fmt::Display> fmt::Display for OptDisplay<'_, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.0.unwrap_or("none"))
+        match self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("none"),
+        }
     }
 }
 
@@ -292,7 +295,7 @@ mod tests {
         set.evaluate(&Request {
             dst_workload_namespace: c.dst,
             dst_workload_policy_refs: c.refs,
-            src_identity: c.id,
+            src_identity: c.id.map(|id| PeerIdentity::from_spiffe(id).unwrap()),
             src_ip: c.src.parse().unwrap(),
             dst_ip: "10.0.1.1".parse().unwrap(),
             dst_port: c.port,

@@ -667,6 +667,7 @@ impl<'a> RuleConverter<'a> {
 mod tests {
     use super::*;
     use crate::policy::evaluate::{Decision, Request};
+    use crate::policy::matching::PeerIdentity;
     use crate::policy::set::PolicySet;
 
     fn object(yaml: &str) -> AuthorizationPolicy {
@@ -1119,7 +1120,7 @@ rules:
             set.evaluate(&Request::<String> {
                 dst_workload_namespace: ns,
                 dst_workload_policy_refs: &[],
-                src_identity: Some(id),
+                src_identity: PeerIdentity::from_spiffe(id),
                 src_ip: "10.0.0.1".parse().unwrap(),
                 dst_ip: "10.0.0.2".parse().unwrap(),
                 dst_port: 80,

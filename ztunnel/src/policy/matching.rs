@@ -6,6 +6,9 @@
 //! rules never matches, a rule without clauses and a clause without matches
 //! always match, a match with no field set never matches.
 //!
+//! Principals are matched against `<td>/ns/<ns>/sa/<sa>` (no `spiffe://`,
+//! as Istio writes them) piece by piece, without building the string.
+//!
 //! A connection without a peer identity (plaintext) has no principal,
 //! namespace or service account: a positive identity condition fails for it
 //! and a `not*` identity condition holds for it (nothing in the list equals
@@ -18,54 +21,135 @@ use std::net::IpAddr;
 
 use super::model::{Authorization, IpBlock, Match, ServiceAccountMatch, StringMatch};
 
+/// A peer's SPIFFE identity in Istio's shape,
+/// `spiffe://<trust_domain>/ns/<namespace>/sa/<service_account>`, borrowed
+/// from wherever the caller keeps it (no allocation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerIdentity<'a> {
+    pub trust_domain: &'a str,
+    pub namespace: &'a str,
+    pub service_account: &'a str,
+}
+
+impl<'a> PeerIdentity<'a> {
+    /// Parse `spiffe://td/ns/x/sa/y` (the scheme may be omitted). `None` for
+    /// any other shape.
+    pub fn from_spiffe(id: &'a str) -> Option<Self> {
+        let rest = id.strip_prefix("spiffe://").unwrap_or(id);
+        let mut parts = rest.split('/');
+        let (td, ns_kw, ns, sa_kw, sa) = (
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+            parts.next()?,
+        );
+        let ok = parts.next().is_none()
+            && ns_kw == "ns"
+            && sa_kw == "sa"
+            && !td.is_empty()
+            && !ns.is_empty()
+            && !sa.is_empty();
+        ok.then_some(PeerIdentity {
+            trust_domain: td,
+            namespace: ns,
+            service_account: sa,
+        })
+    }
+
+    /// The principal `<td>/ns/<ns>/sa/<sa>` as its five pieces.
+    fn pieces(&self) -> [&'a [u8]; 5] {
+        [
+            self.trust_domain.as_bytes(),
+            b"/ns/",
+            self.namespace.as_bytes(),
+            b"/sa/",
+            self.service_account.as_bytes(),
+        ]
+    }
+
+    fn principal_len(&self) -> usize {
+        self.trust_domain.len() + self.namespace.len() + self.service_account.len() + 8
+    }
+
+    /// Whether the principal starts with `prefix`, without building it.
+    fn principal_starts_with(&self, prefix: &str) -> bool {
+        let mut rest = prefix.as_bytes();
+        for piece in self.pieces() {
+            if rest.len() <= piece.len() {
+                return piece.starts_with(rest);
+            }
+            if !rest.starts_with(piece) {
+                return false;
+            }
+            rest = &rest[piece.len()..];
+        }
+        rest.is_empty()
+    }
+
+    /// Whether the principal ends with `suffix`, without building it.
+    fn principal_ends_with(&self, suffix: &str) -> bool {
+        let mut rest = suffix.as_bytes();
+        for piece in self.pieces().iter().rev() {
+            if rest.len() <= piece.len() {
+                return piece.ends_with(rest);
+            }
+            if !rest.ends_with(piece) {
+                return false;
+            }
+            rest = &rest[..rest.len() - piece.len()];
+        }
+        rest.is_empty()
+    }
+
+    /// Istio principal matching (the principal has no `spiffe://`).
+    pub fn principal_matches(&self, m: &StringMatch) -> bool {
+        match m {
+            StringMatch::Exact(x) => {
+                x.len() == self.principal_len() && self.principal_starts_with(x)
+            }
+            StringMatch::Prefix(x) => self.principal_starts_with(x),
+            StringMatch::Suffix(x) => self.principal_ends_with(x),
+            StringMatch::Presence => true,
+        }
+    }
+}
+
+impl std::fmt::Display for PeerIdentity<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
 /// The connection attributes a policy can look at. Borrowed; building one
 /// does not allocate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Peer<'a> {
-    /// Peer identity without `spiffe://`: `<td>/ns/<ns>/sa/<sa>`.
-    pub principal: Option<&'a str>,
-    /// Namespace and service account parsed out of the principal.
-    pub namespace: Option<&'a str>,
-    pub service_account: Option<&'a str>,
+    /// Proven peer identity; `None` for plaintext.
+    pub identity: Option<PeerIdentity<'a>>,
     pub src_ip: IpAddr,
     pub dst_ip: IpAddr,
     pub dst_port: u16,
 }
 
 impl<'a> Peer<'a> {
-    /// `identity` is the peer's SPIFFE id (`spiffe://td/ns/x/sa/y`; the
-    /// scheme may be omitted); `None` for plaintext.
-    pub fn new(identity: Option<&'a str>, src_ip: IpAddr, dst_ip: IpAddr, dst_port: u16) -> Self {
-        let principal = identity.map(|id| id.strip_prefix("spiffe://").unwrap_or(id));
-        let (namespace, service_account) = match principal.and_then(split_principal) {
-            Some((ns, sa)) => (Some(ns), Some(sa)),
-            None => (None, None),
-        };
+    pub fn new(
+        identity: Option<PeerIdentity<'a>>,
+        src_ip: IpAddr,
+        dst_ip: IpAddr,
+        dst_port: u16,
+    ) -> Self {
         Peer {
-            principal,
-            namespace,
-            service_account,
+            identity,
             src_ip,
             dst_ip,
             dst_port,
         }
     }
-}
-
-/// `<td>/ns/<ns>/sa/<sa>` → `(ns, sa)`; `None` for any other shape.
-fn split_principal(principal: &str) -> Option<(&str, &str)> {
-    let mut parts = principal.split('/');
-    let (_td, ns_kw, ns, sa_kw, sa) = (
-        parts.next()?,
-        parts.next()?,
-        parts.next()?,
-        parts.next()?,
-        parts.next()?,
-    );
-    if parts.next().is_some() || ns_kw != "ns" || sa_kw != "sa" || ns.is_empty() || sa.is_empty() {
-        return None;
-    }
-    Some((ns, sa))
 }
 
 /// Whether `policy` matches the connection (regardless of its action).
@@ -80,6 +164,7 @@ fn match_matches(m: &Match, peer: &Peer<'_>) -> bool {
     if m.is_empty() {
         return false;
     }
+    let id = peer.identity.as_ref();
     field(&m.destination_ports, &m.not_destination_ports, |p| {
         *p == peer.dst_port
     }) && field(&m.source_ips, &m.not_source_ips, |b: &IpBlock| {
@@ -87,21 +172,18 @@ fn match_matches(m: &Match, peer: &Peer<'_>) -> bool {
     }) && field(&m.destination_ips, &m.not_destination_ips, |b: &IpBlock| {
         b.contains(&peer.dst_ip)
     }) && field(&m.principals, &m.not_principals, |s| {
-        opt_str(s, peer.principal)
+        id.is_some_and(|id| id.principal_matches(s))
     }) && field(&m.namespaces, &m.not_namespaces, |s| {
-        opt_str(s, peer.namespace)
+        id.is_some_and(|id| s.matches(id.namespace))
     }) && field(
         &m.service_accounts,
         &m.not_service_accounts,
         |sa: &ServiceAccountMatch| {
-            peer.namespace == Some(sa.namespace.as_str())
-                && peer.service_account == Some(sa.service_account.as_str())
+            id.is_some_and(|id| {
+                id.namespace == sa.namespace && id.service_account == sa.service_account
+            })
         },
     )
-}
-
-fn opt_str(m: &StringMatch, value: Option<&str>) -> bool {
-    value.is_some_and(|v| m.matches(v))
 }
 
 /// Positive list: empty or any entry holds; negative list: no entry holds.
@@ -142,7 +224,7 @@ mod tests {
     /// mTLS from td/ns/a/sa/client at 10.0.0.1 to 10.0.1.1:8080.
     fn tls_a() -> Peer<'static> {
         Peer::new(
-            Some("spiffe://td/ns/a/sa/client"),
+            PeerIdentity::from_spiffe("spiffe://td/ns/a/sa/client"),
             "10.0.0.1".parse().unwrap(),
             "10.0.1.1".parse().unwrap(),
             8080,
@@ -152,7 +234,7 @@ mod tests {
     /// mTLS from other-td/ns/b/sa/admin at 192.168.0.9 to [fd00::1]:9090.
     fn tls_b() -> Peer<'static> {
         Peer::new(
-            Some("spiffe://other-td/ns/b/sa/admin"),
+            PeerIdentity::from_spiffe("spiffe://other-td/ns/b/sa/admin"),
             "192.168.0.9".parse().unwrap(),
             "fd00::1".parse().unwrap(),
             9090,
@@ -175,22 +257,78 @@ mod tests {
     }
 
     #[test]
-    fn peer_parsing() {
-        let p = tls_a();
-        assert_eq!(p.principal, Some("td/ns/a/sa/client"));
-        assert_eq!(p.namespace, Some("a"));
-        assert_eq!(p.service_account, Some("client"));
-        let p = Peer::new(Some("td/ns/a/sa/c"), p.src_ip, p.dst_ip, 1);
-        assert_eq!((p.namespace, p.service_account), (Some("a"), Some("c")));
+    fn identity_parsing() {
+        let id = PeerIdentity::from_spiffe("spiffe://td/ns/a/sa/client").unwrap();
+        assert_eq!(
+            (id.trust_domain, id.namespace, id.service_account),
+            ("td", "a", "client")
+        );
+        assert_eq!(id.to_string(), "spiffe://td/ns/a/sa/client");
+        assert_eq!(
+            PeerIdentity::from_spiffe("td/ns/a/sa/c").map(|i| i.service_account),
+            Some("c")
+        );
         for odd in [
             "spiffe://td/ns/a",
             "spiffe://td/x/a/sa/c",
             "td/ns//sa/c",
+            "spiffe:///ns/a/sa/c",
             "td/ns/a/sa/c/d",
+            "",
         ] {
-            let p = Peer::new(Some(odd), p.src_ip, p.dst_ip, 1);
-            assert!(p.principal.is_some(), "{odd}");
-            assert_eq!((p.namespace, p.service_account), (None, None), "{odd}");
+            assert_eq!(PeerIdentity::from_spiffe(odd), None, "{odd}");
+        }
+    }
+
+    /// Piecewise principal matching agrees with matching the joined string.
+    #[test]
+    fn principal_matching_without_joining() {
+        let ids = [
+            "spiffe://td/ns/a/sa/client",
+            "spiffe://cluster.local/ns/é/sa/x",
+        ];
+        let patterns = [
+            "",
+            "t",
+            "td",
+            "td/",
+            "td/ns/",
+            "td/ns/a",
+            "td/ns/a/sa/client",
+            "td/ns/a/sa/clientx",
+            "xtd/ns/a/sa/client",
+            "/sa/client",
+            "a/sa/client",
+            "client",
+            "t",
+            "/ns/a/",
+            "é",
+            "cluster.local/ns/é",
+            "/ns/é/sa/x",
+            "x",
+            "sa/x",
+            "cluster.local/ns/é/sa/x",
+            "cluster.local/ns/",
+            "d/ns/a/sa/client",
+            "td/ns/a/sa/clien",
+        ];
+        for id in ids {
+            let parsed = PeerIdentity::from_spiffe(id).unwrap();
+            let joined = id.strip_prefix("spiffe://").unwrap();
+            for p in patterns {
+                for m in [
+                    StringMatch::Exact(p.into()),
+                    StringMatch::Prefix(p.into()),
+                    StringMatch::Suffix(p.into()),
+                    StringMatch::Presence,
+                ] {
+                    assert_eq!(
+                        parsed.principal_matches(&m),
+                        m.matches(joined),
+                        "{id} {m:?}"
+                    );
+                }
+            }
         }
     }
 

@@ -10,5 +10,6 @@ pub mod model;
 pub mod set;
 
 pub use evaluate::{Decision, DenyReason, Request};
+pub use matching::PeerIdentity;
 pub use model::Authorization;
 pub use set::PolicySet;
