@@ -56,7 +56,11 @@ impl FromStr for WorkloadInfo {
 
 impl std::fmt::Display for WorkloadInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}/{}", self.namespace, self.name, self.service_account)
+        write!(
+            f,
+            "{}/{}/{}",
+            self.namespace, self.name, self.service_account
+        )
     }
 }
 
@@ -344,8 +348,10 @@ impl Config {
             1,
         )?
         .min(u64::from(u32::MAX)) as u32;
-        h2.pool_unused_release_timeout =
-            parse_duration("POOL_UNUSED_RELEASE_TIMEOUT", h2.pool_unused_release_timeout)?;
+        h2.pool_unused_release_timeout = parse_duration(
+            "POOL_UNUSED_RELEASE_TIMEOUT",
+            h2.pool_unused_release_timeout,
+        )?;
 
         Ok(Config {
             proxy_mode,
@@ -441,7 +447,11 @@ mod tests {
         assert_eq!(c.proxy_mode, ProxyMode::Dedicated);
         let w = c.proxy_workload_info.unwrap();
         assert_eq!(
-            (w.namespace.as_str(), w.name.as_str(), w.service_account.as_str()),
+            (
+                w.namespace.as_str(),
+                w.name.as_str(),
+                w.service_account.as_str()
+            ),
             ("default", "sleep-1", "sleep")
         );
         assert_eq!(c.secret_ttl, Duration::from_secs(5400));
@@ -484,11 +494,7 @@ mod tests {
             (vec![("PACKET_MARK", "0xzz")], "PACKET_MARK", "0xzz"),
             (vec![("INSTANCE_IP", "1.2.3")], "INSTANCE_IP", "1.2.3"),
             (vec![("TRUST_DOMAIN", "a/b")], "TRUST_DOMAIN", "a/b"),
-            (
-                vec![("HTTP2_FRAME_SIZE", "100")],
-                "HTTP2_FRAME_SIZE",
-                "100",
-            ),
+            (vec![("HTTP2_FRAME_SIZE", "100")], "HTTP2_FRAME_SIZE", "100"),
             (vec![("ADMIN_ADDR", "localhost")], "ADMIN_ADDR", "localhost"),
         ] {
             let e = cfg(&vars).unwrap_err();

@@ -1,6 +1,9 @@
 //! ztunnel library.
 pub mod config;
+pub mod hbone;
 pub mod identity;
+pub mod proxy;
+pub mod redirect;
 pub mod state;
 pub mod telemetry;
 pub mod tls;

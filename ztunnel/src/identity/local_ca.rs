@@ -243,7 +243,9 @@ mod tests {
     use std::path::PathBuf;
 
     fn testdata(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/ca").join(name)
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata/ca")
+            .join(name)
     }
 
     fn sign_with(cert: &str, key: &str) -> Vec<String> {
@@ -298,7 +300,10 @@ mod tests {
         let err = LocalCa::from_files(&testdata("rsa-root.pem"), &testdata("ec-root.key"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("does not match") && err.contains("ec-root.key"), "{err}");
+        assert!(
+            err.contains("does not match") && err.contains("ec-root.key"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -306,11 +311,17 @@ mod tests {
         let err = LocalCa::from_files(&testdata("nope.pem"), &testdata("ec-root.key"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("CA_ROOT_CERT") && err.contains("nope.pem"), "{err}");
+        assert!(
+            err.contains("CA_ROOT_CERT") && err.contains("nope.pem"),
+            "{err}"
+        );
         let err = LocalCa::from_files(&testdata("ec-root.pem"), &testdata("README.md"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("CA_ROOT_KEY") && err.contains("README.md"), "{err}");
+        assert!(
+            err.contains("CA_ROOT_KEY") && err.contains("README.md"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -278,8 +278,8 @@ pub async fn request_certificate(
         })
         .await
         .map_err(|e| fail(e.to_string()))?;
-    let cert =
-        WorkloadCertificate::from_pem(identity, &key_pem, &chain).map_err(|e| fail(e.to_string()))?;
+    let cert = WorkloadCertificate::from_pem(identity, &key_pem, &chain)
+        .map_err(|e| fail(e.to_string()))?;
     if cert.is_expired(SystemTime::now()) {
         return Err(fail(format!(
             "{} returned certificate {} that expired at {}",

@@ -1,6 +1,6 @@
 //! Workload identities and their certificates.
 //!
-//! - [`Identity`]: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+//! - [`Identity`] — `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 //! - [`provider::CertificateProvider`]: where certificates come from (CSR in, PEM chain out).
 //!   [`local_ca::LocalCa`] signs them from `CA_ROOT_CERT`/`CA_ROOT_KEY`; an Istio CA gRPC
 //!   client implements the same trait later.

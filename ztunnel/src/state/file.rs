@@ -70,7 +70,10 @@ pub fn parse(text: &str, path: &Path, defaults: &FileDefaults) -> Result<LocalCo
             w.uid = format!("{}//v1/Pod/{}/{}", w.cluster_id, w.namespace, w.name);
         }
         if !seen.insert(w.uid.clone()) {
-            return Err(err(format!("workloads[{i}].uid: duplicate uid {:?}", w.uid)));
+            return Err(err(format!(
+                "workloads[{i}].uid: duplicate uid {:?}",
+                w.uid
+            )));
         }
         for key in w.services.keys() {
             if !key.contains('/') {
@@ -253,11 +256,20 @@ policies:
         for (text, want) in [
             ("workloads:\n- namespace: a\n  bogus: 1\n", "bogus"),
             ("workloads:\n- namespace: a\n  protocol: UDP\n", "protocol"),
-            ("workloads:\n- namespace: a\n  workloadIps: [\"1.2.3\"]\n", "workloadIps"),
-            ("services:\n- name: a\n  namespace: b\n  hostname: c\n  vips: [\"1.2.3.4\"]\n", "vips"),
+            (
+                "workloads:\n- namespace: a\n  workloadIps: [\"1.2.3\"]\n",
+                "workloadIps",
+            ),
+            (
+                "services:\n- name: a\n  namespace: b\n  hostname: c\n  vips: [\"1.2.3.4\"]\n",
+                "vips",
+            ),
             ("extra: 1\n", "extra"),
             ("workloads:\n- name: a\n", "namespace"),
-            ("workloads:\n- namespace: a\n  services:\n    nohost: {}\n", "nohost"),
+            (
+                "workloads:\n- namespace: a\n  services:\n    nohost: {}\n",
+                "nohost",
+            ),
             (
                 "workloads:\n- namespace: a\n  name: x\n- namespace: a\n  name: x\n",
                 "duplicate uid",

@@ -367,8 +367,16 @@ mod tests {
         let b = workload("b", "ns", "b", "10.0.0.2");
         src.replace_all(vec![a, b], vec![service("ns", "svc", "10.96.0.1")], vec![]);
         let s = store.snapshot();
-        assert_eq!(s.workload_by_ip("", "10.0.0.1".parse().unwrap()).unwrap().uid, "a");
-        assert!(s.workload_by_ip("other", "10.0.0.1".parse().unwrap()).is_none());
+        assert_eq!(
+            s.workload_by_ip("", "10.0.0.1".parse().unwrap())
+                .unwrap()
+                .uid,
+            "a"
+        );
+        assert!(
+            s.workload_by_ip("other", "10.0.0.1".parse().unwrap())
+                .is_none()
+        );
         let svc = s.service_by_vip("", "10.96.0.1".parse().unwrap()).unwrap();
         assert_eq!(svc.hostname, "svc");
         let (ep, port) = s.pick_endpoint(svc, 80).unwrap();

@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-
 use super::metrics::{ProxyMetrics, Reporter, TrafficLabels};
 use crate::identity::Identity;
 use crate::state::Workload;
@@ -95,7 +94,10 @@ impl ConnectionInfo {
         set(&mut l.source_workload_namespace, &self.src.namespace);
         set(&mut l.source_cluster, &self.src.cluster);
         set(&mut l.source_canonical_service, &self.src.canonical_service);
-        set(&mut l.source_canonical_revision, &self.src.canonical_revision);
+        set(
+            &mut l.source_canonical_revision,
+            &self.src.canonical_revision,
+        );
         set(&mut l.source_app, &self.src.canonical_service);
         set(&mut l.source_version, &self.src.canonical_revision);
         if let Some(id) = &self.src.identity {
@@ -104,8 +106,14 @@ impl ConnectionInfo {
         set(&mut l.destination_workload, &self.dst.workload);
         set(&mut l.destination_workload_namespace, &self.dst.namespace);
         set(&mut l.destination_cluster, &self.dst.cluster);
-        set(&mut l.destination_canonical_service, &self.dst.canonical_service);
-        set(&mut l.destination_canonical_revision, &self.dst.canonical_revision);
+        set(
+            &mut l.destination_canonical_service,
+            &self.dst.canonical_service,
+        );
+        set(
+            &mut l.destination_canonical_revision,
+            &self.dst.canonical_revision,
+        );
         set(&mut l.destination_app, &self.dst.canonical_service);
         set(&mut l.destination_version, &self.dst.canonical_revision);
         if let Some(id) = &self.dst.identity {

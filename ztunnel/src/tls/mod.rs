@@ -208,7 +208,11 @@ mod tests {
         TrustRoots::from_der([ca.root_certificate().clone()], "test").unwrap()
     }
 
-    fn leaf(ca: &LocalCa, id: &Identity, valid: std::ops::Range<SystemTime>) -> WorkloadCertificate {
+    fn leaf(
+        ca: &LocalCa,
+        id: &Identity,
+        valid: std::ops::Range<SystemTime>,
+    ) -> WorkloadCertificate {
         let (key, csr) = generate_csr(id).unwrap();
         let chain = ca
             .sign_csr_with_validity(&csr, id, valid.start, valid.end)
@@ -288,7 +292,10 @@ mod tests {
         )
         .await;
         let err = c.unwrap_err();
-        assert!(err.contains("evil") && err.contains("not one of the expected"), "{err}");
+        assert!(
+            err.contains("evil") && err.contains("not one of the expected"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -313,16 +320,32 @@ mod tests {
         let b = Identity::new("cluster.local", "ns", "b");
         // Client cert from a rogue CA: server refuses.
         let (_c, s) = handshake(
-            client_config(&leaf(&rogue, &a, now_valid()), &roots(&good), vec![b.clone()]),
-            server_config(&leaf(&good, &b, now_valid()), &roots(&good), "cluster.local"),
+            client_config(
+                &leaf(&rogue, &a, now_valid()),
+                &roots(&good),
+                vec![b.clone()],
+            ),
+            server_config(
+                &leaf(&good, &b, now_valid()),
+                &roots(&good),
+                "cluster.local",
+            ),
         )
         .await;
         let err = s.unwrap_err();
         assert!(err.contains("UnknownIssuer"), "{err}");
         // Server cert from a rogue CA: client refuses.
         let (c, _s) = handshake(
-            client_config(&leaf(&good, &a, now_valid()), &roots(&good), vec![b.clone()]),
-            server_config(&leaf(&rogue, &b, now_valid()), &roots(&good), "cluster.local"),
+            client_config(
+                &leaf(&good, &a, now_valid()),
+                &roots(&good),
+                vec![b.clone()],
+            ),
+            server_config(
+                &leaf(&rogue, &b, now_valid()),
+                &roots(&good),
+                "cluster.local",
+            ),
         )
         .await;
         let err = c.unwrap_err();

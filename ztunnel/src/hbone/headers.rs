@@ -1,0 +1,225 @@
+//! Building and reading the HBONE `CONNECT` request.
+//!
+//! `:method CONNECT`, `:authority <ip>:<port>` (the HBONE target), plus `forwarded`
+//! (`for="<client ip:port>"`, `;host=<service hostname>` when known), `baggage` (source
+//! workload description) and a fresh W3C `traceparent`.
+
+use std::net::SocketAddr;
+
+use http::{HeaderValue, Method, Request, Uri, Version};
+
+use crate::state::Workload;
+
+pub const BAGGAGE: &str = "baggage";
+pub const FORWARDED: &str = "forwarded";
+pub const TRACEPARENT: &str = "traceparent";
+
+/// What goes into one CONNECT.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    /// The HBONE target (`podIP:targetPort`).
+    pub authority: SocketAddr,
+    /// The original client address (`forwarded: for=`).
+    pub client: Option<SocketAddr>,
+    /// Service hostname (`forwarded: ;host=`).
+    pub host: Option<String>,
+    /// Pre-built baggage value (see [`baggage_for`]).
+    pub baggage: Option<String>,
+}
+
+/// The HTTP/2 request for `req` (body streamed separately).
+pub fn build_request(req: &ConnectRequest) -> Request<()> {
+    let uri: Uri = Uri::builder()
+        .authority(req.authority.to_string())
+        .build()
+        .expect("a socket address is a valid authority");
+    let mut r = Request::builder()
+        .method(Method::CONNECT)
+        .uri(uri)
+        .version(Version::HTTP_2)
+        .body(())
+        .expect("static request parts are valid");
+    let h = r.headers_mut();
+    if let Some(client) = req.client {
+        let mut v = format!("for=\"{client}\"");
+        if let Some(host) = &req.host {
+            v.push_str(";host=");
+            v.push_str(host);
+        }
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(FORWARDED, v);
+        }
+    }
+    if let Some(b) = &req.baggage
+        && let Ok(v) = HeaderValue::from_str(b)
+    {
+        h.insert(BAGGAGE, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&traceparent()) {
+        h.insert(TRACEPARENT, v);
+    }
+    r
+}
+
+/// `k8s.cluster.name=..,k8s.namespace.name=..,k8s.<type>.name=..,service.name=..,service.version=..`
+pub fn baggage_for(w: &Workload) -> String {
+    let mut parts = Vec::with_capacity(5);
+    if !w.cluster_id.is_empty() {
+        parts.push(format!("k8s.cluster.name={}", w.cluster_id));
+    }
+    parts.push(format!("k8s.namespace.name={}", w.namespace));
+    parts.push(format!(
+        "k8s.{}.name={}",
+        w.workload_type_or_default(),
+        w.telemetry_name()
+    ));
+    let svc = if w.canonical_name.is_empty() {
+        &w.name
+    } else {
+        &w.canonical_name
+    };
+    if !svc.is_empty() {
+        parts.push(format!("service.name={svc}"));
+    }
+    if !w.canonical_revision.is_empty() {
+        parts.push(format!("service.version={}", w.canonical_revision));
+    }
+    parts.join(",")
+}
+
+/// A fresh W3C trace context: version 00, random trace and span ids, not sampled.
+pub fn traceparent() -> String {
+    let trace: u128 = rand::random::<u128>().max(1);
+    let span: u64 = rand::random::<u64>().max(1);
+    format!("00-{trace:032x}-{span:016x}-00")
+}
+
+/// Source details a receiver can read from `baggage`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Baggage {
+    pub cluster: Option<String>,
+    pub namespace: Option<String>,
+    pub workload_name: Option<String>,
+    pub service_name: Option<String>,
+    pub service_version: Option<String>,
+}
+
+pub fn parse_baggage(value: &str) -> Baggage {
+    let mut b = Baggage::default();
+    for item in value.split(',') {
+        let Some((k, v)) = item.trim().split_once('=') else {
+            continue;
+        };
+        let v = Some(v.trim().to_string());
+        match k.trim() {
+            "k8s.cluster.name" => b.cluster = v,
+            "k8s.namespace.name" => b.namespace = v,
+            "service.name" => b.service_name = v,
+            "service.version" => b.service_version = v,
+            k if k.starts_with("k8s.") && k.ends_with(".name") => b.workload_name = v,
+            _ => {}
+        }
+    }
+    b
+}
+
+/// Why a request is not a valid HBONE CONNECT (→ 400).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BadRequest {
+    #[error("method {0} is not CONNECT")]
+    Method(String),
+    #[error("authority {0:?} is not <ip>:<port>")]
+    Authority(String),
+}
+
+/// The HBONE target of a request.
+pub fn parse_target<B>(req: &Request<B>) -> Result<SocketAddr, BadRequest> {
+    if req.method() != Method::CONNECT {
+        return Err(BadRequest::Method(req.method().to_string()));
+    }
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .unwrap_or_default();
+    authority
+        .parse::<SocketAddr>()
+        .map(crate::proxy::sockets::canonical)
+        .map_err(|_| BadRequest::Authority(authority.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload() -> Workload {
+        serde_yaml_ng::from_str(
+            "name: sleep-abc\nnamespace: default\nworkloadName: sleep\nworkloadType: deployment\n\
+             canonicalName: sleep\ncanonicalRevision: v1\nclusterId: Kubernetes\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn connect_request_headers() {
+        let r = build_request(&ConnectRequest {
+            authority: "10.0.0.2:8080".parse().unwrap(),
+            client: Some("10.0.0.1:41000".parse().unwrap()),
+            host: Some("echo.default.svc.cluster.local".into()),
+            baggage: Some(baggage_for(&workload())),
+        });
+        assert_eq!(r.method(), Method::CONNECT);
+        assert_eq!(r.uri().to_string(), "10.0.0.2:8080");
+        assert_eq!(
+            r.headers()[FORWARDED],
+            "for=\"10.0.0.1:41000\";host=echo.default.svc.cluster.local"
+        );
+        assert_eq!(
+            r.headers()[BAGGAGE],
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.deployment.name=sleep,service.name=sleep,service.version=v1"
+        );
+        let tp = r.headers()[TRACEPARENT].to_str().unwrap();
+        let parts: Vec<&str> = tp.split('-').collect();
+        assert_eq!(parts.len(), 4);
+        assert_eq!((parts[0], parts[1].len(), parts[2].len()), ("00", 32, 16));
+        assert_eq!(parse_target(&r).unwrap(), "10.0.0.2:8080".parse().unwrap());
+        let b = parse_baggage(r.headers()[BAGGAGE].to_str().unwrap());
+        assert_eq!(b.namespace.as_deref(), Some("default"));
+        assert_eq!(b.workload_name.as_deref(), Some("sleep"));
+        assert_eq!(b.service_version.as_deref(), Some("v1"));
+    }
+
+    #[test]
+    fn ipv6_authority_and_forwarded() {
+        let r = build_request(&ConnectRequest {
+            authority: "[fd00::2]:80".parse().unwrap(),
+            client: Some("[fd00::1]:5000".parse().unwrap()),
+            host: None,
+            baggage: None,
+        });
+        assert_eq!(r.uri().to_string(), "[fd00::2]:80");
+        assert_eq!(r.headers()[FORWARDED], "for=\"[fd00::1]:5000\"");
+        assert_eq!(parse_target(&r).unwrap(), "[fd00::2]:80".parse().unwrap());
+    }
+
+    #[test]
+    fn rejects_non_connect_and_bad_authority() {
+        let get = Request::builder()
+            .method(Method::GET)
+            .uri("http://10.0.0.1:80/")
+            .body(())
+            .unwrap();
+        assert_eq!(parse_target(&get), Err(BadRequest::Method("GET".into())));
+        for bad in ["example.com:80", "10.0.0.1", "10.0.0.1:99999"] {
+            let r = Request::builder()
+                .method(Method::CONNECT)
+                .uri(bad)
+                .body(())
+                .unwrap();
+            assert!(
+                matches!(parse_target(&r), Err(BadRequest::Authority(_))),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! HBONE: HTTP/2 `CONNECT` tunnels inside mutual TLS, on port 15008.
+//!
+//! - [`headers`]: the CONNECT request (authority, `forwarded`, `baggage`, `traceparent`);
+//! - [`pool`]: client connections, pooled per (source identity, destination identities,
+//!   source IP, destination address), with upstream's window, frame and stream limits;
+//! - [`server`]: the server side (TLS accept helper, HTTP/2 accept loop, graceful GOAWAY);
+//! - [`stream`]: one tunnel and the TCP ⇄ tunnel byte copy.
+//!
+//! HTTP/2 is `h2` used directly (no hyper): fewer layers on the data path.
+
+pub mod headers;
+pub mod pool;
+pub mod server;
+pub mod stream;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::StatusCode;
+use tokio::io::BufReader;
+use tokio::net::TcpStream;
+
+pub use pool::{Pool, PoolKey};
+pub use stream::{CopyOutcome, H2Stream, copy_tcp_h2};
+
+/// Reads below TLS are buffered so rustls's small reads do not each cost a syscall.
+pub const TLS_READ_BUFFER: usize = 64 * 1024;
+
+/// The TCP stream under TLS on both sides.
+pub type TlsIo = BufReader<TcpStream>;
+pub type ClientTls = tokio_rustls::client::TlsStream<TlsIo>;
+pub type ServerTls = tokio_rustls::server::TlsStream<TlsIo>;
+
+/// Failures of outbound HBONE, each naming the peer.
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("connect to {dst}: {source}")]
+    Connect {
+        dst: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "connection to {dst} timed out after {timeout:?}, maybe a NetworkPolicy is blocking HBONE port 15008"
+    )]
+    ConnectTimeout { dst: SocketAddr, timeout: Duration },
+    #[error("TLS handshake with {dst}: {source}")]
+    Tls {
+        dst: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {dst}: peer did not negotiate ALPN h2")]
+    Alpn { dst: SocketAddr },
+    #[error("HTTP/2 with {dst}: {source}")]
+    H2 {
+        dst: SocketAddr,
+        #[source]
+        source: h2::Error,
+    },
+    #[error("{dst} answered CONNECT {authority} with {status}")]
+    Status {
+        dst: SocketAddr,
+        authority: String,
+        status: StatusCode,
+    },
+    #[error("no HTTP/2 connection to {dst} could take another stream")]
+    PoolExhausted { dst: SocketAddr },
+}
+
+/// TLS client handshake over `tcp` with `config`; ALPN must come out as `h2`.
+pub async fn tls_connect(
+    tcp: TcpStream,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    dst: SocketAddr,
+) -> Result<ClientTls, HboneError> {
+    let io = BufReader::with_capacity(TLS_READ_BUFFER, tcp);
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(crate::tls::placeholder_server_name(), io)
+        .await
+        .map_err(|source| HboneError::Tls { dst, source })?;
+    if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {
+        return Err(HboneError::Alpn { dst });
+    }
+    Ok(tls)
+}

@@ -1,0 +1,406 @@
+//! HTTP/2 connection pool for outbound HBONE.
+//!
+//! Key: source identity, expected destination identities, source IP (transparent mode) and
+//! destination `ip:15008`. Each key holds one or more HTTP/2 connections of at most
+//! `POOL_MAX_STREAMS_PER_CONNECTION` streams. Establishing a connection for a key is
+//! serialised, so a burst of new streams shares one handshake. Every connection has a driver
+//! task that polls it, sends a PING every `keepalive_interval` (closing it when no PONG
+//! arrives within `keepalive_timeout`) and releases it after `POOL_UNUSED_RELEASE_TIMEOUT`
+//! without streams.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::{Request, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::HboneError;
+use super::stream::H2Stream;
+use crate::config::H2Config;
+use crate::identity::Identity;
+
+/// Which connections may carry a stream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src_identity: Identity,
+    /// Sorted; the peer must prove one of them.
+    pub dst_identities: Vec<Identity>,
+    /// Set when connections keep the original source IP.
+    pub src_ip: Option<IpAddr>,
+    /// `ip:15008`.
+    pub dst: SocketAddr,
+}
+
+impl PoolKey {
+    pub fn new(
+        src_identity: Identity,
+        mut dst_identities: Vec<Identity>,
+        src_ip: Option<IpAddr>,
+        dst: SocketAddr,
+    ) -> Self {
+        dst_identities.sort();
+        dst_identities.dedup();
+        PoolKey {
+            src_identity,
+            dst_identities,
+            src_ip,
+            dst,
+        }
+    }
+}
+
+struct PooledConn {
+    id: u64,
+    send: SendRequest<Bytes>,
+    active: AtomicUsize,
+    closed: AtomicBool,
+    idle_since: Mutex<Instant>,
+}
+
+impl PooledConn {
+    /// Takes a stream slot if the connection is open and below `max`.
+    fn try_reserve(&self, max: usize) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+}
+
+/// A reserved stream slot; released when dropped.
+struct Slot(Arc<PooledConn>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
+    }
+}
+
+#[derive(Default)]
+struct KeyEntry {
+    conns: Mutex<Vec<Arc<PooledConn>>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl KeyEntry {
+    fn checkout(&self, max: usize) -> Option<Arc<PooledConn>> {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|c| !c.closed.load(Ordering::Acquire));
+        conns.iter().find(|c| c.try_reserve(max)).cloned()
+    }
+}
+
+struct PoolInner {
+    cfg: H2Config,
+    entries: Mutex<HashMap<PoolKey, Arc<KeyEntry>>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    next_id: AtomicU64,
+}
+
+/// The pool of one proxy instance. Cheap to clone.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+/// What `/debug` shows about a pooled connection.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PooledConnectionInfo {
+    pub id: u64,
+    pub src_identity: String,
+    pub dst_identities: Vec<String>,
+    pub dst: SocketAddr,
+    pub active_streams: usize,
+}
+
+impl Pool {
+    /// Driver tasks are spawned on `tracker`; `shutdown` closes every connection.
+    pub fn new(cfg: H2Config, shutdown: CancellationToken, tracker: TaskTracker) -> Self {
+        Pool {
+            inner: Arc::new(PoolInner {
+                cfg,
+                entries: Mutex::new(HashMap::new()),
+                shutdown,
+                tracker,
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Opens a CONNECT stream for `key`, on a pooled connection or on a new one made by
+    /// `connect` (TCP + TLS to `key.dst`, verified against `key.dst_identities`). A non-200
+    /// answer is an error.
+    pub async fn open_stream<T, F, Fut>(
+        &self,
+        key: &PoolKey,
+        request: Request<()>,
+        connect: F,
+    ) -> Result<H2Stream, HboneError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, HboneError>>,
+    {
+        let entry = self.entry(key);
+        let max = self.inner.cfg.max_streams_per_connection as usize;
+        let mut connect = Some(connect);
+        // A pooled connection may turn out dead (peer went away); then retry once on a new one.
+        for attempt in 0..2 {
+            let conn = match entry.checkout(max) {
+                Some(c) => c,
+                None => {
+                    let _serial = entry.connecting.lock().await;
+                    match entry.checkout(max) {
+                        Some(c) => c,
+                        None => {
+                            let Some(connect) = connect.take() else {
+                                return Err(HboneError::PoolExhausted { dst: key.dst });
+                            };
+                            let io = connect().await?;
+                            let conn = self.handshake(io, key, &entry).await?;
+                            if !conn.try_reserve(max) {
+                                return Err(HboneError::PoolExhausted { dst: key.dst });
+                            }
+                            conn
+                        }
+                    }
+                }
+            };
+            let slot = Slot(conn.clone());
+            let mut send = conn.send.clone();
+            let ready = std::future::poll_fn(|cx| send.poll_ready(cx)).await;
+            if let Err(e) = ready {
+                conn.closed.store(true, Ordering::Release);
+                drop(slot);
+                if attempt == 0 {
+                    tracing::debug!(dst = %key.dst, error = %e, "pooled HBONE connection unusable; reconnecting");
+                    continue;
+                }
+                return Err(HboneError::H2 {
+                    dst: key.dst,
+                    source: e,
+                });
+            }
+            let authority = request.uri().to_string();
+            let (response, stream) = match send.send_request(request, false) {
+                Ok(r) => r,
+                Err(e) => {
+                    return Err(HboneError::H2 {
+                        dst: key.dst,
+                        source: e,
+                    });
+                }
+            };
+            let response = match response.await {
+                Ok(r) => r,
+                Err(e) => {
+                    return Err(HboneError::H2 {
+                        dst: key.dst,
+                        source: e,
+                    });
+                }
+            };
+            if response.status() != StatusCode::OK {
+                return Err(HboneError::Status {
+                    dst: key.dst,
+                    authority,
+                    status: response.status(),
+                });
+            }
+            return Ok(H2Stream::new(stream, response.into_body()).with_guard(Box::new(slot)));
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    /// Open pooled connections.
+    pub fn connections(&self) -> Vec<PooledConnectionInfo> {
+        let entries = self.inner.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for (key, entry) in entries.iter() {
+            for c in entry.conns.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                if c.closed.load(Ordering::Acquire) {
+                    continue;
+                }
+                out.push(PooledConnectionInfo {
+                    id: c.id,
+                    src_identity: key.src_identity.to_string(),
+                    dst_identities: key.dst_identities.iter().map(|i| i.to_string()).collect(),
+                    dst: key.dst,
+                    active_streams: c.active.load(Ordering::Acquire),
+                });
+            }
+        }
+        out.sort_by_key(|c| c.id);
+        out
+    }
+
+    fn entry(&self, key: &PoolKey) -> Arc<KeyEntry> {
+        self.inner
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
+    async fn handshake<T>(
+        &self,
+        io: T,
+        key: &PoolKey,
+        entry: &Arc<KeyEntry>,
+    ) -> Result<Arc<PooledConn>, HboneError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let cfg = &self.inner.cfg;
+        let (send, mut conn) = h2::client::Builder::new()
+            .initial_window_size(cfg.stream_window)
+            .initial_connection_window_size(cfg.connection_window)
+            .max_frame_size(cfg.frame_size)
+            .max_header_list_size(16 * 1024)
+            .max_send_buffer_size(cfg.stream_window as usize)
+            .initial_max_send_streams(cfg.max_streams_per_connection as usize)
+            .enable_push(false)
+            .handshake::<T, Bytes>(io)
+            .await
+            .map_err(|e| HboneError::H2 {
+                dst: key.dst,
+                source: e,
+            })?;
+        let ping = conn.ping_pong();
+        let pooled = Arc::new(PooledConn {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            send,
+            active: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            idle_since: Mutex::new(Instant::now()),
+        });
+        entry
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(pooled.clone());
+        tracing::debug!(conn = pooled.id, dst = %key.dst, src = %key.src_identity, "HBONE connection established");
+        let driver = Driver {
+            conn_state: pooled.clone(),
+            cfg: cfg.clone(),
+            shutdown: self.inner.shutdown.clone(),
+            pool: Arc::downgrade(&self.inner),
+            key: key.clone(),
+        };
+        self.inner.tracker.spawn(driver.run(conn, ping));
+        Ok(pooled)
+    }
+}
+
+struct Driver {
+    conn_state: Arc<PooledConn>,
+    cfg: H2Config,
+    shutdown: CancellationToken,
+    pool: Weak<PoolInner>,
+    key: PoolKey,
+}
+
+impl Driver {
+    async fn run<T>(self, conn: h2::client::Connection<T, Bytes>, ping: Option<h2::PingPong>)
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let id = self.conn_state.id;
+        let dst = self.key.dst;
+        tokio::pin!(conn);
+        let mut ping = ping;
+        let reason = loop {
+            let next = tokio::time::sleep(self.cfg.keepalive_interval);
+            tokio::select! {
+                r = &mut conn => break match r {
+                    Ok(()) => "closed".to_string(),
+                    Err(e) => format!("error: {e}"),
+                },
+                _ = self.shutdown.cancelled() => break "pool shut down".to_string(),
+                _ = next => {}
+            }
+            let idle = self.conn_state.active.load(Ordering::Acquire) == 0
+                && self
+                    .conn_state
+                    .idle_since
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .elapsed()
+                    >= self.cfg.pool_unused_release_timeout;
+            if idle {
+                break "idle".to_string();
+            }
+            if let Some(pp) = ping.as_mut() {
+                let pong =
+                    tokio::time::timeout(self.cfg.keepalive_timeout, pp.ping(h2::Ping::opaque()));
+                tokio::select! {
+                    r = &mut conn => break match r {
+                        Ok(()) => "closed".to_string(),
+                        Err(e) => format!("error: {e}"),
+                    },
+                    _ = self.shutdown.cancelled() => break "pool shut down".to_string(),
+                    r = pong => match r {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => break format!("keepalive failed: {e}"),
+                        Err(_) => break format!("no PONG within {:?}", self.cfg.keepalive_timeout),
+                    },
+                }
+            }
+        };
+        self.conn_state.closed.store(true, Ordering::Release);
+        tracing::debug!(conn = id, dst = %dst, reason = %reason, "HBONE connection released");
+        if let Some(pool) = self.pool.upgrade() {
+            let mut entries = pool.entries.lock().unwrap_or_else(|e| e.into_inner());
+            let empty = entries.get(&self.key).is_some_and(|e| {
+                let mut c = e.conns.lock().unwrap_or_else(|e| e.into_inner());
+                c.retain(|c| !c.closed.load(Ordering::Acquire));
+                c.is_empty() && e.connecting.try_lock().is_ok()
+            });
+            if empty {
+                entries.remove(&self.key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ignores_identity_order() {
+        let a = Identity::new("td", "ns", "a");
+        let b = Identity::new("td", "ns", "b");
+        let src = Identity::new("td", "ns", "src");
+        let dst: SocketAddr = "10.0.0.1:15008".parse().unwrap();
+        let k1 = PoolKey::new(src.clone(), vec![a.clone(), b.clone()], None, dst);
+        let k2 = PoolKey::new(
+            src.clone(),
+            vec![b.clone(), a.clone(), b.clone()],
+            None,
+            dst,
+        );
+        assert_eq!(k1, k2);
+        let k3 = PoolKey::new(src.clone(), vec![a.clone()], None, dst);
+        assert_ne!(k1, k3);
+        let k4 = PoolKey::new(src, vec![a, b], Some("10.0.0.9".parse().unwrap()), dst);
+        assert_ne!(k1, k4);
+    }
+}

@@ -1,0 +1,96 @@
+//! The HBONE server side: TLS accept and the HTTP/2 accept loop.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Request, Response, StatusCode};
+use tokio::io::BufReader;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{ServerTls, TLS_READ_BUFFER};
+use crate::config::H2Config;
+
+/// Why an inbound TLS session was not established.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error("TLS handshake failed: {0}")]
+    Handshake(#[source] std::io::Error),
+    #[error("TLS handshake did not complete within {0:?}")]
+    Timeout(Duration),
+    #[error("client did not negotiate ALPN h2")]
+    Alpn,
+}
+
+/// TLS server handshake with a deadline; ALPN must be `h2`.
+pub async fn tls_accept(
+    tcp: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    timeout: Duration,
+) -> Result<ServerTls, AcceptError> {
+    let io = BufReader::with_capacity(TLS_READ_BUFFER, tcp);
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(io);
+    let tls = tokio::time::timeout(timeout, accept)
+        .await
+        .map_err(|_| AcceptError::Timeout(timeout))?
+        .map_err(AcceptError::Handshake)?;
+    if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {
+        return Err(AcceptError::Alpn);
+    }
+    Ok(tls)
+}
+
+/// Serves HTTP/2 on `io`: each request is handed to `handler` in its own task on `tracker`.
+/// When `stop` fires, a GOAWAY refuses new streams and the loop ends once open streams
+/// have finished. Returns the connection error, if any.
+pub async fn serve<T, H, Fut>(
+    io: T,
+    cfg: &H2Config,
+    stop: CancellationToken,
+    tracker: &TaskTracker,
+    handler: H,
+) -> Result<(), h2::Error>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    H: Fn(Request<RecvStream>, SendResponse<Bytes>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(cfg.stream_window)
+        .initial_connection_window_size(cfg.connection_window)
+        .max_frame_size(cfg.frame_size)
+        .max_concurrent_streams(cfg.server_max_concurrent_streams)
+        .max_header_list_size(64 * 1024)
+        .handshake::<T, Bytes>(io)
+        .await?;
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    tracker.spawn(handler(req, respond));
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            },
+            _ = stop.cancelled(), if !stopping => {
+                stopping = true;
+                conn.graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Answers a request with an empty response of `status`, ending the stream.
+pub fn respond_status(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    let resp = Response::builder()
+        .status(status)
+        .body(())
+        .expect("a status-only response is valid");
+    let _ = respond.send_response(resp, true);
+}

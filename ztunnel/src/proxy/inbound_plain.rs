@@ -1,0 +1,90 @@
+//! Inbound plaintext (15006): captured non-HBONE connections to the served workload are
+//! passed through (after authorization, with no peer identity).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use super::ProxyCtx;
+use super::authorize::{AuthorizationRequest, authorize};
+use super::conntrack::ConnGuard;
+use crate::telemetry::{ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason};
+
+pub(super) async fn handle(
+    ctx: Arc<ProxyCtx>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    guard: ConnGuard,
+) {
+    let metrics = &ctx.inputs.metrics;
+    let target = match ctx.sockets.original_destination(&client) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(src = %peer, error = %e, "inbound plaintext: cannot recover the original destination; closing");
+            metrics.refused(Direction::Inbound, RefusalReason::bad_request);
+            return;
+        }
+    };
+    guard.set_dst(target);
+    if ctx.inputs.cfg.ports.is_proxy_port(target.port()) {
+        tracing::warn!(src = %peer, dst = %target, "inbound plaintext: target is a proxy port; closing");
+        metrics.refused(Direction::Inbound, RefusalReason::bad_request);
+        return;
+    }
+    let snap = ctx.inputs.state.snapshot();
+    let dst_workload = match snap.workload_by_ip("", target.ip()) {
+        Some(w) if ctx.serves(w) => w.clone(),
+        _ => {
+            tracing::warn!(src = %peer, dst = %target, "inbound plaintext: no workload served by this proxy at the destination; closing");
+            metrics.refused(Direction::Inbound, RefusalReason::upstream_unavailable);
+            return;
+        }
+    };
+    let src_workload = snap.workload_by_ip("", peer.ip()).cloned();
+    let decision = authorize(&AuthorizationRequest {
+        snapshot: &snap,
+        dst_workload: &dst_workload,
+        src_identity: None,
+        src_addr: peer,
+        dst_addr: target,
+    });
+    drop(snap);
+    let info = ConnectionInfo {
+        direction: Direction::Inbound,
+        src_addr: peer,
+        src: src_workload
+            .as_deref()
+            .map(PeerInfo::from_workload)
+            .unwrap_or_default(),
+        dst_addr: target,
+        dst_hbone_addr: None,
+        dst_service: None,
+        dst: PeerInfo::from_workload(&dst_workload),
+        mtls: false,
+    };
+    let mut tele = ConnectionTelemetry::open(metrics, info);
+    if let Err(denied) = decision {
+        metrics.refused(Direction::Inbound, RefusalReason::policy_denied);
+        // Reset rather than close: the client must not mistake a denial for an empty reply.
+        let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+        tele.close(0, 0, Some(&denied.to_string()));
+        return;
+    }
+    let orig_src = ctx.orig_src.then(|| peer.ip());
+    let connect = ctx.sockets.connect(target, orig_src);
+    let mut upstream = match tokio::time::timeout(ctx.inputs.cfg.connect_timeout, connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tele.close(0, 0, Some(&format!("connect to {target}: {e}")));
+            return;
+        }
+        Err(_) => {
+            tele.close(0, 0, Some(&format!("connect to {target} timed out")));
+            return;
+        }
+    };
+    tele.established();
+    let out = super::copy::copy_tcp(&mut client, &mut upstream).await;
+    tele.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());
+}

@@ -1,0 +1,380 @@
+//! The proxy engine: outbound (15001), inbound HBONE (15008), inbound plaintext (15006).
+//!
+//! One engine, started in three ways:
+//!
+//! | mode | call | source workload | destination workload (inbound) |
+//! |---|---|---|---|
+//! | dedicated: one per process | [`ProxyFactory::start_for_workload`] with `redirect::dedicated::DedicatedSocketFactory` | the proxy's own workload | must be the proxy's own workload |
+//! | in-pod (ZDS): one per enrolled pod | [`ProxyFactory::start_for_workload`] with the pod's netns socket factory | the pod's workload | the pod's workload |
+//! | TPROXY: one per node | [`ProxyFactory::start_node_proxy`] with a transparent socket factory | found by the connection's source IP | found by the accepted socket's local address, must be on this node |
+//!
+//! The workload is matched in the state store by namespace, name and service account
+//! (`NODE_NAME` restricts the match to this node). Until it appears, its identity is
+//! `spiffe://<TRUST_DOMAIN>/ns/<ns>/sa/<sa>`.
+//!
+//! Each [`ProxyHandle`] owns its listeners, its HBONE connection pool and its connection
+//! tasks; [`ProxyHandle::drain`] stops accepting, lets open connections finish for the grace
+//! period, then closes what is left.
+
+pub mod authorize;
+pub mod conntrack;
+pub mod copy;
+mod inbound;
+mod inbound_plain;
+mod outbound;
+pub mod sockets;
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, WorkloadInfo};
+use crate::hbone::Pool;
+use crate::hbone::pool::PooledConnectionInfo;
+use crate::identity::{Identity, SecretManager};
+use crate::state::{Snapshot, Store, Workload};
+use crate::telemetry::{Direction, ProxyMetrics};
+use crate::tls::TrustRoots;
+pub use authorize::{AuthorizationRequest, Denied, authorize};
+use conntrack::ConnTracker;
+pub use conntrack::ConnectionSummary;
+pub use sockets::{ListenerKind, OriginalDestination, SocketFactory};
+
+/// Shared inputs of every proxy of the process.
+#[derive(Clone)]
+pub struct ProxyInputs {
+    pub cfg: Arc<Config>,
+    pub state: Store,
+    pub certs: Arc<SecretManager>,
+    pub roots: TrustRoots,
+    pub metrics: Arc<ProxyMetrics>,
+}
+
+/// Whom a proxy serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyScope {
+    /// One workload (dedicated and in-pod modes).
+    Workload(WorkloadInfo),
+    /// Every workload of this node (TPROXY mode).
+    Node,
+}
+
+/// Everything needed to start one proxy.
+pub struct ProxySpec {
+    pub scope: ProxyScope,
+    pub sockets: Arc<dyn SocketFactory>,
+    /// Address the three listeners bind to (`[::]` in production).
+    pub bind_ip: IpAddr,
+    /// Connect to local applications with the client's IP as source.
+    pub orig_src: bool,
+}
+
+/// Starting a proxy failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("proxy for {scope}: binding {kind:?} listener on {addr} ({sockets}): {source}")]
+    Bind {
+        scope: String,
+        kind: ListenerKind,
+        addr: SocketAddr,
+        sockets: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Addresses the listeners actually bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyAddresses {
+    pub outbound: SocketAddr,
+    pub inbound_plain: SocketAddr,
+    pub hbone: SocketAddr,
+}
+
+/// Starts proxies.
+#[derive(Clone)]
+pub struct ProxyFactory {
+    inputs: ProxyInputs,
+}
+
+impl ProxyFactory {
+    pub fn new(inputs: ProxyInputs) -> Self {
+        ProxyFactory { inputs }
+    }
+
+    pub fn inputs(&self) -> &ProxyInputs {
+        &self.inputs
+    }
+
+    /// A proxy for one workload whose sockets `sockets` creates (dedicated and in-pod).
+    /// Listens on `[::]:15001`, `[::]:15006`, `[::]:15008` through the factory.
+    pub async fn start_for_workload(
+        &self,
+        workload: WorkloadInfo,
+        sockets: Arc<dyn SocketFactory>,
+    ) -> Result<ProxyHandle, ProxyError> {
+        self.start(ProxySpec {
+            scope: ProxyScope::Workload(workload),
+            sockets,
+            bind_ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            orig_src: self.inputs.cfg.enable_orig_src.unwrap_or(false),
+        })
+        .await
+    }
+
+    /// The node-wide proxy of TPROXY mode (`sockets` gives transparent listeners; source
+    /// workloads by source IP, destinations by local address).
+    pub async fn start_node_proxy(
+        &self,
+        sockets: Arc<dyn SocketFactory>,
+    ) -> Result<ProxyHandle, ProxyError> {
+        self.start(ProxySpec {
+            scope: ProxyScope::Node,
+            sockets,
+            bind_ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            orig_src: self.inputs.cfg.enable_orig_src.unwrap_or(false),
+        })
+        .await
+    }
+
+    /// Starts a proxy as described by `spec`.
+    pub async fn start(&self, spec: ProxySpec) -> Result<ProxyHandle, ProxyError> {
+        let ports = self.inputs.cfg.ports;
+        let scope_name = match &spec.scope {
+            ProxyScope::Workload(w) => format!("workload {w}"),
+            ProxyScope::Node => "node".to_string(),
+        };
+        let bind = |kind: ListenerKind, port: u16| {
+            let addr = SocketAddr::new(spec.bind_ip, port);
+            let sockets = spec.sockets.clone();
+            let scope = scope_name.clone();
+            async move {
+                sockets
+                    .bind_listener(addr, kind)
+                    .await
+                    .map_err(|source| ProxyError::Bind {
+                        scope,
+                        kind,
+                        addr,
+                        sockets: sockets.describe(),
+                        source,
+                    })
+            }
+        };
+        let outbound = bind(ListenerKind::Outbound, ports.outbound).await?;
+        let inbound_plain = bind(ListenerKind::InboundPlain, ports.inbound_plain).await?;
+        let hbone = bind(ListenerKind::Hbone, ports.hbone).await?;
+        let local = |l: &TcpListener| l.local_addr().unwrap_or(SocketAddr::new(spec.bind_ip, 0));
+        let addrs = ProxyAddresses {
+            outbound: local(&outbound),
+            inbound_plain: local(&inbound_plain),
+            hbone: local(&hbone),
+        };
+
+        let tracker = TaskTracker::new();
+        let pool_shutdown = CancellationToken::new();
+        let ctx = Arc::new(ProxyCtx {
+            pool: Pool::new(
+                self.inputs.cfg.h2.clone(),
+                pool_shutdown.clone(),
+                tracker.clone(),
+            ),
+            inputs: self.inputs.clone(),
+            scope: spec.scope,
+            sockets: spec.sockets,
+            orig_src: spec.orig_src,
+            conns: Arc::new(ConnTracker::default()),
+            stop_accept: CancellationToken::new(),
+            force: CancellationToken::new(),
+            pool_shutdown,
+            tracker,
+            addrs,
+        });
+        if let ProxyScope::Workload(_) = &ctx.scope {
+            let snap = ctx.inputs.state.snapshot();
+            ctx.inputs.certs.prefetch(&ctx.local_identity(&snap));
+        }
+        tracing::info!(
+            scope = %scope_name,
+            outbound = %addrs.outbound,
+            inbound_plain = %addrs.inbound_plain,
+            hbone = %addrs.hbone,
+            sockets = %ctx.sockets.describe(),
+            "proxy started"
+        );
+        ctx.spawn_accept_loop(outbound, Direction::Outbound, "outbound", outbound::handle);
+        ctx.spawn_accept_loop(
+            inbound_plain,
+            Direction::Inbound,
+            "inbound_plain",
+            inbound_plain::handle,
+        );
+        ctx.spawn_accept_loop(hbone, Direction::Inbound, "hbone", inbound::handle);
+        Ok(ProxyHandle { ctx })
+    }
+}
+
+/// A running proxy. Clones refer to the same proxy.
+#[derive(Clone)]
+pub struct ProxyHandle {
+    ctx: Arc<ProxyCtx>,
+}
+
+impl ProxyHandle {
+    pub fn addresses(&self) -> ProxyAddresses {
+        self.ctx.addrs
+    }
+
+    pub fn scope(&self) -> &ProxyScope {
+        &self.ctx.scope
+    }
+
+    /// Open proxied connections (inbound HBONE TCP connections count too).
+    pub fn active_connections(&self) -> usize {
+        self.ctx.conns.active()
+    }
+
+    pub fn connections(&self) -> Vec<ConnectionSummary> {
+        self.ctx.conns.list()
+    }
+
+    pub fn pool_connections(&self) -> Vec<PooledConnectionInfo> {
+        self.ctx.pool.connections()
+    }
+
+    /// Stops accepting (listeners closed, GOAWAY on inbound HBONE connections), waits up to
+    /// `grace` for open connections to finish, then closes the rest and the pool.
+    pub async fn drain(&self, grace: Duration) {
+        let ctx = &self.ctx;
+        ctx.stop_accept.cancel();
+        let remaining = ctx.conns.active();
+        if remaining > 0 {
+            tracing::info!(connections = remaining, grace = ?grace, "draining proxy");
+        }
+        if tokio::time::timeout(grace, ctx.conns.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                connections = ctx.conns.active(),
+                "drain grace period over; closing remaining connections"
+            );
+            ctx.force.cancel();
+        }
+        ctx.pool_shutdown.cancel();
+        ctx.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(2), ctx.tracker.wait())
+            .await
+            .is_err()
+        {
+            ctx.force.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), ctx.tracker.wait()).await;
+        }
+    }
+}
+
+/// State shared by the tasks of one proxy.
+pub(crate) struct ProxyCtx {
+    inputs: ProxyInputs,
+    scope: ProxyScope,
+    sockets: Arc<dyn SocketFactory>,
+    orig_src: bool,
+    pool: Pool,
+    conns: Arc<ConnTracker>,
+    /// Stop accepting new connections and streams.
+    stop_accept: CancellationToken,
+    /// Abort every connection task.
+    force: CancellationToken,
+    pool_shutdown: CancellationToken,
+    tracker: TaskTracker,
+    addrs: ProxyAddresses,
+}
+
+impl ProxyCtx {
+    fn node_name(&self) -> Option<&str> {
+        self.inputs.cfg.node_name.as_deref()
+    }
+
+    /// The workload this proxy serves (workload scope), if the state knows it.
+    fn local_workload<'a>(&self, snap: &'a Snapshot) -> Option<&'a Arc<Workload>> {
+        match &self.scope {
+            ProxyScope::Workload(info) => snap.find_workload(info, self.node_name()),
+            ProxyScope::Node => None,
+        }
+    }
+
+    /// Identity of the served workload (workload scope).
+    fn local_identity(&self, snap: &Snapshot) -> Identity {
+        match (&self.scope, self.local_workload(snap)) {
+            (_, Some(w)) => w.identity(),
+            (ProxyScope::Workload(info), None) => Identity::new(
+                &self.inputs.cfg.trust_domain,
+                &info.namespace,
+                &info.service_account,
+            ),
+            (ProxyScope::Node, None) => unreachable!("node scope has no single local identity"),
+        }
+    }
+
+    /// Whether `w` is a workload this proxy serves.
+    fn serves(&self, w: &Workload) -> bool {
+        match &self.scope {
+            ProxyScope::Workload(info) => {
+                w.namespace == info.namespace
+                    && w.name == info.name
+                    && w.service_account == info.service_account
+            }
+            ProxyScope::Node => self.node_name().is_none_or(|n| w.node == n),
+        }
+    }
+
+    fn spawn_accept_loop<F, Fut>(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        direction: Direction,
+        kind: &'static str,
+        handler: F,
+    ) where
+        F: Fn(Arc<ProxyCtx>, TcpStream, SocketAddr, conntrack::ConnGuard) -> Fut
+            + Send
+            + Sync
+            + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let ctx = self.clone();
+        self.tracker.spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = ctx.stop_accept.cancelled() => break,
+                    r = listener.accept() => r,
+                };
+                match accepted {
+                    Ok((stream, peer)) => {
+                        let peer = sockets::canonical(peer);
+                        let guard = ctx.conns.enter(direction, kind, peer);
+                        let conn_ctx = ctx.clone();
+                        let work = handler(conn_ctx, stream, peer, guard);
+                        let force = ctx.force.clone();
+                        ctx.tracker.spawn(async move {
+                            tokio::select! {
+                                _ = force.cancelled() => {}
+                                _ = work => {}
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(listener = kind, error = %e, "accept failed");
+                        // Out of file descriptors and the like: do not spin.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            tracing::debug!(listener = kind, "listener closed");
+        });
+    }
+}

@@ -1,0 +1,70 @@
+//! The socket interface of the proxy engine: how listeners and outbound connections are
+//! obtained, and how a captured connection's original destination is recovered.
+//!
+//! The engine depends only on this trait; implementations live above it in
+//! [`crate::redirect`] (dedicated, in-pod, transparent). Methods return boxed futures so an
+//! implementation can hop to a netns thread without blocking a runtime thread.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+
+use tokio::net::{TcpListener, TcpStream};
+
+/// A boxed, sendable future.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a listener is for (a transparent factory treats them differently).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// 15001: captured outbound connections of the workload.
+    Outbound,
+    /// 15006: captured plaintext inbound connections.
+    InboundPlain,
+    /// 15008: HBONE (mTLS) inbound.
+    Hbone,
+}
+
+/// How the original destination of an accepted connection is found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginalDestination {
+    /// nat REDIRECT: ask conntrack (`SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`).
+    SoOriginalDst,
+    /// TPROXY: the accepted socket's local address is the original destination.
+    LocalAddress,
+}
+
+/// Creates the sockets of one proxy instance.
+pub trait SocketFactory: Send + Sync + 'static {
+    /// Binds and listens on `addr` (`[::]:port` normally; dual-stack where possible).
+    fn bind_listener(
+        &self,
+        addr: SocketAddr,
+        kind: ListenerKind,
+    ) -> BoxFuture<'_, io::Result<TcpListener>>;
+
+    /// Connects to `dst` (a local application, a peer's HBONE port or a passthrough
+    /// destination). With `orig_src`, the connection keeps the client's IP as its source
+    /// (transparent / freebind), where the implementation supports it.
+    fn connect(
+        &self,
+        dst: SocketAddr,
+        orig_src: Option<IpAddr>,
+    ) -> BoxFuture<'_, io::Result<TcpStream>>;
+
+    /// How to recover original destinations of accepted connections.
+    fn original_destination_mode(&self) -> OriginalDestination;
+
+    /// The original destination of a connection accepted on a capture listener, IPv4
+    /// addresses in plain (not IPv4-mapped) form.
+    fn original_destination(&self, stream: &TcpStream) -> io::Result<SocketAddr>;
+
+    /// Short description for logs (`dedicated`, `netns /var/run/netns/x`, ...).
+    fn describe(&self) -> String;
+}
+
+/// IPv4-mapped IPv6 addresses (from dual-stack sockets) as plain IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
