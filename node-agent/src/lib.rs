@@ -6,3 +6,4 @@ pub mod zds;
 pub mod health;
 pub mod install;
 pub mod plugin_events;
+pub mod ca;

@@ -1,1 +1,49 @@
-fn main() {}
+//! `node-agent`: the node agent (default, or `node-agent run`) and the built-in CA
+//! (`node-agent ca`). Configuration comes from the environment (ARCHITECTURE.md).
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "node-agent",
+    version,
+    about = "Ambient mesh node agent and built-in CA"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent (the default): CNI install, Kubernetes control loop, redirection.
+    Run,
+    /// Run the built-in CA (Istio CreateCertificate API over TLS).
+    Ca,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if std::env::var("LOG_FORMAT").is_ok_and(|f| f.trim() == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command.unwrap_or(Command::Run) {
+        // The agent's control loop is wired here by its owner.
+        Command::Run => anyhow::bail!("node-agent run: the agent is not wired yet"),
+        Command::Ca => {
+            let cfg = node_agent::ca::CaConfig::from_env()?;
+            node_agent::ca::run(cfg).await?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! ADD latency of the plugin as a runtime sees it (process spawn to exit),
+//! for the paths every non-mesh pod takes:
+//! - excluded namespace (no I/O at all);
+//! - non-mesh pod, agent up (one round trip on the plugin-event socket,
+//!   the agent's real endpoint with a handler that answers at once);
+//! - mesh pod, agent up (same round trip, "enrolled" answer).
+//!
+//! Run: `cargo bench -p istio-cni --bench add_latency` (release build).
+//! `ADD_LATENCY_ITERATIONS` (default 1000) sets the sample count. Prints
+//! p50/p90/p99/max per path; target p99 <= 10 ms.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use mesh_proto::cni_event::{CmdAddEvent, CmdAddReply, Enrolment};
+use node_agent::plugin_events::{PluginEventListener, PodEventHandler};
+use serde_json::json;
+
+const PLUGIN: &str = env!("CARGO_BIN_EXE_istio-cni");
+
+struct Immediate;
+
+impl PodEventHandler for Immediate {
+    fn cmd_add(&self, ev: CmdAddEvent) -> BoxFuture<'_, Result<CmdAddReply, String>> {
+        let enrolment = if ev.pod_name.starts_with("mesh-") {
+            Enrolment::Enrolled
+        } else {
+            Enrolment::NotAmbient
+        };
+        Box::pin(async move {
+            Ok(CmdAddReply {
+                enrolment,
+                reason: "bench".into(),
+            })
+        })
+    }
+}
+
+fn run_once(run_dir: &Path, namespace: &str, pod: &str) -> Duration {
+    let conf = json!({
+        "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "istio-cni",
+        "plugin_log_level": "info", "cni_agent_run_dir": run_dir,
+        "ambient_enabled": true, "pod_namespace": "istio-system",
+        "exclude_namespaces": ["kube-system"],
+        "prevResult": {"cniVersion": "1.0.0",
+            "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/bench"}],
+            "ips": [{"address": "10.9.0.5/24", "gateway": "10.9.0.1", "interface": 0}],
+            "routes": [{"dst": "0.0.0.0/0"}], "dns": {}}
+    })
+    .to_string();
+    let start = Instant::now();
+    let mut child = Command::new(PLUGIN)
+        .env_clear()
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", "bench")
+        .env("CNI_NETNS", "/var/run/netns/bench")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .env(
+            "CNI_ARGS",
+            format!("K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod};K8S_POD_UID=u"),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn plugin");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let elapsed = start.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    elapsed
+}
+
+fn report(name: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    let pct = |p: f64| samples[((samples.len() as f64 * p).ceil() as usize).saturating_sub(1)];
+    println!(
+        "{name:<32} n={:<5} p50={:>7.3}ms p90={:>7.3}ms p99={:>7.3}ms max={:>7.3}ms",
+        samples.len(),
+        pct(0.50).as_secs_f64() * 1e3,
+        pct(0.90).as_secs_f64() * 1e3,
+        pct(0.99).as_secs_f64() * 1e3,
+        samples.last().unwrap().as_secs_f64() * 1e3,
+    );
+}
+
+fn main() {
+    // `cargo bench` passes --bench; a filter argument is ignored.
+    let n: usize = std::env::var("ADD_LATENCY_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let run_dir = tempfile::tempdir().unwrap();
+    let listener = {
+        let _g = rt.enter();
+        PluginEventListener::bind(run_dir.path()).unwrap()
+    };
+    rt.spawn(listener.serve(
+        Arc::new(Immediate),
+        Duration::from_secs(4),
+        std::future::pending(),
+    ));
+    println!("plugin: {PLUGIN}");
+    println!(
+        "plugin size: {:.1} MB",
+        std::fs::metadata(PLUGIN).unwrap().len() as f64 / 1e6
+    );
+    for _ in 0..20 {
+        run_once(run_dir.path(), "demo", "warmup");
+    }
+    let paths = [
+        ("excluded namespace", "kube-system", "coredns"),
+        ("non-mesh pod, agent up", "demo", "web"),
+        ("mesh pod, agent up", "demo", "mesh-web"),
+    ];
+    for (name, ns, pod) in paths {
+        let samples = (0..n).map(|_| run_once(run_dir.path(), ns, pod)).collect();
+        report(name, samples);
+    }
+}
