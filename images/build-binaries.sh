@@ -2,7 +2,8 @@
 # Builds the three programs as static executables and copies them to OUT_DIR.
 #
 # usage: build-binaries.sh OUT_DIR
-# env:   CARGO (cargo), CARGO_TARGET_DIR (target), PROFILE (release)
+# env:   CARGO (cargo), CARGO_TARGET_DIR (target), PROFILE (release),
+#        CARGO_BUILD_FLAGS (extra cargo flags, e.g. --locked for release builds)
 #
 # Static on the gnu target with crt-static (no musl toolchain needed). The
 # flag is passed for the target triple only, so build scripts and proc macros
@@ -26,7 +27,8 @@ var="CARGO_TARGET_$(echo "$triple" | tr 'a-z-' 'A-Z_')_RUSTFLAGS"
 export "$var=${!var:-} -C target-feature=+crt-static"
 
 echo "build-binaries: $CARGO build --profile $PROFILE --target $triple ($var='${!var}')"
-"$CARGO" build --locked --profile "$PROFILE" --target "$triple" --target-dir "$TARGET_DIR" \
+# shellcheck disable=SC2086  # CARGO_BUILD_FLAGS is a list of flags
+"$CARGO" build ${CARGO_BUILD_FLAGS:-} --profile "$PROFILE" --target "$triple" --target-dir "$TARGET_DIR" \
   -p ztunnel -p node-agent -p istio-cni --bins
 
 dir=$PROFILE
