@@ -1,0 +1,448 @@
+//! Two in-process proxies with different identities on loopback, talking HBONE.
+//! Each test uses its own 127.77.x.0/24 addresses.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, Request, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use ztunnel::hbone::tls_connect;
+
+fn sa(ip: std::net::IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_exchange_data_over_hbone() {
+    let mesh = Mesh::new("127.77.1", |_| {});
+    let _echo = echo_server(sa(mesh.b_ip, 8080)).await;
+    let (pa, sa_sockets) = mesh.proxy("a").await;
+    let (_pb, _) = mesh.proxy("b").await;
+
+    let data = Arc::new(b"hello through the tunnel".repeat(1000));
+    let c = sa_sockets
+        .redirected_connect(mesh.a_ip, pa.addresses().outbound, sa(mesh.b_ip, 8080))
+        .await
+        .unwrap();
+    let back = echo_roundtrip(c, data.clone()).await.unwrap();
+    assert_eq!(back, *data);
+
+    // Through the service VIP too (port 80 -> targetPort 8080).
+    let c = sa_sockets
+        .redirected_connect(
+            mesh.a_ip,
+            pa.addresses().outbound,
+            "127.77.1.100:80".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(echo_roundtrip(c, data.clone()).await.unwrap(), *data);
+
+    // Both access logs name the other side's SPIFFE identity.
+    wait_for("access logs", || {
+        log_lines(&["connection complete", "direction=\"inbound\"", "127.77.1.1"]).len() >= 2
+            && log_lines(&["connection complete", "direction=\"outbound\"", "127.77.1.2:15008"])
+                .len()
+                >= 2
+    })
+    .await;
+    let inbound = log_lines(&["connection complete", "direction=\"inbound\"", "127.77.1.1"]);
+    assert!(
+        inbound[0].contains("src.identity=spiffe://cluster.local/ns/ns-a/sa/sa-a"),
+        "{inbound:?}"
+    );
+    let outbound = log_lines(&["connection complete", "direction=\"outbound\"", "127.77.1.2:15008"]);
+    assert!(
+        outbound[0].contains("dst.identity=spiffe://cluster.local/ns/ns-b/sa/sa-b"),
+        "{outbound:?}"
+    );
+    assert!(outbound[0].contains("dst.hbone_addr=127.77.1.2:8080"), "{outbound:?}");
+    assert!(outbound.iter().any(|l| l.contains("dst.service=\"b.ns-b.svc.cluster.local\"")));
+    assert!(
+        outbound[0].contains(&format!("bytes_sent={}", data.len())),
+        "{outbound:?}"
+    );
+
+    // Metrics from both reporters.
+    let src_principal = "source_principal=\"spiffe://cluster.local/ns/ns-a/sa/sa-a\"";
+    assert!(
+        mesh.metric(
+            "istio_tcp_connections_opened_total",
+            &["reporter=\"destination\"", src_principal]
+        ) >= 2
+    );
+    assert!(
+        mesh.metric(
+            "istio_tcp_received_bytes_total",
+            &["reporter=\"source\"", src_principal]
+        ) >= 2 * data.len() as u64
+    );
+    // One pooled HTTP/2 connection carried both streams.
+    assert_eq!(pa.pool_connections().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_to_non_mesh_destination() {
+    let mesh = Mesh::new("127.77.2", |_| {});
+    let _echo = echo_server(sa(mesh.plain_ip, 9000)).await;
+    let (pa, socks) = mesh.proxy("a").await;
+    let c = socks
+        .redirected_connect(mesh.a_ip, pa.addresses().outbound, sa(mesh.plain_ip, 9000))
+        .await
+        .unwrap();
+    let data = Arc::new(vec![7u8; 100_000]);
+    assert_eq!(echo_roundtrip(c, data.clone()).await.unwrap(), *data);
+    assert!(pa.pool_connections().is_empty(), "plaintext, no HBONE");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_connections_and_large_transfer_keep_data_intact() {
+    let mesh = Mesh::new("127.77.3", |_| {});
+    let _echo = echo_server(sa(mesh.b_ip, 8080)).await;
+    let (pa, socks) = mesh.proxy("a").await;
+    let (pb, _) = mesh.proxy("b").await;
+
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        let socks = socks.clone();
+        let listener = pa.addresses().outbound;
+        let (a_ip, b_ip) = (mesh.a_ip, mesh.b_ip);
+        tasks.push(tokio::spawn(async move {
+            let data: Vec<u8> = (0..20_000u32).map(|x| (x.wrapping_mul(31) ^ i) as u8).collect();
+            let data = Arc::new(data);
+            let c = socks
+                .redirected_connect(a_ip, listener, sa(b_ip, 8080))
+                .await
+                .unwrap();
+            let back = echo_roundtrip(c, data.clone()).await.unwrap();
+            assert_eq!(sha256(&back), sha256(&data), "connection {i}");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // 200 streams over pooled connections of at most 100 streams each.
+    let pool = pa.pool_connections();
+    assert!((2..=10).contains(&pool.len()), "{pool:?}");
+
+    // A large transfer one way, checksummed on the far side.
+    const SIZE: usize = 256 * 1024 * 1024;
+    let sink = tokio::net::TcpListener::bind(sa(mesh.b_ip, 8081)).await.unwrap();
+    let receiver = tokio::spawn(async move {
+        let (mut s, _) = sink.accept().await.unwrap();
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0usize;
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            ctx.update(&buf[..n]);
+            total += n;
+        }
+        (total, ctx.finish().as_ref().to_vec())
+    });
+    let mut c = socks
+        .redirected_connect(mesh.a_ip, pa.addresses().outbound, sa(mesh.b_ip, 8081))
+        .await
+        .unwrap();
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut block = vec![0u8; 1 << 20];
+    for i in 0..(SIZE >> 20) {
+        for (j, b) in block.iter_mut().enumerate().step_by(4096) {
+            *b = (i + j) as u8;
+        }
+        ctx.update(&block);
+        c.write_all(&block).await.unwrap();
+    }
+    c.shutdown().await.unwrap();
+    let (total, digest) = receiver.await.unwrap();
+    assert_eq!(total, SIZE);
+    assert_eq!(digest, ctx.finish().as_ref().to_vec());
+    drop(c);
+    wait_for("connections to finish", || {
+        pa.active_connections() == 0 && pb.active_connections() <= pool.len()
+    })
+    .await;
+}
+
+/// A raw TLS client to B's HBONE port, presenting `cert`, from `src_ip`.
+async fn raw_tls(
+    mesh: &Mesh,
+    src_ip: std::net::IpAddr,
+    cert: &ztunnel::identity::WorkloadCertificate,
+    trust: &ztunnel::tls::TrustRoots,
+) -> Result<ztunnel::hbone::ClientTls, String> {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(src_ip, 0)).unwrap();
+    let dst = sa(mesh.b_ip, 15008);
+    let tcp = sock.connect(dst).await.unwrap();
+    let cfg = ztunnel::tls::client_config(cert, trust, vec![mesh.identity("sa-b", "ns-b")]);
+    tls_connect(tcp, cfg, dst).await.map_err(|e| e.to_string())
+}
+
+/// After a TLS handshake the server may still close: true when the connection is unusable.
+async fn h2_refused(tls: ztunnel::hbone::ClientTls) -> bool {
+    match h2::client::handshake(tls).await {
+        Err(_) => true,
+        Ok((send, conn)) => {
+            let driver = tokio::spawn(conn);
+            let r = async {
+                let mut send = send.ready().await?;
+                let req = Request::builder()
+                    .method(Method::CONNECT)
+                    .uri("127.0.0.1:1")
+                    .body(())
+                    .unwrap();
+                let (resp, _) = send.send_request(req, false)?;
+                resp.await
+            }
+            .await;
+            driver.abort();
+            r.is_err()
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_bad_peers_with_logged_reason_and_metrics() {
+    let mesh = Mesh::new("127.77.4", |_| {});
+    let (pb, _) = mesh.proxy("b").await;
+    let trust = roots(&mesh.ca);
+    let a = mesh.identity("sa-a", "ns-a");
+
+    // Wrong trust domain (same CA).
+    let before = mesh.refused("tls_handshake");
+    let other_td = ztunnel::identity::Identity::new("evil.domain", "ns-a", "sa-a");
+    let cert = leaf(&mesh.ca, &other_td, valid_now());
+    let r = raw_tls(&mesh, mesh.a_ip, &cert, &trust).await;
+    assert!(r.is_err() || h2_refused(r.unwrap()).await);
+    wait_for("trust domain refusal", || mesh.refused("tls_handshake") == before + 1).await;
+    wait_for("trust domain log", || {
+        !log_lines(&["refused HBONE connection", "127.77.4.1", "not in trust domain"]).is_empty()
+    })
+    .await;
+
+    // Untrusted root.
+    let rogue = ca("rsa");
+    let cert = leaf(&rogue, &a, valid_now());
+    let r = raw_tls(&mesh, mesh.a_ip, &cert, &trust).await;
+    assert!(r.is_err() || h2_refused(r.unwrap()).await);
+    wait_for("untrusted root refusal", || mesh.refused("tls_handshake") == before + 2).await;
+    wait_for("untrusted root log", || {
+        !log_lines(&["refused HBONE connection", "127.77.4.1", "UnknownIssuer"]).is_empty()
+    })
+    .await;
+
+    // Expired certificate.
+    let now = std::time::SystemTime::now();
+    let expired = now - Duration::from_secs(7200)..now - Duration::from_secs(3600);
+    let cert = leaf(&mesh.ca, &a, expired);
+    let r = raw_tls(&mesh, mesh.a_ip, &cert, &trust).await;
+    assert!(r.is_err() || h2_refused(r.unwrap()).await);
+    wait_for("expired refusal", || mesh.refused("tls_handshake") == before + 3).await;
+    wait_for("expired log", || {
+        !log_lines(&["refused HBONE connection", "127.77.4.1", "expired"]).is_empty()
+    })
+    .await;
+
+    // Valid certificate, but not the identity of the workload at the source IP.
+    let impostor = mesh.identity("sa-evil", "ns-a");
+    let cert = leaf(&mesh.ca, &impostor, valid_now());
+    let tls = raw_tls(&mesh, mesh.a_ip, &cert, &trust).await.unwrap();
+    assert!(h2_refused(tls).await);
+    wait_for("identity mismatch refusal", || mesh.refused("identity_mismatch") == 1).await;
+    let lines = log_lines(&["client certificate identity is not the identity", "127.77.4.1"]);
+    assert!(lines[0].contains("sa-evil") && lines[0].contains("sa-a"), "{lines:?}");
+
+    // The same valid certificate from an address that is no known workload is accepted at
+    // the TLS level (no workload to compare with).
+    wait_for("no connection left", || pb.active_connections() == 0).await;
+}
+
+/// An h2 client over TLS as workload `a`.
+async fn h2_as_a(mesh: &Mesh) -> h2::client::SendRequest<Bytes> {
+    let a = mesh.identity("sa-a", "ns-a");
+    let cert = leaf(&mesh.ca, &a, valid_now());
+    let tls = raw_tls(mesh, mesh.a_ip, &cert, &roots(&mesh.ca)).await.unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+async fn status_of(send: &h2::client::SendRequest<Bytes>, method: Method, uri: &str) -> StatusCode {
+    let mut send = send.clone().ready().await.unwrap();
+    let req = Request::builder().method(method).uri(uri).body(()).unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    resp.await.unwrap().status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_the_right_status_and_leak_nothing() {
+    let mesh = Mesh::new("127.77.5", |_| {});
+    let _echo = echo_server(sa(mesh.b_ip, 8080)).await;
+    let (pb, _) = mesh.proxy("b").await;
+    let baseline_tasks = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+
+    let send = h2_as_a(&mesh).await;
+    assert_eq!(
+        status_of(&send, Method::GET, "http://127.77.5.2:8080/").await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        status_of(&send, Method::POST, "http://127.77.5.2:8080/").await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        status_of(&send, Method::CONNECT, "example.com:8080").await,
+        StatusCode::BAD_REQUEST
+    );
+    // Authority IP is not where the connection went.
+    assert_eq!(
+        status_of(&send, Method::CONNECT, "127.77.5.1:8080").await,
+        StatusCode::BAD_REQUEST
+    );
+    // A proxy port as target.
+    assert_eq!(
+        status_of(&send, Method::CONNECT, "127.77.5.2:15008").await,
+        StatusCode::BAD_REQUEST
+    );
+    // Nothing listens there: upstream unreachable.
+    assert_eq!(
+        status_of(&send, Method::CONNECT, "127.77.5.2:8999").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    // And a good one still works on the same connection.
+    assert_eq!(
+        status_of(&send, Method::CONNECT, "127.77.5.2:8080").await,
+        StatusCode::OK
+    );
+    assert!(mesh.refused("bad_request") >= 5);
+    assert_eq!(mesh.refused("upstream_unavailable"), 1);
+    drop(send);
+
+    // Garbage before the TLS handshake.
+    let mut s = TcpStream::connect(sa(mesh.b_ip, 15008)).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("server closes after garbage");
+    wait_for("garbage refusal", || mesh.refused("tls_handshake") >= 1).await;
+
+    // A peer that stalls in the middle of the handshake (handshake timeout 1 s here).
+    let mut s = TcpStream::connect(sa(mesh.b_ip, 15008)).await.unwrap();
+    s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("server gives up on a stalled handshake");
+    wait_for("stall refusal", || mesh.refused("handshake_timeout") == 1).await;
+    assert!(!log_lines(&["refused HBONE connection", "did not complete within"]).is_empty());
+
+    // Nothing left behind.
+    wait_for("no open connection", || pb.active_connections() == 0).await;
+    wait_for("no leaked task", || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+            <= baseline_tasks
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_stops_accepting_and_lets_open_connections_finish() {
+    let mesh = Mesh::new("127.77.6", |_| {});
+    let _echo = echo_server(sa(mesh.b_ip, 8080)).await;
+    let (pa, socks) = mesh.proxy("a").await;
+    let (pb, _) = mesh.proxy("b").await;
+
+    let mut open = socks
+        .redirected_connect(mesh.a_ip, pa.addresses().outbound, sa(mesh.b_ip, 8080))
+        .await
+        .unwrap();
+    open.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    open.read_exact(&mut buf).await.unwrap();
+
+    let drain_b = {
+        let pb = pb.clone();
+        tokio::spawn(async move { pb.drain(Duration::from_secs(10)).await })
+    };
+    // New connections to B are refused once its listeners are closed.
+    wait_for("B stops listening", || {
+        std::net::TcpStream::connect_timeout(&sa(mesh.b_ip, 15008), Duration::from_millis(100))
+            .is_err()
+    })
+    .await;
+    // The open tunnel still works.
+    open.write_all(b"pong").await.unwrap();
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"pong");
+    assert!(!drain_b.is_finished());
+    drop(open);
+    tokio::time::timeout(Duration::from_secs(5), drain_b)
+        .await
+        .expect("drain ends once the last connection closed")
+        .unwrap();
+
+    // A drain with connections that never end gives up after the grace period.
+    let (pb2, _) = mesh.proxy("b").await;
+    let _stuck = socks
+        .redirected_connect(mesh.a_ip, pa.addresses().outbound, sa(mesh.b_ip, 8080))
+        .await
+        .unwrap();
+    wait_for("B2 has the connection", || pb2.active_connections() > 0).await;
+    let t = std::time::Instant::now();
+    pb2.drain(Duration::from_millis(300)).await;
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(pb2.active_connections(), 0);
+    pa.drain(Duration::from_millis(300)).await;
+    assert_eq!(pa.active_connections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_rotation_keeps_open_connections() {
+    let mesh = Mesh::new("127.77.7", |c| c.secret_ttl = Duration::from_secs(4));
+    let _echo = echo_server(sa(mesh.b_ip, 8080)).await;
+    let (pa, socks) = mesh.proxy("a").await;
+    let (_pb, _) = mesh.proxy("b").await;
+    let a = mesh.identity("sa-a", "ns-a");
+
+    let mut open = socks
+        .redirected_connect(mesh.a_ip, pa.addresses().outbound, sa(mesh.b_ip, 8080))
+        .await
+        .unwrap();
+    open.write_all(b"1").await.unwrap();
+    let mut b = [0u8; 1];
+    open.read_exact(&mut b).await.unwrap();
+    let first = mesh.inputs.certs.current(&a).unwrap();
+    wait_for("rotation", || {
+        mesh.inputs
+            .certs
+            .current(&a)
+            .is_some_and(|c| c.serial() != first.serial())
+    })
+    .await;
+    // Still flowing on the connection made with the old certificate.
+    open.write_all(b"2").await.unwrap();
+    open.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"2");
+    // And a new connection works (new handshakes use the new certificate).
+    let c = socks
+        .redirected_connect(mesh.a_ip, pa.addresses().outbound, sa(mesh.b_ip, 8080))
+        .await
+        .unwrap();
+    let data = Arc::new(b"after rotation".to_vec());
+    assert_eq!(echo_roundtrip(c, data.clone()).await.unwrap(), *data);
+}
