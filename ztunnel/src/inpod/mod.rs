@@ -10,20 +10,25 @@
 //! - [`netns`] and [`socket_factory`]: entering a pod netns on a dedicated
 //!   thread and creating marked listeners / outbound sockets there.
 //!
-//! Wiring (in `app`): implement [`WorkloadProxyManager`] with the proxy
-//! engine (start = build an [`InpodSocketFactory`] for the netns, bind the
-//! three listeners, run the proxy for the workload matched by
-//! namespace/name/service account; stop = drain it), then
-//! `InpodClient::new(cfg, manager).run(shutdown)` and feed
-//! `client.readiness()` into `/healthz/ready`.
+//! - [`proxies`]: [`EngineWorkloadProxies`], the [`WorkloadProxyManager`]
+//!   over the proxy engine.
+//!
+//! Wiring (in `app`, `PROXY_MODE=shared`, `INPOD_ENABLED=true`):
+//! `EngineWorkloadProxies::new(proxy_factory, cfg.packet_mark,
+//! cfg.inpod_port_reuse, grace)`, then
+//! `InpodClient::new(InpodClientConfig { uds: cfg.inpod_uds, .. }, proxies)`
+//! `.run(shutdown)` on the data-plane runtime, `client.readiness()` into
+//! `/healthz/ready`, and `proxies.drain_all()` on SIGTERM.
 
 pub mod client;
 pub mod netns;
 pub mod protocol;
+pub mod proxies;
 pub mod socket_factory;
 pub mod state;
 
 pub use client::{Backoff, InpodClient, InpodClientConfig};
 pub use netns::{InpodNetns, NetnsExecutor};
+pub use proxies::EngineWorkloadProxies;
 pub use socket_factory::InpodSocketFactory;
 pub use state::{StartError, WorkloadProxyManager, WorkloadState};
