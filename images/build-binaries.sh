@@ -4,6 +4,8 @@
 # usage: build-binaries.sh OUT_DIR
 # env:   CARGO (cargo), CARGO_TARGET_DIR (target), PROFILE (release),
 #        CARGO_BUILD_FLAGS (extra cargo flags, e.g. --locked for release builds)
+#        STRIP_DEBUG (1: drop DWARF from the copies, keeping symbol names for
+#        backtraces; the release profile keeps line tables, ~4x the size)
 #
 # Static on the gnu target with crt-static (no musl toolchain needed). The
 # flag is passed for the target triple only, so build scripts and proc macros
@@ -41,5 +43,8 @@ for bin in ztunnel node-agent istio-cni; do
     die "$src is dynamically linked despite crt-static"
   fi
   install -m 0755 "$src" "$OUT/$bin"
+  if [ "${STRIP_DEBUG:-1}" = 1 ]; then
+    strip --strip-debug "$OUT/$bin"
+  fi
 done
 ls -l "$OUT"
