@@ -8,6 +8,7 @@
 //!   half of its lifetime; TLS resolvers read the current one at handshake time.
 
 pub mod certificate;
+pub mod istio_ca;
 pub mod local_ca;
 pub mod manager;
 pub mod provider;
