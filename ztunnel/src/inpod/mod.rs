@@ -13,22 +13,22 @@
 //! - [`proxies`]: [`EngineWorkloadProxies`], the [`WorkloadProxyManager`]
 //!   over the proxy engine.
 //!
-//! Wiring (in `app`, `PROXY_MODE=shared`, `INPOD_ENABLED=true`):
-//! `EngineWorkloadProxies::new(proxy_factory, cfg.packet_mark,
-//! cfg.inpod_port_reuse, grace)`, then
-//! `InpodClient::new(InpodClientConfig { uds: cfg.inpod_uds, .. }, proxies)`
-//! `.run(shutdown)` on the data-plane runtime, `client.readiness()` into
-//! `/healthz/ready`, and `proxies.drain_all()` on SIGTERM.
+//! Wiring (in `app`, `PROXY_MODE=shared`, `INPOD_ENABLED=true`): see
+//! [`service::InpodService`]: `InpodService::new(&cfg, proxy_factory)?`,
+//! its `readiness()` into `/healthz/ready`, and `run(shutdown)` on the
+//! data-plane runtime (drains the workload proxies when it returns).
 
 pub mod client;
 pub mod netns;
 pub mod protocol;
 pub mod proxies;
+pub mod service;
 pub mod socket_factory;
 pub mod state;
 
 pub use client::{Backoff, InpodClient, InpodClientConfig};
 pub use netns::{InpodNetns, NetnsExecutor};
 pub use proxies::EngineWorkloadProxies;
+pub use service::InpodService;
 pub use socket_factory::InpodSocketFactory;
 pub use state::{StartError, WorkloadProxyManager, WorkloadState};
