@@ -34,8 +34,10 @@ use std::path::PathBuf;
 
 use futures::future::BoxFuture;
 
+pub mod geneve;
 pub mod inpod;
 pub mod iptables;
+pub mod netlink;
 pub mod netns;
 
 /// What a redirector needs to know about one pod.

@@ -1,0 +1,429 @@
+//! GENEVE redirection (upstream Istio 1.18–1.20 "iptables" ambient mode).
+//!
+//! The agent works in the node's namespace and in the ztunnel pod's, never
+//! in application pods: enrolled pods' TCP is marked on the node, routed
+//! into the `istioout` tunnel, traffic *for* enrolled pods into `istioin`,
+//! and ztunnel takes the decapsulated packets with TPROXY. Facts:
+//! `shared/reference/redirection-geneve.md`.
+//!
+//! [`GeneveRedirector`] implements [`Redirector`]; in addition the control
+//! loop tells it which ztunnel pod is active with
+//! [`GeneveRedirector::set_ztunnel`] (the newest Ready `app=ztunnel` pod on
+//! the node, or `None`). Pods enrolled while no ztunnel is set are recorded
+//! and put in the ipset, and reported as retryable (`pending`); they get
+//! their routes when a ztunnel is set.
+//!
+//! Layout: pure generators and decisions (`node_rules`, `ztunnel_rules`,
+//! `routing`, `port`, `state`, `sysctl` lists, `ipset` lines) are unit-tested
+//! on any machine; `node`, `ztunnel_ns` and `inventory` touch the kernel
+//! (tests in `tests/geneve_*.rs`, run in a VM where the host kernel lacks
+//! GENEVE: `scripts/vm-tests.sh`).
+
+mod batch;
+pub mod constants;
+mod error;
+pub mod inventory;
+pub mod ipset;
+pub mod node;
+pub mod node_rules;
+pub mod port;
+pub mod routing;
+pub mod state;
+pub mod sysctl;
+pub mod ztunnel_ns;
+pub mod ztunnel_rules;
+
+#[cfg(test)]
+mod golden;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use futures::future::BoxFuture;
+use tokio::sync::Mutex;
+use tracing::{debug, info, warn};
+
+pub use batch::{ChainRules, TableBatch, render};
+pub use error::GeneveError;
+pub use inventory::Inventory;
+pub use node::Topology;
+pub use state::{PodTable, ZtunnelPod};
+
+use super::iptables::{Backend, detect_backend};
+use super::netlink::Netlink;
+use super::netns::Netns;
+use super::{PodRedirect, ReconcileReport, RedirectError, Redirector};
+use state::{ZtunnelChange, plan_reconcile, plan_ztunnel_change};
+
+/// Configuration of GENEVE mode.
+#[derive(Debug, Clone)]
+pub struct GeneveConfig {
+    /// The node's network namespace. The agent runs with `hostNetwork`, so in
+    /// production this is its own (`/proc/self/ns/net`); tests point it at a
+    /// simulated node.
+    pub node_netns: PathBuf,
+    /// `$HOST_IP` (the node address inside `node.spec.podCIDR`, else its
+    /// InternalIP). `None`: the source address the node uses toward the
+    /// ztunnel pod.
+    pub host_ip: Option<Ipv4Addr>,
+    /// iptables backend; `None`: detected in the node namespace as upstream.
+    pub backend: Option<Backend>,
+    /// DNS capture (`ISTIO_META_DNS_CAPTURE=true` on the ztunnel pod).
+    pub dns_capture: bool,
+}
+
+impl Default for GeneveConfig {
+    fn default() -> Self {
+        Self {
+            node_netns: PathBuf::from("/proc/self/ns/net"),
+            host_ip: None,
+            backend: None,
+            dns_capture: false,
+        }
+    }
+}
+
+/// The tunnels and rules currently built, and against which ztunnel.
+struct Active {
+    topo: Topology,
+    ns: Netns,
+    nl: Netlink,
+}
+
+struct Inner {
+    nl: Netlink,
+    active: Option<Active>,
+    pods: PodTable,
+}
+
+/// GENEVE-mode [`Redirector`].
+pub struct GeneveRedirector {
+    cfg: GeneveConfig,
+    node_ns: Netns,
+    backend: Backend,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for GeneveRedirector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GeneveRedirector")
+            .field("node_netns", &self.cfg.node_netns)
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+fn node_error(stage: &'static str, e: GeneveError) -> RedirectError {
+    RedirectError::node(stage, e)
+}
+
+impl GeneveRedirector {
+    /// Opens the node namespace and a netlink socket in it; detects the
+    /// iptables backend there unless configured. Touches nothing else.
+    pub async fn new(cfg: GeneveConfig) -> Result<Self, GeneveError> {
+        let node_ns = Netns::open(&cfg.node_netns)?;
+        let backend = match cfg.backend {
+            Some(b) => b,
+            None => node_ns.run_async(detect_backend).await?,
+        };
+        let nl = Netlink::connect(&node_ns).await?;
+        info!(node_netns = %cfg.node_netns.display(), %backend, "GENEVE redirection ready");
+        Ok(Self {
+            cfg,
+            node_ns,
+            backend,
+            inner: Mutex::new(Inner {
+                nl,
+                active: None,
+                pods: PodTable::default(),
+            }),
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// What the tunnels are currently built against.
+    pub async fn topology(&self) -> Option<Topology> {
+        self.inner
+            .lock()
+            .await
+            .active
+            .as_ref()
+            .map(|a| a.topo.clone())
+    }
+
+    /// Enrolled pods: UID → IP.
+    pub async fn enrolled(&self) -> BTreeMap<String, Ipv4Addr> {
+        let inner = self.inner.lock().await;
+        inner.pods.iter().map(|(u, e)| (u.clone(), e.ip)).collect()
+    }
+
+    /// Reads back the node namespace and, when a ztunnel is set, its
+    /// namespace.
+    pub async fn inspect(&self) -> Result<(Inventory, Option<Inventory>), GeneveError> {
+        let inner = self.inner.lock().await;
+        let node = inventory::inspect_node(&self.node_ns, &inner.nl, self.backend).await?;
+        let zt = match &inner.active {
+            Some(a) => Some(inventory::inspect_ztunnel(&a.ns, &a.nl, self.backend).await?),
+            None => None,
+        };
+        Ok((node, zt))
+    }
+
+    /// Points redirection at `ztunnel` (or at none). The same pod again
+    /// re-applies everything without recreating matching tunnels; another
+    /// pod or IP tears everything down and rebuilds it (the ipset and the
+    /// enrolled pods are kept, their routes re-added); `None` tears down.
+    pub async fn set_ztunnel(&self, ztunnel: Option<ZtunnelPod>) -> Result<(), GeneveError> {
+        let mut inner = self.inner.lock().await;
+        let current = inner.active.as_ref().map(|a| &a.topo.ztunnel);
+        let change = plan_ztunnel_change(current, ztunnel.as_ref());
+        match change {
+            ZtunnelChange::Nothing => return Ok(()),
+            ZtunnelChange::Teardown | ZtunnelChange::Rebuild => {
+                self.teardown(&mut inner, false).await?;
+            }
+            ZtunnelChange::Build | ZtunnelChange::Refresh => {}
+        }
+        let Some(zt) = ztunnel else {
+            return Ok(());
+        };
+        let (ns, nl) = match inner.active.take() {
+            Some(a) => (a.ns, a.nl),
+            None => {
+                let ns = Netns::open(&zt.netns)?;
+                let nl = Netlink::connect(&ns).await?;
+                (ns, nl)
+            }
+        };
+        let topo =
+            node::resolve(&inner.nl, &nl, &zt, self.cfg.host_ip, self.cfg.dns_capture).await?;
+        info!(
+            ztunnel = %zt.ip, uid = %zt.uid, veth = %topo.ztunnel_veth, port = topo.geneve_port,
+            host_ip = %topo.host_ip, ?change, "building GENEVE redirection"
+        );
+        let t0 = std::time::Instant::now();
+        node::build_node(&self.node_ns, &inner.nl, &topo, self.backend).await?;
+        let t1 = std::time::Instant::now();
+        ztunnel_ns::build_ztunnel(&ns, &nl, &topo, self.backend).await?;
+        debug!(node = ?(t1 - t0), ztunnel = ?t1.elapsed(), "GENEVE sides built");
+        inner.active = Some(Active { topo, ns, nl });
+        let wanted = inner.pods.iter().map(|(u, e)| (u.clone(), e.ip)).collect();
+        self.sync_pods(&inner, &wanted, false).await?;
+        Ok(())
+    }
+
+    /// Tears down the ztunnel side (best effort: the pod may be gone) and the
+    /// node side; `active` becomes `None`.
+    async fn teardown(&self, inner: &mut Inner, destroy_ipset: bool) -> Result<(), GeneveError> {
+        if let Some(a) = inner.active.take() {
+            info!(ztunnel = %a.topo.ztunnel.ip, "tearing down GENEVE redirection");
+            let params = a.topo.ztunnel_rule_params();
+            if let Err(e) = ztunnel_ns::teardown_ztunnel(&a.ns, &a.nl, &params, self.backend).await
+            {
+                warn!(ztunnel = %a.topo.ztunnel.ip, error = %e, "cannot clean the old ztunnel pod's namespace");
+            }
+        }
+        node::teardown_node(&self.node_ns, &inner.nl, self.backend, destroy_ipset).await
+    }
+
+    /// Makes the ipset and per-pod routes match `wanted`; returns the UIDs
+    /// found in the ipset that are not wanted. Without `remove_strays`,
+    /// entries of pods this redirector does not know (e.g. after an agent
+    /// restart, before [`Redirector::reconcile`]) are kept and routed: they
+    /// stay redirected until reconcile says otherwise.
+    async fn sync_pods(
+        &self,
+        inner: &Inner,
+        wanted: &BTreeMap<String, Ipv4Addr>,
+        remove_strays: bool,
+    ) -> Result<Vec<String>, GeneveError> {
+        let label = inner.nl.netns().to_string();
+        let set = node::ipset_entries(&self.node_ns, &label).await?;
+        let mut extended;
+        let wanted = if remove_strays {
+            wanted
+        } else {
+            extended = wanted.clone();
+            let held: BTreeSet<Ipv4Addr> = wanted.values().copied().collect();
+            for (ip, uid) in set.iter().flatten() {
+                let key = if uid.is_empty() {
+                    format!("unknown-{ip}")
+                } else {
+                    uid.clone()
+                };
+                if !held.contains(ip) && !wanted.contains_key(&key) {
+                    extended.insert(key, *ip);
+                }
+            }
+            &extended
+        };
+        let topo = inner.active.as_ref().map(|a| &a.topo);
+        let routes = match topo {
+            Some(_) => Some(inner.nl.routes(constants::TABLE_INBOUND).await?),
+            None => None,
+        };
+        let host_ip = topo.map(|t| t.host_ip).unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let plan = plan_reconcile(wanted, set.as_ref(), routes.as_deref(), |ip| {
+            routing::pod_route(ip, host_ip)
+        });
+        let mut batch = ipset::create_line();
+        for ip in &plan.ipset_del {
+            batch.push_str(&ipset::del_line(*ip));
+        }
+        for (ip, uid) in &plan.ipset_add {
+            batch.push_str(
+                &ipset::add_line(*ip, uid).map_err(|source| GeneveError::Ipset {
+                    netns: label.clone(),
+                    source,
+                })?,
+            );
+        }
+        node::ipset_batch(&self.node_ns, &label, batch).await?;
+        for r in &plan.routes_del {
+            inner.nl.delete_route(r).await?;
+        }
+        for r in &plan.routes_add {
+            inner.nl.replace_route(r).await?;
+        }
+        for r in &plan.routes_add {
+            let ip = r.dst.addr();
+            if let Err(e) = node::pod_rp_filter(&self.node_ns, &inner.nl, ip).await {
+                warn!(pod_ip = %ip, error = %e, "cannot set rp_filter on the pod's host device");
+            }
+        }
+        Ok(plan.removed_uids)
+    }
+
+    async fn enrol_pod(&self, pod: &PodRedirect) -> Result<(), RedirectError> {
+        let mut inner = self.inner.lock().await;
+        let plan = inner
+            .pods
+            .plan_enrol(&pod.uid, &pod.key(), &pod.ips)
+            .map_err(|e| RedirectError::new(pod, "GENEVE enrol", false, e))?;
+        let fail = |e: GeneveError| RedirectError::new(pod, "GENEVE enrol", false, e);
+        if let Some(old) = plan.old_ip {
+            node::remove_pod(&self.node_ns, &inner.nl, old)
+                .await
+                .map_err(fail)?;
+        }
+        let topo = inner.active.as_ref().map(|a| a.topo.clone());
+        node::add_pod(&self.node_ns, &inner.nl, topo.as_ref(), plan.ip, &pod.uid)
+            .await
+            .map_err(fail)?;
+        inner.pods.commit_enrol(&pod.uid, &pod.key(), &plan);
+        if topo.is_none() {
+            return Err(RedirectError::new(
+                pod,
+                "GENEVE enrol",
+                true,
+                GeneveError::NoZtunnel,
+            ));
+        }
+        info!(pod = %pod.key(), uid = %pod.uid, ip = %plan.ip, "pod enrolled (GENEVE)");
+        Ok(())
+    }
+
+    async fn unenrol_pod(&self, pod: &PodRedirect) -> Result<(), RedirectError> {
+        let mut inner = self.inner.lock().await;
+        let Some(ip) = inner.pods.unenrol(&pod.uid, &pod.ips) else {
+            return Ok(());
+        };
+        node::remove_pod(&self.node_ns, &inner.nl, ip)
+            .await
+            .map_err(|e| RedirectError::new(pod, "GENEVE unenrol", false, e))?;
+        info!(pod = %pod.key(), uid = %pod.uid, %ip, "pod unenrolled (GENEVE)");
+        Ok(())
+    }
+
+    async fn reconcile_pods(&self, enrolled: &[PodRedirect]) -> ReconcileReport {
+        let mut report = ReconcileReport::default();
+        let mut inner = self.inner.lock().await;
+        let before: BTreeSet<String> = inner.pods.iter().map(|(u, _)| u.clone()).collect();
+        let mut table = PodTable::default();
+        let mut ok = Vec::new();
+        for pod in enrolled {
+            match table.plan_enrol(&pod.uid, &pod.key(), &pod.ips) {
+                Ok(plan) => {
+                    table.commit_enrol(&pod.uid, &pod.key(), &plan);
+                    ok.push(pod);
+                }
+                Err(e) => report
+                    .failed
+                    .push(RedirectError::new(pod, "GENEVE reconcile", false, e)),
+            }
+        }
+        let wanted: BTreeMap<String, Ipv4Addr> =
+            table.iter().map(|(u, e)| (u.clone(), e.ip)).collect();
+        inner.pods = table;
+        match self.sync_pods(&inner, &wanted, true).await {
+            Ok(removed) => {
+                let mut removed: BTreeSet<String> = removed.into_iter().collect();
+                removed.extend(before.into_iter().filter(|u| !wanted.contains_key(u)));
+                report.removed = removed.into_iter().collect();
+                let active = inner.active.is_some();
+                for pod in ok.into_iter().filter(|p| wanted.contains_key(&p.uid)) {
+                    if active {
+                        report.enrolled.push(pod.uid.clone());
+                    } else {
+                        report.failed.push(RedirectError::new(
+                            pod,
+                            "GENEVE reconcile",
+                            true,
+                            GeneveError::NoZtunnel,
+                        ));
+                    }
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for pod in ok {
+                    report.failed.push(RedirectError::new(
+                        pod,
+                        "GENEVE reconcile",
+                        false,
+                        msg.clone(),
+                    ));
+                }
+            }
+        }
+        report
+    }
+
+    /// Removes everything: both sides, the ipset, the enrolled-pod table.
+    pub async fn cleanup(&self) -> Result<(), GeneveError> {
+        let mut inner = self.inner.lock().await;
+        self.teardown(&mut inner, true).await?;
+        inner.pods.clear();
+        Ok(())
+    }
+}
+
+impl Redirector for GeneveRedirector {
+    fn mode(&self) -> &'static str {
+        "geneve"
+    }
+
+    fn enrol<'a>(&'a self, pod: &'a PodRedirect) -> BoxFuture<'a, Result<(), RedirectError>> {
+        Box::pin(self.enrol_pod(pod))
+    }
+
+    fn unenrol<'a>(&'a self, pod: &'a PodRedirect) -> BoxFuture<'a, Result<(), RedirectError>> {
+        Box::pin(self.unenrol_pod(pod))
+    }
+
+    fn reconcile<'a>(&'a self, enrolled: &'a [PodRedirect]) -> BoxFuture<'a, ReconcileReport> {
+        Box::pin(self.reconcile_pods(enrolled))
+    }
+
+    fn cleanup_all(&self) -> BoxFuture<'_, Result<(), RedirectError>> {
+        Box::pin(async move {
+            self.cleanup()
+                .await
+                .map_err(|e| node_error("GENEVE cleanup", e))
+        })
+    }
+}

@@ -1,0 +1,167 @@
+//! `net.ipv4.conf.*` settings GENEVE redirection needs.
+//!
+//! `/proc/sys/net` shows the namespace of the thread that opens it, so
+//! [`apply`] and [`interfaces`] must run inside
+//! [`crate::redirect::netns::Netns::run`] for the target namespace.
+
+use std::path::PathBuf;
+
+use super::constants::*;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set {path} to {value}: {source}")]
+pub struct SysctlError {
+    pub path: PathBuf,
+    pub value: &'static str,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// One setting: `/proc/sys/net/ipv4/conf/<iface>/<key> = value`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setting {
+    pub iface: String,
+    pub key: &'static str,
+    pub value: &'static str,
+}
+
+impl Setting {
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/proc/sys/net/ipv4/conf")
+            .join(&self.iface)
+            .join(self.key)
+    }
+}
+
+fn rp_filter_off(iface: &str) -> Setting {
+    Setting {
+        iface: iface.to_string(),
+        key: "rp_filter",
+        value: "0",
+    }
+}
+
+fn accept_local(iface: &str) -> Setting {
+    Setting {
+        iface: iface.to_string(),
+        key: "accept_local",
+        value: "1",
+    }
+}
+
+/// Node settings: `rp_filter=0` on default, all, the ztunnel veth, both
+/// tunnels and every other interface present (`all_ifaces`); `accept_local=1`
+/// on the veth and both tunnels.
+pub fn node_settings(ztunnel_veth: &str, all_ifaces: &[String]) -> Vec<Setting> {
+    let mut v: Vec<Setting> = [
+        "default",
+        "all",
+        ztunnel_veth,
+        NODE_INBOUND_LINK,
+        NODE_OUTBOUND_LINK,
+    ]
+    .into_iter()
+    .map(rp_filter_off)
+    .collect();
+    for i in all_ifaces {
+        if !v.iter().any(|s| &s.iface == i) {
+            v.push(rp_filter_off(i));
+        }
+    }
+    for i in [ztunnel_veth, NODE_INBOUND_LINK, NODE_OUTBOUND_LINK] {
+        v.push(accept_local(i));
+    }
+    v
+}
+
+/// ztunnel netns settings: `rp_filter=0` on default, all, the pod interface
+/// and both tunnels.
+pub fn ztunnel_settings(pod_iface: &str) -> Vec<Setting> {
+    [
+        "default",
+        "all",
+        pod_iface,
+        ZTUNNEL_INBOUND_LINK,
+        ZTUNNEL_OUTBOUND_LINK,
+    ]
+    .into_iter()
+    .map(rp_filter_off)
+    .collect()
+}
+
+/// The per-pod setting: `rp_filter=0` on the host device that leads to the
+/// pod.
+pub fn pod_settings(host_dev: &str) -> Vec<Setting> {
+    vec![rp_filter_off(host_dev)]
+}
+
+/// Interfaces listed under `/proc/sys/net/ipv4/conf` (without `all` and
+/// `default`), in the calling thread's namespace.
+pub fn interfaces() -> std::io::Result<Vec<String>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc/sys/net/ipv4/conf")? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if name != "all" && name != "default" {
+            v.push(name);
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// Writes every setting, in the calling thread's namespace.
+pub fn apply(settings: &[Setting]) -> Result<(), SysctlError> {
+    for s in settings {
+        let path = s.path();
+        std::fs::write(&path, s.value).map_err(|source| SysctlError {
+            path: path.clone(),
+            value: s.value,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Reads one setting's current value (trimmed).
+pub fn read(s: &Setting) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(s.path())?.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_settings_cover_every_interface_once() {
+        let ifaces = vec!["eth0".to_string(), "veth1".to_string(), "lo".to_string()];
+        let s = node_settings("veth1", &ifaces);
+        let rp: Vec<&str> = s
+            .iter()
+            .filter(|x| x.key == "rp_filter")
+            .map(|x| x.iface.as_str())
+            .collect();
+        assert_eq!(
+            rp,
+            [
+                "default", "all", "veth1", "istioin", "istioout", "eth0", "lo"
+            ]
+        );
+        let al: Vec<&str> = s
+            .iter()
+            .filter(|x| x.key == "accept_local")
+            .map(|x| x.iface.as_str())
+            .collect();
+        assert_eq!(al, ["veth1", "istioin", "istioout"]);
+        assert_eq!(
+            s[0].path(),
+            PathBuf::from("/proc/sys/net/ipv4/conf/default/rp_filter")
+        );
+    }
+
+    #[test]
+    fn ztunnel_settings_list() {
+        let s = ztunnel_settings("eth0");
+        assert_eq!(s.len(), 5);
+        assert!(s.iter().all(|x| x.key == "rp_filter" && x.value == "0"));
+    }
+}

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Runs the tests that need kernel features this machine lacks (GENEVE) in a
+# throw-away VM (../shared/tools/in-vm, or $IN_VM), all in one boot.
+#
+#   scripts/vm-tests.sh              # every VM test binary
+#   scripts/vm-tests.sh FILTER       # only tests whose name contains FILTER
+#
+# Test binaries are built here, on the host, then run inside the VM, which
+# shares the repository (read-write) and the host's root (read-only). Inside
+# the VM GENEVE_TESTS_REQUIRED=1 makes a missing GENEVE a failure, not a skip.
+# Env: IN_VM (path of the in-vm tool), IN_VM_TIMEOUT (default 900 s),
+# CARGO (cargo), VM_TEST_THREADS (2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# --- inside the VM: scripts/vm-tests.sh --inside THREADS FILTER BINARY... ---
+if [ "${1:-}" = --inside ]; then
+  threads=$2 filter=$3; shift 3
+  export GENEVE_TESTS_REQUIRED=1 RUST_BACKTRACE=1
+  rc=0 start=$(date +%s.%N)
+  for b in "$@"; do
+    echo "=== vm-tests: $b"
+    t0=$(date +%s.%N)
+    if [ -n "$filter" ]; then "./$b" --test-threads="$threads" "$filter" || rc=1
+    else "./$b" --test-threads="$threads" || rc=1; fi
+    echo "=== vm-tests: $b took $(elapsed "$t0") s"
+  done
+  echo "=== vm-tests: all test binaries took $(elapsed "$start") s inside the VM"
+  exit "$rc"
+fi
+
+# --- on the host ---
+ROOT=$PWD
+IN_VM=${IN_VM:-$ROOT/../shared/tools/in-vm}
+CARGO=${CARGO:-cargo}
+[ -x "$IN_VM" ] || { echo "vm-tests: $IN_VM not found or not executable" >&2; exit 2; }
+
+# package:test-target pairs that need the VM.
+TARGETS=(node-agent:geneve_redirect)
+if [ -f e2e/tests/geneve.rs ]; then TARGETS+=(e2e:geneve); fi
+
+bins=()
+for t in "${TARGETS[@]}"; do
+  pkg=${t%%:*} test=${t#*:}
+  exe=$("$CARGO" test -p "$pkg" --test "$test" --no-run --message-format=json |
+    jq -r 'select(.reason == "compiler-artifact" and .profile.test == true and .executable != null) | .executable' |
+    tail -1)
+  if [ -z "$exe" ] || [ ! -x "$exe" ]; then
+    echo "vm-tests: cannot build $pkg --test $test" >&2
+    exit 1
+  fi
+  bins+=("${exe#"$ROOT"/}")
+done
+
+t0=$(date +%s.%N)
+rc=0
+IN_VM_TIMEOUT=${IN_VM_TIMEOUT:-900} "$IN_VM" scripts/vm-tests.sh --inside \
+  "${VM_TEST_THREADS:-2}" "${1:-}" "${bins[@]}" || rc=$?
+echo "vm-tests: VM run (boot included) took $(elapsed "$t0") s, exit $rc"
+exit "$rc"
