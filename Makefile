@@ -44,7 +44,7 @@ clean:
 # Helm, validate against Kubernetes schemas, security properties, env golden
 # files, bad values refused; shellcheck of the chart's scripts.
 test-chart: deps
-	cd charts/tests && python3 -m unittest -v test_chart test_images
+	cd charts/tests && python3 -m unittest -v test_chart test_images test_contract
 
 # localhost/geneva-mesh/{ztunnel,node-agent}:dev, offline (buildah, or docker/
 # podman with BUILDER=...), plus docker-archive tarballs in target/images-out.

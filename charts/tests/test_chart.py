@@ -513,6 +513,13 @@ class CertificateAuthority(unittest.TestCase):
         self.assertIn("Certificate Sign", text)
         self.assertIn("prime256v1", text)
         self.assertIn("geneva-mesh root CA (cluster.local)", text)
+        # The key in the Secret is the certificate's key (SEC1 EC, as the CA reads it).
+        self.assertIn("BEGIN EC PRIVATE KEY", data["ca-key.pem"])
+        key_pub = subprocess.run(["openssl", "pkey", "-pubout"], input=data["ca-key.pem"],
+                                 capture_output=True, text=True, check=True).stdout
+        cert_pub = subprocess.run(["openssl", "x509", "-noout", "-pubkey"], input=data["ca-cert.pem"],
+                                  capture_output=True, text=True, check=True).stdout
+        self.assertEqual(key_pub, cert_pub)
         deploy = pod_spec(r.get("Deployment", "mesh-ca"))
         self.assertEqual(next(v for v in deploy["volumes"] if v["name"] == "cacerts")["secret"]["secretName"], "mesh-ca-certs")
         # Only the CA Deployment mounts a Secret.
