@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 
 use crate::identity::Identity;
+use crate::policy::{Decision, PeerIdentity, Request};
 use crate::state::{Snapshot, Workload};
 
 /// What is known about the connection when deciding.
@@ -29,7 +30,27 @@ pub struct Denied {
     pub reason: String,
 }
 
-/// Allows or denies one inbound connection.
-pub fn authorize(_req: &AuthorizationRequest<'_>) -> Result<(), Denied> {
-    Ok(())
+/// Allows or denies one inbound connection (the snapshot's L4 policies, Istio semantics;
+/// allocation-free unless denied).
+pub fn authorize(req: &AuthorizationRequest<'_>) -> Result<(), Denied> {
+    let src_identity = req.src_identity.map(|id| PeerIdentity {
+        trust_domain: id.trust_domain(),
+        namespace: id.namespace(),
+        service_account: id.service_account(),
+    });
+    let decision = req.snapshot.policies().evaluate(&Request {
+        dst_workload_namespace: &req.dst_workload.namespace,
+        dst_workload_policy_refs: &req.dst_workload.authorization_policies,
+        src_identity,
+        src_ip: req.src_addr.ip(),
+        dst_ip: req.dst_addr.ip(),
+        dst_port: req.dst_addr.port(),
+    });
+    match decision {
+        Decision::Allow => Ok(()),
+        Decision::Deny { policy, reason } => Err(Denied {
+            policy: policy.to_string(),
+            reason: reason.to_string(),
+        }),
+    }
 }
