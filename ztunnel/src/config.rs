@@ -76,10 +76,13 @@ pub struct H2Config {
     /// `POOL_MAX_STREAMS_PER_CONNECTION` (100).
     pub max_streams_per_connection: u32,
     /// `POOL_UNUSED_RELEASE_TIMEOUT` (5 min).
+    #[serde(serialize_with = "humantime_duration")]
     pub pool_unused_release_timeout: Duration,
     /// PING interval (10 s).
+    #[serde(serialize_with = "humantime_duration")]
     pub keepalive_interval: Duration,
     /// Connection dropped when no PONG within this (20 s).
+    #[serde(serialize_with = "humantime_duration")]
     pub keepalive_timeout: Duration,
     /// Server: max concurrent streams per connection (200).
     pub server_max_concurrent_streams: u32,
@@ -159,6 +162,7 @@ pub struct Config {
     /// `TRUST_DOMAIN`.
     pub trust_domain: String,
     /// `SECRET_TTL`.
+    #[serde(serialize_with = "humantime_duration")]
     pub secret_ttl: Duration,
     /// `NODE_NAME`, `POD_NAME`, `POD_NAMESPACE`, `INSTANCE_IP`.
     pub node_name: Option<String>,
@@ -168,6 +172,7 @@ pub struct Config {
     /// `ENABLE_ORIG_SRC` (unset: decided per mode).
     pub enable_orig_src: Option<bool>,
     /// `TERMINATION_GRACE_PERIOD_SECONDS`.
+    #[serde(serialize_with = "humantime_duration")]
     pub termination_grace_period: Duration,
     /// `ZTUNNEL_WORKER_THREADS`.
     pub worker_threads: usize,
@@ -182,9 +187,15 @@ pub struct Config {
     /// `READINESS_ADDR` ([::]:15021, `/healthz/ready`).
     pub readiness_addr: SocketAddr,
     /// Timeout for upstream connects (HBONE and plaintext); `CONNECTION_TIMEOUT` (10 s).
+    #[serde(serialize_with = "humantime_duration")]
     pub connect_timeout: Duration,
     /// Timeout for an inbound TLS handshake (`HANDSHAKE_TIMEOUT`, 10 s).
+    #[serde(serialize_with = "humantime_duration")]
     pub handshake_timeout: Duration,
+}
+
+fn humantime_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*d))
 }
 
 /// A rejected setting.

@@ -1,8 +1,11 @@
 //! ztunnel library.
+pub mod admin;
+pub mod app;
 pub mod config;
 pub mod hbone;
 pub mod identity;
 pub mod proxy;
+pub mod readiness;
 pub mod redirect;
 pub mod state;
 pub mod telemetry;

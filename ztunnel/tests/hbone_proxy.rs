@@ -47,8 +47,12 @@ async fn two_proxies_exchange_data_over_hbone() {
     // Both access logs name the other side's SPIFFE identity.
     wait_for("access logs", || {
         log_lines(&["connection complete", "direction=\"inbound\"", "127.77.1.1"]).len() >= 2
-            && log_lines(&["connection complete", "direction=\"outbound\"", "127.77.1.2:15008"])
-                .len()
+            && log_lines(&[
+                "connection complete",
+                "direction=\"outbound\"",
+                "127.77.1.2:15008",
+            ])
+            .len()
                 >= 2
     })
     .await;
@@ -57,13 +61,24 @@ async fn two_proxies_exchange_data_over_hbone() {
         inbound[0].contains("src.identity=spiffe://cluster.local/ns/ns-a/sa/sa-a"),
         "{inbound:?}"
     );
-    let outbound = log_lines(&["connection complete", "direction=\"outbound\"", "127.77.1.2:15008"]);
+    let outbound = log_lines(&[
+        "connection complete",
+        "direction=\"outbound\"",
+        "127.77.1.2:15008",
+    ]);
     assert!(
         outbound[0].contains("dst.identity=spiffe://cluster.local/ns/ns-b/sa/sa-b"),
         "{outbound:?}"
     );
-    assert!(outbound[0].contains("dst.hbone_addr=127.77.1.2:8080"), "{outbound:?}");
-    assert!(outbound.iter().any(|l| l.contains("dst.service=\"b.ns-b.svc.cluster.local\"")));
+    assert!(
+        outbound[0].contains("dst.hbone_addr=127.77.1.2:8080"),
+        "{outbound:?}"
+    );
+    assert!(
+        outbound
+            .iter()
+            .any(|l| l.contains("dst.service=\"b.ns-b.svc.cluster.local\""))
+    );
     assert!(
         outbound[0].contains(&format!("bytes_sent={}", data.len())),
         "{outbound:?}"
@@ -114,7 +129,9 @@ async fn many_concurrent_connections_and_large_transfer_keep_data_intact() {
         let listener = pa.addresses().outbound;
         let (a_ip, b_ip) = (mesh.a_ip, mesh.b_ip);
         tasks.push(tokio::spawn(async move {
-            let data: Vec<u8> = (0..20_000u32).map(|x| (x.wrapping_mul(31) ^ i) as u8).collect();
+            let data: Vec<u8> = (0..20_000u32)
+                .map(|x| (x.wrapping_mul(31) ^ i) as u8)
+                .collect();
             let data = Arc::new(data);
             let c = socks
                 .redirected_connect(a_ip, listener, sa(b_ip, 8080))
@@ -133,7 +150,9 @@ async fn many_concurrent_connections_and_large_transfer_keep_data_intact() {
 
     // A large transfer one way, checksummed on the far side.
     const SIZE: usize = 256 * 1024 * 1024;
-    let sink = tokio::net::TcpListener::bind(sa(mesh.b_ip, 8081)).await.unwrap();
+    let sink = tokio::net::TcpListener::bind(sa(mesh.b_ip, 8081))
+        .await
+        .unwrap();
     let receiver = tokio::spawn(async move {
         let (mut s, _) = sink.accept().await.unwrap();
         let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
@@ -224,9 +243,17 @@ async fn refuses_bad_peers_with_logged_reason_and_metrics() {
     let cert = leaf(&mesh.ca, &other_td, valid_now());
     let r = raw_tls(&mesh, mesh.a_ip, &cert, &trust).await;
     assert!(r.is_err() || h2_refused(r.unwrap()).await);
-    wait_for("trust domain refusal", || mesh.refused("tls_handshake") == before + 1).await;
+    wait_for("trust domain refusal", || {
+        mesh.refused("tls_handshake") == before + 1
+    })
+    .await;
     wait_for("trust domain log", || {
-        !log_lines(&["refused HBONE connection", "127.77.4.1", "not in trust domain"]).is_empty()
+        !log_lines(&[
+            "refused HBONE connection",
+            "127.77.4.1",
+            "not in trust domain",
+        ])
+        .is_empty()
     })
     .await;
 
@@ -235,7 +262,10 @@ async fn refuses_bad_peers_with_logged_reason_and_metrics() {
     let cert = leaf(&rogue, &a, valid_now());
     let r = raw_tls(&mesh, mesh.a_ip, &cert, &trust).await;
     assert!(r.is_err() || h2_refused(r.unwrap()).await);
-    wait_for("untrusted root refusal", || mesh.refused("tls_handshake") == before + 2).await;
+    wait_for("untrusted root refusal", || {
+        mesh.refused("tls_handshake") == before + 2
+    })
+    .await;
     wait_for("untrusted root log", || {
         !log_lines(&["refused HBONE connection", "127.77.4.1", "UnknownIssuer"]).is_empty()
     })
@@ -247,7 +277,10 @@ async fn refuses_bad_peers_with_logged_reason_and_metrics() {
     let cert = leaf(&mesh.ca, &a, expired);
     let r = raw_tls(&mesh, mesh.a_ip, &cert, &trust).await;
     assert!(r.is_err() || h2_refused(r.unwrap()).await);
-    wait_for("expired refusal", || mesh.refused("tls_handshake") == before + 3).await;
+    wait_for("expired refusal", || {
+        mesh.refused("tls_handshake") == before + 3
+    })
+    .await;
     wait_for("expired log", || {
         !log_lines(&["refused HBONE connection", "127.77.4.1", "expired"]).is_empty()
     })
@@ -258,9 +291,18 @@ async fn refuses_bad_peers_with_logged_reason_and_metrics() {
     let cert = leaf(&mesh.ca, &impostor, valid_now());
     let tls = raw_tls(&mesh, mesh.a_ip, &cert, &trust).await.unwrap();
     assert!(h2_refused(tls).await);
-    wait_for("identity mismatch refusal", || mesh.refused("identity_mismatch") == 1).await;
-    let lines = log_lines(&["client certificate identity is not the identity", "127.77.4.1"]);
-    assert!(lines[0].contains("sa-evil") && lines[0].contains("sa-a"), "{lines:?}");
+    wait_for("identity mismatch refusal", || {
+        mesh.refused("identity_mismatch") == 1
+    })
+    .await;
+    let lines = log_lines(&[
+        "client certificate identity is not the identity",
+        "127.77.4.1",
+    ]);
+    assert!(
+        lines[0].contains("sa-evil") && lines[0].contains("sa-a"),
+        "{lines:?}"
+    );
 
     // The same valid certificate from an address that is no known workload is accepted at
     // the TLS level (no workload to compare with).
@@ -271,7 +313,9 @@ async fn refuses_bad_peers_with_logged_reason_and_metrics() {
 async fn h2_as_a(mesh: &Mesh) -> h2::client::SendRequest<Bytes> {
     let a = mesh.identity("sa-a", "ns-a");
     let cert = leaf(&mesh.ca, &a, valid_now());
-    let tls = raw_tls(mesh, mesh.a_ip, &cert, &roots(&mesh.ca)).await.unwrap();
+    let tls = raw_tls(mesh, mesh.a_ip, &cert, &roots(&mesh.ca))
+        .await
+        .unwrap();
     let (send, conn) = h2::client::handshake(tls).await.unwrap();
     tokio::spawn(conn);
     send
@@ -332,7 +376,9 @@ async fn malformed_requests_get_the_right_status_and_leak_nothing() {
 
     // Garbage before the TLS handshake.
     let mut s = TcpStream::connect(sa(mesh.b_ip, 15008)).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
         .await
@@ -341,7 +387,9 @@ async fn malformed_requests_get_the_right_status_and_leak_nothing() {
 
     // A peer that stalls in the middle of the handshake (handshake timeout 1 s here).
     let mut s = TcpStream::connect(sa(mesh.b_ip, 15008)).await.unwrap();
-    s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await.unwrap();
+    s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
         .await

@@ -20,8 +20,10 @@ pub fn init(format: LogFormat) -> Result<(), LoggingError> {
             value: value.clone(),
             reason: e.to_string(),
         })?;
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -48,7 +48,11 @@ pub fn roots(ca: &LocalCa) -> TrustRoots {
 }
 
 /// A certificate for `id` from `ca`, valid in `valid`.
-pub fn leaf(ca: &LocalCa, id: &Identity, valid: std::ops::Range<SystemTime>) -> WorkloadCertificate {
+pub fn leaf(
+    ca: &LocalCa,
+    id: &Identity,
+    valid: std::ops::Range<SystemTime>,
+) -> WorkloadCertificate {
     let (key, csr) = generate_csr(id).unwrap();
     let chain = ca
         .sign_csr_with_validity(&csr, id, valid.start, valid.end)
@@ -257,13 +261,20 @@ impl Mesh {
             trust_domain: "cluster.local".into(),
             cluster_id: "Kubernetes".into(),
         };
-        let lc = parse(&mesh_yaml(base), std::path::Path::new("mesh.yaml"), &defaults).unwrap();
+        let lc = parse(
+            &mesh_yaml(base),
+            std::path::Path::new("mesh.yaml"),
+            &defaults,
+        )
+        .unwrap();
         store
             .source("file")
             .replace_all(lc.workloads, lc.services, lc.policies);
-        let mut cfg = Config::default();
-        cfg.handshake_timeout = Duration::from_secs(1);
-        cfg.connect_timeout = Duration::from_secs(2);
+        let mut cfg = Config {
+            handshake_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(2),
+            ..Config::default()
+        };
         cfg_edit(&mut cfg);
         let mut registry = Registry::default();
         let metrics = Arc::new(ProxyMetrics::new(&mut registry));

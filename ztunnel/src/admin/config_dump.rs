@@ -1,0 +1,85 @@
+//! The `/config_dump` and `/debug/connections` documents.
+
+use serde::Serialize;
+
+use super::AdminState;
+use crate::hbone::pool::PooledConnectionInfo;
+use crate::identity::manager::CertificateDump;
+use crate::policy::model::Authorization;
+use crate::proxy::ConnectionSummary;
+use crate::state::{Service, Workload};
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigDump<'a> {
+    pub config: &'a crate::config::Config,
+    pub state_version: u64,
+    pub workloads: Vec<&'a Workload>,
+    pub services: Vec<&'a Service>,
+    pub policies: Vec<&'a Authorization>,
+    pub certificates: Vec<CertificateDump>,
+    pub certificate_provider: &'a str,
+    pub proxies: Vec<ProxyDump>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyDump {
+    pub name: String,
+    pub outbound: String,
+    pub inbound_plain: String,
+    pub hbone: String,
+    pub active_connections: usize,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionsDump {
+    pub name: String,
+    pub connections: Vec<ConnectionSummary>,
+    pub pool: Vec<PooledConnectionInfo>,
+}
+
+pub fn config_dump(state: &AdminState) -> String {
+    let snap = state.store.snapshot();
+    let mut workloads: Vec<&Workload> = snap.workloads().map(|w| w.as_ref()).collect();
+    workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+    let mut services: Vec<&Service> = snap.services().map(|s| s.as_ref()).collect();
+    services.sort_by(|a, b| (&a.namespace, &a.hostname).cmp(&(&b.namespace, &b.hostname)));
+    let proxies = (state.proxies)()
+        .into_iter()
+        .map(|(name, h)| {
+            let a = h.addresses();
+            ProxyDump {
+                name,
+                outbound: a.outbound.to_string(),
+                inbound_plain: a.inbound_plain.to_string(),
+                hbone: a.hbone.to_string(),
+                active_connections: h.active_connections(),
+            }
+        })
+        .collect();
+    let dump = ConfigDump {
+        config: &state.cfg,
+        state_version: snap.version,
+        workloads,
+        services,
+        policies: snap.policies().iter().collect(),
+        certificates: state.certs.dump(),
+        certificate_provider: state.certs.provider_name(),
+        proxies,
+    };
+    serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+pub fn connections(state: &AdminState) -> String {
+    let dump: Vec<ConnectionsDump> = (state.proxies)()
+        .into_iter()
+        .map(|(name, h)| ConnectionsDump {
+            name,
+            connections: h.connections(),
+            pool: h.pool_connections(),
+        })
+        .collect();
+    serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}

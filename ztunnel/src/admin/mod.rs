@@ -1,0 +1,197 @@
+//! HTTP endpoints for operators: admin on `localhost:15000` (`/config_dump`,
+//! `/debug/connections`), Prometheus on `[::]:15020/metrics`, readiness on
+//! `[::]:15021/healthz/ready`. HTTP/1.1 (hyper), served on the admin runtime, never on the
+//! data-plane threads.
+
+pub mod config_dump;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::identity::SecretManager;
+use crate::proxy::ProxyHandle;
+use crate::readiness::Readiness;
+use crate::state::Store;
+
+/// Lists the running proxies (name, handle).
+pub type ProxyLister = Arc<dyn Fn() -> Vec<(String, ProxyHandle)> + Send + Sync>;
+
+/// What the endpoints read.
+pub struct AdminState {
+    pub cfg: Arc<Config>,
+    pub store: Store,
+    pub certs: Arc<SecretManager>,
+    pub registry: Arc<Registry>,
+    pub readiness: Readiness,
+    pub proxies: ProxyLister,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("binding the {name} endpoint on {addr}: {source}")]
+pub struct AdminError {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Bound addresses.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminAddresses {
+    pub admin: SocketAddr,
+    pub stats: SocketAddr,
+    pub readiness: SocketAddr,
+}
+
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Admin,
+    Stats,
+    Readiness,
+}
+
+/// Binds the three listeners and serves them on the current runtime until `stop`.
+pub async fn start(
+    state: Arc<AdminState>,
+    stop: CancellationToken,
+) -> Result<AdminAddresses, AdminError> {
+    let bind = |name: &'static str, addr: SocketAddr| async move {
+        bind_dual(addr)
+            .await
+            .map_err(|source| AdminError { name, addr, source })
+    };
+    let admin = bind("admin", state.cfg.admin_addr).await?;
+    let stats = bind("metrics", state.cfg.stats_addr).await?;
+    let ready = bind("readiness", state.cfg.readiness_addr).await?;
+    let addrs = AdminAddresses {
+        admin: admin.local_addr().unwrap_or(state.cfg.admin_addr),
+        stats: stats.local_addr().unwrap_or(state.cfg.stats_addr),
+        readiness: ready.local_addr().unwrap_or(state.cfg.readiness_addr),
+    };
+    for (listener, endpoint) in [
+        (admin, Endpoint::Admin),
+        (stats, Endpoint::Stats),
+        (ready, Endpoint::Readiness),
+    ] {
+        tokio::spawn(serve(listener, endpoint, state.clone(), stop.clone()));
+    }
+    Ok(addrs)
+}
+
+/// `[::]` falls back to `0.0.0.0` where IPv6 is unavailable.
+async fn bind_dual(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Err(e) if addr.is_ipv6() && addr.ip().is_unspecified() => {
+            TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], addr.port())))
+                .await
+                .map_err(|_| e)
+        }
+        r => r,
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    endpoint: Endpoint,
+    state: Arc<AdminState>,
+    stop: CancellationToken,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: http::Request<Incoming>| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(endpoint, &state, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(body.into()))
+        .expect("static response parts are valid")
+}
+
+fn json(body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+fn route<B>(
+    endpoint: Endpoint,
+    state: &AdminState,
+    req: &http::Request<B>,
+) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    }
+    let path = req.uri().path();
+    match (endpoint, path) {
+        (Endpoint::Readiness | Endpoint::Admin, "/healthz/ready") => {
+            let pending = state.readiness.pending();
+            if state.readiness.is_ready() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready, waiting for: {}\n", pending.join(", ")),
+                )
+            }
+        }
+        (Endpoint::Stats, "/metrics" | "/stats/prometheus") => {
+            let mut body = String::new();
+            match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+                Ok(()) => Response::builder()
+                    .header(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )
+                    .body(Full::new(Bytes::from(body)))
+                    .expect("static response parts are valid"),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            }
+        }
+        (Endpoint::Admin, "/config_dump") => json(config_dump::config_dump(state)),
+        (Endpoint::Admin, "/debug/connections") => json(config_dump::connections(state)),
+        (Endpoint::Admin, "/") => text(
+            StatusCode::OK,
+            "ztunnel admin\n  /config_dump         workloads, services, policies, certificates, proxies\n  /debug/connections   open connections and pooled HBONE connections per proxy\n  /healthz/ready       readiness\n",
+        ),
+        _ => text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}\n")),
+    }
+}

@@ -1,0 +1,325 @@
+//! Wiring: configuration → state sources, certificates, metrics, proxies, admin endpoints;
+//! runtimes, signals and drain.
+//!
+//! Threads: the data plane runs on a multi-thread tokio runtime with
+//! `ZTUNNEL_WORKER_THREADS` workers; the admin endpoints (and nothing else) on a
+//! single-thread runtime of their own thread, so a slow scrape never delays traffic.
+//! SIGTERM/SIGINT: listeners close, open connections get `TERMINATION_GRACE_PERIOD_SECONDS`
+//! to finish, then the process exits 0.
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::registry::Registry;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminAddresses, AdminState, ProxyLister};
+use crate::config::{Config, ProxyMode};
+use crate::identity::local_ca::LocalCa;
+use crate::identity::{CertificateProvider, SecretManager};
+use crate::inpod::{EngineWorkloadProxies, InpodClient, InpodClientConfig};
+use crate::proxy::{ProxyFactory, ProxyHandle, ProxyInputs, ProxyScope, ProxySpec};
+use crate::readiness::Readiness;
+use crate::redirect::dedicated::DedicatedSocketFactory;
+use crate::redirect::tproxy::{self, TproxySocketFactory};
+use crate::state::Store;
+use crate::state::file::{self, FileDefaults};
+use crate::telemetry::ProxyMetrics;
+use crate::tls::TrustRoots;
+
+/// Start-up failures; each names the setting or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    LocalXds(#[from] file::FileError),
+    #[error(transparent)]
+    LocalCa(#[from] crate::identity::local_ca::LocalCaError),
+    #[error(transparent)]
+    Roots(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::ProxyError),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The certificate provider and the trust roots for the configuration.
+fn certificate_authority(
+    cfg: &Config,
+) -> Result<(Arc<dyn CertificateProvider>, TrustRoots), AppError> {
+    if let Some(addr) = &cfg.ca_address {
+        return Err(AppError::Unsupported(format!(
+            "CA_ADDRESS={addr:?}: the Istio CA client is not wired into this build; unset CA_ADDRESS and set CA_ROOT_CERT/CA_ROOT_KEY"
+        )));
+    }
+    let (Some(cert), Some(key)) = (&cfg.ca_root_cert, &cfg.ca_root_key) else {
+        return Err(AppError::Unsupported(
+            "no certificate authority: set CA_ROOT_CERT and CA_ROOT_KEY (local CA) or CA_ADDRESS"
+                .to_string(),
+        ));
+    };
+    let ca = LocalCa::from_files(cert, key)?;
+    let roots = TrustRoots::from_der(
+        [ca.root_certificate().clone()],
+        &format!("CA_ROOT_CERT {}", cert.display()),
+    )?;
+    tracing::info!(cert = %cert.display(), "using the local CA");
+    Ok((Arc::new(ca), roots))
+}
+
+/// Runs ztunnel until SIGTERM/SIGINT; returns after the drain.
+pub fn run(cfg: Config) -> Result<(), AppError> {
+    let cfg = Arc::new(cfg);
+    if cfg.kubernetes_discovery {
+        return Err(AppError::Unsupported(
+            "KUBERNETES_DISCOVERY=true: Kubernetes discovery is not available in this build; use LOCAL_XDS_PATH".to_string(),
+        ));
+    }
+    let store = Store::new();
+    let _file_watch = match &cfg.local_xds_path {
+        Some(path) => Some(file::watch(
+            path,
+            store.source(file::SOURCE_NAME),
+            FileDefaults {
+                trust_domain: cfg.trust_domain.clone(),
+                cluster_id: cfg.cluster_id.clone(),
+            },
+        )?),
+        None => None,
+    };
+    let (provider, roots) = certificate_authority(&cfg)?;
+    let certs = SecretManager::new(provider, cfg.secret_ttl);
+    let mut registry = Registry::default();
+    let metrics = Arc::new(ProxyMetrics::new(&mut registry));
+    let readiness = Readiness::default();
+    let proxies: Arc<Mutex<Vec<(String, ProxyHandle)>>> = Arc::default();
+    let inpod_proxies: Arc<Mutex<Option<Arc<EngineWorkloadProxies>>>> = Arc::default();
+    let lister: ProxyLister = {
+        let proxies = proxies.clone();
+        let inpod = inpod_proxies.clone();
+        Arc::new(move || {
+            let mut all = proxies.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(p) = inpod.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                all.extend(p.handles());
+            }
+            all
+        })
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.worker_threads)
+        .thread_name("ztunnel-worker")
+        .enable_all()
+        .build()
+        .map_err(|source| AppError::Io {
+            what: "building the data-plane runtime",
+            source,
+        })?;
+
+    let admin_stop = CancellationToken::new();
+    let admin_state = Arc::new(AdminState {
+        cfg: cfg.clone(),
+        store: store.clone(),
+        certs: certs.clone(),
+        registry: Arc::new(registry),
+        readiness: readiness.clone(),
+        proxies: lister,
+    });
+    let (admin_thread, admin_addrs) = spawn_admin(admin_state, admin_stop.clone())?;
+    tracing::info!(
+        admin = %admin_addrs.admin,
+        metrics = %admin_addrs.stats,
+        readiness = %admin_addrs.readiness,
+        "admin endpoints listening"
+    );
+
+    let inputs = ProxyInputs {
+        cfg: cfg.clone(),
+        state: store,
+        certs,
+        roots,
+        metrics,
+    };
+    let result = rt.block_on(data_plane(inputs, readiness, proxies, inpod_proxies));
+    admin_stop.cancel();
+    let _ = admin_thread.join();
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
+}
+
+fn spawn_admin(
+    state: Arc<AdminState>,
+    stop: CancellationToken,
+) -> Result<(std::thread::JoinHandle<()>, AdminAddresses), AppError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("ztunnel-admin".to_string())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(source) => {
+                    let _ = tx.send(Err(AppError::Io {
+                        what: "building the admin runtime",
+                        source,
+                    }));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match admin::start(state, stop.clone()).await {
+                    Ok(addrs) => {
+                        let _ = tx.send(Ok(addrs));
+                        stop.cancelled().await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into()));
+                    }
+                }
+            });
+        })
+        .map_err(|source| AppError::Io {
+            what: "starting the admin thread",
+            source,
+        })?;
+    let addrs = rx.recv().map_err(|_| AppError::Io {
+        what: "starting the admin endpoints",
+        source: std::io::Error::other("admin thread exited"),
+    })??;
+    Ok((thread, addrs))
+}
+
+async fn data_plane(
+    inputs: ProxyInputs,
+    readiness: Readiness,
+    proxies: Arc<Mutex<Vec<(String, ProxyHandle)>>>,
+    inpod_proxies: Arc<Mutex<Option<Arc<EngineWorkloadProxies>>>>,
+) -> Result<(), AppError> {
+    let cfg = inputs.cfg.clone();
+    let grace = cfg.termination_grace_period;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|source| AppError::Io {
+        what: "installing the SIGTERM handler",
+        source,
+    })?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|source| AppError::Io {
+        what: "installing the SIGINT handler",
+        source,
+    })?;
+    let factory = ProxyFactory::new(inputs.clone());
+    let shutdown = CancellationToken::new();
+    let mut inpod_task = None;
+    match cfg.proxy_mode {
+        ProxyMode::Dedicated => {
+            let info = cfg
+                .proxy_workload_info
+                .clone()
+                .expect("config validation requires PROXY_WORKLOAD_INFO in dedicated mode");
+            let sockets = Arc::new(DedicatedSocketFactory::new(
+                cfg.packet_mark,
+                cfg.inpod_port_reuse,
+            ));
+            let handle = factory.start_for_workload(info.clone(), sockets).await?;
+            proxies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((info.to_string(), handle));
+            // Ready once the workload's certificate is issued.
+            let certs = inputs.certs.clone();
+            let store = inputs.state.clone();
+            let td = cfg.trust_domain.clone();
+            let node = cfg.node_name.clone();
+            readiness.add(format!("certificate for {info}"), move || {
+                let snap = store.snapshot();
+                let id = snap
+                    .find_workload(&info, node.as_deref())
+                    .map(|w| w.identity())
+                    .unwrap_or_else(|| {
+                        crate::identity::Identity::new(&td, &info.namespace, &info.service_account)
+                    });
+                certs.current(&id).is_some()
+            });
+        }
+        ProxyMode::Shared if cfg.inpod_enabled => {
+            let engine = Arc::new(EngineWorkloadProxies::new(
+                factory.clone(),
+                cfg.packet_mark,
+                cfg.inpod_port_reuse,
+                grace,
+            ));
+            *inpod_proxies.lock().unwrap_or_else(|e| e.into_inner()) = Some(engine.clone());
+            let client = InpodClient::new(
+                InpodClientConfig {
+                    uds: cfg.inpod_uds.clone(),
+                    ..InpodClientConfig::default()
+                },
+                engine,
+            );
+            readiness.add_watch(
+                "in-pod workload snapshot from the node agent",
+                client.readiness(),
+            );
+            let stop = shutdown.clone();
+            inpod_task = Some(tokio::spawn(async move {
+                client.run(stop.cancelled_owned()).await;
+            }));
+        }
+        ProxyMode::Shared => {
+            // TPROXY (GENEVE redirection): one node-wide proxy with transparent listeners
+            // in ztunnel's own netns; ENABLE_ORIG_SRC defaults to "IP_TRANSPARENT works".
+            let handle = factory
+                .start(ProxySpec {
+                    scope: ProxyScope::Node,
+                    sockets: Arc::new(TproxySocketFactory::new()),
+                    bind_ip: std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                    orig_src: cfg
+                        .enable_orig_src
+                        .unwrap_or_else(tproxy::transparent_supported),
+                })
+                .await?;
+            proxies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(("node (TPROXY)".to_string(), handle));
+        }
+    }
+    tracing::info!(mode = ?cfg.proxy_mode, "ztunnel running");
+
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
+        _ = sigint.recv() => tracing::info!("SIGINT: draining"),
+    }
+    shutdown.cancel();
+    if let Some(t) = inpod_task {
+        let _ = t.await;
+    }
+    let handles: Vec<ProxyHandle> = proxies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(_, h)| h.clone())
+        .collect();
+    let engine = inpod_proxies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let drain_dedicated = futures::future::join_all(handles.iter().map(|h| h.drain(grace)));
+    let drain_inpod = async {
+        if let Some(e) = engine {
+            e.drain_all().await;
+        }
+    };
+    tokio::join!(drain_dedicated, drain_inpod);
+    tracing::info!("drained; exiting");
+    Ok(())
+}
