@@ -25,8 +25,8 @@ use tonic::Code;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Uri};
 
-use super::provider::{CertificateProvider, CertificateRequest, ProviderError, SignFuture};
 use super::Identity;
+use super::provider::{CertificateProvider, CertificateRequest, ProviderError, SignFuture};
 use crate::config::{Config, ProxyMode};
 
 /// Metadata key for node-level issuance.
@@ -137,7 +137,10 @@ pub fn parse_address(address: &str) -> Result<(Uri, String), IstioCaError> {
     if uri.port_u16().is_none() {
         return Err(fail("no port (istiod and the built-in CA listen on 15012)"));
     }
-    let server_name = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let server_name = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     Ok((uri, server_name))
 }
 
@@ -179,7 +182,10 @@ impl IstioCaClient {
     async fn channel(&self, identity: &Identity) -> Result<Channel, ProviderError> {
         let path = &self.opts.root_cert_path;
         let root = tokio::fs::read(path).await.map_err(|e| {
-            self.unavailable(identity, format!("ROOT_CA_PATH {}: cannot read: {e}", path.display()))
+            self.unavailable(
+                identity,
+                format!("ROOT_CA_PATH {}: cannot read: {e}", path.display()),
+            )
         })?;
         let mut cached = self.channel.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = cached.as_ref()
@@ -382,7 +388,10 @@ mod tests {
         );
         assert!(o.impersonate, "shared mode impersonates");
         assert_eq!(o.cluster_id, "c1");
-        assert_eq!(o.extra_headers, vec![("x-tenant".to_string(), "blue".to_string())]);
+        assert_eq!(
+            o.extra_headers,
+            vec![("x-tenant".to_string(), "blue".to_string())]
+        );
         let client = IstioCaClient::new(o).unwrap();
         assert_eq!(client.headers.len(), 1);
         let dedicated = Config::from_lookup(|k| match k {
@@ -407,8 +416,15 @@ mod tests {
             (Code::Internal, false),
         ] {
             let e = status_error(&uri, id.clone(), &tonic::Status::new(code, "why"));
-            assert_eq!(matches!(e, ProviderError::Rejected { .. }), rejected, "{code:?}");
-            assert!(e.to_string().contains("why") && e.to_string().contains("ns/sa"), "{e}");
+            assert_eq!(
+                matches!(e, ProviderError::Rejected { .. }),
+                rejected,
+                "{code:?}"
+            );
+            assert!(
+                e.to_string().contains("why") && e.to_string().contains("ns/sa"),
+                "{e}"
+            );
         }
     }
 
@@ -440,15 +456,27 @@ mod tests {
             csr_pem: String::new(),
             ttl: Duration::from_secs(60),
         };
-        let e = IstioCaClient::new(o.clone()).unwrap().sign(req()).await.unwrap_err();
+        let e = IstioCaClient::new(o.clone())
+            .unwrap()
+            .sign(req())
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("CA_TOKEN_PATH"), "{e}");
         std::fs::write(&o.token_path, "tok\n").unwrap();
-        let e = IstioCaClient::new(o.clone()).unwrap().sign(req()).await.unwrap_err();
+        let e = IstioCaClient::new(o.clone())
+            .unwrap()
+            .sign(req())
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("ROOT_CA_PATH"), "{e}");
         // A root that does not parse, or a CA that is not there: unavailable, not a panic.
         std::fs::write(&o.root_cert_path, "garbage").unwrap();
         o.request_timeout = Duration::from_millis(300);
-        let e = IstioCaClient::new(o).unwrap().sign(req()).await.unwrap_err();
+        let e = IstioCaClient::new(o)
+            .unwrap()
+            .sign(req())
+            .await
+            .unwrap_err();
         assert!(matches!(e, ProviderError::Unavailable { .. }), "{e}");
     }
 }
