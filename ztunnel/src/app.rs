@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminAddresses, AdminState, ProxyLister};
 use crate::config::{Config, ProxyMode};
-use crate::identity::local_ca::LocalCa;
+use crate::identity::istio_ca;
 use crate::identity::{CertificateProvider, SecretManager};
 use crate::inpod::{EngineWorkloadProxies, InpodClient, InpodClientConfig};
 use crate::proxy::{ProxyFactory, ProxyHandle, ProxyInputs, ProxyScope, ProxySpec};
@@ -35,7 +35,7 @@ pub enum AppError {
     #[error(transparent)]
     LocalXds(#[from] file::FileError),
     #[error(transparent)]
-    LocalCa(#[from] crate::identity::local_ca::LocalCaError),
+    Ca(#[from] istio_ca::IstioCaError),
     #[error(transparent)]
     Roots(#[from] crate::tls::TlsError),
     #[error(transparent)]
@@ -52,28 +52,26 @@ pub enum AppError {
     },
 }
 
-/// The certificate provider and the trust roots for the configuration.
+/// The certificate provider (Istio CA when `CA_ADDRESS` is set, else the local CA) and the
+/// trust roots (`ROOT_CA_PATH`, or the local CA's `CA_ROOT_CERT`).
 fn certificate_authority(
     cfg: &Config,
 ) -> Result<(Arc<dyn CertificateProvider>, TrustRoots), AppError> {
-    if let Some(addr) = &cfg.ca_address {
-        return Err(AppError::Unsupported(format!(
-            "CA_ADDRESS={addr:?}: the Istio CA client is not wired into this build; unset CA_ADDRESS and set CA_ROOT_CERT/CA_ROOT_KEY"
-        )));
-    }
-    let (Some(cert), Some(key)) = (&cfg.ca_root_cert, &cfg.ca_root_key) else {
-        return Err(AppError::Unsupported(
-            "no certificate authority: set CA_ROOT_CERT and CA_ROOT_KEY (local CA) or CA_ADDRESS"
-                .to_string(),
-        ));
+    let provider = istio_ca::provider_from_config(cfg, std::env::vars())?;
+    let (var, path) = match (&cfg.ca_address, &cfg.ca_root_cert) {
+        (Some(_), _) => ("ROOT_CA_PATH", cfg.root_ca_path.clone()),
+        (None, Some(cert)) => ("CA_ROOT_CERT", cert.clone()),
+        (None, None) => unreachable!("provider_from_config requires a CA"),
     };
-    let ca = LocalCa::from_files(cert, key)?;
-    let roots = TrustRoots::from_der(
-        [ca.root_certificate().clone()],
-        &format!("CA_ROOT_CERT {}", cert.display()),
-    )?;
-    tracing::info!(cert = %cert.display(), "using the local CA");
-    Ok((Arc::new(ca), roots))
+    let name = format!("{var} {}", path.display());
+    let pem = std::fs::read_to_string(&path).map_err(|e| {
+        AppError::Roots(crate::tls::TlsError::Roots {
+            source_name: name.clone(),
+            reason: format!("cannot read: {e}"),
+        })
+    })?;
+    let roots = TrustRoots::from_pem(&pem, &name)?;
+    Ok((provider, roots))
 }
 
 /// Runs ztunnel until SIGTERM/SIGINT; returns after the drain.
