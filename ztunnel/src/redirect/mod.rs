@@ -15,6 +15,7 @@
 
 pub mod dedicated;
 pub mod sockopt;
+pub mod tproxy;
 
 pub use crate::proxy::sockets::{
     BoxFuture, ListenerKind, OriginalDestination, SocketFactory, canonical,
