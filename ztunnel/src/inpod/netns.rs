@@ -109,24 +109,52 @@ impl NetnsExecutor {
 
     fn start() -> Self {
         let (tx, rx) = mpsc::channel::<(Arc<InpodNetns>, Job)>();
+        // The thread's own (home) netns: it returns there whenever the queue
+        // is empty, so it never keeps a deleted pod's netns alive.
+        let home = std::fs::File::open("/proc/thread-self/ns/net").map(OwnedFd::from);
         std::thread::Builder::new()
             .name("ztunnel-netns".into())
             .spawn(move || {
+                let home = match home {
+                    Ok(fd) => Some(fd),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "netns thread: cannot open its own netns");
+                        None
+                    }
+                };
                 let mut current: Option<u64> = None;
-                for (ns, job) in rx {
+                let mut next = rx.recv().ok();
+                while let Some((ns, job)) = next.take() {
                     if current != Some(ns.inode) {
                         if let Err(e) = setns(ns.fd.as_fd(), CloneFlags::CLONE_NEWNET) {
                             // The job's result channel is dropped with it:
                             // the caller sees a worker error.
                             tracing::error!(inode = ns.inode, error = %e, "setns failed");
                             current = None;
-                            drop(job);
-                            continue;
+                        } else {
+                            current = Some(ns.inode);
                         }
-                        current = Some(ns.inode);
                     }
-                    // A panic inside would kill this thread; contain it.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    if current == Some(ns.inode) {
+                        // A panic inside would kill this thread; contain it.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    } else {
+                        drop(job);
+                    }
+                    drop(ns);
+                    next = match rx.try_recv() {
+                        Ok(item) => Some(item),
+                        Err(mpsc::TryRecvError::Empty) => {
+                            if let Some(h) = &home
+                                && current.is_some()
+                                && setns(h.as_fd(), CloneFlags::CLONE_NEWNET).is_ok()
+                            {
+                                current = None;
+                            }
+                            rx.recv().ok()
+                        }
+                        Err(mpsc::TryRecvError::Disconnected) => None,
+                    };
                 }
             })
             .expect("spawning the netns thread");
