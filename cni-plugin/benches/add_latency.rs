@@ -85,6 +85,23 @@ fn run_once(run_dir: &Path, namespace: &str, pod: &str) -> Duration {
     elapsed
 }
 
+/// Spawn-to-exit of another program: what any exec costs on this machine
+/// right now (the floor under every number above it).
+fn baseline(program: &str, command: &str) -> Duration {
+    let start = Instant::now();
+    let out = Command::new(program)
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("spawn baseline");
+    let elapsed = start.elapsed();
+    assert!(out.success(), "{program}");
+    elapsed
+}
+
 fn report(name: &str, mut samples: Vec<Duration>) {
     samples.sort();
     let pct = |p: f64| samples[((samples.len() as f64 * p).ceil() as usize).saturating_sub(1)];
@@ -120,6 +137,9 @@ fn main() {
         std::future::pending(),
     ));
     println!("plugin: {PLUGIN}");
+    if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
+        println!("load average: {}", load.trim());
+    }
     println!(
         "plugin size: {:.1} MB",
         std::fs::metadata(PLUGIN).unwrap().len() as f64 / 1e6
@@ -132,6 +152,22 @@ fn main() {
         ("non-mesh pod, agent up", "demo", "web"),
         ("mesh pod, agent up", "demo", "mesh-web"),
     ];
+    report(
+        "baseline: /bin/true",
+        (0..n).map(|_| baseline("/bin/true", "")).collect(),
+    );
+    if Path::new("/usr/lib/cni/bridge").exists() {
+        report(
+            "baseline: bridge VERSION",
+            (0..n)
+                .map(|_| baseline("/usr/lib/cni/bridge", "VERSION"))
+                .collect(),
+        );
+    }
+    report(
+        "istio-cni VERSION",
+        (0..n).map(|_| baseline(PLUGIN, "VERSION")).collect(),
+    );
     for (name, ns, pod) in paths {
         let samples = (0..n).map(|_| run_once(run_dir.path(), ns, pod)).collect();
         report(name, samples);
