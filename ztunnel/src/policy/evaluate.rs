@@ -83,10 +83,7 @@ impl fmt::Display for Decision {
             Decision::Deny {
                 policy,
                 reason: DenyReason::NotAllowed,
-            } => write!(
-                f,
-                "deny (no ALLOW policy matched; applicable: {policy}, ...)"
-            ),
+            } => write!(f, "deny (no ALLOW policy matched, e.g. {policy})"),
         }
     }
 }
@@ -112,29 +109,43 @@ impl PolicySet {
     }
 
     /// The enforced decision, and whether any enforced ALLOW policy applied.
+    ///
+    /// One pass over the applicable policies (referenced ones, the
+    /// namespace's, the global ones): a matching DENY ends it; ALLOW policies
+    /// are evaluated until one matches.
     fn enforce<S: AsRef<str>>(&self, req: &Request<'_, S>, peer: &Peer<'_>) -> (Decision, bool) {
-        if let Some(e) = self
-            .applicable(req, Kind::Deny)
-            .find(|e| policy_matches(&e.policy, peer))
-        {
-            return (
-                Decision::Deny {
-                    policy: e.key.clone(),
-                    reason: DenyReason::DenyPolicyMatched,
-                },
-                false,
-            );
-        }
-        let mut first_allow: Option<&Arc<Entry>> = None;
-        for e in self.applicable(req, Kind::Allow) {
-            if policy_matches(&e.policy, peer) {
-                return (Decision::Allow, true);
+        let ns = req.dst_workload_namespace;
+        let mut allow = AllowState::default();
+        for r in req.dst_workload_policy_refs {
+            let Some(e) = self.by_key.get(r.as_ref()) else {
+                continue;
+            };
+            if PolicySet::applies_by_scope(e, ns) {
+                continue;
             }
-            first_allow.get_or_insert(e);
+            match e.kind {
+                Kind::Deny if policy_matches(&e.policy, peer) => return deny(e),
+                Kind::Allow => allow.consider(e, peer),
+                _ => {}
+            }
         }
-        match first_allow {
-            None => (Decision::Allow, false),
-            Some(e) => (
+        let buckets = self
+            .by_namespace
+            .get(ns)
+            .into_iter()
+            .chain(std::iter::once(&self.global));
+        for bucket in buckets {
+            if let Some(e) = bucket.deny.iter().find(|e| policy_matches(&e.policy, peer)) {
+                return deny(e);
+            }
+            for e in &bucket.allow {
+                allow.consider(e, peer);
+            }
+        }
+        match (allow.first, allow.matched) {
+            (None, _) => (Decision::Allow, false),
+            (Some(_), true) => (Decision::Allow, true),
+            (Some(e), false) => (
                 Decision::Deny {
                     policy: e.key.clone(),
                     reason: DenyReason::NotAllowed,
@@ -160,7 +171,7 @@ impl PolicySet {
             .dst_workload_policy_refs
             .iter()
             .filter_map(move |r| self.by_key.get(r.as_ref()))
-            .filter(move |e| e.kind() == kind && !PolicySet::applies_by_scope(e, ns));
+            .filter(move |e| e.kind == kind && !PolicySet::applies_by_scope(e, ns));
         let namespace = self
             .by_namespace
             .get(ns)
@@ -212,6 +223,33 @@ impl PolicySet {
                     "dry-run authorization policy"
                 );
             }
+        }
+    }
+}
+
+fn deny(e: &Entry) -> (Decision, bool) {
+    (
+        Decision::Deny {
+            policy: e.key.clone(),
+            reason: DenyReason::DenyPolicyMatched,
+        },
+        false,
+    )
+}
+
+/// ALLOW policies seen so far: the first (for the denial message) and
+/// whether one matched (then the rest are not evaluated).
+#[derive(Default)]
+struct AllowState<'s> {
+    first: Option<&'s Entry>,
+    matched: bool,
+}
+
+impl<'s> AllowState<'s> {
+    fn consider(&mut self, e: &'s Entry, peer: &Peer<'_>) {
+        self.first.get_or_insert(e);
+        if !self.matched && policy_matches(&e.policy, peer) {
+            self.matched = true;
         }
     }
 }

@@ -11,22 +11,31 @@ use std::sync::Arc;
 
 use super::model::{Action, Authorization, Scope};
 
-/// One policy plus its precomputed key.
+/// Hash maps keyed by policy keys and namespace names (fast hasher; the keys
+/// come from configuration, and the seed is still random per process).
+pub(super) type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// One policy plus what evaluation needs precomputed.
 #[derive(Debug)]
 pub(super) struct Entry {
     pub(super) key: Arc<str>,
+    pub(super) kind: Kind,
     pub(super) policy: Authorization,
 }
 
 impl Entry {
-    pub(super) fn kind(&self) -> Kind {
-        let p = &self.policy;
-        if p.dry_run || p.action == Action::Audit {
+    fn new(policy: Authorization) -> Entry {
+        let kind = if policy.dry_run || policy.action == Action::Audit {
             Kind::Observe
-        } else if p.action == Action::Deny {
+        } else if policy.action == Action::Deny {
             Kind::Deny
         } else {
             Kind::Allow
+        };
+        Entry {
+            key: Arc::from(policy.key()),
+            kind,
+            policy,
         }
     }
 }
@@ -55,7 +64,7 @@ pub(super) struct Bucket {
 
 impl Bucket {
     fn push(&mut self, entry: Arc<Entry>) {
-        match entry.kind() {
+        match entry.kind {
             Kind::Deny => self.deny.push(entry),
             Kind::Allow => self.allow.push(entry),
             Kind::Observe => self.observe.push(entry),
@@ -79,10 +88,10 @@ impl Bucket {
 #[derive(Debug, Default)]
 pub struct PolicySet {
     /// Every policy by key, in input order (last duplicate wins).
-    pub(super) by_key: HashMap<Arc<str>, Arc<Entry>>,
+    pub(super) by_key: Map<Arc<str>, Arc<Entry>>,
     order: Vec<Arc<str>>,
     pub(super) global: Bucket,
-    pub(super) by_namespace: HashMap<Box<str>, Bucket>,
+    pub(super) by_namespace: Map<Box<str>, Bucket>,
     /// Number of dry-run and AUDIT policies (none: skip the logging pass).
     pub(super) observers: usize,
 }
@@ -91,14 +100,12 @@ impl PolicySet {
     /// Index `policies`. A later policy with the same `"<ns>/<name>"`
     /// replaces an earlier one (logged).
     pub fn new(policies: Vec<Authorization>) -> PolicySet {
-        let mut by_key: HashMap<Arc<str>, Arc<Entry>> = HashMap::with_capacity(policies.len());
+        let mut by_key: Map<Arc<str>, Arc<Entry>> =
+            Map::with_capacity_and_hasher(policies.len(), Default::default());
         let mut order = Vec::with_capacity(policies.len());
         for policy in policies {
-            let key: Arc<str> = Arc::from(policy.key());
-            let entry = Arc::new(Entry {
-                key: key.clone(),
-                policy,
-            });
+            let entry = Arc::new(Entry::new(policy));
+            let key = entry.key.clone();
             if by_key.insert(key.clone(), entry).is_some() {
                 tracing::warn!(policy = %key, "duplicate authorization policy; the last one wins");
             } else {
@@ -106,7 +113,7 @@ impl PolicySet {
             }
         }
         let mut global = Bucket::default();
-        let mut by_namespace: HashMap<Box<str>, Bucket> = HashMap::new();
+        let mut by_namespace: Map<Box<str>, Bucket> = Map::default();
         for key in &order {
             let entry = &by_key[key];
             match entry.policy.scope {
@@ -119,10 +126,7 @@ impl PolicySet {
             }
         }
         by_namespace.retain(|_, b| !b.is_empty());
-        let observers = by_key
-            .values()
-            .filter(|e| e.kind() == Kind::Observe)
-            .count();
+        let observers = by_key.values().filter(|e| e.kind == Kind::Observe).count();
         PolicySet {
             by_key,
             order,
