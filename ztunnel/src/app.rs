@@ -289,6 +289,8 @@ async fn data_plane(
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(("node (TPROXY)".to_string(), handle));
+            // The listeners are bound; nothing else to wait for in this mode.
+            readiness.add("node proxy (TPROXY) listening", || true);
         }
     }
     tracing::info!(mode = ?cfg.proxy_mode, "ztunnel running");
