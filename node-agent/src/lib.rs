@@ -7,3 +7,5 @@ pub mod health;
 pub mod install;
 pub mod plugin_events;
 pub mod ca;
+pub mod config;
+pub mod cluster;

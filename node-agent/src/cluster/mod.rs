@@ -1,0 +1,18 @@
+//! The agent's view of Kubernetes: watchers for Namespaces and this node's
+//! Pods ([`watch`]) feeding an informer cache of small extracts ([`cache`],
+//! [`pod`]), the enablement rules as one pure function ([`enablement`]), and
+//! the direct API calls of the control loop ([`api`]: GETs on cache misses,
+//! the `pods/status` annotation patch, the DaemonSet check at shutdown).
+//!
+//! Nothing here decides what to do about a pod; `reconcile` does.
+
+pub mod api;
+pub mod cache;
+pub mod enablement;
+pub mod pod;
+pub mod watch;
+
+pub use api::{ApiError, ClusterApi, KubeApi};
+pub use cache::{Change, ClusterCache};
+pub use enablement::{Decision, EnablementConfig};
+pub use pod::{NamespaceInfo, PodInfo, PodPhase};

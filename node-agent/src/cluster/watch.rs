@@ -1,0 +1,139 @@
+//! kube-rs watchers feeding the [`ClusterCache`]: all Namespaces, and the
+//! Pods of this node (field selector `spec.nodeName=<node>`). Each cache
+//! update's [`Change`]s go to the control loop through `changes`.
+//!
+//! The watchers retry with kube-rs' default backoff after errors (API
+//! unreachable, `410 Gone` → re-list); a re-list replaces the cache
+//! contents and reports what disappeared meanwhile.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::JoinHandle;
+
+use super::cache::{Change, ClusterCache};
+use super::pod::{NamespaceInfo, PodInfo};
+
+/// Handles of the two watcher tasks; aborted on drop.
+pub struct Watchers {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Watchers {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Watchers {
+    /// Starts both watchers on the current runtime.
+    pub fn start(
+        client: kube::Client,
+        node_name: &str,
+        cache: Arc<ClusterCache>,
+        changes: UnboundedSender<Change>,
+    ) -> Self {
+        let pods: Api<Pod> = Api::all(client.clone());
+        let pod_cfg = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
+        let namespaces: Api<Namespace> = Api::all(client);
+        let node = node_name.to_string();
+        let (c1, c2) = (cache.clone(), cache);
+        let (tx1, tx2) = (changes.clone(), changes);
+        let pod_task = tokio::spawn(async move {
+            let stream = watcher::watcher(pods, pod_cfg).default_backoff();
+            let mut stream = std::pin::pin!(stream);
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(ev) => send(&tx1, apply_pod_event(&c1, ev, &node)),
+                    Err(e) => {
+                        tracing::warn!(node = %node, error = %e, "pod watch failed; retrying")
+                    }
+                }
+            }
+        });
+        let ns_task = tokio::spawn(async move {
+            let stream = watcher::watcher(namespaces, watcher::Config::default()).default_backoff();
+            let mut stream = std::pin::pin!(stream);
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(ev) => send(&tx2, apply_namespace_event(&c2, ev)),
+                    Err(e) => tracing::warn!(error = %e, "namespace watch failed; retrying"),
+                }
+            }
+        });
+        Self {
+            tasks: vec![pod_task, ns_task],
+        }
+    }
+}
+
+fn send(tx: &UnboundedSender<Change>, changes: Vec<Change>) {
+    for c in changes {
+        // The receiver is gone only at shutdown.
+        let _ = tx.send(c);
+    }
+}
+
+/// Applies one pod watcher event to the cache.
+pub fn apply_pod_event(cache: &ClusterCache, ev: Event<Pod>, node: &str) -> Vec<Change> {
+    match ev {
+        Event::Init => {
+            cache.pods_init();
+            Vec::new()
+        }
+        Event::InitApply(p) => {
+            if let Some(info) = PodInfo::from_pod(&p) {
+                cache.pods_init_apply(info);
+            }
+            Vec::new()
+        }
+        Event::InitDone => {
+            let changes = cache.pods_init_done();
+            tracing::info!(node, pods = cache.pod_count(), "pods of this node listed");
+            changes
+        }
+        Event::Apply(p) => match PodInfo::from_pod(&p) {
+            Some(info) => cache.apply_pod(info),
+            None => Vec::new(),
+        },
+        Event::Delete(p) => match p.metadata.uid.as_deref() {
+            Some(uid) => cache.delete_pod(uid),
+            None => Vec::new(),
+        },
+    }
+}
+
+/// Applies one namespace watcher event to the cache.
+pub fn apply_namespace_event(cache: &ClusterCache, ev: Event<Namespace>) -> Vec<Change> {
+    match ev {
+        Event::Init => {
+            cache.namespaces_init();
+            Vec::new()
+        }
+        Event::InitApply(n) => {
+            if let Some(info) = NamespaceInfo::from_namespace(&n) {
+                cache.namespaces_init_apply(info);
+            }
+            Vec::new()
+        }
+        Event::InitDone => {
+            tracing::info!("namespaces listed");
+            cache.namespaces_init_done()
+        }
+        Event::Apply(n) => match NamespaceInfo::from_namespace(&n) {
+            Some(info) => cache.apply_namespace(info),
+            None => Vec::new(),
+        },
+        Event::Delete(n) => match n.metadata.name.as_deref() {
+            Some(name) => cache.delete_namespace(name),
+            None => Vec::new(),
+        },
+    }
+}

@@ -1,0 +1,292 @@
+//! The node agent's configuration: environment variables (names and defaults
+//! in ARCHITECTURE.md, "node-agent" and "Chart ↔ program contract
+//! additions") → one typed [`AgentConfig`]. A bad value is an error naming
+//! the variable; nothing is silently defaulted except unset variables.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mesh_proto::cni_event::DEFAULT_AGENT_RUN_DIR;
+
+use crate::install::InstallConfig;
+use crate::redirect::inpod::RuleConfig;
+use crate::zds::DEFAULT_SOCKET;
+
+/// `REDIRECT_MODE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedirectMode {
+    /// Capture rules in each pod's netns, netns handed to ztunnel over ZDS.
+    Inpod,
+    /// Node-level redirection through GENEVE tunnels to the ztunnel pod.
+    Geneve,
+}
+
+impl RedirectMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inpod => "inpod",
+            Self::Geneve => "geneve",
+        }
+    }
+}
+
+/// A rejected setting: names the variable, its value and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {var}={value:?}: {reason}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+/// Everything the agent reads from its environment.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// `REDIRECT_MODE` (`inpod`).
+    pub redirect_mode: RedirectMode,
+    /// `NODE_NAME` (required): pods are watched with
+    /// `spec.nodeName=<node_name>`.
+    pub node_name: String,
+    /// `POD_NAME`: the agent's own pod (never enrolled).
+    pub pod_name: Option<String>,
+    /// `POD_NAMESPACE` (`istio-system`): where the agent's DaemonSet and, in
+    /// GENEVE mode, the ztunnel pods live.
+    pub pod_namespace: String,
+    /// `CNI_AGENT_RUN_DIR` (`/var/run/istio-cni`): plugin event socket,
+    /// plugin kubeconfig, remembered pod netns paths.
+    pub run_dir: PathBuf,
+    /// `ZTUNNEL_UDS` (`/var/run/ztunnel/ztunnel.sock`): the ZDS socket.
+    pub ztunnel_uds: PathBuf,
+    /// `EXCLUDE_NAMESPACES` (`kube-system`), comma-separated.
+    pub exclude_namespaces: Vec<String>,
+    /// `AMBIENT_DNS_CAPTURE` (`false`).
+    pub dns_capture: bool,
+    /// `AMBIENT_IPV6` (`true`).
+    pub ipv6: bool,
+    /// `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP` (`true`).
+    pub reconcile_rules_on_startup: bool,
+    /// `HOST_PROBE_SNAT_IP` (`169.254.7.127`) and `HOST_PROBE_SNAT_IPV6`.
+    pub probe_snat_v4: Ipv4Addr,
+    pub probe_snat_v6: Ipv6Addr,
+    /// `HOST_PROC_DIR` (`/proc`): the node's /proc as the agent sees it.
+    pub host_proc_dir: PathBuf,
+    /// `READY_PORT` (8000), all addresses: `/readyz`.
+    pub ready_addr: SocketAddr,
+    /// `METRICS_PORT` (15014), all addresses: `/metrics`.
+    pub metrics_addr: SocketAddr,
+    /// Installer settings (`CNI_BIN_DIR`, `CNI_CONF_DIR`, `CNI_CONF_NAME`,
+    /// `CNI_PLUGIN_SRC`, `CHAINED_CNI_PLUGIN`, `ISTIO_OWNED_CNI_CONFIG`, ...).
+    pub install: InstallConfig,
+    /// Name of the agent's DaemonSet, read on SIGTERM to tell an upgrade
+    /// (still there) from an uninstall (gone). Not an environment setting.
+    pub daemonset_name: String,
+    /// How long a CNI ADD for an ambient pod waits for a ztunnel before it is
+    /// refused. Not an environment setting (below the plugin-event timeout).
+    pub cni_add_ztunnel_wait: Duration,
+}
+
+impl AgentConfig {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads settings through `env` (`None` or blank = unset).
+    pub fn from_lookup(env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |k: &str| {
+            env(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let err = |var: &'static str, value: &str, reason: &str| ConfigError {
+            var,
+            value: value.to_string(),
+            reason: reason.to_string(),
+        };
+        let flag = |var: &'static str, default: bool| -> Result<bool, ConfigError> {
+            match get(var) {
+                None => Ok(default),
+                Some(v) => match v.to_ascii_lowercase().as_str() {
+                    "true" | "1" | "yes" => Ok(true),
+                    "false" | "0" | "no" => Ok(false),
+                    _ => Err(err(var, &v, "expected true or false")),
+                },
+            }
+        };
+        let port = |var: &'static str, default: u16| -> Result<SocketAddr, ConfigError> {
+            let p = match get(var) {
+                None => default,
+                Some(v) => v
+                    .parse::<u16>()
+                    .map_err(|_| err(var, &v, "not a port number (0-65535)"))?,
+            };
+            Ok(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), p))
+        };
+
+        let redirect_mode = match get("REDIRECT_MODE").as_deref() {
+            None | Some("inpod") => RedirectMode::Inpod,
+            Some("geneve") => RedirectMode::Geneve,
+            Some(v) => return Err(err("REDIRECT_MODE", v, "expected inpod or geneve")),
+        };
+        let node_name = get("NODE_NAME").ok_or_else(|| {
+            err(
+                "NODE_NAME",
+                "",
+                "required: the node this agent runs on (downward API spec.nodeName)",
+            )
+        })?;
+        if node_name.contains(',') || node_name.contains('=') {
+            return Err(err("NODE_NAME", &node_name, "not a node name"));
+        }
+        let probe_snat_v4 = match get("HOST_PROBE_SNAT_IP") {
+            None => RuleConfig::default().probe_snat_v4,
+            Some(v) => v
+                .parse()
+                .map_err(|_| err("HOST_PROBE_SNAT_IP", &v, "not an IPv4 address"))?,
+        };
+        let probe_snat_v6 = match get("HOST_PROBE_SNAT_IPV6") {
+            None => RuleConfig::default().probe_snat_v6,
+            Some(v) => v
+                .parse()
+                .map_err(|_| err("HOST_PROBE_SNAT_IPV6", &v, "not an IPv6 address"))?,
+        };
+        // Validate the installer's flags strictly before it reads them
+        // leniently.
+        flag("CHAINED_CNI_PLUGIN", true)?;
+        flag("ISTIO_OWNED_CNI_CONFIG", false)?;
+        flag("AMBIENT_ENABLED", true)?;
+        flag("ENABLE_AMBIENT_DETECTION_RETRY", false)?;
+        let install = InstallConfig::from_env(|k| get(k));
+        let exclude_namespaces = install.plugin.exclude_namespaces.clone();
+
+        Ok(Self {
+            redirect_mode,
+            node_name,
+            pod_name: get("POD_NAME"),
+            pod_namespace: get("POD_NAMESPACE").unwrap_or_else(|| "istio-system".into()),
+            run_dir: get("CNI_AGENT_RUN_DIR")
+                .unwrap_or_else(|| DEFAULT_AGENT_RUN_DIR.into())
+                .into(),
+            ztunnel_uds: get("ZTUNNEL_UDS")
+                .unwrap_or_else(|| DEFAULT_SOCKET.into())
+                .into(),
+            exclude_namespaces,
+            dns_capture: flag("AMBIENT_DNS_CAPTURE", false)?,
+            ipv6: flag("AMBIENT_IPV6", true)?,
+            reconcile_rules_on_startup: flag("AMBIENT_RECONCILE_POD_RULES_ON_STARTUP", true)?,
+            probe_snat_v4,
+            probe_snat_v6,
+            host_proc_dir: get("HOST_PROC_DIR")
+                .unwrap_or_else(|| "/proc".into())
+                .into(),
+            ready_addr: port("READY_PORT", 8000)?,
+            metrics_addr: port("METRICS_PORT", 15014)?,
+            install,
+            daemonset_name: "node-agent".into(),
+            cni_add_ztunnel_wait: Duration::from_secs(2),
+        })
+    }
+
+    /// The in-pod rule generator's node-wide settings.
+    pub fn rule_config(&self) -> RuleConfig {
+        RuleConfig {
+            probe_snat_v4: self.probe_snat_v4,
+            probe_snat_v6: self.probe_snat_v6,
+            ..RuleConfig::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(vars: &[(&str, &str)]) -> Result<AgentConfig, ConfigError> {
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        AgentConfig::from_lookup(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_architecture_table() {
+        let c = cfg(&[("NODE_NAME", "node1")]).unwrap();
+        assert_eq!(c.redirect_mode, RedirectMode::Inpod);
+        assert_eq!(c.node_name, "node1");
+        assert_eq!(c.pod_namespace, "istio-system");
+        assert_eq!(c.run_dir, PathBuf::from("/var/run/istio-cni"));
+        assert_eq!(
+            c.ztunnel_uds,
+            PathBuf::from("/var/run/ztunnel/ztunnel.sock")
+        );
+        assert_eq!(c.exclude_namespaces, vec!["kube-system".to_string()]);
+        assert!(!c.dns_capture && c.ipv6 && c.reconcile_rules_on_startup);
+        assert_eq!(c.probe_snat_v4, Ipv4Addr::new(169, 254, 7, 127));
+        assert_eq!(c.host_proc_dir, PathBuf::from("/proc"));
+        assert_eq!(c.ready_addr.port(), 8000);
+        assert_eq!(c.metrics_addr.port(), 15014);
+        assert!(c.ready_addr.ip().is_unspecified());
+        assert_eq!(c.install.bin_dir, PathBuf::from("/host/opt/cni/bin"));
+        assert_eq!(c.install.conf_dir, PathBuf::from("/host/etc/cni/net.d"));
+        assert_eq!(c.daemonset_name, "node-agent");
+    }
+
+    #[test]
+    fn chart_environment_parses() {
+        // charts/tests/golden/env-geneve.txt, node-agent container.
+        let c = cfg(&[
+            ("AMBIENT_DNS_CAPTURE", "false"),
+            ("AMBIENT_IPV6", "true"),
+            ("AMBIENT_RECONCILE_POD_RULES_ON_STARTUP", "true"),
+            ("CHAINED_CNI_PLUGIN", "true"),
+            ("CNI_AGENT_RUN_DIR", "/var/run/istio-cni"),
+            ("CNI_BIN_DIR", "/host/opt/cni/bin"),
+            ("CNI_CONF_DIR", "/host/etc/cni/net.d"),
+            ("CNI_PLUGIN_SRC", "/opt/istio-cni/bin/istio-cni"),
+            ("EXCLUDE_NAMESPACES", "kube-system, other"),
+            ("HOST_PROBE_SNAT_IP", "169.254.7.127"),
+            ("HOST_PROC_DIR", "/host/proc"),
+            ("ISTIO_OWNED_CNI_CONFIG", "false"),
+            ("METRICS_PORT", "15014"),
+            ("NODE_NAME", "worker-1"),
+            ("POD_NAME", "node-agent-x7z"),
+            ("POD_NAMESPACE", "mesh"),
+            ("READY_PORT", "8001"),
+            ("REDIRECT_MODE", "geneve"),
+            ("RUST_LOG", "info"),
+        ])
+        .unwrap();
+        assert_eq!(c.redirect_mode, RedirectMode::Geneve);
+        assert_eq!(c.pod_name.as_deref(), Some("node-agent-x7z"));
+        assert_eq!(c.pod_namespace, "mesh");
+        assert_eq!(c.exclude_namespaces, vec!["kube-system", "other"]);
+        assert_eq!(c.host_proc_dir, PathBuf::from("/host/proc"));
+        assert_eq!(c.ready_addr.port(), 8001);
+        assert_eq!(c.install.plugin.pod_namespace, "mesh");
+    }
+
+    #[test]
+    fn rejections_name_the_variable() {
+        for (vars, var) in [
+            (vec![], "NODE_NAME"),
+            (vec![("REDIRECT_MODE", "tproxy")], "REDIRECT_MODE"),
+            (vec![("AMBIENT_IPV6", "maybe")], "AMBIENT_IPV6"),
+            (vec![("AMBIENT_DNS_CAPTURE", "on")], "AMBIENT_DNS_CAPTURE"),
+            (vec![("CHAINED_CNI_PLUGIN", "y")], "CHAINED_CNI_PLUGIN"),
+            (vec![("READY_PORT", "http")], "READY_PORT"),
+            (vec![("METRICS_PORT", "70000")], "METRICS_PORT"),
+            (vec![("HOST_PROBE_SNAT_IP", "::1")], "HOST_PROBE_SNAT_IP"),
+        ] {
+            let mut vars = vars;
+            if var != "NODE_NAME" {
+                vars.push(("NODE_NAME", "n1"));
+            }
+            let e = cfg(&vars).unwrap_err();
+            assert_eq!(e.var, var, "{e}");
+            assert!(e.to_string().contains(var), "{e}");
+        }
+    }
+}
