@@ -1,0 +1,170 @@
+//! Packet capture inside a namespace: `tcpdump -w` running for the duration
+//! of some work, then the file read with [`CaptureReport`]. This is how
+//! tests prove what is on the wire (e.g. only TLS to 15008, no plaintext
+//! marker).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use super::error::{NetsimError, Result};
+use super::namespace::NamedNetns;
+use super::pcap::CaptureReport;
+use super::process::Process;
+
+/// A running `tcpdump`.
+#[derive(Debug)]
+pub struct Capture {
+    process: Process,
+    file: PathBuf,
+    netns: String,
+    iface: String,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Capture {
+    /// Starts `tcpdump -i <iface> -w <file> [filter]` inside `netns` and
+    /// returns once it is capturing. `iface` may be `any`. A bridge device
+    /// does not see frames forwarded between its ports: capture on a port
+    /// or on `any`. `filter` is a pcap filter expression
+    /// (e.g. `"tcp"`), `None` for everything.
+    pub fn start(
+        netns: &NamedNetns,
+        iface: &str,
+        file: &Path,
+        filter: Option<&str>,
+    ) -> Result<Self> {
+        let err = |reason: String| NetsimError::Capture {
+            netns: netns.name().to_string(),
+            iface: iface.to_string(),
+            reason,
+        };
+        let mut cmd = netns.command("tcpdump");
+        // --immediate-mode: hand each packet over at once (else the kernel
+        // ring delivers in blocks after up to 1 s, and packets still in it
+        // at stop are lost); -U: write each packet at once; -Z root: do not
+        // drop privileges (the file may be in a root-only directory); -n:
+        // no DNS.
+        cmd.args([
+            "-i",
+            iface,
+            "-n",
+            "-U",
+            "--immediate-mode",
+            "-s",
+            "0",
+            "-Z",
+            "root",
+            "-w",
+        ])
+        .arg(file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        if let Some(f) = filter {
+            cmd.args(f.split_whitespace());
+        }
+        let mut process =
+            Process::spawn(cmd).map_err(|e| err(format!("cannot start tcpdump: {e}")))?;
+        let stderr = process.child().stderr.take().expect("piped stderr");
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut all = String::new();
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                if line.contains("listening on")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(()) => Ok(Self {
+                process,
+                file: file.to_path_buf(),
+                netns: netns.name().to_string(),
+                iface: iface.to_string(),
+                stderr: reader,
+            }),
+            Err(_) => {
+                process.terminate(Duration::from_millis(500));
+                let out = reader.join().unwrap_or_default();
+                Err(err(format!(
+                    "tcpdump did not start capturing: {}",
+                    out.trim()
+                )))
+            }
+        }
+    }
+
+    /// The capture file.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// Stops tcpdump (SIGINT, so it flushes) and reads the file.
+    pub fn stop(mut self) -> Result<CaptureReport> {
+        // SIGINT makes tcpdump drop what it has not read yet, so first wait
+        // until it has consumed everything: asleep and the file not growing.
+        self.wait_quiescent(Duration::from_secs(3));
+        let _ = self.process.signal(Signal::SIGINT);
+        let status = self.process.wait_timeout(Duration::from_secs(5));
+        if status.is_none() {
+            self.process.terminate(Duration::from_millis(500));
+        }
+        let log = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new))
+            .join()
+            .unwrap_or_default();
+        CaptureReport::read(&self.file).map_err(|e| NetsimError::Capture {
+            netns: self.netns.clone(),
+            iface: self.iface.clone(),
+            reason: format!("{e}; tcpdump said: {}", log.trim()),
+        })
+    }
+}
+
+impl Capture {
+    fn wait_quiescent(&self, max: Duration) {
+        let pid = self.process.pid();
+        let state = || -> Option<char> {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            stat[stat.rfind(')')? + 2..].chars().next()
+        };
+        let size = || std::fs::metadata(&self.file).map(|m| m.len()).unwrap_or(0);
+        let deadline = std::time::Instant::now() + max;
+        let mut last = (size(), 0u32);
+        std::thread::sleep(Duration::from_millis(50));
+        while std::time::Instant::now() < deadline {
+            let now = size();
+            let calm = state() == Some('S') && now == last.0;
+            last = (now, if calm { last.1 + 1 } else { 0 });
+            if last.1 >= 3 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+}
+
+/// Captures on `iface` in `netns` while `f` runs, then returns `f`'s result
+/// and what was captured. The file is written to `file`.
+pub fn capture_during<T>(
+    netns: &NamedNetns,
+    iface: &str,
+    file: &Path,
+    filter: Option<&str>,
+    f: impl FnOnce() -> T,
+) -> Result<(T, CaptureReport)> {
+    let cap = Capture::start(netns, iface, file, filter)?;
+    let out = f();
+    let report = cap.stop()?;
+    Ok((out, report))
+}
