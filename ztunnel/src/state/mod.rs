@@ -16,6 +16,7 @@
 //! ```
 
 pub mod file;
+pub mod kube;
 pub mod workload;
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,7 +29,7 @@ use tokio::sync::watch;
 use crate::config::WorkloadInfo;
 use crate::policy::PolicySet;
 use crate::policy::model::Authorization;
-pub use workload::{NamespacedHostname, NetworkAddress, Protocol, Service, Workload};
+pub use workload::{NamespacedHostname, NetworkAddress, PortMap, Protocol, Service, Workload};
 
 /// A service endpoint: a workload and its port mapping for that service.
 #[derive(Debug, Clone)]
@@ -222,7 +223,14 @@ fn build_snapshot(sources: &BTreeMap<String, SourceData>, version: u64) -> Snaps
     let mut sorted: Vec<&Arc<Workload>> = workloads.values().collect();
     sorted.sort_by(|a, b| a.uid.cmp(&b.uid));
     for w in sorted {
-        for ip in &w.workload_ips {
+        // Host-network pods share their node's IP: never look them up by address (upstream
+        // ztunnel does the same); they stay reachable as service endpoints.
+        let ips: &[IpAddr] = if w.network_mode == workload::NetworkMode::HostNetwork {
+            &[]
+        } else {
+            &w.workload_ips
+        };
+        for ip in ips {
             let key = NetworkAddress::new(w.network.clone(), *ip);
             if let Some(old) = by_ip.insert(key, w.clone()) {
                 tracing::warn!(ip = %ip, workload = %w.uid, other = %old.uid, "two workloads share an IP; the later uid wins");
@@ -334,6 +342,68 @@ impl SourceHandle {
         self.store.update(&self.name, |d| {
             d.policies.remove(key);
         });
+    }
+
+    // Added for watch-driven sources (state::kube): many changes, one snapshot rebuild.
+    /// Applies every change of `batch` at once (one new snapshot); removals first.
+    pub fn apply(&self, batch: SourceBatch) {
+        if batch.is_empty() {
+            return;
+        }
+        self.store.update(&self.name, |d| {
+            for uid in &batch.remove_workloads {
+                d.workloads.remove(uid);
+            }
+            for key in &batch.remove_services {
+                d.services.remove(key);
+            }
+            for key in &batch.remove_policies {
+                d.policies.remove(key);
+            }
+            for w in batch.upsert_workloads {
+                d.workloads.insert(w.uid.clone(), Arc::new(w));
+            }
+            for s in batch.upsert_services {
+                d.services.insert(s.key(), Arc::new(s));
+            }
+            for p in batch.upsert_policies {
+                d.policies.insert(p.key(), p);
+            }
+        });
+    }
+}
+
+/// Changes applied together by [`SourceHandle::apply`].
+#[derive(Debug, Default, Clone)]
+pub struct SourceBatch {
+    pub upsert_workloads: Vec<Workload>,
+    /// Workload uids.
+    pub remove_workloads: Vec<String>,
+    pub upsert_services: Vec<Service>,
+    pub remove_services: Vec<NamespacedHostname>,
+    pub upsert_policies: Vec<Authorization>,
+    /// `"<namespace>/<name>"`.
+    pub remove_policies: Vec<String>,
+}
+
+impl SourceBatch {
+    pub fn is_empty(&self) -> bool {
+        self.upsert_workloads.is_empty()
+            && self.remove_workloads.is_empty()
+            && self.upsert_services.is_empty()
+            && self.remove_services.is_empty()
+            && self.upsert_policies.is_empty()
+            && self.remove_policies.is_empty()
+    }
+
+    /// Number of changes.
+    pub fn len(&self) -> usize {
+        self.upsert_workloads.len()
+            + self.remove_workloads.len()
+            + self.upsert_services.len()
+            + self.remove_services.len()
+            + self.upsert_policies.len()
+            + self.remove_policies.len()
     }
 }
 

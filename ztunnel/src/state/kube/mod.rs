@@ -1,0 +1,381 @@
+//! The Kubernetes source (`KUBERNETES_DISCOVERY=true`): workloads, services and
+//! authorization policies learnt from the API server, fed into the same
+//! [`Store`](crate::state::Store) as the file source, so `/config_dump` and every
+//! lookup look the same whichever source fed them.
+//!
+//! Four cluster-wide watches (kube-rs watchers: paginated list served from the
+//! API server's cache, then `watch` from that resourceVersion with bookmarks; an
+//! expired version (`410 Gone`) re-lists that one kind only, with jittered
+//! back-off): Pods, Services, `discovery.k8s.io/v1` EndpointSlices and
+//! `security.istio.io/v1` AuthorizationPolicies. Namespaces are not watched:
+//! nothing ztunnel enforces at L4 depends on namespace labels (the node agent
+//! decides enrolment and marks pods with `ambient.istio.io/redirection`), and one
+//! watch per node fewer matters at scale (see `docs/discovery-cost.md`).
+//!
+//! A missing AuthorizationPolicy CRD (404 on the list) is a warning, means "no
+//! policies", and is retried slowly (up to every 60 s); other errors are logged
+//! and retried with the default back-off (0.8 s doubling to 30 s).
+//!
+//! Events are converted into compact facts ([`convert`]) kept in a
+//! [`index::DiscoveryIndex`]; changes are batched (everything already received,
+//! at most one store update per `min_update_interval`) and applied with one
+//! snapshot rebuild on a blocking-pool thread, so the data plane's workers never
+//! run it and readers keep using the previous snapshot until the swap.
+//!
+//! [`KubeDiscovery::synced`] turns true once every kind has been listed once (the
+//! policy kind also when its CRD is absent): until then authorization decisions
+//! could be made on partial state, so ztunnel is not ready.
+
+pub mod convert;
+pub mod index;
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::utils::Backoff;
+use kube::runtime::watcher::{self, Event};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::policy::kube::{AuthorizationPolicy, ConvertOptions, DEFAULT_ROOT_NAMESPACE};
+use crate::state::SourceHandle;
+pub use convert::ConvertSettings;
+use index::DiscoveryIndex;
+
+/// Source name in the store.
+pub const SOURCE_NAME: &str = "kubernetes";
+
+/// Discovery settings.
+#[derive(Debug, Clone)]
+pub struct KubeOptions {
+    pub settings: ConvertSettings,
+    /// AuthorizationPolicies here without a selector are mesh-wide (Istio's root
+    /// namespace, `istio-system`).
+    pub root_namespace: String,
+    /// At most one store update per this interval (events in between are batched).
+    pub min_update_interval: Duration,
+}
+
+impl KubeOptions {
+    pub fn from_config(cfg: &Config) -> KubeOptions {
+        KubeOptions {
+            settings: ConvertSettings {
+                trust_domain: cfg.trust_domain.clone(),
+                cluster_id: cfg.cluster_id.clone(),
+                cluster_domain: "cluster.local".to_string(),
+            },
+            root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
+            min_update_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// A running discovery; stops when dropped.
+pub struct KubeDiscovery {
+    synced: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for KubeDiscovery {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Which object kind an event or error is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ObjectKind {
+    Pods,
+    Services,
+    EndpointSlices,
+    AuthorizationPolicies,
+}
+
+impl ObjectKind {
+    const ALL: [ObjectKind; 4] = [
+        ObjectKind::Pods,
+        ObjectKind::Services,
+        ObjectKind::EndpointSlices,
+        ObjectKind::AuthorizationPolicies,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            ObjectKind::Pods => "pods",
+            ObjectKind::Services => "services",
+            ObjectKind::EndpointSlices => "endpointslices.discovery.k8s.io",
+            ObjectKind::AuthorizationPolicies => "authorizationpolicies.security.istio.io",
+        }
+    }
+}
+
+// Events are boxed: a Pod is a few KiB, the stream item should not be.
+enum Msg {
+    Pod(Box<Event<Pod>>),
+    Service(Box<Event<KubeService>>),
+    Slice(Box<Event<EndpointSlice>>),
+    Policy(Box<Event<AuthorizationPolicy>>),
+    Error(ObjectKind, watcher::Error),
+}
+
+impl Msg {
+    fn kind(&self) -> ObjectKind {
+        match self {
+            Msg::Pod(_) => ObjectKind::Pods,
+            Msg::Service(_) => ObjectKind::Services,
+            Msg::Slice(_) => ObjectKind::EndpointSlices,
+            Msg::Policy(_) => ObjectKind::AuthorizationPolicies,
+            Msg::Error(k, _) => *k,
+        }
+    }
+
+    fn is_init_done(&self) -> bool {
+        match self {
+            Msg::Pod(e) => matches!(**e, Event::InitDone),
+            Msg::Service(e) => matches!(**e, Event::InitDone),
+            Msg::Slice(e) => matches!(**e, Event::InitDone),
+            Msg::Policy(e) => matches!(**e, Event::InitDone),
+            Msg::Error(..) => false,
+        }
+    }
+}
+
+type MsgStream = Pin<Box<dyn Stream<Item = Msg> + Send>>;
+
+/// Back-off for the policy watch: 1 s doubling to 60 s (a missing CRD is polled
+/// slowly), reset after 2 min without errors.
+struct SlowBackoff {
+    next: Duration,
+    last: Option<tokio::time::Instant>,
+}
+
+impl SlowBackoff {
+    const START: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(60);
+    const RESET_AFTER: Duration = Duration::from_secs(120);
+
+    fn new() -> Self {
+        SlowBackoff {
+            next: Self::START,
+            last: None,
+        }
+    }
+}
+
+impl Iterator for SlowBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let now = tokio::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|l| now.duration_since(l) > Self::RESET_AFTER + self.next)
+        {
+            self.next = Self::START;
+        }
+        self.last = Some(now);
+        let d = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        // ±10 % jitter so many ztunnels do not retry in lockstep.
+        let jitter = rand::random_range(0.9..1.1);
+        Some(d.mul_f64(jitter))
+    }
+}
+
+impl Backoff for SlowBackoff {
+    fn reset(&mut self) {
+        self.next = Self::START;
+    }
+}
+
+fn watcher_config() -> watcher::Config {
+    // List from the API server's watch cache (not a quorum read from etcd): that is what
+    // makes a re-list after 410 Gone cheap.
+    watcher::Config::default().any_semantic()
+}
+
+fn stream_of<K, F>(api: Api<K>, kind: ObjectKind, wrap: F) -> MsgStream
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    F: Fn(Box<Event<K>>) -> Msg + Send + 'static,
+{
+    let s = watcher::watcher(api, watcher_config());
+    if kind == ObjectKind::AuthorizationPolicies {
+        s.backoff(SlowBackoff::new())
+            .map(move |r| match r {
+                Ok(e) => wrap(Box::new(e)),
+                Err(e) => Msg::Error(kind, e),
+            })
+            .boxed()
+    } else {
+        s.default_backoff()
+            .map(move |r| match r {
+                Ok(e) => wrap(Box::new(e)),
+                Err(e) => Msg::Error(kind, e),
+            })
+            .boxed()
+    }
+}
+
+/// 404 from the list or watch: the resource (CRD) does not exist.
+fn is_not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
+        watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
+}
+
+impl KubeDiscovery {
+    /// Starts the watches on the current tokio runtime, feeding `source`.
+    pub fn start(client: kube::Client, source: SourceHandle, opts: KubeOptions) -> KubeDiscovery {
+        let streams: Vec<MsgStream> = vec![
+            stream_of(Api::<Pod>::all(client.clone()), ObjectKind::Pods, Msg::Pod),
+            stream_of(
+                Api::<KubeService>::all(client.clone()),
+                ObjectKind::Services,
+                Msg::Service,
+            ),
+            stream_of(
+                Api::<EndpointSlice>::all(client.clone()),
+                ObjectKind::EndpointSlices,
+                Msg::Slice,
+            ),
+            stream_of(
+                Api::<AuthorizationPolicy>::all(client),
+                ObjectKind::AuthorizationPolicies,
+                Msg::Policy,
+            ),
+        ];
+        let (synced_tx, synced) = watch::channel(false);
+        let task = tokio::spawn(run(
+            futures::stream::select_all(streams),
+            source,
+            opts,
+            synced_tx,
+        ));
+        KubeDiscovery { synced, task }
+    }
+
+    /// `true` once every kind has been listed.
+    pub fn synced(&self) -> watch::Receiver<bool> {
+        self.synced.clone()
+    }
+
+    pub async fn wait_synced(&self) {
+        let mut rx = self.synced.clone();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+/// The event loop: apply events to the index, flush batches into the store.
+async fn run(
+    mut streams: futures::stream::SelectAll<MsgStream>,
+    source: SourceHandle,
+    opts: KubeOptions,
+    synced_tx: watch::Sender<bool>,
+) {
+    let mut index = DiscoveryIndex::new(
+        opts.settings.clone(),
+        ConvertOptions {
+            root_namespace: opts.root_namespace.clone(),
+        },
+    );
+    let mut listed: Vec<ObjectKind> = Vec::new();
+    let mut crd_missing = false;
+    let mut last_flush = tokio::time::Instant::now() - opts.min_update_interval;
+    tracing::info!(
+        "Kubernetes discovery started (pods, services, endpointslices, authorizationpolicies)"
+    );
+    loop {
+        let Some(first) = streams.next().await else {
+            return;
+        };
+        let mut handle = |msg: Msg, index: &mut DiscoveryIndex| {
+            let kind = msg.kind();
+            let done = msg.is_init_done();
+            match msg {
+                Msg::Pod(e) => index.pod_event(*e),
+                Msg::Service(e) => index.service_event(*e),
+                Msg::Slice(e) => index.slice_event(*e),
+                Msg::Policy(e) => {
+                    if crd_missing {
+                        tracing::info!("AuthorizationPolicy CRD is available now");
+                        crd_missing = false;
+                    }
+                    index.policy_event(*e)
+                }
+                Msg::Error(ObjectKind::AuthorizationPolicies, e) if is_not_found(&e) => {
+                    if !crd_missing {
+                        tracing::warn!(
+                            "AuthorizationPolicy CRD (security.istio.io/v1) is not installed: \
+                             no policies are enforced; checking again slowly"
+                        );
+                        crd_missing = true;
+                    }
+                    index.policies_absent();
+                    if !listed.contains(&kind) {
+                        listed.push(kind);
+                    }
+                }
+                Msg::Error(kind, e) => {
+                    tracing::warn!(resource = kind.name(), error = %e, "Kubernetes watch failed; retrying with back-off");
+                }
+            }
+            if done && !listed.contains(&kind) {
+                listed.push(kind);
+            }
+        };
+        handle(first, &mut index);
+        let deadline = last_flush + opts.min_update_interval;
+        loop {
+            tokio::select! {
+                biased;
+                msg = streams.next() => match msg {
+                    Some(m) => handle(m, &mut index),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let batch = index.flush();
+        last_flush = tokio::time::Instant::now();
+        if !batch.is_empty() {
+            let changes = batch.len();
+            let src = source.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || src.apply(batch)).await {
+                tracing::error!(error = %e, "store update panicked");
+            }
+            let (pods, services, slices, policies) = index.counts();
+            tracing::debug!(
+                changes,
+                pods,
+                services,
+                slices,
+                policies,
+                "Kubernetes state applied"
+            );
+        }
+        if !*synced_tx.borrow() && ObjectKind::ALL.iter().all(|k| listed.contains(k)) {
+            let (pods, services, slices, policies) = index.counts();
+            tracing::info!(
+                pods,
+                services,
+                slices,
+                policies,
+                "Kubernetes discovery synced"
+            );
+            synced_tx.send_replace(true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,447 @@
+//! Discovery index → store, driven by watcher events (no API server). The same
+//! behaviour against an API server is tested in `ztunnel/tests/kube_discovery.rs`.
+
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher::Event;
+use serde_json::json;
+
+use super::convert::ConvertSettings;
+use super::index::DiscoveryIndex;
+use crate::policy::kube::{AuthorizationPolicy, ConvertOptions};
+use crate::policy::matching::PeerIdentity;
+use crate::policy::{Decision, Request};
+use crate::state::{NamespacedHostname, Store};
+
+fn index() -> DiscoveryIndex {
+    DiscoveryIndex::new(
+        ConvertSettings {
+            trust_domain: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+            cluster_domain: "cluster.local".into(),
+        },
+        ConvertOptions::default(),
+    )
+}
+
+fn pod(ns: &str, name: &str, ip: &str, labels: serde_json::Value, ready: bool) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns, "labels": labels,
+            "annotations": {"ambient.istio.io/redirection": "enabled"}},
+        "spec": {"serviceAccountName": format!("sa-{name}"), "nodeName": "node-1",
+            "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080}]}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+            "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}
+    }))
+    .unwrap()
+}
+
+fn service(ns: &str, name: &str, vip: &str, target: serde_json::Value) -> KubeService {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"clusterIP": vip, "clusterIPs": [vip],
+            "ports": [{"name": "http", "port": 80, "targetPort": target}]}
+    }))
+    .unwrap()
+}
+
+fn slice(ns: &str, name: &str, svc: &str, port: Option<u16>, pods: &[&str]) -> EndpointSlice {
+    let ports = match port {
+        Some(p) => json!([{"name": "http", "port": p}]),
+        None => json!([]),
+    };
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns, "labels": {"kubernetes.io/service-name": svc}},
+        "addressType": "IPv4",
+        "ports": ports,
+        "endpoints": pods.iter().map(|p| json!({"addresses": ["10.0.0.1"],
+            "targetRef": {"kind": "Pod", "name": p, "namespace": ns}})).collect::<Vec<_>>()
+    }))
+    .unwrap()
+}
+
+fn policy(ns: &str, name: &str, spec: serde_json::Value) -> AuthorizationPolicy {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns},
+        "spec": spec
+    }))
+    .unwrap()
+}
+
+fn flush(idx: &mut DiscoveryIndex, store: &Store) -> usize {
+    let batch = idx.flush();
+    let n = batch.len();
+    store.source(super::SOURCE_NAME).apply(batch);
+    n
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn decide(store: &Store, dst_ip: &str, src: Option<&str>, port: u16) -> Decision {
+    let snap = store.snapshot();
+    let w = snap.workload_by_ip("", ip(dst_ip)).unwrap().clone();
+    snap.policies().evaluate(&Request {
+        dst_workload_namespace: &w.namespace,
+        dst_workload_policy_refs: &w.authorization_policies,
+        src_identity: src.map(|s| PeerIdentity::from_spiffe(s).unwrap()),
+        src_ip: ip("10.9.9.9"),
+        dst_ip: ip(dst_ip),
+        dst_port: port,
+    })
+}
+
+#[test]
+fn pods_services_and_slices_become_workloads_with_membership() {
+    let mut idx = index();
+    let store = Store::new();
+    idx.pod_event(Event::Apply(pod(
+        "app",
+        "web-1",
+        "10.0.0.11",
+        json!({"app": "web"}),
+        true,
+    )));
+    idx.service_event(Event::Apply(service(
+        "app",
+        "web",
+        "10.96.0.20",
+        json!("http"),
+    )));
+    idx.slice_event(Event::Apply(slice(
+        "app",
+        "web-abc",
+        "web",
+        Some(8080),
+        &["web-1"],
+    )));
+    flush(&mut idx, &store);
+
+    let snap = store.snapshot();
+    let w = snap.workload_by_ip("", ip("10.0.0.11")).unwrap();
+    assert_eq!(w.uid, "Kubernetes//v1/Pod/app/web-1");
+    assert_eq!(
+        w.identity().to_string(),
+        "spiffe://cluster.local/ns/app/sa/sa-web-1"
+    );
+    assert_eq!(
+        w.services["app/web.app.svc.cluster.local"].get(&80),
+        Some(&8080)
+    );
+    let svc = snap.service_by_vip("", ip("10.96.0.20")).unwrap();
+    assert_eq!(svc.hostname, "web.app.svc.cluster.local");
+    let (ep, port) = snap.pick_endpoint(svc, 80).unwrap();
+    assert_eq!((ep.name.as_str(), port), ("web-1", 8080));
+    // Nothing changed: nothing to apply.
+    assert_eq!(idx.flush().len(), 0);
+}
+
+#[test]
+fn endpoint_changes_move_routing_and_readiness_counts() {
+    let mut idx = index();
+    let store = Store::new();
+    idx.pod_event(Event::Apply(pod("app", "a", "10.0.0.1", json!({}), true)));
+    idx.pod_event(Event::Apply(pod("app", "b", "10.0.0.2", json!({}), true)));
+    idx.service_event(Event::Apply(service(
+        "app",
+        "web",
+        "10.96.0.1",
+        json!(8080),
+    )));
+    idx.slice_event(Event::Apply(slice("app", "s1", "web", Some(8080), &["a"])));
+    flush(&mut idx, &store);
+    let pick = |store: &Store| {
+        let snap = store.snapshot();
+        let svc = snap.service_by_vip("", ip("10.96.0.1")).unwrap().clone();
+        snap.pick_endpoint(&svc, 80).map(|(w, _)| w.name.clone())
+    };
+    assert_eq!(pick(&store).as_deref(), Some("a"));
+
+    // The slice now lists b only: a loses its membership, b gains it.
+    idx.slice_event(Event::Apply(slice("app", "s1", "web", Some(8080), &["b"])));
+    flush(&mut idx, &store);
+    assert_eq!(pick(&store).as_deref(), Some("b"));
+    assert!(
+        store
+            .snapshot()
+            .workload_by_ip("", ip("10.0.0.1"))
+            .unwrap()
+            .services
+            .is_empty()
+    );
+
+    // b not ready: no healthy endpoint.
+    idx.pod_event(Event::Apply(pod("app", "b", "10.0.0.2", json!({}), false)));
+    flush(&mut idx, &store);
+    assert_eq!(pick(&store), None);
+
+    // Slice deleted, then service deleted.
+    idx.slice_event(Event::Delete(slice("app", "s1", "web", Some(8080), &["b"])));
+    flush(&mut idx, &store);
+    assert!(
+        store
+            .snapshot()
+            .workload_by_ip("", ip("10.0.0.2"))
+            .unwrap()
+            .services
+            .is_empty()
+    );
+    idx.service_event(Event::Delete(service(
+        "app",
+        "web",
+        "10.96.0.1",
+        json!(8080),
+    )));
+    flush(&mut idx, &store);
+    assert!(
+        store
+            .snapshot()
+            .service_by_vip("", ip("10.96.0.1"))
+            .is_none()
+    );
+
+    // Pod deleted: workload gone.
+    idx.pod_event(Event::Delete(pod("app", "a", "10.0.0.1", json!({}), true)));
+    flush(&mut idx, &store);
+    assert!(
+        store
+            .snapshot()
+            .workload_by_ip("", ip("10.0.0.1"))
+            .is_none()
+    );
+    assert_eq!(store.snapshot().workloads().count(), 1);
+}
+
+#[test]
+fn named_target_port_follows_the_service_definition() {
+    let mut idx = index();
+    let store = Store::new();
+    idx.pod_event(Event::Apply(pod("app", "a", "10.0.0.1", json!({}), true)));
+    // A slice without ports (the controller has not filled them in): the pod's
+    // container port named "http" is used.
+    idx.service_event(Event::Apply(service(
+        "app",
+        "web",
+        "10.96.0.1",
+        json!("http"),
+    )));
+    idx.slice_event(Event::Apply(slice("app", "s1", "web", None, &["a"])));
+    flush(&mut idx, &store);
+    let w = store
+        .snapshot()
+        .workload_by_ip("", ip("10.0.0.1"))
+        .unwrap()
+        .clone();
+    assert_eq!(w.services["app/web.app.svc.cluster.local"][&80], 8080);
+    // The service changes its target to a number: memberships are recomputed.
+    idx.service_event(Event::Apply(service(
+        "app",
+        "web",
+        "10.96.0.1",
+        json!(9090),
+    )));
+    flush(&mut idx, &store);
+    let w = store
+        .snapshot()
+        .workload_by_ip("", ip("10.0.0.1"))
+        .unwrap()
+        .clone();
+    assert_eq!(w.services["app/web.app.svc.cluster.local"][&80], 9090);
+}
+
+#[test]
+fn policies_change_decisions_and_bind_by_selector() {
+    let mut idx = index();
+    let store = Store::new();
+    idx.pod_event(Event::Apply(pod(
+        "app",
+        "web",
+        "10.0.0.1",
+        json!({"app": "web"}),
+        true,
+    )));
+    idx.pod_event(Event::Apply(pod(
+        "app",
+        "db",
+        "10.0.0.2",
+        json!({"app": "db"}),
+        true,
+    )));
+    flush(&mut idx, &store);
+    let sleep = Some("spiffe://cluster.local/ns/other/sa/sleep");
+    assert_eq!(decide(&store, "10.0.0.1", sleep, 80), Decision::Allow);
+
+    // A DENY for port 80 on pods labelled app=web only.
+    idx.policy_event(Event::Apply(policy(
+        "app",
+        "deny-web-80",
+        json!({"selector": {"matchLabels": {"app": "web"}}, "action": "DENY",
+            "rules": [{"to": [{"operation": {"ports": ["80"]}}]}]}),
+    )));
+    flush(&mut idx, &store);
+    let snap = store.snapshot();
+    assert_eq!(
+        snap.workload_by_ip("", ip("10.0.0.1"))
+            .unwrap()
+            .authorization_policies,
+        vec!["app/deny-web-80".to_string()]
+    );
+    assert!(
+        snap.workload_by_ip("", ip("10.0.0.2"))
+            .unwrap()
+            .authorization_policies
+            .is_empty()
+    );
+    assert!(!decide(&store, "10.0.0.1", sleep, 80).is_allow());
+    assert!(decide(&store, "10.0.0.1", sleep, 81).is_allow());
+    assert!(decide(&store, "10.0.0.2", sleep, 80).is_allow());
+
+    // The pod's label changes: the policy no longer selects it.
+    idx.pod_event(Event::Apply(pod(
+        "app",
+        "web",
+        "10.0.0.1",
+        json!({"app": "web2"}),
+        true,
+    )));
+    flush(&mut idx, &store);
+    assert!(decide(&store, "10.0.0.1", sleep, 80).is_allow());
+
+    // A namespace-wide ALLOW for namespace "trusted" only; a mesh-wide one from the root
+    // namespace does not change that (ALLOW policies are ORed).
+    idx.policy_event(Event::Apply(policy(
+        "app",
+        "allow-trusted",
+        json!({"action": "ALLOW", "rules": [{"from": [{"source": {"namespaces": ["trusted"]}}]}]}),
+    )));
+    flush(&mut idx, &store);
+    assert!(!decide(&store, "10.0.0.2", sleep, 80).is_allow());
+    assert!(
+        decide(
+            &store,
+            "10.0.0.2",
+            Some("spiffe://cluster.local/ns/trusted/sa/x"),
+            80
+        )
+        .is_allow()
+    );
+
+    // Policy deleted: allowed again.
+    idx.policy_event(Event::Delete(policy("app", "allow-trusted", json!({}))));
+    flush(&mut idx, &store);
+    assert!(decide(&store, "10.0.0.2", sleep, 80).is_allow());
+
+    // A root-namespace selector policy binds across namespaces.
+    idx.policy_event(Event::Apply(policy(
+        "istio-system",
+        "deny-db",
+        json!({"selector": {"matchLabels": {"app": "db"}}, "action": "DENY",
+            "rules": [{}]}),
+    )));
+    flush(&mut idx, &store);
+    assert!(!decide(&store, "10.0.0.2", sleep, 80).is_allow());
+    assert_eq!(
+        store
+            .snapshot()
+            .workload_by_ip("", ip("10.0.0.2"))
+            .unwrap()
+            .authorization_policies,
+        vec!["istio-system/deny-db".to_string()]
+    );
+
+    // The CRD disappears: no policies at all.
+    idx.policies_absent();
+    flush(&mut idx, &store);
+    assert!(store.snapshot().policies().is_empty());
+    assert!(decide(&store, "10.0.0.2", sleep, 80).is_allow());
+}
+
+#[test]
+fn relist_deletes_what_is_gone_and_changes_nothing_else() {
+    let mut idx = index();
+    let store = Store::new();
+    idx.pod_event(Event::Init);
+    for (name, ip_) in [("a", "10.0.0.1"), ("b", "10.0.0.2"), ("c", "10.0.0.3")] {
+        idx.pod_event(Event::InitApply(pod("app", name, ip_, json!({}), true)));
+    }
+    idx.pod_event(Event::InitDone);
+    assert_eq!(flush(&mut idx, &store), 3);
+    assert_eq!(store.snapshot().workloads().count(), 3);
+
+    // After a 410 Gone the watcher lists again; b was deleted meanwhile, a unchanged,
+    // c changed its IP.
+    idx.pod_event(Event::Init);
+    idx.pod_event(Event::InitApply(pod(
+        "app",
+        "a",
+        "10.0.0.1",
+        json!({}),
+        true,
+    )));
+    idx.pod_event(Event::InitApply(pod(
+        "app",
+        "c",
+        "10.0.0.33",
+        json!({}),
+        true,
+    )));
+    // Until InitDone the old state stays.
+    assert_eq!(idx.flush().len(), 0);
+    idx.pod_event(Event::InitDone);
+    let batch = idx.flush();
+    assert_eq!(
+        batch.remove_workloads,
+        vec!["Kubernetes//v1/Pod/app/b".to_string()]
+    );
+    assert_eq!(batch.upsert_workloads.len(), 1, "only c changed");
+    store.source(super::SOURCE_NAME).apply(batch);
+    let snap = store.snapshot();
+    assert!(snap.workload_by_ip("", ip("10.0.0.2")).is_none());
+    assert!(snap.workload_by_ip("", ip("10.0.0.33")).is_some());
+}
+
+#[test]
+fn host_network_and_terminated_pods() {
+    let mut idx = index();
+    let store = Store::new();
+    let mut host: Pod = pod("kube-system", "proxy", "192.168.1.10", json!({}), true);
+    host.spec.as_mut().unwrap().host_network = Some(true);
+    idx.pod_event(Event::Apply(host));
+    idx.service_event(Event::Apply(service(
+        "kube-system",
+        "proxy",
+        "10.96.0.9",
+        json!(10249),
+    )));
+    idx.slice_event(Event::Apply(slice(
+        "kube-system",
+        "p",
+        "proxy",
+        Some(10249),
+        &["proxy"],
+    )));
+    let mut done = pod("app", "job", "10.0.0.7", json!({}), false);
+    done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+    idx.pod_event(Event::Apply(done));
+    flush(&mut idx, &store);
+    let snap = store.snapshot();
+    // The node's IP does not resolve to the host-network pod...
+    assert!(snap.workload_by_ip("", ip("192.168.1.10")).is_none());
+    // ...but it is an endpoint of its service (plain TCP).
+    let svc = snap.service_by_vip("", ip("10.96.0.9")).unwrap();
+    let (w, port) = snap.pick_endpoint(svc, 80).unwrap();
+    assert_eq!((w.name.as_str(), port), ("proxy", 10249));
+    assert_eq!(w.protocol, crate::state::Protocol::TCP);
+    assert!(
+        snap.workload_by_ip("", ip("10.0.0.7")).is_none(),
+        "terminated"
+    );
+    let key = NamespacedHostname {
+        namespace: "kube-system".into(),
+        hostname: "proxy.kube-system.svc.cluster.local".into(),
+    };
+    assert_eq!(snap.endpoints(&key).len(), 1);
+}
