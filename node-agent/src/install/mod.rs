@@ -291,3 +291,58 @@ impl Installer {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_chart() {
+        let c = InstallConfig::from_env(env(&[]));
+        assert_eq!(c.bin_dir, PathBuf::from("/host/opt/cni/bin"));
+        assert_eq!(c.conf_dir, PathBuf::from("/host/etc/cni/net.d"));
+        assert_eq!(c.plugin_src, PathBuf::from("/opt/istio-cni/bin/istio-cni"));
+        assert_eq!(c.mode, ConfigMode::Chained);
+        assert_eq!(c.plugin.exclude_namespaces, vec!["kube-system"]);
+        assert_eq!(
+            c.kubeconfig_path,
+            PathBuf::from("/var/run/istio-cni/istio-cni-kubeconfig")
+        );
+        assert_eq!(c.plugin.kubeconfig, c.kubeconfig_path);
+        assert!(c.plugin.ambient_enabled);
+        assert_eq!(c.kubeconfig_source, None);
+    }
+
+    #[test]
+    fn env_overrides() {
+        let c = InstallConfig::from_env(env(&[
+            ("ISTIO_OWNED_CNI_CONFIG", "true"),
+            ("EXCLUDE_NAMESPACES", "kube-system, infra ,"),
+            ("CNI_AGENT_RUN_DIR", "/run/x"),
+            ("CNI_CONF_NAME", "10-calico.conflist"),
+            ("KUBECONFIG", "/etc/kubeconfig"),
+        ]));
+        assert_eq!(c.mode, ConfigMode::IstioOwned);
+        assert_eq!(c.plugin.exclude_namespaces, vec!["kube-system", "infra"]);
+        assert_eq!(c.plugin.run_dir, PathBuf::from("/run/x"));
+        assert_eq!(c.primary_conf_name.as_deref(), Some("10-calico.conflist"));
+        assert_eq!(
+            c.kubeconfig_source,
+            Some(KubeconfigSource::File("/etc/kubeconfig".into()))
+        );
+        let off = InstallConfig::from_env(env(&[
+            ("CHAINED_CNI_PLUGIN", "false"),
+            ("ISTIO_OWNED_CNI_CONFIG", "true"),
+        ]));
+        assert_eq!(off.mode, ConfigMode::Off);
+    }
+}
