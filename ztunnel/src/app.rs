@@ -44,6 +44,8 @@ pub enum AppError {
     Proxy(#[from] crate::proxy::ProxyError),
     #[error("{0}")]
     Unsupported(String),
+    #[error("KUBERNETES_DISCOVERY=true: Kubernetes client (in-cluster or KUBECONFIG): {0}")]
+    Kube(#[source] ::kube::Error),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -77,11 +79,6 @@ fn certificate_authority(
 /// Runs ztunnel until SIGTERM/SIGINT; returns after the drain.
 pub fn run(cfg: Config) -> Result<(), AppError> {
     let cfg = Arc::new(cfg);
-    if cfg.kubernetes_discovery {
-        return Err(AppError::Unsupported(
-            "KUBERNETES_DISCOVERY=true: Kubernetes discovery is not available in this build; use LOCAL_XDS_PATH".to_string(),
-        ));
-    }
     let store = Store::new();
     let _file_watch = match &cfg.local_xds_path {
         Some(path) => Some(file::watch(
@@ -122,6 +119,20 @@ pub fn run(cfg: Config) -> Result<(), AppError> {
             what: "building the data-plane runtime",
             source,
         })?;
+
+    // KUBERNETES_DISCOVERY=true: watch the cluster (state::kube); not ready until listed.
+    let _discovery = if cfg.kubernetes_discovery {
+        let source = store.source(crate::state::kube::SOURCE_NAME);
+        let opts = crate::state::kube::KubeOptions::from_config(&cfg);
+        let discovery = rt.block_on(async {
+            let client = ::kube::Client::try_default().await.map_err(AppError::Kube)?;
+            Ok::<_, AppError>(crate::state::kube::KubeDiscovery::start(client, source, opts))
+        })?;
+        readiness.add_watch("Kubernetes discovery synced", discovery.synced());
+        Some(discovery)
+    } else {
+        None
+    };
 
     let admin_stop = CancellationToken::new();
     let admin_state = Arc::new(AdminState {
