@@ -418,3 +418,44 @@ async fn redirector_enrol_unenrol_reconcile_cleanup() {
         ]
     );
 }
+
+/// With the real ZDS server and no ztunnel connected: enrol is retryable
+/// ("no ztunnel connected"), the rules are in place, and the pod is in the
+/// snapshot set for when ztunnel connects.
+#[tokio::test]
+async fn redirector_with_zds_and_no_ztunnel_is_retryable() {
+    require_root!();
+    let node = TestNetns::new();
+    let pod = TestNetns::new();
+    let dir = tempfile::tempdir().unwrap();
+    let zds = node_agent::zds::ZdsServer::new(node_agent::zds::ZdsConfig {
+        socket_path: dir.path().join("ztunnel.sock"),
+        ..Default::default()
+    });
+    let r = InpodRedirector::new(
+        InpodConfig {
+            host_netns: Some(node.path()),
+            ..Default::default()
+        },
+        Arc::new(zds.clone()),
+    )
+    .await
+    .unwrap();
+    let p = PodRedirect {
+        uid: "uid-z".into(),
+        name: "z".into(),
+        namespace: "ns1".into(),
+        netns: Some(pod.path()),
+        ..Default::default()
+    };
+    let e = r.enrol(&p).await.unwrap_err();
+    assert!(e.is_retryable());
+    assert!(e.to_string().contains("no ztunnel connected"), "{e}");
+    assert_eq!(zds.known_uids(), vec!["uid-z"]);
+    let (views, _) =
+        node_agent::redirect::inpod::apply::inspect_pod(&pod.netns(), r.backend()).unwrap();
+    assert!(!views[0].1.is_empty());
+    r.unenrol(&p).await.unwrap();
+    assert!(zds.known_uids().is_empty());
+    r.cleanup_all().await.unwrap();
+}
