@@ -21,6 +21,7 @@ pub mod conntrack;
 pub mod copy;
 mod inbound;
 mod inbound_plain;
+mod node_local;
 mod outbound;
 pub mod sockets;
 

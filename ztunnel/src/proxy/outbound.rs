@@ -197,6 +197,24 @@ pub(super) async fn handle(
         Route::Hbone {
             workload,
             target,
+            service,
+            ..
+        } if matches!(ctx.scope, ProxyScope::Node)
+            && ctx.node_name().is_some_and(|n| workload.node == n) =>
+        {
+            let local = super::node_local::LocalConnection {
+                peer,
+                src_workload,
+                src_identity,
+                dst_workload: workload,
+                target,
+                service,
+            };
+            super::node_local::handle(ctx, client, local).await;
+        }
+        Route::Hbone {
+            workload,
+            target,
             hbone_addr,
             service,
             expected,
