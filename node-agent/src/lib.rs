@@ -9,3 +9,5 @@ pub mod plugin_events;
 pub mod ca;
 pub mod config;
 pub mod cluster;
+pub mod metrics;
+pub mod reconcile;

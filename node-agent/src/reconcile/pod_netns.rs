@@ -1,0 +1,254 @@
+//! Where a pod's network namespace is.
+//!
+//! 1. The `Netns` path of the pod's CNI ADD (e.g. `/var/run/netns/cni-…`),
+//!    remembered for every pod — mesh or not, so that labelling a namespace
+//!    later finds its running pods — in `<CNI_AGENT_RUN_DIR>/pod-netns/<uid>`
+//!    (one small file per pod, written atomically). The run dir is a host
+//!    path, so the record survives agent restarts and upgrades.
+//! 2. Otherwise a scan of `HOST_PROC_DIR` for a process whose cgroup names
+//!    the pod UID (`redirect::inpod::netns_discovery`), giving
+//!    `<proc>/<pid>/ns/net`: pods that started while no agent ran.
+//!
+//! A remembered path is used only if it still opens as a network namespace.
+//! Records are removed when the pod is deleted, and at start-up for pods the
+//! API no longer lists.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::install::atomic_write::write_atomically;
+use crate::redirect::inpod::netns_discovery::find_pod_netns;
+use crate::redirect::netns::Netns;
+
+/// Sub-directory of the run dir holding the records.
+pub const POD_NETNS_DIR: &str = "pod-netns";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodNetnsError {
+    #[error("cannot create pod netns record dir {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write pod netns record {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Remembered CNI netns paths by pod UID.
+pub struct NetnsPaths {
+    dir: PathBuf,
+    map: Mutex<HashMap<String, PathBuf>>,
+}
+
+/// UIDs become file names: only `[A-Za-z0-9-]` (Kubernetes UIDs are UUIDs).
+fn valid_uid(uid: &str) -> bool {
+    !uid.is_empty()
+        && uid.len() <= 128
+        && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+impl NetnsPaths {
+    /// Opens (creating) `<run_dir>/pod-netns` and loads its records.
+    /// Blocking: call before serving or from a blocking thread.
+    pub fn load(run_dir: &Path) -> Result<Self, PodNetnsError> {
+        let dir = run_dir.join(POD_NETNS_DIR);
+        std::fs::create_dir_all(&dir).map_err(|source| PodNetnsError::Dir {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut map = HashMap::new();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let Some(uid) = name.to_str().filter(|u| valid_uid(u)) else {
+                    continue; // temporary files of an interrupted write
+                };
+                if let Ok(text) = std::fs::read_to_string(e.path()) {
+                    let text = text.trim();
+                    if !text.is_empty() {
+                        map.insert(uid.to_string(), PathBuf::from(text));
+                    }
+                }
+            }
+        }
+        tracing::debug!(dir = %dir.display(), records = map.len(), "pod netns records loaded");
+        Ok(Self {
+            dir,
+            map: Mutex::new(map),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PathBuf>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, uid: &str) -> Option<PathBuf> {
+        self.lock().get(uid).cloned()
+    }
+
+    pub fn uids(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Records `path` for `uid` (memory, and disk unless unchanged).
+    pub async fn remember(&self, uid: &str, path: &Path) -> Result<(), PodNetnsError> {
+        if self
+            .lock()
+            .insert(uid.to_string(), path.to_path_buf())
+            .as_deref()
+            == Some(path)
+        {
+            return Ok(());
+        }
+        if !valid_uid(uid) {
+            tracing::warn!(
+                uid,
+                "pod UID is not a safe file name: netns path kept in memory only"
+            );
+            return Ok(());
+        }
+        let file = self.dir.join(uid);
+        let content = path.as_os_str().as_encoded_bytes().to_vec();
+        let target = file.clone();
+        tokio::task::spawn_blocking(move || write_atomically(&target, &content, 0o600))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(|source| PodNetnsError::Write { path: file, source })
+    }
+
+    /// Forgets `uid` (memory and disk).
+    pub async fn forget(&self, uid: &str) {
+        if self.lock().remove(uid).is_none() || !valid_uid(uid) {
+            return;
+        }
+        let file = self.dir.join(uid);
+        let _ = tokio::task::spawn_blocking(move || match std::fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %file.display(), error = %e, "cannot remove pod netns record")
+            }
+        })
+        .await;
+    }
+}
+
+/// Finds pods' netns: remembered path, then a `/proc` scan.
+pub struct NetnsResolver {
+    paths: Arc<NetnsPaths>,
+    proc_root: PathBuf,
+    /// The node's netns inode: processes in it are host-network.
+    host_inode: Option<u64>,
+}
+
+impl NetnsResolver {
+    pub fn new(paths: Arc<NetnsPaths>, proc_root: PathBuf) -> Self {
+        let host_inode = Netns::current().ok().and_then(|n| n.inode().ok());
+        Self {
+            paths,
+            proc_root,
+            host_inode,
+        }
+    }
+
+    pub fn paths(&self) -> &Arc<NetnsPaths> {
+        &self.paths
+    }
+
+    /// The path of pod `uid`'s netns, if it can be found.
+    pub async fn resolve(&self, uid: &str) -> Option<PathBuf> {
+        let remembered = self.paths.get(uid);
+        let proc_root = self.proc_root.clone();
+        let host_inode = self.host_inode;
+        let uid = uid.to_string();
+        tokio::task::spawn_blocking(move || {
+            if let Some(p) = remembered {
+                match Netns::open(&p) {
+                    Ok(ns) if ns.inode().ok() != host_inode => return Some(p),
+                    Ok(_) => {
+                        tracing::debug!(%uid, path = %p.display(), "remembered netns is the node's")
+                    }
+                    Err(e) => tracing::debug!(%uid, error = %e, "remembered netns is gone"),
+                }
+            }
+            find_pod_netns(&proc_root, &uid, host_inode).map(|ns| ns.path().to_path_buf())
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn records_survive_a_reload_and_are_forgotten() {
+        let run = tempfile::tempdir().unwrap();
+        let p = NetnsPaths::load(run.path()).unwrap();
+        p.remember("1111-aaaa", Path::new("/var/run/netns/cni-1"))
+            .await
+            .unwrap();
+        p.remember("2222-bbbb", Path::new("/var/run/netns/cni-2"))
+            .await
+            .unwrap();
+        // unsafe UIDs stay in memory only
+        p.remember("../x", Path::new("/var/run/netns/cni-3"))
+            .await
+            .unwrap();
+        assert_eq!(p.get("../x"), Some(PathBuf::from("/var/run/netns/cni-3")));
+        drop(p);
+        let p = NetnsPaths::load(run.path()).unwrap();
+        let mut uids = p.uids();
+        uids.sort();
+        assert_eq!(uids, vec!["1111-aaaa", "2222-bbbb"]);
+        assert_eq!(
+            p.get("1111-aaaa"),
+            Some(PathBuf::from("/var/run/netns/cni-1"))
+        );
+        p.forget("1111-aaaa").await;
+        assert!(!run.path().join(POD_NETNS_DIR).join("1111-aaaa").exists());
+        let p = NetnsPaths::load(run.path()).unwrap();
+        assert_eq!(p.uids(), vec!["2222-bbbb"]);
+    }
+
+    #[tokio::test]
+    async fn resolver_prefers_a_live_record_then_scans_proc() {
+        let run = tempfile::tempdir().unwrap();
+        let paths = Arc::new(NetnsPaths::load(run.path()).unwrap());
+        let proc = tempfile::tempdir().unwrap();
+        // A fake /proc with one process of pod "cafe-0001" whose ns/net is
+        // a real netns handle (ours).
+        let pid = proc.path().join("4242");
+        std::fs::create_dir_all(pid.join("ns")).unwrap();
+        std::fs::write(pid.join("cgroup"), "0::/kubepods/podcafe-0001/c1\n").unwrap();
+        std::os::unix::fs::symlink("/proc/self/ns/net", pid.join("ns/net")).unwrap();
+        let mut r = NetnsResolver::new(paths.clone(), proc.path().to_path_buf());
+        // Our own netns is the "node" here; pretend it is not, so the fake
+        // process counts as a pod.
+        r.host_inode = None;
+        assert_eq!(r.resolve("cafe-0001").await, Some(pid.join("ns/net")));
+        assert_eq!(r.resolve("beef-0002").await, None);
+        // a record that does not open as a netns falls back to the scan
+        let bogus = run.path().join("not-a-netns");
+        std::fs::write(&bogus, "").unwrap();
+        paths.remember("cafe-0001", &bogus).await.unwrap();
+        assert_eq!(r.resolve("cafe-0001").await, Some(pid.join("ns/net")));
+        // a live record wins
+        paths
+            .remember("beef-0002", Path::new("/proc/self/ns/net"))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.resolve("beef-0002").await,
+            Some(PathBuf::from("/proc/self/ns/net"))
+        );
+    }
+}
