@@ -41,6 +41,9 @@ CARGO=${CARGO:-cargo}
 TARGETS=(node-agent:geneve_redirect)
 if [ -f e2e/tests/geneve.rs ]; then TARGETS+=(e2e:geneve); fi
 
+# End-to-end tests run the real programs from target/debug.
+"$CARGO" build -p ztunnel --bin ztunnel
+
 bins=()
 for t in "${TARGETS[@]}"; do
   pkg=${t%%:*} test=${t#*:}
