@@ -11,3 +11,4 @@ pub mod config;
 pub mod cluster;
 pub mod metrics;
 pub mod reconcile;
+pub mod app;

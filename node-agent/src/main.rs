@@ -38,8 +38,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging();
     match cli.command.unwrap_or(Command::Run) {
-        // The agent's control loop is wired here by its owner.
-        Command::Run => anyhow::bail!("node-agent run: the agent is not wired yet"),
+        Command::Run => {
+            let cfg = node_agent::config::AgentConfig::from_env()?;
+            node_agent::app::run(cfg).await?;
+            Ok(())
+        }
         Command::Ca => {
             let cfg = node_agent::ca::CaConfig::from_env()?;
             node_agent::ca::run(cfg).await?;

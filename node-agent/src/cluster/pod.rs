@@ -331,7 +331,7 @@ mod tests {
             Some("ztunnel-b")
         );
         assert_eq!(
-            active_ztunnel(&[a.clone()], "istio-system").map(|p| p.name.as_str()),
+            active_ztunnel(std::slice::from_ref(&a), "istio-system").map(|p| p.name.as_str()),
             Some("ztunnel-a")
         );
         assert!(active_ztunnel(&[] as &[PodInfo], "istio-system").is_none());

@@ -132,7 +132,14 @@ mod tests {
     fn enrol_table() {
         use Actual::*;
         // (actual, annotation, retry_due) → (op, annotation)
-        let cases: &[(Actual, Option<&str>, bool, Option<Op>, Option<Annotation>)] = &[
+        type Case<'a> = (
+            Actual,
+            Option<&'a str>,
+            bool,
+            Option<Op>,
+            Option<Annotation>,
+        );
+        let cases: &[Case] = &[
             (None, Option::None, false, Some(Op::Enrol), Option::None),
             // previous agent's annotation: still enrol (re-apply, ZDS add)
             (None, Some("enabled"), false, Some(Op::Enrol), Option::None),
