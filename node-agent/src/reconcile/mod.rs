@@ -615,3 +615,6 @@ impl Reconciler {
         self.update_gauges();
     }
 }
+
+#[cfg(test)]
+mod tests;
