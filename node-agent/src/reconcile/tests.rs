@@ -18,18 +18,13 @@ use crate::cluster::pod::{NamespaceInfo, PodInfo, PodPhase};
 use crate::metrics::AgentMetrics;
 use crate::redirect::{PodRedirect, ReconcileReport, RedirectError, Redirector};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    Ok,
-    Fatal,
-}
-
 /// Records calls; enrol is retryable while `ztunnel` is false; checks that
 /// no two operations overlap on one pod.
 #[derive(Default)]
 struct FakeRedirector {
     calls: Mutex<Vec<(&'static str, PodRedirect)>>,
-    outcomes: Mutex<HashMap<String, Outcome>>,
+    /// UIDs whose enrol fails for good.
+    fatal: Mutex<std::collections::HashSet<String>>,
     ztunnel: AtomicBool,
     delay: Mutex<Duration>,
     inflight: Mutex<HashMap<String, usize>>,
@@ -74,17 +69,15 @@ impl FakeRedirector {
         if op == "unenrol" {
             return Ok(());
         }
-        match self.outcomes.lock().unwrap().get(&pod.uid) {
-            Some(Outcome::Fatal) => {
-                Err(RedirectError::new(pod, "applying pod rules", false, "boom"))
-            }
-            _ if !self.ztunnel.load(Ordering::SeqCst) => Err(RedirectError::new(
+        match self.fatal.lock().unwrap().contains(&pod.uid) {
+            true => Err(RedirectError::new(pod, "applying pod rules", false, "boom")),
+            false if !self.ztunnel.load(Ordering::SeqCst) => Err(RedirectError::new(
                 pod,
                 "handing the pod to ztunnel",
                 true,
                 "no ztunnel connected",
             )),
-            _ => Ok(()),
+            false => Ok(()),
         }
     }
 }
@@ -381,11 +374,7 @@ async fn fatal_failures_are_retried_with_backoff_and_not_annotated() {
         vec![running("u1", "demo", "a", "10.0.0.1")],
         vec![ns("demo", Some("ambient"))],
     );
-    h.redir
-        .outcomes
-        .lock()
-        .unwrap()
-        .insert("u1".into(), Outcome::Fatal);
+    h.redir.fatal.lock().unwrap().insert("u1".into());
     // start-up hands u1 to reconcile (the fake reports it enrolled); make
     // the next pass fail by changing the pod
     let _w = started(&h).await;
@@ -408,7 +397,7 @@ async fn fatal_failures_are_retried_with_backoff_and_not_annotated() {
         Some(None),
         "not redirected: no annotation"
     );
-    h.redir.outcomes.lock().unwrap().clear();
+    h.redir.fatal.lock().unwrap().clear();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(h.r.enrolled_uids(), vec!["u1"]);
 }
@@ -590,11 +579,7 @@ async fn cni_add_fails_closed_and_leaves_nothing() {
     // ztunnel connected but the enrolment fails: undone
     h.redir.ztunnel.store(true, Ordering::SeqCst);
     h.r.set_ztunnel_available(true);
-    h.redir
-        .outcomes
-        .lock()
-        .unwrap()
-        .insert("u2".into(), Outcome::Fatal);
+    h.redir.fatal.lock().unwrap().insert("u2".into());
     let err =
         h.r.cni_add(add_event("demo", "b", Some("u2")))
             .await
