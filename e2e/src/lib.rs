@@ -1,6 +1,8 @@
-//! End-to-end harness: simulated network topologies ([`netsim`]) and
-//! helpers to find the project's binaries ([`binaries`]).
+//! End-to-end harness: a Kubernetes API test double ([`apiserver`]),
+//! simulated network topologies ([`netsim`]) and helpers to find the
+//! project's binaries ([`binaries`]).
 
+pub mod apiserver;
 pub mod binaries;
 pub mod netsim;
 

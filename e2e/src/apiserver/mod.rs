@@ -1,0 +1,480 @@
+//! **A test double of the Kubernetes API server — not a product.**
+//!
+//! An in-memory, single-process HTTP server speaking enough of the
+//! Kubernetes REST API for real `kubectl` (v1.32) and kube-rs clients, so
+//! the project's programs and tests can run against "a cluster" on a
+//! machine without Kubernetes. Plain HTTP, no authentication, no
+//! authorization, no admission beyond a few defaults, no persistence.
+//!
+//! # What it serves
+//! - Discovery: `/version`, `/api`, `/apis`, `/api/v1`, `/apis/<g>[/<v>]`
+//!   (plain `APIVersions`/`APIGroupList`/`APIResourceList`; kubectl falls
+//!   back to them from aggregated discovery). `/openapi/v3` documents with
+//!   just enough for kubectl to choose server-side field validation (which
+//!   is accepted and ignored); no schemas.
+//! - Resources ([`resources::ALL`]): namespaces, pods (+`status`),
+//!   services, serviceaccounts (+`token`), nodes, configmaps, secrets,
+//!   events (core and `events.k8s.io`), endpoints, endpointslices, apps/v1
+//!   daemonsets and deployments, leases, `security.istio.io/v1`
+//!   authorizationpolicies (arbitrary JSON), `authentication.k8s.io/v1`
+//!   tokenreviews (create only).
+//! - Verbs: list (label selectors `k=v`, `k!=v`, `k`, `!k`, `k in (..)`,
+//!   `k notin (..)`; field selectors on any dotted path, e.g.
+//!   `metadata.name`, `spec.nodeName`), get, create (uid,
+//!   resourceVersion, creationTimestamp, generateName, namespace must
+//!   exist), update (resourceVersion conflicts), patch (merge, strategic
+//!   merge (named lists merged by `name`), JSON patch, apply (as a merge)),
+//!   delete (immediate; a namespace takes its content with it), `dryRun=All`.
+//!   Writes to `status` go through the `/status` subresource only (and it
+//!   changes only status, labels and annotations), as in the real server.
+//! - Watch: `?watch=true` with `resourceVersion`, `allowWatchBookmarks`,
+//!   `timeoutSeconds`, `sendInitialEvents`; newline-delimited JSON events
+//!   (ADDED/MODIFIED/DELETED/BOOKMARK); a resourceVersion older than the
+//!   retained event window gets an ERROR event with a 410 `Expired` Status
+//!   (kube-rs watchers then re-list). Objects moving out of (into) a
+//!   selector are sent as DELETED (ADDED).
+//! - TokenRequest / TokenReview with HMAC-signed JWT-shaped tokens
+//!   ([`tokens`]); bound pod tokens carry the pod name/uid (and node) in
+//!   the review's `user.extra`.
+//! - A few things real controllers would do: namespaces get a `default`
+//!   ServiceAccount and the `kubernetes.io/metadata.name` label; services a
+//!   cluster IP from 10.96.0.0/16; pods `serviceAccountName: default` and
+//!   `status.phase: Pending` on create; secrets' `stringData` is encoded.
+//!
+//! Not served: protobuf (except what `kubectl create <kind>` sends, see
+//! [`protobuf`]), OpenAPI schemas and v2, server-side apply field ownership,
+//! pagination (`limit` is ignored, everything comes in one page), graceful
+//! deletion, finalizers, RBAC.
+//!
+//! # Use
+//! In-process (a dedicated thread runs the server, so it works from sync
+//! and async tests alike):
+//! ```no_run
+//! let api = e2e::apiserver::ApiServer::start().unwrap();
+//! let kubeconfig = std::env::temp_dir().join("kubeconfig");
+//! api.write_kubeconfig(&kubeconfig).unwrap();
+//! // kubectl --kubeconfig <file> ..., or kube::Client::try_from(api.kube_config())
+//! ```
+//! As a process: `kube-api-double --listen 127.0.0.1:6443 --kubeconfig-out
+//! /tmp/kubeconfig`, then `kubectl --kubeconfig /tmp/kubeconfig get ns`.
+
+pub mod discovery;
+mod http;
+pub mod openapi;
+pub mod patch;
+pub mod protobuf;
+pub mod resources;
+pub mod selector;
+pub mod status;
+pub mod store;
+pub mod tokens;
+mod watch;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+pub use status::ApiError;
+pub use tokens::{DEFAULT_AUDIENCE, TokenSigner, TokenSpec};
+
+use http::Shared;
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiServerError {
+    #[error("kube-api-double: cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kube-api-double: cannot start its runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("kube-api-double: cannot write kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Settings; `ApiServer::default()` listens on an ephemeral port of
+/// 127.0.0.1.
+#[derive(Debug)]
+pub struct ApiServer {
+    listen: Vec<SocketAddr>,
+    listeners: Vec<std::net::TcpListener>,
+    event_window: usize,
+    bookmark_interval: Duration,
+    signer: Option<TokenSigner>,
+    authorization_policy_crd: bool,
+}
+
+impl Default for ApiServer {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            listeners: Vec::new(),
+            event_window: 10_000,
+            bookmark_interval: Duration::from_secs(5),
+            signer: None,
+            authorization_policy_crd: true,
+        }
+    }
+}
+
+impl ApiServer {
+    /// Starts a server with default settings on `127.0.0.1:<ephemeral>`.
+    pub fn start() -> Result<ApiServerHandle, ApiServerError> {
+        Self::default().run()
+    }
+
+    /// Adds an address to listen on (`127.0.0.1:0` picks a port).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen.push(addr);
+        self
+    }
+
+    /// Adds an already bound listener (e.g. one bound inside a network
+    /// namespace with `netsim::Cluster::bind_host_tcp`).
+    pub fn listener(mut self, l: std::net::TcpListener) -> Self {
+        self.listeners.push(l);
+        self
+    }
+
+    /// How many change events are retained for watches to resume from
+    /// (default 10 000); older resourceVersions get 410 Gone.
+    pub fn event_window(mut self, n: usize) -> Self {
+        self.event_window = n;
+        self
+    }
+
+    /// How often open watches that asked for bookmarks get one (default 5 s).
+    pub fn bookmark_interval(mut self, d: Duration) -> Self {
+        self.bookmark_interval = d;
+        self
+    }
+
+    /// The key tokens are signed with (default: random).
+    pub fn signer(mut self, s: TokenSigner) -> Self {
+        self.signer = Some(s);
+        self
+    }
+
+    /// Serve without the `security.istio.io` AuthorizationPolicy resource
+    /// (a cluster where the CRD is not installed).
+    pub fn without_authorization_policy_crd(mut self) -> Self {
+        self.authorization_policy_crd = false;
+        self
+    }
+
+    /// Binds and starts serving on a dedicated thread.
+    pub fn run(self) -> Result<ApiServerHandle, ApiServerError> {
+        let mut listeners = self.listeners;
+        let mut addrs = self.listen;
+        if addrs.is_empty() && listeners.is_empty() {
+            addrs.push(SocketAddr::from(([127, 0, 0, 1], 0)));
+        }
+        for a in addrs {
+            listeners.push(std::net::TcpListener::bind(a).map_err(|source| {
+                ApiServerError::Listen {
+                    addr: a.to_string(),
+                    source,
+                }
+            })?);
+        }
+        let resources: Vec<_> = resources::ALL
+            .iter()
+            .copied()
+            .filter(|r| {
+                self.authorization_policy_crd
+                    || (r.group, r.plural) != resources::AUTHORIZATION_POLICY
+            })
+            .collect();
+        let store = store::Store::new(resources, self.event_window);
+        let shared = Arc::new(Shared::new(
+            store,
+            self.signer.unwrap_or_else(TokenSigner::random),
+            self.bookmark_interval,
+        ));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kube-api-double")
+            .enable_all()
+            .build()
+            .map_err(ApiServerError::Runtime)?;
+        let mut handle = ApiServerHandle {
+            shared,
+            runtime: Some(runtime),
+            addrs: Vec::new(),
+        };
+        for l in listeners {
+            handle
+                .add_listener(l)
+                .map_err(|source| ApiServerError::Listen {
+                    addr: "a given listener".into(),
+                    source,
+                })?;
+        }
+        Ok(handle)
+    }
+}
+
+/// A running server. Dropping it stops it (open watches end).
+pub struct ApiServerHandle {
+    shared: Arc<Shared>,
+    runtime: Option<tokio::runtime::Runtime>,
+    addrs: Vec<SocketAddr>,
+}
+
+impl std::fmt::Debug for ApiServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServerHandle")
+            .field("addrs", &self.addrs)
+            .finish()
+    }
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(target: "kube_api_double", "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| http::handle(shared.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+impl ApiServerHandle {
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("runtime present until drop")
+    }
+
+    /// Serves on another listener too (e.g. one inside a simulated
+    /// underlay namespace, so processes in nodes and pods reach the API).
+    pub fn add_listener(&mut self, l: std::net::TcpListener) -> std::io::Result<SocketAddr> {
+        l.set_nonblocking(true)?;
+        let addr = l.local_addr()?;
+        let l = {
+            let _guard = self.runtime().enter();
+            tokio::net::TcpListener::from_std(l)?
+        };
+        if self.addrs.is_empty() {
+            *self
+                .shared
+                .server_address
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = addr.to_string();
+        }
+        self.runtime().spawn(accept_loop(l, self.shared.clone()));
+        self.addrs.push(addr);
+        Ok(addr)
+    }
+
+    /// Addresses served, first = [`ApiServerHandle::url`]'s.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// `http://<first address>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addrs[0])
+    }
+
+    /// A kubeconfig (YAML) pointing at `server` (e.g. [`Self::url`]), with
+    /// an empty user; kubectl and kube-rs both accept it.
+    pub fn kubeconfig_yaml_for(server: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: kube-api-double\n  cluster:\n    server: {server}\ncontexts:\n- name: kube-api-double\n  context:\n    cluster: kube-api-double\n    user: kube-api-double\n    namespace: default\ncurrent-context: kube-api-double\nusers:\n- name: kube-api-double\n  user: {{}}\n"
+        )
+    }
+
+    /// Writes a kubeconfig for [`Self::url`] to `path`.
+    pub fn write_kubeconfig(&self, path: &Path) -> Result<(), ApiServerError> {
+        write_kubeconfig_for(path, &self.url())
+    }
+
+    /// A kube-rs configuration for [`Self::url`] (build the client inside
+    /// your runtime: `kube::Client::try_from(cfg)`).
+    pub fn kube_config(&self) -> kube::Config {
+        let mut cfg = kube::Config::new(self.url().parse().expect("server URL"));
+        cfg.default_namespace = "default".into();
+        cfg.read_timeout = None;
+        cfg
+    }
+
+    /// The token signer (to verify or mint tokens).
+    pub fn signer(&self) -> &TokenSigner {
+        &self.shared.signer
+    }
+
+    /// Mints a token as TokenRequest would, but with any expiry (also in
+    /// the past) and without checking that the account or pod exist. When
+    /// the account exists its UID is bound into the token.
+    pub fn mint_token(&self, spec: &TokenSpec) -> String {
+        let mut spec = spec.clone();
+        if spec.service_account_uid.is_none() {
+            let store = self.shared.lock();
+            if let Some(i) = store.index("", "serviceaccounts")
+                && let Ok(sa) = store.get(i, Some(&spec.namespace), &spec.service_account)
+            {
+                spec.service_account_uid = sa
+                    .pointer("/metadata/uid")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+            }
+        }
+        self.shared.signer.mint(&spec)
+    }
+
+    /// Drops all retained events: watches resuming from an older
+    /// resourceVersion get 410 Gone.
+    pub fn compact(&self) {
+        self.shared.lock().compact();
+    }
+
+    /// Ends every open watch (clients reconnect from their last version).
+    pub fn close_watches(&self) {
+        self.shared.closing.send_modify(|g| *g += 1);
+    }
+
+    /// How many requests of `verb` (`list`, `watch`, `get`, `create`,
+    /// `update`, `patch`, `delete`; `gone` = 410 answers to watches) were
+    /// served for resource `plural`.
+    pub fn request_count(&self, verb: &str, plural: &str) -> u64 {
+        self.shared
+            .counts()
+            .get(&format!("{verb} {plural}"))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The current global resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.shared.lock().resource_version()
+    }
+
+    fn resolve(&self, api_version: &str, kind: &str) -> Result<usize, ApiError> {
+        let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
+        self.shared
+            .lock()
+            .index_by_kind(group, kind)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "no resource for apiVersion {api_version} kind {kind}"
+                ))
+            })
+    }
+
+    /// Creates an object directly (no HTTP): `apiVersion`, `kind` and
+    /// `metadata.namespace` (for namespaced kinds) pick where it goes.
+    pub fn create(&self, obj: Value) -> Result<Value, ApiError> {
+        let av = obj["apiVersion"].as_str().unwrap_or("").to_string();
+        let kind = obj["kind"].as_str().unwrap_or("").to_string();
+        let res = self.resolve(&av, &kind)?;
+        let ns = obj
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        self.shared
+            .write(|s| s.create(res, ns.as_deref(), obj, false))
+    }
+
+    /// Reads an object directly.
+    pub fn get(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Value, ApiError> {
+        let res = self.resolve(api_version, kind)?;
+        self.shared.lock().get(res, namespace, name)
+    }
+
+    /// Merge-patches an object (or its `/status` when `status` is true)
+    /// directly, as a kubelet or controller would.
+    pub fn merge_patch(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+        patch: &Value,
+        status: bool,
+    ) -> Result<Value, ApiError> {
+        let res = self.resolve(api_version, kind)?;
+        let part = if status {
+            store::Part::Status
+        } else {
+            store::Part::Main
+        };
+        self.shared.write(|s| {
+            s.patch(
+                res,
+                namespace,
+                name,
+                patch::PatchType::Merge,
+                patch,
+                part,
+                false,
+            )
+        })
+    }
+
+    /// Deletes an object directly.
+    pub fn delete(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Value, ApiError> {
+        let res = self.resolve(api_version, kind)?;
+        self.shared.write(|s| {
+            s.delete(
+                res,
+                namespace,
+                name,
+                &store::Preconditions::default(),
+                false,
+            )
+        })
+    }
+}
+
+/// Writes a kubeconfig for `server` to `path`.
+pub fn write_kubeconfig_for(path: &Path, server: &str) -> Result<(), ApiServerError> {
+    std::fs::write(path, ApiServerHandle::kubeconfig_yaml_for(server)).map_err(|source| {
+        ApiServerError::Kubeconfig {
+            path: path.display().to_string(),
+            source,
+        }
+    })
+}
+
+impl Drop for ApiServerHandle {
+    fn drop(&mut self) {
+        self.close_watches();
+        if let Some(rt) = self.runtime.take() {
+            // Allowed from async contexts too (unlike dropping it).
+            rt.shutdown_background();
+        }
+    }
+}

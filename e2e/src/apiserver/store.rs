@@ -1,0 +1,944 @@
+//! The in-memory object store: objects as JSON, one global, monotonically
+//! increasing resourceVersion, and a bounded log of change events that
+//! watches replay from.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::Ipv4Addr;
+
+use serde_json::{Value, json};
+
+use super::patch::{self, PatchType};
+use super::resources::ResourceType;
+use super::selector::{FieldSelector, LabelSelector};
+use super::status::ApiError;
+
+/// Watch event types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Added => "ADDED",
+            EventKind::Modified => "MODIFIED",
+            EventKind::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One change, as retained for watches.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub rv: u64,
+    pub res: usize,
+    pub kind: EventKind,
+    /// The object after the change (for DELETED: its last state, with the
+    /// deletion's resourceVersion).
+    pub object: Value,
+    /// The object before a MODIFIED change (to tell "stopped matching a
+    /// selector" from "changed").
+    pub prev: Option<Value>,
+}
+
+/// Which part of an object a write addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The object itself: `status` is kept as stored when the resource has
+    /// a status subresource.
+    Main,
+    /// `/status`: only `status`, labels and annotations change.
+    Status,
+}
+
+/// Preconditions of a DELETE.
+#[derive(Debug, Clone, Default)]
+pub struct Preconditions {
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+}
+
+/// The state. All methods are quick and synchronous; the server calls them
+/// under a mutex.
+#[derive(Debug)]
+pub struct Store {
+    resources: Vec<ResourceType>,
+    rv: u64,
+    objects: Vec<BTreeMap<(String, String), Value>>,
+    events: VecDeque<Event>,
+    window: usize,
+    /// Events with `rv <= compacted` are no longer retained.
+    compacted: u64,
+    next_service_ip: u32,
+}
+
+pub(crate) fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+pub(crate) fn new_uid() -> String {
+    let b: [u8; 16] = rand::random();
+    let mut b = b;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// DNS-1123 subdomain (most object names).
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 253
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && n.as_bytes()[0].is_ascii_alphanumeric()
+        && n.as_bytes()[n.len() - 1].is_ascii_alphanumeric()
+}
+
+fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    (0..5)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
+    obj.get("metadata")?.get(field)?.as_str()
+}
+
+impl Store {
+    /// A store serving `resources`, retaining the last `window` events, with
+    /// the namespaces a fresh cluster has.
+    pub fn new(resources: Vec<ResourceType>, window: usize) -> Self {
+        let n = resources.len();
+        let mut s = Self {
+            resources,
+            rv: 0,
+            objects: vec![BTreeMap::new(); n],
+            events: VecDeque::new(),
+            window: window.max(1),
+            compacted: 0,
+            next_service_ip: u32::from(Ipv4Addr::new(10, 96, 0, 10)),
+        };
+        for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+            let ns_res = s
+                .index("", "namespaces")
+                .expect("namespaces are always served");
+            s.create(ns_res, None, json!({"metadata": {"name": ns}}), false)
+                .expect("seed namespace");
+        }
+        s
+    }
+
+    pub fn resources(&self) -> &[ResourceType] {
+        &self.resources
+    }
+
+    pub fn resource(&self, i: usize) -> &ResourceType {
+        &self.resources[i]
+    }
+
+    /// Index of the resource `group`/`plural`.
+    pub fn index(&self, group: &str, plural: &str) -> Option<usize> {
+        self.resources
+            .iter()
+            .position(|r| r.group == group && r.plural == plural)
+    }
+
+    /// Index by group and kind (for `apiVersion`/`kind` of a body).
+    pub fn index_by_kind(&self, group: &str, kind: &str) -> Option<usize> {
+        self.resources
+            .iter()
+            .position(|r| r.group == group && r.kind == kind && !r.create_only)
+    }
+
+    /// The current (latest) resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.rv
+    }
+
+    /// Events with `rv <= compacted()` are gone: watching from there is 410.
+    pub fn compacted(&self) -> u64 {
+        self.compacted
+    }
+
+    /// Drops every retained event: any watch resuming from an older
+    /// resourceVersion gets 410 Gone.
+    pub fn compact(&mut self) {
+        self.events.clear();
+        self.compacted = self.rv;
+    }
+
+    fn key(&self, res: usize, ns: Option<&str>, name: &str) -> (String, String) {
+        let ns = if self.resources[res].namespaced {
+            ns.unwrap_or("").to_string()
+        } else {
+            String::new()
+        };
+        (ns, name.to_string())
+    }
+
+    fn record(&mut self, res: usize, kind: EventKind, object: Value, prev: Option<Value>) {
+        self.events.push_back(Event {
+            rv: self.rv,
+            res,
+            kind,
+            object,
+            prev,
+        });
+        while self.events.len() > self.window {
+            if let Some(e) = self.events.pop_front() {
+                self.compacted = e.rv;
+            }
+        }
+    }
+
+    fn bump(&mut self) -> u64 {
+        self.rv += 1;
+        self.rv
+    }
+
+    pub fn get(&self, res: usize, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
+        let key = self.key(res, ns, name);
+        self.objects[res]
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(&self.resources[res].qualified(), name))
+    }
+
+    /// Objects of `res` (in `ns`, or all namespaces when `None`) matching
+    /// the selectors, and the current resourceVersion.
+    pub fn list(
+        &self,
+        res: usize,
+        ns: Option<&str>,
+        labels: &LabelSelector,
+        fields: &FieldSelector,
+    ) -> (Vec<Value>, u64) {
+        let items = self.objects[res]
+            .iter()
+            .filter(|((ons, _), _)| ns.is_none_or(|n| !self.resources[res].namespaced || ons == n))
+            .filter(|(_, o)| labels.matches(o) && fields.matches(o))
+            .map(|(_, o)| o.clone())
+            .collect();
+        (items, self.rv)
+    }
+
+    /// Retained events of `res` after `since`, or 410 when some are gone.
+    pub fn events_since(&self, res: usize, since: u64) -> Result<Vec<Event>, ApiError> {
+        if since < self.compacted {
+            return Err(ApiError::gone(format!(
+                "too old resource version: {since} ({})",
+                self.compacted + 1
+            )));
+        }
+        Ok(self
+            .events
+            .iter()
+            .filter(|e| e.rv > since && e.res == res)
+            .cloned()
+            .collect())
+    }
+
+    fn namespace_exists(&self, ns: &str) -> bool {
+        let i = self
+            .index("", "namespaces")
+            .expect("namespaces are always served");
+        self.objects[i].contains_key(&(String::new(), ns.to_string()))
+    }
+
+    /// Checks `apiVersion`/`kind` of a body against the resource, and fixes
+    /// `metadata.namespace`.
+    fn normalise(&self, res: usize, ns: Option<&str>, obj: &mut Value) -> Result<(), ApiError> {
+        let r = &self.resources[res];
+        if !obj.is_object() {
+            return Err(ApiError::bad_request(format!(
+                "{} body must be a JSON object",
+                r.qualified()
+            )));
+        }
+        if let Some(k) = obj.get("kind").and_then(Value::as_str)
+            && k != r.kind
+        {
+            return Err(ApiError::bad_request(format!(
+                "the kind {k:?} of the body does not match the resource {} (kind {})",
+                r.qualified(),
+                r.kind
+            )));
+        }
+        if let Some(av) = obj.get("apiVersion").and_then(Value::as_str)
+            && av != r.api_version()
+        {
+            return Err(ApiError::bad_request(format!(
+                "the apiVersion {av:?} of the body does not match {} ({})",
+                r.qualified(),
+                r.api_version()
+            )));
+        }
+        obj["kind"] = json!(r.kind);
+        obj["apiVersion"] = json!(r.api_version());
+        if !obj.get("metadata").is_some_and(Value::is_object) {
+            obj["metadata"] = json!({});
+        }
+        if r.namespaced {
+            let ns = ns.ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "{} is namespaced: use /namespaces/<ns>/{}",
+                    r.qualified(),
+                    r.plural
+                ))
+            })?;
+            match meta_str(obj, "namespace") {
+                Some(b) if !b.is_empty() && b != ns => {
+                    return Err(ApiError::bad_request(format!(
+                        "the namespace of the provided object ({b}) does not match the namespace sent on the request ({ns})"
+                    )));
+                }
+                _ => obj["metadata"]["namespace"] = json!(ns),
+            }
+        } else if let Some(m) = obj["metadata"].as_object_mut() {
+            m.remove("namespace");
+        }
+        Ok(())
+    }
+
+    /// Creates an object (name from `metadata.name` or `generateName`).
+    pub fn create(
+        &mut self,
+        res: usize,
+        ns: Option<&str>,
+        mut obj: Value,
+        dry_run: bool,
+    ) -> Result<Value, ApiError> {
+        let r = self.resources[res];
+        self.normalise(res, ns, &mut obj)?;
+        let name = match meta_str(&obj, "name").filter(|n| !n.is_empty()) {
+            Some(n) => n.to_string(),
+            None => match meta_str(&obj, "generateName").filter(|n| !n.is_empty()) {
+                Some(g) => {
+                    let mut n;
+                    loop {
+                        n = format!("{g}{}", random_suffix());
+                        if !self.objects[res].contains_key(&self.key(res, ns, &n)) {
+                            break;
+                        }
+                    }
+                    obj["metadata"]["name"] = json!(n);
+                    n
+                }
+                None => {
+                    return Err(ApiError::invalid(
+                        &r.qualified(),
+                        "",
+                        "metadata.name: Required value: name or generateName is required",
+                    ));
+                }
+            },
+        };
+        if !valid_name(&name) {
+            return Err(ApiError::invalid(
+                &r.qualified(),
+                &name,
+                "metadata.name: Invalid value: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.'",
+            ));
+        }
+        if r.namespaced {
+            let ns = ns.unwrap_or_default();
+            if !self.namespace_exists(ns) {
+                return Err(ApiError::not_found("namespaces", ns));
+            }
+        }
+        let key = self.key(res, ns, &name);
+        if self.objects[res].contains_key(&key) {
+            return Err(ApiError::already_exists(&r.qualified(), &name));
+        }
+        self.default_on_create(res, &mut obj)?;
+        let meta = obj["metadata"]
+            .as_object_mut()
+            .expect("metadata is an object");
+        meta.insert("uid".into(), json!(new_uid()));
+        meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
+        meta.remove("deletionTimestamp");
+        meta.remove("managedFields");
+        if obj.get("spec").is_some() {
+            obj["metadata"]["generation"] = json!(1);
+        }
+        if dry_run {
+            obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+            return Ok(obj);
+        }
+        let rv = self.bump();
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        self.objects[res].insert(key, obj.clone());
+        self.record(res, EventKind::Added, obj.clone(), None);
+        // What controllers of a real cluster would add.
+        if r.group.is_empty()
+            && r.plural == "namespaces"
+            && let Some(sa) = self.index("", "serviceaccounts")
+        {
+            let _ = self.create(
+                sa,
+                Some(&name),
+                json!({"metadata": {"name": "default"}}),
+                false,
+            );
+        }
+        Ok(obj)
+    }
+
+    /// What the real API server's create strategies and admission default.
+    fn default_on_create(&mut self, res: usize, obj: &mut Value) -> Result<(), ApiError> {
+        let r = self.resources[res];
+        let name = meta_str(obj, "name").unwrap_or_default().to_string();
+        match (r.group, r.plural) {
+            ("", "namespaces") => {
+                if !obj["metadata"].get("labels").is_some_and(Value::is_object) {
+                    obj["metadata"]["labels"] = json!({});
+                }
+                obj["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!(name);
+                obj["spec"] = json!({"finalizers": ["kubernetes"]});
+                obj["status"] = json!({"phase": "Active"});
+            }
+            ("", "pods") => {
+                if !obj.get("spec").is_some_and(Value::is_object) {
+                    return Err(ApiError::invalid("pods", &name, "spec: Required value"));
+                }
+                let spec = obj["spec"].as_object_mut().expect("object");
+                let sa = spec
+                    .get("serviceAccountName")
+                    .and_then(Value::as_str)
+                    .filter(|s| !s.is_empty())
+                    .or_else(|| {
+                        spec.get("serviceAccount")
+                            .and_then(Value::as_str)
+                            .filter(|s| !s.is_empty())
+                    })
+                    .unwrap_or("default")
+                    .to_string();
+                spec.insert("serviceAccountName".into(), json!(sa));
+                spec.insert("serviceAccount".into(), json!(sa));
+                // The create strategy resets status; the kubelet reports it.
+                obj["status"] = json!({"phase": "Pending"});
+            }
+            ("", "services") => {
+                if !obj.get("spec").is_some_and(Value::is_object) {
+                    obj["spec"] = json!({});
+                }
+                let spec = obj["spec"].as_object_mut().expect("object");
+                let ty = spec
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("ClusterIP")
+                    .to_string();
+                spec.insert("type".into(), json!(ty));
+                if ty != "ExternalName" {
+                    let ip = match spec.get("clusterIP").and_then(Value::as_str) {
+                        Some(ip) if !ip.is_empty() => ip.to_string(),
+                        _ => {
+                            let ip = Ipv4Addr::from(self.next_service_ip).to_string();
+                            self.next_service_ip += 1;
+                            ip
+                        }
+                    };
+                    spec.insert("clusterIP".into(), json!(ip));
+                    spec.insert("clusterIPs".into(), json!([ip]));
+                    if ip != "None" {
+                        spec.entry("ipFamilies").or_insert(json!(["IPv4"]));
+                        spec.entry("ipFamilyPolicy").or_insert(json!("SingleStack"));
+                    }
+                }
+                spec.entry("sessionAffinity").or_insert(json!("None"));
+                if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
+                    for p in ports {
+                        if let Some(p) = p.as_object_mut() {
+                            p.entry("protocol").or_insert(json!("TCP"));
+                            if let Some(port) = p.get("port").cloned() {
+                                p.entry("targetPort").or_insert(port);
+                            }
+                        }
+                    }
+                }
+                obj["status"] = json!({"loadBalancer": {}});
+            }
+            ("", "secrets") => {
+                use base64::Engine as _;
+                let string_data = obj.as_object_mut().and_then(|o| o.remove("stringData"));
+                if let Some(Value::Object(sd)) = string_data {
+                    if !obj.get("data").is_some_and(Value::is_object) {
+                        obj["data"] = json!({});
+                    }
+                    for (k, v) in sd {
+                        let s = v.as_str().unwrap_or_default();
+                        obj["data"][k] = json!(base64::engine::general_purpose::STANDARD.encode(s));
+                    }
+                }
+                if obj.get("type").is_none() {
+                    obj["type"] = json!("Opaque");
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Replaces an object (PUT), or its status. `metadata.resourceVersion`
+    /// in the body, when set, must be the current one.
+    pub fn update(
+        &mut self,
+        res: usize,
+        ns: Option<&str>,
+        name: &str,
+        mut obj: Value,
+        part: Part,
+        dry_run: bool,
+    ) -> Result<Value, ApiError> {
+        let r = self.resources[res];
+        self.normalise(res, ns, &mut obj)?;
+        match meta_str(&obj, "name") {
+            Some(n) if n == name => {}
+            Some("") | None => obj["metadata"]["name"] = json!(name),
+            Some(n) => {
+                return Err(ApiError::bad_request(format!(
+                    "the name of the object ({n}) does not match the name on the URL ({name})"
+                )));
+            }
+        }
+        let old = self.get(res, ns, name)?;
+        if let Some(want) = meta_str(&obj, "resourceVersion").filter(|v| !v.is_empty())
+            && Some(want) != meta_str(&old, "resourceVersion")
+        {
+            return Err(ApiError::conflict(
+                &r.qualified(),
+                name,
+                "the object has been modified; please apply your changes to the latest version and try again",
+            ));
+        }
+        self.replace(res, ns, name, old, obj, part, dry_run)
+    }
+
+    /// Applies a patch to the stored object (or its status).
+    #[allow(clippy::too_many_arguments)]
+    pub fn patch(
+        &mut self,
+        res: usize,
+        ns: Option<&str>,
+        name: &str,
+        kind: PatchType,
+        body: &Value,
+        part: Part,
+        dry_run: bool,
+    ) -> Result<Value, ApiError> {
+        let r = self.resources[res];
+        let old = match self.get(res, ns, name) {
+            Ok(o) => o,
+            // Server-side apply creates what does not exist.
+            Err(e) if kind == PatchType::Apply && part == Part::Main && e.code == 404 => {
+                let mut obj = body.clone();
+                if obj.is_object() {
+                    if !obj.get("metadata").is_some_and(Value::is_object) {
+                        obj["metadata"] = json!({});
+                    }
+                    obj["metadata"]["name"] = json!(name);
+                }
+                return self.create(res, ns, obj, dry_run);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut new = old.clone();
+        patch::apply(&mut new, kind, body)
+            .map_err(|e| ApiError::invalid(&r.qualified(), name, e))?;
+        // A resourceVersion in the patch is a precondition.
+        if let Some(want) = body
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            && Some(want) != meta_str(&old, "resourceVersion")
+        {
+            return Err(ApiError::conflict(
+                &r.qualified(),
+                name,
+                "the object has been modified; please apply your changes to the latest version and try again",
+            ));
+        }
+        self.normalise(res, ns, &mut new)?;
+        if meta_str(&new, "name") != Some(name) {
+            return Err(ApiError::bad_request(format!(
+                "a patch of {} {name} cannot change its name",
+                r.qualified()
+            )));
+        }
+        self.replace(res, ns, name, old, new, part, dry_run)
+    }
+
+    /// Shared tail of update and patch: keeps what the client may not
+    /// change, bumps the resourceVersion when something changed, records
+    /// the event.
+    #[allow(clippy::too_many_arguments)]
+    fn replace(
+        &mut self,
+        res: usize,
+        ns: Option<&str>,
+        name: &str,
+        old: Value,
+        mut new: Value,
+        part: Part,
+        dry_run: bool,
+    ) -> Result<Value, ApiError> {
+        let r = self.resources[res];
+        for f in [
+            "uid",
+            "creationTimestamp",
+            "namespace",
+            "name",
+            "generation",
+            "deletionTimestamp",
+        ] {
+            match old["metadata"].get(f) {
+                Some(v) => new["metadata"][f] = v.clone(),
+                None => {
+                    if let Some(m) = new["metadata"].as_object_mut() {
+                        m.remove(f);
+                    }
+                }
+            }
+        }
+        if let Some(m) = new["metadata"].as_object_mut() {
+            m.remove("managedFields");
+        }
+        match part {
+            Part::Main if r.has_status() => match old.get("status") {
+                Some(s) => new["status"] = s.clone(),
+                None => {
+                    if let Some(o) = new.as_object_mut() {
+                        o.remove("status");
+                    }
+                }
+            },
+            Part::Main => {}
+            Part::Status => {
+                // Everything but status, labels and annotations stays.
+                let mut merged = old.clone();
+                for f in ["labels", "annotations"] {
+                    match new["metadata"].get(f) {
+                        Some(v) => merged["metadata"][f] = v.clone(),
+                        None => {
+                            if let Some(m) = merged["metadata"].as_object_mut() {
+                                m.remove(f);
+                            }
+                        }
+                    }
+                }
+                match new.get("status") {
+                    Some(s) => merged["status"] = s.clone(),
+                    None => {
+                        if let Some(o) = merged.as_object_mut() {
+                            o.remove("status");
+                        }
+                    }
+                }
+                new = merged;
+            }
+        }
+        if part == Part::Main
+            && old.get("spec") != new.get("spec")
+            && old["metadata"].get("generation").is_some()
+        {
+            let g = old["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
+            new["metadata"]["generation"] = json!(g);
+        }
+        // No change: no new resourceVersion, no event (as the real server).
+        new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+        if new == old || dry_run {
+            return Ok(new);
+        }
+        let rv = self.bump();
+        new["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let key = self.key(res, ns, name);
+        self.objects[res].insert(key, new.clone());
+        self.record(res, EventKind::Modified, new.clone(), Some(old));
+        Ok(new)
+    }
+
+    /// Deletes an object at once (finalizers and grace periods are not
+    /// modelled). Deleting a namespace deletes everything in it.
+    pub fn delete(
+        &mut self,
+        res: usize,
+        ns: Option<&str>,
+        name: &str,
+        pre: &Preconditions,
+        dry_run: bool,
+    ) -> Result<Value, ApiError> {
+        let r = self.resources[res];
+        let old = self.get(res, ns, name)?;
+        if let Some(uid) = &pre.uid
+            && Some(uid.as_str()) != meta_str(&old, "uid")
+        {
+            return Err(ApiError::conflict(
+                &r.qualified(),
+                name,
+                &format!("the UID in the precondition ({uid}) does not match the UID in record"),
+            ));
+        }
+        if let Some(v) = &pre.resource_version
+            && Some(v.as_str()) != meta_str(&old, "resourceVersion")
+        {
+            return Err(ApiError::conflict(
+                &r.qualified(),
+                name,
+                "the ResourceVersion in the precondition does not match the ResourceVersion in record",
+            ));
+        }
+        if dry_run {
+            return Ok(old);
+        }
+        if r.group.is_empty() && r.plural == "namespaces" {
+            for i in 0..self.resources.len() {
+                if !self.resources[i].namespaced {
+                    continue;
+                }
+                let names: Vec<String> = self.objects[i]
+                    .keys()
+                    .filter(|(o, _)| o == name)
+                    .map(|(_, n)| n.clone())
+                    .collect();
+                for n in names {
+                    let _ = self.delete(i, Some(name), &n, &Preconditions::default(), false);
+                }
+            }
+        }
+        let key = self.key(res, ns, name);
+        let mut obj = self.objects[res].remove(&key).expect("checked above");
+        let rv = self.bump();
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        self.record(res, EventKind::Deleted, obj.clone(), None);
+        Ok(obj)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::resources::ALL;
+    use super::*;
+
+    fn store() -> Store {
+        Store::new(ALL.to_vec(), 100)
+    }
+
+    fn idx(s: &Store, plural: &str) -> usize {
+        s.resources()
+            .iter()
+            .position(|r| r.plural == plural)
+            .unwrap()
+    }
+
+    #[test]
+    fn create_fills_metadata_and_rejects_duplicates() {
+        let mut s = store();
+        let (pods, ns) = (idx(&s, "pods"), idx(&s, "namespaces"));
+        s.create(ns, None, json!({"metadata": {"name": "demo"}}), false)
+            .unwrap();
+        let p = s
+            .create(pods, Some("demo"), json!({"metadata": {"name": "web"}, "spec": {"containers": []}, "status": {"podIP": "1.2.3.4"}}), false)
+            .unwrap();
+        assert_eq!(p["kind"], "Pod");
+        assert_eq!(p["metadata"]["namespace"], "demo");
+        assert_eq!(p["metadata"]["uid"].as_str().unwrap().len(), 36);
+        assert_eq!(p["spec"]["serviceAccountName"], "default");
+        assert_eq!(
+            p["status"],
+            json!({"phase": "Pending"}),
+            "create resets status"
+        );
+        let err = s
+            .create(
+                pods,
+                Some("demo"),
+                json!({"metadata": {"name": "web"}, "spec": {}}),
+                false,
+            )
+            .unwrap_err();
+        assert_eq!((err.code, err.reason), (409, "AlreadyExists"));
+        let err = s
+            .create(
+                pods,
+                Some("nope"),
+                json!({"metadata": {"name": "x"}, "spec": {}}),
+                false,
+            )
+            .unwrap_err();
+        assert_eq!(err.code, 404);
+        assert!(err.message.contains("namespaces \"nope\""), "{err}");
+        let g = s
+            .create(
+                pods,
+                Some("demo"),
+                json!({"metadata": {"generateName": "web-"}, "spec": {}}),
+                false,
+            )
+            .unwrap();
+        assert!(g["metadata"]["name"].as_str().unwrap().starts_with("web-"));
+        let err = s
+            .create(
+                pods,
+                Some("demo"),
+                json!({"metadata": {"name": "Bad_Name"}, "spec": {}}),
+                false,
+            )
+            .unwrap_err();
+        assert_eq!(err.code, 422);
+        // the namespace got its default service account and name label
+        let sa = idx(&s, "serviceaccounts");
+        s.get(sa, Some("demo"), "default").unwrap();
+        let n = s.get(ns, None, "demo").unwrap();
+        assert_eq!(
+            n["metadata"]["labels"]["kubernetes.io/metadata.name"],
+            "demo"
+        );
+    }
+
+    #[test]
+    fn updates_conflict_on_stale_versions_and_status_is_separate() {
+        let mut s = store();
+        let pods = idx(&s, "pods");
+        let p = s
+            .create(
+                pods,
+                Some("default"),
+                json!({"metadata": {"name": "a"}, "spec": {"nodeName": "n1"}}),
+                false,
+            )
+            .unwrap();
+        let rv0 = p["metadata"]["resourceVersion"].clone();
+        let mut upd = p.clone();
+        upd["metadata"]["labels"] = json!({"x": "1"});
+        upd["status"] = json!({"phase": "Running"});
+        let u = s
+            .update(pods, Some("default"), "a", upd.clone(), Part::Main, false)
+            .unwrap();
+        assert_eq!(u["metadata"]["labels"]["x"], "1");
+        assert_eq!(u["status"]["phase"], "Pending", "main update keeps status");
+        assert_ne!(u["metadata"]["resourceVersion"], rv0);
+        let err = s
+            .update(pods, Some("default"), "a", upd, Part::Main, false)
+            .unwrap_err();
+        assert_eq!((err.code, err.reason), (409, "Conflict"));
+        // status patch: status + annotations change, spec does not
+        let st = s
+            .patch(pods, Some("default"), "a", PatchType::Merge,
+                &json!({"metadata": {"annotations": {"ambient.istio.io/redirection": "enabled"}}, "spec": {"nodeName": "n2"}, "status": {"podIP": "10.0.0.1"}}),
+                Part::Status, false)
+            .unwrap();
+        assert_eq!(st["spec"]["nodeName"], "n1");
+        assert_eq!(st["status"]["podIP"], "10.0.0.1");
+        assert_eq!(st["status"]["phase"], "Pending");
+        assert_eq!(
+            st["metadata"]["annotations"]["ambient.istio.io/redirection"],
+            "enabled"
+        );
+        // a no-op patch does not bump the version
+        let rv = s.resource_version();
+        s.patch(
+            pods,
+            Some("default"),
+            "a",
+            PatchType::Merge,
+            &json!({"metadata": {"labels": {"x": "1"}}}),
+            Part::Main,
+            false,
+        )
+        .unwrap();
+        assert_eq!(s.resource_version(), rv);
+    }
+
+    #[test]
+    fn events_window_and_namespace_cascade() {
+        let mut s = Store::new(ALL.to_vec(), 5);
+        let (cms, ns) = (idx(&s, "configmaps"), idx(&s, "namespaces"));
+        s.create(ns, None, json!({"metadata": {"name": "x"}}), false)
+            .unwrap();
+        let start = s.resource_version();
+        for i in 0..3 {
+            s.create(
+                cms,
+                Some("x"),
+                json!({"metadata": {"name": format!("c{i}")}}),
+                false,
+            )
+            .unwrap();
+        }
+        let ev = s.events_since(cms, start).unwrap();
+        assert_eq!(ev.len(), 3);
+        assert!(ev.iter().all(|e| e.kind == EventKind::Added));
+        s.delete(ns, None, "x", &Preconditions::default(), false)
+            .unwrap();
+        let (left, _) = s.list(
+            cms,
+            Some("x"),
+            &LabelSelector::default(),
+            &FieldSelector::default(),
+        );
+        assert!(left.is_empty());
+        // more events than the window: the start is gone
+        let err = s.events_since(cms, start).unwrap_err();
+        assert_eq!(err.code, 410);
+        s.compact();
+        assert!(
+            s.events_since(cms, s.resource_version())
+                .unwrap()
+                .is_empty()
+        );
+        let err = s
+            .delete(cms, Some("x"), "c0", &Preconditions::default(), false)
+            .unwrap_err();
+        assert_eq!(err.code, 404);
+    }
+
+    #[test]
+    fn services_get_cluster_ips_and_secrets_encode_string_data() {
+        let mut s = store();
+        let svc = idx(&s, "services");
+        let a = s
+            .create(
+                svc,
+                Some("default"),
+                json!({"metadata": {"name": "a"}, "spec": {"ports": [{"port": 80}]}}),
+                false,
+            )
+            .unwrap();
+        let b = s
+            .create(
+                svc,
+                Some("default"),
+                json!({"metadata": {"name": "b"}, "spec": {}}),
+                false,
+            )
+            .unwrap();
+        assert_eq!(a["spec"]["clusterIP"], "10.96.0.10");
+        assert_eq!(b["spec"]["clusterIP"], "10.96.0.11");
+        assert_eq!(
+            a["spec"]["ports"][0],
+            json!({"port": 80, "protocol": "TCP", "targetPort": 80})
+        );
+        let sec = idx(&s, "secrets");
+        let x = s
+            .create(
+                sec,
+                Some("default"),
+                json!({"metadata": {"name": "s"}, "stringData": {"k": "v"}}),
+                false,
+            )
+            .unwrap();
+        assert_eq!(x["data"]["k"], "dg==");
+        assert!(x.get("stringData").is_none());
+    }
+}
