@@ -148,7 +148,12 @@ fn two_nodes_two_pods_connectivity_capture_and_cleanup() {
         "underlay capture: {} packets",
         underlay.len()
     );
-    assert!(underlay.contains(b"CROSS-NODE-MARKER"));
+    assert!(
+        underlay.contains(b"CROSS-NODE-MARKER"),
+        "{}: {:?}",
+        underlay.log,
+        underlay.packets
+    );
     assert!(!underlay.contains(b"same-node-marker"));
     assert_eq!(underlay.tcp_syn_dst_ports(), [7002].into());
     assert_eq!(underlay.tcp_payload_server_ports(), [7002].into());
@@ -164,7 +169,7 @@ fn two_nodes_two_pods_connectivity_capture_and_cleanup() {
 
     // A process spawned in a pod runs in the pod's namespace and carries
     // the scope marker; it is killed when the cluster goes away.
-    let mut sleeper = b2.netns().spawn("sleep", ["300"], None).unwrap();
+    let sleeper = b2.netns().spawn("sleep", ["300"], None).unwrap();
     assert_eq!(
         netns_inode_of(sleeper.pid()),
         Some(b2.netns().inode().unwrap())
@@ -181,8 +186,8 @@ fn two_nodes_two_pods_connectivity_capture_and_cleanup() {
         "{out}"
     );
     let leaked_pid = sleeper.pid();
-    std::mem::forget(sleeper.child().stdout.take());
-    let _released = sleeper.into_child(); // cluster clean-up must still kill it
+    // Released from its guard: the cluster's clean-up must still kill it.
+    let mut released = sleeper.into_child();
 
     drop(la2);
     drop(lb1);
@@ -200,6 +205,10 @@ fn two_nodes_two_pods_connectivity_capture_and_cleanup() {
     assert!(
         netns_inode_of(leaked_pid).is_none(),
         "process {leaked_pid} survived clean-up"
+    );
+    assert!(
+        !released.wait().unwrap().success(),
+        "killed by the clean-up"
     );
     assert!(!Path::new(REGISTRY_DIR).join(&prefix).exists());
     assert!(!Path::new(REGISTRY_DIR).join(format!("{prefix}.d")).exists());
@@ -307,13 +316,22 @@ fn leftovers_of_a_killed_run_are_removed() {
     if skip() {
         return;
     }
+    // Concurrent runs of this test would sweep each other's fake leftovers
+    // (that is what cleanup_stale is for): take turns.
+    std::fs::create_dir_all(REGISTRY_DIR).unwrap();
+    let lock = std::fs::File::create(Path::new(REGISTRY_DIR).join(".lock-nsimstale-test")).unwrap();
+    let _turn = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
     // A "killed run": a record naming a dead process, a namespace with a
     // process inside, and a marked process outside any of its namespaces.
     let mut dead = std::process::Command::new("true").spawn().unwrap();
     let dead_pid = dead.id();
     dead.wait().unwrap();
     std::fs::create_dir_all(REGISTRY_DIR).unwrap();
-    let prefix = "nsimstale-beef";
+    // (names derived from our pid, in case a killed run left some behind)
+    let fake = |n: u32| format!("nsimstale-{:04x}", (std::process::id() ^ n) & 0xffff);
+    let prefix_s = fake(0);
+    let orphan_prefix = fake(0x5a5a);
+    let prefix = prefix_s.as_str();
     std::fs::write(
         Path::new(REGISTRY_DIR).join(prefix),
         format!("{dead_pid} 1\n"),
@@ -330,15 +348,14 @@ fn leftovers_of_a_killed_run_are_removed() {
         .spawn()
         .unwrap();
     // An orphan namespace file with no record at all.
-    let orphan = NamedNetns::create("nsimstale-0a0a-x", None).unwrap();
+    let orphan = NamedNetns::create(&format!("{orphan_prefix}-x"), None).unwrap();
     std::mem::forget(ns);
     std::mem::forget(orphan);
 
     let report = cleanup_stale("nsimstale").unwrap();
-    assert_eq!(
-        report.prefixes,
-        vec!["nsimstale-0a0a".to_string(), prefix.to_string()]
-    );
+    for p in [prefix, orphan_prefix.as_str()] {
+        assert!(report.prefixes.iter().any(|x| x == p), "{p} in {report:?}");
+    }
     assert!(
         report.processes.contains(&(outside.id() as i32)),
         "{report:?}"
@@ -352,15 +369,20 @@ fn leftovers_of_a_killed_run_are_removed() {
             .join(format!("{prefix}-node1"))
             .exists()
     );
-    assert!(!Path::new(NETNS_RUN_DIR).join("nsimstale-0a0a-x").exists());
+    assert!(
+        !Path::new(NETNS_RUN_DIR)
+            .join(format!("{orphan_prefix}-x"))
+            .exists()
+    );
     assert!(!Path::new(REGISTRY_DIR).join(prefix).exists());
     assert!(!Path::new(REGISTRY_DIR).join(format!("{prefix}.d")).exists());
     // A live scope with the same tag survives (its owner, us, is alive).
     let live = Scope::new("nsimstale").unwrap();
     let live_ns = live.create_netns("keep").unwrap();
-    assert_eq!(
-        cleanup_stale("nsimstale").unwrap().prefixes,
-        Vec::<String>::new()
+    let again = cleanup_stale("nsimstale").unwrap();
+    assert!(
+        !again.prefixes.iter().any(|p| p == live.prefix()),
+        "{again:?}"
     );
     assert!(live_ns.path().exists(), "a live scope is left alone");
 }

@@ -24,7 +24,8 @@
 //!   resourceVersion, creationTimestamp, generateName, namespace must
 //!   exist), update (resourceVersion conflicts), patch (merge, strategic
 //!   merge (named lists merged by `name`), JSON patch, apply (as a merge)),
-//!   delete (immediate; a namespace takes its content with it), `dryRun=All`.
+//!   delete (immediate, except namespaces: Terminating first, then removed
+//!   with their content within ~50 ms, as kubectl expects), `dryRun=All`.
 //!   Writes to `status` go through the `/status` subresource only (and it
 //!   changes only status, labels and annotations), as in the real server.
 //! - Watch: `?watch=true` with `resourceVersion`, `allowWatchBookmarks`,
@@ -212,6 +213,16 @@ impl ApiServer {
             runtime: Some(runtime),
             addrs: Vec::new(),
         };
+        // The namespace "controller": removes deleted namespaces' content.
+        let ctl = handle.shared.clone();
+        handle.runtime().spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if ctl.lock().has_terminating() {
+                    ctl.write(|s| s.finalize_namespaces());
+                }
+            }
+        });
         for l in listeners {
             handle
                 .add_listener(l)
@@ -343,10 +354,12 @@ impl ApiServerHandle {
         self.shared.signer.mint(&spec)
     }
 
-    /// Drops all retained events: watches resuming from an older
-    /// resourceVersion get 410 Gone.
+    /// Forgets all retained events and moves the resourceVersion on, so
+    /// every version clients hold is too old: their watches (open ones on
+    /// their next wake-up, and every resumption) get 410 Gone and kube-rs
+    /// watchers re-list.
     pub fn compact(&self) {
-        self.shared.lock().compact();
+        self.shared.write(|s| s.compact());
     }
 
     /// Ends every open watch (clients reconnect from their last version).

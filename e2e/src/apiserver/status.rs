@@ -53,6 +53,16 @@ impl ApiError {
         .about(resource, name)
     }
 
+    /// 403, e.g. creating in a namespace that is being deleted.
+    pub fn forbidden(resource: &str, name: &str, why: &str) -> Self {
+        Self::new(
+            403,
+            "Forbidden",
+            format!("{resource} \"{name}\" is forbidden: {why}"),
+        )
+        .about(resource, name)
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, "BadRequest", message)
     }

@@ -73,6 +73,9 @@ pub struct Store {
     /// Events with `rv <= compacted` are no longer retained.
     compacted: u64,
     next_service_ip: u32,
+    /// Namespaces being deleted: their content goes in
+    /// [`Store::finalize_namespaces`].
+    terminating: Vec<String>,
 }
 
 pub(crate) fn now_rfc3339() -> String {
@@ -129,6 +132,7 @@ impl Store {
             window: window.max(1),
             compacted: 0,
             next_service_ip: u32::from(Ipv4Addr::new(10, 96, 0, 10)),
+            terminating: Vec::new(),
         };
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let ns_res = s
@@ -172,10 +176,13 @@ impl Store {
         self.compacted
     }
 
-    /// Drops every retained event: any watch resuming from an older
-    /// resourceVersion gets 410 Gone.
+    /// Forgets every retained event and moves the resourceVersion on by
+    /// one (without an event), so that every version a client holds is too
+    /// old: watches from it (and open watches, when they next wake) get
+    /// 410 Gone; a fresh list returns the new version.
     pub fn compact(&mut self) {
         self.events.clear();
+        self.rv += 1;
         self.compacted = self.rv;
     }
 
@@ -356,6 +363,15 @@ impl Store {
             let ns = ns.unwrap_or_default();
             if !self.namespace_exists(ns) {
                 return Err(ApiError::not_found("namespaces", ns));
+            }
+            if self.terminating.iter().any(|t| t == ns) {
+                return Err(ApiError::forbidden(
+                    &r.qualified(),
+                    &name,
+                    &format!(
+                        "unable to create new content in namespace {ns} because it is being terminated"
+                    ),
+                ));
             }
         }
         let key = self.key(res, ns, &name);
@@ -702,22 +718,59 @@ impl Store {
             return Ok(old);
         }
         if r.group.is_empty() && r.plural == "namespaces" {
+            // As the real server: the namespace turns Terminating now; its
+            // content and then the namespace itself go shortly after (the
+            // server runs finalize_namespaces in the background).
+            if !self.terminating.iter().any(|t| t == name) {
+                self.terminating.push(name.to_string());
+                let mut obj = old.clone();
+                obj["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
+                obj["status"]["phase"] = json!("Terminating");
+                let rv = self.bump();
+                obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+                let key = self.key(res, ns, name);
+                self.objects[res].insert(key, obj.clone());
+                self.record(res, EventKind::Modified, obj.clone(), Some(old));
+                return Ok(obj);
+            }
+            return Ok(old);
+        }
+        self.remove(res, ns, name)
+    }
+
+    /// True when namespaces wait for [`Store::finalize_namespaces`].
+    pub fn has_terminating(&self) -> bool {
+        !self.terminating.is_empty()
+    }
+
+    /// Deletes the content of namespaces being deleted, then the namespaces.
+    pub fn finalize_namespaces(&mut self) {
+        let ns_res = self
+            .index("", "namespaces")
+            .expect("namespaces are always served");
+        for ns in std::mem::take(&mut self.terminating) {
             for i in 0..self.resources.len() {
                 if !self.resources[i].namespaced {
                     continue;
                 }
                 let names: Vec<String> = self.objects[i]
                     .keys()
-                    .filter(|(o, _)| o == name)
+                    .filter(|(o, _)| *o == ns)
                     .map(|(_, n)| n.clone())
                     .collect();
                 for n in names {
-                    let _ = self.delete(i, Some(name), &n, &Preconditions::default(), false);
+                    let _ = self.remove(i, Some(&ns), &n);
                 }
             }
+            let _ = self.remove(ns_res, None, &ns);
         }
+    }
+
+    fn remove(&mut self, res: usize, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
         let key = self.key(res, ns, name);
-        let mut obj = self.objects[res].remove(&key).expect("checked above");
+        let mut obj = self.objects[res]
+            .remove(&key)
+            .ok_or_else(|| ApiError::not_found(&self.resources[res].qualified(), name))?;
         let rv = self.bump();
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         self.record(res, EventKind::Deleted, obj.clone(), None);
@@ -879,8 +932,16 @@ mod tests {
         let ev = s.events_since(cms, start).unwrap();
         assert_eq!(ev.len(), 3);
         assert!(ev.iter().all(|e| e.kind == EventKind::Added));
-        s.delete(ns, None, "x", &Preconditions::default(), false)
+        let t = s
+            .delete(ns, None, "x", &Preconditions::default(), false)
             .unwrap();
+        assert_eq!(t["status"]["phase"], "Terminating");
+        let err = s
+            .create(cms, Some("x"), json!({"metadata": {"name": "late"}}), false)
+            .unwrap_err();
+        assert_eq!(err.code, 403);
+        assert!(s.has_terminating());
+        s.finalize_namespaces();
         let (left, _) = s.list(
             cms,
             Some("x"),
@@ -888,10 +949,16 @@ mod tests {
             &FieldSelector::default(),
         );
         assert!(left.is_empty());
+        assert_eq!(s.get(ns, None, "x").unwrap_err().code, 404);
         // more events than the window: the start is gone
         let err = s.events_since(cms, start).unwrap_err();
         assert_eq!(err.code, 410);
+        let before = s.resource_version();
         s.compact();
+        assert!(
+            s.events_since(cms, before).is_err(),
+            "what a client held is too old"
+        );
         assert!(
             s.events_since(cms, s.resource_version())
                 .unwrap()

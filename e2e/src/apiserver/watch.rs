@@ -71,6 +71,15 @@ impl WatchRequest {
         Some((kind.as_str(), self.shape(&e.object)))
     }
 
+    /// Bookmarks of metadata-only watches are PartialObjectMetadata too.
+    fn shape_bookmark(&self, bm: Value) -> Value {
+        if self.partial {
+            super::http::partial_metadata(&bm)
+        } else {
+            bm
+        }
+    }
+
     fn shape(&self, obj: &Value) -> Value {
         if self.partial {
             super::http::partial_metadata(obj)
@@ -119,14 +128,14 @@ pub async fn run(shared: Arc<Shared>, req: WatchRequest, mut tx: mpsc::Sender<By
                 if initial_end_bookmark {
                     lines.push(line(
                         "BOOKMARK",
-                        json!({
+                        req.shape_bookmark(json!({
                             "kind": r.kind,
                             "apiVersion": r.api_version(),
                             "metadata": {
                                 "resourceVersion": rv.to_string(),
                                 "annotations": {"k8s.io/initial-events-end": "true"},
                             },
-                        }),
+                        })),
                     ));
                 }
                 (Ok(lines), rv)
@@ -157,11 +166,31 @@ pub async fn run(shared: Arc<Shared>, req: WatchRequest, mut tx: mpsc::Sender<By
             _ = tokio::time::sleep_until(deadline) => return,
             _ = closing.changed() => return,
             _ = bookmark.tick() => {
-                if req.bookmarks {
-                    let rv = shared.lock().resource_version().max(cursor);
-                    cursor = rv;
-                    let bm = json!({"kind": r.kind, "apiVersion": r.api_version(), "metadata": {"resourceVersion": rv.to_string()}});
-                    if tx.send(line("BOOKMARK", bm)).await.is_err() {
+                if !req.bookmarks {
+                    continue;
+                }
+                // A bookmark must not skip events: send what is pending
+                // first (or 410 when it is gone), then the bookmark.
+                let batch = {
+                    let store = shared.lock();
+                    let out = store.events_since(req.res, cursor).map(|evs| {
+                        evs.iter().filter_map(|e| req.translate(e).map(|(t, o)| line(t, o))).collect::<Vec<_>>()
+                    });
+                    cursor = store.resource_version();
+                    out
+                };
+                let mut lines = match batch {
+                    Ok(lines) => lines,
+                    Err(e) => {
+                        shared.count("gone", r.plural);
+                        let _ = tx.send(line("ERROR", e.to_status())).await;
+                        return;
+                    }
+                };
+                let bm = json!({"kind": r.kind, "apiVersion": r.api_version(), "metadata": {"resourceVersion": cursor.to_string()}});
+                lines.push(line("BOOKMARK", req.shape_bookmark(bm)));
+                for l in lines {
+                    if tx.send(l).await.is_err() {
                         return;
                     }
                 }

@@ -46,9 +46,12 @@ impl Capture {
         let mut cmd = netns.command("tcpdump");
         // --immediate-mode: hand each packet over at once (else the kernel
         // ring delivers in blocks after up to 1 s, and packets still in it
-        // at stop are lost); -U: write each packet at once; -Z root: do not
-        // drop privileges (the file may be in a root-only directory); -n:
-        // no DNS.
+        // at stop are lost); -s: the largest GSO frame on a veth, but not
+        // more (the ring holds buffer/snaplen frames: with the default
+        // 256 KiB snaplen and 2 MiB buffer only 8, and a busy machine drops
+        // packets); -B: 32 MiB of ring; -U: write each packet at once;
+        // -Z root: do not drop privileges (the file may be in a root-only
+        // directory); -n: no DNS.
         cmd.args([
             "-i",
             iface,
@@ -56,7 +59,9 @@ impl Capture {
             "-U",
             "--immediate-mode",
             "-s",
-            "0",
+            "65600",
+            "-B",
+            "32768",
             "-Z",
             "root",
             "-w",
@@ -110,7 +115,9 @@ impl Capture {
         &self.file
     }
 
-    /// Stops tcpdump (SIGINT, so it flushes) and reads the file.
+    /// Stops tcpdump (SIGINT, so it flushes) and reads the file. Fails when
+    /// the kernel dropped packets: an incomplete capture proves nothing
+    /// about what was on the wire.
     pub fn stop(mut self) -> Result<CaptureReport> {
         // SIGINT makes tcpdump drop what it has not read yet, so first wait
         // until it has consumed everything: asleep and the file not growing.
@@ -123,11 +130,24 @@ impl Capture {
         let log = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new))
             .join()
             .unwrap_or_default();
-        CaptureReport::read(&self.file).map_err(|e| NetsimError::Capture {
+        let mut report = CaptureReport::read(&self.file).map_err(|e| NetsimError::Capture {
             netns: self.netns.clone(),
             iface: self.iface.clone(),
             reason: format!("{e}; tcpdump said: {}", log.trim()),
-        })
+        })?;
+        let dropped = dropped_count(&log);
+        if dropped > 0 {
+            return Err(NetsimError::Capture {
+                netns: self.netns.clone(),
+                iface: self.iface.clone(),
+                reason: format!(
+                    "the kernel dropped {dropped} packets, the capture is incomplete: {}",
+                    log.trim()
+                ),
+            });
+        }
+        report.log = log;
+        Ok(report)
     }
 }
 
@@ -151,6 +171,25 @@ impl Capture {
             }
             std::thread::sleep(Duration::from_millis(30));
         }
+    }
+}
+
+/// `N` of tcpdump's "N packets dropped by kernel" (0 when absent).
+fn dropped_count(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| l.trim().strip_suffix("packets dropped by kernel"))
+        .filter_map(|n| n.trim().parse::<u64>().ok())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dropped_packets_are_read_from_the_summary() {
+        let log = "listening on any\n14 packets captured\n20 packets received by filter\n6 packets dropped by kernel\n";
+        assert_eq!(super::dropped_count(log), 6);
+        assert_eq!(super::dropped_count("0 packets dropped by kernel"), 0);
+        assert_eq!(super::dropped_count(""), 0);
     }
 }
 

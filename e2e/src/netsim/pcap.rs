@@ -48,6 +48,8 @@ impl Packet {
 pub struct CaptureReport {
     pub packets: Vec<Packet>,
     pub frames: Vec<Vec<u8>>,
+    /// What the capture tool printed (its packet counts), for messages.
+    pub log: String,
 }
 
 #[derive(Debug, thiserror::Error)]

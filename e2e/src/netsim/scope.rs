@@ -12,8 +12,6 @@
 //! even when two test binaries use the same tag at the same time.
 
 use std::collections::HashSet;
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -104,23 +102,24 @@ impl Scope {
         for _ in 0..64 {
             let prefix = format!("{tag}-{:04x}", random_suffix());
             let record = Path::new(REGISTRY_DIR).join(&prefix);
-            let mut f = match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&record)
-            {
-                Ok(f) => f,
+            // The record appears atomically with its content (a hard link
+            // of a filled temporary file), so a concurrent cleanup_stale
+            // never sees an empty record and takes the scope for dead.
+            let tmp = Path::new(REGISTRY_DIR).join(format!(".{prefix}.{me}.tmp"));
+            std::fs::write(&tmp, format!("{me} {start}\n"))
+                .map_err(io_err("-", format!("write {}", tmp.display())))?;
+            let linked = std::fs::hard_link(&tmp, &record);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(io_err("-", format!("create {}", record.display()))(e)),
-            };
+            }
             // A leftover namespace with this prefix but no record: take another.
             if !list_named(&format!("{prefix}-")).is_empty() {
-                drop(f);
                 let _ = std::fs::remove_file(&record);
                 continue;
             }
-            writeln!(f, "{me} {start}")
-                .map_err(io_err("-", format!("write {}", record.display())))?;
             let dir = Path::new(REGISTRY_DIR).join(format!("{prefix}.d"));
             std::fs::create_dir_all(&dir)
                 .map_err(io_err("-", format!("create {}", dir.display())))?;
