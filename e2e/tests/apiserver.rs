@@ -636,6 +636,20 @@ async fn kube_rs_raw_watch_streams_events_and_bookmarks() {
         vec!["ADDED a", "ADDED b", "DELETED a", "MODIFIED b", "DELETED b"]
     );
 
+    // a client that goes away ends its watch on the server, even when idle
+    let idle = pods
+        .watch(&WatchParams::default().disable_bookmarks(), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    eventually("the idle watch is open", || api.open_watches() >= 2).await;
+    drop(idle);
+    drop(stream);
+    eventually("closed watches end on the server", || {
+        api.open_watches() == 0
+    })
+    .await;
+
     // an expired resourceVersion is answered with a 410 ERROR event
     api.compact();
     let mut stream = pods
@@ -698,6 +712,12 @@ async fn kube_rs_watcher_recovers_from_gone_with_one_relist() {
         std::collections::BTreeSet::<String>::new(),
     ));
     let s2 = state.clone();
+    // name -> value of label `v`, from Apply events
+    let labels = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+        String,
+        String,
+    >::new()));
+    let l2 = labels.clone();
     let task = tokio::spawn(async move {
         let mut w = watcher(pods, watcher::Config::default()).boxed();
         while let Some(ev) = w.next().await {
@@ -705,7 +725,11 @@ async fn kube_rs_watcher_recovers_from_gone_with_one_relist() {
                 let mut s = s2.lock().unwrap();
                 match ev {
                     watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
-                        s.insert(p.metadata.name.unwrap());
+                        let name = p.metadata.name.clone().unwrap();
+                        if let Some(v) = p.metadata.labels.as_ref().and_then(|l| l.get("v")) {
+                            l2.lock().unwrap().insert(name.clone(), v.clone());
+                        }
+                        s.insert(name);
                     }
                     watcher::Event::Delete(p) => {
                         s.remove(&p.metadata.name.unwrap());
@@ -753,6 +777,18 @@ async fn kube_rs_watcher_recovers_from_gone_with_one_relist() {
         .await
         .unwrap();
     eventually("p2 seen", has("p2")).await;
+    pods.patch(
+        "p2",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"v": "2"}}})),
+    )
+    .await
+    .unwrap();
+    eventually("p2's modification seen", {
+        let l = labels.clone();
+        move || l.lock().unwrap().get("p2").is_some_and(|v| v == "2")
+    })
+    .await;
     assert_eq!(
         api.request_count("list", "pods"),
         1,

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use http::{HeaderMap, Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -39,6 +38,8 @@ pub struct Shared {
     stats: Mutex<BTreeMap<String, u64>>,
     /// `host:port` of the first listener (for `/api`).
     pub server_address: Mutex<String>,
+    /// Watch streams currently open.
+    pub open_watches: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -52,6 +53,7 @@ impl Shared {
             bookmark_interval,
             stats: Mutex::new(BTreeMap::new()),
             server_address: Mutex::new(String::new()),
+            open_watches: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -415,9 +417,13 @@ async fn resource_request(
                     timeout,
                     partial,
                 };
-                let (tx, rx) = futures::channel::mpsc::channel::<Bytes>(64);
+                let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
                 tokio::spawn(watcher::run(shared.clone(), req, tx));
-                let stream = rx.map(|b| Ok::<_, Infallible>(Frame::data(b)));
+                let stream = futures::stream::unfold(rx, |mut rx| async move {
+                    rx.recv()
+                        .await
+                        .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+                });
                 return Ok(Response::builder()
                     .status(200)
                     .header(header::CONTENT_TYPE, "application/json")

@@ -378,6 +378,14 @@ impl ApiServerHandle {
             .unwrap_or(0)
     }
 
+    /// Watch streams open now (a watch ends at its timeout, when its client
+    /// goes away, or on [`Self::close_watches`]).
+    pub fn open_watches(&self) -> usize {
+        self.shared
+            .open_watches
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The current global resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.shared.lock().resource_version()

@@ -5,9 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::SinkExt;
-use futures::channel::mpsc;
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
 
 use super::http::Shared;
 use super::selector::{FieldSelector, LabelSelector};
@@ -97,7 +96,19 @@ fn line(ty: &str, object: Value) -> Bytes {
 
 /// Streams events for `req` into `tx` until the timeout, a closed client,
 /// or [`super::ApiServerHandle::close_watches`].
-pub async fn run(shared: Arc<Shared>, req: WatchRequest, mut tx: mpsc::Sender<Bytes>) {
+pub async fn run(shared: Arc<Shared>, req: WatchRequest, tx: mpsc::Sender<Bytes>) {
+    struct Open(Arc<Shared>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0
+                .open_watches
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    shared
+        .open_watches
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _open = Open(shared.clone());
     let r = shared.resource(req.res);
     let mut changed = shared.changed.subscribe();
     let mut closing = shared.closing.subscribe();
@@ -165,6 +176,9 @@ pub async fn run(shared: Arc<Shared>, req: WatchRequest, mut tx: mpsc::Sender<By
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => return,
             _ = closing.changed() => return,
+            // The client went away (idle watches notice here, not only
+            // when the next event fails to send).
+            _ = tx.closed() => return,
             _ = bookmark.tick() => {
                 if !req.bookmarks {
                     continue;
