@@ -386,3 +386,91 @@ fn leftovers_of_a_killed_run_are_removed() {
     );
     assert!(live_ns.path().exists(), "a live scope is left alone");
 }
+
+/// Runs the reference CNI plugin `plugin` (ADD or DEL) in the node's netns,
+/// as a runtime does, with `conf` (one plugin of the conflist) on stdin.
+fn run_cni(
+    node: &e2e::netsim::Node,
+    plugin: &str,
+    command: &str,
+    conf: &serde_json::Value,
+    pod: &NamedNetns,
+) -> serde_json::Value {
+    use std::io::Write as _;
+    let mut cmd = node.netns().command(Path::new("/usr/lib/cni").join(plugin));
+    cmd.env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", pod.name())
+        .env("CNI_NETNS", pod.path())
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{plugin} {command}: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+#[test]
+fn static_pods_and_real_cni_pods_share_a_node() {
+    if skip() {
+        return;
+    }
+    if !Path::new("/usr/lib/cni/bridge").exists() || !Path::new("/usr/lib/cni/host-local").exists()
+    {
+        eprintln!("skipped: CNI reference plugins missing (package containernetworking-plugins)");
+        return;
+    }
+    let cluster = Cluster::new("nsimcni", 2).unwrap();
+    let node = cluster.node(1);
+    let static_pod = node.add_pod("static").unwrap();
+    let remote = cluster.node(2).add_pod("remote").unwrap();
+    let list = node.cni_conflist("netsim");
+    let mut conf = list["plugins"][0].clone();
+    conf["cniVersion"] = list["cniVersion"].clone();
+    conf["name"] = list["name"].clone();
+    let pod = node.create_pod_netns("cni").unwrap();
+    let result = run_cni(node, "bridge", "ADD", &conf, &pod);
+    let addr = result["ips"][0]["address"].as_str().unwrap().to_string();
+    // host-local hands out the bottom of the node's range, below static pods
+    assert_eq!(addr, "10.244.1.2/24", "{result}");
+    assert_eq!(result["ips"][0]["gateway"], "10.244.1.1");
+    assert!(pod.has_link("eth0").unwrap());
+    assert!(
+        node.cni_ipam_dir().join("netsim").exists(),
+        "IPAM state in the scope directory"
+    );
+    let ip: Ipv4Addr = addr.split('/').next().unwrap().parse().unwrap();
+    let t = Duration::from_secs(3);
+    pod.ping(static_pod.ip(), t).unwrap();
+    pod.ping(remote.ip(), t).unwrap();
+    remote.netns().ping(ip, t).unwrap();
+    // the bridge plugin reused the node's bridge
+    let links = node.netns().links().unwrap();
+    assert_eq!(
+        links
+            .iter()
+            .filter(|l| l.kind.as_deref() == Some("bridge"))
+            .count(),
+        1
+    );
+    run_cni(node, "bridge", "DEL", &conf, &pod);
+    assert!(!pod.has_link("eth0").unwrap());
+    let dir = cluster.scope().dir().to_path_buf();
+    drop(pod);
+    drop((static_pod, remote));
+    drop(cluster);
+    assert!(!dir.exists(), "scope directory (IPAM state) removed");
+}

@@ -384,9 +384,15 @@ impl Node {
         }
     }
 
+    /// An empty pod namespace `<prefix>-<node>-<name>` (only `lo`), for a
+    /// pod whose network the real CNI chain sets up (see
+    /// [`Node::cni_conflist`]); removed on drop and with the scope.
+    pub fn create_pod_netns(&self, name: &str) -> Result<NamedNetns> {
+        self.scope.create_netns(&format!("{}-{name}", self.name))
+    }
+
     fn build_pod(&self, name: &str, host: u8) -> Result<Pod> {
-        let netns_name = format!("{}-{name}", self.name);
-        let netns = self.scope.create_netns(&netns_name)?;
+        let netns = self.create_pod_netns(name)?;
         let host_veth = host_veth_name(netns.name());
         let o = self.pod_cidr.network().octets();
         let ip = Ipv4Addr::new(o[0], o[1], o[2], host);
