@@ -59,6 +59,7 @@
 //! As a process: `kube-api-double --listen 127.0.0.1:6443 --kubeconfig-out
 //! /tmp/kubeconfig`, then `kubectl --kubeconfig /tmp/kubeconfig get ns`.
 
+pub mod defaults;
 pub mod discovery;
 mod http;
 pub mod openapi;
@@ -68,6 +69,7 @@ pub mod resources;
 pub mod selector;
 pub mod status;
 pub mod store;
+mod token_api;
 pub mod tokens;
 mod watch;
 
