@@ -1059,3 +1059,61 @@ fn binary_serves_writes_kubeconfig_and_mints_tokens() {
     assert_eq!(v["status"]["authenticated"], false);
     assert_eq!(v["status"]["error"], "token has expired");
 }
+
+#[test]
+fn reachable_from_simulated_nodes_and_pods() {
+    if !have_kubectl() {
+        return;
+    }
+    if !e2e::netsim::can_create_netns() {
+        eprintln!("skipped: creating network namespaces needs root");
+        return;
+    }
+    let cluster = e2e::netsim::Cluster::new("apinode", 1).unwrap();
+    let pod = cluster.node(1).add_pod("client").unwrap();
+    let mut api = ApiServer::start().unwrap();
+    // A second listener inside the underlay namespace, on the address every
+    // node and pod can reach.
+    let addr = api.add_listener(cluster.bind_host_tcp(0).unwrap()).unwrap();
+    assert_eq!(addr.ip(), std::net::IpAddr::V4(cluster.host_ip()));
+    let kc = cluster.scope().dir().join("kubeconfig-cluster");
+    e2e::apiserver::write_kubeconfig_for(&kc, &format!("http://{addr}")).unwrap();
+    api.create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "from-test"}}))
+        .unwrap();
+    for ns in [cluster.node(1).netns(), pod.netns()] {
+        let out = ns
+            .exec(
+                "kubectl",
+                [
+                    "--kubeconfig",
+                    kc.to_str().unwrap(),
+                    "get",
+                    "ns",
+                    "from-test",
+                    "-o",
+                    "name",
+                ],
+                Duration::from_secs(30),
+            )
+            .unwrap();
+        assert_eq!(out.trim(), "namespace/from-test", "from {}", ns.name());
+    }
+    // the loopback listener is not reachable from inside the cluster
+    let out = pod
+        .netns()
+        .output(
+            "kubectl",
+            [
+                "--kubeconfig",
+                "/nonexistent",
+                "--server",
+                &api.url(),
+                "--request-timeout=2s",
+                "get",
+                "ns",
+            ],
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    assert!(!out.status.success());
+}
