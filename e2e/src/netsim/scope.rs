@@ -263,9 +263,7 @@ pub fn cleanup_stale(tag: &str) -> Result<StaleReport> {
     stale.sort();
     for p in &stale {
         report.netns.extend(list_named(&format!("{p}-")));
-        let before: HashSet<i32> = report.processes.iter().copied().collect();
         cleanup_prefix(p);
-        let _ = before;
         let _ = std::fs::remove_dir_all(Path::new(REGISTRY_DIR).join(format!("{p}.d")));
         let _ = std::fs::remove_file(Path::new(REGISTRY_DIR).join(p));
     }
