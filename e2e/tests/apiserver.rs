@@ -542,6 +542,15 @@ async fn kube_rs_crud_patch_and_status() {
         "DENY"
     );
 
+    // server-side apply (approximated as create-or-merge)
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), "demo");
+    let ssa = PatchParams::apply("e2e-test").force();
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"a": "1"}});
+    cms.patch("cfg", &ssa, &Patch::Apply(&cm)).await.unwrap();
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"b": "2"}});
+    let got = cms.patch("cfg", &ssa, &Patch::Apply(&cm)).await.unwrap();
+    assert_eq!(got.data.unwrap().get("b").map(String::as_str), Some("2"));
+
     // delete
     pods.delete("web", &DeleteParams::default()).await.unwrap();
     let err = pods.get("web").await.unwrap_err();

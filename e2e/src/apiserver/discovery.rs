@@ -97,6 +97,9 @@ pub fn resource_list(resources: &[ResourceType], group: &str, version: &str) -> 
         if !r.short_names.is_empty() {
             e["shortNames"] = json!(r.short_names);
         }
+        if !r.categories().is_empty() {
+            e["categories"] = json!(r.categories());
+        }
         list.push(e);
         for sub in r.subresources {
             list.push(match *sub {
@@ -167,6 +170,7 @@ mod tests {
             .unwrap()
             .clone();
         assert_eq!(pods["shortNames"], json!(["po"]));
+        assert_eq!(pods["categories"], json!(["all"]));
         assert_eq!(pods["namespaced"], true);
         let groups = group_list(ALL);
         let g: Vec<&str> = groups["groups"]

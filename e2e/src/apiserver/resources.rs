@@ -46,6 +46,14 @@ impl ResourceType {
         self.subresources.contains(&"status")
     }
 
+    /// Discovery categories (`kubectl get all`).
+    pub fn categories(&self) -> &'static [&'static str] {
+        match (self.group, self.plural) {
+            ("", "pods" | "services") | ("apps", "daemonsets" | "deployments") => &["all"],
+            _ => &[],
+        }
+    }
+
     /// Verbs as advertised in discovery.
     pub fn verbs(&self) -> &'static [&'static str] {
         if self.create_only {
