@@ -287,6 +287,17 @@ fn kubectl_apply_get_with_selectors_and_delete() {
         )
         .unwrap();
     assert_eq!(ap["spec"]["action"], "DENY");
+    // human-readable tables, as from a real server
+    let wide = kubectl_ok(&kc, &["get", "pods", "-n", "demo", "-o", "wide"]);
+    assert!(
+        wide.contains("STATUS") && wide.contains("Pending") && wide.contains("node1"),
+        "{wide}"
+    );
+    let svc = kubectl_ok(&kc, &["get", "svc", "web", "-n", "demo"]);
+    assert!(
+        svc.contains("10.96.0.10") && svc.contains("80/TCP"),
+        "{svc}"
+    );
     // short names, selectors
     assert_eq!(
         kubectl_ok(&kc, &["get", "ap", "-n", "demo", "-o", "name"]).trim(),

@@ -20,6 +20,7 @@ use super::resources::ResourceType;
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::ApiError;
 use super::store::{Part, Preconditions, Store};
+use super::table;
 use super::tokens::TokenSigner;
 use super::watch::{self as watcher, Start, WatchRequest};
 
@@ -329,6 +330,13 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
     }
 }
 
+fn accept(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
 fn wants_partial(headers: &HeaderMap) -> bool {
     headers
         .get(header::ACCEPT)
@@ -433,7 +441,10 @@ async fn resource_request(
             }
             shared.count("list", r.plural);
             let (items, rv) = shared.lock().list(t.res, ns, &labels, &fields);
-            let list = if partial {
+            let list = if table::wanted(accept(headers)) {
+                let include = query.get("includeObject").map(String::as_str).unwrap_or("");
+                table::table(&r, &items, rv, include)
+            } else if partial {
                 json!({
                     "kind": "PartialObjectMetadataList",
                     "apiVersion": "meta.k8s.io/v1",
@@ -452,8 +463,14 @@ async fn resource_request(
         }
         (Method::GET, Some(name), None | Some("status")) => {
             shared.count("get", r.plural);
-            let obj = shared.lock().get(t.res, ns, name)?;
-            let obj = if wants_partial(headers) {
+            let (obj, rv) = {
+                let store = shared.lock();
+                (store.get(t.res, ns, name)?, store.resource_version())
+            };
+            let obj = if table::wanted(accept(headers)) {
+                let include = query.get("includeObject").map(String::as_str).unwrap_or("");
+                table::table(&r, &[obj], rv, include)
+            } else if wants_partial(headers) {
                 partial_metadata(&obj)
             } else {
                 obj

@@ -69,6 +69,7 @@ pub mod resources;
 pub mod selector;
 pub mod status;
 pub mod store;
+pub mod table;
 mod token_api;
 pub mod tokens;
 mod watch;
