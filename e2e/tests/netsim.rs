@@ -115,9 +115,11 @@ fn two_nodes_two_pods_connectivity_capture_and_cleanup() {
     let la2 = listen(a2.netns(), a2.ip(), 7001);
     let lb1 = listen(b1.netns(), b1.ip(), 7002);
     let dir = tempfile::tempdir().unwrap();
+    // On the node's bridge: same-node traffic (forwarded between two
+    // ports) is seen too.
     let node_cap = Capture::start(
         n1.netns(),
-        "any",
+        n1.bridge(),
         &dir.path().join("node1.pcap"),
         Some("tcp"),
     )

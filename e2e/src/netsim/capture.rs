@@ -28,10 +28,15 @@ pub struct Capture {
 
 impl Capture {
     /// Starts `tcpdump -i <iface> -w <file> [filter]` inside `netns` and
-    /// returns once it is capturing. `iface` may be `any`. A bridge device
-    /// does not see frames forwarded between its ports: capture on a port
-    /// or on `any`. `filter` is a pcap filter expression
+    /// returns once it is capturing. `filter` is a pcap filter expression
     /// (e.g. `"tcp"`), `None` for everything.
+    ///
+    /// `iface` may be a bridge (`cni0` of a node: all traffic of its pods,
+    /// same-node traffic included; `br0` of the underlay: all traffic
+    /// between nodes): tcpdump puts the device in promiscuous mode, and a
+    /// promiscuous bridge hands every frame it forwards to its own device
+    /// too. `any` also works (Linux cooked frames; a forwarded frame is
+    /// then seen once per interface it crosses).
     pub fn start(
         netns: &NamedNetns,
         iface: &str,

@@ -215,22 +215,20 @@ impl Cluster {
         &self.underlay
     }
 
-    /// Name of the underlay bridge. Note that a capture on a bridge device
-    /// only sees traffic to/from the bridge's own address, not frames
-    /// forwarded between its ports: use [`Cluster::capture_underlay`].
+    /// Name of the underlay bridge (in [`Cluster::underlay`]).
     pub fn underlay_bridge(&self) -> &'static str {
         UNDERLAY_BRIDGE
     }
 
-    /// Starts a capture of all traffic between nodes (interface `any` in
-    /// the underlay namespace; each frame crossing the bridge is seen on
-    /// the way in and on the way out).
+    /// Starts a capture of all traffic between nodes (on the underlay
+    /// bridge; see [`super::Capture::start`] for why a bridge sees the
+    /// frames it forwards).
     pub fn capture_underlay(
         &self,
         file: &std::path::Path,
         filter: Option<&str>,
     ) -> Result<super::Capture> {
-        super::Capture::start(&self.underlay, "any", file, filter)
+        super::Capture::start(&self.underlay, UNDERLAY_BRIDGE, file, filter)
     }
 
     /// Address on the underlay bridge (172.30.0.1): reachable from every
