@@ -41,6 +41,12 @@
 //!   ServiceAccount and the `kubernetes.io/metadata.name` label; services a
 //!   cluster IP from 10.96.0.0/16; pods `serviceAccountName: default` and
 //!   `status.phase: Pending` on create; secrets' `stringData` is encoded.
+//! - `kubectl get` tables ([`table`]): the usual columns for pods,
+//!   namespaces, services, nodes.
+//!
+//! kubectl caches discovery per `host:port` under `~/.kube/cache`: tests
+//! that restart the double on the same port with other resources should
+//! give kubectl its own `HOME` (or `--cache-dir`).
 //!
 //! Not served: protobuf (except what `kubectl create <kind>` sends, see
 //! [`protobuf`]), OpenAPI schemas and v2, server-side apply field ownership,

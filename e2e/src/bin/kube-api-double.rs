@@ -15,8 +15,7 @@ In-memory, plain HTTP, no authentication or authorization. Serves enough of the
 Kubernetes REST API (discovery, namespaces, pods, services, endpointslices,
 serviceaccounts + tokens, nodes, configmaps, secrets, events, daemonsets,
 AuthorizationPolicy, TokenReview; list/watch/get/create/update/patch/delete)
-for kubectl and kube-rs clients in the project's end-to-end tests.
-Use `kubectl apply --validate=false` (no OpenAPI served).";
+for kubectl and kube-rs clients in the project's end-to-end tests.";
 
 #[derive(Parser)]
 #[command(name = "kube-api-double", version, about = ABOUT, long_about = ABOUT, args_conflicts_with_subcommands = true)]
