@@ -1,9 +1,10 @@
 //! Wiring: configuration → state sources, certificates, metrics, proxies, admin endpoints;
 //! runtimes, signals and drain.
 //!
-//! Threads: the data plane runs on a multi-thread tokio runtime with
-//! `ZTUNNEL_WORKER_THREADS` workers; the admin endpoints (and nothing else) on a
-//! single-thread runtime of their own thread, so a slow scrape never delays traffic.
+//! Threads: the data plane runs on `ZTUNNEL_WORKER_THREADS` threads, each a single-thread
+//! tokio runtime (thread-per-core; connections are spread over them and stay on one thread);
+//! the admin endpoints (and nothing else) on a single-thread runtime of their own thread, so
+//! a slow scrape never delays traffic.
 //! SIGTERM/SIGINT: listeners close, open connections get `TERMINATION_GRACE_PERIOD_SECONDS`
 //! to finish, then the process exits 0.
 
@@ -18,7 +19,7 @@ use crate::config::{Config, ProxyMode};
 use crate::identity::istio_ca;
 use crate::identity::{CertificateProvider, SecretManager};
 use crate::inpod::{EngineWorkloadProxies, InpodClient, InpodClientConfig};
-use crate::proxy::{ProxyFactory, ProxyHandle, ProxyInputs, ProxyScope, ProxySpec};
+use crate::proxy::{ProxyFactory, ProxyHandle, ProxyInputs, ProxyScope, ProxySpec, Shards};
 use crate::readiness::Readiness;
 use crate::redirect::dedicated::DedicatedSocketFactory;
 use crate::redirect::tproxy::{self, TproxySocketFactory};
@@ -78,6 +79,7 @@ fn certificate_authority(
 
 /// Runs ztunnel until SIGTERM/SIGINT; returns after the drain.
 pub fn run(cfg: Config) -> Result<(), AppError> {
+    crate::process_memory::tune_allocator();
     let cfg = Arc::new(cfg);
     let store = Store::new();
     let _file_watch = match &cfg.local_xds_path {
@@ -110,23 +112,20 @@ pub fn run(cfg: Config) -> Result<(), AppError> {
         })
     };
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.worker_threads)
-        .thread_name("ztunnel-worker")
-        .enable_all()
-        .build()
-        .map_err(|source| AppError::Io {
-            what: "building the data-plane runtime",
-            source,
-        })?;
+    let workers = DataPlaneThreads::start(cfg.worker_threads)?;
+    let rt = workers.coordinator();
 
     // KUBERNETES_DISCOVERY=true: watch the cluster (state::kube); not ready until listed.
     let _discovery = if cfg.kubernetes_discovery {
         let source = store.source(crate::state::kube::SOURCE_NAME);
         let opts = crate::state::kube::KubeOptions::from_config(&cfg);
         let discovery = rt.block_on(async {
-            let client = ::kube::Client::try_default().await.map_err(AppError::Kube)?;
-            Ok::<_, AppError>(crate::state::kube::KubeDiscovery::start(client, source, opts))
+            let client = ::kube::Client::try_default()
+                .await
+                .map_err(AppError::Kube)?;
+            Ok::<_, AppError>(crate::state::kube::KubeDiscovery::start(
+                client, source, opts,
+            ))
         })?;
         readiness.add_watch("Kubernetes discovery synced", discovery.synced());
         Some(discovery)
@@ -158,11 +157,109 @@ pub fn run(cfg: Config) -> Result<(), AppError> {
         roots,
         metrics,
     };
-    let result = rt.block_on(data_plane(inputs, readiness, proxies, inpod_proxies));
+    let result = rt.block_on(data_plane(
+        inputs,
+        readiness,
+        proxies,
+        inpod_proxies,
+        workers.shards(),
+    ));
     admin_stop.cancel();
     let _ = admin_thread.join();
-    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    workers.stop();
     result
+}
+
+/// Once ready, drops the page mappings of code only start-up needed
+/// ([`crate::process_memory::release_startup_text`]).
+fn release_startup_memory_when_ready(readiness: Readiness) {
+    tokio::spawn(async move {
+        for _ in 0..600 {
+            if readiness.is_ready() {
+                match crate::process_memory::release_startup_text() {
+                    Ok(bytes) => tracing::debug!(bytes, "released start-up code pages"),
+                    Err(e) => tracing::debug!(error = %e, "could not release start-up code pages"),
+                }
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+}
+
+/// The data-plane threads: `ZTUNNEL_WORKER_THREADS` single-thread runtimes, one per thread
+/// (thread-per-core). Proxies spread accepted connections over them ([`Shards`]); the
+/// first one also runs the coordination tasks (signals, ZDS client, certificate rotation).
+struct DataPlaneThreads {
+    handles: Vec<tokio::runtime::Handle>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+impl DataPlaneThreads {
+    fn start(n: usize) -> Result<Self, AppError> {
+        let stop = CancellationToken::new();
+        let mut handles = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n.max(1) {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let stop = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("ztunnel-worker-{i}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = tx.send(Ok(rt.handle().clone()));
+                    rt.block_on(stop.cancelled());
+                    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+                })
+                .map_err(|source| AppError::Io {
+                    what: "starting a data-plane thread",
+                    source,
+                })?;
+            let handle = rx
+                .recv()
+                .map_err(|_| AppError::Io {
+                    what: "starting a data-plane thread",
+                    source: std::io::Error::other("thread exited"),
+                })?
+                .map_err(|source| AppError::Io {
+                    what: "building a data-plane runtime",
+                    source,
+                })?;
+            handles.push(handle);
+            threads.push(thread);
+        }
+        Ok(DataPlaneThreads {
+            handles,
+            threads,
+            stop,
+        })
+    }
+
+    /// The runtime running coordination tasks (the first data-plane thread).
+    fn coordinator(&self) -> tokio::runtime::Handle {
+        self.handles[0].clone()
+    }
+
+    fn shards(&self) -> Shards {
+        Shards::new(self.handles.clone())
+    }
+
+    fn stop(self) {
+        self.stop.cancel();
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
 }
 
 fn spawn_admin(
@@ -214,6 +311,7 @@ async fn data_plane(
     readiness: Readiness,
     proxies: Arc<Mutex<Vec<(String, ProxyHandle)>>>,
     inpod_proxies: Arc<Mutex<Option<Arc<EngineWorkloadProxies>>>>,
+    shards: Shards,
 ) -> Result<(), AppError> {
     let cfg = inputs.cfg.clone();
     let grace = cfg.termination_grace_period;
@@ -225,7 +323,7 @@ async fn data_plane(
         what: "installing the SIGINT handler",
         source,
     })?;
-    let factory = ProxyFactory::new(inputs.clone());
+    let factory = ProxyFactory::new(inputs.clone()).with_shards(shards);
     let shutdown = CancellationToken::new();
     let mut inpod_task = None;
     match cfg.proxy_mode {
@@ -305,6 +403,7 @@ async fn data_plane(
         }
     }
     tracing::info!(mode = ?cfg.proxy_mode, "ztunnel running");
+    release_startup_memory_when_ready(readiness.clone());
 
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),

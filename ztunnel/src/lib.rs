@@ -4,6 +4,7 @@ pub mod app;
 pub mod config;
 pub mod hbone;
 pub mod identity;
+pub mod process_memory;
 pub mod proxy;
 pub mod readiness;
 pub mod redirect;

@@ -1,7 +1,9 @@
 //! HTTP/2 connection pool for outbound HBONE.
 //!
 //! Key: source identity, expected destination identities, source IP (transparent mode) and
-//! destination `ip:15008`. Each key holds one or more HTTP/2 connections of at most
+//! destination `ip:15008`; connections are also kept per data-plane thread, so with the
+//! thread-per-core runtime a stream and the connection carrying it are driven by the same
+//! thread (no cross-thread wake-up per message). Each key holds one or more HTTP/2 connections of at most
 //! `POOL_MAX_STREAMS_PER_CONNECTION` streams. Establishing a connection for a key is
 //! serialised, so a burst of new streams shares one handshake. Every connection has a driver
 //! task that polls it, sends a PING every `keepalive_interval` (closing it when no PONG
@@ -13,6 +15,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::thread::ThreadId;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -106,7 +109,7 @@ impl KeyEntry {
 
 struct PoolInner {
     cfg: H2Config,
-    entries: Mutex<HashMap<PoolKey, Arc<KeyEntry>>>,
+    entries: Mutex<HashMap<(PoolKey, ThreadId), Arc<KeyEntry>>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     next_id: AtomicU64,
@@ -156,7 +159,7 @@ impl Pool {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, HboneError>>,
     {
-        let entry = self.entry(key);
+        let (full_key, entry) = self.entry(key);
         let max = self.inner.cfg.max_streams_per_connection as usize;
         let mut connect = Some(connect);
         // A pooled connection may turn out dead (peer went away); then retry once on a new one.
@@ -172,7 +175,7 @@ impl Pool {
                                 return Err(HboneError::PoolExhausted { dst: key.dst });
                             };
                             let io = connect().await?;
-                            let conn = self.handshake(io, key, &entry).await?;
+                            let conn = self.handshake(io, &full_key, &entry).await?;
                             if !conn.try_reserve(max) {
                                 return Err(HboneError::PoolExhausted { dst: key.dst });
                             }
@@ -231,7 +234,7 @@ impl Pool {
     pub fn connections(&self) -> Vec<PooledConnectionInfo> {
         let entries = self.inner.entries.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
-        for (key, entry) in entries.iter() {
+        for ((key, _), entry) in entries.iter() {
             for c in entry.conns.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                 if c.closed.load(Ordering::Acquire) {
                     continue;
@@ -249,25 +252,29 @@ impl Pool {
         out
     }
 
-    fn entry(&self, key: &PoolKey) -> Arc<KeyEntry> {
-        self.inner
+    fn entry(&self, key: &PoolKey) -> ((PoolKey, ThreadId), Arc<KeyEntry>) {
+        let full = (key.clone(), std::thread::current().id());
+        let entry = self
+            .inner
             .entries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(key.clone())
+            .entry(full.clone())
             .or_default()
-            .clone()
+            .clone();
+        (full, entry)
     }
 
     async fn handshake<T>(
         &self,
         io: T,
-        key: &PoolKey,
+        full_key: &(PoolKey, ThreadId),
         entry: &Arc<KeyEntry>,
     ) -> Result<Arc<PooledConn>, HboneError>
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let key = &full_key.0;
         let cfg = &self.inner.cfg;
         let (send, mut conn) = h2::client::Builder::new()
             .initial_window_size(cfg.stream_window)
@@ -302,7 +309,7 @@ impl Pool {
             cfg: cfg.clone(),
             shutdown: self.inner.shutdown.clone(),
             pool: Arc::downgrade(&self.inner),
-            key: key.clone(),
+            key: full_key.clone(),
         };
         self.inner.tracker.spawn(driver.run(conn, ping));
         Ok(pooled)
@@ -314,7 +321,7 @@ struct Driver {
     cfg: H2Config,
     shutdown: CancellationToken,
     pool: Weak<PoolInner>,
-    key: PoolKey,
+    key: (PoolKey, ThreadId),
 }
 
 impl Driver {
@@ -323,7 +330,7 @@ impl Driver {
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let id = self.conn_state.id;
-        let dst = self.key.dst;
+        let dst = self.key.0.dst;
         tokio::pin!(conn);
         let mut ping = ping;
         let reason = loop {

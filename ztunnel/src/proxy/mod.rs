@@ -97,15 +97,61 @@ pub struct ProxyAddresses {
     pub hbone: SocketAddr,
 }
 
+/// The data-plane threads accepted connections are spread over (thread-per-core: each is a
+/// single-thread runtime, so a connection, its HBONE stream and the pooled connection
+/// carrying it are all driven by one thread). Empty: everything runs on the runtime that
+/// started the proxy.
+#[derive(Clone, Default)]
+pub struct Shards {
+    handles: Arc<Vec<tokio::runtime::Handle>>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Shards {
+    pub fn new(handles: Vec<tokio::runtime::Handle>) -> Self {
+        Shards {
+            handles: Arc::new(handles),
+            next: Default::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// The runtime for the next connection (round-robin), `None` when not sharded.
+    fn pick(&self) -> Option<&tokio::runtime::Handle> {
+        if self.handles.len() < 2 {
+            return None;
+        }
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.handles.get(i % self.handles.len())
+    }
+}
+
 /// Starts proxies.
 #[derive(Clone)]
 pub struct ProxyFactory {
     inputs: ProxyInputs,
+    shards: Shards,
 }
 
 impl ProxyFactory {
     pub fn new(inputs: ProxyInputs) -> Self {
-        ProxyFactory { inputs }
+        ProxyFactory {
+            inputs,
+            shards: Shards::default(),
+        }
+    }
+
+    /// Spreads accepted connections over `shards` (see [`Shards`]).
+    pub fn with_shards(mut self, shards: Shards) -> Self {
+        self.shards = shards;
+        self
     }
 
     pub fn inputs(&self) -> &ProxyInputs {
@@ -195,6 +241,7 @@ impl ProxyFactory {
             pool_shutdown,
             tracker,
             addrs,
+            shards: self.shards.clone(),
         });
         if let ProxyScope::Workload(_) = &ctx.scope {
             let snap = ctx.inputs.state.snapshot();
@@ -294,6 +341,7 @@ pub(crate) struct ProxyCtx {
     pool_shutdown: CancellationToken,
     tracker: TaskTracker,
     addrs: ProxyAddresses,
+    shards: Shards,
 }
 
 impl ProxyCtx {
@@ -357,16 +405,39 @@ impl ProxyCtx {
                 match accepted {
                     Ok((stream, peer)) => {
                         let peer = sockets::canonical(peer);
+                        let shard = ctx.shards.pick();
+                        let stream = match shard {
+                            None => stream,
+                            Some(h) => {
+                                // Re-register the socket with the chosen thread's reactor.
+                                let _in_shard = h.enter();
+                                match stream.into_std().and_then(TcpStream::from_std) {
+                                    Ok(s) => s,
+                                    Err(e) => {
+                                        tracing::warn!(listener = kind, src = %peer, error = %e, "cannot hand the connection to a data-plane thread");
+                                        continue;
+                                    }
+                                }
+                            }
+                        };
                         let guard = ctx.conns.enter(direction, kind, peer);
                         let conn_ctx = ctx.clone();
                         let work = handler(conn_ctx, stream, peer, guard);
                         let force = ctx.force.clone();
-                        ctx.tracker.spawn(async move {
+                        let task = async move {
                             tokio::select! {
                                 _ = force.cancelled() => {}
                                 _ = work => {}
                             }
-                        });
+                        };
+                        match shard {
+                            Some(h) => {
+                                ctx.tracker.spawn_on(task, h);
+                            }
+                            None => {
+                                ctx.tracker.spawn(task);
+                            }
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(listener = kind, error = %e, "accept failed");
