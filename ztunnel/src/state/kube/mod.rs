@@ -171,7 +171,12 @@ impl Iterator for SlowBackoff {
     type Item = Duration;
 
     fn next(&mut self) -> Option<Duration> {
-        let now = tokio::time::Instant::now();
+        Some(self.next_at(tokio::time::Instant::now()))
+    }
+}
+
+impl SlowBackoff {
+    fn next_at(&mut self, now: tokio::time::Instant) -> Duration {
         if self
             .last
             .is_some_and(|l| now.duration_since(l) > Self::RESET_AFTER + self.next)
@@ -183,7 +188,7 @@ impl Iterator for SlowBackoff {
         self.next = (self.next * 2).min(Self::MAX);
         // ±10 % jitter so many ztunnels do not retry in lockstep.
         let jitter = rand::random_range(0.9..1.1);
-        Some(d.mul_f64(jitter))
+        d.mul_f64(jitter)
     }
 }
 
@@ -379,3 +384,29 @@ async fn run(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    #[test]
+    fn policy_retry_slows_to_a_minute_and_resets() {
+        let mut b = SlowBackoff::new();
+        let secs: Vec<f64> = (0..9).map(|_| b.next().unwrap().as_secs_f64()).collect();
+        for (got, want) in secs
+            .iter()
+            .zip([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0])
+        {
+            assert!((got / want - 1.0).abs() <= 0.1 + 1e-9, "{secs:?}");
+        }
+        b.reset();
+        assert!(b.next().unwrap() <= Duration::from_millis(1100));
+        // A long quiet period also starts again from 1 s.
+        let t0 = tokio::time::Instant::now();
+        b.next_at(t0);
+        b.next_at(t0 + Duration::from_secs(1));
+        assert!(b.next_at(t0 + Duration::from_secs(2)) >= Duration::from_millis(3600));
+        let later = t0 + Duration::from_secs(600);
+        assert!(b.next_at(later) <= Duration::from_millis(1100));
+    }
+}

@@ -1,0 +1,449 @@
+//! The built-in CA (`node-agent ca`) against the Kubernetes API double: real
+//! TokenReview authentication with TokenRequest-minted (pod-bound) tokens, node
+//! authorization from the API's pods, issuance through the gRPC API with
+//! ztunnel's Istio CA client, and every refusal with its gRPC status. The last
+//! test runs the real binary (`cargo build --bins` first).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use e2e::apiserver::{ApiServer, ApiServerHandle, TokenSpec};
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::{Api, PostParams};
+use mesh_proto::ca::IstioCertificateRequest;
+use mesh_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use node_agent::ca::CaServer;
+use node_agent::ca::authn::TokenReviewAuthenticator;
+use node_agent::ca::authority::testing::{generate_root, write_root_dir};
+use node_agent::ca::config::CaConfig;
+use node_agent::ca::pods::KubePodDirectory;
+use serde_json::json;
+use tonic::Code;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use ztunnel::identity::Identity;
+use ztunnel::identity::istio_ca::{IstioCaClient, IstioCaOptions};
+use ztunnel::identity::manager::{generate_csr, request_certificate};
+
+const TD: &str = "cluster.local";
+
+/// Namespaces, service accounts and pods: ztunnels on node-1 and node-2, `web` on
+/// node-1, `db` on node-2.
+fn populate(api: &ApiServerHandle) {
+    for ns in ["istio-system", "app"] {
+        api.create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
+            .unwrap();
+    }
+    for (ns, sa) in [("istio-system", "ztunnel"), ("app", "web"), ("app", "db")] {
+        api.create(json!({"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": sa, "namespace": ns}}))
+            .unwrap();
+    }
+    for (ns, name, sa, node) in [
+        ("istio-system", "ztunnel-n1", "ztunnel", "node-1"),
+        ("istio-system", "ztunnel-n2", "ztunnel", "node-2"),
+        ("app", "web-1", "web", "node-1"),
+        ("app", "db-1", "db", "node-2"),
+    ] {
+        pod(api, ns, name, sa, node);
+    }
+}
+
+fn pod(api: &ApiServerHandle, ns: &str, name: &str, sa: &str, node: &str) {
+    api.create(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"serviceAccountName": sa, "nodeName": node,
+            "containers": [{"name": "c", "image": "x"}]}}))
+        .unwrap();
+    api.merge_patch(
+        "v1",
+        "Pod",
+        Some(ns),
+        name,
+        &json!({"status": {"phase": "Running"}}),
+        true,
+    )
+    .unwrap();
+}
+
+/// A projected-style token from the TokenRequest API (bound to `pod` when given).
+async fn token_request(
+    client: &kube::Client,
+    ns: &str,
+    sa: &str,
+    pod: Option<&str>,
+    audience: &str,
+) -> String {
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let mut spec = json!({"audiences": [audience], "expirationSeconds": 3600});
+    if let Some(p) = pod {
+        spec["boundObjectRef"] = json!({"apiVersion": "v1", "kind": "Pod", "name": p});
+    }
+    let req: TokenRequest = serde_json::from_value(json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec
+    }))
+    .unwrap();
+    let answer = api
+        .create_token_request(sa, &PostParams::default(), &req)
+        .await
+        .unwrap();
+    serde_json::to_value(&answer).unwrap()["status"]["token"]
+        .as_str()
+        .expect("a token")
+        .to_string()
+}
+
+struct RunningCa {
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start_ca(api: &ApiServerHandle) -> RunningCa {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = generate_root("e2e mesh root");
+    write_root_dir(dir.path(), &cert, &key);
+    let mut cfg = CaConfig::from_lookup(|k| match k {
+        "CA_SERVER_DNS_NAMES" => Some("127.0.0.1".into()),
+        _ => None,
+    })
+    .unwrap();
+    cfg.listen_addr = "127.0.0.1:0".parse().unwrap();
+    cfg.cert_dir = dir.path().to_path_buf();
+    let client = kube::Client::try_from(api.kube_config()).unwrap();
+    let pods = KubePodDirectory::start(client.clone());
+    tokio::time::timeout(Duration::from_secs(10), pods.wait_synced())
+        .await
+        .expect("pod index synced");
+    let authn = Arc::new(TokenReviewAuthenticator::new(
+        client,
+        cfg.token_audiences.clone(),
+    ));
+    let server = CaServer::bind(&cfg, authn, pods).await.unwrap();
+    let addr = server.local_addr();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.run(async {
+        let _ = rx.await;
+    }));
+    RunningCa {
+        addr,
+        dir,
+        _stop: tx,
+    }
+}
+
+impl RunningCa {
+    fn root(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("root-cert.pem")).unwrap()
+    }
+
+    /// One raw CreateCertificate call; the CSR is for `csr_id`.
+    async fn call(
+        &self,
+        token: Option<&str>,
+        csr_id: &str,
+        impersonate: Option<&str>,
+    ) -> Result<Vec<String>, tonic::Status> {
+        call(self.addr, &self.root(), token, csr_id, impersonate).await
+    }
+}
+
+async fn call(
+    addr: SocketAddr,
+    root: &str,
+    token: Option<&str>,
+    csr_id: &str,
+    impersonate: Option<&str>,
+) -> Result<Vec<String>, tonic::Status> {
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(root))
+                .domain_name("127.0.0.1"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let id: Identity = csr_id.parse().unwrap();
+    let (_key, csr) = generate_csr(&id).unwrap();
+    let metadata = impersonate.map(|i| prost_types_struct(i));
+    let mut req = tonic::Request::new(IstioCertificateRequest {
+        csr,
+        validity_duration: 3600,
+        metadata,
+    });
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    IstioCertificateServiceClient::new(channel)
+        .create_certificate(req)
+        .await
+        .map(|r| r.into_inner().cert_chain)
+}
+
+fn prost_types_struct(identity: &str) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: [(
+            "ImpersonatedIdentity".to_string(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(identity.to_string())),
+            },
+        )]
+        .into_iter()
+        .collect(),
+    }
+}
+
+fn id(ns: &str, sa: &str) -> String {
+    format!("spiffe://{TD}/ns/{ns}/sa/{sa}")
+}
+
+fn ztunnel_client(ca: &RunningCa, token_path: &Path, root_path: &Path) -> IstioCaClient {
+    IstioCaClient::new(IstioCaOptions {
+        address: format!("https://127.0.0.1:{}", ca.addr.port()),
+        root_cert_path: root_path.to_path_buf(),
+        token_path: token_path.to_path_buf(),
+        cluster_id: "Kubernetes".into(),
+        impersonate: true,
+        extra_headers: vec![],
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(5),
+    })
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuance_and_refusals_with_token_review_and_node_authorization() {
+    let api = ApiServer::start().unwrap();
+    populate(&api);
+    let ca = start_ca(&api).await;
+    let client = kube::Client::try_from(api.kube_config()).unwrap();
+    let zt1 = token_request(
+        &client,
+        "istio-system",
+        "ztunnel",
+        Some("ztunnel-n1"),
+        "istio-ca",
+    )
+    .await;
+    let zt2 = token_request(
+        &client,
+        "istio-system",
+        "ztunnel",
+        Some("ztunnel-n2"),
+        "istio-ca",
+    )
+    .await;
+    let (web, db) = (id("app", "web"), id("app", "db"));
+
+    // ztunnel's own client, token read from a file: node-1's ztunnel gets web's
+    // certificate (web runs on node-1).
+    let tmp = tempfile::tempdir().unwrap();
+    let token_path = tmp.path().join("istio-token");
+    let root_path = tmp.path().join("root-cert.pem");
+    std::fs::write(&token_path, &zt1).unwrap();
+    std::fs::write(&root_path, ca.root()).unwrap();
+    let zt = ztunnel_client(&ca, &token_path, &root_path);
+    let cert = request_certificate(&zt, &web.parse().unwrap(), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(cert.identity().to_string(), web);
+    assert_eq!(cert.chain_pem().last().unwrap().trim(), ca.root().trim());
+
+    // Node authorization: db runs on node-2 only.
+    let e = ca.call(Some(&zt1), &db, Some(&db)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("node-1"), "{e:?}");
+    ca.call(Some(&zt2), &db, Some(&db)).await.unwrap();
+
+    // A pod created a moment ago is found (index or API fallback).
+    pod(&api, "app", "db-2", "db", "node-1");
+    ca.call(Some(&zt1), &db, Some(&db)).await.unwrap();
+
+    // No token, wrong audience, expired, forged.
+    let e = ca.call(None, &web, Some(&web)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let other_aud = token_request(
+        &client,
+        "istio-system",
+        "ztunnel",
+        Some("ztunnel-n1"),
+        "other",
+    )
+    .await;
+    let e = ca
+        .call(Some(&other_aud), &web, Some(&web))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let expired = api.mint_token(
+        &TokenSpec::expired(
+            "istio-system",
+            "ztunnel",
+            &["istio-ca"],
+            Duration::from_secs(60),
+        )
+        .bound_to_pod("ztunnel-n1", ""),
+    );
+    let e = ca.call(Some(&expired), &web, Some(&web)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let forged = format!("{}x", &zt1[..zt1.len() - 1]);
+    let e = ca.call(Some(&forged), &web, Some(&web)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+
+    // CSR for another identity than the one requested.
+    let e = ca.call(Some(&zt1), &db, Some(&web)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // A workload's own token: its own identity only.
+    let web_token = token_request(&client, "app", "web", Some("web-1"), "istio-ca").await;
+    ca.call(Some(&web_token), &web, None).await.unwrap();
+    let e = ca.call(Some(&web_token), &db, Some(&db)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // A node-account token not bound to a pod cannot use node authorization.
+    let unbound = token_request(&client, "istio-system", "ztunnel", None, "istio-ca").await;
+    let e = ca.call(Some(&unbound), &web, Some(&web)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("pod-bound"), "{e:?}");
+
+    // The caller's pod is deleted: its bound token is no longer valid.
+    api.delete("v1", "Pod", Some("istio-system"), "ztunnel-n1")
+        .unwrap();
+    let e = ca.call(Some(&zt1), &web, Some(&web)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+}
+
+/// Reads an HTTP response from `addr` `path`.
+async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    Some(out)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_agent_ca_binary_serves_readiness_metrics_and_certificates() {
+    let bin = e2e::bin_path("node-agent");
+    let api = ApiServer::start().unwrap();
+    populate(&api);
+    let tmp = tempfile::tempdir().unwrap();
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let certs = tmp.path().join("cacerts");
+    std::fs::create_dir(&certs).unwrap();
+    let (cert, key) = generate_root("binary root");
+    write_root_dir(&certs, &cert, &key);
+    // Ports are picked free and then bound by the child: another process may take one
+    // in between, so a start that fails with "Address already in use" is retried.
+    let mut started = None;
+    for attempt in 0..5 {
+        let (grpc, ready, metrics) = (free_port(), free_port(), free_port());
+        let log_path = tmp.path().join(format!("ca-{attempt}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = tokio::process::Command::new(&bin)
+            .arg("ca")
+            .env_clear()
+            .env("KUBECONFIG", &kubeconfig)
+            .env("CA_LISTEN_ADDR", format!("127.0.0.1:{grpc}"))
+            .env("CA_CERT_DIR", &certs)
+            .env("CA_SERVER_DNS_NAMES", "mesh-ca,127.0.0.1")
+            .env("READY_PORT", ready.to_string())
+            .env("METRICS_PORT", metrics.to_string())
+            .env("RUST_LOG", "info")
+            .kill_on_drop(true)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let ready_addr: SocketAddr = format!("127.0.0.1:{ready}").parse().unwrap();
+        let (mut exited, mut ready_seen) = (false, false);
+        for _ in 0..200 {
+            if http_get(ready_addr, "/readyz")
+                .await
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+            {
+                ready_seen = true;
+                break;
+            }
+            if child.try_wait().unwrap().is_some() {
+                exited = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let log_text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if exited && log_text.contains("Address already in use") {
+            continue;
+        }
+        assert!(!exited, "node-agent ca exited:\n{log_text}");
+        assert!(ready_seen, "node-agent ca never became ready:\n{log_text}");
+        started = Some((child, grpc, metrics));
+        break;
+    }
+    let (mut child, grpc, metrics) = started.expect("node-agent ca started (ports kept colliding)");
+
+    let client = kube::Client::try_from(api.kube_config()).unwrap();
+    let zt1 = token_request(
+        &client,
+        "istio-system",
+        "ztunnel",
+        Some("ztunnel-n1"),
+        "istio-ca",
+    )
+    .await;
+    let grpc_addr: SocketAddr = format!("127.0.0.1:{grpc}").parse().unwrap();
+    let web = id("app", "web");
+    let chain = call(grpc_addr, &cert, Some(&zt1), &web, Some(&web))
+        .await
+        .unwrap();
+    assert_eq!(chain.len(), 2);
+    let e = call(
+        grpc_addr,
+        &cert,
+        Some(&zt1),
+        &id("app", "db"),
+        Some(&id("app", "db")),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    let m = http_get(format!("127.0.0.1:{metrics}").parse().unwrap(), "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        m.contains("mesh_ca_requests_total{outcome=\"issued\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("mesh_ca_requests_total{outcome=\"permission_denied\"} 1"),
+        "{m}"
+    );
+
+    // SIGTERM: a clean exit.
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}

@@ -1,0 +1,360 @@
+//! ztunnel's Kubernetes discovery (`state::kube`) against the Kubernetes API double:
+//! objects created, changed and deleted through the API show up in the store and in
+//! `/config_dump`, change `pick_endpoint` and policy decisions; an expired watch
+//! (410 Gone) costs one re-list per kind, a dropped watch none; a cluster without
+//! the AuthorizationPolicy CRD still syncs.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use e2e::apiserver::{ApiServer, ApiServerHandle};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ztunnel::policy::Request;
+use ztunnel::policy::matching::PeerIdentity;
+use ztunnel::state::Store;
+use ztunnel::state::kube::{ConvertSettings, KubeDiscovery, KubeOptions, SOURCE_NAME};
+
+fn opts() -> KubeOptions {
+    KubeOptions {
+        settings: ConvertSettings {
+            trust_domain: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+            cluster_domain: "cluster.local".into(),
+        },
+        root_namespace: "istio-system".into(),
+        min_update_interval: Duration::from_millis(20),
+    }
+}
+
+struct Cluster {
+    api: ApiServerHandle,
+    store: Store,
+    discovery: KubeDiscovery,
+}
+
+async fn start(api: ApiServerHandle) -> Cluster {
+    for ns in ["app", "istio-system"] {
+        api.create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
+            .unwrap();
+    }
+    let client = kube::Client::try_from(api.kube_config()).unwrap();
+    let store = Store::new();
+    let discovery = KubeDiscovery::start(client, store.source(SOURCE_NAME), opts());
+    tokio::time::timeout(Duration::from_secs(20), discovery.wait_synced())
+        .await
+        .expect("discovery syncs");
+    Cluster {
+        api,
+        store,
+        discovery,
+    }
+}
+
+impl Cluster {
+    /// A running pod with an IP (status written as the kubelet would).
+    fn pod(&self, name: &str, ip: &str, labels: Value, ready: bool) {
+        let _ = self.api.delete("v1", "Pod", Some("app"), name);
+        self.api
+            .create(json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "app", "labels": labels,
+                    "annotations": {"ambient.istio.io/redirection": "enabled"}},
+                "spec": {"serviceAccountName": format!("sa-{name}"), "nodeName": "node-1",
+                    "containers": [{"name": "c", "image": "x",
+                        "ports": [{"name": "http", "containerPort": 8080}]}]}
+            }))
+            .unwrap();
+        self.set_ready(name, ip, ready);
+    }
+
+    fn set_ready(&self, name: &str, ip: &str, ready: bool) {
+        self.api
+            .merge_patch(
+                "v1",
+                "Pod",
+                Some("app"),
+                name,
+                &json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                    "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}}),
+                true,
+            )
+            .unwrap();
+    }
+
+    fn slice(&self, pods: &[&str]) {
+        let obj = json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-abc", "namespace": "app",
+                "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": pods.iter().map(|p| json!({"addresses": ["10.244.0.1"],
+                "conditions": {"ready": true},
+                "targetRef": {"kind": "Pod", "name": p, "namespace": "app"}})).collect::<Vec<_>>()
+        });
+        let _ = self.api.delete(
+            "discovery.k8s.io/v1",
+            "EndpointSlice",
+            Some("app"),
+            "web-abc",
+        );
+        self.api.create(obj).unwrap();
+    }
+
+    async fn until(&self, what: &str, f: impl Fn(&Store) -> bool) {
+        let start = Instant::now();
+        while !f(&self.store) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn picked(store: &Store, vip: IpAddr) -> Option<(String, u16)> {
+    let snap = store.snapshot();
+    let svc = snap.service_by_vip("", vip)?.clone();
+    snap.pick_endpoint(&svc, 80)
+        .map(|(w, p)| (w.name.clone(), p))
+}
+
+fn allowed(store: &Store, dst: &str, port: u16) -> Option<bool> {
+    let snap = store.snapshot();
+    let w = snap.workload_by_ip("", ip(dst))?.clone();
+    Some(
+        snap.policies()
+            .evaluate(&Request {
+                dst_workload_namespace: &w.namespace,
+                dst_workload_policy_refs: &w.authorization_policies,
+                src_identity: PeerIdentity::from_spiffe("spiffe://cluster.local/ns/other/sa/sleep"),
+                src_ip: ip("10.244.9.9"),
+                dst_ip: ip(dst),
+                dst_port: port,
+            })
+            .is_allow(),
+    )
+}
+
+/// GET `path` from ztunnel's admin endpoint.
+async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_changes_reach_the_store_routing_policies_and_config_dump() {
+    let c = start(ApiServer::start().unwrap()).await;
+    c.pod("web-1", "10.244.0.11", json!({"app": "web"}), true);
+    c.pod("web-2", "10.244.0.12", json!({"app": "web"}), true);
+    let svc = c
+        .api
+        .create(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "app"},
+            "spec": {"selector": {"app": "web"},
+                "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}))
+        .unwrap();
+    let vip = ip(svc["spec"]["clusterIP"].as_str().expect("a cluster IP"));
+    c.slice(&["web-1"]);
+
+    c.until("web-1 behind the service VIP", |s| {
+        picked(s, vip) == Some(("web-1".into(), 8080))
+    })
+    .await;
+    {
+        let snap = c.store.snapshot();
+        let w = snap.workload_by_ip("", ip("10.244.0.11")).unwrap();
+        assert_eq!(w.uid, "Kubernetes//v1/Pod/app/web-1");
+        assert_eq!(w.protocol, ztunnel::state::Protocol::HBONE);
+        assert_eq!(
+            w.identity().to_string(),
+            "spiffe://cluster.local/ns/app/sa/sa-web-1"
+        );
+        assert_eq!(w.node, "node-1");
+    }
+
+    // The same state in /config_dump, served by ztunnel's admin endpoint.
+    let mut cfg = ztunnel::config::Config::default();
+    cfg.admin_addr = "127.0.0.1:0".parse().unwrap();
+    cfg.stats_addr = "127.0.0.1:0".parse().unwrap();
+    cfg.readiness_addr = "127.0.0.1:0".parse().unwrap();
+    let root = node_agent::ca::authority::testing::generate_root("dump root");
+    let local_ca = ztunnel::identity::local_ca::LocalCa::from_pem(&root.0, &root.1).unwrap();
+    let readiness = ztunnel::readiness::Readiness::default();
+    readiness.add_watch("Kubernetes discovery synced", c.discovery.synced());
+    let state = Arc::new(ztunnel::admin::AdminState {
+        cfg: Arc::new(cfg),
+        store: c.store.clone(),
+        certs: ztunnel::identity::SecretManager::new(Arc::new(local_ca), Duration::from_secs(3600)),
+        registry: Arc::new(prometheus_client::registry::Registry::default()),
+        readiness,
+        proxies: Arc::new(Vec::new),
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    let addrs = ztunnel::admin::start(state, stop.clone()).await.unwrap();
+    let dump = admin_get(addrs.admin, "/config_dump").await;
+    assert!(dump.starts_with("HTTP/1.1 200"), "{dump}");
+    assert!(dump.contains("Kubernetes//v1/Pod/app/web-1"), "{dump}");
+    assert!(dump.contains("web.app.svc.cluster.local"), "{dump}");
+    assert!(
+        admin_get(addrs.readiness, "/healthz/ready")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+
+    // Routing follows the EndpointSlice.
+    c.slice(&["web-2"]);
+    c.until("web-2 replaces web-1", |s| {
+        picked(s, vip) == Some(("web-2".into(), 8080))
+    })
+    .await;
+    // ...and pod readiness.
+    c.set_ready("web-2", "10.244.0.12", false);
+    c.until("no healthy endpoint", |s| picked(s, vip).is_none())
+        .await;
+    c.set_ready("web-2", "10.244.0.12", true);
+    c.until("web-2 healthy again", |s| picked(s, vip).is_some())
+        .await;
+
+    // An AuthorizationPolicy changes decisions for the pods it selects.
+    assert_eq!(allowed(&c.store, "10.244.0.12", 8080), Some(true));
+    c.api
+        .create(
+            json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny-8080", "namespace": "app"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}}, "action": "DENY",
+                "rules": [{"to": [{"operation": {"ports": ["8080"]}}]}]}}),
+        )
+        .unwrap();
+    c.until("the DENY policy applies", |s| {
+        allowed(s, "10.244.0.12", 8080) == Some(false)
+    })
+    .await;
+    assert_eq!(allowed(&c.store, "10.244.0.12", 8081), Some(true));
+    let dump = admin_get(addrs.admin, "/config_dump").await;
+    assert!(dump.contains("deny-8080"), "{dump}");
+    // Relabelled pod: no longer selected.
+    c.api
+        .merge_patch(
+            "v1",
+            "Pod",
+            Some("app"),
+            "web-2",
+            &json!({"metadata": {"labels": {"app": "other"}}}),
+            false,
+        )
+        .unwrap();
+    c.until("the policy no longer selects web-2", |s| {
+        allowed(s, "10.244.0.12", 8080) == Some(true)
+    })
+    .await;
+    c.api
+        .delete(
+            "security.istio.io/v1",
+            "AuthorizationPolicy",
+            Some("app"),
+            "deny-8080",
+        )
+        .unwrap();
+    c.until("policy gone", |s| s.snapshot().policies().is_empty())
+        .await;
+
+    // Deletions.
+    c.api.delete("v1", "Pod", Some("app"), "web-1").unwrap();
+    c.until("web-1 gone", |s| {
+        s.snapshot().workload_by_ip("", ip("10.244.0.11")).is_none()
+    })
+    .await;
+    c.api.delete("v1", "Service", Some("app"), "web").unwrap();
+    c.until("service gone", |s| {
+        s.snapshot().service_by_vip("", vip).is_none()
+    })
+    .await;
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_watch_relists_once_per_kind_and_a_dropped_watch_not_at_all() {
+    let api = ApiServer::default()
+        .bookmark_interval(Duration::from_millis(100))
+        .run()
+        .unwrap();
+    let c = start(api).await;
+    c.pod("a", "10.244.1.1", json!({}), true);
+    c.until("a", |s| {
+        s.snapshot().workload_by_ip("", ip("10.244.1.1")).is_some()
+    })
+    .await;
+    let kinds = [
+        "pods",
+        "services",
+        "endpointslices",
+        "authorizationpolicies",
+    ];
+    let lists = |api: &ApiServerHandle| kinds.map(|k| api.request_count("list", k));
+    let before = lists(&c.api);
+
+    // A dropped watch resumes from its resourceVersion: no list.
+    c.api.close_watches();
+    c.pod("b", "10.244.1.2", json!({}), true);
+    c.until("b after reconnect", |s| {
+        s.snapshot().workload_by_ip("", ip("10.244.1.2")).is_some()
+    })
+    .await;
+    assert_eq!(lists(&c.api), before, "resumed without listing");
+
+    // Every held version expires: one re-list per kind, and changes made meanwhile
+    // (a pod deleted, one created) are reflected.
+    c.api.compact();
+    c.api.delete("v1", "Pod", Some("app"), "a").unwrap();
+    c.pod("c", "10.244.1.3", json!({}), true);
+    c.until("state after the re-list", |s| {
+        let snap = s.snapshot();
+        snap.workload_by_ip("", ip("10.244.1.1")).is_none()
+            && snap.workload_by_ip("", ip("10.244.1.3")).is_some()
+    })
+    .await;
+    // Give every kind time to notice (bookmark interval 100 ms), then count.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let after = lists(&c.api);
+    for (i, k) in kinds.iter().enumerate() {
+        assert_eq!(
+            after[i] - before[i],
+            1,
+            "{k}: exactly one re-list ({before:?} -> {after:?})"
+        );
+    }
+    assert!(c.api.request_count("gone", "pods") >= 1);
+    assert_eq!(c.store.snapshot().workloads().count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_policy_crd_is_a_warning_not_a_failure() {
+    let api = ApiServer::default()
+        .without_authorization_policy_crd()
+        .run()
+        .unwrap();
+    // start() waits for the sync: the missing CRD counts as "no policies".
+    let c = start(api).await;
+    c.pod("a", "10.244.2.1", json!({"app": "a"}), true);
+    c.until("pods still flow", |s| {
+        s.snapshot().workload_by_ip("", ip("10.244.2.1")).is_some()
+    })
+    .await;
+    assert!(c.store.snapshot().policies().is_empty());
+    assert_eq!(allowed(&c.store, "10.244.2.1", 80), Some(true));
+    // (The slow retry schedule is unit-tested in state::kube; the double does not
+    // count requests for resources it does not serve.)
+}
