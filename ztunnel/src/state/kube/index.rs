@@ -350,10 +350,22 @@ impl DiscoveryIndex {
         if old == entry.as_ref() {
             return;
         }
-        let old_selector = old.map(|o| (o.has_selector, o.object.spec.selector.clone()));
-        let new_selector = entry
-            .as_ref()
-            .map(|e| (e.has_selector, e.object.spec.selector.clone()));
+        // Binding depends on the selector and on whether the policy is enforced at all
+        // (a CUSTOM policy turned DENY must be bound to the pods it selects).
+        let old_selector = old.map(|o| {
+            (
+                o.has_selector,
+                o.object.spec.selector.clone(),
+                o.converted.is_some(),
+            )
+        });
+        let new_selector = entry.as_ref().map(|e| {
+            (
+                e.has_selector,
+                e.object.spec.selector.clone(),
+                e.converted.is_some(),
+            )
+        });
         let rebind = (old_selector.as_ref().is_some_and(|s| s.0)
             || new_selector.as_ref().is_some_and(|s| s.0))
             && old_selector != new_selector;

@@ -352,6 +352,24 @@ fn policies_change_decisions_and_bind_by_selector() {
         vec!["istio-system/deny-db".to_string()]
     );
 
+    // A policy that is not enforced (CUSTOM) becomes a DENY: it is bound then.
+    idx.policy_event(Event::Apply(policy(
+        "app",
+        "later",
+        json!({"selector": {"matchLabels": {"app": "web2"}}, "action": "CUSTOM",
+            "provider": {"name": "ext"}, "rules": [{}]}),
+    )));
+    flush(&mut idx, &store);
+    assert!(decide(&store, "10.0.0.1", sleep, 80).is_allow());
+    idx.policy_event(Event::Apply(policy(
+        "app",
+        "later",
+        json!({"selector": {"matchLabels": {"app": "web2"}}, "action": "DENY", "rules": [{}]}),
+    )));
+    flush(&mut idx, &store);
+    assert!(!decide(&store, "10.0.0.1", sleep, 80).is_allow());
+    idx.policy_event(Event::Delete(policy("app", "later", json!({}))));
+
     // The CRD disappears: no policies at all.
     idx.policies_absent();
     flush(&mut idx, &store);
