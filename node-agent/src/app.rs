@@ -56,8 +56,8 @@ pub const READY_KUBERNETES: &str = "kubernetes";
 /// Start-up failures; each names what failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("Kubernetes client (KUBECONFIG or in-cluster service account): {0}")]
-    Kube(#[source] kube::Error),
+    #[error(transparent)]
+    Kube(#[from] crate::cluster::client::ClientError),
     #[error("cannot listen on {var} {addr}: {source}")]
     Bind {
         var: &'static str,
@@ -82,7 +82,7 @@ pub enum AppError {
 /// Runs the agent until SIGTERM/SIGINT (Kubernetes client from `KUBECONFIG`
 /// or the in-cluster service account).
 pub async fn run(cfg: AgentConfig) -> Result<(), AppError> {
-    let client = kube::Client::try_default().await.map_err(AppError::Kube)?;
+    let client = crate::cluster::client::client_from_env().await?;
     run_with(cfg, client, shutdown_signal()).await
 }
 

@@ -6,11 +6,11 @@
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 
 use super::pod::{NamespaceInfo, PodInfo, REDIRECTION_ANNOTATION};
+use super::resources::{NamespaceObject, PodObject};
 
 /// A failed API call, naming the verb and the object.
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +83,7 @@ impl ClusterApi for KubeApi {
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<PodInfo>, ApiError>> {
         Box::pin(async move {
-            let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+            let api: Api<PodObject> = Api::namespaced(self.client.clone(), namespace);
             api.get_opt(name)
                 .await
                 .map(|p| p.as_ref().and_then(PodInfo::from_pod))
@@ -100,7 +100,7 @@ impl ClusterApi for KubeApi {
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<NamespaceInfo>, ApiError>> {
         Box::pin(async move {
-            let api: Api<Namespace> = Api::all(self.client.clone());
+            let api: Api<NamespaceObject> = Api::all(self.client.clone());
             api.get_opt(name)
                 .await
                 .map(|n| n.as_ref().and_then(NamespaceInfo::from_namespace))
@@ -119,7 +119,7 @@ impl ClusterApi for KubeApi {
         value: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), ApiError>> {
         Box::pin(async move {
-            let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+            let api: Api<PodObject> = Api::namespaced(self.client.clone(), namespace);
             let patch = redirection_patch(value);
             match api
                 .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))

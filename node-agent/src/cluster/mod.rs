@@ -2,14 +2,17 @@
 //! Pods ([`watch`]) feeding an informer cache of small extracts ([`cache`],
 //! [`pod`]), the enablement rules as one pure function ([`enablement`]), and
 //! the direct API calls of the control loop ([`api`]: GETs on cache misses,
-//! the `pods/status` annotation patch, the DaemonSet check at shutdown).
+//! the `pods/status` annotation patch, the DaemonSet check at shutdown),
+//! the client itself ([`client`]) and slim object types ([`resources`]).
 //!
 //! Nothing here decides what to do about a pod; `reconcile` does.
 
 pub mod api;
 pub mod cache;
+pub mod client;
 pub mod enablement;
 pub mod pod;
+pub mod resources;
 pub mod watch;
 
 pub use api::{ApiError, ClusterApi, KubeApi};

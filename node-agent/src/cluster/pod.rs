@@ -5,9 +5,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-
 use super::enablement::{self, Decision, EnablementConfig, PodFacts, SIDECAR_STATUS_ANNOTATION};
+use super::resources::{NamespaceObject, PodObject};
 use crate::redirect::PodRedirect;
 use crate::redirect::inpod::rules::{
     ANNOTATION_BYPASS_INBOUND, ANNOTATION_DNS_CAPTURE, ANNOTATION_REROUTE_VIRTUAL_INTERFACES,
@@ -92,7 +91,7 @@ pub struct PodInfo {
 impl PodInfo {
     /// Extracts what the agent needs; `None` when the object has no
     /// namespace, name or UID.
-    pub fn from_pod(pod: &Pod) -> Option<Self> {
+    pub fn from_pod(pod: &PodObject) -> Option<Self> {
         let meta = &pod.metadata;
         let uid = meta.uid.clone().filter(|u| !u.is_empty())?;
         let namespace = meta.namespace.clone()?;
@@ -192,7 +191,7 @@ pub struct NamespaceInfo {
 }
 
 impl NamespaceInfo {
-    pub fn from_namespace(ns: &Namespace) -> Option<Self> {
+    pub fn from_namespace(ns: &NamespaceObject) -> Option<Self> {
         Some(Self {
             name: ns.metadata.name.clone()?,
             mode_label: ns
@@ -225,10 +224,10 @@ pub fn active_ztunnel<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{PodCondition, PodIP, PodSpec, PodStatus};
+    use crate::cluster::resources::{PodSpecLite, PodStatusLite};
     use kube::api::ObjectMeta;
 
-    fn pod_json() -> Pod {
+    fn pod_json() -> PodObject {
         serde_json::from_value(serde_json::json!({
             "metadata": {
                 "name": "web-1", "namespace": "demo", "uid": "u-1",
@@ -272,7 +271,7 @@ mod tests {
 
     #[test]
     fn objects_without_identity_are_ignored_and_defaults_apply() {
-        let mut pod = Pod::default();
+        let mut pod = PodObject::default();
         assert!(PodInfo::from_pod(&pod).is_none());
         pod.metadata = ObjectMeta {
             name: Some("a".into()),
@@ -285,19 +284,18 @@ mod tests {
         assert_eq!(p.phase, PodPhase::Pending);
         assert!(p.ips.is_empty() && !p.ready);
         // podIP alone is used when podIPs is absent
-        pod.status = Some(PodStatus {
+        pod.status = Some(PodStatusLite {
             pod_ip: Some("10.0.0.9".into()),
             pod_ips: Some(vec![]),
             ..Default::default()
         });
-        pod.spec = Some(PodSpec {
+        pod.spec = Some(PodSpecLite {
             host_network: Some(true),
             ..Default::default()
         });
         let p = PodInfo::from_pod(&pod).unwrap();
         assert_eq!(p.ips, vec!["10.0.0.9".parse::<IpAddr>().unwrap()]);
         assert!(p.host_network);
-        let _ = (PodIP::default(), PodCondition::default());
     }
 
     fn zt(name: &str, created: i64, ready: bool) -> PodInfo {

@@ -9,7 +9,6 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -18,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use super::cache::{Change, ClusterCache};
 use super::pod::{NamespaceInfo, PodInfo};
+use super::resources::{NamespaceObject, PodObject};
 
 /// Handles of the two watcher tasks; aborted on drop.
 pub struct Watchers {
@@ -40,9 +40,9 @@ impl Watchers {
         cache: Arc<ClusterCache>,
         changes: UnboundedSender<Change>,
     ) -> Self {
-        let pods: Api<Pod> = Api::all(client.clone());
+        let pods: Api<PodObject> = Api::all(client.clone());
         let pod_cfg = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
-        let namespaces: Api<Namespace> = Api::all(client);
+        let namespaces: Api<NamespaceObject> = Api::all(client);
         let node = node_name.to_string();
         let (c1, c2) = (cache.clone(), cache);
         let (tx1, tx2) = (changes.clone(), changes);
@@ -82,7 +82,7 @@ fn send(tx: &UnboundedSender<Change>, changes: Vec<Change>) {
 }
 
 /// Applies one pod watcher event to the cache.
-pub fn apply_pod_event(cache: &ClusterCache, ev: Event<Pod>, node: &str) -> Vec<Change> {
+pub fn apply_pod_event(cache: &ClusterCache, ev: Event<PodObject>, node: &str) -> Vec<Change> {
     match ev {
         Event::Init => {
             cache.pods_init();
@@ -111,7 +111,7 @@ pub fn apply_pod_event(cache: &ClusterCache, ev: Event<Pod>, node: &str) -> Vec<
 }
 
 /// Applies one namespace watcher event to the cache.
-pub fn apply_namespace_event(cache: &ClusterCache, ev: Event<Namespace>) -> Vec<Change> {
+pub fn apply_namespace_event(cache: &ClusterCache, ev: Event<NamespaceObject>) -> Vec<Change> {
     match ev {
         Event::Init => {
             cache.namespaces_init();
