@@ -4,6 +4,9 @@
 
 pub mod apiserver;
 pub mod binaries;
+pub mod kubelet;
 pub mod netsim;
+pub mod simcluster;
+pub mod workloads;
 
 pub use binaries::bin_path;
