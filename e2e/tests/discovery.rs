@@ -52,35 +52,41 @@ async fn start(api: ApiServerHandle) -> Cluster {
     }
 }
 
+/// A running pod with an IP (status written as the kubelet would).
+fn make_pod(api: &ApiServerHandle, name: &str, ip: &str, labels: Value, ready: bool) {
+    let _ = api.delete("v1", "Pod", Some("app"), name);
+    api.create(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "app", "labels": labels,
+            "annotations": {"ambient.istio.io/redirection": "enabled"}},
+        "spec": {"serviceAccountName": format!("sa-{name}"), "nodeName": "node-1",
+            "containers": [{"name": "c", "image": "x",
+                "ports": [{"name": "http", "containerPort": 8080}]}]}
+    }))
+    .unwrap();
+    set_pod_ready(api, name, ip, ready);
+}
+
+fn set_pod_ready(api: &ApiServerHandle, name: &str, ip: &str, ready: bool) {
+    api.merge_patch(
+        "v1",
+        "Pod",
+        Some("app"),
+        name,
+        &json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+            "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}}),
+        true,
+    )
+    .unwrap();
+}
+
 impl Cluster {
-    /// A running pod with an IP (status written as the kubelet would).
     fn pod(&self, name: &str, ip: &str, labels: Value, ready: bool) {
-        let _ = self.api.delete("v1", "Pod", Some("app"), name);
-        self.api
-            .create(json!({
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "namespace": "app", "labels": labels,
-                    "annotations": {"ambient.istio.io/redirection": "enabled"}},
-                "spec": {"serviceAccountName": format!("sa-{name}"), "nodeName": "node-1",
-                    "containers": [{"name": "c", "image": "x",
-                        "ports": [{"name": "http", "containerPort": 8080}]}]}
-            }))
-            .unwrap();
-        self.set_ready(name, ip, ready);
+        make_pod(&self.api, name, ip, labels, ready);
     }
 
     fn set_ready(&self, name: &str, ip: &str, ready: bool) {
-        self.api
-            .merge_patch(
-                "v1",
-                "Pod",
-                Some("app"),
-                name,
-                &json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-                    "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}}),
-                true,
-            )
-            .unwrap();
+        set_pod_ready(&self.api, name, ip, ready);
     }
 
     fn slice(&self, pods: &[&str]) {
@@ -357,4 +363,96 @@ async fn missing_policy_crd_is_a_warning_not_a_failure() {
     assert_eq!(allowed(&c.store, "10.244.2.1", 80), Some(true));
     // (The slow retry schedule is unit-tested in state::kube; the double does not
     // count requests for resources it does not serve.)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The ztunnel binary with `KUBERNETES_DISCOVERY=true` (in-pod mode, no node agent:
+/// it serves no workload, but learns the cluster): `/config_dump` shows pods created
+/// through the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztunnel_binary_with_kubernetes_discovery_dumps_cluster_state() {
+    let bin = e2e::bin_path("ztunnel");
+    let api = ApiServer::start().unwrap();
+    api.create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "app"}}))
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let (cert, key) = node_agent::ca::authority::testing::generate_root("zt root");
+    std::fs::write(tmp.path().join("root.pem"), &cert).unwrap();
+    std::fs::write(tmp.path().join("root.key"), &key).unwrap();
+    let (admin, stats, ready) = (free_port(), free_port(), free_port());
+    let log_path = tmp.path().join("ztunnel.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = tokio::process::Command::new(bin)
+        .arg("proxy")
+        .env_clear()
+        .env("KUBECONFIG", &kubeconfig)
+        .env("KUBERNETES_DISCOVERY", "true")
+        .env("INPOD_UDS", tmp.path().join("ztunnel.sock"))
+        .env("CA_ROOT_CERT", tmp.path().join("root.pem"))
+        .env("CA_ROOT_KEY", tmp.path().join("root.key"))
+        .env("ADMIN_ADDR", format!("127.0.0.1:{admin}"))
+        .env("STATS_ADDR", format!("127.0.0.1:{stats}"))
+        .env("READINESS_ADDR", format!("127.0.0.1:{ready}"))
+        .env("RUST_LOG", "info")
+        .kill_on_drop(true)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    make_pod(&api, "web-1", "10.244.3.1", json!({"app": "web"}), true);
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let start = Instant::now();
+    loop {
+        let dump = admin_get_opt(admin_addr, "/config_dump").await;
+        if dump
+            .as_deref()
+            .is_some_and(|d| d.contains("Kubernetes//v1/Pod/app/web-1") && d.contains("10.244.3.1"))
+        {
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "ztunnel exited ({status}):\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "web-1 never appeared in /config_dump; last: {dump:?}\nlog:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Not ready: discovery syncs, but there is no node agent (in-pod snapshot).
+    let ready_addr: std::net::SocketAddr = format!("127.0.0.1:{ready}").parse().unwrap();
+    let start = Instant::now();
+    loop {
+        let readiness = admin_get_opt(ready_addr, "/healthz/ready").await.unwrap();
+        assert!(!readiness.starts_with("HTTP/1.1 200"), "{readiness}");
+        if !readiness.contains("Kubernetes discovery synced") {
+            assert!(readiness.contains("in-pod"), "{readiness}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{readiness}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn admin_get_opt(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    Some(out)
 }
