@@ -170,7 +170,7 @@ async fn call(
         .unwrap();
     let id: Identity = csr_id.parse().unwrap();
     let (_key, csr) = generate_csr(&id).unwrap();
-    let metadata = impersonate.map(|i| prost_types_struct(i));
+    let metadata = impersonate.map(prost_types_struct);
     let mut req = tonic::Request::new(IstioCertificateRequest {
         csr,
         validity_duration: 3600,

@@ -192,10 +192,12 @@ async fn api_changes_reach_the_store_routing_policies_and_config_dump() {
     }
 
     // The same state in /config_dump, served by ztunnel's admin endpoint.
-    let mut cfg = ztunnel::config::Config::default();
-    cfg.admin_addr = "127.0.0.1:0".parse().unwrap();
-    cfg.stats_addr = "127.0.0.1:0".parse().unwrap();
-    cfg.readiness_addr = "127.0.0.1:0".parse().unwrap();
+    let cfg = ztunnel::config::Config {
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        stats_addr: "127.0.0.1:0".parse().unwrap(),
+        readiness_addr: "127.0.0.1:0".parse().unwrap(),
+        ..ztunnel::config::Config::default()
+    };
     let root = node_agent::ca::authority::testing::generate_root("dump root");
     let local_ca = ztunnel::identity::local_ca::LocalCa::from_pem(&root.0, &root.1).unwrap();
     let readiness = ztunnel::readiness::Readiness::default();
