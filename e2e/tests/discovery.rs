@@ -39,9 +39,11 @@ async fn start(api: ApiServerHandle) -> Cluster {
         api.create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
             .unwrap();
     }
-    let client = kube::Client::try_from(api.kube_config()).unwrap();
     let store = Store::new();
-    let discovery = KubeDiscovery::start(client, store.source(SOURCE_NAME), opts());
+    // As ztunnel runs it: a thread of its own.
+    let discovery =
+        KubeDiscovery::start_on_thread(Some(api.kube_config()), store.source(SOURCE_NAME), opts())
+            .unwrap();
     tokio::time::timeout(Duration::from_secs(20), discovery.wait_synced())
         .await
         .expect("discovery syncs");

@@ -45,8 +45,8 @@ pub enum AppError {
     Proxy(#[from] crate::proxy::ProxyError),
     #[error("{0}")]
     Unsupported(String),
-    #[error("KUBERNETES_DISCOVERY=true: Kubernetes client (in-cluster or KUBECONFIG): {0}")]
-    Kube(#[source] ::kube::Error),
+    #[error("KUBERNETES_DISCOVERY=true: {0}")]
+    Kube(#[source] crate::state::kube::DiscoveryError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -115,18 +115,15 @@ pub fn run(cfg: Config) -> Result<(), AppError> {
     let workers = DataPlaneThreads::start(cfg.worker_threads)?;
     let rt = workers.coordinator();
 
-    // KUBERNETES_DISCOVERY=true: watch the cluster (state::kube); not ready until listed.
+    // KUBERNETES_DISCOVERY=true: watch the cluster (state::kube) from a thread of its
+    // own; not ready until listed.
     let _discovery = if cfg.kubernetes_discovery {
-        let source = store.source(crate::state::kube::SOURCE_NAME);
-        let opts = crate::state::kube::KubeOptions::from_config(&cfg);
-        let discovery = rt.block_on(async {
-            let client = ::kube::Client::try_default()
-                .await
-                .map_err(AppError::Kube)?;
-            Ok::<_, AppError>(crate::state::kube::KubeDiscovery::start(
-                client, source, opts,
-            ))
-        })?;
+        let discovery = crate::state::kube::KubeDiscovery::start_on_thread(
+            None,
+            store.source(crate::state::kube::SOURCE_NAME),
+            crate::state::kube::KubeOptions::from_config(&cfg),
+        )
+        .map_err(AppError::Kube)?;
         readiness.add_watch("Kubernetes discovery synced", discovery.synced());
         Some(discovery)
     } else {

@@ -19,8 +19,10 @@
 //! Events are converted into compact facts ([`convert`]) kept in a
 //! [`index::DiscoveryIndex`]; changes are batched (everything already received,
 //! at most one store update per `min_update_interval`) and applied with one
-//! snapshot rebuild on a blocking-pool thread, so the data plane's workers never
-//! run it and readers keep using the previous snapshot until the swap.
+//! snapshot rebuild on a blocking-pool thread; readers keep using the previous
+//! snapshot until the swap. ztunnel runs discovery on a thread of its own
+//! ([`KubeDiscovery::start_on_thread`]), so decoding and indexing never take time
+//! from a data-plane thread either.
 //!
 //! [`KubeDiscovery::synced`] turns true once every kind has been listed once (the
 //! policy kind also when its CRD is absent): until then authorization decisions
@@ -78,13 +80,40 @@ impl KubeOptions {
 /// A running discovery; stops when dropped.
 pub struct KubeDiscovery {
     synced: watch::Receiver<bool>,
-    task: tokio::task::JoinHandle<()>,
+    runner: Runner,
+}
+
+enum Runner {
+    /// A task on the caller's runtime.
+    Task(tokio::task::JoinHandle<()>),
+    /// A thread of its own (closing the sender stops it).
+    Thread {
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    },
 }
 
 impl Drop for KubeDiscovery {
     fn drop(&mut self) {
-        self.task.abort();
+        match &mut self.runner {
+            Runner::Task(t) => t.abort(),
+            Runner::Thread { stop, thread } => {
+                drop(stop.take());
+                if let Some(t) = thread.take() {
+                    let _ = t.join();
+                }
+            }
+        }
     }
+}
+
+/// Discovery could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("Kubernetes client (in-cluster or KUBECONFIG): {0}")]
+    Client(#[source] kube::Error),
+    #[error("starting the discovery thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 /// Which object kind an event or error is about.
@@ -266,7 +295,74 @@ impl KubeDiscovery {
             opts,
             synced_tx,
         ));
-        KubeDiscovery { synced, task }
+        KubeDiscovery {
+            synced,
+            runner: Runner::Task(task),
+        }
+    }
+
+    /// Starts discovery on a thread of its own (a single-threaded runtime): decoding
+    /// watch events and indexing never run on a data-plane thread. `config`: `None` =
+    /// in-cluster or `KUBECONFIG`.
+    pub fn start_on_thread(
+        config: Option<kube::Config>,
+        source: SourceHandle,
+        opts: KubeOptions,
+    ) -> Result<KubeDiscovery, DiscoveryError> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("ztunnel-kube".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(DiscoveryError::Thread(e)));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let client = match config {
+                        Some(c) => kube::Client::try_from(c),
+                        None => kube::Client::try_default().await,
+                    };
+                    let client = match client {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(DiscoveryError::Client(e)));
+                            return;
+                        }
+                    };
+                    let inner = KubeDiscovery::start(client, source, opts);
+                    let _ = ready_tx.send(Ok(inner.synced()));
+                    // Runs until the handle is dropped (sender closed).
+                    let _ = stop_rx.await;
+                    drop(inner);
+                });
+            })
+            .map_err(DiscoveryError::Thread)?;
+        match ready_rx.recv() {
+            Ok(Ok(synced)) => Ok(KubeDiscovery {
+                synced,
+                runner: Runner::Thread {
+                    stop: Some(stop_tx),
+                    thread: Some(thread),
+                },
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(DiscoveryError::Thread(std::io::Error::other(
+                    "discovery thread exited",
+                )))
+            }
+        }
     }
 
     /// `true` once every kind has been listed.
