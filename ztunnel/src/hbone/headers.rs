@@ -123,6 +123,16 @@ pub fn parse_baggage(value: &str) -> Baggage {
     b
 }
 
+/// The `host=` parameter of a `forwarded` header value (quotes removed), if any.
+pub fn forwarded_host(value: &str) -> Option<String> {
+    value
+        .split([',', ';'])
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("host"))
+        .map(|(_, v)| v.trim().trim_matches('"').to_string())
+        .filter(|v| !v.is_empty())
+}
+
 /// Why a request is not a valid HBONE CONNECT (→ 400).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BadRequest {
@@ -187,6 +197,18 @@ mod tests {
         assert_eq!(b.namespace.as_deref(), Some("default"));
         assert_eq!(b.workload_name.as_deref(), Some("sleep"));
         assert_eq!(b.service_version.as_deref(), Some("v1"));
+    }
+
+    #[test]
+    fn forwarded_host_parameter() {
+        let h = |v| forwarded_host(v);
+        assert_eq!(
+            h("for=\"10.0.0.1:41000\";host=echo.default.svc.cluster.local").as_deref(),
+            Some("echo.default.svc.cluster.local")
+        );
+        assert_eq!(h("for=1.2.3.4; Host=\"a.b\"").as_deref(), Some("a.b"));
+        assert_eq!(h("for=\"10.0.0.1:41000\""), None);
+        assert_eq!(h("host="), None);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio::io::BufReader;
 use tokio::net::TcpStream;
 
 pub use pool::{Pool, PoolKey};
-pub use stream::{CopyOutcome, H2Stream, copy_tcp_h2};
+pub use stream::{ByteCounters, CopyOutcome, H2Stream, copy_tcp_h2};
 
 /// Reads below TLS are buffered so rustls's small reads do not each cost a syscall.
 pub const TLS_READ_BUFFER: usize = 64 * 1024;

@@ -8,6 +8,7 @@
 //! stream.
 
 use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
@@ -57,27 +58,64 @@ pub struct CopyOutcome {
     pub error: Option<String>,
 }
 
-/// Copies between `tcp` and the tunnel until both directions are finished.
-pub async fn copy_tcp_h2(tcp: &mut TcpStream, mut h2: H2Stream) -> CopyOutcome {
+/// Live byte counts of one copy, readable while it runs (`/debug/connections`).
+#[derive(Debug, Default)]
+pub struct ByteCounters {
+    /// TCP → tunnel (or, for a TCP ⇄ TCP copy, first socket → second).
+    pub to_tunnel: AtomicU64,
+    /// Tunnel → TCP.
+    pub from_tunnel: AtomicU64,
+}
+
+impl ByteCounters {
+    /// (to_tunnel, from_tunnel) now.
+    pub fn load(&self) -> (u64, u64) {
+        (
+            self.to_tunnel.load(Ordering::Relaxed),
+            self.from_tunnel.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The outcome of a copy that started when the counters read `before`.
+    pub fn outcome_since(&self, before: (u64, u64), error: Option<String>) -> CopyOutcome {
+        let (to, from) = self.load();
+        CopyOutcome {
+            to_tunnel: to - before.0,
+            from_tunnel: from - before.1,
+            error,
+        }
+    }
+}
+
+/// Copies between `tcp` and the tunnel until both directions are finished, counting into
+/// `counters` as bytes move.
+pub async fn copy_tcp_h2(
+    tcp: &mut TcpStream,
+    mut h2: H2Stream,
+    counters: &ByteCounters,
+) -> CopyOutcome {
+    let before = counters.load();
     let (mut rd, mut wr) = tcp.split();
-    let mut out = CopyOutcome::default();
     let result = {
-        let up = tcp_to_h2(&mut rd, &mut h2.send, &mut out.to_tunnel);
-        let down = h2_to_tcp(&mut h2.recv, &mut wr, &mut out.from_tunnel);
+        let up = tcp_to_h2(&mut rd, &mut h2.send, &counters.to_tunnel);
+        let down = h2_to_tcp(&mut h2.recv, &mut wr, &counters.from_tunnel);
         tokio::try_join!(up, down)
     };
-    if let Err(e) = result {
-        h2.send.send_reset(Reason::CANCEL);
-        out.error = Some(e);
-    }
-    out
+    let error = match result {
+        Ok(_) => None,
+        Err(e) => {
+            h2.send.send_reset(Reason::CANCEL);
+            Some(e)
+        }
+    };
+    counters.outcome_since(before, error)
 }
 
 /// Reads `rd` until EOF, sending each chunk on `send`; EOF becomes END_STREAM.
 pub async fn tcp_to_h2<R: AsyncRead + Unpin>(
     rd: &mut R,
     send: &mut SendStream<Bytes>,
-    count: &mut u64,
+    count: &AtomicU64,
 ) -> Result<(), String> {
     let mut buf = BytesMut::new();
     let mut want = INITIAL_READ;
@@ -93,7 +131,7 @@ pub async fn tcp_to_h2<R: AsyncRead + Unpin>(
                 .map_err(|e| format!("send end of stream: {e}"))?;
             return Ok(());
         }
-        *count += n as u64;
+        count.fetch_add(n as u64, Ordering::Relaxed);
         if n >= spare && want < MAX_READ {
             want *= 2;
         }
@@ -126,7 +164,7 @@ async fn wait_capacity(send: &mut SendStream<Bytes>, want: usize) -> Result<usiz
 pub async fn h2_to_tcp<W: AsyncWrite + Unpin>(
     recv: &mut RecvStream,
     wr: &mut W,
-    count: &mut u64,
+    count: &AtomicU64,
 ) -> Result<(), String> {
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(|e| format!("receive from tunnel: {e}"))?;
@@ -134,7 +172,7 @@ pub async fn h2_to_tcp<W: AsyncWrite + Unpin>(
         wr.write_all(&chunk)
             .await
             .map_err(|e| format!("TCP write: {e}"))?;
-        *count += n as u64;
+        count.fetch_add(n as u64, Ordering::Relaxed);
         let _ = recv.flow_control().release_capacity(n);
     }
     wr.shutdown()

@@ -1,27 +1,77 @@
 //! Open connections of one proxy: a count that drain waits on, and a list for `/debug`.
+//!
+//! Every accepted connection (and every inbound HBONE stream) is entered with its source;
+//! once the proxy knows where it goes and the bytes start flowing, [`ConnGuard::set_tunnel`]
+//! adds the destination, identities and service, and the copy counts bytes into
+//! [`ConnGuard::counters`], so `/debug/connections` shows live byte counts and ages.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use tokio::sync::Notify;
 
-use crate::telemetry::Direction;
+use crate::hbone::ByteCounters;
+use crate::telemetry::{ConnectionInfo, Direction};
 
 /// One open connection as `/debug/connections` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ConnectionSummary {
     pub id: u64,
     pub direction: &'static str,
-    /// `hbone` for an accepted HBONE TCP connection (it carries streams), else the
-    /// listener that accepted it.
+    /// `hbone` for an accepted HBONE TCP connection (it carries streams), `hbone_stream` for
+    /// one tunnel on it, else the listener that accepted it.
     pub kind: &'static str,
     pub src: SocketAddr,
+    /// The address connected to (`peer:15008` for an outbound tunnel).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dst: Option<SocketAddr>,
+    /// The HBONE target (`:authority`), when tunnelled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hbone_target: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub src_identity: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_identity: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub src_workload: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_workload: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst_service: Option<String>,
+    /// Source → destination bytes so far.
+    pub bytes_sent: u64,
+    /// Destination → source bytes so far.
+    pub bytes_recv: u64,
     pub started: String,
+    pub age_ms: u64,
+}
+
+struct Entry {
+    summary: ConnectionSummary,
+    since: Instant,
+    counters: Arc<ByteCounters>,
+    /// The copy's `to_tunnel` direction is source → destination.
+    request_to_tunnel: bool,
+}
+
+impl Entry {
+    fn snapshot(&self) -> ConnectionSummary {
+        let (to, from) = self.counters.load();
+        let (sent, recv) = if self.request_to_tunnel {
+            (to, from)
+        } else {
+            (from, to)
+        };
+        ConnectionSummary {
+            bytes_sent: sent,
+            bytes_recv: recv,
+            age_ms: self.since.elapsed().as_millis() as u64,
+            ..self.summary.clone()
+        }
+    }
 }
 
 #[derive(Default)]
@@ -29,13 +79,14 @@ pub struct ConnTracker {
     count: AtomicUsize,
     next: AtomicU64,
     idle: Notify,
-    open: Mutex<HashMap<u64, ConnectionSummary>>,
+    open: Mutex<HashMap<u64, Entry>>,
 }
 
 /// Unregisters the connection when dropped.
 pub struct ConnGuard {
     tracker: Arc<ConnTracker>,
     id: u64,
+    counters: Arc<ByteCounters>,
 }
 
 impl ConnTracker {
@@ -47,20 +98,36 @@ impl ConnTracker {
     ) -> ConnGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         self.count.fetch_add(1, Ordering::AcqRel);
+        let counters = Arc::new(ByteCounters::default());
         self.open.lock().unwrap_or_else(|e| e.into_inner()).insert(
             id,
-            ConnectionSummary {
-                id,
-                direction: direction.as_str(),
-                kind,
-                src,
-                dst: None,
-                started: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            Entry {
+                summary: ConnectionSummary {
+                    id,
+                    direction: direction.as_str(),
+                    kind,
+                    src,
+                    dst: None,
+                    hbone_target: None,
+                    src_identity: None,
+                    dst_identity: None,
+                    src_workload: None,
+                    dst_workload: None,
+                    dst_service: None,
+                    bytes_sent: 0,
+                    bytes_recv: 0,
+                    started: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+                    age_ms: 0,
+                },
+                since: Instant::now(),
+                counters: counters.clone(),
+                request_to_tunnel: true,
             },
         );
         ConnGuard {
             tracker: self.clone(),
             id,
+            counters,
         }
     }
 
@@ -85,7 +152,7 @@ impl ConnTracker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .cloned()
+            .map(Entry::snapshot)
             .collect();
         v.sort_by_key(|c| c.id);
         v
@@ -93,16 +160,42 @@ impl ConnTracker {
 }
 
 impl ConnGuard {
-    pub fn set_dst(&self, dst: SocketAddr) {
-        if let Some(c) = self
+    fn update(&self, f: impl FnOnce(&mut Entry)) {
+        if let Some(e) = self
             .tracker
             .open
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get_mut(&self.id)
         {
-            c.dst = Some(dst);
+            f(e);
         }
+    }
+
+    pub fn set_dst(&self, dst: SocketAddr) {
+        self.update(|e| e.summary.dst = Some(dst));
+    }
+
+    /// Records where the connection goes and who the ends are. `request_to_tunnel`: the
+    /// copy's `to_tunnel` direction is source → destination (outbound), not the reverse
+    /// (inbound HBONE streams).
+    pub fn set_tunnel(&self, info: &ConnectionInfo, request_to_tunnel: bool) {
+        self.update(|e| {
+            let s = &mut e.summary;
+            s.dst = Some(info.dst_addr);
+            s.hbone_target = info.dst_hbone_addr;
+            s.src_identity = info.src.identity.as_ref().map(|i| i.to_string());
+            s.dst_identity = info.dst.identity.as_ref().map(|i| i.to_string());
+            s.src_workload.clone_from(&info.src.workload);
+            s.dst_workload.clone_from(&info.dst.workload);
+            s.dst_service = info.dst_service.as_ref().map(|d| d.hostname.clone());
+            e.request_to_tunnel = request_to_tunnel;
+        });
+    }
+
+    /// Where the copy of this connection counts its bytes.
+    pub fn counters(&self) -> &ByteCounters {
+        &self.counters
     }
 }
 
@@ -135,6 +228,7 @@ mod tests {
         g2.set_dst("2.2.2.2:80".parse().unwrap());
         assert_eq!(t.list().len(), 2);
         assert_eq!(t.list()[1].dst, Some("2.2.2.2:80".parse().unwrap()));
+        assert_eq!((t.list()[1].bytes_sent, t.list()[1].bytes_recv), (0, 0));
         let waiter = tokio::spawn({
             let t = t.clone();
             async move { t.wait_idle().await }
@@ -148,5 +242,45 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(t.active(), 0);
+    }
+
+    #[test]
+    fn tunnel_details_and_live_bytes() {
+        use crate::identity::Identity;
+        use crate::telemetry::{ConnectionInfo, PeerInfo, ServiceInfo};
+        let t = Arc::new(ConnTracker::default());
+        let info = ConnectionInfo {
+            direction: Direction::Inbound,
+            src_addr: "10.0.0.1:5000".parse().unwrap(),
+            src: PeerInfo::default().with_identity(Some(Identity::new("td", "a", "sa-a"))),
+            dst_addr: "10.0.0.2:15008".parse().unwrap(),
+            dst_hbone_addr: Some("10.0.0.2:8080".parse().unwrap()),
+            dst_service: Some(ServiceInfo {
+                hostname: "b.ns.svc".into(),
+                name: "b".into(),
+                namespace: "ns".into(),
+            }),
+            dst: PeerInfo {
+                workload: Some("b".into()),
+                ..Default::default()
+            }
+            .with_identity(Some(Identity::new("td", "b", "sa-b"))),
+            mtls: true,
+        };
+        let g = t.enter(Direction::Inbound, "hbone_stream", info.src_addr);
+        // Inbound: the copy's "to tunnel" side is the response.
+        g.set_tunnel(&info, false);
+        g.counters().to_tunnel.fetch_add(7, Ordering::Relaxed);
+        g.counters().from_tunnel.fetch_add(100, Ordering::Relaxed);
+        let c = &t.list()[0];
+        assert_eq!((c.bytes_sent, c.bytes_recv), (100, 7));
+        assert_eq!(c.hbone_target, Some("10.0.0.2:8080".parse().unwrap()));
+        assert_eq!(c.src_identity.as_deref(), Some("spiffe://td/ns/a/sa/sa-a"));
+        assert_eq!(c.dst_identity.as_deref(), Some("spiffe://td/ns/b/sa/sa-b"));
+        assert_eq!(c.dst_service.as_deref(), Some("b.ns.svc"));
+        assert_eq!(c.dst_workload.as_deref(), Some("b"));
+        let json = serde_json::to_value(c).unwrap();
+        assert_eq!(json["bytes_sent"], 100);
+        assert!(json["age_ms"].is_u64());
     }
 }

@@ -4,9 +4,12 @@
 //! trust domain (deadline `HANDSHAKE_TIMEOUT`); the certificate's identity must be the
 //! identity of the workload at the connection's source IP when that IP is a known workload.
 //! Per stream: `CONNECT` only (else 400), `:authority` an `ip:port` (else 400) whose IP is
-//! the address this connection reached (else 400) and whose port is not a proxy port (else
-//! 400); a workload served by this proxy at that IP (else 503); authorization (else 401);
-//! upstream connect (else 503); then 200 and bytes.
+//! the address this connection reached — or, when the workload there is the waypoint of the
+//! authority's service/workload, any such address (see [`destination`]) — (else 400) and
+//! whose port is not a proxy port (else 400); a workload served by this proxy at that IP
+//! (else 503); authorization (else 401); upstream connect (else 503); then 200 and bytes.
+//! Telemetry: the destination service is guessed from `forwarded: host=` and the port among
+//! the workload's services; an unknown source is described by its `baggage`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,13 +23,18 @@ use tokio::net::TcpStream;
 use super::authorize::{AuthorizationRequest, authorize};
 use super::conntrack::ConnGuard;
 use super::{ProxyCtx, ProxyScope};
-use crate::hbone::headers::parse_target;
+use crate::hbone::headers::{
+    BAGGAGE, Baggage, FORWARDED, forwarded_host, parse_baggage, parse_target,
+};
 use crate::hbone::server::{AcceptError, respond_status, serve, tls_accept};
 use crate::hbone::{H2Stream, copy_tcp_h2};
 use crate::identity::Identity;
 use crate::proxy::sockets::canonical;
-use crate::state::Workload;
-use crate::telemetry::{ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason};
+use crate::state::{Snapshot, Workload};
+use crate::telemetry::{
+    ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason, ResponseFlags,
+    ServiceInfo,
+};
 
 /// What every stream of one HBONE connection shares.
 struct Peer {
@@ -178,24 +186,24 @@ async fn handle_stream(
             &format!("target {target} is a proxy port"),
         );
     }
-    if target.ip() != peer.local.ip() {
-        return reject(
-            respond,
-            StatusCode::BAD_REQUEST,
-            RefusalReason::bad_request,
-            &format!(
-                "target {target} is not the address this connection reached ({})",
-                peer.local.ip()
-            ),
-        );
-    }
     let snap = ctx.inputs.state.snapshot();
-    let Some(dst_workload) = snap.workload_by_ip("", target.ip()).cloned() else {
+    let upstream_addr = match destination(&snap, peer.local, target) {
+        Ok(a) => a,
+        Err(why) => {
+            return reject(
+                respond,
+                StatusCode::BAD_REQUEST,
+                RefusalReason::bad_request,
+                &why,
+            );
+        }
+    };
+    let Some(dst_workload) = snap.workload_by_ip("", upstream_addr.ip()).cloned() else {
         return reject(
             respond,
             StatusCode::SERVICE_UNAVAILABLE,
             RefusalReason::upstream_unavailable,
-            &format!("no workload at {}", target.ip()),
+            &format!("no workload at {}", upstream_addr.ip()),
         );
     };
     if !ctx.serves(&dst_workload) {
@@ -206,18 +214,36 @@ async fn handle_stream(
             &format!("workload {} is not served by this proxy", dst_workload.uid),
         );
     }
+    let forwarded_host = req
+        .headers()
+        .get(FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(forwarded_host);
+    let dst_service = snap
+        .guess_inbound_service(
+            &dst_workload,
+            forwarded_host.as_deref(),
+            upstream_addr.port(),
+        )
+        .map(|s| ServiceInfo::from_service(&s));
+    let src = match &peer.workload {
+        Some(w) => PeerInfo::from_workload(w),
+        // Not a workload we know (another cluster, a gateway): what the client says about
+        // itself in `baggage`, as upstream does; the identity is the one TLS proved.
+        None => req
+            .headers()
+            .get(BAGGAGE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| peer_from_baggage(&parse_baggage(v)))
+            .unwrap_or_default(),
+    };
     let info = ConnectionInfo {
         direction: Direction::Inbound,
         src_addr: peer.addr,
-        src: peer
-            .workload
-            .as_deref()
-            .map(PeerInfo::from_workload)
-            .unwrap_or_default()
-            .with_identity(Some(peer.identity.clone())),
-        dst_addr: target,
+        src: src.with_identity(Some(peer.identity.clone())),
+        dst_addr: peer.local,
         dst_hbone_addr: Some(target),
-        dst_service: None,
+        dst_service,
         dst: PeerInfo::from_workload(&dst_workload).with_identity(Some(dst_workload.identity())),
         mtls: true,
     };
@@ -226,30 +252,38 @@ async fn handle_stream(
         dst_workload: &dst_workload,
         src_identity: Some(&peer.identity),
         src_addr: peer.addr,
-        dst_addr: target,
+        dst_addr: upstream_addr,
     });
     drop(snap);
     let mut tele = ConnectionTelemetry::open(metrics, info);
     if let Err(denied) = decision {
         metrics.refused(Direction::Inbound, RefusalReason::policy_denied);
         respond_status(respond, StatusCode::UNAUTHORIZED);
-        tele.close(0, 0, Some(&denied.to_string()));
+        tele.close_with_flag(
+            0,
+            0,
+            Some(&denied.to_string()),
+            ResponseFlags::AuthorizationPolicyDenied,
+        );
         return;
     }
     let orig_src = ctx.orig_src.then(|| peer.addr.ip());
-    let connect = ctx.sockets.connect(target, orig_src);
+    let connect = ctx.sockets.connect(upstream_addr, orig_src);
+    let failed = ResponseFlags::ConnectionFailure;
     let mut upstream = match tokio::time::timeout(ctx.inputs.cfg.connect_timeout, connect).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             metrics.refused(Direction::Inbound, RefusalReason::upstream_unavailable);
             respond_status(respond, StatusCode::SERVICE_UNAVAILABLE);
-            tele.close(0, 0, Some(&format!("connect to {target}: {e}")));
+            let why = format!("connect to {upstream_addr}: {e}");
+            tele.close_with_flag(0, 0, Some(&why), failed);
             return;
         }
         Err(_) => {
             metrics.refused(Direction::Inbound, RefusalReason::upstream_unavailable);
             respond_status(respond, StatusCode::SERVICE_UNAVAILABLE);
-            tele.close(0, 0, Some(&format!("connect to {target} timed out")));
+            let why = format!("connect to {upstream_addr} timed out");
+            tele.close_with_flag(0, 0, Some(&why), failed);
             return;
         }
     };
@@ -268,7 +302,130 @@ async fn handle_stream(
         }
     };
     tele.established();
-    let out = copy_tcp_h2(&mut upstream, H2Stream::new(send, req.into_body())).await;
+    // Inbound: the copy's "to tunnel" direction is destination → source.
+    guard.set_tunnel(tele.info(), false);
+    let out = copy_tcp_h2(
+        &mut upstream,
+        H2Stream::new(send, req.into_body()),
+        guard.counters(),
+    )
+    .await;
     // Inbound: the tunnel carries source → destination bytes.
     tele.close(out.from_tunnel, out.to_tunnel, out.error.as_deref());
+}
+
+/// Where an inbound HBONE request for `target`, received on a connection to `local`, goes.
+///
+/// Normally the target IP is the address the connection reached: the target itself. When
+/// it is not, the request is accepted only if the workload at `local` is the waypoint of
+/// whatever owns the target IP (a service VIP or a workload; the "waypoint sandwich":
+/// a captured waypoint receives `VIP:port` targets): then it goes to the local workload on
+/// the target's port. Anything else is refused (400), as upstream's destination validation.
+fn destination(
+    snap: &Snapshot,
+    local: SocketAddr,
+    target: SocketAddr,
+) -> Result<SocketAddr, String> {
+    if target.ip() == local.ip() {
+        return Ok(target);
+    }
+    let local_is_waypoint = snap
+        .waypoint_of_address("", target.ip())
+        .is_some_and(|gw| snap.gateway_contains(gw, |w| w.workload_ips.contains(&local.ip())));
+    if local_is_waypoint {
+        Ok(SocketAddr::new(local.ip(), target.port()))
+    } else {
+        Err(format!(
+            "target {target} is not the address this connection reached ({}) and the workload there is not its waypoint",
+            local.ip()
+        ))
+    }
+}
+
+/// Source details from the client's `baggage` (a source we have no workload for).
+fn peer_from_baggage(b: &Baggage) -> PeerInfo {
+    PeerInfo {
+        workload: b.workload_name.clone(),
+        namespace: b.namespace.clone(),
+        identity: None,
+        workload_identity: None,
+        cluster: b.cluster.clone(),
+        canonical_service: b.service_name.clone(),
+        canonical_revision: b.service_version.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Store;
+    use crate::state::file::{FileDefaults, parse};
+
+    #[test]
+    fn destination_validation_allows_only_the_targets_waypoint() {
+        let yaml = r#"
+workloads:
+- {uid: app, name: app, namespace: ns, workloadIps: ["10.0.0.1"], protocol: HBONE,
+   services: {"ns/app.ns.svc.cluster.local": {80: 8080}}}
+- {uid: wp, name: wp, namespace: ns, serviceAccount: waypoint, workloadIps: ["10.0.0.50"],
+   protocol: HBONE, services: {}}
+- {uid: other, name: other, namespace: ns, workloadIps: ["10.0.0.2"], protocol: HBONE,
+   waypoint: {destination: "/10.0.0.50"}, services: {}}
+services:
+- {name: app, namespace: ns, hostname: app.ns.svc.cluster.local, vips: ["/10.96.0.1"],
+   ports: {80: 8080}, waypoint: {destination: "/10.0.0.50", hboneMtlsPort: 15008}}
+- {name: nowp, namespace: ns, hostname: nowp.ns.svc.cluster.local, vips: ["/10.96.0.2"],
+   ports: {80: 8080}}
+"#;
+        let cfg = parse(
+            yaml,
+            std::path::Path::new("v.yaml"),
+            &FileDefaults {
+                trust_domain: "cluster.local".into(),
+                cluster_id: "Kubernetes".into(),
+            },
+        )
+        .unwrap();
+        let store = Store::new();
+        store
+            .source("file")
+            .replace_all(cfg.workloads, cfg.services, cfg.policies);
+        let snap = store.snapshot();
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        // Normal case: the authority is the address reached.
+        assert_eq!(
+            destination(&snap, a("10.0.0.1:15008"), a("10.0.0.1:8080")),
+            Ok(a("10.0.0.1:8080"))
+        );
+        // The service's waypoint (captured) receives VIP:port and a workload's address.
+        assert_eq!(
+            destination(&snap, a("10.0.0.50:15008"), a("10.96.0.1:80")),
+            Ok(a("10.0.0.50:80"))
+        );
+        assert_eq!(
+            destination(&snap, a("10.0.0.50:15008"), a("10.0.0.2:9000")),
+            Ok(a("10.0.0.50:9000"))
+        );
+        // Anyone else asking for a VIP or another pod is refused, naming both addresses.
+        let err = destination(&snap, a("10.0.0.1:15008"), a("10.96.0.1:80")).unwrap_err();
+        assert!(
+            err.contains("10.96.0.1:80") && err.contains("10.0.0.1"),
+            "{err}"
+        );
+        assert!(destination(&snap, a("10.0.0.50:15008"), a("10.96.0.2:80")).is_err());
+        assert!(destination(&snap, a("10.0.0.50:15008"), a("10.0.0.1:8080")).is_err());
+        assert!(destination(&snap, a("10.0.0.2:15008"), a("10.0.0.1:8080")).is_err());
+    }
+
+    #[test]
+    fn baggage_describes_unknown_sources() {
+        let p = peer_from_baggage(&parse_baggage(
+            "k8s.cluster.name=east,k8s.namespace.name=ns,k8s.deployment.name=client,service.name=client,service.version=v2",
+        ));
+        assert_eq!(p.workload.as_deref(), Some("client"));
+        assert_eq!(p.namespace.as_deref(), Some("ns"));
+        assert_eq!(p.cluster.as_deref(), Some("east"));
+        assert_eq!(p.canonical_revision.as_deref(), Some("v2"));
+        assert!(p.principal().is_none());
+    }
 }

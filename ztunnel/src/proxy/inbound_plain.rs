@@ -9,7 +9,10 @@ use tokio::net::TcpStream;
 use super::ProxyCtx;
 use super::authorize::{AuthorizationRequest, authorize};
 use super::conntrack::ConnGuard;
-use crate::telemetry::{ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason};
+use crate::telemetry::{
+    ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason, ResponseFlags,
+    ServiceInfo,
+};
 
 pub(super) async fn handle(
     ctx: Arc<ProxyCtx>,
@@ -42,6 +45,9 @@ pub(super) async fn handle(
         }
     };
     let src_workload = snap.workload_by_ip("", peer.ip()).cloned();
+    let dst_service = snap
+        .guess_inbound_service(&dst_workload, None, target.port())
+        .map(|s| ServiceInfo::from_service(&s));
     let decision = authorize(&AuthorizationRequest {
         snapshot: &snap,
         dst_workload: &dst_workload,
@@ -59,7 +65,7 @@ pub(super) async fn handle(
             .unwrap_or_default(),
         dst_addr: target,
         dst_hbone_addr: None,
-        dst_service: None,
+        dst_service,
         dst: PeerInfo::from_workload(&dst_workload),
         mtls: false,
     };
@@ -68,7 +74,12 @@ pub(super) async fn handle(
         metrics.refused(Direction::Inbound, RefusalReason::policy_denied);
         // Reset rather than close: the client must not mistake a denial for an empty reply.
         let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
-        tele.close(0, 0, Some(&denied.to_string()));
+        tele.close_with_flag(
+            0,
+            0,
+            Some(&denied.to_string()),
+            ResponseFlags::AuthorizationPolicyDenied,
+        );
         return;
     }
     let orig_src = ctx.orig_src.then(|| peer.ip());
@@ -76,15 +87,18 @@ pub(super) async fn handle(
     let mut upstream = match tokio::time::timeout(ctx.inputs.cfg.connect_timeout, connect).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            tele.close(0, 0, Some(&format!("connect to {target}: {e}")));
+            let why = format!("connect to {target}: {e}");
+            tele.close_with_flag(0, 0, Some(&why), ResponseFlags::ConnectionFailure);
             return;
         }
         Err(_) => {
-            tele.close(0, 0, Some(&format!("connect to {target} timed out")));
+            let why = format!("connect to {target} timed out");
+            tele.close_with_flag(0, 0, Some(&why), ResponseFlags::ConnectionFailure);
             return;
         }
     };
     tele.established();
-    let out = super::copy::copy_tcp(&mut client, &mut upstream).await;
+    guard.set_tunnel(tele.info(), true);
+    let out = super::copy::copy_tcp(&mut client, &mut upstream, guard.counters()).await;
     tele.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());
 }

@@ -16,9 +16,13 @@ use tokio::net::TcpStream;
 
 use super::ProxyCtx;
 use super::authorize::{AuthorizationRequest, authorize};
+use super::conntrack::ConnGuard;
 use crate::identity::Identity;
 use crate::state::{Service, Workload};
-use crate::telemetry::{ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason};
+use crate::telemetry::{
+    ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason, ResponseFlags,
+    ServiceInfo,
+};
 
 /// Both ends of a node-local connection.
 pub(super) struct LocalConnection {
@@ -30,7 +34,12 @@ pub(super) struct LocalConnection {
     pub service: Option<Arc<Service>>,
 }
 
-pub(super) async fn handle(ctx: Arc<ProxyCtx>, mut client: TcpStream, c: LocalConnection) {
+pub(super) async fn handle(
+    ctx: Arc<ProxyCtx>,
+    mut client: TcpStream,
+    c: LocalConnection,
+    guard: ConnGuard,
+) {
     let metrics = &ctx.inputs.metrics;
     let snap = ctx.inputs.state.snapshot();
     let decision = authorize(&AuthorizationRequest {
@@ -55,20 +64,24 @@ pub(super) async fn handle(ctx: Arc<ProxyCtx>, mut client: TcpStream, c: LocalCo
         src: src.clone(),
         dst_addr: c.target,
         dst_hbone_addr: None,
-        dst_service: c.service.as_ref().map(|s| s.hostname.clone()),
+        dst_service: c.service.as_deref().map(ServiceInfo::from_service),
         dst: dst.clone(),
         mtls: true,
     };
     let mut outbound = ConnectionTelemetry::open(metrics, info(Direction::Outbound));
     let mut inbound = ConnectionTelemetry::open(metrics, info(Direction::Inbound));
     let fail = |outbound: ConnectionTelemetry, inbound: ConnectionTelemetry, why: &str| {
-        outbound.close(0, 0, Some(why));
-        inbound.close(0, 0, Some(why));
+        let flag = ResponseFlags::ConnectionFailure;
+        outbound.close_with_flag(0, 0, Some(why), flag);
+        inbound.close_with_flag(0, 0, Some(why), flag);
     };
     if let Err(denied) = decision {
         metrics.refused(Direction::Inbound, RefusalReason::policy_denied);
         let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
-        fail(outbound, inbound, &denied.to_string());
+        let why = denied.to_string();
+        let flag = ResponseFlags::AuthorizationPolicyDenied;
+        outbound.close_with_flag(0, 0, Some(&why), flag);
+        inbound.close_with_flag(0, 0, Some(&why), flag);
         return;
     }
     let orig_src = ctx.orig_src.then(|| c.peer.ip());
@@ -87,7 +100,8 @@ pub(super) async fn handle(ctx: Arc<ProxyCtx>, mut client: TcpStream, c: LocalCo
     outbound.established();
     inbound.established();
     tracing::debug!(src = %c.peer, dst = %c.target, "outbound: node-local fast path");
-    let out = super::copy::copy_tcp(&mut client, &mut upstream).await;
+    guard.set_tunnel(outbound.info(), true);
+    let out = super::copy::copy_tcp(&mut client, &mut upstream, guard.counters()).await;
     outbound.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());
     inbound.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());
 }

@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use http::StatusCode;
 use tokio::net::TcpStream;
 
 use super::conntrack::ConnGuard;
@@ -11,19 +12,31 @@ use super::{ProxyCtx, ProxyScope};
 use crate::hbone::headers::{self, ConnectRequest};
 use crate::hbone::{self, HboneError, PoolKey};
 use crate::identity::Identity;
+use crate::state::workload::GatewayAddress;
 use crate::state::{Protocol, Service, Snapshot, Workload};
-use crate::telemetry::{ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason};
+use crate::telemetry::{
+    ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason, ResponseFlags,
+    ServiceInfo,
+};
 
 /// Where a connection goes.
 #[derive(Debug)]
 pub(super) enum Route {
-    /// Through HBONE to `target`'s ztunnel at `hbone_addr`.
+    /// Through HBONE to `hbone_addr` (the destination's ztunnel, or a waypoint) with
+    /// `:authority` = `target`.
     Hbone {
+        /// The workload the tunnel reaches: the destination, or the waypoint.
         workload: Arc<Workload>,
+        /// The HBONE target (`podIP:targetPort`; the original `VIP:port` or workload
+        /// address when going through a waypoint).
         target: SocketAddr,
         hbone_addr: SocketAddr,
+        /// The service the client addressed.
         service: Option<Arc<Service>>,
+        /// Identities the peer at `hbone_addr` may prove.
         expected: Vec<Identity>,
+        /// `workload` is the destination's (or its service's) waypoint.
+        waypoint: bool,
     },
     /// Plain TCP to `target` (not in the mesh, or a TCP-protocol workload).
     Plain {
@@ -31,25 +44,73 @@ pub(super) enum Route {
         workload: Option<Arc<Workload>>,
         service: Option<Arc<Service>>,
     },
-    /// A service VIP without a healthy endpoint.
-    NoEndpoint { service: Arc<Service> },
+    /// Addressed to the mesh but nowhere to send it: a service VIP without a healthy
+    /// endpoint, or a waypoint that does not resolve.
+    Unroutable {
+        service: Option<Arc<Service>>,
+        reason: String,
+    },
 }
 
-/// Decides where a connection to `dst` goes.
-pub(super) fn resolve(snap: &Snapshot, network: &str, dst: SocketAddr, hbone_port: u16) -> Route {
+/// Decides where a connection from `src` to `dst` goes.
+///
+/// - A service VIP with a waypoint: to the waypoint (authority = `dst`), unless `src` is
+///   that waypoint (no loops).
+/// - A service VIP: a healthy endpoint picked at random, port mapped to its target port.
+/// - A workload IP with a waypoint: to the waypoint (authority = `dst`), unless `src` is
+///   that waypoint. Service-addressed traffic ignores the endpoint's own waypoint
+///   (upstream's rule).
+/// - HBONE workloads through their ztunnel at `ip:hbone_port`, verified against the
+///   workload's identity plus the service's `subjectAltNames`; TCP workloads and unknown
+///   addresses in plaintext.
+pub(super) fn resolve(
+    snap: &Snapshot,
+    src: Option<&Workload>,
+    network: &str,
+    dst: SocketAddr,
+    hbone_port: u16,
+) -> Route {
+    let from = |gw: &GatewayAddress| src.is_some_and(|w| snap.is_gateway_workload(gw, w));
+    let through = |gw: &GatewayAddress, service: Option<Arc<Service>>, owner: String| match snap
+        .resolve_gateway(gw, dst.ip())
+    {
+        Ok(hop) => Route::Hbone {
+            workload: hop.workload,
+            target: dst,
+            hbone_addr: hop.addr,
+            service,
+            expected: hop.identities,
+            waypoint: true,
+        },
+        Err(e) => Route::Unroutable {
+            service,
+            reason: format!("{owner}: {e}"),
+        },
+    };
     let (workload, target, service) = if let Some(svc) = snap.service_by_vip(network, dst.ip()) {
+        if let Some(gw) = &svc.waypoint
+            && !from(gw)
+        {
+            return through(gw, Some(svc.clone()), format!("service {}", svc.key()));
+        }
         match snap.pick_endpoint(svc, dst.port()) {
             Some((w, port)) => {
                 let ip = pick_ip(&w, dst.ip());
                 (w, SocketAddr::new(ip, port), Some(svc.clone()))
             }
             None => {
-                return Route::NoEndpoint {
-                    service: svc.clone(),
+                return Route::Unroutable {
+                    service: Some(svc.clone()),
+                    reason: format!("service {} has no healthy endpoint", svc.key()),
                 };
             }
         }
     } else if let Some(w) = snap.workload_by_ip(network, dst.ip()) {
+        if let Some(gw) = &w.waypoint
+            && !from(gw)
+        {
+            return through(gw, None, format!("workload {}", w.uid));
+        }
         (w.clone(), dst, None)
     } else {
         return Route::Plain {
@@ -69,6 +130,7 @@ pub(super) fn resolve(snap: &Snapshot, network: &str, dst: SocketAddr, hbone_por
             target,
             service,
             expected,
+            waypoint: false,
         }
     } else {
         Route::Plain {
@@ -131,31 +193,36 @@ pub(super) async fn handle(
         .as_ref()
         .map(|w| w.network.as_str())
         .unwrap_or("");
-    let route = resolve(&snap, network, orig_dst, ctx.inputs.cfg.ports.hbone);
+    let route = resolve(
+        &snap,
+        src_workload.as_deref(),
+        network,
+        orig_dst,
+        ctx.inputs.cfg.ports.hbone,
+    );
     drop(snap);
     let src_info = src_workload
         .as_deref()
         .map(PeerInfo::from_workload)
         .unwrap_or_default();
+    let service_info = |s: &Option<Arc<Service>>| s.as_deref().map(ServiceInfo::from_service);
     match route {
-        Route::NoEndpoint { service } => {
+        Route::Unroutable { service, reason } => {
             let info = ConnectionInfo {
                 direction: Direction::Outbound,
                 src_addr: peer,
                 src: src_info,
                 dst_addr: orig_dst,
                 dst_hbone_addr: None,
-                dst_service: Some(service.hostname.clone()),
+                dst_service: service_info(&service),
                 dst: PeerInfo::default(),
                 mtls: false,
             };
-            ConnectionTelemetry::open(metrics, info).close(
+            ConnectionTelemetry::open(metrics, info).close_with_flag(
                 0,
                 0,
-                Some(&format!(
-                    "service {} has no healthy endpoint",
-                    service.key()
-                )),
+                Some(&reason),
+                ResponseFlags::ConnectionFailure,
             );
         }
         Route::Plain {
@@ -169,7 +236,7 @@ pub(super) async fn handle(
                 src: src_info,
                 dst_addr: target,
                 dst_hbone_addr: None,
-                dst_service: service.map(|s| s.hostname.clone()),
+                dst_service: service_info(&service),
                 dst: workload
                     .as_deref()
                     .map(PeerInfo::from_workload)
@@ -178,26 +245,31 @@ pub(super) async fn handle(
             };
             let mut tele = ConnectionTelemetry::open(metrics, info);
             let connect = ctx.sockets.connect(target, None);
+            let failed = ResponseFlags::ConnectionFailure;
             let mut upstream =
                 match tokio::time::timeout(ctx.inputs.cfg.connect_timeout, connect).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
-                        tele.close(0, 0, Some(&format!("connect to {target}: {e}")));
+                        let why = format!("connect to {target}: {e}");
+                        tele.close_with_flag(0, 0, Some(&why), failed);
                         return;
                     }
                     Err(_) => {
-                        tele.close(0, 0, Some(&format!("connect to {target} timed out")));
+                        let why = format!("connect to {target} timed out");
+                        tele.close_with_flag(0, 0, Some(&why), failed);
                         return;
                     }
                 };
             tele.established();
-            let out = super::copy::copy_tcp(&mut client, &mut upstream).await;
+            guard.set_tunnel(tele.info(), true);
+            let out = super::copy::copy_tcp(&mut client, &mut upstream, guard.counters()).await;
             tele.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());
         }
         Route::Hbone {
             workload,
             target,
             service,
+            waypoint: false,
             ..
         } if matches!(ctx.scope, ProxyScope::Node)
             && ctx.node_name().is_some_and(|n| workload.node == n) =>
@@ -210,7 +282,7 @@ pub(super) async fn handle(
                 target,
                 service,
             };
-            super::node_local::handle(ctx, client, local).await;
+            super::node_local::handle(ctx, client, local, guard).await;
         }
         Route::Hbone {
             workload,
@@ -218,6 +290,7 @@ pub(super) async fn handle(
             hbone_addr,
             service,
             expected,
+            waypoint,
         } => {
             let info = ConnectionInfo {
                 direction: Direction::Outbound,
@@ -225,10 +298,13 @@ pub(super) async fn handle(
                 src: src_info.with_identity(Some(src_identity.clone())),
                 dst_addr: hbone_addr,
                 dst_hbone_addr: Some(target),
-                dst_service: service.as_ref().map(|s| s.hostname.clone()),
+                dst_service: service_info(&service),
                 dst: PeerInfo::from_workload(&workload).with_identity(Some(workload.identity())),
                 mtls: true,
             };
+            if waypoint {
+                tracing::debug!(src = %peer, dst = %orig_dst, waypoint = %workload.uid, hbone = %hbone_addr, "outbound: through the waypoint");
+            }
             let mut tele = ConnectionTelemetry::open(metrics, info);
             let cert = match ctx.inputs.certs.fetch_certificate(&src_identity).await {
                 Ok(c) => c,
@@ -274,12 +350,21 @@ pub(super) async fn handle(
             let stream = match ctx.pool.open_stream(&key, request, connect).await {
                 Ok(s) => s,
                 Err(e) => {
-                    tele.close(0, 0, Some(&e.to_string()));
+                    let flag = match &e {
+                        HboneError::Status { status, .. }
+                            if *status == StatusCode::UNAUTHORIZED =>
+                        {
+                            ResponseFlags::AuthorizationPolicyDenied
+                        }
+                        _ => ResponseFlags::ConnectionFailure,
+                    };
+                    tele.close_with_flag(0, 0, Some(&e.to_string()), flag);
                     return;
                 }
             };
             tele.established();
-            let out = hbone::copy_tcp_h2(&mut client, stream).await;
+            guard.set_tunnel(tele.info(), true);
+            let out = hbone::copy_tcp_h2(&mut client, stream, guard.counters()).await;
             tele.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());
         }
     }
@@ -308,6 +393,21 @@ workloads:
   workloadIps: ["10.0.0.3"]
   protocol: TCP
   services: {"ns/plain.ns.svc.cluster.local": {}}
+- uid: waypoint
+  name: waypoint
+  namespace: ns
+  serviceAccount: waypoint
+  workloadIps: ["10.0.0.50"]
+  protocol: HBONE
+  services: {"ns/waypoint.ns.svc.cluster.local": {}}
+- uid: behind
+  name: behind
+  namespace: ns
+  serviceAccount: behind
+  workloadIps: ["10.0.0.4"]
+  protocol: HBONE
+  waypoint: {destination: "/10.0.0.50", hboneMtlsPort: 15008}
+  services: {"ns/wsvc.ns.svc.cluster.local": {80: 8080}}
 services:
 - name: svc
   namespace: ns
@@ -325,6 +425,23 @@ services:
   hostname: empty.ns.svc.cluster.local
   vips: ["/10.96.0.9"]
   ports: {80: 80}
+- name: waypoint
+  namespace: ns
+  hostname: waypoint.ns.svc.cluster.local
+  vips: ["/10.96.0.50"]
+  ports: {15008: 15008}
+- name: wsvc
+  namespace: ns
+  hostname: wsvc.ns.svc.cluster.local
+  vips: ["/10.96.0.4"]
+  ports: {80: 8080}
+  waypoint: {destination: {namespace: ns, hostname: waypoint.ns.svc.cluster.local}, hboneMtlsPort: 15008}
+- name: lost
+  namespace: ns
+  hostname: lost.ns.svc.cluster.local
+  vips: ["/10.96.0.5"]
+  ports: {80: 8080}
+  waypoint: {destination: "/10.0.0.99", hboneMtlsPort: 15008}
 "#;
         let cfg = crate::state::file::parse(
             yaml,
@@ -341,49 +458,139 @@ services:
         s
     }
 
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn routes() {
         let snap = store().snapshot();
-        match resolve(&snap, "", "10.96.0.1:80".parse().unwrap(), 15008) {
+        let src = snap.workload_by_uid("a").cloned();
+        let r = |dst: &str| resolve(&snap, src.as_deref(), "", addr(dst), 15008);
+        match r("10.96.0.1:80") {
             Route::Hbone {
                 target,
                 hbone_addr,
                 expected,
                 service,
+                waypoint,
                 ..
             } => {
-                assert_eq!(target, "10.0.0.1:8080".parse().unwrap());
-                assert_eq!(hbone_addr, "10.0.0.1:15008".parse().unwrap());
-                assert_eq!(expected.len(), 2);
+                assert_eq!(target, addr("10.0.0.1:8080"));
+                assert_eq!(hbone_addr, addr("10.0.0.1:15008"));
+                let ids: Vec<String> = expected.iter().map(|i| i.to_string()).collect();
+                assert_eq!(
+                    ids,
+                    [
+                        "spiffe://cluster.local/ns/ns/sa/sa-a",
+                        "spiffe://cluster.local/ns/ns/sa/other"
+                    ]
+                );
                 assert!(service.is_some());
+                assert!(!waypoint);
             }
             r => panic!("{r:?}"),
         }
-        match resolve(&snap, "", "10.0.0.1:9000".parse().unwrap(), 15008) {
-            Route::Hbone { target, .. } => assert_eq!(target, "10.0.0.1:9000".parse().unwrap()),
+        match r("10.0.0.1:9000") {
+            Route::Hbone { target, .. } => assert_eq!(target, addr("10.0.0.1:9000")),
             r => panic!("{r:?}"),
         }
-        match resolve(&snap, "", "10.96.0.3:81".parse().unwrap(), 15008) {
+        match r("10.96.0.3:81") {
             Route::Plain {
                 target, workload, ..
             } => {
-                assert_eq!(target, "10.0.0.3:9091".parse().unwrap());
+                assert_eq!(target, addr("10.0.0.3:9091"));
                 assert!(workload.is_some());
             }
             r => panic!("{r:?}"),
         }
-        match resolve(&snap, "", "8.8.8.8:53".parse().unwrap(), 15008) {
+        match r("8.8.8.8:53") {
             Route::Plain {
                 target, workload, ..
             } => {
-                assert_eq!(target, "8.8.8.8:53".parse().unwrap());
+                assert_eq!(target, addr("8.8.8.8:53"));
                 assert!(workload.is_none());
             }
             r => panic!("{r:?}"),
         }
-        assert!(matches!(
-            resolve(&snap, "", "10.96.0.9:80".parse().unwrap(), 15008),
-            Route::NoEndpoint { .. }
-        ));
+        match r("10.96.0.9:80") {
+            Route::Unroutable { service, reason } => {
+                assert!(service.is_some());
+                assert!(reason.contains("ns/empty.ns.svc.cluster.local"), "{reason}");
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn waypoints() {
+        let snap = store().snapshot();
+        let a = snap.workload_by_uid("a").cloned();
+        let wp = snap.workload_by_uid("waypoint").cloned();
+        // Service with a waypoint: to the waypoint, authority = VIP:port, the waypoint's
+        // identity expected, the intended service kept for telemetry.
+        match resolve(&snap, a.as_deref(), "", addr("10.96.0.4:80"), 15008) {
+            Route::Hbone {
+                workload,
+                target,
+                hbone_addr,
+                expected,
+                service,
+                waypoint,
+            } => {
+                assert!(waypoint);
+                assert_eq!(workload.uid, "waypoint");
+                assert_eq!(target, addr("10.96.0.4:80"));
+                assert_eq!(hbone_addr, addr("10.0.0.50:15008"));
+                let ids: Vec<String> = expected.iter().map(|i| i.to_string()).collect();
+                assert_eq!(ids, ["spiffe://cluster.local/ns/ns/sa/waypoint"]);
+                assert_eq!(service.unwrap().name, "wsvc");
+            }
+            r => panic!("{r:?}"),
+        }
+        // Workload with a waypoint, addressed directly: to the waypoint, authority = pod.
+        match resolve(&snap, a.as_deref(), "", addr("10.0.0.4:8080"), 15008) {
+            Route::Hbone {
+                workload,
+                target,
+                hbone_addr,
+                service,
+                waypoint,
+                ..
+            } => {
+                assert!(waypoint);
+                assert_eq!(workload.uid, "waypoint");
+                assert_eq!(target, addr("10.0.0.4:8080"));
+                assert_eq!(hbone_addr, addr("10.0.0.50:15008"));
+                assert!(service.is_none());
+            }
+            r => panic!("{r:?}"),
+        }
+        // From the waypoint itself: never back to the waypoint.
+        for dst in ["10.96.0.4:80", "10.0.0.4:8080"] {
+            match resolve(&snap, wp.as_deref(), "", addr(dst), 15008) {
+                Route::Hbone {
+                    workload,
+                    target,
+                    hbone_addr,
+                    waypoint,
+                    ..
+                } => {
+                    assert!(!waypoint, "{dst}");
+                    assert_eq!(workload.uid, "behind");
+                    assert_eq!(target, addr("10.0.0.4:8080"));
+                    assert_eq!(hbone_addr, addr("10.0.0.4:15008"));
+                }
+                r => panic!("{dst}: {r:?}"),
+            }
+        }
+        // A waypoint that does not resolve: unroutable, naming the service and address.
+        match resolve(&snap, a.as_deref(), "", addr("10.96.0.5:80"), 15008) {
+            Route::Unroutable { reason, .. } => {
+                assert!(reason.contains("lost.ns.svc.cluster.local"), "{reason}");
+                assert!(reason.contains("/10.0.0.99:15008"), "{reason}");
+            }
+            r => panic!("{r:?}"),
+        }
     }
 }

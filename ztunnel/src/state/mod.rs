@@ -16,7 +16,9 @@
 //! ```
 
 pub mod file;
+pub mod gateway;
 pub mod kube;
+mod service_guess;
 pub mod workload;
 
 use std::collections::{BTreeMap, HashMap};

@@ -5,14 +5,20 @@
 //! `src.addr src.workload src.namespace src.identity dst.addr dst.hbone_addr dst.service
 //! dst.workload dst.namespace dst.identity direction bytes_sent bytes_recv duration`.
 //! `bytes_sent` counts source → destination bytes, `bytes_recv` destination → source.
+//!
+//! Metric labels follow upstream: a known workload's principal is its configured identity
+//! (the mTLS-proven identity when there is one), app/version are its canonical
+//! service/revision, the destination service labels come from the Service object the
+//! connection was for; `response_flags` is `-` on the opened counter and `DENY` / `CONNECT`
+//! on the closed (and failed) counters of connections that ended that way.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::metrics::{ProxyMetrics, Reporter, TrafficLabels};
+use super::metrics::{ProxyMetrics, Reporter, ResponseFlags, TrafficLabels};
 use crate::identity::Identity;
-use crate::state::Workload;
+use crate::state::{Service, Workload};
 
 /// Which way the connection goes, seen from this proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +43,9 @@ pub struct PeerInfo {
     pub namespace: Option<String>,
     /// Set only when the identity is proven by mTLS (or is ours, presented over mTLS).
     pub identity: Option<Identity>,
+    /// The identity the mesh configuration gives the workload (metric principal labels
+    /// when mTLS proved nothing, as upstream).
+    pub workload_identity: Option<Identity>,
     pub cluster: Option<String>,
     pub canonical_service: Option<String>,
     pub canonical_revision: Option<String>,
@@ -50,6 +59,7 @@ impl PeerInfo {
             workload: non_empty(w.telemetry_name()),
             namespace: non_empty(&w.namespace),
             identity: None,
+            workload_identity: Some(w.identity()),
             cluster: non_empty(&w.cluster_id),
             canonical_service: non_empty(&w.canonical_name).or_else(|| non_empty(&w.name)),
             canonical_revision: non_empty(&w.canonical_revision),
@@ -59,6 +69,29 @@ impl PeerInfo {
     pub fn with_identity(mut self, id: Option<Identity>) -> Self {
         self.identity = id;
         self
+    }
+
+    /// The principal for metric labels: the proven identity, else the configured one.
+    pub fn principal(&self) -> Option<&Identity> {
+        self.identity.as_ref().or(self.workload_identity.as_ref())
+    }
+}
+
+/// The Service a connection was addressed to (destination service labels).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub hostname: String,
+    pub name: String,
+    pub namespace: String,
+}
+
+impl ServiceInfo {
+    pub fn from_service(s: &Service) -> Self {
+        ServiceInfo {
+            hostname: s.hostname.clone(),
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+        }
     }
 }
 
@@ -72,8 +105,9 @@ pub struct ConnectionInfo {
     pub dst_addr: SocketAddr,
     /// The HBONE target (`podIP:port`), when tunnelled.
     pub dst_hbone_addr: Option<SocketAddr>,
-    /// Service hostname, when the client addressed a service VIP.
-    pub dst_service: Option<String>,
+    /// The Service, when the client addressed a service VIP (or, inbound, the best guess
+    /// among the destination workload's services).
+    pub dst_service: Option<ServiceInfo>,
     pub dst: PeerInfo,
     pub mtls: bool,
 }
@@ -100,7 +134,7 @@ impl ConnectionInfo {
         );
         set(&mut l.source_app, &self.src.canonical_service);
         set(&mut l.source_version, &self.src.canonical_revision);
-        if let Some(id) = &self.src.identity {
+        if let Some(id) = self.src.principal() {
             l.source_principal = id.to_string();
         }
         set(&mut l.destination_workload, &self.dst.workload);
@@ -116,15 +150,18 @@ impl ConnectionInfo {
         );
         set(&mut l.destination_app, &self.dst.canonical_service);
         set(&mut l.destination_version, &self.dst.canonical_revision);
-        if let Some(id) = &self.dst.identity {
+        if let Some(id) = self.dst.principal() {
             l.destination_principal = id.to_string();
         }
         if let Some(svc) = &self.dst_service {
-            l.destination_service = svc.clone();
-            l.destination_service_name = svc.split('.').next().unwrap_or(svc).to_string();
-            if let Some(ns) = svc.split('.').nth(1) {
-                l.destination_service_namespace = ns.to_string();
-            }
+            let non_empty = |slot: &mut String, v: &str| {
+                if !v.is_empty() {
+                    *slot = v.to_string();
+                }
+            };
+            non_empty(&mut l.destination_service, &svc.hostname);
+            non_empty(&mut l.destination_service_name, &svc.name);
+            non_empty(&mut l.destination_service_namespace, &svc.namespace);
         }
         if self.mtls {
             l.connection_security_policy = "mutual_tls".to_string();
@@ -159,7 +196,7 @@ impl ConnectionTelemetry {
             src.identity = info.src.identity.as_ref().map(display),
             dst.addr = %info.dst_addr,
             dst.hbone_addr = info.dst_hbone_addr.map(display),
-            dst.service = info.dst_service.as_deref(),
+            dst.service = info.dst_service.as_ref().map(|s| s.hostname.as_str()),
             dst.workload = info.dst.workload.as_deref(),
             dst.namespace = info.dst.namespace.as_deref(),
             dst.identity = info.dst.identity.as_ref().map(display),
@@ -189,6 +226,18 @@ impl ConnectionTelemetry {
     /// Records the end of the connection: counters and the access-log line.
     /// `sent` = source → destination bytes, `recv` = destination → source bytes.
     pub fn close(mut self, sent: u64, recv: u64, error: Option<&str>) {
+        self.record(sent, recv, error);
+    }
+
+    /// [`Self::close`] with a `response_flags` value on the closed/failed counters.
+    pub fn close_with_flag(
+        mut self,
+        sent: u64,
+        recv: u64,
+        error: Option<&str>,
+        flag: ResponseFlags,
+    ) {
+        self.labels.response_flags = flag.as_str().to_string();
         self.record(sent, recv, error);
     }
 
@@ -222,7 +271,7 @@ impl ConnectionTelemetry {
                     src.identity = info.src.identity.as_ref().map(display),
                     dst.addr = %info.dst_addr,
                     dst.hbone_addr = info.dst_hbone_addr.map(display),
-                    dst.service = info.dst_service.as_deref(),
+                    dst.service = info.dst_service.as_ref().map(|s| s.hostname.as_str()),
                     dst.workload = info.dst.workload.as_deref(),
                     dst.namespace = info.dst.namespace.as_deref(),
                     dst.identity = info.dst.identity.as_ref().map(display),
@@ -269,7 +318,11 @@ mod tests {
             },
             dst_addr: "10.0.0.2:8080".parse().unwrap(),
             dst_hbone_addr: None,
-            dst_service: Some("echo.default.svc.cluster.local".into()),
+            dst_service: Some(ServiceInfo {
+                hostname: "echo.default.svc.cluster.local".into(),
+                name: "echo".into(),
+                namespace: "default".into(),
+            }),
             dst: PeerInfo::default(),
             mtls: true,
         };
@@ -302,6 +355,62 @@ mod tests {
         assert!(line("istio_tcp_received_bytes_total{").ends_with(" 100"));
         assert!(line("istio_tcp_sent_bytes_total{").ends_with(" 7"));
         assert!(line("istio_tcp_sockets_open").ends_with(" 0"));
+    }
+
+    #[test]
+    fn principals_services_and_response_flags_as_upstream() {
+        let mut reg = Registry::default();
+        let m = Arc::new(ProxyMetrics::new(&mut reg));
+        let w: Workload = serde_yaml_ng::from_str(
+            "name: echo-1\nnamespace: ns\nserviceAccount: echo\ntrustDomain: td\n\
+             workloadName: echo\ncanonicalName: echo-app\ncanonicalRevision: v3\nclusterId: c1\n",
+        )
+        .unwrap();
+        let svc: Service =
+            serde_yaml_ng::from_str("name: echo\nnamespace: svc-ns\nhostname: echo.example.com\n")
+                .unwrap();
+        // Plaintext: no proven identity, the configured one labels the principal.
+        let info = ConnectionInfo {
+            direction: Direction::Outbound,
+            src_addr: "10.0.0.1:1234".parse().unwrap(),
+            src: PeerInfo::default(),
+            dst_addr: "10.0.0.2:80".parse().unwrap(),
+            dst_hbone_addr: None,
+            dst_service: Some(ServiceInfo::from_service(&svc)),
+            dst: PeerInfo::from_workload(&w),
+            mtls: false,
+        };
+        let l = info.labels();
+        assert_eq!(l.destination_principal, "spiffe://td/ns/ns/sa/echo");
+        assert_eq!(l.source_principal, "unknown");
+        assert_eq!(l.destination_workload, "echo");
+        assert_eq!(l.destination_app, "echo-app");
+        assert_eq!(l.destination_version, "v3");
+        assert_eq!(l.destination_canonical_service, "echo-app");
+        assert_eq!(l.destination_cluster, "c1");
+        assert_eq!(l.destination_service, "echo.example.com");
+        assert_eq!(l.destination_service_name, "echo");
+        assert_eq!(l.destination_service_namespace, "svc-ns");
+        assert_eq!(l.connection_security_policy, "unknown");
+        assert_eq!(l.request_protocol, "tcp");
+        let t = ConnectionTelemetry::open(&m, info);
+        t.close_with_flag(
+            0,
+            0,
+            Some("denied"),
+            ResponseFlags::AuthorizationPolicyDenied,
+        );
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        let find = |prefix: &str| {
+            text.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("{prefix} missing in\n{text}"))
+                .to_string()
+        };
+        assert!(find("istio_tcp_connections_opened_total{").contains("response_flags=\"-\""));
+        assert!(find("istio_tcp_connections_closed_total{").contains("response_flags=\"DENY\""));
+        assert!(find("istio_tcp_connections_failed_total{").contains("response_flags=\"DENY\""));
     }
 }
 

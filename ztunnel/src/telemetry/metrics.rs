@@ -48,6 +48,28 @@ pub struct TrafficLabels {
 
 pub const UNKNOWN: &str = "unknown";
 
+/// Upstream's `response_flags` values: why a connection ended early.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, Default)]
+pub enum ResponseFlags {
+    /// `-`: nothing to report.
+    #[default]
+    None,
+    /// `DENY`: denied by authorization policy.
+    AuthorizationPolicyDenied,
+    /// `CONNECT`: the upstream (or next-hop) connection could not be established.
+    ConnectionFailure,
+}
+
+impl ResponseFlags {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseFlags::None => "-",
+            ResponseFlags::AuthorizationPolicyDenied => "DENY",
+            ResponseFlags::ConnectionFailure => "CONNECT",
+        }
+    }
+}
+
 impl TrafficLabels {
     /// Every label `unknown` except `reporter`, `request_protocol=tcp`, `response_flags=-`.
     pub fn unknown(reporter: Reporter) -> Self {
@@ -74,7 +96,7 @@ impl TrafficLabels {
             destination_version: u(),
             destination_cluster: u(),
             request_protocol: "tcp".to_string(),
-            response_flags: "-".to_string(),
+            response_flags: ResponseFlags::None.as_str().to_string(),
             connection_security_policy: UNKNOWN.to_string(),
         }
     }

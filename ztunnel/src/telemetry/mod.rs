@@ -12,5 +12,5 @@ pub mod access_log;
 pub mod logging;
 pub mod metrics;
 
-pub use access_log::{ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo};
-pub use metrics::{ProxyMetrics, RefusalReason, Reporter, TrafficLabels};
+pub use access_log::{ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, ServiceInfo};
+pub use metrics::{ProxyMetrics, RefusalReason, Reporter, ResponseFlags, TrafficLabels};

@@ -1,0 +1,292 @@
+//! Waypoints (and other HBONE gateways) as seen from the state: where a [`GatewayAddress`]
+//! leads, and whether a given workload is behind one.
+//!
+//! A gateway address is either an IP on a network (a workload's IP or a service VIP) or a
+//! service `namespace/hostname`. A service resolves to one of its healthy endpoints, at the
+//! address's `hbone_mtls_port` mapped through the service's ports. The identities a client
+//! must accept from the gateway are the gateway workload's own identity plus the gateway
+//! service's `subjectAltNames` (upstream's `workload_and_services_san`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use super::Snapshot;
+use super::workload::{GatewayAddress, GatewayDestination, Service, Workload};
+use crate::identity::Identity;
+
+/// The next hop for traffic sent through a gateway.
+#[derive(Debug, Clone)]
+pub struct GatewayHop {
+    /// The gateway workload picked.
+    pub workload: Arc<Workload>,
+    /// `gatewayIP:hboneMtlsPort`.
+    pub addr: SocketAddr,
+    /// Identities the gateway may prove (its own, plus its service's SANs).
+    pub identities: Vec<Identity>,
+    /// The gateway's service, when the address named one.
+    pub service: Option<Arc<Service>>,
+}
+
+/// Why a gateway address leads nowhere.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum GatewayError {
+    #[error("waypoint {0}: no workload or service with that address")]
+    Unknown(String),
+    #[error("waypoint {0}: its service has no healthy endpoint")]
+    NoEndpoint(String),
+    #[error("waypoint {0}: workload {1} has no IP address")]
+    NoAddress(String, String),
+}
+
+/// `"<network>/<ip>:<port>"` or `"<namespace>/<hostname>:<port>"`, for messages.
+pub fn describe(gw: &GatewayAddress) -> String {
+    match &gw.destination {
+        GatewayDestination::Address(a) => format!("{a}:{}", gw.hbone_mtls_port),
+        GatewayDestination::Hostname(h) => format!("{h}:{}", gw.hbone_mtls_port),
+    }
+}
+
+enum Target<'a> {
+    Workload(&'a Arc<Workload>),
+    Service(&'a Arc<Service>),
+}
+
+impl Snapshot {
+    fn gateway_target(&self, gw: &GatewayAddress) -> Option<Target<'_>> {
+        match &gw.destination {
+            GatewayDestination::Address(a) => self
+                .by_vip
+                .get(a)
+                .map(Target::Service)
+                .or_else(|| self.by_ip.get(a).map(Target::Workload)),
+            GatewayDestination::Hostname(h) => self.services.get(h).map(Target::Service),
+        }
+    }
+
+    /// Where traffic through `gw` goes: a gateway workload (an endpoint picked at random when
+    /// the address is a service) and its HBONE address. `like` picks the IP family.
+    pub fn resolve_gateway(
+        &self,
+        gw: &GatewayAddress,
+        like: IpAddr,
+    ) -> Result<GatewayHop, GatewayError> {
+        let (workload, port, service) = match self.gateway_target(gw) {
+            None => return Err(GatewayError::Unknown(describe(gw))),
+            Some(Target::Workload(w)) => (w.clone(), gw.hbone_mtls_port, None),
+            Some(Target::Service(s)) => {
+                let (w, port) = self
+                    .pick_endpoint(s, gw.hbone_mtls_port)
+                    .ok_or_else(|| GatewayError::NoEndpoint(describe(gw)))?;
+                (w, port, Some(s.clone()))
+            }
+        };
+        let ip = workload
+            .workload_ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == like.is_ipv4())
+            .or(workload.workload_ips.first())
+            .copied()
+            .ok_or_else(|| GatewayError::NoAddress(describe(gw), workload.uid.clone()))?;
+        let mut identities = vec![workload.identity()];
+        if let Some(s) = &service {
+            identities.extend(s.san_identities());
+        }
+        Ok(GatewayHop {
+            addr: SocketAddr::new(ip, port),
+            workload,
+            identities,
+            service,
+        })
+    }
+
+    /// Whether a workload behind `gw` satisfies `pred` (the gateway workload itself, or any
+    /// endpoint of the gateway service). Unknown addresses contain nothing.
+    pub fn gateway_contains(&self, gw: &GatewayAddress, pred: impl Fn(&Workload) -> bool) -> bool {
+        match self.gateway_target(gw) {
+            None => false,
+            Some(Target::Workload(w)) => pred(w),
+            Some(Target::Service(s)) => self.endpoints(&s.key()).iter().any(|e| pred(&e.workload)),
+        }
+    }
+
+    /// Whether `w` is (one of the workloads of) the waypoint `gw`: same uid, or same
+    /// identity and a shared IP.
+    pub fn is_gateway_workload(&self, gw: &GatewayAddress, w: &Workload) -> bool {
+        self.gateway_contains(gw, |g| {
+            g.uid == w.uid
+                || (g.identity() == w.identity()
+                    && g.workload_ips.iter().any(|ip| w.workload_ips.contains(ip)))
+        })
+    }
+
+    /// The waypoint of whatever owns `ip` on `network`: the service with that VIP, else the
+    /// workload with that IP.
+    pub fn waypoint_of_address(&self, network: &str, ip: IpAddr) -> Option<&GatewayAddress> {
+        match self.service_by_vip(network, ip) {
+            Some(s) => s.waypoint.as_ref(),
+            None => self.workload_by_ip(network, ip)?.waypoint.as_ref(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Store;
+    use crate::state::file::{FileDefaults, parse};
+
+    const YAML: &str = r#"
+workloads:
+- uid: wp1
+  name: wp1
+  namespace: ns
+  serviceAccount: waypoint
+  workloadIps: ["10.0.0.9"]
+  protocol: HBONE
+  services: {"ns/waypoint.ns.svc.cluster.local": {15008: 15008}}
+- uid: solo
+  name: solo
+  namespace: ns
+  serviceAccount: solo-wp
+  workloadIps: ["10.0.0.8"]
+  protocol: HBONE
+  services: {}
+- uid: app
+  name: app
+  namespace: ns
+  serviceAccount: app
+  workloadIps: ["10.0.0.1"]
+  protocol: HBONE
+  waypoint: {destination: "/10.0.0.8", hboneMtlsPort: 15008}
+  services: {}
+services:
+- name: waypoint
+  namespace: ns
+  hostname: waypoint.ns.svc.cluster.local
+  vips: ["/10.96.0.9"]
+  ports: {15008: 15008}
+  subjectAltNames: ["spiffe://cluster.local/ns/ns/sa/waypoint-alt"]
+- name: empty
+  namespace: ns
+  hostname: empty.ns.svc.cluster.local
+  vips: ["/10.96.0.7"]
+  ports: {}
+- name: echo
+  namespace: ns
+  hostname: echo.ns.svc.cluster.local
+  vips: ["/10.96.0.1"]
+  ports: {80: 8080}
+  waypoint: {destination: {namespace: ns, hostname: waypoint.ns.svc.cluster.local}, hboneMtlsPort: 15008}
+"#;
+
+    fn snapshot() -> Arc<Snapshot> {
+        let cfg = parse(
+            YAML,
+            std::path::Path::new("gw.yaml"),
+            &FileDefaults {
+                trust_domain: "cluster.local".into(),
+                cluster_id: "Kubernetes".into(),
+            },
+        )
+        .unwrap();
+        let s = Store::new();
+        s.source("file")
+            .replace_all(cfg.workloads, cfg.services, cfg.policies);
+        s.snapshot()
+    }
+
+    fn gw(yaml: &str) -> GatewayAddress {
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn hostname_waypoint_resolves_to_an_endpoint_with_service_sans() {
+        let snap = snapshot();
+        let svc = snap
+            .service_by_vip("", "10.96.0.1".parse().unwrap())
+            .unwrap();
+        let hop = snap
+            .resolve_gateway(svc.waypoint.as_ref().unwrap(), "10.0.0.1".parse().unwrap())
+            .unwrap();
+        assert_eq!(hop.workload.uid, "wp1");
+        assert_eq!(hop.addr, "10.0.0.9:15008".parse().unwrap());
+        let ids: Vec<String> = hop.identities.iter().map(|i| i.to_string()).collect();
+        assert_eq!(
+            ids,
+            [
+                "spiffe://cluster.local/ns/ns/sa/waypoint",
+                "spiffe://cluster.local/ns/ns/sa/waypoint-alt"
+            ]
+        );
+        assert!(hop.service.is_some());
+    }
+
+    #[test]
+    fn address_waypoints_resolve_to_workloads_or_service_vips() {
+        let snap = snapshot();
+        let hop = snap
+            .resolve_gateway(
+                &gw("{destination: \"/10.0.0.8\", hboneMtlsPort: 15009}"),
+                "10.0.0.1".parse().unwrap(),
+            )
+            .unwrap();
+        assert_eq!(
+            (hop.workload.uid.as_str(), hop.addr),
+            ("solo", "10.0.0.8:15009".parse().unwrap())
+        );
+        assert!(hop.service.is_none());
+        let hop = snap
+            .resolve_gateway(
+                &gw("{destination: \"/10.96.0.9\"}"),
+                "10.0.0.1".parse().unwrap(),
+            )
+            .unwrap();
+        assert_eq!(hop.workload.uid, "wp1");
+    }
+
+    #[test]
+    fn unknown_and_empty_waypoints_are_errors_naming_the_address() {
+        let snap = snapshot();
+        let like = "10.0.0.1".parse().unwrap();
+        let err = snap
+            .resolve_gateway(&gw("{destination: \"/10.0.0.77\"}"), like)
+            .unwrap_err();
+        assert_eq!(err, GatewayError::Unknown("/10.0.0.77:15008".into()));
+        assert!(err.to_string().contains("/10.0.0.77:15008"), "{err}");
+        let err = snap
+            .resolve_gateway(&gw("{destination: \"/10.96.0.7\"}"), like)
+            .unwrap_err();
+        assert!(matches!(err, GatewayError::NoEndpoint(_)), "{err}");
+        let err = snap
+            .resolve_gateway(&gw("{destination: {namespace: x, hostname: nope}}"), like)
+            .unwrap_err();
+        assert_eq!(err, GatewayError::Unknown("x/nope:15008".into()));
+    }
+
+    #[test]
+    fn gateway_membership() {
+        let snap = snapshot();
+        let svc_wp = snap
+            .service_by_vip("", "10.96.0.1".parse().unwrap())
+            .unwrap()
+            .waypoint
+            .clone()
+            .unwrap();
+        let wl = |uid: &str| snap.workload_by_uid(uid).unwrap().clone();
+        assert!(snap.is_gateway_workload(&svc_wp, &wl("wp1")));
+        assert!(!snap.is_gateway_workload(&svc_wp, &wl("solo")));
+        assert!(!snap.is_gateway_workload(&svc_wp, &wl("app")));
+        let app_wp = wl("app").waypoint.clone().unwrap();
+        assert!(snap.is_gateway_workload(&app_wp, &wl("solo")));
+        assert!(!snap.is_gateway_workload(&app_wp, &wl("wp1")));
+        // Same identity and IP as the waypoint counts too (e.g. a re-created pod).
+        let mut twin = (*wl("wp1")).clone();
+        twin.uid = "other-uid".into();
+        assert!(snap.is_gateway_workload(&svc_wp, &twin));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(snap.waypoint_of_address("", ip("10.96.0.1")), Some(&svc_wp));
+        assert_eq!(snap.waypoint_of_address("", ip("10.0.0.1")), Some(&app_wp));
+        assert_eq!(snap.waypoint_of_address("", ip("10.0.0.9")), None);
+        assert_eq!(snap.waypoint_of_address("", ip("10.9.9.9")), None);
+    }
+}
