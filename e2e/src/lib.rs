@@ -4,8 +4,10 @@
 
 pub mod apiserver;
 pub mod binaries;
+pub mod dedicated_mesh;
 pub mod kubelet;
 pub mod netsim;
+pub mod prom_text;
 pub mod simcluster;
 pub mod workloads;
 

@@ -1,0 +1,467 @@
+//! A mesh of pods on one simulated node, each with its own ztunnel process in dedicated
+//! mode (the real binary, configured by environment as the chart does), all reading one
+//! `LOCAL_XDS_PATH` file that the test writes and rewrites (ztunnel reloads it on change).
+//!
+//! ```no_run
+//! use e2e::dedicated_mesh::{DedicatedMesh, EchoServer, workload_entry};
+//! let mut mesh = DedicatedMesh::new("mytest")?;
+//! mesh.add_pod("client", "x", "client")?;
+//! mesh.add_pod("server", "default", "server")?;
+//! let yaml = format!(
+//!     "workloads:\n{}{}",
+//!     workload_entry(mesh.pod("client"), "HBONE", "{}", ""),
+//!     workload_entry(mesh.pod("server"), "HBONE", "{}", ""),
+//! );
+//! mesh.write_config(&yaml);
+//! mesh.start_ztunnel("client");
+//! mesh.start_ztunnel("server");
+//! let _srv = EchoServer::start(mesh.pod("server").netns(), 8080, None);
+//! // ... connect from the client pod (captured by its ztunnel) ...
+//! mesh.shutdown();
+//! # Ok::<(), e2e::netsim::NetsimError>(())
+//! ```
+//!
+//! A pod gets the in-pod capture rules (the node agent's generator and applier: outbound
+//! TCP → 15001 except ztunnel's marked sockets, inbound TCP except 15008 → 15006) only when
+//! its ztunnel is started; pods without a ztunnel are plain (out of the mesh) workloads.
+//! Identities: `spiffe://cluster.local/ns/<namespace>/sa/<service account>`, certificates
+//! from the test CA in `ztunnel/testdata/ca` (`ec-root.*`).
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use node_agent::redirect::inpod::apply::apply_pod_here;
+use node_agent::redirect::inpod::{PodNetConfig, PodRuleOptions, RuleConfig};
+use node_agent::redirect::iptables::detect_backend;
+
+use crate::bin_path;
+use crate::netsim::{Cluster, NamedNetns, Node, Pod, Process, Result};
+
+/// The trust domain every mesh pod uses.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// A file of the test CA (`ec-root.pem`, `ec-root.key`, ...).
+pub fn ca_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../ztunnel/testdata/ca")
+        .join(name)
+}
+
+/// One pod and (once started) its ztunnel.
+pub struct MeshPod {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    ztunnel: Option<Process>,
+    log: PathBuf,
+    pod: Pod,
+}
+
+impl MeshPod {
+    pub fn netns(&self) -> &NamedNetns {
+        self.pod.netns()
+    }
+
+    pub fn ip(&self) -> Ipv4Addr {
+        self.pod.ip()
+    }
+
+    /// `spiffe://cluster.local/ns/<namespace>/sa/<service account>`.
+    pub fn identity(&self) -> String {
+        format!(
+            "spiffe://{TRUST_DOMAIN}/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        )
+    }
+
+    /// The workload uid used by [`workload_entry`].
+    pub fn uid(&self) -> String {
+        format!("Kubernetes//v1/Pod/{}/{}", self.namespace, self.name)
+    }
+
+    pub fn has_ztunnel(&self) -> bool {
+        self.ztunnel.is_some()
+    }
+
+    /// Everything the pod's ztunnel printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Log lines containing every needle.
+    pub fn log_lines(&self, needles: &[&str]) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// A TCP connection from inside the pod to `dst` (captured when the pod has a ztunnel).
+    pub fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
+        let s = self
+            .netns()
+            .run(move || TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+            .map_err(io::Error::other)??;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(s)
+    }
+
+    /// `GET path` on the pod's `127.0.0.1:port`: (status, body).
+    pub fn http_get(&self, port: u16, path: &str) -> Option<(u16, String)> {
+        http_get(self.netns(), port, path)
+    }
+
+    /// The ztunnel's `/metrics` (15020); panics when unreachable.
+    pub fn metrics(&self) -> String {
+        match self.http_get(15020, "/metrics") {
+            Some((200, body)) => body,
+            other => panic!("pod {}: GET /metrics: {other:?}", self.name),
+        }
+    }
+
+    /// A ztunnel admin document (15000), e.g. `/config_dump`; panics when unreachable.
+    pub fn admin(&self, path: &str) -> String {
+        match self.http_get(15000, path) {
+            Some((200, body)) => body,
+            other => panic!("pod {}: GET {path}: {other:?}", self.name),
+        }
+    }
+}
+
+/// Pods with dedicated ztunnels on one simulated node.
+pub struct DedicatedMesh {
+    // Dropped before the cluster: processes end before their namespaces go.
+    pods: Vec<MeshPod>,
+    config: PathBuf,
+    cluster: Cluster,
+}
+
+impl DedicatedMesh {
+    /// A one-node cluster (scope tag `tag`) with an empty local config file.
+    pub fn new(tag: &str) -> Result<Self> {
+        let cluster = Cluster::new(tag, 1)?;
+        let config = cluster.scope().dir().join("local-config.yaml");
+        std::fs::write(&config, "").map_err(|source| crate::netsim::NetsimError::Io {
+            netns: "-".into(),
+            action: format!("write {}", config.display()),
+            source,
+        })?;
+        Ok(DedicatedMesh {
+            pods: Vec::new(),
+            config,
+            cluster,
+        })
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    pub fn node(&self) -> &Node {
+        self.cluster.node(1)
+    }
+
+    /// Adds a pod (netns, address, route; no capture, no ztunnel yet).
+    pub fn add_pod(&mut self, name: &str, namespace: &str, service_account: &str) -> Result<()> {
+        let pod = self.cluster.node(1).add_pod(name)?;
+        let log = self
+            .cluster
+            .scope()
+            .dir()
+            .join(format!("ztunnel-{name}.log"));
+        self.pods.push(MeshPod {
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+            ztunnel: None,
+            log,
+            pod,
+        });
+        Ok(())
+    }
+
+    pub fn pod(&self, name: &str) -> &MeshPod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in the mesh"))
+    }
+
+    pub fn pods(&self) -> &[MeshPod] {
+        &self.pods
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// Replaces the local config (written aside and renamed, so a reader never sees half a
+    /// file).
+    pub fn write_config(&self, yaml: &str) {
+        let tmp = self.config.with_extension("yaml.tmp");
+        std::fs::write(&tmp, yaml).expect("write local config");
+        std::fs::rename(&tmp, &self.config).expect("rename local config into place");
+    }
+
+    /// Rewrites the config and waits until every running ztunnel logged one more reload.
+    pub fn update_config(&self, yaml: &str) {
+        let before: Vec<usize> = self.pods.iter().map(reloads).collect();
+        self.write_config(yaml);
+        for (p, n) in self.pods.iter().zip(before) {
+            if p.has_ztunnel() {
+                wait_until(
+                    &format!("ztunnel of {} to reload the config", p.name),
+                    Duration::from_secs(10),
+                    || reloads(p) > n,
+                );
+            }
+        }
+    }
+
+    /// Applies the capture rules in pod `name` and starts its ztunnel; returns once it
+    /// reports ready (certificate issued).
+    pub fn start_ztunnel(&mut self, name: &str) {
+        let config = self.config.clone();
+        let node = self.cluster.node(1).name().to_string();
+        let p = self
+            .pods
+            .iter_mut()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in the mesh"));
+        assert!(p.ztunnel.is_none(), "ztunnel of {name} already started");
+        capture_rules(&p.pod);
+        let mut cmd = p.netns().command(bin_path("ztunnel"));
+        cmd.arg("proxy")
+            .env("PROXY_MODE", "dedicated")
+            .env(
+                "PROXY_WORKLOAD_INFO",
+                format!("{}/{}/{}", p.namespace, p.name, p.service_account),
+            )
+            .env("LOCAL_XDS_PATH", &config)
+            .env("CA_ROOT_CERT", ca_file("ec-root.pem"))
+            .env("CA_ROOT_KEY", ca_file("ec-root.key"))
+            .env("TRUST_DOMAIN", TRUST_DOMAIN)
+            .env("NODE_NAME", &node)
+            .env("TERMINATION_GRACE_PERIOD_SECONDS", "3")
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&p.log).expect("create ztunnel log"))
+            .stderr(
+                std::fs::File::options()
+                    .append(true)
+                    .open(&p.log)
+                    .expect("open ztunnel log"),
+            );
+        p.ztunnel = Some(Process::spawn(cmd).expect("spawn ztunnel"));
+        let p = self.pod(name);
+        wait_until(
+            &format!("ztunnel of {name} ready"),
+            Duration::from_secs(15),
+            || matches!(p.http_get(15021, "/healthz/ready"), Some((200, _))),
+        );
+    }
+
+    /// SIGTERM to every ztunnel; each must drain and exit 0.
+    pub fn shutdown(mut self) {
+        for p in &mut self.pods {
+            let Some(z) = p.ztunnel.as_mut() else {
+                continue;
+            };
+            z.signal(nix::sys::signal::Signal::SIGTERM)
+                .expect("signal ztunnel");
+            let status = z
+                .wait_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|| panic!("ztunnel of {} did not exit after SIGTERM", p.name));
+            let log = p.log();
+            assert!(status.success(), "ztunnel of {}: {status}\n{log}", p.name);
+            assert!(log.contains("drained; exiting"), "{log}");
+        }
+    }
+}
+
+fn reloads(p: &MeshPod) -> usize {
+    p.log().matches("local config reloaded").count()
+}
+
+/// A YAML list item (local-config `workloads`) for `p`: uid, name, namespace, service
+/// account, trust domain, IP, `protocol`, node `node1`, `services` (a YAML flow map such as
+/// `{"ns/echo.ns.svc.cluster.local": {80: 8080}}`) and `extra` lines (already indented by
+/// two spaces, e.g. `"  waypoint: {destination: \"/10.0.0.9\"}\n"`).
+pub fn workload_entry(p: &MeshPod, protocol: &str, services: &str, extra: &str) -> String {
+    format!(
+        "- uid: {uid}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: {sa}\n  \
+         trustDomain: {TRUST_DOMAIN}\n  workloadIps: [\"{ip}\"]\n  protocol: {protocol}\n  \
+         node: node1\n  services: {services}\n{extra}",
+        uid = p.uid(),
+        name = p.name,
+        ns = p.namespace,
+        sa = p.service_account,
+        ip = p.ip(),
+    )
+}
+
+/// Applies the in-pod capture rules in `pod` (dedicated mode uses the same rules).
+fn capture_rules(pod: &Pod) {
+    let cfg = PodNetConfig {
+        backend: detect_backend(),
+        ipv6: false,
+        rules: RuleConfig::default(),
+    };
+    let label = pod.netns().path().to_path_buf();
+    pod.netns()
+        .run(move || {
+            apply_pod_here(&cfg, &PodRuleOptions::default(), &label).map_err(|e| e.to_string())
+        })
+        .expect("enter pod netns")
+        .expect("apply capture rules");
+}
+
+/// `GET path` on `127.0.0.1:port` inside `ns`: (status, body).
+pub fn http_get(ns: &NamedNetns, port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = ns
+        .run(move || {
+            TcpStream::connect_timeout(
+                &SocketAddr::from(([127, 0, 0, 1], port)),
+                Duration::from_secs(1),
+            )
+        })
+        .ok()?
+        .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let status = resp.split(' ').nth(1)?.parse().ok()?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    Some((status, body))
+}
+
+/// Polls `f` every 50 ms until it holds; panics after `timeout`, naming `what`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// A TCP server in a pod netns that (optionally) first sends a greeting line, then echoes
+/// everything back until the client's EOF. Stops accepting when dropped; connections in
+/// progress finish on their own threads.
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EchoServer {
+    /// Listens on `0.0.0.0:port` inside `ns`. `greeting`: sent (with `\n`) on accept.
+    pub fn start(ns: &NamedNetns, port: u16, greeting: Option<&str>) -> Self {
+        let listener = ns
+            .run(move || TcpListener::bind(("0.0.0.0", port)))
+            .expect("enter netns")
+            .unwrap_or_else(|e| panic!("bind echo server on port {port}: {e}"));
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let greeting = greeting.map(|g| format!("{g}\n"));
+        let thread = {
+            let stop = stop.clone();
+            let accepted = accepted.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((mut s, _)) => {
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                            let greeting = greeting.clone();
+                            std::thread::spawn(move || {
+                                let _ = s.set_nonblocking(false);
+                                if let Some(g) = greeting
+                                    && s.write_all(g.as_bytes()).is_err()
+                                {
+                                    return;
+                                }
+                                let Ok(mut r) = s.try_clone() else { return };
+                                let _ = io::copy(&mut r, &mut s);
+                                let _ = s.shutdown(std::net::Shutdown::Write);
+                            });
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            })
+        };
+        EchoServer {
+            stop,
+            accepted,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends `data`, half-closes, and reads everything that comes back until EOF.
+pub fn echo(mut s: TcpStream, data: &[u8]) -> io::Result<Vec<u8>> {
+    let mut w = s.try_clone()?;
+    let out = data.to_vec();
+    let writer = std::thread::spawn(move || -> io::Result<()> {
+        w.write_all(&out)?;
+        w.shutdown(std::net::Shutdown::Write)
+    });
+    let mut back = Vec::new();
+    let read = s.read_to_end(&mut back);
+    let written = writer.join().expect("writer thread");
+    read?;
+    written?;
+    Ok(back)
+}
+
+/// Reads one `\n`-terminated line (without it), byte by byte so nothing after it is
+/// consumed.
+pub fn read_line(s: &mut TcpStream) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b)? {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("EOF after {:?}", String::from_utf8_lossy(&line)),
+                ));
+            }
+            _ if b[0] == b'\n' => return Ok(String::from_utf8_lossy(&line).into_owned()),
+            _ => line.push(b[0]),
+        }
+    }
+}
