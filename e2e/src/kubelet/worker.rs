@@ -189,12 +189,17 @@ impl Worker {
 
     /// Takes pod updates; returns true once the pod is deleted.
     fn poll_updates(&mut self) -> bool {
-        if self.updates.has_changed().unwrap_or(true) {
-            match self.updates.borrow_and_update().clone() {
-                Some(p) => self.pod = p,
-                None => self.deleted = true,
+        // Always look at the value: `changed()` in a select may already
+        // have marked it seen.
+        let current = self.updates.borrow_and_update();
+        match &*current {
+            None => self.deleted = true,
+            Some(p) if p.metadata.resource_version != self.pod.metadata.resource_version => {
+                self.pod = p.clone()
             }
+            Some(_) => {}
         }
+        drop(current);
         self.deleted
     }
 
