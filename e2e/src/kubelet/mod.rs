@@ -473,6 +473,13 @@ impl Kubelet {
             let _ = tokio::time::timeout(Duration::from_secs(30), all).await;
         });
         rt.shutdown_timeout(Duration::from_secs(1));
+        if let Some(h) = &self.shared.cfg.cgroup_hierarchy {
+            let prefix = self.shared.cfg.scope.prefix();
+            cgroup::remove_tree(&cgroup::node_dir(h, prefix, &self.shared.cfg.node_name));
+            let _ = std::fs::remove_dir(h.join(prefix).join(&self.shared.cfg.node_name));
+            // Empty once the last node of the scope is gone.
+            let _ = std::fs::remove_dir(h.join(prefix));
+        }
     }
 }
 
