@@ -105,6 +105,14 @@ pub fn load(path: &Path, defaults: &FileDefaults) -> Result<LocalConfig, FileErr
 /// Keeps the file watched while alive.
 pub struct FileWatcher {
     _watcher: notify::RecommendedWatcher,
+    rereads: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FileWatcher {
+    /// How many times the file was read again because of a change event.
+    pub fn rereads(&self) -> u64 {
+        self.rereads.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Loads the file into `source` (error if it does not parse) and reloads it on every change
@@ -129,12 +137,19 @@ pub fn watch(
         .unwrap_or(Path::new("."))
         .to_path_buf();
     let reload_path = file.clone();
+    let file_name = file.file_name().map(|n| n.to_os_string());
+    let rereads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = rereads.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_err() {
+        let Ok(event) = event else {
+            return;
+        };
+        if !concerns_file(&event, file_name.as_deref()) {
             return;
         }
         // Let a writer finish (truncate + write arrive as separate events).
         std::thread::sleep(Duration::from_millis(50));
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         reload(&reload_path, &source, &defaults, &last);
     })
     .map_err(|e| FileError {
@@ -147,7 +162,28 @@ pub fn watch(
             path: path.display().to_string(),
             reason: format!("cannot watch directory {}: {e}", dir.display()),
         })?;
-    Ok(FileWatcher { _watcher: watcher })
+    Ok(FileWatcher {
+        _watcher: watcher,
+        rereads,
+    })
+}
+
+/// Whether a directory event may have changed the file: a change (not a mere access, which
+/// our own reads cause) of the file itself or of a `..`-prefixed entry (Kubernetes ConfigMap
+/// volumes swap a `..data` symlink).
+fn concerns_file(event: &notify::Event, file_name: Option<&std::ffi::OsStr>) -> bool {
+    use notify::EventKind;
+    if !matches!(
+        event.kind,
+        EventKind::Any | EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+    ) {
+        return false;
+    }
+    event.paths.is_empty()
+        || event.paths.iter().any(|p| {
+            let name = p.file_name();
+            name == file_name || name.is_some_and(|n| n.to_string_lossy().starts_with(".."))
+        })
 }
 
 fn reload(path: &Path, source: &SourceHandle, defaults: &FileDefaults, last: &Mutex<String>) {
@@ -318,6 +354,60 @@ policies:
 
         std::fs::write(&path, "workloads: []\n").unwrap();
         assert!(wait_for(0), "reload after in-place write");
+    }
+
+    #[test]
+    fn reads_and_unrelated_files_do_not_trigger_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("local.yaml");
+        std::fs::write(&path, "workloads:\n- namespace: a\n  name: one\n").unwrap();
+        let store = Store::new();
+        let w = watch(&path, store.source(SOURCE_NAME), defaults()).unwrap();
+        let version = store.snapshot().version;
+        let rx = store.subscribe();
+        // Reading the file and writing another file in the directory change nothing.
+        for i in 0..5 {
+            let _ = std::fs::read_to_string(&path).unwrap();
+            std::fs::write(dir.path().join("other.log"), format!("line {i}")).unwrap();
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(store.snapshot().version, version);
+        assert!(!rx.has_changed().unwrap());
+        assert_eq!(w.rereads(), 0, "the file was re-read without a change");
+        // A real change still reloads.
+        std::fs::write(&path, "workloads: []\n").unwrap();
+        for _ in 0..100 {
+            if store.snapshot().workloads().count() == 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("no reload after a change");
+    }
+
+    #[test]
+    fn event_filter() {
+        use notify::event::{AccessKind, CreateKind, ModifyKind};
+        use notify::{Event, EventKind};
+        let name = Some(std::ffi::OsStr::new("local.yaml"));
+        let ev = |kind, p: &str| Event::new(kind).add_path(PathBuf::from(p));
+        assert!(!concerns_file(
+            &ev(EventKind::Access(AccessKind::Any), "/d/local.yaml"),
+            name
+        ));
+        assert!(concerns_file(
+            &ev(EventKind::Modify(ModifyKind::Any), "/d/local.yaml"),
+            name
+        ));
+        assert!(!concerns_file(
+            &ev(EventKind::Modify(ModifyKind::Any), "/d/x.log"),
+            name
+        ));
+        assert!(concerns_file(
+            &ev(EventKind::Create(CreateKind::Any), "/d/..data"),
+            name
+        ));
     }
 
     #[test]
