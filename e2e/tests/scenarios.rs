@@ -1,0 +1,65 @@
+//! The node-in-a-box scenarios of issue 8 in in-pod mode (root): a
+//! two-node simulated cluster per scenario with the real node agent,
+//! ztunnel, built-in CA and CNI chain, run by kubelet-lite exactly as the
+//! chart configures them, driven by real kubectl. The scenarios themselves
+//! are in `scenarios_support` (shared with the GENEVE run in the VM).
+//!
+//! Run one: `cargo test -p e2e --test scenarios s4 -- --nocapture`
+//! (needs `cargo build --bins` first; `E2E_RUST_LOG=debug` for component
+//! debug logs, `NETSIM_KEEP=1` to keep the scratch directory with logs and
+//! captures under /run/netsim).
+
+mod scenarios_support;
+
+use e2e::simcluster::RedirectMode;
+use scenarios_support::{Ctx, start};
+
+fn run(tag: &str, f: impl FnOnce(&Ctx<'_>)) {
+    let sim = start(tag, RedirectMode::Inpod);
+    let ctx = Ctx::new(&sim, "demo");
+    f(&ctx);
+}
+
+#[test]
+fn s1_label_enrols_pods_and_traffic_becomes_mtls() {
+    require_harness!();
+    run("inpods1", |c| {
+        scenarios_support::s1_label_enrols(c);
+    });
+}
+
+#[test]
+fn s2_unlabel_restores_plaintext_without_restarts() {
+    require_harness!();
+    run("inpods2", scenarios_support::s2_unlabel_restores_plaintext);
+}
+
+#[test]
+fn s3_opted_out_pod_stays_out() {
+    require_harness!();
+    run("inpods3", scenarios_support::s3_opt_out_pod_stays_out);
+}
+
+#[test]
+fn s4_authorization_policy_allows_one_service_account() {
+    require_harness!();
+    run("inpods4", scenarios_support::s4_policy_allows_one_account);
+}
+
+#[test]
+fn s5_node_agent_restart_keeps_connections_and_enrols_late_pods() {
+    require_harness!();
+    run("inpods5", scenarios_support::s5_agent_restart);
+}
+
+#[test]
+fn s6_ztunnel_restart_serves_new_connections_within_1s_of_ready() {
+    require_harness!();
+    run("inpods6", scenarios_support::s6_ztunnel_restart);
+}
+
+#[test]
+fn s7_primary_cni_config_rewrite_is_repaired_and_new_pods_enrolled() {
+    require_harness!();
+    run("inpods7", scenarios_support::s7_cni_config_rewrite);
+}
