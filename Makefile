@@ -22,6 +22,11 @@ test: deps
 	$(CARGO) build --workspace --bins --tests
 	$(CARGO) test --workspace -- --test-threads=2
 
+# Two-node simulated cluster, a client and a server, before/after
+# `kubectl label namespace demo istio.io/dataplane-mode=ambient` (root).
+demo:
+	scripts/demo.sh
+
 # Tests that need kernel features this machine lacks (GENEVE), run in one
 # throw-away VM boot (../shared/tools/in-vm); see scripts/vm-tests.sh.
 test-vm: deps

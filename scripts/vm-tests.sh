@@ -40,9 +40,12 @@ CARGO=${CARGO:-cargo}
 # package:test-target pairs that need the VM.
 TARGETS=(node-agent:geneve_redirect)
 if [ -f e2e/tests/geneve.rs ]; then TARGETS+=(e2e:geneve); fi
+if [ -f e2e/tests/scenarios_geneve.rs ]; then TARGETS+=(e2e:scenarios_geneve); fi
 
 # End-to-end tests run the real programs from target/debug.
 "$CARGO" build -p ztunnel --bin ztunnel
+# The scenarios run every program of the project (and the test workloads).
+"$CARGO" build -p node-agent --bin node-agent -p istio-cni --bin istio-cni -p e2e --bin e2e-workload
 
 bins=()
 for t in "${TARGETS[@]}"; do
