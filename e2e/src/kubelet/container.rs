@@ -518,10 +518,10 @@ unsafe fn isolate(i: &Isolation) -> std::io::Result<()> {
                 return Err(os_err());
             }
         }
-        if let Some(g) = i.group {
-            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(g) != 0 {
-                return Err(os_err());
-            }
+        if let Some(g) = i.group
+            && (libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(g) != 0)
+        {
+            return Err(os_err());
         }
         if let Some(u) = i.user
             && libc::setuid(u) != 0

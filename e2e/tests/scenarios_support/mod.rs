@@ -15,7 +15,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use e2e::netsim::CaptureReport;
@@ -29,6 +29,28 @@ use nix::sys::signal::Signal;
 pub const SECOND: Duration = Duration::from_secs(1);
 pub const PORT: u16 = workloads::DEFAULT_PORT;
 const POD_TIMEOUT: Duration = Duration::from_secs(30);
+
+static TIME_SCALE: AtomicU32 = AtomicU32::new(1);
+
+/// Multiplies every time limit of the scenarios (waits, deadlines, the
+/// "within 1 s" checks): for slow machines, e.g. the emulated VM of the
+/// GENEVE batch. `E2E_TIME_SCALE` sets it too.
+pub fn set_time_scale(n: u32) {
+    TIME_SCALE.store(n.max(1), Ordering::Relaxed);
+}
+
+pub fn time_scale() -> u32 {
+    std::env::var("E2E_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or_else(|| TIME_SCALE.load(Ordering::Relaxed))
+        .max(1)
+}
+
+/// `d` times [`time_scale`].
+pub fn t(d: Duration) -> Duration {
+    d * time_scale()
+}
 
 /// Prints why and returns from the test when the machine cannot run it.
 #[macro_export]
@@ -44,8 +66,9 @@ macro_rules! require_harness {
 /// Starts a cluster for `tag` in `mode`, panicking with the reason.
 pub fn start(tag: &str, mode: RedirectMode) -> SimCluster {
     let t0 = Instant::now();
-    let sim = SimCluster::start(SimClusterConfig::new(tag, mode))
-        .unwrap_or_else(|e| panic!("cluster start failed: {e}"));
+    let mut cfg = SimClusterConfig::new(tag, mode);
+    cfg.ready_timeout = t(cfg.ready_timeout);
+    let sim = SimCluster::start(cfg).unwrap_or_else(|e| panic!("cluster start failed: {e}"));
     eprintln!(
         "[{tag}] {} cluster ready in {:?}",
         mode.as_str(),
@@ -77,7 +100,9 @@ impl<'a> Ctx<'a> {
     }
 
     /// Polls `f` every 10 ms for up to `max`.
+    /// `max` is scaled by [`time_scale`].
     pub fn wait<T>(&self, what: &str, max: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+        let max = t(max);
         let deadline = Instant::now() + max;
         loop {
             if let Some(v) = f() {
@@ -99,7 +124,7 @@ impl<'a> Ctx<'a> {
         }
         let info = self
             .sim
-            .run_workload(&spec, POD_TIMEOUT)
+            .run_workload(&spec, t(POD_TIMEOUT))
             .unwrap_or_else(|e| self.fail(&e.to_string()));
         info.ip
             .unwrap_or_else(|| self.fail(&format!("pod {name} has no IP")))
@@ -111,7 +136,7 @@ impl<'a> Ctx<'a> {
         let addr = SocketAddr::new(to, PORT);
         self.sim
             .in_pod(&self.ns, from, move || {
-                workloads::exchange(addr, &msg, 3 * SECOND).map_err(|e| e.to_string())
+                workloads::exchange(addr, &msg, t(3 * SECOND)).map_err(|e| e.to_string())
             })
             .map_err(|e| e.to_string())?
     }
@@ -203,7 +228,7 @@ impl<'a> Ctx<'a> {
             out.extend(self.sim.pod_rules(&self.ns, pod).unwrap_or_default());
         }
         let sets = node_ns
-            .exec("ipset", ["save"], 5 * SECOND)
+            .exec("ipset", ["save"], t(5 * SECOND))
             .unwrap_or_default();
         out.extend(
             sets.lines()
@@ -214,7 +239,7 @@ impl<'a> Ctx<'a> {
         );
         if self.sim.mode() == RedirectMode::Geneve {
             let routes = node_ns
-                .exec("ip", ["-4", "route", "show", "table", "all"], 5 * SECOND)
+                .exec("ip", ["-4", "route", "show", "table", "all"], t(5 * SECOND))
                 .unwrap_or_default();
             out.extend(
                 routes
@@ -301,7 +326,7 @@ impl Stream {
         let addr = SocketAddr::new(to, PORT);
         let mut conn: Conn = ctx
             .sim
-            .in_pod(&ctx.ns, from, move || Conn::open(addr, 3 * SECOND))
+            .in_pod(&ctx.ns, from, move || Conn::open(addr, t(3 * SECOND)))
             .unwrap_or_else(|e| ctx.fail(&e.to_string()))
             .unwrap_or_else(|e| ctx.fail(&format!("long-lived connection: {e}")));
         let stop = Arc::new(AtomicBool::new(false));
@@ -473,7 +498,7 @@ pub fn s3_opt_out_pod_stays_out(ctx: &Ctx<'_>) {
         &[("istio.io/dataplane-mode", "none")],
     );
     // Give the agent time to (wrongly) act.
-    std::thread::sleep(SECOND / 2);
+    std::thread::sleep(t(SECOND / 2));
     for p in ["optout-early", "optout-late"] {
         if ctx.annotation(p).is_some() || !ctx.traces(p).is_empty() {
             ctx.fail(&format!(
@@ -591,7 +616,7 @@ pub fn s5_agent_restart(ctx: &Ctx<'_>) {
         ));
     }
     let during = stream.ok();
-    std::thread::sleep(SECOND / 2);
+    std::thread::sleep(t(SECOND / 2));
     if stream.ok() <= during {
         ctx.fail("the established connection stalled while the agent was down");
     }
@@ -602,17 +627,17 @@ pub fn s5_agent_restart(ctx: &Ctx<'_>) {
         .wait_ready(
             e2e::simcluster::SYSTEM_NAMESPACE,
             &e2e::simcluster::component_pod_name(NODE_AGENT, &n1),
-            30 * SECOND,
+            t(30 * SECOND),
         )
         .unwrap_or_else(|e| ctx.fail(&e.to_string()));
     eprintln!("[{}] agent down for {:?}", ctx.ns, killed_at.elapsed());
     ctx.sim
-        .wait_ready(&ctx.ns, "late", 30 * SECOND)
+        .wait_ready(&ctx.ns, "late", t(30 * SECOND))
         .unwrap_or_else(|e| ctx.fail(&e.to_string()));
     ctx.wait_enrolled("late", 5 * SECOND);
     ctx.assert_mtls("late", server, "server", "s5-late-pod");
     let before_end = stream.ok();
-    std::thread::sleep(SECOND / 2);
+    std::thread::sleep(t(SECOND / 2));
     let (ok, errors) = stream.finish();
     if !errors.is_empty() || ok <= before_end {
         ctx.fail(&format!(
@@ -639,13 +664,12 @@ pub fn s6_ztunnel_restart(ctx: &Ctx<'_>) {
         let restarts = |ctx: &Ctx<'_>| {
             ctx.sim
                 .pod_info(e2e::simcluster::SYSTEM_NAMESPACE, &pod)
-                .map(|(_, p)| {
+                .and_then(|(_, p)| {
                     p.containers
                         .values()
                         .next()
                         .map(|c| (c.restarts, c.running))
                 })
-                .flatten()
         };
         let (r0, _) = restarts(ctx).unwrap();
         let marker = format!("s6-{node}");
@@ -676,7 +700,7 @@ pub fn s6_ztunnel_restart(ctx: &Ctx<'_>) {
             "[{}] ztunnel on {node} restarted: new connection {ready_to_ok:?} after readiness ({attempts} attempts)",
             ctx.ns
         );
-        if ready_to_ok > SECOND {
+        if ready_to_ok > t(SECOND) {
             ctx.fail(&format!(
                 "new connections took {ready_to_ok:?} after ztunnel {node} was ready"
             ));
@@ -745,7 +769,7 @@ pub fn s7_cni_config_rewrite(ctx: &Ctx<'_>) {
         .unwrap_or_else(|e| ctx.fail(&e.to_string()));
     for p in ["after-rewrite", "after-repair"] {
         ctx.sim
-            .wait_ready(&ctx.ns, p, 30 * SECOND)
+            .wait_ready(&ctx.ns, p, t(30 * SECOND))
             .unwrap_or_else(|e| ctx.fail(&e.to_string()));
         ctx.wait_enrolled(p, 5 * SECOND);
         ctx.assert_mtls(p, server, "server", &format!("s7-{p}"));
