@@ -259,6 +259,121 @@ mod tests {
         assert_eq!(volume_name("/"), "root");
     }
 
+    /// The environment, command, user and capabilities the kubelet gives
+    /// each component equal the chart's golden files, with exactly two
+    /// documented differences: values that are paths under a volume mount
+    /// point at the host directory backing that mount (hostPath per node,
+    /// other volumes in the pod directory), and the kubelet adds
+    /// `KUBECONFIG` (and a default `PATH`).
+    #[test]
+    fn kubelet_runs_components_with_the_charts_environment() {
+        use crate::kubelet::container::{LaunchContext, cap_names, launch_spec};
+        use crate::kubelet::volumes::{Images, NodeFs};
+        use std::collections::{BTreeMap, BTreeSet};
+        use std::path::{Path, PathBuf};
+
+        let node = NodeFs { root: "/n1".into() };
+        let mut images = Images::default();
+        images.add_file("ztunnel", "/usr/local/bin/ztunnel", "/bin/ztunnel-built");
+        images.add_file(
+            "node-agent",
+            "/usr/local/bin/node-agent",
+            "/bin/node-agent-built",
+        );
+        images.add_file(
+            "node-agent",
+            "/opt/istio-cni/bin/istio-cni",
+            "/bin/istio-cni-built",
+        );
+        let injected = [("KUBECONFIG".to_string(), "/k".to_string())];
+        for mode in ["inpod", "geneve"] {
+            let g = chart::golden(mode).unwrap();
+            for w in [NODE_AGENT, ZTUNNEL, MESH_CA] {
+                let c = g.workload(w).unwrap();
+                let v = component_pod(c, "p", "node1", mode, &[], &[]);
+                let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(v).unwrap();
+                let spec = pod.spec.as_ref().unwrap();
+                // Backing paths as kubelet-lite's volumes::prepare chooses them.
+                let mut volumes = BTreeMap::new();
+                for vol in spec.volumes.iter().flatten() {
+                    let path = match &vol.host_path {
+                        Some(h) => node.host_path(&h.path),
+                        None => PathBuf::from("/pod/volumes").join(&vol.name),
+                    };
+                    volumes.insert(vol.name.clone(), path);
+                }
+                let ip: IpAddr = if c.host_network {
+                    "172.30.0.11"
+                } else {
+                    "10.244.1.9"
+                }
+                .parse()
+                .unwrap();
+                let ctx = LaunchContext {
+                    pod_ip: Some(ip),
+                    host_ip: "172.30.0.11".parse().unwrap(),
+                    volumes: &volumes,
+                    images: &images,
+                    injected_env: &injected,
+                };
+                let l = launch_spec(&pod, &spec.containers[0], &ctx).unwrap();
+                let env: BTreeMap<String, String> = l.env.iter().cloned().collect();
+                let what = format!("{mode} {w}");
+                for (k, gv) in &c.env {
+                    let want = match gv {
+                        EnvValue::FieldRef(p) => match p.as_str() {
+                            "metadata.name" => "p".to_string(),
+                            "metadata.namespace" => SYSTEM_NAMESPACE.to_string(),
+                            "spec.nodeName" => "node1".to_string(),
+                            "status.podIP" => ip.to_string(),
+                            other => panic!("{what}: fieldRef {other} not covered"),
+                        },
+                        EnvValue::Literal(s) => {
+                            // A path under a mount: the mount's backing path.
+                            let m = c
+                                .mounts
+                                .iter()
+                                .filter(|m| Path::new(s).starts_with(&m.path))
+                                .max_by_key(|m| m.path.len());
+                            match m {
+                                Some(m) => {
+                                    let rest = Path::new(s).strip_prefix(&m.path).unwrap();
+                                    let base = match &m.source {
+                                        MountSource::HostPath(h) => node.host_path(h),
+                                        _ => {
+                                            PathBuf::from("/pod/volumes").join(volume_name(&m.path))
+                                        }
+                                    };
+                                    let p = if rest.as_os_str().is_empty() {
+                                        base
+                                    } else {
+                                        base.join(rest)
+                                    };
+                                    p.display().to_string()
+                                }
+                                None if s == "/opt/istio-cni/bin/istio-cni" => {
+                                    "/bin/istio-cni-built".into()
+                                }
+                                None => s.clone(),
+                            }
+                        }
+                    };
+                    assert_eq!(env.get(k), Some(&want), "{what}: {k}");
+                }
+                let names: BTreeSet<&str> = env.keys().map(String::as_str).collect();
+                let mut golden: BTreeSet<&str> = c.env.iter().map(|(k, _)| k.as_str()).collect();
+                golden.extend(["KUBECONFIG", "PATH"]);
+                assert_eq!(names, golden, "{what}: variable names");
+                assert!(l.program.starts_with("/bin/"), "{what}: {:?}", l.program);
+                assert_eq!(l.args, c.command[1..], "{what}: arguments");
+                assert_eq!(l.user, Some(c.uid), "{what}: user");
+                let caps: BTreeSet<&str> = cap_names(l.capabilities.unwrap()).into_iter().collect();
+                let want: BTreeSet<&str> = c.capabilities.iter().map(String::as_str).collect();
+                assert_eq!(caps, want, "{what}: capabilities");
+            }
+        }
+    }
+
     #[test]
     fn component_pods_parse_as_pods() {
         for mode in ["inpod", "geneve"] {
