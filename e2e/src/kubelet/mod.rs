@@ -290,6 +290,8 @@ impl Kubelet {
                 source,
             })?
         };
+        // Pod cgroups of killed runs with this tag (their scope is gone).
+        cgroup::sweep_stale(cfg.scope.tag());
         for d in [&cfg.cni_conf_dir]
             .into_iter()
             .chain(cfg.cni_bin_dirs.iter())

@@ -190,11 +190,10 @@ impl SimCluster {
     pub fn start(cfg: SimClusterConfig) -> Result<Self, HarnessError> {
         let tag = cfg.tag.clone();
         let t0 = Instant::now();
-        // Leftovers of killed runs: the scope sweeps netns/processes; our
-        // cgroups are swept once their scope record is gone.
+        // Leftovers of killed runs: the scope sweeps netns/processes, the
+        // kubelets their pod cgroups.
         let scope =
             Arc::new(Scope::new(&tag).map_err(|e| setup_err(&tag, "scope")(e.to_string()))?);
-        cgroup::sweep_stale(&tag);
         let cluster = Cluster::in_scope(
             scope.clone(),
             ClusterConfig {
