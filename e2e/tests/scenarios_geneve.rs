@@ -7,7 +7,7 @@
 //! one after the other, each in its own namespace; every scenario leaves
 //! the components running (restarted ones are Ready again) for the next.
 //! The primary CNI config is `ptp` + `host-local` (routed pods, as GENEVE
-//! redirection needs).
+//! redirection needs). `E2E_SCENARIOS=demo6,demo7` runs a subset.
 
 mod scenarios_support;
 
@@ -87,7 +87,15 @@ fn geneve_all_scenarios_on_one_cluster() {
         ("demo6", scenarios_support::s6_ztunnel_restart),
         ("demo7", scenarios_support::s7_cni_config_rewrite),
     ];
+    // E2E_SCENARIOS=demo6,demo7 runs a subset (debugging).
+    let only = std::env::var("E2E_SCENARIOS").ok();
     for (ns, f) in scenarios {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|s| s.trim() == ns))
+        {
+            continue;
+        }
         let t0 = Instant::now();
         let ctx = Ctx::new(&sim, ns);
         f(&ctx);
