@@ -405,6 +405,9 @@ impl ProxyCtx {
                 match accepted {
                     Ok((stream, peer)) => {
                         let peer = sockets::canonical(peer);
+                        // Small writes (TLS records, request/response traffic) must not wait
+                        // for ACKs.
+                        let _ = stream.set_nodelay(true);
                         let shard = ctx.shards.pick();
                         let stream = match shard {
                             None => stream,

@@ -1,0 +1,264 @@
+//! `bench-dedicated`: direct TCP between two simulated pods vs through the two pods'
+//! dedicated ztunnels, in one run. Prints the table and writes it to `bench/RESULTS.md`.
+//!
+//! Usage: `bench-dedicated [--ztunnel PATH] [--seconds N] [--results PATH]` (root).
+
+mod procstat;
+mod report;
+mod tools;
+mod topology;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+struct Args {
+    ztunnel: PathBuf,
+    seconds: u64,
+    results: Option<PathBuf>,
+    /// Record a `perf` profile of both ztunnels for each mesh phase (`<prefix>-<phase>.data`).
+    perf: Option<PathBuf>,
+    skip_direct: bool,
+    /// Extra environment for both ztunnels (`--env K=V`, repeatable).
+    env: Vec<(String, String)>,
+    /// Set up the meshed pods, print their netns names and ztunnel pids, keep them for this
+    /// many seconds (for manual experiments), then exit without measuring.
+    hold: Option<u64>,
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench lives in the workspace")
+        .to_path_buf()
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        ztunnel: workspace().join("target/release/ztunnel"),
+        seconds: 10,
+        results: Some(workspace().join("bench/RESULTS.md")),
+        perf: None,
+        skip_direct: false,
+        env: Vec::new(),
+        hold: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--ztunnel" => args.ztunnel = it.next().context("--ztunnel PATH")?.into(),
+            "--seconds" => args.seconds = it.next().context("--seconds N")?.parse()?,
+            "--results" => args.results = Some(it.next().context("--results PATH")?.into()),
+            "--no-results" => args.results = None,
+            "--perf" => args.perf = Some(it.next().context("--perf PREFIX")?.into()),
+            "--skip-direct" => args.skip_direct = true,
+            "--hold" => args.hold = Some(it.next().context("--hold SECONDS")?.parse()?),
+            "--env" => {
+                let kv = it.next().context("--env K=V")?;
+                let (k, v) = kv.split_once('=').context("--env K=V")?;
+                args.env.push((k.to_string(), v.to_string()));
+            }
+            other => bail!(
+                "unknown argument {other:?}; usage: bench-dedicated [--ztunnel PATH] [--seconds N] [--results PATH | --no-results] [--perf PREFIX] [--skip-direct] [--env K=V]... [--hold SECONDS]"
+            ),
+        }
+    }
+    Ok(args)
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    if args.hold.is_some() {
+        // Before any thread exists, so every thread inherits the mask.
+        hold_signals().thread_block()?;
+    }
+    if !e2e::netsim::can_create_netns() {
+        bail!("bench-dedicated needs root (network namespaces, iptables)");
+    }
+    if !args.ztunnel.is_file() {
+        bail!(
+            "ztunnel binary {} not found: cargo build --release -p ztunnel",
+            args.ztunnel.display()
+        );
+    }
+    let s = args.seconds;
+    let mut r = report::Results::default();
+    let mut topo = topology::Topology::new("bench")?;
+    let b_ip = topo.b.ip();
+    let _servers = tools::start_servers(topo.b.netns())?;
+
+    if !args.skip_direct {
+        eprintln!("direct: 1 KB request/response at 1000/s ...");
+        r.direct_rr = tools::request_response(topo.a.netns(), b_ip, 1024, 1000, s)?;
+        eprintln!("direct: 64 B ping-pong ...");
+        r.direct_pp = tools::ping_pong(topo.a.netns(), b_ip, 64, s)?;
+        eprintln!("direct: iperf3 single stream ...");
+        r.direct_gbps = tools::iperf3(topo.a.netns(), b_ip, s)?;
+    }
+
+    eprintln!("starting the two ztunnels ...");
+    topo.enable_mesh(
+        &args.ztunnel,
+        &workspace().join("ztunnel/testdata/ca"),
+        &args.env,
+    )?;
+    let pids: Vec<i32> = topo.ztunnels.iter().map(|z| z.pid()).collect();
+    if let Some(hold) = args.hold {
+        println!(
+            "pod a: netns {} ip {}\npod b: netns {} ip {} (iperf3 :5201, sockperf :11111)\nztunnel pids: {pids:?}\nlogs: {}",
+            topo.a.netns().name(),
+            topo.a.ip(),
+            topo.b.netns().name(),
+            b_ip,
+            topo.dir().display()
+        );
+        // Wait for the hold time or SIGTERM/SIGINT (blocked since start), then clean up.
+        let set = hold_signals();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(hold));
+            let _ =
+                nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGTERM);
+        });
+        let sig = set.wait()?;
+        eprintln!("{sig}: cleaning up");
+        return Ok(());
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    eprintln!("mesh: idle ...");
+    let ((), idle_cpu) = procstat::cpu_during(&pids, || {
+        std::thread::sleep(Duration::from_secs(s));
+        Ok(())
+    })?;
+    r.idle_cpu = idle_cpu;
+    r.idle_rss_mib = pids
+        .iter()
+        .map(|&p| procstat::rss_mib(p))
+        .collect::<Result<_>>()?;
+
+    eprintln!("mesh: 1 KB request/response at 1000/s ...");
+    let (rr, load_cpu) = procstat::cpu_during(&pids, || {
+        tools::request_response(topo.a.netns(), b_ip, 1024, 1000, s)
+    })?;
+    r.mesh_rr = rr;
+    r.load_cpu = load_cpu;
+    r.load_rss_mib = pids
+        .iter()
+        .map(|&p| procstat::rss_mib(p))
+        .collect::<Result<_>>()?;
+    eprintln!("mesh: 64 B ping-pong ...");
+    r.mesh_pp = profiled(&args, "pingpong", &pids, || {
+        tools::ping_pong(topo.a.netns(), b_ip, 64, s)
+    })?;
+    eprintln!("mesh: iperf3 single stream ...");
+    r.mesh_gbps = profiled(&args, "iperf3", &pids, || {
+        tools::iperf3(topo.a.netns(), b_ip, s)
+    })?;
+
+    let table = r.table();
+    println!("{table}");
+    if let Some(path) = &args.results {
+        let text = report_markdown(&table, &args)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn hold_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set
+}
+
+/// Runs `f`, under `perf record` of `pids` when `--perf` was given.
+fn profiled<T>(args: &Args, phase: &str, pids: &[i32], f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let Some(prefix) = &args.perf else {
+        return f();
+    };
+    let out = format!("{}-{phase}.data", prefix.display());
+    let pid_list = pids
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut perf = std::process::Command::new("perf")
+        .args(["record", "-F", "1999", "-g", "-p", &pid_list, "-o", &out])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("perf record")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let result = f();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(perf.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = perf.wait();
+    eprintln!("profile: {out}");
+    result
+}
+
+fn command_output(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn report_markdown(table: &str, args: &Args) -> Result<String> {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|x| x.1.trim().to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let kernel = command_output("uname", &["-sr"]);
+    let commit = command_output(
+        "git",
+        &[
+            "-C",
+            &workspace().display().to_string(),
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ],
+    );
+    let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    Ok(format!(
+        "# Benchmark results\n\n\
+         Latest `make bench` run (`bench-dedicated`, release build).\n\n\
+         - Date: {date}\n\
+         - Machine: {cpu}, {cores} cores, {mem_kb}, {kernel}\n\
+         - Commit: {commit}\n\
+         - Topology: two pods (netns + veth) on one simulated node's bridge; \"through 2 ztunnels\" = \
+         each pod runs a dedicated ztunnel (`PROXY_MODE=dedicated`, {threads}) with the in-pod capture rules, \
+         so traffic goes app → ztunnel A → HBONE (mTLS, HTTP/2 CONNECT) → ztunnel B → app.\n\
+         - Tools: iperf3 single stream ({s} s); sockperf ping-pong 64 B ({s} s) and under-load 1 KB \
+         at 1000 msg/s with a reply to every message ({s} s); latency columns are sockperf's \
+         default metric (round trip / 2, µs). CPU = (utime+stime)/wall over the period; RSS = VmRSS.\n\
+         - ztunnel binary: `{bin}`\n\n{table}",
+        mem_kb = mem
+            .replace("MemTotal:", "RAM")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
+        threads = "ZTUNNEL_WORKER_THREADS=2 (default)",
+        s = args.seconds,
+        bin = args.ztunnel.display(),
+    ))
+}

@@ -1,0 +1,141 @@
+//! Two pods on one simulated node (netns + veth + bridge, from `e2e::netsim`); optionally
+//! meshed: the in-pod capture rules (node agent's generator + applier) and one dedicated
+//! ztunnel per pod, as in `e2e/tests/dedicated.rs`.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use e2e::netsim::{Cluster, NamedNetns, Pod, Process};
+use node_agent::redirect::inpod::apply::apply_pod_here;
+use node_agent::redirect::inpod::{PodNetConfig, PodRuleOptions, RuleConfig};
+use node_agent::redirect::iptables::detect_backend;
+
+pub struct Topology {
+    pub a: Pod,
+    pub b: Pod,
+    pub ztunnels: Vec<Ztunnel>,
+    pub cluster: Cluster,
+}
+
+pub struct Ztunnel {
+    pub name: &'static str,
+    pub process: Process,
+    pub log: PathBuf,
+}
+
+impl Ztunnel {
+    pub fn pid(&self) -> i32 {
+        self.process.pid() as i32
+    }
+}
+
+fn local_config(a: Ipv4Addr, b: Ipv4Addr) -> String {
+    let w = |name: &str, ip: Ipv4Addr| {
+        format!(
+            "- uid: Kubernetes//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  \
+             serviceAccount: sa-{name}\n  trustDomain: cluster.local\n  workloadIps: [\"{ip}\"]\n  \
+             protocol: HBONE\n  node: node1\n  services: {{}}\n"
+        )
+    };
+    format!("workloads:\n{}{}", w("a", a), w("b", b))
+}
+
+impl Topology {
+    pub fn new(tag: &str) -> Result<Topology> {
+        let cluster = Cluster::new(tag, 1).context("creating the simulated node")?;
+        let node = cluster.node(1);
+        let a = node.add_pod("a").context("pod a")?;
+        let b = node.add_pod("b").context("pod b")?;
+        Ok(Topology {
+            a,
+            b,
+            ztunnels: Vec::new(),
+            cluster,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.cluster.scope().dir()
+    }
+
+    /// Capture rules in both pods and a dedicated ztunnel in each; waits until both are
+    /// ready.
+    pub fn enable_mesh(
+        &mut self,
+        ztunnel_bin: &Path,
+        ca_dir: &Path,
+        extra_env: &[(String, String)],
+    ) -> Result<()> {
+        let config = self.dir().join("local-config.yaml");
+        std::fs::write(&config, local_config(self.a.ip(), self.b.ip()))?;
+        for pod in [&self.a, &self.b] {
+            let cfg = PodNetConfig {
+                backend: detect_backend(),
+                ipv6: false,
+                rules: RuleConfig::default(),
+            };
+            let label = pod.netns().path().to_path_buf();
+            pod.netns()
+                .run(move || {
+                    apply_pod_here(&cfg, &PodRuleOptions::default(), &label)
+                        .map_err(|e| e.to_string())
+                })?
+                .map_err(|e| anyhow::anyhow!("applying capture rules: {e}"))?;
+        }
+        for (name, pod) in [("a", &self.a), ("b", &self.b)] {
+            let log = self.dir().join(format!("ztunnel-{name}.log"));
+            let mut cmd = pod.netns().command(ztunnel_bin);
+            cmd.arg("proxy")
+                .env("PROXY_MODE", "dedicated")
+                .env("PROXY_WORKLOAD_INFO", format!("default/{name}/sa-{name}"))
+                .env("LOCAL_XDS_PATH", &config)
+                .env("CA_ROOT_CERT", ca_dir.join("ec-root.pem"))
+                .env("CA_ROOT_KEY", ca_dir.join("ec-root.key"))
+                .env("NODE_NAME", "node1")
+                .env("RUST_LOG", "warn")
+                .envs(extra_env.iter().map(|(k, v)| (k, v)))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::fs::File::create(&log)?)
+                .stderr(std::fs::File::options().append(true).open(&log)?);
+            let process = Process::spawn(cmd).context("starting ztunnel")?;
+            self.ztunnels.push(Ztunnel { name, process, log });
+        }
+        for (pod, z) in [&self.a, &self.b].into_iter().zip(&self.ztunnels) {
+            let end = Instant::now() + Duration::from_secs(15);
+            loop {
+                if http_status(pod.netns(), 15021, "/healthz/ready") == Some(200) {
+                    break;
+                }
+                if Instant::now() > end {
+                    bail!(
+                        "ztunnel {} not ready; log:\n{}",
+                        z.name,
+                        std::fs::read_to_string(&z.log).unwrap_or_default()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn http_status(ns: &NamedNetns, port: u16, path: &str) -> Option<u16> {
+    let mut s = ns
+        .run(move || {
+            TcpStream::connect_timeout(
+                &SocketAddr::from(([127, 0, 0, 1], port)),
+                Duration::from_secs(1),
+            )
+        })
+        .ok()?
+        .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    resp.split(' ').nth(1)?.parse().ok()
+}
