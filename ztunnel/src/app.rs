@@ -168,12 +168,12 @@ pub fn run(cfg: Config) -> Result<(), AppError> {
 }
 
 /// Once ready, drops the page mappings of code only start-up needed
-/// ([`crate::process_memory::release_startup_text`]).
+/// ([`crate::process_memory::release_startup_pages`]).
 fn release_startup_memory_when_ready(readiness: Readiness) {
     tokio::spawn(async move {
         for _ in 0..600 {
             if readiness.is_ready() {
-                match crate::process_memory::release_startup_text() {
+                match crate::process_memory::release_startup_pages() {
                     Ok(bytes) => tracing::debug!(bytes, "released start-up code pages"),
                     Err(e) => tracing::debug!(error = %e, "could not release start-up code pages"),
                 }
@@ -401,6 +401,7 @@ async fn data_plane(
     }
     tracing::info!(mode = ?cfg.proxy_mode, "ztunnel running");
     release_startup_memory_when_ready(readiness.clone());
+    crate::process_memory::trim_periodically(std::time::Duration::from_secs(5));
 
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
