@@ -62,3 +62,9 @@ e2e-kind:
 
 e2e-kind-clean:
 	e2e/kind/clean.sh
+
+# --- Node agent memory (issue 6): 100 enrolled pods, VmRSS vs the 15 MB target ---
+.PHONY: bench-agent-memory
+bench: bench-agent-memory
+bench-agent-memory: deps
+	bench/agent_memory.sh
