@@ -40,6 +40,7 @@ CARGO=${CARGO:-cargo}
 # package:test-target pairs that need the VM.
 TARGETS=(node-agent:geneve_redirect)
 if [ -f e2e/tests/geneve.rs ]; then TARGETS+=(e2e:geneve); fi
+if [ -f e2e/tests/control_loop_geneve.rs ]; then TARGETS+=(e2e:control_loop_geneve); fi
 if [ -f e2e/tests/scenarios_geneve.rs ]; then TARGETS+=(e2e:scenarios_geneve); fi
 
 # End-to-end tests run the real programs from target/debug.

@@ -199,6 +199,8 @@ pub struct Env {
     pub node_config: PathBuf,
     pub dir: PathBuf,
     pub agent_log: PathBuf,
+    /// File name of the primary CNI config in the conf dir.
+    pub primary: &'static str,
     pub cluster: Cluster,
 }
 
@@ -216,6 +218,12 @@ impl Env {
     /// agent's DaemonSet object, the node's primary CNI config; nothing
     /// running yet.
     pub fn new(tag: &str) -> Self {
+        Self::with_primary(tag, false)
+    }
+
+    /// Like [`Env::new`]; `ptp` = routed pods (`ptp` + `host-local`, as
+    /// kindnet gives), which GENEVE mode needs, instead of the `bridge`.
+    pub fn with_primary(tag: &str, ptp: bool) -> Self {
         let cluster = Cluster::new(tag, 1).expect("simulated cluster");
         let dir = cluster.scope().dir().to_path_buf();
         let mut api = ApiServer::default()
@@ -233,9 +241,14 @@ impl Env {
         for d in ["bin", "net.d", "run"] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
         }
+        let (primary, conf) = if ptp {
+            ("10-ptp.conflist", ptp_conflist(node))
+        } else {
+            ("10-bridge.conflist", node.cni_conflist("k8s-pod-network"))
+        };
         std::fs::write(
-            dir.join("net.d/10-bridge.conflist"),
-            serde_json::to_vec_pretty(&node.cni_conflist("k8s-pod-network")).unwrap(),
+            dir.join("net.d").join(primary),
+            serde_json::to_vec_pretty(&conf).unwrap(),
         )
         .unwrap();
         api.create(
@@ -259,6 +272,7 @@ impl Env {
             node_config,
             dir,
             agent_log,
+            primary,
             cluster,
         }
     }
@@ -424,7 +438,7 @@ impl Env {
     }
 
     pub fn conflist(&self) -> Value {
-        let path = self.conf_dir().join("10-bridge.conflist");
+        let path = self.conf_dir().join(self.primary);
         std::fs::read(&path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -737,6 +751,30 @@ impl Env {
             .iter()
             .any(|l| l.contains("-A ISTIO_OUTPUT") && l.contains("15001"))
     }
+}
+
+/// A `ptp` + `host-local` network for `node` (pods routed through their
+/// own veth).
+fn ptp_conflist(node: &Node) -> Value {
+    let o = node.pod_cidr().network().octets();
+    json!({
+        "cniVersion": "1.0.0",
+        "name": "k8s-pod-network",
+        "plugins": [{
+            "type": "ptp",
+            "ipMasq": false,
+            "mtu": 1500,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": node.pod_cidr().to_string(),
+                             "rangeStart": Ipv4Addr::new(o[0], o[1], o[2], 2).to_string(),
+                             "rangeEnd": Ipv4Addr::new(o[0], o[1], o[2], 199).to_string(),
+                             "gateway": node.gateway().to_string()}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dataDir": node.cni_ipam_dir().display().to_string(),
+            }
+        }]
+    })
 }
 
 impl Drop for Env {
