@@ -68,3 +68,12 @@ e2e-kind-clean:
 bench: bench-agent-memory
 bench-agent-memory: deps
 	bench/agent_memory.sh
+
+# --- Data plane (issue 2): direct TCP vs two dedicated ztunnels, release build --------
+# Writes bench/RESULTS.md. BENCH_SECONDS sets the length of each measurement.
+.PHONY: bench-dedicated
+BENCH_SECONDS ?= 10
+bench: bench-dedicated
+bench-dedicated: deps
+	$(CARGO) build --release -p ztunnel -p mesh-bench
+	target/release/bench-dedicated --seconds $(BENCH_SECONDS)

@@ -93,6 +93,29 @@ fn main() -> Result<()> {
         r.direct_rr = tools::request_response(topo.a.netns(), b_ip, 1024, 1000, s)?;
         eprintln!("direct: 64 B ping-pong ...");
         r.direct_pp = tools::ping_pong(topo.a.netns(), b_ip, 64, s)?;
+        eprintln!("direct: 64 B ping-pong, busy CPUs ...");
+        r.direct_pp_busy = {
+            let _busy = tools::BusyCpus::start();
+            tools::ping_pong(topo.a.netns(), b_ip, 64, s)?
+        };
+        eprintln!("reference: one socat hop ...");
+        let socat = tools::start_reference_forwarder(topo.b.netns())?;
+        r.socat_pp_base = {
+            let _busy = tools::BusyCpus::start();
+            tools::ping_pong_local(topo.b.netns(), 11111, 64, s)?
+        };
+        r.socat_pp = {
+            let _busy = tools::BusyCpus::start();
+            tools::ping_pong_local(topo.b.netns(), 7777, 64, s)?
+        };
+        // The forwarder's child (one per connection) does the work; measure it at 1000/s.
+        let socat_pid = socat.pid() as i32;
+        let ns_b = topo.b.netns();
+        let (_, cpu) = procstat::cpu_during_children(socat_pid, s, || {
+            tools::request_response_local(ns_b, 7777, 1024, 1000, s)
+        })?;
+        r.socat_cpu = cpu;
+        drop(socat);
         eprintln!("direct: iperf3 single stream ...");
         r.direct_gbps = tools::iperf3(topo.a.netns(), b_ip, s)?;
     }
@@ -150,6 +173,11 @@ fn main() -> Result<()> {
     r.mesh_pp = profiled(&args, "pingpong", &pids, || {
         tools::ping_pong(topo.a.netns(), b_ip, 64, s)
     })?;
+    eprintln!("mesh: 64 B ping-pong, busy CPUs ...");
+    r.mesh_pp_busy = {
+        let _busy = tools::BusyCpus::start();
+        tools::ping_pong(topo.a.netns(), b_ip, 64, s)?
+    };
     eprintln!("mesh: iperf3 single stream ...");
     r.mesh_gbps = profiled(&args, "iperf3", &pids, || {
         tools::iperf3(topo.a.netns(), b_ip, s)

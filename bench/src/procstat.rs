@@ -55,3 +55,47 @@ pub fn cpu_during<T>(pids: &[i32], f: impl FnOnce() -> Result<T>) -> Result<(T, 
             .collect(),
     ))
 }
+
+/// Processes whose parent is `pid`.
+pub fn children(pid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = s.rsplit_once(')')?.1.to_string();
+                    rest.split_whitespace().nth(1)?.parse::<i32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// CPU (cores) of the children of `pid` while `f` runs for about `seconds`: sampled one
+/// second after the start and one second before the end, so short-lived per-connection
+/// children (socat `fork`) are measured while they exist.
+pub fn cpu_during_children<T: Send>(
+    pid: i32,
+    seconds: u64,
+    f: impl FnOnce() -> Result<T> + Send,
+) -> Result<(T, f64)> {
+    std::thread::scope(|scope| {
+        let worker = scope.spawn(f);
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let kids = children(pid);
+        let t0 = std::time::Instant::now();
+        let c0: f64 = kids.iter().filter_map(|&k| cpu_seconds(k).ok()).sum();
+        std::thread::sleep(std::time::Duration::from_secs(
+            seconds.saturating_sub(2).max(1),
+        ));
+        let c1: f64 = kids.iter().filter_map(|&k| cpu_seconds(k).ok()).sum();
+        let rate = (c1 - c0) / t0.elapsed().as_secs_f64();
+        let out = worker
+            .join()
+            .map_err(|_| anyhow!("measured workload panicked"))??;
+        Ok((out, rate))
+    })
+}

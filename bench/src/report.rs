@@ -11,6 +11,14 @@ pub struct Results {
     pub mesh_gbps: f64,
     pub direct_pp: Percentiles,
     pub mesh_pp: Percentiles,
+    /// Same, with every CPU kept busy by `SCHED_IDLE` spinners.
+    pub direct_pp_busy: Percentiles,
+    pub mesh_pp_busy: Percentiles,
+    /// Reference: ping-pong over loopback in one pod, direct and through one socat hop.
+    pub socat_pp_base: Percentiles,
+    pub socat_pp: Percentiles,
+    /// CPU of the socat hop at 1000 req/s (cores).
+    pub socat_cpu: f64,
     pub direct_rr: Percentiles,
     pub mesh_rr: Percentiles,
     /// Per ztunnel (a, b).
@@ -66,17 +74,64 @@ impl Results {
         let _ = writeln!(
             t,
             "{}",
-            pp("p50", self.direct_pp.p50, self.mesh_pp.p50, Some(25.0))
+            pp(
+                "p50, idle CPUs",
+                self.direct_pp.p50,
+                self.mesh_pp.p50,
+                Some(25.0)
+            )
         );
         let _ = writeln!(
             t,
             "{}",
-            pp("p90", self.direct_pp.p90, self.mesh_pp.p90, None)
+            pp("p90, idle CPUs", self.direct_pp.p90, self.mesh_pp.p90, None)
         );
         let _ = writeln!(
             t,
             "{}",
-            pp("p99", self.direct_pp.p99, self.mesh_pp.p99, Some(50.0))
+            pp(
+                "p99, idle CPUs",
+                self.direct_pp.p99,
+                self.mesh_pp.p99,
+                Some(50.0)
+            )
+        );
+        let _ = writeln!(
+            t,
+            "{}",
+            pp(
+                "p50, busy CPUs",
+                self.direct_pp_busy.p50,
+                self.mesh_pp_busy.p50,
+                Some(25.0)
+            )
+        );
+        let _ = writeln!(
+            t,
+            "{}",
+            pp(
+                "p90, busy CPUs",
+                self.direct_pp_busy.p90,
+                self.mesh_pp_busy.p90,
+                None
+            )
+        );
+        let _ = writeln!(
+            t,
+            "{}",
+            pp(
+                "p99, busy CPUs",
+                self.direct_pp_busy.p99,
+                self.mesh_pp_busy.p99,
+                Some(50.0)
+            )
+        );
+        let _ = writeln!(
+            t,
+            "| reference: ping-pong 64 B p50 through ONE socat hop, loopback, busy CPUs (µs, RTT/2) | {:.1} | {:.1} | +{:.1} | - | - |",
+            self.socat_pp_base.p50,
+            self.socat_pp.p50,
+            self.socat_pp.p50 - self.socat_pp_base.p50
         );
         for (name, d, m) in [
             ("p50", self.direct_rr.p50, self.mesh_rr.p50),
@@ -112,6 +167,11 @@ impl Results {
             "| ztunnel CPU @ 1000 req/s (cores, A / B) | - | {} | - | <= 0.04 | {} |",
             pair(&self.load_cpu, 4),
             yes(max(&self.load_cpu) <= 0.04)
+        );
+        let _ = writeln!(
+            t,
+            "| reference: one socat hop, CPU @ 1000 req/s (cores) | - | {:.4} | - | - | - |",
+            self.socat_cpu
         );
         t
     }

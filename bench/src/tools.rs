@@ -139,6 +139,120 @@ pub fn parse_sockperf(text: &str) -> Result<Percentiles> {
     })
 }
 
+
+/// Keeps every CPU busy with `SCHED_IDLE` spinners while alive, so vCPUs never halt and a
+/// wake-up does not pay the hypervisor's idle-exit latency (any other task preempts a
+/// `SCHED_IDLE` one at once). Latency measured this way isolates the proxies' own cost.
+pub struct BusyCpus {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl BusyCpus {
+    pub fn start() -> BusyCpus {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let param = libc::sched_param { sched_priority: 0 };
+                    // SAFETY: changes the policy of the calling thread only.
+                    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        BusyCpus { stop, threads }
+    }
+}
+
+impl Drop for BusyCpus {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A minimal user-space forwarder for reference: `socat` in `ns` relaying
+/// `127.0.0.1:7777` to `127.0.0.1:11111` (the sockperf server in the same namespace).
+pub fn start_reference_forwarder(ns: &NamedNetns) -> Result<Process> {
+    let p = ns
+        .spawn(
+            "socat",
+            [
+                "TCP-LISTEN:7777,reuseaddr,nodelay,fork",
+                "TCP:127.0.0.1:11111,nodelay",
+            ],
+            None,
+        )
+        .context("socat (apt-get install socat)")?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(p)
+}
+
+/// Ping-pong to `127.0.0.1:port` from inside `ns`.
+pub fn ping_pong_local(
+    ns: &NamedNetns,
+    port: u16,
+    size: usize,
+    seconds: u64,
+) -> Result<Percentiles> {
+    sockperf(
+        ns,
+        &[
+            "pp",
+            "--tcp",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-m",
+            &size.to_string(),
+            "-t",
+            &seconds.to_string(),
+        ],
+        seconds,
+    )
+}
+
+/// Request/response like [`request_response`] to `127.0.0.1:port` from inside `ns`.
+pub fn request_response_local(
+    ns: &NamedNetns,
+    port: u16,
+    size: usize,
+    rate: u32,
+    seconds: u64,
+) -> Result<Percentiles> {
+    sockperf(
+        ns,
+        &[
+            "ul",
+            "--tcp",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-m",
+            &size.to_string(),
+            "--mps",
+            &rate.to_string(),
+            "--reply-every",
+            "1",
+            "-t",
+            &seconds.to_string(),
+        ],
+        seconds,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
