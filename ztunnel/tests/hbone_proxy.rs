@@ -494,3 +494,29 @@ async fn certificate_rotation_keeps_open_connections() {
     let data = Arc::new(b"after rotation".to_vec());
     assert_eq!(echo_roundtrip(c, data.clone()).await.unwrap(), *data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooled_connections_are_released() {
+    let mesh = Mesh::new("127.77.8", |c| {
+        c.h2.pool_unused_release_timeout = Duration::from_millis(300);
+        c.h2.keepalive_interval = Duration::from_millis(100);
+    });
+    let _echo = echo_server(sa(mesh.b_ip, 8080)).await;
+    let (pa, socks) = mesh.proxy("a").await;
+    let (_pb, _) = mesh.proxy("b").await;
+    let c = socks
+        .redirected_connect(mesh.a_ip, pa.addresses().outbound, sa(mesh.b_ip, 8080))
+        .await
+        .unwrap();
+    let data = Arc::new(b"x".to_vec());
+    assert_eq!(echo_roundtrip(c, data.clone()).await.unwrap(), *data);
+    assert_eq!(pa.pool_connections().len(), 1);
+    // No stream for longer than POOL_UNUSED_RELEASE_TIMEOUT: the connection goes away.
+    wait_for("idle release", || pa.pool_connections().is_empty()).await;
+    // And a new connection is made on demand.
+    let c = socks
+        .redirected_connect(mesh.a_ip, pa.addresses().outbound, sa(mesh.b_ip, 8080))
+        .await
+        .unwrap();
+    assert_eq!(echo_roundtrip(c, data.clone()).await.unwrap(), *data);
+}
