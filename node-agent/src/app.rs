@@ -16,7 +16,8 @@
 //!    waits for their first full list.
 //! 5. Start-up reconcile ([`Reconciler::startup`]); in-pod mode then starts
 //!    serving ZDS, so the first ztunnel gets a complete snapshot.
-//! 6. Queue workers and the ztunnel follower run until SIGTERM/SIGINT.
+//! 6. Queue workers and the ztunnel follower run until SIGTERM/SIGINT;
+//!    the start-up code's pages are released ([`crate::memory`]).
 //!
 //! Shutdown: stop taking CNI ADDs and watcher work; GET DaemonSet
 //! `node-agent` in `POD_NAMESPACE`: still there (or unknown) = upgrade,
@@ -82,6 +83,7 @@ pub enum AppError {
 /// Runs the agent until SIGTERM/SIGINT (Kubernetes client from `KUBECONFIG`
 /// or the in-cluster service account).
 pub async fn run(cfg: AgentConfig) -> Result<(), AppError> {
+    crate::memory::limit_malloc_arenas();
     let client = crate::cluster::client::client_from_env().await?;
     run_with(cfg, client, shutdown_signal()).await
 }
@@ -328,6 +330,12 @@ pub async fn run_with(
         workers = reconciler.spawn_workers();
         kube_flag.set_ready();
         tracing::info!(pods = cache.pod_count(), "node agent running");
+        // Start-up code will not run again: let its pages go.
+        match tokio::task::spawn_blocking(crate::memory::release_file_pages).await {
+            Ok(Ok(kb)) => tracing::debug!(kb, "released start-up file pages"),
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot release start-up file pages"),
+            Err(_) => {}
+        }
         shutdown.await;
     }
 

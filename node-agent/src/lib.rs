@@ -12,3 +12,4 @@ pub mod cluster;
 pub mod metrics;
 pub mod reconcile;
 pub mod app;
+pub mod memory;
