@@ -14,6 +14,16 @@ pub const TMP_INFIX: &str = ".tmp.";
 
 /// Writes `content` to `path` atomically with permission bits `mode`.
 pub fn write_atomically(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
+    copy_atomically(path, &mut &content[..], mode)
+}
+
+/// Streams `content` into `path` atomically with permission bits `mode`
+/// (large files never sit in memory whole).
+pub fn copy_atomically(
+    path: &Path,
+    content: &mut dyn std::io::Read,
+    mode: u32,
+) -> std::io::Result<()> {
     let tmp = tmp_path(path);
     let result = (|| {
         let mut f = OpenOptions::new()
@@ -21,7 +31,8 @@ pub fn write_atomically(path: &Path, content: &[u8], mode: u32) -> std::io::Resu
             .create_new(true)
             .mode(mode)
             .open(&tmp)?;
-        f.write_all(content)?;
+        std::io::copy(content, &mut f)?;
+        f.flush()?;
         // The mode given to open() is filtered by the umask; state it exactly.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.sync_all()?;

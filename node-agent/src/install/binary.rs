@@ -1,10 +1,11 @@
 //! The plugin binary in the host's CNI bin dir(s).
 
-use std::fs;
+use std::fs::{self, File};
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::atomic_write::{remove_stale_tmp, write_atomically};
+use super::atomic_write::{copy_atomically, remove_stale_tmp};
 
 /// File name of the plugin in a CNI bin dir (the `type` in configs).
 pub const PLUGIN_BINARY: &str = "istio-cni";
@@ -66,21 +67,60 @@ pub fn ensure_binary(
     if current.is_some() && current == *known {
         return Ok(false);
     }
-    let wanted = fs::read(src).map_err(|source| BinaryError::ReadSource {
+    let read_err = |source| BinaryError::ReadSource {
         path: src.to_path_buf(),
         source,
-    })?;
-    if current.is_some() && fs::read(&dest).ok().as_deref() == Some(wanted.as_slice()) {
+    };
+    if current.is_some() && same_content(src, &dest).map_err(read_err)? {
         *known = current;
         return Ok(false);
     }
     remove_stale_tmp(&dest);
-    write_atomically(&dest, &wanted, 0o755).map_err(|source| BinaryError::Write {
+    let mut source = File::open(src).map_err(read_err)?;
+    copy_atomically(&dest, &mut source, 0o755).map_err(|source| BinaryError::Write {
         path: dest.clone(),
         source,
     })?;
     *known = Fingerprint::of(&dest);
     Ok(true)
+}
+
+/// Compares two files chunk by chunk (the plugin is tens of MB: never read
+/// it whole). An unreadable `dest` counts as different; an unreadable `src`
+/// is an error.
+fn same_content(src: &Path, dest: &Path) -> std::io::Result<bool> {
+    let mut a = File::open(src)?;
+    let Ok(mut b) = File::open(dest) else {
+        return Ok(false);
+    };
+    if a.metadata()?.len() != b.metadata().map(|m| m.len()).unwrap_or(u64::MAX) {
+        return Ok(false);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    loop {
+        let n = read_full(&mut a, &mut ba)?;
+        let m = match read_full(&mut b, &mut bb) {
+            Ok(m) => m,
+            Err(_) => return Ok(false),
+        };
+        if n != m || ba[..n] != bb[..m] {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match f.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
 }
 
 /// Removes `<dir>/istio-cni` (absent is fine).
@@ -97,6 +137,30 @@ pub fn remove_binary(dir: &Path) -> Result<bool, BinaryError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn large_binaries_compare_by_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src-bin");
+        let mut content = vec![7u8; 300 * 1024 + 17];
+        fs::write(&src, &content).unwrap();
+        let bin = dir.path().join("bin");
+        fs::create_dir(&bin).unwrap();
+        let mut known = None;
+        assert!(ensure_binary(&src, &bin, &mut known).unwrap());
+        let dest = bin.join(PLUGIN_BINARY);
+        assert_eq!(fs::read(&dest).unwrap(), content);
+        // same length, one byte different in the last chunk: rewritten
+        let last = content.len() - 1;
+        content[last] = 8;
+        fs::write(&dest, &content).unwrap();
+        let mut fresh = None;
+        assert!(ensure_binary(&src, &bin, &mut fresh).unwrap());
+        assert_eq!(fs::read(&dest).unwrap()[last], 7);
+        // identical: verified, not rewritten
+        let mut again = None;
+        assert!(!ensure_binary(&src, &bin, &mut again).unwrap());
+    }
 
     #[test]
     fn installs_once_and_repairs_changes() {
