@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 
 /// First read buffer; doubles up to [`MAX_READ`] while reads fill it.
 const INITIAL_READ: usize = 16 * 1024;
-const MAX_READ: usize = 256 * 1024;
+const MAX_READ: usize = 1024 * 1024;
 
 /// The two halves of a CONNECT tunnel.
 pub struct H2Stream {
