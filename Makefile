@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all deps build release test test-unit test-e2e test-vm lint fmt bench demo images clean
+.PHONY: all deps build release test test-host test-vm lint fmt bench demo images clean
 
 all: build
 
@@ -16,9 +16,13 @@ build: deps
 release: deps
 	$(CARGO) build --workspace --bins --release
 
-# Unit tests, netns integration tests and end-to-end scenarios. Tests that need
-# binaries find them in target/debug (built first).
-test: deps
+# Everything CI runs: unit tests, netns integration tests and the in-pod
+# end-to-end scenarios on this kernel, the chart checks, then the GENEVE tests
+# in one VM boot. Tests that need binaries find them in target/debug (built
+# first).
+test: deps test-host test-chart test-vm
+
+test-host: deps
 	$(CARGO) build --workspace --bins --tests
 	$(CARGO) test --workspace -- --test-threads=2
 

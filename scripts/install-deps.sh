@@ -9,7 +9,7 @@ PKGS=(
   protobuf-compiler libprotobuf-dev
   tcpdump tshark iperf3 sockperf wrk
   shellcheck socat netcat-openbsd
-  buildah binutils openssl
+  buildah binutils openssl jq
 )
 
 missing=()
