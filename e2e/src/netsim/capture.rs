@@ -187,17 +187,6 @@ fn dropped_count(log: &str) -> u64 {
         .sum()
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn dropped_packets_are_read_from_the_summary() {
-        let log = "listening on any\n14 packets captured\n20 packets received by filter\n6 packets dropped by kernel\n";
-        assert_eq!(super::dropped_count(log), 6);
-        assert_eq!(super::dropped_count("0 packets dropped by kernel"), 0);
-        assert_eq!(super::dropped_count(""), 0);
-    }
-}
-
 /// Captures on `iface` in `netns` while `f` runs, then returns `f`'s result
 /// and what was captured. The file is written to `file`.
 pub fn capture_during<T>(
@@ -211,4 +200,15 @@ pub fn capture_during<T>(
     let out = f();
     let report = cap.stop()?;
     Ok((out, report))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dropped_packets_are_read_from_the_summary() {
+        let log = "listening on any\n14 packets captured\n20 packets received by filter\n6 packets dropped by kernel\n";
+        assert_eq!(super::dropped_count(log), 6);
+        assert_eq!(super::dropped_count("0 packets dropped by kernel"), 0);
+        assert_eq!(super::dropped_count(""), 0);
+    }
 }
