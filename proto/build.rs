@@ -4,7 +4,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(false)
         .build_server(false)
         .compile_protos(&["proto/zds.proto"], &["proto"])?;
-    tonic_prost_build::configure()
-        .compile_protos(&["proto/ca.proto"], &["proto"])?;
+    tonic_prost_build::configure().compile_protos(&["proto/ca.proto"], &["proto"])?;
     Ok(())
 }

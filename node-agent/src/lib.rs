@@ -1,15 +1,15 @@
 //! Node agent library: installs the CNI plugin, watches Kubernetes, and
 //! redirects enrolled pods' traffic into ztunnel (in-pod or GENEVE mode).
 
-pub mod redirect;
-pub mod zds;
+pub mod app;
+pub mod ca;
+pub mod cluster;
+pub mod config;
 pub mod health;
 pub mod install;
-pub mod plugin_events;
-pub mod ca;
-pub mod config;
-pub mod cluster;
-pub mod metrics;
-pub mod reconcile;
-pub mod app;
 pub mod memory;
+pub mod metrics;
+pub mod plugin_events;
+pub mod reconcile;
+pub mod redirect;
+pub mod zds;
