@@ -154,7 +154,8 @@ pub fn parse_target<B>(req: &Request<B>) -> Result<SocketAddr, BadRequest> {
         .unwrap_or_default();
     authority
         .parse::<SocketAddr>()
-        .map(crate::proxy::sockets::canonical)
+        // IPv4-mapped IPv6 authorities name the IPv4 workload.
+        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
         .map_err(|_| BadRequest::Authority(authority.to_string()))
 }
 
