@@ -54,6 +54,29 @@ impl FromStr for WorkloadInfo {
     }
 }
 
+/// A `namespace/serviceaccount` whose pods are node proxies: they hold the certificates of
+/// the workloads on their own node (`CA_TRUSTED_NODE_ACCOUNTS`, the CA's setting of the same
+/// name and meaning).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct NodeProxyAccount {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl FromStr for NodeProxyAccount {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().split('/').collect::<Vec<_>>().as_slice() {
+            [ns, sa] if !ns.is_empty() && !sa.is_empty() => Ok(NodeProxyAccount {
+                namespace: ns.to_string(),
+                service_account: sa.to_string(),
+            }),
+            _ => Err(format!("{s:?}: expected namespace/serviceaccount")),
+        }
+    }
+}
+
 impl std::fmt::Display for WorkloadInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -171,6 +194,11 @@ pub struct Config {
     pub instance_ip: Option<IpAddr>,
     /// `ENABLE_ORIG_SRC` (unset: decided per mode).
     pub enable_orig_src: Option<bool>,
+    /// `CA_TRUSTED_NODE_ACCOUNTS` (comma-separated `namespace/serviceaccount`; default
+    /// `<POD_NAMESPACE>/ztunnel`, `istio-system/ztunnel` without `POD_NAMESPACE`): node
+    /// proxies, whose pods may present the certificate of any workload of their node on
+    /// inbound HBONE (a peer node proxy without original source; see `proxy::source_check`).
+    pub trusted_node_accounts: Vec<NodeProxyAccount>,
     /// `TERMINATION_GRACE_PERIOD_SECONDS`.
     #[serde(serialize_with = "humantime_duration")]
     pub termination_grace_period: Duration,
@@ -330,6 +358,18 @@ impl Config {
             None => None,
             Some(_) => Some(parse_bool("ENABLE_ORIG_SRC", false)?),
         };
+        let trusted_node_accounts = match get("CA_TRUSTED_NODE_ACCOUNTS") {
+            Some(v) => v
+                .split(',')
+                .filter(|a| !a.trim().is_empty())
+                .map(|a| a.parse::<NodeProxyAccount>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|r| err("CA_TRUSTED_NODE_ACCOUNTS", &v, r))?,
+            None => vec![NodeProxyAccount {
+                namespace: get("POD_NAMESPACE").unwrap_or_else(|| "istio-system".into()),
+                service_account: "ztunnel".into(),
+            }],
+        };
         let log_format = match get("LOG_FORMAT").as_deref().map(str::trim) {
             None | Some("plain") | Some("text") => LogFormat::Plain,
             Some("json") => LogFormat::Json,
@@ -392,6 +432,7 @@ impl Config {
             pod_namespace: get("POD_NAMESPACE"),
             instance_ip,
             enable_orig_src,
+            trusted_node_accounts,
             termination_grace_period: Duration::from_secs(parse_num(
                 "TERMINATION_GRACE_PERIOD_SECONDS",
                 5,
@@ -470,6 +511,33 @@ mod tests {
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.packet_mark, Some(0x539));
         assert_eq!(c.trust_domain, "example.org");
+    }
+
+    #[test]
+    fn trusted_node_accounts() {
+        let acct = |ns: &str, sa: &str| NodeProxyAccount {
+            namespace: ns.into(),
+            service_account: sa.into(),
+        };
+        assert_eq!(
+            cfg(&[]).unwrap().trusted_node_accounts,
+            [acct("istio-system", "ztunnel")]
+        );
+        assert_eq!(
+            cfg(&[("POD_NAMESPACE", "mesh")])
+                .unwrap()
+                .trusted_node_accounts,
+            [acct("mesh", "ztunnel")]
+        );
+        assert_eq!(
+            cfg(&[("CA_TRUSTED_NODE_ACCOUNTS", "a/zt, b/node-proxy")])
+                .unwrap()
+                .trusted_node_accounts,
+            [acct("a", "zt"), acct("b", "node-proxy")]
+        );
+        let e = cfg(&[("CA_TRUSTED_NODE_ACCOUNTS", "a/zt,ztunnel")]).unwrap_err();
+        assert_eq!(e.field, "CA_TRUSTED_NODE_ACCOUNTS");
+        assert!(e.reason.contains("\"ztunnel\""), "{}", e.reason);
     }
 
     #[test]

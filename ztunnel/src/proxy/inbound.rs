@@ -2,7 +2,9 @@
 //!
 //! Per TCP connection: TLS 1.3 with a client certificate chained to the roots and in our
 //! trust domain (deadline `HANDSHAKE_TIMEOUT`); the certificate's identity must be the
-//! identity of the workload at the connection's source IP when that IP is a known workload.
+//! identity of the workload at the connection's source IP when that IP is a known workload,
+//! or, when that workload is a peer node proxy, of a workload on its node
+//! ([`super::source_check`]).
 //! Per stream: `CONNECT` only (else 400), `:authority` an `ip:port` (else 400) whose IP is
 //! the address this connection reached — or, when the workload there is the waypoint of the
 //! authority's service/workload, any such address (see [`destination`]) — (else 400) and
@@ -22,6 +24,7 @@ use tokio::net::TcpStream;
 
 use super::authorize::{AuthorizationRequest, authorize};
 use super::conntrack::ConnGuard;
+use super::source_check::{Source, check_source};
 use super::{ProxyCtx, ProxyScope};
 use crate::hbone::headers::{
     BAGGAGE, Baggage, FORWARDED, forwarded_host, parse_baggage, parse_target,
@@ -97,22 +100,33 @@ pub(super) async fn handle(
         metrics.refused(Direction::Inbound, RefusalReason::tls_handshake);
         return;
     };
-    let src_workload = snap.workload_by_ip("", peer.ip()).cloned();
-    if let Some(w) = &src_workload {
-        let expected = w.identity();
-        if expected != peer_identity {
+    // A workload may present only its own certificate from its own address; a peer node
+    // proxy (TPROXY mode without original source) those of its node's workloads: see
+    // `source_check`.
+    let src_workload = match check_source(
+        &snap,
+        peer.ip(),
+        &peer_identity,
+        &ctx.inputs.cfg.trusted_node_accounts,
+    ) {
+        Ok(Source::Workload(w)) => w,
+        Ok(Source::NodeProxy(proxy)) => {
+            tracing::debug!(src = %peer, dst = %local, peer_identity = %peer_identity, node_proxy = %proxy.uid, "inbound: HBONE connection from a node proxy without original source");
+            None
+        }
+        Err(e) => {
             tracing::error!(
                 src = %peer,
                 dst = %local,
                 peer_identity = %peer_identity,
-                expected = %expected,
-                workload = %w.uid,
+                expected = %e.expected().map(|i| i.to_string()).unwrap_or_default(),
+                error = %e,
                 "inbound: refused HBONE connection: client certificate identity is not the identity of the workload at the source address"
             );
             metrics.refused(Direction::Inbound, RefusalReason::identity_mismatch);
             return;
         }
-    }
+    };
     drop(snap);
     let shared = Arc::new(Peer {
         addr: peer,

@@ -24,6 +24,7 @@ mod inbound_plain;
 mod node_local;
 mod outbound;
 pub mod sockets;
+mod source_check;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};

@@ -320,29 +320,36 @@ pub(super) async fn handle(
                 host: service.as_ref().map(|s| s.hostname.clone()),
                 baggage: src_workload.as_deref().map(headers::baggage_for),
             });
-            let key = PoolKey::new(src_identity, expected.clone(), None, hbone_addr);
+            // Node proxy (TPROXY) with original source: the HBONE connection leaves with the
+            // client pod's IP, so the peer's source check sees the workload itself (the
+            // node's 0x210/0x040 marks and this netns' 0x4d3 mark route the replies back).
+            // Pooled per source IP then.
+            let orig_src =
+                (ctx.orig_src && matches!(ctx.scope, ProxyScope::Node)).then(|| peer.ip());
+            let key = PoolKey::new(src_identity, expected.clone(), orig_src, hbone_addr);
             let timeout = ctx.inputs.cfg.connect_timeout;
             let connect = || {
                 let sockets = ctx.sockets.clone();
                 let roots = ctx.inputs.roots.clone();
                 async move {
-                    let tcp = match tokio::time::timeout(timeout, sockets.connect(hbone_addr, None))
-                        .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(source)) => {
-                            return Err(HboneError::Connect {
-                                dst: hbone_addr,
-                                source,
-                            });
-                        }
-                        Err(_) => {
-                            return Err(HboneError::ConnectTimeout {
-                                dst: hbone_addr,
-                                timeout,
-                            });
-                        }
-                    };
+                    let tcp =
+                        match tokio::time::timeout(timeout, sockets.connect(hbone_addr, orig_src))
+                            .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(source)) => {
+                                return Err(HboneError::Connect {
+                                    dst: hbone_addr,
+                                    source,
+                                });
+                            }
+                            Err(_) => {
+                                return Err(HboneError::ConnectTimeout {
+                                    dst: hbone_addr,
+                                    timeout,
+                                });
+                            }
+                        };
                     let config = crate::tls::client_config(&cert, &roots, expected);
                     hbone::tls_connect(tcp, config, hbone_addr).await
                 }
