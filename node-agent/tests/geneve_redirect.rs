@@ -4,7 +4,9 @@
 //! inbound TCP reach transparent listeners in the ztunnel namespace with the
 //! original addresses, kubelet-style probes and unenrolled pods bypass);
 //! pods are enrolled and unenrolled; a ztunnel IP change rebuilds without
-//! stale state; clean-up leaves the node as it was.
+//! stale state; without ztunnel the node is held (enrolled pods' traffic
+//! refused, probes pass, unenrol releases) and rebuilt when one is back;
+//! clean-up leaves the node as it was.
 //!
 //! Needs root and a kernel with GENEVE. This machine's kernel has none:
 //! `scripts/vm-tests.sh` runs this binary in a VM (`make test-vm`).
@@ -316,16 +318,87 @@ async fn ztunnel_ip_change_rebuilds_without_stale_state() {
     let seen = accept_one(&out_l, WAIT).expect("captured after rebuild");
     assert_eq!(seen.local, sa(POD_B, 80));
 
-    // ztunnel gone: tunnels torn down, pods remembered; back: rebuilt.
-    red.set_ztunnel(None).await.expect("teardown");
-    let (node, _) = red.inspect().await.unwrap();
-    assert!(node.links.is_empty());
-    assert_eq!(node.ipset.as_ref().map(|s| s.len()), Some(2), "ipset kept");
+    // ztunnel gone: the node is held (fail closed). Capture stays (ipset,
+    // marks, policy rules), the tunnels go, and enrolled pods' traffic is
+    // refused instead of flowing around ztunnel.
+    let start = Instant::now();
+    red.set_ztunnel(None).await.expect("hold");
+    eprintln!("timing: hold without ztunnel: {:?}", start.elapsed());
+    assert!(red.is_held().await);
+    assert!(red.topology().await.is_none());
+    let both = pods(&[(POD_A, "uid-a"), (POD_B, "uid-b")]);
+    let assert_held = |node: &node_agent::redirect::geneve::Inventory,
+                       pods: &BTreeMap<Ipv4Addr, String>| {
+        let drift = node.held_drift(&topo, pods);
+        assert!(drift.is_empty(), "held node differs:\n{}", drift.join("\n"));
+    };
+    let (node, zt) = red.inspect().await.unwrap();
+    assert!(zt.is_none());
+    assert_held(&node, &both);
+    let app_b = listen(&t.pod_b, sa(Ipv4Addr::UNSPECIFIED, 8080), false);
+    let refused = |from: &str, what: &'static [u8]| {
+        let r = connect(from, sa(POD_B, 8080), what);
+        assert!(r.is_err(), "{from} reached pod-b while held: {r:?}");
+        assert!(
+            accept_one(&app_b, Duration::from_millis(300)).is_none(),
+            "{from}'s connection must not reach pod-b around ztunnel"
+        );
+        assert!(accept_one(&out_l, Duration::from_millis(100)).is_none());
+    };
+    refused(&t.pod_a, b"held-out"); // captured outbound
+    refused(&t.remote, b"held-in"); // inbound to an enrolled pod
+    // Kubelet-style probes still reach the pod (pods stay Ready).
+    let _c = connect(&t.node, sa(POD_B, 8080), b"probe").expect("probe connects");
+    let seen = accept_one(&app_b, WAIT).expect("probe reaches pod-b");
+    assert_eq!(seen.peer.ip(), std::net::IpAddr::V4(HOST_IP));
+    // Holding again (the control loop retries) changes nothing.
+    red.set_ztunnel(None).await.expect("hold again");
+    assert_held(&red.inspect().await.unwrap().0, &both);
+
+    // Unenrolling while held releases the pod; enrolling again holds it.
+    red.unenrol(&pod("uid-b", "pod-b", POD_B)).await.unwrap();
+    assert_held(&red.inspect().await.unwrap().0, &pods(&[(POD_A, "uid-a")]));
+    let _c = connect(&t.remote, sa(POD_B, 8080), b"direct").expect("unenrolled: direct");
+    assert!(accept_one(&app_b, WAIT).is_some());
+    let err = red.enrol(&pod("uid-b", "pod-b", POD_B)).await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert_held(&red.inspect().await.unwrap().0, &both);
+    refused(&t.remote, b"held-again");
+
+    // A restarted agent finds the held node and keeps it held.
+    drop(red);
+    let red = redirector(&t).await;
+    red.set_ztunnel(None)
+        .await
+        .expect("hold after agent restart");
+    assert_held(&red.inspect().await.unwrap().0, &both);
+    let report = red
+        .reconcile(&[pod("uid-a", "pod-a", POD_A), pod("uid-b", "pod-b", POD_B)])
+        .await;
+    assert!(report.failed.iter().all(|e| e.is_retryable()), "{report:?}");
+    assert_held(&red.inspect().await.unwrap().0, &both);
+
+    // ztunnel back: rebuilt, every pod route replaced in place.
+    let start = Instant::now();
     red.set_ztunnel(Some(ztunnel_pod(&t, ZT_IP2)))
         .await
         .expect("build again");
-    assert_exact(&red, &pods(&[(POD_A, "uid-a"), (POD_B, "uid-b")])).await;
+    eprintln!("timing: build after hold: {:?}", start.elapsed());
+    assert!(!red.is_held().await);
+    assert_exact(&red, &both).await;
+    let _c = connect(&t.pod_a, sa(POD_B, 80), b"back").expect("pod-a connects");
+    let seen = accept_one(&out_l, WAIT).expect("captured again");
+    assert_eq!(seen.local, sa(POD_B, 80));
+
+    // Uninstall from a held node leaves nothing.
+    red.set_ztunnel(None).await.expect("hold");
     red.cleanup().await.unwrap();
+    let (node, _) = red.inspect().await.unwrap();
+    assert!(
+        node.node_leftovers().is_empty(),
+        "{:?}",
+        node.node_leftovers()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,10 @@
 //! - in-pod: a ztunnel is connected to the ZDS server ([`follow_zds`]);
 //! - GENEVE: the active ztunnel pod (newest Ready `app=ztunnel` pod in the
 //!   agent's namespace on this node) is known and the tunnels to it are
-//!   built ([`follow_geneve`]; rebuilt when that pod changes).
+//!   built ([`follow_geneve`]; rebuilt when that pod changes). Without one
+//!   the redirector holds the node: enrolled pods stay captured and their
+//!   traffic is refused (fail closed, as in-pod mode) until a ztunnel pod is
+//!   Ready again.
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -104,7 +107,7 @@ pub async fn follow_geneve(
                             tracing::info!(ztunnel = %z.ip, uid = %z.uid, "GENEVE redirection points at ztunnel")
                         }
                         None => tracing::warn!(
-                            "no Ready ztunnel pod on this node: ambient pods cannot start"
+                            "no Ready ztunnel pod on this node: ambient pods cannot start, enrolled pods' traffic is refused"
                         ),
                     }
                     set(

@@ -265,7 +265,10 @@ impl Netlink {
 
     /// Adds or replaces `route` (idempotent).
     pub async fn replace_route(&self, route: &Route) -> Result<(), NetlinkError> {
-        let index = self.require_index(&route.dev).await?;
+        let index = match route.kind {
+            RouteKind::Unreachable => None,
+            _ => Some(self.require_index(&route.dev).await?),
+        };
         self.handle
             .route()
             .add(route_message(route, index))
@@ -277,13 +280,17 @@ impl Netlink {
 
     /// Deletes `route`. `Ok(false)` when it (or its device) did not exist.
     pub async fn delete_route(&self, route: &Route) -> Result<bool, NetlinkError> {
-        let Some(link) = self.link(&route.dev).await? else {
-            return Ok(false);
+        let index = match route.kind {
+            RouteKind::Unreachable => None,
+            _ => match self.link(&route.dev).await? {
+                Some(link) => Some(link.index),
+                None => return Ok(false),
+            },
         };
         match self
             .handle
             .route()
-            .del(route_message(route, link.index))
+            .del(route_message(route, index))
             .execute()
             .await
         {

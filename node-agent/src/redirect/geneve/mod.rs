@@ -13,6 +13,12 @@
 //! and put in the ipset, and reported as retryable (`pending`); they get
 //! their routes when a ztunnel is set.
 //!
+//! Fail closed: when the ztunnel goes away (`None`, or before a rebuild
+//! against another pod) the node is *held* ([`state::ZtunnelChange::Hold`]):
+//! capture stays, the routes into the tunnels become `unreachable`, so
+//! enrolled pods' traffic is refused, never sent around ztunnel. Building
+//! against the next ztunnel replaces each held route in place.
+//!
 //! Layout: pure generators and decisions (`node_rules`, `ztunnel_rules`,
 //! `routing`, `port`, `state`, `sysctl` lists, `ipset` lines) are unit-tested
 //! on any machine; `node`, `ztunnel_ns` and `inventory` touch the kernel
@@ -48,12 +54,13 @@ pub use batch::{ChainRules, TableBatch, render};
 pub use error::GeneveError;
 pub use inventory::Inventory;
 pub use node::Topology;
-pub use state::{PodTable, ZtunnelPod};
+pub use state::{PodRouting, PodTable, ZtunnelPod};
 
 use super::iptables::{Backend, detect_backend};
 use super::netlink::Netlink;
 use super::netns::Netns;
 use super::{PodRedirect, ReconcileReport, RedirectError, Redirector};
+use crate::redirect::netlink::RouteKind;
 use state::{ZtunnelChange, plan_reconcile, plan_ztunnel_change};
 
 /// Configuration of GENEVE mode.
@@ -94,7 +101,25 @@ struct Active {
 struct Inner {
     nl: Netlink,
     active: Option<Active>,
+    /// No ztunnel, and the node is held (per-pod routes `unreachable`).
+    held: bool,
+    /// No ztunnel, but the node may still route into tunnels: an earlier
+    /// agent's capture, or a hold that failed half-way. The next
+    /// `set_ztunnel(None)` holds.
+    needs_hold: bool,
     pods: PodTable,
+}
+
+impl Inner {
+    fn pod_routing(&self) -> PodRouting {
+        match (&self.active, self.held) {
+            (Some(a), _) => PodRouting::Tunnel {
+                host_ip: a.topo.host_ip,
+            },
+            (None, true) => PodRouting::Held,
+            (None, false) => PodRouting::Untouched,
+        }
+    }
 }
 
 /// GENEVE-mode [`Redirector`].
@@ -120,7 +145,8 @@ fn node_error(stage: &'static str, e: GeneveError) -> RedirectError {
 
 impl GeneveRedirector {
     /// Opens the node namespace and a netlink socket in it; detects the
-    /// iptables backend there unless configured. Touches nothing else.
+    /// iptables backend there unless configured, and whether an earlier
+    /// agent left a capture (held until a ztunnel is set). Touches nothing.
     pub async fn new(cfg: GeneveConfig) -> Result<Self, GeneveError> {
         let node_ns = Netns::open(&cfg.node_netns)?;
         let backend = match cfg.backend {
@@ -128,7 +154,8 @@ impl GeneveRedirector {
             None => node_ns.run_async(detect_backend).await?,
         };
         let nl = Netlink::connect(&node_ns).await?;
-        info!(node_netns = %cfg.node_netns.display(), %backend, "GENEVE redirection ready");
+        let needs_hold = node::has_capture(&nl).await?;
+        info!(node_netns = %cfg.node_netns.display(), %backend, earlier_capture = needs_hold, "GENEVE redirection ready");
         Ok(Self {
             cfg,
             node_ns,
@@ -136,6 +163,8 @@ impl GeneveRedirector {
             inner: Mutex::new(Inner {
                 nl,
                 active: None,
+                held: false,
+                needs_hold,
                 pods: PodTable::default(),
             }),
         })
@@ -153,6 +182,11 @@ impl GeneveRedirector {
             .active
             .as_ref()
             .map(|a| a.topo.clone())
+    }
+
+    /// Whether the node is held: no ztunnel, enrolled pods' traffic refused.
+    pub async fn is_held(&self) -> bool {
+        self.inner.lock().await.held
     }
 
     /// Enrolled pods: UID → IP.
@@ -175,16 +209,17 @@ impl GeneveRedirector {
 
     /// Points redirection at `ztunnel` (or at none). The same pod again
     /// re-applies everything without recreating matching tunnels; another
-    /// pod or IP tears everything down and rebuilds it (the ipset and the
-    /// enrolled pods are kept, their routes re-added); `None` tears down.
+    /// pod or IP holds the node, then builds against the new pod; `None`
+    /// holds it (see [`ZtunnelChange`]): enrolled pods stay captured and
+    /// their traffic is refused until a ztunnel is set again.
     pub async fn set_ztunnel(&self, ztunnel: Option<ZtunnelPod>) -> Result<(), GeneveError> {
         let mut inner = self.inner.lock().await;
         let current = inner.active.as_ref().map(|a| &a.topo.ztunnel);
-        let change = plan_ztunnel_change(current, ztunnel.as_ref());
+        let change = plan_ztunnel_change(current, ztunnel.as_ref(), inner.needs_hold);
         match change {
             ZtunnelChange::Nothing => return Ok(()),
-            ZtunnelChange::Teardown | ZtunnelChange::Rebuild => {
-                self.teardown(&mut inner, false).await?;
+            ZtunnelChange::Hold | ZtunnelChange::Rebuild => {
+                self.hold(&mut inner).await?;
             }
             ZtunnelChange::Build | ZtunnelChange::Refresh => {}
         }
@@ -206,18 +241,49 @@ impl GeneveRedirector {
             host_ip = %topo.host_ip, ?change, "building GENEVE redirection"
         );
         let t0 = std::time::Instant::now();
-        node::build_node(&self.node_ns, &inner.nl, &topo, self.backend).await?;
-        let t1 = std::time::Instant::now();
+        // The ztunnel side first: by the time the node routes into the
+        // tunnels, TPROXY is there to take the packets.
         ztunnel_ns::build_ztunnel(&ns, &nl, &topo, self.backend).await?;
-        debug!(node = ?(t1 - t0), ztunnel = ?t1.elapsed(), "GENEVE sides built");
+        let t1 = std::time::Instant::now();
+        node::build_node(&self.node_ns, &inner.nl, &topo, self.backend).await?;
+        debug!(ztunnel = ?(t1 - t0), node = ?t1.elapsed(), "GENEVE sides built");
         inner.active = Some(Active { topo, ns, nl });
         let wanted = inner.pods.iter().map(|(u, e)| (u.clone(), e.ip)).collect();
         self.sync_pods(&inner, &wanted, false).await?;
+        inner.held = false;
+        inner.needs_hold = false;
         Ok(())
     }
 
-    /// Tears down the ztunnel side (best effort: the pod may be gone) and the
-    /// node side; `active` becomes `None`.
+    /// Holds the node (fail closed without ztunnel): tables 101/102 and
+    /// every enrolled pod's route become `unreachable` (each replaced in
+    /// place), then the node tunnels and the old ztunnel netns' setup (best
+    /// effort: the pod may be gone) are removed. Capture stays.
+    async fn hold(&self, inner: &mut Inner) -> Result<(), GeneveError> {
+        let old = inner.active.as_ref().map(|a| a.topo.ztunnel.ip);
+        warn!(ztunnel = ?old, pods = inner.pods.len(), "no ztunnel: holding GENEVE capture, enrolled pods' traffic is refused until a ztunnel is Ready");
+        // From here until the end, a failure leaves the node to be held
+        // again by the next attempt.
+        inner.needs_hold = true;
+        node::hold_base(&inner.nl).await?;
+        let old = inner.active.take();
+        inner.held = true;
+        let wanted = inner.pods.iter().map(|(u, e)| (u.clone(), e.ip)).collect();
+        self.sync_pods(inner, &wanted, false).await?;
+        node::release_tunnels(&inner.nl).await?;
+        inner.needs_hold = false;
+        if let Some(a) = old {
+            let params = a.topo.ztunnel_rule_params();
+            if let Err(e) = ztunnel_ns::teardown_ztunnel(&a.ns, &a.nl, &params, self.backend).await
+            {
+                warn!(ztunnel = %a.topo.ztunnel.ip, error = %e, "cannot clean the old ztunnel pod's namespace");
+            }
+        }
+        Ok(())
+    }
+
+    /// Tears everything down (uninstall): the ztunnel side (best effort),
+    /// the node side, and the ipset when `destroy_ipset`.
     async fn teardown(&self, inner: &mut Inner, destroy_ipset: bool) -> Result<(), GeneveError> {
         if let Some(a) = inner.active.take() {
             info!(ztunnel = %a.topo.ztunnel.ip, "tearing down GENEVE redirection");
@@ -227,7 +293,10 @@ impl GeneveRedirector {
                 warn!(ztunnel = %a.topo.ztunnel.ip, error = %e, "cannot clean the old ztunnel pod's namespace");
             }
         }
-        node::teardown_node(&self.node_ns, &inner.nl, self.backend, destroy_ipset).await
+        node::teardown_node(&self.node_ns, &inner.nl, self.backend, destroy_ipset).await?;
+        inner.held = false;
+        inner.needs_hold = false;
+        Ok(())
     }
 
     /// Makes the ipset and per-pod routes match `wanted`; returns the UIDs
@@ -261,14 +330,15 @@ impl GeneveRedirector {
             }
             &extended
         };
-        let topo = inner.active.as_ref().map(|a| &a.topo);
-        let routes = match topo {
-            Some(_) => Some(inner.nl.routes(constants::TABLE_INBOUND).await?),
-            None => None,
+        let routing = inner.pod_routing();
+        let routes = match routing {
+            PodRouting::Untouched => None,
+            _ => Some(inner.nl.routes(constants::TABLE_INBOUND).await?),
         };
-        let host_ip = topo.map(|t| t.host_ip).unwrap_or(Ipv4Addr::UNSPECIFIED);
         let plan = plan_reconcile(wanted, set.as_ref(), routes.as_deref(), |ip| {
-            routing::pod_route(ip, host_ip)
+            routing
+                .route(ip)
+                .expect("routes are only read when pods are routed")
         });
         let mut batch = ipset::create_line();
         for ip in &plan.ipset_del {
@@ -289,7 +359,11 @@ impl GeneveRedirector {
         for r in &plan.routes_add {
             inner.nl.replace_route(r).await?;
         }
-        for r in &plan.routes_add {
+        for r in plan
+            .routes_add
+            .iter()
+            .filter(|r| r.kind == RouteKind::Unicast)
+        {
             let ip = r.dst.addr();
             if let Err(e) = node::pod_rp_filter(&self.node_ns, &inner.nl, ip).await {
                 warn!(pod_ip = %ip, error = %e, "cannot set rp_filter on the pod's host device");
@@ -310,12 +384,18 @@ impl GeneveRedirector {
                 .await
                 .map_err(fail)?;
         }
-        let topo = inner.active.as_ref().map(|a| a.topo.clone());
-        node::add_pod(&self.node_ns, &inner.nl, topo.as_ref(), plan.ip, &pod.uid)
-            .await
-            .map_err(fail)?;
+        let routing = inner.pod_routing();
+        node::add_pod(
+            &self.node_ns,
+            &inner.nl,
+            routing.route(plan.ip),
+            plan.ip,
+            &pod.uid,
+        )
+        .await
+        .map_err(fail)?;
         inner.pods.commit_enrol(&pod.uid, &pod.key(), &plan);
-        if topo.is_none() {
+        if inner.active.is_none() {
             return Err(RedirectError::new(
                 pod,
                 "GENEVE enrol",

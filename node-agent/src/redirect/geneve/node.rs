@@ -10,12 +10,12 @@ use super::constants::*;
 use super::ipset;
 use super::node_rules::{NodeRuleParams, node_apply_batches, node_cleanup_batches};
 use super::port::{Wanted, choose_dst_port};
-use super::routing::{NODE_RULE_PRIORITIES, node_base_routes, node_rules, pod_route};
-use super::state::ZtunnelPod;
+use super::routing::{NODE_RULE_PRIORITIES, held_base_routes, node_base_routes, node_rules};
+use super::state::{ZtunnelPod, is_any_pod_route};
 use super::sysctl;
 use super::ztunnel_rules::ZtunnelRuleParams;
 use crate::redirect::iptables::{self, Backend, Family, Ruleset};
-use crate::redirect::netlink::{GeneveLink, Link, Netlink, Route, Rule};
+use crate::redirect::netlink::{GeneveLink, Link, Netlink, Route, RouteKind, Rule};
 use crate::redirect::netns::Netns;
 
 /// Everything resolved for one build against one ztunnel pod.
@@ -188,22 +188,26 @@ pub(super) async fn ensure_links(
 }
 
 /// Makes the routes of `tables` exactly `wanted`, leaving alone routes for
-/// which `keep` is true (e.g. per-pod routes).
+/// which `keep` is true (e.g. per-pod routes). Wanted routes are added
+/// first, each replacing any route with its table and destination in place
+/// (a held `unreachable` default becomes the tunnel default without a
+/// moment where the destination falls through to the main table); what is
+/// left over is deleted after.
 pub(super) async fn sync_routes(
     nl: &Netlink,
     tables: &[u32],
     wanted: &[Route],
     keep: impl Fn(&Route) -> bool,
 ) -> Result<(), GeneveError> {
+    for r in wanted {
+        nl.replace_route(r).await?;
+    }
     for t in tables {
         for r in nl.routes(*t).await? {
             if !wanted.contains(&r) && !keep(&r) {
                 nl.delete_route(&r).await?;
             }
         }
-    }
-    for r in wanted {
-        nl.replace_route(r).await?;
     }
     Ok(())
 }
@@ -313,11 +317,12 @@ pub async fn build_node(
     debug!(elapsed = ?t.elapsed(), "node ipset and iptables applied");
 
     let base = node_base_routes(topo.ztunnel.ip, &topo.ztunnel_veth);
+    // Per-pod routes (held ones too) are the caller's: it replaces them next.
     sync_routes(
         nl,
         &[TABLE_INBOUND, TABLE_OUTBOUND, TABLE_PROXY],
         &base,
-        is_pod_route,
+        is_any_pod_route,
     )
     .await?;
     sync_rules(nl, NODE_RULE_PRIORITIES, &node_rules()).await?;
@@ -331,6 +336,44 @@ pub fn is_pod_route(r: &Route) -> bool {
         && r.dev == NODE_INBOUND_LINK
         && r.via == Some(ZTUNNEL_INBOUND_ADDR)
         && r.dst.prefix_len() == 32
+}
+
+/// First step of holding the node (no ztunnel): captured outbound (table
+/// 101) and original-source replies (table 102) become `unreachable`, in
+/// place of their tunnel routes. Per-pod routes are the caller's next step,
+/// then [`release_tunnels`].
+pub async fn hold_base(nl: &Netlink) -> Result<(), GeneveError> {
+    for r in held_base_routes() {
+        nl.replace_route(&r).await?;
+    }
+    Ok(())
+}
+
+/// Last step of holding the node: removes the routes to the old ztunnel
+/// pod and the node's tunnel devices (nothing routes into them any more;
+/// they would encapsulate toward an IP another pod may get). The ipset,
+/// iptables rules, policy rules and held routes stay.
+pub async fn release_tunnels(nl: &Netlink) -> Result<(), GeneveError> {
+    sync_routes(
+        nl,
+        &[TABLE_INBOUND, TABLE_OUTBOUND, TABLE_PROXY],
+        &held_base_routes(),
+        is_any_pod_route,
+    )
+    .await?;
+    for name in NODE_LINKS {
+        nl.delete_link(name).await?;
+    }
+    Ok(())
+}
+
+/// Whether the node has an earlier capture (our policy rules).
+pub async fn has_capture(nl: &Netlink) -> Result<bool, GeneveError> {
+    Ok(nl
+        .rule_priorities()
+        .await?
+        .into_iter()
+        .any(|p| NODE_RULE_PRIORITIES.contains(&p)))
 }
 
 /// Removes the node side: hooks and chains, rules 100–103, tables 100–102,
@@ -395,13 +438,14 @@ pub async fn ipset_entries(
     .await?
 }
 
-/// Per-pod enrolment: ipset entry, `/32` route through `istioin` when the
-/// tunnels are up (`topo`), and `rp_filter=0` on the pod's host device
-/// (failure only logged).
+/// Per-pod enrolment: ipset entry, then the pod's table-100 route when
+/// `route` is given (through `istioin`, or `unreachable` while held) and,
+/// for a tunnel route, `rp_filter=0` on the pod's host device (failure only
+/// logged).
 pub async fn add_pod(
     ns: &Netns,
     nl: &Netlink,
-    topo: Option<&Topology>,
+    route: Option<Route>,
     ip: Ipv4Addr,
     uid: &str,
 ) -> Result<(), GeneveError> {
@@ -410,11 +454,13 @@ pub async fn add_pod(
         source,
     })?;
     ipset_batch(ns, nl.netns(), ipset::create_line() + &line).await?;
-    let Some(topo) = topo else {
+    let Some(route) = route else {
         return Ok(());
     };
-    nl.replace_route(&pod_route(ip, topo.host_ip)).await?;
-    if let Err(e) = pod_rp_filter(ns, nl, ip).await {
+    nl.replace_route(&route).await?;
+    if route.kind == RouteKind::Unicast
+        && let Err(e) = pod_rp_filter(ns, nl, ip).await
+    {
         warn!(pod_ip = %ip, uid, error = %e, "cannot set rp_filter on the pod's host device");
     }
     Ok(())
@@ -437,14 +483,11 @@ pub async fn pod_rp_filter(ns: &Netns, nl: &Netlink, ip: Ipv4Addr) -> Result<(),
 }
 
 /// Per-pod removal: ipset entry and every table-100 `/32` route to `ip`
-/// through `istioin`.
+/// (through `istioin` or held).
 pub async fn remove_pod(ns: &Netns, nl: &Netlink, ip: Ipv4Addr) -> Result<(), GeneveError> {
     ipset_batch(ns, nl.netns(), ipset::del_line(ip)).await?;
-    if nl.link(NODE_INBOUND_LINK).await?.is_none() {
-        return Ok(());
-    }
     for r in nl.routes(TABLE_INBOUND).await? {
-        if is_pod_route(&r) && r.dst.addr() == ip {
+        if is_any_pod_route(&r) && r.dst.addr() == ip {
             nl.delete_route(&r).await?;
         }
     }

@@ -6,7 +6,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use super::constants::{NODE_INBOUND_LINK, TABLE_INBOUND, ZTUNNEL_INBOUND_ADDR};
-use crate::redirect::netlink::Route;
+use super::routing::{held_pod_route, pod_route};
+use crate::redirect::netlink::{Route, RouteKind};
 
 /// The ztunnel pod GENEVE redirection points at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,32 +130,69 @@ impl PodTable {
 }
 
 /// What a new ztunnel pod (or none) means for the node.
+///
+/// GENEVE mode fails closed: once the node captures enrolled pods' traffic,
+/// losing the ztunnel never releases it. The capture (ipset, marks, policy
+/// rules) stays and the routes into the tunnels become `unreachable` routes
+/// ("held"), so enrolled pods' traffic is refused instead of crossing the
+/// underlay in plaintext, until a Ready ztunnel takes it again. Only
+/// unenrolment and the full clean-up (uninstall) remove capture.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ZtunnelChange {
-    /// No ztunnel before or after.
+    /// No ztunnel before or after, nothing to hold.
     Nothing,
     /// Same pod, same IP and netns: re-apply idempotently (repairs drift,
     /// keeps the tunnels).
     Refresh,
-    /// First ztunnel: build everything, then the enrolled pods' routes.
+    /// A ztunnel after none (or after a hold): build everything, then the
+    /// enrolled pods' routes (each replaces its held route in place).
     Build,
-    /// Another pod or a new IP: tear down against the old one, build against
-    /// the new one, re-add the pods' routes.
+    /// Another pod or a new IP: hold, then build against the new one.
     Rebuild,
-    /// ztunnel gone: tear down (the ipset and the pod table are kept).
-    Teardown,
+    /// ztunnel gone (or a capture left without one, e.g. by an earlier
+    /// agent): hold — routes of tables 100–102 become `unreachable`, the
+    /// node tunnels and the old ztunnel netns' setup are removed; the
+    /// ipset, iptables rules, policy rules and pod table are kept.
+    Hold,
 }
 
+/// `needs_hold`: no ztunnel is active but the node may still route into
+/// tunnels (an earlier agent's capture, or an interrupted hold).
 pub fn plan_ztunnel_change(
     current: Option<&ZtunnelPod>,
     new: Option<&ZtunnelPod>,
+    needs_hold: bool,
 ) -> ZtunnelChange {
     match (current, new) {
+        (None, None) if needs_hold => ZtunnelChange::Hold,
         (None, None) => ZtunnelChange::Nothing,
         (None, Some(_)) => ZtunnelChange::Build,
-        (Some(_), None) => ZtunnelChange::Teardown,
+        (Some(_), None) => ZtunnelChange::Hold,
         (Some(a), Some(b)) if a == b => ZtunnelChange::Refresh,
         (Some(_), Some(_)) => ZtunnelChange::Rebuild,
+    }
+}
+
+/// How enrolled pods' inbound traffic is routed (their table-100 `/32`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodRouting {
+    /// Not known yet (before the first ztunnel decision): per-pod routes
+    /// are left as they are.
+    Untouched,
+    /// Into `istioin`, with `$HOST_IP` as source.
+    Tunnel { host_ip: Ipv4Addr },
+    /// No ztunnel: `unreachable`.
+    Held,
+}
+
+impl PodRouting {
+    /// The table-100 route pod `ip` must have; `None`: leave routes alone.
+    pub fn route(&self, ip: Ipv4Addr) -> Option<Route> {
+        match self {
+            PodRouting::Untouched => None,
+            PodRouting::Tunnel { host_ip } => Some(pod_route(ip, *host_ip)),
+            PodRouting::Held => Some(held_pod_route(ip)),
+        }
     }
 }
 
@@ -182,9 +220,26 @@ impl ReconcilePlan {
     }
 }
 
+/// A per-pod route of table 100 in either form: through `istioin`, or
+/// `unreachable` while held.
+pub fn is_any_pod_route(r: &Route) -> bool {
+    r.table == TABLE_INBOUND
+        && r.dst.prefix_len() == 32
+        && match r.kind {
+            RouteKind::Unreachable => true,
+            RouteKind::Unicast => r.dev == NODE_INBOUND_LINK && r.via == Some(ZTUNNEL_INBOUND_ADDR),
+            RouteKind::Local => false,
+        }
+}
+
 /// Compares `wanted` (UID → IP) with the kernel: the ipset (`None`: set
-/// missing) and the routes of table 100 (`None`: no tunnels, pod routes are
-/// not wanted). `pod_route` builds the wanted route of an IP.
+/// missing) and the routes of table 100 (`None`: per-pod routes are left
+/// alone). `pod_route` builds the wanted route of an IP.
+///
+/// A wanted IP whose route differs (held ↔ tunnel, stale source) gets its
+/// route in `routes_add` only: adding replaces it in place (same table and
+/// destination), so the pod is never without a route. Per-pod routes of
+/// IPs that are not wanted go to `routes_del`.
 pub fn plan_reconcile(
     wanted: &BTreeMap<String, Ipv4Addr>,
     ipset: Option<&BTreeMap<Ipv4Addr, String>>,
@@ -216,11 +271,7 @@ pub fn plan_reconcile(
             }
         }
         for r in routes {
-            let is_pod_route = r.table == TABLE_INBOUND
-                && r.dev == NODE_INBOUND_LINK
-                && r.via == Some(ZTUNNEL_INBOUND_ADDR)
-                && r.dst.prefix_len() == 32;
-            if is_pod_route && !wanted_ips.iter().any(|ip| pod_route(*ip) == *r) {
+            if is_any_pod_route(r) && !wanted_ips.contains(&r.dst.addr()) {
                 plan.routes_del.push(r.clone());
             }
         }
@@ -318,14 +369,20 @@ mod tests {
         let mut b = a.clone();
         b.ip = ip("10.244.1.6");
         use ZtunnelChange::*;
-        assert_eq!(plan_ztunnel_change(None, None), Nothing);
-        assert_eq!(plan_ztunnel_change(None, Some(&a)), Build);
-        assert_eq!(plan_ztunnel_change(Some(&a), Some(&a)), Refresh);
-        assert_eq!(plan_ztunnel_change(Some(&a), Some(&b)), Rebuild);
-        assert_eq!(plan_ztunnel_change(Some(&a), None), Teardown);
+        for needs_hold in [false, true] {
+            assert_eq!(plan_ztunnel_change(None, Some(&a), needs_hold), Build);
+            assert_eq!(plan_ztunnel_change(Some(&a), Some(&a), needs_hold), Refresh);
+            assert_eq!(plan_ztunnel_change(Some(&a), Some(&b), needs_hold), Rebuild);
+            // ztunnel gone: never a tear-down (fail closed), always a hold.
+            assert_eq!(plan_ztunnel_change(Some(&a), None, needs_hold), Hold);
+        }
+        assert_eq!(plan_ztunnel_change(None, None, false), Nothing);
+        // An earlier agent's capture, or a hold interrupted by an error: held
+        // (again) when told there is no ztunnel.
+        assert_eq!(plan_ztunnel_change(None, None, true), Hold);
         let mut c = a.clone();
         c.netns = "/proc/11/ns/net".into();
-        assert_eq!(plan_ztunnel_change(Some(&a), Some(&c)), Rebuild);
+        assert_eq!(plan_ztunnel_change(Some(&a), Some(&c), false), Rebuild);
     }
 
     #[test]
@@ -351,7 +408,8 @@ mod tests {
         assert_eq!(plan.removed_uids, vec!["gone".to_string()]);
         assert_eq!(plan.routes_add, vec![pr(ip("10.244.1.10"))]);
         assert_eq!(plan.routes_del, vec![pr(ip("10.244.1.11"))]);
-        // a route with a stale source address is replaced
+        // a route with a stale source address is replaced in place (adding
+        // replaces the route of the same destination), never deleted first
         let stale_src = pod_route(ip("10.244.1.9"), ip("10.0.0.1"));
         let plan = plan_reconcile(
             &wanted,
@@ -359,8 +417,72 @@ mod tests {
             Some(std::slice::from_ref(&stale_src)),
             pr,
         );
-        assert_eq!(plan.routes_del, vec![stale_src]);
-        assert_eq!(plan.routes_add.len(), 2);
+        assert!(plan.routes_del.is_empty(), "{:?}", plan.routes_del);
+        assert_eq!(
+            plan.routes_add,
+            vec![pr(ip("10.244.1.9")), pr(ip("10.244.1.10"))]
+        );
+    }
+
+    /// Held ↔ tunnel: every wanted pod's route is replaced in place (no
+    /// moment without a route, when its traffic would reach it directly);
+    /// routes of pods no longer wanted go, in either form.
+    #[test]
+    fn hold_and_rebuild_replace_pod_routes_in_place() {
+        let wanted: BTreeMap<String, Ipv4Addr> = [
+            ("u1".to_string(), ip("10.244.1.9")),
+            ("u2".to_string(), ip("10.244.1.10")),
+        ]
+        .into();
+        let ipset: BTreeMap<Ipv4Addr, String> = [
+            (ip("10.244.1.9"), "u1".to_string()),
+            (ip("10.244.1.10"), "u2".to_string()),
+        ]
+        .into();
+        let tunnel = PodRouting::Tunnel { host_ip: HOST };
+        let held = PodRouting::Held;
+        assert_eq!(PodRouting::Untouched.route(ip("10.244.1.9")), None);
+        let h = |i| held.route(i).unwrap();
+        let t = |i| tunnel.route(i).unwrap();
+        assert_eq!(h(ip("10.244.1.9")).kind, RouteKind::Unreachable);
+        assert!(is_any_pod_route(&h(ip("10.244.1.9"))));
+        assert!(is_any_pod_route(&t(ip("10.244.1.9"))));
+
+        // hold: tunnel routes (and a gone pod's) → held routes
+        let routes = vec![
+            t(ip("10.244.1.9")),
+            t(ip("10.244.1.10")),
+            t(ip("10.244.1.11")),
+        ];
+        let plan = plan_reconcile(&wanted, Some(&ipset), Some(&routes), h);
+        assert_eq!(
+            plan.routes_add,
+            vec![h(ip("10.244.1.9")), h(ip("10.244.1.10"))]
+        );
+        assert_eq!(plan.routes_del, vec![t(ip("10.244.1.11"))]);
+        assert!(plan.ipset_add.is_empty() && plan.ipset_del.is_empty());
+
+        // ztunnel back: held routes (and a held route of a pod unenrolled
+        // meanwhile) → tunnel routes
+        let routes = vec![
+            h(ip("10.244.1.9")),
+            h(ip("10.244.1.10")),
+            h(ip("10.244.1.12")),
+        ];
+        let plan = plan_reconcile(&wanted, Some(&ipset), Some(&routes), t);
+        assert_eq!(
+            plan.routes_add,
+            vec![t(ip("10.244.1.9")), t(ip("10.244.1.10"))]
+        );
+        assert_eq!(plan.routes_del, vec![h(ip("10.244.1.12"))]);
+
+        // other routes of table 100 are not pod routes
+        let mut local = h(ip("10.244.1.13"));
+        local.kind = RouteKind::Local;
+        assert!(!is_any_pod_route(&local));
+        let mut wide = h(ip("10.244.1.0"));
+        wide.dst = "10.244.1.0/24".parse().unwrap();
+        assert!(!is_any_pod_route(&wide));
     }
 
     #[test]

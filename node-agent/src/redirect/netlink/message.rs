@@ -49,11 +49,13 @@ pub struct Link {
     pub link_netnsid: Option<i32>,
 }
 
-/// Route type: ordinary unicast or `local` (deliver to this host).
+/// Route type: ordinary unicast, `local` (deliver to this host) or
+/// `unreachable` (drop, answering ICMP host unreachable; no device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum RouteKind {
     Unicast,
     Local,
+    Unreachable,
 }
 
 /// An IPv4 route in a given table, described by device *name*.
@@ -73,14 +75,18 @@ pub struct Route {
 
 impl std::fmt::Display for Route {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.kind == RouteKind::Local {
-            f.write_str("local ")?;
+        match self.kind {
+            RouteKind::Local => f.write_str("local ")?,
+            RouteKind::Unreachable => f.write_str("unreachable ")?,
+            RouteKind::Unicast => {}
         }
         write!(f, "{}", self.dst)?;
         if let Some(via) = self.via {
             write!(f, " via {via}")?;
         }
-        write!(f, " dev {}", self.dev)?;
+        if !self.dev.is_empty() {
+            write!(f, " dev {}", self.dev)?;
+        }
         if self.scope_link {
             f.write_str(" scope link")?;
         }
@@ -146,17 +152,20 @@ pub fn geneve_link_message(spec: &GeneveLink) -> LinkMessage {
 }
 
 /// `RTM_NEWROUTE`/`RTM_DELROUTE` body for `route`, with its device resolved
-/// to `ifindex`.
-pub fn route_message(route: &Route, ifindex: u32) -> RouteMessage {
+/// to `ifindex` (`None` for a route without a device: unreachable).
+pub fn route_message(route: &Route, ifindex: Option<u32>) -> RouteMessage {
     let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
         .table_id(route.table)
-        .protocol(RouteProtocol::Static)
-        .output_interface(ifindex);
+        .protocol(RouteProtocol::Static);
+    if let Some(ifindex) = ifindex {
+        b = b.output_interface(ifindex);
+    }
     if route.dst.prefix_len() > 0 {
         b = b.destination_prefix(route.dst.network(), route.dst.prefix_len());
     }
     match route.kind {
         RouteKind::Local => b = b.kind(RouteType::Local).scope(RouteScope::Host),
+        RouteKind::Unreachable => b = b.kind(RouteType::Unreachable),
         RouteKind::Unicast => {
             if route.scope_link {
                 b = b.scope(RouteScope::Link);
@@ -260,7 +269,8 @@ pub fn parse_link(msg: &LinkMessage) -> Link {
 
 /// Converts an IPv4 `RTM_NEWROUTE` into a [`Route`], naming the device with
 /// `name_of(ifindex)`. `None` for other families and for routes without an
-/// output device (multipath, blackhole...).
+/// output device (multipath, blackhole...) except unreachable ones (device
+/// name empty).
 pub fn parse_route(msg: &RouteMessage, name_of: impl Fn(u32) -> Option<String>) -> Option<Route> {
     if msg.header.address_family != AddressFamily::Inet {
         return None;
@@ -283,9 +293,13 @@ pub fn parse_route(msg: &RouteMessage, name_of: impl Fn(u32) -> Option<String>) 
     let kind = match msg.header.kind {
         RouteType::Unicast => RouteKind::Unicast,
         RouteType::Local => RouteKind::Local,
+        RouteType::Unreachable => RouteKind::Unreachable,
         _ => return None,
     };
-    let dev = name_of(oif?)?;
+    let dev = match (kind, oif) {
+        (RouteKind::Unreachable, None) => String::new(),
+        (_, oif) => name_of(oif?)?,
+    };
     Some(Route {
         table,
         dst: Ipv4Net::new(dst, msg.header.destination_prefix_length).ok()?,
@@ -447,10 +461,28 @@ mod tests {
             },
         ];
         for r in cases {
-            let msg = route_message(&r, 7);
+            let msg = route_message(&r, Some(7));
             let back = parse_route(&wire_route(&msg), names).expect("parses");
             assert_eq!(back, r, "{r}");
         }
+    }
+
+    #[test]
+    fn unreachable_routes_have_no_device() {
+        let r = Route {
+            kind: RouteKind::Unreachable,
+            ..route(100, "10.244.0.5/32", "")
+        };
+        let msg = route_message(&r, None);
+        assert_eq!(msg.header.kind, RouteType::Unreachable);
+        assert!(
+            !msg.attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(_)))
+        );
+        let back = parse_route(&wire_route(&msg), |_| None).expect("parses");
+        assert_eq!(back, r);
+        assert_eq!(back.to_string(), "unreachable 10.244.0.5/32 table 100");
     }
 
     #[test]
@@ -460,7 +492,7 @@ mod tests {
                 kind: RouteKind::Local,
                 ..route(100, "0.0.0.0/0", "lo")
             },
-            1,
+            Some(1),
         );
         assert!(
             !msg.attributes
