@@ -248,3 +248,281 @@ fn node_proxy_with_tproxy_in_its_own_netns() {
     stop_tx.send(()).unwrap();
     proxy_thread.join().unwrap();
 }
+
+// ---- two nodes: HBONE between two node proxies ----------------------------------------
+
+/// Two "nodes", each a ztunnel netns with one pod; the link between the two ztunnel
+/// namespaces stands for node 1 → underlay → node 2 → `istioin` (GENEVE mode), with the
+/// same TPROXY (15008 on the inbound link) and 0x4d3 return marks the node agent installs:
+///
+/// ```text
+///   pod a 10.64.1.1 ─za─ zt1 (10.64.1.3 on z12) ═z12/z21═ zt2 (10.64.2.3 on z21) ─zb─ pod b 10.64.2.1
+/// ```
+struct TwoNodes {
+    names: Vec<String>,
+}
+
+const A1: Ipv4Addr = Ipv4Addr::new(10, 64, 1, 1);
+const ZT1: Ipv4Addr = Ipv4Addr::new(10, 64, 1, 3);
+const GW1: Ipv4Addr = Ipv4Addr::new(10, 64, 1, 254);
+const B2: Ipv4Addr = Ipv4Addr::new(10, 64, 2, 1);
+const ZT2: Ipv4Addr = Ipv4Addr::new(10, 64, 2, 3);
+const GW2: Ipv4Addr = Ipv4Addr::new(10, 64, 2, 254);
+
+impl Drop for TwoNodes {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+    }
+}
+
+fn iptables_restore(ns: &Netns, rules: String, links: &'static [&'static str]) {
+    ns.run(move || {
+        for k in ["all", "default"].iter().chain(links) {
+            std::fs::write(format!("/proc/sys/net/ipv4/conf/{k}/rp_filter"), "0").unwrap();
+        }
+        let mut child = Command::new("iptables-restore")
+            .arg("--noflush")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "iptables-restore");
+    })
+    .unwrap();
+}
+
+impl TwoNodes {
+    fn ns(&self, i: usize) -> Netns {
+        Netns::open(format!("/run/netns/{}", self.names[i])).unwrap()
+    }
+
+    /// Namespaces: 0 zt1, 1 pod a, 2 zt2, 3 pod b.
+    fn new() -> Self {
+        let p = format!("zttp2n{}", std::process::id());
+        let t = TwoNodes {
+            names: ["zt1", "a", "zt2", "b"]
+                .iter()
+                .map(|n| format!("{p}-{n}"))
+                .collect(),
+        };
+        for n in &t.names {
+            let out = Command::new("ip")
+                .args(["netns", "add", n])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "ip netns add {n}");
+            ip(n, "link set lo up");
+        }
+        let (zt1, a, zt2, b) = (&t.names[0], &t.names[1], &t.names[2], &t.names[3]);
+        // pods
+        for (zt, link, pod, addr, gw) in [(zt1, "za", a, A1, GW1), (zt2, "zb", b, B2, GW2)] {
+            ip(
+                zt,
+                &format!("link add {link} type veth peer name eth0 netns {pod}"),
+            );
+            ip(zt, &format!("addr add {gw}/32 dev {link}"));
+            ip(zt, &format!("link set {link} up"));
+            ip(zt, &format!("route add {addr}/32 dev {link} scope link"));
+            ip(pod, &format!("addr add {addr}/32 dev eth0"));
+            ip(pod, "link set eth0 up");
+            ip(pod, &format!("route add {gw}/32 dev eth0 scope link"));
+            ip(pod, &format!("route add default via {gw} dev eth0"));
+        }
+        // "underlay" between the two ztunnel namespaces
+        ip(
+            zt1,
+            &format!("link add z12 type veth peer name z21 netns {zt2}"),
+        );
+        ip(zt1, &format!("addr add {ZT1}/32 dev z12"));
+        ip(zt2, &format!("addr add {ZT2}/32 dev z21"));
+        ip(zt1, "link set z12 up");
+        ip(zt2, "link set z21 up");
+        ip(zt1, &format!("route add {ZT2}/32 dev z12 scope link"));
+        ip(zt2, &format!("route add {ZT1}/32 dev z21 scope link"));
+        ip(zt1, &format!("route add {B2}/32 via {ZT2} dev z12"));
+        ip(zt2, &format!("route add {A1}/32 via {ZT1} dev z21"));
+        for zt in [zt1, zt2] {
+            ip(zt, "rule add fwmark 0x400/0xfff lookup 100 priority 20000");
+            ip(zt, "rule add fwmark 0x4d3/0xfff lookup 100 priority 20003");
+            ip(zt, "route add local 0.0.0.0/0 dev lo table 100");
+        }
+        // zt1: a's outbound → 15001 (pistioout); replies to a's address arriving from
+        // node 2 → local (0x4d3). zt2: HBONE from node 1 → 15008 (pistioin); b's replies
+        // to other addresses → local (0x4d3).
+        iptables_restore(
+            &t.ns(0),
+            format!(
+                "*mangle\n\
+                 -A PREROUTING -i za -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x400/0xfff\n\
+                 -A PREROUTING ! -d {ZT1}/32 -i z12 -p tcp -j MARK --set-xmark 0x4d3/0xfff\n\
+                 COMMIT\n"
+            ),
+            &["za", "z12"],
+        );
+        iptables_restore(
+            &t.ns(2),
+            format!(
+                "*mangle\n\
+                 -A PREROUTING -i z21 -p tcp --dport 15008 -j TPROXY --on-port 15008 --on-ip 127.0.0.1 --tproxy-mark 0x400/0xfff\n\
+                 -A PREROUTING ! -d {GW2}/32 -i zb -p tcp -j MARK --set-xmark 0x4d3/0xfff\n\
+                 COMMIT\n"
+            ),
+            &["zb", "z21"],
+        );
+        t
+    }
+}
+
+/// The cluster as ztunnel's state sees it: a on n1, b on n2, and each node's ztunnel pod
+/// (istio-system/ztunnel, indexed like any pod by Kubernetes discovery).
+const TWO_NODES_YAML: &str = r#"
+workloads:
+- {uid: a, name: a, namespace: ns-a, serviceAccount: sa-a, workloadIps: ["10.64.1.1"],
+   protocol: HBONE, node: n1, services: {}}
+- {uid: b, name: b, namespace: ns-b, serviceAccount: sa-b, workloadIps: ["10.64.2.1"],
+   protocol: HBONE, node: n2, services: {}}
+- {uid: zt1, name: ztunnel-n1, namespace: istio-system, serviceAccount: ztunnel,
+   workloadIps: ["10.64.1.3"], protocol: TCP, node: n1, services: {}}
+- {uid: zt2, name: ztunnel-n2, namespace: istio-system, serviceAccount: ztunnel,
+   workloadIps: ["10.64.2.3"], protocol: TCP, node: n2, services: {}}
+"#;
+
+/// A node proxy running on a thread inside `ns`; stops when the sender is dropped or used.
+fn node_proxy(
+    ns: Netns,
+    inputs: ztunnel::proxy::ProxyInputs,
+    orig_src: bool,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let handle = ProxyFactory::new(inputs)
+                .start(ProxySpec {
+                    scope: ProxyScope::Node,
+                    sockets: Arc::new(TproxySocketFactory::new()),
+                    bind_ip: IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+                    orig_src,
+                })
+                .await
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            let _ = stop_rx.await;
+            handle.drain(Duration::from_millis(200)).await;
+        });
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("proxy started");
+    (stop_tx, thread)
+}
+
+/// GENEVE-mode regression: node 1's ztunnel tunnels a's connection to b on node 2.
+/// With original source, the HBONE connection comes from a's own IP, so node 2's source
+/// check compares a's certificate with a (before the fix it came from ztunnel-n1's IP and
+/// was refused as an identity mismatch). Without original source it comes from
+/// ztunnel-n1's IP and is accepted because ztunnel-n1 is a node proxy presenting the
+/// identity of a workload on its own node.
+#[test]
+fn hbone_between_node_proxies_with_and_without_original_source() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (network namespaces, TPROXY)");
+        return;
+    }
+    let topo = TwoNodes::new();
+    let mesh = common::Mesh::new("10.64.9", |_| {});
+    let lc = ztunnel::state::file::parse(
+        TWO_NODES_YAML,
+        std::path::Path::new("two-nodes.yaml"),
+        &ztunnel::state::file::FileDefaults {
+            trust_domain: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+        },
+    )
+    .unwrap();
+    mesh.store
+        .source("file")
+        .replace_all(lc.workloads, lc.services, lc.policies);
+    let on_node = |node: &str| {
+        let mut inputs = mesh.inputs.clone();
+        let mut cfg = (*inputs.cfg).clone();
+        cfg.node_name = Some(node.into());
+        inputs.cfg = Arc::new(cfg);
+        inputs
+    };
+    // Node 2 delivers with the client address it sees (as in production).
+    let (stop2, zt2) = node_proxy(topo.ns(2), on_node("n2"), true);
+    let b_ns = topo.ns(3);
+    let peers = {
+        let l = b_ns.run(|| TcpListener::bind((B2, 8080))).unwrap().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                let _ = tx.send(s.peer_addr().unwrap());
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut buf) {
+                        if n == 0 || s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        rx
+    };
+    let dst = SocketAddr::from((B2, 8080));
+    let a_id = "spiffe://cluster.local/ns/ns-a/sa/sa-a";
+
+    for (orig_src, seen_src) in [(true, A1), (false, ZT1)] {
+        let (stop1, zt1) = node_proxy(topo.ns(0), on_node("n1"), orig_src);
+        let mismatches = mesh.refused("identity_mismatch");
+        let payload: &'static [u8] = if orig_src { b"orig-src" } else { b"node-proxy" };
+        assert_eq!(
+            roundtrip(&topo.ns(1), dst, payload),
+            payload,
+            "orig_src={orig_src}: a -> b over HBONE\n{}",
+            common::logs()
+        );
+        let seen = peers.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            seen.ip(),
+            IpAddr::V4(seen_src),
+            "orig_src={orig_src}: address b sees"
+        );
+        assert_eq!(mesh.refused("identity_mismatch"), mismatches);
+        // Node 2's inbound access log: a's identity, the source address it came from.
+        let from = format!("{seen_src}:");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while common::log_lines(&["direction=\"inbound\"", a_id, "10.64.2.1:8080", &from])
+            .is_empty()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "orig_src={orig_src}: no inbound access log from {seen_src}:\n{}",
+                common::logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop1.send(()).unwrap();
+        zt1.join().unwrap();
+    }
+    stop2.send(()).unwrap();
+    zt2.join().unwrap();
+}
