@@ -319,8 +319,9 @@ async fn ztunnel_ip_change_rebuilds_without_stale_state() {
     assert_eq!(seen.local, sa(POD_B, 80));
 
     // ztunnel gone: the node is held (fail closed). Capture stays (ipset,
-    // marks, policy rules), the tunnels go, and enrolled pods' traffic is
-    // refused instead of flowing around ztunnel.
+    // marks, policy rules, tunnels, pod routes), the other routes become
+    // unreachable, and enrolled pods' traffic is refused or dropped instead
+    // of flowing around ztunnel.
     let start = Instant::now();
     red.set_ztunnel(None).await.expect("hold");
     eprintln!("timing: hold without ztunnel: {:?}", start.elapsed());
@@ -378,7 +379,7 @@ async fn ztunnel_ip_change_rebuilds_without_stale_state() {
     assert!(report.failed.iter().all(|e| e.is_retryable()), "{report:?}");
     assert_held(&red.inspect().await.unwrap().0, &both);
 
-    // ztunnel back: rebuilt, every pod route replaced in place.
+    // ztunnel back: rebuilt, the held routes replaced in place.
     let start = Instant::now();
     red.set_ztunnel(Some(ztunnel_pod(&t, ZT_IP2)))
         .await
@@ -388,6 +389,23 @@ async fn ztunnel_ip_change_rebuilds_without_stale_state() {
     assert_exact(&red, &both).await;
     let _c = connect(&t.pod_a, sa(POD_B, 80), b"back").expect("pod-a connects");
     let seen = accept_one(&out_l, WAIT).expect("captured again");
+    assert_eq!(seen.local, sa(POD_B, 80));
+
+    // Held, then back with another IP: the tunnels are replaced, pod routes
+    // made unreachable meanwhile, nothing of the old IP left.
+    red.set_ztunnel(None).await.expect("hold");
+    t.readdress_ztunnel(ZT_IP2, ZT_IP);
+    red.set_ztunnel(Some(ztunnel_pod(&t, ZT_IP)))
+        .await
+        .expect("build for the new IP after hold");
+    assert_exact(&red, &both).await;
+    let (node, _) = red.inspect().await.unwrap();
+    assert_eq!(
+        node.iptables.rules_mentioning(&ZT_IP2.to_string()).count(),
+        0
+    );
+    let _c = connect(&t.pod_a, sa(POD_B, 80), b"moved").expect("pod-a connects");
+    let seen = accept_one(&out_l, WAIT).expect("captured by the moved ztunnel");
     assert_eq!(seen.local, sa(POD_B, 80));
 
     // Uninstall from a held node leaves nothing.

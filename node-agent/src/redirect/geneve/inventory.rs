@@ -13,9 +13,10 @@ use super::ipset;
 use super::node::{Topology, is_pod_route, save_tables};
 use super::node_rules::{TABLES, node_rules_drift};
 use super::routing::{
-    NODE_RULE_PRIORITIES, ZTUNNEL_RULE_PRIORITIES, held_base_routes, held_pod_route,
-    node_base_routes, node_rules, ztunnel_routes, ztunnel_rules,
+    NODE_RULE_PRIORITIES, ZTUNNEL_RULE_PRIORITIES, node_base_routes, node_rules, ztunnel_routes,
+    ztunnel_rules,
 };
+use super::state::hold_route;
 use super::ztunnel_rules::{ZtunnelRuleParams, ztunnel_chains, ztunnel_rules_drift};
 use crate::redirect::iptables::{Backend, Ruleset};
 use crate::redirect::netlink::{GeneveLink, Link, Netlink, Route, Rule};
@@ -209,18 +210,21 @@ impl Inventory {
     }
 
     /// Differences from a held node (no ztunnel; see
-    /// [`super::state::ZtunnelChange::Hold`]) whose rules were last built for
-    /// `topo`, with `pods` enrolled: no tunnel devices, the policy rules, the
-    /// `unreachable` routes, the iptables rules and the ipset.
+    /// [`super::state::ZtunnelChange::Hold`]) last built for `topo`, with
+    /// `pods` enrolled: tunnels, policy rules, iptables rules, ipset and
+    /// per-pod routes as built, every other route `unreachable`.
     pub fn held_drift(&self, topo: &Topology, pods: &BTreeMap<Ipv4Addr, String>) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .links
-            .iter()
-            .map(|l| format!("link {} still present", l.name))
-            .collect();
+        let mut out = Vec::new();
+        link_drift(self, &topo.node_links(), &mut out);
         rule_drift(self, &node_rules(), &mut out);
-        let mut routes = held_base_routes();
-        routes.extend(pods.keys().map(|ip| held_pod_route(*ip)));
+        let mut routes: Vec<Route> = node_base_routes(topo.ztunnel.ip, &topo.ztunnel_veth)
+            .iter()
+            .filter_map(hold_route)
+            .collect();
+        routes.extend(
+            pods.keys()
+                .map(|ip| super::routing::pod_route(*ip, topo.host_ip)),
+        );
         route_drift(self, &routes, &mut out);
         out.extend(node_rules_drift(&topo.node_rule_params(), &self.iptables));
         match &self.ipset {

@@ -15,9 +15,11 @@
 //!
 //! Fail closed: when the ztunnel goes away (`None`, or before a rebuild
 //! against another pod) the node is *held* ([`state::ZtunnelChange::Hold`]):
-//! capture stays, the routes into the tunnels become `unreachable`, so
-//! enrolled pods' traffic is refused, never sent around ztunnel. Building
-//! against the next ztunnel replaces each held route in place.
+//! capture, tunnels and per-pod routes stay, every other route of tables
+//! 100–102 becomes `unreachable`, so enrolled pods' traffic is refused (or
+//! dropped at the tunnel), never sent around ztunnel, while kubelet probes
+//! still reach the pods. Building against the next ztunnel replaces each
+//! held route in place.
 //!
 //! Layout: pure generators and decisions (`node_rules`, `ztunnel_rules`,
 //! `routing`, `port`, `state`, `sysctl` lists, `ipset` lines) are unit-tested
@@ -101,8 +103,11 @@ struct Active {
 struct Inner {
     nl: Netlink,
     active: Option<Active>,
-    /// No ztunnel, and the node is held (per-pod routes `unreachable`).
+    /// No ztunnel, and the node is held.
     held: bool,
+    /// While held: `$HOST_IP` of the kept per-pod routes (`None`: no
+    /// tunnels, pods get `unreachable` routes).
+    held_host_ip: Option<Ipv4Addr>,
     /// No ztunnel, but the node may still route into tunnels: an earlier
     /// agent's capture, or a hold that failed half-way. The next
     /// `set_ztunnel(None)` holds.
@@ -116,7 +121,9 @@ impl Inner {
             (Some(a), _) => PodRouting::Tunnel {
                 host_ip: a.topo.host_ip,
             },
-            (None, true) => PodRouting::Held,
+            (None, true) => PodRouting::Held {
+                host_ip: self.held_host_ip,
+            },
             (None, false) => PodRouting::Untouched,
         }
     }
@@ -164,6 +171,7 @@ impl GeneveRedirector {
                 nl,
                 active: None,
                 held: false,
+                held_host_ip: None,
                 needs_hold,
                 pods: PodTable::default(),
             }),
@@ -240,6 +248,17 @@ impl GeneveRedirector {
             ztunnel = %zt.ip, uid = %zt.uid, veth = %topo.ztunnel_veth, port = topo.geneve_port,
             host_ip = %topo.host_ip, ?change, "building GENEVE redirection"
         );
+        if inner.held
+            && inner.held_host_ip.is_some()
+            && !node::node_tunnels_match(&inner.nl, &topo).await?
+        {
+            // The tunnels are replaced (new ztunnel IP or port), which takes
+            // the per-pod routes through them along: make them `unreachable`
+            // first, so no pod is ever without a route.
+            inner.held_host_ip = None;
+            let wanted = inner.pods.iter().map(|(u, e)| (u.clone(), e.ip)).collect();
+            self.sync_pods(&inner, &wanted, false).await?;
+        }
         let t0 = std::time::Instant::now();
         // The ztunnel side first: by the time the node routes into the
         // tunnels, TPROXY is there to take the packets.
@@ -251,26 +270,35 @@ impl GeneveRedirector {
         let wanted = inner.pods.iter().map(|(u, e)| (u.clone(), e.ip)).collect();
         self.sync_pods(&inner, &wanted, false).await?;
         inner.held = false;
+        inner.held_host_ip = None;
         inner.needs_hold = false;
         Ok(())
     }
 
-    /// Holds the node (fail closed without ztunnel): tables 101/102 and
-    /// every enrolled pod's route become `unreachable` (each replaced in
-    /// place), then the node tunnels and the old ztunnel netns' setup (best
-    /// effort: the pod may be gone) are removed. Capture stays.
+    /// Holds the node (fail closed without ztunnel): the non-pod routes of
+    /// tables 100–102 become `unreachable` in place (captured traffic is
+    /// refused or dropped at the tunnels), per-pod routes are made to match
+    /// the pod table, and the old ztunnel netns' setup is removed (best
+    /// effort: the pod may be gone). Capture, tunnels and pod routes stay.
     async fn hold(&self, inner: &mut Inner) -> Result<(), GeneveError> {
-        let old = inner.active.as_ref().map(|a| a.topo.ztunnel.ip);
-        warn!(ztunnel = ?old, pods = inner.pods.len(), "no ztunnel: holding GENEVE capture, enrolled pods' traffic is refused until a ztunnel is Ready");
-        // From here until the end, a failure leaves the node to be held
-        // again by the next attempt.
+        let old_ip = inner.active.as_ref().map(|a| a.topo.ztunnel.ip);
+        warn!(ztunnel = ?old_ip, pods = inner.pods.len(), "no ztunnel: holding GENEVE capture, enrolled pods' traffic is refused until a ztunnel is Ready");
+        // Until the end, a failure leaves the node to be held again by the
+        // next attempt.
         inner.needs_hold = true;
-        node::hold_base(&inner.nl).await?;
+        node::hold_routes(&inner.nl).await?;
+        let host_ip = match inner.active.as_ref() {
+            Some(a) => Some(a.topo.host_ip),
+            None => node::pod_route_source(&inner.nl)
+                .await?
+                .or(self.cfg.host_ip),
+        };
+        let tunnels = inner.nl.link(constants::NODE_INBOUND_LINK).await?.is_some();
         let old = inner.active.take();
         inner.held = true;
+        inner.held_host_ip = host_ip.filter(|_| tunnels);
         let wanted = inner.pods.iter().map(|(u, e)| (u.clone(), e.ip)).collect();
         self.sync_pods(inner, &wanted, false).await?;
-        node::release_tunnels(&inner.nl).await?;
         inner.needs_hold = false;
         if let Some(a) = old {
             let params = a.topo.ztunnel_rule_params();
@@ -295,6 +323,7 @@ impl GeneveRedirector {
         }
         node::teardown_node(&self.node_ns, &inner.nl, self.backend, destroy_ipset).await?;
         inner.held = false;
+        inner.held_host_ip = None;
         inner.needs_hold = false;
         Ok(())
     }

@@ -10,8 +10,8 @@ use super::constants::*;
 use super::ipset;
 use super::node_rules::{NodeRuleParams, node_apply_batches, node_cleanup_batches};
 use super::port::{Wanted, choose_dst_port};
-use super::routing::{NODE_RULE_PRIORITIES, held_base_routes, node_base_routes, node_rules};
-use super::state::{ZtunnelPod, is_any_pod_route};
+use super::routing::{NODE_RULE_PRIORITIES, node_base_routes, node_rules};
+use super::state::{ZtunnelPod, hold_route, is_any_pod_route};
 use super::sysctl;
 use super::ztunnel_rules::ZtunnelRuleParams;
 use crate::redirect::iptables::{self, Backend, Family, Ruleset};
@@ -338,33 +338,51 @@ pub fn is_pod_route(r: &Route) -> bool {
         && r.dst.prefix_len() == 32
 }
 
-/// First step of holding the node (no ztunnel): captured outbound (table
-/// 101) and original-source replies (table 102) become `unreachable`, in
-/// place of their tunnel routes. Per-pod routes are the caller's next step,
-/// then [`release_tunnels`].
-pub async fn hold_base(nl: &Netlink) -> Result<(), GeneveError> {
-    for r in held_base_routes() {
-        nl.replace_route(&r).await?;
+/// Holds the node (no ztunnel): every non-pod route of tables 100–102
+/// becomes `unreachable`, in place ([`hold_route`]). Captured outbound
+/// (table 101) and original-source replies (table 102) are refused with
+/// "host unreachable"; the tunnels' outer packets (routed by their inner
+/// mark through tables 100/101 to `$ZT`) are dropped, so nothing reaches
+/// the old ztunnel IP, whoever has it now. Idempotent.
+pub async fn hold_routes(nl: &Netlink) -> Result<(), GeneveError> {
+    for t in [TABLE_INBOUND, TABLE_OUTBOUND, TABLE_PROXY] {
+        for r in nl.routes(t).await? {
+            if let Some(h) = hold_route(&r) {
+                nl.replace_route(&h).await?;
+            }
+        }
     }
     Ok(())
 }
 
-/// Last step of holding the node: removes the routes to the old ztunnel
-/// pod and the node's tunnel devices (nothing routes into them any more;
-/// they would encapsulate toward an IP another pod may get). The ipset,
-/// iptables rules, policy rules and held routes stay.
-pub async fn release_tunnels(nl: &Netlink) -> Result<(), GeneveError> {
-    sync_routes(
-        nl,
-        &[TABLE_INBOUND, TABLE_OUTBOUND, TABLE_PROXY],
-        &held_base_routes(),
-        is_any_pod_route,
-    )
-    .await?;
-    for name in NODE_LINKS {
-        nl.delete_link(name).await?;
+/// Whether the node's tunnel devices are those `topo` wants (a build keeps
+/// them, and with them the per-pod routes through `istioin`).
+pub async fn node_tunnels_match(nl: &Netlink, topo: &Topology) -> Result<bool, GeneveError> {
+    for (spec, _) in topo.node_links() {
+        let ok = nl.link(&spec.name).await?.is_some_and(|l| {
+            l.geneve.as_ref().is_some_and(|g| {
+                g.vni == spec.vni && g.remote == Some(spec.remote) && g.dst_port == spec.dst_port
+            })
+        });
+        if !ok {
+            return Ok(false);
+        }
     }
-    Ok(())
+    Ok(true)
+}
+
+/// `$HOST_IP` as the per-pod routes of table 100 have it (their source),
+/// when `istioin` exists and some pod route does.
+pub async fn pod_route_source(nl: &Netlink) -> Result<Option<Ipv4Addr>, GeneveError> {
+    if nl.link(NODE_INBOUND_LINK).await?.is_none() {
+        return Ok(None);
+    }
+    Ok(nl
+        .routes(TABLE_INBOUND)
+        .await?
+        .iter()
+        .filter(|r| is_pod_route(r))
+        .find_map(|r| r.src))
 }
 
 /// Whether the node has an earlier capture (our policy rules).

@@ -98,7 +98,8 @@ pub fn pod_route(pod_ip: Ipv4Addr, host_ip: Ipv4Addr) -> Route {
     r
 }
 
-fn unreachable(table: u32, dst: Ipv4Net) -> Route {
+/// `unreachable <dst> table <table>`.
+pub fn unreachable_route(table: u32, dst: Ipv4Net) -> Route {
     Route {
         table,
         dst,
@@ -111,18 +112,10 @@ fn unreachable(table: u32, dst: Ipv4Net) -> Route {
     }
 }
 
-/// Held node (no ztunnel): what replaces the tunnel routes of tables 101
-/// (captured outbound) and 102 (replies of original-source connections).
-pub fn held_base_routes() -> Vec<Route> {
-    vec![
-        unreachable(TABLE_OUTBOUND, DEFAULT),
-        unreachable(TABLE_PROXY, DEFAULT),
-    ]
-}
-
-/// Held node: an enrolled pod's inbound traffic is refused.
+/// A pod's route while held without tunnels: its inbound traffic is
+/// refused.
 pub fn held_pod_route(pod_ip: Ipv4Addr) -> Route {
-    unreachable(TABLE_INBOUND, host32(pod_ip))
+    unreachable_route(TABLE_INBOUND, host32(pod_ip))
 }
 
 /// ztunnel netns rules, priorities 20000 and 20003.

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use super::constants::{NODE_INBOUND_LINK, TABLE_INBOUND, ZTUNNEL_INBOUND_ADDR};
-use super::routing::{held_pod_route, pod_route};
+use super::routing::{held_pod_route, pod_route, unreachable_route};
 use crate::redirect::netlink::{Route, RouteKind};
 
 /// The ztunnel pod GENEVE redirection points at.
@@ -133,10 +133,11 @@ impl PodTable {
 ///
 /// GENEVE mode fails closed: once the node captures enrolled pods' traffic,
 /// losing the ztunnel never releases it. The capture (ipset, marks, policy
-/// rules) stays and the routes into the tunnels become `unreachable` routes
-/// ("held"), so enrolled pods' traffic is refused instead of crossing the
-/// underlay in plaintext, until a Ready ztunnel takes it again. Only
-/// unenrolment and the full clean-up (uninstall) remove capture.
+/// rules, tunnels, per-pod routes) stays and every other route of tables
+/// 100–102 becomes `unreachable` ("held", [`hold_route`]), so enrolled pods'
+/// traffic is refused instead of crossing the underlay in plaintext, until a
+/// Ready ztunnel takes it again. Only unenrolment and the full clean-up
+/// (uninstall) remove capture.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ZtunnelChange {
     /// No ztunnel before or after, nothing to hold.
@@ -150,9 +151,10 @@ pub enum ZtunnelChange {
     /// Another pod or a new IP: hold, then build against the new one.
     Rebuild,
     /// ztunnel gone (or a capture left without one, e.g. by an earlier
-    /// agent): hold — routes of tables 100–102 become `unreachable`, the
-    /// node tunnels and the old ztunnel netns' setup are removed; the
-    /// ipset, iptables rules, policy rules and pod table are kept.
+    /// agent): hold — the non-pod routes of tables 100–102 become
+    /// `unreachable` and the old ztunnel netns' setup is removed; the ipset,
+    /// iptables rules, policy rules, tunnels, per-pod routes and pod table
+    /// are kept.
     Hold,
 }
 
@@ -181,8 +183,12 @@ pub enum PodRouting {
     Untouched,
     /// Into `istioin`, with `$HOST_IP` as source.
     Tunnel { host_ip: Ipv4Addr },
-    /// No ztunnel: `unreachable`.
-    Held,
+    /// No ztunnel. With `host_ip` (the tunnels are kept): into `istioin` as
+    /// usual — its outer packets find only `unreachable` routes, so they
+    /// are dropped, while the node's own connections to the pod (kubelet
+    /// probes, re-routed by their 0x220 mark after this first lookup)
+    /// still work. Without (no tunnel to route into): `unreachable`.
+    Held { host_ip: Option<Ipv4Addr> },
 }
 
 impl PodRouting {
@@ -190,10 +196,25 @@ impl PodRouting {
     pub fn route(&self, ip: Ipv4Addr) -> Option<Route> {
         match self {
             PodRouting::Untouched => None,
-            PodRouting::Tunnel { host_ip } => Some(pod_route(ip, *host_ip)),
-            PodRouting::Held => Some(held_pod_route(ip)),
+            PodRouting::Tunnel { host_ip }
+            | PodRouting::Held {
+                host_ip: Some(host_ip),
+            } => Some(pod_route(ip, *host_ip)),
+            PodRouting::Held { host_ip: None } => Some(held_pod_route(ip)),
         }
     }
+}
+
+/// Holding the node: what a route of tables 100–102 becomes. Per-pod
+/// routes stay; every other route (the tunnel defaults of tables 101/102,
+/// the `$ZT/32` routes the tunnels' outer packets take) becomes
+/// `unreachable` with the same table and destination, replacing it in
+/// place. `None`: keep as is.
+pub fn hold_route(r: &Route) -> Option<Route> {
+    if is_any_pod_route(r) || r.kind == RouteKind::Unreachable {
+        return None;
+    }
+    Some(unreachable_route(r.table, r.dst))
 }
 
 /// Kernel changes that make the node match a wanted set of pods.
@@ -440,7 +461,15 @@ mod tests {
         ]
         .into();
         let tunnel = PodRouting::Tunnel { host_ip: HOST };
-        let held = PodRouting::Held;
+        let held = PodRouting::Held { host_ip: None };
+        // Held with the tunnels kept: pods keep their tunnel routes.
+        assert_eq!(
+            PodRouting::Held {
+                host_ip: Some(HOST)
+            }
+            .route(ip("10.244.1.9")),
+            tunnel.route(ip("10.244.1.9"))
+        );
         assert_eq!(PodRouting::Untouched.route(ip("10.244.1.9")), None);
         let h = |i| held.route(i).unwrap();
         let t = |i| tunnel.route(i).unwrap();
@@ -483,6 +512,22 @@ mod tests {
         let mut wide = h(ip("10.244.1.0"));
         wide.dst = "10.244.1.0/24".parse().unwrap();
         assert!(!is_any_pod_route(&wide));
+    }
+
+    /// Holding keeps pod routes and turns every other route of tables
+    /// 100–102 into `unreachable` (same table and destination).
+    #[test]
+    fn hold_routes() {
+        use super::super::routing::node_base_routes;
+        let zt = ip("10.244.1.5");
+        for r in node_base_routes(zt, "vethzt") {
+            let h = hold_route(&r).unwrap_or_else(|| panic!("{r} kept"));
+            assert_eq!((h.table, h.dst), (r.table, r.dst), "{r}");
+            assert_eq!(h.kind, RouteKind::Unreachable);
+            assert_eq!(hold_route(&h), None, "holding twice changes nothing");
+        }
+        assert_eq!(hold_route(&pod_route(ip("10.244.1.9"), HOST)), None);
+        assert_eq!(hold_route(&held_pod_route(ip("10.244.1.9"))), None);
     }
 
     #[test]
