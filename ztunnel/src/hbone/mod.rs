@@ -10,6 +10,8 @@
 
 pub mod headers;
 pub mod pool;
+#[cfg(test)]
+mod raw_frames;
 pub mod server;
 pub mod stream;
 

@@ -390,6 +390,10 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hbone::headers::{ConnectRequest, build_request};
+    use crate::hbone::raw_frames::*;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
 
     #[test]
     fn key_ignores_identity_order() {
@@ -409,5 +413,84 @@ mod tests {
         assert_ne!(k1, k3);
         let k4 = PoolKey::new(src, vec![a, b], Some("10.0.0.9".parse().unwrap()), dst);
         assert_ne!(k1, k4);
+    }
+
+    /// A pooled connection announces upstream's HTTP/2 settings (push off, 4 MiB stream
+    /// window, 1 MiB frames, 16 KiB header list, connection window raised to 16 MiB), PINGs
+    /// the peer every `keepalive_interval` and is dropped when no PONG comes back within
+    /// `keepalive_timeout`, even with a stream open.
+    #[tokio::test]
+    async fn announces_upstream_settings_and_drops_a_peer_that_never_answers_ping() {
+        let cfg = H2Config {
+            keepalive_interval: Duration::from_millis(100),
+            keepalive_timeout: Duration::from_millis(300),
+            ..H2Config::default()
+        };
+        let pool = Pool::new(cfg, CancellationToken::new(), TaskTracker::new());
+        let (client_io, mut server) = tokio::io::duplex(1 << 20);
+        let peer = tokio::spawn(async move {
+            let mut preface = [0u8; 24];
+            server.read_exact(&mut preface).await.unwrap();
+            assert_eq!(&preface[..], PREFACE);
+            let settings = read_frame(&mut server).await.unwrap().settings();
+            write_frame(&mut server, SETTINGS, 0, 0, &[]).await;
+            write_frame(&mut server, SETTINGS, FLAG_ACK, 0, &[]).await;
+            let (mut conn_window, mut pings) = (None, 0);
+            while let Some(f) = read_frame(&mut server).await {
+                match (f.kind, f.stream) {
+                    (WINDOW_UPDATE, 0) => conn_window = Some(f.window_increment()),
+                    // `:status: 200` (HPACK static table entry 8).
+                    (HEADERS, 1) => {
+                        write_frame(&mut server, HEADERS, FLAG_END_HEADERS, 1, &[0x88]).await
+                    }
+                    // Never answered.
+                    (PING, 0) if f.flags & FLAG_ACK == 0 => pings += 1,
+                    _ => {}
+                }
+            }
+            (settings, conn_window, pings)
+        });
+        let key = PoolKey::new(
+            Identity::new("td", "ns", "a"),
+            vec![Identity::new("td", "ns", "b")],
+            None,
+            "10.0.0.2:15008".parse().unwrap(),
+        );
+        let request = build_request(&ConnectRequest {
+            authority: "10.0.0.2:8080".parse().unwrap(),
+            client: None,
+            host: None,
+            baggage: None,
+        });
+        let stream = pool
+            .open_stream(
+                &key,
+                request,
+                || async move { Ok::<_, HboneError>(client_io) },
+            )
+            .await
+            .unwrap();
+        assert_eq!(pool.connections().len(), 1);
+        let (settings, conn_window, pings) = tokio::time::timeout(Duration::from_secs(10), peer)
+            .await
+            .expect("the connection is closed when PONGs stop")
+            .unwrap();
+        assert!(pings >= 1, "no keepalive PING sent");
+        assert!(pool.connections().is_empty(), "{:?}", pool.connections());
+        drop(stream);
+        let get = |id: u16| settings.iter().find(|(i, _)| *i == id).map(|(_, v)| *v);
+        assert_eq!(get(SETTINGS_ENABLE_PUSH), Some(0), "{settings:?}");
+        assert_eq!(
+            get(SETTINGS_INITIAL_WINDOW_SIZE),
+            Some(4 << 20),
+            "{settings:?}"
+        );
+        assert_eq!(get(SETTINGS_MAX_FRAME_SIZE), Some(1 << 20), "{settings:?}");
+        assert_eq!(
+            get(SETTINGS_MAX_HEADER_LIST_SIZE),
+            Some(16 << 10),
+            "{settings:?}"
+        );
+        assert_eq!(conn_window, Some((16 << 20) - 65_535));
     }
 }

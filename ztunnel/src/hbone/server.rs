@@ -94,3 +94,81 @@ pub fn respond_status(mut respond: SendResponse<Bytes>, status: StatusCode) {
         .expect("a status-only response is valid");
     let _ = respond.send_response(resp, true);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hbone::raw_frames::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// The server announces upstream's settings (200 concurrent streams, 4 MiB stream window,
+    /// 1 MiB frames, 64 KiB header list, connection window raised to 16 MiB) and answers a
+    /// stop with GOAWAY, ending once the client is gone.
+    #[tokio::test]
+    async fn announces_upstream_settings_and_sends_goaway_on_stop() {
+        let (mut client, server_io) = tokio::io::duplex(1 << 20);
+        let stop = CancellationToken::new();
+        let server = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let tracker = TaskTracker::new();
+                serve(
+                    server_io,
+                    &H2Config::default(),
+                    stop,
+                    &tracker,
+                    |_req, respond| async move { respond_status(respond, StatusCode::OK) },
+                )
+                .await
+            })
+        };
+        client.write_all(PREFACE).await.unwrap();
+        write_frame(&mut client, SETTINGS, 0, 0, &[]).await;
+        let settings = read_frame(&mut client).await.unwrap().settings();
+        let get = |id: u16| settings.iter().find(|(i, _)| *i == id).map(|(_, v)| *v);
+        assert_eq!(
+            get(SETTINGS_MAX_CONCURRENT_STREAMS),
+            Some(200),
+            "{settings:?}"
+        );
+        assert_eq!(
+            get(SETTINGS_INITIAL_WINDOW_SIZE),
+            Some(4 << 20),
+            "{settings:?}"
+        );
+        assert_eq!(get(SETTINGS_MAX_FRAME_SIZE), Some(1 << 20), "{settings:?}");
+        assert_eq!(
+            get(SETTINGS_MAX_HEADER_LIST_SIZE),
+            Some(64 << 10),
+            "{settings:?}"
+        );
+        let mut conn_window = None;
+        let mut goaway = false;
+        let mut stopped = false;
+        while let Some(f) = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client))
+            .await
+            .expect("server frames")
+        {
+            match (f.kind, f.flags) {
+                (WINDOW_UPDATE, _) if f.stream == 0 => conn_window = Some(f.window_increment()),
+                (GOAWAY, _) => {
+                    goaway = true;
+                    break;
+                }
+                (SETTINGS, FLAG_ACK) if !stopped => {
+                    stopped = true;
+                    stop.cancel();
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(conn_window, Some((16 << 20) - 65_535));
+        assert!(goaway, "no GOAWAY after stop");
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("serve ends after GOAWAY once the client is gone")
+            .unwrap()
+            .ok();
+    }
+}

@@ -308,3 +308,79 @@ pub fn generate_csr(identity: &Identity) -> Result<(String, String), String> {
         .map_err(|e| format!("CSR encoding failed: {e}"))?;
     Ok((key.serialize_pem(), csr))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::local_ca::LocalCa;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    fn local_ca(root: &str) -> Arc<LocalCa> {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/ca");
+        Arc::new(
+            LocalCa::from_files(
+                &dir.join(format!("{root}-root.pem")),
+                &dir.join(format!("{root}-root.key")),
+            )
+            .unwrap(),
+        )
+    }
+
+    /// The issued workload certificate: ECDSA P-256 key, the SPIFFE URI as its only SAN,
+    /// valid for `SECRET_TTL` (plus the CA's one-minute back-dating), renewed at half-life;
+    /// the same for a CA with an RSA root.
+    #[tokio::test]
+    async fn issues_p256_spiffe_certificates_for_secret_ttl_renewed_at_half_life() {
+        const P256: &str = "1.2.840.10045.3.1.7";
+        const EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
+        let ttl = Duration::from_secs(5400);
+        for root in ["ec", "rsa"] {
+            let certs = SecretManager::new(local_ca(root), ttl);
+            let id = Identity::new("cluster.local", "ns1", "sa1");
+            let cert = certs.fetch_certificate(&id).await.unwrap();
+            assert_eq!(cert.identity(), &id);
+            let pem = &cert.chain_pem()[0];
+            let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+            let (_, x509) = X509Certificate::from_der(der.as_ref()).unwrap();
+            let spki = &x509.tbs_certificate.subject_pki;
+            assert_eq!(
+                spki.algorithm.algorithm.to_id_string(),
+                EC_PUBLIC_KEY,
+                "{root}"
+            );
+            let curve = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok())
+                .map(|o| o.to_id_string());
+            assert_eq!(curve.as_deref(), Some(P256), "{root}");
+            let info = super::super::certificate::LeafInfo::parse(&der).unwrap();
+            assert_eq!(info.uri_sans, [id.to_string()], "{root}");
+            assert_eq!(x509.subject().iter().count(), 0, "empty subject ({root})");
+            let life = cert.not_after().duration_since(cert.not_before()).unwrap();
+            assert!(
+                life >= ttl && life <= ttl + Duration::from_secs(120),
+                "{root}: lifetime {life:?} for SECRET_TTL {ttl:?}"
+            );
+            assert!(
+                cert.not_after()
+                    .duration_since(SystemTime::now())
+                    .unwrap()
+                    .abs_diff(ttl)
+                    < Duration::from_secs(60),
+                "{root}: expires SECRET_TTL from now"
+            );
+            assert_eq!(cert.refresh_at(), cert.not_before() + life / 2, "{root}");
+            // Cached: the same certificate until renewal.
+            let again = certs.fetch_certificate(&id).await.unwrap();
+            assert_eq!(again.serial(), cert.serial());
+            let dump = certs.dump();
+            assert_eq!(dump.len(), 1);
+            assert_eq!(dump[0].identity, id.to_string());
+            assert!(dump[0].expiration.is_some() && dump[0].refresh_at.is_some());
+        }
+    }
+}
