@@ -267,6 +267,15 @@ impl DedicatedMesh {
         );
     }
 
+    /// Takes the ztunnel process of pod `name` out of the mesh, for a test that signals and
+    /// waits for it itself ([`Self::shutdown`] then skips the pod).
+    pub fn take_ztunnel(&mut self, name: &str) -> Option<Process> {
+        self.pods
+            .iter_mut()
+            .find(|p| p.name == name)
+            .and_then(|p| p.ztunnel.take())
+    }
+
     /// SIGTERM to every ztunnel; each must drain and exit 0.
     pub fn shutdown(mut self) {
         for p in &mut self.pods {

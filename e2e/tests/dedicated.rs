@@ -8,7 +8,9 @@
 //!   payload only on port 15008 and never the plaintext; both access logs name the other
 //!   side's SPIFFE identity; metrics count the connection.
 //! - 200 concurrent connections and a 1 GiB transfer arrive intact (SHA-256).
-//! - SIGTERM: each ztunnel drains and exits 0.
+//! - SIGTERM: each ztunnel drains and exits 0: new connections are refused at once, open
+//!   ones keep flowing and the process exits as soon as they finish; connections still open
+//!   when `TERMINATION_GRACE_PERIOD_SECONDS` ends are closed and the exit status is still 0.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -20,6 +22,10 @@ use e2e::netsim::{can_create_netns, capture_during};
 
 const ECHO_PORT: u16 = 8080;
 const SINK_PORT: u16 = 8081;
+const NODE_PORT: u16 = 8082;
+/// A Service in front of pod B (local-config `services` entry).
+const SERVICE_B: &str = "- name: b\n  namespace: default\n  hostname: b.default.svc.cluster.local\n  \
+                         vips: [\"/10.96.0.10\"]\n  ports: {80: 8080}\n";
 
 macro_rules! require_root {
     () => {
@@ -42,9 +48,14 @@ impl Mesh {
         m.add_pod("a", "default", "sa-a").expect("pod a");
         m.add_pod("b", "default", "sa-b").expect("pod b");
         let yaml = format!(
-            "workloads:\n{}{}",
+            "workloads:\n{}{}services:\n{SERVICE_B}",
             workload_entry(m.pod("a"), "HBONE", "{}", ""),
-            workload_entry(m.pod("b"), "HBONE", "{}", "")
+            workload_entry(
+                m.pod("b"),
+                "HBONE",
+                "{\"default/b.default.svc.cluster.local\": {80: 8080}}",
+                ""
+            )
         );
         m.write_config(&yaml);
         m.start_ztunnel("a");
@@ -138,16 +149,42 @@ fn plain_client_reaches_server_only_through_hbone() {
                 && l.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/sa-a\"")),
         "{metrics}"
     );
-    // config_dump lists the workloads and the certificate with its expiry.
-    let (_, dump) = mesh
+    // config_dump lists the workloads, the service and A's certificate with its expiry.
+    let (status, dump) = mesh
         .a()
         .http_get(15000, "/config_dump")
         .expect("config_dump");
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("config_dump is JSON");
+    let uids: Vec<&str> = dump["workloads"]
+        .as_array()
+        .expect("workloads")
+        .iter()
+        .filter_map(|w| w["uid"].as_str())
+        .collect();
+    assert_eq!(uids, [mesh.a().uid(), mesh.b().uid()], "{dump:#}");
+    let hosts: Vec<&str> = dump["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .filter_map(|s| s["hostname"].as_str())
+        .collect();
+    assert_eq!(hosts, ["b.default.svc.cluster.local"], "{dump:#}");
+    let certs = dump["certificates"].as_array().expect("certificates");
+    let cert = certs
+        .iter()
+        .find(|c| c["identity"] == mesh.a().identity().as_str())
+        .unwrap_or_else(|| panic!("no certificate for A: {dump:#}"));
+    assert_eq!(cert["state"], "available", "{cert:#}");
+    let expires = humantime::parse_rfc3339(cert["expiration"].as_str().expect("expiration"))
+        .expect("RFC 3339 expiration");
+    let left = expires
+        .duration_since(std::time::SystemTime::now())
+        .expect("certificate expires in the future");
     assert!(
-        dump.contains("spiffe://cluster.local/ns/default/sa/sa-a"),
-        "{dump}"
+        left > Duration::from_secs(23 * 3600) && left <= Duration::from_secs(24 * 3600),
+        "default SECRET_TTL is 24h, {left:?} left"
     );
-    assert!(dump.contains("\"expiration\""), "{dump}");
 
     mesh.shutdown();
 }
@@ -221,4 +258,90 @@ fn concurrent_connections_and_a_gigabyte_arrive_intact() {
     assert_eq!(digest, ctx.finish().as_ref().to_vec());
     drop(s);
     mesh.shutdown();
+}
+
+/// Writes `data` on an open connection to an echo server and reads it back.
+fn roundtrip(s: &mut TcpStream, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    s.write_all(data)?;
+    let mut back = vec![0u8; data.len()];
+    s.read_exact(&mut back)?;
+    Ok(back)
+}
+
+#[test]
+fn sigterm_refuses_new_connections_drains_open_ones_and_exits_zero() {
+    require_root!();
+    let mut mesh = Mesh::new("ztdeddrain");
+    // Signalled and awaited here, not by `Mesh::shutdown`.
+    let mut za = mesh.m.take_ztunnel("a").expect("ztunnel a");
+    let mut zb = mesh.m.take_ztunnel("b").expect("ztunnel b");
+    let _echo = EchoServer::start(mesh.b().netns(), ECHO_PORT, None);
+    // A non-mesh server on the node: pod A reaches it through ztunnel A only (passthrough).
+    let node = mesh.m.node();
+    let _node_echo = EchoServer::start(node.netns(), NODE_PORT, None);
+    let node_dst = SocketAddr::from((node.gateway(), NODE_PORT));
+    let hbone_b = SocketAddr::from((mesh.b().ip(), 15008));
+    let from_node = |dst: SocketAddr| {
+        node.netns()
+            .run(move || TcpStream::connect_timeout(&dst, Duration::from_secs(2)))
+            .expect("enter node netns")
+    };
+
+    let mut through_both = mesh.connect_a_to_b(ECHO_PORT);
+    assert_eq!(roundtrip(&mut through_both, b"one").unwrap(), b"one");
+    let mut through_a = mesh.a().connect(node_dst).expect("pod a to the node");
+    through_a
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    assert_eq!(roundtrip(&mut through_a, b"one").unwrap(), b"one");
+    assert!(from_node(hbone_b).is_ok(), "B's HBONE port before SIGTERM");
+
+    // B: stops accepting at once, keeps the open tunnel, exits 0 once it is closed, without
+    // waiting for the rest of the grace period.
+    zb.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_until(
+        "B refuses new HBONE connections",
+        Duration::from_secs(2),
+        || from_node(hbone_b).is_err(),
+    );
+    assert_eq!(roundtrip(&mut through_both, b"two").unwrap(), b"two");
+    assert!(zb.is_running(), "B exited with a connection open");
+    through_both.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    through_both.read_to_end(&mut rest).unwrap();
+    drop(through_both);
+    let status = zb
+        .wait_timeout(Duration::from_secs(10))
+        .expect("B exits after its last connection");
+    let log_b = mesh.b().log();
+    assert!(status.success(), "ztunnel b: {status}\n{log_b}");
+    assert!(
+        log_b.contains("SIGTERM: draining") && log_b.contains("drained; exiting"),
+        "{log_b}"
+    );
+    assert!(
+        !log_b.contains("grace period over"),
+        "B waited for the grace period:\n{log_b}"
+    );
+
+    // A: a connection that never ends is closed when the grace period (3 s) is over; the
+    // exit status is still 0. Meanwhile new connections from pod A are refused (15001 is
+    // closed, the capture rule still points there).
+    za.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_until("A refuses new connections", Duration::from_secs(2), || {
+        mesh.a().connect(node_dst).is_err()
+    });
+    assert_eq!(roundtrip(&mut through_a, b"two").unwrap(), b"two");
+    let status = za
+        .wait_timeout(Duration::from_secs(15))
+        .expect("A exits after the grace period");
+    let log_a = mesh.a().log();
+    assert!(status.success(), "ztunnel a: {status}\n{log_a}");
+    assert!(
+        log_a.contains("grace period over") && log_a.contains("drained; exiting"),
+        "{log_a}"
+    );
+    let mut buf = [0u8; 16];
+    let closed = matches!(through_a.read(&mut buf), Ok(0) | Err(_));
+    assert!(closed, "the connection outlived ztunnel a");
 }
