@@ -139,7 +139,6 @@ pub fn parse_sockperf(text: &str) -> Result<Percentiles> {
     })
 }
 
-
 /// Keeps every CPU busy with `SCHED_IDLE` spinners while alive, so vCPUs never halt and a
 /// wake-up does not pay the hypervisor's idle-exit latency (any other task preempts a
 /// `SCHED_IDLE` one at once). Latency measured this way isolates the proxies' own cost.
