@@ -67,17 +67,19 @@ e2e-kind:
 e2e-kind-clean:
 	e2e/kind/clean.sh
 
-# --- Node agent memory (issue 6): 100 enrolled pods, VmRSS vs the 15 MB target ---
-.PHONY: bench-agent-memory
-bench: bench-agent-memory
+# --- Benchmarks: data plane vs direct, agent memory, CNI ADD latency, policy ---------
+# bench/run.sh writes bench/RESULTS.md (raw outputs in target/bench/).
+# BENCH_SECONDS sets the length of each data-plane measurement.
+BENCH_SECONDS ?= 10
+bench: deps
+	BENCH_SECONDS=$(BENCH_SECONDS) bench/run.sh
+
+# The parts alone.
+.PHONY: bench-agent-memory bench-dedicated bench-cni
 bench-agent-memory: deps
 	bench/agent_memory.sh
-
-# --- Data plane (issue 2): direct TCP vs two dedicated ztunnels, release build --------
-# Writes bench/RESULTS.md. BENCH_SECONDS sets the length of each measurement.
-.PHONY: bench-dedicated
-BENCH_SECONDS ?= 10
-bench: bench-dedicated
 bench-dedicated: deps
 	$(CARGO) build --release -p ztunnel -p mesh-bench
-	target/release/bench-dedicated --seconds $(BENCH_SECONDS)
+	target/release/bench-dedicated --seconds $(BENCH_SECONDS) --results target/bench-dedicated.md
+bench-cni: deps
+	bench/cni.sh

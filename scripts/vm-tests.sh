@@ -23,8 +23,10 @@ if [ "${1:-}" = --inside ]; then
   for b in "$@"; do
     echo "=== vm-tests: $b"
     t0=$(date +%s.%N)
-    if [ -n "$filter" ]; then "./$b" --test-threads="$threads" "$filter" || rc=1
-    else "./$b" --test-threads="$threads" || rc=1; fi
+    # --nocapture: the scenarios print their progress, so a run cut off by
+    # the VM's timeout still shows how far it got.
+    if [ -n "$filter" ]; then "./$b" --nocapture --test-threads="$threads" "$filter" || rc=1
+    else "./$b" --nocapture --test-threads="$threads" || rc=1; fi
     echo "=== vm-tests: $b took $(elapsed "$t0") s"
   done
   echo "=== vm-tests: all test binaries took $(elapsed "$start") s inside the VM"

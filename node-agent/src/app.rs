@@ -47,7 +47,7 @@ use crate::reconcile::cni_add::CniAddHandler;
 use crate::reconcile::pod_netns::{NetnsPaths, NetnsResolver, POD_NETNS_DIR};
 use crate::reconcile::{ReconcileConfig, Reconciler, ztunnel};
 use crate::redirect::Redirector;
-use crate::redirect::geneve::{GeneveConfig, GeneveRedirector};
+use crate::redirect::geneve::{GeneveConfig, GeneveRedirector, SysctlRoot};
 use crate::redirect::inpod::{InpodConfig, InpodRedirector};
 use crate::zds::{ZdsConfig, ZdsServer};
 
@@ -180,6 +180,7 @@ async fn build_redirector(cfg: &AgentConfig) -> Result<(Arc<dyn Redirector>, Mod
             let geneve = Arc::new(
                 GeneveRedirector::new(GeneveConfig {
                     dns_capture: cfg.dns_capture,
+                    sysctls: SysctlRoot::under_proc(&cfg.host_proc_dir),
                     ..GeneveConfig::default()
                 })
                 .await

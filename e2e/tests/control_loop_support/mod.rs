@@ -59,14 +59,33 @@ macro_rules! require_env {
     };
 }
 
+/// How much longer than on the host waits may take: `E2E_TIME_SCALE`, else
+/// x20 inside scripts/vm-tests.sh's VM (`GENEVE_TESTS_REQUIRED=1`: an
+/// emulated machine, tens of times slower), else 1. Functional checks
+/// stay the same; only time limits stretch.
+pub fn time_scale() -> u32 {
+    if let Some(n) = std::env::var("E2E_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        return n.max(1);
+    }
+    if std::env::var("GENEVE_TESTS_REQUIRED").as_deref() == Ok("1") {
+        20
+    } else {
+        1
+    }
+}
+
 /// Polls `f` every 10 ms until it returns `Some`, or panics after `max`
-/// with `what` and `context()`.
+/// (times [`time_scale`]) with `what` and `context()`.
 pub fn wait_for<T>(
     what: &str,
     max: Duration,
     mut f: impl FnMut() -> Option<T>,
     context: impl Fn() -> String,
 ) -> T {
+    let max = max * time_scale();
     let deadline = Instant::now() + max;
     loop {
         if let Some(v) = f() {
@@ -647,7 +666,7 @@ impl Env {
             .create_netns(&format!("{}-{name}", self.node().name()))
             .expect("pod netns");
         let container = format!("c-{name}");
-        let deadline = Instant::now() + max;
+        let deadline = Instant::now() + max * time_scale();
         let result = loop {
             match self.cni_add(namespace, name, uid, &netns, &container) {
                 Ok(r) => break r,

@@ -103,13 +103,25 @@ impl<'a> Ctx<'a> {
     /// `max` is scaled by [`time_scale`].
     pub fn wait<T>(&self, what: &str, max: Duration, mut f: impl FnMut() -> Option<T>) -> T {
         let max = t(max);
-        let deadline = Instant::now() + max;
+        let start = Instant::now();
+        let deadline = start + max;
+        let mut report = start + REPORT_EVERY;
         loop {
             if let Some(v) = f() {
                 return v;
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 self.fail(&format!("timed out after {max:?} waiting for {what}"));
+            }
+            if now >= report {
+                // Long waits (scaled up in the VM) say what they wait for.
+                eprintln!(
+                    "[{}] still waiting for {what} after {:?}",
+                    self.ns,
+                    now - start
+                );
+                report = now + REPORT_EVERY;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -235,6 +247,15 @@ impl<'a> Ctx<'a> {
         None
     }
 
+    /// The simulated kubelet reports `namespace/name` Ready (announced, so
+    /// a long wait in the VM shows what it is waiting for).
+    pub fn wait_pod_ready(&self, namespace: &str, name: &str, max: Duration) {
+        eprintln!("[{}] waiting for {namespace}/{name} to be Ready", self.ns);
+        self.sim
+            .wait_ready(namespace, name, t(max))
+            .unwrap_or_else(|e| self.fail(&e.to_string()));
+    }
+
     pub fn annotation(&self, pod: &str) -> Option<String> {
         self.sim.annotation(&self.ns, pod, REDIRECTION_ANNOTATION)
     }
@@ -335,6 +356,9 @@ impl<'a> Ctx<'a> {
         (c.pid, c.restarts)
     }
 }
+
+/// How often a long wait reports that it is still waiting.
+const REPORT_EVERY: Duration = Duration::from_secs(20);
 
 /// Requests over one long-lived connection from a background thread,
 /// every `interval`, counting successes and failures.
@@ -609,6 +633,10 @@ pub fn s5_agent_restart(ctx: &Ctx<'_>) {
     ctx.wait_enrolled("client", 5 * SECOND);
     ctx.wait_enrolled("server", 5 * SECOND);
     ctx.wait_mtls("client", server, "server", "s5-before-stream");
+    eprintln!(
+        "[{}] client -> server is HBONE; starting the stream",
+        ctx.ns
+    );
     let stream = Stream::start(ctx, "client", server, Duration::from_millis(50));
     let n1 = ctx.node(1);
     ctx.sim
@@ -659,17 +687,13 @@ pub fn s5_agent_restart(ctx: &Ctx<'_>) {
     ctx.sim
         .release_component(NODE_AGENT, &n1)
         .unwrap_or_else(|e| ctx.fail(&e.to_string()));
-    ctx.sim
-        .wait_ready(
-            e2e::simcluster::SYSTEM_NAMESPACE,
-            &e2e::simcluster::component_pod_name(NODE_AGENT, &n1),
-            t(30 * SECOND),
-        )
-        .unwrap_or_else(|e| ctx.fail(&e.to_string()));
+    ctx.wait_pod_ready(
+        e2e::simcluster::SYSTEM_NAMESPACE,
+        &e2e::simcluster::component_pod_name(NODE_AGENT, &n1),
+        30 * SECOND,
+    );
     eprintln!("[{}] agent down for {:?}", ctx.ns, killed_at.elapsed());
-    ctx.sim
-        .wait_ready(&ctx.ns, "late", t(30 * SECOND))
-        .unwrap_or_else(|e| ctx.fail(&e.to_string()));
+    ctx.wait_pod_ready(&ctx.ns, "late", 30 * SECOND);
     ctx.wait_enrolled("late", 5 * SECOND);
     ctx.assert_mtls("late", server, "server", "s5-late-pod");
     let before_end = stream.ok();
@@ -808,9 +832,7 @@ pub fn s7_cni_config_rewrite(ctx: &Ctx<'_>) {
         ))
         .unwrap_or_else(|e| ctx.fail(&e.to_string()));
     for p in ["after-rewrite", "after-repair"] {
-        ctx.sim
-            .wait_ready(&ctx.ns, p, t(30 * SECOND))
-            .unwrap_or_else(|e| ctx.fail(&e.to_string()));
+        ctx.wait_pod_ready(&ctx.ns, p, 30 * SECOND);
         ctx.wait_enrolled(p, 5 * SECOND);
         ctx.assert_mtls(p, server, "server", &format!("s7-{p}"));
     }

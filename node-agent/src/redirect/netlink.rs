@@ -203,6 +203,21 @@ impl Netlink {
             .map_err(self.fail(format!("set link {name} up")))
     }
 
+    /// Sets the MAC address of `name`.
+    pub async fn set_mac(&self, name: &str, mac: [u8; 6]) -> Result<(), NetlinkError> {
+        let index = self.require_index(name).await?;
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .address(mac.to_vec())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(self.fail(format!("set the MAC address of link {name}")))
+    }
+
     /// Deletes the link called `name`. `Ok(false)` when it did not exist.
     pub async fn delete_link(&self, name: &str) -> Result<bool, NetlinkError> {
         let Some(link) = self.link(name).await? else {
@@ -266,7 +281,7 @@ impl Netlink {
     /// Adds or replaces `route` (idempotent).
     pub async fn replace_route(&self, route: &Route) -> Result<(), NetlinkError> {
         let index = match route.kind {
-            RouteKind::Unreachable => None,
+            k if k.is_reject() => None,
             _ => Some(self.require_index(&route.dev).await?),
         };
         self.handle
@@ -281,7 +296,7 @@ impl Netlink {
     /// Deletes `route`. `Ok(false)` when it (or its device) did not exist.
     pub async fn delete_route(&self, route: &Route) -> Result<bool, NetlinkError> {
         let index = match route.kind {
-            RouteKind::Unreachable => None,
+            k if k.is_reject() => None,
             _ => match self.link(&route.dev).await? {
                 Some(link) => Some(link.index),
                 None => return Ok(false),

@@ -14,6 +14,17 @@ pub const ZTUNNEL_INBOUND_LINK: &str = "pistioin";
 /// ztunnel-side end of the outbound tunnel.
 pub const ZTUNNEL_OUTBOUND_LINK: &str = "pistioout";
 
+/// Fixed, locally administered MAC addresses of the four tunnel devices
+/// (`02:69:73` = "is"). GENEVE devices are Ethernet: each side caches the
+/// other's MAC for the inner next hop (`192.168.12x.y`). Random MACs made a
+/// ztunnel-side rebuild (same ztunnel IP, devices recreated after a hold)
+/// black-hole captured traffic until the node's neighbour entry went stale
+/// (~30 s); with fixed ones a recreated device answers to the cached MAC.
+pub const NODE_INBOUND_MAC: [u8; 6] = [0x02, 0x69, 0x73, 0x00, 0x00, 0x01];
+pub const NODE_OUTBOUND_MAC: [u8; 6] = [0x02, 0x69, 0x73, 0x00, 0x00, 0x02];
+pub const ZTUNNEL_INBOUND_MAC: [u8; 6] = [0x02, 0x69, 0x73, 0x00, 0x00, 0x11];
+pub const ZTUNNEL_OUTBOUND_MAC: [u8; 6] = [0x02, 0x69, 0x73, 0x00, 0x00, 0x12];
+
 pub const INBOUND_VNI: u32 = 1000;
 pub const OUTBOUND_VNI: u32 = 1001;
 

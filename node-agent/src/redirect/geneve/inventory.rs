@@ -212,7 +212,7 @@ impl Inventory {
     /// Differences from a held node (no ztunnel; see
     /// [`super::state::ZtunnelChange::Hold`]) last built for `topo`, with
     /// `pods` enrolled: tunnels, policy rules, iptables rules, ipset and
-    /// per-pod routes as built, every other route `unreachable`.
+    /// per-pod routes as built, every other route `unreachable` (`blackhole` in table 100).
     pub fn held_drift(&self, topo: &Topology, pods: &BTreeMap<Ipv4Addr, String>) -> Vec<String> {
         let mut out = Vec::new();
         link_drift(self, &topo.node_links(), &mut out);

@@ -64,6 +64,7 @@ use super::netns::Netns;
 use super::{PodRedirect, ReconcileReport, RedirectError, Redirector};
 use crate::redirect::netlink::RouteKind;
 use state::{ZtunnelChange, plan_reconcile, plan_ztunnel_change};
+pub use sysctl::SysctlRoot;
 
 /// Configuration of GENEVE mode.
 #[derive(Debug, Clone)]
@@ -80,6 +81,9 @@ pub struct GeneveConfig {
     pub backend: Option<Backend>,
     /// DNS capture (`ISTIO_META_DNS_CAPTURE=true` on the ztunnel pod).
     pub dns_capture: bool,
+    /// Where `net.ipv4.conf.*` is written (`$HOST_PROC_DIR/sys/net` in the
+    /// chart, `/proc/sys/net` by default).
+    pub sysctls: SysctlRoot,
 }
 
 impl Default for GeneveConfig {
@@ -89,6 +93,7 @@ impl Default for GeneveConfig {
             host_ip: None,
             backend: None,
             dns_capture: false,
+            sysctls: SysctlRoot::default(),
         }
     }
 }
@@ -262,9 +267,16 @@ impl GeneveRedirector {
         let t0 = std::time::Instant::now();
         // The ztunnel side first: by the time the node routes into the
         // tunnels, TPROXY is there to take the packets.
-        ztunnel_ns::build_ztunnel(&ns, &nl, &topo, self.backend).await?;
+        ztunnel_ns::build_ztunnel(&ns, &nl, &topo, self.backend, &self.cfg.sysctls).await?;
         let t1 = std::time::Instant::now();
-        node::build_node(&self.node_ns, &inner.nl, &topo, self.backend).await?;
+        node::build_node(
+            &self.node_ns,
+            &inner.nl,
+            &topo,
+            self.backend,
+            &self.cfg.sysctls,
+        )
+        .await?;
         debug!(ztunnel = ?(t1 - t0), node = ?t1.elapsed(), "GENEVE sides built");
         inner.active = Some(Active { topo, ns, nl });
         let wanted = inner.pods.iter().map(|(u, e)| (u.clone(), e.ip)).collect();
@@ -394,7 +406,9 @@ impl GeneveRedirector {
             .filter(|r| r.kind == RouteKind::Unicast)
         {
             let ip = r.dst.addr();
-            if let Err(e) = node::pod_rp_filter(&self.node_ns, &inner.nl, ip).await {
+            if let Err(e) =
+                node::pod_rp_filter(&self.node_ns, &inner.nl, ip, &self.cfg.sysctls).await
+            {
                 warn!(pod_ip = %ip, error = %e, "cannot set rp_filter on the pod's host device");
             }
         }
@@ -420,6 +434,7 @@ impl GeneveRedirector {
             routing.route(plan.ip),
             plan.ip,
             &pod.uid,
+            &self.cfg.sysctls,
         )
         .await
         .map_err(fail)?;

@@ -12,7 +12,7 @@ use super::node_rules::{NodeRuleParams, node_apply_batches, node_cleanup_batches
 use super::port::{Wanted, choose_dst_port};
 use super::routing::{NODE_RULE_PRIORITIES, node_base_routes, node_rules};
 use super::state::{ZtunnelPod, hold_route, is_any_pod_route};
-use super::sysctl;
+use super::sysctl::{self, SysctlRoot};
 use super::ztunnel_rules::ZtunnelRuleParams;
 use crate::redirect::iptables::{self, Backend, Family, Ruleset};
 use crate::redirect::netlink::{GeneveLink, Link, Netlink, Route, RouteKind, Rule};
@@ -53,33 +53,41 @@ impl Topology {
 
     /// `istioin`, `istioout`.
     pub fn node_links(&self) -> [(GeneveLink, Ipv4Addr); 2] {
-        let link = |name: &str, vni| GeneveLink {
+        let link = |name: &str, vni, mac| GeneveLink {
             name: name.into(),
             vni,
             remote: self.ztunnel.ip,
             dst_port: self.geneve_port,
+            mac,
         };
         [
-            (link(NODE_INBOUND_LINK, INBOUND_VNI), NODE_INBOUND_ADDR),
-            (link(NODE_OUTBOUND_LINK, OUTBOUND_VNI), NODE_OUTBOUND_ADDR),
+            (
+                link(NODE_INBOUND_LINK, INBOUND_VNI, NODE_INBOUND_MAC),
+                NODE_INBOUND_ADDR,
+            ),
+            (
+                link(NODE_OUTBOUND_LINK, OUTBOUND_VNI, NODE_OUTBOUND_MAC),
+                NODE_OUTBOUND_ADDR,
+            ),
         ]
     }
 
     /// `pistioin`, `pistioout`.
     pub fn ztunnel_links(&self) -> [(GeneveLink, Ipv4Addr); 2] {
-        let link = |name: &str, vni| GeneveLink {
+        let link = |name: &str, vni, mac| GeneveLink {
             name: name.into(),
             vni,
             remote: self.tunnel_remote,
             dst_port: self.geneve_port,
+            mac,
         };
         [
             (
-                link(ZTUNNEL_INBOUND_LINK, INBOUND_VNI),
+                link(ZTUNNEL_INBOUND_LINK, INBOUND_VNI, ZTUNNEL_INBOUND_MAC),
                 ZTUNNEL_INBOUND_ADDR,
             ),
             (
-                link(ZTUNNEL_OUTBOUND_LINK, OUTBOUND_VNI),
+                link(ZTUNNEL_OUTBOUND_LINK, OUTBOUND_VNI, ZTUNNEL_OUTBOUND_MAC),
                 ZTUNNEL_OUTBOUND_ADDR,
             ),
         ]
@@ -174,6 +182,11 @@ pub(super) async fn ensure_links(
             })
         });
         if matches {
+            // A device from before fixed MACs keeps its tunnel (and the pod
+            // routes through it); only its address changes.
+            if current.as_ref().is_some_and(|l| l.mac != Some(spec.mac)) {
+                nl.set_mac(&spec.name, spec.mac).await?;
+            }
             nl.set_up(&spec.name).await?;
         } else {
             if current.is_some() {
@@ -276,7 +289,9 @@ pub async fn build_node(
     nl: &Netlink,
     topo: &Topology,
     backend: Backend,
+    sysctls: &SysctlRoot,
 ) -> Result<(), GeneveError> {
+    let sysctls = sysctls.clone();
     let label = nl.netns().to_string();
     let t = std::time::Instant::now();
     ensure_links(nl, &topo.node_links()).await?;
@@ -285,16 +300,18 @@ pub async fn build_node(
     let veth = topo.ztunnel_veth.clone();
     let l = label.clone();
     ns.run_async(move || -> Result<(), GeneveError> {
-        let ifaces = sysctl::interfaces().map_err(|source| GeneveError::Interfaces {
-            netns: l.clone(),
-            source,
-        })?;
-        sysctl::apply(&sysctl::node_settings(&veth, &ifaces)).map_err(|source| {
-            GeneveError::Sysctl {
+        let ifaces = sysctls
+            .interfaces()
+            .map_err(|source| GeneveError::Interfaces {
                 netns: l.clone(),
                 source,
-            }
-        })
+            })?;
+        sysctls
+            .apply(&sysctl::node_settings(&veth, &ifaces))
+            .map_err(|source| GeneveError::Sysctl {
+                netns: l.clone(),
+                source,
+            })
     })
     .await??;
     debug!(elapsed = ?t.elapsed(), "node sysctls set");
@@ -466,6 +483,7 @@ pub async fn add_pod(
     route: Option<Route>,
     ip: Ipv4Addr,
     uid: &str,
+    sysctls: &SysctlRoot,
 ) -> Result<(), GeneveError> {
     let line = ipset::add_line(ip, uid).map_err(|source| GeneveError::Ipset {
         netns: nl.netns().to_string(),
@@ -477,7 +495,7 @@ pub async fn add_pod(
     };
     nl.replace_route(&route).await?;
     if route.kind == RouteKind::Unicast
-        && let Err(e) = pod_rp_filter(ns, nl, ip).await
+        && let Err(e) = pod_rp_filter(ns, nl, ip, sysctls).await
     {
         warn!(pod_ip = %ip, uid, error = %e, "cannot set rp_filter on the pod's host device");
     }
@@ -485,17 +503,25 @@ pub async fn add_pod(
 }
 
 /// `rp_filter=0` on the node device that leads to pod `ip`.
-pub async fn pod_rp_filter(ns: &Netns, nl: &Netlink, ip: Ipv4Addr) -> Result<(), GeneveError> {
+pub async fn pod_rp_filter(
+    ns: &Netns,
+    nl: &Netlink,
+    ip: Ipv4Addr,
+    sysctls: &SysctlRoot,
+) -> Result<(), GeneveError> {
     let dev = nl.route_get(ip, Some(MARK_SKIP)).await?.dev;
     if NODE_LINKS.contains(&dev.as_str()) {
         return Ok(());
     }
     let label = nl.netns().to_string();
+    let sysctls = sysctls.clone();
     ns.run_async(move || {
-        sysctl::apply(&sysctl::pod_settings(&dev)).map_err(|source| GeneveError::Sysctl {
-            netns: label,
-            source,
-        })
+        sysctls
+            .apply(&sysctl::pod_settings(&dev))
+            .map_err(|source| GeneveError::Sysctl {
+                netns: label,
+                source,
+            })
     })
     .await?
 }

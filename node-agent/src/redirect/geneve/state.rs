@@ -209,12 +209,20 @@ impl PodRouting {
 /// routes stay; every other route (the tunnel defaults of tables 101/102,
 /// the `$ZT/32` routes the tunnels' outer packets take) becomes
 /// `unreachable` with the same table and destination, replacing it in
-/// place. `None`: keep as is.
+/// place, except in table 100, where it becomes `blackhole`: there an
+/// `unreachable /32` is a held *pod* route ([`is_any_pod_route`]), and the
+/// held `$ZT/32` must not be mistaken for a stray one and deleted (the
+/// tunnels' outer packets would then fall through to the main table and
+/// reach whoever has the old ztunnel IP). `None`: keep as is.
 pub fn hold_route(r: &Route) -> Option<Route> {
-    if is_any_pod_route(r) || r.kind == RouteKind::Unreachable {
+    if is_any_pod_route(r) || r.kind.is_reject() {
         return None;
     }
-    Some(unreachable_route(r.table, r.dst))
+    let mut h = unreachable_route(r.table, r.dst);
+    if r.table == TABLE_INBOUND {
+        h.kind = RouteKind::Blackhole;
+    }
+    Some(h)
 }
 
 /// Kernel changes that make the node match a wanted set of pods.
@@ -249,7 +257,7 @@ pub fn is_any_pod_route(r: &Route) -> bool {
         && match r.kind {
             RouteKind::Unreachable => true,
             RouteKind::Unicast => r.dev == NODE_INBOUND_LINK && r.via == Some(ZTUNNEL_INBOUND_ADDR),
-            RouteKind::Local => false,
+            RouteKind::Local | RouteKind::Blackhole => false,
         }
 }
 
@@ -523,7 +531,12 @@ mod tests {
         for r in node_base_routes(zt, "vethzt") {
             let h = hold_route(&r).unwrap_or_else(|| panic!("{r} kept"));
             assert_eq!((h.table, h.dst), (r.table, r.dst), "{r}");
-            assert_eq!(h.kind, RouteKind::Unreachable);
+            if r.table == TABLE_INBOUND {
+                assert_eq!(h.kind, RouteKind::Blackhole);
+                assert!(!is_any_pod_route(&h), "held {r} looks like a pod route");
+            } else {
+                assert_eq!(h.kind, RouteKind::Unreachable);
+            }
             assert_eq!(hold_route(&h), None, "holding twice changes nothing");
         }
         assert_eq!(hold_route(&pod_route(ip("10.244.1.9"), HOST)), None);

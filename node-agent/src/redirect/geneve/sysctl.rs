@@ -1,10 +1,15 @@
 //! `net.ipv4.conf.*` settings GENEVE redirection needs.
 //!
 //! `/proc/sys/net` shows the namespace of the thread that opens it, so
-//! [`apply`] and [`interfaces`] must run inside
+//! [`SysctlRoot::apply`] and [`SysctlRoot::interfaces`] must run inside
 //! [`crate::redirect::netns::Netns::run`] for the target namespace.
+//!
+//! Where that tree is mounted is configurable: in an unprivileged
+//! container `/proc/sys` is read-only, so the chart mounts the host's
+//! `/proc/sys/net` writable at `$HOST_PROC_DIR/sys/net` (the same
+//! per-thread view, as `/proc/sys/net` resolves the opener's namespace).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::constants::*;
 
@@ -25,11 +30,71 @@ pub struct Setting {
     pub value: &'static str,
 }
 
-impl Setting {
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from("/proc/sys/net/ipv4/conf")
-            .join(&self.iface)
-            .join(self.key)
+/// The `sys/net` directory settings are written under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SysctlRoot(PathBuf);
+
+impl Default for SysctlRoot {
+    fn default() -> Self {
+        Self(PathBuf::from("/proc/sys/net"))
+    }
+}
+
+impl SysctlRoot {
+    /// `dir` is a `sys/net` directory (`/proc/sys/net`, `/host/proc/sys/net`).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self(dir.into())
+    }
+
+    /// `$HOST_PROC_DIR/sys/net` when it exists, else `/proc/sys/net`.
+    pub fn under_proc(proc_dir: &Path) -> Self {
+        let dir = proc_dir.join("sys/net");
+        if dir.is_dir() {
+            Self(dir)
+        } else {
+            Self::default()
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.0
+    }
+
+    /// Where `s` lives: `<root>/ipv4/conf/<iface>/<key>`.
+    pub fn path(&self, s: &Setting) -> PathBuf {
+        self.0.join("ipv4/conf").join(&s.iface).join(s.key)
+    }
+
+    /// Interfaces listed under `<root>/ipv4/conf` (without `all` and
+    /// `default`), in the calling thread's namespace.
+    pub fn interfaces(&self) -> std::io::Result<Vec<String>> {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(self.0.join("ipv4/conf"))? {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            if name != "all" && name != "default" {
+                v.push(name);
+            }
+        }
+        v.sort();
+        Ok(v)
+    }
+
+    /// Writes every setting, in the calling thread's namespace.
+    pub fn apply(&self, settings: &[Setting]) -> Result<(), SysctlError> {
+        for s in settings {
+            let path = self.path(s);
+            std::fs::write(&path, s.value).map_err(|source| SysctlError {
+                path: path.clone(),
+                value: s.value,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Reads one setting's current value (trimmed).
+    pub fn read(&self, s: &Setting) -> std::io::Result<String> {
+        Ok(std::fs::read_to_string(self.path(s))?.trim().to_string())
     }
 }
 
@@ -95,38 +160,6 @@ pub fn pod_settings(host_dev: &str) -> Vec<Setting> {
     vec![rp_filter_off(host_dev)]
 }
 
-/// Interfaces listed under `/proc/sys/net/ipv4/conf` (without `all` and
-/// `default`), in the calling thread's namespace.
-pub fn interfaces() -> std::io::Result<Vec<String>> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir("/proc/sys/net/ipv4/conf")? {
-        let name = e?.file_name().to_string_lossy().into_owned();
-        if name != "all" && name != "default" {
-            v.push(name);
-        }
-    }
-    v.sort();
-    Ok(v)
-}
-
-/// Writes every setting, in the calling thread's namespace.
-pub fn apply(settings: &[Setting]) -> Result<(), SysctlError> {
-    for s in settings {
-        let path = s.path();
-        std::fs::write(&path, s.value).map_err(|source| SysctlError {
-            path: path.clone(),
-            value: s.value,
-            source,
-        })?;
-    }
-    Ok(())
-}
-
-/// Reads one setting's current value (trimmed).
-pub fn read(s: &Setting) -> std::io::Result<String> {
-    Ok(std::fs::read_to_string(s.path())?.trim().to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,8 +186,23 @@ mod tests {
             .collect();
         assert_eq!(al, ["veth1", "istioin", "istioout"]);
         assert_eq!(
-            s[0].path(),
+            SysctlRoot::default().path(&s[0]),
             PathBuf::from("/proc/sys/net/ipv4/conf/default/rp_filter")
+        );
+        assert_eq!(
+            SysctlRoot::new("/host/proc/sys/net").path(&s[0]),
+            PathBuf::from("/host/proc/sys/net/ipv4/conf/default/rp_filter")
+        );
+    }
+
+    #[test]
+    fn root_under_proc_falls_back_when_missing() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(SysctlRoot::under_proc(d.path()), SysctlRoot::default());
+        std::fs::create_dir_all(d.path().join("sys/net")).unwrap();
+        assert_eq!(
+            SysctlRoot::under_proc(d.path()).dir(),
+            d.path().join("sys/net")
         );
     }
 

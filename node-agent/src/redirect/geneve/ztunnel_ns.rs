@@ -5,7 +5,7 @@ use super::GeneveError;
 use super::constants::*;
 use super::node::{Topology, ensure_links, restore_batches, save_tables, sync_routes, sync_rules};
 use super::routing::{ZTUNNEL_RULE_PRIORITIES, ztunnel_routes, ztunnel_rules};
-use super::sysctl;
+use super::sysctl::{self, SysctlRoot};
 use super::ztunnel_rules::{ZtunnelRuleParams, ztunnel_apply_batches, ztunnel_cleanup_batches};
 use crate::redirect::iptables::Backend;
 use crate::redirect::netlink::Netlink;
@@ -20,16 +20,20 @@ pub async fn build_ztunnel(
     nl: &Netlink,
     topo: &Topology,
     backend: Backend,
+    sysctls: &SysctlRoot,
 ) -> Result<(), GeneveError> {
     ensure_links(nl, &topo.ztunnel_links()).await?;
+    let sysctls = sysctls.clone();
     let label = nl.netns().to_string();
     let iface = topo.ztunnel.iface.clone();
     let params = topo.ztunnel_rule_params();
     ns.run_async(move || -> Result<(), GeneveError> {
-        sysctl::apply(&sysctl::ztunnel_settings(&iface)).map_err(|source| GeneveError::Sysctl {
-            netns: label.clone(),
-            source,
-        })?;
+        sysctls
+            .apply(&sysctl::ztunnel_settings(&iface))
+            .map_err(|source| GeneveError::Sysctl {
+                netns: label.clone(),
+                source,
+            })?;
         restore_batches(backend, &ztunnel_apply_batches(&params)).map_err(|source| {
             GeneveError::Iptables {
                 netns: label.clone(),

@@ -23,6 +23,8 @@ pub struct GeneveLink {
     pub vni: u32,
     pub remote: Ipv4Addr,
     pub dst_port: u16,
+    /// The device's (inner Ethernet) MAC address.
+    pub mac: [u8; 6],
 }
 
 /// GENEVE attributes of an existing device.
@@ -47,15 +49,26 @@ pub struct Link {
     pub geneve: Option<GeneveAttrs>,
     /// Netns id of the peer's namespace (veth), as this namespace knows it.
     pub link_netnsid: Option<i32>,
+    /// `IFLA_ADDRESS` when it is an Ethernet MAC.
+    pub mac: Option<[u8; 6]>,
 }
 
-/// Route type: ordinary unicast, `local` (deliver to this host) or
-/// `unreachable` (drop, answering ICMP host unreachable; no device).
+/// Route type: ordinary unicast, `local` (deliver to this host),
+/// `unreachable` (drop, answering ICMP host unreachable; no device) or
+/// `blackhole` (drop silently; no device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum RouteKind {
     Unicast,
     Local,
     Unreachable,
+    Blackhole,
+}
+
+impl RouteKind {
+    /// A type without a device (`unreachable`, `blackhole`).
+    pub fn is_reject(self) -> bool {
+        matches!(self, Self::Unreachable | Self::Blackhole)
+    }
 }
 
 /// An IPv4 route in a given table, described by device *name*.
@@ -78,6 +91,7 @@ impl std::fmt::Display for Route {
         match self.kind {
             RouteKind::Local => f.write_str("local ")?,
             RouteKind::Unreachable => f.write_str("unreachable ")?,
+            RouteKind::Blackhole => f.write_str("blackhole ")?,
             RouteKind::Unicast => {}
         }
         write!(f, "{}", self.dst)?;
@@ -147,6 +161,7 @@ pub fn geneve_link_message(spec: &GeneveLink) -> LinkMessage {
     LinkGeneve::new(&spec.name, spec.vni)
         .remote(spec.remote)
         .port(spec.dst_port)
+        .address(spec.mac.to_vec())
         .up()
         .build()
 }
@@ -166,6 +181,7 @@ pub fn route_message(route: &Route, ifindex: Option<u32>) -> RouteMessage {
     match route.kind {
         RouteKind::Local => b = b.kind(RouteType::Local).scope(RouteScope::Host),
         RouteKind::Unreachable => b = b.kind(RouteType::Unreachable),
+        RouteKind::Blackhole => b = b.kind(RouteType::BlackHole),
         RouteKind::Unicast => {
             if route.scope_link {
                 b = b.scope(RouteScope::Link);
@@ -223,6 +239,7 @@ pub fn parse_link(msg: &LinkMessage) -> Link {
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(n) => link.name = n.clone(),
+            LinkAttribute::Address(a) => link.mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
             LinkAttribute::LinkNetNsId(id) => link.link_netnsid = Some(*id),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
@@ -294,10 +311,11 @@ pub fn parse_route(msg: &RouteMessage, name_of: impl Fn(u32) -> Option<String>) 
         RouteType::Unicast => RouteKind::Unicast,
         RouteType::Local => RouteKind::Local,
         RouteType::Unreachable => RouteKind::Unreachable,
+        RouteType::BlackHole => RouteKind::Blackhole,
         _ => return None,
     };
     let dev = match (kind, oif) {
-        (RouteKind::Unreachable, None) => String::new(),
+        (k, None) if k.is_reject() => String::new(),
         (_, oif) => name_of(oif?)?,
     };
     Some(Route {
@@ -394,11 +412,13 @@ mod tests {
             vni: 1000,
             remote: Ipv4Addr::new(10, 244, 1, 7),
             dst_port: 6082,
+            mac: [0x02, 0x69, 0x73, 0, 0, 1],
         };
         let msg = geneve_link_message(&spec);
         assert!(msg.header.flags.contains(LinkFlags::Up));
         let link = parse_link(&wire_link(&msg));
         assert_eq!(link.name, "istioin");
+        assert_eq!(link.mac, Some([0x02, 0x69, 0x73, 0, 0, 1]));
         assert_eq!(link.kind.as_deref(), Some("geneve"));
         assert_eq!(
             link.geneve,
