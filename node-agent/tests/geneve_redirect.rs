@@ -319,9 +319,10 @@ async fn ztunnel_ip_change_rebuilds_without_stale_state() {
     assert_eq!(seen.local, sa(POD_B, 80));
 
     // ztunnel gone: the node is held (fail closed). Capture stays (ipset,
-    // marks, policy rules, tunnels, pod routes), the other routes become
-    // unreachable, and enrolled pods' traffic is refused or dropped instead
-    // of flowing around ztunnel.
+    // marks, policy rules, tunnels, table 100), the routes of tables 101/102
+    // become unreachable, and enrolled pods' traffic is refused or dropped
+    // instead of flowing around ztunnel. The node still reaches the ztunnel
+    // pod (a restarting ztunnel must pass its readiness probe).
     let start = Instant::now();
     red.set_ztunnel(None).await.expect("hold");
     eprintln!("timing: hold without ztunnel: {:?}", start.elapsed());
@@ -348,7 +349,14 @@ async fn ztunnel_ip_change_rebuilds_without_stale_state() {
     };
     refused(&t.pod_a, b"held-out"); // captured outbound
     refused(&t.remote, b"held-in"); // inbound to an enrolled pod
-    // Kubelet-style probes still reach the pod (pods stay Ready).
+    // Kubelet-style probes still reach the ztunnel pod and enrolled pods.
+    let zt_probe = listen(&t.zt, sa(Ipv4Addr::UNSPECIFIED, 15021), false);
+    let _c = connect(&t.node, sa(ZT_IP2, 15021), b"zt-probe").expect("ztunnel probe connects");
+    assert!(
+        accept_one(&zt_probe, WAIT).is_some(),
+        "probe reaches the held ztunnel pod"
+    );
+    drop(zt_probe);
     let _c = connect(&t.node, sa(POD_B, 8080), b"probe").expect("probe connects");
     let seen = accept_one(&app_b, WAIT).expect("probe reaches pod-b");
     assert_eq!(seen.peer.ip(), std::net::IpAddr::V4(HOST_IP));

@@ -281,7 +281,7 @@ impl Netlink {
     /// Adds or replaces `route` (idempotent).
     pub async fn replace_route(&self, route: &Route) -> Result<(), NetlinkError> {
         let index = match route.kind {
-            k if k.is_reject() => None,
+            RouteKind::Unreachable => None,
             _ => Some(self.require_index(&route.dev).await?),
         };
         self.handle
@@ -296,7 +296,7 @@ impl Netlink {
     /// Deletes `route`. `Ok(false)` when it (or its device) did not exist.
     pub async fn delete_route(&self, route: &Route) -> Result<bool, NetlinkError> {
         let index = match route.kind {
-            k if k.is_reject() => None,
+            RouteKind::Unreachable => None,
             _ => match self.link(&route.dev).await? {
                 Some(link) => Some(link.index),
                 None => return Ok(false),

@@ -212,14 +212,14 @@ impl Inventory {
     /// Differences from a held node (no ztunnel; see
     /// [`super::state::ZtunnelChange::Hold`]) last built for `topo`, with
     /// `pods` enrolled: tunnels, policy rules, iptables rules, ipset and
-    /// per-pod routes as built, every other route `unreachable` (`blackhole` in table 100).
+    /// per-pod routes as built, every other route of tables 101/102 `unreachable`.
     pub fn held_drift(&self, topo: &Topology, pods: &BTreeMap<Ipv4Addr, String>) -> Vec<String> {
         let mut out = Vec::new();
         link_drift(self, &topo.node_links(), &mut out);
         rule_drift(self, &node_rules(), &mut out);
         let mut routes: Vec<Route> = node_base_routes(topo.ztunnel.ip, &topo.ztunnel_veth)
-            .iter()
-            .filter_map(hold_route)
+            .into_iter()
+            .map(|r| hold_route(&r).unwrap_or(r))
             .collect();
         routes.extend(
             pods.keys()

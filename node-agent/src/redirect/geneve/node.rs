@@ -355,12 +355,10 @@ pub fn is_pod_route(r: &Route) -> bool {
         && r.dst.prefix_len() == 32
 }
 
-/// Holds the node (no ztunnel): every non-pod route of tables 100–102
-/// becomes `unreachable`, in place ([`hold_route`]). Captured outbound
-/// (table 101) and original-source replies (table 102) are refused with
-/// "host unreachable"; the tunnels' outer packets (routed by their inner
-/// mark through tables 100/101 to `$ZT`) are dropped, so nothing reaches
-/// the old ztunnel IP, whoever has it now. Idempotent.
+/// Holds the node (no ztunnel): every route of tables 101–102 becomes
+/// `unreachable`, in place ([`hold_route`]; table 100 is kept). Captured
+/// outbound (table 101) and original-source replies (table 102) are
+/// refused with "host unreachable". Idempotent.
 pub async fn hold_routes(nl: &Netlink) -> Result<(), GeneveError> {
     for t in [TABLE_INBOUND, TABLE_OUTBOUND, TABLE_PROXY] {
         for r in nl.routes(t).await? {

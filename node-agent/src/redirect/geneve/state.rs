@@ -205,24 +205,22 @@ impl PodRouting {
     }
 }
 
-/// Holding the node: what a route of tables 100–102 becomes. Per-pod
-/// routes stay; every other route (the tunnel defaults of tables 101/102,
-/// the `$ZT/32` routes the tunnels' outer packets take) becomes
-/// `unreachable` with the same table and destination, replacing it in
-/// place, except in table 100, where it becomes `blackhole`: there an
-/// `unreachable /32` is a held *pod* route ([`is_any_pod_route`]), and the
-/// held `$ZT/32` must not be mistaken for a stray one and deleted (the
-/// tunnels' outer packets would then fall through to the main table and
-/// reach whoever has the old ztunnel IP). `None`: keep as is.
+/// Holding the node: what a route of tables 101–102 becomes: the tunnel
+/// defaults and `$ZT/32` routes become `unreachable` with the same table
+/// and destination, replacing them in place. Table 100 is kept as it is:
+/// its per-pod routes let the kubelet probe enrolled pods, and its
+/// `$ZT/32` route is the node's only way to the ztunnel pod (rule 103 sends
+/// *all* traffic through table 100), so a restarting ztunnel can pass its
+/// readiness probe, which the node waits for before it builds again. An
+/// `unreachable $ZT/32` there deadlocked a ztunnel restarted in place; it
+/// also looked like a held pod route and was swept as a stray. The outer
+/// packets of held inbound traffic still reach no proxy: the ztunnel side
+/// (`pistioin`) is removed on hold. `None`: keep as is.
 pub fn hold_route(r: &Route) -> Option<Route> {
-    if is_any_pod_route(r) || r.kind.is_reject() {
+    if r.table == TABLE_INBOUND || r.kind == RouteKind::Unreachable {
         return None;
     }
-    let mut h = unreachable_route(r.table, r.dst);
-    if r.table == TABLE_INBOUND {
-        h.kind = RouteKind::Blackhole;
-    }
-    Some(h)
+    Some(unreachable_route(r.table, r.dst))
 }
 
 /// Kernel changes that make the node match a wanted set of pods.
@@ -257,7 +255,7 @@ pub fn is_any_pod_route(r: &Route) -> bool {
         && match r.kind {
             RouteKind::Unreachable => true,
             RouteKind::Unicast => r.dev == NODE_INBOUND_LINK && r.via == Some(ZTUNNEL_INBOUND_ADDR),
-            RouteKind::Local | RouteKind::Blackhole => false,
+            RouteKind::Local => false,
         }
 }
 
@@ -529,14 +527,13 @@ mod tests {
         use super::super::routing::node_base_routes;
         let zt = ip("10.244.1.5");
         for r in node_base_routes(zt, "vethzt") {
+            if r.table == TABLE_INBOUND {
+                assert_eq!(hold_route(&r), None, "{r}: table 100 is kept");
+                continue;
+            }
             let h = hold_route(&r).unwrap_or_else(|| panic!("{r} kept"));
             assert_eq!((h.table, h.dst), (r.table, r.dst), "{r}");
-            if r.table == TABLE_INBOUND {
-                assert_eq!(h.kind, RouteKind::Blackhole);
-                assert!(!is_any_pod_route(&h), "held {r} looks like a pod route");
-            } else {
-                assert_eq!(h.kind, RouteKind::Unreachable);
-            }
+            assert_eq!(h.kind, RouteKind::Unreachable);
             assert_eq!(hold_route(&h), None, "holding twice changes nothing");
         }
         assert_eq!(hold_route(&pod_route(ip("10.244.1.9"), HOST)), None);

@@ -53,22 +53,13 @@ pub struct Link {
     pub mac: Option<[u8; 6]>,
 }
 
-/// Route type: ordinary unicast, `local` (deliver to this host),
-/// `unreachable` (drop, answering ICMP host unreachable; no device) or
-/// `blackhole` (drop silently; no device).
+/// Route type: ordinary unicast, `local` (deliver to this host) or
+/// `unreachable` (drop, answering ICMP host unreachable; no device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum RouteKind {
     Unicast,
     Local,
     Unreachable,
-    Blackhole,
-}
-
-impl RouteKind {
-    /// A type without a device (`unreachable`, `blackhole`).
-    pub fn is_reject(self) -> bool {
-        matches!(self, Self::Unreachable | Self::Blackhole)
-    }
 }
 
 /// An IPv4 route in a given table, described by device *name*.
@@ -91,7 +82,6 @@ impl std::fmt::Display for Route {
         match self.kind {
             RouteKind::Local => f.write_str("local ")?,
             RouteKind::Unreachable => f.write_str("unreachable ")?,
-            RouteKind::Blackhole => f.write_str("blackhole ")?,
             RouteKind::Unicast => {}
         }
         write!(f, "{}", self.dst)?;
@@ -181,7 +171,6 @@ pub fn route_message(route: &Route, ifindex: Option<u32>) -> RouteMessage {
     match route.kind {
         RouteKind::Local => b = b.kind(RouteType::Local).scope(RouteScope::Host),
         RouteKind::Unreachable => b = b.kind(RouteType::Unreachable),
-        RouteKind::Blackhole => b = b.kind(RouteType::BlackHole),
         RouteKind::Unicast => {
             if route.scope_link {
                 b = b.scope(RouteScope::Link);
@@ -311,11 +300,10 @@ pub fn parse_route(msg: &RouteMessage, name_of: impl Fn(u32) -> Option<String>) 
         RouteType::Unicast => RouteKind::Unicast,
         RouteType::Local => RouteKind::Local,
         RouteType::Unreachable => RouteKind::Unreachable,
-        RouteType::BlackHole => RouteKind::Blackhole,
         _ => return None,
     };
     let dev = match (kind, oif) {
-        (k, None) if k.is_reject() => String::new(),
+        (RouteKind::Unreachable, None) => String::new(),
         (_, oif) => name_of(oif?)?,
     };
     Some(Route {
