@@ -41,5 +41,6 @@ step "L4 policy evaluation with 10,000 policies"
   printf '`cargo bench -p ztunnel --bench policy`: 10,000 policies indexed by scope, one evaluation per connection.\n\n```\n'
   cat "$OUT/policy.txt"
   printf '```\n'
+  cat bench/memory-note.md
 } > bench/RESULTS.md
 step "wrote bench/RESULTS.md"
