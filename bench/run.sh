@@ -31,16 +31,37 @@ step "L4 policy evaluation with 10,000 policies"
 
 {
   cat "$OUT/dataplane.md"
-  printf '\n## Node agent memory (target: <= 15 MB RSS with 100 enrolled pods)\n\n'
-  printf 'Release `node-agent` on a simulated node, 100 ambient pods created through the real CNI chain and enrolled in-pod (`bench/agent_memory.sh`).\n\n```\n'
+  cat <<'MD'
+
+## Node agent memory (target: <= 15 MB RSS with 100 enrolled pods)
+
+Release `node-agent` on a simulated node, 100 ambient pods created through the real CNI chain and enrolled in-pod (`bench/agent_memory.sh`).
+
+```
+MD
   cat "$OUT/agent-memory.txt"
-  printf '```\n\n## CNI plugin ADD latency (process spawn to exit)\n\n'
-  printf 'Release `istio-cni` run as the runtime runs it, against a node agent that answers at once (`bench/cni.sh`); the baselines are `/bin/true` and the reference `bridge` plugin measured in the same run.\n\n```\n'
+  cat <<'MD'
+```
+
+## CNI plugin ADD latency (process spawn to exit)
+
+Release `istio-cni` run as the runtime runs it, against a node agent that answers at once (`bench/cni.sh`); the baselines are `/bin/true` and the reference `bridge` plugin measured in the same run.
+
+```
+MD
   cat "$OUT/cni.txt"
-  printf '```\n\n## L4 AuthorizationPolicy evaluation\n\n'
-  printf '`cargo bench -p ztunnel --bench policy`: 10,000 policies indexed by scope, one evaluation per connection.\n\n```\n'
+  cat <<'MD'
+```
+
+## L4 AuthorizationPolicy evaluation
+
+`cargo bench -p ztunnel --bench policy`: 10,000 policies indexed by scope, one evaluation per connection.
+
+```
+MD
   cat "$OUT/policy.txt"
-  printf '```\n'
+  echo '```'
+  echo
   cat bench/memory-note.md
 } > bench/RESULTS.md
 step "wrote bench/RESULTS.md"

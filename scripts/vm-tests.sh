@@ -8,7 +8,8 @@
 # Test binaries are built here, on the host, then run inside the VM, which
 # shares the repository (read-write) and the host's root (read-only). Inside
 # the VM GENEVE_TESTS_REQUIRED=1 makes a missing GENEVE a failure, not a skip.
-# Env: IN_VM (path of the in-vm tool), IN_VM_TIMEOUT (default 900 s),
+# Env: IN_VM (path of the in-vm tool; missing: skipped with a message unless
+# VM_TESTS_REQUIRED=1), IN_VM_TIMEOUT (default 900 s),
 # CARGO (cargo), VM_TEST_THREADS (2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,13 @@ fi
 ROOT=$PWD
 IN_VM=${IN_VM:-$ROOT/../shared/tools/in-vm}
 CARGO=${CARGO:-cargo}
-[ -x "$IN_VM" ] || { echo "vm-tests: $IN_VM not found or not executable" >&2; exit 2; }
+if [ ! -x "$IN_VM" ]; then
+  # Without the VM tool GENEVE cannot be tested on a kernel lacking it: say
+  # so loudly; VM_TESTS_REQUIRED=1 turns this into a failure.
+  echo "vm-tests: SKIPPED: $IN_VM not found or not executable; the GENEVE tests did not run" >&2
+  [ "${VM_TESTS_REQUIRED:-0}" = 1 ] && exit 2
+  exit 0
+fi
 
 # package:test-target pairs that need the VM.
 TARGETS=(node-agent:geneve_redirect)

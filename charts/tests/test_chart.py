@@ -734,9 +734,9 @@ class BadValues(unittest.TestCase):
 
 
 class Scripts(unittest.TestCase):
-    """Shell scripts this chart's tooling ships: shellcheck and prerequisites."""
+    """Shell scripts of the project (chart tooling, test and bench drivers): shellcheck and prerequisites."""
 
-    SCRIPT_DIRS = ("e2e/kind", "images")
+    SCRIPT_DIRS = ("e2e/kind", "images", "scripts", "bench")
 
     def scripts(self) -> list[Path]:
         found = []
