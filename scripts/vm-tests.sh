@@ -52,19 +52,23 @@ if [ -f e2e/tests/geneve.rs ]; then TARGETS+=(e2e:geneve); fi
 if [ -f e2e/tests/control_loop_geneve.rs ]; then TARGETS+=(e2e:control_loop_geneve); fi
 if [ -f e2e/tests/scenarios_geneve.rs ]; then TARGETS+=(e2e:scenarios_geneve); fi
 
-# End-to-end tests run the real programs from target/debug.
-"$CARGO" build -p ztunnel --bin ztunnel
-# The scenarios run every program of the project (and the test workloads).
-"$CARGO" build -p node-agent --bin node-agent -p istio-cni --bin istio-cni -p e2e --bin e2e-workload
+# End-to-end tests run the real programs from target/debug. Everything is
+# built for the whole workspace, exactly as `make test-host` builds it: a
+# per-package build resolves other dependency features and would recompile
+# half the dependency graph.
+"$CARGO" build --workspace --bins --tests
+artifacts=$("$CARGO" test --workspace --no-run --message-format=json |
+  jq -r 'select(.reason == "compiler-artifact" and .profile.test == true and .executable != null
+    and (.target.kind | index("test"))) | "\(.package_id) \(.target.name) \(.executable)"')
 
 bins=()
 for t in "${TARGETS[@]}"; do
   pkg=${t%%:*} test=${t#*:}
-  exe=$("$CARGO" test -p "$pkg" --test "$test" --no-run --message-format=json |
-    jq -r 'select(.reason == "compiler-artifact" and .profile.test == true and .executable != null) | .executable' |
-    tail -1)
+  # package_id: "path+file:///.../<dir>#<name>@<version>" (or "<name> <version> (...)").
+  exe=$(awk -v pkg="$pkg" -v test="$test" '
+    $2 == test && ($1 ~ ("#" pkg "@") || $1 ~ ("/" pkg "#") || $1 == pkg) { print $3 }' <<<"$artifacts" | tail -1)
   if [ -z "$exe" ] || [ ! -x "$exe" ]; then
-    echo "vm-tests: cannot build $pkg --test $test" >&2
+    echo "vm-tests: cannot find the test binary of $pkg --test $test" >&2
     exit 1
   fi
   bins+=("${exe#"$ROOT"/}")
