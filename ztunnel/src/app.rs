@@ -168,14 +168,18 @@ pub fn run(cfg: Config) -> Result<(), AppError> {
 }
 
 /// Once ready, drops the page mappings of code only start-up needed
-/// ([`crate::process_memory::release_startup_pages`]).
+/// ([`mesh_memory::release_file_pages`], on a blocking thread: it reads
+/// `/proc/self/smaps`).
 fn release_startup_memory_when_ready(readiness: Readiness) {
     tokio::spawn(async move {
         for _ in 0..600 {
             if readiness.is_ready() {
-                match crate::process_memory::release_startup_pages() {
-                    Ok(bytes) => tracing::debug!(bytes, "released start-up code pages"),
-                    Err(e) => tracing::debug!(error = %e, "could not release start-up code pages"),
+                match tokio::task::spawn_blocking(mesh_memory::release_file_pages).await {
+                    Ok(Ok(kb)) => tracing::debug!(kb, "released start-up code pages"),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "could not release start-up code pages")
+                    }
+                    Err(_) => {}
                 }
                 return;
             }

@@ -191,35 +191,29 @@ impl Inventory {
     /// Differences from a node built for `topo` with `pods` (IP → UID)
     /// enrolled; empty when everything is exactly in place.
     pub fn node_drift(&self, topo: &Topology, pods: &BTreeMap<Ipv4Addr, String>) -> Vec<String> {
-        let mut out = Vec::new();
-        link_drift(self, &topo.node_links(), &mut out);
-        rule_drift(self, &node_rules(), &mut out);
-        let mut routes = node_base_routes(topo.ztunnel.ip, &topo.ztunnel_veth);
-        routes.extend(
-            pods.keys()
-                .map(|ip| super::routing::pod_route(*ip, topo.host_ip)),
-        );
-        route_drift(self, &routes, &mut out);
-        out.extend(node_rules_drift(&topo.node_rule_params(), &self.iptables));
-        match &self.ipset {
-            None => out.push(format!("ipset {IPSET_NAME} missing")),
-            Some(set) if set != pods => out.push(format!("ipset holds {set:?}, want {pods:?}")),
-            Some(_) => {}
-        }
-        out
+        self.node_drift_with(topo, pods, false)
     }
 
     /// Differences from a held node (no ztunnel; see
     /// [`super::state::ZtunnelChange::Hold`]) last built for `topo`, with
-    /// `pods` enrolled: tunnels, policy rules, iptables rules, ipset and
-    /// per-pod routes as built, every other route of tables 101/102 `unreachable`.
+    /// `pods` enrolled: as [`Self::node_drift`], except that the routes of
+    /// tables 101/102 are the held ([`hold_route`]) ones.
     pub fn held_drift(&self, topo: &Topology, pods: &BTreeMap<Ipv4Addr, String>) -> Vec<String> {
+        self.node_drift_with(topo, pods, true)
+    }
+
+    fn node_drift_with(
+        &self,
+        topo: &Topology,
+        pods: &BTreeMap<Ipv4Addr, String>,
+        held: bool,
+    ) -> Vec<String> {
         let mut out = Vec::new();
         link_drift(self, &topo.node_links(), &mut out);
         rule_drift(self, &node_rules(), &mut out);
         let mut routes: Vec<Route> = node_base_routes(topo.ztunnel.ip, &topo.ztunnel_veth)
             .into_iter()
-            .map(|r| hold_route(&r).unwrap_or(r))
+            .map(|r| if held { hold_route(&r).unwrap_or(r) } else { r })
             .collect();
         routes.extend(
             pods.keys()

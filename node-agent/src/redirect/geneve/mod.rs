@@ -15,11 +15,12 @@
 //!
 //! Fail closed: when the ztunnel goes away (`None`, or before a rebuild
 //! against another pod) the node is *held* ([`state::ZtunnelChange::Hold`]):
-//! capture, tunnels and per-pod routes stay, every other route of tables
-//! 100–102 becomes `unreachable`, so enrolled pods' traffic is refused (or
-//! dropped at the tunnel), never sent around ztunnel, while kubelet probes
-//! still reach the pods. Building against the next ztunnel replaces each
-//! held route in place.
+//! capture, tunnels and table 100 (per-pod routes, `$ZT/32`) stay, the
+//! routes of tables 101–102 become `unreachable` and the ztunnel side is
+//! removed, so enrolled pods' traffic is refused (or dropped at the tunnel),
+//! never sent around ztunnel, while kubelet probes still reach the pods and
+//! the ztunnel pod. Building against the next ztunnel replaces each held
+//! route in place.
 //!
 //! Layout: pure generators and decisions (`node_rules`, `ztunnel_rules`,
 //! `routing`, `port`, `state`, `sysctl` lists, `ipset` lines) are unit-tested
@@ -287,11 +288,12 @@ impl GeneveRedirector {
         Ok(())
     }
 
-    /// Holds the node (fail closed without ztunnel): the non-pod routes of
-    /// tables 100–102 become `unreachable` in place (captured traffic is
-    /// refused or dropped at the tunnels), per-pod routes are made to match
-    /// the pod table, and the old ztunnel netns' setup is removed (best
-    /// effort: the pod may be gone). Capture, tunnels and pod routes stay.
+    /// Holds the node (fail closed without ztunnel): the routes of tables
+    /// 101–102 become `unreachable` in place (captured outbound is refused),
+    /// per-pod routes are made to match the pod table, and the old ztunnel
+    /// netns' setup is removed (best effort: the pod may be gone), so held
+    /// inbound traffic is dropped at the tunnel. Capture, tunnels and table
+    /// 100 stay.
     async fn hold(&self, inner: &mut Inner) -> Result<(), GeneveError> {
         let old_ip = inner.active.as_ref().map(|a| a.topo.ztunnel.ip);
         warn!(ztunnel = ?old_ip, pods = inner.pods.len(), "no ztunnel: holding GENEVE capture, enrolled pods' traffic is refused until a ztunnel is Ready");

@@ -133,9 +133,10 @@ impl PodTable {
 ///
 /// GENEVE mode fails closed: once the node captures enrolled pods' traffic,
 /// losing the ztunnel never releases it. The capture (ipset, marks, policy
-/// rules, tunnels, per-pod routes) stays and every other route of tables
-/// 100–102 becomes `unreachable` ("held", [`hold_route`]), so enrolled pods'
-/// traffic is refused instead of crossing the underlay in plaintext, until a
+/// rules, tunnels, table 100) stays and every route of tables 101–102
+/// becomes `unreachable` ("held", [`hold_route`]); the ztunnel side is
+/// removed. Enrolled pods' traffic is refused or dropped instead of crossing
+/// the underlay in plaintext, until a
 /// Ready ztunnel takes it again. Only unenrolment and the full clean-up
 /// (uninstall) remove capture.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,10 +152,9 @@ pub enum ZtunnelChange {
     /// Another pod or a new IP: hold, then build against the new one.
     Rebuild,
     /// ztunnel gone (or a capture left without one, e.g. by an earlier
-    /// agent): hold — the non-pod routes of tables 100–102 become
-    /// `unreachable` and the old ztunnel netns' setup is removed; the ipset,
-    /// iptables rules, policy rules, tunnels, per-pod routes and pod table
-    /// are kept.
+    /// agent): hold — the routes of tables 101–102 become `unreachable`
+    /// and the old ztunnel netns' setup is removed; the ipset, iptables
+    /// rules, policy rules, tunnels, table 100 and pod table are kept.
     Hold,
 }
 
@@ -520,8 +520,8 @@ mod tests {
         assert!(!is_any_pod_route(&wide));
     }
 
-    /// Holding keeps pod routes and turns every other route of tables
-    /// 100–102 into `unreachable` (same table and destination).
+    /// Holding keeps table 100 and turns every route of tables 101–102
+    /// into `unreachable` (same table and destination).
     #[test]
     fn hold_routes() {
         use super::super::routing::node_base_routes;
