@@ -2,13 +2,13 @@
 //! meshed: the in-pod capture rules (node agent's generator + applier) and one dedicated
 //! ztunnel per pod, as in `e2e/tests/dedicated.rs`.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use e2e::netsim::{Cluster, NamedNetns, Pod, Process};
+use e2e::dedicated_mesh::http_get;
+use e2e::netsim::{Cluster, Pod, Process};
 use node_agent::redirect::inpod::apply::apply_pod_here;
 use node_agent::redirect::inpod::{PodNetConfig, PodRuleOptions, RuleConfig};
 use node_agent::redirect::iptables::detect_backend;
@@ -106,7 +106,9 @@ impl Topology {
         for (pod, z) in [&self.a, &self.b].into_iter().zip(&self.ztunnels) {
             let end = Instant::now() + Duration::from_secs(15);
             loop {
-                if http_status(pod.netns(), 15021, "/healthz/ready") == Some(200) {
+                if http_get(pod.netns(), 15021, "/healthz/ready")
+                    .is_some_and(|(status, _)| status == 200)
+                {
                     break;
                 }
                 if Instant::now() > end {
@@ -121,21 +123,4 @@ impl Topology {
         }
         Ok(())
     }
-}
-
-fn http_status(ns: &NamedNetns, port: u16, path: &str) -> Option<u16> {
-    let mut s = ns
-        .run(move || {
-            TcpStream::connect_timeout(
-                &SocketAddr::from(([127, 0, 0, 1], port)),
-                Duration::from_secs(1),
-            )
-        })
-        .ok()?
-        .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    resp.split(' ').nth(1)?.parse().ok()
 }
