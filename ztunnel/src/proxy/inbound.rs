@@ -372,8 +372,7 @@ fn peer_from_baggage(b: &Baggage) -> PeerInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Store;
-    use crate::state::file::{FileDefaults, parse};
+    use crate::state::file::test_store;
 
     #[test]
     fn destination_validation_allows_only_the_targets_waypoint() {
@@ -391,20 +390,7 @@ services:
 - {name: nowp, namespace: ns, hostname: nowp.ns.svc.cluster.local, vips: ["/10.96.0.2"],
    ports: {80: 8080}}
 "#;
-        let cfg = parse(
-            yaml,
-            std::path::Path::new("v.yaml"),
-            &FileDefaults {
-                trust_domain: "cluster.local".into(),
-                cluster_id: "Kubernetes".into(),
-            },
-        )
-        .unwrap();
-        let store = Store::new();
-        store
-            .source("file")
-            .replace_all(cfg.workloads, cfg.services, cfg.policies);
-        let snap = store.snapshot();
+        let snap = test_store(yaml).snapshot();
         let a = |s: &str| s.parse::<SocketAddr>().unwrap();
         // Normal case: the authority is the address reached.
         assert_eq!(

@@ -450,19 +450,7 @@ services:
   ports: {80: 8080}
   waypoint: {destination: "/10.0.0.99", hboneMtlsPort: 15008}
 "#;
-        let cfg = crate::state::file::parse(
-            yaml,
-            std::path::Path::new("test.yaml"),
-            &crate::state::file::FileDefaults {
-                trust_domain: "cluster.local".into(),
-                cluster_id: "Kubernetes".into(),
-            },
-        )
-        .unwrap();
-        let s = Store::new();
-        s.source("file")
-            .replace_all(cfg.workloads, cfg.services, cfg.policies);
-        s
+        crate::state::file::test_store(yaml)
     }
 
     fn addr(s: &str) -> SocketAddr {

@@ -114,8 +114,7 @@ pub(super) fn check_source(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Store;
-    use crate::state::file::{FileDefaults, parse};
+    use crate::state::file::test_store;
 
     const YAML: &str = r#"
 workloads:
@@ -132,20 +131,7 @@ workloads:
 "#;
 
     fn snapshot() -> Arc<Snapshot> {
-        let cfg = parse(
-            YAML,
-            std::path::Path::new("s.yaml"),
-            &FileDefaults {
-                trust_domain: "cluster.local".into(),
-                cluster_id: "Kubernetes".into(),
-            },
-        )
-        .unwrap();
-        let store = Store::new();
-        store
-            .source("file")
-            .replace_all(cfg.workloads, cfg.services, cfg.policies);
-        store.snapshot()
+        test_store(YAML).snapshot()
     }
 
     fn id(ns: &str, sa: &str) -> Identity {

@@ -215,6 +215,24 @@ fn apply(cfg: LocalConfig, source: &SourceHandle) {
     source.replace_all(cfg.workloads, cfg.services, cfg.policies);
 }
 
+/// Unit tests' state: a store fed from local-config `yaml` (defaults
+/// `cluster.local`, `Kubernetes`) under source `file`. Panics on bad YAML.
+#[cfg(test)]
+pub(crate) fn test_store(yaml: &str) -> super::Store {
+    let cfg = parse(
+        yaml,
+        Path::new("test.yaml"),
+        &FileDefaults {
+            trust_domain: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+        },
+    )
+    .unwrap();
+    let store = super::Store::new();
+    apply(cfg, &store.source("file"));
+    store
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -132,8 +132,7 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Store;
-    use crate::state::file::{FileDefaults, parse};
+    use crate::state::file::test_store;
 
     const YAML: &str = r#"
 workloads:
@@ -180,19 +179,7 @@ services:
 "#;
 
     fn snapshot() -> Arc<Snapshot> {
-        let cfg = parse(
-            YAML,
-            std::path::Path::new("gw.yaml"),
-            &FileDefaults {
-                trust_domain: "cluster.local".into(),
-                cluster_id: "Kubernetes".into(),
-            },
-        )
-        .unwrap();
-        let s = Store::new();
-        s.source("file")
-            .replace_all(cfg.workloads, cfg.services, cfg.policies);
-        s.snapshot()
+        test_store(YAML).snapshot()
     }
 
     fn gw(yaml: &str) -> GatewayAddress {

@@ -57,8 +57,7 @@ impl Snapshot {
 
 #[cfg(test)]
 mod tests {
-    use crate::state::Store;
-    use crate::state::file::{FileDefaults, parse};
+    use crate::state::file::test_store;
 
     const YAML: &str = r#"
 workloads:
@@ -81,19 +80,7 @@ services:
 
     #[test]
     fn forwarded_host_then_target_port() {
-        let cfg = parse(
-            YAML,
-            std::path::Path::new("svc.yaml"),
-            &FileDefaults {
-                trust_domain: "cluster.local".into(),
-                cluster_id: "Kubernetes".into(),
-            },
-        )
-        .unwrap();
-        let s = Store::new();
-        s.source("file")
-            .replace_all(cfg.workloads, cfg.services, cfg.policies);
-        let snap = s.snapshot();
+        let snap = test_store(YAML).snapshot();
         let w = snap.workload_by_uid("app").unwrap().clone();
         let names: Vec<String> = snap
             .services_of(&w)
