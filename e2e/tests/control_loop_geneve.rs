@@ -26,32 +26,7 @@ const IPSET: &str = "ztunnel-pods-ips";
 
 /// `None` when this kernel can create GENEVE devices.
 fn geneve_missing(env: &Env) -> Option<String> {
-    let node = env.node().netns();
-    let out = node
-        .output(
-            "ip",
-            [
-                "link",
-                "add",
-                "gvchk",
-                "type",
-                "geneve",
-                "id",
-                "1",
-                "remote",
-                "192.0.2.1",
-            ],
-            SECOND * 10,
-        )
-        .ok()?;
-    if out.status.success() {
-        let _ = node.output("ip", ["link", "del", "gvchk"], SECOND * 10);
-        return None;
-    }
-    let why = format!(
-        "this kernel cannot create GENEVE devices ({}); run scripts/vm-tests.sh",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    let why = e2e::netsim::geneve_unsupported(env.node().netns())?;
     if std::env::var_os("GENEVE_TESTS_REQUIRED").is_some_and(|v| v == "1") {
         panic!("GENEVE_TESTS_REQUIRED=1 but {why}");
     }

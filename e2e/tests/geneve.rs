@@ -35,32 +35,6 @@ use node_agent::redirect::{PodRedirect, Redirector};
 const APP_PORT: u16 = 8080;
 const ZT_HOST: u8 = 250;
 
-fn geneve_missing(scratch: &NamedNetns) -> Option<String> {
-    let out = scratch
-        .output(
-            "ip",
-            [
-                "link",
-                "add",
-                "gvchk",
-                "type",
-                "geneve",
-                "id",
-                "1",
-                "remote",
-                "192.0.2.1",
-            ],
-            Duration::from_secs(10),
-        )
-        .ok()?;
-    (!out.status.success()).then(|| {
-        format!(
-            "this kernel cannot create GENEVE devices ({}); run scripts/vm-tests.sh",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-    })
-}
-
 fn ip(ns: &NamedNetns, args: &str) {
     ns.exec("ip", args.split_whitespace(), Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("ip {args} in {}: {e}", ns.name()));
@@ -284,7 +258,7 @@ fn geneve_two_nodes_hbone_between_ztunnels() {
     }
     let cluster = Cluster::new("geneve", 2).unwrap();
     let scratch = cluster.scope().create_netns("gvchk").unwrap();
-    if let Some(why) = geneve_missing(&scratch) {
+    if let Some(why) = e2e::netsim::geneve_unsupported(&scratch) {
         assert!(
             std::env::var_os("GENEVE_TESTS_REQUIRED").is_none_or(|v| v != "1"),
             "GENEVE_TESTS_REQUIRED=1 but {why}"

@@ -11,7 +11,7 @@
 
 mod scenarios_support;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use e2e::netsim::NamedNetns;
 use e2e::simcluster::RedirectMode;
@@ -30,29 +30,7 @@ fn geneve_missing() -> Option<String> {
         Ok(ns) => ns,
         Err(e) => return Some(format!("cannot create a scratch netns: {e}")),
     };
-    let out = ns
-        .output(
-            "ip",
-            [
-                "link",
-                "add",
-                "gvchk",
-                "type",
-                "geneve",
-                "id",
-                "1",
-                "remote",
-                "192.0.2.1",
-            ],
-            Duration::from_secs(10),
-        )
-        .ok()?;
-    (!out.status.success()).then(|| {
-        format!(
-            "this kernel cannot create GENEVE devices ({}); run scripts/vm-tests.sh",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-    })
+    e2e::netsim::geneve_unsupported(&ns)
 }
 
 #[test]

@@ -65,3 +65,35 @@ pub use scope::{KEEP_ENV, REGISTRY_DIR, Scope, StaleReport, cleanup_stale};
 pub fn can_create_netns() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// `None` when the kernel can create GENEVE devices, probed by creating
+/// (and deleting) one in `ns`; otherwise why not, for a test's skip
+/// message. `None` too when the probe itself cannot run.
+pub fn geneve_unsupported(ns: &NamedNetns) -> Option<String> {
+    let timeout = std::time::Duration::from_secs(10);
+    let out = ns
+        .output(
+            "ip",
+            [
+                "link",
+                "add",
+                "gvchk",
+                "type",
+                "geneve",
+                "id",
+                "1",
+                "remote",
+                "192.0.2.1",
+            ],
+            timeout,
+        )
+        .ok()?;
+    if out.status.success() {
+        let _ = ns.output("ip", ["link", "del", "gvchk"], timeout);
+        return None;
+    }
+    Some(format!(
+        "this kernel cannot create GENEVE devices ({}); run scripts/vm-tests.sh",
+        String::from_utf8_lossy(&out.stderr).trim()
+    ))
+}
