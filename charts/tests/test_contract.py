@@ -15,6 +15,7 @@ Skipped, with the reason, when target/debug/node-agent is not built
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import socket
 import ssl
@@ -38,10 +39,38 @@ current-context: c
 """
 
 
+_next_port = 20_000 + os.getpid() * 97 % 10_000
+
+
+def _bindable(family: socket.AddressFamily, host: str, port: int) -> bool:
+    try:
+        with socket.socket(family) as s:
+            s.bind((host, port))
+        return True
+    except OSError as e:
+        # No IPv6 on this machine: only IPv4 can conflict.
+        return family == socket.AF_INET6 and e.errno != errno.EADDRINUSE
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port below the kernel's ephemeral range that nothing is bound to.
+
+    Port 0 would hand out an ephemeral port, which any outgoing connection may
+    take before the CA binds it (seen in CI: READY_PORT "Address already in
+    use"). Same rule as e2e::free_port in Rust.
+    """
+    global _next_port
+    try:
+        end = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        end = 32_768
+    end = max(end, 21_000)
+    for _ in range(end - 20_000):
+        port = _next_port
+        _next_port = 20_000 + (_next_port + 1 - 20_000) % (end - 20_000)
+        if _bindable(socket.AF_INET, "0.0.0.0", port) and _bindable(socket.AF_INET6, "::", port):
+            return port
+    raise RuntimeError("no free TCP port below the ephemeral range")
 
 
 @unittest.skipUnless(NODE_AGENT.exists(), f"{NODE_AGENT} not built (make test builds the binaries first)")

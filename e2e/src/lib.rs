@@ -7,8 +7,10 @@ pub mod binaries;
 pub mod dedicated_mesh;
 pub mod kubelet;
 pub mod netsim;
+pub mod ports;
 pub mod prom_text;
 pub mod simcluster;
 pub mod workloads;
 
 pub use binaries::bin_path;
+pub use ports::free_port;

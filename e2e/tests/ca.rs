@@ -331,14 +331,6 @@ async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     Some(out)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_agent_ca_binary_serves_readiness_metrics_and_certificates() {
     let bin = e2e::bin_path("node-agent");
@@ -355,7 +347,7 @@ async fn node_agent_ca_binary_serves_readiness_metrics_and_certificates() {
     // in between, so a start that fails with "Address already in use" is retried.
     let mut started = None;
     for attempt in 0..5 {
-        let (grpc, ready, metrics) = (free_port(), free_port(), free_port());
+        let (grpc, ready, metrics) = (e2e::free_port(), e2e::free_port(), e2e::free_port());
         let log_path = tmp.path().join(format!("ca-{attempt}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
         let mut child = tokio::process::Command::new(&bin)

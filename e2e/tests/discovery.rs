@@ -369,14 +369,6 @@ async fn missing_policy_crd_is_a_warning_not_a_failure() {
     // count requests for resources it does not serve.)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The ztunnel binary with `KUBERNETES_DISCOVERY=true` (in-pod mode, no node agent:
 /// it serves no workload, but learns the cluster): `/config_dump` shows pods created
 /// through the API.
@@ -392,7 +384,7 @@ async fn ztunnel_binary_with_kubernetes_discovery_dumps_cluster_state() {
     let (cert, key) = node_agent::ca::authority::testing::generate_root("zt root");
     std::fs::write(tmp.path().join("root.pem"), &cert).unwrap();
     std::fs::write(tmp.path().join("root.key"), &key).unwrap();
-    let (admin, stats, ready) = (free_port(), free_port(), free_port());
+    let (admin, stats, ready) = (e2e::free_port(), e2e::free_port(), e2e::free_port());
     let log_path = tmp.path().join("ztunnel.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut child = tokio::process::Command::new(bin)
