@@ -70,9 +70,15 @@ e2e-kind-clean:
 # --- Benchmarks: data plane vs direct, agent memory, CNI ADD latency, policy ---------
 # bench/run.sh writes bench/RESULTS.md (raw outputs in target/bench/).
 # BENCH_SECONDS sets the length of each data-plane measurement.
+# ISTIO_ZTUNNEL=PATH also measures Istio's own ztunnel in the same run and
+# topology (`make istio-ztunnel` builds one from a checkout, ISTIO_ZTUNNEL_SRC).
 BENCH_SECONDS ?= 10
 bench: deps
 	BENCH_SECONDS=$(BENCH_SECONDS) bench/run.sh
+
+.PHONY: istio-ztunnel
+istio-ztunnel:
+	bench/build-istio-ztunnel.sh $(ISTIO_ZTUNNEL_SRC)
 
 # The parts alone.
 .PHONY: bench-agent-memory bench-dedicated bench-cni

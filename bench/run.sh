@@ -5,6 +5,8 @@
 # evaluation cost). Root needed (network namespaces). Raw outputs stay in
 # target/bench/.
 #   BENCH_SECONDS=10 bench/run.sh
+#   ISTIO_ZTUNNEL=/path/to/istio/ztunnel bench/run.sh   # also measure Istio's
+#     ztunnel in the same run (build it with bench/build-istio-ztunnel.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARGO=${CARGO:-cargo}
@@ -18,7 +20,12 @@ step "release build"
 "$CARGO" build --release -p ztunnel -p mesh-bench -p node-agent -p istio-cni
 
 step "data plane: direct vs through two ztunnels (${SECONDS_EACH} s per measurement)"
-target/release/bench-dedicated --seconds "$SECONDS_EACH" --results "$OUT/dataplane.md"
+ISTIO_ARGS=()
+if [ -n "${ISTIO_ZTUNNEL:-}" ]; then
+  [ -x "$ISTIO_ZTUNNEL" ] || { echo "ISTIO_ZTUNNEL=$ISTIO_ZTUNNEL is not an executable" >&2; exit 1; }
+  ISTIO_ARGS=(--istio-ztunnel "$ISTIO_ZTUNNEL")
+fi
+target/release/bench-dedicated --seconds "$SECONDS_EACH" --results "$OUT/dataplane.md" "${ISTIO_ARGS[@]}"
 
 step "node agent memory with 100 enrolled pods"
 AGENT_MEMORY_OUT=$OUT/agent-memory.txt bench/agent_memory.sh >&2

@@ -1,14 +1,16 @@
 //! `bench-dedicated`: direct TCP between two simulated pods vs through the two pods'
 //! dedicated ztunnels, in one run. Prints the table and writes it to `bench/RESULTS.md`.
 //!
-//! Usage: `bench-dedicated [--ztunnel PATH] [--seconds N] [--results PATH]` (root).
+//! Usage: `bench-dedicated [--ztunnel PATH] [--seconds N] [--results PATH]
+//! [--istio-ztunnel PATH]` (root). With `--istio-ztunnel`, Istio's own ztunnel is measured in
+//! the same run and topology, after this project's.
 
 mod procstat;
 mod report;
 mod tools;
 mod topology;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -25,6 +27,8 @@ struct Args {
     /// Set up the meshed pods, print their netns names and ztunnel pids, keep them for this
     /// many seconds (for manual experiments), then exit without measuring.
     hold: Option<u64>,
+    /// Istio's ztunnel binary (built with `--features testing`): measure it too, same run.
+    istio: Option<PathBuf>,
 }
 
 fn workspace() -> PathBuf {
@@ -43,6 +47,7 @@ fn parse_args() -> Result<Args> {
         skip_direct: false,
         env: Vec::new(),
         hold: None,
+        istio: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -54,13 +59,16 @@ fn parse_args() -> Result<Args> {
             "--perf" => args.perf = Some(it.next().context("--perf PREFIX")?.into()),
             "--skip-direct" => args.skip_direct = true,
             "--hold" => args.hold = Some(it.next().context("--hold SECONDS")?.parse()?),
+            "--istio-ztunnel" => {
+                args.istio = Some(it.next().context("--istio-ztunnel PATH")?.into())
+            }
             "--env" => {
                 let kv = it.next().context("--env K=V")?;
                 let (k, v) = kv.split_once('=').context("--env K=V")?;
                 args.env.push((k.to_string(), v.to_string()));
             }
             other => bail!(
-                "unknown argument {other:?}; usage: bench-dedicated [--ztunnel PATH] [--seconds N] [--results PATH | --no-results] [--perf PREFIX] [--skip-direct] [--env K=V]... [--hold SECONDS]"
+                "unknown argument {other:?}; usage: bench-dedicated [--ztunnel PATH] [--seconds N] [--results PATH | --no-results] [--perf PREFIX] [--skip-direct] [--env K=V]... [--hold SECONDS] [--istio-ztunnel PATH]"
             ),
         }
     }
@@ -121,13 +129,14 @@ fn main() -> Result<()> {
     }
 
     eprintln!("starting the two ztunnels ...");
-    topo.enable_mesh(
-        &args.ztunnel,
-        &workspace().join("ztunnel/testdata/ca"),
-        &args.env,
-    )?;
-    let pids: Vec<i32> = topo.ztunnels.iter().map(|z| z.pid()).collect();
+    topo.capture()?;
+    let ours = topology::Flavor::Ours {
+        binary: args.ztunnel.clone(),
+        ca_dir: workspace().join("ztunnel/testdata/ca"),
+    };
+    topo.start_ztunnels(&ours, &args.env)?;
     if let Some(hold) = args.hold {
+        let pids: Vec<i32> = topo.ztunnels.iter().map(|z| z.pid()).collect();
         println!(
             "pod a: netns {} ip {}\npod b: netns {} ip {} (iperf3 :5201, sockperf :11111)\nztunnel pids: {pids:?}\nlogs: {}",
             topo.a.netns().name(),
@@ -147,50 +156,79 @@ fn main() -> Result<()> {
         eprintln!("{sig}: cleaning up");
         return Ok(());
     }
-    std::thread::sleep(Duration::from_secs(2));
-    eprintln!("mesh: idle ...");
-    let ((), idle_cpu) = procstat::cpu_during(&pids, || {
-        std::thread::sleep(Duration::from_secs(s));
-        Ok(())
-    })?;
-    r.idle_cpu = idle_cpu;
-    r.idle_rss_mib = pids
-        .iter()
-        .map(|&p| procstat::rss_mib(p))
-        .collect::<Result<_>>()?;
-
-    eprintln!("mesh: 1 KB request/response at 1000/s ...");
-    let (rr, load_cpu) = procstat::cpu_during(&pids, || {
-        tools::request_response(topo.a.netns(), b_ip, 1024, 1000, s)
-    })?;
-    r.mesh_rr = rr;
-    r.load_cpu = load_cpu;
-    r.load_rss_mib = pids
-        .iter()
-        .map(|&p| procstat::rss_mib(p))
-        .collect::<Result<_>>()?;
-    eprintln!("mesh: 64 B ping-pong ...");
-    r.mesh_pp = profiled(&args, "pingpong", &pids, || {
-        tools::ping_pong(topo.a.netns(), b_ip, 64, s)
-    })?;
-    eprintln!("mesh: 64 B ping-pong, busy CPUs ...");
-    r.mesh_pp_busy = {
-        let _busy = tools::BusyCpus::start();
-        tools::ping_pong(topo.a.netns(), b_ip, 64, s)?
-    };
-    eprintln!("mesh: iperf3 single stream ...");
-    r.mesh_gbps = profiled(&args, "iperf3", &pids, || {
-        tools::iperf3(topo.a.netns(), b_ip, s)
-    })?;
+    r.mesh = measure_mesh(&args, &topo, "mesh")?;
+    topo.stop_ztunnels();
+    if let Some(istio) = &args.istio {
+        eprintln!("starting Istio's ztunnels ({}) ...", istio.display());
+        topo.start_ztunnels(
+            &topology::Flavor::Istio {
+                binary: istio.clone(),
+            },
+            &args.env,
+        )?;
+        r.istio = Some(measure_mesh(&args, &topo, "istio")?);
+        topo.stop_ztunnels();
+    }
 
     let table = r.table();
     println!("{table}");
+    if let Some(t) = r.istio_table() {
+        println!("{t}");
+    }
     if let Some(path) = &args.results {
-        let text = report_markdown(&table, &args)?;
+        let text = report_markdown(&table, r.istio_table().as_deref(), &args)?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// Idle, 1 KB request/response at 1000/s, ping-pong (idle and busy CPUs) and iperf3 through
+/// the running ztunnels; `phase` names progress lines and profiles.
+fn measure_mesh(
+    args: &Args,
+    topo: &topology::Topology,
+    phase: &str,
+) -> Result<report::MeshResults> {
+    let s = args.seconds;
+    let b_ip = topo.b.ip();
+    let pids: Vec<i32> = topo.ztunnels.iter().map(|z| z.pid()).collect();
+    let mut m = report::MeshResults::default();
+    std::thread::sleep(Duration::from_secs(2));
+    eprintln!("{phase}: idle ...");
+    let ((), idle_cpu) = procstat::cpu_during(&pids, || {
+        std::thread::sleep(Duration::from_secs(s));
+        Ok(())
+    })?;
+    m.idle_cpu = idle_cpu;
+    m.idle_rss_mib = pids
+        .iter()
+        .map(|&p| procstat::rss_mib(p))
+        .collect::<Result<_>>()?;
+    eprintln!("{phase}: 1 KB request/response at 1000/s ...");
+    let (rr, load_cpu) = procstat::cpu_during(&pids, || {
+        tools::request_response(topo.a.netns(), b_ip, 1024, 1000, s)
+    })?;
+    m.rr = rr;
+    m.load_cpu = load_cpu;
+    m.load_rss_mib = pids
+        .iter()
+        .map(|&p| procstat::rss_mib(p))
+        .collect::<Result<_>>()?;
+    eprintln!("{phase}: 64 B ping-pong ...");
+    m.pp = profiled(args, &format!("{phase}-pingpong"), &pids, || {
+        tools::ping_pong(topo.a.netns(), b_ip, 64, s)
+    })?;
+    eprintln!("{phase}: 64 B ping-pong, busy CPUs ...");
+    m.pp_busy = {
+        let _busy = tools::BusyCpus::start();
+        tools::ping_pong(topo.a.netns(), b_ip, 64, s)?
+    };
+    eprintln!("{phase}: iperf3 single stream ...");
+    m.gbps = profiled(args, &format!("{phase}-iperf3"), &pids, || {
+        tools::iperf3(topo.a.netns(), b_ip, s)
+    })?;
+    Ok(m)
 }
 
 const NOTES: &str = "## Reading the table
@@ -247,6 +285,22 @@ fn profiled<T>(args: &Args, phase: &str, pids: &[i32], f: impl FnOnce() -> Resul
     result
 }
 
+/// The same-run comparison with Istio's ztunnel, with what was run.
+fn istio_section(table: &str, args: &Args) -> String {
+    let bin = args.istio.as_deref().unwrap_or(Path::new("?"));
+    let version = command_output(&bin.display().to_string(), &["version"]);
+    let version = version.lines().next().unwrap_or("unknown version");
+    format!(
+        "## Same run: Istio's ztunnel\n\n\
+         Istio's own ztunnel (`{bin}`, {version}) in the same two pods, with the same capture \
+         rules and local config file, started after this project's were stopped \
+         (`PROXY_MODE=dedicated`, `FAKE_CA=true` (its built-in test CA), `PACKET_MARK=1337`, \
+         default 2 worker threads). The issue's targets were set relative to Istio's ztunnel on \
+         this topology; this table is that calibration on the machine that ran it.\n\n{table}\n",
+        bin = bin.display()
+    )
+}
+
 fn command_output(cmd: &str, args: &[&str]) -> String {
     std::process::Command::new(cmd)
         .args(args)
@@ -256,7 +310,7 @@ fn command_output(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-fn report_markdown(table: &str, args: &Args) -> Result<String> {
+fn report_markdown(table: &str, istio: Option<&str>, args: &Args) -> Result<String> {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -297,7 +351,8 @@ fn report_markdown(table: &str, args: &Args) -> Result<String> {
          - Tools: iperf3 single stream ({s} s); sockperf ping-pong 64 B ({s} s) and under-load 1 KB \
          at 1000 msg/s with a reply to every message ({s} s); latency columns are sockperf's \
          default metric (round trip / 2, µs). CPU = (utime+stime)/wall over the period; RSS = VmRSS.\n\
-         - ztunnel binary: `{bin}`\n\n{table}\n{NOTES}",
+         - ztunnel binary: `{bin}`\n\n{table}\n{istio}{NOTES}",
+        istio = istio.map(|t| istio_section(t, args)).unwrap_or_default(),
         mem_kb = mem
             .replace("MemTotal:", "RAM")
             .split_whitespace()

@@ -4,28 +4,37 @@ use std::fmt::Write;
 
 use crate::tools::Percentiles;
 
-/// Everything one run measured.
+/// What one mesh phase (two ztunnels of one implementation) measured.
 #[derive(Debug, Default)]
-pub struct Results {
-    pub direct_gbps: f64,
-    pub mesh_gbps: f64,
-    pub direct_pp: Percentiles,
-    pub mesh_pp: Percentiles,
+pub struct MeshResults {
+    pub gbps: f64,
+    pub pp: Percentiles,
     /// Same, with every CPU kept busy by `SCHED_IDLE` spinners.
-    pub direct_pp_busy: Percentiles,
-    pub mesh_pp_busy: Percentiles,
-    /// Reference: ping-pong over loopback in one pod, direct and through one socat hop.
-    pub socat_pp_base: Percentiles,
-    pub socat_pp: Percentiles,
-    /// CPU of the socat hop at 1000 req/s (cores).
-    pub socat_cpu: f64,
-    pub direct_rr: Percentiles,
-    pub mesh_rr: Percentiles,
+    pub pp_busy: Percentiles,
+    pub rr: Percentiles,
     /// Per ztunnel (a, b).
     pub idle_rss_mib: Vec<f64>,
     pub idle_cpu: Vec<f64>,
     pub load_rss_mib: Vec<f64>,
     pub load_cpu: Vec<f64>,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Default)]
+pub struct Results {
+    pub direct_gbps: f64,
+    pub direct_pp: Percentiles,
+    pub direct_pp_busy: Percentiles,
+    pub direct_rr: Percentiles,
+    /// Reference: ping-pong over loopback in one pod, direct and through one socat hop.
+    pub socat_pp_base: Percentiles,
+    pub socat_pp: Percentiles,
+    /// CPU of the socat hop at 1000 req/s (cores).
+    pub socat_cpu: f64,
+    /// Through this project's ztunnels.
+    pub mesh: MeshResults,
+    /// Through Istio's ztunnels, same topology and rules (`--istio-ztunnel`).
+    pub istio: Option<MeshResults>,
 }
 
 fn max(v: &[f64]) -> f64 {
@@ -47,7 +56,7 @@ impl Results {
     /// The markdown table with ratios to direct and the targets.
     pub fn table(&self) -> String {
         let mut t = String::new();
-        let ratio = self.mesh_gbps / self.direct_gbps * 100.0;
+        let ratio = self.mesh.gbps / self.direct_gbps * 100.0;
         let _ = writeln!(
             t,
             "| metric | direct | through 2 ztunnels | ratio / added | target | met |"
@@ -57,7 +66,7 @@ impl Results {
             t,
             "| iperf3 single stream (Gbit/s) | {:.2} | {:.2} | {ratio:.1}% of direct | >= 30% | {} |",
             self.direct_gbps,
-            self.mesh_gbps,
+            self.mesh.gbps,
             yes(ratio >= 30.0)
         );
         let pp = |name: &str, d: f64, m: f64, target: Option<f64>| {
@@ -77,14 +86,14 @@ impl Results {
             pp(
                 "p50, idle CPUs",
                 self.direct_pp.p50,
-                self.mesh_pp.p50,
+                self.mesh.pp.p50,
                 Some(25.0)
             )
         );
         let _ = writeln!(
             t,
             "{}",
-            pp("p90, idle CPUs", self.direct_pp.p90, self.mesh_pp.p90, None)
+            pp("p90, idle CPUs", self.direct_pp.p90, self.mesh.pp.p90, None)
         );
         let _ = writeln!(
             t,
@@ -92,7 +101,7 @@ impl Results {
             pp(
                 "p99, idle CPUs",
                 self.direct_pp.p99,
-                self.mesh_pp.p99,
+                self.mesh.pp.p99,
                 Some(50.0)
             )
         );
@@ -102,7 +111,7 @@ impl Results {
             pp(
                 "p50, busy CPUs",
                 self.direct_pp_busy.p50,
-                self.mesh_pp_busy.p50,
+                self.mesh.pp_busy.p50,
                 Some(25.0)
             )
         );
@@ -112,7 +121,7 @@ impl Results {
             pp(
                 "p90, busy CPUs",
                 self.direct_pp_busy.p90,
-                self.mesh_pp_busy.p90,
+                self.mesh.pp_busy.p90,
                 None
             )
         );
@@ -122,7 +131,7 @@ impl Results {
             pp(
                 "p99, busy CPUs",
                 self.direct_pp_busy.p99,
-                self.mesh_pp_busy.p99,
+                self.mesh.pp_busy.p99,
                 Some(50.0)
             )
         );
@@ -134,9 +143,9 @@ impl Results {
             self.socat_pp.p50 - self.socat_pp_base.p50
         );
         for (name, d, m) in [
-            ("p50", self.direct_rr.p50, self.mesh_rr.p50),
-            ("p90", self.direct_rr.p90, self.mesh_rr.p90),
-            ("p99", self.direct_rr.p99, self.mesh_rr.p99),
+            ("p50", self.direct_rr.p50, self.mesh.rr.p50),
+            ("p90", self.direct_rr.p90, self.mesh.rr.p90),
+            ("p99", self.direct_rr.p99, self.mesh.rr.p99),
         ] {
             let _ = writeln!(
                 t,
@@ -148,25 +157,25 @@ impl Results {
         let _ = writeln!(
             t,
             "| ztunnel RSS idle (MiB, A / B) | - | {} | - | <= 8 | {} |",
-            pair(&self.idle_rss_mib, 1),
-            yes(max(&self.idle_rss_mib) <= 8.0)
+            pair(&self.mesh.idle_rss_mib, 1),
+            yes(max(&self.mesh.idle_rss_mib) <= 8.0)
         );
         let _ = writeln!(
             t,
             "| ztunnel CPU idle (cores, A / B) | - | {} | - | - | - |",
-            pair(&self.idle_cpu, 4)
+            pair(&self.mesh.idle_cpu, 4)
         );
         let _ = writeln!(
             t,
             "| ztunnel RSS @ 1000 req/s (MiB, A / B) | - | {} | - | <= 10 | {} |",
-            pair(&self.load_rss_mib, 1),
-            yes(max(&self.load_rss_mib) <= 10.0)
+            pair(&self.mesh.load_rss_mib, 1),
+            yes(max(&self.mesh.load_rss_mib) <= 10.0)
         );
         let _ = writeln!(
             t,
             "| ztunnel CPU @ 1000 req/s (cores, A / B) | - | {} | - | <= 0.04 | {} |",
-            pair(&self.load_cpu, 4),
-            yes(max(&self.load_cpu) <= 0.04)
+            pair(&self.mesh.load_cpu, 4),
+            yes(max(&self.mesh.load_cpu) <= 0.04)
         );
         let _ = writeln!(
             t,
@@ -174,5 +183,101 @@ impl Results {
             self.socat_cpu
         );
         t
+    }
+
+    /// Same-run comparison with Istio's ztunnel, when it was measured. The targets
+    /// are scaled from Istio's ztunnel on this topology (20–27% of direct, +30–37 µs p50),
+    /// so this is the row-by-row calibration of the table above on whatever machine ran it.
+    pub fn istio_table(&self) -> Option<String> {
+        let i = self.istio.as_ref()?;
+        let m = &self.mesh;
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "| metric | direct | Istio ztunnel | this ztunnel | this vs Istio |"
+        );
+        let _ = writeln!(t, "|---|---|---|---|---|");
+        let _ = writeln!(
+            t,
+            "| iperf3 single stream (Gbit/s) | {:.2} | {:.2} ({:.1}%) | {:.2} ({:.1}%) | {:.2}x throughput |",
+            self.direct_gbps,
+            i.gbps,
+            i.gbps / self.direct_gbps * 100.0,
+            m.gbps,
+            m.gbps / self.direct_gbps * 100.0,
+            m.gbps / i.gbps
+        );
+        let added = |name: &str, d: f64, istio: f64, ours: f64| {
+            format!(
+                "| {name} (µs, RTT/2) | {d:.1} | {istio:.1} (+{:.1}) | {ours:.1} (+{:.1}) | {:.2}x added latency |",
+                istio - d,
+                ours - d,
+                (ours - d) / (istio - d)
+            )
+        };
+        for (name, d, istio, ours) in [
+            (
+                "ping-pong 64 B p50, idle CPUs",
+                self.direct_pp.p50,
+                i.pp.p50,
+                m.pp.p50,
+            ),
+            (
+                "ping-pong 64 B p99, idle CPUs",
+                self.direct_pp.p99,
+                i.pp.p99,
+                m.pp.p99,
+            ),
+            (
+                "ping-pong 64 B p50, busy CPUs",
+                self.direct_pp_busy.p50,
+                i.pp_busy.p50,
+                m.pp_busy.p50,
+            ),
+            (
+                "ping-pong 64 B p99, busy CPUs",
+                self.direct_pp_busy.p99,
+                i.pp_busy.p99,
+                m.pp_busy.p99,
+            ),
+            (
+                "1 KB req/resp @ 1000/s p50",
+                self.direct_rr.p50,
+                i.rr.p50,
+                m.rr.p50,
+            ),
+            (
+                "1 KB req/resp @ 1000/s p99",
+                self.direct_rr.p99,
+                i.rr.p99,
+                m.rr.p99,
+            ),
+        ] {
+            let _ = writeln!(t, "{}", added(name, d, istio, ours));
+        }
+        for (name, istio, ours, digits) in [
+            ("RSS idle (MiB, A / B)", &i.idle_rss_mib, &m.idle_rss_mib, 1),
+            (
+                "RSS @ 1000 req/s (MiB, A / B)",
+                &i.load_rss_mib,
+                &m.load_rss_mib,
+                1,
+            ),
+            (
+                "CPU @ 1000 req/s (cores, A / B)",
+                &i.load_cpu,
+                &m.load_cpu,
+                4,
+            ),
+        ] {
+            let _ = writeln!(
+                t,
+                "| ztunnel {name} | - | {} | {} | {:.2}x |",
+                pair(istio, digits),
+                pair(ours, digits),
+                max(ours) / max(istio)
+            );
+        }
+        Some(t)
     }
 }

@@ -61,16 +61,8 @@ impl Topology {
         self.cluster.scope().dir()
     }
 
-    /// Capture rules in both pods and a dedicated ztunnel in each; waits until both are
-    /// ready.
-    pub fn enable_mesh(
-        &mut self,
-        ztunnel_bin: &Path,
-        ca_dir: &Path,
-        extra_env: &[(String, String)],
-    ) -> Result<()> {
-        let config = self.dir().join("local-config.yaml");
-        std::fs::write(&config, local_config(self.a.ip(), self.b.ip()))?;
+    /// The in-pod capture rules (node agent's generator + applier) in both pods.
+    pub fn capture(&self) -> Result<()> {
         for pod in [&self.a, &self.b] {
             let cfg = PodNetConfig {
                 backend: detect_backend(),
@@ -85,26 +77,43 @@ impl Topology {
                 })?
                 .map_err(|e| anyhow::anyhow!("applying capture rules: {e}"))?;
         }
+        Ok(())
+    }
+
+    /// A dedicated ztunnel of `flavor` in each pod (capture rules must be in place); waits
+    /// until both are ready.
+    pub fn start_ztunnels(
+        &mut self,
+        flavor: &Flavor,
+        extra_env: &[(String, String)],
+    ) -> Result<()> {
+        if !self.ztunnels.is_empty() {
+            bail!("ztunnels already running; stop_ztunnels first");
+        }
+        let config = self.dir().join("local-config.yaml");
+        std::fs::write(&config, local_config(self.a.ip(), self.b.ip()))?;
         for (name, pod) in [("a", &self.a), ("b", &self.b)] {
-            let log = self.dir().join(format!("ztunnel-{name}.log"));
-            let mut cmd = pod.netns().command(ztunnel_bin);
+            let log = self
+                .dir()
+                .join(format!("ztunnel-{}-{name}.log", flavor.tag()));
+            let mut cmd = pod.netns().command(flavor.binary());
             cmd.arg("proxy")
                 .env("PROXY_MODE", "dedicated")
                 .env("PROXY_WORKLOAD_INFO", format!("default/{name}/sa-{name}"))
                 .env("LOCAL_XDS_PATH", &config)
-                .env("CA_ROOT_CERT", ca_dir.join("ec-root.pem"))
-                .env("CA_ROOT_KEY", ca_dir.join("ec-root.key"))
                 .env("NODE_NAME", "node1")
                 .env("RUST_LOG", "warn")
+                .envs(flavor.env())
                 .envs(extra_env.iter().map(|(k, v)| (k, v)))
                 .stdin(std::process::Stdio::null())
                 .stdout(std::fs::File::create(&log)?)
                 .stderr(std::fs::File::options().append(true).open(&log)?);
-            let process = Process::spawn(cmd).context("starting ztunnel")?;
+            let process = Process::spawn(cmd)
+                .with_context(|| format!("starting {} in pod {name}", flavor.binary().display()))?;
             self.ztunnels.push(Ztunnel { name, process, log });
         }
         for (pod, z) in [&self.a, &self.b].into_iter().zip(&self.ztunnels) {
-            let end = Instant::now() + Duration::from_secs(15);
+            let end = Instant::now() + Duration::from_secs(30);
             loop {
                 if http_get(pod.netns(), 15021, "/healthz/ready")
                     .is_some_and(|(status, _)| status == 200)
@@ -113,7 +122,8 @@ impl Topology {
                 }
                 if Instant::now() > end {
                     bail!(
-                        "ztunnel {} not ready; log:\n{}",
+                        "{} ztunnel {} not ready within 30 s; log:\n{}",
+                        flavor.tag(),
                         z.name,
                         std::fs::read_to_string(&z.log).unwrap_or_default()
                     );
@@ -122,5 +132,53 @@ impl Topology {
             }
         }
         Ok(())
+    }
+
+    /// Stops both ztunnels (SIGTERM, then SIGKILL after 5 s).
+    pub fn stop_ztunnels(&mut self) {
+        for mut z in self.ztunnels.drain(..) {
+            z.process.terminate(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Which ztunnel a mesh phase runs.
+pub enum Flavor {
+    /// This project's ztunnel, certificates from the test CA in `ca_dir`.
+    Ours { binary: PathBuf, ca_dir: PathBuf },
+    /// Istio's ztunnel (built with `--features testing`), same config file and capture
+    /// rules; certificates from its built-in test CA (`FAKE_CA`), sockets marked 0x539
+    /// like ours so the capture rules let its own traffic through.
+    Istio { binary: PathBuf },
+}
+
+impl Flavor {
+    pub fn tag(&self) -> &'static str {
+        match self {
+            Flavor::Ours { .. } => "ours",
+            Flavor::Istio { .. } => "istio",
+        }
+    }
+
+    pub fn binary(&self) -> &Path {
+        match self {
+            Flavor::Ours { binary, .. } | Flavor::Istio { binary } => binary,
+        }
+    }
+
+    fn env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        match self {
+            Flavor::Ours { ca_dir, .. } => vec![
+                ("CA_ROOT_CERT", ca_dir.join("ec-root.pem").into()),
+                ("CA_ROOT_KEY", ca_dir.join("ec-root.key").into()),
+            ],
+            Flavor::Istio { .. } => vec![
+                ("FAKE_CA", "true".into()),
+                ("XDS_ADDRESS", "".into()),
+                ("CA_ADDRESS", "".into()),
+                ("PACKET_MARK", "1337".into()),
+                ("ENABLE_ORIG_SRC", "false".into()),
+            ],
+        }
     }
 }
