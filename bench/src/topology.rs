@@ -7,11 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use e2e::dedicated_mesh::http_get;
+use e2e::dedicated_mesh::{apply_capture_rules, http_get};
 use e2e::netsim::{Cluster, Pod, Process};
-use node_agent::redirect::inpod::apply::apply_pod_here;
-use node_agent::redirect::inpod::{PodNetConfig, PodRuleOptions, RuleConfig};
-use node_agent::redirect::iptables::detect_backend;
 
 pub struct Topology {
     pub a: Pod,
@@ -64,18 +61,7 @@ impl Topology {
     /// The in-pod capture rules (node agent's generator + applier) in both pods.
     pub fn capture(&self) -> Result<()> {
         for pod in [&self.a, &self.b] {
-            let cfg = PodNetConfig {
-                backend: detect_backend(),
-                ipv6: false,
-                rules: RuleConfig::default(),
-            };
-            let label = pod.netns().path().to_path_buf();
-            pod.netns()
-                .run(move || {
-                    apply_pod_here(&cfg, &PodRuleOptions::default(), &label)
-                        .map_err(|e| e.to_string())
-                })?
-                .map_err(|e| anyhow::anyhow!("applying capture rules: {e}"))?;
+            apply_capture_rules(pod).map_err(anyhow::Error::msg)?;
         }
         Ok(())
     }

@@ -235,7 +235,7 @@ impl DedicatedMesh {
             .find(|p| p.name == name)
             .unwrap_or_else(|| panic!("no pod {name} in the mesh"));
         assert!(p.ztunnel.is_none(), "ztunnel of {name} already started");
-        capture_rules(&p.pod);
+        apply_capture_rules(&p.pod).expect("capture rules");
         let mut cmd = p.netns().command(bin_path("ztunnel"));
         cmd.arg("proxy")
             .env("PROXY_MODE", "dedicated")
@@ -315,20 +315,22 @@ pub fn workload_entry(p: &MeshPod, protocol: &str, services: &str, extra: &str) 
     )
 }
 
-/// Applies the in-pod capture rules in `pod` (dedicated mode uses the same rules).
-fn capture_rules(pod: &Pod) {
+/// Applies the in-pod capture rules (the node agent's generator and applier) in `pod`;
+/// dedicated mode uses the same rules. The error names the pod's netns.
+pub fn apply_capture_rules(pod: &Pod) -> Result<(), String> {
     let cfg = PodNetConfig {
         backend: detect_backend(),
         ipv6: false,
         rules: RuleConfig::default(),
     };
     let label = pod.netns().path().to_path_buf();
+    let ns = label.display().to_string();
     pod.netns()
         .run(move || {
             apply_pod_here(&cfg, &PodRuleOptions::default(), &label).map_err(|e| e.to_string())
         })
-        .expect("enter pod netns")
-        .expect("apply capture rules");
+        .map_err(|e| format!("entering {ns}: {e}"))?
+        .map_err(|e| format!("capture rules in {ns}: {e}"))
 }
 
 /// `GET path` on `127.0.0.1:port` inside `ns`: (status, body).
