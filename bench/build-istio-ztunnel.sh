@@ -25,5 +25,6 @@ tar -C "$SRC" --exclude=./target --exclude=./vendor --exclude=./.git -cf - . | t
 sed -i -e '/^boring-rustls-provider = /d' -e 's/^tls-boring = .*/tls-boring = []/' "$WORK/build/Cargo.toml"
 rev=$(git -C "$SRC" rev-parse --short HEAD 2>/dev/null || echo unknown)
 echo "building istio/ztunnel $rev (release, --features testing); this takes a while" >&2
-(cd "$WORK/build" && cargo build --release --features testing --bin ztunnel >&2)
-echo "$WORK/build/target/release/ztunnel"
+# (Upstream's .cargo/config.toml, kept: frame pointers on; the target dir is set here.)
+(cd "$WORK/build" && cargo build --release --features testing --bin ztunnel --target-dir "$WORK/target" >&2)
+echo "$WORK/target/release/ztunnel"

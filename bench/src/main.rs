@@ -29,6 +29,10 @@ struct Args {
     hold: Option<u64>,
     /// Istio's ztunnel binary (built with `--features testing`): measure it too, same run.
     istio: Option<PathBuf>,
+    /// Mesh phases to run (`--phases load,pingpong,busy,iperf`; default all).
+    phases: Vec<Phase>,
+    /// Run the phases this many times (A/B comparisons on a noisy machine).
+    rounds: usize,
 }
 
 fn workspace() -> PathBuf {
@@ -48,6 +52,8 @@ fn parse_args() -> Result<Args> {
         env: Vec::new(),
         hold: None,
         istio: None,
+        phases: Phase::ALL.to_vec(),
+        rounds: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -59,6 +65,15 @@ fn parse_args() -> Result<Args> {
             "--perf" => args.perf = Some(it.next().context("--perf PREFIX")?.into()),
             "--skip-direct" => args.skip_direct = true,
             "--hold" => args.hold = Some(it.next().context("--hold SECONDS")?.parse()?),
+            "--phases" => {
+                args.phases = it
+                    .next()
+                    .context("--phases LIST")?
+                    .split(',')
+                    .map(Phase::parse)
+                    .collect::<Result<_>>()?
+            }
+            "--rounds" => args.rounds = it.next().context("--rounds N")?.parse()?,
             "--istio-ztunnel" => {
                 args.istio = Some(it.next().context("--istio-ztunnel PATH")?.into())
             }
@@ -68,7 +83,7 @@ fn parse_args() -> Result<Args> {
                 args.env.push((k.to_string(), v.to_string()));
             }
             other => bail!(
-                "unknown argument {other:?}; usage: bench-dedicated [--ztunnel PATH] [--seconds N] [--results PATH | --no-results] [--perf PREFIX] [--skip-direct] [--env K=V]... [--hold SECONDS] [--istio-ztunnel PATH]"
+                "unknown argument {other:?}; usage: bench-dedicated [--ztunnel PATH] [--seconds N] [--results PATH | --no-results] [--perf PREFIX] [--skip-direct] [--env K=V]... [--hold SECONDS] [--istio-ztunnel PATH] [--phases load,pingpong,busy,iperf] [--rounds N]"
             ),
         }
     }
@@ -156,19 +171,36 @@ fn main() -> Result<()> {
         eprintln!("{sig}: cleaning up");
         return Ok(());
     }
-    r.mesh = measure_mesh(&args, &topo, "mesh")?;
     topo.stop_ztunnels();
+    // Each phase runs on fresh ztunnels, this project's then Istio's, so slow drifts of
+    // the machine hit both alike.
+    let mut flavors = vec![("mesh", ours)];
     if let Some(istio) = &args.istio {
-        eprintln!("starting Istio's ztunnels ({}) ...", istio.display());
-        topo.start_ztunnels(
-            &topology::Flavor::Istio {
+        flavors.push((
+            "istio",
+            topology::Flavor::Istio {
                 binary: istio.clone(),
             },
-            &args.env,
-        )?;
-        r.istio = Some(measure_mesh(&args, &topo, "istio")?);
-        topo.stop_ztunnels();
+        ));
     }
+    let mut measured: Vec<report::MeshResults> =
+        flavors.iter().map(|_| Default::default()).collect();
+    for round in 1..=args.rounds {
+        for &phase in &args.phases {
+            for ((tag, flavor), m) in flavors.iter().zip(measured.iter_mut()) {
+                topo.start_ztunnels(flavor, &args.env)?;
+                let result = measure_phase(&args, &topo, phase, tag, m);
+                topo.stop_ztunnels();
+                result?;
+            }
+        }
+        if args.rounds > 1 {
+            eprintln!("round {round}:\n{}", report::compact(&measured));
+        }
+    }
+    let mut measured = measured.into_iter();
+    r.mesh = measured.next().unwrap_or_default();
+    r.istio = measured.next();
 
     let table = r.table();
     println!("{table}");
@@ -183,52 +215,85 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Idle, 1 KB request/response at 1000/s, ping-pong (idle and busy CPUs) and iperf3 through
-/// the running ztunnels; `phase` names progress lines and profiles.
-fn measure_mesh(
+/// The mesh measurements, each run on freshly started ztunnels.
+#[derive(Clone, Copy, Debug)]
+enum Phase {
+    /// Idle CPU and RSS, then 1 KB request/response at 1000/s with CPU and RSS.
+    Load,
+    PingPong,
+    PingPongBusy,
+    Iperf,
+}
+
+impl Phase {
+    const ALL: [Phase; 4] = [
+        Phase::Load,
+        Phase::PingPong,
+        Phase::PingPongBusy,
+        Phase::Iperf,
+    ];
+
+    fn parse(name: &str) -> Result<Phase> {
+        Ok(match name {
+            "load" => Phase::Load,
+            "pingpong" => Phase::PingPong,
+            "busy" => Phase::PingPongBusy,
+            "iperf" => Phase::Iperf,
+            other => bail!("unknown phase {other:?}: load, pingpong, busy, iperf"),
+        })
+    }
+}
+
+/// Runs `phase` through the running ztunnels into `m`; `tag` names progress lines and
+/// profiles.
+fn measure_phase(
     args: &Args,
     topo: &topology::Topology,
-    phase: &str,
-) -> Result<report::MeshResults> {
+    phase: Phase,
+    tag: &str,
+    m: &mut report::MeshResults,
+) -> Result<()> {
     let s = args.seconds;
     let b_ip = topo.b.ip();
     let pids: Vec<i32> = topo.ztunnels.iter().map(|z| z.pid()).collect();
-    let mut m = report::MeshResults::default();
-    std::thread::sleep(Duration::from_secs(2));
-    eprintln!("{phase}: idle ...");
-    let ((), idle_cpu) = procstat::cpu_during(&pids, || {
-        std::thread::sleep(Duration::from_secs(s));
-        Ok(())
-    })?;
-    m.idle_cpu = idle_cpu;
-    m.idle_rss_mib = pids
-        .iter()
-        .map(|&p| procstat::rss_mib(p))
-        .collect::<Result<_>>()?;
-    eprintln!("{phase}: 1 KB request/response at 1000/s ...");
-    let (rr, load_cpu) = procstat::cpu_during(&pids, || {
-        tools::request_response(topo.a.netns(), b_ip, 1024, 1000, s)
-    })?;
-    m.rr = rr;
-    m.load_cpu = load_cpu;
-    m.load_rss_mib = pids
-        .iter()
-        .map(|&p| procstat::rss_mib(p))
-        .collect::<Result<_>>()?;
-    eprintln!("{phase}: 64 B ping-pong ...");
-    m.pp = profiled(args, &format!("{phase}-pingpong"), &pids, || {
-        tools::ping_pong(topo.a.netns(), b_ip, 64, s)
-    })?;
-    eprintln!("{phase}: 64 B ping-pong, busy CPUs ...");
-    m.pp_busy = {
-        let _busy = tools::BusyCpus::start();
-        tools::ping_pong(topo.a.netns(), b_ip, 64, s)?
-    };
-    eprintln!("{phase}: iperf3 single stream ...");
-    m.gbps = profiled(args, &format!("{phase}-iperf3"), &pids, || {
-        tools::iperf3(topo.a.netns(), b_ip, s)
-    })?;
-    Ok(m)
+    let rss = || -> Result<Vec<f64>> { pids.iter().map(|&p| procstat::rss_mib(p)).collect() };
+    match phase {
+        Phase::Load => {
+            std::thread::sleep(Duration::from_secs(2));
+            eprintln!("{tag}: idle ...");
+            let ((), idle_cpu) = procstat::cpu_during(&pids, || {
+                std::thread::sleep(Duration::from_secs(s));
+                Ok(())
+            })?;
+            m.idle_cpu = idle_cpu;
+            m.idle_rss_mib = rss()?;
+            eprintln!("{tag}: 1 KB request/response at 1000/s ...");
+            let (rr, load_cpu) = procstat::cpu_during(&pids, || {
+                tools::request_response(topo.a.netns(), b_ip, 1024, 1000, s)
+            })?;
+            m.rr = rr;
+            m.load_cpu = load_cpu;
+            m.load_rss_mib = rss()?;
+        }
+        Phase::PingPong => {
+            eprintln!("{tag}: 64 B ping-pong ...");
+            m.pp = profiled(args, &format!("{tag}-pingpong"), &pids, || {
+                tools::ping_pong(topo.a.netns(), b_ip, 64, s)
+            })?;
+        }
+        Phase::PingPongBusy => {
+            eprintln!("{tag}: 64 B ping-pong, busy CPUs ...");
+            let _busy = tools::BusyCpus::start();
+            m.pp_busy = tools::ping_pong(topo.a.netns(), b_ip, 64, s)?;
+        }
+        Phase::Iperf => {
+            eprintln!("{tag}: iperf3 single stream ...");
+            m.gbps = profiled(args, &format!("{tag}-iperf3"), &pids, || {
+                tools::iperf3(topo.a.netns(), b_ip, s)
+            })?;
+        }
+    }
+    Ok(())
 }
 
 const NOTES: &str = "## Reading the table
@@ -293,8 +358,8 @@ fn istio_section(table: &str, args: &Args) -> String {
     format!(
         "## Same run: Istio's ztunnel\n\n\
          Istio's own ztunnel (`{bin}`, {version}) in the same two pods, with the same capture \
-         rules and local config file, started after this project's were stopped \
-         (`PROXY_MODE=dedicated`, `FAKE_CA=true` (its built-in test CA), `PACKET_MARK=1337`, \
+         rules and local config file; every measurement runs on freshly started ztunnels, \
+         this project's and then Istio's, back to back (`PROXY_MODE=dedicated`, `FAKE_CA=true` (its built-in test CA), `PACKET_MARK=1337`, \
          default 2 worker threads). The issue's targets were set relative to Istio's ztunnel on \
          this topology; this table is that calibration on the machine that ran it.\n\n{table}\n",
         bin = bin.display()

@@ -281,3 +281,22 @@ impl Results {
         Some(t)
     }
 }
+
+/// One line per implementation with the headline figures (progress output of `--rounds`).
+pub fn compact(measured: &[MeshResults]) -> String {
+    measured
+        .iter()
+        .zip(["this", "istio"])
+        .map(|(m, name)| {
+            format!(
+                "  {name:5} iperf {:.2} Gbit/s | pp p50 {:.1} / busy {:.1} µs | rr p50 {:.1} µs | cpu@1000 {}",
+                m.gbps,
+                m.pp.p50,
+                m.pp_busy.p50,
+                m.rr.p50,
+                pair(&m.load_cpu, 4)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
