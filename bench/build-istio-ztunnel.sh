@@ -20,8 +20,9 @@ if [ ! -f "$SRC/Cargo.toml" ]; then
 fi
 grep -q '^name = "ztunnel"' "$SRC/Cargo.toml" || { echo "$SRC is not a checkout of istio/ztunnel" >&2; exit 1; }
 mkdir -p "$WORK/build"
-# Sources only; the vendored FIPS libraries and any old target stay behind.
-tar -C "$SRC" --exclude=./target --exclude=./vendor --exclude=./.git -cf - . | tar -C "$WORK/build" -xf -
+# Sources and git metadata (its build reports the revision); the vendored FIPS
+# libraries and any old build output stay behind.
+tar -C "$SRC" --exclude=./target --exclude=./out --exclude=./vendor -cf - . | tar -C "$WORK/build" -xf -
 sed -i -e '/^boring-rustls-provider = /d' -e 's/^tls-boring = .*/tls-boring = []/' "$WORK/build/Cargo.toml"
 rev=$(git -C "$SRC" rev-parse --short HEAD 2>/dev/null || echo unknown)
 echo "building istio/ztunnel $rev (release, --features testing); this takes a while" >&2

@@ -353,8 +353,22 @@ fn profiled<T>(args: &Args, phase: &str, pids: &[i32], f: impl FnOnce() -> Resul
 /// The same-run comparison with Istio's ztunnel, with what was run.
 fn istio_section(table: &str, args: &Args) -> String {
     let bin = args.istio.as_deref().unwrap_or(Path::new("?"));
-    let version = command_output(&bin.display().to_string(), &["version"]);
-    let version = version.lines().next().unwrap_or("unknown version");
+    // `version.BuildInfo{Version:"…", GitRevision:"…", …, CryptoProvider:"…"}`
+    let info = command_output(&bin.display().to_string(), &["version"]);
+    let field = |name: &str| {
+        info.split(&format!("{name}:\""))
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or("unknown")
+            .to_string()
+    };
+    let version = format!(
+        "git revision {}, crypto {}, {} profile; \"-dirty\": its Cargo.toml without the \
+         git-only tls-boring provider, see bench/build-istio-ztunnel.sh",
+        field("GitRevision"),
+        field("CryptoProvider"),
+        field("BuildProfile")
+    );
     format!(
         "## Same run: Istio's ztunnel\n\n\
          Istio's own ztunnel (`{bin}`, {version}) in the same two pods, with the same capture \
