@@ -311,7 +311,12 @@ const NOTES: &str = "## Reading the table
   (code, constants, libraries) once it is ready, so start-up-only code does not stay
   resident; what the data path uses is faulted back in (and counted) as it runs.
 - **Noise.** The machine is shared with builds; numbers vary by tens of percent between
-  runs. Run `make bench` on an otherwise idle machine.
+  runs (the direct iperf3 path alone measured 9.6–14.4 Gbit/s on one day), so compare
+  ratios from one run only. Run `make bench` on an otherwise idle machine.
+- **Against Istio's ztunnel.** With `ISTIO_ZTUNNEL=…` the second table measures Istio's
+  own ztunnel phase by phase right after this one. For A/B runs of one figure use
+  `bench-dedicated --skip-direct --no-results --phases iperf --rounds 4` (each round
+  prints both).
 ";
 
 fn hold_signals() -> nix::sys::signal::SigSet {
