@@ -14,6 +14,11 @@ use nix::sys::signal::Signal;
 use super::{HarnessError, SYSTEM_NAMESPACE, SimCluster, ZTUNNEL, component_pod_name};
 use crate::netsim::{Capture, NamedNetns, output_with_timeout};
 
+/// How long one kubectl call may take before it counts as hung. Generous: on the host a
+/// call takes well under a second, but in the emulated GENEVE test VM a Go binary's
+/// start-up alone takes seconds, and a busy VM once pushed a `kubectl label` past 30 s.
+const KUBECTL_TIMEOUT: Duration = Duration::from_secs(180);
+
 /// tcpdump filter for data-plane traffic between pods on the underlay
 /// (control-plane traffic to the API and the CA's gRPC port excluded).
 pub const POD_TRAFFIC_FILTER: &str =
@@ -93,8 +98,7 @@ impl SimCluster {
         let mut cmd = Command::new("kubectl");
         cmd.arg("--kubeconfig").arg(self.kubeconfig()).args(args);
         let out = match input {
-            None => output_with_timeout(cmd, Duration::from_secs(30))
-                .map_err(|e| fail(e.to_string()))?,
+            None => output_with_timeout(cmd, KUBECTL_TIMEOUT).map_err(|e| fail(e.to_string()))?,
             Some(text) => {
                 cmd.stdin(Stdio::piped())
                     .stdout(Stdio::piped())
