@@ -31,7 +31,8 @@ struct Args {
     istio: Option<PathBuf>,
     /// Mesh phases to run (`--phases load,pingpong,busy,iperf`; default all).
     phases: Vec<Phase>,
-    /// Run the phases this many times (A/B comparisons on a noisy machine).
+    /// Run the phases this many times (A/B comparisons on a noisy machine); each round's
+    /// figures are printed, the tables show the last round.
     rounds: usize,
 }
 
@@ -86,6 +87,13 @@ fn parse_args() -> Result<Args> {
                 "unknown argument {other:?}; usage: bench-dedicated [--ztunnel PATH] [--seconds N] [--results PATH | --no-results] [--perf PREFIX] [--skip-direct] [--env K=V]... [--hold SECONDS] [--istio-ztunnel PATH] [--phases load,pingpong,busy,iperf] [--rounds N]"
             ),
         }
+    }
+    // A partial run would overwrite the results file with zeros and infinite ratios.
+    let partial = args.skip_direct || args.phases.len() != Phase::ALL.len() || args.rounds != 1;
+    if partial && args.results.is_some() && args.hold.is_none() {
+        bail!(
+            "--skip-direct, --phases and --rounds measure only part of the table: add --no-results"
+        );
     }
     Ok(args)
 }
@@ -367,10 +375,15 @@ fn istio_section(table: &str, args: &Args) -> String {
             .unwrap_or("unknown")
             .to_string()
     };
+    let revision = field("GitRevision");
+    let dirty = if revision.ends_with("-dirty") {
+        "; \"-dirty\": its Cargo.toml without the git-only tls-boring provider, see \
+         bench/build-istio-ztunnel.sh"
+    } else {
+        ""
+    };
     let version = format!(
-        "git revision {}, crypto {}, {} profile; \"-dirty\": its Cargo.toml without the \
-         git-only tls-boring provider, see bench/build-istio-ztunnel.sh",
-        field("GitRevision"),
+        "git revision {revision}, crypto {}, {} profile{dirty}",
         field("CryptoProvider"),
         field("BuildProfile")
     );

@@ -208,11 +208,17 @@ impl Results {
             m.gbps / i.gbps
         );
         let added = |name: &str, d: f64, istio: f64, ours: f64| {
+            // A ratio of added latencies means nothing when Istio added none (noise can
+            // put a mesh percentile below the direct one).
+            let ratio = if istio - d > 0.0 {
+                format!("{:.2}x added latency", (ours - d) / (istio - d))
+            } else {
+                "-".to_string()
+            };
             format!(
-                "| {name} (µs, RTT/2) | {d:.1} | {istio:.1} (+{:.1}) | {ours:.1} (+{:.1}) | {:.2}x added latency |",
+                "| {name} (µs, RTT/2) | {d:.1} | {istio:.1} (+{:.1}) | {ours:.1} (+{:.1}) | {ratio} |",
                 istio - d,
                 ours - d,
-                (ours - d) / (istio - d)
             )
         };
         for (name, d, istio, ours) in [
@@ -299,4 +305,74 @@ pub fn compact(measured: &[MeshResults]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mesh(gbps: f64, p50: f64, cpu: f64) -> MeshResults {
+        let pp = Percentiles {
+            p50,
+            p90: p50,
+            p99: p50,
+        };
+        MeshResults {
+            gbps,
+            pp,
+            pp_busy: pp,
+            rr: pp,
+            idle_rss_mib: vec![4.0, 5.0],
+            idle_cpu: vec![0.0, 0.0],
+            load_rss_mib: vec![8.0, 9.0],
+            load_cpu: vec![cpu, cpu / 2.0],
+        }
+    }
+
+    fn results(istio: Option<MeshResults>) -> Results {
+        let direct = Percentiles {
+            p50: 20.0,
+            p90: 20.0,
+            p99: 20.0,
+        };
+        Results {
+            direct_gbps: 10.0,
+            direct_pp: direct,
+            direct_pp_busy: direct,
+            direct_rr: direct,
+            mesh: mesh(3.0, 60.0, 0.05),
+            istio,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn no_istio_table_without_istio_measurements() {
+        assert!(results(None).istio_table().is_none());
+    }
+
+    #[test]
+    fn istio_table_gives_ratios_of_throughput_added_latency_and_cpu() {
+        let t = results(Some(mesh(2.0, 100.0, 0.1))).istio_table().unwrap();
+        assert!(
+            t.contains("| 10.00 | 2.00 (20.0%) | 3.00 (30.0%) | 1.50x throughput |"),
+            "{t}"
+        );
+        // Ours adds 40 µs, Istio's 80 µs.
+        assert!(
+            t.contains("(+80.0) | 60.0 (+40.0) | 0.50x added latency |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| 0.1000 / 0.0500 | 0.0500 / 0.0250 | 0.50x |"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn no_latency_ratio_when_istio_added_nothing() {
+        let t = results(Some(mesh(2.0, 15.0, 0.1))).istio_table().unwrap();
+        assert!(t.contains("15.0 (+-5.0) | 60.0 (+40.0) | - |"), "{t}");
+        assert!(!t.contains("added latency"), "{t}");
+    }
 }

@@ -92,7 +92,13 @@ impl Topology {
                 .envs(flavor.env())
                 .envs(extra_env.iter().map(|(k, v)| (k, v)))
                 .stdin(std::process::Stdio::null())
-                .stdout(std::fs::File::create(&log)?)
+                // Appended: every phase restarts the ztunnels into the same log.
+                .stdout(
+                    std::fs::File::options()
+                        .create(true)
+                        .append(true)
+                        .open(&log)?,
+                )
                 .stderr(std::fs::File::options().append(true).open(&log)?);
             let process = Process::spawn(cmd)
                 .with_context(|| format!("starting {} in pod {name}", flavor.binary().display()))?;
