@@ -132,8 +132,9 @@ fn cmd_add(conf: &PluginConf, inv: &Invocation) -> Result<String, CniError> {
             CniError::new(ErrorCode::Internal, "cannot start the async runtime")
                 .with_details(e.to_string())
         })?;
+    let started = std::time::Instant::now();
     let why = rt.block_on(add::resolve(conf, &event, &RealBackends))?;
-    tracing::info!(container = %inv.container_id, "{why}");
+    tracing::info!(container = %inv.container_id, took = ?started.elapsed(), "{why}");
     Ok(prev.render(&conf.cni_version, conf.version))
 }
 

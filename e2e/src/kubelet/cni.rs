@@ -204,6 +204,9 @@ pub struct AddResult {
     pub list: NetworkConfigList,
     /// The last plugin's result (cached for DEL).
     pub result: Value,
+    /// What the plugins printed on stderr (their decision logs), one
+    /// `type: line` per line, as a runtime keeps them for the operator.
+    pub plugin_log: String,
 }
 
 impl AddResult {
@@ -263,9 +266,14 @@ impl CniRuntime {
             .await
             .expect("config loader panicked")?;
         let mut prev: Option<Value> = None;
+        let mut plugin_log = String::new();
         for plugin in &list.plugins {
             match self.exec("ADD", sb, &list, plugin, prev.as_ref()).await {
-                Ok(out) => {
+                Ok((out, err)) => {
+                    let kind = plugin["type"].as_str().unwrap_or("?");
+                    for line in err.lines().filter(|l| !l.trim().is_empty()) {
+                        plugin_log.push_str(&format!("{kind}: {line}\n"));
+                    }
                     let v: Value = serde_json::from_str(&out).map_err(|e| CniError::Plugin {
                         command: "ADD",
                         pod: sb.key(),
@@ -285,6 +293,7 @@ impl CniRuntime {
         Ok(AddResult {
             list,
             result: prev.unwrap_or(Value::Null),
+            plugin_log,
         })
     }
 
@@ -319,7 +328,8 @@ impl CniRuntime {
         }
     }
 
-    /// Runs one plugin; stdout on success, a described error otherwise.
+    /// Runs one plugin; stdout and stderr on success, a described error
+    /// otherwise.
     async fn exec(
         &self,
         command: &'static str,
@@ -327,7 +337,7 @@ impl CniRuntime {
         list: &NetworkConfigList,
         plugin: &Value,
         prev: Option<&Value>,
-    ) -> Result<String, CniError> {
+    ) -> Result<(String, String), CniError> {
         let kind = plugin["type"].as_str().unwrap_or("?").to_string();
         let fail = |reason: String| CniError::Plugin {
             command,
@@ -387,7 +397,7 @@ impl CniRuntime {
         let status = status.map_err(|e| fail(format!("wait: {e}")))?;
         let stdout = String::from_utf8_lossy(&stdout).into_owned();
         if status.success() {
-            Ok(stdout)
+            Ok((stdout, String::from_utf8_lossy(&stderr).into_owned()))
         } else {
             Err(fail(format!(
                 "{status}: {} {}",

@@ -178,6 +178,8 @@ pub struct PodInfo {
     /// Failed sandbox attempts so far, and the last error.
     pub sandbox_failures: u32,
     pub last_error: Option<String>,
+    /// The plugins' stderr from the successful CNI ADD.
+    pub cni_log: String,
     pub ready: bool,
     pub containers: BTreeMap<String, ContainerInfo>,
 }
@@ -592,6 +594,7 @@ fn apply(shared: &Arc<Shared>, pod: Pod) {
         ip: None,
         sandbox_failures: 0,
         last_error: None,
+        cni_log: String::new(),
         ready: false,
         containers: BTreeMap::new(),
     }));

@@ -322,6 +322,11 @@ impl Worker {
                     tracing::info!(pod = %self.key, node = %self.cfg().node_name, plugins = ?r.list.plugin_types(),
                         ips = ?r.ips(), took = ?t0.elapsed(), "kubelet-lite: sandbox ready");
                     self.ip = r.ips().first().copied();
+                    self.info
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .cni_log
+                        .clone_from(&r.plugin_log);
                     self.added = Some(r);
                     return true;
                 }

@@ -167,6 +167,12 @@ impl SimCluster {
                     p.sandbox_failures,
                     p.last_error
                 ));
+                if p.namespace != SYSTEM_NAMESPACE && !p.cni_log.is_empty() {
+                    s.push_str(&format!(
+                        "    CNI ADD log: {}\n",
+                        tail(&p.cni_log, 3).trim_end()
+                    ));
+                }
             }
         }
         for k in self.kubelets() {

@@ -658,18 +658,27 @@ pub fn s5_agent_restart(ctx: &Ctx<'_>) {
     ctx.sim
         .create_workload(&late)
         .unwrap_or_else(|e| ctx.fail(&e.to_string()));
+    let started_unredirected = |p: &e2e::kubelet::PodInfo| {
+        if p.containers.values().any(|c| c.pid.is_some()) {
+            ctx.fail(&format!(
+                "late pod started while the agent was down; CNI ADD said:\n{}\n{p:?}",
+                p.cni_log
+            ));
+        }
+    };
     ctx.wait("late pod's sandbox refused", 10 * SECOND, || {
-        ctx.sim
-            .pod_info(&ctx.ns, "late")
-            .filter(|(_, p)| p.sandbox_failures >= 2)
-            .map(|_| ())
+        let (_, p) = ctx.sim.pod_info(&ctx.ns, "late")?;
+        started_unredirected(&p);
+        (p.sandbox_failures >= 2).then_some(())
     });
-    let (_, late_info) = ctx.sim.pod_info(&ctx.ns, "late").unwrap();
-    if late_info.containers.values().any(|c| c.pid.is_some()) {
-        ctx.fail(&format!(
-            "late pod started while the agent was down: {late_info:?}"
-        ));
-    }
+    let refused = ctx.sim.pod_info(&ctx.ns, "late").unwrap().1;
+    started_unredirected(&refused);
+    eprintln!(
+        "[{}] late pod refused {} times; last: {}",
+        ctx.ns,
+        refused.sandbox_failures,
+        refused.last_error.as_deref().unwrap_or("-")
+    );
     // The stream must keep making progress with the agent down. Progress is
     // awaited (not sampled over a fixed window) so a loaded CI machine that
     // delays one request does not read as a stall; an error always fails.
@@ -695,6 +704,9 @@ pub fn s5_agent_restart(ctx: &Ctx<'_>) {
     eprintln!("[{}] agent down for {:?}", ctx.ns, killed_at.elapsed());
     ctx.wait_pod_ready(&ctx.ns, "late", 30 * SECOND);
     ctx.wait_enrolled("late", 5 * SECOND);
+    if let Some((_, p)) = ctx.sim.pod_info(&ctx.ns, "late") {
+        eprintln!("[{}] late pod's CNI ADD: {}", ctx.ns, p.cni_log.trim_end());
+    }
     ctx.assert_mtls("late", server, "server", "s5-late-pod");
     let before_end = stream.ok();
     ctx.wait(
