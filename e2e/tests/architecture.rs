@@ -94,7 +94,7 @@ fn ztunnel_layers() {
     check(
         "ztunnel",
         &[
-            &["config", "policy", "process_memory"],
+            &["config", "file_watch", "policy", "process_memory"],
             &["identity"],
             &["tls", "state"],
             &["telemetry"],

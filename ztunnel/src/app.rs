@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminAddresses, AdminState, ProxyLister};
 use crate::config::{Config, ProxyMode};
+use crate::file_watch::FileWatcher;
 use crate::identity::istio_ca;
 use crate::identity::{CertificateProvider, SecretManager};
 use crate::inpod::{EngineWorkloadProxies, InpodClient, InpodClientConfig};
@@ -55,26 +56,46 @@ pub enum AppError {
     },
 }
 
+/// Where certificates come from and what peers must chain to.
+struct Authority {
+    provider: Arc<dyn CertificateProvider>,
+    roots: TrustRoots,
+    /// Keeps `ROOT_CA_PATH` followed (Istio CA only).
+    roots_watch: Option<FileWatcher>,
+}
+
 /// The certificate provider (Istio CA when `CA_ADDRESS` is set, else the local CA) and the
-/// trust roots (`ROOT_CA_PATH`, or the local CA's `CA_ROOT_CERT`).
-fn certificate_authority(
-    cfg: &Config,
-) -> Result<(Arc<dyn CertificateProvider>, TrustRoots), AppError> {
+/// trust roots. With the Istio CA the roots are `ROOT_CA_PATH`, followed while the returned
+/// watcher lives (a root rotation needs no restart); the development CA's `CA_ROOT_CERT` is
+/// read once (its key is, too).
+fn certificate_authority(cfg: &Config) -> Result<Authority, AppError> {
     let provider = istio_ca::provider_from_config(cfg, std::env::vars())?;
-    let (var, path) = match (&cfg.ca_address, &cfg.ca_root_cert) {
-        (Some(_), _) => ("ROOT_CA_PATH", cfg.root_ca_path.clone()),
-        (None, Some(cert)) => ("CA_ROOT_CERT", cert.clone()),
-        (None, None) => unreachable!("provider_from_config requires a CA"),
-    };
-    let name = format!("{var} {}", path.display());
-    let pem = std::fs::read_to_string(&path).map_err(|e| {
+    if cfg.ca_address.is_some() {
+        let path = &cfg.root_ca_path;
+        let name = format!("ROOT_CA_PATH {}", path.display());
+        let (roots, watcher) = crate::tls::roots::watch_file(path, &name)?;
+        return Ok(Authority {
+            provider,
+            roots,
+            roots_watch: Some(watcher),
+        });
+    }
+    let path = cfg
+        .ca_root_cert
+        .as_ref()
+        .expect("provider_from_config requires a CA");
+    let name = format!("CA_ROOT_CERT {}", path.display());
+    let pem = std::fs::read_to_string(path).map_err(|e| {
         AppError::Roots(crate::tls::TlsError::Roots {
             source_name: name.clone(),
             reason: format!("cannot read: {e}"),
         })
     })?;
-    let roots = TrustRoots::from_pem(&pem, &name)?;
-    Ok((provider, roots))
+    Ok(Authority {
+        provider,
+        roots: TrustRoots::from_pem(&pem, &name)?,
+        roots_watch: None,
+    })
 }
 
 /// Runs ztunnel until SIGTERM/SIGINT; returns after the drain.
@@ -93,7 +114,11 @@ pub fn run(cfg: Config) -> Result<(), AppError> {
         )?),
         None => None,
     };
-    let (provider, roots) = certificate_authority(&cfg)?;
+    let Authority {
+        provider,
+        roots,
+        roots_watch: _roots_watch,
+    } = certificate_authority(&cfg)?;
     let certs = SecretManager::new(provider, cfg.secret_ttl);
     let mut registry = Registry::default();
     let metrics = Arc::new(ProxyMetrics::new(&mut registry));

@@ -2,6 +2,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod file_watch;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;

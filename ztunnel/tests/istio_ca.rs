@@ -469,3 +469,121 @@ async fn rotation_keeps_open_hbone_connections_and_new_handshakes_get_the_new_ce
     )
     .await;
 }
+
+/// A root rotation as Istio runs it, with ztunnel's trust bundle followed from its
+/// `ROOT_CA_PATH` file (as `app` does): the bundle gains the new root, the CA switches to it
+/// and certificates rotate, the old root leaves the bundle. No proxy restarts; an open
+/// connection survives all of it; new connections work at every step; a peer still holding
+/// an old-root certificate is refused at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_rotation_through_the_trust_bundle_file_needs_no_restart() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = TestCa::start("127.0.0.1:0".parse().unwrap(), None, node_pods()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let token = token_file(tmp.path(), "istio-system:ztunnel:zt-1");
+    let old_root = std::fs::read_to_string(ca.root_path()).unwrap();
+    let bundle = tmp.path().join("root-cert.pem");
+    std::fs::write(&bundle, &old_root).unwrap();
+    let ttl = Duration::from_secs(4);
+    let mut mesh = common::Mesh::new("127.78.2", |c| c.secret_ttl = ttl);
+    mesh.inputs.certs = SecretManager::new(client(&ca, &token, &bundle, true), ttl);
+    let (roots, _watch) = ztunnel::tls::roots::watch_file(&bundle, "ROOT_CA_PATH test").unwrap();
+    mesh.inputs.roots = roots.clone();
+
+    let sa = |ip, port| SocketAddr::new(ip, port);
+    let _echo = common::echo_server(sa(mesh.b_ip, 8080)).await;
+    let (pa, socks) = mesh.proxy("a").await;
+    let (_pb, _) = mesh.proxy("b").await;
+    let (a_id, b_id) = (mesh.identity("sa-a", "ns-a"), mesh.identity("sa-b", "ns-b"));
+    let new_connection_works = |step: &'static str| {
+        let socks = socks.clone();
+        let (a_ip, b_ip, outbound) = (mesh.a_ip, mesh.b_ip, pa.addresses().outbound);
+        async move {
+            let c = socks
+                .redirected_connect(a_ip, outbound, sa(b_ip, 8080))
+                .await
+                .unwrap_or_else(|e| panic!("{step}: connect: {e}"));
+            let data = Arc::new(step.as_bytes().repeat(50));
+            let back = common::echo_roundtrip(c, data.clone()).await;
+            assert_eq!(back.ok().as_ref(), Some(&*data), "{step}: round trip");
+        }
+    };
+    let mut long = socks
+        .redirected_connect(mesh.a_ip, pa.addresses().outbound, sa(mesh.b_ip, 8080))
+        .await
+        .unwrap();
+    let mut long_echo = async |what: &[u8; 5]| {
+        let mut buf = [0u8; 5];
+        long.write_all(what).await.unwrap();
+        long.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, what, "the long-lived connection");
+    };
+    long_echo(b"first").await;
+    let a_old_cert = mesh.inputs.certs.fetch_certificate(&a_id).await.unwrap();
+
+    // 1. The bundle gains the new root.
+    let (new_root, new_key) = generate_root("rotated mesh root");
+    std::fs::write(&bundle, format!("{old_root}{new_root}")).unwrap();
+    wait_until("the bundle to be reloaded", Duration::from_secs(10), || {
+        roots.len() == 2
+    })
+    .await;
+    new_connection_works("old and new roots trusted").await;
+
+    // 2. The CA signs with the new root; both workloads' certificates rotate to it.
+    write_root_dir(ca.dir.path(), &new_root, &new_key);
+    let signed_by_new = |id: &Identity| {
+        mesh.inputs.certs.current(id).is_some_and(|c| {
+            c.chain_pem()
+                .get(1)
+                .is_some_and(|r| r.trim() == new_root.trim())
+        })
+    };
+    wait_until(
+        "a's and b's certificates from the new root",
+        Duration::from_secs(30),
+        || signed_by_new(&a_id) && signed_by_new(&b_id),
+    )
+    .await;
+    new_connection_works("certificates from the new root").await;
+    long_echo(b"again").await;
+    // Without the reload this would have failed: the old root alone refuses b's certificate.
+    let a_cert = mesh.inputs.certs.fetch_certificate(&a_id).await.unwrap();
+    let old_only = ztunnel::tls::TrustRoots::from_pem(&old_root, "old root").unwrap();
+    let hbone = sa(mesh.b_ip, 15008);
+    let tcp = tokio::net::TcpStream::connect(hbone).await.unwrap();
+    let cfg = ztunnel::tls::client_config(&a_cert, &old_only, vec![b_id.clone()]);
+    assert!(
+        ztunnel::hbone::tls_connect(tcp, cfg, hbone).await.is_err(),
+        "a client trusting only the old root accepted b's new certificate"
+    );
+
+    // 3. The old root leaves the bundle.
+    std::fs::write(&bundle, &new_root).unwrap();
+    wait_until("the old root to leave", Duration::from_secs(10), || {
+        roots.len() == 1
+    })
+    .await;
+    new_connection_works("new root only").await;
+    long_echo(b"third").await;
+    // A peer presenting a certificate from the old root is refused by b now.
+    let refused = mesh.refused("tls_handshake");
+    let tcp = tokio::net::TcpStream::connect(hbone).await.unwrap();
+    let cfg = ztunnel::tls::client_config(&a_old_cert, &roots, vec![b_id.clone()]);
+    if let Ok(mut tls) = ztunnel::hbone::tls_connect(tcp, cfg, hbone).await {
+        // TLS 1.3: the server judges the client certificate after the client's handshake
+        // is done; its refusal arrives as an alert on the first read.
+        let mut byte = [0u8; 1];
+        assert!(
+            !matches!(tls.read(&mut byte).await, Ok(n) if n > 0),
+            "b sent data to a client certificate from the removed root"
+        );
+    }
+    wait_until(
+        "b to count the refused handshake",
+        Duration::from_secs(5),
+        || mesh.refused("tls_handshake") > refused,
+    )
+    .await;
+    ca.stop().await;
+}

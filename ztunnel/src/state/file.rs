@@ -4,11 +4,8 @@
 //! A file that does not parse at start-up is fatal (the error names the file, the field path
 //! and the line); a bad edit later is logged and the previous content stays in force.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::path::Path;
 
-use notify::{RecursiveMode, Watcher};
 use serde::Deserialize;
 
 use super::SourceHandle;
@@ -102,22 +99,11 @@ pub fn load(path: &Path, defaults: &FileDefaults) -> Result<LocalConfig, FileErr
     parse(&text, path, defaults)
 }
 
-/// Keeps the file watched while alive.
-pub struct FileWatcher {
-    _watcher: notify::RecommendedWatcher,
-    rereads: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl FileWatcher {
-    /// How many times the file was read again because of a change event.
-    pub fn rereads(&self) -> u64 {
-        self.rereads.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
+pub use crate::file_watch::FileWatcher;
 
 /// Loads the file into `source` (error if it does not parse) and reloads it on every change
-/// of its directory entry (editors and ConfigMap updates replace the file; the content is
-/// compared so spurious events do nothing). Reloads run on the watcher's own thread.
+/// (see [`crate::file_watch`]). Reloads run on the watcher's own thread; a bad edit is logged
+/// and the previous content stays in force.
 pub fn watch(
     path: &Path,
     source: SourceHandle,
@@ -129,84 +115,28 @@ pub fn watch(
     })?;
     apply(parse(&text, path, &defaults)?, &source);
     tracing::info!(path = %path.display(), "local config loaded");
-    let last = Arc::new(Mutex::new(text));
-    let file: PathBuf = path.to_path_buf();
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let reload_path = file.clone();
-    let file_name = file.file_name().map(|n| n.to_os_string());
-    let rereads = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let counter = rereads.clone();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else {
-            return;
-        };
-        if !concerns_file(&event, file_name.as_deref()) {
-            return;
-        }
-        // Let a writer finish (truncate + write arrive as separate events).
-        std::thread::sleep(Duration::from_millis(50));
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        reload(&reload_path, &source, &defaults, &last);
+    let file = path.to_path_buf();
+    crate::file_watch::watch(path, text, move |text| {
+        reload(&file, text, &source, &defaults)
     })
     .map_err(|e| FileError {
-        path: path.display().to_string(),
-        reason: format!("cannot watch: {e}"),
-    })?;
-    watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|e| FileError {
-            path: path.display().to_string(),
-            reason: format!("cannot watch directory {}: {e}", dir.display()),
-        })?;
-    Ok(FileWatcher {
-        _watcher: watcher,
-        rereads,
+        path: e.path,
+        reason: format!("cannot watch: {}", e.reason),
     })
 }
 
-/// Whether a directory event may have changed the file: a change (not a mere access, which
-/// our own reads cause) of the file itself or of a `..`-prefixed entry (Kubernetes ConfigMap
-/// volumes swap a `..data` symlink).
-fn concerns_file(event: &notify::Event, file_name: Option<&std::ffi::OsStr>) -> bool {
-    use notify::EventKind;
-    if !matches!(
-        event.kind,
-        EventKind::Any | EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
-    ) {
-        return false;
-    }
-    event.paths.is_empty()
-        || event.paths.iter().any(|p| {
-            let name = p.file_name();
-            name == file_name || name.is_some_and(|n| n.to_string_lossy().starts_with(".."))
-        })
-}
-
-fn reload(path: &Path, source: &SourceHandle, defaults: &FileDefaults, last: &Mutex<String>) {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "local config unreadable; keeping the previous content");
-            return;
-        }
-    };
-    let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
-    if *last == text {
-        return;
-    }
-    match parse(&text, path, defaults) {
+/// Applies a changed file; false (and the previous content stays) if it does not parse.
+fn reload(path: &Path, text: &str, source: &SourceHandle, defaults: &FileDefaults) -> bool {
+    match parse(text, path, defaults) {
         Ok(cfg) => {
             let counts = (cfg.workloads.len(), cfg.services.len(), cfg.policies.len());
             apply(cfg, source);
-            *last = text;
             tracing::info!(path = %path.display(), workloads = counts.0, services = counts.1, policies = counts.2, "local config reloaded");
+            true
         }
         Err(e) => {
             tracing::error!(error = %e, "local config rejected; keeping the previous content");
+            false
         }
     }
 }
@@ -237,6 +167,7 @@ pub(crate) fn test_store(yaml: &str) -> super::Store {
 mod tests {
     use super::*;
     use crate::state::Store;
+    use std::time::Duration;
 
     fn defaults() -> FileDefaults {
         FileDefaults {
@@ -402,30 +333,6 @@ policies:
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("no reload after a change");
-    }
-
-    #[test]
-    fn event_filter() {
-        use notify::event::{AccessKind, CreateKind, ModifyKind};
-        use notify::{Event, EventKind};
-        let name = Some(std::ffi::OsStr::new("local.yaml"));
-        let ev = |kind, p: &str| Event::new(kind).add_path(PathBuf::from(p));
-        assert!(!concerns_file(
-            &ev(EventKind::Access(AccessKind::Any), "/d/local.yaml"),
-            name
-        ));
-        assert!(concerns_file(
-            &ev(EventKind::Modify(ModifyKind::Any), "/d/local.yaml"),
-            name
-        ));
-        assert!(!concerns_file(
-            &ev(EventKind::Modify(ModifyKind::Any), "/d/x.log"),
-            name
-        ));
-        assert!(concerns_file(
-            &ev(EventKind::Create(CreateKind::Any), "/d/..data"),
-            name
-        ));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! few reference counts), which is how certificate rotation reaches new connections while old
 //! ones keep their session.
 
+pub mod roots;
 pub mod verifier;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -19,15 +20,15 @@ use std::sync::{Arc, OnceLock};
 use rustls::client::{ResolvesClientCert, Resumption};
 use rustls::crypto::CryptoProvider;
 use rustls::crypto::aws_lc_rs::{cipher_suite, kx_group};
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{ClientConfig, ServerConfig, SignatureScheme};
 
 use crate::identity::certificate::identities_of;
 use crate::identity::{Identity, WorkloadCertificate};
 
+pub use roots::TrustRoots;
 pub use verifier::{IdentityVerifier, TrustDomainVerifier};
 
 /// The only application protocol HBONE speaks.
@@ -54,62 +55,6 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
             Arc::new(p)
         })
         .clone()
-}
-
-/// The certificates a peer's chain must lead to.
-#[derive(Clone, Debug)]
-pub struct TrustRoots {
-    store: Arc<RootCertStore>,
-    count: usize,
-}
-
-impl TrustRoots {
-    /// Roots from DER certificates; `source_name` names the origin (file) in errors.
-    pub fn from_der(
-        certs: impl IntoIterator<Item = CertificateDer<'static>>,
-        source_name: &str,
-    ) -> Result<Self, TlsError> {
-        let mut store = RootCertStore::empty();
-        for c in certs {
-            store.add(c).map_err(|e| TlsError::Roots {
-                source_name: source_name.to_string(),
-                reason: format!("unusable root certificate: {e}"),
-            })?;
-        }
-        if store.is_empty() {
-            return Err(TlsError::Roots {
-                source_name: source_name.to_string(),
-                reason: "no certificate".to_string(),
-            });
-        }
-        let count = store.len();
-        Ok(TrustRoots {
-            store: Arc::new(store),
-            count,
-        })
-    }
-
-    /// Roots from PEM text (one or more certificates).
-    pub fn from_pem(pem: &str, source_name: &str) -> Result<Self, TlsError> {
-        let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
-        let certs = certs.map_err(|e| TlsError::Roots {
-            source_name: source_name.to_string(),
-            reason: format!("bad PEM: {e}"),
-        })?;
-        Self::from_der(certs, source_name)
-    }
-
-    pub fn store(&self) -> &Arc<RootCertStore> {
-        &self.store
-    }
-
-    pub fn len(&self) -> usize {
-        self.count
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
 }
 
 /// Server configuration for the HBONE listener of `cert`'s workload.

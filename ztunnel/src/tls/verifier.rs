@@ -108,7 +108,7 @@ impl ServerCertVerifier for IdentityVerifier {
         let cert = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &cert,
-            self.roots.store(),
+            &self.roots.store(),
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
