@@ -463,4 +463,36 @@ fn volumes_env_and_hosts_as_the_container_sees_them() {
         vec!["istio-ca".to_string()]
     );
     assert!(claims.to_string().contains(&info.uid), "{claims}");
+
+    // ConfigMap volumes follow their object (the kubelet's periodic sync); a
+    // file whose content did not change is not rewritten (watchers see nothing).
+    let vol = env
+        .root
+        .join("var/lib/kubelet/pods")
+        .join(&info.uid)
+        .join("volumes");
+    let key_file = vol.join("certs/key.pem");
+    let key_before = std::fs::metadata(&key_file).unwrap();
+    env.api
+        .merge_patch(
+            "v1",
+            "ConfigMap",
+            Some("t"),
+            "cm",
+            &json!({"data": {"root-cert.pem": "ROOT2"}}),
+            false,
+        )
+        .unwrap();
+    wait(
+        "the ConfigMap volume to follow its object",
+        SECOND * 10,
+        || (std::fs::read_to_string(vol.join("root/root-cert.pem")).ok()? == "ROOT2").then_some(()),
+    );
+    let key_after = std::fs::metadata(&key_file).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (key_before.ino(), key_before.mtime_nsec()),
+        (key_after.ino(), key_after.mtime_nsec()),
+        "an unchanged Secret file was rewritten"
+    );
 }

@@ -63,3 +63,12 @@ fn s7_primary_cni_config_rewrite_is_repaired_and_new_pods_enrolled() {
     require_harness!();
     run("inpods7", scenarios_support::s7_cni_config_rewrite);
 }
+
+#[test]
+fn s8_trust_bundle_update_reaches_ztunnel_without_restart() {
+    require_harness!();
+    run(
+        "inpods8",
+        scenarios_support::trust_bundle::s8_trust_bundle_update,
+    );
+}

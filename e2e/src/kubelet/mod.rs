@@ -131,6 +131,9 @@ pub struct KubeletConfig {
     pub max_probe_period: Duration,
     /// Termination grace periods are capped at this.
     pub max_grace: Duration,
+    /// ConfigMap/Secret volumes of running pods are re-read this often
+    /// (the real kubelet: about a minute).
+    pub volume_resync: Duration,
 }
 
 impl KubeletConfig {
@@ -161,6 +164,7 @@ impl KubeletConfig {
             restart_backoff: (Duration::from_millis(200), Duration::from_secs(2)),
             max_probe_period: Duration::from_millis(200),
             max_grace: Duration::from_secs(5),
+            volume_resync: Duration::from_secs(3),
         }
     }
 }

@@ -234,6 +234,10 @@ fn write_files(
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(werr(parent))?;
         }
+        if std::fs::read(&path).is_ok_and(|old| old == *data) {
+            // Unchanged: not rewritten, so watchers of the file see no event.
+            continue;
+        }
         let tmp = path.with_extension("kubelet-tmp");
         std::fs::write(&tmp, data).map_err(werr(&tmp))?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
@@ -327,30 +331,8 @@ pub async fn prepare(
                 source,
             })?;
             dir
-        } else if let Some(cm) = &v.config_map {
-            let files = config_map_files(
-                client,
-                &ns,
-                &cm.name,
-                cm.items.as_ref(),
-                cm.optional.unwrap_or(false),
-            )
-            .await
-            .map_err(src)?;
-            write_files(pod, &v.name, &dir, &files, 0o644)?;
-            dir
-        } else if let Some(sec) = &v.secret {
-            let name = sec.secret_name.clone().unwrap_or_default();
-            let files = secret_files(
-                client,
-                &ns,
-                &name,
-                sec.items.as_ref(),
-                sec.optional.unwrap_or(false),
-            )
-            .await
-            .map_err(src)?;
-            let mode = sec.default_mode.map(|m| m as u32).unwrap_or(0o644);
+        } else if v.config_map.is_some() || v.secret.is_some() {
+            let (files, mode) = object_files(client, &ns, v).await.map_err(src)?;
             write_files(pod, &v.name, &dir, &files, mode)?;
             dir
         } else if let Some(proj) = &v.projected {
@@ -363,34 +345,10 @@ pub async fn prepare(
                             .map_err(src)?;
                     files.push((t.path.clone(), token.into_bytes()));
                 }
-                if let Some(cm) = &s.config_map {
-                    files.extend(
-                        config_map_files(
-                            client,
-                            &ns,
-                            &cm.name,
-                            cm.items.as_ref(),
-                            cm.optional.unwrap_or(false),
-                        )
-                        .await
-                        .map_err(src)?,
-                    );
-                }
-                if let Some(sec) = &s.secret {
-                    files.extend(
-                        secret_files(
-                            client,
-                            &ns,
-                            &sec.name,
-                            sec.items.as_ref(),
-                            sec.optional.unwrap_or(false),
-                        )
-                        .await
-                        .map_err(src)?,
-                    );
-                }
             }
-            write_files(pod, &v.name, &dir, &files, 0o644)?;
+            let (more, mode) = object_files(client, &ns, v).await.map_err(src)?;
+            files.extend(more);
+            write_files(pod, &v.name, &dir, &files, mode)?;
             dir
         } else {
             return Err(src(
@@ -400,6 +358,77 @@ pub async fn prepare(
         out.insert(v.name.clone(), path);
     }
     Ok(out)
+}
+
+/// The files of `v`'s ConfigMap and Secret sources (plain or projected;
+/// token sources are not included) and their mode.
+async fn object_files(
+    client: &kube::Client,
+    ns: &str,
+    v: &Volume,
+) -> Result<(Vec<(String, Vec<u8>)>, u32), String> {
+    if let Some(cm) = &v.config_map {
+        let opt = cm.optional.unwrap_or(false);
+        let files = config_map_files(client, ns, &cm.name, cm.items.as_ref(), opt).await?;
+        return Ok((files, 0o644));
+    }
+    if let Some(sec) = &v.secret {
+        let name = sec.secret_name.clone().unwrap_or_default();
+        let opt = sec.optional.unwrap_or(false);
+        let files = secret_files(client, ns, &name, sec.items.as_ref(), opt).await?;
+        return Ok((files, sec.default_mode.map(|m| m as u32).unwrap_or(0o644)));
+    }
+    let mut files = Vec::new();
+    for s in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+        if let Some(cm) = &s.config_map {
+            let opt = cm.optional.unwrap_or(false);
+            files.extend(config_map_files(client, ns, &cm.name, cm.items.as_ref(), opt).await?);
+        }
+        if let Some(sec) = &s.secret {
+            let opt = sec.optional.unwrap_or(false);
+            files.extend(secret_files(client, ns, &sec.name, sec.items.as_ref(), opt).await?);
+        }
+    }
+    Ok((files, 0o644))
+}
+
+/// Re-reads the ConfigMap and Secret behind the pod's volumes (plain and
+/// projected sources; tokens are left alone) and rewrites the files whose
+/// content changed, as the kubelet's periodic volume sync does. Returns the
+/// number of volumes it could not refresh (logged; the old files stay).
+pub async fn refresh(
+    client: &kube::Client,
+    pod: &Pod,
+    volumes: &BTreeMap<String, PathBuf>,
+) -> usize {
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    let specs: &[Volume] = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_deref())
+        .unwrap_or(&[]);
+    let mut failed = 0;
+    for v in specs {
+        let Some(dir) = volumes.get(&v.name) else {
+            continue;
+        };
+        if v.config_map.is_none() && v.secret.is_none() && v.projected.is_none() {
+            continue;
+        }
+        let written = match object_files(client, &ns, v).await {
+            Ok((files, mode)) => write_files(pod, &v.name, dir, &files, mode),
+            Err(reason) => Err(VolumeError::Source {
+                pod: pod_key(pod),
+                volume: v.name.clone(),
+                reason,
+            }),
+        };
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "kubelet-lite: volume refresh failed; keeping the old files");
+            failed += 1;
+        }
+    }
+    failed
 }
 
 async fn config_map_files(

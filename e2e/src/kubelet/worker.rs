@@ -540,9 +540,16 @@ impl Worker {
     async fn supervise(&mut self) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let resync_every = self.cfg().volume_resync;
+        let mut resync =
+            tokio::time::interval_at(tokio::time::Instant::now() + resync_every, resync_every);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                _ = resync.tick() => {
+                    volumes::refresh(&self.shared.client, &self.pod, &self.volumes).await;
+                }
                 r = self.updates.changed() => {
                     if r.is_err() {
                         self.deleted = true;

@@ -13,6 +13,8 @@
 
 #![allow(dead_code)]
 
+pub mod trust_bundle;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -437,6 +439,16 @@ pub fn client_server(ctx: &Ctx<'_>) -> IpAddr {
     server
 }
 
+/// [`client_server`] in an ambient namespace: both enrolled; returns the
+/// server IP.
+pub fn enrolled_client_server(ctx: &Ctx<'_>) -> IpAddr {
+    let server = client_server(ctx);
+    ctx.label_ambient();
+    ctx.wait_enrolled("client", 5 * SECOND);
+    ctx.wait_enrolled("server", 5 * SECOND);
+    server
+}
+
 /// Scenario 1: labelling the namespace with kubectl enrols every pod within
 /// 1 s; new cross-node connections are TLS on 15008 only; both ztunnels'
 /// access logs name both SPIFFE identities. Returns the server IP.
@@ -628,10 +640,7 @@ pub fn s4_policy_allows_one_account(ctx: &Ctx<'_>) {
 /// started unredirected (its sandbox fails closed) and is enrolled once
 /// the agent is back.
 pub fn s5_agent_restart(ctx: &Ctx<'_>) {
-    let server = client_server(ctx);
-    ctx.label_ambient();
-    ctx.wait_enrolled("client", 5 * SECOND);
-    ctx.wait_enrolled("server", 5 * SECOND);
+    let server = enrolled_client_server(ctx);
     ctx.wait_mtls("client", server, "server", "s5-before-stream");
     eprintln!(
         "[{}] client -> server is HBONE; starting the stream",
@@ -730,10 +739,7 @@ pub fn s5_agent_restart(ctx: &Ctx<'_>) {
 /// and restarted by the kubelet: new connections work within 1 s of its
 /// readiness, and nothing leaks in plaintext meanwhile.
 pub fn s6_ztunnel_restart(ctx: &Ctx<'_>) {
-    let server = client_server(ctx);
-    ctx.label_ambient();
-    ctx.wait_enrolled("client", 5 * SECOND);
-    ctx.wait_enrolled("server", 5 * SECOND);
+    let server = enrolled_client_server(ctx);
     ctx.expect_reply("client", server, "server", "s6-before");
     for node in [ctx.node(1), ctx.node(2)] {
         let pod = e2e::simcluster::component_pod_name(ZTUNNEL, &node);
