@@ -25,7 +25,7 @@
 //!   exist), update (resourceVersion conflicts), patch (merge, strategic
 //!   merge (named lists merged by `name`), JSON patch, apply (as a merge)),
 //!   delete (immediate, except namespaces: Terminating first, then removed
-//!   with their content within ~50 ms, as kubectl expects), `dryRun=All`.
+//!   with their content [`NAMESPACE_FINALIZE_AFTER`] later), `dryRun=All`.
 //!   Writes to `status` go through the `/status` subresource only (and it
 //!   changes only status, labels and annotations), as in the real server.
 //! - Watch: `?watch=true` with `resourceVersion`, `allowWatchBookmarks`,
@@ -92,6 +92,10 @@ pub use status::ApiError;
 pub use tokens::{DEFAULT_AUDIENCE, TokenSigner, TokenSpec};
 
 use http::Shared;
+
+/// How long a deleted namespace stays Terminating before its content and
+/// then the namespace are removed.
+pub const NAMESPACE_FINALIZE_AFTER: Duration = Duration::from_secs(2);
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -222,13 +226,18 @@ impl ApiServer {
             runtime: Some(runtime),
             addrs: Vec::new(),
         };
-        // The namespace "controller": removes deleted namespaces' content.
+        // The namespace "controller": removes deleted namespaces' content
+        // NAMESPACE_FINALIZE_AFTER after the deletion. Not at once: `kubectl
+        // delete -f` of a namespace and its content deletes them one by one
+        // after the namespace, and expects them still there (a real cluster's
+        // controller takes seconds).
         let ctl = handle.shared.clone();
         handle.runtime().spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 if ctl.lock().has_terminating() {
-                    ctl.write(|s| s.finalize_namespaces());
+                    let cutoff = std::time::Instant::now() - NAMESPACE_FINALIZE_AFTER;
+                    ctl.write(|s| s.finalize_namespaces_deleted_before(cutoff));
                 }
             }
         });

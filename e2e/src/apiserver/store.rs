@@ -75,7 +75,7 @@ pub struct Store {
     next_service_ip: u32,
     /// Namespaces being deleted: their content goes in
     /// [`Store::finalize_namespaces`].
-    terminating: Vec<String>,
+    terminating: Vec<(String, std::time::Instant)>,
 }
 
 pub(crate) fn now_rfc3339() -> String {
@@ -364,7 +364,7 @@ impl Store {
             if !self.namespace_exists(ns) {
                 return Err(ApiError::not_found("namespaces", ns));
             }
-            if self.terminating.iter().any(|t| t == ns) {
+            if self.terminating.iter().any(|(t, _)| t == ns) {
                 return Err(ApiError::forbidden(
                     &r.qualified(),
                     &name,
@@ -626,8 +626,9 @@ impl Store {
             // As the real server: the namespace turns Terminating now; its
             // content and then the namespace itself go shortly after (the
             // server runs finalize_namespaces in the background).
-            if !self.terminating.iter().any(|t| t == name) {
-                self.terminating.push(name.to_string());
+            if !self.terminating.iter().any(|(t, _)| t == name) {
+                self.terminating
+                    .push((name.to_string(), std::time::Instant::now()));
                 let mut obj = old.clone();
                 obj["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
                 obj["status"]["phase"] = json!("Terminating");
@@ -650,10 +651,22 @@ impl Store {
 
     /// Deletes the content of namespaces being deleted, then the namespaces.
     pub fn finalize_namespaces(&mut self) {
+        self.finalize_namespaces_deleted_before(
+            std::time::Instant::now() + std::time::Duration::from_secs(1),
+        );
+    }
+
+    /// [`Store::finalize_namespaces`] for the namespaces whose deletion
+    /// started before `cutoff`.
+    pub fn finalize_namespaces_deleted_before(&mut self, cutoff: std::time::Instant) {
         let ns_res = self
             .index("", "namespaces")
             .expect("namespaces are always served");
-        for ns in std::mem::take(&mut self.terminating) {
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.terminating)
+            .into_iter()
+            .partition(|(_, since)| *since < cutoff);
+        self.terminating = waiting;
+        for (ns, _) in due {
             for i in 0..self.resources.len() {
                 if !self.resources[i].namespaced {
                     continue;
