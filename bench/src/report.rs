@@ -72,7 +72,7 @@ impl Results {
         let pp = |name: &str, d: f64, m: f64, target: Option<f64>| {
             let added = m - d;
             format!(
-                "| ping-pong 64 B {name} (µs, RTT/2) | {d:.1} | {m:.1} | +{added:.1} ({:.1}x) | {} | {} |",
+                "| ping-pong 64 B {name} (µs, RTT/2) | {d:.1} | {m:.1} | {added:+.1} ({:.1}x) | {} | {} |",
                 m / d,
                 target
                     .map(|t| format!("<= +{t}"))
@@ -137,7 +137,7 @@ impl Results {
         );
         let _ = writeln!(
             t,
-            "| reference: ping-pong 64 B p50 through ONE socat hop, loopback, busy CPUs (µs, RTT/2) | {:.1} | {:.1} | +{:.1} | - | - |",
+            "| reference: ping-pong 64 B p50 through ONE socat hop, loopback, busy CPUs (µs, RTT/2) | {:.1} | {:.1} | {:+.1} | - | - |",
             self.socat_pp_base.p50,
             self.socat_pp.p50,
             self.socat_pp.p50 - self.socat_pp_base.p50
@@ -149,7 +149,7 @@ impl Results {
         ] {
             let _ = writeln!(
                 t,
-                "| 1 KB req/resp @ 1000/s {name} (µs, RTT/2) | {d:.1} | {m:.1} | +{:.1} ({:.1}x) | - | - |",
+                "| 1 KB req/resp @ 1000/s {name} (µs, RTT/2) | {d:.1} | {m:.1} | {:+.1} ({:.1}x) | - | - |",
                 m - d,
                 m / d
             );
@@ -208,15 +208,15 @@ impl Results {
             m.gbps / i.gbps
         );
         let added = |name: &str, d: f64, istio: f64, ours: f64| {
-            // A ratio of added latencies means nothing when Istio added none (noise can
+            // A ratio of added latencies means nothing when either added none (noise can
             // put a mesh percentile below the direct one).
-            let ratio = if istio - d > 0.0 {
+            let ratio = if istio - d > 0.0 && ours - d > 0.0 {
                 format!("{:.2}x added latency", (ours - d) / (istio - d))
             } else {
                 "-".to_string()
             };
             format!(
-                "| {name} (µs, RTT/2) | {d:.1} | {istio:.1} (+{:.1}) | {ours:.1} (+{:.1}) | {ratio} |",
+                "| {name} (µs, RTT/2) | {d:.1} | {istio:.1} ({:+.1}) | {ours:.1} ({:+.1}) | {ratio} |",
                 istio - d,
                 ours - d,
             )
@@ -370,9 +370,20 @@ mod tests {
     }
 
     #[test]
-    fn no_latency_ratio_when_istio_added_nothing() {
+    fn no_latency_ratio_when_either_added_nothing() {
         let t = results(Some(mesh(2.0, 15.0, 0.1))).istio_table().unwrap();
-        assert!(t.contains("15.0 (+-5.0) | 60.0 (+40.0) | - |"), "{t}");
+        assert!(t.contains("15.0 (-5.0) | 60.0 (+40.0) | - |"), "{t}");
         assert!(!t.contains("added latency"), "{t}");
+        let mut r = results(Some(mesh(2.0, 100.0, 0.1)));
+        r.mesh = mesh(3.0, 15.0, 0.05);
+        let t = r.istio_table().unwrap();
+        assert!(t.contains("100.0 (+80.0) | 15.0 (-5.0) | - |"), "{t}");
+        assert!(!t.contains("added latency"), "{t}");
+        // The main table signs what was added, whichever way.
+        assert!(
+            r.table().contains("| 20.0 | 15.0 | -5.0 (0.8x) |"),
+            "{}",
+            r.table()
+        );
     }
 }
