@@ -85,15 +85,10 @@ fn certificate_authority(cfg: &Config) -> Result<Authority, AppError> {
         .as_ref()
         .expect("provider_from_config requires a CA");
     let name = format!("CA_ROOT_CERT {}", path.display());
-    let pem = std::fs::read_to_string(path).map_err(|e| {
-        AppError::Roots(crate::tls::TlsError::Roots {
-            source_name: name.clone(),
-            reason: format!("cannot read: {e}"),
-        })
-    })?;
+    let (roots, _) = crate::tls::roots::load_file(path, &name)?;
     Ok(Authority {
         provider,
-        roots: TrustRoots::from_pem(&pem, &name)?,
+        roots,
         roots_watch: None,
     })
 }

@@ -651,20 +651,18 @@ impl Store {
 
     /// Deletes the content of namespaces being deleted, then the namespaces.
     pub fn finalize_namespaces(&mut self) {
-        self.finalize_namespaces_deleted_before(
-            std::time::Instant::now() + std::time::Duration::from_secs(1),
-        );
+        self.finalize_namespaces_deleted_before(std::time::Instant::now());
     }
 
     /// [`Store::finalize_namespaces`] for the namespaces whose deletion
-    /// started before `cutoff`.
+    /// started at or before `cutoff`.
     pub fn finalize_namespaces_deleted_before(&mut self, cutoff: std::time::Instant) {
         let ns_res = self
             .index("", "namespaces")
             .expect("namespaces are always served");
         let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.terminating)
             .into_iter()
-            .partition(|(_, since)| *since < cutoff);
+            .partition(|(_, since)| *since <= cutoff);
         self.terminating = waiting;
         for (ns, _) in due {
             for i in 0..self.resources.len() {
@@ -858,6 +856,12 @@ mod tests {
             .create(cms, Some("x"), json!({"metadata": {"name": "late"}}), false)
             .unwrap_err();
         assert_eq!(err.code, 403);
+        assert!(s.has_terminating());
+        // Not yet due: the content stays (kubectl deletes it one by one).
+        s.finalize_namespaces_deleted_before(
+            std::time::Instant::now() - std::time::Duration::from_secs(1),
+        );
+        assert!(s.get(cms, Some("x"), "c0").is_ok());
         assert!(s.has_terminating());
         s.finalize_namespaces();
         let (left, _) = s.list(

@@ -394,20 +394,15 @@ async fn object_files(
 
 /// Re-reads the ConfigMap and Secret behind the pod's volumes (plain and
 /// projected sources; tokens are left alone) and rewrites the files whose
-/// content changed, as the kubelet's periodic volume sync does. Returns the
-/// number of volumes it could not refresh (logged; the old files stay).
-pub async fn refresh(
-    client: &kube::Client,
-    pod: &Pod,
-    volumes: &BTreeMap<String, PathBuf>,
-) -> usize {
+/// content changed, as the kubelet's periodic volume sync does. A volume
+/// that cannot be refreshed is logged and keeps its old files.
+pub async fn refresh(client: &kube::Client, pod: &Pod, volumes: &BTreeMap<String, PathBuf>) {
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let specs: &[Volume] = pod
         .spec
         .as_ref()
         .and_then(|s| s.volumes.as_deref())
         .unwrap_or(&[]);
-    let mut failed = 0;
     for v in specs {
         let Some(dir) = volumes.get(&v.name) else {
             continue;
@@ -425,10 +420,8 @@ pub async fn refresh(
         };
         if let Err(e) = written {
             tracing::warn!(error = %e, "kubelet-lite: volume refresh failed; keeping the old files");
-            failed += 1;
         }
     }
-    failed
 }
 
 async fn config_map_files(

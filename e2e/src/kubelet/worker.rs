@@ -548,7 +548,11 @@ impl Worker {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = resync.tick() => {
-                    volumes::refresh(&self.shared.client, &self.pod, &self.volumes).await;
+                    // Bounded: a slow API must not hold up probes and restarts.
+                    let sync = volumes::refresh(&self.shared.client, &self.pod, &self.volumes);
+                    if tokio::time::timeout(resync_every, sync).await.is_err() {
+                        tracing::warn!(pod = %self.key, "kubelet-lite: volume refresh took longer than {resync_every:?}; retried next period");
+                    }
                 }
                 r = self.updates.changed() => {
                     if r.is_err() {

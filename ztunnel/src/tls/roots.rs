@@ -1,7 +1,7 @@
 //! The trust bundle: the root certificates a peer's chain must lead to.
 //!
-//! [`TrustRoots`] is a shared handle: every clone sees a [`TrustRoots::replace`], and the
-//! verifiers read the current roots at each handshake. [`watch_file`] keeps it equal to a
+//! [`TrustRoots`] is a shared handle: every clone sees a reload, and the verifiers read the
+//! current roots at each handshake. [`watch_file`] keeps it equal to a
 //! PEM file (`ROOT_CA_PATH`, mounted from the `istio-ca-root-cert` ConfigMap), so a root
 //! rotation (old + new roots in the bundle, then the CA signs with the new root, then the old
 //! root leaves the bundle) reaches new handshakes without a restart; established connections
@@ -24,21 +24,23 @@ pub struct TrustRoots {
 }
 
 impl TrustRoots {
+    fn new(store: RootCertStore) -> Self {
+        TrustRoots {
+            current: Arc::new(RwLock::new(Arc::new(store))),
+        }
+    }
+
     /// Roots from DER certificates; `source_name` names the origin (file) in errors.
     pub fn from_der(
         certs: impl IntoIterator<Item = CertificateDer<'static>>,
         source_name: &str,
     ) -> Result<Self, TlsError> {
-        Ok(TrustRoots {
-            current: Arc::new(RwLock::new(Arc::new(store_of(certs, source_name)?))),
-        })
+        Ok(Self::new(store_of(certs, source_name)?))
     }
 
     /// Roots from PEM text (one or more certificates).
     pub fn from_pem(pem: &str, source_name: &str) -> Result<Self, TlsError> {
-        Ok(TrustRoots {
-            current: Arc::new(RwLock::new(Arc::new(parse_pem(pem, source_name)?))),
-        })
+        Ok(Self::new(parse_pem(pem, source_name)?))
     }
 
     /// The roots now (a snapshot: a handshake verifies against one consistent set).
@@ -49,10 +51,9 @@ impl TrustRoots {
             .clone()
     }
 
-    /// Makes `other`'s current roots the roots of this handle and all its clones.
-    pub fn replace(&self, other: &TrustRoots) {
-        let new = other.store();
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = new;
+    /// Makes `store` the roots of this handle and all its clones.
+    fn set(&self, store: RootCertStore) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(store);
     }
 
     pub fn len(&self) -> usize {
@@ -93,22 +94,28 @@ fn parse_pem(pem: &str, source_name: &str) -> Result<RootCertStore, TlsError> {
     store_of(certs, source_name)
 }
 
+/// Reads the roots once from the PEM file at `path` (its text is returned too);
+/// `source_name` names the file in errors (e.g. `CA_ROOT_CERT /etc/ca/root.pem`).
+pub fn load_file(path: &Path, source_name: &str) -> Result<(TrustRoots, String), TlsError> {
+    let pem = std::fs::read_to_string(path).map_err(|e| TlsError::Roots {
+        source_name: source_name.to_string(),
+        reason: format!("cannot read: {e}"),
+    })?;
+    Ok((TrustRoots::from_pem(&pem, source_name)?, pem))
+}
+
 /// Loads the roots from the PEM file at `path` and keeps them equal to it: a changed file
 /// that parses replaces the roots (logged with the new count); one that does not is logged
 /// and the previous roots stay. `source_name` names the file in logs and errors (e.g.
 /// `ROOT_CA_PATH /var/run/secrets/istio/root-cert.pem`).
 pub fn watch_file(path: &Path, source_name: &str) -> Result<(TrustRoots, FileWatcher), TlsError> {
-    let pem = std::fs::read_to_string(path).map_err(|e| TlsError::Roots {
-        source_name: source_name.to_string(),
-        reason: format!("cannot read: {e}"),
-    })?;
-    let roots = TrustRoots::from_pem(&pem, source_name)?;
+    let (roots, pem) = load_file(path, source_name)?;
     let shared = roots.clone();
     let name = source_name.to_string();
     let watcher = file_watch::watch(path, pem, move |text| match parse_pem(text, &name) {
         Ok(store) => {
             let count = store.len();
-            *shared.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(store);
+            shared.set(store);
             tracing::info!(roots = count, file = %name, "trust roots reloaded; new handshakes use them");
             true
         }
@@ -140,12 +147,12 @@ mod tests {
     }
 
     #[test]
-    fn replace_reaches_every_clone_and_snapshots_stay_consistent() {
+    fn a_reload_reaches_every_clone_and_snapshots_stay_consistent() {
         let roots = TrustRoots::from_pem(&root_pem("a"), "a").unwrap();
         let clone = roots.clone();
         let before = clone.store();
         let two = format!("{}{}", root_pem("b"), root_pem("c"));
-        roots.replace(&TrustRoots::from_pem(&two, "b+c").unwrap());
+        roots.set(parse_pem(&two, "b+c").unwrap());
         assert_eq!(clone.len(), 2);
         assert_eq!(before.len(), 1, "a snapshot taken before is unchanged");
     }
