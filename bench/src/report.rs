@@ -1,16 +1,15 @@
 //! The results table (printed and written to `bench/RESULTS.md`).
+//!
+//! A run may measure only part of the table (`--skip-direct`, `--phases`): what was not
+//! measured is `None` and its rows are left out, never shown as zeros.
 
 use std::fmt::Write;
 
 use crate::tools::Percentiles;
 
-/// What one mesh phase (two ztunnels of one implementation) measured.
+/// Idle and 1 KB request/response at 1000/s through one implementation's two ztunnels.
 #[derive(Debug, Default)]
-pub struct MeshResults {
-    pub gbps: f64,
-    pub pp: Percentiles,
-    /// Same, with every CPU kept busy by `SCHED_IDLE` spinners.
-    pub pp_busy: Percentiles,
+pub struct LoadResults {
     pub rr: Percentiles,
     /// Per ztunnel (a, b).
     pub idle_rss_mib: Vec<f64>,
@@ -19,18 +18,34 @@ pub struct MeshResults {
     pub load_cpu: Vec<f64>,
 }
 
-/// Everything one run measured.
+/// What the mesh phases of one implementation (two ztunnels) measured.
 #[derive(Debug, Default)]
-pub struct Results {
-    pub direct_gbps: f64,
-    pub direct_pp: Percentiles,
-    pub direct_pp_busy: Percentiles,
-    pub direct_rr: Percentiles,
+pub struct MeshResults {
+    pub gbps: Option<f64>,
+    pub pp: Option<Percentiles>,
+    /// Same, with every CPU kept busy by `SCHED_IDLE` spinners.
+    pub pp_busy: Option<Percentiles>,
+    pub load: Option<LoadResults>,
+}
+
+/// The direct path between the two pods, and the one-hop reference relay.
+#[derive(Debug, Default)]
+pub struct DirectResults {
+    pub gbps: f64,
+    pub pp: Percentiles,
+    pub pp_busy: Percentiles,
+    pub rr: Percentiles,
     /// Reference: ping-pong over loopback in one pod, direct and through one socat hop.
     pub socat_pp_base: Percentiles,
     pub socat_pp: Percentiles,
     /// CPU of the socat hop at 1000 req/s (cores).
     pub socat_cpu: f64,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Default)]
+pub struct Results {
+    pub direct: Option<DirectResults>,
     /// Through this project's ztunnels.
     pub mesh: MeshResults,
     /// Through Istio's ztunnels, same topology and rules (`--istio-ztunnel`).
@@ -52,256 +67,287 @@ fn pair(v: &[f64], digits: usize) -> String {
         .join(" / ")
 }
 
+/// A latency row of the main table: mesh against direct (when measured) and the target.
+fn latency_row(name: &str, direct: Option<f64>, mesh: f64, target: Option<f64>) -> String {
+    let target_col = target.map_or_else(|| "-".into(), |t| format!("<= +{t}"));
+    match direct {
+        Some(d) => {
+            let added = mesh - d;
+            format!(
+                "| {name} (µs, RTT/2) | {d:.1} | {mesh:.1} | {added:+.1} ({:.1}x) | {target_col} | {} |",
+                mesh / d,
+                target.map_or("-", |t| yes(added <= t))
+            )
+        }
+        None => format!("| {name} (µs, RTT/2) | - | {mesh:.1} | - | {target_col} | - |"),
+    }
+}
+
+/// Percentile rows (p50, p90, p99; `{p}` in `name` says where) with the targets for p50
+/// and p99.
+fn percentile_rows(
+    t: &mut String,
+    name: &str,
+    direct: Option<&Percentiles>,
+    mesh: &Percentiles,
+    targets: (Option<f64>, Option<f64>),
+) {
+    for (p, d, m, target) in [
+        ("p50", direct.map(|d| d.p50), mesh.p50, targets.0),
+        ("p90", direct.map(|d| d.p90), mesh.p90, None),
+        ("p99", direct.map(|d| d.p99), mesh.p99, targets.1),
+    ] {
+        let _ = writeln!(t, "{}", latency_row(&name.replace("{p}", p), d, m, target));
+    }
+}
+
 impl Results {
     /// The markdown table with ratios to direct and the targets.
     pub fn table(&self) -> String {
         let mut t = String::new();
-        let ratio = self.mesh.gbps / self.direct_gbps * 100.0;
+        let d = self.direct.as_ref();
+        let m = &self.mesh;
         let _ = writeln!(
             t,
             "| metric | direct | through 2 ztunnels | ratio / added | target | met |"
         );
         let _ = writeln!(t, "|---|---|---|---|---|---|");
-        let _ = writeln!(
-            t,
-            "| iperf3 single stream (Gbit/s) | {:.2} | {:.2} | {ratio:.1}% of direct | >= 30% | {} |",
-            self.direct_gbps,
-            self.mesh.gbps,
-            yes(ratio >= 30.0)
-        );
-        let pp = |name: &str, d: f64, m: f64, target: Option<f64>| {
-            let added = m - d;
-            format!(
-                "| ping-pong 64 B {name} (µs, RTT/2) | {d:.1} | {m:.1} | {added:+.1} ({:.1}x) | {} | {} |",
-                m / d,
-                target
-                    .map(|t| format!("<= +{t}"))
-                    .unwrap_or_else(|| "-".into()),
-                target.map(|t| yes(added <= t)).unwrap_or("-")
-            )
-        };
-        let _ = writeln!(
-            t,
-            "{}",
-            pp(
-                "p50, idle CPUs",
-                self.direct_pp.p50,
-                self.mesh.pp.p50,
-                Some(25.0)
-            )
-        );
-        let _ = writeln!(
-            t,
-            "{}",
-            pp("p90, idle CPUs", self.direct_pp.p90, self.mesh.pp.p90, None)
-        );
-        let _ = writeln!(
-            t,
-            "{}",
-            pp(
-                "p99, idle CPUs",
-                self.direct_pp.p99,
-                self.mesh.pp.p99,
-                Some(50.0)
-            )
-        );
-        let _ = writeln!(
-            t,
-            "{}",
-            pp(
-                "p50, busy CPUs",
-                self.direct_pp_busy.p50,
-                self.mesh.pp_busy.p50,
-                Some(25.0)
-            )
-        );
-        let _ = writeln!(
-            t,
-            "{}",
-            pp(
-                "p90, busy CPUs",
-                self.direct_pp_busy.p90,
-                self.mesh.pp_busy.p90,
-                None
-            )
-        );
-        let _ = writeln!(
-            t,
-            "{}",
-            pp(
-                "p99, busy CPUs",
-                self.direct_pp_busy.p99,
-                self.mesh.pp_busy.p99,
-                Some(50.0)
-            )
-        );
-        let _ = writeln!(
-            t,
-            "| reference: ping-pong 64 B p50 through ONE socat hop, loopback, busy CPUs (µs, RTT/2) | {:.1} | {:.1} | {:+.1} | - | - |",
-            self.socat_pp_base.p50,
-            self.socat_pp.p50,
-            self.socat_pp.p50 - self.socat_pp_base.p50
-        );
-        for (name, d, m) in [
-            ("p50", self.direct_rr.p50, self.mesh.rr.p50),
-            ("p90", self.direct_rr.p90, self.mesh.rr.p90),
-            ("p99", self.direct_rr.p99, self.mesh.rr.p99),
-        ] {
+        if let Some(gbps) = m.gbps {
+            let _ = match d {
+                Some(d) => {
+                    let ratio = gbps / d.gbps * 100.0;
+                    writeln!(
+                        t,
+                        "| iperf3 single stream (Gbit/s) | {:.2} | {gbps:.2} | {ratio:.1}% of direct | >= 30% | {} |",
+                        d.gbps,
+                        yes(ratio >= 30.0)
+                    )
+                }
+                None => writeln!(
+                    t,
+                    "| iperf3 single stream (Gbit/s) | - | {gbps:.2} | - | >= 30% | - |"
+                ),
+            };
+        }
+        if let Some(pp) = &m.pp {
+            let name = "ping-pong 64 B {p}, idle CPUs";
+            percentile_rows(&mut t, name, d.map(|d| &d.pp), pp, (Some(25.0), Some(50.0)));
+        }
+        if let Some(pp) = &m.pp_busy {
+            let name = "ping-pong 64 B {p}, busy CPUs";
+            let direct = d.map(|d| &d.pp_busy);
+            percentile_rows(&mut t, name, direct, pp, (Some(25.0), Some(50.0)));
+        }
+        if let Some(d) = d {
             let _ = writeln!(
                 t,
-                "| 1 KB req/resp @ 1000/s {name} (µs, RTT/2) | {d:.1} | {m:.1} | {:+.1} ({:.1}x) | - | - |",
-                m - d,
-                m / d
+                "| reference: ping-pong 64 B p50 through ONE socat hop, loopback, busy CPUs (µs, RTT/2) | {:.1} | {:.1} | {:+.1} | - | - |",
+                d.socat_pp_base.p50,
+                d.socat_pp.p50,
+                d.socat_pp.p50 - d.socat_pp_base.p50
+            );
+            // The mesh puts two user-space relays on each path; no proxy adds less than
+            // two plain relays that copy bytes and nothing else.
+            let floor = 2.0 * (d.socat_pp.p50 - d.socat_pp_base.p50);
+            let _ = writeln!(
+                t,
+                "| reference: what TWO plain relays add, busy CPUs (2 × the socat hop) | - | - | {floor:+.1} | <= +25 | {} |",
+                yes(floor <= 25.0)
             );
         }
-        let _ = writeln!(
-            t,
-            "| ztunnel RSS idle (MiB, A / B) | - | {} | - | <= 8 | {} |",
-            pair(&self.mesh.idle_rss_mib, 1),
-            yes(max(&self.mesh.idle_rss_mib) <= 8.0)
-        );
-        let _ = writeln!(
-            t,
-            "| ztunnel CPU idle (cores, A / B) | - | {} | - | - | - |",
-            pair(&self.mesh.idle_cpu, 4)
-        );
-        let _ = writeln!(
-            t,
-            "| ztunnel RSS @ 1000 req/s (MiB, A / B) | - | {} | - | <= 10 | {} |",
-            pair(&self.mesh.load_rss_mib, 1),
-            yes(max(&self.mesh.load_rss_mib) <= 10.0)
-        );
-        let _ = writeln!(
-            t,
-            "| ztunnel CPU @ 1000 req/s (cores, A / B) | - | {} | - | <= 0.04 | {} |",
-            pair(&self.mesh.load_cpu, 4),
-            yes(max(&self.mesh.load_cpu) <= 0.04)
-        );
-        let _ = writeln!(
-            t,
-            "| reference: one socat hop, CPU @ 1000 req/s (cores) | - | {:.4} | - | - | - |",
-            self.socat_cpu
-        );
+        if let Some(load) = &m.load {
+            let name = "1 KB req/resp @ 1000/s {p}";
+            percentile_rows(&mut t, name, d.map(|d| &d.rr), &load.rr, (None, None));
+            let _ = writeln!(
+                t,
+                "| ztunnel RSS idle (MiB, A / B) | - | {} | - | <= 8 | {} |",
+                pair(&load.idle_rss_mib, 1),
+                yes(max(&load.idle_rss_mib) <= 8.0)
+            );
+            let _ = writeln!(
+                t,
+                "| ztunnel CPU idle (cores, A / B) | - | {} | - | - | - |",
+                pair(&load.idle_cpu, 4)
+            );
+            let _ = writeln!(
+                t,
+                "| ztunnel RSS @ 1000 req/s (MiB, A / B) | - | {} | - | <= 10 | {} |",
+                pair(&load.load_rss_mib, 1),
+                yes(max(&load.load_rss_mib) <= 10.0)
+            );
+            let _ = writeln!(
+                t,
+                "| ztunnel CPU @ 1000 req/s (cores, A / B) | - | {} | - | <= 0.04 | {} |",
+                pair(&load.load_cpu, 4),
+                yes(max(&load.load_cpu) <= 0.04)
+            );
+        }
+        if let Some(d) = d {
+            let _ = writeln!(
+                t,
+                "| reference: one socat hop, CPU @ 1000 req/s (cores) | - | {:.4} | - | - | - |",
+                d.socat_cpu
+            );
+        }
         t
     }
 
     /// Same-run comparison with Istio's ztunnel, when it was measured. The targets
     /// are scaled from Istio's ztunnel on this topology (20–27% of direct, +30–37 µs p50),
     /// so this is the row-by-row calibration of the table above on whatever machine ran it.
+    /// Rows appear for what both measured.
     pub fn istio_table(&self) -> Option<String> {
         let i = self.istio.as_ref()?;
         let m = &self.mesh;
+        let d = self.direct.as_ref();
         let mut t = String::new();
         let _ = writeln!(
             t,
             "| metric | direct | Istio ztunnel | this ztunnel | this vs Istio |"
         );
         let _ = writeln!(t, "|---|---|---|---|---|");
-        let _ = writeln!(
-            t,
-            "| iperf3 single stream (Gbit/s) | {:.2} | {:.2} ({:.1}%) | {:.2} ({:.1}%) | {:.2}x throughput |",
-            self.direct_gbps,
-            i.gbps,
-            i.gbps / self.direct_gbps * 100.0,
-            m.gbps,
-            m.gbps / self.direct_gbps * 100.0,
-            m.gbps / i.gbps
-        );
-        let added = |name: &str, d: f64, istio: f64, ours: f64| {
-            // A ratio of added latencies means nothing when either added none (noise can
-            // put a mesh percentile below the direct one).
-            let ratio = if istio - d > 0.0 && ours - d > 0.0 {
-                format!("{:.2}x added latency", (ours - d) / (istio - d))
-            } else {
-                "-".to_string()
-            };
-            format!(
-                "| {name} (µs, RTT/2) | {d:.1} | {istio:.1} ({:+.1}) | {ours:.1} ({:+.1}) | {ratio} |",
-                istio - d,
-                ours - d,
-            )
-        };
-        for (name, d, istio, ours) in [
-            (
-                "ping-pong 64 B p50, idle CPUs",
-                self.direct_pp.p50,
-                i.pp.p50,
-                m.pp.p50,
-            ),
-            (
-                "ping-pong 64 B p99, idle CPUs",
-                self.direct_pp.p99,
-                i.pp.p99,
-                m.pp.p99,
-            ),
-            (
-                "ping-pong 64 B p50, busy CPUs",
-                self.direct_pp_busy.p50,
-                i.pp_busy.p50,
-                m.pp_busy.p50,
-            ),
-            (
-                "ping-pong 64 B p99, busy CPUs",
-                self.direct_pp_busy.p99,
-                i.pp_busy.p99,
-                m.pp_busy.p99,
-            ),
-            (
-                "1 KB req/resp @ 1000/s p50",
-                self.direct_rr.p50,
-                i.rr.p50,
-                m.rr.p50,
-            ),
-            (
-                "1 KB req/resp @ 1000/s p99",
-                self.direct_rr.p99,
-                i.rr.p99,
-                m.rr.p99,
-            ),
-        ] {
-            let _ = writeln!(t, "{}", added(name, d, istio, ours));
-        }
-        for (name, istio, ours, digits) in [
-            ("RSS idle (MiB, A / B)", &i.idle_rss_mib, &m.idle_rss_mib, 1),
-            (
-                "RSS @ 1000 req/s (MiB, A / B)",
-                &i.load_rss_mib,
-                &m.load_rss_mib,
-                1,
-            ),
-            (
-                "CPU @ 1000 req/s (cores, A / B)",
-                &i.load_cpu,
-                &m.load_cpu,
-                4,
-            ),
-        ] {
+        if let (Some(ig), Some(mg)) = (i.gbps, m.gbps) {
+            let of_direct =
+                |g: f64| d.map_or(String::new(), |d| format!(" ({:.1}%)", g / d.gbps * 100.0));
             let _ = writeln!(
                 t,
-                "| ztunnel {name} | - | {} | {} | {:.2}x |",
-                pair(istio, digits),
-                pair(ours, digits),
-                max(ours) / max(istio)
+                "| iperf3 single stream (Gbit/s) | {} | {ig:.2}{} | {mg:.2}{} | {:.2}x throughput |",
+                d.map_or("-".into(), |d| format!("{:.2}", d.gbps)),
+                of_direct(ig),
+                of_direct(mg),
+                mg / ig
             );
+        }
+        let mut rows: Vec<(&str, Option<f64>, f64, f64)> = Vec::new();
+        if let (Some(ip), Some(mp)) = (&i.pp, &m.pp) {
+            rows.push((
+                "ping-pong 64 B p50, idle CPUs",
+                d.map(|d| d.pp.p50),
+                ip.p50,
+                mp.p50,
+            ));
+            rows.push((
+                "ping-pong 64 B p99, idle CPUs",
+                d.map(|d| d.pp.p99),
+                ip.p99,
+                mp.p99,
+            ));
+        }
+        if let (Some(ip), Some(mp)) = (&i.pp_busy, &m.pp_busy) {
+            let direct = d.map(|d| &d.pp_busy);
+            rows.push((
+                "ping-pong 64 B p50, busy CPUs",
+                direct.map(|d| d.p50),
+                ip.p50,
+                mp.p50,
+            ));
+            rows.push((
+                "ping-pong 64 B p99, busy CPUs",
+                direct.map(|d| d.p99),
+                ip.p99,
+                mp.p99,
+            ));
+        }
+        if let (Some(il), Some(ml)) = (&i.load, &m.load) {
+            let direct = d.map(|d| &d.rr);
+            rows.push((
+                "1 KB req/resp @ 1000/s p50",
+                direct.map(|d| d.p50),
+                il.rr.p50,
+                ml.rr.p50,
+            ));
+            rows.push((
+                "1 KB req/resp @ 1000/s p99",
+                direct.map(|d| d.p99),
+                il.rr.p99,
+                ml.rr.p99,
+            ));
+        }
+        for (name, direct, istio, ours) in rows {
+            let _ = writeln!(t, "{}", added_latency_row(name, direct, istio, ours));
+        }
+        if let (Some(il), Some(ml)) = (&i.load, &m.load) {
+            let rows = [
+                (
+                    "RSS idle (MiB, A / B)",
+                    &il.idle_rss_mib,
+                    &ml.idle_rss_mib,
+                    1,
+                ),
+                (
+                    "RSS @ 1000 req/s (MiB, A / B)",
+                    &il.load_rss_mib,
+                    &ml.load_rss_mib,
+                    1,
+                ),
+                (
+                    "CPU @ 1000 req/s (cores, A / B)",
+                    &il.load_cpu,
+                    &ml.load_cpu,
+                    4,
+                ),
+            ];
+            for (name, istio, ours, digits) in rows {
+                let _ = writeln!(
+                    t,
+                    "| ztunnel {name} | - | {} | {} | {:.2}x |",
+                    pair(istio, digits),
+                    pair(ours, digits),
+                    max(ours) / max(istio)
+                );
+            }
         }
         Some(t)
     }
 }
 
-/// One line per implementation with the headline figures (progress output of `--rounds`).
+/// A row of the Istio table: each side's latency with what it added to direct.
+fn added_latency_row(name: &str, direct: Option<f64>, istio: f64, ours: f64) -> String {
+    let Some(d) = direct else {
+        return format!("| {name} (µs, RTT/2) | - | {istio:.1} | {ours:.1} | - |");
+    };
+    // A ratio of added latencies means nothing when either added none (noise can put a
+    // mesh percentile below the direct one).
+    let ratio = if istio - d > 0.0 && ours - d > 0.0 {
+        format!("{:.2}x added latency", (ours - d) / (istio - d))
+    } else {
+        "-".to_string()
+    };
+    format!(
+        "| {name} (µs, RTT/2) | {d:.1} | {istio:.1} ({:+.1}) | {ours:.1} ({:+.1}) | {ratio} |",
+        istio - d,
+        ours - d,
+    )
+}
+
+/// One line per implementation with the headline figures it measured (progress output of
+/// `--rounds`).
 pub fn compact(measured: &[MeshResults]) -> String {
     measured
         .iter()
         .zip(["this", "istio"])
         .map(|(m, name)| {
-            format!(
-                "  {name:5} iperf {:.2} Gbit/s | pp p50 {:.1} / busy {:.1} µs | rr p50 {:.1} µs | cpu@1000 {}",
-                m.gbps,
-                m.pp.p50,
-                m.pp_busy.p50,
-                m.rr.p50,
-                pair(&m.load_cpu, 4)
-            )
+            let mut parts = Vec::new();
+            if let Some(g) = m.gbps {
+                parts.push(format!("iperf {g:.2} Gbit/s"));
+            }
+            if let Some(pp) = &m.pp {
+                parts.push(format!("pp p50 {:.1} µs", pp.p50));
+            }
+            if let Some(pp) = &m.pp_busy {
+                parts.push(format!("busy pp p50 {:.1} µs", pp.p50));
+            }
+            if let Some(l) = &m.load {
+                parts.push(format!(
+                    "rr p50 {:.1} µs | cpu@1000 {}",
+                    l.rr.p50,
+                    pair(&l.load_cpu, 4)
+                ));
+            }
+            if parts.is_empty() {
+                parts.push("nothing measured".to_string());
+            }
+            format!("  {name:5} {}", parts.join(" | "))
         })
         .collect::<Vec<_>>()
         .join("\n")
@@ -311,39 +357,106 @@ pub fn compact(measured: &[MeshResults]) -> String {
 mod tests {
     use super::*;
 
-    fn mesh(gbps: f64, p50: f64, cpu: f64) -> MeshResults {
-        let pp = Percentiles {
+    fn flat(p50: f64) -> Percentiles {
+        Percentiles {
             p50,
             p90: p50,
             p99: p50,
-        };
+        }
+    }
+
+    fn mesh(gbps: f64, p50: f64, load_cpu: f64) -> MeshResults {
         MeshResults {
-            gbps,
-            pp,
-            pp_busy: pp,
-            rr: pp,
-            idle_rss_mib: vec![4.0, 5.0],
-            idle_cpu: vec![0.0, 0.0],
-            load_rss_mib: vec![8.0, 9.0],
-            load_cpu: vec![cpu, cpu / 2.0],
+            gbps: Some(gbps),
+            pp: Some(flat(p50)),
+            pp_busy: Some(flat(p50)),
+            load: Some(LoadResults {
+                rr: flat(p50),
+                idle_rss_mib: vec![4.0, 5.0],
+                idle_cpu: vec![0.0, 0.0],
+                load_rss_mib: vec![8.0, 9.0],
+                load_cpu: vec![load_cpu, load_cpu / 2.0],
+            }),
         }
     }
 
     fn results(istio: Option<MeshResults>) -> Results {
-        let direct = Percentiles {
-            p50: 20.0,
-            p90: 20.0,
-            p99: 20.0,
-        };
         Results {
-            direct_gbps: 10.0,
-            direct_pp: direct,
-            direct_pp_busy: direct,
-            direct_rr: direct,
+            direct: Some(DirectResults {
+                gbps: 10.0,
+                pp: flat(20.0),
+                pp_busy: flat(20.0),
+                rr: flat(20.0),
+                socat_pp_base: flat(20.0),
+                socat_pp: flat(30.0),
+                socat_cpu: 0.04,
+            }),
             mesh: mesh(3.0, 60.0, 0.05),
             istio,
-            ..Default::default()
         }
+    }
+
+    #[test]
+    fn main_table_gives_ratios_and_targets() {
+        let t = results(None).table();
+        assert!(
+            t.contains(
+                "| iperf3 single stream (Gbit/s) | 10.00 | 3.00 | 30.0% of direct | >= 30% | yes |"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("| ping-pong 64 B p50, busy CPUs (µs, RTT/2) | 20.0 | 60.0 | +40.0 (3.0x) | <= +25 | **no** |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| ztunnel CPU @ 1000 req/s (cores, A / B) | - | 0.0500 / 0.0250 | - | <= 0.04 | **no** |"),
+            "{t}"
+        );
+        // The floor: two plain relays add twice what one socat hop adds.
+        assert!(
+            t.contains("| reference: what TWO plain relays add, busy CPUs (2 × the socat hop) | - | - | +20.0 | <= +25 | yes |"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn partial_runs_leave_out_what_was_not_measured() {
+        // `--skip-direct --phases load`: no zeros, no NaN, no "yes" for what never ran.
+        let mut r = results(None);
+        r.direct = None;
+        r.mesh.gbps = None;
+        r.mesh.pp = None;
+        r.mesh.pp_busy = None;
+        let t = r.table();
+        assert!(
+            !t.contains("iperf3") && !t.contains("ping-pong") && !t.contains("socat"),
+            "{t}"
+        );
+        assert!(!t.contains("NaN") && !t.contains("| 0.0 |"), "{t}");
+        assert!(
+            t.contains("| 1 KB req/resp @ 1000/s p50 (µs, RTT/2) | - | 60.0 | - | - | - |"),
+            "{t}"
+        );
+        assert!(t.contains("ztunnel CPU @ 1000 req/s"), "{t}");
+
+        let mut istio = mesh(2.0, 100.0, 0.1);
+        istio.load = None;
+        r.istio = Some(istio);
+        r.mesh.gbps = Some(3.0);
+        let t = r.istio_table().unwrap();
+        assert!(
+            t.contains("| iperf3 single stream (Gbit/s) | - | 2.00 | 3.00 | 1.50x throughput |"),
+            "{t}"
+        );
+        assert!(
+            !t.contains("RSS") && !t.contains("req/resp") && !t.contains("ping-pong"),
+            "{t}"
+        );
+        assert_eq!(
+            compact(&[mesh(3.0, 60.0, 0.05), MeshResults::default()]),
+            "  this  iperf 3.00 Gbit/s | pp p50 60.0 µs | busy pp p50 60.0 µs | rr p50 60.0 µs | cpu@1000 0.0500 / 0.0250\n  istio nothing measured"
+        );
     }
 
     #[test]
