@@ -334,13 +334,10 @@ const NOTES: &str = "## Reading the table
   to any other task); the issue's reference figures (direct 8.7 µs) match that regime.
 - **One hop costs what it costs here.** Each message through the mesh crosses four
   user-space hops per round trip (client → ztunnel A → ztunnel B → server and back), and
-  RTT/2 counts two of them. The reference rows measure the cheapest possible hop on the
-  same machine: `socat` relaying over loopback in one pod. Compare the mesh's added
-  latency per hop (added RTT/2 ÷ 2) and its CPU at 1000 req/s with that row. The row
-  \"what TWO plain relays add\" doubles it: the least any two-hop data plane can add on
-  the machine that ran the table, with no TLS, no HTTP/2 and no lookups — when it is
-  above the issue's +25 µs, that target is out of reach on that machine for any design
-  with two user-space proxies per path (this one, Istio's).
+  RTT/2 counts two of them. The reference rows measure one plain relay hop on the
+  same machine: `socat` relaying over loopback in one pod (no TLS, but not the cheapest
+  relay either: it polls with select). Compare the mesh's added
+  latency per hop (added RTT/2 ÷ 2) and its CPU at 1000 req/s with that row.
 - **RSS** is VmRSS. ztunnel drops the page-table entries of clean read-only file pages
   (code, constants, libraries) once it is ready, so start-up-only code does not stay
   resident; what the data path uses is faulted back in (and counted) as it runs.
