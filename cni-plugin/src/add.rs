@@ -19,8 +19,8 @@ use crate::agent_client::{AgentAnswer, AgentUnreachable};
 use crate::cni::error::{CniError, ErrorCode};
 use crate::cni::invocation::Invocation;
 use crate::config::PluginConf;
-use crate::enablement::Decision;
 use crate::pod_lookup::LookupError;
+use mesh_proto::enablement::Decision;
 
 /// Bound on the agent round trip (upstream uses the same 5 s).
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -14,8 +14,8 @@ use crate::cni::error::{CniError, ErrorCode};
 use crate::cni::invocation::{Command, Invocation};
 use crate::cni::version::{self, LATEST};
 use crate::config::PluginConf;
-use crate::enablement::Decision;
 use crate::pod_lookup::{self, LookupError};
+use mesh_proto::enablement::Decision;
 
 /// A runtime closes our stdin once the config is written; should one not,
 /// we give up rather than hang.

@@ -7,7 +7,6 @@ mod agent_client;
 mod cni;
 mod commands;
 mod config;
-mod enablement;
 mod logging;
 mod pod_lookup;
 

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
-use crate::enablement::{self, Decision, PodFacts};
+use mesh_proto::enablement::{self, Decision, EnablementConfig, PodFacts};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LookupError {
@@ -76,19 +76,29 @@ pub async fn decide_from_api(
             what: format!("namespace {namespace}"),
             source,
         })?;
-        let empty = Default::default();
+        let labels = pod.metadata.labels.unwrap_or_default();
         let facts = PodFacts {
-            labels: pod.metadata.labels.as_ref().unwrap_or(&empty),
-            annotations: pod.metadata.annotations.as_ref().unwrap_or(&empty),
+            namespace,
+            name,
+            mode_label: enablement::mode_label(&labels),
             host_network: pod
                 .spec
                 .as_ref()
                 .and_then(|s| s.host_network)
                 .unwrap_or(false),
+            sidecar: pod
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(enablement::SIDECAR_STATUS_ANNOTATION)),
         };
+        let ns_labels = ns.metadata.labels.unwrap_or_default();
+        // Excluded namespaces and the agent's own pods were skipped before any lookup
+        // (`PluginConf::static_skip`), so no node-wide exclusions apply here.
         Ok(enablement::decide(
             facts,
-            ns.metadata.labels.as_ref().unwrap_or(&empty),
+            enablement::mode_label(&ns_labels),
+            &EnablementConfig::default(),
         ))
     };
     tokio::time::timeout(timeout, work)

@@ -1,4 +1,6 @@
-//! Which pods are ambient: one pure function over what the informers know.
+//! Which pods are ambient: one pure function, the same for the node agent
+//! (which decides from its informers) and the CNI plugin (which decides from
+//! two API GETs when the agent cannot be reached), so the two cannot differ.
 //!
 //! Upstream's default enablement selectors (pod label
 //! `istio.io/dataplane-mode=ambient`, or namespace label `ambient` with the
@@ -6,9 +8,7 @@
 //! pods, sidecar-injected pods (`sidecar.istio.io/status`), pods in excluded
 //! namespaces and the agent's own pods.
 //!
-//! The CNI plugin keeps a small copy for its fallback path
-//! (`cni-plugin/src/enablement.rs`); both run the shared vectors in
-//! `cni-plugin/testdata/enablement-cases.json`.
+//! Table-driven vectors: `proto/testdata/enablement-cases.json`.
 
 use std::collections::BTreeMap;
 
@@ -133,10 +133,9 @@ mod tests {
         }
     }
 
-    /// The vectors the CNI plugin's copy runs too.
     #[test]
-    fn shared_vectors_with_the_plugin() {
-        let text = include_str!("../../../cni-plugin/testdata/enablement-cases.json");
+    fn table_vectors() {
+        let text = include_str!("../testdata/enablement-cases.json");
         let cases: Cases = serde_json::from_str(text).unwrap();
         assert!(cases.cases.len() >= 10);
         for c in &cases.cases {
