@@ -3,18 +3,14 @@
 //! otherwise.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
+use http::{Request, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+
+use crate::http_endpoint::{self, Answer};
 
 pub const READY_PATH: &str = "/readyz";
 
@@ -86,55 +82,23 @@ pub async fn serve(
     readiness: Readiness,
     shutdown: impl Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "readiness accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let readiness = readiness.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let readiness = readiness.clone();
-                async move { Ok::<_, Infallible>(answer(&req, &readiness)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    let answer = move |req: &Request<Incoming>| answer(req, &readiness);
+    http_endpoint::serve("readiness", listener, answer, shutdown).await
 }
 
-fn answer(req: &Request<Incoming>, readiness: &Readiness) -> Response<Full<Bytes>> {
-    let (status, body) = if req.uri().path() != READY_PATH {
-        (
-            StatusCode::NOT_FOUND,
-            format!("no endpoint {}\n", req.uri().path()),
-        )
-    } else {
-        let not_ready = readiness.not_ready();
-        if not_ready.is_empty() {
-            (StatusCode::OK, "ok\n".to_string())
-        } else {
-            let lines: String = not_ready
-                .iter()
-                .map(|(c, r)| format!("{c}: {r}\n"))
-                .collect();
-            (StatusCode::SERVICE_UNAVAILABLE, lines)
-        }
-    };
-    Response::builder()
-        .status(status)
-        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(Full::new(Bytes::from(body)))
-        .expect("static response parts are valid")
+fn answer(req: &Request<Incoming>, readiness: &Readiness) -> Answer {
+    if req.uri().path() != READY_PATH {
+        return http_endpoint::not_found(req);
+    }
+    let not_ready = readiness.not_ready();
+    if not_ready.is_empty() {
+        return http_endpoint::text(StatusCode::OK, "ok\n");
+    }
+    let lines: String = not_ready
+        .iter()
+        .map(|(c, r)| format!("{c}: {r}\n"))
+        .collect();
+    http_endpoint::text(StatusCode::SERVICE_UNAVAILABLE, lines)
 }
 
 #[cfg(test)]

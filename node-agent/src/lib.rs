@@ -6,6 +6,7 @@ pub mod ca;
 pub mod cluster;
 pub mod config;
 pub mod health;
+pub mod http_endpoint;
 pub mod install;
 pub mod memory;
 pub mod metrics;

@@ -11,17 +11,11 @@
 //! | `node_agent_ztunnel_connected` | gauge | 1 while a ztunnel is connected (in-pod) / the active ztunnel is set (GENEVE) |
 //! | `node_agent_cni_install_ready` | gauge | 1 while the plugin and its config entry are installed |
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Response, StatusCode};
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::{EncodeLabelSet, text::encode};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -29,6 +23,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+
+use crate::http_endpoint;
 
 pub const METRICS_PATH: &str = "/metrics";
 
@@ -166,48 +162,8 @@ pub async fn serve(
     metrics: AgentMetrics,
     shutdown: impl Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let metrics = metrics.clone();
-                async move {
-                    let resp = if req.uri().path() == METRICS_PATH {
-                        Response::builder()
-                            .status(StatusCode::OK)
-                            .header(
-                                http::header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )
-                            .body(Full::new(Bytes::from(metrics.render())))
-                    } else {
-                        Response::builder()
-                            .status(StatusCode::NOT_FOUND)
-                            .body(Full::new(Bytes::from(format!(
-                                "no endpoint {}\n",
-                                req.uri().path()
-                            ))))
-                    };
-                    Ok::<_, Infallible>(resp.expect("static response parts are valid"))
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    let answer = move |req: &_| http_endpoint::metrics(req, METRICS_PATH, || metrics.render());
+    http_endpoint::serve("metrics", listener, answer, shutdown).await
 }
 
 #[cfg(test)]
