@@ -10,8 +10,9 @@
 //! functions with golden files; this module only applies and reads back.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
+
+use super::batch_input::{self, BatchFailure};
 
 /// Which iptables implementation programs the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -109,34 +110,17 @@ pub fn detect_backend() -> Backend {
 /// leaves the same rules.
 pub fn restore(backend: Backend, family: Family, input: &str) -> Result<(), IptablesError> {
     let command = backend.restore_command(family);
-    let mut child = Command::new(&command)
-        .arg("--noflush")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| IptablesError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    let write = child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(input.as_bytes());
-    let out = child
-        .wait_with_output()
-        .map_err(|source| IptablesError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if !out.status.success() || write.is_err() {
-        return Err(IptablesError::Restore {
-            command,
-            table: tables_in(input).join(","),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+    match batch_input::apply(&command, &["--noflush"], input) {
+        Ok(()) => {}
+        Err(BatchFailure::Spawn(source)) => return Err(IptablesError::Spawn { command, source }),
+        Err(BatchFailure::Refused { status, stderr }) => {
+            return Err(IptablesError::Restore {
+                table: tables_in(input).join(","),
+                command,
+                status,
+                stderr,
+            });
+        }
     }
     Ok(())
 }

@@ -34,6 +34,7 @@ use std::path::PathBuf;
 
 use futures::future::BoxFuture;
 
+pub mod batch_input;
 pub mod geneve;
 pub mod inpod;
 pub mod iptables;

@@ -6,11 +6,11 @@
 //! [`crate::redirect::netns::Netns::run`].
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use super::constants::IPSET_NAME;
+use crate::redirect::batch_input::{self, BatchFailure};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpsetError {
@@ -59,35 +59,18 @@ pub fn destroy_line() -> String {
 
 /// Runs `ipset restore -exist` with `batch` in the calling thread's netns.
 pub fn restore(batch: &str) -> Result<(), IpsetError> {
-    let mut child = Command::new("ipset")
-        .args(["restore", "-exist"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| IpsetError::Spawn {
+    batch_input::apply("ipset", &["restore", "-exist"], batch).map_err(|e| match e {
+        BatchFailure::Spawn(source) => IpsetError::Spawn {
             set: IPSET_NAME.into(),
             source,
-        })?;
-    let write = child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(batch.as_bytes());
-    let out = child
-        .wait_with_output()
-        .map_err(|source| IpsetError::Spawn {
-            set: IPSET_NAME.into(),
-            source,
-        })?;
-    if !out.status.success() || write.is_err() {
-        return Err(IpsetError::Failed {
+        },
+        BatchFailure::Refused { status, stderr } => IpsetError::Failed {
             op: "restore",
             set: IPSET_NAME.into(),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
+            status,
+            stderr,
+        },
+    })?;
     Ok(())
 }
 
