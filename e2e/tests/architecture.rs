@@ -112,6 +112,7 @@ fn node_agent_layers() {
     check(
         "node-agent",
         &[
+            &["http_endpoint"],
             &["health", "metrics", "memory"],
             &["redirect"],
             &["zds"],
