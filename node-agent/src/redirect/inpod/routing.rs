@@ -12,7 +12,7 @@
 //! single-threaded runtime for the netlink socket, which is created in (and
 //! stays bound to) that netns.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
@@ -81,30 +81,21 @@ pub fn ensure_here(ipv6: bool) -> Result<(), RoutingError> {
     block_on(async |h: Handle| {
         let lo = loopback_index(&h).await?;
         let v6 = ipv6 && lo_has_ipv6(&h, lo).await?;
-        if our_rules(&h, IpVersion::V4).await?.is_empty() {
-            add_rule(&h, false).await?;
-        }
-        if our_routes(&h, IpVersion::V4).await?.is_empty() {
-            let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-                .output_interface(lo)
-                .table_id(ROUTE_TABLE)
-                .kind(RouteType::Local)
-                .scope(RouteScope::Host)
-                .build();
-            h.route()
-                .add(msg)
-                .execute()
-                .await
-                .map_err(nl("adding route local 0.0.0.0/0 dev lo table 100"))?;
-        }
-        if v6 {
-            if our_rules(&h, IpVersion::V6).await?.is_empty() {
-                add_rule(&h, true).await?;
+        let families = [
+            (IpVersion::V4, IpAddr::from(Ipv4Addr::UNSPECIFIED), true),
+            (IpVersion::V6, IpAddr::from(Ipv6Addr::UNSPECIFIED), v6),
+        ];
+        for (version, any, wanted) in families {
+            if !wanted {
+                continue;
             }
-            if our_routes(&h, IpVersion::V6).await?.is_empty() {
-                let msg = RouteMessageBuilder::<Ipv6Addr>::new()
-                    .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+            if our_rules(&h, version.clone()).await?.is_empty() {
+                add_rule(&h, any.is_ipv6()).await?;
+            }
+            if our_routes(&h, version).await?.is_empty() {
+                let msg = RouteMessageBuilder::<IpAddr>::new()
+                    .destination_prefix(any, 0)
+                    .expect("the unspecified address with prefix 0 is a valid destination")
                     .output_interface(lo)
                     .table_id(ROUTE_TABLE)
                     .kind(RouteType::Local)
@@ -114,7 +105,7 @@ pub fn ensure_here(ipv6: bool) -> Result<(), RoutingError> {
                     .add(msg)
                     .execute()
                     .await
-                    .map_err(nl("adding route local ::/0 dev lo table 100"))?;
+                    .map_err(nl(format!("adding route local {any}/0 dev lo table 100")))?;
             }
         }
         Ok(())
