@@ -43,6 +43,35 @@ pub fn load_kubeconfig(path: &Path) -> Result<Kubeconfig, LookupError> {
     })
 }
 
+/// The enablement rules applied to a pod and its namespace as the API returns them.
+/// Excluded namespaces and the agent's own pods were skipped before any lookup
+/// (`PluginConf::static_skip`), so no node-wide exclusions apply here.
+fn decide_pod(pod: &Pod, ns: &Namespace) -> Decision {
+    let no_labels = Default::default();
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&no_labels);
+    let ns_labels = ns.metadata.labels.as_ref().unwrap_or(&no_labels);
+    let facts = PodFacts {
+        namespace: pod.metadata.namespace.as_deref().unwrap_or_default(),
+        name: pod.metadata.name.as_deref().unwrap_or_default(),
+        mode_label: enablement::mode_label(labels),
+        host_network: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false),
+        sidecar: pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(enablement::SIDECAR_STATUS_ANNOTATION)),
+    };
+    enablement::decide(
+        facts,
+        enablement::mode_label(ns_labels),
+        &EnablementConfig::default(),
+    )
+}
+
 /// GETs the pod and its namespace concurrently and decides.
 pub async fn decide_from_api(
     kubeconfig: Kubeconfig,
@@ -76,30 +105,7 @@ pub async fn decide_from_api(
             what: format!("namespace {namespace}"),
             source,
         })?;
-        let labels = pod.metadata.labels.unwrap_or_default();
-        let facts = PodFacts {
-            namespace,
-            name,
-            mode_label: enablement::mode_label(&labels),
-            host_network: pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.host_network)
-                .unwrap_or(false),
-            sidecar: pod
-                .metadata
-                .annotations
-                .as_ref()
-                .is_some_and(|a| a.contains_key(enablement::SIDECAR_STATUS_ANNOTATION)),
-        };
-        let ns_labels = ns.metadata.labels.unwrap_or_default();
-        // Excluded namespaces and the agent's own pods were skipped before any lookup
-        // (`PluginConf::static_skip`), so no node-wide exclusions apply here.
-        Ok(enablement::decide(
-            facts,
-            enablement::mode_label(&ns_labels),
-            &EnablementConfig::default(),
-        ))
+        Ok(decide_pod(&pod, &ns))
     };
     tokio::time::timeout(timeout, work)
         .await
@@ -108,4 +114,43 @@ pub async fn decide_from_api(
             name: name.into(),
             after: timeout,
         })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    /// Every vector of the shared table, as Pod and Namespace objects: the plugin's
+    /// mapping from API objects feeds the rules what the vectors say.
+    #[test]
+    fn vectors_through_api_objects() {
+        let text = include_str!("../../proto/testdata/enablement-cases.json");
+        let table: Value = serde_json::from_str(text).unwrap();
+        let cases = table["cases"].as_array().unwrap();
+        assert!(cases.len() >= 10);
+        for c in cases {
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {
+                    "name": "app-1", "namespace": "demo",
+                    "labels": c.get("pod_labels").cloned().unwrap_or(json!({})),
+                    "annotations": c.get("pod_annotations").cloned().unwrap_or(json!({})),
+                },
+                "spec": {"containers": [], "hostNetwork": c.get("host_network").cloned().unwrap_or(json!(false))},
+            }))
+            .unwrap();
+            let ns: Namespace = serde_json::from_value(json!({
+                "metadata": {"name": "demo", "labels": c.get("namespace_labels").cloned().unwrap_or(json!({}))},
+            }))
+            .unwrap();
+            let d = decide_pod(&pod, &ns);
+            assert_eq!(
+                d.is_ambient(),
+                c["ambient"].as_bool().unwrap(),
+                "case {}: {}",
+                c["name"],
+                d.reason()
+            );
+        }
+    }
 }

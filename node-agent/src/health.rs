@@ -124,7 +124,6 @@ mod tests {
 
     #[tokio::test]
     async fn readyz_reflects_flags() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let r = Readiness::new();
         let flag = r.register("cni-install");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -133,17 +132,7 @@ mod tests {
         let server = tokio::spawn(serve(listener, r.clone(), async {
             let _ = stop_rx.await;
         }));
-        let get = |path: &'static str| async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-            )
-            .await
-            .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
-            out
-        };
+        let get = |path| http_endpoint::get(addr, path);
         let resp = get(READY_PATH).await;
         assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
         assert!(resp.contains("cni-install: starting"));

@@ -83,3 +83,42 @@ pub fn metrics(req: &Request<Incoming>, path: &str, render: impl FnOnce() -> Str
         .body(Full::new(Bytes::from(render())))
         .expect("static response parts are valid")
 }
+
+/// A raw `GET path` (HTTP/1.1, connection closed), for the endpoints' tests.
+#[cfg(test)]
+pub(crate) async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn metrics_on_its_path_404_elsewhere_and_stops_on_shutdown() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let answer = |req: &Request<Incoming>| metrics(req, "/metrics", || "up 1\n".to_string());
+        let server = tokio::spawn(serve("test", listener, answer, async {
+            let _ = stop_rx.await;
+        }));
+        let ok = get(addr, "/metrics").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(ok.contains(OPENMETRICS) && ok.ends_with("up 1\n"), "{ok}");
+        let missing = get(addr, "/stats").await;
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        assert!(missing.ends_with("no endpoint /stats\n"), "{missing}");
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("serve returns once shutdown completes")
+            .unwrap();
+    }
+}
