@@ -1,14 +1,18 @@
 //! ADD: decide whether the agent must hear about this pod, ask it, and fall
-//! back to an API lookup when it cannot be reached.
+//! back to an API lookup when it cannot be reached or does not accept the pod.
 //!
 //! | situation | result |
 //! |---|---|
 //! | ambient off, not a Kubernetes pod, excluded namespace, agent's own pod | pass `prevResult` through (no I/O) |
 //! | agent answers 200 | pass through |
-//! | agent answers non-200 | error 11 (kubelet retries), agent's reason in `details` |
-//! | agent unreachable, API says ambient | error 11: fail closed |
-//! | agent unreachable, API says not ambient | pass through |
-//! | agent unreachable, API lookup fails | pass through (fail open), or error 11 with `enable_ambient_detection_retry` |
+//! | agent unreachable or answers non-200, API says ambient | error 11: fail closed (kubelet retries); the agent's refusal or the connection error in `details` |
+//! | agent unreachable or answers non-200, API says not ambient | pass through (logged with the agent's answer) |
+//! | agent unreachable or answers non-200, API lookup fails | pass through (fail open), or error 11 with `enable_ambient_detection_retry` |
+//!
+//! A refusal is not trusted to mean "ambient": the agent also refuses while
+//! it is still syncing, and pods outside the mesh must start regardless.
+//! An ambient pod the agent refused (enrolment failed, no ztunnel) is ambient
+//! in the API too, so it still fails closed.
 
 use std::path::Path;
 use std::time::Duration;
@@ -93,6 +97,42 @@ pub trait Backends {
     ) -> Result<Decision, LookupError>;
 }
 
+/// Why the agent's answer did not settle the pod.
+#[derive(Debug)]
+enum AgentProblem {
+    Refused { status: u16, reason: String },
+    Unreachable(AgentUnreachable),
+}
+
+impl AgentProblem {
+    /// Short form for the CNI error message.
+    fn summary(&self) -> String {
+        match self {
+            Self::Refused { status, .. } => format!("the node agent refused it (HTTP {status})"),
+            Self::Unreachable(_) => "the node agent is unreachable".to_string(),
+        }
+    }
+
+    /// The agent's own words (refusal) or the connection error: `details`.
+    fn details(&self) -> String {
+        match self {
+            Self::Refused { reason, .. } => reason.clone(),
+            Self::Unreachable(e) => e.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for AgentProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Refused { status, reason } => {
+                write!(f, "node agent refused the pod (HTTP {status}): {reason}")
+            }
+            Self::Unreachable(e) => write!(f, "node agent unreachable: {e}"),
+        }
+    }
+}
+
 /// Asks the agent, falls back to the API; `Ok` carries the logged reason
 /// for letting the pod through.
 pub async fn resolve(
@@ -102,7 +142,7 @@ pub async fn resolve(
 ) -> Result<String, CniError> {
     let pod = format!("{}/{}", event.pod_namespace, event.pod_name);
     let socket = conf.agent_socket();
-    let unreachable = match backends.ask_agent(&socket, event).await {
+    let problem = match backends.ask_agent(&socket, event).await {
         Ok(AgentAnswer::Accepted(reply)) => {
             return Ok(match reply {
                 Some(r) => {
@@ -115,16 +155,10 @@ pub async fn resolve(
                 None => format!("pod {pod}: agent accepted the pod"),
             });
         }
-        Ok(AgentAnswer::Refused { status, reason }) => {
-            return Err(CniError::new(
-                ErrorCode::TryAgainLater,
-                format!("node agent refused pod {pod} (HTTP {status})"),
-            )
-            .with_details(reason));
-        }
-        Err(e) => e,
+        Ok(AgentAnswer::Refused { status, reason }) => AgentProblem::Refused { status, reason },
+        Err(e) => AgentProblem::Unreachable(e),
     };
-    tracing::warn!(pod = %pod, error = %unreachable, "node agent unreachable; looking the pod up in the API server");
+    tracing::warn!(pod = %pod, agent = %problem, "node agent did not accept the pod; looking it up in the API server");
     let attempts = if conf.detection_retry {
         LOOKUP_ATTEMPTS_WITH_RETRY
     } else {
@@ -145,15 +179,16 @@ pub async fn resolve(
                 return Err(CniError::new(
                     ErrorCode::TryAgainLater,
                     format!(
-                        "pod {pod} is ambient ({}) but the node agent is unreachable",
-                        decision.reason()
+                        "pod {pod} is ambient ({}) but {}",
+                        decision.reason(),
+                        problem.summary()
                     ),
                 )
-                .with_details(unreachable.to_string()));
+                .with_details(problem.details()));
             }
             Ok(decision) => {
                 return Ok(format!(
-                    "pod {pod}: not ambient ({}); node agent was unreachable",
+                    "pod {pod}: not ambient ({}), per the API server; {problem}",
                     decision.reason()
                 ));
             }
@@ -167,12 +202,15 @@ pub async fn resolve(
     if conf.detection_retry {
         Err(CniError::new(
             ErrorCode::TryAgainLater,
-            format!("cannot tell whether pod {pod} is ambient and the node agent is unreachable"),
+            format!(
+                "cannot tell whether pod {pod} is ambient and {}",
+                problem.summary()
+            ),
         )
-        .with_details(format!("{unreachable}; {err}")))
+        .with_details(format!("{}; {err}", problem.details())))
     } else {
         Ok(format!(
-            "pod {pod}: failing open, enrolment unknown (agent unreachable: {unreachable}; lookup: {err})"
+            "pod {pod}: failing open, enrolment unknown ({problem}; lookup: {err})"
         ))
     }
 }
@@ -325,19 +363,61 @@ mod tests {
             || panic!("no lookup when the agent answers"),
         );
         assert!(run(&c, &ok).unwrap().contains("enrolled"));
-        let refused = fake(
-            || {
-                Ok(AgentAnswer::Refused {
-                    status: 500,
-                    reason: "no ztunnel connection".into(),
-                })
-            },
-            || panic!("no lookup when the agent answers"),
+    }
+
+    fn refused() -> Result<AgentAnswer, AgentUnreachable> {
+        Ok(AgentAnswer::Refused {
+            status: 500,
+            reason: "node agent is still starting (syncing pods and redirection)".into(),
+        })
+    }
+
+    #[test]
+    fn refusal_lets_non_ambient_pods_through() {
+        let c = conf("");
+        let f = fake(refused, || Ok(Decision::NotAmbient("no label")));
+        let why = run(&c, &f).unwrap();
+        assert_eq!(f.lookups.get(), 1, "a refusal falls back to the API");
+        assert!(
+            why.contains("demo/a") && why.contains("not ambient"),
+            "{why}"
         );
-        let e = run(&c, &refused).unwrap_err();
+        assert!(
+            why.contains("HTTP 500") && why.contains("still starting"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn refusal_of_an_ambient_pod_fails_closed_with_the_agents_reason() {
+        let c = conf("");
+        let e = run(&c, &fake(refused, || Ok(Decision::Ambient("ns label")))).unwrap_err();
         assert_eq!(e.code, ErrorCode::TryAgainLater);
-        assert_eq!(e.details.as_deref(), Some("no ztunnel connection"));
-        assert!(e.msg.contains("demo/a"));
+        assert!(
+            e.msg.contains("demo/a") && e.msg.contains("refused it (HTTP 500)"),
+            "{}",
+            e.msg
+        );
+        assert_eq!(
+            e.details.as_deref(),
+            Some("node agent is still starting (syncing pods and redirection)")
+        );
+    }
+
+    #[test]
+    fn refusal_and_failed_lookup_follow_the_unreachable_policy() {
+        let f = fake(refused, lookup_fails);
+        let why = run(&conf(""), &f).unwrap();
+        assert!(
+            why.contains("failing open") && why.contains("still starting"),
+            "{why}"
+        );
+        let retry = conf(r#","enable_ambient_detection_retry":true"#);
+        let f = fake(refused, lookup_fails);
+        let e = run(&retry, &f).unwrap_err();
+        assert_eq!(e.code, ErrorCode::TryAgainLater);
+        assert!(e.details.unwrap().contains("still starting"));
+        assert_eq!(f.lookups.get(), LOOKUP_ATTEMPTS_WITH_RETRY);
     }
 
     #[test]

@@ -188,12 +188,69 @@ fn chained_add_check_del_with_agent_up_all_versions() {
     assert_eq!(agent.events().len(), 6);
 }
 
+/// The agent's answer while it is listening but not ready (500).
+fn still_syncing(ev: &CmdAddEvent) -> Result<CmdAddReply, String> {
+    Err(format!(
+        "node agent is still starting (syncing pods and redirection); pod {}/{} will be retried",
+        ev.pod_namespace, ev.pod_name
+    ))
+}
+
 #[test]
-fn agent_refusal_fails_add_with_try_again_later() {
+fn agent_refusal_lets_pods_outside_the_mesh_start() {
+    skip_without_netns!();
+    let agent = Agent::start(still_syncing);
+    let node = Node::new();
+    let pod = NamedNetns::new("icn-pod");
+    let api = api_setup(
+        &node,
+        agent.run_dir.path(),
+        objects(json!({}), json!({"team": "web"})),
+    );
+    let rt = Runtime {
+        node: &node,
+        conflist: node.conflist("1.0.0", istio(agent.run_dir.path(), json!({}))),
+    };
+    let (result, runs) = rt
+        .add("c-syncing", &pod, &k8s_args("demo", "app-1", "u"))
+        .unwrap_or_else(|f| panic!("pod outside the mesh must start: {:?}", f.run));
+    assert_eq!(result, runs[0].json(), "prevResult passed through");
+    assert_eq!(agent.events().len(), 1, "the agent was asked first");
+    let log = &runs[1].stderr;
+    assert!(log.contains("not ambient"), "{log}");
+    assert!(
+        log.contains("HTTP 500") && log.contains("still starting"),
+        "{log}"
+    );
+    assert!(
+        api.requests
+            .lock()
+            .unwrap()
+            .contains(&"/api/v1/namespaces/demo/pods/app-1".to_string())
+    );
+    rt.del("c-syncing", &pod, "", Some(&result)).unwrap();
+}
+
+#[test]
+fn agent_refusal_of_an_ambient_pod_fails_add_with_try_again_later() {
     skip_without_netns!();
     let agent = Agent::start(by_name);
     let node = Node::new();
     let pod = NamedNetns::new("icn-pod");
+    let _api = api_setup(
+        &node,
+        agent.run_dir.path(),
+        HashMap::from([
+            (
+                "/api/v1/namespaces/demo/pods/refused-1".to_string(),
+                pod_object("demo", "refused-1", json!({}), false),
+            ),
+            (
+                "/api/v1/namespaces/demo".to_string(),
+                namespace_object("demo", json!({"istio.io/dataplane-mode": "ambient"})),
+            ),
+        ]),
+    );
     let rt = Runtime {
         node: &node,
         conflist: node.conflist("1.0.0", istio(agent.run_dir.path(), json!({}))),
@@ -222,15 +279,21 @@ fn agent_refusal_fails_add_with_try_again_later() {
     assert!(leases.is_empty(), "leases left: {leases:?}");
 }
 
-/// Agent down: run dir with no socket; the plugin kubeconfig is written by
-/// the node agent's own writer from the fake API's kubeconfig.
-fn agent_down_setup(node: &Node, objects: HashMap<String, Value>) -> (tempfile::TempDir, FakeApi) {
-    let run_dir = tempfile::tempdir().unwrap();
+/// A fake API serving `objects`; the plugin kubeconfig in `run_dir` is
+/// written by the node agent's own writer from the fake API's kubeconfig.
+fn api_setup(node: &Node, run_dir: &Path, objects: HashMap<String, Value>) -> FakeApi {
     let api = FakeApi::start_in(&node.netns, objects);
-    let admin = run_dir.path().join("admin-kubeconfig");
+    let admin = run_dir.join("admin-kubeconfig");
     api.write_kubeconfig(&admin);
     let text = kubeconfig::render(&KubeconfigSource::File(admin)).unwrap();
-    kubeconfig::write_if_changed(&run_dir.path().join("istio-cni-kubeconfig"), &text).unwrap();
+    kubeconfig::write_if_changed(&run_dir.join("istio-cni-kubeconfig"), &text).unwrap();
+    api
+}
+
+/// Agent down: run dir with no socket, and a fake API.
+fn agent_down_setup(node: &Node, objects: HashMap<String, Value>) -> (tempfile::TempDir, FakeApi) {
+    let run_dir = tempfile::tempdir().unwrap();
+    let api = api_setup(node, run_dir.path(), objects);
     (run_dir, api)
 }
 
