@@ -34,7 +34,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 
-use crate::cluster::api::{ClusterApi, KubeApi};
+use crate::cluster::api::{ClusterApi, DaemonSetState, KubeApi};
 use crate::cluster::cache::{Change, ClusterCache};
 use crate::cluster::enablement::EnablementConfig;
 use crate::cluster::watch::Watchers;
@@ -356,19 +356,21 @@ pub async fn run_with(
         let _ = f.await;
     }
 
+    // Upgrade or uninstall, decided as upstream's install-cni does
+    // (`DaemonSetState`); when the API cannot tell, keep everything.
     let uninstall = match api
-        .daemonset_exists(&cfg.pod_namespace, &cfg.daemonset_name)
+        .daemonset_state(&cfg.pod_namespace, &cfg.daemonset_name)
         .await
     {
-        Ok(true) => false,
-        Ok(false) => true,
+        Ok(DaemonSetState::Present) => None,
+        Ok(DaemonSetState::Gone(why)) => Some(why),
         Err(e) => {
             tracing::warn!(error = %e, "cannot tell upgrade from uninstall: keeping everything installed");
-            false
+            None
         }
     };
-    if uninstall {
-        tracing::info!(daemonset = %cfg.daemonset_name, namespace = %cfg.pod_namespace, "DaemonSet gone: uninstalling");
+    if let Some(why) = uninstall {
+        tracing::info!(daemonset = %cfg.daemonset_name, namespace = %cfg.pod_namespace, reason = why, "uninstalling");
         let inst = installer.clone();
         match tokio::task::spawn_blocking(move || inst.uninstall()).await {
             Ok(Ok(_)) => {}

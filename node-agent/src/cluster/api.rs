@@ -47,12 +47,66 @@ pub trait ClusterApi: Send + Sync {
         value: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), ApiError>>;
 
-    /// Whether DaemonSet `namespace/name` exists.
+    /// Whether DaemonSet `namespace/name` exists and is not being deleted.
     fn daemonset_exists<'a>(
         &'a self,
         namespace: &'a str,
         name: &'a str,
     ) -> BoxFuture<'a, Result<bool, ApiError>>;
+
+    /// DaemonSet `namespace/name` as the shutdown's upgrade-or-uninstall
+    /// decision sees it. `Err`: cannot tell. The default (for fakes) derives
+    /// it from [`ClusterApi::daemonset_exists`].
+    fn daemonset_state<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<DaemonSetState, ApiError>> {
+        Box::pin(async move {
+            Ok(if self.daemonset_exists(namespace, name).await? {
+                DaemonSetState::Present
+            } else {
+                DaemonSetState::Gone("the DaemonSet does not exist")
+            })
+        })
+    }
+}
+
+/// What the agent's own DaemonSet says when the agent stops. As upstream's
+/// install-cni decides: the DaemonSet not found, marked for deletion
+/// (`metadata.deletionTimestamp`, e.g. `helm uninstall` with a foreground
+/// delete or a finalizer), or the agent no longer authenticated (401: its
+/// ServiceAccount was deleted with the chart) mean uninstall.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DaemonSetState {
+    /// Present and not being deleted: an upgrade, a restart or a node reboot.
+    Present,
+    /// Uninstall, with the reason.
+    Gone(&'static str),
+}
+
+/// Maps the DaemonSet GET to a [`DaemonSetState`]; other errors (403,
+/// 5xx, network) are "cannot tell".
+fn daemonset_state_from(
+    got: Result<Option<DaemonSet>, kube::Error>,
+    namespace: &str,
+    name: &str,
+) -> Result<DaemonSetState, ApiError> {
+    match got {
+        Ok(Some(ds)) if ds.metadata.deletion_timestamp.is_some() => Ok(DaemonSetState::Gone(
+            "the DaemonSet is marked for deletion (deletionTimestamp is set)",
+        )),
+        Ok(Some(_)) => Ok(DaemonSetState::Present),
+        Ok(None) => Ok(DaemonSetState::Gone("the DaemonSet does not exist")),
+        Err(kube::Error::Api(s)) if s.code == 401 => Ok(DaemonSetState::Gone(
+            "the API server no longer accepts the agent's credentials (401 Unauthorized)",
+        )),
+        Err(e) => Err(ApiError {
+            verb: "GET",
+            object: format!("daemonset {namespace}/{name}"),
+            reason: e.to_string(),
+        }),
+    }
 }
 
 /// [`ClusterApi`] over a kube-rs client.
@@ -142,15 +196,18 @@ impl ClusterApi for KubeApi {
         name: &'a str,
     ) -> BoxFuture<'a, Result<bool, ApiError>> {
         Box::pin(async move {
+            Ok(self.daemonset_state(namespace, name).await? == DaemonSetState::Present)
+        })
+    }
+
+    fn daemonset_state<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<DaemonSetState, ApiError>> {
+        Box::pin(async move {
             let api: Api<DaemonSet> = Api::namespaced(self.client.clone(), namespace);
-            api.get_opt(name)
-                .await
-                .map(|d| d.is_some())
-                .map_err(|e| ApiError {
-                    verb: "GET",
-                    object: format!("daemonset {namespace}/{name}"),
-                    reason: e.to_string(),
-                })
+            daemonset_state_from(api.get_opt(name).await, namespace, name)
         })
     }
 }
@@ -169,5 +226,101 @@ mod tests {
             redirection_patch(None).to_string(),
             r#"{"metadata":{"annotations":{"ambient.istio.io/redirection":null}}}"#
         );
+    }
+
+    /// A stub API server on 127.0.0.1 answering every request with `status`
+    /// and `body`; a client for it.
+    async fn stub(status: &'static str, body: serde_json::Value) -> KubeApi {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let body = body.to_string();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let _ = conn.read(&mut buf).await;
+                    let _ = conn
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n\
+                                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .await;
+                });
+            }
+        });
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        KubeApi::new(kube::Client::try_from(config).unwrap())
+    }
+
+    fn daemonset(deleting: bool) -> serde_json::Value {
+        let mut ds = serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": "node-agent", "namespace": "istio-system"},
+        });
+        if deleting {
+            ds["metadata"]["deletionTimestamp"] = "2026-11-27T08:00:00Z".into();
+        }
+        ds
+    }
+
+    fn status(code: u16, reason: &str) -> serde_json::Value {
+        serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "reason": reason, "message": reason, "code": code})
+    }
+
+    async fn state(api: &KubeApi) -> Result<DaemonSetState, ApiError> {
+        api.daemonset_state("istio-system", "node-agent").await
+    }
+
+    #[tokio::test]
+    async fn daemonset_present_means_upgrade() {
+        let api = stub("200 OK", daemonset(false)).await;
+        assert_eq!(state(&api).await.unwrap(), DaemonSetState::Present);
+        assert!(
+            api.daemonset_exists("istio-system", "node-agent")
+                .await
+                .unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn daemonset_marked_for_deletion_means_uninstall() {
+        let api = stub("200 OK", daemonset(true)).await;
+        let DaemonSetState::Gone(why) = state(&api).await.unwrap() else {
+            panic!("a DaemonSet being deleted is an uninstall");
+        };
+        assert!(why.contains("deletionTimestamp"), "{why}");
+        assert!(
+            !api.daemonset_exists("istio-system", "node-agent")
+                .await
+                .unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn daemonset_not_found_or_unauthorized_means_uninstall() {
+        let api = stub("404 Not Found", status(404, "NotFound")).await;
+        assert!(
+            matches!(state(&api).await.unwrap(), DaemonSetState::Gone(w) if w.contains("does not exist"))
+        );
+        let api = stub("401 Unauthorized", status(401, "Unauthorized")).await;
+        assert!(matches!(state(&api).await.unwrap(), DaemonSetState::Gone(w) if w.contains("401")));
+    }
+
+    #[tokio::test]
+    async fn other_errors_cannot_tell_and_name_the_daemonset() {
+        for (line, code, reason) in [
+            ("403 Forbidden", 403, "Forbidden"),
+            ("500 Internal Server Error", 500, "InternalError"),
+        ] {
+            let api = stub(line, status(code, reason)).await;
+            let e = state(&api).await.unwrap_err();
+            assert_eq!(e.object, "daemonset istio-system/node-agent", "{e}");
+        }
     }
 }
