@@ -24,12 +24,6 @@ pub enum BinaryError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot remove plugin binary {path}: {source}")]
-    Remove {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// Identity and version of an installed file: if it is unchanged, so is
@@ -123,16 +117,6 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(filled)
 }
 
-/// Removes `<dir>/istio-cni` (absent is fine).
-pub fn remove_binary(dir: &Path) -> Result<bool, BinaryError> {
-    let dest = dir.join(PLUGIN_BINARY);
-    match fs::remove_file(&dest) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(source) => Err(BinaryError::Remove { path: dest, source }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,8 +177,6 @@ mod tests {
         // same content written by someone else: verified, not rewritten
         let mut fresh = None;
         assert!(!ensure_binary(&src, &bin, &mut fresh).unwrap());
-        assert!(remove_binary(&bin).unwrap());
-        assert!(!remove_binary(&bin).unwrap());
     }
 
     #[test]

@@ -244,8 +244,14 @@ impl Installer {
     }
 
     /// Uninstall (the DaemonSet is gone): removes the config entry
-    /// (restoring a wrapped `.conf`), the binaries and the plugin
-    /// kubeconfig. Blocking. Marks the installer not ready.
+    /// (restoring a wrapped `.conf`) and the plugin kubeconfig. Blocking.
+    /// Marks the installer not ready.
+    ///
+    /// The plugin binary stays on purpose: container runtimes tear down pods
+    /// created before the uninstall with the network config they cached,
+    /// which still names `istio-cni`; without the binary that DEL fails
+    /// ("failed to find plugin istio-cni") and the pod stays Terminating.
+    /// Our DEL does nothing, so a leftover binary is harmless.
     pub fn uninstall(&self) -> Result<Vec<String>, InstallError> {
         let _guard = self.known.lock().unwrap_or_else(|p| p.into_inner());
         self.ready.set_not_ready("uninstalled");
@@ -257,11 +263,9 @@ impl Installer {
             ConfigMode::Off => Vec::new(),
         };
         for dir in std::iter::once(&self.cfg.bin_dir).chain(self.cfg.secondary_bin_dir.as_ref()) {
-            if binary::remove_binary(dir)? {
-                changes.push(format!(
-                    "removed {}",
-                    dir.join(binary::PLUGIN_BINARY).display()
-                ));
+            let bin = dir.join(binary::PLUGIN_BINARY);
+            if bin.exists() {
+                tracing::info!(binary = %bin.display(), "leaving the plugin binary in place on purpose: runtimes still run its (no-op) DEL for pods created before the uninstall");
             }
         }
         if self.cfg.kubeconfig_source.is_some() {
