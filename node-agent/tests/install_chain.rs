@@ -84,7 +84,7 @@ fn conf_is_wrapped_into_a_conflist() {
     assert_eq!(names(d.path()), vec!["bridge.conflist"]);
     check_golden(&d.path().join("bridge.conflist"), "bridge.conf.golden");
 
-    let undone = cni_config::remove_chained(d.path()).unwrap();
+    let undone = cni_config::remove_all(d.path()).unwrap();
     assert_eq!(undone.len(), 1);
     assert_eq!(names(d.path()), vec!["bridge.conf"]);
     assert_eq!(
@@ -105,7 +105,7 @@ fn conflist_gets_istio_cni_appended() {
             .is_none(),
         "second pass changes nothing"
     );
-    cni_config::remove_chained(d.path()).unwrap();
+    cni_config::remove_all(d.path()).unwrap();
     assert_eq!(names(d.path()), vec!["list.conflist"]);
     assert_eq!(
         read_json(&d.path().join("list.conflist")),
@@ -120,7 +120,7 @@ fn stale_istio_cni_entry_is_replaced() {
     cni_config::ensure_chained(d.path(), &entry, None).unwrap();
     let path = d.path().join("list-with-istio.conflist");
     check_golden(&path, "list-with-istio.conflist.golden");
-    cni_config::remove_chained(d.path()).unwrap();
+    cni_config::remove_all(d.path()).unwrap();
     assert_eq!(
         read_json(&path),
         without_istio(read_json(&testdata().join("list-with-istio.conflist")))
@@ -142,6 +142,6 @@ fn owned_config_copies_the_primary() {
         read_json(&testdata().join("list.conflist")),
         "primary untouched"
     );
-    cni_config::remove_owned(d.path()).unwrap();
+    cni_config::remove_all(d.path()).unwrap();
     assert_eq!(names(d.path()), vec!["list.conflist"]);
 }

@@ -53,7 +53,7 @@ pub enum ChainError {
 /// The kind of a config file, by extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConfKind {
-    /// `.conf`: one plugin.
+    /// `.conf` or `.json`: one plugin.
     Single,
     /// `.conflist`: a plugin list.
     List,

@@ -1,6 +1,13 @@
-//! The node's CNI config dir: find the primary config (libcni's choice: the
-//! first `.conf`/`.conflist` in lexical order), keep istio-cni chained into
-//! it (or into our own config that sorts first), and take it out again.
+//! The node's CNI config dir: find the primary config (the runtimes' choice:
+//! the first `.conf`/`.conflist`/`.json` in lexical order; `.conflist` is a
+//! plugin list, `.conf` and `.json` one plugin, as libcni, go-cni (containerd)
+//! and CRI-O read them), keep istio-cni chained into it (or into our own
+//! config that sorts first), and take it out again.
+//!
+//! Each mode removes the other's leftovers, so switching
+//! `ISTIO_OWNED_CNI_CONFIG` on a running node converges: chained mode deletes
+//! `02-istio-cni.conflist` (never a primary), owned mode takes istio-cni out
+//! of every other config, and uninstall does both whatever the mode.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -14,11 +21,16 @@ use super::chain::{self, ChainError, ConfKind, Unchained};
 /// `10-*` primary configs).
 pub const OWNED_CONFIG_NAME: &str = "02-istio-cni.conflist";
 
+/// Top-level key of a `.conflist` we made from a single-plugin `.json`
+/// config, naming that file, so uninstall gives it back under its own name
+/// (a list made from a `.conf` needs none: `.conf` is the default).
+pub const WRAPPED_FROM_KEY: &str = "istio_cni_wrapped_from";
+
 const CONFIG_MODE: u32 = 0o644;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("waiting for a CNI config (.conf or .conflist) in {dir}")]
+    #[error("waiting for a CNI config (.conf, .conflist or .json) in {dir}")]
     NoConfig { dir: PathBuf },
     #[error("cannot list CNI config dir {dir}: {source}")]
     List {
@@ -80,7 +92,9 @@ pub fn config_files(dir: &Path) -> Result<Vec<(String, ConfKind)>, ConfigError> 
 fn kind_of(name: &str) -> Option<ConfKind> {
     if name.ends_with(".conflist") {
         Some(ConfKind::List)
-    } else if name.ends_with(".conf") {
+    } else if name.ends_with(".conf") || name.ends_with(".json") {
+        // Runtimes read a `.json` exactly as a `.conf` (a list in it is
+        // refused for lack of a `type`, here as there).
         Some(ConfKind::Single)
     } else {
         None
@@ -123,18 +137,19 @@ fn with_ext(name: &str, ext: &str) -> String {
     let stem = name
         .strip_suffix(".conflist")
         .or_else(|| name.strip_suffix(".conf"))
+        .or_else(|| name.strip_suffix(".json"))
         .unwrap_or(name);
     format!("{stem}.{ext}")
 }
 
 /// Picks the primary config: `explicit` if given (or the `.conflist` we
-/// made of it), else the first config file not named `skip`.
-fn primary(
-    dir: &Path,
-    explicit: Option<&str>,
-    skip: Option<&str>,
-) -> Result<(String, ConfKind), ConfigError> {
-    let files = config_files(dir)?;
+/// made of it), else the first config file. Our own
+/// [`OWNED_CONFIG_NAME`] is never the primary.
+fn primary(dir: &Path, explicit: Option<&str>) -> Result<(String, ConfKind), ConfigError> {
+    let files: Vec<_> = config_files(dir)?
+        .into_iter()
+        .filter(|(n, _)| n != OWNED_CONFIG_NAME)
+        .collect();
     let found = match explicit {
         Some(name) => files
             .iter()
@@ -144,70 +159,99 @@ fn primary(
                 files.iter().find(|(n, _)| *n == wrapped)
             })
             .cloned(),
-        None => files.into_iter().find(|(n, _)| Some(n.as_str()) != skip),
+        None => files.into_iter().next(),
     };
     found.ok_or_else(|| ConfigError::NoConfig {
         dir: dir.to_path_buf(),
     })
 }
 
-/// Chained mode: makes sure the primary config carries `entry`. Returns a
-/// description of what was changed, or `None` when it already did.
+/// Joins change descriptions into one (`None`: nothing changed).
+fn joined(changes: Vec<String>) -> Option<String> {
+    (!changes.is_empty()).then(|| changes.join("; "))
+}
+
+/// Removes `<dir>/02-istio-cni.conflist` if it is there.
+fn remove_owned_file(dir: &Path) -> Result<Option<String>, ConfigError> {
+    let ours = dir.join(OWNED_CONFIG_NAME);
+    if !ours.exists() {
+        return Ok(None);
+    }
+    remove(&ours)?;
+    Ok(Some(format!("removed {}", ours.display())))
+}
+
+/// Chained mode: makes sure the primary config carries `entry` (after
+/// removing a leftover istio-owned config, which would otherwise sort
+/// first and be what the runtime uses). Returns a description of what was
+/// changed, or `None` when nothing was.
 pub fn ensure_chained(
     dir: &Path,
     entry: &Value,
     explicit: Option<&str>,
 ) -> Result<Option<String>, ConfigError> {
-    let (name, kind) = primary(dir, explicit, None)?;
+    let mut changes: Vec<String> = remove_owned_file(dir)?
+        .map(|c| format!("{c} (left by istio-owned mode)"))
+        .into_iter()
+        .collect();
+    let (name, kind) = primary(dir, explicit)?;
     let path = dir.join(&name);
     let current = read_json(&path)?;
     match kind {
         ConfKind::List => {
-            if chain::is_chained(&current, entry) {
-                return Ok(None);
+            if !chain::is_chained(&current, entry) {
+                let out = chain::chain(&current, kind, entry, &path.to_string_lossy())?;
+                write_json(&path, &out)?;
+                changes.push(format!("chained istio-cni into {}", path.display()));
             }
-            let out = chain::chain(&current, kind, entry, &path.to_string_lossy())?;
-            write_json(&path, &out)?;
-            Ok(Some(format!("chained istio-cni into {}", path.display())))
         }
         ConfKind::Single => {
-            let out = chain::chain(&current, kind, entry, &path.to_string_lossy())?;
+            let mut out = chain::chain(&current, kind, entry, &path.to_string_lossy())?;
+            if !name.ends_with(".conf") {
+                out[WRAPPED_FROM_KEY] = Value::String(name.clone());
+            }
             let list = dir.join(with_ext(&name, "conflist"));
             write_json(&list, &out)?;
             remove(&path)?;
-            Ok(Some(format!(
+            changes.push(format!(
                 "wrapped {} with istio-cni into {}",
                 path.display(),
                 list.display()
-            )))
+            ));
         }
     }
+    Ok(joined(changes))
 }
 
 /// Istio-owned mode: keeps `<dir>/02-istio-cni.conflist` equal to the
 /// primary config plus `entry`, and checks that it is the config the runtime
-/// uses (sorts first).
+/// uses (sorts first). istio-cni entries in other configs (left by chained
+/// mode) are taken out first, so the primary is the primary CNI's own.
 pub fn ensure_owned(
     dir: &Path,
     entry: &Value,
     explicit: Option<&str>,
 ) -> Result<Option<String>, ConfigError> {
-    let (name, kind) = primary(dir, explicit, Some(OWNED_CONFIG_NAME))?;
+    let mut changes: Vec<String> = unchain_all(dir)?
+        .into_iter()
+        .map(|c| format!("{c} (left by chained mode)"))
+        .collect();
+    let (name, kind) = primary(dir, explicit)?;
     let primary_path = dir.join(&name);
     let primary_conf = read_json(&primary_path)?;
     let wanted = chain::chain(&primary_conf, kind, entry, &primary_path.to_string_lossy())?;
     let ours = dir.join(OWNED_CONFIG_NAME);
-    let changed = match read_json(&ours) {
-        Ok(current) if current == wanted => None,
+    match read_json(&ours) {
+        Ok(current) if current == wanted => {}
         _ => {
             write_json(&ours, &wanted)?;
-            Some(format!(
+            changes.push(format!(
                 "wrote {} from {}",
                 ours.display(),
                 primary_path.display()
-            ))
+            ));
         }
-    };
+    }
     let files = config_files(dir)?;
     match files.first() {
         Some((first, _)) if first != OWNED_CONFIG_NAME => Err(ConfigError::OwnedShadowed {
@@ -215,15 +259,24 @@ pub fn ensure_owned(
             first: first.clone(),
             ours: OWNED_CONFIG_NAME.into(),
         }),
-        _ => Ok(changed),
+        _ => Ok(joined(changes)),
     }
 }
 
-/// Uninstall, chained mode: takes istio-cni out of every config list in
-/// `dir`, turning a list we made from a `.conf` back into that `.conf`
-/// (unless the primary CNI has written a new one meanwhile). Returns what
-/// changed.
-pub fn remove_chained(dir: &Path) -> Result<Vec<String>, ConfigError> {
+/// Uninstall, in either mode: removes `02-istio-cni.conflist` and takes
+/// istio-cni out of every other config list in `dir` (see
+/// [`unchain_all`]). Returns what changed.
+pub fn remove_all(dir: &Path) -> Result<Vec<String>, ConfigError> {
+    let mut changed: Vec<String> = remove_owned_file(dir)?.into_iter().collect();
+    changed.extend(unchain_all(dir)?);
+    Ok(changed)
+}
+
+/// Takes istio-cni out of every config list in `dir` except
+/// [`OWNED_CONFIG_NAME`], turning a list we made from a `.conf` or `.json`
+/// back into that file (unless the primary CNI has written a new one
+/// meanwhile). A missing dir is not an error. Returns what changed.
+fn unchain_all(dir: &Path) -> Result<Vec<String>, ConfigError> {
     let mut changed = Vec::new();
     let files = match config_files(dir) {
         Ok(f) => f,
@@ -233,7 +286,7 @@ pub fn remove_chained(dir: &Path) -> Result<Vec<String>, ConfigError> {
         Err(e) => return Err(e),
     };
     for (name, kind) in files {
-        if kind != ConfKind::List {
+        if kind != ConfKind::List || name == OWNED_CONFIG_NAME {
             continue;
         }
         let path = dir.join(&name);
@@ -247,7 +300,13 @@ pub fn remove_chained(dir: &Path) -> Result<Vec<String>, ConfigError> {
                 changed.push(format!("removed istio-cni from {}", path.display()));
             }
             Unchained::Single(v) => {
-                let conf = dir.join(with_ext(&name, "conf"));
+                let original = current
+                    .get(WRAPPED_FROM_KEY)
+                    .and_then(Value::as_str)
+                    .filter(|n| !n.contains('/') && kind_of(n) == Some(ConfKind::Single))
+                    .map(String::from)
+                    .unwrap_or_else(|| with_ext(&name, "conf"));
+                let conf = dir.join(original);
                 if conf.exists() {
                     changed.push(format!(
                         "removed {} ({} was rewritten by the primary CNI)",
@@ -267,16 +326,6 @@ pub fn remove_chained(dir: &Path) -> Result<Vec<String>, ConfigError> {
         }
     }
     Ok(changed)
-}
-
-/// Uninstall, istio-owned mode: removes our config.
-pub fn remove_owned(dir: &Path) -> Result<Option<String>, ConfigError> {
-    let ours = dir.join(OWNED_CONFIG_NAME);
-    if !ours.exists() {
-        return Ok(None);
-    }
-    remove(&ours)?;
-    Ok(Some(format!("removed {}", ours.display())))
 }
 
 #[cfg(test)]
@@ -306,7 +355,7 @@ mod tests {
             .into_iter()
             .map(|(n, _)| n)
             .collect();
-        assert_eq!(names, vec!["10-a.conf", "20-b.conflist"]);
+        assert_eq!(names, vec!["05-x.json", "10-a.conf", "20-b.conflist"]);
     }
 
     #[test]
@@ -329,7 +378,7 @@ mod tests {
         fs::write(d.path().join("10-bridge.conf"), orig.to_string()).unwrap();
         assert!(ensure_chained(d.path(), &entry(), None).unwrap().is_some());
         assert_eq!(config_files(d.path()).unwrap().len(), 1);
-        let changed = remove_chained(d.path()).unwrap();
+        let changed = remove_all(d.path()).unwrap();
         assert_eq!(changed.len(), 1, "{changed:?}");
         assert_eq!(read_json(&d.path().join("10-bridge.conf")).unwrap(), orig);
         assert!(!d.path().join("10-bridge.conflist").exists());
@@ -390,7 +439,122 @@ mod tests {
         fs::write(d.path().join("01-first.conflist"), primary.to_string()).unwrap();
         let e = ensure_owned(d.path(), &entry(), Some("10-k.conflist")).unwrap_err();
         assert!(matches!(e, ConfigError::OwnedShadowed { .. }), "{e}");
-        assert!(remove_owned(d.path()).unwrap().is_some());
-        assert!(remove_owned(d.path()).unwrap().is_none());
+        assert_eq!(remove_all(d.path()).unwrap().len(), 1);
+        assert!(remove_all(d.path()).unwrap().is_empty());
+    }
+
+    fn has_entry(path: &Path) -> bool {
+        read_json(path).unwrap()["plugins"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|x| x["type"] == "istio-cni"))
+    }
+
+    fn list(name: &str) -> Value {
+        json!({"cniVersion":"1.0.0","name":name,"plugins":[{"type":"bridge"}]})
+    }
+
+    #[test]
+    fn json_single_config_is_the_primary_and_comes_back_as_json() {
+        let d = tempfile::tempdir().unwrap();
+        let orig = json!({"cniVersion": "0.4.0", "name": "k8s", "type": "bridge"});
+        fs::write(d.path().join("05-k.json"), orig.to_string()).unwrap();
+        fs::write(d.path().join("10-other.conflist"), list("o").to_string()).unwrap();
+        let change = ensure_chained(d.path(), &entry(), None).unwrap().unwrap();
+        assert!(change.contains("05-k.json"), "{change}");
+        assert!(!d.path().join("05-k.json").exists());
+        let wrapped = read_json(&d.path().join("05-k.conflist")).unwrap();
+        assert_eq!(wrapped["plugins"][0], orig);
+        assert_eq!(wrapped["plugins"][1], entry());
+        assert_eq!(wrapped[WRAPPED_FROM_KEY], "05-k.json");
+        assert!(!has_entry(&d.path().join("10-other.conflist")));
+        assert!(ensure_chained(d.path(), &entry(), None).unwrap().is_none());
+        // An explicit name still finds it after the wrap.
+        assert!(
+            ensure_chained(d.path(), &entry(), Some("05-k.json"))
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(remove_all(d.path()).unwrap().len(), 1);
+        assert_eq!(read_json(&d.path().join("05-k.json")).unwrap(), orig);
+        assert!(!d.path().join("05-k.conf").exists());
+        assert!(!d.path().join("05-k.conflist").exists());
+    }
+
+    #[test]
+    fn json_holding_a_list_is_refused_naming_the_file() {
+        // Runtimes read .json as one plugin: a list there has no `type`.
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("05-l.json"), list("l").to_string()).unwrap();
+        let e = ensure_chained(d.path(), &entry(), None).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("05-l.json") && msg.contains("type"), "{msg}");
+        assert_eq!(read_json(&d.path().join("05-l.json")).unwrap(), list("l"));
+    }
+
+    #[test]
+    fn chained_then_owned_then_uninstall_leaves_no_entry() {
+        let d = tempfile::tempdir().unwrap();
+        let primary = d.path().join("10-k.conflist");
+        fs::write(&primary, list("k").to_string()).unwrap();
+        let bridge = json!({"cniVersion": "1.0.0", "name": "b", "type": "bridge"});
+        fs::write(d.path().join("20-b.conf"), bridge.to_string()).unwrap();
+        ensure_chained(d.path(), &entry(), None).unwrap();
+        ensure_chained(d.path(), &entry(), Some("20-b.conf")).unwrap();
+        assert!(has_entry(&primary) && has_entry(&d.path().join("20-b.conflist")));
+
+        let change = ensure_owned(d.path(), &entry(), None).unwrap().unwrap();
+        assert!(change.contains("left by chained mode"), "{change}");
+        assert_eq!(
+            read_json(&primary).unwrap(),
+            list("k"),
+            "primary is its own again"
+        );
+        assert_eq!(read_json(&d.path().join("20-b.conf")).unwrap(), bridge);
+        let ours = read_json(&d.path().join(OWNED_CONFIG_NAME)).unwrap();
+        assert_eq!(ours["plugins"].as_array().unwrap().len(), 2);
+        assert!(ensure_owned(d.path(), &entry(), None).unwrap().is_none());
+
+        remove_all(d.path()).unwrap();
+        let names: Vec<String> = config_files(d.path())
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, vec!["10-k.conflist", "20-b.conf"]);
+        assert_eq!(read_json(&primary).unwrap(), list("k"));
+    }
+
+    #[test]
+    fn owned_then_chained_chains_the_real_primary() {
+        let d = tempfile::tempdir().unwrap();
+        let primary = d.path().join("10-k.conflist");
+        fs::write(&primary, list("k").to_string()).unwrap();
+        ensure_owned(d.path(), &entry(), None).unwrap();
+        let ours = d.path().join(OWNED_CONFIG_NAME);
+        assert!(ours.exists());
+
+        let change = ensure_chained(d.path(), &entry(), None).unwrap().unwrap();
+        assert!(change.contains("left by istio-owned mode"), "{change}");
+        assert!(!ours.exists(), "the owned copy is not a primary");
+        assert!(has_entry(&primary));
+        assert!(ensure_chained(d.path(), &entry(), None).unwrap().is_none());
+        remove_all(d.path()).unwrap();
+        assert_eq!(read_json(&primary).unwrap(), list("k"));
+    }
+
+    #[test]
+    fn uninstall_removes_both_modes_leftovers() {
+        let d = tempfile::tempdir().unwrap();
+        let primary = d.path().join("10-k.conflist");
+        fs::write(&primary, list("k").to_string()).unwrap();
+        ensure_chained(d.path(), &entry(), None).unwrap();
+        // A copy as istio-owned mode would have written it, next to the chained entry.
+        let owned = chain::chain(&list("k"), ConfKind::List, &entry(), "x").unwrap();
+        fs::write(d.path().join(OWNED_CONFIG_NAME), owned.to_string()).unwrap();
+        let changed = remove_all(d.path()).unwrap();
+        assert_eq!(changed.len(), 2, "{changed:?}");
+        assert!(!d.path().join(OWNED_CONFIG_NAME).exists());
+        assert_eq!(read_json(&primary).unwrap(), list("k"));
+        assert!(remove_all(&d.path().join("missing")).unwrap().is_empty());
     }
 }

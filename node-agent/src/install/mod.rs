@@ -255,11 +255,11 @@ impl Installer {
     pub fn uninstall(&self) -> Result<Vec<String>, InstallError> {
         let _guard = self.known.lock().unwrap_or_else(|p| p.into_inner());
         self.ready.set_not_ready("uninstalled");
+        // Both modes clean both: the node may have run the other one before.
         let mut changes = match self.cfg.mode {
-            ConfigMode::Chained => cni_config::remove_chained(&self.cfg.conf_dir)?,
-            ConfigMode::IstioOwned => cni_config::remove_owned(&self.cfg.conf_dir)?
-                .into_iter()
-                .collect(),
+            ConfigMode::Chained | ConfigMode::IstioOwned => {
+                cni_config::remove_all(&self.cfg.conf_dir)?
+            }
             ConfigMode::Off => Vec::new(),
         };
         for dir in std::iter::once(&self.cfg.bin_dir).chain(self.cfg.secondary_bin_dir.as_ref()) {
