@@ -286,3 +286,105 @@ spec:
     })
     .await;
 }
+
+/// Writes a short message and reads the echo back within a second: whether the
+/// connection still carries data.
+async fn echoes(c: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let msg = b"still there?";
+    if c.write_all(msg).await.is_err() {
+        return false;
+    }
+    let mut back = [0u8; 12];
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(1), c.read_exact(&mut back)).await,
+        Ok(Ok(_)) if &back == msg
+    )
+}
+
+/// Resolves once the peer has closed `c` (EOF or reset); panics after `secs`.
+async fn closed_within(c: &mut tokio::net::TcpStream, secs: u64, what: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    let deadline = std::time::Duration::from_secs(secs);
+    let closed = tokio::time::timeout(deadline, async {
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "{what}: still open {secs} s after the DENY");
+}
+
+/// A DENY added while connections are open closes the ones it matches (HBONE through
+/// A's proxy and plaintext into B's), counted and access-logged as denials naming the
+/// policy; a connection on another port stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_deny_closes_open_connections_it_matches() {
+    let mesh = Mesh::new("127.79.4", |_| {});
+    let _echo1 = echo_server(sa(mesh.b_ip, 8080)).await;
+    let _echo2 = echo_server(sa(mesh.b_ip, 8081)).await;
+    let (pa, sockets_a) = mesh.proxy("a").await;
+    let (pb, sockets_b) = mesh.proxy("b").await;
+    let through_a = |port| {
+        sockets_a.redirected_connect(mesh.a_ip, pa.addresses().outbound, sa(mesh.b_ip, port))
+    };
+    let mut hbone_8080 = through_a(8080).await.unwrap();
+    let mut hbone_8081 = through_a(8081).await.unwrap();
+    let mut plain_8080 = sockets_b
+        .redirected_connect(
+            mesh.plain_ip,
+            pb.addresses().inbound_plain,
+            sa(mesh.b_ip, 8080),
+        )
+        .await
+        .unwrap();
+    for c in [&mut hbone_8080, &mut hbone_8081, &mut plain_8080] {
+        assert!(echoes(c).await);
+    }
+    let denied_before = mesh.refused("policy_denied");
+
+    // An unrelated change (a workload update, no policy) closes nothing.
+    let a = (**mesh.store.snapshot().workload_by_uid("a").unwrap()).clone();
+    mesh.store.source("file").upsert_workload(a);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(echoes(&mut hbone_8080).await);
+
+    set_policies(
+        &mesh,
+        r#"
+- name: deny-8080
+  namespace: ns-b
+  scope: Namespace
+  action: Deny
+  rules: [[[{destinationPorts: [8080]}]]]
+"#,
+    );
+    closed_within(&mut hbone_8080, 5, "HBONE connection to b:8080").await;
+    closed_within(&mut plain_8080, 5, "plaintext connection to b:8080").await;
+    assert!(echoes(&mut hbone_8081).await, "b:8081 is not denied");
+    wait_for("both revocations counted as denials", || {
+        mesh.refused("policy_denied") == denied_before + 2
+    })
+    .await;
+    wait_for("revocations access-logged with the policy", || {
+        log_lines(&[
+            "connection complete",
+            "127.79.4.",
+            "connection closed after a policy change: denied by policy ns-b/deny-8080",
+        ])
+        .len()
+            >= 2
+    })
+    .await;
+    // What B still has open: the HBONE connection from A and its stream to 8081.
+    wait_for("the revoked connections gone from B", || {
+        pb.active_connections() == 2
+    })
+    .await;
+    // New connections to 8080 are refused as before.
+    assert!(!via_proxy_a(&mesh, &pa, &sockets_a, 8080).await);
+}

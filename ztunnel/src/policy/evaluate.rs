@@ -108,6 +108,13 @@ impl PolicySet {
         decision
     }
 
+    /// [`Self::evaluate`] without the dry-run/AUDIT logging pass: for re-checking a
+    /// connection that was already evaluated (and logged) when it opened.
+    pub fn evaluate_enforced<S: AsRef<str>>(&self, req: &Request<'_, S>) -> Decision {
+        let peer = Peer::new(req.src_identity, req.src_ip, req.dst_ip, req.dst_port);
+        self.enforce(req, &peer).0
+    }
+
     /// The enforced decision, and whether any enforced ALLOW policy applied.
     ///
     /// One pass over the applicable policies (referenced ones, the
@@ -708,6 +715,29 @@ mod tests {
         assert!(out.contains("policy=app/dry-allow-x"), "{out}");
         assert!(!out.contains("dry-deny-9999"), "{out}");
         assert!(!out.contains("audit-y"), "{out}");
+    }
+
+    #[test]
+    fn enforced_only_evaluation_decides_alike_without_logging_dry_runs() {
+        let set = set(r#"
+- {name: dry-deny-all, namespace: app, scope: Namespace, action: Deny, dryRun: true, rules: [[]]}
+- {name: deny-9999, namespace: app, scope: Namespace, action: Deny,
+   rules: [[[{destinationPorts: [9999]}]]]}
+"#);
+        for c in [conn(X, 80), conn(X, 9999)] {
+            let req = Request {
+                dst_workload_namespace: c.dst,
+                dst_workload_policy_refs: c.refs,
+                src_identity: c.id.map(|id| PeerIdentity::from_spiffe(id).unwrap()),
+                src_ip: c.src.parse().unwrap(),
+                dst_ip: "10.0.1.1".parse().unwrap(),
+                dst_port: c.port,
+            };
+            let mut enforced = None;
+            let out = logs(|| enforced = Some(set.evaluate_enforced(&req)));
+            assert_eq!(enforced.unwrap(), set.evaluate(&req));
+            assert!(!out.contains("dry-deny-all"), "{out}");
+        }
     }
 
     #[test]

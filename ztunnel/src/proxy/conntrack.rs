@@ -4,6 +4,8 @@
 //! once the proxy knows where it goes and the bytes start flowing, [`ConnGuard::set_tunnel`]
 //! adds the destination, identities and service, and the copy counts bytes into
 //! [`ConnGuard::counters`], so `/debug/connections` shows live byte counts and ages.
+//! Authorized inbound connections also carry what they were authorized with
+//! ([`ConnGuard::set_authorized`]), for the policy watcher ([`super::policy_watch`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,6 +15,7 @@ use std::time::{Instant, SystemTime};
 
 use tokio::sync::Notify;
 
+use super::policy_watch::Authorized;
 use crate::hbone::ByteCounters;
 use crate::telemetry::{ConnectionInfo, Direction};
 
@@ -55,6 +58,8 @@ struct Entry {
     counters: Arc<ByteCounters>,
     /// The copy's `to_tunnel` direction is source → destination.
     request_to_tunnel: bool,
+    /// Set once the inbound connection passed authorization.
+    authorized: Option<Arc<Authorized>>,
 }
 
 impl Entry {
@@ -122,6 +127,7 @@ impl ConnTracker {
                 since: Instant::now(),
                 counters: counters.clone(),
                 request_to_tunnel: true,
+                authorized: None,
             },
         );
         ConnGuard {
@@ -144,6 +150,16 @@ impl ConnTracker {
             }
             notified.await;
         }
+    }
+
+    /// The open connections that passed inbound authorization.
+    pub(crate) fn authorized(&self) -> Vec<Arc<Authorized>> {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter_map(|e| e.authorized.clone())
+            .collect()
     }
 
     pub fn list(&self) -> Vec<ConnectionSummary> {
@@ -191,6 +207,11 @@ impl ConnGuard {
             s.dst_service = info.dst_service.as_ref().map(|d| d.hostname.clone());
             e.request_to_tunnel = request_to_tunnel;
         });
+    }
+
+    /// Records what the connection was authorized with (see [`super::policy_watch`]).
+    pub(crate) fn set_authorized(&self, auth: Arc<Authorized>) {
+        self.update(|e| e.authorized = Some(auth));
     }
 
     /// Where the copy of this connection counts its bytes.

@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 
 use super::authorize::{AuthorizationRequest, authorize};
 use super::conntrack::ConnGuard;
+use super::policy_watch::Authorized;
 use super::source_check::{Source, check_source};
 use super::{ProxyCtx, ProxyScope};
 use crate::hbone::headers::{
@@ -268,19 +269,30 @@ async fn handle_stream(
         src_addr: peer.addr,
         dst_addr: upstream_addr,
     });
-    drop(snap);
     let mut tele = ConnectionTelemetry::open(metrics, info);
-    if let Err(denied) = decision {
-        metrics.refused(Direction::Inbound, RefusalReason::policy_denied);
-        respond_status(respond, StatusCode::UNAUTHORIZED);
-        tele.close_with_flag(
-            0,
-            0,
-            Some(&denied.to_string()),
-            ResponseFlags::AuthorizationPolicyDenied,
-        );
-        return;
-    }
+    let auth = match decision {
+        Ok(()) => {
+            let auth = Authorized::new(
+                dst_workload.clone(),
+                Some(peer.identity.clone()),
+                peer.addr,
+                upstream_addr,
+            );
+            ctx.track_authorized(guard, &snap, auth)
+        }
+        Err(denied) => {
+            metrics.refused(Direction::Inbound, RefusalReason::policy_denied);
+            respond_status(respond, StatusCode::UNAUTHORIZED);
+            tele.close_with_flag(
+                0,
+                0,
+                Some(&denied.to_string()),
+                ResponseFlags::AuthorizationPolicyDenied,
+            );
+            return;
+        }
+    };
+    drop(snap);
     let orig_src = ctx.orig_src.then(|| peer.addr.ip());
     let connect = ctx.sockets.connect(upstream_addr, orig_src);
     let failed = ResponseFlags::ConnectionFailure;
@@ -318,14 +330,18 @@ async fn handle_stream(
     tele.established();
     // Inbound: the copy's "to tunnel" direction is destination → source.
     guard.set_tunnel(tele.info(), false);
-    let out = copy_tcp_h2(
-        &mut upstream,
-        H2Stream::new(send, req.into_body()),
-        guard.counters(),
-    )
-    .await;
-    // Inbound: the tunnel carries source → destination bytes.
-    tele.close(out.from_tunnel, out.to_tunnel, out.error.as_deref());
+    let stream = H2Stream::new(send, req.into_body());
+    tokio::select! {
+        // Inbound: the tunnel carries source → destination bytes.
+        out = copy_tcp_h2(&mut upstream, stream, guard.counters()) => {
+            tele.close(out.from_tunnel, out.to_tunnel, out.error.as_deref());
+        }
+        // Dropping the copy resets the stream and closes the upstream connection.
+        denied = auth.revoked() => {
+            let (to, from) = guard.counters().load();
+            ctx.close_revoked(tele, &denied, from, to);
+        }
+    }
 }
 
 /// Where an inbound HBONE request for `target`, received on a connection to `local`, goes.

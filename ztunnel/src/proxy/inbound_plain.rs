@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 use super::ProxyCtx;
 use super::authorize::{AuthorizationRequest, authorize};
 use super::conntrack::ConnGuard;
+use super::policy_watch::Authorized;
 use crate::telemetry::{
     ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason, ResponseFlags,
     ServiceInfo,
@@ -55,7 +56,6 @@ pub(super) async fn handle(
         src_addr: peer,
         dst_addr: target,
     });
-    drop(snap);
     let info = ConnectionInfo {
         direction: Direction::Inbound,
         src_addr: peer,
@@ -70,18 +70,24 @@ pub(super) async fn handle(
         mtls: false,
     };
     let mut tele = ConnectionTelemetry::open(metrics, info);
-    if let Err(denied) = decision {
-        metrics.refused(Direction::Inbound, RefusalReason::policy_denied);
-        // Reset rather than close: the client must not mistake a denial for an empty reply.
-        let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
-        tele.close_with_flag(
-            0,
-            0,
-            Some(&denied.to_string()),
-            ResponseFlags::AuthorizationPolicyDenied,
-        );
-        return;
-    }
+    let auth = match decision {
+        Ok(()) => {
+            let auth = Authorized::new(dst_workload.clone(), None, peer, target);
+            ctx.track_authorized(&guard, &snap, auth)
+        }
+        Err(denied) => {
+            metrics.refused(Direction::Inbound, RefusalReason::policy_denied);
+            reset(&client);
+            tele.close_with_flag(
+                0,
+                0,
+                Some(&denied.to_string()),
+                ResponseFlags::AuthorizationPolicyDenied,
+            );
+            return;
+        }
+    };
+    drop(snap);
     let orig_src = ctx.orig_src.then(|| peer.ip());
     let connect = ctx.sockets.connect(target, orig_src);
     let mut upstream = match tokio::time::timeout(ctx.inputs.cfg.connect_timeout, connect).await {
@@ -99,6 +105,20 @@ pub(super) async fn handle(
     };
     tele.established();
     guard.set_tunnel(tele.info(), true);
-    let out = super::copy::copy_tcp(&mut client, &mut upstream, guard.counters()).await;
-    tele.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());
+    tokio::select! {
+        out = super::copy::copy_tcp(&mut client, &mut upstream, guard.counters()) => {
+            tele.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());
+        }
+        denied = auth.revoked() => {
+            reset(&client);
+            let (to, from) = guard.counters().load();
+            ctx.close_revoked(tele, &denied, to, from);
+        }
+    }
+}
+
+/// Makes closing `client` send a reset: a client must not mistake a denial for an empty
+/// reply or a normal end.
+fn reset(client: &TcpStream) {
+    let _ = socket2::SockRef::from(client).set_linger(Some(std::time::Duration::ZERO));
 }

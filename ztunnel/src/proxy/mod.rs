@@ -23,6 +23,7 @@ mod inbound;
 mod inbound_plain;
 mod node_local;
 mod outbound;
+mod policy_watch;
 pub mod sockets;
 mod source_check;
 
@@ -256,6 +257,7 @@ impl ProxyFactory {
             sockets = %ctx.sockets.describe(),
             "proxy started"
         );
+        policy_watch::spawn(&ctx);
         ctx.spawn_accept_loop(outbound, Direction::Outbound, "outbound", outbound::handle);
         ctx.spawn_accept_loop(
             inbound_plain,

@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use super::ProxyCtx;
 use super::authorize::{AuthorizationRequest, authorize};
 use super::conntrack::ConnGuard;
+use super::policy_watch::Authorized;
 use crate::identity::Identity;
 use crate::state::{Service, Workload};
 use crate::telemetry::{
@@ -49,6 +50,15 @@ pub(super) async fn handle(
         src_addr: c.peer,
         dst_addr: c.target,
     });
+    let auth = decision.is_ok().then(|| {
+        let auth = Authorized::new(
+            c.dst_workload.clone(),
+            Some(c.src_identity.clone()),
+            c.peer,
+            c.target,
+        );
+        ctx.track_authorized(&guard, &snap, auth)
+    });
     drop(snap);
     let src = c
         .src_workload
@@ -75,7 +85,8 @@ pub(super) async fn handle(
         outbound.close_with_flag(0, 0, Some(why), flag);
         inbound.close_with_flag(0, 0, Some(why), flag);
     };
-    if let Err(denied) = decision {
+    let (Ok(()), Some(auth)) = (&decision, auth) else {
+        let denied = decision.expect_err("allowed connections are tracked");
         metrics.refused(Direction::Inbound, RefusalReason::policy_denied);
         let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
         let why = denied.to_string();
@@ -83,7 +94,7 @@ pub(super) async fn handle(
         outbound.close_with_flag(0, 0, Some(&why), flag);
         inbound.close_with_flag(0, 0, Some(&why), flag);
         return;
-    }
+    };
     let orig_src = ctx.orig_src.then(|| c.peer.ip());
     let connect = ctx.sockets.connect(c.target, orig_src);
     let mut upstream = match tokio::time::timeout(ctx.inputs.cfg.connect_timeout, connect).await {
@@ -101,7 +112,17 @@ pub(super) async fn handle(
     inbound.established();
     tracing::debug!(src = %c.peer, dst = %c.target, "outbound: node-local fast path");
     guard.set_tunnel(outbound.info(), true);
-    let out = super::copy::copy_tcp(&mut client, &mut upstream, guard.counters()).await;
-    outbound.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());
-    inbound.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());
+    tokio::select! {
+        out = super::copy::copy_tcp(&mut client, &mut upstream, guard.counters()) => {
+            outbound.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());
+            inbound.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());
+        }
+        denied = auth.revoked() => {
+            let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+            let (to, from) = guard.counters().load();
+            let why = super::policy_watch::revocation_message(&denied);
+            outbound.close_with_flag(to, from, Some(&why), ResponseFlags::AuthorizationPolicyDenied);
+            ctx.close_revoked(inbound, &denied, to, from);
+        }
+    }
 }

@@ -119,7 +119,8 @@ impl Snapshot {
         self.services.values()
     }
 
-    /// The scope-indexed authorization policies.
+    /// The scope-indexed authorization policies. A snapshot whose policies are those of the
+    /// snapshot it replaced shares that snapshot's `Arc` (`Arc::ptr_eq`: unchanged).
     pub fn policies(&self) -> &Arc<PolicySet> {
         &self.policies
     }
@@ -202,7 +203,7 @@ impl Store {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         f(inner.sources.entry(source.to_string()).or_default());
         inner.version += 1;
-        let snapshot = build_snapshot(&inner.sources, inner.version);
+        let snapshot = build_snapshot(&inner.sources, inner.version, &self.current.load());
         self.current.store(Arc::new(snapshot));
         let version = inner.version;
         drop(inner);
@@ -210,7 +211,13 @@ impl Store {
     }
 }
 
-fn build_snapshot(sources: &BTreeMap<String, SourceData>, version: u64) -> Snapshot {
+/// `prev`: the snapshot being replaced. Its policy set is kept (the same `Arc`) when the
+/// policies did not change, so readers can tell a policy change by pointer.
+fn build_snapshot(
+    sources: &BTreeMap<String, SourceData>,
+    version: u64,
+    prev: &Snapshot,
+) -> Snapshot {
     let mut workloads: HashMap<String, Arc<Workload>> = HashMap::new();
     let mut services: HashMap<NamespacedHostname, Arc<Service>> = HashMap::new();
     let mut policies: BTreeMap<String, Authorization> = BTreeMap::new();
@@ -265,6 +272,11 @@ fn build_snapshot(sources: &BTreeMap<String, SourceData>, version: u64) -> Snaps
             by_vip.insert(vip.clone(), s.clone());
         }
     }
+    let policies = if prev.policies.iter().eq(policies.values()) {
+        prev.policies.clone()
+    } else {
+        Arc::new(PolicySet::new(policies.into_values().collect()))
+    };
     Snapshot {
         version,
         workloads,
@@ -273,7 +285,7 @@ fn build_snapshot(sources: &BTreeMap<String, SourceData>, version: u64) -> Snaps
         services,
         by_vip,
         endpoints,
-        policies: Arc::new(PolicySet::new(policies.into_values().collect())),
+        policies,
     }
 }
 
@@ -492,5 +504,29 @@ mod tests {
         // The old snapshot is unaffected (readers keep a consistent view).
         assert_eq!(s.workloads().count(), 2);
         assert!(s2.version > s.version);
+    }
+
+    #[test]
+    fn policy_set_is_shared_until_the_policies_change() {
+        let store = Store::new();
+        let file = store.source("file");
+        let pol = |action: &str| -> crate::policy::Authorization {
+            serde_yaml_ng::from_str(&format!(
+                "{{name: p, namespace: ns, scope: Namespace, action: {action}}}"
+            ))
+            .unwrap()
+        };
+        file.replace_all(vec![], vec![], vec![pol("Allow")]);
+        let s1 = store.snapshot();
+        file.upsert_workload(workload("a", "ns", "a", "10.0.0.1"));
+        let s2 = store.snapshot();
+        assert!(Arc::ptr_eq(s1.policies(), s2.policies()));
+        // The same policy again: still unchanged.
+        file.upsert_policy(pol("Allow"));
+        assert!(Arc::ptr_eq(s1.policies(), store.snapshot().policies()));
+        file.upsert_policy(pol("Deny"));
+        let s3 = store.snapshot();
+        assert!(!Arc::ptr_eq(s2.policies(), s3.policies()));
+        assert_eq!(s3.policies().len(), 1);
     }
 }
