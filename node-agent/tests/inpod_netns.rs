@@ -11,6 +11,7 @@ mod inpod_support;
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use inpod_support::*;
@@ -337,14 +338,21 @@ async fn redirector_enrol_unenrol_reconcile_cleanup() {
         "{members}"
     );
 
-    // Bad annotation: refused, not retryable, names the pod and annotation.
+    // Bad annotation on an enrolled pod: refused, names the pod and the
+    // annotation; its redirection stays as it was, so retryable.
     a.annotations = annotations(&[(rules::ANNOTATION_DNS_CAPTURE, "maybe")]);
     let e = r.enrol(&a).await.unwrap_err();
-    assert!(!e.is_retryable());
+    assert!(e.is_retryable(), "{e}");
     let msg = e.to_string();
     assert!(
         msg.contains("ns1/a") && msg.contains(rules::ANNOTATION_DNS_CAPTURE),
         "{msg}"
+    );
+    let (views, _) =
+        node_agent::redirect::inpod::apply::inspect_pod(&pod_a.netns(), backend).unwrap();
+    assert_eq!(
+        views[0].1,
+        golden_view("pod_default_v4", rules::POD_OWNERSHIP)
     );
     a.annotations = Default::default();
 
@@ -458,4 +466,246 @@ async fn redirector_with_zds_and_no_ztunnel_is_retryable() {
     r.unenrol(&p).await.unwrap();
     assert!(zds.known_uids().is_empty());
     r.cleanup_all().await.unwrap();
+}
+
+fn pod(uid: &str, name: &str, ip: &str, netns: &TestNetns) -> PodRedirect {
+    PodRedirect {
+        uid: uid.into(),
+        name: name.into(),
+        namespace: "ns1".into(),
+        service_account: "sa".into(),
+        ips: vec![ip.parse().unwrap()],
+        netns: Some(netns.path()),
+        annotations: Default::default(),
+    }
+}
+
+async fn redirector(node: &TestNetns, handoff: &Arc<FakeHandoff>) -> InpodRedirector {
+    let cfg = InpodConfig {
+        host_netns: Some(node.path()),
+        proc_root: tempfile::tempdir().unwrap().keep(),
+        ..Default::default()
+    };
+    InpodRedirector::new(cfg, handoff.clone()).await.unwrap()
+}
+
+fn probe_members(host: &Netns) -> String {
+    run_in(host, "ipset", &["save", rules::DEFAULT_PROBE_IPSET_V4])
+}
+
+fn calls(h: &FakeHandoff) -> Vec<String> {
+    h.calls.lock().unwrap().clone()
+}
+
+fn pod_is_clean(ns: &TestNetns, backend: Backend) -> bool {
+    let (views, routing) =
+        node_agent::redirect::inpod::apply::inspect_pod(&ns.netns(), backend).unwrap();
+    views.iter().all(|(_, v)| v.is_empty()) && routing.is_empty()
+}
+
+/// After IP reuse the probe-ipset entry belongs to the new pod: a late
+/// unenrol of the old pod (same IP, other UID) leaves it alone.
+#[tokio::test]
+async fn unenrol_of_an_old_pod_keeps_the_ip_reusing_pods_probe_entry() {
+    require_root!();
+    let (node, pod_a, pod_b) = (TestNetns::new(), TestNetns::new(), TestNetns::new());
+    let handoff = Arc::new(FakeHandoff::default());
+    let r = redirector(&node, &handoff).await;
+    let host = node.netns();
+    let a = pod("uid-a", "a", "10.9.0.1", &pod_a);
+    let b = pod("uid-b", "b", "10.9.0.1", &pod_b);
+    r.enrol(&a).await.unwrap();
+    r.unenrol(&a).await.unwrap();
+    r.enrol(&b).await.unwrap();
+    r.unenrol(&a).await.unwrap();
+    let members = probe_members(&host);
+    assert!(
+        members.contains("add istio-inpod-probes-v4 10.9.0.1 comment \"uid-b\""),
+        "{members}"
+    );
+    // The new pod's own unenrol removes it.
+    r.unenrol(&b).await.unwrap();
+    assert!(!probe_members(&host).contains("10.9.0.1"));
+    r.cleanup_all().await.unwrap();
+}
+
+/// Start-up: a pod whose rules cannot be re-applied (invalid annotation)
+/// is still put in the ZDS snapshot and held, keeps the rules it had, gets
+/// its probe entry, and a retry of its enrolment keeps its redirection.
+#[tokio::test]
+async fn startup_rule_failure_still_registers_the_pod_for_the_snapshot() {
+    require_root!();
+    let (node, pod_d) = (TestNetns::new(), TestNetns::new());
+    let handoff = Arc::new(FakeHandoff::default());
+    let r = redirector(&node, &handoff).await;
+    let backend = r.backend();
+    // The rules a previous agent applied.
+    apply_pod(&pod_d.netns(), r.pod_net_config(), &options(false, &[]))
+        .await
+        .unwrap();
+    let mut d = pod("uid-d", "d", "10.9.0.4", &pod_d);
+    d.annotations = annotations(&[(rules::ANNOTATION_DNS_CAPTURE, "maybe")]);
+
+    let report = r.reconcile(std::slice::from_ref(&d)).await;
+    assert_eq!(calls(&handoff), vec!["register uid-d netns"]);
+    assert!(report.enrolled.is_empty(), "{report:?}");
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    let e = &report.failed[0];
+    assert_eq!(e.uid, "uid-d");
+    assert!(e.is_retryable(), "{e}");
+    assert!(
+        e.to_string().contains("ns1/d") && e.to_string().contains(rules::ANNOTATION_DNS_CAPTURE),
+        "{e}"
+    );
+    assert_eq!(r.enrolled_uids().await, vec!["uid-d".to_string()]);
+    assert!(probe_members(&node.netns()).contains("10.9.0.4 comment \"uid-d\""));
+
+    // The control loop's retry: still refused, redirection untouched.
+    let e = r.enrol(&d).await.unwrap_err();
+    assert!(e.is_retryable(), "{e}");
+    let (views, _) =
+        node_agent::redirect::inpod::apply::inspect_pod(&pod_d.netns(), backend).unwrap();
+    assert_eq!(
+        views[0].1,
+        golden_view("pod_default_v4", rules::POD_OWNERSHIP)
+    );
+    assert_eq!(calls(&handoff), vec!["register uid-d netns"]);
+    // Annotation fixed: converges.
+    d.annotations = Default::default();
+    r.enrol(&d).await.unwrap();
+    r.cleanup_all().await.unwrap();
+}
+
+/// Swaps the host's v4 probe set for one without comment support, so
+/// adding a pod's IPs fails; returns a guard-like closure's inverse.
+fn break_probe_ipset(host: &Netns, broken: bool) {
+    let set = rules::DEFAULT_PROBE_IPSET_V4;
+    if broken {
+        run_in(
+            host,
+            "ipset",
+            &["create", "probe-broken", "hash:ip", "family", "inet"],
+        );
+    }
+    run_in(host, "ipset", &["swap", set, "probe-broken"]);
+    if !broken {
+        run_in(host, "ipset", &["destroy", "probe-broken"]);
+    }
+}
+
+/// The probe ipset fails after ztunnel took the pod: a new pod is fully
+/// undone (no rules, ztunnel told to drop it, not held) and the error is not
+/// retryable; an already enrolled pod keeps everything and the error is
+/// retryable.
+#[tokio::test]
+async fn probe_ipset_failure_after_ack_leaves_nothing_half_configured() {
+    require_root!();
+    let (node, pod_c, pod_e) = (TestNetns::new(), TestNetns::new(), TestNetns::new());
+    let handoff = Arc::new(FakeHandoff::default());
+    let r = redirector(&node, &handoff).await;
+    let (backend, host) = (r.backend(), node.netns());
+    let e_pod = pod("uid-e", "e", "10.9.0.6", &pod_e);
+    r.enrol(&e_pod).await.unwrap();
+
+    break_probe_ipset(&host, true);
+    let c = pod("uid-c", "c", "10.9.0.5", &pod_c);
+    let err = r.enrol(&c).await.unwrap_err();
+    assert!(!err.is_retryable(), "{err}");
+    assert!(
+        err.to_string().contains("ns1/c") && err.to_string().contains("probe ipset"),
+        "{err}"
+    );
+    assert!(pod_is_clean(&pod_c, backend), "rules left in pod c");
+    assert!(!r.enrolled_uids().await.contains(&"uid-c".to_string()));
+    assert_eq!(
+        calls(&handoff),
+        vec!["add uid-e ns1/e", "add uid-c ns1/c", "del uid-c"]
+    );
+
+    // An enrolled pod re-enrolled meanwhile: kept, retryable.
+    let err = r.enrol(&e_pod).await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert!(!pod_is_clean(&pod_e, backend));
+    assert!(r.enrolled_uids().await.contains(&"uid-e".to_string()));
+    assert_eq!(calls(&handoff).last().unwrap(), "add uid-e ns1/e");
+
+    break_probe_ipset(&host, false);
+    r.enrol(&c).await.unwrap();
+    assert!(probe_members(&host).contains("10.9.0.5 comment \"uid-c\""));
+    r.cleanup_all().await.unwrap();
+}
+
+/// Holds `/run/xtables.lock` (shared by every netns: it is a file) for
+/// `secs` in a `flock` child, as kube-proxy or a concurrent legacy restore
+/// would; returns once the lock is held. `None` when flock is missing.
+fn hold_xtables_lock(secs: u32) -> Option<std::process::Child> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new("flock")
+        .args([
+            "/run/xtables.lock",
+            "-c",
+            &format!("echo held; sleep {secs}"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .ok()?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "held");
+    Some(child)
+}
+
+/// Legacy backend with the xtables lock held: pod rules are applied once it
+/// is released; a lock held beyond the bound is an error naming the table
+/// and the lock, after the bound rather than never.
+#[tokio::test]
+async fn legacy_restore_waits_boundedly_for_the_xtables_lock() {
+    require_root!();
+    if std::process::Command::new("iptables-legacy-restore")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: iptables-legacy-restore is not installed");
+        return;
+    }
+    let Some(mut holder) = hold_xtables_lock(3) else {
+        eprintln!("skipped: flock(1) is not installed");
+        return;
+    };
+    let t = TestNetns::new();
+    apply_pod(&t.netns(), &net(Backend::Legacy), &options(false, &[]))
+        .await
+        .expect("rules applied once the lock is free");
+    holder.wait().unwrap();
+    remove_pod(&t.netns(), Backend::Legacy).await.unwrap();
+
+    let mut holder = hold_xtables_lock(3).unwrap();
+    let t0 = Instant::now();
+    let res = t.netns().run(|| {
+        node_agent::redirect::iptables::restore_waiting(
+            Backend::Legacy,
+            Family::V4,
+            "*nat\n:ISTIO_LOCK_TEST - [0:0]\nCOMMIT\n",
+            Duration::from_secs(1),
+        )
+    });
+    let waited = t0.elapsed();
+    holder.wait().unwrap();
+    let err = res.unwrap().expect_err("lock held beyond the bound");
+    assert!(
+        matches!(
+            err,
+            node_agent::redirect::iptables::IptablesError::LockTimeout { .. }
+        ),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("xtables lock") && msg.contains("table nat"),
+        "{msg}"
+    );
+    assert!(waited < Duration::from_millis(2500), "waited {waited:?}");
 }

@@ -11,8 +11,8 @@
 //!   few workers: pod changes, namespace label changes (every pod of the
 //!   namespace), retries (exponential backoff, 0.5 s doubling to 30 s), and
 //!   ztunnel becoming available (every pending pod at once).
-//! - Retryable failures (ztunnel has not taken the pod) leave the pod
-//!   redirected and annotated `pending`; other failures leave it
+//! - Retryable failures (ztunnel has not taken the pod, or a redirected pod
+//!   could not be updated) leave the pod redirected and annotated `pending`; other failures leave it
 //!   unredirected (the redirector undoes half-done work), unannotated, and
 //!   retried with backoff. Unenrol failures are retried a few times, then
 //!   logged and given up.

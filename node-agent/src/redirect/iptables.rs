@@ -1,6 +1,6 @@
 //! iptables plumbing shared by the redirection modes: backend detection, one
-//! `iptables-restore --noflush` batch per table and family, and reading rules
-//! back with `iptables-save`.
+//! `iptables-restore --noflush --wait=30` batch per table and family, and
+//! reading rules back with `iptables-save`.
 //!
 //! Everything here runs `iptables-*` processes, which inherit the network
 //! namespace of the calling thread: call it from inside
@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::process::Command;
+use std::time::Duration;
 
 use super::batch_input::{self, BatchFailure};
 
@@ -71,6 +72,17 @@ pub enum IptablesError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{command} gave up after {waited_secs}s waiting for the xtables lock \
+         (/run/xtables.lock, held by another iptables user such as kube-proxy) \
+         applying table {table}: {stderr}"
+    )]
+    LockTimeout {
+        command: String,
+        table: String,
+        waited_secs: u64,
+        stderr: String,
+    },
     #[error("{command} failed ({status}) applying table {table}: {stderr}")]
     Restore {
         command: String,
@@ -104,25 +116,73 @@ pub fn detect_backend() -> Backend {
     Backend::Nft
 }
 
+/// How long a restore waits for the xtables lock (`/run/xtables.lock`, which
+/// the legacy backend takes per table and which every netns on the node
+/// shares, since it is a file): kube-proxy and our own concurrent
+/// enrolments hold it briefly. Upstream waits 30 s on the host too. Without
+/// a bound, legacy `iptables-restore` either gives up at once (older
+/// releases) or waits forever (1.8.8 and later); the nft backend accepts the
+/// flag and ignores it.
+pub const LOCK_WAIT: Duration = Duration::from_secs(30);
+
 /// Applies `input` (one or more `*table ... COMMIT` blocks) atomically per
-/// table with `<family>-<backend>-restore --noflush`. Chains declared with
-/// `:NAME - [0:0]` are created or emptied first, so re-applying the same batch
-/// leaves the same rules.
+/// table with `<family>-<backend>-restore --noflush`, waiting up to
+/// [`LOCK_WAIT`] for the xtables lock. Chains declared with `:NAME - [0:0]`
+/// are created or emptied first, so re-applying the same batch leaves the
+/// same rules.
 pub fn restore(backend: Backend, family: Family, input: &str) -> Result<(), IptablesError> {
+    restore_waiting(backend, family, input, LOCK_WAIT)
+}
+
+/// [`restore`] with an explicit bound on the wait for the xtables lock
+/// (whole seconds, at least one); giving up is [`IptablesError::LockTimeout`].
+pub fn restore_waiting(
+    backend: Backend,
+    family: Family,
+    input: &str,
+    lock_wait: Duration,
+) -> Result<(), IptablesError> {
     let command = backend.restore_command(family);
-    match batch_input::apply(&command, &["--noflush"], input) {
-        Ok(()) => {}
-        Err(BatchFailure::Spawn(source)) => return Err(IptablesError::Spawn { command, source }),
+    let args = restore_args(lock_wait);
+    let waited_secs = lock_wait.as_secs().max(1);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match batch_input::apply(&command, &args, input) {
+        Ok(()) => Ok(()),
+        Err(BatchFailure::Spawn(source)) => Err(IptablesError::Spawn { command, source }),
         Err(BatchFailure::Refused { status, stderr }) => {
-            return Err(IptablesError::Restore {
-                table: tables_in(input).join(","),
-                command,
-                status,
-                stderr,
-            });
+            let table = tables_in(input).join(",");
+            Err(if is_lock_timeout(&stderr) {
+                IptablesError::LockTimeout {
+                    command,
+                    table,
+                    waited_secs,
+                    stderr,
+                }
+            } else {
+                IptablesError::Restore {
+                    command,
+                    table,
+                    status,
+                    stderr,
+                }
+            })
         }
     }
-    Ok(())
+}
+
+/// `--noflush --wait=<secs>` (at least one second: `--wait=0` is not a
+/// bound every release reads alike).
+fn restore_args(lock_wait: Duration) -> [String; 2] {
+    [
+        "--noflush".to_string(),
+        format!("--wait={}", lock_wait.as_secs().max(1)),
+    ]
+}
+
+/// Legacy iptables' message when the lock stays busy ("Another app is
+/// currently holding the xtables lock. Stopped waiting after 1s.").
+fn is_lock_timeout(stderr: &str) -> bool {
+    stderr.contains("holding the xtables lock") || stderr.contains("Can't lock /run/xtables.lock")
 }
 
 /// `<family>-<backend>-save [-t table]` output.
@@ -289,6 +349,36 @@ COMMIT
         assert_eq!(
             Backend::Legacy.save_command(Family::V6),
             "ip6tables-legacy-save"
+        );
+    }
+
+    #[test]
+    fn lock_timeout_is_recognised_and_names_the_table() {
+        let stderr = "Can't lock /run/xtables.lock: Resource temporarily unavailable\n\
+                      Another app is currently holding the xtables lock. Stopped waiting after 1s.";
+        assert!(is_lock_timeout(stderr));
+        assert!(!is_lock_timeout("iptables-restore: line 3 failed"));
+        let e = IptablesError::LockTimeout {
+            command: "iptables-legacy-restore".into(),
+            table: "nat,mangle".into(),
+            waited_secs: 30,
+            stderr: stderr.into(),
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.contains("30s") && msg.contains("xtables lock") && msg.contains("table nat,mangle"),
+            "{msg}"
+        );
+    }
+
+    /// The restore tool is asked to wait, boundedly, for the lock, in the
+    /// spelling both backends accept (`iptables-nft-restore` ignores it).
+    #[test]
+    fn restore_asks_for_a_bounded_lock_wait() {
+        assert_eq!(restore_args(LOCK_WAIT), ["--noflush", "--wait=30"]);
+        assert_eq!(
+            restore_args(Duration::from_millis(10)),
+            ["--noflush", "--wait=1"]
         );
     }
 

@@ -16,9 +16,11 @@
 //! - Errors are [`RedirectError`]s: they name the pod and the stage that
 //!   failed, and say whether retrying later can help
 //!   ([`RedirectError::is_retryable`]). A retryable failure of `enrol` means
-//!   "redirection is in place but the proxy did not take the pod yet" (the
-//!   control loop annotates the pod `pending` and retries); a non-retryable one
-//!   means the pod is not redirected.
+//!   "redirection is in place but not complete": the proxy did not take the
+//!   pod yet, or a re-enrolment of a pod already redirected failed and its
+//!   previous redirection stays (the control loop annotates the pod `pending`
+//!   and retries); a non-retryable one means the pod is not redirected and
+//!   nothing of the attempt is left behind.
 //! - Methods are async and must not block the runtime: kernel work runs on a
 //!   dedicated thread (see [`netns::Netns::run_async`]).
 //! - `reconcile` is called once at start-up with every pod that should be

@@ -11,6 +11,15 @@
 //! Enrol order (as upstream): rules in the pod netns → hand-off (wait for
 //! ztunnel's Ack) → pod IPs into the probe ipset. Unenrol: ipset → rules →
 //! hand-off `del`.
+//!
+//! Failures follow the [`Redirector`] contract. Enrolling a pod we do not
+//! redirect yet either completes or leaves nothing behind (a failure after
+//! rules were applied undoes them, and after ztunnel's Ack also sends `del`),
+//! so the error is not retryable; the one exception is ztunnel not taking
+//! the pod, which leaves the rules (retryable, as upstream). Re-enrolling a
+//! pod we already redirect (annotation change, retry, start-up survivor)
+//! never tears it down: its previous redirection stays and a failure is
+//! retryable.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -96,6 +105,12 @@ struct EnrolledPod {
     ips: Vec<IpAddr>,
 }
 
+/// Sets whether `e` is retryable (see the module docs).
+fn retryable(mut e: RedirectError, retryable: bool) -> RedirectError {
+    e.retryable = retryable;
+    e
+}
+
 /// In-pod mode's [`Redirector`].
 pub struct InpodRedirector {
     cfg: InpodConfig,
@@ -103,6 +118,10 @@ pub struct InpodRedirector {
     host: Netns,
     handoff: Arc<dyn WorkloadHandoff>,
     pods: Mutex<HashMap<String, EnrolledPod>>,
+    /// Serialises probe-ipset changes: removing a pod's entries reads their
+    /// UID comments first, and an enrolment reusing the IP must not slip in
+    /// between.
+    ipset_lock: Mutex<()>,
 }
 
 fn info_of(pod: &PodRedirect) -> WorkloadInfo {
@@ -144,6 +163,7 @@ impl InpodRedirector {
             host,
             handoff,
             pods: Mutex::new(HashMap::new()),
+            ipset_lock: Mutex::new(()),
         };
         this.ensure_host().await?;
         Ok(this)
@@ -177,6 +197,7 @@ impl InpodRedirector {
         f: impl FnOnce(&RuleConfig) -> Result<T, probe_snat::IpsetError> + Send + 'static,
     ) -> Result<T, HandoffError> {
         let rules = self.cfg.rules.clone();
+        let _serial = self.ipset_lock.lock().await;
         Ok(self.host.run_async(move || f(&rules)).await??)
     }
 
@@ -223,26 +244,47 @@ impl InpodRedirector {
     }
 
     async fn enrol_pod(&self, pod: &PodRedirect) -> Result<(), RedirectError> {
+        let (was_enrolled, held) = {
+            let pods = self.pods.lock().await;
+            let entry = pods.get(&pod.uid);
+            (
+                entry.is_some(),
+                entry.and_then(|p| p.netns.try_clone().ok()),
+            )
+        };
+        // Until ztunnel has the pod: retryable exactly when a previous
+        // redirection stays in place.
         let opts = PodRuleOptions::from_annotations(self.cfg.dns_capture, &pod.annotations)
-            .map_err(|e| RedirectError::new(pod, "reading annotations", false, e))?;
-        let held = self
-            .pods
-            .lock()
+            .map_err(|e| RedirectError::new(pod, "reading annotations", was_enrolled, e))?;
+        let netns = self
+            .open_netns(pod, held.as_ref())
             .await
-            .get(&pod.uid)
-            .and_then(|p| p.netns.try_clone().ok());
-        let netns = self.open_netns(pod, held.as_ref()).await?;
+            .map_err(|e| retryable(e, was_enrolled))?;
 
         if let Err(e) = apply_pod(&netns, &self.net, &opts).await {
-            if held.is_none() {
+            if !was_enrolled {
                 // Leave nothing half-applied in a pod we did not enrol before.
                 let _ = remove_pod(&netns, self.net.backend).await;
             }
-            return Err(RedirectError::new(pod, "applying pod rules", false, e));
+            return Err(RedirectError::new(
+                pod,
+                "applying pod rules",
+                was_enrolled,
+                e,
+            ));
         }
         let kept = netns
             .try_clone()
-            .map_err(|e| RedirectError::new(pod, "duplicating pod netns fd", false, e))?;
+            .map_err(|e| RedirectError::new(pod, "duplicating pod netns fd", was_enrolled, e));
+        let kept = match kept {
+            Ok(k) => k,
+            Err(e) => {
+                if !was_enrolled {
+                    let _ = remove_pod(&netns, self.net.backend).await;
+                }
+                return Err(e);
+            }
+        };
         self.pods.lock().await.insert(
             pod.uid.clone(),
             EnrolledPod {
@@ -257,9 +299,22 @@ impl InpodRedirector {
             .map_err(|e| RedirectError::new(pod, "handing the pod to ztunnel", true, e))?;
 
         let (uid, ips) = (pod.uid.clone(), pod.ips.clone());
-        self.host_ipset(move |r| probe_snat::add_ips_here(r, &uid, &ips))
+        if let Err(e) = self
+            .host_ipset(move |r| probe_snat::add_ips_here(r, &uid, &ips))
             .await
-            .map_err(|e| RedirectError::new(pod, "adding pod IPs to the probe ipset", false, e))?;
+        {
+            let e = RedirectError::new(pod, "adding pod IPs to the probe ipset", was_enrolled, e);
+            if !was_enrolled {
+                // Not retryable means not redirected: take back the rules and
+                // ztunnel's proxy rather than leave a pod whose kubelet probes
+                // would be captured.
+                if let Err(undo) = self.unenrol_pod(pod).await {
+                    tracing::error!(pod = %pod.key(), uid = %pod.uid, error = %undo,
+                        "undoing a failed enrolment left state behind");
+                }
+            }
+            return Err(e);
+        }
         tracing::info!(pod = %pod.key(), uid = %pod.uid, ?opts, "pod enrolled (in-pod)");
         Ok(())
     }
@@ -274,8 +329,9 @@ impl InpodRedirector {
         }
         ips.sort();
         ips.dedup();
+        let uid = pod.uid.clone();
         if let Err(e) = self
-            .host_ipset(move |r| probe_snat::del_ips_here(r, &ips))
+            .host_ipset(move |r| probe_snat::del_pod_ips_here(r, &uid, &ips))
             .await
         {
             first_err.get_or_insert(RedirectError::new(
@@ -379,6 +435,13 @@ impl InpodRedirector {
         report
     }
 
+    /// A pod that should be enrolled, at start-up. It goes into the ZDS
+    /// snapshot whatever happens to its rules: it may still be redirected by
+    /// the rules a previous agent applied, and leaving it out would make
+    /// ztunnel drain its proxy under them (as upstream, which builds the
+    /// snapshot independently and only logs rule errors). It is also held as
+    /// enrolled, so a later retry keeps, rather than removes, its
+    /// redirection; its failures are therefore retryable.
     async fn reconcile_one(&self, pod: &PodRedirect) -> Result<(), RedirectError> {
         let info = info_of(pod);
         let netns = match self.open_netns(pod, None).await {
@@ -390,25 +453,40 @@ impl InpodRedirector {
                 return Err(e);
             }
         };
-        if self.cfg.reconcile_rules_on_startup {
-            let opts = PodRuleOptions::from_annotations(self.cfg.dns_capture, &pod.annotations)
-                .map_err(|e| RedirectError::new(pod, "reading annotations", false, e))?;
-            apply_pod(&netns, &self.net, &opts)
-                .await
-                .map_err(|e| RedirectError::new(pod, "re-applying pod rules", false, e))?;
-        }
         self.handoff.register(&pod.uid, &info, Some(&netns));
-        let (uid, ips) = (pod.uid.clone(), pod.ips.clone());
+        let kept = netns
+            .try_clone()
+            .map_err(|e| RedirectError::new(pod, "duplicating pod netns fd", true, e))?;
         self.pods.lock().await.insert(
             pod.uid.clone(),
             EnrolledPod {
-                netns,
+                netns: kept,
                 ips: pod.ips.clone(),
             },
         );
-        self.host_ipset(move |r| probe_snat::add_ips_here(r, &uid, &ips))
+        let rules = if self.cfg.reconcile_rules_on_startup {
+            self.reapply_rules(pod, &netns).await
+        } else {
+            Ok(())
+        };
+        if let Err(e) = &rules {
+            tracing::warn!(pod = %pod.key(), uid = %pod.uid, error = %e,
+                "start-up: the pod's rules were not re-applied; it stays in the ZDS snapshot with the rules it had");
+        }
+        let (uid, ips) = (pod.uid.clone(), pod.ips.clone());
+        let ipset = self
+            .host_ipset(move |r| probe_snat::add_ips_here(r, &uid, &ips))
             .await
-            .map_err(|e| RedirectError::new(pod, "adding pod IPs to the probe ipset", false, e))
+            .map_err(|e| RedirectError::new(pod, "adding pod IPs to the probe ipset", true, e));
+        rules.and(ipset)
+    }
+
+    async fn reapply_rules(&self, pod: &PodRedirect, netns: &Netns) -> Result<(), RedirectError> {
+        let opts = PodRuleOptions::from_annotations(self.cfg.dns_capture, &pod.annotations)
+            .map_err(|e| RedirectError::new(pod, "reading annotations", true, e))?;
+        apply_pod(netns, &self.net, &opts)
+            .await
+            .map_err(|e| RedirectError::new(pod, "re-applying pod rules", true, e))
     }
 
     async fn cleanup(&self) -> Result<(), RedirectError> {

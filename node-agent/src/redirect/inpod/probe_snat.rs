@@ -10,11 +10,11 @@
 //! Entries carry the pod UID as their ipset comment, so a start-up reconcile
 //! can tell which pod an IP belongs to.
 
-use std::io::Write;
 use std::net::IpAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
+use crate::redirect::batch_input::{self, BatchFailure};
 use crate::redirect::iptables::{Backend, Family};
 
 use super::apply::{ApplyError, sync_family_here};
@@ -76,30 +76,15 @@ fn safe_comment(uid: &str) -> Option<&str> {
 }
 
 fn ipset_restore(action: &'static str, set: &str, input: &str) -> Result<(), IpsetError> {
-    let mut child = Command::new("ipset")
-        .args(["restore", "-exist"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| IpsetError::Spawn { action, source })?;
-    let write = child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(input.as_bytes());
-    let out = child
-        .wait_with_output()
-        .map_err(|source| IpsetError::Spawn { action, source })?;
-    if !out.status.success() || write.is_err() {
-        return Err(IpsetError::Failed {
+    batch_input::apply("ipset", &["restore", "-exist"], input).map_err(|e| match e {
+        BatchFailure::Spawn(source) => IpsetError::Spawn { action, source },
+        BatchFailure::Refused { status, stderr } => IpsetError::Failed {
             action,
             set: set.to_string(),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
+            status,
+            stderr,
+        },
+    })
 }
 
 fn both_sets(cfg: &RuleConfig) -> String {
@@ -185,7 +170,8 @@ pub fn add_ips_here(cfg: &RuleConfig, uid: &str, ips: &[IpAddr]) -> Result<(), I
     ipset_restore("add", &both_sets(cfg), &input)
 }
 
-/// Removes `ips` from the probe sets (missing entries are fine).
+/// Removes `ips` from the probe sets whoever they belong to (missing
+/// entries are fine): for pruning IPs no enrolled pod has.
 pub fn del_ips_here(cfg: &RuleConfig, ips: &[IpAddr]) -> Result<(), IpsetError> {
     let mut input = String::new();
     for ip in ips {
@@ -199,6 +185,26 @@ pub fn del_ips_here(cfg: &RuleConfig, ips: &[IpAddr]) -> Result<(), IpsetError> 
         return Ok(());
     }
     ipset_restore("del", &both_sets(cfg), &input)
+}
+
+/// Removes pod `uid`'s entries among `ips`: only those whose comment is that
+/// UID. After IP reuse the entry belongs to the newer pod, and a late
+/// unenrol of the old one must leave it alone. Reading and deleting are two
+/// steps: the caller serialises every probe-ipset change.
+pub fn del_pod_ips_here(cfg: &RuleConfig, uid: &str, ips: &[IpAddr]) -> Result<(), IpsetError> {
+    let ours = pod_entries(&members_here(cfg)?, uid, ips);
+    del_ips_here(cfg, &ours)
+}
+
+/// The IPs among `ips` that `members` holds for pod `uid` (entries written
+/// without a comment, for a UID unfit for one, match such a UID only).
+fn pod_entries(members: &[(IpAddr, Option<String>)], uid: &str, ips: &[IpAddr]) -> Vec<IpAddr> {
+    let want = safe_comment(uid);
+    members
+        .iter()
+        .filter(|(ip, comment)| ips.contains(ip) && comment.as_deref() == want)
+        .map(|(ip, _)| *ip)
+        .collect()
 }
 
 /// Members of the probe sets: (IP, comment = pod UID if any).
@@ -262,6 +268,22 @@ mod tests {
                 ("10.0.0.6".parse().unwrap(), None)
             ]
         );
+    }
+
+    #[test]
+    fn pod_entries_match_ip_and_uid() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let members = vec![
+            (ip("10.9.0.1"), Some("uid-b".to_string())),
+            (ip("10.9.0.2"), Some("uid-a".to_string())),
+            (ip("10.9.0.3"), None),
+        ];
+        let all = [ip("10.9.0.1"), ip("10.9.0.2"), ip("10.9.0.3")];
+        assert_eq!(pod_entries(&members, "uid-a", &all), vec![ip("10.9.0.2")]);
+        assert_eq!(pod_entries(&members, "uid-b", &all), vec![ip("10.9.0.1")]);
+        assert!(pod_entries(&members, "uid-a", &[ip("10.9.0.1")]).is_empty());
+        // a UID unfit for a comment was written without one
+        assert_eq!(pod_entries(&members, "a\"b", &all), vec![ip("10.9.0.3")]);
     }
 
     #[test]
