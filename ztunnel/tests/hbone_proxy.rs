@@ -119,6 +119,55 @@ async fn passthrough_to_non_mesh_destination() {
     assert!(pa.pool_connections().is_empty(), "plaintext, no HBONE");
 }
 
+/// Workloads on a named network (`network: net1`): the inbound side looks the target (and
+/// the source) up on the served workload's network, not the default one, so HBONE and
+/// inbound plaintext both reach the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_on_a_named_network_talk_over_hbone() {
+    let mesh = Mesh::new("127.77.10", |_| {});
+    for uid in ["a", "b", "plain"] {
+        let mut w = (**mesh.store.snapshot().workload_by_uid(uid).unwrap()).clone();
+        w.network = "net1".into();
+        mesh.store.source("file").upsert_workload(w);
+    }
+    let _echo = echo_server(sa(mesh.b_ip, 8080)).await;
+    let (pa, socks_a) = mesh.proxy("a").await;
+    let (pb, socks_b) = mesh.proxy("b").await;
+    let data = Arc::new(b"on net1".repeat(100));
+    let c = socks_a
+        .redirected_connect(mesh.a_ip, pa.addresses().outbound, sa(mesh.b_ip, 8080))
+        .await
+        .unwrap();
+    assert_eq!(echo_roundtrip(c, data.clone()).await.unwrap(), *data);
+    let c = socks_b
+        .redirected_connect(
+            mesh.plain_ip,
+            pb.addresses().inbound_plain,
+            sa(mesh.b_ip, 8080),
+        )
+        .await
+        .unwrap();
+    assert_eq!(echo_roundtrip(c, data.clone()).await.unwrap(), *data);
+    // The inbound side knew both ends.
+    wait_for("inbound access logs", || {
+        log_lines(&[
+            "connection complete",
+            "direction=\"inbound\"",
+            "src.addr=127.77.10.",
+            "dst.workload=\"b\"",
+        ])
+        .len()
+            >= 2
+    })
+    .await;
+    let hbone = log_lines(&[
+        "connection complete",
+        "direction=\"inbound\"",
+        "src.addr=127.77.10.1:",
+    ]);
+    assert!(hbone[0].contains("src.workload=\"a\""), "{hbone:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_connections_and_large_transfer_keep_data_intact() {
     let mesh = Mesh::new("127.77.3", |_| {});

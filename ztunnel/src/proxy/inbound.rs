@@ -44,6 +44,8 @@ use crate::telemetry::{
 struct Peer {
     addr: SocketAddr,
     local: SocketAddr,
+    /// The network of the served workload at `local`: where targets are looked up.
+    network: String,
     identity: Identity,
     workload: Option<Arc<Workload>>,
 }
@@ -65,9 +67,9 @@ pub(super) async fn handle(
     let snap = ctx.inputs.state.snapshot();
     let local_identity = match &ctx.scope {
         ProxyScope::Workload(_) => ctx.local_identity(&snap),
-        ProxyScope::Node => match snap.workload_by_ip("", local.ip()) {
-            Some(w) if ctx.serves(w) => w.identity(),
-            _ => {
+        ProxyScope::Node => match ctx.served_at(&snap, local.ip()) {
+            Some(w) => w.identity(),
+            None => {
                 tracing::warn!(src = %peer, dst = %local, "inbound: no workload of this node at the destination address; closing");
                 metrics.refused(Direction::Inbound, RefusalReason::upstream_unavailable);
                 return;
@@ -104,8 +106,10 @@ pub(super) async fn handle(
     // A workload may present only its own certificate from its own address; a peer node
     // proxy (TPROXY mode without original source) those of its node's workloads: see
     // `source_check`.
+    let network = ctx.local_network(&snap, local.ip());
     let src_workload = match check_source(
         &snap,
+        &network,
         peer.ip(),
         &peer_identity,
         &ctx.inputs.cfg.trusted_node_accounts,
@@ -132,6 +136,7 @@ pub(super) async fn handle(
     let shared = Arc::new(Peer {
         addr: peer,
         local,
+        network,
         identity: peer_identity,
         workload: src_workload,
     });
@@ -202,7 +207,7 @@ async fn handle_stream(
         );
     }
     let snap = ctx.inputs.state.snapshot();
-    let upstream_addr = match destination(&snap, peer.local, target) {
+    let upstream_addr = match destination(&snap, &peer.network, peer.local, target) {
         Ok(a) => a,
         Err(why) => {
             return reject(
@@ -213,12 +218,19 @@ async fn handle_stream(
             );
         }
     };
-    let Some(dst_workload) = snap.workload_by_ip("", upstream_addr.ip()).cloned() else {
+    let Some(dst_workload) = snap
+        .workload_by_ip(&peer.network, upstream_addr.ip())
+        .cloned()
+    else {
         return reject(
             respond,
             StatusCode::SERVICE_UNAVAILABLE,
             RefusalReason::upstream_unavailable,
-            &format!("no workload at {}", upstream_addr.ip()),
+            &format!(
+                "no workload at {} on network {:?}",
+                upstream_addr.ip(),
+                peer.network
+            ),
         );
     };
     if !ctx.serves(&dst_workload) {
@@ -353,6 +365,7 @@ async fn handle_stream(
 /// the target's port. Anything else is refused (400), as upstream's destination validation.
 fn destination(
     snap: &Snapshot,
+    network: &str,
     local: SocketAddr,
     target: SocketAddr,
 ) -> Result<SocketAddr, String> {
@@ -360,7 +373,7 @@ fn destination(
         return Ok(target);
     }
     let local_is_waypoint = snap
-        .waypoint_of_address("", target.ip())
+        .waypoint_of_address(network, target.ip())
         .is_some_and(|gw| snap.gateway_contains(gw, |w| w.workload_ips.contains(&local.ip())));
     if local_is_waypoint {
         Ok(SocketAddr::new(local.ip(), target.port()))
@@ -410,27 +423,27 @@ services:
         let a = |s: &str| s.parse::<SocketAddr>().unwrap();
         // Normal case: the authority is the address reached.
         assert_eq!(
-            destination(&snap, a("10.0.0.1:15008"), a("10.0.0.1:8080")),
+            destination(&snap, "", a("10.0.0.1:15008"), a("10.0.0.1:8080")),
             Ok(a("10.0.0.1:8080"))
         );
         // The service's waypoint (captured) receives VIP:port and a workload's address.
         assert_eq!(
-            destination(&snap, a("10.0.0.50:15008"), a("10.96.0.1:80")),
+            destination(&snap, "", a("10.0.0.50:15008"), a("10.96.0.1:80")),
             Ok(a("10.0.0.50:80"))
         );
         assert_eq!(
-            destination(&snap, a("10.0.0.50:15008"), a("10.0.0.2:9000")),
+            destination(&snap, "", a("10.0.0.50:15008"), a("10.0.0.2:9000")),
             Ok(a("10.0.0.50:9000"))
         );
         // Anyone else asking for a VIP or another pod is refused, naming both addresses.
-        let err = destination(&snap, a("10.0.0.1:15008"), a("10.96.0.1:80")).unwrap_err();
+        let err = destination(&snap, "", a("10.0.0.1:15008"), a("10.96.0.1:80")).unwrap_err();
         assert!(
             err.contains("10.96.0.1:80") && err.contains("10.0.0.1"),
             "{err}"
         );
-        assert!(destination(&snap, a("10.0.0.50:15008"), a("10.96.0.2:80")).is_err());
-        assert!(destination(&snap, a("10.0.0.50:15008"), a("10.0.0.1:8080")).is_err());
-        assert!(destination(&snap, a("10.0.0.2:15008"), a("10.0.0.1:8080")).is_err());
+        assert!(destination(&snap, "", a("10.0.0.50:15008"), a("10.96.0.2:80")).is_err());
+        assert!(destination(&snap, "", a("10.0.0.50:15008"), a("10.0.0.1:8080")).is_err());
+        assert!(destination(&snap, "", a("10.0.0.2:15008"), a("10.0.0.1:8080")).is_err());
     }
 
     #[test]

@@ -37,15 +37,18 @@ pub(super) async fn handle(
         return;
     }
     let snap = ctx.inputs.state.snapshot();
-    let dst_workload = match snap.workload_by_ip("", target.ip()) {
-        Some(w) if ctx.serves(w) => w.clone(),
-        _ => {
+    // The served workload on whichever network it is (a plaintext peer shares it).
+    let dst_workload = match ctx.served_at(&snap, target.ip()) {
+        Some(w) => w.clone(),
+        None => {
             tracing::warn!(src = %peer, dst = %target, "inbound plaintext: no workload served by this proxy at the destination; closing");
             metrics.refused(Direction::Inbound, RefusalReason::upstream_unavailable);
             return;
         }
     };
-    let src_workload = snap.workload_by_ip("", peer.ip()).cloned();
+    let src_workload = snap
+        .workload_by_ip(&dst_workload.network, peer.ip())
+        .cloned();
     let dst_service = snap
         .guess_inbound_service(&dst_workload, None, target.port())
         .map(|s| ServiceInfo::from_service(&s));

@@ -373,6 +373,25 @@ impl ProxyCtx {
         }
     }
 
+    /// The workload this proxy serves at `ip`, on whichever network it is.
+    fn served_at<'a>(&self, snap: &'a Snapshot, ip: IpAddr) -> Option<&'a Arc<Workload>> {
+        snap.networks()
+            .filter_map(|n| snap.workload_by_ip(n, ip))
+            .find(|w| self.serves(w))
+    }
+
+    /// The network inbound lookups use for a connection that reached `local_ip`: the served
+    /// workload's (upstream uses the connection's destination network); `""` while the
+    /// state does not know it.
+    fn local_network(&self, snap: &Snapshot, local_ip: IpAddr) -> String {
+        match &self.scope {
+            ProxyScope::Workload(_) => self.local_workload(snap),
+            ProxyScope::Node => self.served_at(snap, local_ip),
+        }
+        .map(|w| w.network.clone())
+        .unwrap_or_default()
+    }
+
     /// Whether `w` is a workload this proxy serves.
     fn serves(&self, w: &Workload) -> bool {
         match &self.scope {

@@ -178,7 +178,11 @@ pub(super) async fn handle(
     let snap = ctx.inputs.state.snapshot();
     let src_workload = match &ctx.scope {
         ProxyScope::Workload(_) => ctx.local_workload(&snap).cloned(),
-        ProxyScope::Node => snap.workload_by_ip("", peer.ip()).cloned(),
+        // The source is a workload of this node, on its own network.
+        ProxyScope::Node => ctx
+            .served_at(&snap, peer.ip())
+            .or_else(|| snap.workload_by_ip("", peer.ip()))
+            .cloned(),
     };
     let src_identity = match (&ctx.scope, &src_workload) {
         (_, Some(w)) => w.identity(),

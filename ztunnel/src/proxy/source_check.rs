@@ -74,14 +74,16 @@ pub(super) fn is_node_proxy(w: &Workload, accounts: &[NodeProxyAccount]) -> bool
         .any(|a| a.namespace == w.namespace && a.service_account == w.service_account)
 }
 
-/// Applies the rule above to a client at `src` that proved `presented`.
+/// Applies the rule above to a client at `src` on `network` (the served workload's: a
+/// direct peer shares it) that proved `presented`.
 pub(super) fn check_source(
     snap: &Snapshot,
+    network: &str,
     src: IpAddr,
     presented: &Identity,
     node_proxies: &[NodeProxyAccount],
 ) -> Result<Source, SourceMismatch> {
-    let Some(w) = snap.workload_by_ip("", src) else {
+    let Some(w) = snap.workload_by_ip(network, src) else {
         return Ok(Source::Workload(None));
     };
     let own = w.identity();
@@ -143,7 +145,13 @@ workloads:
     }
 
     fn check(src: &str, presented: &Identity) -> Result<Source, SourceMismatch> {
-        check_source(&snapshot(), src.parse().unwrap(), presented, &accounts())
+        check_source(
+            &snapshot(),
+            "",
+            src.parse().unwrap(),
+            presented,
+            &accounts(),
+        )
     }
 
     #[test]
@@ -200,6 +208,7 @@ workloads:
         assert!(
             check_source(
                 &snapshot(),
+                "",
                 "10.244.1.3".parse().unwrap(),
                 &id("ns", "sa-a"),
                 &[]

@@ -49,6 +49,8 @@ pub struct Snapshot {
     by_name: HashMap<(String, String), Vec<Arc<Workload>>>,
     services: HashMap<NamespacedHostname, Arc<Service>>,
     by_vip: HashMap<NetworkAddress, Arc<Service>>,
+    /// The networks of the workloads indexed by address, sorted (usually one: `""`).
+    networks: Vec<String>,
     endpoints: HashMap<NamespacedHostname, Vec<Endpoint>>,
     policies: Arc<PolicySet>,
 }
@@ -109,6 +111,11 @@ impl Snapshot {
             },
         };
         Some((ep.workload.clone(), target))
+    }
+
+    /// The networks workload addresses are indexed under (sorted, distinct).
+    pub fn networks(&self) -> impl Iterator<Item = &str> {
+        self.networks.iter().map(String::as_str)
     }
 
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
@@ -266,6 +273,9 @@ fn build_snapshot(
                 });
         }
     }
+    let mut networks: Vec<String> = by_ip.keys().map(|a| a.network.clone()).collect();
+    networks.sort();
+    networks.dedup();
     let mut by_vip = HashMap::new();
     for s in services.values() {
         for vip in &s.vips {
@@ -284,6 +294,7 @@ fn build_snapshot(
         by_name,
         services,
         by_vip,
+        networks,
         endpoints,
         policies,
     }
@@ -470,6 +481,21 @@ mod tests {
         assert!(s.find_workload(&info, Some("n2")).is_none());
         let wrong_sa: WorkloadInfo = "ns/b/other".parse().unwrap();
         assert!(s.find_workload(&wrong_sa, None).is_none());
+        assert_eq!(s.networks().collect::<Vec<_>>(), [""]);
+    }
+
+    #[test]
+    fn workloads_are_indexed_by_their_network() {
+        let store = Store::new();
+        let mut a = workload("a", "ns", "a", "10.0.0.1");
+        a.network = "net1".into();
+        let b = workload("b", "ns", "b", "10.0.0.1");
+        store.source("file").replace_all(vec![a, b], vec![], vec![]);
+        let s = store.snapshot();
+        let ip = "10.0.0.1".parse().unwrap();
+        assert_eq!(s.workload_by_ip("net1", ip).unwrap().uid, "a");
+        assert_eq!(s.workload_by_ip("", ip).unwrap().uid, "b");
+        assert_eq!(s.networks().collect::<Vec<_>>(), ["", "net1"]);
     }
 
     #[test]
