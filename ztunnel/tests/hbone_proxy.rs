@@ -572,3 +572,87 @@ async fn idle_pooled_connections_are_released() {
         .unwrap();
     assert_eq!(echo_roundtrip(c, data.clone()).await.unwrap(), *data);
 }
+
+/// Writes `data` on `c` and reads the same number of bytes back (the socket stays open).
+async fn echo_open(c: &mut TcpStream, data: &[u8]) {
+    c.write_all(data).await.unwrap();
+    let mut back = vec![0u8; data.len()];
+    c.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, data);
+}
+
+// The byte counters grow while connections are open (HBONE and plaintext copies, both
+// reporters), and a connection closed by a forced drain still counts every byte it copied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_metrics_count_open_connections_and_forced_drains() {
+    let mesh = Mesh::new("127.77.9", |_| {});
+    let _echo = echo_server(sa(mesh.b_ip, 8080)).await;
+    let _plain = echo_server(sa(mesh.plain_ip, 9000)).await;
+    let (pa, socks) = mesh.proxy("a").await;
+    let (_pb, _) = mesh.proxy("b").await;
+    let outbound = pa.addresses().outbound;
+    let mut hbone = socks
+        .redirected_connect(mesh.a_ip, outbound, sa(mesh.b_ip, 8080))
+        .await
+        .unwrap();
+    let mut plain = socks
+        .redirected_connect(mesh.a_ip, outbound, sa(mesh.plain_ip, 9000))
+        .await
+        .unwrap();
+    echo_open(&mut hbone, &[1u8; 1000]).await;
+    echo_open(&mut plain, &[2u8; 1000]).await;
+
+    let bytes = |name: &str, reporter: &str, dst: &str| {
+        let reporter = format!("reporter=\"{reporter}\"");
+        let dst = format!("destination_workload=\"{dst}\"");
+        mesh.metric(name, &[&reporter, &dst])
+    };
+    let series = [("source", "b"), ("destination", "b"), ("source", "plain")];
+    let all_at = |n: u64| {
+        series.iter().all(|(r, d)| {
+            bytes("istio_tcp_received_bytes_total", r, d) == n
+                && bytes("istio_tcp_sent_bytes_total", r, d) == n
+        })
+    };
+    wait_for("1000 bytes each way in every series, sockets open", || {
+        all_at(1000)
+    })
+    .await;
+    assert_eq!(
+        mesh.metric("istio_tcp_connections_closed_total", &[]),
+        0,
+        "{}",
+        mesh.metrics_text()
+    );
+    assert_eq!(
+        mesh.metric("istio_tcp_sockets_open", &["reporter=\"source\""]),
+        2
+    );
+    assert_eq!(
+        mesh.metric("istio_tcp_sockets_open", &["reporter=\"destination\""]),
+        1
+    );
+
+    // More bytes, not scraped before the drain drops the connection tasks.
+    echo_open(&mut hbone, &[3u8; 500]).await;
+    echo_open(&mut plain, &[4u8; 500]).await;
+    pa.drain(Duration::from_millis(300)).await;
+    wait_for("1500 bytes each way after the forced drain", || {
+        all_at(1500)
+    })
+    .await;
+    assert!(
+        log_lines(&[
+            "connection complete",
+            "connection aborted",
+            "bytes_sent=1500"
+        ])
+        .len()
+            >= 2,
+        "the access log of the dropped connections counts their bytes"
+    );
+    wait_for("no socket open", || {
+        mesh.metric("istio_tcp_sockets_open", &[]) == 0
+    })
+    .await;
+}

@@ -2,8 +2,9 @@
 //!
 //! Every accepted connection (and every inbound HBONE stream) is entered with its source;
 //! once the proxy knows where it goes and the bytes start flowing, [`ConnGuard::set_tunnel`]
-//! adds the destination, identities and service, and the copy counts bytes into
-//! [`ConnGuard::counters`], so `/debug/connections` shows live byte counts and ages.
+//! adds the destination, identities and service and hands the counters to the
+//! connection's telemetry; the copy counts bytes into [`ConnGuard::counters`], so
+//! `/debug/connections` and the byte metrics show live counts.
 //! Authorized inbound connections also carry what they were authorized with
 //! ([`ConnGuard::set_authorized`]), for the policy watcher ([`super::policy_watch`]).
 
@@ -17,7 +18,7 @@ use tokio::sync::Notify;
 
 use super::policy_watch::Authorized;
 use crate::hbone::ByteCounters;
-use crate::telemetry::{ConnectionInfo, Direction};
+use crate::telemetry::{ByteSource, ConnectionTelemetry, Direction};
 
 /// One open connection as `/debug/connections` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -192,10 +193,13 @@ impl ConnGuard {
         self.update(|e| e.summary.dst = Some(dst));
     }
 
-    /// Records where the connection goes and who the ends are. `request_to_tunnel`: the
-    /// copy's `to_tunnel` direction is source → destination (outbound), not the reverse
-    /// (inbound HBONE streams).
-    pub fn set_tunnel(&self, info: &ConnectionInfo, request_to_tunnel: bool) {
+    /// Records where the connection goes and who the ends are, and lets `tele`'s byte
+    /// metrics follow this connection's counters. `request_to_tunnel`: the copy's
+    /// `to_tunnel` direction is source → destination (outbound), not the reverse (inbound
+    /// HBONE streams).
+    pub fn set_tunnel(&self, tele: &mut ConnectionTelemetry, request_to_tunnel: bool) {
+        self.count_bytes(tele, request_to_tunnel);
+        let info = tele.info();
         self.update(|e| {
             let s = &mut e.summary;
             s.dst = Some(info.dst_addr);
@@ -214,9 +218,20 @@ impl ConnGuard {
         self.update(|e| e.authorized = Some(auth));
     }
 
+    /// Lets one more telemetry (node-local: both reporters) count this connection's bytes.
+    pub fn count_bytes(&self, tele: &mut ConnectionTelemetry, request_to_tunnel: bool) {
+        tele.count_bytes(self.counters.clone(), request_to_tunnel);
+    }
+
     /// Where the copy of this connection counts its bytes.
     pub fn counters(&self) -> &ByteCounters {
         &self.counters
+    }
+}
+
+impl ByteSource for ByteCounters {
+    fn load(&self) -> (u64, u64) {
+        ByteCounters::load(self)
     }
 }
 
@@ -268,7 +283,9 @@ mod tests {
     #[test]
     fn tunnel_details_and_live_bytes() {
         use crate::identity::Identity;
-        use crate::telemetry::{ConnectionInfo, PeerInfo, ServiceInfo};
+        use crate::telemetry::{ConnectionInfo, PeerInfo, ProxyMetrics, ServiceInfo};
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(ProxyMetrics::new(&mut registry));
         let t = Arc::new(ConnTracker::default());
         let info = ConnectionInfo {
             direction: Direction::Inbound,
@@ -290,7 +307,8 @@ mod tests {
         };
         let g = t.enter(Direction::Inbound, "hbone_stream", info.src_addr);
         // Inbound: the copy's "to tunnel" side is the response.
-        g.set_tunnel(&info, false);
+        let mut tele = ConnectionTelemetry::open(&metrics, info);
+        g.set_tunnel(&mut tele, false);
         g.counters().to_tunnel.fetch_add(7, Ordering::Relaxed);
         g.counters().from_tunnel.fetch_add(100, Ordering::Relaxed);
         let c = &t.list()[0];
@@ -303,5 +321,20 @@ mod tests {
         let json = serde_json::to_value(c).unwrap();
         assert_eq!(json["bytes_sent"], 100);
         assert!(json["age_ms"].is_u64());
+        // The byte metrics see the same live counts, request = received, before the close.
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let value = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(value("istio_tcp_received_bytes_total{"), "100");
+        assert_eq!(value("istio_tcp_sent_bytes_total{"), "7");
+        tele.close(100, 7, None);
     }
 }

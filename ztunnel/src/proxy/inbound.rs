@@ -341,7 +341,7 @@ async fn handle_stream(
     };
     tele.established();
     // Inbound: the copy's "to tunnel" direction is destination → source.
-    guard.set_tunnel(tele.info(), false);
+    guard.set_tunnel(&mut tele, false);
     let stream = H2Stream::new(send, req.into_body());
     tokio::select! {
         // Inbound: the tunnel carries source → destination bytes.

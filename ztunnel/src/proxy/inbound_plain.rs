@@ -107,7 +107,7 @@ pub(super) async fn handle(
         }
     };
     tele.established();
-    guard.set_tunnel(tele.info(), true);
+    guard.set_tunnel(&mut tele, true);
     tokio::select! {
         out = super::copy::copy_tcp(&mut client, &mut upstream, guard.counters()) => {
             tele.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());

@@ -111,7 +111,8 @@ pub(super) async fn handle(
     outbound.established();
     inbound.established();
     tracing::debug!(src = %c.peer, dst = %c.target, "outbound: node-local fast path");
-    guard.set_tunnel(outbound.info(), true);
+    guard.set_tunnel(&mut outbound, true);
+    guard.count_bytes(&mut inbound, true);
     tokio::select! {
         out = super::copy::copy_tcp(&mut client, &mut upstream, guard.counters()) => {
             outbound.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());

@@ -265,7 +265,7 @@ pub(super) async fn handle(
                     }
                 };
             tele.established();
-            guard.set_tunnel(tele.info(), true);
+            guard.set_tunnel(&mut tele, true);
             let out = super::copy::copy_tcp(&mut client, &mut upstream, guard.counters()).await;
             tele.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());
         }
@@ -374,7 +374,7 @@ pub(super) async fn handle(
                 }
             };
             tele.established();
-            guard.set_tunnel(tele.info(), true);
+            guard.set_tunnel(&mut tele, true);
             let out = hbone::copy_tcp_h2(&mut client, stream, guard.counters()).await;
             tele.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());
         }

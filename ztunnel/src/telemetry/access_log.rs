@@ -11,12 +11,20 @@
 //! service/revision, the destination service labels come from the Service object the
 //! connection was for; `response_flags` is `-` on the opened counter and `DENY` / `CONNECT`
 //! on the closed (and failed) counters of connections that ended that way.
+//!
+//! Byte counters grow while the connection is open: once the copy starts, the proxy hands
+//! its live counters over with [`ConnectionTelemetry::count_bytes`] and every scrape adds
+//! what was copied since the previous one (see [`super::live`]); closing or dropping the
+//! telemetry adds the rest. `istio_tcp_sockets_open` counts open connections per reporter.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::metrics::{ProxyMetrics, Reporter, ResponseFlags, TrafficLabels};
+use prometheus_client::metrics::gauge::Gauge;
+
+use super::live::{ByteSource, Live};
+use super::metrics::{ProxyMetrics, Reporter, ResponseFlags, SocketLabels, TrafficLabels};
 use crate::identity::Identity;
 use crate::state::{Service, Workload};
 
@@ -113,12 +121,15 @@ pub struct ConnectionInfo {
 }
 
 impl ConnectionInfo {
-    fn labels(&self) -> TrafficLabels {
-        let reporter = match self.direction {
+    fn reporter(&self) -> Reporter {
+        match self.direction {
             Direction::Outbound => Reporter::source,
             Direction::Inbound => Reporter::destination,
-        };
-        let mut l = TrafficLabels::unknown(reporter);
+        }
+    }
+
+    fn labels(&self) -> TrafficLabels {
+        let mut l = TrafficLabels::unknown(self.reporter());
         let set = |slot: &mut String, v: &Option<String>| {
             if let Some(v) = v {
                 slot.clone_from(v);
@@ -171,11 +182,16 @@ impl ConnectionInfo {
 }
 
 /// Telemetry of one open connection. Call [`Self::close`] when it ends; dropping it without
-/// closing (task cancelled, drain deadline) records it as failed with "connection aborted".
+/// closing (task cancelled, drain deadline) records it as failed with "connection aborted",
+/// with the bytes its copy moved (see [`Self::count_bytes`]).
 pub struct ConnectionTelemetry {
     info: ConnectionInfo,
     labels: TrafficLabels,
     metrics: Arc<ProxyMetrics>,
+    /// `istio_tcp_sockets_open` of this connection's reporter.
+    socket_gauge: Gauge,
+    /// Id in `metrics.live` once the copy's bytes are counted.
+    live: Option<u64>,
     start: Instant,
     established: bool,
     closed: bool,
@@ -186,7 +202,13 @@ impl ConnectionTelemetry {
     pub fn open(metrics: &Arc<ProxyMetrics>, info: ConnectionInfo) -> Self {
         let labels = info.labels();
         metrics.connections_opened.get_or_create(&labels).inc();
-        metrics.sockets_open.inc();
+        let socket_gauge = metrics
+            .sockets_open
+            .get_or_create(&SocketLabels {
+                reporter: info.reporter(),
+            })
+            .clone();
+        socket_gauge.inc();
         tracing::debug!(
             target: "access",
             {
@@ -208,6 +230,8 @@ impl ConnectionTelemetry {
             info,
             labels,
             metrics: metrics.clone(),
+            socket_gauge,
+            live: None,
             start: Instant::now(),
             established: false,
             closed: false,
@@ -223,10 +247,33 @@ impl ConnectionTelemetry {
         &self.info
     }
 
+    /// From now on the byte counters follow `source`, the copy's live counters (read at
+    /// every scrape and at the end; the copy itself only adds to its atomics).
+    /// `request_to_tunnel`: the source's `to_tunnel` direction is source → destination.
+    /// Only the first call counts.
+    pub fn count_bytes(&mut self, source: Arc<dyn ByteSource>, request_to_tunnel: bool) {
+        if self.live.is_some() || self.closed {
+            return;
+        }
+        let m = &self.metrics;
+        let mut live = Live {
+            source,
+            request_to_tunnel,
+            base: (0, 0),
+            flushed: (0, 0),
+            received: m.received_bytes.get_or_create(&self.labels).clone(),
+            sent: m.sent_bytes.get_or_create(&self.labels).clone(),
+        };
+        live.base = live.totals();
+        live.flushed = live.base;
+        self.live = Some(m.live.enter(live));
+    }
+
     /// Records the end of the connection: counters and the access-log line.
-    /// `sent` = source → destination bytes, `recv` = destination → source bytes.
+    /// `sent` = source → destination bytes, `recv` = destination → source bytes. After
+    /// [`Self::count_bytes`], the byte counters take what the live counters show instead.
     pub fn close(mut self, sent: u64, recv: u64, error: Option<&str>) {
-        self.record(sent, recv, error);
+        self.record(Some((sent, recv)), error);
     }
 
     /// [`Self::close`] with a `response_flags` value on the closed/failed counters.
@@ -238,26 +285,35 @@ impl ConnectionTelemetry {
         flag: ResponseFlags,
     ) {
         self.labels.response_flags = flag.as_str().to_string();
-        self.record(sent, recv, error);
+        self.record(Some((sent, recv)), error);
     }
 
-    fn record(&mut self, sent: u64, recv: u64, error: Option<&str>) {
+    /// `bytes`: `(sent, recv)` as the caller knows them; `None` (dropped): what the live
+    /// counters show.
+    fn record(&mut self, bytes: Option<(u64, u64)>, error: Option<&str>) {
         if self.closed {
             return;
         }
         self.closed = true;
         let m = &self.metrics;
-        m.sockets_open.dec();
+        self.socket_gauge.dec();
         m.connections_closed.get_or_create(&self.labels).inc();
         if error.is_some() && !self.established {
             m.connections_failed.get_or_create(&self.labels).inc();
         }
-        if sent > 0 {
-            m.received_bytes.get_or_create(&self.labels).inc_by(sent);
+        // Counted live: the final flush adds the rest. Otherwise the caller's numbers.
+        let counted = self.live.take().and_then(|id| m.live.finish(id));
+        if counted.is_none()
+            && let Some((sent, recv)) = bytes
+        {
+            if sent > 0 {
+                m.received_bytes.get_or_create(&self.labels).inc_by(sent);
+            }
+            if recv > 0 {
+                m.sent_bytes.get_or_create(&self.labels).inc_by(recv);
+            }
         }
-        if recv > 0 {
-            m.sent_bytes.get_or_create(&self.labels).inc_by(recv);
-        }
+        let (sent, recv) = bytes.or(counted).unwrap_or((0, 0));
         let info = &self.info;
         let duration = format!("{}ms", self.start.elapsed().as_millis());
         macro_rules! access {
@@ -294,7 +350,7 @@ impl ConnectionTelemetry {
 
 impl Drop for ConnectionTelemetry {
     fn drop(&mut self) {
-        self.record(0, 0, Some("connection aborted"));
+        self.record(None, Some("connection aborted"));
     }
 }
 

@@ -2,13 +2,18 @@
 //!
 //! Byte counters follow Istio's convention, from the destination's point of view:
 //! `istio_tcp_received_bytes_total` counts request bytes (source → destination),
-//! `istio_tcp_sent_bytes_total` response bytes (destination → source).
+//! `istio_tcp_sent_bytes_total` response bytes (destination → source). They grow while a
+//! connection is open (flushed from the copy's counters at every scrape, see
+//! [`super::live`]), not only when it closes.
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+use super::live::{ByteFamilies, LiveConnections};
 
 /// Which side reports.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -123,6 +128,12 @@ pub enum RefusalReason {
     no_identity,
 }
 
+/// `istio_tcp_sockets_open` labels (upstream's: the reporter only).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SocketLabels {
+    pub reporter: Reporter,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
     pub direction: &'static str,
@@ -137,7 +148,10 @@ pub struct ProxyMetrics {
     pub connections_failed: Family<TrafficLabels, Counter>,
     pub received_bytes: Family<TrafficLabels, Counter>,
     pub sent_bytes: Family<TrafficLabels, Counter>,
-    pub sockets_open: Gauge,
+    /// Connections whose copy is running: their bytes are flushed into the two families
+    /// above at every scrape.
+    pub live: Arc<LiveConnections>,
+    pub sockets_open: Family<SocketLabels, Gauge>,
     pub refused: Family<RefusalLabels, Counter>,
 }
 
@@ -162,16 +176,11 @@ impl ProxyMetrics {
             "The total number of TCP connections that failed to establish",
             m.connections_failed.clone(),
         );
-        istio.register(
-            "tcp_received_bytes",
-            "The size of total bytes received during request in case of a TCP connection",
-            m.received_bytes.clone(),
-        );
-        istio.register(
-            "tcp_sent_bytes",
-            "The size of total bytes sent during response in case of a TCP connection",
-            m.sent_bytes.clone(),
-        );
+        istio.register_collector(Box::new(ByteFamilies {
+            live: m.live.clone(),
+            received: m.received_bytes.clone(),
+            sent: m.sent_bytes.clone(),
+        }));
         istio.register(
             "tcp_sockets_open",
             "The current number of open proxied TCP connections",

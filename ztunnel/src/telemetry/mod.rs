@@ -5,12 +5,16 @@
 //! - [`ConnectionTelemetry::open`] at the start of a connection (counts it opened, logs
 //!   "connection opened" at debug), [`ConnectionTelemetry::close`] at its end (closed and
 //!   byte counters, the access-log line at info, or at error with `error=`);
+//!   [`ConnectionTelemetry::count_bytes`] once the copy starts, so the byte counters grow
+//!   while the connection is open (flushed at every scrape, [`live`]);
 //! - [`metrics::ProxyMetrics::refused`] for connections refused before they had a destination
 //!   (TLS failures, identity mismatches, malformed requests).
 
 pub mod access_log;
+pub mod live;
 pub mod logging;
 pub mod metrics;
 
 pub use access_log::{ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, ServiceInfo};
+pub use live::ByteSource;
 pub use metrics::{ProxyMetrics, RefusalReason, Reporter, ResponseFlags, TrafficLabels};
