@@ -6,6 +6,10 @@
 //! lifetime has passed, then renews. Failures back off exponentially (capped at 150 s) while
 //! the current certificate stays in use until it expires. TLS configurations are built per
 //! handshake from the current certificate, so rotation never touches open connections.
+//!
+//! Workloads on this ztunnel [`SecretManager::hold`] their namespace/service account while
+//! they run; when the last holder of an account goes (replicas share one), its certificates
+//! are forgotten: no more renewals, gone from `/config_dump`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -49,6 +53,27 @@ pub struct SecretManager {
     provider: Arc<dyn CertificateProvider>,
     ttl: Duration,
     entries: Mutex<HashMap<Identity, Arc<Entry>>>,
+    /// Workloads running on this ztunnel per (namespace, service account).
+    holders: Mutex<HashMap<(String, String), usize>>,
+}
+
+/// A workload running as one namespace/service account (see [`SecretManager::hold`]).
+/// Dropping the last one of an account forgets its certificates.
+pub struct AccountHold {
+    manager: Arc<SecretManager>,
+    account: (String, String),
+}
+
+impl std::fmt::Debug for AccountHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AccountHold({}/{})", self.account.0, self.account.1)
+    }
+}
+
+impl Drop for AccountHold {
+    fn drop(&mut self) {
+        self.manager.release(&self.account);
+    }
 }
 
 /// What `/config_dump` shows for one identity.
@@ -76,6 +101,7 @@ impl SecretManager {
             provider,
             ttl,
             entries: Mutex::new(HashMap::new()),
+            holders: Mutex::new(HashMap::new()),
         })
     }
 
@@ -138,6 +164,62 @@ impl SecretManager {
             && let Some(task) = entry.task.lock().unwrap_or_else(|e| e.into_inner()).take()
         {
             task.abort();
+        }
+    }
+
+    /// Marks a workload running on this ztunnel as `namespace`/`service_account`. Its
+    /// certificates (any trust domain) are kept and renewed while at least one hold of the
+    /// account is alive; dropping the last one forgets them. Replicas share an account, so
+    /// each running workload holds its own.
+    pub fn hold(self: &Arc<Self>, namespace: &str, service_account: &str) -> AccountHold {
+        let account = (namespace.to_string(), service_account.to_string());
+        *self
+            .holders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(account.clone())
+            .or_insert(0) += 1;
+        AccountHold {
+            manager: self.clone(),
+            account,
+        }
+    }
+
+    /// How many running workloads hold `namespace`/`service_account`.
+    pub fn holders(&self, namespace: &str, service_account: &str) -> usize {
+        self.holders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(namespace.to_string(), service_account.to_string()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn release(&self, account: &(String, String)) {
+        // Held across the forget, so a new hold of the account cannot race with it.
+        let mut holders = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(n) = holders.get_mut(account) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        holders.remove(account);
+        let gone: Vec<Identity> = self
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .filter(|id| id.namespace() == account.0 && id.service_account() == account.1)
+            .cloned()
+            .collect();
+        for identity in gone {
+            self.forget(&identity);
+            tracing::info!(
+                %identity,
+                "no workload on this node uses the identity any more: certificate dropped"
+            );
         }
     }
 
@@ -382,5 +464,85 @@ mod tests {
             assert_eq!(dump[0].identity, id.to_string());
             assert!(dump[0].expiration.is_some() && dump[0].refresh_at.is_some());
         }
+    }
+
+    /// A provider that counts what it signs, per identity.
+    struct Counting {
+        ca: Arc<LocalCa>,
+        signed: Mutex<HashMap<Identity, usize>>,
+    }
+
+    impl Counting {
+        fn count(&self, id: &Identity) -> usize {
+            self.signed.lock().unwrap().get(id).copied().unwrap_or(0)
+        }
+    }
+
+    impl CertificateProvider for Counting {
+        fn name(&self) -> &str {
+            "counting"
+        }
+        fn sign(&self, request: CertificateRequest) -> super::super::provider::SignFuture<'_> {
+            *self
+                .signed
+                .lock()
+                .unwrap()
+                .entry(request.identity.clone())
+                .or_insert(0) += 1;
+            self.ca.sign(request)
+        }
+    }
+
+    /// Replicas share an account: the certificate is renewed while one still holds it, and
+    /// forgotten (no renewal, not in the dump) once the last one is gone; other accounts
+    /// are untouched.
+    #[tokio::test]
+    async fn last_holder_gone_forgets_the_identity() {
+        let provider = Arc::new(Counting {
+            ca: local_ca("ec"),
+            signed: Mutex::new(HashMap::new()),
+        });
+        // Shorter than the CA's back-dating: renewed every MIN_REFRESH.
+        let certs = SecretManager::new(provider.clone(), Duration::from_secs(2));
+        let id = Identity::new("cluster.local", "ns1", "sa1");
+        let other = Identity::new("cluster.local", "ns1", "sa2");
+        let replica_1 = certs.hold("ns1", "sa1");
+        let replica_2 = certs.hold("ns1", "sa1");
+        let _other = certs.hold("ns1", "sa2");
+        assert_eq!(certs.holders("ns1", "sa1"), 2);
+        certs.fetch_certificate(&id).await.unwrap();
+        certs.fetch_certificate(&other).await.unwrap();
+        let listed = |certs: &SecretManager, id: &Identity| {
+            certs.dump().iter().any(|d| d.identity == id.to_string())
+        };
+        let wait = MIN_REFRESH + Duration::from_millis(700);
+
+        drop(replica_1);
+        let before = provider.count(&id);
+        tokio::time::sleep(wait).await;
+        assert!(
+            provider.count(&id) > before,
+            "still renewed for the replica"
+        );
+        assert!(listed(&certs, &id));
+
+        drop(replica_2);
+        assert_eq!(certs.holders("ns1", "sa1"), 0);
+        assert!(!listed(&certs, &id), "forgotten at once");
+        assert!(certs.current(&id).is_none());
+        let after = provider.count(&id);
+        let other_before = provider.count(&other);
+        tokio::time::sleep(wait).await;
+        assert_eq!(
+            provider.count(&id),
+            after,
+            "no CSR after the last holder left"
+        );
+        assert!(!listed(&certs, &id));
+        assert!(
+            provider.count(&other) > other_before,
+            "other account renewed"
+        );
+        assert!(listed(&certs, &other));
     }
 }

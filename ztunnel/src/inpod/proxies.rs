@@ -5,6 +5,11 @@
 //! Stopping a workload (Del, snapshot drain, duplicate Add in a new netns)
 //! removes it at once and drains it in the background for the grace period,
 //! so the ZDS answer is never delayed by open connections.
+//!
+//! Each running workload holds its namespace/service account in the certificate
+//! manager ([`crate::identity::SecretManager::hold`]) until its proxy has drained:
+//! when the last workload of an account leaves this node, its certificates stop
+//! being renewed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,7 +22,26 @@ use super::netns::InpodNetns;
 use super::socket_factory::InpodSocketFactory;
 use super::state::{StartError, WorkloadProxyManager};
 use crate::config::WorkloadInfo;
+use crate::identity::manager::AccountHold;
 use crate::proxy::{ProxyFactory, ProxyHandle};
+
+/// A running workload proxy and its hold on its account's certificates.
+struct Running {
+    handle: ProxyHandle,
+    hold: AccountHold,
+}
+
+impl Running {
+    /// Drains the proxy in the background for `grace`, then releases the account.
+    fn drain_in_background(self, grace: Duration) {
+        tokio::spawn(self.drain(grace));
+    }
+
+    async fn drain(self, grace: Duration) {
+        self.handle.drain(grace).await;
+        drop(self.hold);
+    }
+}
 
 /// Per-workload proxies on the shared engine.
 pub struct EngineWorkloadProxies {
@@ -25,7 +49,7 @@ pub struct EngineWorkloadProxies {
     mark: Option<u32>,
     reuse_port: bool,
     drain_grace: Duration,
-    running: Mutex<HashMap<String, ProxyHandle>>,
+    running: Mutex<HashMap<String, Running>>,
 }
 
 impl EngineWorkloadProxies {
@@ -53,20 +77,20 @@ impl EngineWorkloadProxies {
             .lock()
             .unwrap()
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.clone(), v.handle.clone()))
             .collect()
     }
 
     /// Drains every proxy for at most the grace period (shutdown).
     pub async fn drain_all(&self) {
-        let handles: Vec<ProxyHandle> = self
+        let running: Vec<Running> = self
             .running
             .lock()
             .unwrap()
             .drain()
-            .map(|(_, h)| h)
+            .map(|(_, r)| r)
             .collect();
-        futures::future::join_all(handles.iter().map(|h| h.drain(self.drain_grace))).await;
+        futures::future::join_all(running.into_iter().map(|r| r.drain(self.drain_grace))).await;
     }
 }
 
@@ -84,11 +108,23 @@ impl WorkloadProxyManager for EngineWorkloadProxies {
                 name: info.name.clone(),
                 service_account: info.service_account.clone(),
             };
+            // Taken before the proxy prefetches the certificate; released (dropped) if it
+            // fails to start.
+            let hold = self
+                .factory
+                .inputs()
+                .certs
+                .hold(&info.namespace, &info.service_account);
             let handle = self.factory.start_for_workload(workload, sockets).await?;
-            if let Some(old) = self.running.lock().unwrap().insert(uid.to_string(), handle) {
+            let running = Running { handle, hold };
+            if let Some(old) = self
+                .running
+                .lock()
+                .unwrap()
+                .insert(uid.to_string(), running)
+            {
                 // The state machine stops before restarting; be safe anyway.
-                let grace = self.drain_grace;
-                tokio::spawn(async move { old.drain(grace).await });
+                old.drain_in_background(self.drain_grace);
             }
             Ok(())
         })
@@ -96,10 +132,9 @@ impl WorkloadProxyManager for EngineWorkloadProxies {
 
     fn stop<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let handle = self.running.lock().unwrap().remove(uid);
-            if let Some(h) = handle {
-                let grace = self.drain_grace;
-                tokio::spawn(async move { h.drain(grace).await });
+            let running = self.running.lock().unwrap().remove(uid);
+            if let Some(r) = running {
+                r.drain_in_background(self.drain_grace);
             }
         })
     }
