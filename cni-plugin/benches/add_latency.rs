@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use mesh_proto::cni_event::{CmdAddEvent, CmdAddReply, Enrolment};
-use node_agent::plugin_events::{PluginEventListener, PodEventHandler};
+use node_agent::plugin_events::{CmdAddRefusal, PluginEventListener, PodEventHandler};
 use serde_json::json;
 
 const PLUGIN: &str = env!("CARGO_BIN_EXE_istio-cni");
@@ -25,7 +25,7 @@ const PLUGIN: &str = env!("CARGO_BIN_EXE_istio-cni");
 struct Immediate;
 
 impl PodEventHandler for Immediate {
-    fn cmd_add(&self, ev: CmdAddEvent) -> BoxFuture<'_, Result<CmdAddReply, String>> {
+    fn cmd_add(&self, ev: CmdAddEvent) -> BoxFuture<'_, Result<CmdAddReply, CmdAddRefusal>> {
         let enrolment = if ev.pod_name.starts_with("mesh-") {
             Enrolment::Enrolled
         } else {

@@ -5,19 +5,19 @@
 //! |---|---|
 //! | ambient off, not a Kubernetes pod, excluded namespace, agent's own pod | pass `prevResult` through (no I/O) |
 //! | agent answers 200 | pass through |
-//! | agent unreachable or answers non-200, API says ambient | error 11: fail closed (kubelet retries); the agent's refusal or the connection error in `details` |
-//! | agent unreachable or answers non-200, API says not ambient | pass through (logged with the agent's answer) |
-//! | agent unreachable or answers non-200, API lookup fails | pass through (fail open), or error 11 with `enable_ambient_detection_retry` |
+//! | agent answers 500 (ambient pod, enrolment failed) | error 11: fail closed (kubelet retries), the agent's reason in `details` |
+//! | agent unreachable or undecided (503, any other status), API says ambient | error 11: fail closed; the agent's answer or the connection error in `details` |
+//! | agent unreachable or undecided, API says not ambient | pass through (logged with the agent's answer) |
+//! | agent unreachable or undecided, API lookup fails | pass through (fail open), or error 11 with `enable_ambient_detection_retry` |
 //!
-//! A refusal is not trusted to mean "ambient": the agent also refuses while
-//! it is still syncing, and pods outside the mesh must start regardless.
-//! An ambient pod the agent refused (enrolment failed, no ztunnel) is ambient
-//! in the API too, so it still fails closed.
+//! Only a 500 ([`STATUS_ENROLMENT_FAILED`]) means "ambient and not enrolled";
+//! the agent also refuses while it is still syncing (503), and pods outside
+//! the mesh must start regardless.
 
 use std::path::Path;
 use std::time::Duration;
 
-use mesh_proto::cni_event::{CmdAddEvent, Enrolment};
+use mesh_proto::cni_event::{CmdAddEvent, Enrolment, STATUS_ENROLMENT_FAILED};
 
 use crate::agent_client::{AgentAnswer, AgentUnreachable};
 use crate::cni::error::{CniError, ErrorCode};
@@ -155,6 +155,13 @@ pub async fn resolve(
                 None => format!("pod {pod}: agent accepted the pod"),
             });
         }
+        Ok(AgentAnswer::Refused { status, reason }) if status == STATUS_ENROLMENT_FAILED => {
+            return Err(CniError::new(
+                ErrorCode::TryAgainLater,
+                format!("node agent could not enrol ambient pod {pod} (HTTP {status})"),
+            )
+            .with_details(reason));
+        }
         Ok(AgentAnswer::Refused { status, reason }) => AgentProblem::Refused { status, reason },
         Err(e) => AgentProblem::Unreachable(e),
     };
@@ -219,7 +226,7 @@ pub async fn resolve(
 mod tests {
     use super::*;
     use crate::cni::invocation::Invocation;
-    use mesh_proto::cni_event::CmdAddReply;
+    use mesh_proto::cni_event::{CmdAddReply, STATUS_UNDECIDED};
     use std::cell::Cell;
     use std::path::PathBuf;
 
@@ -367,7 +374,7 @@ mod tests {
 
     fn refused() -> Result<AgentAnswer, AgentUnreachable> {
         Ok(AgentAnswer::Refused {
-            status: 500,
+            status: STATUS_UNDECIDED,
             reason: "node agent is still starting (syncing pods and redirection)".into(),
         })
     }
@@ -383,7 +390,7 @@ mod tests {
             "{why}"
         );
         assert!(
-            why.contains("HTTP 500") && why.contains("still starting"),
+            why.contains("HTTP 503") && why.contains("still starting"),
             "{why}"
         );
     }
@@ -394,7 +401,7 @@ mod tests {
         let e = run(&c, &fake(refused, || Ok(Decision::Ambient("ns label")))).unwrap_err();
         assert_eq!(e.code, ErrorCode::TryAgainLater);
         assert!(
-            e.msg.contains("demo/a") && e.msg.contains("refused it (HTTP 500)"),
+            e.msg.contains("demo/a") && e.msg.contains("refused it (HTTP 503)"),
             "{}",
             e.msg
         );
@@ -402,6 +409,25 @@ mod tests {
             e.details.as_deref(),
             Some("node agent is still starting (syncing pods and redirection)")
         );
+    }
+
+    #[test]
+    fn enrolment_failure_fails_closed_without_a_lookup() {
+        let failed = || {
+            Ok(AgentAnswer::Refused {
+                status: STATUS_ENROLMENT_FAILED,
+                reason: "enrolling ambient pod demo/a failed: no ztunnel".into(),
+            })
+        };
+        let f = fake(failed, || panic!("the agent decided: no lookup"));
+        let e = run(&conf(""), &f).unwrap_err();
+        assert_eq!(e.code, ErrorCode::TryAgainLater);
+        assert!(
+            e.msg.contains("demo/a") && e.msg.contains("HTTP 500"),
+            "{}",
+            e.msg
+        );
+        assert!(e.details.unwrap().contains("no ztunnel"));
     }
 
     #[test]

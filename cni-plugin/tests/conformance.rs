@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use mesh_proto::cni_event::{CmdAddEvent, CmdAddReply, Enrolment};
 use node_agent::install::kubeconfig::{self, KubeconfigSource};
-use node_agent::plugin_events::{PluginEventListener, PodEventHandler};
+use node_agent::plugin_events::{CmdAddRefusal, PluginEventListener, PodEventHandler};
 use serde_json::{Value, json};
 use support::*;
 
@@ -27,7 +27,7 @@ macro_rules! skip_without_netns {
     };
 }
 
-type Script = fn(&CmdAddEvent) -> Result<CmdAddReply, String>;
+type Script = fn(&CmdAddEvent) -> Result<CmdAddReply, CmdAddRefusal>;
 
 struct ScriptedHandler {
     script: Script,
@@ -35,7 +35,7 @@ struct ScriptedHandler {
 }
 
 impl PodEventHandler for ScriptedHandler {
-    fn cmd_add(&self, event: CmdAddEvent) -> BoxFuture<'_, Result<CmdAddReply, String>> {
+    fn cmd_add(&self, event: CmdAddEvent) -> BoxFuture<'_, Result<CmdAddReply, CmdAddRefusal>> {
         self.seen.lock().unwrap().push(event.clone());
         let r = (self.script)(&event);
         Box::pin(async move { r })
@@ -84,12 +84,12 @@ impl Agent {
     }
 }
 
-fn by_name(ev: &CmdAddEvent) -> Result<CmdAddReply, String> {
+fn by_name(ev: &CmdAddEvent) -> Result<CmdAddReply, CmdAddRefusal> {
     if ev.pod_name.starts_with("refused-") {
-        return Err(format!(
+        return Err(CmdAddRefusal::EnrolmentFailed(format!(
             "partial add error: no ztunnel connection (pod {})",
             ev.pod_name
-        ));
+        )));
     }
     Ok(CmdAddReply {
         enrolment: if ev.pod_name.starts_with("mesh-") {
@@ -188,12 +188,12 @@ fn chained_add_check_del_with_agent_up_all_versions() {
     assert_eq!(agent.events().len(), 6);
 }
 
-/// The agent's answer while it is listening but not ready (500).
-fn still_syncing(ev: &CmdAddEvent) -> Result<CmdAddReply, String> {
-    Err(format!(
+/// The agent's answer while it is listening but not ready (503).
+fn still_syncing(ev: &CmdAddEvent) -> Result<CmdAddReply, CmdAddRefusal> {
+    Err(CmdAddRefusal::Undecided(format!(
         "node agent is still starting (syncing pods and redirection); pod {}/{} will be retried",
         ev.pod_namespace, ev.pod_name
-    ))
+    )))
 }
 
 #[test]
@@ -219,7 +219,7 @@ fn agent_refusal_lets_pods_outside_the_mesh_start() {
     let log = &runs[1].stderr;
     assert!(log.contains("not ambient"), "{log}");
     assert!(
-        log.contains("HTTP 500") && log.contains("still starting"),
+        log.contains("HTTP 503") && log.contains("still starting"),
         "{log}"
     );
     assert!(

@@ -6,8 +6,9 @@
 //! | handler result | answer |
 //! |---|---|
 //! | `Ok(reply)` | `200`, JSON [`CmdAddReply`] |
-//! | `Err(reason)` | `500`, the reason as text (the plugin fails ADD, kubelet retries) |
-//! | no result within the timeout | `503`, text naming the pod |
+//! | `Err(CmdAddRefusal::EnrolmentFailed)` | `500`, the reason as text (the plugin fails ADD, kubelet retries) |
+//! | `Err(CmdAddRefusal::Undecided)` | `503`, the reason as text (the plugin decides from the API itself) |
+//! | no result within the timeout, or the handler panicked | `503`, text naming the pod |
 //! | body is not a `CmdAddEvent` | `400` |
 //!
 //! The handler runs in its own task: if the plugin gives up or the timeout
@@ -27,7 +28,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use mesh_proto::cni_event::{CMD_ADD_PATH, CmdAddEvent, CmdAddReply, PLUGIN_EVENT_SOCKET};
+use mesh_proto::cni_event::{
+    CMD_ADD_PATH, CmdAddEvent, CmdAddReply, PLUGIN_EVENT_SOCKET, STATUS_ENROLMENT_FAILED,
+    STATUS_UNDECIDED,
+};
 use tokio::net::UnixListener;
 
 /// Default bound on one handler call; below the plugin's own 5 s so the
@@ -37,9 +41,35 @@ pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(4);
 const MAX_EVENT_BYTES: usize = 1024 * 1024;
 
 /// Decides about a pod the CNI plugin is adding. Implemented by the control
-/// loop; `Err` carries a reason the plugin puts into its CNI error.
+/// loop; `Err` says why the pod got no decision, with a reason the plugin puts
+/// into its CNI error or log.
 pub trait PodEventHandler: Send + Sync + 'static {
-    fn cmd_add(&self, event: CmdAddEvent) -> BoxFuture<'_, Result<CmdAddReply, String>>;
+    fn cmd_add(&self, event: CmdAddEvent) -> BoxFuture<'_, Result<CmdAddReply, CmdAddRefusal>>;
+}
+
+/// Why the agent did not answer `200`; each kind has its own status, so the
+/// plugin knows whether to fail ADD or to decide from the API itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CmdAddRefusal {
+    /// The pod is ambient and could not be enrolled (no ztunnel, redirection
+    /// failed): the pod must not start without redirection.
+    #[error("{0}")]
+    EnrolmentFailed(String),
+    /// No decision now (still starting, the API lookup failed): the plugin
+    /// looks the pod up itself, so pods outside the mesh are never held up.
+    #[error("{0}")]
+    Undecided(String),
+}
+
+impl CmdAddRefusal {
+    /// The HTTP status this refusal is answered with.
+    pub fn status(&self) -> StatusCode {
+        let code = match self {
+            Self::EnrolmentFailed(_) => STATUS_ENROLMENT_FAILED,
+            Self::Undecided(_) => STATUS_UNDECIDED,
+        };
+        refusal_status(code)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -201,7 +231,7 @@ async fn handle(
             });
             tracing::warn!(pod = %pod, timeout = ?handler_timeout, "CNI ADD handler timed out");
             return text(
-                StatusCode::SERVICE_UNAVAILABLE,
+                refusal_status(STATUS_UNDECIDED),
                 format!("node agent did not finish handling pod {pod} within {handler_timeout:?}"),
             );
         }
@@ -216,18 +246,23 @@ async fn handle(
                 .body(Full::new(Bytes::from(body)))
                 .expect("static response parts are valid")
         }
-        Ok((_, Err(reason))) => {
-            tracing::warn!(pod = %pod, reason = %reason, "CNI ADD refused");
-            text(StatusCode::INTERNAL_SERVER_ERROR, reason)
+        Ok((_, Err(refusal))) => {
+            let status = refusal.status();
+            tracing::warn!(pod = %pod, reason = %refusal, status = status.as_u16(), "CNI ADD refused");
+            text(status, refusal.to_string())
         }
         Err(e) => {
             tracing::error!(pod = %pod, error = %e, "CNI ADD handler panicked");
             text(
-                StatusCode::INTERNAL_SERVER_ERROR,
+                refusal_status(STATUS_UNDECIDED),
                 format!("node agent failed while handling pod {pod}"),
             )
         }
     }
+}
+
+fn refusal_status(code: u16) -> StatusCode {
+    StatusCode::from_u16(code).expect("the refusal statuses are valid HTTP statuses")
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use mesh_proto::cni_event::{CmdAddEvent, CmdAddReply, Enrolment, PodIp};
-use node_agent::plugin_events::{PluginEventListener, PodEventHandler};
+use node_agent::plugin_events::{CmdAddRefusal, PluginEventListener, PodEventHandler};
 use tokio::sync::{Notify, oneshot};
 
 /// Answers by pod name: `ok-*` enrolled, `fail-*` error, `slow-*` sleeps.
@@ -34,15 +34,20 @@ impl Fake {
 }
 
 impl PodEventHandler for Fake {
-    fn cmd_add(&self, event: CmdAddEvent) -> BoxFuture<'_, Result<CmdAddReply, String>> {
+    fn cmd_add(&self, event: CmdAddEvent) -> BoxFuture<'_, Result<CmdAddReply, CmdAddRefusal>> {
         Box::pin(async move {
             self.calls.fetch_add(1, Ordering::SeqCst);
             *self.last.lock().unwrap() = Some(event.clone());
             let r = if event.pod_name.starts_with("fail-") {
-                Err(format!(
+                Err(CmdAddRefusal::EnrolmentFailed(format!(
                     "partial add error: no ztunnel connection for pod {}",
                     event.pod_name
-                ))
+                )))
+            } else if event.pod_name.starts_with("undecided-") {
+                Err(CmdAddRefusal::Undecided(format!(
+                    "node agent is still starting; pod {}",
+                    event.pod_name
+                )))
             } else {
                 if event.pod_name.starts_with("slow-") {
                     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -144,11 +149,21 @@ async fn maps_handler_results_to_statuses() {
         serde_json::to_vec(&event("fail-1")).unwrap(),
     )
     .await;
-    assert_eq!(status, 500);
+    assert_eq!(status, 500, "enrolment failed: the plugin fails ADD");
     assert!(
         body.contains("no ztunnel connection for pod fail-1"),
         "{body}"
     );
+
+    let (status, body) = request(
+        &srv.socket,
+        "POST",
+        "/cmdadd",
+        serde_json::to_vec(&event("undecided-1")).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 503, "undecided: the plugin asks the API itself");
+    assert!(body.contains("still starting; pod undecided-1"), "{body}");
 
     // Upstream's plugin omits PodUID: accepted.
     let upstream = br#"{"Netns":"/n","PodName":"ok-2","PodNamespace":"demo","IPs":[]}"#.to_vec();
@@ -164,7 +179,7 @@ async fn maps_handler_results_to_statuses() {
     assert_eq!(request(&srv.socket, "POST", "/other", vec![]).await.0, 404);
     assert_eq!(
         fake.calls.load(Ordering::SeqCst),
-        3,
+        4,
         "bad requests never reach the handler"
     );
 

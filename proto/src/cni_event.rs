@@ -7,6 +7,10 @@
 //! we send so the agent never has to guess which incarnation of a pod it is.
 //! The agent answers `200` with a [`CmdAddReply`] body, or a non-2xx status
 //! whose body is a human-readable reason (the plugin puts it in its CNI error).
+//! Which non-2xx status says what the plugin does next:
+//! [`STATUS_ENROLMENT_FAILED`] (the pod is ambient and could not be enrolled:
+//! ADD fails) or [`STATUS_UNDECIDED`] (the agent cannot decide now: the plugin
+//! looks the pod up itself, so pods outside the mesh still start).
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +20,15 @@ pub const CMD_ADD_PATH: &str = "/cmdadd";
 pub const PLUGIN_EVENT_SOCKET: &str = "pluginevent.sock";
 /// Default run dir shared by the plugin and the agent.
 pub const DEFAULT_AGENT_RUN_DIR: &str = "/var/run/istio-cni";
+
+/// Answer status: the agent decided the pod is ambient and could not enrol it
+/// (no ztunnel on the node, redirection failed). The plugin fails ADD; the
+/// runtime retries the sandbox.
+pub const STATUS_ENROLMENT_FAILED: u16 = 500;
+/// Answer status: the agent cannot decide now (still starting, its own API
+/// lookup failed, the decision took too long). The plugin decides from the API
+/// itself. Any other non-2xx status is read the same way.
+pub const STATUS_UNDECIDED: u16 = 503;
 
 /// One address from the previous plugin's result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,8 +8,8 @@
 //! |---|---|
 //! | not ambient (or the pod no longer exists) | `200 NotAmbient` with the reason |
 //! | ambient, redirection complete (rules + ztunnel Ack) | `200 Enrolled` |
-//! | ambient, no ztunnel within `cni_add_ztunnel_wait`, or enrolment failed | error → `500`: the ADD fails closed, kubelet retries; whatever was half done is undone |
-//! | agent still starting, or the API cannot be asked | error → `500` |
+//! | ambient, no ztunnel within `cni_add_ztunnel_wait`, or enrolment failed | [`CmdAddRefusal::EnrolmentFailed`] → `500`: the ADD fails closed, kubelet retries; whatever was half done is undone |
+//! | agent still starting, or the API cannot be asked | [`CmdAddRefusal::Undecided`] → `503`: the plugin decides from the API itself |
 //!
 //! The pod's lock is held for the whole enrolment, so a watcher-driven pass
 //! on the same pod waits for it.
@@ -24,7 +24,7 @@ use mesh_proto::cni_event::{CmdAddEvent, CmdAddReply, Enrolment};
 use super::plan::{Actual, Annotation};
 use super::{PodRecord, Reconciler};
 use crate::cluster::PodInfo;
-use crate::plugin_events::PodEventHandler;
+use crate::plugin_events::{CmdAddRefusal, PodEventHandler};
 
 /// [`PodEventHandler`] over the [`Reconciler`].
 #[derive(Clone)]
@@ -39,7 +39,7 @@ impl CniAddHandler {
 }
 
 impl PodEventHandler for CniAddHandler {
-    fn cmd_add(&self, event: CmdAddEvent) -> BoxFuture<'_, Result<CmdAddReply, String>> {
+    fn cmd_add(&self, event: CmdAddEvent) -> BoxFuture<'_, Result<CmdAddReply, CmdAddRefusal>> {
         Box::pin(async move {
             let t0 = std::time::Instant::now();
             let r = self.reconciler.cni_add(event).await;
@@ -70,17 +70,21 @@ fn not_ambient(reason: impl Into<String>) -> CmdAddReply {
 
 impl Reconciler {
     /// Handles one CNI ADD (see the module docs).
-    pub async fn cni_add(&self, ev: CmdAddEvent) -> Result<CmdAddReply, String> {
+    pub async fn cni_add(&self, ev: CmdAddEvent) -> Result<CmdAddReply, CmdAddRefusal> {
         let key = format!("{}/{}", ev.pod_namespace, ev.pod_name);
         if tokio::time::timeout(self.cfg.cni_add_startup_wait, self.wait_started())
             .await
             .is_err()
         {
-            return Err(format!(
+            return Err(CmdAddRefusal::Undecided(format!(
                 "node agent is still starting (syncing pods and redirection); pod {key} will be retried"
-            ));
+            )));
         }
-        let pod = match self.lookup_pod(&ev).await? {
+        let pod = match self
+            .lookup_pod(&ev)
+            .await
+            .map_err(CmdAddRefusal::Undecided)?
+        {
             Some(p) => p,
             None => {
                 tracing::info!(pod = %key, "CNI ADD: pod not in the API (deleted meanwhile): not enrolled");
@@ -100,7 +104,11 @@ impl Reconciler {
                     m
                 }
                 Ok(None) => None,
-                Err(e) => return Err(format!("cannot decide about pod {key}: {e}")),
+                Err(e) => {
+                    return Err(CmdAddRefusal::Undecided(format!(
+                        "cannot decide about pod {key}: {e}"
+                    )));
+                }
             },
         };
         let decision = pod.decide(ns_mode.as_deref(), &self.cfg.enablement);
@@ -164,12 +172,12 @@ impl Reconciler {
         ev: &CmdAddEvent,
         netns: PathBuf,
         reason: &'static str,
-    ) -> Result<CmdAddReply, String> {
+    ) -> Result<CmdAddReply, CmdAddRefusal> {
         let key = pod.key();
         if !self.ztunnel_available() && !self.wait_ztunnel(self.cfg.cni_add_ztunnel_wait).await {
-            return Err(format!(
+            return Err(CmdAddRefusal::EnrolmentFailed(format!(
                 "no ztunnel is connected on this node: ambient pod {key} cannot start yet (kubelet retries)"
-            ));
+            )));
         }
         let mut redirect = pod.to_redirect(Some(netns));
         let ips: Vec<IpAddr> = ev
@@ -212,7 +220,9 @@ impl Reconciler {
                 }
                 self.records().remove(&pod.uid);
                 tracing::warn!(pod = %key, uid = %pod.uid, error = %e, "CNI ADD refused: enrolment failed");
-                Err(format!("enrolling ambient pod {key} failed: {e}"))
+                Err(CmdAddRefusal::EnrolmentFailed(format!(
+                    "enrolling ambient pod {key} failed: {e}"
+                )))
             }
         }
     }

@@ -16,6 +16,7 @@ use crate::cluster::cache::ClusterCache;
 use crate::cluster::enablement::EnablementConfig;
 use crate::cluster::pod::{NamespaceInfo, PodInfo, PodPhase};
 use crate::metrics::AgentMetrics;
+use crate::plugin_events::CmdAddRefusal;
 use crate::redirect::{PodRedirect, ReconcileReport, RedirectError, Redirector};
 
 /// Records calls; enrol is retryable while `ztunnel` is false; checks that
@@ -572,8 +573,10 @@ async fn cni_add_fails_closed_and_leaves_nothing() {
         h.r.cni_add(add_event("demo", "a", Some("u1")))
             .await
             .unwrap_err();
-    assert!(err.contains("no ztunnel"), "{err}");
-    assert!(err.contains("demo/a"), "{err}");
+    assert!(
+        matches!(&err, CmdAddRefusal::EnrolmentFailed(why) if why.contains("no ztunnel") && why.contains("demo/a")),
+        "{err:?}"
+    );
     assert!(h.redir.calls("enrol").is_empty(), "not even tried");
 
     // ztunnel connected but the enrolment fails: undone
@@ -584,10 +587,34 @@ async fn cni_add_fails_closed_and_leaves_nothing() {
         h.r.cni_add(add_event("demo", "b", Some("u2")))
             .await
             .unwrap_err();
-    assert!(err.contains("demo/b") && err.contains("boom"), "{err}");
+    assert!(
+        matches!(&err, CmdAddRefusal::EnrolmentFailed(why) if why.contains("demo/b") && why.contains("boom")),
+        "{err:?}"
+    );
     assert_eq!(h.redir.calls("unenrol"), vec!["u2"]);
     assert!(h.r.records().is_empty());
     assert_eq!(h.api.annotation_of("demo/b"), None);
+}
+
+#[tokio::test]
+async fn cni_add_before_start_up_is_undecided_not_failed() {
+    // The plugin reads Undecided (503) as "decide from the API yourself", so
+    // pods outside the mesh start while the agent syncs; EnrolmentFailed (500)
+    // would fail every pod's ADD.
+    let h = Harness::new(
+        vec![running("u1", "demo", "a", "10.0.0.1")],
+        vec![ns("demo", Some("ambient"))],
+    );
+    let err =
+        h.r.cni_add(add_event("demo", "a", Some("u1")))
+            .await
+            .unwrap_err();
+    assert!(
+        matches!(&err, CmdAddRefusal::Undecided(why) if why.contains("still starting") && why.contains("demo/a")),
+        "{err:?}"
+    );
+    assert_eq!(err.status().as_u16(), 503);
+    assert!(h.redir.calls("enrol").is_empty());
 }
 
 #[tokio::test]
