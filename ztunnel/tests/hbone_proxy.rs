@@ -168,6 +168,81 @@ async fn workloads_on_a_named_network_talk_over_hbone() {
     assert!(hbone[0].contains("src.workload=\"a\""), "{hbone:?}");
 }
 
+/// Time until the proxy closes `c` (EOF or reset), at most `limit`.
+async fn time_to_close(mut c: TcpStream, limit: Duration) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    tokio::time::timeout(limit, async {
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => return start.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+/// A peer that accepts TCP on 15008 but never speaks TLS: every stream waiting for that
+/// connection fails once the handshake deadline (1 s here) passes — together, not one
+/// deadline after another — counted once as an outbound handshake timeout and
+/// access-logged naming the peer. The failure is not sticky: a later stream tries again.
+// One runtime thread: the streams share one pool entry (the pool is per thread).
+#[tokio::test(flavor = "current_thread")]
+async fn outbound_handshake_to_a_silent_peer_fails_promptly() {
+    let mesh = Mesh::new("127.77.11", |_| {});
+    let silent = tokio::net::TcpListener::bind(sa(mesh.b_ip, 15008))
+        .await
+        .unwrap();
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let (pa, socks) = mesh.proxy("a").await;
+    let open = || socks.redirected_connect(mesh.a_ip, pa.addresses().outbound, sa(mesh.b_ip, 8080));
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(open().await.unwrap());
+    }
+    let limit = Duration::from_secs(10);
+    let closed: Vec<Option<Duration>> =
+        futures::future::join_all(clients.into_iter().map(|c| time_to_close(c, limit))).await;
+    for (i, t) in closed.iter().enumerate() {
+        let t = t.unwrap_or_else(|| panic!("stream {i} still open after {limit:?}"));
+        assert!(
+            t < Duration::from_millis(2500),
+            "stream {i} failed after {t:?}: {closed:?}"
+        );
+    }
+    assert_eq!(
+        mesh.refused("handshake_timeout"),
+        1,
+        "{}",
+        mesh.metrics_text()
+    );
+    wait_for("the failures access-logged naming the peer", || {
+        log_lines(&[
+            "connection complete",
+            "direction=\"outbound\"",
+            "TLS handshake with 127.77.11.2:15008 did not complete within 1s",
+        ])
+        .len()
+            == 3
+    })
+    .await;
+    assert_eq!(
+        log_lines(&["127.77.11.2:15008 failed while this stream waited for it"]).len(),
+        2
+    );
+    // A later stream makes its own attempt.
+    let t = time_to_close(open().await.unwrap(), limit).await.unwrap();
+    assert!(t >= Duration::from_millis(900), "{t:?}");
+    assert_eq!(mesh.refused("handshake_timeout"), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_connections_and_large_transfer_keep_data_intact() {
     let mesh = Mesh::new("127.77.3", |_| {});

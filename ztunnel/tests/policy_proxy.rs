@@ -113,6 +113,12 @@ async fn allow_from_namespace_lets_it_in_and_keeps_others_out() {
         StatusCode::OK
     );
     assert!(plaintext(&mesh, &pb, &sockets_b, 8080).await);
+    // The probe streams above must be gone: a stream still open when the policy below
+    // arrives is closed by it, and counted as a denial.
+    wait_for("B's probe streams closed", || {
+        pb.connections().iter().all(|c| c.kind != "hbone_stream")
+    })
+    .await;
 
     set_policies(
         &mesh,
@@ -380,9 +386,11 @@ async fn a_new_deny_closes_open_connections_it_matches() {
             >= 2
     })
     .await;
-    // What B still has open: the HBONE connection from A and its stream to 8081.
+    // What B still carries: the stream to 8081 (and the HBONE connections from A).
     wait_for("the revoked connections gone from B", || {
-        pb.active_connections() == 2
+        let open = pb.connections();
+        let carried: Vec<_> = open.iter().filter(|c| c.kind != "hbone").collect();
+        carried.len() == 1 && carried[0].hbone_target == Some(sa(mesh.b_ip, 8081))
     })
     .await;
     // New connections to 8080 are refused as before.

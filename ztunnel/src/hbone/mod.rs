@@ -54,6 +54,17 @@ pub enum HboneError {
     },
     #[error("TLS handshake with {dst}: peer did not negotiate ALPN h2")]
     Alpn { dst: SocketAddr },
+    #[error("TLS handshake with {dst} did not complete within {timeout:?}")]
+    TlsTimeout { dst: SocketAddr, timeout: Duration },
+    #[error("{dst} did not answer CONNECT {authority} within {timeout:?}")]
+    ResponseTimeout {
+        dst: SocketAddr,
+        authority: String,
+        timeout: Duration,
+    },
+    /// Another stream's attempt to establish the connection this stream waited for failed.
+    #[error("HBONE connection to {dst} failed while this stream waited for it: {cause}")]
+    Waited { dst: SocketAddr, cause: String },
     #[error("HTTP/2 with {dst}: {source}")]
     H2 {
         dst: SocketAddr,
@@ -68,6 +79,18 @@ pub enum HboneError {
     },
     #[error("no HTTP/2 connection to {dst} could take another stream")]
     PoolExhausted { dst: SocketAddr },
+}
+
+/// [`tls_connect`] that fails with [`HboneError::TlsTimeout`] after `timeout`.
+pub async fn tls_connect_within(
+    tcp: TcpStream,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<ClientTls, HboneError> {
+    tokio::time::timeout(timeout, tls_connect(tcp, config, dst))
+        .await
+        .map_err(|_| HboneError::TlsTimeout { dst, timeout })?
 }
 
 /// TLS client handshake over `tcp` with `config`; ALPN must come out as `h2`.

@@ -5,7 +5,10 @@
 //! thread-per-core runtime a stream and the connection carrying it are driven by the same
 //! thread (no cross-thread wake-up per message). Each key holds one or more HTTP/2 connections of at most
 //! `POOL_MAX_STREAMS_PER_CONNECTION` streams. Establishing a connection for a key is
-//! serialised, so a burst of new streams shares one handshake. Every connection has a driver
+//! serialised, so a burst of new streams shares one handshake — and its failure: streams that
+//! waited for an attempt that failed fail with it at once ([`HboneError::Waited`]) instead of
+//! each trying again in turn (N waiters would otherwise take N × the connect and handshake
+//! timeouts). The CONNECT answer has a deadline too. Every connection has a driver
 //! task that polls it, sends a PING every `keepalive_interval` (closing it when no PONG
 //! arrives within `keepalive_timeout`) and releases it after `POOL_UNUSED_RELEASE_TIMEOUT`
 //! without streams.
@@ -16,7 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::ThreadId;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -97,9 +100,24 @@ impl Drop for Slot {
 struct KeyEntry {
     conns: Mutex<Vec<Arc<PooledConn>>>,
     connecting: tokio::sync::Mutex<()>,
+    /// When the last attempt to establish a connection failed, and why.
+    last_failure: Mutex<Option<(Instant, String)>>,
 }
 
 impl KeyEntry {
+    fn record_failure(&self, e: &HboneError) {
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), e.to_string()));
+    }
+
+    /// Why an attempt failed at or after `since`, if one did.
+    fn failed_since(&self, since: Instant) -> Option<String> {
+        match &*self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((at, why)) if *at >= since => Some(why.clone()),
+            _ => None,
+        }
+    }
+
     fn checkout(&self, max: usize) -> Option<Arc<PooledConn>> {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         conns.retain(|c| !c.closed.load(Ordering::Acquire));
@@ -146,12 +164,14 @@ impl Pool {
     }
 
     /// Opens a CONNECT stream for `key`, on a pooled connection or on a new one made by
-    /// `connect` (TCP + TLS to `key.dst`, verified against `key.dst_identities`). A non-200
-    /// answer is an error.
+    /// `connect` (TCP + TLS to `key.dst`, verified against `key.dst_identities`, each with
+    /// its own deadline). A non-200 answer is an error, so is none within
+    /// `response_timeout`.
     pub async fn open_stream<T, F, Fut>(
         &self,
         key: &PoolKey,
         request: Request<()>,
+        response_timeout: Duration,
         connect: F,
     ) -> Result<H2Stream, HboneError>
     where
@@ -167,15 +187,25 @@ impl Pool {
             let conn = match entry.checkout(max) {
                 Some(c) => c,
                 None => {
+                    let waiting_since = Instant::now();
                     let _serial = entry.connecting.lock().await;
                     match entry.checkout(max) {
                         Some(c) => c,
                         None => {
+                            if let Some(cause) = entry.failed_since(waiting_since) {
+                                return Err(HboneError::Waited {
+                                    dst: key.dst,
+                                    cause,
+                                });
+                            }
                             let Some(connect) = connect.take() else {
                                 return Err(HboneError::PoolExhausted { dst: key.dst });
                             };
-                            let io = connect().await?;
-                            let conn = self.handshake(io, &full_key, &entry).await?;
+                            let established = match connect().await {
+                                Ok(io) => self.handshake(io, &full_key, &entry).await,
+                                Err(e) => Err(e),
+                            };
+                            let conn = established.inspect_err(|e| entry.record_failure(e))?;
                             if !conn.try_reserve(max) {
                                 return Err(HboneError::PoolExhausted { dst: key.dst });
                             }
@@ -186,7 +216,17 @@ impl Pool {
             };
             let slot = Slot(conn.clone());
             let mut send = conn.send.clone();
-            let ready = std::future::poll_fn(|cx| send.poll_ready(cx)).await;
+            let deadline = tokio::time::Instant::now() + response_timeout;
+            let authority = request.uri().to_string();
+            let timed_out = || HboneError::ResponseTimeout {
+                dst: key.dst,
+                authority: authority.clone(),
+                timeout: response_timeout,
+            };
+            let ready = std::future::poll_fn(|cx| send.poll_ready(cx));
+            let ready = tokio::time::timeout_at(deadline, ready)
+                .await
+                .map_err(|_| timed_out())?;
             if let Err(e) = ready {
                 conn.closed.store(true, Ordering::Release);
                 drop(slot);
@@ -199,7 +239,6 @@ impl Pool {
                     source: e,
                 });
             }
-            let authority = request.uri().to_string();
             let (response, stream) = match send.send_request(request, false) {
                 Ok(r) => r,
                 Err(e) => {
@@ -209,7 +248,10 @@ impl Pool {
                     });
                 }
             };
-            let response = match response.await {
+            let response = match tokio::time::timeout_at(deadline, response)
+                .await
+                .map_err(|_| timed_out())?
+            {
                 Ok(r) => r,
                 Err(e) => {
                     return Err(HboneError::H2 {
@@ -415,6 +457,104 @@ mod tests {
         assert_ne!(k1, k4);
     }
 
+    fn test_key() -> PoolKey {
+        PoolKey::new(
+            Identity::new("td", "ns", "a"),
+            vec![Identity::new("td", "ns", "b")],
+            None,
+            "10.0.0.2:15008".parse().unwrap(),
+        )
+    }
+
+    fn test_request() -> Request<()> {
+        build_request(&ConnectRequest {
+            authority: "10.0.0.2:8080".parse().unwrap(),
+            client: None,
+            host: None,
+            baggage: None,
+        })
+    }
+
+    /// A peer that completes HTTP/2 but never answers the CONNECT: the stream fails after
+    /// the response deadline, naming the peer and the authority.
+    #[tokio::test]
+    async fn an_unanswered_connect_times_out() {
+        let pool = Pool::new(
+            H2Config::default(),
+            CancellationToken::new(),
+            TaskTracker::new(),
+        );
+        let (client_io, mut server) = tokio::io::duplex(1 << 20);
+        let _peer = tokio::spawn(async move {
+            let mut preface = [0u8; 24];
+            server.read_exact(&mut preface).await.unwrap();
+            write_frame(&mut server, SETTINGS, 0, 0, &[]).await;
+            while read_frame(&mut server).await.is_some() {}
+        });
+        let start = Instant::now();
+        let err = pool
+            .open_stream(
+                &test_key(),
+                test_request(),
+                Duration::from_millis(300),
+                || async move { Ok::<_, HboneError>(client_io) },
+            )
+            .await
+            .unwrap_err();
+        assert!(start.elapsed() >= Duration::from_millis(300));
+        assert!(matches!(err, HboneError::ResponseTimeout { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("10.0.0.2:15008") && msg.contains("10.0.0.2:8080"),
+            "{msg}"
+        );
+    }
+
+    /// A failed attempt fails the streams that waited for it, not the ones that come later.
+    #[tokio::test]
+    async fn waiters_share_a_failed_attempt() {
+        let pool = Pool::new(
+            H2Config::default(),
+            CancellationToken::new(),
+            TaskTracker::new(),
+        );
+        let key = test_key();
+        let failing = || async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Err::<tokio::io::DuplexStream, _>(HboneError::TlsTimeout {
+                dst: "10.0.0.2:15008".parse().unwrap(),
+                timeout: Duration::from_millis(200),
+            })
+        };
+        let start = Instant::now();
+        let (a, b, c) = tokio::join!(
+            pool.open_stream(&key, test_request(), Duration::from_secs(1), failing),
+            pool.open_stream(&key, test_request(), Duration::from_secs(1), failing),
+            pool.open_stream(&key, test_request(), Duration::from_secs(1), failing),
+        );
+        assert!(
+            start.elapsed() < Duration::from_millis(390),
+            "{:?}",
+            start.elapsed()
+        );
+        let errs = [a.unwrap_err(), b.unwrap_err(), c.unwrap_err()];
+        let waited = errs
+            .iter()
+            .filter(|e| matches!(e, HboneError::Waited { .. }))
+            .count();
+        assert_eq!(waited, 2, "{errs:?}");
+        assert!(
+            errs.iter()
+                .all(|e| e.to_string().contains("10.0.0.2:15008"))
+        );
+        // Later: a fresh attempt.
+        let later = pool
+            .open_stream(&key, test_request(), Duration::from_secs(1), failing)
+            .await
+            .unwrap_err();
+        assert!(matches!(later, HboneError::TlsTimeout { .. }), "{later}");
+    }
+
     /// A pooled connection announces upstream's HTTP/2 settings (push off, 4 MiB stream
     /// window, 1 MiB frames, 16 KiB header list, connection window raised to 16 MiB), PINGs
     /// the peer every `keepalive_interval` and is dropped when no PONG comes back within
@@ -463,11 +603,9 @@ mod tests {
             baggage: None,
         });
         let stream = pool
-            .open_stream(
-                &key,
-                request,
-                || async move { Ok::<_, HboneError>(client_io) },
-            )
+            .open_stream(&key, request, Duration::from_secs(5), || async move {
+                Ok::<_, HboneError>(client_io)
+            })
             .await
             .unwrap();
         assert_eq!(pool.connections().len(), 1);

@@ -332,6 +332,7 @@ pub(super) async fn handle(
                 (ctx.orig_src && matches!(ctx.scope, ProxyScope::Node)).then(|| peer.ip());
             let key = PoolKey::new(src_identity, expected.clone(), orig_src, hbone_addr);
             let timeout = ctx.inputs.cfg.connect_timeout;
+            let handshake_timeout = ctx.inputs.cfg.handshake_timeout;
             let connect = || {
                 let sockets = ctx.sockets.clone();
                 let roots = ctx.inputs.roots.clone();
@@ -355,12 +356,29 @@ pub(super) async fn handle(
                             }
                         };
                     let config = crate::tls::client_config(&cert, &roots, expected);
-                    hbone::tls_connect(tcp, config, hbone_addr).await
+                    hbone::tls_connect_within(tcp, config, hbone_addr, handshake_timeout).await
                 }
             };
-            let stream = match ctx.pool.open_stream(&key, request, connect).await {
+            // The peer answers once it has connected to its app (its own connect timeout).
+            let response_timeout = timeout + handshake_timeout;
+            let opened = ctx
+                .pool
+                .open_stream(&key, request, response_timeout, connect)
+                .await;
+            let stream = match opened {
                 Ok(s) => s,
                 Err(e) => {
+                    // Counted once per failed handshake (streams that waited for it fail
+                    // with `Waited`); the access log names the peer either way.
+                    match &e {
+                        HboneError::TlsTimeout { .. } => {
+                            metrics.refused(Direction::Outbound, RefusalReason::handshake_timeout)
+                        }
+                        HboneError::Tls { .. } | HboneError::Alpn { .. } => {
+                            metrics.refused(Direction::Outbound, RefusalReason::tls_handshake)
+                        }
+                        _ => {}
+                    }
                     let flag = match &e {
                         HboneError::Status { status, .. }
                             if *status == StatusCode::UNAUTHORIZED =>
