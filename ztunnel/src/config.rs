@@ -217,7 +217,8 @@ pub struct Config {
     /// Timeout for upstream connects (HBONE and plaintext); `CONNECTION_TIMEOUT` (10 s).
     #[serde(serialize_with = "humantime_duration")]
     pub connect_timeout: Duration,
-    /// Timeout for an inbound TLS handshake (`HANDSHAKE_TIMEOUT`, 10 s).
+    /// Timeout for a TLS handshake, inbound and outbound (`HANDSHAKE_TIMEOUT`, 10 s); an
+    /// outbound CONNECT must be answered within `connect_timeout` + this.
     #[serde(serialize_with = "humantime_duration")]
     pub handshake_timeout: Duration,
 }
