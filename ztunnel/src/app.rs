@@ -7,6 +7,11 @@
 //! a slow scrape never delays traffic.
 //! SIGTERM/SIGINT: listeners close, open connections get `TERMINATION_GRACE_PERIOD_SECONDS`
 //! to finish, then the process exits 0.
+//! Certificates follow the workloads served: in-pod workloads hold their account while they
+//! run ([`crate::inpod`]); the node-wide (TPROXY) proxy's follow the state's workloads of this
+//! node ([`node_certs`]).
+
+pub mod node_certs;
 
 use std::sync::{Arc, Mutex};
 
@@ -347,6 +352,7 @@ async fn data_plane(
     let factory = ProxyFactory::new(inputs.clone()).with_shards(shards);
     let shutdown = CancellationToken::new();
     let mut inpod_task = None;
+    let mut _node_certs = None;
     match cfg.proxy_mode {
         ProxyMode::Dedicated => {
             let info = cfg
@@ -421,6 +427,14 @@ async fn data_plane(
                 .push(("node (TPROXY)".to_string(), handle));
             // The listeners are bound; nothing else to wait for in this mode.
             readiness.add("node proxy (TPROXY) listening", || true);
+            // Certificates fetched on demand for this node's workloads are forgotten once
+            // no workload of the node has their identity.
+            _node_certs = Some(node_certs::watch(
+                inputs.state.clone(),
+                inputs.certs.clone(),
+                cfg.node_name.clone(),
+                node_certs::SETTLE,
+            ));
         }
     }
     tracing::info!(mode = ?cfg.proxy_mode, "ztunnel running");

@@ -7,18 +7,22 @@
 //! the current certificate stays in use until it expires. TLS configurations are built per
 //! handshake from the current certificate, so rotation never touches open connections.
 //!
-//! Workloads on this ztunnel [`SecretManager::hold`] their namespace/service account while
-//! they run; when the last holder of an account goes (replicas share one), its certificates
-//! are forgotten: no more renewals, gone from `/config_dump`.
+//! Certificates are forgotten (no more renewals, gone from `/config_dump`) when their last
+//! owner lets go ([`super::owners`]): in-pod workloads [`SecretManager::hold`] their
+//! namespace/service account while they run (replicas share one); in node-wide mode the
+//! identities of this node's workloads are claimed as a set on every state change
+//! ([`SecretManager::claim_for_node`]). A certificate no owner keeps is also never renewed:
+//! one fetched for a connection that raced with the last claim lapses at its refresh time.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{CertificateParams, KeyPair, SanType};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
+use super::owners::{Account, Owners, account_of};
 use super::provider::{CertificateProvider, CertificateRequest};
 use super::{Identity, WorkloadCertificate};
 
@@ -53,15 +57,17 @@ pub struct SecretManager {
     provider: Arc<dyn CertificateProvider>,
     ttl: Duration,
     entries: Mutex<HashMap<Identity, Arc<Entry>>>,
-    /// Workloads running on this ztunnel per (namespace, service account).
-    holders: Mutex<HashMap<(String, String), usize>>,
+    /// Who keeps which certificate. Lock order: `owners`, then `entries`.
+    owners: Mutex<Owners>,
+    /// Handed to rotation tasks, which ask before each renewal whether anyone still owns it.
+    me: Weak<SecretManager>,
 }
 
 /// A workload running as one namespace/service account (see [`SecretManager::hold`]).
 /// Dropping the last one of an account forgets its certificates.
 pub struct AccountHold {
     manager: Arc<SecretManager>,
-    account: (String, String),
+    account: Account,
 }
 
 impl std::fmt::Debug for AccountHold {
@@ -97,11 +103,12 @@ pub struct CertificateDump {
 impl SecretManager {
     /// `ttl` is the requested certificate lifetime (`SECRET_TTL`).
     pub fn new(provider: Arc<dyn CertificateProvider>, ttl: Duration) -> Arc<Self> {
-        Arc::new(SecretManager {
+        Arc::new_cyclic(|me| SecretManager {
             provider,
             ttl,
             entries: Mutex::new(HashMap::new()),
-            holders: Mutex::new(HashMap::new()),
+            owners: Mutex::new(Owners::default()),
+            me: me.clone(),
         })
     }
 
@@ -121,7 +128,9 @@ impl SecretManager {
             .await
             .map_err(|_| FetchError {
                 identity: identity.clone(),
-                reason: "certificate manager stopped".to_string(),
+                reason: "certificate request abandoned: the identity was forgotten (no \
+                         workload on this node has it) or the manager stopped"
+                    .to_string(),
             })?
             .clone();
         match state {
@@ -169,16 +178,11 @@ impl SecretManager {
 
     /// Marks a workload running on this ztunnel as `namespace`/`service_account`. Its
     /// certificates (any trust domain) are kept and renewed while at least one hold of the
-    /// account is alive; dropping the last one forgets them. Replicas share an account, so
-    /// each running workload holds its own.
+    /// account is alive; dropping the last one forgets those the node claim does not list.
+    /// Replicas share an account, so each running workload holds its own.
     pub fn hold(self: &Arc<Self>, namespace: &str, service_account: &str) -> AccountHold {
         let account = (namespace.to_string(), service_account.to_string());
-        *self
-            .holders
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(account.clone())
-            .or_insert(0) += 1;
+        self.owners().hold(account.clone());
         AccountHold {
             manager: self.clone(),
             account,
@@ -187,32 +191,20 @@ impl SecretManager {
 
     /// How many running workloads hold `namespace`/`service_account`.
     pub fn holders(&self, namespace: &str, service_account: &str) -> usize {
-        self.holders
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&(namespace.to_string(), service_account.to_string()))
-            .copied()
-            .unwrap_or(0)
+        self.owners()
+            .holders(&(namespace.to_string(), service_account.to_string()))
     }
 
-    fn release(&self, account: &(String, String)) {
-        // Held across the forget, so a new hold of the account cannot race with it.
-        let mut holders = self.holders.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(n) = holders.get_mut(account) else {
-            return;
-        };
-        *n -= 1;
-        if *n > 0 {
+    fn release(&self, account: &Account) {
+        // Held across the forget, so a new hold or claim cannot race with it.
+        let mut owners = self.owners();
+        if !owners.release(account) {
             return;
         }
-        holders.remove(account);
         let gone: Vec<Identity> = self
-            .entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .filter(|id| id.namespace() == account.0 && id.service_account() == account.1)
-            .cloned()
+            .identities()
+            .into_iter()
+            .filter(|id| account_of(id) == *account && !owners.keeps(id))
             .collect();
         for identity in gone {
             self.forget(&identity);
@@ -221,6 +213,59 @@ impl SecretManager {
                 "no workload on this node uses the identity any more: certificate dropped"
             );
         }
+    }
+
+    /// Node-wide mode: `identities` are those of the workloads on this node now (they replace
+    /// the previous claim). Forgets every cached certificate no owner keeps any more (neither
+    /// claimed nor held by an in-pod workload) and returns those identities, sorted.
+    pub fn claim_for_node(&self, identities: HashSet<Identity>) -> Vec<Identity> {
+        let mut owners = self.owners();
+        owners.claim_for_node(identities);
+        let mut gone: Vec<Identity> = self
+            .identities()
+            .into_iter()
+            .filter(|id| owners.orphaned(id))
+            .collect();
+        gone.sort();
+        for identity in &gone {
+            self.forget(identity);
+            tracing::info!(
+                %identity,
+                "no workload on this node has the identity any more: certificate dropped"
+            );
+        }
+        gone
+    }
+
+    /// Before renewing: forgets `identity` (if `entry` is still its entry) when no owner
+    /// keeps it. True when forgotten.
+    fn drop_if_orphaned(&self, identity: &Identity, entry: &Arc<Entry>) -> bool {
+        let owners = self.owners();
+        if !owners.orphaned(identity) {
+            return false;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.get(identity).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            entries.remove(identity);
+        }
+        tracing::info!(
+            %identity,
+            "certificate not renewed: no workload on this node has the identity any more"
+        );
+        true
+    }
+
+    fn owners(&self) -> std::sync::MutexGuard<'_, Owners> {
+        self.owners.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn identities(&self) -> Vec<Identity> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// State of every identity, sorted by identity.
@@ -277,6 +322,7 @@ impl SecretManager {
             task: Mutex::new(None),
         });
         let task = tokio::spawn(rotate(
+            self.me.clone(),
             self.provider.clone(),
             identity.clone(),
             self.ttl,
@@ -299,15 +345,23 @@ impl Drop for SecretManager {
     }
 }
 
-/// The rotation loop of one identity.
+/// The rotation loop of one identity; ends before a renewal nobody owns.
 async fn rotate(
+    manager: Weak<SecretManager>,
     provider: Arc<dyn CertificateProvider>,
     identity: Identity,
     ttl: Duration,
     entry: Arc<Entry>,
 ) {
     let mut backoff = BACKOFF_START;
+    let mut first = true;
     loop {
+        if !std::mem::take(&mut first) {
+            match manager.upgrade() {
+                Some(m) if !m.drop_if_orphaned(&identity, &entry) => {}
+                _ => return,
+            }
+        }
         match request_certificate(provider.as_ref(), &identity, ttl).await {
             Ok(cert) => {
                 backoff = BACKOFF_START;
@@ -544,5 +598,72 @@ mod tests {
             "other account renewed"
         );
         assert!(listed(&certs, &other));
+    }
+
+    /// Node-wide claims and in-pod holds compose: a certificate goes when neither keeps it.
+    /// An empty claim forgets the unclaimed identity at once (no more CSRs, not in the dump)
+    /// but not the held one; dropping the last hold keeps an identity the node claims.
+    #[tokio::test]
+    async fn node_claim_and_holds_compose() {
+        let provider = Arc::new(Counting {
+            ca: local_ca("ec"),
+            signed: Mutex::new(HashMap::new()),
+        });
+        let certs = SecretManager::new(provider.clone(), Duration::from_secs(2));
+        let node_only = Identity::new("cluster.local", "ns1", "node-only");
+        let held = Identity::new("cluster.local", "ns1", "held");
+        let both = Identity::new("cluster.local", "ns1", "both");
+        let hold = certs.hold("ns1", "held");
+        let hold_both = certs.hold("ns1", "both");
+        for id in [&node_only, &held, &both] {
+            certs.fetch_certificate(id).await.unwrap();
+        }
+        let listed = |id: &Identity| certs.dump().iter().any(|d| d.identity == id.to_string());
+
+        let gone = certs.claim_for_node(HashSet::from([node_only.clone(), both.clone()]));
+        assert!(gone.is_empty(), "{gone:?}");
+        drop(hold_both);
+        assert!(listed(&both), "the node still claims it");
+
+        let gone = certs.claim_for_node(HashSet::new());
+        assert_eq!(gone, [both.clone(), node_only.clone()]);
+        assert!(!listed(&node_only) && !listed(&both));
+        assert!(listed(&held), "held by an in-pod workload");
+        let counts = |ids: &[&Identity]| ids.iter().map(|i| provider.count(i)).collect::<Vec<_>>();
+        let before = counts(&[&node_only, &both, &held]);
+        tokio::time::sleep(MIN_REFRESH + Duration::from_millis(700)).await;
+        let after = counts(&[&node_only, &both, &held]);
+        assert_eq!(after[..2], before[..2], "no CSR for forgotten identities");
+        assert!(after[2] > before[2], "the held identity is renewed");
+
+        drop(hold);
+        assert!(!listed(&held), "last owner gone");
+    }
+
+    /// A certificate fetched after the last claim that does not list it (a connection that
+    /// raced with the state change) is not renewed: it is dropped at its refresh time.
+    #[tokio::test]
+    async fn unowned_certificate_lapses_at_refresh() {
+        let provider = Arc::new(Counting {
+            ca: local_ca("ec"),
+            signed: Mutex::new(HashMap::new()),
+        });
+        let certs = SecretManager::new(provider.clone(), Duration::from_secs(2));
+        let claimed = Identity::new("cluster.local", "ns1", "claimed");
+        let straggler = Identity::new("cluster.local", "ns1", "gone");
+        certs.claim_for_node(HashSet::from([claimed.clone()]));
+        certs.fetch_certificate(&claimed).await.unwrap();
+        certs.fetch_certificate(&straggler).await.unwrap();
+        assert_eq!(provider.count(&straggler), 1);
+        tokio::time::sleep(MIN_REFRESH + Duration::from_millis(700)).await;
+        assert!(certs.current(&straggler).is_none());
+        assert!(
+            !certs
+                .dump()
+                .iter()
+                .any(|d| d.identity == straggler.to_string())
+        );
+        assert_eq!(provider.count(&straggler), 1, "never renewed");
+        assert!(provider.count(&claimed) > 1, "the claimed one is");
     }
 }

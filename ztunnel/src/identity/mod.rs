@@ -5,12 +5,14 @@
 //!   [`local_ca::LocalCa`] signs them from `CA_ROOT_CERT`/`CA_ROOT_KEY`; an Istio CA gRPC
 //!   client implements the same trait later.
 //! - [`manager::SecretManager`]: one certificate per identity, fetched on first use, renewed at
-//!   half of its lifetime; TLS resolvers read the current one at handshake time.
+//!   half of its lifetime; TLS resolvers read the current one at handshake time. Forgotten
+//!   when no owner keeps it any more (`owners`: in-pod account holds, the node-wide claim).
 
 pub mod certificate;
 pub mod istio_ca;
 pub mod local_ca;
 pub mod manager;
+mod owners;
 pub mod provider;
 
 use std::fmt;
