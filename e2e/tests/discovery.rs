@@ -2,7 +2,8 @@
 //! objects created, changed and deleted through the API show up in the store and in
 //! `/config_dump`, change `pick_endpoint` and policy decisions; an expired watch
 //! (410 Gone) costs one re-list per kind, a dropped watch none; a cluster without
-//! the AuthorizationPolicy CRD still syncs.
+//! the AuthorizationPolicy and PeerAuthentication CRDs still syncs; a mesh-wide
+//! STRICT PeerAuthentication refuses plaintext (and only plaintext) until deleted.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -134,21 +135,34 @@ fn picked(store: &Store, vip: IpAddr) -> Option<(String, u16)> {
         .map(|(w, p)| (w.name.clone(), p))
 }
 
+const SLEEP: &str = "spiffe://cluster.local/ns/other/sa/sleep";
+
 fn allowed(store: &Store, dst: &str, port: u16) -> Option<bool> {
+    decision(store, dst, port, Some(SLEEP)).map(|d| d.is_allow())
+}
+
+/// The decision for a connection to `dst:port` from `identity` (an HBONE source;
+/// `None`: plaintext from outside the mesh, as on 15006).
+fn decision(
+    store: &Store,
+    dst: &str,
+    port: u16,
+    identity: Option<&str>,
+) -> Option<ztunnel::policy::Decision> {
     let snap = store.snapshot();
     let w = snap.workload_by_ip("", ip(dst))?.clone();
-    Some(
-        snap.policies()
-            .evaluate(&Request {
-                dst_workload_namespace: &w.namespace,
-                dst_workload_policy_refs: &w.authorization_policies,
-                src_identity: PeerIdentity::from_spiffe("spiffe://cluster.local/ns/other/sa/sleep"),
-                src_ip: ip("10.244.9.9"),
-                dst_ip: ip(dst),
-                dst_port: port,
-            })
-            .is_allow(),
-    )
+    Some(snap.policies().evaluate(&Request {
+        dst_workload_namespace: &w.namespace,
+        dst_workload_policy_refs: &w.authorization_policies,
+        src_identity: identity.and_then(PeerIdentity::from_spiffe),
+        src_ip: ip("10.244.9.9"),
+        dst_ip: ip(dst),
+        dst_port: port,
+    }))
+}
+
+fn plaintext_allowed(store: &Store, dst: &str, port: u16) -> Option<bool> {
+    decision(store, dst, port, None).map(|d| d.is_allow())
 }
 
 /// GET `path` from ztunnel's admin endpoint.
@@ -312,6 +326,7 @@ async fn expired_watch_relists_once_per_kind_and_a_dropped_watch_not_at_all() {
         "services",
         "endpointslices",
         "authorizationpolicies",
+        "peerauthentications",
     ];
     let lists = |api: &ApiServerHandle| kinds.map(|k| api.request_count("list", k));
     let before = lists(&c.api);
@@ -354,9 +369,10 @@ async fn expired_watch_relists_once_per_kind_and_a_dropped_watch_not_at_all() {
 async fn missing_policy_crd_is_a_warning_not_a_failure() {
     let api = ApiServer::default()
         .without_authorization_policy_crd()
+        .without_peer_authentication_crd()
         .run()
         .unwrap();
-    // start() waits for the sync: the missing CRD counts as "no policies".
+    // start() waits for the sync: a missing CRD counts as "none of that kind".
     let c = start(api).await;
     c.pod("a", "10.244.2.1", json!({"app": "a"}), true);
     c.until("pods still flow", |s| {
@@ -365,8 +381,94 @@ async fn missing_policy_crd_is_a_warning_not_a_failure() {
     .await;
     assert!(c.store.snapshot().policies().is_empty());
     assert_eq!(allowed(&c.store, "10.244.2.1", 80), Some(true));
+    assert_eq!(plaintext_allowed(&c.store, "10.244.2.1", 80), Some(true));
     // (The slow retry schedule is unit-tested in state::kube; the double does not
     // count requests for resources it does not serve.)
+}
+
+/// A mesh-wide `mtls.mode: STRICT` PeerAuthentication (root namespace): plaintext
+/// to a meshed pod is refused by upstream's static STRICT policy, HBONE (mTLS)
+/// sources are still allowed; a namespace-wide PERMISSIVE overrides it for its
+/// namespace; deleting the PeerAuthentications accepts plaintext again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_wide_strict_peer_authentication_refuses_plaintext_until_deleted() {
+    const STRICT_KEY: &str = "istio-system/istio_converted_static_strict";
+    let c = start(ApiServer::start().unwrap()).await;
+    c.pod("web-1", "10.244.4.1", json!({"app": "web"}), true);
+    c.until("web-1", |s| {
+        s.snapshot().workload_by_ip("", ip("10.244.4.1")).is_some()
+    })
+    .await;
+    assert_eq!(plaintext_allowed(&c.store, "10.244.4.1", 8080), Some(true));
+
+    c.api
+        .create(
+            json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": "default", "namespace": "istio-system"},
+            "spec": {"mtls": {"mode": "STRICT"}}}),
+        )
+        .unwrap();
+    c.until("plaintext refused", |s| {
+        plaintext_allowed(s, "10.244.4.1", 8080) == Some(false)
+    })
+    .await;
+    let denied = decision(&c.store, "10.244.4.1", 8080, None).unwrap();
+    assert_eq!(denied.policy(), Some(STRICT_KEY), "{denied}");
+    assert_eq!(allowed(&c.store, "10.244.4.1", 8080), Some(true), "mTLS");
+    {
+        let snap = c.store.snapshot();
+        let w = snap.workload_by_ip("", ip("10.244.4.1")).unwrap();
+        assert_eq!(w.authorization_policies, vec![STRICT_KEY.to_string()]);
+    }
+
+    // A namespace-wide PERMISSIVE overrides the mesh's STRICT for `app`.
+    c.api
+        .create(
+            json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": "default", "namespace": "app"},
+            "spec": {"mtls": {"mode": "PERMISSIVE"}}}),
+        )
+        .unwrap();
+    c.until("namespace PERMISSIVE", |s| {
+        plaintext_allowed(s, "10.244.4.1", 8080) == Some(true)
+    })
+    .await;
+    c.api
+        .delete(
+            "security.istio.io/v1",
+            "PeerAuthentication",
+            Some("app"),
+            "default",
+        )
+        .unwrap();
+    c.until("mesh STRICT again", |s| {
+        plaintext_allowed(s, "10.244.4.1", 8080) == Some(false)
+    })
+    .await;
+    // A pod created while the policy is in force gets it too.
+    c.pod("web-2", "10.244.4.2", json!({"app": "web"}), true);
+    c.until("new pod strict", |s| {
+        plaintext_allowed(s, "10.244.4.2", 8080) == Some(false)
+    })
+    .await;
+
+    c.api
+        .delete(
+            "security.istio.io/v1",
+            "PeerAuthentication",
+            Some("istio-system"),
+            "default",
+        )
+        .unwrap();
+    c.until("plaintext allowed again", |s| {
+        plaintext_allowed(s, "10.244.4.1", 8080) == Some(true)
+            && plaintext_allowed(s, "10.244.4.2", 8080) == Some(true)
+    })
+    .await;
+    assert_eq!(allowed(&c.store, "10.244.4.1", 8080), Some(true));
+    // No PeerAuthentication left: the static policy is gone too (as upstream).
+    c.until("no policies", |s| s.snapshot().policies().is_empty())
+        .await;
 }
 
 /// The ztunnel binary with `KUBERNETES_DISCOVERY=true` (in-pod mode, no node agent:

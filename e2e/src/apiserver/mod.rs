@@ -16,7 +16,7 @@
 //!   services, serviceaccounts (+`token`), nodes, configmaps, secrets,
 //!   events (core and `events.k8s.io`), endpoints, endpointslices, apps/v1
 //!   daemonsets and deployments, leases, `security.istio.io/v1`
-//!   authorizationpolicies (arbitrary JSON), `authentication.k8s.io/v1`
+//!   authorizationpolicies and peerauthentications (arbitrary JSON), `authentication.k8s.io/v1`
 //!   tokenreviews (create only).
 //! - Verbs: list (label selectors `k=v`, `k!=v`, `k`, `!k`, `k in (..)`,
 //!   `k notin (..)`; field selectors on any dotted path, e.g.
@@ -126,6 +126,7 @@ pub struct ApiServer {
     bookmark_interval: Duration,
     signer: Option<TokenSigner>,
     authorization_policy_crd: bool,
+    peer_authentication_crd: bool,
 }
 
 impl Default for ApiServer {
@@ -137,6 +138,7 @@ impl Default for ApiServer {
             bookmark_interval: Duration::from_secs(5),
             signer: None,
             authorization_policy_crd: true,
+            peer_authentication_crd: true,
         }
     }
 }
@@ -186,6 +188,12 @@ impl ApiServer {
         self
     }
 
+    /// Serve without the `security.istio.io` PeerAuthentication resource.
+    pub fn without_peer_authentication_crd(mut self) -> Self {
+        self.peer_authentication_crd = false;
+        self
+    }
+
     /// Binds and starts serving on a dedicated thread.
     pub fn run(self) -> Result<ApiServerHandle, ApiServerError> {
         let mut listeners = self.listeners;
@@ -205,8 +213,10 @@ impl ApiServer {
             .iter()
             .copied()
             .filter(|r| {
-                self.authorization_policy_crd
-                    || (r.group, r.plural) != resources::AUTHORIZATION_POLICY
+                (self.authorization_policy_crd
+                    || (r.group, r.plural) != resources::AUTHORIZATION_POLICY)
+                    && (self.peer_authentication_crd
+                        || (r.group, r.plural) != resources::PEER_AUTHENTICATION)
             })
             .collect();
         let store = store::Store::new(resources, self.event_window);

@@ -103,6 +103,10 @@ const fn rt(
 /// left out to test clients against a cluster without the CRD).
 pub const AUTHORIZATION_POLICY: (&str, &str) = ("security.istio.io", "authorizationpolicies");
 
+/// Group and plural of the Istio PeerAuthentication custom resource (can be
+/// left out like [`AUTHORIZATION_POLICY`]).
+pub const PEER_AUTHENTICATION: (&str, &str) = ("security.istio.io", "peerauthentications");
+
 /// Everything the double knows.
 pub const ALL: &[ResourceType] = &[
     rt(
@@ -226,6 +230,16 @@ pub const ALL: &[ResourceType] = &[
         "AuthorizationPolicy",
         true,
         &["ap"],
+        &[],
+    ),
+    rt(
+        PEER_AUTHENTICATION.0,
+        "v1",
+        PEER_AUTHENTICATION.1,
+        "peerauthentication",
+        "PeerAuthentication",
+        true,
+        &["pa"],
         &[],
     ),
     ResourceType {

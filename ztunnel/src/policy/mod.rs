@@ -11,7 +11,8 @@
 //!   (DENY first, then ALLOW; dry-run and AUDIT logged only; no allocation).
 //! - [`kube`]: `security.istio.io/v1` `AuthorizationPolicy` objects, their
 //!   conversion into the model (fail-closed for what L4 cannot enforce) and
-//!   [`kube::selector_matches`].
+//!   [`kube::selector_matches`]; [`kube::peer_authn`]: `PeerAuthentication`
+//!   objects converted into DENY policies (istiod's ambient conversion).
 
 pub mod evaluate;
 pub mod kube;

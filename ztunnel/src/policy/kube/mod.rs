@@ -28,6 +28,12 @@
 //!   restrictive") and sidecar mode do.
 //!
 //! Each case produces a warning; the caller logs them once per policy.
+//!
+//! [`peer_authn`]: `PeerAuthentication` objects, converted into DENY policies
+//! with upstream's names (the static STRICT policy, converted per-port
+//! workload policies) and the keys each workload references.
+
+pub mod peer_authn;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;

@@ -17,6 +17,8 @@ use super::convert::{
     ConvertSettings, ObjectKey, PodFacts, ServiceFacts, SliceFacts, endpoint_ports, to_workload,
     workload_uid,
 };
+use super::peer_authn::{Affected, PeerAuthIndex};
+use crate::policy::kube::peer_authn::PeerAuthentication;
 use crate::policy::kube::{AuthorizationPolicy, ConvertOptions, convert, selector_matches};
 use crate::policy::model::Authorization;
 use crate::state::{NamespacedHostname, SourceBatch};
@@ -54,6 +56,7 @@ pub struct DiscoveryIndex {
     services: Kind<ServiceFacts>,
     slices: Kind<SliceFacts>,
     policies: Kind<PolicyEntry>,
+    peer_authns: PeerAuthIndex,
     /// Pod → slices that reference it.
     pod_slices: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
     /// Service → its slices.
@@ -82,6 +85,7 @@ impl DiscoveryIndex {
     pub fn new(settings: ConvertSettings, policy_options: ConvertOptions) -> Self {
         DiscoveryIndex {
             settings,
+            peer_authns: PeerAuthIndex::new(policy_options.clone()),
             policy_options,
             pods: Kind::default(),
             services: Kind::default(),
@@ -108,6 +112,11 @@ impl DiscoveryIndex {
             self.slices.objects.len(),
             self.policies.objects.len(),
         )
+    }
+
+    /// Number of PeerAuthentication objects.
+    pub fn peer_authentication_count(&self) -> usize {
+        self.peer_authns.count()
     }
 
     // ---- pods ----
@@ -397,7 +406,39 @@ impl DiscoveryIndex {
         self.dirty_policies.insert(key);
     }
 
-    /// `"<ns>/<name>"` of the selector policies that select `pod`.
+    // ---- peer authentications ----
+
+    pub fn peer_authn_event(&mut self, event: Event<PeerAuthentication>) {
+        let affected = self.peer_authns.event(event);
+        self.rebind(affected);
+    }
+
+    /// The PeerAuthentication CRD does not exist: there are none.
+    pub fn peer_authns_absent(&mut self) {
+        let affected = self.peer_authns.absent();
+        self.rebind(affected);
+    }
+
+    fn rebind(&mut self, affected: Vec<Affected>) {
+        for a in affected {
+            match a {
+                Affected::All => {
+                    self.dirty_pods.extend(self.pods.objects.keys().cloned());
+                    return;
+                }
+                Affected::Namespace(ns) => {
+                    if let Some(names) = self.ns_pods.get(&ns) {
+                        self.dirty_pods
+                            .extend(names.iter().map(|n| (ns.clone(), n.clone())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `"<ns>/<name>"` of the selector policies that select `pod`, then the
+    /// keys PeerAuthentication adds (as upstream: AuthorizationPolicies sorted,
+    /// then the PeerAuthentication ones).
     fn bound_policies(&self, pod: &PodFacts) -> Vec<String> {
         let mut out = Vec::new();
         let root = &self.policy_options.root_namespace;
@@ -423,6 +464,7 @@ impl DiscoveryIndex {
             }
         }
         out.sort();
+        out.extend(self.peer_authns.workload_keys(&pod.namespace, &pod.labels));
         out
     }
 
@@ -520,6 +562,7 @@ impl DiscoveryIndex {
                 }
             }
         }
+        self.peer_authns.flush(&mut batch);
         batch
     }
 }

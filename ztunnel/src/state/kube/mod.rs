@@ -3,18 +3,26 @@
 //! [`Store`](crate::state::Store) as the file source, so `/config_dump` and every
 //! lookup look the same whichever source fed them.
 //!
-//! Four cluster-wide watches (kube-rs watchers: paginated list served from the
+//! Five cluster-wide watches (kube-rs watchers: paginated list served from the
 //! API server's cache, then `watch` from that resourceVersion with bookmarks; an
 //! expired version (`410 Gone`) re-lists that one kind only, with jittered
-//! back-off): Pods, Services, `discovery.k8s.io/v1` EndpointSlices and
-//! `security.istio.io/v1` AuthorizationPolicies. Namespaces are not watched:
-//! nothing ztunnel enforces at L4 depends on namespace labels (the node agent
-//! decides enrolment and marks pods with `ambient.istio.io/redirection`), and one
-//! watch per node fewer matters at scale (see `docs/discovery-cost.md`).
+//! back-off): Pods, Services, `discovery.k8s.io/v1` EndpointSlices, and
+//! `security.istio.io/v1` AuthorizationPolicies and PeerAuthentications.
+//! PeerAuthentications become DENY policies with upstream's names
+//! (`<root>/istio_converted_static_strict`,
+//! `<ns>/converted_peer_authentication_<name>`) that the workloads they apply to
+//! reference, as istiod does for ambient ([`crate::policy::kube::peer_authn`]):
+//! a mesh-wide `mtls.mode: STRICT` refuses plaintext on 15006.
 //!
-//! A missing AuthorizationPolicy CRD (404 on the list) is a warning, means "no
-//! policies", and is retried slowly (up to every 60 s); other errors are logged
-//! and retried with the default back-off (0.8 s doubling to 30 s).
+//! Namespaces are not watched: nothing ztunnel enforces at L4 depends on
+//! namespace labels (the node agent decides enrolment and marks pods with
+//! `ambient.istio.io/redirection`), and one watch per node fewer matters at
+//! scale (see `docs/discovery-cost.md`).
+//!
+//! A missing AuthorizationPolicy or PeerAuthentication CRD (404 on the list) is
+//! a warning, means "none", and is retried slowly (up to every 60 s); other
+//! errors are logged and retried with the default back-off (0.8 s doubling to
+//! 30 s; the two Istio kinds keep the slow back-off).
 //!
 //! Events are converted into compact facts ([`convert`]) kept in a
 //! [`index::DiscoveryIndex`]; changes are batched (everything already received,
@@ -25,11 +33,12 @@
 //! from a data-plane thread either.
 //!
 //! [`KubeDiscovery::synced`] turns true once every kind has been listed once (the
-//! policy kind also when its CRD is absent): until then authorization decisions
+//! Istio kinds also when their CRD is absent): until then authorization decisions
 //! could be made on partial state, so ztunnel is not ready.
 
 pub mod convert;
 pub mod index;
+mod peer_authn;
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -44,6 +53,7 @@ use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::policy::kube::peer_authn::PeerAuthentication;
 use crate::policy::kube::{AuthorizationPolicy, ConvertOptions, DEFAULT_ROOT_NAMESPACE};
 use crate::state::SourceHandle;
 pub use convert::ConvertSettings;
@@ -56,8 +66,8 @@ pub const SOURCE_NAME: &str = "kubernetes";
 #[derive(Debug, Clone)]
 pub struct KubeOptions {
     pub settings: ConvertSettings,
-    /// AuthorizationPolicies here without a selector are mesh-wide (Istio's root
-    /// namespace, `istio-system`).
+    /// AuthorizationPolicies and PeerAuthentications here without a selector are
+    /// mesh-wide (Istio's root namespace, `istio-system`).
     pub root_namespace: String,
     /// At most one store update per this interval (events in between are batched).
     pub min_update_interval: Duration,
@@ -123,14 +133,16 @@ enum ObjectKind {
     Services,
     EndpointSlices,
     AuthorizationPolicies,
+    PeerAuthentications,
 }
 
 impl ObjectKind {
-    const ALL: [ObjectKind; 4] = [
+    const ALL: [ObjectKind; 5] = [
         ObjectKind::Pods,
         ObjectKind::Services,
         ObjectKind::EndpointSlices,
         ObjectKind::AuthorizationPolicies,
+        ObjectKind::PeerAuthentications,
     ];
 
     fn name(self) -> &'static str {
@@ -139,7 +151,24 @@ impl ObjectKind {
             ObjectKind::Services => "services",
             ObjectKind::EndpointSlices => "endpointslices.discovery.k8s.io",
             ObjectKind::AuthorizationPolicies => "authorizationpolicies.security.istio.io",
+            ObjectKind::PeerAuthentications => "peerauthentications.security.istio.io",
         }
+    }
+
+    /// The CRD's kind, for messages.
+    fn crd_kind(self) -> &'static str {
+        match self {
+            ObjectKind::PeerAuthentications => "PeerAuthentication",
+            _ => "AuthorizationPolicy",
+        }
+    }
+
+    /// An Istio CRD kind: may be absent, polled slowly.
+    fn is_istio(self) -> bool {
+        matches!(
+            self,
+            ObjectKind::AuthorizationPolicies | ObjectKind::PeerAuthentications
+        )
     }
 }
 
@@ -149,6 +178,7 @@ enum Msg {
     Service(Box<Event<KubeService>>),
     Slice(Box<Event<EndpointSlice>>),
     Policy(Box<Event<AuthorizationPolicy>>),
+    PeerAuthn(Box<Event<PeerAuthentication>>),
     Error(ObjectKind, watcher::Error),
 }
 
@@ -159,6 +189,7 @@ impl Msg {
             Msg::Service(_) => ObjectKind::Services,
             Msg::Slice(_) => ObjectKind::EndpointSlices,
             Msg::Policy(_) => ObjectKind::AuthorizationPolicies,
+            Msg::PeerAuthn(_) => ObjectKind::PeerAuthentications,
             Msg::Error(k, _) => *k,
         }
     }
@@ -169,6 +200,7 @@ impl Msg {
             Msg::Service(e) => matches!(**e, Event::InitDone),
             Msg::Slice(e) => matches!(**e, Event::InitDone),
             Msg::Policy(e) => matches!(**e, Event::InitDone),
+            Msg::PeerAuthn(e) => matches!(**e, Event::InitDone),
             Msg::Error(..) => false,
         }
     }
@@ -176,8 +208,9 @@ impl Msg {
 
 type MsgStream = Pin<Box<dyn Stream<Item = Msg> + Send>>;
 
-/// Back-off for the policy watch: 1 s doubling to 60 s (a missing CRD is polled
-/// slowly), reset after 2 min without errors.
+/// Back-off for the Istio watches (AuthorizationPolicy, PeerAuthentication): 1 s
+/// doubling to 60 s (a missing CRD is polled slowly), reset after 2 min without
+/// errors.
 struct SlowBackoff {
     next: Duration,
     last: Option<tokio::time::Instant>,
@@ -239,7 +272,7 @@ where
     F: Fn(Box<Event<K>>) -> Msg + Send + 'static,
 {
     let s = watcher::watcher(api, watcher_config());
-    if kind == ObjectKind::AuthorizationPolicies {
+    if kind.is_istio() {
         s.backoff(SlowBackoff::new())
             .map(move |r| match r {
                 Ok(e) => wrap(Box::new(e)),
@@ -283,9 +316,14 @@ impl KubeDiscovery {
                 Msg::Slice,
             ),
             stream_of(
-                Api::<AuthorizationPolicy>::all(client),
+                Api::<AuthorizationPolicy>::all(client.clone()),
                 ObjectKind::AuthorizationPolicies,
                 Msg::Policy,
+            ),
+            stream_of(
+                Api::<PeerAuthentication>::all(client),
+                ObjectKind::PeerAuthentications,
+                Msg::PeerAuthn,
             ),
         ];
         let (synced_tx, synced) = watch::channel(false);
@@ -390,10 +428,12 @@ async fn run(
         },
     );
     let mut listed: Vec<ObjectKind> = Vec::new();
-    let mut crd_missing = false;
+    // Istio kinds whose CRD is missing (warned once until it appears).
+    let mut crd_missing: Vec<ObjectKind> = Vec::new();
     let mut last_flush = tokio::time::Instant::now() - opts.min_update_interval;
     tracing::info!(
-        "Kubernetes discovery started (pods, services, endpointslices, authorizationpolicies)"
+        "Kubernetes discovery started (pods, services, endpointslices, authorizationpolicies, \
+         peerauthentications)"
     );
     loop {
         let Some(first) = streams.next().await else {
@@ -407,21 +447,27 @@ async fn run(
                 Msg::Service(e) => index.service_event(*e),
                 Msg::Slice(e) => index.slice_event(*e),
                 Msg::Policy(e) => {
-                    if crd_missing {
-                        tracing::info!("AuthorizationPolicy CRD is available now");
-                        crd_missing = false;
-                    }
+                    crd_available(&mut crd_missing, kind);
                     index.policy_event(*e)
                 }
-                Msg::Error(ObjectKind::AuthorizationPolicies, e) if is_not_found(&e) => {
-                    if !crd_missing {
+                Msg::PeerAuthn(e) => {
+                    crd_available(&mut crd_missing, kind);
+                    index.peer_authn_event(*e)
+                }
+                Msg::Error(kind, e) if kind.is_istio() && is_not_found(&e) => {
+                    if !crd_missing.contains(&kind) {
                         tracing::warn!(
-                            "AuthorizationPolicy CRD (security.istio.io/v1) is not installed: \
-                             no policies are enforced; checking again slowly"
+                            "{} CRD (security.istio.io/v1) is not installed: none are \
+                             enforced; checking again slowly",
+                            kind.crd_kind()
                         );
-                        crd_missing = true;
+                        crd_missing.push(kind);
                     }
-                    index.policies_absent();
+                    if kind == ObjectKind::PeerAuthentications {
+                        index.peer_authns_absent();
+                    } else {
+                        index.policies_absent();
+                    }
                     if !listed.contains(&kind) {
                         listed.push(kind);
                     }
@@ -455,26 +501,38 @@ async fn run(
                 tracing::error!(error = %e, "store update panicked");
             }
             let (pods, services, slices, policies) = index.counts();
+            let peer_authentications = index.peer_authentication_count();
             tracing::debug!(
                 changes,
                 pods,
                 services,
                 slices,
                 policies,
+                peer_authentications,
                 "Kubernetes state applied"
             );
         }
         if !*synced_tx.borrow() && ObjectKind::ALL.iter().all(|k| listed.contains(k)) {
             let (pods, services, slices, policies) = index.counts();
+            let peer_authentications = index.peer_authentication_count();
             tracing::info!(
                 pods,
                 services,
                 slices,
                 policies,
+                peer_authentications,
                 "Kubernetes discovery synced"
             );
             synced_tx.send_replace(true);
         }
+    }
+}
+
+/// A watch event of an Istio kind arrived: its CRD exists (again).
+fn crd_available(missing: &mut Vec<ObjectKind>, kind: ObjectKind) {
+    if let Some(i) = missing.iter().position(|k| *k == kind) {
+        missing.remove(i);
+        tracing::info!("{} CRD is available now", kind.crd_kind());
     }
 }
 
