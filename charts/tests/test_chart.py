@@ -171,12 +171,18 @@ class SchemaValidation(unittest.TestCase):
 
     def test_crd_validates(self):
         crds = crd_objects(chart())
-        self.assertEqual([c["metadata"]["name"] for c in crds], ["authorizationpolicies.security.istio.io"])
-        for version in KUBE_VERSIONS:
-            kubernetes_validate.validate(crds[0], version, strict=True)
-        self.assertEqual(crds[0]["spec"]["scope"], "Namespaced")
-        storage = [v["name"] for v in crds[0]["spec"]["versions"] if v["storage"]]
-        self.assertEqual(storage, ["v1"])
+        self.assertEqual(
+            sorted(c["metadata"]["name"] for c in crds),
+            ["authorizationpolicies.security.istio.io", "peerauthentications.security.istio.io"],
+        )
+        for crd in crds:
+            with self.subTest(crd=crd["metadata"]["name"]):
+                for version in KUBE_VERSIONS:
+                    kubernetes_validate.validate(crd, version, strict=True)
+                self.assertEqual(crd["spec"]["scope"], "Namespaced")
+                self.assertEqual(crd["spec"]["group"], "security.istio.io")
+                storage = [v["name"] for v in crd["spec"]["versions"] if v["storage"]]
+                self.assertEqual(storage, ["v1"])
 
     def test_helm_lint_has_no_warnings(self):
         report = helm.lint(os.fspath(REPO / "charts" / "geneva-mesh"), strict=True, namespace=NAMESPACE)
@@ -382,7 +388,7 @@ class SecurityProperties(unittest.TestCase):
             sorted([
                 (("",), ("namespaces", "pods", "services"), ("get", "list", "watch"), ()),
                 (("discovery.k8s.io",), ("endpointslices",), ("get", "list", "watch"), ()),
-                (("security.istio.io",), ("authorizationpolicies",), ("get", "list", "watch"), ()),
+                (("security.istio.io",), ("authorizationpolicies", "peerauthentications"), ("get", "list", "watch"), ()),
             ]),
         )
         self.assertEqual(
