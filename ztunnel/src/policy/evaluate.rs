@@ -655,6 +655,12 @@ mod tests {
 
     /// Captures log output of the closure.
     fn logs(f: impl FnOnce()) -> String {
+        // tracing caches each callsite's interest. While only one dispatcher is registered,
+        // a callsite first hit on another test thread (no subscriber there) is cached as
+        // "never" for everyone, and this capture would miss it. A second, permanent
+        // dispatcher that wants nothing keeps interest at "sometimes" (asked per event).
+        static ANCHOR: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+        ANCHOR.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
         #[derive(Clone, Default)]
         struct Buf(Arc<Mutex<Vec<u8>>>);
         impl Write for Buf {

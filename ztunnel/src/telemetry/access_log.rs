@@ -491,6 +491,12 @@ mod log_format_tests {
 
     #[test]
     fn access_line_has_upstream_fields() {
+        // tracing caches each callsite's interest. While only one dispatcher is registered,
+        // a callsite first hit on another test thread (no subscriber there) is cached as
+        // "never" for everyone, and this capture would miss it. A second, permanent
+        // dispatcher that wants nothing keeps interest at "sometimes" (asked per event).
+        static ANCHOR: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+        ANCHOR.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
         let buf = Buf::default();
         let b2 = buf.clone();
         let sub = tracing_subscriber::fmt()
