@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::bundle::verify_chain_to_root;
 use rcgen::{
     CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SubjectPublicKeyInfo,
@@ -206,12 +207,14 @@ impl Authority {
             .map_err(|e| (ROOT_CERT_FILE, format!("cannot parse certificate: {e}")))?;
         let root_not_after = to_system(root_x509.validity().not_after.timestamp());
 
+        let mut chain_ders = Vec::new();
         let mut chain: Vec<String> = match chain_pem {
             Some(text) => {
                 let mut out = Vec::new();
                 for der in CertificateDer::pem_slice_iter(text.as_bytes()) {
                     let der = der.map_err(|e| (CERT_CHAIN_FILE, format!("bad PEM: {e}")))?;
                     out.push(pem_cert(&der));
+                    chain_ders.push(der);
                 }
                 if out.is_empty() {
                     return Err((CERT_CHAIN_FILE, "no certificate".into()));
@@ -226,6 +229,22 @@ impl Authority {
         if chain.last() != Some(&root_pem) {
             chain.push(root_pem.clone());
         }
+        // The intermediates between the signing certificate and the root.
+        let mut intermediates = Vec::new();
+        for der in &chain_ders {
+            if der.as_ref() == ca_der.as_ref() || der.as_ref() == root_der.as_ref() {
+                continue;
+            }
+            let (_, x) = X509Certificate::from_der(der.as_ref())
+                .map_err(|e| (CERT_CHAIN_FILE, format!("cannot parse certificate: {e}")))?;
+            intermediates.push(x);
+        }
+        verify_chain_to_root(&ca_x509, &intermediates, &root_x509).map_err(|e| {
+            (
+                ROOT_CERT_FILE,
+                format!("{CA_CERT_FILE} does not chain to this root: {e}"),
+            )
+        })?;
         let issuer = Issuer::from_ca_cert_der(&ca_der, key)
             .map_err(|e| (CA_CERT_FILE, format!("not usable as issuer: {e}")))?;
         Ok(Authority {
@@ -354,6 +373,17 @@ impl Authority {
         public_key: &impl PublicKeyData,
         subject: &str,
     ) -> Result<Vec<String>, SignError> {
+        // Checked at load too; a CA certificate can expire while loaded, and a
+        // certificate that is expired when issued helps nobody.
+        if self.ca_not_after <= SystemTime::now() {
+            return Err(SignError {
+                subject: subject.to_string(),
+                reason: format!(
+                    "the CA certificate {CA_CERT_FILE} expired at {}",
+                    humantime::format_rfc3339_seconds(self.ca_not_after)
+                ),
+            });
+        }
         let leaf = params
             .signed_by(public_key, &self.issuer)
             .map_err(|e| SignError {
@@ -576,6 +606,35 @@ mod tests {
         assert_eq!(sans, vec![format!("URI({ID:?})")]);
         assert!(!is_ca);
         assert_eq!(life, Duration::from_secs(3600 + 60));
+    }
+
+    #[test]
+    fn ca_cert_not_issued_by_root_cert_is_refused() {
+        // A Secret updated with a signing certificate from root B while root-cert.pem
+        // (what every ztunnel trusts) is still root A.
+        let (root_a, _) = generate_root("A");
+        let (ca_b, key_b) = generate_root("B");
+        let Err((file, why)) = Authority::from_pem(&ca_b, &key_b, Some(&root_a), Some(&ca_b))
+        else {
+            panic!("a signing certificate from another root was loaded");
+        };
+        assert_eq!(file, ROOT_CERT_FILE);
+        assert!(why.contains("does not chain to this root"), "{why}");
+        assert!(why.contains("CN=B") && why.contains("CN=A"), "{why}");
+    }
+
+    #[test]
+    fn an_expired_ca_issues_nothing() {
+        let mut a = authority();
+        a.ca_not_after = SystemTime::now() - Duration::from_secs(1);
+        let e = a
+            .sign_workload_csr(&csr(vec![uri(ID)], &p256()), ID, Duration::from_secs(3600))
+            .unwrap_err();
+        assert!(e.to_string().contains("expired at"), "{e}");
+        let Err(e) = a.issue_serving_cert(&["mesh-ca".into()]) else {
+            panic!("serving certificate issued by an expired CA");
+        };
+        assert!(e.to_string().contains("ca-cert.pem"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - [`config`]: environment (`CA_LISTEN_ADDR`, `CA_CERT_DIR`, `CA_SERVER_DNS_NAMES`,
 //!   `CA_TRUSTED_NODE_ACCOUNTS`, `TOKEN_AUDIENCES`, `MAX_WORKLOAD_CERT_TTL`, ...).
 //! - [`authority`]: the signing certificate and key (Istio plugged-in CA layout),
-//!   CSR checks and leaf issuance.
+//!   CSR checks and leaf issuance; [`bundle`]: the signing certificate must chain
+//!   to the root before a bundle is used.
 //! - [`authn`]: callers authenticated with TokenReview.
 //! - [`pods`]: node authorization facts (caller's node, pods per node and account).
 //! - [`service`]: the decision (who may get which identity) and the gRPC handler.
@@ -17,6 +18,7 @@
 
 pub mod authn;
 pub mod authority;
+pub mod bundle;
 pub mod config;
 pub mod metrics;
 pub mod pods;
