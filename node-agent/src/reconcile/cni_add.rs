@@ -91,7 +91,7 @@ impl Reconciler {
                 return Ok(not_ambient("pod does not exist in the API"));
             }
         };
-        let netns = PathBuf::from(&ev.netns);
+        let netns = self.resolver.event_netns_path(&ev.netns);
         if let Err(e) = self.resolver.paths().remember(&pod.uid, &netns).await {
             tracing::warn!(pod = %key, error = %e, "cannot record the pod's netns path");
         }

@@ -161,6 +161,17 @@ impl NetnsResolver {
         &self.paths
     }
 
+    /// A netns path from a CNI event, as this agent can open it. Runtimes that name
+    /// the sandbox by process (cri-dockerd: `/proc/<pid>/ns/net`) give a path in the
+    /// node's PID namespace; the agent has its own, and sees the node's `/proc` at
+    /// `HOST_PROC_DIR`. Other paths (`/var/run/netns/…`) are mounted unchanged.
+    pub fn event_netns_path(&self, event_netns: &str) -> PathBuf {
+        match Path::new(event_netns).strip_prefix("/proc") {
+            Ok(rest) if self.proc_root != Path::new("/proc") => self.proc_root.join(rest),
+            _ => PathBuf::from(event_netns),
+        }
+    }
+
     /// The path of pod `uid`'s netns, if it can be found.
     pub async fn resolve(&self, uid: &str) -> Option<PathBuf> {
         let remembered = self.paths.get(uid);
@@ -217,6 +228,30 @@ mod tests {
         assert!(!run.path().join(POD_NETNS_DIR).join("1111-aaaa").exists());
         let p = NetnsPaths::load(run.path()).unwrap();
         assert_eq!(p.uids(), vec!["2222-bbbb"]);
+    }
+
+    #[test]
+    fn process_netns_paths_are_read_through_host_proc() {
+        let paths = Arc::new(NetnsPaths::load(tempfile::tempdir().unwrap().path()).unwrap());
+        let host = NetnsResolver::new(paths.clone(), PathBuf::from("/host/proc"));
+        assert_eq!(
+            host.event_netns_path("/proc/4242/ns/net"),
+            PathBuf::from("/host/proc/4242/ns/net")
+        );
+        assert_eq!(
+            host.event_netns_path("/var/run/netns/cni-1"),
+            PathBuf::from("/var/run/netns/cni-1")
+        );
+        // `/procfoo` is not under /proc.
+        assert_eq!(
+            host.event_netns_path("/procfoo/1"),
+            PathBuf::from("/procfoo/1")
+        );
+        let same = NetnsResolver::new(paths, PathBuf::from("/proc"));
+        assert_eq!(
+            same.event_netns_path("/proc/4242/ns/net"),
+            PathBuf::from("/proc/4242/ns/net")
+        );
     }
 
     #[tokio::test]

@@ -177,7 +177,7 @@ struct Harness {
     redir: Arc<FakeRedirector>,
     api: Arc<FakeApi>,
     _run: tempfile::TempDir,
-    _proc: tempfile::TempDir,
+    proc_dir: tempfile::TempDir,
 }
 
 fn running(uid: &str, ns: &str, name: &str, ip: &str) -> PodInfo {
@@ -247,7 +247,7 @@ impl Harness {
             redir,
             api,
             _run: run,
-            _proc: proc,
+            proc_dir: proc,
         }
     }
 
@@ -594,6 +594,24 @@ async fn cni_add_fails_closed_and_leaves_nothing() {
     assert_eq!(h.redir.calls("unenrol"), vec!["u2"]);
     assert!(h.r.records().is_empty());
     assert_eq!(h.api.annotation_of("demo/b"), None);
+}
+
+#[tokio::test]
+async fn cni_add_reads_process_netns_paths_through_host_proc() {
+    // cri-dockerd names the sandbox `/proc/<pid>/ns/net` in the node's PID namespace.
+    let mut new = running("u9", "demo", "new", "10.0.0.9");
+    new.ips.clear();
+    let h = Harness::new(vec![new], vec![ns("demo", Some("ambient"))]);
+    let _w = started(&h).await;
+    let mut ev = add_event("demo", "new", Some("u9"));
+    ev.netns = "/proc/4242/ns/net".into();
+    h.r.cni_add(ev).await.unwrap();
+    let want = h.proc_dir.path().join("4242/ns/net");
+    assert_eq!(
+        h.redir.last("enrol", "u9").unwrap().netns,
+        Some(want.clone())
+    );
+    assert_eq!(h.r.resolver.paths().get("u9"), Some(want));
 }
 
 #[tokio::test]
