@@ -9,6 +9,7 @@ is what a first install sees.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import helm_python as helm
+from helm_python import _native as helm_native
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,10 +99,20 @@ def load_chart() -> helm.Chart:
     return helm.Chart.load(os.fspath(CHART_DIR))
 
 
-def render(chart: helm.Chart, values: dict[str, Any] | None = None) -> Rendered:
-    """Render like `helm install --namespace istio-system geneva-mesh`."""
+def render(
+    chart: helm.Chart, values: dict[str, Any] | None = None, kube_version: str | None = None
+) -> Rendered:
+    """Render like `helm install --namespace istio-system geneva-mesh`.
+
+    `kube_version` (e.g. "v1.30.5-gke.100") is the cluster version the
+    templates see as `.Capabilities.KubeVersion`, as `helm install` reads it
+    from the API server; None = Helm's built-in default.
+    """
     values = copy.deepcopy(values or {})
-    files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    if kube_version is None:
+        files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    else:
+        files = _render_with_kube_version(chart, values, kube_version)
     objects: list[dict[str, Any]] = []
     notes = ""
     for path, text in sorted(files.items()):
@@ -111,6 +123,14 @@ def render(chart: helm.Chart, values: dict[str, Any] | None = None) -> Rendered:
             if doc:
                 objects.append(doc)
     return Rendered(values=values, objects=objects, notes=notes, files=files)
+
+
+def _render_with_kube_version(chart: helm.Chart, values: dict[str, Any], kube_version: str) -> dict[str, str]:
+    # helm_python's Chart.render has no kube_version keyword, but the libhelm
+    # render options it passes through accept one (the same option `lint` exposes).
+    opts = {"name": RELEASE, "namespace": NAMESPACE, "is_install": True, "kube_version": kube_version}
+    out = helm_native.call_string("helm_render", chart._raw(), json.dumps(values), json.dumps(opts))
+    return json.loads(out)
 
 
 def crd_objects(chart: helm.Chart) -> list[dict[str, Any]]:

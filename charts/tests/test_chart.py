@@ -98,7 +98,8 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
 # a regression of the least-privilege design (README.md, "Mounts").
 def allowed_host_paths(values: dict[str, Any]) -> dict[str, set[str]]:
     v = merged(values)
-    agent = {v["cniBinDir"], v["cniConfDir"], v["cniNetnsDir"], "/var/run/istio-cni", "/run/xtables.lock", "/proc"}
+    # cniBinDir "" = automatic; these renders see Helm's default (non-GKE) version.
+    agent = {v["cniBinDir"] or "/opt/cni/bin", v["cniConfDir"], v["cniNetnsDir"], "/var/run/istio-cni", "/run/xtables.lock", "/proc"}
     inpod = v["ambient"]["redirectMode"] == "inpod"
     agent.add("/var/run/ztunnel" if inpod else "/proc/sys/net")
     return {
@@ -628,6 +629,41 @@ class Environment(unittest.TestCase):
         env = rendered("images-and-scheduling").env("DaemonSet", "node-agent", "node-agent")
         self.assertEqual(env["EXTRA_FLAG"], "1")
 
+    def test_cni_bin_dir_follows_the_platform(self):
+        """cniBinDir "" picks the runtime's plugin dir from the cluster version.
+
+        GKE's containerd loads plugins only from /home/kubernetes/bin: a copy
+        in /opt/cni/bin is never found, yet the plugin is chained into the
+        config, and every new pod on the node fails ("failed to find plugin
+        istio-cni"). The agent itself always reads the fixed mount path.
+        """
+
+        def bin_dir(values: dict[str, Any], kube_version: str) -> tuple[str, str, str]:
+            r = render(chart(), values, kube_version=kube_version)
+            ds = r.get("DaemonSet", "node-agent")
+            vols = {v["name"]: v for v in pod_spec(ds)["volumes"]}
+            c = r.container("DaemonSet", "node-agent", "node-agent")
+            mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+            env = r.env("DaemonSet", "node-agent", "node-agent")
+            return vols["cni-bin-dir"]["hostPath"]["path"], mounts["cni-bin-dir"], env["CNI_BIN_DIR"]
+
+        inside = "/host/opt/cni/bin"
+        self.assertEqual(merged({})["cniBinDir"], "")
+        self.assertEqual(bin_dir({}, "v1.30.5-gke.100"), ("/home/kubernetes/bin", inside, inside))
+        self.assertEqual(bin_dir({}, "v1.30.5"), ("/opt/cni/bin", inside, inside))
+        self.assertEqual(bin_dir({}, "v1.31.4+k3s1"), ("/opt/cni/bin", inside, inside))
+        # An explicit value wins, on GKE too.
+        k3s = {"cniBinDir": "/var/lib/rancher/k3s/data/cni", "cniConfDir": "/var/lib/rancher/k3s/agent/etc/cni/net.d"}
+        self.assertEqual(bin_dir(k3s, "v1.30.5-gke.100"), ("/var/lib/rancher/k3s/data/cni", inside, inside))
+        self.assertEqual(bin_dir({"cniBinDir": "/opt/cni/bin"}, "v1.30.5-gke.100")[0], "/opt/cni/bin")
+        # The configuration directory is not platform-dependent (GKE uses /etc/cni/net.d).
+        r = render(chart(), {}, kube_version="v1.30.5-gke.100")
+        vols = {v["name"]: v for v in pod_spec(r.get("DaemonSet", "node-agent"))["volumes"]}
+        self.assertEqual(vols["cni-net-dir"]["hostPath"]["path"], "/etc/cni/net.d")
+        r = render(chart(), k3s, kube_version="v1.31.4+k3s1")
+        vols = {v["name"]: v for v in pod_spec(r.get("DaemonSet", "node-agent"))["volumes"]}
+        self.assertEqual(vols["cni-net-dir"]["hostPath"]["path"], "/var/lib/rancher/k3s/agent/etc/cni/net.d")
+
     def test_env_golden_files(self):
         """golden/env-<mode>.txt: the complete environment per container.
 
@@ -687,6 +723,8 @@ class BadValues(unittest.TestCase):
         ({"logAsJson": "true"}, "logAsJson"),
         ({"redirectMode": "inpod"}, "redirectMode"),
         ({"cniBinDir": "opt/cni/bin"}, "cniBinDir"),
+        ({"cniBinDir": "/opt/cni bin"}, "cniBinDir"),
+        ({"cniConfDir": ""}, "cniConfDir"),
         ({"cniConfFileName": "/etc/cni/net.d/10-x.conflist"}, "cniConfFileName"),
         ({"cniConfFileName": "10-x.json"}, "cniConfFileName"),
         ({"excludeNamespaces": "kube-system"}, "excludeNamespaces"),

@@ -37,6 +37,22 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 
 {{/* Fixed in-container paths (the program defaults, see ARCHITECTURE.md). */}}
 {{- define "geneva-mesh.hostCniBinDir" -}}/host/opt/cni/bin{{- end }}
+{{/*
+Host directory the container runtime loads CNI plugins from: cniBinDir, or
+when empty, /home/kubernetes/bin on GKE (containerd there is configured with
+that directory only; recognised by "-gke" in the API server's version, as
+Istio's istio-cni chart does) and /opt/cni/bin elsewhere. `helm template`
+does not see the cluster's version: set cniBinDir there.
+*/}}
+{{- define "geneva-mesh.cniBinDir" -}}
+{{- if .Values.cniBinDir -}}
+{{ .Values.cniBinDir }}
+{{- else if contains "-gke" .Capabilities.KubeVersion.GitVersion -}}
+/home/kubernetes/bin
+{{- else -}}
+/opt/cni/bin
+{{- end -}}
+{{- end }}
 {{- define "geneva-mesh.hostCniConfDir" -}}/host/etc/cni/net.d{{- end }}
 {{- define "geneva-mesh.cniAgentRunDir" -}}/var/run/istio-cni{{- end }}
 {{- define "geneva-mesh.ztunnelSockDir" -}}/var/run/ztunnel{{- end }}
