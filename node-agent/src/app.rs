@@ -27,7 +27,7 @@
 //! and the pods' annotations.
 
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +40,7 @@ use crate::cluster::enablement::EnablementConfig;
 use crate::cluster::watch::Watchers;
 use crate::config::{AgentConfig, RedirectMode};
 use crate::health::{self, Readiness};
+use crate::http_endpoint;
 use crate::install::{self, Installer};
 use crate::metrics::{self, AgentMetrics};
 use crate::plugin_events::{DEFAULT_HANDLER_TIMEOUT, PluginEventListener};
@@ -108,24 +109,14 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Listens on `addr`; an IPv6 wildcard falls back to IPv4 when the node has
-/// no IPv6.
+/// Listens on `addr` (the IPv6 wildcard falls back to IPv4 on a node without
+/// IPv6: [`http_endpoint::bind`]); errors name the setting.
 async fn bind(var: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
-    match TcpListener::bind(addr).await {
-        Ok(l) => Ok(l),
-        Err(e) if addr.ip().is_unspecified() && addr.is_ipv6() => {
-            let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port());
-            tracing::debug!(error = %e, "IPv6 wildcard unavailable; listening on IPv4");
-            TcpListener::bind(v4)
-                .await
-                .map_err(|source| AppError::Bind {
-                    var,
-                    addr: v4,
-                    source,
-                })
-        }
-        Err(source) => Err(AppError::Bind { var, addr, source }),
-    }
+    http_endpoint::bind(addr).await.map_err(|e| AppError::Bind {
+        var,
+        addr: e.addr,
+        source: e.source,
+    })
 }
 
 /// A shutdown broadcast: `fire` once, `wait()` futures resolve.

@@ -1,9 +1,13 @@
 //! The agent's small plain-HTTP endpoints (readiness, metrics, the CA's
 //! metrics): one accept loop serving HTTP/1 with a synchronous answer
-//! function, and the `/metrics` answer they share.
+//! function, and the `/metrics` answer they share. Also [`bind`], how every
+//! TCP listener of the agent and the CA (these endpoints and the CA's gRPC
+//! port) is bound: the IPv6 wildcard falls back to IPv4 on nodes without IPv6.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,6 +21,49 @@ use tokio::net::TcpListener;
 pub type Answer = Response<Full<Bytes>>;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A listener could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct BindError {
+    /// The address last tried (`0.0.0.0:<port>` after a fallback).
+    pub addr: SocketAddr,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Listens on `addr`. The IPv6 wildcard (`[::]`, every listener's default)
+/// is retried as `0.0.0.0` on the same port when the node has no IPv6
+/// ([`ipv4_fallback`]); any other failure is reported for `addr` itself.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+    match TcpListener::bind(addr).await {
+        Ok(listener) => Ok(listener),
+        Err(source) => match ipv4_fallback(addr, &source) {
+            Some(v4) => {
+                tracing::info!(%addr, error = %source, fallback = %v4, "no IPv6 on this node; listening on IPv4");
+                TcpListener::bind(v4)
+                    .await
+                    .map_err(|source| BindError { addr: v4, source })
+            }
+            None => Err(BindError { addr, source }),
+        },
+    }
+}
+
+/// Where to listen instead after binding `addr` failed with `err`:
+/// `0.0.0.0:<port>` when `addr` is the IPv6 wildcard and the error says IPv6
+/// is missing — `EAFNOSUPPORT` (booted with `ipv6.disable=1`: no IPv6 sockets
+/// at all) or `EADDRNOTAVAIL`. `None` otherwise: a port in use or a refused
+/// privilege is the same on IPv4, and retrying would hide the real error (or
+/// silently serve IPv4 only).
+pub fn ipv4_fallback(addr: SocketAddr, err: &io::Error) -> Option<SocketAddr> {
+    let no_ipv6 = matches!(
+        err.raw_os_error(),
+        Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+    );
+    (addr.is_ipv6() && addr.ip().is_unspecified() && no_ipv6)
+        .then(|| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port()))
+}
 
 /// Serves every connection on `listener` with `answer` until `shutdown`
 /// completes; `what` names the endpoint in logs. Accept errors (e.g. out of
@@ -99,6 +146,63 @@ pub(crate) async fn get(addr: std::net::SocketAddr, path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn os_error(code: i32) -> io::Error {
+        io::Error::from_raw_os_error(code)
+    }
+
+    #[test]
+    fn ipv6_wildcard_without_ipv6_falls_back_to_ipv4_wildcard() {
+        let any6: SocketAddr = "[::]:15012".parse().unwrap();
+        let any4: SocketAddr = "0.0.0.0:15012".parse().unwrap();
+        // ipv6.disable=1: socket(AF_INET6) fails with EAFNOSUPPORT.
+        assert_eq!(
+            ipv4_fallback(any6, &os_error(libc::EAFNOSUPPORT)),
+            Some(any4)
+        );
+        assert_eq!(
+            ipv4_fallback(any6, &os_error(libc::EADDRNOTAVAIL)),
+            Some(any4)
+        );
+        let any6_ready: SocketAddr = "[::]:8000".parse().unwrap();
+        assert_eq!(
+            ipv4_fallback(any6_ready, &os_error(libc::EAFNOSUPPORT)),
+            Some("0.0.0.0:8000".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn no_fallback_for_other_errors_or_addresses() {
+        let any6: SocketAddr = "[::]:15012".parse().unwrap();
+        for code in [libc::EADDRINUSE, libc::EACCES] {
+            assert_eq!(ipv4_fallback(any6, &os_error(code)), None, "errno {code}");
+        }
+        for addr in [
+            "[::1]:15012",
+            "[fd00::1]:15012",
+            "0.0.0.0:15012",
+            "10.0.0.1:15012",
+        ] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            assert_eq!(
+                ipv4_fallback(addr, &os_error(libc::EAFNOSUPPORT)),
+                None,
+                "{addr}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_port_in_use_is_reported_for_the_address_asked_for() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = bind(addr).await.unwrap_err();
+        assert_eq!(err.addr, addr);
+        assert_eq!(err.source.kind(), io::ErrorKind::AddrInUse);
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+        let ok = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        assert!(ok.local_addr().unwrap().ip().is_loopback());
+    }
 
     #[tokio::test]
     async fn metrics_on_its_path_404_elsewhere_and_stops_on_shutdown() {

@@ -33,6 +33,7 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 
 use crate::health::Readiness;
+use crate::http_endpoint;
 pub use authority::Authority;
 pub use config::CaConfig;
 use metrics::CaMetrics;
@@ -88,14 +89,7 @@ impl CaServer {
         let serving = loaded.issue_serving_cert(&cfg.server_dns_names)?;
         let resolver = ServingCertResolver::new(serving.key.clone());
         let authority = Arc::new(ArcSwap::new(loaded));
-        let listener =
-            TcpListener::bind(cfg.listen_addr)
-                .await
-                .map_err(|source| CaError::Listen {
-                    what: "CA_LISTEN_ADDR",
-                    addr: cfg.listen_addr,
-                    source,
-                })?;
+        let listener = bind("CA_LISTEN_ADDR", cfg.listen_addr).await?;
         let addr = listener.local_addr().map_err(|source| CaError::Listen {
             what: "CA_LISTEN_ADDR",
             addr: cfg.listen_addr,
@@ -218,10 +212,17 @@ pub async fn run(cfg: CaConfig) -> Result<(), CaError> {
     result
 }
 
+/// Binds one of the CA's listeners (`CA_LISTEN_ADDR`, `READY_PORT`, `METRICS_PORT`):
+/// their default `[::]` falls back to `0.0.0.0` on a node without IPv6 (booted with
+/// `ipv6.disable=1`), as the node agent's do ([`http_endpoint::bind`]).
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, CaError> {
-    TcpListener::bind(addr)
+    http_endpoint::bind(addr)
         .await
-        .map_err(|source| CaError::Listen { what, addr, source })
+        .map_err(|e| CaError::Listen {
+            what,
+            addr: e.addr,
+            source: e.source,
+        })
 }
 
 async fn wait_for_signal() {
