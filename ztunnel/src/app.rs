@@ -340,7 +340,8 @@ async fn data_plane(
     shards: Shards,
 ) -> Result<(), AppError> {
     let cfg = inputs.cfg.clone();
-    let grace = cfg.termination_grace_period;
+    // Open connections get the grace period less a margin: kubelet's SIGKILL comes at its end.
+    let grace = cfg.drain_budget();
     let mut sigterm = signal(SignalKind::terminate()).map_err(|source| AppError::Io {
         what: "installing the SIGTERM handler",
         source,

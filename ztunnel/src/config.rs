@@ -199,7 +199,9 @@ pub struct Config {
     /// proxies, whose pods may present the certificate of any workload of their node on
     /// inbound HBONE (a peer node proxy without original source; see `proxy::source_check`).
     pub trusted_node_accounts: Vec<NodeProxyAccount>,
-    /// `TERMINATION_GRACE_PERIOD_SECONDS`.
+    /// `TERMINATION_GRACE_PERIOD_SECONDS`: the pod's grace period (upstream semantics:
+    /// kubelet's SIGKILL follows SIGTERM after it). Open connections get
+    /// [`Config::drain_budget`] of it, not all of it.
     #[serde(serialize_with = "humantime_duration")]
     pub termination_grace_period: Duration,
     /// `ZTUNNEL_WORKER_THREADS`.
@@ -242,7 +244,29 @@ impl Default for Config {
     }
 }
 
+/// The shortest drain when the grace period allows it.
+const MIN_DRAIN: Duration = Duration::from_secs(1);
+
+/// How long open connections may run after SIGTERM (and after a workload is removed)
+/// for a pod grace period `grace`: `grace` − 5 s when it is over 10 s, else `grace` − 1 s
+/// (upstream ztunnel's rule), at least 1 s but never more than `grace`. The margin is
+/// for closing what is left (TLS close, RST_STREAM, the pool) before kubelet's SIGKILL,
+/// which would reset everything mid-stream.
+pub fn drain_budget(grace: Duration) -> Duration {
+    let margin = if grace > Duration::from_secs(10) {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(1)
+    };
+    grace.saturating_sub(margin).max(MIN_DRAIN.min(grace))
+}
+
 impl Config {
+    /// [`drain_budget`] of `TERMINATION_GRACE_PERIOD_SECONDS`.
+    pub fn drain_budget(&self) -> Duration {
+        drain_budget(self.termination_grace_period)
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
         let env: HashMap<String, String> = std::env::vars().collect();
@@ -483,6 +507,31 @@ mod tests {
         assert_eq!(c.stats_addr.port(), 15020);
         assert_eq!(c.readiness_addr.port(), 15021);
         assert_eq!(c.log_format, LogFormat::Plain);
+    }
+
+    #[test]
+    fn drain_ends_before_the_grace_period() {
+        let secs = Duration::from_secs;
+        let budget = |grace: &str| {
+            cfg(&[("TERMINATION_GRACE_PERIOD_SECONDS", grace)])
+                .unwrap()
+                .drain_budget()
+        };
+        // Over 10 s: 5 s to close the rest before SIGKILL; up to 10 s: 1 s.
+        assert_eq!(budget("30"), secs(25));
+        assert_eq!(budget("11"), secs(6));
+        assert_eq!(budget("10"), secs(9));
+        assert_eq!(budget("2"), secs(1));
+        // Floor: 1 s, but never past the grace period itself.
+        assert_eq!(budget("1"), secs(1));
+        assert_eq!(budget("0"), secs(0));
+        assert_eq!(
+            drain_budget(Duration::from_millis(500)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(drain_budget(Duration::from_millis(1500)), secs(1));
+        // The default grace period (5 s) drains for 4 s.
+        assert_eq!(Config::default().drain_budget(), secs(4));
     }
 
     #[test]

@@ -44,8 +44,8 @@ pub fn check_mark(mark: u32) -> Result<(), InpodStartError> {
 }
 
 impl InpodService {
-    /// `PACKET_MARK` (default 1337), `INPOD_PORT_REUSE`, `INPOD_UDS`, and the
-    /// termination grace period as the drain time of removed workloads.
+    /// `PACKET_MARK` (default 1337), `INPOD_PORT_REUSE`, `INPOD_UDS`, and
+    /// [`Config::drain_budget`] as the drain time of removed workloads.
     pub fn new(cfg: &Config, factory: ProxyFactory) -> Result<Self, InpodStartError> {
         let mark = cfg.packet_mark.unwrap_or(DEFAULT_MARK);
         check_mark(mark)?;
@@ -53,7 +53,7 @@ impl InpodService {
             factory,
             Some(mark),
             cfg.inpod_port_reuse,
-            cfg.termination_grace_period,
+            cfg.drain_budget(),
         ));
         let client = Arc::new(InpodClient::new(
             InpodClientConfig {
