@@ -324,9 +324,9 @@ fn sigterm_refuses_new_connections_drains_open_ones_and_exits_zero() {
         "B waited for the grace period:\n{log_b}"
     );
 
-    // A: a connection that never ends is closed when the grace period (3 s) is over; the
-    // exit status is still 0. Meanwhile new connections from pod A are refused (15001 is
-    // closed, the capture rule still points there).
+    // A: a connection that never ends is closed when the drain budget (grace 3 s − 1 s)
+    // is over; the exit status is still 0. Meanwhile new connections from pod A are
+    // refused (15001 is closed, the capture rule still points there).
     za.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
     wait_until("A refuses new connections", Duration::from_secs(2), || {
         mesh.a().connect(node_dst).is_err()
