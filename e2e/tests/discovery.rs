@@ -3,12 +3,14 @@
 //! `/config_dump`, change `pick_endpoint` and policy decisions; an expired watch
 //! (410 Gone) costs one re-list per kind, a dropped watch none; a cluster without
 //! the AuthorizationPolicy and PeerAuthentication CRDs still syncs; a mesh-wide
-//! STRICT PeerAuthentication refuses plaintext (and only plaintext) until deleted.
+//! STRICT PeerAuthentication refuses plaintext (and only plaintext) until deleted;
+//! Istio CRDs older than 1.22 (`security.istio.io/v1beta1` only) are enforced too.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use e2e::apiserver::resources::AUTHORIZATION_POLICY;
 use e2e::apiserver::{ApiServer, ApiServerHandle};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,8 +39,10 @@ struct Cluster {
 
 async fn start(api: ApiServerHandle) -> Cluster {
     for ns in ["app", "istio-system"] {
-        api.create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
-            .unwrap();
+        if api.get("v1", "Namespace", None, ns).is_err() {
+            api.create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
+                .unwrap();
+        }
     }
     let store = Store::new();
     // As ztunnel runs it: a thread of its own.
@@ -384,6 +388,124 @@ async fn missing_policy_crd_is_a_warning_not_a_failure() {
     assert_eq!(plaintext_allowed(&c.store, "10.244.2.1", 80), Some(true));
     // (The slow retry schedule is unit-tested in state::kube; the double does not
     // count requests for resources it does not serve.)
+}
+
+/// Istio CRDs from before 1.22 serve AuthorizationPolicy and PeerAuthentication at
+/// `security.istio.io/v1beta1` only (v1 answers 404). A DENY policy and a mesh-wide
+/// STRICT PeerAuthentication that exist before ztunnel starts are enforced from the
+/// first synced state on (taking the 404 on v1 for "no CRD" would sync with neither:
+/// fail open), and later changes at v1beta1 are followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_served_only_at_v1beta1_are_enforced() {
+    const STRICT_KEY: &str = "istio-system/istio_converted_static_strict";
+    let api = ApiServer::default()
+        .istio_security_v1beta1_only()
+        .run()
+        .unwrap();
+    for ns in ["app", "istio-system"] {
+        api.create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
+            .unwrap();
+    }
+    make_pod(&api, "web-1", "10.244.5.1", json!({"app": "web"}), true);
+    api.create(
+        json!({"apiVersion": "security.istio.io/v1beta1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-8080", "namespace": "app"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}}, "action": "DENY",
+            "rules": [{"to": [{"operation": {"ports": ["8080"]}}]}]}}),
+    )
+    .unwrap();
+    api.create(
+        json!({"apiVersion": "security.istio.io/v1beta1", "kind": "PeerAuthentication",
+        "metadata": {"name": "default", "namespace": "istio-system"},
+        "spec": {"mtls": {"mode": "STRICT"}}}),
+    )
+    .unwrap();
+
+    // Synced means both were listed (at v1beta1) and applied.
+    let c = start(api).await;
+    assert_eq!(allowed(&c.store, "10.244.5.1", 8080), Some(false), "DENY");
+    assert_eq!(allowed(&c.store, "10.244.5.1", 8081), Some(true));
+    let denied = decision(&c.store, "10.244.5.1", 8081, None).unwrap();
+    assert!(!denied.is_allow(), "STRICT refuses plaintext: {denied}");
+    assert_eq!(denied.policy(), Some(STRICT_KEY), "{denied}");
+    assert!(c.api.request_count("list", "authorizationpolicies") >= 1);
+    assert!(c.api.request_count("list", "peerauthentications") >= 1);
+
+    // Watched at v1beta1: changes there are followed.
+    c.api
+        .delete(
+            "security.istio.io/v1beta1",
+            "AuthorizationPolicy",
+            Some("app"),
+            "deny-8080",
+        )
+        .unwrap();
+    c.until("the DENY policy is gone", |s| {
+        allowed(s, "10.244.5.1", 8080) == Some(true)
+    })
+    .await;
+    assert_eq!(plaintext_allowed(&c.store, "10.244.5.1", 8080), Some(false));
+    c.api
+        .delete(
+            "security.istio.io/v1beta1",
+            "PeerAuthentication",
+            Some("istio-system"),
+            "default",
+        )
+        .unwrap();
+    c.until("plaintext allowed again", |s| {
+        plaintext_allowed(s, "10.244.5.1", 8080) == Some(true)
+    })
+    .await;
+    c.api
+        .create(
+            json!({"apiVersion": "security.istio.io/v1beta1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny-all", "namespace": "app"},
+            "spec": {"action": "DENY", "rules": [{}]}}),
+        )
+        .unwrap();
+    c.until("a new v1beta1 DENY policy applies", |s| {
+        allowed(s, "10.244.5.1", 8081) == Some(false)
+    })
+    .await;
+}
+
+/// The version found (v1beta1) is kept while served. When it stops being served (the
+/// CRD removed), both versions are probed again; with neither served the kind is
+/// absent (none enforced, discovery stays synced), and when the CRD is back its
+/// objects apply again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1beta1_crd_removed_and_reinstalled_is_found_again() {
+    let api = ApiServer::default()
+        .istio_security_v1beta1_only()
+        .run()
+        .unwrap();
+    let c = start(api).await;
+    c.pod("web-1", "10.244.6.1", json!({"app": "web"}), true);
+    c.api
+        .create(
+            json!({"apiVersion": "security.istio.io/v1beta1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny-all", "namespace": "app"},
+            "spec": {"action": "DENY", "rules": [{}]}}),
+        )
+        .unwrap();
+    c.until("the v1beta1 DENY policy applies", |s| {
+        allowed(s, "10.244.6.1", 8080) == Some(false)
+    })
+    .await;
+
+    c.api.set_served(AUTHORIZATION_POLICY, false);
+    c.until("no AuthorizationPolicy CRD at any version: none", |s| {
+        allowed(s, "10.244.6.1", 8080) == Some(true)
+    })
+    .await;
+    assert!(*c.discovery.synced().borrow());
+
+    c.api.set_served(AUTHORIZATION_POLICY, true);
+    c.until("found at v1beta1 again", |s| {
+        allowed(s, "10.244.6.1", 8080) == Some(false)
+    })
+    .await;
 }
 
 /// A mesh-wide `mtls.mode: STRICT` PeerAuthentication (root namespace): plaintext

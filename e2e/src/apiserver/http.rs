@@ -41,6 +41,9 @@ pub struct Shared {
     pub server_address: Mutex<String>,
     /// Watch streams currently open.
     pub open_watches: std::sync::atomic::AtomicUsize,
+    /// Resources (group, plural) answered with 404 for now (a CRD removed
+    /// while the server runs); their objects are kept.
+    pub unserved: Mutex<Vec<(&'static str, &'static str)>>,
 }
 
 impl Shared {
@@ -55,6 +58,7 @@ impl Shared {
             stats: Mutex::new(BTreeMap::new()),
             server_address: Mutex::new(String::new()),
             open_watches: std::sync::atomic::AtomicUsize::new(0),
+            unserved: Mutex::new(Vec::new()),
         }
     }
 
@@ -302,6 +306,15 @@ async fn route(
         Ok(t) => t,
         Err(e) => return error_response(&e),
     };
+    let r = shared.resource(target.res);
+    if shared
+        .unserved
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&(r.group, r.plural))
+    {
+        return error_response(&ApiError::no_route(path));
+    }
     match resource_request(shared, method, &target, query, headers, body).await {
         Ok(r) => r,
         Err(e) => error_response(&e),

@@ -16,7 +16,9 @@
 //!   services, serviceaccounts (+`token`), nodes, configmaps, secrets,
 //!   events (core and `events.k8s.io`), endpoints, endpointslices, apps/v1
 //!   daemonsets and deployments, leases, `security.istio.io/v1`
-//!   authorizationpolicies and peerauthentications (arbitrary JSON), `authentication.k8s.io/v1`
+//!   authorizationpolicies and peerauthentications (arbitrary JSON; at
+//!   `v1beta1` instead with [`ApiServer::istio_security_v1beta1_only`], as
+//!   Istio CRDs before 1.22 serve them), `authentication.k8s.io/v1`
 //!   tokenreviews (create only).
 //! - Verbs: list (label selectors `k=v`, `k!=v`, `k`, `!k`, `k in (..)`,
 //!   `k notin (..)`; field selectors on any dotted path, e.g.
@@ -127,6 +129,8 @@ pub struct ApiServer {
     signer: Option<TokenSigner>,
     authorization_policy_crd: bool,
     peer_authentication_crd: bool,
+    /// The version the Istio `security.istio.io` kinds are served at.
+    istio_security_version: &'static str,
 }
 
 impl Default for ApiServer {
@@ -139,6 +143,7 @@ impl Default for ApiServer {
             signer: None,
             authorization_policy_crd: true,
             peer_authentication_crd: true,
+            istio_security_version: "v1",
         }
     }
 }
@@ -194,6 +199,15 @@ impl ApiServer {
         self
     }
 
+    /// Serve the `security.istio.io` AuthorizationPolicy and
+    /// PeerAuthentication resources at `v1beta1` only (no `v1`: a cluster whose
+    /// Istio CRDs predate Istio 1.22). Objects are created, listed and watched
+    /// as `security.istio.io/v1beta1`.
+    pub fn istio_security_v1beta1_only(mut self) -> Self {
+        self.istio_security_version = "v1beta1";
+        self
+    }
+
     /// Binds and starts serving on a dedicated thread.
     pub fn run(self) -> Result<ApiServerHandle, ApiServerError> {
         let mut listeners = self.listeners;
@@ -209,16 +223,11 @@ impl ApiServer {
                 }
             })?);
         }
-        let resources: Vec<_> = resources::ALL
-            .iter()
-            .copied()
-            .filter(|r| {
-                (self.authorization_policy_crd
-                    || (r.group, r.plural) != resources::AUTHORIZATION_POLICY)
-                    && (self.peer_authentication_crd
-                        || (r.group, r.plural) != resources::PEER_AUTHENTICATION)
-            })
-            .collect();
+        let resources = served_resources(
+            self.authorization_policy_crd,
+            self.peer_authentication_crd,
+            self.istio_security_version,
+        );
         let store = store::Store::new(resources, self.event_window);
         let shared = Arc::new(Shared::new(
             store,
@@ -261,6 +270,34 @@ impl ApiServer {
         }
         Ok(handle)
     }
+}
+
+/// [`resources::ALL`] without the Istio kinds left out, the Istio kinds served
+/// at `istio_version`.
+fn served_resources(
+    authorization_policy: bool,
+    peer_authentication: bool,
+    istio_version: &'static str,
+) -> Vec<resources::ResourceType> {
+    resources::ALL
+        .iter()
+        .copied()
+        .filter(|r| {
+            (authorization_policy || (r.group, r.plural) != resources::AUTHORIZATION_POLICY)
+                && (peer_authentication || (r.group, r.plural) != resources::PEER_AUTHENTICATION)
+        })
+        .map(|mut r| {
+            if [
+                resources::AUTHORIZATION_POLICY,
+                resources::PEER_AUTHENTICATION,
+            ]
+            .contains(&(r.group, r.plural))
+            {
+                r.version = istio_version;
+            }
+            r
+        })
+        .collect()
 }
 
 /// A running server. Dropping it stops it (open watches end).
@@ -388,6 +425,27 @@ impl ApiServerHandle {
     /// watchers re-list.
     pub fn compact(&self) {
         self.shared.write(|s| s.compact());
+    }
+
+    /// Stops (`false`) or resumes (`true`) serving resource `group`/`plural`
+    /// over HTTP, at every version, as if its CRD were removed and installed
+    /// again: requests get 404 meanwhile and open watches of it end (other
+    /// watches end too and resume). Objects are kept.
+    pub fn set_served(&self, (group, plural): (&'static str, &'static str), served: bool) {
+        {
+            let mut unserved = self
+                .shared
+                .unserved
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            unserved.retain(|r| *r != (group, plural));
+            if !served {
+                unserved.push((group, plural));
+            }
+        }
+        if !served {
+            self.close_watches();
+        }
     }
 
     /// Ends every open watch (clients reconnect from their last version).
@@ -525,5 +583,63 @@ impl Drop for ApiServerHandle {
             // Allowed from async contexts too (unlike dropping it).
             rt.shutdown_background();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `security.istio.io` at v1beta1 only: discovery, routing and `apiVersion`
+    /// checks follow; nothing at v1.
+    #[test]
+    fn istio_kinds_can_be_served_at_v1beta1_only() {
+        let res = served_resources(true, true, "v1beta1");
+        assert_eq!(
+            discovery::groups(&res)
+                .into_iter()
+                .find(|(g, _)| *g == "security.istio.io"),
+            Some(("security.istio.io", vec!["v1beta1"]))
+        );
+        let list = discovery::resource_list(&res, "security.istio.io", "v1beta1").unwrap();
+        let names: Vec<&str> = list["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["authorizationpolicies", "peerauthentications"]);
+        assert!(discovery::resource_list(&res, "security.istio.io", "v1").is_none());
+
+        let api = ApiServer::default()
+            .istio_security_v1beta1_only()
+            .run()
+            .unwrap();
+        api.create(serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "app"}}))
+            .unwrap();
+        let pa = serde_json::json!({"apiVersion": "security.istio.io/v1beta1",
+            "kind": "PeerAuthentication", "metadata": {"name": "default", "namespace": "app"},
+            "spec": {"mtls": {"mode": "STRICT"}}});
+        let created = api.create(pa.clone()).unwrap();
+        assert_eq!(created["apiVersion"], "security.istio.io/v1beta1");
+        let mut v1 = pa;
+        v1["apiVersion"] = "security.istio.io/v1".into();
+        v1["metadata"]["name"] = "other".into();
+        assert!(api.create(v1).is_err(), "v1 is not served");
+        assert!(
+            api.get(
+                "security.istio.io/v1beta1",
+                "PeerAuthentication",
+                Some("app"),
+                "default"
+            )
+            .is_ok()
+        );
+        // Default: v1 only.
+        let res = served_resources(true, false, "v1");
+        assert!(discovery::resource_list(&res, "security.istio.io", "v1beta1").is_none());
+        let v1 = discovery::resource_list(&res, "security.istio.io", "v1").unwrap();
+        assert_eq!(v1["resources"].as_array().unwrap().len(), 1);
     }
 }

@@ -7,7 +7,8 @@
 //! API server's cache, then `watch` from that resourceVersion with bookmarks; an
 //! expired version (`410 Gone`) re-lists that one kind only, with jittered
 //! back-off): Pods, Services, `discovery.k8s.io/v1` EndpointSlices, and
-//! `security.istio.io/v1` AuthorizationPolicies and PeerAuthentications.
+//! `security.istio.io` AuthorizationPolicies and PeerAuthentications (at `v1`,
+//! or at `v1beta1` where the Istio CRDs predate 1.22: [`istio_watch`]).
 //! PeerAuthentications become DENY policies with upstream's names
 //! (`<root>/istio_converted_static_strict`,
 //! `<ns>/converted_peer_authentication_<name>`) that the workloads they apply to
@@ -19,10 +20,10 @@
 //! `ambient.istio.io/redirection`), and one watch per node fewer matters at
 //! scale (see `docs/discovery-cost.md`).
 //!
-//! A missing AuthorizationPolicy or PeerAuthentication CRD (404 on the list) is
-//! a warning, means "none", and is retried slowly (up to every 60 s); other
-//! errors are logged and retried with the default back-off (0.8 s doubling to
-//! 30 s; the two Istio kinds keep the slow back-off).
+//! A missing AuthorizationPolicy or PeerAuthentication CRD (404 at both `v1`
+//! and `v1beta1`) is a warning, means "none", and is retried slowly (up to
+//! every 60 s); other errors are logged and retried with the default back-off
+//! (0.8 s doubling to 30 s; the two Istio kinds keep the slow back-off).
 //!
 //! Events are converted into compact facts ([`convert`]) kept in a
 //! [`index::DiscoveryIndex`]; changes are batched (everything already received,
@@ -38,6 +39,7 @@
 
 pub mod convert;
 pub mod index;
+mod istio_watch;
 mod peer_authn;
 
 use std::pin::Pin;
@@ -48,7 +50,6 @@ use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::runtime::WatchStreamExt;
-use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
 
@@ -162,14 +163,6 @@ impl ObjectKind {
             _ => "AuthorizationPolicy",
         }
     }
-
-    /// An Istio CRD kind: may be absent, polled slowly.
-    fn is_istio(self) -> bool {
-        matches!(
-            self,
-            ObjectKind::AuthorizationPolicies | ObjectKind::PeerAuthentications
-        )
-    }
 }
 
 // Events are boxed: a Pod is a few KiB, the stream item should not be.
@@ -179,6 +172,8 @@ enum Msg {
     Slice(Box<Event<EndpointSlice>>),
     Policy(Box<Event<AuthorizationPolicy>>),
     PeerAuthn(Box<Event<PeerAuthentication>>),
+    /// An Istio kind's CRD is served at no version: there are none.
+    Absent(ObjectKind),
     Error(ObjectKind, watcher::Error),
 }
 
@@ -190,7 +185,7 @@ impl Msg {
             Msg::Slice(_) => ObjectKind::EndpointSlices,
             Msg::Policy(_) => ObjectKind::AuthorizationPolicies,
             Msg::PeerAuthn(_) => ObjectKind::PeerAuthentications,
-            Msg::Error(k, _) => *k,
+            Msg::Absent(k) | Msg::Error(k, _) => *k,
         }
     }
 
@@ -201,64 +196,12 @@ impl Msg {
             Msg::Slice(e) => matches!(**e, Event::InitDone),
             Msg::Policy(e) => matches!(**e, Event::InitDone),
             Msg::PeerAuthn(e) => matches!(**e, Event::InitDone),
-            Msg::Error(..) => false,
+            Msg::Absent(_) | Msg::Error(..) => false,
         }
     }
 }
 
 type MsgStream = Pin<Box<dyn Stream<Item = Msg> + Send>>;
-
-/// Back-off for the Istio watches (AuthorizationPolicy, PeerAuthentication): 1 s
-/// doubling to 60 s (a missing CRD is polled slowly), reset after 2 min without
-/// errors.
-struct SlowBackoff {
-    next: Duration,
-    last: Option<tokio::time::Instant>,
-}
-
-impl SlowBackoff {
-    const START: Duration = Duration::from_secs(1);
-    const MAX: Duration = Duration::from_secs(60);
-    const RESET_AFTER: Duration = Duration::from_secs(120);
-
-    fn new() -> Self {
-        SlowBackoff {
-            next: Self::START,
-            last: None,
-        }
-    }
-}
-
-impl Iterator for SlowBackoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        Some(self.next_at(tokio::time::Instant::now()))
-    }
-}
-
-impl SlowBackoff {
-    fn next_at(&mut self, now: tokio::time::Instant) -> Duration {
-        if self
-            .last
-            .is_some_and(|l| now.duration_since(l) > Self::RESET_AFTER + self.next)
-        {
-            self.next = Self::START;
-        }
-        self.last = Some(now);
-        let d = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        // ±10 % jitter so many ztunnels do not retry in lockstep.
-        let jitter = rand::random_range(0.9..1.1);
-        d.mul_f64(jitter)
-    }
-}
-
-impl Backoff for SlowBackoff {
-    fn reset(&mut self) {
-        self.next = Self::START;
-    }
-}
 
 fn watcher_config() -> watcher::Config {
     // List from the API server's watch cache (not a quorum read from etcd): that is what
@@ -266,38 +209,19 @@ fn watcher_config() -> watcher::Config {
     watcher::Config::default().any_semantic()
 }
 
+/// A watch of a built-in kind (default back-off).
 fn stream_of<K, F>(api: Api<K>, kind: ObjectKind, wrap: F) -> MsgStream
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
     F: Fn(Box<Event<K>>) -> Msg + Send + 'static,
 {
-    let s = watcher::watcher(api, watcher_config());
-    if kind.is_istio() {
-        s.backoff(SlowBackoff::new())
-            .map(move |r| match r {
-                Ok(e) => wrap(Box::new(e)),
-                Err(e) => Msg::Error(kind, e),
-            })
-            .boxed()
-    } else {
-        s.default_backoff()
-            .map(move |r| match r {
-                Ok(e) => wrap(Box::new(e)),
-                Err(e) => Msg::Error(kind, e),
-            })
-            .boxed()
-    }
-}
-
-/// 404 from the list or watch: the resource (CRD) does not exist.
-fn is_not_found(e: &watcher::Error) -> bool {
-    match e {
-        watcher::Error::InitialListFailed(kube::Error::Api(s))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
-        watcher::Error::WatchError(s) => s.code == 404,
-        _ => false,
-    }
+    watcher::watcher(api, watcher_config())
+        .default_backoff()
+        .map(move |r| match r {
+            Ok(e) => wrap(Box::new(e)),
+            Err(e) => Msg::Error(kind, e),
+        })
+        .boxed()
 }
 
 impl KubeDiscovery {
@@ -315,13 +239,13 @@ impl KubeDiscovery {
                 ObjectKind::EndpointSlices,
                 Msg::Slice,
             ),
-            stream_of(
-                Api::<AuthorizationPolicy>::all(client.clone()),
+            istio_watch::stream::<AuthorizationPolicy, _>(
+                client.clone(),
                 ObjectKind::AuthorizationPolicies,
                 Msg::Policy,
             ),
-            stream_of(
-                Api::<PeerAuthentication>::all(client),
+            istio_watch::stream::<PeerAuthentication, _>(
+                client,
                 ObjectKind::PeerAuthentications,
                 Msg::PeerAuthn,
             ),
@@ -428,8 +352,6 @@ async fn run(
         },
     );
     let mut listed: Vec<ObjectKind> = Vec::new();
-    // Istio kinds whose CRD is missing (warned once until it appears).
-    let mut crd_missing: Vec<ObjectKind> = Vec::new();
     let mut last_flush = tokio::time::Instant::now() - opts.min_update_interval;
     tracing::info!(
         "Kubernetes discovery started (pods, services, endpointslices, authorizationpolicies, \
@@ -446,23 +368,10 @@ async fn run(
                 Msg::Pod(e) => index.pod_event(*e),
                 Msg::Service(e) => index.service_event(*e),
                 Msg::Slice(e) => index.slice_event(*e),
-                Msg::Policy(e) => {
-                    crd_available(&mut crd_missing, kind);
-                    index.policy_event(*e)
-                }
-                Msg::PeerAuthn(e) => {
-                    crd_available(&mut crd_missing, kind);
-                    index.peer_authn_event(*e)
-                }
-                Msg::Error(kind, e) if kind.is_istio() && is_not_found(&e) => {
-                    if !crd_missing.contains(&kind) {
-                        tracing::warn!(
-                            "{} CRD (security.istio.io/v1) is not installed: none are \
-                             enforced; checking again slowly",
-                            kind.crd_kind()
-                        );
-                        crd_missing.push(kind);
-                    }
+                Msg::Policy(e) => index.policy_event(*e),
+                Msg::PeerAuthn(e) => index.peer_authn_event(*e),
+                // Warned by the watch (istio_watch).
+                Msg::Absent(kind) => {
                     if kind == ObjectKind::PeerAuthentications {
                         index.peer_authns_absent();
                     } else {
@@ -528,39 +437,5 @@ async fn run(
     }
 }
 
-/// A watch event of an Istio kind arrived: its CRD exists (again).
-fn crd_available(missing: &mut Vec<ObjectKind>, kind: ObjectKind) {
-    if let Some(i) = missing.iter().position(|k| *k == kind) {
-        missing.remove(i);
-        tracing::info!("{} CRD is available now", kind.crd_kind());
-    }
-}
-
 #[cfg(test)]
 mod tests;
-
-#[cfg(test)]
-mod backoff_tests {
-    use super::*;
-
-    #[test]
-    fn policy_retry_slows_to_a_minute_and_resets() {
-        let mut b = SlowBackoff::new();
-        let secs: Vec<f64> = (0..9).map(|_| b.next().unwrap().as_secs_f64()).collect();
-        for (got, want) in secs
-            .iter()
-            .zip([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0])
-        {
-            assert!((got / want - 1.0).abs() <= 0.1 + 1e-9, "{secs:?}");
-        }
-        b.reset();
-        assert!(b.next().unwrap() <= Duration::from_millis(1100));
-        // A long quiet period also starts again from 1 s.
-        let t0 = tokio::time::Instant::now();
-        b.next_at(t0);
-        b.next_at(t0 + Duration::from_secs(1));
-        assert!(b.next_at(t0 + Duration::from_secs(2)) >= Duration::from_millis(3600));
-        let later = t0 + Duration::from_secs(600);
-        assert!(b.next_at(later) <= Duration::from_millis(1100));
-    }
-}

@@ -1,5 +1,5 @@
 //! Discovery index → store, driven by watcher events (no API server). The same
-//! behaviour against an API server is tested in `ztunnel/tests/kube_discovery.rs`.
+//! behaviour against an API server is tested in `e2e/tests/discovery.rs`.
 
 use std::net::IpAddr;
 
