@@ -30,8 +30,8 @@
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -375,6 +375,7 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 pub struct EchoServer {
     stop: Arc<AtomicBool>,
     accepted: Arc<AtomicUsize>,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -390,15 +391,18 @@ impl EchoServer {
             .expect("non-blocking listener");
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicUsize::new(0));
+        let peers = Arc::new(Mutex::new(Vec::new()));
         let greeting = greeting.map(|g| format!("{g}\n"));
         let thread = {
             let stop = stop.clone();
             let accepted = accepted.clone();
+            let peers = peers.clone();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
-                        Ok((mut s, _)) => {
+                        Ok((mut s, peer)) => {
                             accepted.fetch_add(1, Ordering::Relaxed);
+                            peers.lock().unwrap().push(peer);
                             let greeting = greeting.clone();
                             std::thread::spawn(move || {
                                 let _ = s.set_nonblocking(false);
@@ -423,6 +427,7 @@ impl EchoServer {
         EchoServer {
             stop,
             accepted,
+            peers,
             thread: Some(thread),
         }
     }
@@ -430,6 +435,11 @@ impl EchoServer {
     /// Connections accepted so far.
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// The source address of every connection accepted so far (what the app sees).
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap().clone()
     }
 }
 

@@ -95,7 +95,7 @@ fn sha256(data: &[u8]) -> Vec<u8> {
 fn plain_client_reaches_server_only_through_hbone() {
     require_root!();
     let mesh = Mesh::new("ztdedbasic");
-    let _echo = EchoServer::start(mesh.b().netns(), ECHO_PORT, None);
+    let echo_server = EchoServer::start(mesh.b().netns(), ECHO_PORT, None);
 
     let marker = b"PLAINTEXT-MARKER-6f1c2a9e-dedicated-mode";
     let node = mesh.m.node();
@@ -106,6 +106,10 @@ fn plain_client_reaches_server_only_through_hbone() {
     })
     .expect("capture");
     assert_eq!(back, marker);
+    // B's ztunnel connects to the app from A's address (ENABLE_ORIG_SRC detected), as
+    // upstream's does: the app sees its real client, not its own pod IP.
+    let peers: Vec<_> = echo_server.peers().iter().map(|p| p.ip()).collect();
+    assert_eq!(peers, vec![mesh.a().ip()], "source addresses the app saw");
     assert!(!report.is_empty(), "nothing captured on the bridge");
     assert!(
         !report.contains(marker),

@@ -24,7 +24,7 @@ use crate::config::{Config, ProxyMode};
 use crate::file_watch::FileWatcher;
 use crate::identity::istio_ca;
 use crate::identity::{CertificateProvider, SecretManager};
-use crate::inpod::{EngineWorkloadProxies, InpodClient, InpodClientConfig};
+use crate::inpod::{EngineWorkloadProxies, InpodService, InpodStartError};
 use crate::proxy::{ProxyFactory, ProxyHandle, ProxyInputs, ProxyScope, ProxySpec, Shards};
 use crate::readiness::Readiness;
 use crate::redirect::dedicated::DedicatedSocketFactory;
@@ -49,6 +49,8 @@ pub enum AppError {
     Admin(#[from] admin::AdminError),
     #[error(transparent)]
     Proxy(#[from] crate::proxy::ProxyError),
+    #[error(transparent)]
+    Inpod(#[from] InpodStartError),
     #[error("{0}")]
     Unsupported(String),
     #[error("KUBERNETES_DISCOVERY=true: {0}")]
@@ -99,8 +101,18 @@ fn certificate_authority(cfg: &Config) -> Result<Authority, AppError> {
 }
 
 /// Runs ztunnel until SIGTERM/SIGINT; returns after the drain.
-pub fn run(cfg: Config) -> Result<(), AppError> {
+pub fn run(mut cfg: Config) -> Result<(), AppError> {
     crate::process_memory::tune_allocator();
+    // ENABLE_ORIG_SRC unset means "where IP_TRANSPARENT works", in every mode: connections
+    // to a local workload then come from the client's address (the in-pod rules route the
+    // replies back to ztunnel: connmark 0x111, table 100), as with upstream's ztunnel.
+    let orig_src = *cfg
+        .enable_orig_src
+        .get_or_insert_with(tproxy::transparent_supported);
+    tracing::info!(
+        orig_src,
+        "connections to local workloads use the client's address as source: {orig_src}"
+    );
     let cfg = Arc::new(cfg);
     let store = Store::new();
     let _file_watch = match &cfg.local_xds_path {
@@ -386,24 +398,16 @@ async fn data_plane(
             });
         }
         ProxyMode::Shared if cfg.inpod_enabled => {
-            let engine = Arc::new(EngineWorkloadProxies::new(
-                factory.clone(),
-                cfg.packet_mark,
-                cfg.inpod_port_reuse,
-                grace,
-            ));
-            *inpod_proxies.lock().unwrap_or_else(|e| e.into_inner()) = Some(engine.clone());
-            let client = InpodClient::new(
-                InpodClientConfig {
-                    uds: cfg.inpod_uds.clone(),
-                    ..InpodClientConfig::default()
-                },
-                engine,
-            );
+            // Fails at start when SO_MARK cannot be set (no CAP_NET_ADMIN): every pod's
+            // proxy would fail otherwise, and the pod rules would capture our own traffic.
+            let service = InpodService::new(&cfg, factory.clone())?;
+            *inpod_proxies.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(service.proxies().clone());
             readiness.add_watch(
                 "in-pod workload snapshot from the node agent",
-                client.readiness(),
+                service.readiness(),
             );
+            let client = service.client().clone();
             let stop = shutdown.clone();
             inpod_task = Some(tokio::spawn(async move {
                 client.run(stop.cancelled_owned()).await;

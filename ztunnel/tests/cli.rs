@@ -78,3 +78,47 @@ fn bad_configuration_is_rejected_naming_field_or_file() {
         }
     }
 }
+
+/// In-pod mode without the capability to mark sockets (no CAP_NET_ADMIN) stops at start-up
+/// naming the cause, instead of running unready while every pod's proxy fails.
+#[test]
+fn inpod_mode_without_net_admin_fails_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root to start the binary as an unprivileged user");
+        return;
+    }
+    // Readable by the unprivileged user: the development CA and the directory around it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let testdata = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/ca");
+    for f in ["ec-root.pem", "ec-root.key"] {
+        let to = dir.path().join(f);
+        std::fs::copy(format!("{testdata}/{f}"), &to).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let path = |f: &str| dir.path().join(f).to_str().unwrap().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_ztunnel"))
+        .arg("proxy")
+        .env_clear()
+        .env("RUST_LOG", "error")
+        .env("PROXY_MODE", "shared")
+        .env("INPOD_ENABLED", "true")
+        .env("INPOD_UDS", path("ztunnel.sock"))
+        .env("CA_ROOT_CERT", path("ec-root.pem"))
+        .env("CA_ROOT_KEY", path("ec-root.key"))
+        .env("ADMIN_ADDR", "127.0.0.1:0")
+        .env("STATS_ADDR", "127.0.0.1:0")
+        .env("READINESS_ADDR", "127.0.0.1:0")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot set SO_MARK 0x539") && err.contains("CAP_NET_ADMIN"),
+        "{err}"
+    );
+}

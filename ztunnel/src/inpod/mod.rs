@@ -29,6 +29,6 @@ pub mod state;
 pub use client::{Backoff, InpodClient, InpodClientConfig};
 pub use netns::{InpodNetns, NetnsExecutor};
 pub use proxies::EngineWorkloadProxies;
-pub use service::InpodService;
+pub use service::{InpodService, InpodStartError};
 pub use socket_factory::InpodSocketFactory;
 pub use state::{StartError, WorkloadProxyManager, WorkloadState};
