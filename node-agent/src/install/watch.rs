@@ -44,6 +44,8 @@ pub(super) async fn run(installer: Arc<Installer>, shutdown: impl Future<Output 
     .collect();
     let mut watched: HashMap<PathBuf, u64> = HashMap::new();
     let resync = cfg.resync_interval;
+    // Without a watcher its sender is gone: the channel is closed from the start.
+    let mut events_open = watcher.is_some();
     tokio::pin!(shutdown);
     loop {
         if let Some(w) = watcher.as_mut() {
@@ -55,12 +57,28 @@ pub(super) async fn run(installer: Arc<Installer>, shutdown: impl Future<Output 
         }
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = rx.recv() => {
+            _ = next_pass(&mut rx, &mut events_open, resync) => {}
+        }
+    }
+}
+
+/// Waits for the next pass: a change event (debounced) or `resync`. A closed event
+/// channel (no watcher, or its thread gone) leaves only the resync — polling a closed
+/// channel would run a pass every `DEBOUNCE`.
+async fn next_pass(rx: &mut mpsc::Receiver<()>, events_open: &mut bool, resync: Duration) {
+    tokio::select! {
+        ev = rx.recv(), if *events_open => match ev {
+            Some(()) => {
                 tokio::time::sleep(DEBOUNCE).await;
                 while rx.try_recv().is_ok() {}
             }
-            _ = tokio::time::sleep(resync) => {}
-        }
+            None => {
+                tracing::warn!("CNI dir watch stopped; checking on the resync interval only");
+                *events_open = false;
+                tokio::time::sleep(resync).await;
+            }
+        },
+        _ = tokio::time::sleep(resync) => {}
     }
 }
 
@@ -107,6 +125,33 @@ fn is_change(ev: &Event) -> bool {
 mod tests {
     use super::*;
     use notify::event::{CreateKind, ModifyKind};
+
+    #[tokio::test]
+    async fn a_closed_event_channel_waits_for_the_resync() {
+        let resync = Duration::from_millis(300);
+        let (tx, mut rx) = mpsc::channel::<()>(1);
+        let mut open = true;
+        tx.try_send(()).unwrap();
+        let t = std::time::Instant::now();
+        next_pass(&mut rx, &mut open, resync).await;
+        assert!(
+            t.elapsed() < resync,
+            "an event starts a pass after the debounce"
+        );
+        drop(tx);
+        for _ in 0..2 {
+            let t = std::time::Instant::now();
+            next_pass(&mut rx, &mut open, resync).await;
+            assert!(t.elapsed() >= resync, "closed channel: {:?}", t.elapsed());
+        }
+        assert!(!open);
+        // No watcher at all: the same.
+        let (_, mut rx) = mpsc::channel::<()>(1);
+        let mut open = false;
+        let t = std::time::Instant::now();
+        next_pass(&mut rx, &mut open, resync).await;
+        assert!(t.elapsed() >= resync);
+    }
 
     #[test]
     fn reads_are_not_changes() {

@@ -604,7 +604,7 @@ impl Reconciler {
             .cache
             .pods()
             .into_iter()
-            .filter(|p| p.redirection.is_some())
+            .filter(|p| plan::is_ours(p.redirection.as_deref()))
             .collect();
         for p in pods {
             if let Err(e) = self.api.set_redirection(&p.namespace, &p.name, None).await {

@@ -66,7 +66,9 @@ pub fn plan(
     pod_exists: bool,
     retry_due: bool,
 ) -> Plan {
-    let annotated = annotation.is_some();
+    // Only our two values say an agent redirected the pod; anything else (the chart's
+    // `disabled` on ztunnel pods, a user's value) is not ours to undo or remove.
+    let annotated = is_ours(annotation);
     let ensure = |want: &'static str| (annotation != Some(want)).then_some(Annotation::Set(want));
     match desired {
         Desired::Gone => Plan {
@@ -121,9 +123,32 @@ pub fn after_enrol(result: Result<(), bool>) -> (Actual, Annotation) {
     }
 }
 
+/// True for the annotation values an agent writes (`enabled`, `pending`).
+pub fn is_ours(annotation: Option<&str>) -> bool {
+    matches!(annotation, Some(REDIRECTION_ENABLED | REDIRECTION_PENDING))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn foreign_annotation_values_are_left_alone() {
+        // The chart marks ztunnel pods `disabled`; they are opted out (mode none).
+        assert_eq!(
+            plan(OUT, Actual::None, Some("disabled"), true, false),
+            Plan::default()
+        );
+        assert_eq!(
+            plan(Desired::Gone, Actual::None, Some("disabled"), true, false),
+            Plan {
+                forget: true,
+                ..Plan::default()
+            }
+        );
+        assert!(is_ours(Some("pending")) && is_ours(Some("enabled")));
+        assert!(!is_ours(Some("disabled")) && !is_ours(None));
+    }
 
     const IN: Desired = Desired::Enrol("namespace label");
     const OUT: Desired = Desired::Out("no label");
