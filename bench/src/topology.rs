@@ -169,7 +169,6 @@ impl Flavor {
                 ("XDS_ADDRESS", "".into()),
                 ("CA_ADDRESS", "".into()),
                 ("PACKET_MARK", "1337".into()),
-                ("ENABLE_ORIG_SRC", "false".into()),
             ],
         }
     }
