@@ -9,50 +9,18 @@
 mod common;
 mod inpod_support;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use inpod_support::{client_config, info, pod_netns, server_config, wait_until};
 use node_agent::zds::ZdsServer;
 use prometheus_client::registry::Registry;
 use ztunnel::config::Config;
-use ztunnel::identity::local_ca::LocalCa;
-use ztunnel::identity::provider::SignFuture;
-use ztunnel::identity::{CertificateProvider, CertificateRequest, Identity, SecretManager};
+use ztunnel::identity::{Identity, SecretManager};
 use ztunnel::inpod::{EngineWorkloadProxies, InpodClient};
 use ztunnel::proxy::{ProxyFactory, ProxyInputs};
 use ztunnel::state::Store;
 use ztunnel::telemetry::ProxyMetrics;
-
-/// The local CA, counting what it signs per identity.
-struct CountingCa {
-    ca: Arc<LocalCa>,
-    signed: Mutex<HashMap<String, usize>>,
-}
-
-impl CountingCa {
-    fn count(&self, id: &Identity) -> usize {
-        let signed = self.signed.lock().unwrap();
-        signed.get(&id.to_string()).copied().unwrap_or(0)
-    }
-}
-
-impl CertificateProvider for CountingCa {
-    fn name(&self) -> &str {
-        "counting-ca"
-    }
-
-    fn sign(&self, request: CertificateRequest) -> SignFuture<'_> {
-        *self
-            .signed
-            .lock()
-            .unwrap()
-            .entry(request.identity.to_string())
-            .or_insert(0) += 1;
-        self.ca.sign(request)
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn del_workload_forgets_the_identity_of_the_last_replica() {
@@ -61,10 +29,7 @@ async fn del_workload_forgets_the_identity_of_the_last_replica() {
         return;
     }
     let ca = common::ca("ec");
-    let provider = Arc::new(CountingCa {
-        ca: ca.clone(),
-        signed: Mutex::new(HashMap::new()),
-    });
+    let provider = Arc::new(common::CountingCa::new(ca.clone()));
     // Shorter than the CA's one-minute back-dating: renewed every second.
     let cfg = Config {
         secret_ttl: Duration::from_secs(2),

@@ -16,20 +16,17 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::process::Command;
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use node_agent::redirect::netns::Netns;
 use prometheus_client::registry::Registry;
 use ztunnel::app::node_certs;
 use ztunnel::config::Config;
-use ztunnel::identity::local_ca::LocalCa;
-use ztunnel::identity::provider::SignFuture;
-use ztunnel::identity::{CertificateProvider, CertificateRequest, Identity, SecretManager};
+use ztunnel::identity::{Identity, SecretManager};
 use ztunnel::proxy::{ProxyFactory, ProxyInputs, ProxyScope, ProxySpec};
 use ztunnel::redirect::tproxy::TproxySocketFactory;
 use ztunnel::state::Store;
@@ -49,35 +46,6 @@ workloads:
 - {uid: r, name: r, namespace: ns-r, serviceAccount: sa-r, workloadIps: ["10.66.2.1"],
    protocol: HBONE, node: n2, services: {}}
 "#;
-
-/// The local CA, counting what it signs per identity.
-struct CountingCa {
-    ca: Arc<LocalCa>,
-    signed: Mutex<HashMap<String, usize>>,
-}
-
-impl CountingCa {
-    fn count(&self, id: &Identity) -> usize {
-        let signed = self.signed.lock().unwrap();
-        signed.get(&id.to_string()).copied().unwrap_or(0)
-    }
-}
-
-impl CertificateProvider for CountingCa {
-    fn name(&self) -> &str {
-        "counting-ca"
-    }
-
-    fn sign(&self, request: CertificateRequest) -> SignFuture<'_> {
-        *self
-            .signed
-            .lock()
-            .unwrap()
-            .entry(request.identity.to_string())
-            .or_insert(0) += 1;
-        self.ca.sign(request)
-    }
-}
 
 fn ip(ns: &str, args: &str) {
     let out = Command::new("ip")
@@ -186,10 +154,7 @@ fn node_proxy_forgets_the_certificate_of_the_last_workload_that_left() {
     common::init_logs();
     let topo = Topology::new();
     let ca = common::ca("ec");
-    let provider = Arc::new(CountingCa {
-        ca: ca.clone(),
-        signed: Mutex::new(HashMap::new()),
-    });
+    let provider = Arc::new(common::CountingCa::new(ca.clone()));
     // Shorter than the CA's one-minute back-dating: renewed every second.
     let cfg = Config {
         secret_ttl: Duration::from_secs(2),

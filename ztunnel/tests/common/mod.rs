@@ -381,3 +381,43 @@ pub async fn echo_roundtrip(stream: TcpStream, data: Arc<Vec<u8>>) -> io::Result
     writer.await.unwrap()?;
     Ok(back)
 }
+
+/// The local CA, counting what it signs per identity (certificate renewal and release tests).
+pub struct CountingCa {
+    ca: Arc<LocalCa>,
+    signed: Mutex<HashMap<String, usize>>,
+}
+
+impl CountingCa {
+    pub fn new(ca: Arc<LocalCa>) -> Self {
+        CountingCa {
+            ca,
+            signed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Certificates signed for `id` so far.
+    pub fn count(&self, id: &Identity) -> usize {
+        let signed = self.signed.lock().unwrap();
+        signed.get(&id.to_string()).copied().unwrap_or(0)
+    }
+}
+
+impl ztunnel::identity::CertificateProvider for CountingCa {
+    fn name(&self) -> &str {
+        "counting-ca"
+    }
+
+    fn sign(
+        &self,
+        request: ztunnel::identity::CertificateRequest,
+    ) -> ztunnel::identity::provider::SignFuture<'_> {
+        *self
+            .signed
+            .lock()
+            .unwrap()
+            .entry(request.identity.to_string())
+            .or_insert(0) += 1;
+        self.ca.sign(request)
+    }
+}

@@ -35,7 +35,6 @@
 
 pub mod peer_authn;
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -61,29 +60,42 @@ pub struct AuthorizationPolicy {
     pub spec: AuthorizationPolicySpec,
 }
 
-impl ::kube::Resource for AuthorizationPolicy {
-    type DynamicType = ();
-    type Scope = ::kube::core::NamespaceResourceScope;
+/// `kube::Resource` for a namespaced `security.istio.io/v1` kind whose struct has a
+/// `metadata: ObjectMeta` field (AuthorizationPolicy, PeerAuthentication).
+macro_rules! istio_security_resource {
+    ($ty:ty, $kind:literal, $plural:literal) => {
+        impl ::kube::Resource for $ty {
+            type DynamicType = ();
+            type Scope = ::kube::core::NamespaceResourceScope;
 
-    fn kind(_: &()) -> Cow<'_, str> {
-        "AuthorizationPolicy".into()
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        "security.istio.io".into()
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        "authorizationpolicies".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
+            fn kind(_: &()) -> ::std::borrow::Cow<'_, str> {
+                $kind.into()
+            }
+            fn group(_: &()) -> ::std::borrow::Cow<'_, str> {
+                "security.istio.io".into()
+            }
+            fn version(_: &()) -> ::std::borrow::Cow<'_, str> {
+                "v1".into()
+            }
+            fn plural(_: &()) -> ::std::borrow::Cow<'_, str> {
+                $plural.into()
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
 }
+pub(crate) use istio_security_resource;
+
+istio_security_resource!(
+    AuthorizationPolicy,
+    "AuthorizationPolicy",
+    "authorizationpolicies"
+);
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -43,14 +43,13 @@
 //! that inherits STRICT, a `DISABLE` port is an exception only alongside a
 //! `PERMISSIVE` one (alone, the static STRICT policy is referenced).
 
-use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
-use super::{ConvertOptions, WorkloadSelector, nullable};
+use super::{ConvertOptions, WorkloadSelector, istio_security_resource, nullable};
 use crate::policy::model::{Action, Authorization, Match, Rule, Scope, StringMatch};
 
 /// Name of the static STRICT policy (underscores: never a Kubernetes name).
@@ -69,29 +68,11 @@ pub struct PeerAuthentication {
     pub spec: PeerAuthenticationSpec,
 }
 
-impl ::kube::Resource for PeerAuthentication {
-    type DynamicType = ();
-    type Scope = ::kube::core::NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "PeerAuthentication".into()
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        "security.istio.io".into()
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        "peerauthentications".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+istio_security_resource!(
+    PeerAuthentication,
+    "PeerAuthentication",
+    "peerauthentications"
+);
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
