@@ -188,11 +188,12 @@ async fn bad_requests_close_only_that_connection_without_fd_leaks() {
         wait_until("ready again", || z.ready()).await;
         assert_eq!(z.proxies.running(), vec!["a"], "{case}");
         assert!(can_connect(&ns_a, 15001).await, "{case}");
+        // A leak shows as more descriptors than before; fewer is fine (something the
+        // process had open at the baseline, e.g. a transient socket, may have closed since).
         let now = open_fds();
-        assert_eq!(
-            now,
-            baseline,
-            "{case}: fd count {now} != {baseline}: {:?}",
+        assert!(
+            now <= baseline,
+            "{case}: fd count {now} > {baseline}: {:?}",
             fd_targets()
         );
     }
