@@ -14,9 +14,10 @@
 //!   fails its ADD until the agent is back, then is enrolled; a namespace
 //!   labelled while it was down is enrolled on return;
 //! - no ztunnel: ambient ADDs fail closed, `/readyz` says why;
-//! - SIGTERM without the DaemonSet uninstalls (config entry, rules,
-//!   annotations; the plugin binary stays on purpose); metrics reflect the
-//!   enrolled pods.
+//! - SIGTERM without the DaemonSet (404, or 403 once its RBAC is gone)
+//!   uninstalls (config entry, rules, annotations; the plugin binary stays
+//!   on purpose); an unavailable API keeps everything and the agent still
+//!   exits in time; metrics reflect the enrolled pods.
 
 mod control_loop_support;
 
@@ -364,10 +365,9 @@ fn agent_restart_rebuilds_state_and_catches_up() {
     );
 }
 
-#[test]
-fn sigterm_without_daemonset_uninstalls() {
-    require_env!();
-    let mut env = Env::new("cuninst");
+/// A node with the agent, ztunnel and one enrolled ambient pod `mesh/a`.
+fn node_with_enrolled_pod(name: &str) -> (Env, control_loop_support::PodRef) {
+    let mut env = Env::new(name);
     env.create_namespace("mesh", json!({"istio.io/dataplane-mode": "ambient"}));
     env.start_agent();
     env.start_ztunnel();
@@ -376,20 +376,21 @@ fn sigterm_without_daemonset_uninstalls() {
     let a = env.run_pod("mesh", "a", json!({}), SECOND * 10);
     assert!(Env::redirected(&a.netns));
     assert_eq!(env.annotation("mesh", "a").as_deref(), Some("enabled"));
+    (env, a)
+}
 
-    env.api
-        .delete("apps/v1", "DaemonSet", Some(AGENT_NS), "node-agent")
-        .unwrap();
-    assert!(env.stop_agent(), "{}", env.agent_log_tail());
-    assert!(
-        !env.conflist()["plugins"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["type"] == "istio-cni"),
-        "config entry removed: {}",
-        env.conflist()
-    );
+fn chained(env: &Env) -> bool {
+    env.conflist()["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["type"] == "istio-cni")
+}
+
+/// What a SIGTERM that means uninstall leaves: nothing of ours but the
+/// plugin binary.
+fn assert_uninstalled(env: &Env, a: &control_loop_support::PodRef) {
+    assert!(!chained(env), "config entry removed: {}", env.conflist());
     assert!(
         env.bin_dir().join("istio-cni").exists(),
         "plugin binary kept: runtimes still run its (no-op) DEL for existing pods"
@@ -399,11 +400,78 @@ fn sigterm_without_daemonset_uninstalls() {
         "{:?}",
         Env::istio_rules(&a.netns)
     );
-    assert_eq!(env.annotation("mesh", "a"), None);
     let host = Env::istio_rules(env.node().netns());
     assert!(host.is_empty(), "host probe SNAT removed: {host:?}");
     assert!(
         env.zt().running().is_empty(),
         "ztunnel told to drop the pod"
     );
+}
+
+#[test]
+fn sigterm_without_daemonset_uninstalls() {
+    require_env!();
+    let (mut env, a) = node_with_enrolled_pod("cuninst");
+    env.api
+        .delete("apps/v1", "DaemonSet", Some(AGENT_NS), "node-agent")
+        .unwrap();
+    assert!(env.stop_agent(), "{}", env.agent_log_tail());
+    assert_uninstalled(&env, &a);
+    assert_eq!(env.annotation("mesh", "a"), None);
+}
+
+/// `helm uninstall` deletes the DaemonSet and then its RBAC: the terminating
+/// agent's GET is answered 403, which means uninstall too.
+#[test]
+fn sigterm_after_rbac_removal_uninstalls() {
+    require_env!();
+    let (mut env, a) = node_with_enrolled_pod("crbac");
+    env.api.set_failing(
+        ("apps", "daemonsets"),
+        Some(e2e::apiserver::ApiError::forbidden(
+            "daemonsets.apps",
+            "node-agent",
+            "User \"system:serviceaccount:istio-system:node-agent\" cannot get resource \"daemonsets\"",
+        )),
+    );
+    assert!(env.stop_agent(), "{}", env.agent_log_tail());
+    assert!(
+        std::fs::read_to_string(&env.agent_log)
+            .unwrap()
+            .contains("403 Forbidden"),
+        "the log says why: {}",
+        env.agent_log_tail()
+    );
+    assert_uninstalled(&env, &a);
+}
+
+/// An API server answering 503 (the client retries that for minutes): the
+/// agent cannot tell upgrade from uninstall, keeps everything, and still
+/// exits well inside the grace period.
+#[test]
+fn sigterm_with_api_unavailable_keeps_everything_and_exits_in_time() {
+    require_env!();
+    let (mut env, a) = node_with_enrolled_pod("cunavail");
+    let rules = Env::istio_rules(&a.netns);
+    env.api.set_failing(
+        ("apps", "daemonsets"),
+        Some(e2e::apiserver::ApiError::unavailable(
+            "the server is restarting",
+        )),
+    );
+    assert!(
+        env.stop_agent(),
+        "exits 0 before the test's 15 s SIGKILL: {}",
+        env.agent_log_tail()
+    );
+    assert!(
+        std::fs::read_to_string(&env.agent_log)
+            .unwrap()
+            .contains("cannot tell upgrade from uninstall"),
+        "{}",
+        env.agent_log_tail()
+    );
+    assert!(chained(&env), "config entry kept: {}", env.conflist());
+    assert_eq!(Env::istio_rules(&a.netns), rules, "pod rules kept");
+    assert_eq!(env.annotation("mesh", "a").as_deref(), Some("enabled"));
 }

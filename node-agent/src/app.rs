@@ -55,6 +55,10 @@ use crate::zds::{ZdsConfig, ZdsServer};
 /// Readiness component: informers synced and start-up reconcile done.
 pub const READY_KUBERNETES: &str = "kubernetes";
 
+/// How long the shutdown's DaemonSet GET may take (upgrade or uninstall):
+/// well inside the chart's 30 s grace period, after the workers' 10 s.
+const DAEMONSET_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Start-up failures; each names what failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -348,15 +352,28 @@ pub async fn run_with(
     }
 
     // Upgrade or uninstall, decided as upstream's install-cni does
-    // (`DaemonSetState`); when the API cannot tell, keep everything.
-    let uninstall = match api
-        .daemonset_state(&cfg.pod_namespace, &cfg.daemonset_name)
-        .await
+    // (`DaemonSetState`); when the API cannot tell, keep everything. The GET
+    // is bounded: the client retries 429/503 for minutes, past the grace
+    // period, and a SIGKILL would skip the uninstall clean-up as well.
+    let uninstall = match tokio::time::timeout(
+        DAEMONSET_CHECK_TIMEOUT,
+        api.daemonset_state(&cfg.pod_namespace, &cfg.daemonset_name),
+    )
+    .await
     {
-        Ok(DaemonSetState::Present) => None,
-        Ok(DaemonSetState::Gone(why)) => Some(why),
-        Err(e) => {
+        Ok(Ok(DaemonSetState::Present)) => None,
+        Ok(Ok(DaemonSetState::Gone(why))) => Some(why),
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "cannot tell upgrade from uninstall: keeping everything installed");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                daemonset = %cfg.daemonset_name,
+                namespace = %cfg.pod_namespace,
+                timeout_secs = DAEMONSET_CHECK_TIMEOUT.as_secs(),
+                "cannot tell upgrade from uninstall: the DaemonSet GET did not answer in time; keeping everything installed"
+            );
             None
         }
     };

@@ -44,6 +44,9 @@ pub struct Shared {
     /// Resources (group, plural) answered with 404 for now (a CRD removed
     /// while the server runs); their objects are kept.
     pub unserved: Mutex<Vec<(&'static str, &'static str)>>,
+    /// Resources (group, plural) whose every request is answered with this
+    /// error for now (RBAC removed, an overloaded server).
+    pub failing: Mutex<Vec<((&'static str, &'static str), ApiError)>>,
 }
 
 impl Shared {
@@ -59,6 +62,7 @@ impl Shared {
             server_address: Mutex::new(String::new()),
             open_watches: std::sync::atomic::AtomicUsize::new(0),
             unserved: Mutex::new(Vec::new()),
+            failing: Mutex::new(Vec::new()),
         }
     }
 
@@ -314,6 +318,16 @@ async fn route(
         .contains(&(r.group, r.plural))
     {
         return error_response(&ApiError::no_route(path));
+    }
+    let injected = shared
+        .failing
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .find(|(res, _)| *res == (r.group, r.plural))
+        .map(|(_, e)| e.clone());
+    if let Some(e) = injected {
+        return error_response(&e);
     }
     match resource_request(shared, method, &target, query, headers, body).await {
         Ok(r) => r,

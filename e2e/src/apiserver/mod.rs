@@ -448,6 +448,25 @@ impl ApiServerHandle {
         }
     }
 
+    /// Answers every request for resource `group`/`plural` with `error`
+    /// (`None`: serve it again), e.g. [`ApiError::forbidden`] as after its
+    /// RBAC was deleted or [`ApiError::unavailable`]. Objects are kept.
+    pub fn set_failing(
+        &self,
+        (group, plural): (&'static str, &'static str),
+        error: Option<ApiError>,
+    ) {
+        let mut failing = self
+            .shared
+            .failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        failing.retain(|(r, _)| *r != (group, plural));
+        if let Some(e) = error {
+            failing.push(((group, plural), e));
+        }
+    }
+
     /// Ends every open watch (clients reconnect from their last version).
     pub fn close_watches(&self) {
         self.shared.closing.send_modify(|g| *g += 1);

@@ -63,6 +63,11 @@ impl ApiError {
         .about(resource, name)
     }
 
+    /// 503, as an overloaded or restarting server answers.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(503, "ServiceUnavailable", message)
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, "BadRequest", message)
     }

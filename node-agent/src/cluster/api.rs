@@ -75,8 +75,13 @@ pub trait ClusterApi: Send + Sync {
 /// What the agent's own DaemonSet says when the agent stops. As upstream's
 /// install-cni decides: the DaemonSet not found, marked for deletion
 /// (`metadata.deletionTimestamp`, e.g. `helm uninstall` with a foreground
-/// delete or a finalizer), or the agent no longer authenticated (401: its
-/// ServiceAccount was deleted with the chart) mean uninstall.
+/// delete or a finalizer), the agent no longer authenticated (401: its
+/// ServiceAccount was deleted with the chart) or no longer authorised (403:
+/// its RBAC was deleted — `helm uninstall` deletes the DaemonSet first and the
+/// RoleBindings right after, so the terminating agent usually sees this) mean
+/// uninstall. Wrongly taking an upgrade for an uninstall costs a short window
+/// until the new agent chains the plugin again; the opposite leaves the plugin
+/// chained on the node after the product is gone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DaemonSetState {
     /// Present and not being deleted: an upgrade, a restart or a node reboot.
@@ -85,8 +90,8 @@ pub enum DaemonSetState {
     Gone(&'static str),
 }
 
-/// Maps the DaemonSet GET to a [`DaemonSetState`]; other errors (403,
-/// 5xx, network) are "cannot tell".
+/// Maps the DaemonSet GET to a [`DaemonSetState`]; other errors (5xx,
+/// timeouts, network) are "cannot tell".
 fn daemonset_state_from(
     got: Result<Option<DaemonSet>, kube::Error>,
     namespace: &str,
@@ -100,6 +105,9 @@ fn daemonset_state_from(
         Ok(None) => Ok(DaemonSetState::Gone("the DaemonSet does not exist")),
         Err(kube::Error::Api(s)) if s.code == 401 => Ok(DaemonSetState::Gone(
             "the API server no longer accepts the agent's credentials (401 Unauthorized)",
+        )),
+        Err(kube::Error::Api(s)) if s.code == 403 => Ok(DaemonSetState::Gone(
+            "the agent may no longer read its DaemonSet (403 Forbidden: its RBAC was deleted, as helm uninstall does)",
         )),
         Err(e) => Err(ApiError {
             verb: "GET",
@@ -303,20 +311,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn daemonset_not_found_or_unauthorized_means_uninstall() {
+    async fn daemonset_not_found_unauthenticated_or_forbidden_means_uninstall() {
         let api = stub("404 Not Found", status(404, "NotFound")).await;
         assert!(
             matches!(state(&api).await.unwrap(), DaemonSetState::Gone(w) if w.contains("does not exist"))
         );
         let api = stub("401 Unauthorized", status(401, "Unauthorized")).await;
         assert!(matches!(state(&api).await.unwrap(), DaemonSetState::Gone(w) if w.contains("401")));
+        let api = stub("403 Forbidden", status(403, "Forbidden")).await;
+        assert!(matches!(state(&api).await.unwrap(), DaemonSetState::Gone(w) if w.contains("403")));
     }
 
     #[tokio::test]
     async fn other_errors_cannot_tell_and_name_the_daemonset() {
         for (line, code, reason) in [
-            ("403 Forbidden", 403, "Forbidden"),
             ("500 Internal Server Error", 500, "InternalError"),
+            ("502 Bad Gateway", 502, "BadGateway"),
         ] {
             let api = stub(line, status(code, reason)).await;
             let e = state(&api).await.unwrap_err();
