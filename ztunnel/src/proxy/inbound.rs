@@ -98,7 +98,10 @@ pub(super) async fn handle(
             return;
         }
     };
-    let Some(peer_identity) = crate::tls::peer_identity(tls.get_ref().1.peer_certificates()) else {
+    let Some(peer_identity) = crate::tls::peer_identity(
+        tls.get_ref().1.peer_certificates(),
+        local_identity.trust_domain(),
+    ) else {
         tracing::warn!(src = %peer, dst = %local, "inbound: client certificate has no SPIFFE identity; closing");
         metrics.refused(Direction::Inbound, RefusalReason::tls_handshake);
         return;

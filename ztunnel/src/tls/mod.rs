@@ -102,10 +102,19 @@ pub fn placeholder_server_name() -> ServerName<'static> {
     ServerName::IpAddress(IpAddr::V4(Ipv4Addr::UNSPECIFIED).into())
 }
 
-/// The peer's SPIFFE identity from its leaf certificate (first Istio-shaped URI SAN).
-pub fn peer_identity(peer_certs: Option<&[CertificateDer<'_>]>) -> Option<Identity> {
+/// The peer's SPIFFE identity from its leaf certificate: the first Istio-shaped URI SAN in
+/// `trust_domain`, the one [`verifier::TrustDomainVerifier`] accepted the certificate for (a
+/// certificate may carry SANs of other trust domains too; authorizing one of those would
+/// authorize a name the handshake never checked).
+pub fn peer_identity(
+    peer_certs: Option<&[CertificateDer<'_>]>,
+    trust_domain: &str,
+) -> Option<Identity> {
     let leaf = peer_certs?.first()?;
-    identities_of(leaf).ok()?.into_iter().next()
+    identities_of(leaf)
+        .ok()?
+        .into_iter()
+        .find(|id| id.trust_domain() == trust_domain)
 }
 
 /// A resolver that always presents the same certificate.
@@ -189,7 +198,7 @@ mod tests {
             tokio_rustls::TlsAcceptor::from(server)
                 .accept(b)
                 .await
-                .map(|s| peer_identity(s.get_ref().1.peer_certificates()))
+                .map(|s| peer_identity(s.get_ref().1.peer_certificates(), "cluster.local"))
                 .map_err(|e| e.to_string())
         };
         tokio::join!(c, s)
@@ -255,6 +264,47 @@ mod tests {
         .await;
         let err = s.unwrap_err();
         assert!(err.contains("not in trust domain"), "{err}");
+    }
+
+    /// A client certificate with URI SANs in two trust domains, signed by the trusted root.
+    fn two_domain_leaf(first: &Identity, second: &Identity) -> WorkloadCertificate {
+        use rcgen::{CertificateParams, Issuer, KeyPair, SanType};
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/ca");
+        let root_pem = std::fs::read_to_string(dir.join("ec-root.pem")).unwrap();
+        let root_key =
+            KeyPair::from_pem(&std::fs::read_to_string(dir.join("ec-root.key")).unwrap()).unwrap();
+        let issuer = Issuer::from_ca_cert_pem(&root_pem, root_key).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = [first, second]
+            .iter()
+            .map(|id| SanType::URI(id.to_string().try_into().unwrap()))
+            .collect();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        WorkloadCertificate::from_pem(first, &key.serialize_pem(), &[cert.pem(), root_pem]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn server_authorizes_the_san_in_its_trust_domain() {
+        let ca = ca("ec");
+        let foreign = Identity::new("other.domain", "ns", "admin");
+        let own = Identity::new("cluster.local", "ns", "a");
+        let b = Identity::new("cluster.local", "ns", "b");
+        let (c, s) = handshake(
+            client_config(
+                &two_domain_leaf(&foreign, &own),
+                &roots(&ca),
+                vec![b.clone()],
+            ),
+            server_config(&leaf(&ca, &b, now_valid()), &roots(&ca), "cluster.local"),
+        )
+        .await;
+        c.unwrap();
+        assert_eq!(
+            s.unwrap(),
+            Some(own),
+            "the identity the trust-domain check accepted, not the first SAN"
+        );
     }
 
     #[tokio::test]
