@@ -236,33 +236,8 @@ mod tests {
         );
     }
 
-    /// A stub API server on 127.0.0.1 answering every request with `status`
-    /// and `body`; a client for it.
     async fn stub(status: &'static str, body: serde_json::Value) -> KubeApi {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut conn, _)) = listener.accept().await {
-                let body = body.to_string();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let _ = conn.read(&mut buf).await;
-                    let _ = conn
-                        .write_all(
-                            format!(
-                                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n\
-                                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                                body.len()
-                            )
-                            .as_bytes(),
-                        )
-                        .await;
-                });
-            }
-        });
-        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
-        KubeApi::new(kube::Client::try_from(config).unwrap())
+        KubeApi::new(crate::cluster::stub_server::client(status, body).await)
     }
 
     fn daemonset(deleting: bool) -> serde_json::Value {
@@ -276,10 +251,7 @@ mod tests {
         ds
     }
 
-    fn status(code: u16, reason: &str) -> serde_json::Value {
-        serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
-            "status": "Failure", "reason": reason, "message": reason, "code": code})
-    }
+    use crate::cluster::stub_server::status;
 
     async fn state(api: &KubeApi) -> Result<DaemonSetState, ApiError> {
         api.daemonset_state("istio-system", "node-agent").await

@@ -38,6 +38,13 @@ struct State {
     tombstones: HashMap<String, Instant>,
     /// Objects listed since the last `Init` (re-list in progress).
     pod_buffer: Option<HashMap<String, PodInfo>>,
+    /// UIDs inserted from an API read while a list was in progress: the
+    /// list may predate them (created after its snapshot; the watch that
+    /// follows delivers them) or postdate them (deleted before it).
+    api_inserted_in_list: HashSet<String>,
+    /// Pods a finished list did not contain but an API read during it did:
+    /// kept, to be confirmed by a fresh GET ([`ClusterCache::take_unconfirmed`]).
+    unconfirmed: Vec<PodInfo>,
     ns_buffer: Option<HashMap<String, NamespaceInfo>>,
 }
 
@@ -141,7 +148,9 @@ impl ClusterCache {
 
     /// A watcher `Init`: a (re-)list begins.
     pub fn pods_init(&self) {
-        self.write().pod_buffer = Some(HashMap::new());
+        let mut st = self.write();
+        st.pod_buffer = Some(HashMap::new());
+        st.api_inserted_in_list.clear();
     }
 
     /// A watcher `InitApply`.
@@ -159,12 +168,18 @@ impl ClusterCache {
         {
             let mut st = self.write();
             let listed = st.pod_buffer.take().unwrap_or_default();
-            let gone: Vec<String> = st
+            let inserted = std::mem::take(&mut st.api_inserted_in_list);
+            let (late, gone): (Vec<String>, Vec<String>) = st
                 .pods
                 .keys()
                 .filter(|u| !listed.contains_key(*u))
                 .cloned()
+                .partition(|u| inserted.contains(u));
+            let late: Vec<PodInfo> = late
+                .iter()
+                .filter_map(|u| st.pods.get(u).cloned())
                 .collect();
+            st.unconfirmed.extend(late);
             for uid in gone {
                 changes.extend(self.remove(&mut st, &uid));
             }
@@ -183,7 +198,17 @@ impl ClusterCache {
         if st.pods.contains_key(&pod.uid) || st.tombstones.contains_key(&pod.uid) {
             return Vec::new();
         }
+        if st.pod_buffer.is_some() {
+            st.api_inserted_in_list.insert(pod.uid.clone());
+        }
         self.upsert(&mut st, pod)
+    }
+
+    /// Pods kept by the last list although it did not contain them (read
+    /// from the API while it ran); the caller GETs each and deletes the
+    /// ones that are gone ([`ClusterCache::delete_pod`]).
+    pub fn take_unconfirmed(&self) -> Vec<PodInfo> {
+        std::mem::take(&mut self.write().unconfirmed)
     }
 
     /// Records the redirection annotation the agent just wrote (the watch
@@ -395,6 +420,37 @@ mod tests {
         let ch = c.pods_init_done();
         assert_eq!(ch, vec![Change::Pod("u1".into())]);
         assert_eq!(c.pod_count(), 1);
+    }
+
+    #[test]
+    fn a_pod_read_from_the_api_during_a_relist_is_kept_until_confirmed() {
+        let c = ClusterCache::new("istio-system");
+        c.pods_init();
+        c.pods_init_apply(pod("u1", "demo", "a"));
+        c.pods_init_done();
+        // Re-list: its snapshot predates pod u2, which a CNI ADD reads
+        // from the API meanwhile; u1 is really gone.
+        c.pods_init();
+        assert_eq!(
+            c.insert_from_api(pod("u2", "demo", "b")),
+            vec![Change::Pod("u2".into())]
+        );
+        let ch = c.pods_init_done();
+        assert_eq!(
+            ch,
+            vec![Change::Pod("u1".into())],
+            "only u1 is reported gone"
+        );
+        assert!(c.pod("u2").is_some(), "u2 kept");
+        let unconfirmed = c.take_unconfirmed();
+        assert_eq!(unconfirmed.len(), 1);
+        assert_eq!(unconfirmed[0].uid, "u2");
+        assert!(c.take_unconfirmed().is_empty(), "handed out once");
+        // Outside a list, API reads are not marked; the next re-list
+        // without u2 deletes it.
+        c.pods_init();
+        assert!(c.pods_init_done().contains(&Change::Pod("u2".into())));
+        assert!(c.take_unconfirmed().is_empty());
     }
 
     #[test]

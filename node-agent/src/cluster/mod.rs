@@ -13,6 +13,8 @@ pub mod cache;
 pub mod client;
 pub mod pod;
 pub mod resources;
+#[cfg(test)]
+mod stub_server;
 pub mod watch;
 
 pub use api::{ApiError, ClusterApi, KubeApi};

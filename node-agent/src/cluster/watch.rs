@@ -41,6 +41,7 @@ impl Watchers {
         changes: UnboundedSender<Change>,
     ) -> Self {
         let pods: Api<PodObject> = Api::all(client.clone());
+        let pod_client = client.clone();
         let pod_cfg = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
         let namespaces: Api<NamespaceObject> = Api::all(client);
         let node = node_name.to_string();
@@ -51,7 +52,15 @@ impl Watchers {
             let mut stream = std::pin::pin!(stream);
             while let Some(item) = stream.next().await {
                 match item {
-                    Ok(ev) => send(&tx1, apply_pod_event(&c1, ev, &node)),
+                    Ok(ev) => {
+                        send(&tx1, apply_pod_event(&c1, ev, &node));
+                        for pod in c1.take_unconfirmed() {
+                            let (client, cache, tx) = (pod_client.clone(), c1.clone(), tx1.clone());
+                            tokio::spawn(async move {
+                                send(&tx, confirm_pod(&client, &cache, &pod).await)
+                            });
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(node = %node, error = %e, "pod watch failed; retrying")
                     }
@@ -110,6 +119,31 @@ pub fn apply_pod_event(cache: &ClusterCache, ev: Event<PodObject>, node: &str) -
     }
 }
 
+/// GETs a pod a list did not contain although an API read during the list
+/// did (see [`ClusterCache::take_unconfirmed`]): deleted from the cache when
+/// it no longer exists (or its name is another pod's now); kept when it
+/// exists (the watch delivers it) or the GET fails (the next list decides).
+pub async fn confirm_pod(
+    client: &kube::Client,
+    cache: &ClusterCache,
+    pod: &PodInfo,
+) -> Vec<Change> {
+    let api: Api<PodObject> = Api::namespaced(client.clone(), &pod.namespace);
+    match api.get_opt(&pod.name).await {
+        Ok(Some(p)) if p.metadata.uid.as_deref() == Some(pod.uid.as_str()) => Vec::new(),
+        Ok(_) => {
+            tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), uid = %pod.uid,
+                "pod read during a list no longer exists; forgetting it");
+            cache.delete_pod(&pod.uid)
+        }
+        Err(e) => {
+            tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e,
+                "cannot confirm a pod read during a list; keeping it until the next list");
+            Vec::new()
+        }
+    }
+}
+
 /// Applies one namespace watcher event to the cache.
 pub fn apply_namespace_event(cache: &ClusterCache, ev: Event<NamespaceObject>) -> Vec<Change> {
     match ev {
@@ -135,5 +169,70 @@ pub fn apply_namespace_event(cache: &ClusterCache, ev: Event<NamespaceObject>) -
             Some(name) => cache.delete_namespace(name),
             None => Vec::new(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::PodPhase;
+    use crate::cluster::stub_server::{client, status};
+
+    fn cached(cache: &ClusterCache) -> PodInfo {
+        let pod = PodInfo {
+            uid: "u2".into(),
+            namespace: "demo".into(),
+            name: "b".into(),
+            phase: PodPhase::Running,
+            ..Default::default()
+        };
+        cache.pods_init();
+        cache.insert_from_api(pod);
+        cache.pods_init_done();
+        let mut late = cache.take_unconfirmed();
+        assert_eq!(late.len(), 1);
+        late.pop().unwrap()
+    }
+
+    fn pod_object(uid: &str) -> serde_json::Value {
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "b", "namespace": "demo", "uid": uid},
+            "spec": {"nodeName": "node1"}})
+    }
+
+    #[tokio::test]
+    async fn an_unconfirmed_pod_that_exists_is_kept() {
+        let cache = ClusterCache::new("istio-system");
+        let pod = cached(&cache);
+        let c = client("200 OK", pod_object("u2")).await;
+        assert!(confirm_pod(&c, &cache, &pod).await.is_empty());
+        assert!(cache.pod("u2").is_some());
+    }
+
+    #[tokio::test]
+    async fn an_unconfirmed_pod_that_is_gone_or_replaced_is_deleted() {
+        for (line, body) in [
+            ("404 Not Found", status(404, "NotFound")),
+            ("200 OK", pod_object("u3-another-incarnation")),
+        ] {
+            let cache = ClusterCache::new("istio-system");
+            let pod = cached(&cache);
+            let c = client(line, body).await;
+            assert_eq!(
+                confirm_pod(&c, &cache, &pod).await,
+                vec![Change::Pod("u2".into())],
+                "{line}"
+            );
+            assert!(cache.pod("u2").is_none(), "{line}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unconfirmed_pod_is_kept_when_the_api_fails() {
+        let cache = ClusterCache::new("istio-system");
+        let pod = cached(&cache);
+        let c = client("500 Internal Server Error", status(500, "InternalError")).await;
+        assert!(confirm_pod(&c, &cache, &pod).await.is_empty());
+        assert!(cache.pod("u2").is_some());
     }
 }
