@@ -126,9 +126,12 @@ async fn serve_connection(s: Arc<Shared>, tcp: tokio::net::TcpStream, peer: Sock
     let Ok(tls) = tls_accept(tcp, cfg, Duration::from_secs(5)).await else {
         return;
     };
-    let peer_identity = ztunnel::tls::peer_identity(tls.get_ref().1.peer_certificates())
-        .map(|i| i.to_string())
-        .unwrap_or_default();
+    let peer_identity = ztunnel::tls::peer_identity(
+        tls.get_ref().1.peer_certificates(),
+        s.identity.trust_domain(),
+    )
+    .map(|i| i.to_string())
+    .unwrap_or_default();
     let Ok(mut conn) = h2::server::handshake(tls).await else {
         return;
     };
