@@ -74,7 +74,8 @@ class Rendered:
         """The container's environment with envFrom ConfigMaps expanded.
 
         Explicit `env` entries win over envFrom, as in the kubelet. Values
-        from the downward API are shown as `<fieldRef:PATH>`.
+        from the downward API are shown as `<fieldRef:PATH>` and
+        `<resourceFieldRef:CONTAINER/RESOURCE>`.
         """
         c = self.container(kind, name, container)
         result: dict[str, str] = {}
@@ -90,6 +91,9 @@ class Rendered:
             elif "valueFrom" in entry and "fieldRef" in entry["valueFrom"]:
                 path = entry["valueFrom"]["fieldRef"]["fieldPath"]
                 result[entry["name"]] = f"<fieldRef:{path}>"
+            elif "valueFrom" in entry and "resourceFieldRef" in entry["valueFrom"]:
+                ref = entry["valueFrom"]["resourceFieldRef"]
+                result[entry["name"]] = f"<resourceFieldRef:{ref.get('containerName', '')}/{ref['resource']}>"
             else:
                 raise AssertionError(f"{kind}/{name}: unsupported env entry {entry}")
         return result

@@ -91,7 +91,13 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
         "nodeAgent": {"seLinuxOptions": {"type": "spc_t"}},
         "ztunnel": {"seLinuxOptions": {"type": "spc_t"}},
     },
-    "trust-domain-cluster": {"trustDomain": "prod.example.com", "multiCluster": {"clusterName": "east"}},
+    "trust-domain-cluster": {
+        "trustDomain": "prod.example.com",
+        "multiCluster": {"clusterName": "east"},
+        "clusterDomain": "corp.local",
+        "rootNamespace": "istio-config",
+        "ztunnel": {"workerThreads": "50%"},
+    },
 }
 
 # Host paths each container may mount, per redirection mode. Anything else is
@@ -625,6 +631,12 @@ class Environment(unittest.TestCase):
         r = rendered("trust-domain-cluster")
         self.assertEqual(r.env("DaemonSet", "ztunnel", "istio-proxy")["TRUST_DOMAIN"], "prod.example.com")
         self.assertEqual(r.env("DaemonSet", "ztunnel", "istio-proxy")["CLUSTER_ID"], "east")
+        zt = r.env("DaemonSet", "ztunnel", "istio-proxy")
+        self.assertEqual(
+            (zt["CLUSTER_DOMAIN"], zt["ROOT_NAMESPACE"], zt["ZTUNNEL_WORKER_THREADS"]),
+            ("corp.local", "istio-config", "50%"),
+        )
+        self.assertEqual(rendered("default").env("DaemonSet", "ztunnel", "istio-proxy")["ROOT_NAMESPACE"], "istio-system")
         self.assertEqual(r.env("Deployment", "mesh-ca", "ca")["TRUST_DOMAIN"], "prod.example.com")
         env = rendered("images-and-scheduling").env("DaemonSet", "node-agent", "node-agent")
         self.assertEqual(env["EXTRA_FLAG"], "1")
@@ -737,7 +749,7 @@ class BadValues(unittest.TestCase):
         ({"nodeAgent": {"readyPort": 70000}}, "readyPort"),
         ({"nodeAgent": {"env": {"BAD-NAME": "x"}}}, "BAD-NAME"),
         ({"nodeAgent": {"env": {"X": 1}}}, "X"),
-        ({"ztunnel": {"workerThreads": 0}}, "workerThreads"),
+        ({"ztunnel": {"workerThreads": "150%"}}, "workerThreads"),
         ({"ztunnel": {"secretTTL": "1 day"}}, "secretTTL"),
         ({"ztunnel": {"kubernetesDiscovery": "false"}}, "kubernetesDiscovery"),
         ({"ca": {"enabled": "no"}}, "enabled"),

@@ -180,8 +180,16 @@ pub struct Config {
     /// `ROOT_CA_PATH`, `CA_TOKEN_PATH` (remote CA).
     pub root_ca_path: PathBuf,
     pub ca_token_path: PathBuf,
-    /// `CLUSTER_ID`.
+    /// `ISTIO_META_CLUSTER_ID`, else `CLUSTER_ID` (as upstream).
     pub cluster_id: String,
+    /// `CLUSTER_DOMAIN` (`cluster.local`): Service hostnames are
+    /// `<name>.<namespace>.svc.<domain>` (Kubernetes discovery).
+    pub cluster_domain: String,
+    /// `ROOT_NAMESPACE` (default `POD_NAMESPACE`, else `istio-system`; istiod's
+    /// `meshConfig.rootNamespace`, which defaults to istiod's own namespace):
+    /// AuthorizationPolicies and PeerAuthentications there without a selector are
+    /// mesh-wide (Kubernetes discovery).
+    pub root_namespace: String,
     /// `TRUST_DOMAIN`.
     pub trust_domain: String,
     /// `SECRET_TTL`.
@@ -204,7 +212,9 @@ pub struct Config {
     /// [`Config::drain_budget`] of it, not all of it.
     #[serde(serialize_with = "humantime_duration")]
     pub termination_grace_period: Duration,
-    /// `ZTUNNEL_WORKER_THREADS`.
+    /// `ZTUNNEL_WORKER_THREADS`: a number (0: one per CPU) or a percentage of the CPUs
+    /// (`50%`, rounded up); CPUs = `ZTUNNEL_CPU_LIMIT` when set (the chart passes the
+    /// container's limit), else the machine's. Default 2.
     pub worker_threads: usize,
     /// `LOG_FORMAT`.
     pub log_format: LogFormat,
@@ -364,6 +374,61 @@ impl Config {
             None => None,
         };
         let trust_domain = get("TRUST_DOMAIN").unwrap_or_else(|| "cluster.local".to_string());
+        let cluster_domain = get("CLUSTER_DOMAIN")
+            .map(|d| d.trim().trim_end_matches('.').to_string())
+            .unwrap_or_else(|| "cluster.local".to_string());
+        if cluster_domain.is_empty()
+            || !cluster_domain
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        {
+            return Err(err(
+                "CLUSTER_DOMAIN",
+                &cluster_domain,
+                "not a DNS domain like cluster.local".into(),
+            ));
+        }
+        let cpus = match get("ZTUNNEL_CPU_LIMIT") {
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Some(v) => match v.trim().parse::<usize>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    return Err(err(
+                        "ZTUNNEL_CPU_LIMIT",
+                        &v,
+                        "not a positive whole number of CPUs".into(),
+                    ));
+                }
+            },
+        };
+        let worker_threads = match get("ZTUNNEL_WORKER_THREADS") {
+            None => 2,
+            Some(v) => match v.trim().strip_suffix('%') {
+                Some(pct) => match pct.trim().parse::<f64>() {
+                    Ok(p) if p > 0.0 && p <= 100.0 => {
+                        ((cpus as f64 * p / 100.0).ceil() as usize).max(1)
+                    }
+                    _ => {
+                        return Err(err(
+                            "ZTUNNEL_WORKER_THREADS",
+                            &v,
+                            "a percentage must be above 0% and at most 100%".into(),
+                        ));
+                    }
+                },
+                None => match v.trim().parse::<usize>() {
+                    Ok(0) => cpus,
+                    Ok(n) => n,
+                    Err(e) => {
+                        return Err(err(
+                            "ZTUNNEL_WORKER_THREADS",
+                            &v,
+                            format!("not a number or a percentage: {e}"),
+                        ));
+                    }
+                },
+            },
+        };
         if trust_domain.contains('/') || trust_domain.contains(char::is_whitespace) {
             return Err(err(
                 "TRUST_DOMAIN",
@@ -449,7 +514,15 @@ impl Config {
             ca_token_path: get("CA_TOKEN_PATH")
                 .unwrap_or_else(|| "./var/run/secrets/tokens/istio-token".into())
                 .into(),
-            cluster_id: get("CLUSTER_ID").unwrap_or_else(|| "Kubernetes".into()),
+            cluster_id: get("ISTIO_META_CLUSTER_ID")
+                .or_else(|| get("CLUSTER_ID"))
+                .unwrap_or_else(|| "Kubernetes".into()),
+            cluster_domain,
+            root_namespace: get("ROOT_NAMESPACE")
+                .or_else(|| get("POD_NAMESPACE"))
+                .unwrap_or_else(|| "istio-system".into())
+                .trim()
+                .to_string(),
             trust_domain,
             secret_ttl: parse_duration("SECRET_TTL", Duration::from_secs(24 * 3600))?,
             node_name: get("NODE_NAME"),
@@ -463,7 +536,7 @@ impl Config {
                 5,
                 0,
             )?),
-            worker_threads: parse_num("ZTUNNEL_WORKER_THREADS", 2, 1)?.min(256) as usize,
+            worker_threads: worker_threads.min(256),
             log_format,
             h2,
             ports: ProxyPorts::default(),
@@ -564,6 +637,54 @@ mod tests {
     }
 
     #[test]
+    fn worker_threads_as_upstream() {
+        let threads = |vars: &[(&str, &str)]| cfg(vars).unwrap().worker_threads;
+        assert_eq!(threads(&[]), 2);
+        assert_eq!(threads(&[("ZTUNNEL_WORKER_THREADS", "3")]), 3);
+        let limit = [("ZTUNNEL_CPU_LIMIT", "8")];
+        assert_eq!(threads(&[limit[0], ("ZTUNNEL_WORKER_THREADS", "50%")]), 4);
+        assert_eq!(threads(&[limit[0], ("ZTUNNEL_WORKER_THREADS", "10%")]), 1);
+        assert_eq!(threads(&[limit[0], ("ZTUNNEL_WORKER_THREADS", "0")]), 8);
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(threads(&[("ZTUNNEL_WORKER_THREADS", "100%")]), cpus);
+    }
+
+    #[test]
+    fn cluster_identity_and_discovery_scope() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(
+            (
+                c.cluster_id.as_str(),
+                c.cluster_domain.as_str(),
+                c.root_namespace.as_str()
+            ),
+            ("Kubernetes", "cluster.local", "istio-system")
+        );
+        let c = cfg(&[
+            ("CLUSTER_ID", "west"),
+            ("ISTIO_META_CLUSTER_ID", "east"),
+            ("CLUSTER_DOMAIN", "corp.local."),
+            ("POD_NAMESPACE", "mesh"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                c.cluster_id.as_str(),
+                c.cluster_domain.as_str(),
+                c.root_namespace.as_str()
+            ),
+            ("east", "corp.local", "mesh"),
+            "ISTIO_META_CLUSTER_ID wins as upstream; the root namespace follows the pod's"
+        );
+        let c = cfg(&[
+            ("POD_NAMESPACE", "mesh"),
+            ("ROOT_NAMESPACE", "istio-config"),
+        ])
+        .unwrap();
+        assert_eq!(c.root_namespace, "istio-config");
+    }
+
+    #[test]
     fn trusted_node_accounts() {
         let acct = |ns: &str, sa: &str| NodeProxyAccount {
             namespace: ns.into(),
@@ -609,10 +730,17 @@ mod tests {
             (vec![("SECRET_TTL", "forever")], "SECRET_TTL", "forever"),
             (vec![("SECRET_TTL", "0s")], "SECRET_TTL", "0s"),
             (
-                vec![("ZTUNNEL_WORKER_THREADS", "0")],
+                vec![("ZTUNNEL_WORKER_THREADS", "0%")],
                 "ZTUNNEL_WORKER_THREADS",
-                "0",
+                "0%",
             ),
+            (
+                vec![("ZTUNNEL_WORKER_THREADS", "150%")],
+                "ZTUNNEL_WORKER_THREADS",
+                "150%",
+            ),
+            (vec![("ZTUNNEL_CPU_LIMIT", "0")], "ZTUNNEL_CPU_LIMIT", "0"),
+            (vec![("CLUSTER_DOMAIN", "a/b")], "CLUSTER_DOMAIN", "a/b"),
             (
                 vec![("ZTUNNEL_WORKER_THREADS", "two")],
                 "ZTUNNEL_WORKER_THREADS",

@@ -93,6 +93,13 @@ pub(super) fn resolve(
         {
             return through(gw, Some(svc.clone()), format!("service {}", svc.key()));
         }
+        if !svc.ports.contains_key(&dst.port()) {
+            // As kube-proxy and upstream's ztunnel: a VIP forwards only its own ports.
+            return Route::Unroutable {
+                service: Some(svc.clone()),
+                reason: format!("service {} has no port {}", svc.key(), dst.port()),
+            };
+        }
         match snap.pick_endpoint(svc, dst.port()) {
             Some((w, port)) => {
                 let ip = pick_ip(&w, dst.ip());
@@ -534,6 +541,14 @@ services:
             Route::Unroutable { service, reason } => {
                 assert!(service.is_some());
                 assert!(reason.contains("ns/empty.ns.svc.cluster.local"), "{reason}");
+            }
+            r => panic!("{r:?}"),
+        }
+        // A port the service does not define goes nowhere (kube-proxy drops it too).
+        match r("10.96.0.3:9999") {
+            Route::Unroutable { service, reason } => {
+                assert!(service.is_some());
+                assert!(reason.contains("has no port 9999"), "{reason}");
             }
             r => panic!("{r:?}"),
         }

@@ -92,12 +92,16 @@ impl Snapshot {
     }
 
     /// A healthy endpoint of `svc` for service port `port`, chosen at random, with the
-    /// target port. `None` when the service has no healthy endpoint.
+    /// target port. `None` when the service has no healthy endpoint. When the service
+    /// port's target is a name (target 0), only endpoints that resolved that name for
+    /// this port qualify (as upstream: another workload of the service may not have it).
     pub fn pick_endpoint(&self, svc: &Service, port: u16) -> Option<(Arc<Workload>, u16)> {
         let eps = self.endpoints(&svc.key());
+        let named = svc.ports.get(&port) == Some(&0);
         let healthy: Vec<&Endpoint> = eps
             .iter()
             .filter(|e| e.workload.is_healthy() && !e.workload.workload_ips.is_empty())
+            .filter(|e| !named || e.ports.get(&port).is_some_and(|t| *t != 0))
             .collect();
         if healthy.is_empty() {
             return None;
@@ -510,6 +514,27 @@ mod tests {
         let s = store.snapshot();
         let svc = s.service_by_vip("", "10.96.0.1".parse().unwrap()).unwrap();
         assert!(s.pick_endpoint(svc, 80).is_none());
+    }
+
+    #[test]
+    fn a_named_target_port_picks_only_endpoints_that_have_it() {
+        let store = Store::new();
+        let mut svc = service("ns", "svc", "10.96.0.1");
+        svc.ports = HashMap::from([(80, 0)]);
+        let mut with = workload("a", "ns", "a", "10.0.0.1");
+        with.services
+            .insert("ns/svc".into(), HashMap::from([(80, 8080)]));
+        let mut without = workload("b", "ns", "b", "10.0.0.2");
+        without.services.insert("ns/svc".into(), HashMap::new());
+        store
+            .source("file")
+            .replace_all(vec![with, without], vec![svc], vec![]);
+        let s = store.snapshot();
+        let svc = s.service_by_vip("", "10.96.0.1".parse().unwrap()).unwrap();
+        for _ in 0..50 {
+            let (ep, port) = s.pick_endpoint(svc, 80).unwrap();
+            assert_eq!((ep.uid.as_str(), port), ("a", 8080));
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! - A pod becomes a workload when it has an IP and has not terminated. Its uid is
 //!   upstream's `<cluster>//v1/Pod/<namespace>/<name>`; protocol HBONE when the node
 //!   agent annotated it `ambient.istio.io/redirection: enabled`, else TCP; healthy
-//!   when its Ready condition is True and it is not being deleted.
+//!   when its Ready condition is True (also while terminating, as istiod).
 //! - Workload name and type from the controller owner (a ReplicaSet named
 //!   `<deployment>-<pod-template-hash>` means a Deployment; a Job named
 //!   `<cronjob>-<8+ digits>` a CronJob); canonical service and revision from
@@ -14,7 +14,11 @@
 //!   resolved per endpoint (EndpointSlice port of the same name, else the pod's
 //!   container port of that name).
 //! - EndpointSlices (label `kubernetes.io/service-name`) give service membership:
-//!   each endpoint whose `targetRef` is a Pod.
+//!   each endpoint whose `targetRef` is a Pod. Every other endpoint (no `targetRef`, or
+//!   another kind: `default/kubernetes`, Services without a selector) becomes a workload of
+//!   its own, as istiod makes it: uid `<cluster>/discovery.k8s.io/EndpointSlice/<ns>/<slice>/<ip>`,
+//!   host network (its address may be shared), plain TCP, no service account, healthy unless
+//!   `conditions.ready` is false, with the slice's ports joined to the Service's by name.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -305,6 +309,8 @@ pub struct SliceFacts {
     pub ports: BTreeMap<String, u16>,
     /// Pods referenced by the endpoints.
     pub pods: Vec<ObjectKey>,
+    /// Endpoints that are not pods: first address and readiness.
+    pub others: Vec<(IpAddr, bool)>,
 }
 
 impl SliceFacts {
@@ -344,6 +350,22 @@ impl SliceFacts {
         };
         pods.sort();
         pods.dedup();
+        let mut others: Vec<(IpAddr, bool)> = Vec::new();
+        if usable {
+            for e in slice.endpoints.as_deref().unwrap_or_default() {
+                if e.target_ref.as_ref().and_then(|r| r.kind.as_deref()) == Some("Pod") {
+                    continue;
+                }
+                let Some(ip) = e.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+                    continue;
+                };
+                if others.iter().any(|(seen, _)| *seen == ip) {
+                    continue;
+                }
+                let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                others.push((ip, ready));
+            }
+        }
         SliceFacts {
             service: slice
                 .metadata
@@ -355,6 +377,7 @@ impl SliceFacts {
             name: slice.metadata.name.clone().unwrap_or_default(),
             ports,
             pods,
+            others,
         }
     }
 
@@ -394,6 +417,72 @@ pub fn endpoint_ports(svc: &ServiceFacts, slice: &SliceFacts, pod: &PodFacts) ->
         }
     }
     out
+}
+
+/// Upstream's uid of the workload of a non-pod endpoint.
+pub fn slice_workload_uid(cluster_id: &str, slice: &SliceFacts, ip: IpAddr) -> String {
+    format!(
+        "{cluster_id}/discovery.k8s.io/EndpointSlice/{}/{}/{ip}",
+        slice.namespace, slice.name
+    )
+}
+
+/// The workloads of `slice`'s endpoints that are not pods (see the module docs), as
+/// endpoints of `svc`.
+pub fn slice_workloads(
+    svc: &ServiceFacts,
+    slice: &SliceFacts,
+    settings: &ConvertSettings,
+) -> Vec<Workload> {
+    let ports: PortMap = svc
+        .ports
+        .iter()
+        .filter_map(|p| slice.ports.get(&p.name).map(|t| (p.port, *t)))
+        .collect();
+    let services: HashMap<String, PortMap> = [(
+        format!(
+            "{}/{}",
+            svc.namespace,
+            svc.hostname(&settings.cluster_domain)
+        ),
+        ports,
+    )]
+    .into();
+    slice
+        .others
+        .iter()
+        .map(|(ip, ready)| Workload {
+            uid: slice_workload_uid(&settings.cluster_id, slice, *ip),
+            name: slice.name.clone(),
+            namespace: slice.namespace.clone(),
+            service_account: String::new(),
+            trust_domain: settings.trust_domain.clone(),
+            workload_ips: vec![*ip],
+            protocol: Protocol::TCP,
+            network_mode: NetworkMode::HostNetwork,
+            node: String::new(),
+            network: String::new(),
+            services: services.clone(),
+            waypoint: None,
+            network_gateway: None,
+            workload_name: String::new(),
+            workload_type: String::new(),
+            canonical_name: String::new(),
+            canonical_revision: String::new(),
+            hostname: String::new(),
+            native_tunnel: false,
+            application_tunnel: None,
+            authorization_policies: Vec::new(),
+            status: if *ready {
+                HealthStatus::Healthy
+            } else {
+                HealthStatus::Unhealthy
+            },
+            cluster_id: settings.cluster_id.clone(),
+            locality: Locality::default(),
+            capacity: 1,
+        })
+        .collect()
 }
 
 /// The store's workload for `pod`. `services` is the membership map
@@ -436,7 +525,9 @@ pub fn to_workload(
         native_tunnel: false,
         application_tunnel: None,
         authorization_policies: policies,
-        status: if pod.ready && !pod.deleting {
+        // As istiod (IsPodReady): a terminating pod serves while it stays Ready (preStop
+        // sleeps, single-replica workloads); kubelet clears Ready when it stops serving.
+        status: if pod.ready {
             HealthStatus::Healthy
         } else {
             HealthStatus::Unhealthy
@@ -548,7 +639,8 @@ mod tests {
             "metadata": {"deletionTimestamp": "2024-01-01T00:00:00Z"}})));
         assert_eq!(
             to_workload(&deleting, &settings(), HashMap::new(), vec![]).status,
-            HealthStatus::Unhealthy
+            HealthStatus::Healthy,
+            "terminating but still Ready: still an endpoint"
         );
         let done = PodFacts::from_pod(&pod_json(
             serde_json::json!({"status": {"phase": "Succeeded"}}),

@@ -14,8 +14,8 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use kube::runtime::watcher::Event;
 
 use super::convert::{
-    ConvertSettings, ObjectKey, PodFacts, ServiceFacts, SliceFacts, endpoint_ports, to_workload,
-    workload_uid,
+    ConvertSettings, ObjectKey, PodFacts, ServiceFacts, SliceFacts, endpoint_ports,
+    slice_workloads, to_workload, workload_uid,
 };
 use super::peer_authn::{Affected, PeerAuthIndex};
 use crate::policy::kube::peer_authn::PeerAuthentication;
@@ -68,8 +68,12 @@ pub struct DiscoveryIndex {
     dirty_pods: HashSet<ObjectKey>,
     dirty_services: HashSet<ObjectKey>,
     dirty_policies: HashSet<ObjectKey>,
+    /// Slices whose non-pod endpoints must be recomputed.
+    dirty_slices: HashSet<ObjectKey>,
     /// What this source has in the store (to emit removals).
     emitted_workloads: HashSet<ObjectKey>,
+    /// Slice → uids of the workloads of its non-pod endpoints.
+    emitted_slice_workloads: HashMap<ObjectKey, Vec<String>>,
     emitted_services: HashMap<ObjectKey, NamespacedHostname>,
     emitted_policies: HashSet<ObjectKey>,
 }
@@ -98,7 +102,9 @@ impl DiscoveryIndex {
             dirty_pods: HashSet::new(),
             dirty_services: HashSet::new(),
             dirty_policies: HashSet::new(),
+            dirty_slices: HashSet::new(),
             emitted_workloads: HashSet::new(),
+            emitted_slice_workloads: HashMap::new(),
             emitted_services: HashMap::new(),
             emitted_policies: HashSet::new(),
         }
@@ -205,6 +211,10 @@ impl DiscoveryIndex {
         if ports_changed {
             self.mark_service_pods(&key);
         }
+        // Non-pod endpoints exist only while their Service does, with its ports.
+        if let Some(slices) = self.service_slices.get(&key) {
+            self.dirty_slices.extend(slices.iter().cloned());
+        }
         self.dirty_services.insert(key);
     }
 
@@ -247,6 +257,7 @@ impl DiscoveryIndex {
         if self.slices.objects.get(&key) == facts.as_ref() {
             return;
         }
+        self.dirty_slices.insert(key.clone());
         if let Some(old) = self.slices.objects.remove(&key) {
             for pod in &old.pods {
                 if let Some(set) = self.pod_slices.get_mut(pod) {
@@ -527,6 +538,32 @@ impl DiscoveryIndex {
                     }
                 }
             }
+        }
+        let dirty_slices: Vec<ObjectKey> = self.dirty_slices.drain().collect();
+        for key in dirty_slices {
+            let workloads = self
+                .slices
+                .objects
+                .get(&key)
+                .and_then(|slice| {
+                    let svc = self.services.objects.get(&slice.service_key()?)?;
+                    (!svc.external_name).then(|| slice_workloads(svc, slice, &self.settings))
+                })
+                .unwrap_or_default();
+            let uids: Vec<String> = workloads.iter().map(|w| w.uid.clone()).collect();
+            for old in self
+                .emitted_slice_workloads
+                .remove(&key)
+                .unwrap_or_default()
+            {
+                if !uids.contains(&old) {
+                    batch.remove_workloads.push(old);
+                }
+            }
+            if !uids.is_empty() {
+                self.emitted_slice_workloads.insert(key, uids);
+            }
+            batch.upsert_workloads.extend(workloads);
         }
         let dirty_services: Vec<ObjectKey> = self.dirty_services.drain().collect();
         for key in dirty_services {

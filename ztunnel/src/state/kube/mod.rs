@@ -55,7 +55,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::policy::kube::peer_authn::PeerAuthentication;
-use crate::policy::kube::{AuthorizationPolicy, ConvertOptions, DEFAULT_ROOT_NAMESPACE};
+use crate::policy::kube::{AuthorizationPolicy, ConvertOptions};
 use crate::state::SourceHandle;
 pub use convert::ConvertSettings;
 use index::DiscoveryIndex;
@@ -68,7 +68,7 @@ pub const SOURCE_NAME: &str = "kubernetes";
 pub struct KubeOptions {
     pub settings: ConvertSettings,
     /// AuthorizationPolicies and PeerAuthentications here without a selector are
-    /// mesh-wide (Istio's root namespace, `istio-system`).
+    /// mesh-wide (Istio's root namespace; `ROOT_NAMESPACE`).
     pub root_namespace: String,
     /// At most one store update per this interval (events in between are batched).
     pub min_update_interval: Duration,
@@ -80,9 +80,9 @@ impl KubeOptions {
             settings: ConvertSettings {
                 trust_domain: cfg.trust_domain.clone(),
                 cluster_id: cfg.cluster_id.clone(),
-                cluster_domain: "cluster.local".to_string(),
+                cluster_domain: cfg.cluster_domain.clone(),
             },
-            root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
+            root_namespace: cfg.root_namespace.clone(),
             min_update_interval: Duration::from_millis(100),
         }
     }

@@ -569,3 +569,65 @@ fn peer_authentications_bind_by_scope_and_leave_with_a_relist() {
     assert!(store.snapshot().policies().is_empty());
     assert_eq!(idx.peer_authentication_count(), 0);
 }
+
+/// `default/kubernetes` and Services without a selector: endpoints without a Pod
+/// `targetRef` become host-network TCP workloads of their own, as istiod makes them.
+#[test]
+fn endpoints_that_are_not_pods_become_workloads() {
+    let mut idx = index();
+    let store = Store::new();
+    let api: KubeService = serde_json::from_value(json!({
+        "metadata": {"name": "kubernetes", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"],
+            "ports": [{"name": "https", "port": 443, "targetPort": 6443}]}
+    }))
+    .unwrap();
+    let api_slice = |endpoints: serde_json::Value| -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "kubernetes"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}],
+            "endpoints": endpoints
+        }))
+        .unwrap()
+    };
+    idx.slice_event(Event::Apply(api_slice(json!([
+        {"addresses": ["172.18.0.2"]},
+        {"addresses": ["172.18.0.3"], "conditions": {"ready": false}}
+    ]))));
+    flush(&mut idx, &store);
+    assert_eq!(store.snapshot().workloads().count(), 0, "no Service yet");
+
+    idx.service_event(Event::Apply(api.clone()));
+    flush(&mut idx, &store);
+    let snap = store.snapshot();
+    let svc = snap.service_by_vip("", ip("10.96.0.1")).unwrap().clone();
+    for _ in 0..20 {
+        let (ep, port) = snap.pick_endpoint(&svc, 443).unwrap();
+        assert_eq!(
+            (ep.workload_ips.as_slice(), port),
+            (&[ip("172.18.0.2")][..], 6443)
+        );
+    }
+    let w = snap
+        .workload_by_uid("Kubernetes/discovery.k8s.io/EndpointSlice/default/kubernetes/172.18.0.2")
+        .unwrap();
+    assert_eq!(w.protocol, crate::state::workload::Protocol::TCP);
+    assert!(
+        snap.workload_by_ip("", ip("172.18.0.2")).is_none(),
+        "host network: its address may be shared, never looked up by IP"
+    );
+    assert_eq!(snap.workloads().count(), 2);
+
+    // An endpoint leaves the slice; then the Service goes away.
+    idx.slice_event(Event::Apply(api_slice(
+        json!([{"addresses": ["172.18.0.2"]}]),
+    )));
+    flush(&mut idx, &store);
+    assert_eq!(store.snapshot().workloads().count(), 1);
+    idx.service_event(Event::Delete(api));
+    flush(&mut idx, &store);
+    assert_eq!(store.snapshot().workloads().count(), 0);
+    assert_eq!(idx.flush().len(), 0);
+}
