@@ -251,7 +251,15 @@ impl DedicatedMesh {
             .env("TERMINATION_GRACE_PERIOD_SECONDS", "3")
             .env("RUST_LOG", "info")
             .stdin(std::process::Stdio::null())
-            .stdout(std::fs::File::create(&p.log).expect("create ztunnel log"))
+            // A fresh log per start; both streams appended (ztunnel logs on stdout, fatal
+            // errors on stderr) so neither overwrites the other.
+            .stdout({
+                std::fs::File::create(&p.log).expect("create ztunnel log");
+                std::fs::File::options()
+                    .append(true)
+                    .open(&p.log)
+                    .expect("open ztunnel log")
+            })
             .stderr(
                 std::fs::File::options()
                     .append(true)

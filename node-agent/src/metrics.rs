@@ -9,7 +9,7 @@
 //! | `node_agent_reconcile_duration_seconds{operation}` | histogram | start-up reconcile, per-pod enrol/unenrol, CNI ADD |
 //! | `node_agent_cni_add_total{result}` | counter | CNI ADD events: `enrolled`, `not_ambient`, `refused` |
 //! | `node_agent_ztunnel_connected` | gauge | 1 while a ztunnel is connected (in-pod) / the active ztunnel is set (GENEVE) |
-//! | `node_agent_cni_install_ready` | gauge | 1 while the plugin and its config entry are installed |
+//! | `istio_cni_install_ready` | gauge | 1 while the plugin and its config entry are installed (upstream istio-cni's name, so its alerts work) |
 
 use std::future::Future;
 use std::sync::Arc;
@@ -108,7 +108,7 @@ impl AgentMetrics {
         );
         let install_ready = Gauge::<i64, AtomicI64>::default();
         r.register(
-            "node_agent_cni_install_ready",
+            "istio_cni_install_ready",
             "1 while the CNI plugin and its config entry are installed",
             install_ready.clone(),
         );
@@ -185,7 +185,7 @@ mod tests {
             "node_agent_reconcile_duration_seconds_count{operation=\"startup\"} 1",
             "node_agent_cni_add_total{result=\"enrolled\"} 1",
             "node_agent_ztunnel_connected 1",
-            "node_agent_cni_install_ready 0",
+            "istio_cni_install_ready 0",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

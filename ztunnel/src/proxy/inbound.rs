@@ -391,6 +391,7 @@ fn destination(
 /// Source details from the client's `baggage` (a source we have no workload for).
 fn peer_from_baggage(b: &Baggage) -> PeerInfo {
     PeerInfo {
+        name: None,
         workload: b.workload_name.clone(),
         namespace: b.namespace.clone(),
         identity: None,

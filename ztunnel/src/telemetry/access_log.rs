@@ -2,12 +2,17 @@
 //!
 //! Tracing target `access`; "connection opened" at debug, "connection complete" at info, or
 //! at error with `error=` when the connection failed. Fields (upstream's names and order):
-//! `src.addr src.workload src.namespace src.identity dst.addr dst.hbone_addr dst.service
-//! dst.workload dst.namespace dst.identity direction bytes_sent bytes_recv duration`.
-//! `bytes_sent` counts source → destination bytes, `bytes_recv` destination → source.
+//! `src.addr src.workload src.namespace src.identity src.cluster dst.addr dst.hbone_addr
+//! dst.service dst.workload dst.namespace dst.identity dst.cluster direction bytes_sent
+//! bytes_recv duration`. `*.workload` is the workload's own name (the pod), as upstream.
+//! As upstream, byte counts are from the reporter's point of view: outbound `bytes_sent`
+//! is what the source sent (request bytes), inbound `bytes_sent` what the destination sent
+//! back (response bytes).
 //!
-//! Metric labels follow upstream: a known workload's principal is its configured identity
-//! (the mTLS-proven identity when there is one), app/version are its canonical
+//! Metric labels follow upstream: `source_principal` is set only when mTLS proved the
+//! source (a plaintext source is `unknown` even when the mesh knows its workload); the
+//! destination principal is the proven identity, else the configured one; app/version
+//! are the canonical
 //! service/revision, the destination service labels come from the Service object the
 //! connection was for; `response_flags` is `-` on the opened counter and `DENY` / `CONNECT`
 //! on the closed (and failed) counters of connections that ended that way.
@@ -47,6 +52,9 @@ impl Direction {
 /// What is known about one end of a connection.
 #[derive(Debug, Clone, Default)]
 pub struct PeerInfo {
+    /// The workload's own name (the pod), for the access log.
+    pub name: Option<String>,
+    /// The controller's name (`workload_name`, e.g. the Deployment), for metric labels.
     pub workload: Option<String>,
     pub namespace: Option<String>,
     /// Set only when the identity is proven by mTLS (or is ours, presented over mTLS).
@@ -64,6 +72,7 @@ impl PeerInfo {
     pub fn from_workload(w: &Workload) -> Self {
         let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
         PeerInfo {
+            name: non_empty(&w.name),
             workload: non_empty(w.telemetry_name()),
             namespace: non_empty(&w.namespace),
             identity: None,
@@ -72,6 +81,11 @@ impl PeerInfo {
             canonical_service: non_empty(&w.canonical_name).or_else(|| non_empty(&w.name)),
             canonical_revision: non_empty(&w.canonical_revision),
         }
+    }
+
+    /// `*.workload` in the access log: the workload's own name, else the controller's.
+    fn log_name(&self) -> Option<&str> {
+        self.name.as_deref().or(self.workload.as_deref())
     }
 
     pub fn with_identity(mut self, id: Option<Identity>) -> Self {
@@ -145,7 +159,8 @@ impl ConnectionInfo {
         );
         set(&mut l.source_app, &self.src.canonical_service);
         set(&mut l.source_version, &self.src.canonical_revision);
-        if let Some(id) = self.src.principal() {
+        // As upstream: only a proven source identity (mTLS) is a principal.
+        if let Some(id) = &self.src.identity {
             l.source_principal = id.to_string();
         }
         set(&mut l.destination_workload, &self.dst.workload);
@@ -213,15 +228,17 @@ impl ConnectionTelemetry {
             target: "access",
             {
             src.addr = %info.src_addr,
-            src.workload = info.src.workload.as_deref(),
+            src.workload = info.src.log_name(),
             src.namespace = info.src.namespace.as_deref(),
             src.identity = info.src.identity.as_ref().map(display),
+            src.cluster = info.src.cluster.as_deref(),
             dst.addr = %info.dst_addr,
             dst.hbone_addr = info.dst_hbone_addr.map(display),
             dst.service = info.dst_service.as_ref().map(|s| s.hostname.as_str()),
-            dst.workload = info.dst.workload.as_deref(),
+            dst.workload = info.dst.log_name(),
             dst.namespace = info.dst.namespace.as_deref(),
             dst.identity = info.dst.identity.as_ref().map(display),
+            dst.cluster = info.dst.cluster.as_deref(),
             direction = info.direction.as_str(),
             },
             "connection opened"
@@ -315,6 +332,11 @@ impl ConnectionTelemetry {
         }
         let (sent, recv) = bytes.or(counted).unwrap_or((0, 0));
         let info = &self.info;
+        // The reporter's point of view (upstream "unflips" only for the source).
+        let (sent, recv) = match info.direction {
+            Direction::Outbound => (sent, recv),
+            Direction::Inbound => (recv, sent),
+        };
         let duration = format!("{}ms", self.start.elapsed().as_millis());
         macro_rules! access {
             ($level:ident, { $($extra:tt)* }) => {
@@ -322,15 +344,17 @@ impl ConnectionTelemetry {
                     target: "access",
                     {
                     src.addr = %info.src_addr,
-                    src.workload = info.src.workload.as_deref(),
+                    src.workload = info.src.log_name(),
                     src.namespace = info.src.namespace.as_deref(),
                     src.identity = info.src.identity.as_ref().map(display),
+                    src.cluster = info.src.cluster.as_deref(),
                     dst.addr = %info.dst_addr,
                     dst.hbone_addr = info.dst_hbone_addr.map(display),
                     dst.service = info.dst_service.as_ref().map(|s| s.hostname.as_str()),
-                    dst.workload = info.dst.workload.as_deref(),
+                    dst.workload = info.dst.log_name(),
                     dst.namespace = info.dst.namespace.as_deref(),
                     dst.identity = info.dst.identity.as_ref().map(display),
+                    dst.cluster = info.dst.cluster.as_deref(),
                     direction = info.direction.as_str(),
                     bytes_sent = sent,
                     bytes_recv = recv,
@@ -411,6 +435,11 @@ mod tests {
         assert!(line("istio_tcp_received_bytes_total{").ends_with(" 100"));
         assert!(line("istio_tcp_sent_bytes_total{").ends_with(" 7"));
         assert!(line("istio_tcp_sockets_open").ends_with(" 0"));
+        let build = line("istio_build{");
+        assert!(
+            build.contains("component=\"ztunnel\"") && build.ends_with(" 1"),
+            "{build}"
+        );
     }
 
     #[test]
@@ -464,6 +493,20 @@ mod tests {
                 .unwrap_or_else(|| panic!("{prefix} missing in\n{text}"))
                 .to_string()
         };
+        // Inbound plaintext from a known workload: its configured identity is not a
+        // principal (nothing proved it), as upstream.
+        let plain_in = ConnectionInfo {
+            direction: Direction::Inbound,
+            src_addr: "10.0.0.2:5555".parse().unwrap(),
+            src: PeerInfo::from_workload(&w),
+            dst_addr: "10.0.0.1:80".parse().unwrap(),
+            dst_hbone_addr: None,
+            dst_service: None,
+            dst: PeerInfo::default(),
+            mtls: false,
+        };
+        assert_eq!(plain_in.labels().source_principal, "unknown");
+        assert_eq!(plain_in.labels().source_workload, "echo");
         assert!(find("istio_tcp_connections_opened_total{").contains("response_flags=\"-\""));
         assert!(find("istio_tcp_connections_closed_total{").contains("response_flags=\"DENY\""));
         assert!(find("istio_tcp_connections_failed_total{").contains("response_flags=\"DENY\""));
@@ -489,14 +532,18 @@ mod log_format_tests {
         }
     }
 
-    #[test]
-    fn access_line_has_upstream_fields() {
-        // tracing caches each callsite's interest. While only one dispatcher is registered,
-        // a callsite first hit on another test thread (no subscriber there) is cached as
-        // "never" for everyone, and this capture would miss it. A second, permanent
-        // dispatcher that wants nothing keeps interest at "sometimes" (asked per event).
+    /// tracing caches each callsite's interest. While only one dispatcher is registered,
+    /// a callsite first hit on another test thread (no subscriber there) is cached as
+    /// "never" for everyone, and a capture would miss it. A second, permanent dispatcher
+    /// that wants nothing keeps interest at "sometimes" (asked per event).
+    fn keep_callsites_live() {
         static ANCHOR: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
         ANCHOR.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
+    }
+
+    #[test]
+    fn access_line_has_upstream_fields() {
+        keep_callsites_live();
         let buf = Buf::default();
         let b2 = buf.clone();
         let sub = tracing_subscriber::fmt()
@@ -546,5 +593,46 @@ mod log_format_tests {
             assert!(out.contains(want), "{want} not in {out}");
         }
         assert!(!out.contains("dst.service"), "{out}");
+    }
+
+    #[test]
+    fn inbound_lines_count_bytes_from_the_destination_and_name_pods_and_clusters() {
+        keep_callsites_live();
+        let buf = Buf::default();
+        let b2 = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || b2.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let m = Arc::new(ProxyMetrics::new(&mut Registry::default()));
+        let w: Workload = serde_yaml_ng::from_str(
+            "name: echo-1\nnamespace: ns\nserviceAccount: echo\ntrustDomain: td\n\
+             workloadName: echo\nclusterId: c1\n",
+        )
+        .unwrap();
+        tracing::subscriber::with_default(sub, || {
+            let info = ConnectionInfo {
+                direction: Direction::Inbound,
+                src_addr: "10.0.0.1:1234".parse().unwrap(),
+                src: PeerInfo::default(),
+                dst_addr: "10.0.0.2:80".parse().unwrap(),
+                dst_hbone_addr: None,
+                dst_service: None,
+                dst: PeerInfo::from_workload(&w),
+                mtls: false,
+            };
+            // 100 request bytes in, 7 response bytes back.
+            ConnectionTelemetry::open(&m, info).close(100, 7, None);
+        });
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        for want in [
+            "direction=\"inbound\"",
+            "bytes_sent=7 bytes_recv=100",
+            "dst.workload=\"echo-1\"",
+            "dst.cluster=\"c1\"",
+        ] {
+            assert!(out.contains(want), "{want} not in {out}");
+        }
     }
 }

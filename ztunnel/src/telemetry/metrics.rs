@@ -155,6 +155,13 @@ pub struct ProxyMetrics {
     pub refused: Family<RefusalLabels, Counter>,
 }
 
+/// Labels of `istio_build`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    component: &'static str,
+    tag: &'static str,
+}
+
 impl ProxyMetrics {
     /// Registers the families: `istio_tcp_*` under prefix `istio`, the refusal counter as
     /// `ztunnel_connections_refused_total`.
@@ -186,6 +193,16 @@ impl ProxyMetrics {
             "The current number of open proxied TCP connections",
             m.sockets_open.clone(),
         );
+        // As upstream: which build runs (`istio_build{component="ztunnel",tag}` 1), for
+        // the version panels of Istio's dashboards.
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                component: "ztunnel",
+                tag: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        istio.register("build", "Istio component build info", build);
         registry.sub_registry_with_prefix("ztunnel").register(
             "connections_refused",
             "Connections refused before any data flowed, by direction and reason",
