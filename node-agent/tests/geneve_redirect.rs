@@ -157,6 +157,14 @@ async fn lifecycle_traffic_and_cleanup() {
         return;
     }
     let t = Topo::new("a");
+    // Other software's rules at our priorities (Cilium moves the kernel's
+    // `lookup local` rule to 100): build, refresh and clean-up leave them be.
+    for rule in [
+        "rule add pref 100 lookup local",
+        "rule add pref 102 fwmark 0x800/0x800 lookup 2004",
+    ] {
+        assert!(run_ip(Some(&t.node), rule).status.success(), "ip {rule}");
+    }
     let node_before = snapshot(&t.node);
     let zt_before = snapshot(&t.zt);
     let red = redirector(&t).await;

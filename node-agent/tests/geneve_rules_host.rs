@@ -281,3 +281,52 @@ async fn policy_rules_and_routes() {
     assert!(nl.delete_link(NODE_INBOUND_LINK).await.unwrap());
     assert!(!nl.delete_link(NODE_INBOUND_LINK).await.unwrap());
 }
+
+/// Other software's policy rules at our priorities (Cilium moves the kernel's
+/// `lookup local` rule to 100) are not ours: they do not count as an earlier
+/// capture and the clean-up leaves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_rules_at_our_priorities_are_left_alone() {
+    if !root() {
+        return;
+    }
+    use node_agent::redirect::geneve::node::{has_capture, teardown_node};
+    use node_agent::redirect::geneve::routing::is_node_rule;
+    use node_agent::redirect::netlink::{Rule, RuleTarget};
+    let ns = netns();
+    let nl = Netlink::connect(&ns).await.unwrap();
+    let foreign = [
+        Rule {
+            priority: 100,
+            fwmark: None,
+            target: RuleTarget::Table(255),
+        },
+        Rule {
+            priority: 102,
+            fwmark: Some((0x800, 0x800)),
+            target: RuleTarget::Table(2004),
+        },
+    ];
+    for r in &foreign {
+        assert!(!is_node_rule(r), "{r}");
+        nl.add_rule(r).await.unwrap();
+    }
+    assert!(
+        !has_capture(&nl).await.unwrap(),
+        "foreign rules are no capture"
+    );
+    for r in node_rules() {
+        nl.add_rule(&r).await.unwrap();
+    }
+    assert!(has_capture(&nl).await.unwrap());
+    teardown_node(&ns, &nl, Backend::Nft, false).await.unwrap();
+    let left: Vec<Rule> = nl
+        .rules()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| NODE_RULE_PRIORITIES.contains(&r.priority))
+        .collect();
+    assert_eq!(left, foreign.to_vec(), "only ours removed");
+    assert!(!has_capture(&nl).await.unwrap());
+}

@@ -184,6 +184,57 @@ fn subscript(path: &str) -> Option<(&str, &str)> {
 }
 
 /// Value of a downward-API `fieldPath`.
+/// `valueFrom.resourceFieldRef` for CPU, as kubelet resolves it: the named
+/// container's (else this one's) limit or request in units of the divisor
+/// (default 1), rounded up; without a limit, the node's CPUs.
+pub fn resource_field_ref(
+    pod: &Pod,
+    this: &k8s_openapi::api::core::v1::Container,
+    r: &k8s_openapi::api::core::v1::ResourceFieldSelector,
+) -> Result<String, String> {
+    let container = match r.container_name.as_deref().filter(|n| !n.is_empty()) {
+        None => this,
+        Some(name) => pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.iter().find(|c| c.name == name))
+            .ok_or_else(|| format!("resourceFieldRef names unknown container {name:?}"))?,
+    };
+    let cores = |q: &str| -> Result<f64, String> {
+        match q.strip_suffix('m') {
+            Some(m) => m.parse::<f64>().map(|v| v / 1000.0),
+            None => q.parse::<f64>(),
+        }
+        .map_err(|e| format!("CPU quantity {q:?}: {e}"))
+    };
+    let divisor = match &r.divisor {
+        Some(d) => cores(&d.0)?,
+        None => 1.0,
+    };
+    let resources = container.resources.as_ref();
+    let value = match r.resource.as_str() {
+        "limits.cpu" => resources
+            .and_then(|x| x.limits.as_ref())
+            .and_then(|l| l.get("cpu")),
+        "requests.cpu" => resources
+            .and_then(|x| x.requests.as_ref())
+            .and_then(|l| l.get("cpu")),
+        other => {
+            return Err(format!(
+                "resourceFieldRef {other} is not supported by kubelet-lite"
+            ));
+        }
+    };
+    let n = match value {
+        Some(q) => cores(&q.0)?,
+        None if r.resource == "limits.cpu" => {
+            std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
+        }
+        None => 0.0,
+    };
+    Ok(((n / divisor).ceil() as u64).to_string())
+}
+
 pub fn field_ref(pod: &Pod, path: &str, pod_ip: Option<IpAddr>, host_ip: IpAddr) -> Option<String> {
     let spec = pod.spec.as_ref();
     let m = &pod.metadata;
@@ -321,18 +372,23 @@ pub fn launch_spec(
     }
     for e in c.env.iter().flatten() {
         let value = if let Some(from) = &e.value_from {
-            let f = from.field_ref.as_ref().ok_or_else(|| {
-                fail(format!(
-                    "env {}: only valueFrom.fieldRef is supported by kubelet-lite",
-                    e.name
-                ))
-            })?;
-            field_ref(pod, &f.field_path, ctx.pod_ip, ctx.host_ip).ok_or_else(|| {
-                fail(format!(
-                    "env {}: fieldRef {} has no value",
-                    e.name, f.field_path
-                ))
-            })?
+            if let Some(r) = &from.resource_field_ref {
+                resource_field_ref(pod, c, r)
+                    .map_err(|why| fail(format!("env {}: {why}", e.name)))?
+            } else {
+                let f = from.field_ref.as_ref().ok_or_else(|| {
+                    fail(format!(
+                        "env {}: only valueFrom.fieldRef and resourceFieldRef are supported by kubelet-lite",
+                        e.name
+                    ))
+                })?;
+                field_ref(pod, &f.field_path, ctx.pod_ip, ctx.host_ip).ok_or_else(|| {
+                    fail(format!(
+                        "env {}: fieldRef {} has no value",
+                        e.name, f.field_path
+                    ))
+                })?
+            }
         } else {
             let current: HashMap<String, String> = env.iter().cloned().collect();
             expand(e.value.as_deref().unwrap_or(""), &current)
@@ -626,8 +682,13 @@ mod tests {
                         {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
                         {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
                         {"name": "REF", "value": "$(NODE_NAME)-$(MISSING)"},
-                        {"name": "URL", "value": "https://mesh-ca.istio-system.svc:15012"}
+                        {"name": "URL", "value": "https://mesh-ca.istio-system.svc:15012"},
+                        {"name": "CPUS", "valueFrom": {"resourceFieldRef":
+                            {"containerName": "c", "resource": "limits.cpu", "divisor": "1"}}},
+                        {"name": "MILLIS", "valueFrom": {"resourceFieldRef":
+                            {"resource": "requests.cpu", "divisor": "1m"}}}
                     ],
+                    "resources": {"limits": {"cpu": "1500m"}, "requests": {"cpu": "250m"}},
                     "volumeMounts": [{"name": "bin", "mountPath": "/host/opt/cni/bin"}]
                 }]
             }
@@ -659,6 +720,8 @@ mod tests {
         assert_eq!(env["REF"], "node1-$(MISSING)");
         assert_eq!(env["URL"], "https://mesh-ca.istio-system.svc:15012");
         assert_eq!(env["KUBECONFIG"], "/k");
+        assert_eq!(env["CPUS"], "2", "1.5 CPUs rounded up, as kubelet");
+        assert_eq!(env["MILLIS"], "250");
         assert_eq!(env["PATH"], DEFAULT_PATH);
         assert_eq!(s.user, Some(65532));
         assert_eq!(s.group, None);

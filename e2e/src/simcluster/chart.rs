@@ -55,6 +55,8 @@ pub enum EnvValue {
     Literal(String),
     /// `valueFrom.fieldRef.fieldPath`.
     FieldRef(String),
+    /// `valueFrom.resourceFieldRef`: (container, resource), divisor 1.
+    ResourceFieldRef(String, String),
 }
 
 /// One container of the rendered chart.
@@ -200,12 +202,19 @@ pub fn parse(text: &str, file: &str) -> Result<ChartGolden, ChartError> {
         } else if line.starts_with('#') {
             continue;
         } else if let Some((k, v)) = line.split_once('=') {
+            let resource = v
+                .strip_prefix("<resourceFieldRef:")
+                .and_then(|r| r.strip_suffix('>'))
+                .and_then(|r| r.split_once('/'));
             let value = match v
                 .strip_prefix("<fieldRef:")
                 .and_then(|r| r.strip_suffix('>'))
             {
                 Some(path) => EnvValue::FieldRef(path.into()),
-                None => EnvValue::Literal(v.into()),
+                None => match resource {
+                    Some((c, r)) => EnvValue::ResourceFieldRef(c.into(), r.into()),
+                    None => EnvValue::Literal(v.into()),
+                },
             };
             c.env.push((k.into(), value));
         } else {

@@ -74,6 +74,8 @@ pub fn component_pod(
             EnvValue::FieldRef(p) => {
                 json!({"name": k, "valueFrom": {"fieldRef": {"fieldPath": p}}})
             }
+            EnvValue::ResourceFieldRef(c, r) => json!({"name": k, "valueFrom":
+                {"resourceFieldRef": {"containerName": c, "resource": r, "divisor": "1"}}}),
         });
     }
     for (k, v) in env_overrides {
@@ -328,6 +330,14 @@ mod tests {
                             "status.podIP" => ip.to_string(),
                             other => panic!("{what}: fieldRef {other} not covered"),
                         },
+                        // No limit on the component pod: the node's CPUs, as kubelet.
+                        EnvValue::ResourceFieldRef(_, r) => {
+                            assert_eq!(r, "limits.cpu", "{what}");
+                            std::thread::available_parallelism()
+                                .unwrap()
+                                .get()
+                                .to_string()
+                        }
                         EnvValue::Literal(s) => {
                             // A path under a mount: the mount's backing path.
                             let m = c

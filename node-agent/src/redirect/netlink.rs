@@ -512,6 +512,29 @@ impl Netlink {
         Ok(n)
     }
 
+    /// Deletes every IPv4 rule (each copy) that [`parse_rule`] understands and
+    /// `pred` accepts; rules it cannot parse are never touched. Returns how many.
+    pub async fn delete_rules_where(
+        &self,
+        pred: impl Fn(&Rule) -> bool,
+    ) -> Result<usize, NetlinkError> {
+        let mut n = 0;
+        for m in self.rule_messages().await? {
+            let Some(rule) = parse_rule(&m) else {
+                continue;
+            };
+            if !pred(&rule) {
+                continue;
+            }
+            match self.handle.rule().del(m).execute().await {
+                Ok(()) => n += 1,
+                Err(e) if matches!(errno(&e), Some(ENOENT | ESRCH)) => {}
+                Err(e) => return Err(self.fail(format!("delete rule {rule}"))(e)),
+            }
+        }
+        Ok(n)
+    }
+
     /// Priorities of every IPv4 rule (including ones [`parse_rule`] skips).
     pub async fn rule_priorities(&self) -> Result<Vec<u32>, NetlinkError> {
         Ok(self

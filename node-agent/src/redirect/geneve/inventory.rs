@@ -13,8 +13,8 @@ use super::ipset;
 use super::node::{Topology, is_pod_route, save_tables};
 use super::node_rules::{TABLES, node_rules_drift};
 use super::routing::{
-    NODE_RULE_PRIORITIES, ZTUNNEL_RULE_PRIORITIES, node_base_routes, node_rules, ztunnel_routes,
-    ztunnel_rules,
+    NODE_RULE_PRIORITIES, ZTUNNEL_RULE_PRIORITIES, is_node_rule, node_base_routes, node_rules,
+    ztunnel_routes, ztunnel_rules,
 };
 use super::state::hold_route;
 use super::ztunnel_rules::{ZtunnelRuleParams, ztunnel_chains, ztunnel_rules_drift};
@@ -89,6 +89,9 @@ pub async fn inspect_node(
         &mut inv,
     )
     .await?;
+    // Other software's rules may share the priorities (see `is_node_rule`).
+    inv.rules.retain(is_node_rule);
+    inv.rule_priorities = inv.rules.iter().map(|r| r.priority).collect();
     let label = nl.netns().to_string();
     let (iptables, set) = ns
         .run_async(move || -> Result<_, GeneveError> {

@@ -240,6 +240,10 @@ impl GeneveRedirector {
         let Some(zt) = ztunnel else {
             return Ok(());
         };
+        // From here until the end the node may be partly built (and no ztunnel
+        // is active): should this fail, the next call must hold or rebuild it,
+        // not decide there is nothing to do.
+        inner.needs_hold = true;
         let (ns, nl) = match inner.active.take() {
             Some(a) => (a.ns, a.nl),
             None => {

@@ -10,7 +10,7 @@ use super::constants::*;
 use super::ipset;
 use super::node_rules::{NodeRuleParams, node_apply_batches, node_cleanup_batches};
 use super::port::{Wanted, choose_dst_port};
-use super::routing::{NODE_RULE_PRIORITIES, node_base_routes, node_rules};
+use super::routing::{NODE_RULE_PRIORITIES, is_node_rule, node_base_routes, node_rules};
 use super::state::{ZtunnelPod, hold_route, is_any_pod_route};
 use super::sysctl::{self, SysctlRoot};
 use super::ztunnel_rules::ZtunnelRuleParams;
@@ -225,28 +225,71 @@ pub(super) async fn sync_routes(
     Ok(())
 }
 
-/// Makes the rules with priorities in `range` exactly `wanted`.
+/// Which policy rules in a priority range belong to us.
+#[derive(Clone, Copy)]
+pub(super) enum RuleOwnership {
+    /// Every rule in the range (the ztunnel pod's netns: nothing else there).
+    WholeRange,
+    /// Only rules this predicate accepts (the node: other software shares it).
+    Matching(fn(&Rule) -> bool),
+}
+
+/// Makes our rules with priorities in `range` exactly `wanted` (one copy
+/// each), leaving rules that are not ours alone.
 pub(super) async fn sync_rules(
     nl: &Netlink,
     range: std::ops::RangeInclusive<u32>,
     wanted: &[Rule],
+    ownership: RuleOwnership,
 ) -> Result<(), GeneveError> {
     let have = nl.rules().await?;
-    let stray = nl
-        .rule_priorities()
-        .await?
-        .into_iter()
-        .filter(|p| range.contains(p))
-        .count()
-        > have.iter().filter(|r| range.contains(&r.priority)).count();
-    let unwanted = have
-        .iter()
-        .any(|r| range.contains(&r.priority) && !wanted.contains(r));
     let duplicated = wanted
         .iter()
         .any(|w| have.iter().filter(|r| *r == w).count() > 1);
-    if stray || unwanted || duplicated {
-        nl.delete_rules_in(range).await?;
+    match ownership {
+        RuleOwnership::WholeRange => {
+            let stray = nl
+                .rule_priorities()
+                .await?
+                .into_iter()
+                .filter(|p| range.contains(p))
+                .count()
+                > have.iter().filter(|r| range.contains(&r.priority)).count();
+            let unwanted = have
+                .iter()
+                .any(|r| range.contains(&r.priority) && !wanted.contains(r));
+            if stray || unwanted || duplicated {
+                nl.delete_rules_in(range).await?;
+            }
+        }
+        RuleOwnership::Matching(ours) => {
+            let unwanted = have
+                .iter()
+                .any(|r| range.contains(&r.priority) && ours(r) && !wanted.contains(r));
+            if unwanted || duplicated {
+                nl.delete_rules_where(|r| {
+                    range.contains(&r.priority) && (ours(r) || wanted.contains(r))
+                })
+                .await?;
+            }
+            let foreign = nl
+                .rule_priorities()
+                .await?
+                .into_iter()
+                .filter(|p| range.contains(p))
+                .count()
+                - have
+                    .iter()
+                    .filter(|r| range.contains(&r.priority) && (ours(r) || wanted.contains(r)))
+                    .count();
+            if foreign > 0 {
+                debug!(
+                    netns = %nl.netns(), rules = foreign,
+                    "policy rules of other software share our priorities {}-{}; left in place",
+                    range.start(), range.end()
+                );
+            }
+        }
     }
     for r in wanted {
         nl.add_rule(r).await?;
@@ -342,7 +385,13 @@ pub async fn build_node(
         is_any_pod_route,
     )
     .await?;
-    sync_rules(nl, NODE_RULE_PRIORITIES, &node_rules()).await?;
+    sync_rules(
+        nl,
+        NODE_RULE_PRIORITIES,
+        &node_rules(),
+        RuleOwnership::Matching(is_node_rule),
+    )
+    .await?;
     debug!(elapsed = ?t.elapsed(), "node routes and rules applied");
     Ok(())
 }
@@ -402,14 +451,10 @@ pub async fn pod_route_source(nl: &Netlink) -> Result<Option<Ipv4Addr>, GeneveEr
 
 /// Whether the node has an earlier capture (our policy rules).
 pub async fn has_capture(nl: &Netlink) -> Result<bool, GeneveError> {
-    Ok(nl
-        .rule_priorities()
-        .await?
-        .into_iter()
-        .any(|p| NODE_RULE_PRIORITIES.contains(&p)))
+    Ok(nl.rules().await?.iter().any(is_node_rule))
 }
 
-/// Removes the node side: hooks and chains, rules 100–103, tables 100–102,
+/// Removes the node side: hooks and chains, our rules at 100–103, tables 100–102,
 /// the tunnels, and the ipset when `destroy_ipset`.
 pub async fn teardown_node(
     ns: &Netns,
@@ -434,7 +479,7 @@ pub async fn teardown_node(
         Ok(())
     })
     .await??;
-    nl.delete_rules_in(NODE_RULE_PRIORITIES).await?;
+    nl.delete_rules_where(is_node_rule).await?;
     for t in [TABLE_INBOUND, TABLE_OUTBOUND, TABLE_PROXY] {
         nl.flush_table(t).await?;
     }

@@ -136,8 +136,21 @@ pub fn ztunnel_rules() -> Vec<Rule> {
 
 /// Range of ztunnel netns rule priorities removed on cleanup.
 pub const ZTUNNEL_RULE_PRIORITIES: std::ops::RangeInclusive<u32> = PRIO_TPROXY..=PRIO_ORG_SRC_RET;
-/// Range of node rule priorities removed on cleanup.
+/// Range of the node rules' priorities. Other software uses these too (Cilium
+/// moves the kernel's `lookup local` rule to 100), so on the node only rules
+/// of our shape ([`is_node_rule`]) are ever removed, never a whole range.
 pub const NODE_RULE_PRIORITIES: std::ops::RangeInclusive<u32> = PRIO_SKIP..=PRIO_INBOUND;
+
+/// Whether `r` is one of ours on the node (this version's or an earlier one's):
+/// a priority in [`NODE_RULE_PRIORITIES`] that looks up one of our tables or
+/// jumps to the main rule.
+pub fn is_node_rule(r: &Rule) -> bool {
+    NODE_RULE_PRIORITIES.contains(&r.priority)
+        && match r.target {
+            RuleTarget::Table(t) => [TABLE_INBOUND, TABLE_OUTBOUND, TABLE_PROXY].contains(&t),
+            RuleTarget::Goto(p) => p == PRIO_MAIN,
+        }
+}
 
 /// ztunnel netns routes (tables 100–102).
 pub fn ztunnel_routes(host_ip: Ipv4Addr, pod_iface: &str) -> Vec<Route> {

@@ -79,15 +79,30 @@ impl SysctlRoot {
         Ok(v)
     }
 
-    /// Writes every setting, in the calling thread's namespace.
+    /// Writes every setting, in the calling thread's namespace. A setting of an
+    /// interface that is gone by the time it is written (a pod's veth deleted
+    /// meanwhile) is skipped: there is nothing left to configure.
     pub fn apply(&self, settings: &[Setting]) -> Result<(), SysctlError> {
         for s in settings {
             let path = self.path(s);
-            std::fs::write(&path, s.value).map_err(|source| SysctlError {
-                path: path.clone(),
-                value: s.value,
-                source,
-            })?;
+            match std::fs::write(&path, s.value) {
+                Ok(()) => {}
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        && s.iface != "all"
+                        && s.iface != "default"
+                        && !self.0.join("ipv4/conf").join(&s.iface).exists() =>
+                {
+                    tracing::debug!(interface = %s.iface, key = s.key, "interface gone before its sysctl was written; skipped");
+                }
+                Err(source) => {
+                    return Err(SysctlError {
+                        path: path.clone(),
+                        value: s.value,
+                        source,
+                    });
+                }
+            }
         }
         Ok(())
     }
@@ -204,6 +219,29 @@ mod tests {
             SysctlRoot::under_proc(d.path()).dir(),
             d.path().join("sys/net")
         );
+    }
+
+    #[test]
+    fn an_interface_gone_meanwhile_is_skipped_but_all_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        let root = SysctlRoot::new(d.path());
+        for i in ["all", "default", "eth0"] {
+            std::fs::create_dir_all(d.path().join("ipv4/conf").join(i)).unwrap();
+        }
+        // vethgone was listed, then deleted before the write.
+        let s = node_settings("eth0", &["vethgone".to_string()]);
+        let s: Vec<Setting> = s
+            .into_iter()
+            .filter(|x| !x.iface.starts_with("istio"))
+            .collect();
+        root.apply(&s).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("ipv4/conf/eth0/accept_local")).unwrap(),
+            "1"
+        );
+        std::fs::remove_dir_all(d.path().join("ipv4/conf/all")).unwrap();
+        let e = root.apply(&s).unwrap_err();
+        assert!(e.to_string().contains("all/rp_filter"), "{e}");
     }
 
     #[test]

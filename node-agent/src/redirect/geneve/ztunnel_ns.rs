@@ -3,7 +3,9 @@
 
 use super::GeneveError;
 use super::constants::*;
-use super::node::{Topology, ensure_links, restore_batches, save_tables, sync_routes, sync_rules};
+use super::node::{
+    RuleOwnership, Topology, ensure_links, restore_batches, save_tables, sync_routes, sync_rules,
+};
 use super::routing::{ZTUNNEL_RULE_PRIORITIES, ztunnel_routes, ztunnel_rules};
 use super::sysctl::{self, SysctlRoot};
 use super::ztunnel_rules::{ZtunnelRuleParams, ztunnel_apply_batches, ztunnel_cleanup_batches};
@@ -49,7 +51,13 @@ pub async fn build_ztunnel(
         |_| false,
     )
     .await?;
-    sync_rules(nl, ZTUNNEL_RULE_PRIORITIES, &ztunnel_rules()).await?;
+    sync_rules(
+        nl,
+        ZTUNNEL_RULE_PRIORITIES,
+        &ztunnel_rules(),
+        RuleOwnership::WholeRange,
+    )
+    .await?;
     Ok(())
 }
 
