@@ -303,7 +303,13 @@ pub fn convert(
     let mut warnings = Vec::new();
 
     if spec.target_ref.is_some() || !spec.target_refs.is_empty() {
-        // Waypoint policy: not for ztunnel (upstream sends nothing either).
+        // Waypoint policy: not for ztunnel (upstream sends nothing either). Said out loud:
+        // without a waypoint in the path (this ztunnel does not discover waypoints from
+        // Kubernetes), nothing enforces it.
+        warnings.push(
+            "targetRef(s) make this a waypoint policy: ztunnel does not enforce it, and              nothing does unless a waypoint proxy serves the target"
+                .to_owned(),
+        );
         return Ok(Converted {
             authorization: None,
             warnings,

@@ -116,7 +116,11 @@ fn not_converted() {
     ] {
         let c = conv(waypoint);
         assert_eq!(c.authorization, None, "{waypoint}");
-        assert!(c.warnings.is_empty(), "{waypoint}");
+        assert!(
+            c.warnings.len() == 1 && c.warnings[0].contains("waypoint"),
+            "not silently dropped: {waypoint} {:?}",
+            c.warnings
+        );
     }
     let err = convert(
         &object("{metadata: {namespace: app}}"),

@@ -33,6 +33,10 @@ use crate::state::workload::{
 
 /// Pod annotation set by the node agent once redirection is in place.
 pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+/// Label binding a namespace, Service or pod to a waypoint. Kubernetes discovery does not
+/// resolve waypoints (istiod's job); a pod or Service carrying it is warned about, since its
+/// traffic then goes directly to the endpoints and waypoint policies are not enforced.
+pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
 /// EndpointSlice label naming its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const POD_TEMPLATE_HASH: &str = "pod-template-hash";
@@ -209,6 +213,8 @@ pub struct ServiceFacts {
     pub ports: Vec<ServicePortFacts>,
     /// `type: ExternalName` (no VIP, no endpoints: not a mesh service).
     pub external_name: bool,
+    /// Label `istio.io/use-waypoint` (not acted on: see [`USE_WAYPOINT_LABEL`]).
+    pub use_waypoint: Option<String>,
 }
 
 impl ServiceFacts {
@@ -258,6 +264,12 @@ impl ServiceFacts {
             cluster_ips,
             ports,
             external_name: spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName"),
+            use_waypoint: svc
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(USE_WAYPOINT_LABEL))
+                .cloned(),
         }
     }
 

@@ -14,8 +14,8 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use kube::runtime::watcher::Event;
 
 use super::convert::{
-    ConvertSettings, ObjectKey, PodFacts, ServiceFacts, SliceFacts, endpoint_ports,
-    slice_workloads, to_workload, workload_uid,
+    ConvertSettings, ObjectKey, PodFacts, ServiceFacts, SliceFacts, USE_WAYPOINT_LABEL,
+    endpoint_ports, slice_workloads, to_workload, workload_uid,
 };
 use super::peer_authn::{Affected, PeerAuthIndex};
 use crate::policy::kube::peer_authn::PeerAuthentication;
@@ -148,8 +148,16 @@ impl DiscoveryIndex {
     }
 
     fn set_pod(&mut self, key: ObjectKey, facts: Option<PodFacts>) {
-        if self.pods.objects.get(&key) == facts.as_ref() {
+        let old = self.pods.objects.get(&key);
+        if old == facts.as_ref() {
             return;
+        }
+        let waypoint =
+            |f: Option<&PodFacts>| f.and_then(|f| f.labels.get(USE_WAYPOINT_LABEL).cloned());
+        if let Some(w) = waypoint(facts.as_ref())
+            && waypoint(old) != Some(w.clone())
+        {
+            warn_waypoint("pod", &key, &w);
         }
         match facts {
             Some(f) => {
@@ -200,6 +208,11 @@ impl DiscoveryIndex {
         let old = self.services.objects.get(&key);
         if old == facts.as_ref() {
             return;
+        }
+        if let Some(w) = facts.as_ref().and_then(|f| f.use_waypoint.as_ref())
+            && old.and_then(|o| o.use_waypoint.as_ref()) != Some(w)
+        {
+            warn_waypoint("service", &key, w);
         }
         // Port names or targets may have changed: every endpoint's port map too.
         let ports_changed = old.map(|o| &o.ports) != facts.as_ref().map(|f| &f.ports)
@@ -602,6 +615,16 @@ impl DiscoveryIndex {
         self.peer_authns.flush(&mut batch);
         batch
     }
+}
+
+fn warn_waypoint(kind: &str, key: &ObjectKey, waypoint: &str) {
+    tracing::warn!(
+        kind,
+        object = %format!("{}/{}", key.0, key.1),
+        waypoint,
+        "{USE_WAYPOINT_LABEL} is not resolved by Kubernetes discovery: traffic goes directly \
+         to the endpoints and the waypoint's policies are not enforced"
+    );
 }
 
 /// After a re-list: `Some(facts)` for every listed object, `None` for every object
