@@ -100,7 +100,7 @@ pub(super) fn resolve(
                 reason: format!("service {} has no port {}", svc.key(), dst.port()),
             };
         }
-        match snap.pick_endpoint(svc, dst.port()) {
+        match snap.pick_endpoint_for(src, svc, dst.port()) {
             Some((w, port)) => {
                 let ip = pick_ip(&w, dst.ip());
                 (w, SocketAddr::new(ip, port), Some(svc.clone()))

@@ -31,7 +31,9 @@ use tokio::sync::watch;
 use crate::config::WorkloadInfo;
 use crate::policy::PolicySet;
 use crate::policy::model::Authorization;
-pub use workload::{NamespacedHostname, NetworkAddress, PortMap, Protocol, Service, Workload};
+pub use workload::{
+    LoadBalancer, NamespacedHostname, NetworkAddress, PortMap, Protocol, Service, Workload,
+};
 
 /// A service endpoint: a workload and its port mapping for that service.
 #[derive(Debug, Clone)]
@@ -96,13 +98,29 @@ impl Snapshot {
     /// port's target is a name (target 0), only endpoints that resolved that name for
     /// this port qualify (as upstream: another workload of the service may not have it).
     pub fn pick_endpoint(&self, svc: &Service, port: u16) -> Option<(Arc<Workload>, u16)> {
+        self.pick_endpoint_for(None, svc, port)
+    }
+
+    /// [`Self::pick_endpoint`] for a client `src`, following the service's
+    /// [`LoadBalancer`] preferences as upstream: `Strict` keeps only endpoints that match
+    /// `src` in every scope (none: no endpoint), `Failover` the best-matching ones.
+    /// Without a known client the preferences are ignored.
+    pub fn pick_endpoint_for(
+        &self,
+        src: Option<&Workload>,
+        svc: &Service,
+        port: u16,
+    ) -> Option<(Arc<Workload>, u16)> {
         let eps = self.endpoints(&svc.key());
         let named = svc.ports.get(&port) == Some(&0);
-        let healthy: Vec<&Endpoint> = eps
+        let mut healthy: Vec<&Endpoint> = eps
             .iter()
             .filter(|e| e.workload.is_healthy() && !e.workload.workload_ips.is_empty())
             .filter(|e| !named || e.ports.get(&port).is_some_and(|t| *t != 0))
             .collect();
+        if let (Some(lb), Some(src)) = (&svc.load_balancer, src) {
+            healthy = prefer(lb, src, healthy);
+        }
         if healthy.is_empty() {
             return None;
         }
@@ -436,6 +454,63 @@ impl SourceBatch {
     }
 }
 
+/// The endpoints `lb` prefers for client `src` (upstream's ranking): each endpoint ranks
+/// by how many leading preferences it shares with `src` (a first `Network` preference
+/// that matches counts for all); `Strict` drops endpoints that miss any, then the best
+/// rank wins.
+fn prefer<'a>(lb: &LoadBalancer, src: &Workload, eps: Vec<&'a Endpoint>) -> Vec<&'a Endpoint> {
+    use workload::{LoadBalancerMode, LoadBalancerScope};
+    if matches!(
+        lb.mode,
+        LoadBalancerMode::Standard | LoadBalancerMode::Passthrough
+    ) {
+        return eps;
+    }
+    let prefs = &lb.routing_preferences;
+    let network_first = prefs.first() == Some(&LoadBalancerScope::Network);
+    let ranked: Vec<(usize, &Endpoint)> = eps
+        .into_iter()
+        .filter_map(|ep| {
+            let w = &ep.workload;
+            let (mut rank, mut adjust) = (0, 0);
+            for scope in prefs {
+                let matches = match scope {
+                    LoadBalancerScope::Region => src.locality.region == w.locality.region,
+                    LoadBalancerScope::Zone => src.locality.zone == w.locality.zone,
+                    LoadBalancerScope::Subzone => src.locality.subzone == w.locality.subzone,
+                    LoadBalancerScope::Node => src.node == w.node,
+                    LoadBalancerScope::Cluster => src.cluster_id == w.cluster_id,
+                    LoadBalancerScope::Network => {
+                        let m = src.network == w.network;
+                        if network_first {
+                            if m {
+                                adjust = prefs.len() - 1;
+                            } else {
+                                continue;
+                            }
+                        }
+                        m
+                    }
+                };
+                if !matches {
+                    break;
+                }
+                rank += 1;
+            }
+            if lb.mode == LoadBalancerMode::Strict && rank != prefs.len() {
+                return None;
+            }
+            Some((rank + adjust, ep))
+        })
+        .collect();
+    let best = ranked.iter().map(|(r, _)| *r).max().unwrap_or(0);
+    ranked
+        .into_iter()
+        .filter(|(r, _)| *r == best)
+        .map(|(_, ep)| ep)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,6 +610,43 @@ mod tests {
             let (ep, port) = s.pick_endpoint(svc, 80).unwrap();
             assert_eq!((ep.uid.as_str(), port), ("a", 8080));
         }
+    }
+
+    #[test]
+    fn load_balancer_preferences_in_upstreams_local_config_form() {
+        let svc: Service = serde_yaml_ng::from_str(
+            "name: svc\nnamespace: ns\nhostname: svc\nvips: [\"/10.96.0.1\"]\nports: {80: 8080}\n\
+             loadBalancer: {routingPreferences: [Zone, Node], mode: Failover}\n",
+        )
+        .unwrap();
+        let at = |uid: &str, ip: &str, zone: &str, node: &str| {
+            let mut w = workload(uid, "ns", uid, ip);
+            w.services.insert("ns/svc".into(), HashMap::new());
+            w.locality.zone = zone.into();
+            w.node = node.into();
+            w
+        };
+        let store = Store::new();
+        store.source("file").replace_all(
+            vec![
+                at("same-zone", "10.0.0.1", "z1", "n2"),
+                at("other-zone", "10.0.0.2", "z2", "n1"),
+            ],
+            vec![svc],
+            vec![],
+        );
+        let s = store.snapshot();
+        let svc = s.service_by_vip("", "10.96.0.1".parse().unwrap()).unwrap();
+        let mut client = workload("c", "ns", "c", "10.0.0.9");
+        client.locality.zone = "z1".into();
+        client.node = "n1".into();
+        for _ in 0..30 {
+            let (ep, _) = s.pick_endpoint_for(Some(&client), svc, 80).unwrap();
+            assert_eq!(ep.uid, "same-zone", "zone first, even on another node");
+        }
+        // Failover: with no endpoint in the zone, the others still serve.
+        client.locality.zone = "z9".into();
+        assert!(s.pick_endpoint_for(Some(&client), svc, 80).is_some());
     }
 
     #[test]

@@ -243,6 +243,46 @@ impl Workload {
     }
 }
 
+/// How a service's endpoints are chosen (upstream's `loadBalancer`; istiod sends
+/// `{routingPreferences: [Node], mode: Strict}` for `internalTrafficPolicy: Local`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancer {
+    /// Scopes to match with the client, most important first.
+    #[serde(default)]
+    pub routing_preferences: Vec<LoadBalancerScope>,
+    #[serde(default)]
+    pub mode: LoadBalancerMode,
+    /// Accepted for compatibility; endpoints are always filtered by health.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_policy: Option<serde_yaml_ng::Value>,
+}
+
+/// [`LoadBalancer::mode`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LoadBalancerMode {
+    /// Preferences ignored.
+    #[default]
+    Standard,
+    /// Only endpoints matching every preference; none: no endpoint.
+    Strict,
+    /// The endpoints matching the longest prefix of the preferences.
+    Failover,
+    /// Treated as `Standard`.
+    Passthrough,
+}
+
+/// [`LoadBalancer::routing_preferences`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LoadBalancerScope {
+    Region,
+    Zone,
+    Subzone,
+    Node,
+    Cluster,
+    Network,
+}
+
 /// A service VIP.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -261,7 +301,7 @@ pub struct Service {
     #[serde(default)]
     pub canonical: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub load_balancer: Option<serde_yaml_ng::Value>,
+    pub load_balancer: Option<LoadBalancer>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_families: Option<serde_yaml_ng::Value>,
 }

@@ -28,7 +28,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::state::workload::{
-    HealthStatus, Locality, NetworkMode, PortMap, Protocol, Service, Workload,
+    HealthStatus, LoadBalancer, LoadBalancerMode, LoadBalancerScope, Locality, NetworkMode,
+    PortMap, Protocol, Service, Workload,
 };
 
 /// Pod annotation set by the node agent once redirection is in place.
@@ -215,6 +216,8 @@ pub struct ServiceFacts {
     pub external_name: bool,
     /// Label `istio.io/use-waypoint` (not acted on: see [`USE_WAYPOINT_LABEL`]).
     pub use_waypoint: Option<String>,
+    /// Endpoint preference from `internalTrafficPolicy` / `trafficDistribution`.
+    pub load_balancer: Option<LoadBalancer>,
 }
 
 impl ServiceFacts {
@@ -264,6 +267,7 @@ impl ServiceFacts {
             cluster_ips,
             ports,
             external_name: spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName"),
+            load_balancer: load_balancer_of(spec),
             use_waypoint: svc
                 .metadata
                 .labels
@@ -304,10 +308,39 @@ impl ServiceFacts {
             subject_alt_names: Vec::new(),
             waypoint: None,
             canonical: true,
-            load_balancer: None,
+            load_balancer: self.load_balancer.clone(),
             ip_families: None,
         }
     }
+}
+
+/// As istiod: `internalTrafficPolicy: Local` = only endpoints on the client's node
+/// (none there: no endpoint, like kube-proxy); `trafficDistribution: PreferClose` = the
+/// closest endpoints (network, region, zone, subzone), others when none are close.
+fn load_balancer_of(
+    spec: Option<&k8s_openapi::api::core::v1::ServiceSpec>,
+) -> Option<LoadBalancer> {
+    let spec = spec?;
+    if spec.internal_traffic_policy.as_deref() == Some("Local") {
+        return Some(LoadBalancer {
+            routing_preferences: vec![LoadBalancerScope::Node],
+            mode: LoadBalancerMode::Strict,
+            health_policy: None,
+        });
+    }
+    if spec.traffic_distribution.as_deref() == Some("PreferClose") {
+        return Some(LoadBalancer {
+            routing_preferences: vec![
+                LoadBalancerScope::Network,
+                LoadBalancerScope::Region,
+                LoadBalancerScope::Zone,
+                LoadBalancerScope::Subzone,
+            ],
+            mode: LoadBalancerMode::Failover,
+            health_policy: None,
+        });
+    }
+    None
 }
 
 /// What discovery keeps of an EndpointSlice.

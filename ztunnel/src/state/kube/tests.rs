@@ -684,3 +684,44 @@ fn use_waypoint_labels_are_warned_about() {
         "{out}"
     );
 }
+
+/// `internalTrafficPolicy: Local`: a client reaches only the endpoints on its own node,
+/// and none when its node has none (as kube-proxy and istiod's ztunnel config).
+#[test]
+fn internal_traffic_policy_local_keeps_traffic_on_the_node() {
+    let mut idx = index();
+    let store = Store::new();
+    for (name, ip, node) in [
+        ("col-1", "10.0.0.11", "node-1"),
+        ("col-2", "10.0.0.12", "node-2"),
+        ("client", "10.0.0.13", "node-1"),
+        ("far", "10.0.0.14", "node-3"),
+    ] {
+        let mut p = pod("app", name, ip, json!({"app": name}), true);
+        p.spec.as_mut().unwrap().node_name = Some(node.into());
+        idx.pod_event(Event::Apply(p));
+    }
+    let mut svc = service("app", "collector", "10.96.0.30", json!(8080));
+    svc.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+    idx.service_event(Event::Apply(svc));
+    idx.slice_event(Event::Apply(slice(
+        "app",
+        "collector-x",
+        "collector",
+        Some(8080),
+        &["col-1", "col-2"],
+    )));
+    flush(&mut idx, &store);
+    let snap = store.snapshot();
+    let svc = snap.service_by_vip("", ip("10.96.0.30")).unwrap().clone();
+    let client = snap.workload_by_ip("", ip("10.0.0.13")).unwrap().clone();
+    for _ in 0..30 {
+        let (ep, _) = snap.pick_endpoint_for(Some(&client), &svc, 80).unwrap();
+        assert_eq!(ep.name, "col-1");
+    }
+    let far = snap.workload_by_ip("", ip("10.0.0.14")).unwrap().clone();
+    assert!(
+        snap.pick_endpoint_for(Some(&far), &svc, 80).is_none(),
+        "no endpoint on node-3: nothing, not another node's"
+    );
+}
