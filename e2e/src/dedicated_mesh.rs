@@ -117,6 +117,11 @@ impl MeshPod {
         http_get(self.netns(), port, path)
     }
 
+    /// `POST path` (no body) on the pod's `127.0.0.1:port`: (status, body).
+    pub fn http_post(&self, port: u16, path: &str) -> Option<(u16, String)> {
+        http_request(self.netns(), "POST", port, path)
+    }
+
     /// The ztunnel's `/metrics` (15020); panics when unreachable.
     pub fn metrics(&self) -> String {
         match self.http_get(15020, "/metrics") {
@@ -343,6 +348,11 @@ pub fn apply_capture_rules(pod: &Pod) -> Result<(), String> {
 
 /// `GET path` on `127.0.0.1:port` inside `ns`: (status, body).
 pub fn http_get(ns: &NamedNetns, port: u16, path: &str) -> Option<(u16, String)> {
+    http_request(ns, "GET", port, path)
+}
+
+/// `method path` (no body) on `127.0.0.1:port` inside `ns`: (status, body).
+pub fn http_request(ns: &NamedNetns, method: &str, port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = ns
         .run(move || {
             TcpStream::connect_timeout(
@@ -353,7 +363,11 @@ pub fn http_get(ns: &NamedNetns, port: u16, path: &str) -> Option<(u16, String)>
         .ok()?
         .ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
+    )
+    .ok()?;
     let mut resp = String::new();
     s.read_to_string(&mut resp).ok()?;
     let status = resp.split(' ').nth(1)?.parse().ok()?;

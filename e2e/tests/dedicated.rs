@@ -153,6 +153,22 @@ fn plain_client_reaches_server_only_through_hbone() {
                 && l.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/sa-a\"")),
         "{metrics}"
     );
+    // The log filter follows the admin endpoint (istioctl ztunnel-config log).
+    let a = mesh.a();
+    assert_eq!(
+        a.http_post(15000, "/logging?level=info%2Caccess%3Ddebug"),
+        Some((200, "current log level is info,access=debug\n".into()))
+    );
+    assert_eq!(
+        a.http_get(15000, "/logging"),
+        Some((200, "current log level is info,access=debug\n".into()))
+    );
+    let (status, body) = a.http_post(15000, "/logging?level=ztunnel%3D%3D").unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("ztunnel=="), "names the value: {body}");
+    let (status, body) = a.http_post(15000, "/logging?reset").unwrap();
+    assert_eq!((status, body.trim()), (200, "current log level is info"));
+    assert!(a.log().contains("log filter changed"), "{}", a.log());
     // config_dump lists the workloads, the service and A's certificate with its expiry.
     let (status, dump) = mesh
         .a()

@@ -55,7 +55,7 @@ pub struct AdminAddresses {
     pub readiness: SocketAddr,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Endpoint {
     Admin,
     Stats,
@@ -152,15 +152,61 @@ fn json(body: String) -> Response<Full<Bytes>> {
         .expect("static response parts are valid")
 }
 
+/// `/logging` (as upstream's, for `istioctl ztunnel-config log`): GET shows the filter;
+/// POST `?level=<filter>` sets it (`RUST_LOG` syntax: `debug`, `info,access=debug`, or a
+/// bare level for everything), POST `?reset` restores the start-up filter.
+fn logging<B>(req: &http::Request<B>) -> Response<Full<Bytes>> {
+    use crate::telemetry::logging;
+    let query: Vec<(String, String)> =
+        form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let current = |status| {
+        text(
+            status,
+            format!(
+                "current log level is {}\n",
+                logging::current_filter().unwrap_or_else(|| "unknown".into())
+            ),
+        )
+    };
+    match *req.method() {
+        Method::GET | Method::HEAD => current(StatusCode::OK),
+        Method::POST => {
+            let wanted = if query.iter().any(|(k, _)| k == "reset") {
+                None
+            } else {
+                match query.iter().find(|(k, _)| k == "level") {
+                    Some((_, v)) => Some(v.as_str()),
+                    None => {
+                        return text(
+                            StatusCode::BAD_REQUEST,
+                            "POST /logging needs ?level=<filter> or ?reset\n",
+                        );
+                    }
+                }
+            };
+            match logging::set_filter(wanted) {
+                Ok(_) => current(StatusCode::OK),
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            }
+        }
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "GET or POST\n"),
+    }
+}
+
 fn route<B>(
     endpoint: Endpoint,
     state: &AdminState,
     req: &http::Request<B>,
 ) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if endpoint == Endpoint::Admin && path == "/logging" {
+        return logging(req);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
-    let path = req.uri().path();
     match (endpoint, path) {
         (Endpoint::Readiness | Endpoint::Admin, "/healthz/ready") => {
             let pending = state.readiness.pending();
@@ -190,7 +236,7 @@ fn route<B>(
         (Endpoint::Admin, "/debug/connections") => json(config_dump::connections(state)),
         (Endpoint::Admin, "/") => text(
             StatusCode::OK,
-            "ztunnel admin\n  /config_dump         workloads, services, policies, certificates, proxies\n  /debug/connections   open connections and pooled HBONE connections per proxy\n  /healthz/ready       readiness\n",
+            "ztunnel admin\n  /config_dump         workloads, services, policies, certificates, proxies\n  /debug/connections   open connections and pooled HBONE connections per proxy\n  /healthz/ready       readiness\n  /logging             GET: the log filter; POST ?level=<RUST_LOG filter> sets it, POST ?reset restores the start-up one\n",
         ),
         _ => text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}\n")),
     }
