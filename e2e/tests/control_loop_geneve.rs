@@ -138,6 +138,67 @@ fn geneve_mode_follows_ztunnel_and_labels() {
     );
     env.wait_agent_ready();
 
+    // Something else removes our outbound policy rule and the route of the enrolled
+    // pod: the agent notices and puts both back (capture must not silently stop).
+    let node_ns = env.node().netns().name().to_string();
+    let ip = |args: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["-n", node_ns.as_str()])
+            .args(args.split_whitespace())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip -n {node_ns} {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The rebuild for ztunnel-b is complete (its node side follows its netns side).
+    wait_for(
+        "node routes point at ztunnel-b",
+        SECOND * 20,
+        || {
+            let t = ip("route show table 100");
+            (t.contains(&zt_b.ip.to_string()) && !t.contains("unreachable")).then_some(())
+        },
+        || format!("{}\n{}", ip("route show table 100"), env.agent_log_tail()),
+    );
+    std::thread::sleep(SECOND);
+    eprintln!(
+        "before drift:\n{}{}",
+        ip("rule show"),
+        ip("route show table 100")
+    );
+    ip("rule del pref 101");
+    ip(&format!("route del {} table 100", web.ip));
+    wait_for(
+        "drifted rule and route re-applied",
+        SECOND * 20,
+        || {
+            (ip("rule show").contains("lookup 101")
+                && ip("route show table 100").contains(&web.ip.to_string()))
+            .then_some(())
+        },
+        || {
+            format!(
+                "{}
+{}
+{}",
+                ip("rule show"),
+                ip("route show table 100"),
+                env.agent_log_tail()
+            )
+        },
+    );
+    assert!(
+        std::fs::read_to_string(&env.agent_log)
+            .unwrap()
+            .contains("changed by something else"),
+        "the agent says why it re-applied: {}",
+        env.agent_log_tail()
+    );
+
     // Unlabel: out of the ipset, annotation removed.
     env.api
         .merge_patch(

@@ -319,6 +319,7 @@ pub async fn run_with(
                 reconciler.clone(),
                 ztunnel_flag.clone(),
                 ztunnel_changed.clone(),
+                cfg.geneve_recheck,
                 stop.wait(),
             )),
         });

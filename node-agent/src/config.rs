@@ -84,6 +84,10 @@ pub struct AgentConfig {
     /// How long a CNI ADD for an ambient pod waits for a ztunnel before it is
     /// refused. Not an environment setting (below the plugin-event timeout).
     pub cni_add_ztunnel_wait: Duration,
+    /// `GENEVE_RECHECK_SECONDS` (60): how often GENEVE mode compares the node's
+    /// and ztunnel's rules, routes and devices with what it built, and re-applies
+    /// them when something else changed them.
+    pub geneve_recheck: Duration,
 }
 
 impl AgentConfig {
@@ -185,6 +189,19 @@ impl AgentConfig {
             install,
             daemonset_name: "node-agent".into(),
             cni_add_ztunnel_wait: Duration::from_secs(2),
+            geneve_recheck: match get("GENEVE_RECHECK_SECONDS") {
+                None => Duration::from_secs(60),
+                Some(v) => match v.parse::<u64>() {
+                    Ok(n) if n > 0 => Duration::from_secs(n),
+                    _ => {
+                        return Err(err(
+                            "GENEVE_RECHECK_SECONDS",
+                            &v,
+                            "not a positive number of seconds",
+                        ));
+                    }
+                },
+            },
         })
     }
 
@@ -232,6 +249,14 @@ mod tests {
         assert_eq!(c.install.bin_dir, PathBuf::from("/host/opt/cni/bin"));
         assert_eq!(c.install.conf_dir, PathBuf::from("/host/etc/cni/net.d"));
         assert_eq!(c.daemonset_name, "node-agent");
+        assert_eq!(c.geneve_recheck, Duration::from_secs(60));
+        assert_eq!(
+            cfg(&[("NODE_NAME", "n"), ("GENEVE_RECHECK_SECONDS", "5")])
+                .unwrap()
+                .geneve_recheck,
+            Duration::from_secs(5)
+        );
+        assert!(cfg(&[("NODE_NAME", "n"), ("GENEVE_RECHECK_SECONDS", "0")]).is_err());
     }
 
     #[test]

@@ -342,6 +342,8 @@ impl Env {
             v("METRICS_PORT", "15014"),
             p("KUBECONFIG", self.node_config.clone()),
             v("RUST_LOG", "info,node_agent=debug"),
+            // GENEVE: drift is found within a second (the default is a minute).
+            v("GENEVE_RECHECK_SECONDS", "1"),
         ]
     }
 

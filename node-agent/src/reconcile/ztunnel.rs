@@ -77,12 +77,16 @@ pub async fn follow_zds(
 
 /// GENEVE mode: points the redirector at the active ztunnel pod whenever
 /// `changed` is notified (and retries every second after a failure) until
-/// `shutdown`.
+/// `shutdown`. Every `recheck` it compares the kernel with what it built and
+/// re-applies everything when something else changed it (kube-proxy
+/// re-inserting its hooks above ours, a firewall reload flushing our chains,
+/// a deleted rule or route): capture must not silently stop.
 pub async fn follow_geneve(
     geneve: Arc<GeneveRedirector>,
     reconciler: Arc<Reconciler>,
     ready: ReadyFlag,
     changed: Arc<Notify>,
+    recheck: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -137,12 +141,24 @@ pub async fn follow_geneve(
         let wait = if retry {
             Duration::from_secs(1)
         } else {
-            Duration::from_secs(3600)
+            recheck
         };
         tokio::select! {
             _ = &mut shutdown => return,
             _ = changed.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(wait) => {
+                if !retry && current.is_some() {
+                    match geneve.drift().await {
+                        Ok(d) if d.is_empty() => {}
+                        Ok(d) => {
+                            tracing::warn!(drift = %d.join("; "), "GENEVE redirection was changed by something else; re-applying it");
+                            // Re-applies everything for the same ztunnel (a refresh).
+                            failing = true;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot check GENEVE redirection for drift"),
+                    }
+                }
+            }
         }
     }
 }

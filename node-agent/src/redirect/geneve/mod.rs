@@ -209,6 +209,27 @@ impl GeneveRedirector {
         inner.pods.iter().map(|(u, e)| (u.clone(), e.ip)).collect()
     }
 
+    /// What differs between the kernel and what was built for the active
+    /// ztunnel (node and ztunnel netns; rules, routes, devices, iptables,
+    /// ipset); empty when nothing is built or the node is held.
+    pub async fn drift(&self) -> Result<Vec<String>, GeneveError> {
+        let inner = self.inner.lock().await;
+        let Some(a) = inner.active.as_ref().filter(|_| !inner.held) else {
+            return Ok(Vec::new());
+        };
+        let pods: BTreeMap<Ipv4Addr, String> =
+            inner.pods.iter().map(|(u, e)| (e.ip, u.clone())).collect();
+        let node = inventory::inspect_node(&self.node_ns, &inner.nl, self.backend).await?;
+        let zt = inventory::inspect_ztunnel(&a.ns, &a.nl, self.backend).await?;
+        let mut out = node.node_drift(&a.topo, &pods);
+        out.extend(
+            zt.ztunnel_drift(&a.topo)
+                .into_iter()
+                .map(|d| format!("ztunnel netns: {d}")),
+        );
+        Ok(out)
+    }
+
     /// Reads back the node namespace and, when a ztunnel is set, its
     /// namespace.
     pub async fn inspect(&self) -> Result<(Inventory, Option<Inventory>), GeneveError> {
