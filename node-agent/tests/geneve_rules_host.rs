@@ -330,3 +330,60 @@ async fn foreign_rules_at_our_priorities_are_left_alone() {
     assert_eq!(left, foreign.to_vec(), "only ours removed");
     assert!(!has_capture(&nl).await.unwrap());
 }
+
+/// A new pod whose route cannot be added (no `istioin`, e.g. the node is being
+/// rebuilt) keeps no ipset entry: no half capture (outbound only) is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_pod_whose_route_fails_leaves_no_ipset_entry() {
+    if !root() {
+        return;
+    }
+    use node_agent::redirect::geneve::SysctlRoot;
+    use node_agent::redirect::geneve::node::add_pod;
+    let ns = netns();
+    let nl = Netlink::connect(&ns).await.unwrap();
+    let ip = Ipv4Addr::new(10, 244, 1, 20);
+    let route = pod_route(ip, Ipv4Addr::new(10, 244, 1, 1)); // through istioin: missing
+    let err = add_pod(
+        &ns,
+        &nl,
+        Some(route.clone()),
+        ip,
+        "uid-1",
+        &SysctlRoot::default(),
+        true,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("istioin"), "{err}");
+    let set = ns
+        .run(|| ipset::list().unwrap())
+        .unwrap()
+        .unwrap_or_default();
+    assert!(set.is_empty(), "entry rolled back: {set:?}");
+    // A pod that was enrolled already keeps its entry (its capture stays whole
+    // until it is removed on purpose).
+    add_pod(&ns, &nl, None, ip, "uid-1", &SysctlRoot::default(), false)
+        .await
+        .unwrap();
+    assert!(
+        add_pod(
+            &ns,
+            &nl,
+            Some(route),
+            ip,
+            "uid-1",
+            &SysctlRoot::default(),
+            false
+        )
+        .await
+        .is_err()
+    );
+    let set = ns
+        .run(|| ipset::list().unwrap())
+        .unwrap()
+        .unwrap_or_default();
+    assert_eq!(set.get(&ip).map(String::as_str), Some("uid-1"));
+    ns.run(|| ipset::restore(&ipset::destroy_line()).unwrap())
+        .unwrap();
+}

@@ -337,7 +337,10 @@ impl Reconciler {
             }
             (None, None) => {}
         }
-        if p.forget {
+        // A failed unenrol that will be retried keeps its record (GENEVE: the
+        // deleted pod's capture is node state); everything else is forgotten.
+        let retrying = p.op == Some(Op::Unenrol) && self.records().contains_key(uid);
+        if p.forget && !retrying {
             self.forget(uid).await;
         }
     }
@@ -443,7 +446,11 @@ impl Reconciler {
                     rec.attempts += 1;
                     rec.attempts
                 };
-                if attempts >= self.cfg.unenrol_attempts || desired == Desired::Gone {
+                // A deleted pod's in-pod rules went with its netns; GENEVE state is
+                // on the node (ipset entry, route) and would capture the next pod
+                // given the IP: retried like any other.
+                let gone_with_netns = desired == Desired::Gone && self.cfg.needs_netns;
+                if attempts >= self.cfg.unenrol_attempts || gone_with_netns {
                     tracing::error!(pod = %redirect.key(), uid, error = %e, attempts, "pod unenrol failed; giving up");
                     self.records().remove(uid);
                     if let Some(p) = pod {

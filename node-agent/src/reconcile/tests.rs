@@ -31,6 +31,8 @@ struct FakeRedirector {
     inflight: Mutex<HashMap<String, usize>>,
     overlaps: AtomicUsize,
     reconciled: Mutex<Vec<String>>,
+    /// UID → how many more unenrols of it fail.
+    unenrol_failures: Mutex<HashMap<String, usize>>,
 }
 
 impl FakeRedirector {
@@ -68,6 +70,17 @@ impl FakeRedirector {
         self.calls.lock().unwrap().push((op, pod.clone()));
         *self.inflight.lock().unwrap().get_mut(&pod.uid).unwrap() -= 1;
         if op == "unenrol" {
+            if let Some(n) = self.unenrol_failures.lock().unwrap().get_mut(&pod.uid)
+                && *n > 0
+            {
+                *n -= 1;
+                return Err(RedirectError::new(
+                    pod,
+                    "removing the pod's capture",
+                    false,
+                    "boom",
+                ));
+            }
             return Ok(());
         }
         match self.fatal.lock().unwrap().contains(&pod.uid) {
@@ -439,6 +452,29 @@ async fn deleted_pods_are_cleaned_up_and_forgotten() {
             .count(),
         0
     );
+}
+
+/// GENEVE mode (no per-pod netns): a deleted pod's capture is node state (ipset entry,
+/// route) that would catch the next pod given its IP, so a failed removal is retried.
+#[tokio::test]
+async fn a_deleted_pods_failed_unenrol_is_retried_when_its_state_is_on_the_node() {
+    let h = Harness::new(
+        vec![running("u1", "demo", "a", "10.0.0.1")],
+        vec![ns("demo", Some("ambient"))],
+    );
+    let _w = started(&h).await;
+    h.settle().await;
+    h.redir
+        .unenrol_failures
+        .lock()
+        .unwrap()
+        .insert("u1".into(), 1);
+    h.delete_pod("u1");
+    h.settle().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.settle().await;
+    assert_eq!(h.redir.calls("unenrol"), vec!["u1", "u1"], "retried once");
+    assert!(h.r.records().is_empty(), "forgotten once removed");
 }
 
 #[tokio::test]

@@ -455,6 +455,7 @@ impl GeneveRedirector {
                 .map_err(fail)?;
         }
         let routing = inner.pod_routing();
+        let new_pod = inner.pods.get(&pod.uid).is_none();
         node::add_pod(
             &self.node_ns,
             &inner.nl,
@@ -462,6 +463,7 @@ impl GeneveRedirector {
             plan.ip,
             &pod.uid,
             &self.cfg.sysctls,
+            new_pod,
         )
         .await
         .map_err(fail)?;

@@ -520,6 +520,10 @@ pub async fn ipset_entries(
 /// `route` is given (through `istioin`, or `unreachable` while held) and,
 /// for a tunnel route, `rp_filter=0` on the pod's host device (failure only
 /// logged).
+///
+/// `new_pod`: the pod was not enrolled before; if its route cannot be added,
+/// its new ipset entry is removed again, so a failed enrolment leaves no
+/// half capture (outbound captured, inbound not).
 pub async fn add_pod(
     ns: &Netns,
     nl: &Netlink,
@@ -527,6 +531,7 @@ pub async fn add_pod(
     ip: Ipv4Addr,
     uid: &str,
     sysctls: &SysctlRoot,
+    new_pod: bool,
 ) -> Result<(), GeneveError> {
     let line = ipset::add_line(ip, uid).map_err(|source| GeneveError::Ipset {
         netns: nl.netns().to_string(),
@@ -536,7 +541,12 @@ pub async fn add_pod(
     let Some(route) = route else {
         return Ok(());
     };
-    nl.replace_route(&route).await?;
+    if let Err(e) = nl.replace_route(&route).await {
+        if new_pod && let Err(undo) = ipset_batch(ns, nl.netns(), ipset::del_line(ip)).await {
+            warn!(pod_ip = %ip, uid, error = %undo, "cannot remove the ipset entry of a pod whose route failed");
+        }
+        return Err(e.into());
+    }
     if route.kind == RouteKind::Unicast
         && let Err(e) = pod_rp_filter(ns, nl, ip, sysctls).await
     {
