@@ -138,4 +138,8 @@ impl WorkloadProxyManager for EngineWorkloadProxies {
             }
         })
     }
+
+    fn manager_metrics(&self) -> Option<crate::telemetry::metrics::WorkloadManagerMetrics> {
+        Some(self.factory.inputs().metrics.workload_manager.clone())
+    }
 }

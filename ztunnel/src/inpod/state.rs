@@ -21,6 +21,7 @@ use tokio::sync::watch;
 
 use super::netns::InpodNetns;
 use super::protocol::Request;
+use crate::telemetry::metrics::WorkloadManagerMetrics;
 
 /// Error from [`WorkloadProxyManager::start`].
 pub type StartError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -40,6 +41,11 @@ pub trait WorkloadProxyManager: Send + Sync + 'static {
 
     /// Drains and stops the proxy for `uid` (no-op when none runs).
     fn stop<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, ()>;
+
+    /// Where the state machine counts proxies (`workload_manager_*`).
+    fn manager_metrics(&self) -> Option<WorkloadManagerMetrics> {
+        None
+    }
 }
 
 /// A request the current phase does not allow: the connection is closed.
@@ -60,11 +66,13 @@ pub struct WorkloadState<P: WorkloadProxyManager> {
     snapshot: Option<HashSet<String>>,
     snapshot_done: bool,
     ready: watch::Sender<bool>,
+    metrics: WorkloadManagerMetrics,
 }
 
 impl<P: WorkloadProxyManager> WorkloadState<P> {
     pub fn new(proxies: Arc<P>) -> Self {
         Self {
+            metrics: proxies.manager_metrics().unwrap_or_default(),
             proxies,
             running: HashMap::new(),
             pending: HashMap::new(),
@@ -97,6 +105,12 @@ impl<P: WorkloadProxyManager> WorkloadState<P> {
     }
 
     fn update_ready(&self) {
+        self.metrics
+            .active_proxy_count
+            .set(self.running.len() as i64);
+        self.metrics
+            .pending_proxy_count
+            .set(self.pending.len() as i64);
         let ready = self.snapshot_done && self.pending.is_empty();
         self.ready
             .send_if_modified(|r| std::mem::replace(r, ready) != ready);
@@ -184,6 +198,7 @@ impl<P: WorkloadProxyManager> WorkloadState<P> {
         match self.proxies.start(&uid, &info, netns.clone()).await {
             Ok(()) => {
                 tracing::info!(%uid, namespace = %info.namespace, name = %info.name, netns = netns.inode(), "workload proxy started");
+                self.metrics.proxies_started.inc();
                 self.running.insert(uid, Workload { info, netns });
                 None
             }
@@ -198,6 +213,7 @@ impl<P: WorkloadProxyManager> WorkloadState<P> {
     async fn remove(&mut self, uid: &str) {
         if self.running.remove(uid).is_some() {
             self.proxies.stop(uid).await;
+            self.metrics.proxies_stopped.inc();
             tracing::info!(%uid, "workload proxy drained");
         }
         self.pending.remove(uid);
@@ -213,6 +229,7 @@ impl<P: WorkloadProxyManager> WorkloadState<P> {
             match self.proxies.start(&uid, &w.info, w.netns.clone()).await {
                 Ok(()) => {
                     tracing::info!(%uid, "pending workload proxy started");
+                    self.metrics.proxies_started.inc();
                     self.running.insert(uid, w);
                 }
                 Err(e) => {
@@ -248,6 +265,7 @@ mod tests {
     struct Fake {
         log: Mutex<Vec<String>>,
         failing: Mutex<HashSet<String>>,
+        metrics: WorkloadManagerMetrics,
     }
 
     impl WorkloadProxyManager for Fake {
@@ -270,6 +288,10 @@ mod tests {
             Box::pin(async move {
                 self.log.lock().unwrap().push(format!("stop {uid}"));
             })
+        }
+
+        fn manager_metrics(&self) -> Option<WorkloadManagerMetrics> {
+            Some(self.metrics.clone())
         }
     }
 
@@ -362,17 +384,38 @@ mod tests {
         s.handle(Request::SnapshotSent).await.unwrap();
         assert!(!s.is_ready(), "pending keeps us not ready");
         assert_eq!(s.pending(), vec!["p"]);
+        let m = &fake.metrics;
+        assert_eq!(
+            (m.active_proxy_count.get(), m.pending_proxy_count.get()),
+            (0, 1)
+        );
         s.retry_pending().await;
         assert!(!s.is_ready());
         fake.failing.lock().unwrap().clear();
         s.retry_pending().await;
         assert!(s.is_ready());
         assert_eq!(s.running(), vec!["p"]);
+        assert_eq!(
+            (
+                m.active_proxy_count.get(),
+                m.pending_proxy_count.get(),
+                m.proxies_started.get()
+            ),
+            (1, 0, 1)
+        );
         // a pending workload not in the next snapshot is forgotten
         fake.failing.lock().unwrap().insert("q".into());
         s.handle(add("q")).await.unwrap();
         s.connection_started();
         s.handle(Request::SnapshotSent).await.unwrap();
         assert!(s.pending().is_empty() && s.running().is_empty());
+        assert_eq!(
+            (
+                m.active_proxy_count.get(),
+                m.pending_proxy_count.get(),
+                m.proxies_stopped.get()
+            ),
+            (0, 0, 1)
+        );
     }
 }

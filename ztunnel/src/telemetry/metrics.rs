@@ -153,6 +153,19 @@ pub struct ProxyMetrics {
     pub live: Arc<LiveConnections>,
     pub sockets_open: Family<SocketLabels, Gauge>,
     pub refused: Family<RefusalLabels, Counter>,
+    pub workload_manager: WorkloadManagerMetrics,
+}
+
+/// In-pod mode's workload proxies, as upstream's `workload_manager_*` (no `istio_`
+/// prefix): Istio's ztunnel dashboard plots them.
+#[derive(Debug, Clone, Default)]
+pub struct WorkloadManagerMetrics {
+    /// Workloads with a running proxy.
+    pub active_proxy_count: Gauge,
+    /// Workloads whose proxy failed to start and is retried.
+    pub pending_proxy_count: Gauge,
+    pub proxies_started: Counter,
+    pub proxies_stopped: Counter,
 }
 
 /// Labels of `istio_build`.
@@ -203,6 +216,27 @@ impl ProxyMetrics {
             })
             .set(1);
         istio.register("build", "Istio component build info", build);
+        let wm = registry.sub_registry_with_prefix("workload_manager");
+        wm.register(
+            "active_proxy_count",
+            "The number of workloads with an active proxy",
+            m.workload_manager.active_proxy_count.clone(),
+        );
+        wm.register(
+            "pending_proxy_count",
+            "The number of workloads whose proxy is pending (failed to start, retried)",
+            m.workload_manager.pending_proxy_count.clone(),
+        );
+        wm.register(
+            "proxies_started",
+            "The total number of workload proxies started",
+            m.workload_manager.proxies_started.clone(),
+        );
+        wm.register(
+            "proxies_stopped",
+            "The total number of workload proxies stopped",
+            m.workload_manager.proxies_stopped.clone(),
+        );
         registry.sub_registry_with_prefix("ztunnel").register(
             "connections_refused",
             "Connections refused before any data flowed, by direction and reason",
