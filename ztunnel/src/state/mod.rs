@@ -255,7 +255,7 @@ fn build_snapshot(
         services.extend(data.services.iter().map(|(k, v)| (k.clone(), v.clone())));
         policies.extend(data.policies.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
-    let mut by_ip = HashMap::new();
+    let mut by_ip: HashMap<NetworkAddress, Arc<Workload>> = HashMap::new();
     let mut by_name: HashMap<(String, String), Vec<Arc<Workload>>> = HashMap::new();
     let mut endpoints: HashMap<NamespacedHostname, Vec<Endpoint>> = HashMap::new();
     let mut sorted: Vec<&Arc<Workload>> = workloads.values().collect();
@@ -270,8 +270,19 @@ fn build_snapshot(
         };
         for ip in ips {
             let key = NetworkAddress::new(w.network.clone(), *ip);
-            if let Some(old) = by_ip.insert(key, w.clone()) {
-                tracing::warn!(ip = %ip, workload = %w.uid, other = %old.uid, "two workloads share an IP; the later uid wins");
+            match by_ip.get(&key) {
+                // Two workloads on one address (an IP reused while the old pod is stuck
+                // terminating on a lost node): the healthy one wins, then the later uid.
+                Some(old) if old.is_healthy() && !w.is_healthy() => {
+                    tracing::warn!(ip = %ip, workload = %old.uid, other = %w.uid, "two workloads share an IP; the healthy one wins");
+                }
+                Some(old) => {
+                    tracing::warn!(ip = %ip, workload = %w.uid, other = %old.uid, "two workloads share an IP; the healthy one, else the later uid, wins");
+                    by_ip.insert(key, w.clone());
+                }
+                None => {
+                    by_ip.insert(key, w.clone());
+                }
             }
         }
         by_name
@@ -561,6 +572,25 @@ mod tests {
         let wrong_sa: WorkloadInfo = "ns/b/other".parse().unwrap();
         assert!(s.find_workload(&wrong_sa, None).is_none());
         assert_eq!(s.networks().collect::<Vec<_>>(), [""]);
+    }
+
+    #[test]
+    fn a_shared_ip_goes_to_the_healthy_workload() {
+        let store = Store::new();
+        let mut stale = workload("z-old", "ns", "old", "10.0.0.1");
+        stale.status = workload::HealthStatus::Unhealthy;
+        let new = workload("a-new", "ns", "new", "10.0.0.1");
+        store
+            .source("file")
+            .replace_all(vec![stale, new], vec![], vec![]);
+        let s = store.snapshot();
+        assert_eq!(
+            s.workload_by_ip("", "10.0.0.1".parse().unwrap())
+                .unwrap()
+                .uid,
+            "a-new",
+            "the unhealthy one loses although its uid sorts later"
+        );
     }
 
     #[test]
