@@ -94,7 +94,13 @@ fn ztunnel_layers() {
     check(
         "ztunnel",
         &[
-            &["config", "file_watch", "policy", "process_memory"],
+            &[
+                "config",
+                "file_watch",
+                "policy",
+                "process_memory",
+                "test_logs",
+            ],
             &["identity"],
             &["tls", "state"],
             &["telemetry"],

@@ -13,4 +13,6 @@ pub mod readiness;
 pub mod redirect;
 pub mod state;
 pub mod telemetry;
+#[cfg(test)]
+mod test_logs;
 pub mod tls;

@@ -53,8 +53,14 @@ impl Watchers {
             while let Some(item) = stream.next().await {
                 match item {
                     Ok(ev) => {
+                        // Only a finished list leaves pods to confirm.
+                        let list_done = matches!(ev, Event::InitDone);
                         send(&tx1, apply_pod_event(&c1, ev, &node));
-                        for pod in c1.take_unconfirmed() {
+                        for pod in list_done
+                            .then(|| c1.take_unconfirmed())
+                            .into_iter()
+                            .flatten()
+                        {
                             let (client, cache, tx) = (pod_client.clone(), c1.clone(), tx1.clone());
                             tokio::spawn(async move {
                                 send(&tx, confirm_pod(&client, &cache, &pod).await)

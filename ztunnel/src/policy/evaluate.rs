@@ -300,8 +300,6 @@ impl<T: fmt::Display> fmt::Display for OptDisplay<'_, T> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-    use std::sync::Mutex;
 
     use super::*;
     use crate::policy::model::Authorization;
@@ -653,35 +651,7 @@ mod tests {
         );
     }
 
-    /// Captures log output of the closure.
-    fn logs(f: impl FnOnce()) -> String {
-        // tracing caches each callsite's interest. While only one dispatcher is registered,
-        // a callsite first hit on another test thread (no subscriber there) is cached as
-        // "never" for everyone, and this capture would miss it. A second, permanent
-        // dispatcher that wants nothing keeps interest at "sometimes" (asked per event).
-        static ANCHOR: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
-        ANCHOR.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
-        #[derive(Clone, Default)]
-        struct Buf(Arc<Mutex<Vec<u8>>>);
-        impl Write for Buf {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buf = Buf::default();
-        let out = buf.clone();
-        let sub = tracing_subscriber::fmt()
-            .with_writer(move || out.clone())
-            .with_max_level(tracing::Level::INFO)
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::with_default(sub, f);
-        String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
-    }
+    use crate::test_logs::capture as logs;
 
     #[test]
     fn dry_run_is_logged_with_would_be_result() {

@@ -516,43 +516,13 @@ mod tests {
 #[cfg(test)]
 mod log_format_tests {
     use super::*;
+    use crate::test_logs::capture;
     use prometheus_client::registry::Registry;
-    use std::io::Write;
-    use std::sync::Mutex;
-
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-    impl Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// tracing caches each callsite's interest. While only one dispatcher is registered,
-    /// a callsite first hit on another test thread (no subscriber there) is cached as
-    /// "never" for everyone, and a capture would miss it. A second, permanent dispatcher
-    /// that wants nothing keeps interest at "sometimes" (asked per event).
-    fn keep_callsites_live() {
-        static ANCHOR: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
-        ANCHOR.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
-    }
 
     #[test]
     fn access_line_has_upstream_fields() {
-        keep_callsites_live();
-        let buf = Buf::default();
-        let b2 = buf.clone();
-        let sub = tracing_subscriber::fmt()
-            .with_writer(move || b2.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .finish();
         let m = Arc::new(ProxyMetrics::new(&mut Registry::default()));
-        tracing::subscriber::with_default(sub, || {
+        let out = capture(|| {
             let info = ConnectionInfo {
                 direction: Direction::Outbound,
                 src_addr: "10.0.0.1:1234".parse().unwrap(),
@@ -576,7 +546,6 @@ mod log_format_tests {
             let t = ConnectionTelemetry::open(&m, info);
             t.close(5, 6, Some("boom"));
         });
-        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         for want in [
             "ERROR access: connection complete",
             "src.addr=10.0.0.1:1234",
@@ -597,21 +566,13 @@ mod log_format_tests {
 
     #[test]
     fn inbound_lines_count_bytes_from_the_destination_and_name_pods_and_clusters() {
-        keep_callsites_live();
-        let buf = Buf::default();
-        let b2 = buf.clone();
-        let sub = tracing_subscriber::fmt()
-            .with_writer(move || b2.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .finish();
         let m = Arc::new(ProxyMetrics::new(&mut Registry::default()));
         let w: Workload = serde_yaml_ng::from_str(
             "name: echo-1\nnamespace: ns\nserviceAccount: echo\ntrustDomain: td\n\
              workloadName: echo\nclusterId: c1\n",
         )
         .unwrap();
-        tracing::subscriber::with_default(sub, || {
+        let out = capture(|| {
             let info = ConnectionInfo {
                 direction: Direction::Inbound,
                 src_addr: "10.0.0.1:1234".parse().unwrap(),
@@ -625,7 +586,6 @@ mod log_format_tests {
             // 100 request bytes in, 7 response bytes back.
             ConnectionTelemetry::open(&m, info).close(100, 7, None);
         });
-        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         for want in [
             "direction=\"inbound\"",
             "bytes_sent=7 bytes_recv=100",

@@ -174,26 +174,11 @@ impl Visit for Fields<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-    impl Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::test_logs::{Buf, keep_callsites_live};
 
     #[test]
     fn json_lines_have_upstreams_keys() {
-        // See access_log's tests: keep callsite interest "sometimes" across test threads.
-        static ANCHOR: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
-        ANCHOR.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
+        keep_callsites_live();
         let buf = Buf::default();
         let b2 = buf.clone();
         let sub = tracing_subscriber::fmt()
@@ -211,7 +196,7 @@ mod tests {
                 "connection complete"
             );
         });
-        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let text = buf.text();
         let v: Value = serde_json::from_str(text.trim()).unwrap();
         assert_eq!(v["level"], "info", "{text}");
         assert_eq!(v["scope"], "access");

@@ -636,31 +636,9 @@ fn endpoints_that_are_not_pods_become_workloads() {
 /// warning (once per change): its traffic goes direct, its waypoint policies unenforced.
 #[test]
 fn use_waypoint_labels_are_warned_about() {
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-    impl Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    // Keep callsite interest "sometimes" across test threads (see access_log's tests).
-    static ANCHOR: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
-    ANCHOR.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
-    let buf = Buf::default();
-    let b2 = buf.clone();
-    let sub = tracing_subscriber::fmt()
-        .with_writer(move || b2.clone())
-        .with_ansi(false)
-        .finish();
     let mut svc = service("app", "web", "10.96.0.20", json!(8080));
     svc.metadata.labels = Some([("istio.io/use-waypoint".to_string(), "wp".to_string())].into());
-    tracing::subscriber::with_default(sub, || {
+    let out = crate::test_logs::capture(|| {
         let mut idx = index();
         idx.service_event(Event::Apply(svc.clone()));
         idx.service_event(Event::Apply(svc));
@@ -672,7 +650,6 @@ fn use_waypoint_labels_are_warned_about() {
             true,
         )));
     });
-    let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
     assert_eq!(
         out.matches("is not resolved by Kubernetes discovery")
             .count(),
