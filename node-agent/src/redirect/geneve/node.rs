@@ -272,23 +272,6 @@ pub(super) async fn sync_rules(
                 })
                 .await?;
             }
-            let foreign = nl
-                .rule_priorities()
-                .await?
-                .into_iter()
-                .filter(|p| range.contains(p))
-                .count()
-                - have
-                    .iter()
-                    .filter(|r| range.contains(&r.priority) && (ours(r) || wanted.contains(r)))
-                    .count();
-            if foreign > 0 {
-                debug!(
-                    netns = %nl.netns(), rules = foreign,
-                    "policy rules of other software share our priorities {}-{}; left in place",
-                    range.start(), range.end()
-                );
-            }
         }
     }
     for r in wanted {
