@@ -18,7 +18,7 @@
 //! - server unenrolled (and TCP in the mesh state, as the control plane
 //!   would make it): plaintext on the underlay, still works.
 //! - clean-up leaves no link, rule, route, chain or ipset of ours on either
-//!   node or ztunnel namespace.
+//!   node or ztunnel namespace, and puts back the nodes' `rp_filter`.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use e2e::netsim::{Cluster, NamedNetns, Node, Pod, Process, can_create_netns};
 use node_agent::redirect::geneve::inventory::{inspect_node, inspect_ztunnel};
-use node_agent::redirect::geneve::{GeneveConfig, GeneveRedirector, ZtunnelPod};
+use node_agent::redirect::geneve::{GeneveConfig, GeneveRedirector, SysctlRoot, ZtunnelPod};
 use node_agent::redirect::netlink::Netlink;
 use node_agent::redirect::{PodRedirect, Redirector};
 
@@ -353,6 +353,12 @@ fn geneve_two_nodes_hbone_between_ztunnels() {
     start_ztunnel(&mut zt1, n1, &mesh);
     start_ztunnel(&mut zt2, n2, &mesh);
 
+    let journal = |node: &Node| {
+        cluster
+            .scope()
+            .dir()
+            .join(format!("{}-run/geneve-sysctls.json", node.name()))
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -361,9 +367,17 @@ fn geneve_two_nodes_hbone_between_ztunnels() {
     let agents: Vec<GeneveRedirector> = rt.block_on(async {
         let mut v = Vec::new();
         for (node, zt, pods) in [(n1, &zt1, [&client, &local]), (n2, &zt2, [&server, &spare])] {
+            // The node's strict reverse-path filter (as systemd sets it):
+            // GENEVE mode turns it off, uninstall must put it back.
+            for k in ["all", "default"] {
+                node.netns()
+                    .sysctl_set(&format!("net.ipv4.conf.{k}.rp_filter"), "2")
+                    .unwrap();
+            }
             let red = GeneveRedirector::new(GeneveConfig {
                 node_netns: node.netns().path().to_path_buf(),
                 host_ip: Some(node.gateway()),
+                sysctls: SysctlRoot::default().with_journal(journal(node)),
                 ..Default::default()
             })
             .await
@@ -383,6 +397,16 @@ fn geneve_two_nodes_hbone_between_ztunnels() {
         }
         v
     });
+
+    for node in [n1, n2] {
+        assert_eq!(
+            node.netns()
+                .sysctl_get("net.ipv4.conf.all.rp_filter")
+                .unwrap(),
+            "0"
+        );
+        assert!(journal(node).exists(), "{}: no sysctl journal", node.name());
+    }
 
     // Cross-node: HBONE between the ztunnels, nothing in the clear.
     let cap_file = cluster.scope().dir().join("underlay-mesh.pcap");
@@ -487,6 +511,17 @@ fn geneve_two_nodes_hbone_between_ztunnels() {
                 .unwrap();
             let left = inv.ztunnel_leftovers(&topo.ztunnel_rule_params());
             assert!(left.is_empty(), "{} ztunnel: {left:?}", node.name());
+            for k in ["all", "default"] {
+                assert_eq!(
+                    node.netns()
+                        .sysctl_get(&format!("net.ipv4.conf.{k}.rp_filter"))
+                        .unwrap(),
+                    "2",
+                    "{}: {k}.rp_filter not restored",
+                    node.name()
+                );
+            }
+            assert!(!journal(node).exists(), "{}: journal left", node.name());
         }
     });
     drop(agents);

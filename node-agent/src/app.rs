@@ -48,7 +48,7 @@ use crate::reconcile::cni_add::CniAddHandler;
 use crate::reconcile::pod_netns::{NetnsPaths, NetnsResolver, POD_NETNS_DIR};
 use crate::reconcile::{ReconcileConfig, Reconciler, ztunnel};
 use crate::redirect::Redirector;
-use crate::redirect::geneve::{GeneveConfig, GeneveRedirector, SysctlRoot};
+use crate::redirect::geneve::{GeneveConfig, GeneveRedirector, SysctlRoot, sysctl_journal};
 use crate::redirect::inpod::{InpodConfig, InpodRedirector};
 use crate::zds::{ZdsConfig, ZdsServer};
 
@@ -175,7 +175,8 @@ async fn build_redirector(cfg: &AgentConfig) -> Result<(Arc<dyn Redirector>, Mod
             let geneve = Arc::new(
                 GeneveRedirector::new(GeneveConfig {
                     dns_capture: cfg.dns_capture,
-                    sysctls: SysctlRoot::under_proc(&cfg.host_proc_dir),
+                    sysctls: SysctlRoot::under_proc(&cfg.host_proc_dir)
+                        .with_journal(cfg.run_dir.join(sysctl_journal::JOURNAL_FILE)),
                     ..GeneveConfig::default()
                 })
                 .await

@@ -39,6 +39,7 @@ pub mod port;
 pub mod routing;
 pub mod state;
 pub mod sysctl;
+pub mod sysctl_journal;
 pub mod ztunnel_ns;
 pub mod ztunnel_rules;
 
@@ -83,7 +84,9 @@ pub struct GeneveConfig {
     /// DNS capture (`ISTIO_META_DNS_CAPTURE=true` on the ztunnel pod).
     pub dns_capture: bool,
     /// Where `net.ipv4.conf.*` is written (`$HOST_PROC_DIR/sys/net` in the
-    /// chart, `/proc/sys/net` by default).
+    /// chart, `/proc/sys/net` by default), and the journal of the node
+    /// values it replaced (`<run_dir>/geneve-sysctls.json` in the agent;
+    /// none by default), restored by [`GeneveRedirector::cleanup`].
     pub sysctls: SysctlRoot,
 }
 
@@ -546,11 +549,25 @@ impl GeneveRedirector {
         report
     }
 
-    /// Removes everything: both sides, the ipset, the enrolled-pod table.
+    /// Removes everything: both sides, the ipset, the enrolled-pod table;
+    /// then puts back the node sysctls the journal recorded (uninstall).
     pub async fn cleanup(&self) -> Result<(), GeneveError> {
         let mut inner = self.inner.lock().await;
         self.teardown(&mut inner, true).await?;
         inner.pods.clear();
+        let sysctls = self.cfg.sysctls.clone();
+        let label = inner.nl.netns().to_string();
+        let restored = self
+            .node_ns
+            .run_async(move || sysctls.restore())
+            .await?
+            .map_err(|source| GeneveError::Sysctl {
+                netns: label,
+                source,
+            })?;
+        if let Some(journal) = self.cfg.sysctls.journal() {
+            info!(restored, journal = %journal.display(), "node sysctls changed by GENEVE mode put back");
+        }
         Ok(())
     }
 }

@@ -25,7 +25,8 @@ pub async fn build_ztunnel(
     sysctls: &SysctlRoot,
 ) -> Result<(), GeneveError> {
     ensure_links(nl, &topo.ztunnel_links()).await?;
-    let sysctls = sysctls.clone();
+    // The ztunnel pod's settings die with it: nothing to restore.
+    let sysctls = sysctls.without_journal();
     let label = nl.netns().to_string();
     let iface = topo.ztunnel.iface.clone();
     let params = topo.ztunnel_rule_params();
