@@ -140,4 +140,22 @@ async fn subject_alt_names_widen_the_accepted_identities() {
             >= 2
     })
     .await;
+    // Counted as failed with upstream's TLS_FAILURE flag (not a generic CONNECT).
+    let text = mesh.metrics_text();
+    let failed: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_tcp_connections_failed_total{")
+                && l.contains("reporter=\"source\"")
+                && l.contains("destination_workload=\"b\"")
+        })
+        .collect();
+    // One line per destination service (the plain service, the pod).
+    assert!(
+        failed.len() == 2
+            && failed
+                .iter()
+                .all(|l| l.contains("response_flags=\"TLS_FAILURE\"") && l.ends_with(" 1")),
+        "{text}"
+    );
 }

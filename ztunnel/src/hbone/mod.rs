@@ -64,7 +64,12 @@ pub enum HboneError {
     },
     /// Another stream's attempt to establish the connection this stream waited for failed.
     #[error("HBONE connection to {dst} failed while this stream waited for it: {cause}")]
-    Waited { dst: SocketAddr, cause: String },
+    Waited {
+        dst: SocketAddr,
+        cause: String,
+        /// What kind of failure `cause` was.
+        kind: FailureKind,
+    },
     #[error("HTTP/2 with {dst}: {source}")]
     H2 {
         dst: SocketAddr,
@@ -79,6 +84,43 @@ pub enum HboneError {
     },
     #[error("no HTTP/2 connection to {dst} could take another stream")]
     PoolExhausted { dst: SocketAddr },
+}
+
+/// What stage of opening an HBONE stream failed (for telemetry's
+/// `response_flags`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// TCP connect refused, reset or unreachable; or the peer failed the
+    /// request (timeout, 503, ...).
+    Connect,
+    /// TCP connect timed out: typically a NetworkPolicy dropping 15008.
+    ConnectTimeout,
+    /// TLS handshake (certificate, identity, ALPN, timeout).
+    Tls,
+    /// HTTP/2 handshake or protocol error.
+    H2,
+    /// The peer answered 401: denied by its authorization policy.
+    Denied,
+}
+
+impl HboneError {
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            HboneError::Connect { .. }
+            | HboneError::ResponseTimeout { .. }
+            | HboneError::PoolExhausted { .. } => FailureKind::Connect,
+            HboneError::ConnectTimeout { .. } => FailureKind::ConnectTimeout,
+            HboneError::Tls { .. } | HboneError::Alpn { .. } | HboneError::TlsTimeout { .. } => {
+                FailureKind::Tls
+            }
+            HboneError::H2 { .. } => FailureKind::H2,
+            HboneError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED => {
+                FailureKind::Denied
+            }
+            HboneError::Status { .. } => FailureKind::Connect,
+            HboneError::Waited { kind, .. } => *kind,
+        }
+    }
 }
 
 /// [`tls_connect`] that fails with [`HboneError::TlsTimeout`] after `timeout`.

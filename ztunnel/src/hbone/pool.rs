@@ -28,8 +28,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::HboneError;
 use super::stream::H2Stream;
+use super::{FailureKind, HboneError};
 use crate::config::H2Config;
 use crate::identity::Identity;
 
@@ -101,19 +101,19 @@ struct KeyEntry {
     conns: Mutex<Vec<Arc<PooledConn>>>,
     connecting: tokio::sync::Mutex<()>,
     /// When the last attempt to establish a connection failed, and why.
-    last_failure: Mutex<Option<(Instant, String)>>,
+    last_failure: Mutex<Option<(Instant, String, FailureKind)>>,
 }
 
 impl KeyEntry {
     fn record_failure(&self, e: &HboneError) {
         *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((Instant::now(), e.to_string()));
+            Some((Instant::now(), e.to_string(), e.kind()));
     }
 
-    /// Why an attempt failed at or after `since`, if one did.
-    fn failed_since(&self, since: Instant) -> Option<String> {
+    /// Why (and how) an attempt failed at or after `since`, if one did.
+    fn failed_since(&self, since: Instant) -> Option<(String, FailureKind)> {
         match &*self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some((at, why)) if *at >= since => Some(why.clone()),
+            Some((at, why, kind)) if *at >= since => Some((why.clone(), *kind)),
             _ => None,
         }
     }
@@ -192,10 +192,11 @@ impl Pool {
                     match entry.checkout(max) {
                         Some(c) => c,
                         None => {
-                            if let Some(cause) = entry.failed_since(waiting_since) {
+                            if let Some((cause, kind)) = entry.failed_since(waiting_since) {
                                 return Err(HboneError::Waited {
                                     dst: key.dst,
                                     cause,
+                                    kind,
                                 });
                             }
                             let Some(connect) = connect.take() else {
@@ -543,6 +544,11 @@ mod tests {
             .filter(|e| matches!(e, HboneError::Waited { .. }))
             .count();
         assert_eq!(waited, 2, "{errs:?}");
+        // The waiters report the kind of the failure they shared.
+        assert!(
+            errs.iter().all(|e| e.kind() == super::FailureKind::Tls),
+            "{errs:?}"
+        );
         assert!(
             errs.iter()
                 .all(|e| e.to_string().contains("10.0.0.2:15008"))

@@ -342,7 +342,6 @@ async fn handle_stream(
             return;
         }
     };
-    tele.established();
     // Inbound: the copy's "to tunnel" direction is destination → source.
     guard.set_tunnel(&mut tele, false);
     let stream = H2Stream::new(send, req.into_body());

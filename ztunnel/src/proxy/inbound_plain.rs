@@ -106,7 +106,6 @@ pub(super) async fn handle(
             return;
         }
     };
-    tele.established();
     guard.set_tunnel(&mut tele, true);
     tokio::select! {
         out = super::copy::copy_tcp(&mut client, &mut upstream, guard.counters()) => {

@@ -108,8 +108,6 @@ pub(super) async fn handle(
             );
         }
     };
-    outbound.established();
-    inbound.established();
     tracing::debug!(src = %c.peer, dst = %c.target, "outbound: node-local fast path");
     guard.set_tunnel(&mut outbound, true);
     guard.count_bytes(&mut inbound, true);

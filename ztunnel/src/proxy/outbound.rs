@@ -4,13 +4,12 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use http::StatusCode;
 use tokio::net::TcpStream;
 
 use super::conntrack::ConnGuard;
 use super::{ProxyCtx, ProxyScope};
 use crate::hbone::headers::{self, ConnectRequest};
-use crate::hbone::{self, HboneError, PoolKey};
+use crate::hbone::{self, FailureKind, HboneError, PoolKey};
 use crate::identity::Identity;
 use crate::state::workload::GatewayAddress;
 use crate::state::{Protocol, Service, Snapshot, Workload};
@@ -271,7 +270,6 @@ pub(super) async fn handle(
                         return;
                     }
                 };
-            tele.established();
             guard.set_tunnel(&mut tele, true);
             let out = super::copy::copy_tcp(&mut client, &mut upstream, guard.counters()).await;
             tele.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());
@@ -321,7 +319,7 @@ pub(super) async fn handle(
                 Ok(c) => c,
                 Err(e) => {
                     metrics.refused(Direction::Outbound, RefusalReason::no_identity);
-                    tele.close(0, 0, Some(&e.to_string()));
+                    tele.close_with_flag(0, 0, Some(&e.to_string()), ResponseFlags::IdentityError);
                     return;
                 }
             };
@@ -386,23 +384,25 @@ pub(super) async fn handle(
                         }
                         _ => {}
                     }
-                    let flag = match &e {
-                        HboneError::Status { status, .. }
-                            if *status == StatusCode::UNAUTHORIZED =>
-                        {
-                            ResponseFlags::AuthorizationPolicyDenied
-                        }
-                        _ => ResponseFlags::ConnectionFailure,
-                    };
-                    tele.close_with_flag(0, 0, Some(&e.to_string()), flag);
+                    tele.close_with_flag(0, 0, Some(&e.to_string()), response_flag(e.kind()));
                     return;
                 }
             };
-            tele.established();
             guard.set_tunnel(&mut tele, true);
             let out = hbone::copy_tcp_h2(&mut client, stream, guard.counters()).await;
             tele.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());
         }
+    }
+}
+
+/// Upstream's `response_flags` for a failed HBONE stream.
+fn response_flag(kind: FailureKind) -> ResponseFlags {
+    match kind {
+        FailureKind::Connect => ResponseFlags::ConnectionFailure,
+        FailureKind::ConnectTimeout => ResponseFlags::NetworkPolicyError,
+        FailureKind::Tls => ResponseFlags::TlsFailure,
+        FailureKind::H2 => ResponseFlags::Http2HandshakeFailure,
+        FailureKind::Denied => ResponseFlags::AuthorizationPolicyDenied,
     }
 }
 

@@ -14,8 +14,10 @@
 //! destination principal is the proven identity, else the configured one; app/version
 //! are the canonical
 //! service/revision, the destination service labels come from the Service object the
-//! connection was for; `response_flags` is `-` on the opened counter and `DENY` / `CONNECT`
-//! on the closed (and failed) counters of connections that ended that way.
+//! connection was for; `response_flags` is `-` on the opened counter and, on the closed
+//! and failed counters, why the connection failed (`DENY`, `TLS_FAILURE`,
+//! `H2_HANDSHAKE_FAILURE`, `NETWORK_POLICY`, `IDENTITY_ERROR`, else `CONNECT` for any
+//! error, also one after the connection was established, as upstream counts it).
 //!
 //! Byte counters grow while the connection is open: once the copy starts, the proxy hands
 //! its live counters over with [`ConnectionTelemetry::count_bytes`] and every scrape adds
@@ -208,7 +210,8 @@ pub struct ConnectionTelemetry {
     /// Id in `metrics.live` once the copy's bytes are counted.
     live: Option<u64>,
     start: Instant,
-    established: bool,
+    /// `response_flags` of the closed/failed counters.
+    flag: ResponseFlags,
     closed: bool,
 }
 
@@ -250,14 +253,9 @@ impl ConnectionTelemetry {
             socket_gauge,
             live: None,
             start: Instant::now(),
-            established: false,
+            flag: ResponseFlags::None,
             closed: false,
         }
-    }
-
-    /// Marks the upstream side as connected (a later error is then not a failed connection).
-    pub fn established(&mut self) {
-        self.established = true;
     }
 
     pub fn info(&self) -> &ConnectionInfo {
@@ -301,7 +299,7 @@ impl ConnectionTelemetry {
         error: Option<&str>,
         flag: ResponseFlags,
     ) {
-        self.labels.response_flags = flag.as_str().to_string();
+        self.flag = flag;
         self.record(Some((sent, recv)), error);
     }
 
@@ -312,11 +310,19 @@ impl ConnectionTelemetry {
             return;
         }
         self.closed = true;
+        // As upstream: an error without a more precise flag is `CONNECT`, and every
+        // connection that ends with a flag (established or not) counts as failed. The
+        // flag labels only these two counters; the byte counters keep the opening labels.
+        if error.is_some() && self.flag == ResponseFlags::None {
+            self.flag = ResponseFlags::ConnectionFailure;
+        }
         let m = &self.metrics;
         self.socket_gauge.dec();
-        m.connections_closed.get_or_create(&self.labels).inc();
-        if error.is_some() && !self.established {
-            m.connections_failed.get_or_create(&self.labels).inc();
+        let mut ended = self.labels.clone();
+        ended.response_flags = self.flag.as_str().to_string();
+        m.connections_closed.get_or_create(&ended).inc();
+        if self.flag != ResponseFlags::None {
+            m.connections_failed.get_or_create(&ended).inc();
         }
         // Counted live: the final flush adds the rest. Otherwise the caller's numbers.
         let counted = self.live.take().and_then(|id| m.live.finish(id));
@@ -406,9 +412,11 @@ mod tests {
             dst: PeerInfo::default(),
             mtls: true,
         };
-        let mut t = ConnectionTelemetry::open(&m, info.clone());
-        t.established();
+        let t = ConnectionTelemetry::open(&m, info.clone());
         t.close(100, 7, None);
+        // Broke after the upstream connection was up: failed with CONNECT, as upstream.
+        let broken = ConnectionTelemetry::open(&m, info.clone());
+        broken.close(5, 0, Some("connection reset by peer"));
         let failed = ConnectionTelemetry::open(&m, info);
         drop(failed);
         let mut text = String::new();
@@ -420,7 +428,7 @@ mod tests {
                 .to_string()
         };
         let opened = line("istio_tcp_connections_opened_total{");
-        assert!(opened.ends_with(" 2"), "{opened}");
+        assert!(opened.ends_with(" 3"), "{opened}");
         assert!(opened.contains("reporter=\"destination\""), "{opened}");
         assert!(
             opened.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\""),
@@ -430,9 +438,26 @@ mod tests {
         assert!(opened.contains("destination_service_name=\"echo\""));
         assert!(opened.contains("destination_service_namespace=\"default\""));
         assert!(opened.contains("destination_workload=\"unknown\""));
-        assert!(line("istio_tcp_connections_closed_total{").ends_with(" 2"));
-        assert!(line("istio_tcp_connections_failed_total{").ends_with(" 1"));
-        assert!(line("istio_tcp_received_bytes_total{").ends_with(" 100"));
+        let with_flag = |name: &str, flag: &str| {
+            text.lines()
+                .filter(|l| {
+                    l.starts_with(name) && l.contains(&format!("response_flags=\"{flag}\""))
+                })
+                .map(|l| l.rsplit(' ').next().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        let closed = "istio_tcp_connections_closed_total{";
+        let failed = "istio_tcp_connections_failed_total{";
+        assert_eq!(with_flag(closed, "-"), ["1"], "{text}");
+        assert_eq!(with_flag(closed, "CONNECT"), ["2"], "{text}");
+        assert_eq!(with_flag(failed, "CONNECT"), ["2"], "{text}");
+        assert_eq!(with_flag(failed, "-"), Vec::<String>::new(), "{text}");
+        // Bytes keep the opening labels (`-`), the broken connection's included.
+        assert_eq!(
+            with_flag("istio_tcp_received_bytes_total{", "-"),
+            ["105"],
+            "{text}"
+        );
         assert!(line("istio_tcp_sent_bytes_total{").ends_with(" 7"));
         assert!(line("istio_tcp_sockets_open").ends_with(" 0"));
         let build = line("istio_build{");

@@ -208,7 +208,6 @@ mod tests {
         let copy = Arc::new(Copy::default());
         copy.to.store(5, Ordering::Relaxed); // before the copy: not this connection's
         let mut t = ConnectionTelemetry::open(&m, info(Direction::Inbound));
-        t.established();
         // Inbound HBONE: the copy's to_tunnel is the response.
         t.count_bytes(copy.clone(), false);
         copy.from.fetch_add(1000, Ordering::Relaxed);

@@ -61,8 +61,18 @@ pub enum ResponseFlags {
     None,
     /// `DENY`: denied by authorization policy.
     AuthorizationPolicyDenied,
-    /// `CONNECT`: the upstream (or next-hop) connection could not be established.
+    /// `CONNECT`: the upstream (or next-hop) connection could not be established, or
+    /// broke (upstream's default for any error).
     ConnectionFailure,
+    /// `TLS_FAILURE`: the mTLS handshake with the peer failed (certificate, identity,
+    /// ALPN, timeout).
+    TlsFailure,
+    /// `H2_HANDSHAKE_FAILURE`: HTTP/2 with the peer failed.
+    Http2HandshakeFailure,
+    /// `NETWORK_POLICY`: the HBONE connect timed out, as when a NetworkPolicy drops 15008.
+    NetworkPolicyError,
+    /// `IDENTITY_ERROR`: no certificate for the workload's identity.
+    IdentityError,
 }
 
 impl ResponseFlags {
@@ -71,6 +81,10 @@ impl ResponseFlags {
             ResponseFlags::None => "-",
             ResponseFlags::AuthorizationPolicyDenied => "DENY",
             ResponseFlags::ConnectionFailure => "CONNECT",
+            ResponseFlags::TlsFailure => "TLS_FAILURE",
+            ResponseFlags::Http2HandshakeFailure => "H2_HANDSHAKE_FAILURE",
+            ResponseFlags::NetworkPolicyError => "NETWORK_POLICY",
+            ResponseFlags::IdentityError => "IDENTITY_ERROR",
         }
     }
 }
