@@ -153,6 +153,19 @@ fn plain_client_reaches_server_only_through_hbone() {
                 && l.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/sa-a\"")),
         "{metrics}"
     );
+    // Upstream's process and runtime families, for the ztunnel dashboard.
+    for name in [
+        "process_open_fds ",
+        "process_max_fds ",
+        "tokio_num_workers ",
+        "tokio_num_alive_tasks ",
+        "tokio_worker_park_count_total{worker=\"0\"} ",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(name)),
+            "{name}missing:\n{metrics}"
+        );
+    }
     // The log filter follows the admin endpoint (istioctl ztunnel-config log).
     let a = mesh.a();
     assert_eq!(

@@ -151,6 +151,8 @@ pub fn run(mut cfg: Config) -> Result<(), AppError> {
 
     let workers = DataPlaneThreads::start(cfg.worker_threads)?;
     let rt = workers.coordinator();
+    registry.register_collector(Box::new(crate::telemetry::runtime::ProcessCollector));
+    crate::telemetry::runtime::RuntimeCollector::register(&mut registry, workers.handles.clone());
 
     // KUBERNETES_DISCOVERY=true: watch the cluster (state::kube) from a thread of its
     // own; not ready until listed.

@@ -14,6 +14,7 @@ pub mod access_log;
 pub mod live;
 pub mod logging;
 pub mod metrics;
+pub mod runtime;
 
 pub use access_log::{ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, ServiceInfo};
 pub use live::ByteSource;
