@@ -1,4 +1,5 @@
-//! HTTP endpoints for operators: admin on `localhost:15000` (`/config_dump`,
+//! HTTP endpoints for operators: admin on `localhost:15000` (127.0.0.1 and ::1;
+//! `/config_dump`,
 //! `/debug/connections`), Prometheus on `[::]:15020/metrics`, readiness on
 //! `[::]:15021/healthz/ready`. HTTP/1.1 (hyper), served on the admin runtime, never on the
 //! data-plane threads.
@@ -33,6 +34,8 @@ pub struct AdminState {
     pub cfg: Arc<Config>,
     pub store: Store,
     pub certs: Arc<SecretManager>,
+    /// The trust roots (their certificates are shown in `/config_dump`).
+    pub roots: crate::tls::roots::TrustRoots,
     pub registry: Arc<Registry>,
     pub readiness: Readiness,
     pub proxies: ProxyLister,
@@ -80,14 +83,35 @@ pub async fn start(
         stats: stats.local_addr().unwrap_or(state.cfg.stats_addr),
         readiness: ready.local_addr().unwrap_or(state.cfg.readiness_addr),
     };
+    let admin_v6 = ipv6_loopback_twin(addrs.admin).await;
     for (listener, endpoint) in [
         (admin, Endpoint::Admin),
         (stats, Endpoint::Stats),
         (ready, Endpoint::Readiness),
-    ] {
+    ]
+    .into_iter()
+    .chain(admin_v6.map(|l| (l, Endpoint::Admin)))
+    {
         tokio::spawn(serve(listener, endpoint, state.clone(), stop.clone()));
     }
     Ok(addrs)
+}
+
+/// Admin on "localhost" means both loopbacks, as upstream: for `127.0.0.1:port` also
+/// `[::1]:port` (so port-forwarding to `localhost` works whichever family it picks),
+/// skipped with a debug line where the namespace has no IPv6 loopback.
+async fn ipv6_loopback_twin(v4: SocketAddr) -> Option<TcpListener> {
+    if v4.ip() != std::net::IpAddr::from([127, 0, 0, 1]) {
+        return None;
+    }
+    let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, v4.port()));
+    match TcpListener::bind(v6).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::debug!(addr = %v6, error = %e, "admin not served on the IPv6 loopback");
+            None
+        }
+    }
 }
 
 /// `[::]` falls back to `0.0.0.0` where IPv6 is unavailable.
@@ -239,5 +263,35 @@ fn route<B>(
             "ztunnel admin\n  /config_dump         workloads, services, policies, certificates, proxies\n  /debug/connections   open connections and pooled HBONE connections per proxy\n  /healthz/ready       readiness\n  /logging             GET: the log filter; POST ?level=<RUST_LOG filter> sets it, POST ?reset restores the start-up one\n",
         ),
         _ => text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}\n")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn admin_on_localhost_listens_on_both_loopbacks() {
+        let v4 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = v4.local_addr().unwrap();
+        let Some(v6) = ipv6_loopback_twin(addr).await else {
+            // Only where the test's namespace has no ::1 (IPv6 disabled).
+            assert!(
+                TcpListener::bind("[::1]:0").await.is_err(),
+                "::1 is usable but no twin was bound"
+            );
+            eprintln!("skipped: no IPv6 loopback here");
+            return;
+        };
+        assert_eq!(
+            v6.local_addr().unwrap(),
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        );
+        // Not for other addresses (an explicit ADMIN_ADDR is taken as given).
+        assert!(
+            ipv6_loopback_twin(SocketAddr::from(([0, 0, 0, 0], addr.port())))
+                .await
+                .is_none()
+        );
     }
 }
