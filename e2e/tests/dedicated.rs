@@ -208,8 +208,22 @@ fn plain_client_reaches_server_only_through_hbone() {
         .iter()
         .find(|c| c["identity"] == mesh.a().identity().as_str())
         .unwrap_or_else(|| panic!("no certificate for A: {dump:#}"));
-    assert_eq!(cert["state"], "available", "{cert:#}");
-    let expires = humantime::parse_rfc3339(cert["expiration"].as_str().expect("expiration"))
+    // Upstream's shape (istioctl ztunnel-config certificates): the leaf first, then the
+    // trust roots, each with a decimal serial and RFC 3339 validity.
+    assert_eq!(cert["state"], "Available", "{cert:#}");
+    let leaf = &cert["certChain"][0];
+    assert!(
+        leaf["serialNumber"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())),
+        "{cert:#}"
+    );
+    assert_eq!(
+        cert["rootCerts"].as_array().map(Vec::len),
+        Some(1),
+        "{cert:#}"
+    );
+    let expires = humantime::parse_rfc3339(leaf["expirationTime"].as_str().expect("expiration"))
         .expect("RFC 3339 expiration");
     let left = expires
         .duration_since(std::time::SystemTime::now())

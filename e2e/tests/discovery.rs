@@ -226,6 +226,7 @@ async fn api_changes_reach_the_store_routing_policies_and_config_dump() {
         cfg: Arc::new(cfg),
         store: c.store.clone(),
         certs: ztunnel::identity::SecretManager::new(Arc::new(local_ca), Duration::from_secs(3600)),
+        roots: ztunnel::tls::roots::TrustRoots::from_pem(&root.0, "dump root").unwrap(),
         registry: Arc::new(prometheus_client::registry::Registry::default()),
         readiness,
         proxies: Arc::new(Vec::new),

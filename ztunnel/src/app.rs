@@ -174,6 +174,7 @@ pub fn run(mut cfg: Config) -> Result<(), AppError> {
         cfg: cfg.clone(),
         store: store.clone(),
         certs: certs.clone(),
+        roots: roots.clone(),
         registry: Arc::new(registry),
         readiness: readiness.clone(),
         proxies: lister,

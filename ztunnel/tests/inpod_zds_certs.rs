@@ -86,7 +86,7 @@ async fn del_workload_forgets_the_identity_of_the_last_replica() {
         .add_workload("uid-q", other_info, &ns_other)
         .await
         .unwrap();
-    let listed = |id: &Identity| certs.dump().iter().any(|d| d.identity == id.to_string());
+    let listed = |id: &Identity| certs.dump(&[]).iter().any(|d| d.identity == id.to_string());
     wait_until("both identities issued", || {
         certs.current(&id).is_some() && certs.current(&other).is_some()
     })
@@ -107,7 +107,7 @@ async fn del_workload_forgets_the_identity_of_the_last_replica() {
     // The last one goes: once drained, the identity is forgotten.
     server.del_workload("uid-2").await.unwrap();
     wait_until("last replica drained", || certs.holders("ns", "sa") == 0).await;
-    assert!(!listed(&id), "{:?}", certs.dump());
+    assert!(!listed(&id), "{:?}", certs.dump(&[]));
     let after = provider.count(&id);
     let other_before = provider.count(&other);
     tokio::time::sleep(renewal).await;

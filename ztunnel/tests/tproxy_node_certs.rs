@@ -221,7 +221,12 @@ fn node_proxy_forgets_the_certificate_of_the_last_workload_that_left() {
         .expect("proxy started");
 
     let a_id = Identity::new("cluster.local", "ns-a", "sa-a");
-    let listed = || certs.dump().iter().any(|d| d.identity == a_id.to_string());
+    let listed = || {
+        certs
+            .dump(&[])
+            .iter()
+            .any(|d| d.identity == a_id.to_string())
+    };
     assert!(!listed(), "nothing fetched before traffic");
 
     // a → r (node n2): captured, a's certificate fetched for the HBONE connection.

@@ -65,7 +65,7 @@ pub fn config_dump(state: &AdminState) -> String {
         workloads,
         services,
         policies: snap.policies().iter().collect(),
-        certificates: state.certs.dump(),
+        certificates: state.certs.dump(&state.roots.certificates()),
         certificate_provider: state.certs.provider_name(),
         proxies,
     };

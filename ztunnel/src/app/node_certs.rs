@@ -150,7 +150,7 @@ mod tests {
     }
 
     fn listed(certs: &SecretManager, id: &Identity) -> bool {
-        certs.dump().iter().any(|d| d.identity == id.to_string())
+        certs.dump(&[]).iter().any(|d| d.identity == id.to_string())
     }
 
     /// Shorter than the CA's back-dating: certificates are renewed every second.
@@ -213,7 +213,7 @@ mod tests {
         src.remove_workload("b2");
         settled().await;
         assert!(!listed(&certs, &b), "last replica of b gone");
-        assert_eq!(certs.dump().len(), 1, "{:?}", certs.dump());
+        assert_eq!(certs.dump(&[]).len(), 1, "{:?}", certs.dump(&[]));
     }
 
     /// A workload removed and re-added in two changes closer than the settle time keeps its

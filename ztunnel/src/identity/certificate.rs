@@ -133,6 +133,55 @@ impl WorkloadCertificate {
     }
 }
 
+/// One certificate as `/config_dump` shows it (upstream's shape, read by `istioctl
+/// ztunnel-config certificates`): the PEM text base64-encoded, the serial number in
+/// decimal, validity in RFC 3339 (seconds, UTC).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertDump {
+    pub pem: String,
+    pub serial_number: String,
+    pub valid_from: String,
+    pub expiration_time: String,
+    /// Issuer = subject: a root (upstream lists roots apart from the chain).
+    #[serde(skip)]
+    pub self_signed: bool,
+}
+
+impl CertDump {
+    /// From a DER certificate; `None` if it does not parse.
+    pub fn from_der(der: &[u8]) -> Option<CertDump> {
+        use base64::Engine;
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.encode(der).as_bytes().chunks(64) {
+            pem.push_str(std::str::from_utf8(line).ok()?);
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+        let time = |t: i64| {
+            let t = UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
+            humantime::format_rfc3339_seconds(t).to_string()
+        };
+        Some(CertDump {
+            pem: b64.encode(pem),
+            serial_number: cert.tbs_certificate.serial.to_string(),
+            valid_from: time(cert.validity().not_before.timestamp()),
+            expiration_time: time(cert.validity().not_after.timestamp()),
+            self_signed: cert.subject() == cert.issuer(),
+        })
+    }
+
+    /// Every certificate of a PEM bundle, in order (unparsable ones left out).
+    pub fn from_pem_bundle(pem: &str) -> Vec<CertDump> {
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .filter_map(|c| c.ok())
+            .filter_map(|c| CertDump::from_der(c.as_ref()))
+            .collect()
+    }
+}
+
 /// Facts read from a leaf certificate.
 #[derive(Debug, Clone)]
 pub struct LeafInfo {

@@ -19,9 +19,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{CertificateParams, KeyPair, SanType};
+use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
+use super::certificate::CertDump;
 use super::owners::{Account, Owners, account_of};
 use super::provider::{CertificateProvider, CertificateRequest};
 use super::{Identity, WorkloadCertificate};
@@ -82,22 +84,20 @@ impl Drop for AccountHold {
     }
 }
 
-/// What `/config_dump` shows for one identity.
+/// What `/config_dump` shows for one identity (upstream's `certificates` entries):
+/// `state` is `Initializing`, `Available` or `Unavailable: <reason>`; `certChain` the
+/// leaf and intermediates (a root the CA sent along is left out), `rootCerts` the trust
+/// roots; `refreshAt` (ours) when the
+/// certificate will be renewed.
 #[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct CertificateDump {
     pub identity: String,
-    pub state: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub serial: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub not_before: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub expiration: Option<String>,
+    pub state: String,
+    pub cert_chain: Vec<CertDump>,
+    pub root_certs: Vec<CertDump>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refresh_at: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    pub chain: Vec<String>,
 }
 
 impl SecretManager {
@@ -268,40 +268,41 @@ impl SecretManager {
             .collect()
     }
 
-    /// State of every identity, sorted by identity.
-    pub fn dump(&self) -> Vec<CertificateDump> {
+    /// State of every identity, sorted by identity; `roots` are the trust roots (DER).
+    pub fn dump(&self, roots: &[CertificateDer<'_>]) -> Vec<CertificateDump> {
+        let roots: Vec<CertDump> = roots
+            .iter()
+            .filter_map(|r| CertDump::from_der(r.as_ref()))
+            .collect();
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<CertificateDump> = entries
             .iter()
             .map(|(id, entry)| {
                 let mut d = CertificateDump {
                     identity: id.to_string(),
-                    state: "pending",
-                    serial: None,
-                    not_before: None,
-                    expiration: None,
+                    state: "Initializing".to_string(),
+                    cert_chain: Vec::new(),
+                    root_certs: Vec::new(),
                     refresh_at: None,
-                    error: None,
-                    chain: Vec::new(),
                 };
                 match &*entry.state.borrow() {
                     CertState::Pending => {}
-                    CertState::Failed(e) => {
-                        d.state = "failed";
-                        d.error = Some(e.reason.clone());
-                    }
+                    CertState::Failed(e) => d.state = format!("Unavailable: {}", e.reason),
                     CertState::Ready(c) => {
                         d.state = if c.is_expired(SystemTime::now()) {
-                            "expired"
+                            "Unavailable: certificate expired and not renewed yet".to_string()
                         } else {
-                            "available"
+                            "Available".to_string()
                         };
-                        d.serial = Some(c.serial().to_string());
-                        let t = |t| humantime::format_rfc3339_seconds(t).to_string();
-                        d.not_before = Some(t(c.not_before()));
-                        d.expiration = Some(t(c.not_after()));
-                        d.refresh_at = Some(t(c.refresh_at()));
-                        d.chain = c.chain_pem().to_vec();
+                        d.cert_chain = c
+                            .chain_pem()
+                            .iter()
+                            .flat_map(|p| CertDump::from_pem_bundle(p))
+                            .filter(|c| !c.self_signed)
+                            .collect();
+                        d.root_certs = roots.clone();
+                        d.refresh_at =
+                            Some(humantime::format_rfc3339_seconds(c.refresh_at()).to_string());
                     }
                 }
                 d
@@ -449,7 +450,6 @@ pub fn generate_csr(identity: &Identity) -> Result<(String, String), String> {
 mod tests {
     use super::*;
     use crate::identity::local_ca::LocalCa;
-    use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -513,10 +513,36 @@ mod tests {
             // Cached: the same certificate until renewal.
             let again = certs.fetch_certificate(&id).await.unwrap();
             assert_eq!(again.serial(), cert.serial());
-            let dump = certs.dump();
+            let dump = certs.dump(&[]);
             assert_eq!(dump.len(), 1);
             assert_eq!(dump[0].identity, id.to_string());
-            assert!(dump[0].expiration.is_some() && dump[0].refresh_at.is_some());
+            assert_eq!(dump[0].state, "Available");
+            assert!(dump[0].refresh_at.is_some());
+            // The leaf first, in upstream's shape: decimal serial, RFC 3339 validity,
+            // the PEM base64-encoded.
+            let leaf = &dump[0].cert_chain[0];
+            let serial =
+                x509_parser::num_bigint::BigUint::parse_bytes(cert.serial().as_bytes(), 16)
+                    .unwrap()
+                    .to_string();
+            assert_eq!(leaf.serial_number, serial, "{root}");
+            assert_eq!(
+                leaf.expiration_time,
+                humantime::format_rfc3339_seconds(cert.not_after()).to_string()
+            );
+            assert_eq!(
+                leaf.valid_from,
+                humantime::format_rfc3339_seconds(cert.not_before()).to_string()
+            );
+            use base64::Engine;
+            let pem = base64::engine::general_purpose::STANDARD
+                .decode(&leaf.pem)
+                .unwrap();
+            assert!(pem.starts_with(b"-----BEGIN CERTIFICATE-----\n"));
+            assert_eq!(
+                CertDump::from_pem_bundle(std::str::from_utf8(&pem).unwrap())[0],
+                *leaf
+            );
         }
     }
 
@@ -567,7 +593,7 @@ mod tests {
         certs.fetch_certificate(&id).await.unwrap();
         certs.fetch_certificate(&other).await.unwrap();
         let listed = |certs: &SecretManager, id: &Identity| {
-            certs.dump().iter().any(|d| d.identity == id.to_string())
+            certs.dump(&[]).iter().any(|d| d.identity == id.to_string())
         };
         let wait = MIN_REFRESH + Duration::from_millis(700);
 
@@ -618,7 +644,7 @@ mod tests {
         for id in [&node_only, &held, &both] {
             certs.fetch_certificate(id).await.unwrap();
         }
-        let listed = |id: &Identity| certs.dump().iter().any(|d| d.identity == id.to_string());
+        let listed = |id: &Identity| certs.dump(&[]).iter().any(|d| d.identity == id.to_string());
 
         let gone = certs.claim_for_node(HashSet::from([node_only.clone(), both.clone()]));
         assert!(gone.is_empty(), "{gone:?}");
@@ -659,7 +685,7 @@ mod tests {
         assert!(certs.current(&straggler).is_none());
         assert!(
             !certs
-                .dump()
+                .dump(&[])
                 .iter()
                 .any(|d| d.identity == straggler.to_string())
         );

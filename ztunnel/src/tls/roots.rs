@@ -20,13 +20,21 @@ use crate::file_watch::{self, FileWatcher, WatchError};
 /// The certificates a peer's chain must lead to (shared; see the module docs).
 #[derive(Clone, Debug)]
 pub struct TrustRoots {
-    current: Arc<RwLock<Arc<RootCertStore>>>,
+    current: Arc<RwLock<RootSet>>,
+}
+
+/// One consistent set: the verifier's store and the certificates it was built from
+/// (for `/config_dump`).
+#[derive(Clone, Debug)]
+struct RootSet {
+    store: Arc<RootCertStore>,
+    certs: Arc<[CertificateDer<'static>]>,
 }
 
 impl TrustRoots {
-    fn new(store: RootCertStore) -> Self {
+    fn new(set: RootSet) -> Self {
         TrustRoots {
-            current: Arc::new(RwLock::new(Arc::new(store))),
+            current: Arc::new(RwLock::new(set)),
         }
     }
 
@@ -43,17 +51,26 @@ impl TrustRoots {
         Ok(Self::new(parse_pem(pem, source_name)?))
     }
 
-    /// The roots now (a snapshot: a handshake verifies against one consistent set).
-    pub fn store(&self) -> Arc<RootCertStore> {
+    fn current(&self) -> RootSet {
         self.current
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    /// Makes `store` the roots of this handle and all its clones.
-    fn set(&self, store: RootCertStore) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(store);
+    /// The roots now (a snapshot: a handshake verifies against one consistent set).
+    pub fn store(&self) -> Arc<RootCertStore> {
+        self.current().store
+    }
+
+    /// The root certificates now (DER).
+    pub fn certificates(&self) -> Arc<[CertificateDer<'static>]> {
+        self.current().certs
+    }
+
+    /// Makes `set` the roots of this handle and all its clones.
+    fn set(&self, set: RootSet) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = set;
     }
 
     pub fn len(&self) -> usize {
@@ -68,10 +85,11 @@ impl TrustRoots {
 fn store_of(
     certs: impl IntoIterator<Item = CertificateDer<'static>>,
     source_name: &str,
-) -> Result<RootCertStore, TlsError> {
+) -> Result<RootSet, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = certs.into_iter().collect();
     let mut store = RootCertStore::empty();
-    for c in certs {
-        store.add(c).map_err(|e| TlsError::Roots {
+    for c in &certs {
+        store.add(c.clone()).map_err(|e| TlsError::Roots {
             source_name: source_name.to_string(),
             reason: format!("unusable root certificate: {e}"),
         })?;
@@ -82,10 +100,13 @@ fn store_of(
             reason: "no certificate".to_string(),
         });
     }
-    Ok(store)
+    Ok(RootSet {
+        store: Arc::new(store),
+        certs: certs.into(),
+    })
 }
 
-fn parse_pem(pem: &str, source_name: &str) -> Result<RootCertStore, TlsError> {
+fn parse_pem(pem: &str, source_name: &str) -> Result<RootSet, TlsError> {
     let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
     let certs = certs.map_err(|e| TlsError::Roots {
         source_name: source_name.to_string(),
@@ -113,9 +134,9 @@ pub fn watch_file(path: &Path, source_name: &str) -> Result<(TrustRoots, FileWat
     let shared = roots.clone();
     let name = source_name.to_string();
     let watcher = file_watch::watch(path, pem, move |text| match parse_pem(text, &name) {
-        Ok(store) => {
-            let count = store.len();
-            shared.set(store);
+        Ok(set) => {
+            let count = set.store.len();
+            shared.set(set);
             tracing::info!(roots = count, file = %name, "trust roots reloaded; new handshakes use them");
             true
         }
