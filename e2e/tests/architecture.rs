@@ -118,7 +118,7 @@ fn node_agent_layers() {
     check(
         "node-agent",
         &[
-            &["http_endpoint"],
+            &["http_endpoint", "log_scope"],
             &["health", "metrics", "memory"],
             &["redirect"],
             &["zds"],

@@ -360,6 +360,7 @@ async fn node_agent_ca_binary_serves_readiness_metrics_and_certificates() {
             .env("READY_PORT", ready.to_string())
             .env("METRICS_PORT", metrics.to_string())
             .env("RUST_LOG", "info")
+            .env("LOG_FORMAT", "json")
             .kill_on_drop(true)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -387,10 +388,25 @@ async fn node_agent_ca_binary_serves_readiness_metrics_and_certificates() {
         }
         assert!(!exited, "node-agent ca exited:\n{log_text}");
         assert!(ready_seen, "node-agent ca never became ready:\n{log_text}");
-        started = Some((child, grpc, metrics));
+        started = Some((child, grpc, metrics, log_path));
         break;
     }
-    let (mut child, grpc, metrics) = started.expect("node-agent ca started (ports kept colliding)");
+    let (mut child, grpc, metrics, log_path) =
+        started.expect("node-agent ca started (ports kept colliding)");
+    // LOG_FORMAT=json: Istio's Go keys (as istio-cni writes them), scope = the module.
+    let log_text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let lines: Vec<serde_json::Value> = log_text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|v| v["scope"] == "ca"
+            && v["msg"].is_string()
+            && v["level"] == "info"
+            && v["time"].as_str().is_some_and(|t| t.ends_with('Z'))),
+        "{log_text}"
+    );
 
     let client = kube::Client::try_from(api.kube_config()).unwrap();
     let zt1 = token_request(

@@ -8,9 +8,12 @@ pub mod config;
 pub mod health;
 pub mod http_endpoint;
 pub mod install;
+pub mod log_scope;
 pub mod memory;
 pub mod metrics;
 pub mod plugin_events;
 pub mod reconcile;
 pub mod redirect;
 pub mod zds;
+
+pub use log_scope::log_scope;

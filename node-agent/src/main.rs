@@ -31,7 +31,11 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_ansi(ansi);
     if std::env::var("LOG_FORMAT").is_ok_and(|f| f.trim() == "json") {
-        builder.json().init();
+        // istio-cni's JSON keys (Istio's Go logger), so its log pipelines read ours.
+        builder
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(mesh_logging::IstioJson::istio_go(node_agent::log_scope))
+            .init();
     } else {
         builder.init();
     }
