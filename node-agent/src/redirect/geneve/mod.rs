@@ -480,6 +480,10 @@ impl GeneveRedirector {
             ));
         }
         info!(pod = %pod.key(), uid = %pod.uid, ip = %plan.ip, "pod enrolled (GENEVE)");
+        let v6 = state::uncaptured_ipv6(&pod.ips);
+        if new_pod && !v6.is_empty() {
+            warn!(pod = %pod.key(), uid = %pod.uid, ipv6 = ?v6, "dual-stack pod: GENEVE mode captures IPv4 only, its IPv6 traffic bypasses ztunnel (in-pod mode captures both)");
+        }
         Ok(())
     }
 

@@ -54,6 +54,15 @@ pub enum PlanError {
     NoIpv4 { key: String },
 }
 
+/// The pod's IPv6 addresses GENEVE mode does not capture (dual-stack pods: their IPv6
+/// traffic bypasses ztunnel, so the agent warns at enrolment).
+pub fn uncaptured_ipv6(ips: &[IpAddr]) -> Vec<IpAddr> {
+    ips.iter()
+        .filter(|ip| matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none()))
+        .copied()
+        .collect()
+}
+
 /// The pod's first IPv4 address.
 pub fn pod_ipv4(ips: &[IpAddr]) -> Option<Ipv4Addr> {
     ips.iter().find_map(|ip| match ip {
@@ -325,6 +334,10 @@ mod tests {
             t.plan_enrol("u1", "ns/a", &[v6]),
             Err(PlanError::NoIpv4 { key: "ns/a".into() })
         );
+        assert_eq!(uncaptured_ipv6(&[v6]), [v6]);
+        let mapped: IpAddr = "::ffff:10.0.0.9".parse().unwrap();
+        let v4: IpAddr = "10.0.0.8".parse().unwrap();
+        assert_eq!(uncaptured_ipv6(&[v4, mapped]), Vec::<IpAddr>::new());
         let plan = t
             .plan_enrol("u1", "ns/a", &[v6, "10.244.1.9".parse().unwrap()])
             .unwrap();
