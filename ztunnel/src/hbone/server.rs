@@ -47,7 +47,8 @@ pub async fn tls_accept(
 
 /// Serves HTTP/2 on `io`: each request is handed to `handler` in its own task on `tracker`.
 /// When `stop` fires, a GOAWAY refuses new streams and the loop ends once open streams
-/// have finished. Returns the connection error, if any.
+/// have finished; a client that stops answering PINGs is dropped (see below). Returns the
+/// connection error, if any.
 pub async fn serve<T, H, Fut>(
     io: T,
     cfg: &H2Config,
@@ -68,6 +69,26 @@ where
         .max_header_list_size(64 * 1024)
         .handshake::<T, Bytes>(io)
         .await?;
+    // As upstream: a PING every keepalive_interval; no PONG within keepalive_timeout means
+    // the client is gone (node crash, partition, its netns deleted with the pod before a
+    // FIN could leave) and the connection is dropped, which ends every stream and closes
+    // the app connections behind them. Without it they would stay open forever.
+    let mut ping = conn.ping_pong();
+    let (interval, timeout) = (cfg.keepalive_interval, cfg.keepalive_timeout);
+    let keepalive = async move {
+        let Some(pp) = ping.as_mut() else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(interval).await;
+            match tokio::time::timeout(timeout, pp.ping(h2::Ping::opaque())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return format!("keepalive PING failed: {e}"),
+                Err(_) => return format!("no PONG within {timeout:?}"),
+            }
+        }
+    };
+    tokio::pin!(keepalive);
     let mut stopping = false;
     loop {
         tokio::select! {
@@ -81,6 +102,10 @@ where
             _ = stop.cancelled(), if !stopping => {
                 stopping = true;
                 conn.graceful_shutdown();
+            }
+            why = &mut keepalive => {
+                tracing::info!(reason = %why, "HBONE client unresponsive; closing its connection and streams");
+                return Ok(());
             }
         }
     }
@@ -170,5 +195,61 @@ mod tests {
             .expect("serve ends after GOAWAY once the client is gone")
             .unwrap()
             .ok();
+    }
+
+    /// A client that stops answering (its node died; no FIN ever arrives) is PINGed and,
+    /// without a PONG, dropped: its streams end instead of holding app connections forever.
+    #[tokio::test]
+    async fn an_unresponsive_client_is_pinged_and_dropped() {
+        let (mut client, server_io) = tokio::io::duplex(1 << 20);
+        let cfg = H2Config {
+            keepalive_interval: Duration::from_millis(100),
+            keepalive_timeout: Duration::from_millis(300),
+            ..H2Config::default()
+        };
+        let stream_ended = CancellationToken::new();
+        let server = {
+            let ended = stream_ended.clone();
+            tokio::spawn(async move {
+                let tracker = TaskTracker::new();
+                serve(server_io, &cfg, CancellationToken::new(), &tracker, {
+                    move |req, _respond| {
+                        let ended = ended.clone();
+                        async move {
+                            // The stream's body ends (with an error) once the connection
+                            // is dropped.
+                            let mut body = req.into_body();
+                            while let Some(Ok(_)) = body.data().await {}
+                            ended.cancel();
+                        }
+                    }
+                })
+                .await
+            })
+        };
+        client.write_all(PREFACE).await.unwrap();
+        write_frame(&mut client, SETTINGS, 0, 0, &[]).await;
+        // One open stream: CONNECT 10.0.0.2:8080 (HPACK, literal without indexing).
+        let mut block = vec![0x02, 7];
+        block.extend_from_slice(b"CONNECT");
+        block.extend_from_slice(&[0x01, 13]);
+        block.extend_from_slice(b"10.0.0.2:8080");
+        write_frame(&mut client, HEADERS, FLAG_END_HEADERS, 1, &block).await;
+        // Read what the server sends, never answering: a PING (not an ACK) must come.
+        let mut pinged = false;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while let Ok(Some(f)) = tokio::time::timeout_at(deadline, read_frame(&mut client)).await {
+            if f.kind == PING && f.flags & FLAG_ACK == 0 {
+                pinged = true;
+                break;
+            }
+        }
+        assert!(pinged, "no PING from the server");
+        let r = tokio::time::timeout(Duration::from_secs(3), server).await;
+        assert!(r.is_ok(), "serve did not give up on the silent client");
+        tokio::time::timeout(Duration::from_secs(3), stream_ended.cancelled())
+            .await
+            .expect("the open stream ended with the connection");
+        drop(client);
     }
 }
