@@ -12,6 +12,20 @@ use std::pin::Pin;
 
 use tokio::net::{TcpListener, TcpStream};
 
+/// TCP keepalive on every proxied socket, as upstream (first probe after 180 s idle, then
+/// every 180 s, 9 probes): keeps idle connections alive through NAT gateways and load
+/// balancers with idle timeouts (the app's own keepalive only reaches ztunnel) and detects
+/// peers that vanished.
+pub fn set_keepalive(sock: socket2::SockRef<'_>) -> io::Result<()> {
+    const IDLE: std::time::Duration = std::time::Duration::from_secs(180);
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(IDLE)
+            .with_interval(IDLE)
+            .with_retries(9),
+    )
+}
+
 /// A boxed, sendable future.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

@@ -95,6 +95,7 @@ pub fn outbound_socket(
         sock.set_mark(mark)?;
     }
     sock.set_tcp_nodelay(true)?;
+    crate::proxy::sockets::set_keepalive(socket2::SockRef::from(&sock))?;
     if let Some(src) = orig_src {
         if dst.is_ipv6() {
             sock.set_ip_transparent_v6(true)?;
@@ -110,4 +111,25 @@ pub fn outbound_socket(
     sock.set_nonblocking(true)?;
     let std_stream: std::net::TcpStream = sock.into();
     Ok(tokio::net::TcpSocket::from_std_stream(std_stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn outbound_sockets_keep_alive_as_upstream() {
+        let sock = outbound_socket(
+            "10.0.0.1:80".parse().unwrap(),
+            None,
+            &SocketOptions::default(),
+        )
+        .unwrap();
+        let r = SockRef::from(&sock);
+        assert!(r.keepalive().unwrap());
+        let idle = std::time::Duration::from_secs(180);
+        assert_eq!(r.tcp_keepalive_time().unwrap(), idle);
+        assert_eq!(r.tcp_keepalive_interval().unwrap(), idle);
+        assert_eq!(r.tcp_keepalive_retries().unwrap(), 9);
+    }
 }

@@ -50,6 +50,7 @@ pub fn transparent_supported() -> bool {
 fn outbound_socket(dst: SocketAddr, orig_src: Option<IpAddr>) -> io::Result<tokio::net::TcpSocket> {
     let sock = Socket::new(Domain::for_address(dst), Type::STREAM.cloexec(), None)?;
     sock.set_tcp_nodelay(true)?;
+    crate::proxy::sockets::set_keepalive(socket2::SockRef::from(&sock))?;
     if let Some(src) = orig_src {
         let src = match (src.to_canonical(), dst) {
             (IpAddr::V4(v4), SocketAddr::V6(_)) => IpAddr::V6(v4.to_ipv6_mapped()),
