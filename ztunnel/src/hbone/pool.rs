@@ -182,8 +182,12 @@ impl Pool {
         let (full_key, entry) = self.entry(key);
         let max = self.inner.cfg.max_streams_per_connection as usize;
         let mut connect = Some(connect);
-        // A pooled connection may turn out dead (peer went away); then retry once on a new one.
-        for attempt in 0..2 {
+        // A pooled connection may turn out dead (peer went away, or it sent GOAWAY): it is
+        // marked closed and the next one is tried, as upstream, until a usable one is found
+        // or a new connection is made; only a new connection's failure is final. Every
+        // round marks one connection closed, so the loop ends.
+        loop {
+            let mut fresh = false;
             let conn = match entry.checkout(max) {
                 Some(c) => c,
                 None => {
@@ -210,6 +214,7 @@ impl Pool {
                             if !conn.try_reserve(max) {
                                 return Err(HboneError::PoolExhausted { dst: key.dst });
                             }
+                            fresh = true;
                             conn
                         }
                     }
@@ -231,8 +236,8 @@ impl Pool {
             if let Err(e) = ready {
                 conn.closed.store(true, Ordering::Release);
                 drop(slot);
-                if attempt == 0 {
-                    tracing::debug!(dst = %key.dst, error = %e, "pooled HBONE connection unusable; reconnecting");
+                if !fresh {
+                    tracing::debug!(dst = %key.dst, error = %e, "pooled HBONE connection unusable; trying the next");
                     continue;
                 }
                 return Err(HboneError::H2 {
@@ -270,7 +275,6 @@ impl Pool {
             }
             return Ok(H2Stream::new(stream, response.into_body()).with_guard(Box::new(slot)));
         }
-        unreachable!("the loop returns on its second attempt")
     }
 
     /// Open pooled connections.
@@ -509,6 +513,64 @@ mod tests {
             msg.contains("10.0.0.2:15008") && msg.contains("10.0.0.2:8080"),
             "{msg}"
         );
+    }
+
+    /// An HTTP/2 peer on an in-memory pipe: answers every CONNECT with 200 and keeps the
+    /// stream open; `goaway` makes it send GOAWAY (graceful: open streams go on).
+    fn h2_peer(goaway: CancellationToken) -> tokio::io::DuplexStream {
+        let (client_io, server_io) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            let mut open = Vec::new();
+            let mut sent = false;
+            loop {
+                tokio::select! {
+                    next = conn.accept() => match next {
+                        Some(Ok((_req, mut respond))) => {
+                            let resp = http::Response::builder().status(200).body(()).unwrap();
+                            open.push(respond.send_response(resp, false).unwrap());
+                        }
+                        _ => return,
+                    },
+                    _ = goaway.cancelled(), if !sent => {
+                        sent = true;
+                        conn.graceful_shutdown();
+                    }
+                }
+            }
+        });
+        client_io
+    }
+
+    /// Two pooled connections whose peers both sent GOAWAY (a peer ztunnel draining, with
+    /// long-lived streams keeping both open): a new stream skips both and gets a new
+    /// connection, instead of failing after the second.
+    #[tokio::test]
+    async fn every_connection_that_went_away_is_skipped() {
+        let cfg = H2Config {
+            max_streams_per_connection: 2,
+            ..H2Config::default()
+        };
+        let pool = Pool::new(cfg, CancellationToken::new(), TaskTracker::new());
+        let goaway = CancellationToken::new();
+        let key = test_key();
+        let open = |peer: CancellationToken| {
+            pool.open_stream(
+                &key,
+                test_request(),
+                Duration::from_secs(2),
+                move || async move { Ok::<_, HboneError>(h2_peer(peer)) },
+            )
+        };
+        let s1 = open(goaway.clone()).await.unwrap();
+        let s2 = open(goaway.clone()).await.unwrap();
+        let s3 = open(goaway.clone()).await.unwrap(); // a second connection
+        drop(s2); // the first has a free slot again
+        goaway.cancel();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let s4 = open(CancellationToken::new()).await;
+        assert!(s4.is_ok(), "{:?}", s4.err());
+        drop((s1, s3));
     }
 
     /// A failed attempt fails the streams that waited for it, not the ones that come later.
