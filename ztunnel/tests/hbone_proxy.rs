@@ -20,6 +20,93 @@ fn sa(ip: std::net::IpAddr, port: u16) -> SocketAddr {
 
 // One runtime thread: the pool keeps connections per worker thread, so
 // "both streams share one connection" only holds when they run on one.
+/// The kernel timer of the established TCP socket whose local address is `local`, from
+/// `/proc/net/tcp` (`tr` column: 2 = keepalive timer pending).
+fn tcp_timer(local: SocketAddr) -> Option<u8> {
+    let SocketAddr::V4(v4) = local else {
+        return None;
+    };
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    std::fs::read_to_string("/proc/net/tcp")
+        .ok()?
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 5 && f[1] == want && f[3] == "01")
+        .and_then(|f| f[5].split(':').next()?.parse().ok())
+}
+
+/// Captured connections get TCP keepalive (as upstream: idle connections survive NAT and
+/// load-balancer idle timeouts, vanished peers are detected): the accepted socket of an
+/// idle connection has its keepalive timer armed.
+#[tokio::test(flavor = "current_thread")]
+async fn captured_connections_keep_alive() {
+    let mesh = Mesh::new("127.77.7", |_| {});
+    let _echo = echo_server(sa(mesh.b_ip, 8080)).await;
+    let (pa, socks) = mesh.proxy("a").await;
+    let (_pb, _) = mesh.proxy("b").await;
+    let listener = pa.addresses().outbound;
+    let c = socks
+        .redirected_connect(mesh.a_ip, listener, sa(mesh.b_ip, 8080))
+        .await
+        .unwrap();
+    let c = {
+        let data = Arc::new(b"ping".to_vec());
+        let mut c = c;
+        c.write_all(&data).await.unwrap();
+        let mut back = [0u8; 4];
+        c.read_exact(&mut back).await.unwrap();
+        c
+    };
+    assert_eq!(
+        tcp_timer(listener),
+        Some(2),
+        "the accepted socket of {listener} has no keepalive timer"
+    );
+    drop(c);
+}
+
+/// A workload connecting to the proxy's own port on loopback (never captured by the pod
+/// rules) or on its own address is refused: passed through, the proxy would connect to
+/// itself again and again until the node's ztunnel ran out of sockets.
+#[tokio::test(flavor = "current_thread")]
+async fn connections_to_the_proxys_own_ports_are_refused() {
+    let mesh = Mesh::new("127.77.8", |_| {});
+    let (pa, socks) = mesh.proxy("a").await;
+    let listener = pa.addresses().outbound;
+    for dst in [
+        sa("127.0.0.1".parse().unwrap(), listener.port()),
+        sa(mesh.a_ip, 15006),
+    ] {
+        let mut c = socks
+            .redirected_connect(mesh.a_ip, listener, dst)
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .expect("closed at once")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "{dst}");
+        wait_for("the refusal is logged", || {
+            !log_lines(&[
+                "connection to the proxy's own port refused",
+                &format!("dst={dst}"),
+            ])
+            .is_empty()
+        })
+        .await;
+    }
+    assert!(
+        log_lines(&["127.77.8", "connection complete", "127.0.0.1:15001"]).is_empty(),
+        "no connection was proxied to the proxy itself"
+    );
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn two_proxies_exchange_data_over_hbone() {
     let mesh = Mesh::new("127.77.1", |_| {});

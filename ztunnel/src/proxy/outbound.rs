@@ -173,15 +173,12 @@ pub(super) async fn handle(
         }
     };
     guard.set_dst(orig_dst);
-    if orig_dst == ctx.addrs.outbound
-        || (ctx.inputs.cfg.ports.is_proxy_port(orig_dst.port())
-            && orig_dst.ip() == ctx.addrs.outbound.ip())
-    {
+    let snap = ctx.inputs.state.snapshot();
+    if is_self_call(&ctx, &snap, orig_dst) {
         tracing::warn!(src = %peer, dst = %orig_dst, "outbound: connection to the proxy's own port refused");
         metrics.refused(Direction::Outbound, RefusalReason::bad_request);
         return;
     }
-    let snap = ctx.inputs.state.snapshot();
     let src_workload = match &ctx.scope {
         ProxyScope::Workload(_) => ctx.local_workload(&snap).cloned(),
         // The source is a workload of this node, on its own network.
@@ -392,6 +389,34 @@ pub(super) async fn handle(
             let out = hbone::copy_tcp_h2(&mut client, stream, guard.counters()).await;
             tele.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());
         }
+    }
+}
+
+/// A connection aimed at one of this proxy's own ports (15001/15006/15008) on an address
+/// of the proxy itself: passed through, it would connect to the proxy again, and again,
+/// each hop holding two sockets until the node's ztunnel runs out (upstream refuses the
+/// loopback case as a self-call). The proxy's addresses: loopback, unspecified, the
+/// listener's, `INSTANCE_IP`, the served workload's IPs (in-pod and dedicated: the pod's
+/// own), and in node scope (TPROXY, listeners in ztunnel's own netns, where this thread
+/// runs) any address of that netns, e.g. its GENEVE tunnel addresses.
+fn is_self_call(ctx: &ProxyCtx, snap: &Snapshot, dst: SocketAddr) -> bool {
+    if !ctx.inputs.cfg.ports.is_proxy_port(dst.port()) {
+        return false;
+    }
+    let ip = dst.ip().to_canonical();
+    if ip.is_loopback()
+        || ip.is_unspecified()
+        || ip == ctx.addrs.outbound.ip().to_canonical()
+        || Some(ip) == ctx.inputs.cfg.instance_ip
+    {
+        return true;
+    }
+    match &ctx.scope {
+        ProxyScope::Workload(_) => ctx
+            .local_workload(snap)
+            .is_some_and(|w| w.workload_ips.contains(&ip)),
+        // An address is local iff a socket can bind to it (no IP_FREEBIND).
+        ProxyScope::Node => std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok(),
     }
 }
 
