@@ -103,6 +103,7 @@ fn certificate_authority(cfg: &Config) -> Result<Authority, AppError> {
 /// Runs ztunnel until SIGTERM/SIGINT; returns after the drain.
 pub fn run(mut cfg: Config) -> Result<(), AppError> {
     crate::process_memory::tune_allocator();
+    raise_open_files_limit();
     // ENABLE_ORIG_SRC unset means "where IP_TRANSPARENT works", in every mode: connections
     // to a local workload then come from the client's address (the in-pod rules route the
     // replies back to ztunnel: connmark 0x111, table 100), as with upstream's ztunnel.
@@ -231,6 +232,23 @@ fn release_startup_memory_when_ready(readiness: Readiness) {
 /// The data-plane threads: `ZTUNNEL_WORKER_THREADS` single-thread runtimes, one per thread
 /// (thread-per-core). Proxies spread accepted connections over them ([`Shards`]); the
 /// first one also runs the coordination tasks (signals, ZDS client, certificate rotation).
+/// Raises the soft open-files limit to the hard one, as upstream: every enrolled pod costs
+/// a netns handle and three listeners, every connection one or two sockets, and container
+/// runtimes often start processes with a soft limit of 1024. At the limit, accepts fail
+/// and a ZDS message carrying a netns arrives truncated (its descriptor dropped), so a
+/// busy node's ztunnel could never replay its snapshot after a restart.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open files limit"),
+    }
+}
+
 struct DataPlaneThreads {
     handles: Vec<tokio::runtime::Handle>,
     threads: Vec<std::thread::JoinHandle<()>>,

@@ -122,3 +122,52 @@ fn inpod_mode_without_net_admin_fails_at_start() {
         "{err}"
     );
 }
+
+/// The soft open-files limit is raised to the hard one at start (as upstream): runtimes
+/// often start containers at 1024, too few for a node's pods and their connections.
+#[test]
+fn the_open_files_limit_is_raised_at_start() {
+    use std::os::unix::process::CommandExt;
+    let testdata = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/ca");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ztunnel"));
+    cmd.arg("proxy")
+        .env_clear()
+        .env("RUST_LOG", "error")
+        .env("PROXY_MODE", "shared")
+        .env("INPOD_ENABLED", "true")
+        .env("INPOD_UDS", dir.path().join("absent.sock"))
+        .env("CA_ROOT_CERT", format!("{testdata}/ec-root.pem"))
+        .env("CA_ROOT_KEY", format!("{testdata}/ec-root.key"))
+        .env("ADMIN_ADDR", "127.0.0.1:0")
+        .env("STATS_ADDR", "127.0.0.1:0")
+        .env("READINESS_ADDR", "127.0.0.1:0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: only an async-signal-safe syscall between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 256, 4096)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let limits = format!("/proc/{}/limits", child.id());
+    let soft = || -> Option<String> {
+        let text = std::fs::read_to_string(&limits).ok()?;
+        let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+        line.split_whitespace().nth(3).map(str::to_string)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut seen = soft();
+    while seen.as_deref() != Some("4096") && std::time::Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        seen = soft();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(seen.as_deref(), Some("4096"), "soft limit not raised");
+}
