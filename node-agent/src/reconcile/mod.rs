@@ -500,15 +500,28 @@ impl Reconciler {
         self.resolver.paths().forget(uid).await;
     }
 
-    /// Start-up: rebuild the redirection of every pod that should be
-    /// enrolled (one [`Redirector::reconcile`] call), drop netns records of
-    /// pods that no longer exist, then queue every pod once. Call after the
-    /// cache is synced and before [`Reconciler::spawn_workers`].
+    /// Start-up: rebuild the redirection of every pod a previous agent
+    /// enrolled (annotated `enabled`; one [`Redirector::reconcile`] call, which
+    /// also makes the ZDS snapshot), drop netns records of pods that no
+    /// longer exist, then queue every pod once. Call after the cache is synced
+    /// and before [`Reconciler::spawn_workers`].
+    ///
+    /// As upstream's snapshot, the annotation decides, not the label: a pod
+    /// that should be enrolled but never was (labelled while the agent was
+    /// down, or a failed enrolment undone) is enrolled by the queue with its
+    /// rules and ztunnel's acknowledgement, instead of being recorded as
+    /// enrolled with rules it never got (with start-up rule reconciliation
+    /// off, its traffic bypassed ztunnel); a pod enrolled before but no longer
+    /// wanted (unlabelled meanwhile) or without an IP in the cache yet stays in
+    /// the snapshot, so ztunnel keeps serving it until the queue removes its
+    /// rules, instead of draining its proxy under them.
     pub async fn startup(&self) {
         let t0 = std::time::Instant::now();
         let mut list = Vec::new();
         for pod in self.cache.pods() {
-            if let Desired::Enrol(_) = self.desired(Some(&pod)) {
+            let enrolled_before =
+                pod.redirection.as_deref() == Some(crate::cluster::pod::REDIRECTION_ENABLED);
+            if enrolled_before && self.desired(Some(&pod)) != Desired::Gone {
                 let netns = if self.cfg.needs_netns {
                     self.resolver.resolve(&pod.uid).await
                 } else {

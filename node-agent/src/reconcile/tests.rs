@@ -384,10 +384,9 @@ async fn pending_until_ztunnel_connects() {
 
 #[tokio::test]
 async fn fatal_failures_are_retried_with_backoff_and_not_annotated() {
-    let h = Harness::new(
-        vec![running("u1", "demo", "a", "10.0.0.1")],
-        vec![ns("demo", Some("ambient"))],
-    );
+    let mut enrolled = running("u1", "demo", "a", "10.0.0.1");
+    enrolled.redirection = Some("enabled".into()); // by the previous agent
+    let h = Harness::new(vec![enrolled], vec![ns("demo", Some("ambient"))]);
     h.redir.fatal.lock().unwrap().insert("u1".into());
     // start-up hands u1 to reconcile (the fake reports it enrolled); make
     // the next pass fail by changing the pod
@@ -489,12 +488,43 @@ async fn startup_rebuilds_and_undoes_a_previous_agents_work() {
     );
     let _w = started(&h).await;
     h.settle().await;
-    assert_eq!(*h.redir.reconciled.lock().unwrap(), vec!["u1".to_string()]);
+    // Both were enrolled by the previous agent: both stay in ztunnel's snapshot until
+    // the queue has removed the one no longer wanted (as upstream).
+    let mut reconciled = h.redir.reconciled.lock().unwrap().clone();
+    reconciled.sort();
+    assert_eq!(reconciled, ["u1", "u2"]);
     assert_eq!(h.redir.calls("unenrol"), vec!["u2"]);
     assert!(h.redir.calls("enrol").is_empty(), "reconcile, not re-enrol");
     assert_eq!(h.api.annotation_of("plain/b"), Some(None));
     assert_eq!(h.api.annotation_of("demo/a"), None, "already correct");
     assert_eq!(h.r.enrolled_uids(), vec!["u1"]);
+}
+
+/// At start-up the annotation decides what a previous agent enrolled, as upstream's
+/// snapshot: a pod labelled while the agent was down (never enrolled, no annotation) is
+/// enrolled with its rules and ztunnel's acknowledgement, not recorded as enrolled by the
+/// start-up reconcile (whose rule re-application may be off); an enrolled pod whose IP the
+/// cache does not have yet stays in the snapshot (ztunnel keeps its proxy).
+#[tokio::test]
+async fn startup_snapshot_follows_the_annotation() {
+    let new = running("u1", "demo", "new", "10.0.0.1");
+    let mut no_ip = running("u2", "demo", "old", "10.0.0.2");
+    no_ip.redirection = Some("enabled".into());
+    no_ip.ips.clear();
+    let h = Harness::new(vec![new, no_ip], vec![ns("demo", Some("ambient"))]);
+    let _w = started(&h).await;
+    h.settle().await;
+    assert_eq!(*h.redir.reconciled.lock().unwrap(), vec!["u2".to_string()]);
+    assert_eq!(
+        h.redir.calls("enrol"),
+        vec!["u1"],
+        "the new pod is enrolled"
+    );
+    assert!(h.redir.calls("unenrol").is_empty());
+    assert_eq!(
+        h.api.annotation_of("demo/new"),
+        Some(Some("enabled".into()))
+    );
 }
 
 fn add_event(ns: &str, name: &str, uid: Option<&str>) -> CmdAddEvent {

@@ -435,7 +435,7 @@ impl InpodRedirector {
         report
     }
 
-    /// A pod that should be enrolled, at start-up. It goes into the ZDS
+    /// A pod a previous agent enrolled, at start-up. It goes into the ZDS
     /// snapshot whatever happens to its rules: it may still be redirected by
     /// the rules a previous agent applied, and leaving it out would make
     /// ztunnel drain its proxy under them (as upstream, which builds the
