@@ -159,7 +159,7 @@ fn decision(
         dst_workload_namespace: &w.namespace,
         dst_workload_policy_refs: &w.authorization_policies,
         src_identity: identity.and_then(PeerIdentity::from_spiffe),
-        src_ip: ip("10.244.9.9"),
+        src_ip: Some(ip("10.244.9.9")),
         dst_ip: ip(dst),
         dst_port: port,
     }))

@@ -247,7 +247,7 @@ fn main() {
             dst_workload_namespace: sc.ns,
             dst_workload_policy_refs: &sc.refs,
             src_identity: sc.id.map(|id| PeerIdentity::from_spiffe(id).unwrap()),
-            src_ip: sc.src,
+            src_ip: Some(sc.src),
             dst_ip: dst,
             dst_port: sc.port,
         };
@@ -265,7 +265,7 @@ fn main() {
     // For scale: what a linear scan over every policy costs (no index).
     let peer = Peer::new(
         PeerIdentity::from_spiffe("spiffe://cluster.local/ns/stranger/sa/default"),
-        src4,
+        Some(src4),
         dst,
         8080,
     );

@@ -396,3 +396,39 @@ async fn a_new_deny_closes_open_connections_it_matches() {
     // New connections to 8080 are refused as before.
     assert!(!via_proxy_a(&mesh, &pa, &sockets_a, 8080).await);
 }
+
+/// A node proxy without original source (TPROXY mode) connects from its own address, not
+/// the client's: policies cannot see the client's address, so source-IP conditions fail
+/// closed (a DENY on the client's address still denies; before, it was checked against
+/// the proxy's address and let the client in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_ip_conditions_fail_closed_behind_a_node_proxy() {
+    let mesh = Mesh::new("127.79.5", |cfg| {
+        cfg.trusted_node_accounts = vec!["istio-system/ztunnel".parse().unwrap()];
+    });
+    let _echo = echo_server(sa(mesh.b_ip, 8080)).await;
+    let (_pb, _) = mesh.proxy("b").await;
+    // The node proxy of a's node, as a workload of the mesh.
+    let zt_ip: IpAddr = "127.79.5.9".parse().unwrap();
+    let zt: ztunnel::state::Workload = serde_yaml_ng::from_str(
+        "uid: zt\nname: ztunnel-n1\nnamespace: istio-system\nserviceAccount: ztunnel\n\
+         trustDomain: cluster.local\nworkloadIps: [\"127.79.5.9\"]\nprotocol: TCP\nnode: n1\n",
+    )
+    .unwrap();
+    mesh.store.source("node-proxy").upsert_workload(zt);
+    let a = mesh.identity("sa-a", "ns-a");
+    // Acting for a (same node): accepted without policies.
+    assert_eq!(hbone_status(&mesh, zt_ip, &a, 8080).await, StatusCode::OK);
+    set_policies(
+        &mesh,
+        &format!(
+            "- {{name: no-a, namespace: ns-b, scope: Namespace, action: Deny,\n   \
+             rules: [[[{{sourceIps: [\"{}/32\"]}}]]]}}\n",
+            mesh.a_ip
+        ),
+    );
+    assert_eq!(
+        hbone_status(&mesh, zt_ip, &a, 8080).await,
+        StatusCode::UNAUTHORIZED
+    );
+}

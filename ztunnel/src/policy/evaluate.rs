@@ -32,7 +32,9 @@ pub struct Request<'a, S: AsRef<str> = String> {
     /// Peer identity proven by mTLS; `None` for plaintext. Borrow it from
     /// the caller's identity type, or [`PeerIdentity::from_spiffe`].
     pub src_identity: Option<PeerIdentity<'a>>,
-    pub src_ip: IpAddr,
+    /// The client's address; `None` when unknown (source-IP conditions fail closed: a
+    /// DENY that needs them matches, an ALLOW that needs them does not).
+    pub src_ip: Option<IpAddr>,
     pub dst_ip: IpAddr,
     pub dst_port: u16,
 }
@@ -205,7 +207,7 @@ impl PolicySet {
                 if matched {
                     tracing::info!(
                         target: "ztunnel::policy",
-                        policy = %e.key, src.identity = %src, src.ip = %req.src_ip,
+                        policy = %e.key, src.identity = %src, src.ip = ?req.src_ip,
                         dst.ip = %req.dst_ip, dst.port = req.dst_port,
                         "AUDIT authorization policy matched"
                     );
@@ -218,7 +220,7 @@ impl PolicySet {
                     target: "ztunnel::policy",
                     policy = %e.key, action = ?p.action, matched,
                     would_be = if would_be { "allow" } else { "deny" },
-                    actual = %actual, src.identity = %src, src.ip = %req.src_ip,
+                    actual = %actual, src.identity = %src, src.ip = ?req.src_ip,
                     dst.ip = %req.dst_ip, dst.port = req.dst_port,
                     "dry-run authorization policy"
                 );
@@ -339,7 +341,7 @@ mod tests {
             dst_workload_namespace: c.dst,
             dst_workload_policy_refs: c.refs,
             src_identity: c.id.map(|id| PeerIdentity::from_spiffe(id).unwrap()),
-            src_ip: c.src.parse().unwrap(),
+            src_ip: Some(c.src.parse().unwrap()),
             dst_ip: "10.0.1.1".parse().unwrap(),
             dst_port: c.port,
         })
@@ -705,7 +707,7 @@ mod tests {
                 dst_workload_namespace: c.dst,
                 dst_workload_policy_refs: c.refs,
                 src_identity: c.id.map(|id| PeerIdentity::from_spiffe(id).unwrap()),
-                src_ip: c.src.parse().unwrap(),
+                src_ip: Some(c.src.parse().unwrap()),
                 dst_ip: "10.0.1.1".parse().unwrap(),
                 dst_port: c.port,
             };

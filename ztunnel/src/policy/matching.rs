@@ -19,7 +19,7 @@
 
 use std::net::IpAddr;
 
-use super::model::{Authorization, IpBlock, Match, ServiceAccountMatch, StringMatch};
+use super::model::{Action, Authorization, IpBlock, Match, ServiceAccountMatch, StringMatch};
 
 /// A peer's SPIFFE identity in Istio's shape,
 /// `spiffe://<trust_domain>/ns/<namespace>/sa/<service_account>`, borrowed
@@ -131,7 +131,8 @@ impl std::fmt::Display for PeerIdentity<'_> {
 pub struct Peer<'a> {
     /// Proven peer identity; `None` for plaintext.
     pub identity: Option<PeerIdentity<'a>>,
-    pub src_ip: IpAddr,
+    /// `None`: not known (see [`policy_matches`]).
+    pub src_ip: Option<IpAddr>,
     pub dst_ip: IpAddr,
     pub dst_port: u16,
 }
@@ -139,7 +140,7 @@ pub struct Peer<'a> {
 impl<'a> Peer<'a> {
     pub fn new(
         identity: Option<PeerIdentity<'a>>,
-        src_ip: IpAddr,
+        src_ip: Option<IpAddr>,
         dst_ip: IpAddr,
         dst_port: u16,
     ) -> Self {
@@ -152,38 +153,53 @@ impl<'a> Peer<'a> {
     }
 }
 
-/// Whether `policy` matches the connection (regardless of its action).
+/// Whether `policy` matches the connection. The action matters only when the source
+/// address is unknown: its conditions then fail closed, holding for a DENY (or AUDIT)
+/// policy and failing for an ALLOW one.
 pub fn policy_matches(policy: &Authorization, peer: &Peer<'_>) -> bool {
+    let unknown_src_holds = policy.action != Action::Allow;
     policy.rules.iter().any(|rule| {
-        rule.iter()
-            .all(|clause| clause.is_empty() || clause.iter().any(|m| match_matches(m, peer)))
+        rule.iter().all(|clause| {
+            clause.is_empty()
+                || clause
+                    .iter()
+                    .any(|m| match_matches(m, peer, unknown_src_holds))
+        })
     })
 }
 
-fn match_matches(m: &Match, peer: &Peer<'_>) -> bool {
+fn match_matches(m: &Match, peer: &Peer<'_>, unknown_src_holds: bool) -> bool {
     if m.is_empty() {
         return false;
     }
     let id = peer.identity.as_ref();
+    let source_ips = match &peer.src_ip {
+        Some(ip) => field(&m.source_ips, &m.not_source_ips, |b: &IpBlock| {
+            b.contains(ip)
+        }),
+        None => (m.source_ips.is_empty() && m.not_source_ips.is_empty()) || unknown_src_holds,
+    };
     field(&m.destination_ports, &m.not_destination_ports, |p| {
         *p == peer.dst_port
-    }) && field(&m.source_ips, &m.not_source_ips, |b: &IpBlock| {
-        b.contains(&peer.src_ip)
-    }) && field(&m.destination_ips, &m.not_destination_ips, |b: &IpBlock| {
-        b.contains(&peer.dst_ip)
-    }) && field(&m.principals, &m.not_principals, |s| {
-        id.is_some_and(|id| id.principal_matches(s))
-    }) && field(&m.namespaces, &m.not_namespaces, |s| {
-        id.is_some_and(|id| s.matches(id.namespace))
-    }) && field(
-        &m.service_accounts,
-        &m.not_service_accounts,
-        |sa: &ServiceAccountMatch| {
-            id.is_some_and(|id| {
-                id.namespace == sa.namespace && id.service_account == sa.service_account
-            })
-        },
-    )
+    }) && source_ips
+        && field(&m.destination_ips, &m.not_destination_ips, |b: &IpBlock| {
+            b.contains(&peer.dst_ip)
+        })
+        && field(&m.principals, &m.not_principals, |s| {
+            id.is_some_and(|id| id.principal_matches(s))
+        })
+        && field(&m.namespaces, &m.not_namespaces, |s| {
+            id.is_some_and(|id| s.matches(id.namespace))
+        })
+        && field(
+            &m.service_accounts,
+            &m.not_service_accounts,
+            |sa: &ServiceAccountMatch| {
+                id.is_some_and(|id| {
+                    id.namespace == sa.namespace && id.service_account == sa.service_account
+                })
+            },
+        )
 }
 
 /// Positive list: empty or any entry holds; negative list: no entry holds.
@@ -194,7 +210,7 @@ fn field<T>(positive: &[T], negative: &[T], pred: impl Fn(&T) -> bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::model::{Action, Rule, Scope};
+    use crate::policy::model::{Rule, Scope};
 
     fn policy(rules: Vec<Rule>) -> Authorization {
         Authorization {
@@ -215,7 +231,7 @@ mod tests {
     fn plaintext() -> Peer<'static> {
         Peer::new(
             None,
-            "10.0.0.1".parse().unwrap(),
+            Some("10.0.0.1".parse().unwrap()),
             "10.0.1.1".parse().unwrap(),
             8080,
         )
@@ -225,7 +241,7 @@ mod tests {
     fn tls_a() -> Peer<'static> {
         Peer::new(
             PeerIdentity::from_spiffe("spiffe://td/ns/a/sa/client"),
-            "10.0.0.1".parse().unwrap(),
+            Some("10.0.0.1".parse().unwrap()),
             "10.0.1.1".parse().unwrap(),
             8080,
         )
@@ -235,7 +251,7 @@ mod tests {
     fn tls_b() -> Peer<'static> {
         Peer::new(
             PeerIdentity::from_spiffe("spiffe://other-td/ns/b/sa/admin"),
-            "192.168.0.9".parse().unwrap(),
+            Some("192.168.0.9".parse().unwrap()),
             "fd00::1".parse().unwrap(),
             9090,
         )
@@ -597,6 +613,44 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_source_address_fails_closed() {
+        let by_ip = |action, m: Match| Authorization {
+            action,
+            ..single(m)
+        };
+        let from = Match {
+            source_ips: vec![block("10.0.0.0/8")],
+            ..Default::default()
+        };
+        let not_from = Match {
+            not_source_ips: vec![block("10.0.0.0/8")],
+            ..Default::default()
+        };
+        let port = Match {
+            destination_ports: vec![8080],
+            ..Default::default()
+        };
+        let unknown = Peer {
+            src_ip: None,
+            ..tls_a()
+        };
+        // A DENY that needs the address matches; an ALLOW that needs it does not.
+        assert!(policy_matches(&by_ip(Action::Deny, from.clone()), &unknown));
+        assert!(policy_matches(
+            &by_ip(Action::Deny, not_from.clone()),
+            &unknown
+        ));
+        assert!(!policy_matches(&by_ip(Action::Allow, from), &unknown));
+        assert!(!policy_matches(&by_ip(Action::Allow, not_from), &unknown));
+        // Conditions on other attributes are unaffected.
+        assert!(policy_matches(
+            &by_ip(Action::Allow, port.clone()),
+            &unknown
+        ));
+        assert!(policy_matches(&by_ip(Action::Deny, port), &unknown));
+    }
+
+    #[test]
     fn ipv4_mapped_source() {
         let pol = single(Match {
             source_ips: vec![block("10.0.0.0/8")],
@@ -604,7 +658,7 @@ mod tests {
         });
         let peer = Peer::new(
             None,
-            "::ffff:10.1.2.3".parse().unwrap(),
+            Some("::ffff:10.1.2.3".parse().unwrap()),
             "10.0.1.1".parse().unwrap(),
             80,
         );

@@ -6,7 +6,7 @@
 //! that pass are checked again with [`reauthorize`] when policies change
 //! ([`super::policy_watch`]).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::identity::Identity;
 use crate::policy::{Decision, PeerIdentity, Request};
@@ -20,7 +20,9 @@ pub struct AuthorizationRequest<'a> {
     pub dst_workload: &'a Workload,
     /// Proven by mTLS; `None` on plaintext.
     pub src_identity: Option<&'a Identity>,
-    pub src_addr: SocketAddr,
+    /// The client's address; `None` when not known (the HBONE peer is a node proxy
+    /// without original source): source-IP conditions then fail closed.
+    pub src_ip: Option<IpAddr>,
     pub dst_addr: SocketAddr,
 }
 
@@ -54,7 +56,7 @@ fn decide(req: &AuthorizationRequest<'_>, log_observers: bool) -> Result<(), Den
         dst_workload_namespace: &req.dst_workload.namespace,
         dst_workload_policy_refs: &req.dst_workload.authorization_policies,
         src_identity,
-        src_ip: req.src_addr.ip(),
+        src_ip: req.src_ip,
         dst_ip: req.dst_addr.ip(),
         dst_port: req.dst_addr.port(),
     };

@@ -13,7 +13,7 @@
 //! Telemetry: the destination service is guessed from `forwarded: host=` and the port among
 //! the workload's services; an unknown source is described by its `baggage`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -48,6 +48,10 @@ struct Peer {
     network: String,
     identity: Identity,
     workload: Option<Arc<Workload>>,
+    /// The client's address as policies see it: `None` when the peer is a node proxy
+    /// without original source (the connection comes from the proxy's address, not the
+    /// client's).
+    policy_src_ip: Option<IpAddr>,
 }
 
 pub(super) async fn handle(
@@ -110,6 +114,7 @@ pub(super) async fn handle(
     // proxy (TPROXY mode without original source) those of its node's workloads: see
     // `source_check`.
     let network = ctx.local_network(&snap, local.ip());
+    let mut from_node_proxy = false;
     let src_workload = match check_source(
         &snap,
         &network,
@@ -120,6 +125,7 @@ pub(super) async fn handle(
         Ok(Source::Workload(w)) => w,
         Ok(Source::NodeProxy(proxy)) => {
             tracing::debug!(src = %peer, dst = %local, peer_identity = %peer_identity, node_proxy = %proxy.uid, "inbound: HBONE connection from a node proxy without original source");
+            from_node_proxy = true;
             None
         }
         Err(e) => {
@@ -142,6 +148,7 @@ pub(super) async fn handle(
         network,
         identity: peer_identity,
         workload: src_workload,
+        policy_src_ip: (!from_node_proxy).then_some(peer.ip()),
     });
     let handler_ctx = ctx.clone();
     let result = serve(
@@ -281,7 +288,7 @@ async fn handle_stream(
         snapshot: &snap,
         dst_workload: &dst_workload,
         src_identity: Some(&peer.identity),
-        src_addr: peer.addr,
+        src_ip: peer.policy_src_ip,
         dst_addr: upstream_addr,
     });
     let mut tele = ConnectionTelemetry::open(metrics, info);
@@ -290,7 +297,7 @@ async fn handle_stream(
             let auth = Authorized::new(
                 dst_workload.clone(),
                 Some(peer.identity.clone()),
-                peer.addr,
+                peer.policy_src_ip,
                 upstream_addr,
             );
             ctx.track_authorized(guard, &snap, auth)

@@ -56,7 +56,7 @@ pub(super) async fn handle(
         snapshot: &snap,
         dst_workload: &dst_workload,
         src_identity: None,
-        src_addr: peer,
+        src_ip: Some(peer.ip()),
         dst_addr: target,
     });
     let info = ConnectionInfo {
@@ -75,7 +75,7 @@ pub(super) async fn handle(
     let mut tele = ConnectionTelemetry::open(metrics, info);
     let auth = match decision {
         Ok(()) => {
-            let auth = Authorized::new(dst_workload.clone(), None, peer, target);
+            let auth = Authorized::new(dst_workload.clone(), None, Some(peer.ip()), target);
             ctx.track_authorized(&guard, &snap, auth)
         }
         Err(denied) => {

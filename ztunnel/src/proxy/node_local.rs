@@ -47,14 +47,14 @@ pub(super) async fn handle(
         snapshot: &snap,
         dst_workload: &c.dst_workload,
         src_identity: Some(&c.src_identity),
-        src_addr: c.peer,
+        src_ip: Some(c.peer.ip()),
         dst_addr: c.target,
     });
     let auth = decision.is_ok().then(|| {
         let auth = Authorized::new(
             c.dst_workload.clone(),
             Some(c.src_identity.clone()),
-            c.peer,
+            Some(c.peer.ip()),
             c.target,
         );
         ctx.track_authorized(&guard, &snap, auth)

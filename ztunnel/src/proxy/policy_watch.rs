@@ -18,7 +18,7 @@
 //! Re-checks evaluate enforced policies only: dry-run and AUDIT policies were logged when
 //! the connection opened.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 
 use tokio_util::sync::CancellationToken;
@@ -34,7 +34,7 @@ use crate::telemetry::{ConnectionTelemetry, Direction, RefusalReason, ResponseFl
 pub(crate) struct Authorized {
     dst_workload: Arc<Workload>,
     src_identity: Option<Identity>,
-    src_addr: SocketAddr,
+    src_ip: Option<IpAddr>,
     dst_addr: SocketAddr,
     revoked: CancellationToken,
     denial: OnceLock<Denied>,
@@ -45,13 +45,13 @@ impl Authorized {
     pub(super) fn new(
         dst_workload: Arc<Workload>,
         src_identity: Option<Identity>,
-        src_addr: SocketAddr,
+        src_ip: Option<IpAddr>,
         dst_addr: SocketAddr,
     ) -> Arc<Self> {
         Arc::new(Authorized {
             dst_workload,
             src_identity,
-            src_addr,
+            src_ip,
             dst_addr,
             revoked: CancellationToken::new(),
             denial: OnceLock::new(),
@@ -79,7 +79,7 @@ impl Authorized {
             snapshot: snap,
             dst_workload: self.current_workload(snap),
             src_identity: self.src_identity.as_ref(),
-            src_addr: self.src_addr,
+            src_ip: self.src_ip,
             dst_addr: self.dst_addr,
         })
     }
@@ -214,7 +214,7 @@ workloads:
         Authorized::new(
             b,
             Some(Identity::new("cluster.local", "ns-a", "sa-a")),
-            "10.0.0.1:40000".parse().unwrap(),
+            Some("10.0.0.1".parse().unwrap()),
             SocketAddr::new("10.0.0.2".parse().unwrap(), port),
         )
     }

@@ -458,7 +458,7 @@ fn converted_policies_fail_closed() {
             dst_workload_namespace: ns,
             dst_workload_policy_refs: &[],
             src_identity: PeerIdentity::from_spiffe(id),
-            src_ip: "10.0.0.1".parse().unwrap(),
+            src_ip: Some("10.0.0.1".parse().unwrap()),
             dst_ip: "10.0.0.2".parse().unwrap(),
             dst_port: 80,
         })

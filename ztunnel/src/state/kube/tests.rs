@@ -89,7 +89,7 @@ fn decide(store: &Store, dst_ip: &str, src: Option<&str>, port: u16) -> Decision
         dst_workload_namespace: &w.namespace,
         dst_workload_policy_refs: &w.authorization_policies,
         src_identity: src.map(|s| PeerIdentity::from_spiffe(s).unwrap()),
-        src_ip: ip("10.9.9.9"),
+        src_ip: Some(ip("10.9.9.9")),
         dst_ip: ip(dst_ip),
         dst_port: port,
     })

@@ -67,7 +67,7 @@ impl World {
             dst_workload_namespace: "app",
             dst_workload_policy_refs: &keys,
             src_identity: id.map(|s| PeerIdentity::from_spiffe(s).unwrap()),
-            src_ip: "10.0.0.9".parse().unwrap(),
+            src_ip: Some("10.0.0.9".parse().unwrap()),
             dst_ip: "10.0.1.1".parse().unwrap(),
             dst_port: port,
         })
