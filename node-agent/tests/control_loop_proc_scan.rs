@@ -354,10 +354,15 @@ async fn running_pod_found_through_its_cgroup_is_enrolled_and_unenrolled() {
 
     a.reconciler.startup().await;
     let workers = a.reconciler.spawn_workers();
-    assert_eq!(a.reconciler.enrolled_uids(), vec![uid.clone()]);
+    // Never enrolled before (no annotation): the queue enrols it, with its netns found
+    // under /proc (no CNI event for it).
+    eventually("enrolled", || {
+        a.reconciler.enrolled_uids() == vec![uid.clone()]
+    })
+    .await;
     assert_eq!(
         *a.handoff.calls.lock().unwrap(),
-        vec![format!("register {uid} {}", p.inode())],
+        vec![format!("add {uid} {}", p.inode())],
         "handed over with the netns found under /proc"
     );
     let rules = p.rules();
@@ -404,8 +409,16 @@ async fn new_agent_removes_what_a_previous_agent_left_in_an_opted_out_pod() {
     {
         let first = agent(cache_with(pod(&uid, None), true), &node_path).await;
         first.reconciler.startup().await;
-        assert_eq!(first.reconciler.enrolled_uids(), vec![uid.clone()]);
+        let workers = first.reconciler.spawn_workers();
+        eventually("enrolled", || {
+            first.reconciler.enrolled_uids() == vec![uid.clone()]
+        })
+        .await;
         assert!(!p.rules().is_empty());
+        first.reconciler.stop();
+        for w in workers {
+            w.await.unwrap();
+        }
     }
     // Meanwhile the namespace was unlabelled; the pod still says enabled.
     let cache = cache_with(pod(&uid, Some("enabled")), false);
