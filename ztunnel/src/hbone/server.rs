@@ -61,14 +61,21 @@ where
     H: Fn(Request<RecvStream>, SendResponse<Bytes>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut conn = h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(cfg.stream_window)
         .initial_connection_window_size(cfg.connection_window)
         .max_frame_size(cfg.frame_size)
         .max_concurrent_streams(cfg.server_max_concurrent_streams)
         .max_header_list_size(64 * 1024)
-        .handshake::<T, Bytes>(io)
-        .await?;
+        .handshake::<T, Bytes>(io);
+    // A client that completed TLS but never sends the HTTP/2 preface would hold its
+    // socket and task forever (PINGs start only after the preface): it gets as long as
+    // an unanswered PING would.
+    let Ok(conn) = tokio::time::timeout(cfg.keepalive_timeout, handshake).await else {
+        tracing::debug!(timeout = ?cfg.keepalive_timeout, "HBONE client sent no HTTP/2 preface; closing");
+        return Ok(());
+    };
+    let mut conn = conn?;
     // As upstream: a PING every keepalive_interval; no PONG within keepalive_timeout means
     // the client is gone (node crash, partition, its netns deleted with the pod before a
     // FIN could leave) and the connection is dropped, which ends every stream and closes
@@ -195,6 +202,30 @@ mod tests {
             .expect("serve ends after GOAWAY once the client is gone")
             .unwrap()
             .ok();
+    }
+
+    /// A client that completes TLS but never sends the HTTP/2 preface is dropped.
+    #[tokio::test]
+    async fn a_client_without_a_preface_is_dropped() {
+        let (_client, server_io) = tokio::io::duplex(1 << 16);
+        let cfg = H2Config {
+            keepalive_timeout: Duration::from_millis(200),
+            ..H2Config::default()
+        };
+        let tracker = TaskTracker::new();
+        let r = tokio::time::timeout(
+            Duration::from_secs(3),
+            serve(
+                server_io,
+                &cfg,
+                CancellationToken::new(),
+                &tracker,
+                |_req, respond| async move { respond_status(respond, StatusCode::OK) },
+            ),
+        )
+        .await
+        .expect("serve gives up on a silent client");
+        assert!(r.is_ok(), "{r:?}");
     }
 
     /// A client that stops answering (its node died; no FIN ever arrives) is PINGed and,
