@@ -229,9 +229,6 @@ fn release_startup_memory_when_ready(readiness: Readiness) {
     });
 }
 
-/// The data-plane threads: `ZTUNNEL_WORKER_THREADS` single-thread runtimes, one per thread
-/// (thread-per-core). Proxies spread accepted connections over them ([`Shards`]); the
-/// first one also runs the coordination tasks (signals, ZDS client, certificate rotation).
 /// Raises the soft open-files limit to the hard one, as upstream: every enrolled pod costs
 /// a netns handle and three listeners, every connection one or two sockets, and container
 /// runtimes often start processes with a soft limit of 1024. At the limit, accepts fail
@@ -249,6 +246,9 @@ fn raise_open_files_limit() {
     }
 }
 
+/// The data-plane threads: `ZTUNNEL_WORKER_THREADS` single-thread runtimes, one per thread
+/// (thread-per-core). Proxies spread accepted connections over them ([`Shards`]); the
+/// first one also runs the coordination tasks (signals, ZDS client, certificate rotation).
 struct DataPlaneThreads {
     handles: Vec<tokio::runtime::Handle>,
     threads: Vec<std::thread::JoinHandle<()>>,

@@ -87,8 +87,7 @@ impl Drop for AccountHold {
 /// What `/config_dump` shows for one identity (upstream's `certificates` entries):
 /// `state` is `Initializing`, `Available` or `Unavailable: <reason>`; `certChain` the
 /// leaf and intermediates (a root the CA sent along is left out), `rootCerts` the trust
-/// roots; `refreshAt` (ours) when the
-/// certificate will be renewed.
+/// roots; `refreshAt` (ours) when the certificate will be renewed.
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CertificateDump {

@@ -207,7 +207,7 @@ impl PolicySet {
                 if matched {
                     tracing::info!(
                         target: "ztunnel::policy",
-                        policy = %e.key, src.identity = %src, src.ip = ?req.src_ip,
+                        policy = %e.key, src.identity = %src, src.ip = %OptDisplay(req.src_ip.as_ref()),
                         dst.ip = %req.dst_ip, dst.port = req.dst_port,
                         "AUDIT authorization policy matched"
                     );
@@ -220,7 +220,7 @@ impl PolicySet {
                     target: "ztunnel::policy",
                     policy = %e.key, action = ?p.action, matched,
                     would_be = if would_be { "allow" } else { "deny" },
-                    actual = %actual, src.identity = %src, src.ip = ?req.src_ip,
+                    actual = %actual, src.identity = %src, src.ip = %OptDisplay(req.src_ip.as_ref()),
                     dst.ip = %req.dst_ip, dst.port = req.dst_port,
                     "dry-run authorization policy"
                 );

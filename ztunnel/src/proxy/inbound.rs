@@ -114,19 +114,18 @@ pub(super) async fn handle(
     // proxy (TPROXY mode without original source) those of its node's workloads: see
     // `source_check`.
     let network = ctx.local_network(&snap, local.ip());
-    let mut from_node_proxy = false;
-    let src_workload = match check_source(
+    // The client's address as policies see it: unknown behind a node proxy.
+    let (src_workload, policy_src_ip) = match check_source(
         &snap,
         &network,
         peer.ip(),
         &peer_identity,
         &ctx.inputs.cfg.trusted_node_accounts,
     ) {
-        Ok(Source::Workload(w)) => w,
+        Ok(Source::Workload(w)) => (w, Some(peer.ip())),
         Ok(Source::NodeProxy(proxy)) => {
             tracing::debug!(src = %peer, dst = %local, peer_identity = %peer_identity, node_proxy = %proxy.uid, "inbound: HBONE connection from a node proxy without original source");
-            from_node_proxy = true;
-            None
+            (None, None)
         }
         Err(e) => {
             tracing::error!(
@@ -148,7 +147,7 @@ pub(super) async fn handle(
         network,
         identity: peer_identity,
         workload: src_workload,
-        policy_src_ip: (!from_node_proxy).then_some(peer.ip()),
+        policy_src_ip,
     });
     let handler_ctx = ctx.clone();
     let result = serve(

@@ -39,25 +39,31 @@ pub struct Setting {
 /// journal where the values they replace are kept (see
 /// [`super::sysctl_journal`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SysctlRoot(PathBuf, Option<PathBuf>);
+pub struct SysctlRoot {
+    dir: PathBuf,
+    journal: Option<PathBuf>,
+}
 
 impl Default for SysctlRoot {
     fn default() -> Self {
-        Self(PathBuf::from("/proc/sys/net"), None)
+        Self::new("/proc/sys/net")
     }
 }
 
 impl SysctlRoot {
     /// `dir` is a `sys/net` directory (`/proc/sys/net`, `/host/proc/sys/net`).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self(dir.into(), None)
+        Self {
+            dir: dir.into(),
+            journal: None,
+        }
     }
 
     /// `$HOST_PROC_DIR/sys/net` when it exists, else `/proc/sys/net`.
     pub fn under_proc(proc_dir: &Path) -> Self {
         let dir = proc_dir.join("sys/net");
         if dir.is_dir() {
-            Self(dir, None)
+            Self::new(dir)
         } else {
             Self::default()
         }
@@ -67,36 +73,44 @@ impl SysctlRoot {
     /// (the first time it is changed), for [`SysctlRoot::restore`]. Only for
     /// one namespace: the node's.
     pub fn with_journal(self, journal: impl Into<PathBuf>) -> Self {
-        Self(self.0, Some(journal.into()))
+        Self {
+            journal: Some(journal.into()),
+            ..self
+        }
     }
 
     /// The same directory without a journal (settings of other namespaces).
     pub fn without_journal(&self) -> Self {
-        Self(self.0.clone(), None)
+        Self::new(self.dir.clone())
     }
 
     pub fn dir(&self) -> &Path {
-        &self.0
+        &self.dir
     }
 
     pub fn journal(&self) -> Option<&Path> {
-        self.1.as_deref()
+        self.journal.as_deref()
     }
 
     fn iface_exists(&self, iface: &str) -> bool {
-        self.0.join("ipv4/conf").join(iface).is_dir()
+        self.conf(iface).is_dir()
+    }
+
+    /// `<root>/ipv4/conf/<iface>`.
+    fn conf(&self, iface: &str) -> PathBuf {
+        self.dir.join("ipv4/conf").join(iface)
     }
 
     /// Where `s` lives: `<root>/ipv4/conf/<iface>/<key>`.
     pub fn path(&self, s: &Setting) -> PathBuf {
-        self.0.join("ipv4/conf").join(&s.iface).join(s.key)
+        self.conf(&s.iface).join(s.key)
     }
 
     /// Interfaces listed under `<root>/ipv4/conf` (without `all` and
     /// `default`), in the calling thread's namespace.
     pub fn interfaces(&self) -> std::io::Result<Vec<String>> {
         let mut v = Vec::new();
-        for e in std::fs::read_dir(self.0.join("ipv4/conf"))? {
+        for e in std::fs::read_dir(self.dir.join("ipv4/conf"))? {
             let name = e?.file_name().to_string_lossy().into_owned();
             if name != "all" && name != "default" {
                 v.push(name);
@@ -113,7 +127,7 @@ impl SysctlRoot {
     /// With a journal, the values about to be replaced are recorded (and the
     /// journal saved) before anything is written.
     pub fn apply(&self, settings: &[Setting]) -> Result<(), SysctlError> {
-        if let Some(path) = &self.1 {
+        if let Some(path) = &self.journal {
             let mut journal = Journal::load(path)?;
             let mut changed = false;
             for s in settings {
@@ -134,7 +148,7 @@ impl SysctlRoot {
                     if e.kind() == std::io::ErrorKind::NotFound
                         && s.iface != "all"
                         && s.iface != "default"
-                        && !self.0.join("ipv4/conf").join(&s.iface).exists() =>
+                        && !self.conf(&s.iface).exists() =>
                 {
                     tracing::debug!(interface = %s.iface, key = s.key, "interface gone before its sysctl was written; skipped");
                 }
@@ -161,12 +175,14 @@ impl SysctlRoot {
     /// exists; then removes the journal. A value that cannot be written back
     /// stays in the journal and is reported. Returns how many were restored.
     pub fn restore(&self) -> Result<usize, SysctlError> {
-        let Some(path) = &self.1 else { return Ok(0) };
+        let Some(path) = &self.journal else {
+            return Ok(0);
+        };
         let mut journal = Journal::load(path)?;
         let mut restored = 0;
         let mut failed = None;
         journal.retain(|e| {
-            let file = self.0.join("ipv4/conf").join(&e.iface).join(&e.key);
+            let file = self.conf(&e.iface).join(&e.key);
             match std::fs::read_to_string(&file) {
                 Ok(v) if v.trim() == e.applied => match std::fs::write(&file, &e.original) {
                     Ok(()) => {
