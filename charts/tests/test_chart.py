@@ -499,7 +499,9 @@ class Operations(unittest.TestCase):
         self.assertIn("TCP 15008", notes)
         self.assertIn("169.254.7.127", notes)
         self.assertNotIn("WARNING", notes)
-        self.assertIn("no DNS proxy", rendered("inpod-dns-capture").notes)
+        dns_notes = rendered("inpod-dns-capture").notes
+        self.assertIn("ztunnel's DNS", dns_notes)
+        self.assertNotIn("WARNING", dns_notes)
         self.assertNotIn("169.254.7.127", rendered("geneve").notes)
 
 

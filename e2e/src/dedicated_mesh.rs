@@ -144,6 +144,8 @@ pub struct DedicatedMesh {
     // Dropped before the cluster: processes end before their namespaces go.
     pods: Vec<MeshPod>,
     config: PathBuf,
+    /// DNS capture rules and this resolv.conf for ztunnels started from now on.
+    dns: Option<PathBuf>,
     cluster: Cluster,
 }
 
@@ -160,6 +162,7 @@ impl DedicatedMesh {
         Ok(DedicatedMesh {
             pods: Vec::new(),
             config,
+            dns: None,
             cluster,
         })
     }
@@ -202,6 +205,12 @@ impl DedicatedMesh {
         &self.pods
     }
 
+    /// ztunnels started from now on also get the DNS capture rules (port 53 → 15053),
+    /// and their DNS proxy forwards to the servers of `resolv_conf` (`DNS_RESOLV_CONF`).
+    pub fn capture_dns(&mut self, resolv_conf: &Path) {
+        self.dns = Some(resolv_conf.to_path_buf());
+    }
+
     pub fn config_path(&self) -> &Path {
         &self.config
     }
@@ -240,8 +249,15 @@ impl DedicatedMesh {
             .find(|p| p.name == name)
             .unwrap_or_else(|| panic!("no pod {name} in the mesh"));
         assert!(p.ztunnel.is_none(), "ztunnel of {name} already started");
-        apply_capture_rules(&p.pod).expect("capture rules");
+        let opts = PodRuleOptions {
+            dns_capture: self.dns.is_some(),
+            ..PodRuleOptions::default()
+        };
+        apply_capture_rules_with(&p.pod, &opts).expect("capture rules");
         let mut cmd = p.netns().command(bin_path("ztunnel"));
+        if let Some(resolv_conf) = &self.dns {
+            cmd.env("DNS_RESOLV_CONF", resolv_conf);
+        }
         cmd.arg("proxy")
             .env("PROXY_MODE", "dedicated")
             .env(
@@ -331,6 +347,12 @@ pub fn workload_entry(p: &MeshPod, protocol: &str, services: &str, extra: &str) 
 /// Applies the in-pod capture rules (the node agent's generator and applier) in `pod`;
 /// dedicated mode uses the same rules. The error names the pod's netns.
 pub fn apply_capture_rules(pod: &Pod) -> Result<(), String> {
+    apply_capture_rules_with(pod, &PodRuleOptions::default())
+}
+
+/// [`apply_capture_rules`] with the variant `opts` (DNS capture, inbound bypass, ...).
+pub fn apply_capture_rules_with(pod: &Pod, opts: &PodRuleOptions) -> Result<(), String> {
+    let opts = opts.clone();
     let cfg = PodNetConfig {
         backend: detect_backend(),
         ipv6: false,
@@ -339,9 +361,7 @@ pub fn apply_capture_rules(pod: &Pod) -> Result<(), String> {
     let label = pod.netns().path().to_path_buf();
     let ns = label.display().to_string();
     pod.netns()
-        .run(move || {
-            apply_pod_here(&cfg, &PodRuleOptions::default(), &label).map_err(|e| e.to_string())
-        })
+        .run(move || apply_pod_here(&cfg, &opts, &label).map_err(|e| e.to_string()))
         .map_err(|e| format!("entering {ns}: {e}"))?
         .map_err(|e| format!("capture rules in {ns}: {e}"))
 }

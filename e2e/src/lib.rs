@@ -5,6 +5,7 @@
 pub mod apiserver;
 pub mod binaries;
 pub mod dedicated_mesh;
+pub mod dns_probe;
 pub mod kubelet;
 pub mod netsim;
 pub mod ports;

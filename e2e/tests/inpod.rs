@@ -26,7 +26,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use e2e::dns_probe;
 use e2e::netsim::{Cluster, Pod, can_create_netns, capture_during};
+use hickory_proto::rr::RecordType;
 use node_agent::redirect::inpod::{InpodConfig, InpodRedirector, rules};
 use node_agent::redirect::{PodRedirect, Redirector};
 use node_agent::zds::{ZdsConfig, ZdsServer};
@@ -52,6 +54,9 @@ macro_rules! require_root {
     };
 }
 
+/// The VIP of Service `b.default.svc.cluster.local` (in front of pod B).
+const B_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 42);
+
 fn mesh_yaml(a: Ipv4Addr, b: Ipv4Addr, b_protocol: &str) -> String {
     format!(
         r#"
@@ -68,6 +73,12 @@ workloads:
   serviceAccount: sa-b
   workloadIps: ["{b}"]
   protocol: {b_protocol}
+services:
+- name: b
+  namespace: default
+  hostname: b.default.svc.cluster.local
+  vips: ["/{B_VIP}"]
+  ports: {{80: 8080}}
 "#
     )
 }
@@ -302,7 +313,10 @@ async fn two_pods_through_both_ztunnels_then_unenrol() {
     let z = Ztunnel::start(&uds, &store, &ca);
     z.wait_ready().await;
 
-    let pa = pod_redirect(&a, "uid-a", "sa-a");
+    // A's DNS is captured (per-pod annotation), B's is not.
+    let mut pa = pod_redirect(&a, "uid-a", "sa-a");
+    pa.annotations
+        .insert("ambient.istio.io/dns-capture".into(), "true".into());
     let pb = pod_redirect(&b, "uid-b", "sa-b");
     agent.redirector.enrol(&pa).await.unwrap();
     agent.redirector.enrol(&pb).await.unwrap();
@@ -322,6 +336,20 @@ async fn two_pods_through_both_ztunnels_then_unenrol() {
         .unwrap();
     assert!(members.contains(&a.ip().to_string()) && members.contains(&b.ip().to_string()));
     assert!(!members.contains(&c.ip().to_string()));
+
+    // A's DNS queries (to any server: C has none) reach ztunnel's DNS proxy inside A's
+    // netns, which answers B's Service by its short name for A's namespace.
+    let server = SocketAddr::from((c.ip(), 53));
+    let (udp, tcp) = tokio::task::block_in_place(|| {
+        (
+            dns_probe::udp_query(a.netns(), server, "b", RecordType::A),
+            dns_probe::tcp_query(a.netns(), server, "b.default", RecordType::A),
+        )
+    });
+    for m in [udp, tcp] {
+        assert!(m.metadata.authoritative, "{m:?}");
+        assert_eq!(dns_probe::a_records(&m), [B_VIP], "{m:?}");
+    }
 
     // A -> B through both proxies over HBONE: only 15008 carries payload on
     // the bridge, the plaintext never appears.

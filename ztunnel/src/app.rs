@@ -445,6 +445,7 @@ async fn data_plane(
                     orig_src: cfg
                         .enable_orig_src
                         .unwrap_or_else(tproxy::transparent_supported),
+                    dns: true,
                 })
                 .await?;
             proxies

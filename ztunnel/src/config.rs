@@ -233,6 +233,49 @@ pub struct Config {
     /// outbound CONNECT must be answered within `connect_timeout` + this.
     #[serde(serialize_with = "humantime_duration")]
     pub handshake_timeout: Duration,
+    pub dns: DnsProxyConfig,
+}
+
+/// The DNS proxy (port 15053), as upstream: on unless `ISTIO_META_DNS_CAPTURE=false`
+/// (running it costs nothing; pods reach it only when their DNS is captured).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DnsProxyConfig {
+    pub enabled: bool,
+    /// `ISTIO_META_DNS_PROXY_ADDR` (`localhost:15053`) in each workload's netns.
+    pub addr: DnsProxyAddr,
+    /// Where the upstream resolvers and search domains come from (`DNS_RESOLV_CONF`,
+    /// `/etc/resolv.conf`, ztunnel's own, as upstream).
+    pub resolv_conf: PathBuf,
+}
+
+/// Where the DNS proxy listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum DnsProxyAddr {
+    /// `localhost:PORT`: 127.0.0.1 and, where the namespace has it, ::1.
+    Localhost(u16),
+    Addr(SocketAddr),
+}
+
+impl DnsProxyAddr {
+    pub fn port(&self) -> u16 {
+        match self {
+            DnsProxyAddr::Localhost(p) => *p,
+            DnsProxyAddr::Addr(a) => a.port(),
+        }
+    }
+
+    fn parse(v: &str) -> Result<Self, String> {
+        let v = v.trim();
+        if let Some(port) = v.strip_prefix("localhost:") {
+            return port
+                .parse()
+                .map(DnsProxyAddr::Localhost)
+                .map_err(|e| format!("not a port after localhost: {e}"));
+        }
+        v.parse()
+            .map(DnsProxyAddr::Addr)
+            .map_err(|e| format!("expected localhost:PORT or IP:PORT: {e}"))
+    }
 }
 
 fn humantime_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -545,6 +588,17 @@ impl Config {
             readiness_addr: parse_addr("READINESS_ADDR", "[::]:15021")?,
             connect_timeout: parse_duration("CONNECTION_TIMEOUT", Duration::from_secs(10))?,
             handshake_timeout: parse_duration("HANDSHAKE_TIMEOUT", Duration::from_secs(10))?,
+            dns: DnsProxyConfig {
+                enabled: parse_bool("ISTIO_META_DNS_CAPTURE", true)?,
+                addr: match get("ISTIO_META_DNS_PROXY_ADDR") {
+                    None => DnsProxyAddr::Localhost(15053),
+                    Some(v) => DnsProxyAddr::parse(&v)
+                        .map_err(|r| err("ISTIO_META_DNS_PROXY_ADDR", &v, r))?,
+                },
+                resolv_conf: get("DNS_RESOLV_CONF")
+                    .unwrap_or_else(|| "/etc/resolv.conf".into())
+                    .into(),
+            },
         })
     }
 }
@@ -753,6 +807,16 @@ mod tests {
             (vec![("TRUST_DOMAIN", "a/b")], "TRUST_DOMAIN", "a/b"),
             (vec![("HTTP2_FRAME_SIZE", "100")], "HTTP2_FRAME_SIZE", "100"),
             (vec![("ADMIN_ADDR", "localhost")], "ADMIN_ADDR", "localhost"),
+            (
+                vec![("ISTIO_META_DNS_PROXY_ADDR", "localhost")],
+                "ISTIO_META_DNS_PROXY_ADDR",
+                "localhost",
+            ),
+            (
+                vec![("ISTIO_META_DNS_CAPTURE", "maybe")],
+                "ISTIO_META_DNS_CAPTURE",
+                "maybe",
+            ),
         ] {
             let e = cfg(&vars).unwrap_err();
             assert_eq!(e.field, field, "{e}");
@@ -760,6 +824,32 @@ mod tests {
             let msg = e.to_string();
             assert!(msg.contains(field), "{msg}");
         }
+    }
+
+    #[test]
+    fn dns_proxy_settings_as_upstream() {
+        let d = cfg(&[]).unwrap().dns;
+        assert!(d.enabled);
+        assert_eq!(d.addr, DnsProxyAddr::Localhost(15053));
+        assert_eq!(d.resolv_conf, PathBuf::from("/etc/resolv.conf"));
+        let d = cfg(&[
+            ("ISTIO_META_DNS_CAPTURE", "false"),
+            ("ISTIO_META_DNS_PROXY_ADDR", "127.0.0.1:5353"),
+            ("DNS_RESOLV_CONF", "/tmp/r.conf"),
+        ])
+        .unwrap()
+        .dns;
+        assert!(!d.enabled);
+        assert_eq!(
+            d.addr,
+            DnsProxyAddr::Addr("127.0.0.1:5353".parse().unwrap())
+        );
+        assert_eq!(d.addr.port(), 5353);
+        assert_eq!(d.resolv_conf, PathBuf::from("/tmp/r.conf"));
+        let d = cfg(&[("ISTIO_META_DNS_PROXY_ADDR", "localhost:15054")])
+            .unwrap()
+            .dns;
+        assert_eq!(d.addr, DnsProxyAddr::Localhost(15054));
     }
 
     #[test]

@@ -201,6 +201,7 @@ fn node_proxy_with_tproxy_in_its_own_netns() {
                     sockets: Arc::new(TproxySocketFactory::new()),
                     bind_ip: IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
                     orig_src: true,
+                    dns: false,
                 })
                 .await
                 .unwrap();
@@ -418,6 +419,7 @@ fn node_proxy(
                     sockets: Arc::new(TproxySocketFactory::new()),
                     bind_ip: IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
                     orig_src,
+                    dns: false,
                 })
                 .await
                 .unwrap();

@@ -208,6 +208,7 @@ fn node_proxy_forgets_the_certificate_of_the_last_workload_that_left() {
                     sockets: Arc::new(TproxySocketFactory::new()),
                     bind_ip: IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
                     orig_src: true,
+                    dns: false,
                 })
                 .await
                 .unwrap();

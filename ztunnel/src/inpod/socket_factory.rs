@@ -15,7 +15,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::netns::{InpodNetns, NetnsExecutor};
 use crate::redirect::sockopt::{self, SocketOptions};
@@ -95,6 +95,14 @@ impl SocketFactory for InpodSocketFactory {
             sockopt::listener(addr, &opts)
         });
         Box::pin(async move { TcpListener::from_std(created.await?) })
+    }
+
+    fn bind_udp(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<UdpSocket>> {
+        let opts = self.opts;
+        let created = self.in_netns(format!("binding udp {addr}"), move || {
+            sockopt::udp_socket(addr, &opts)
+        });
+        Box::pin(async move { UdpSocket::from_std(created.await?) })
     }
 
     fn connect(

@@ -19,6 +19,7 @@
 pub mod authorize;
 pub mod conntrack;
 pub mod copy;
+pub mod dns;
 mod inbound;
 mod inbound_plain;
 mod node_local;
@@ -75,6 +76,9 @@ pub struct ProxySpec {
     pub bind_ip: IpAddr,
     /// Connect to local applications with the client's IP as source.
     pub orig_src: bool,
+    /// Also serve DNS on port 15053 (when `ISTIO_META_DNS_CAPTURE` leaves it on): on
+    /// `ISTIO_META_DNS_PROXY_ADDR` in workload scope, on `[::]` in node scope.
+    pub dns: bool,
 }
 
 /// Starting a proxy failed.
@@ -140,6 +144,8 @@ impl Shards {
 pub struct ProxyFactory {
     inputs: ProxyInputs,
     shards: Shards,
+    /// The DNS proxy's upstream resolvers, read from resolv.conf at the first start.
+    dns_upstreams: Arc<tokio::sync::OnceCell<Arc<dns::Upstreams>>>,
 }
 
 impl ProxyFactory {
@@ -147,6 +153,7 @@ impl ProxyFactory {
         ProxyFactory {
             inputs,
             shards: Shards::default(),
+            dns_upstreams: Default::default(),
         }
     }
 
@@ -172,6 +179,7 @@ impl ProxyFactory {
             sockets,
             bind_ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             orig_src: self.inputs.cfg.enable_orig_src.unwrap_or(false),
+            dns: true,
         })
         .await
     }
@@ -187,8 +195,58 @@ impl ProxyFactory {
             sockets,
             bind_ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             orig_src: self.inputs.cfg.enable_orig_src.unwrap_or(false),
+            dns: true,
         })
         .await
+    }
+
+    /// The DNS server of a proxy for `scope` (addresses to bind, the handler).
+    async fn dns_server(
+        &self,
+        scope: &ProxyScope,
+        sockets: &Arc<dyn SocketFactory>,
+    ) -> (Vec<(SocketAddr, bool)>, Arc<dns::DnsHandler>) {
+        let cfg = &self.inputs.cfg;
+        let path = cfg.dns.resolv_conf.clone();
+        let upstreams = self
+            .dns_upstreams
+            .get_or_init(|| async move {
+                let read = tokio::task::spawn_blocking(move || dns::Upstreams::load(&path));
+                Arc::new(read.await.expect("reading resolv.conf does not panic"))
+            })
+            .await
+            .clone();
+        let port = cfg.dns.addr.port();
+        let (addrs, client) = match scope {
+            ProxyScope::Workload(info) => (
+                match cfg.dns.addr {
+                    crate::config::DnsProxyAddr::Localhost(p) => vec![
+                        (SocketAddr::from(([127, 0, 0, 1], p)), true),
+                        (SocketAddr::from((Ipv6Addr::LOCALHOST, p)), false),
+                    ],
+                    crate::config::DnsProxyAddr::Addr(a) => vec![(a, true)],
+                },
+                dns::DnsClient::Workload(info.clone()),
+            ),
+            ProxyScope::Node => (
+                vec![(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), true)],
+                dns::DnsClient::BySourceIp,
+            ),
+        };
+        let handler = dns::DnsHandler {
+            state: self.inputs.state.clone(),
+            client,
+            node: cfg.node_name.clone(),
+            cluster_domain: cfg.cluster_domain.clone(),
+            search: match cfg.proxy_mode {
+                crate::config::ProxyMode::Dedicated => dns::SearchDomains::ResolvConf,
+                crate::config::ProxyMode::Shared => dns::SearchDomains::PerNamespace,
+            },
+            upstreams,
+            sockets: sockets.clone(),
+            metrics: self.inputs.metrics.dns.clone(),
+        };
+        (addrs, Arc::new(handler))
     }
 
     /// Starts a proxy as described by `spec`.
@@ -226,6 +284,25 @@ impl ProxyFactory {
         };
 
         let tracker = TaskTracker::new();
+        let stop_accept = CancellationToken::new();
+        let dns_addrs = if spec.dns && self.inputs.cfg.dns.enabled {
+            let (addrs, handler) = self.dns_server(&spec.scope, &spec.sockets).await;
+            dns::server::serve(handler, &addrs, &tracker, &stop_accept)
+                .await
+                .map_err(|(addr, source)| {
+                    // Stop what was already started on other addresses.
+                    stop_accept.cancel();
+                    ProxyError::Bind {
+                        scope: scope_name.clone(),
+                        kind: ListenerKind::Dns,
+                        addr,
+                        sockets: spec.sockets.describe(),
+                        source,
+                    }
+                })?
+        } else {
+            Vec::new()
+        };
         let pool_shutdown = CancellationToken::new();
         let ctx = Arc::new(ProxyCtx {
             pool: Pool::new(
@@ -238,11 +315,12 @@ impl ProxyFactory {
             sockets: spec.sockets,
             orig_src: spec.orig_src,
             conns: Arc::new(ConnTracker::default()),
-            stop_accept: CancellationToken::new(),
+            stop_accept,
             force: CancellationToken::new(),
             pool_shutdown,
             tracker,
             addrs,
+            dns_addrs,
             shards: self.shards.clone(),
         });
         if let ProxyScope::Workload(_) = &ctx.scope {
@@ -254,6 +332,7 @@ impl ProxyFactory {
             outbound = %addrs.outbound,
             inbound_plain = %addrs.inbound_plain,
             hbone = %addrs.hbone,
+            dns = ?ctx.dns_addrs,
             sockets = %ctx.sockets.describe(),
             "proxy started"
         );
@@ -279,6 +358,11 @@ pub struct ProxyHandle {
 impl ProxyHandle {
     pub fn addresses(&self) -> ProxyAddresses {
         self.ctx.addrs
+    }
+
+    /// Where the DNS proxy listens (UDP and TCP); empty when it is off.
+    pub fn dns_addresses(&self) -> &[SocketAddr] {
+        &self.ctx.dns_addrs
     }
 
     pub fn scope(&self) -> &ProxyScope {
@@ -344,6 +428,7 @@ pub(crate) struct ProxyCtx {
     pool_shutdown: CancellationToken,
     tracker: TaskTracker,
     addrs: ProxyAddresses,
+    dns_addrs: Vec<SocketAddr>,
     shards: Shards,
 }
 

@@ -10,7 +10,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 /// TCP keepalive on every proxied socket, as upstream (first probe after 180 s idle, then
 /// every 180 s, 9 probes): keeps idle connections alive through NAT gateways and load
@@ -38,6 +38,8 @@ pub enum ListenerKind {
     InboundPlain,
     /// 15008: HBONE (mTLS) inbound.
     Hbone,
+    /// 15053: the DNS proxy's TCP side.
+    Dns,
 }
 
 /// How the original destination of an accepted connection is found.
@@ -57,6 +59,10 @@ pub trait SocketFactory: Send + Sync + 'static {
         addr: SocketAddr,
         kind: ListenerKind,
     ) -> BoxFuture<'_, io::Result<TcpListener>>;
+
+    /// A UDP socket bound to `addr`, marked like the TCP sockets: the DNS proxy's server
+    /// socket (`127.0.0.1:15053`), or port 0 for a query it forwards upstream.
+    fn bind_udp(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<UdpSocket>>;
 
     /// Connects to `dst` (a local application, a peer's HBONE port or a passthrough
     /// destination). With `orig_src`, the connection keeps the client's IP as its source

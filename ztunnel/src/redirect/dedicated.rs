@@ -6,7 +6,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::sockopt::{self, SocketOptions};
 use super::{BoxFuture, ListenerKind, OriginalDestination, SocketFactory};
@@ -37,6 +37,11 @@ impl SocketFactory for DedicatedSocketFactory {
         _kind: ListenerKind,
     ) -> BoxFuture<'_, io::Result<TcpListener>> {
         let result = sockopt::listener(addr, &self.opts).and_then(TcpListener::from_std);
+        Box::pin(async move { result })
+    }
+
+    fn bind_udp(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<UdpSocket>> {
+        let result = sockopt::udp_socket(addr, &self.opts).and_then(UdpSocket::from_std);
         Box::pin(async move { result })
     }
 

@@ -83,6 +83,43 @@ fn listener_exact(addr: SocketAddr, opts: &SocketOptions) -> io::Result<std::net
     Ok(sock.into())
 }
 
+/// A UDP socket bound to `addr` (the DNS proxy's server socket, or port 0 for a query it
+/// forwards), marked; `[::]` becomes dual-stack, falling back to `0.0.0.0` without IPv6.
+/// Server sockets get `SO_REUSEPORT` like the listeners, so a new ztunnel can bind beside
+/// the old one.
+pub fn udp_socket(addr: SocketAddr, opts: &SocketOptions) -> io::Result<std::net::UdpSocket> {
+    let exact = |addr: SocketAddr| -> io::Result<std::net::UdpSocket> {
+        let sock = Socket::new(Domain::for_address(addr), Type::DGRAM.cloexec(), None)?;
+        if addr.is_ipv6() {
+            sock.set_only_v6(false)?;
+        }
+        if addr.port() != 0 {
+            sock.set_reuse_address(true)?;
+            if opts.reuse_port {
+                sock.set_reuse_port(true)?;
+            }
+        }
+        if let Some(mark) = opts.mark {
+            sock.set_mark(mark)?;
+        }
+        sock.bind(&addr.into())?;
+        sock.set_nonblocking(true)?;
+        Ok(sock.into())
+    };
+    match exact(addr) {
+        Err(e)
+            if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                && matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+                ) =>
+        {
+            exact(SocketAddr::new([0, 0, 0, 0].into(), addr.port()))
+        }
+        r => r,
+    }
+}
+
 /// An unconnected outbound TCP socket for `dst`, marked, optionally bound to `orig_src`
 /// with `IP_TRANSPARENT`.
 pub fn outbound_socket(

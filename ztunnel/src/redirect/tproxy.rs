@@ -14,7 +14,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 
 use socket2::{Domain, Socket, Type};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::sockopt::{self, SocketOptions};
 use super::{BoxFuture, ListenerKind, OriginalDestination, SocketFactory, canonical};
@@ -77,6 +77,16 @@ impl SocketFactory for TproxySocketFactory {
         _kind: ListenerKind,
     ) -> BoxFuture<'_, io::Result<TcpListener>> {
         let result = sockopt::listener(addr, &self.opts).and_then(TcpListener::from_std);
+        Box::pin(async move { result })
+    }
+
+    fn bind_udp(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<UdpSocket>> {
+        // Not transparent: DNS queries reach the node proxy DNATed to its own address.
+        let plain = SocketOptions {
+            transparent_listeners: false,
+            ..self.opts
+        };
+        let result = sockopt::udp_socket(addr, &plain).and_then(UdpSocket::from_std);
         Box::pin(async move { result })
     }
 

@@ -51,6 +51,8 @@ pub struct Snapshot {
     by_name: HashMap<(String, String), Vec<Arc<Workload>>>,
     services: HashMap<NamespacedHostname, Arc<Service>>,
     by_vip: HashMap<NetworkAddress, Arc<Service>>,
+    /// Services by lower-case hostname (one per namespace defining it), sorted by namespace.
+    by_host: HashMap<String, Vec<Arc<Service>>>,
     /// The networks of the workloads indexed by address, sorted (usually one: `""`).
     networks: Vec<String>,
     endpoints: HashMap<NamespacedHostname, Vec<Endpoint>>,
@@ -74,6 +76,12 @@ impl Snapshot {
 
     pub fn service(&self, key: &NamespacedHostname) -> Option<&Arc<Service>> {
         self.services.get(key)
+    }
+
+    /// The services named `host` (lower-case, no trailing dot) in any namespace, sorted
+    /// by namespace (the DNS proxy's lookups; wildcard hosts are stored as `*.example.com`).
+    pub fn services_by_host(&self, host: &str) -> &[Arc<Service>] {
+        self.by_host.get(host).map(Vec::as_slice).unwrap_or(&[])
     }
 
     /// The workload a proxy serves: matched by namespace, name and service account, among
@@ -310,10 +318,18 @@ fn build_snapshot(
     networks.sort();
     networks.dedup();
     let mut by_vip = HashMap::new();
+    let mut by_host: HashMap<String, Vec<Arc<Service>>> = HashMap::new();
     for s in services.values() {
         for vip in &s.vips {
             by_vip.insert(vip.clone(), s.clone());
         }
+        by_host
+            .entry(s.hostname.trim_end_matches('.').to_ascii_lowercase())
+            .or_default()
+            .push(s.clone());
+    }
+    for list in by_host.values_mut() {
+        list.sort_by(|a, b| a.namespace.cmp(&b.namespace));
     }
     let policies = if prev.policies.iter().eq(policies.values()) {
         prev.policies.clone()
@@ -327,6 +343,7 @@ fn build_snapshot(
         by_name,
         services,
         by_vip,
+        by_host,
         networks,
         endpoints,
         policies,

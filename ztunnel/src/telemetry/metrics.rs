@@ -168,6 +168,8 @@ pub struct ProxyMetrics {
     pub sockets_open: Family<SocketLabels, Gauge>,
     pub refused: Family<RefusalLabels, Counter>,
     pub workload_manager: WorkloadManagerMetrics,
+    /// The DNS proxy's `istio_dns_*` families.
+    pub dns: super::dns_metrics::DnsMetrics,
 }
 
 /// In-pod mode's workload proxies, as upstream's `workload_manager_*` (no `istio_`
@@ -230,6 +232,7 @@ impl ProxyMetrics {
             })
             .set(1);
         istio.register("build", "Istio component build info", build);
+        m.dns.register(istio);
         let wm = registry.sub_registry_with_prefix("workload_manager");
         wm.register(
             "active_proxy_count",

@@ -11,6 +11,7 @@
 //!   (TLS failures, identity mismatches, malformed requests).
 
 pub mod access_log;
+pub mod dns_metrics;
 pub mod live;
 pub mod logging;
 pub mod metrics;

@@ -165,6 +165,10 @@ impl SocketFactory for LoopbackSockets {
         })
     }
 
+    fn bind_udp(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<tokio::net::UdpSocket>> {
+        Box::pin(async move { tokio::net::UdpSocket::bind(addr).await })
+    }
+
     fn connect(
         &self,
         dst: SocketAddr,
@@ -313,6 +317,7 @@ impl Mesh {
                 sockets: sockets.clone(),
                 bind_ip: ip,
                 orig_src: false,
+                dns: false,
             })
             .await
             .unwrap();
