@@ -13,6 +13,8 @@
 //! - client (node1) → server (node2): through both ztunnels over HBONE; the
 //!   underlay capture shows payload only on port 15008, never the plaintext;
 //!   both access logs show the SPIFFE identities.
+//! - DNS capture: client's UDP/53 is DNATed to node1's ztunnel, whose DNS
+//!   proxy answers the mesh Service `server` itself.
 //! - client (node1) → local (node1): captured by node1's ztunnel (its
 //!   outbound access log names both identities) and answered.
 //! - server unenrolled (and TCP in the mesh state, as the control plane
@@ -33,6 +35,8 @@ use node_agent::redirect::netlink::Netlink;
 use node_agent::redirect::{PodRedirect, Redirector};
 
 const APP_PORT: u16 = 8080;
+/// The VIP of Service `server.default.svc.cluster.local`.
+const SERVER_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 77);
 const ZT_HOST: u8 = 250;
 
 fn ip(ns: &NamedNetns, args: &str) {
@@ -113,6 +117,10 @@ fn mesh_yaml(workloads: &[Workload<'_>]) -> String {
             node = w.pod.node(),
         ));
     }
+    // What the DNS proxy answers for `server` (short name, namespace default).
+    s.push_str(&format!(
+        "services:\n- name: server\n  namespace: default\n  hostname: server.default.svc.cluster.local\n  vips: [\"/{SERVER_VIP}\"]\n  ports: {{80: 8080}}\n"
+    ));
     s
 }
 
@@ -378,6 +386,7 @@ fn geneve_two_nodes_hbone_between_ztunnels() {
                 node_netns: node.netns().path().to_path_buf(),
                 host_ip: Some(node.gateway()),
                 sysctls: SysctlRoot::default().with_journal(journal(node)),
+                dns_capture: true,
                 ..Default::default()
             })
             .await
@@ -471,6 +480,22 @@ fn geneve_two_nodes_hbone_between_ztunnels() {
     assert!(
         out.contains("spiffe://cluster.local/ns/default/sa/client"),
         "{out}"
+    );
+
+    // DNS capture: the node DNATs an enrolled pod's UDP/53 to its ztunnel's DNS proxy,
+    // which answers mesh names itself (the pod's namespace's short name).
+    let dns_server = SocketAddr::from(([10, 96, 0, 10], 53));
+    let answer = e2e::dns_probe::udp_query(
+        client.netns(),
+        dns_server,
+        "server",
+        hickory_proto::rr::RecordType::A,
+    );
+    assert!(answer.metadata.authoritative, "{answer:?}");
+    assert_eq!(
+        e2e::dns_probe::a_records(&answer),
+        [SERVER_VIP],
+        "{answer:?}"
     );
 
     // Unenrol the server: its inbound bypasses ztunnel, and the mesh state
