@@ -57,8 +57,8 @@ MIIBdzCCAR2gAwIBAgIUBcVv0xl4FVIBuDPu2lDRGZ3o9jAwCgYIKoZIzj0EAwIw
 COMBINATIONS: dict[str, dict[str, Any]] = {
     "default": {},
     "geneve": {"ambient": {"redirectMode": "geneve"}},
-    "inpod-dns-capture": {"ambient": {"dnsCapture": True}},
-    "geneve-dns-capture": {"ambient": {"redirectMode": "geneve", "dnsCapture": True}},
+    "inpod-no-dns-capture": {"ambient": {"dnsCapture": False}},
+    "geneve-no-dns-capture": {"ambient": {"redirectMode": "geneve", "dnsCapture": False}},
     "no-ipv6-no-reconcile": {"ambient": {"ipv6": False, "reconcileIptablesOnStartup": False}},
     "owned-cni-config": {"istioOwnedCNIConfig": True},
     "custom-dirs": {
@@ -499,9 +499,8 @@ class Operations(unittest.TestCase):
         self.assertIn("TCP 15008", notes)
         self.assertIn("169.254.7.127", notes)
         self.assertNotIn("WARNING", notes)
-        dns_notes = rendered("inpod-dns-capture").notes
-        self.assertIn("ztunnel's DNS", dns_notes)
-        self.assertNotIn("WARNING", dns_notes)
+        self.assertIn("ztunnel's DNS", notes)
+        self.assertNotIn("ztunnel's DNS", rendered("inpod-no-dns-capture").notes)
         self.assertNotIn("169.254.7.127", rendered("geneve").notes)
 
 
@@ -620,8 +619,10 @@ class Environment(unittest.TestCase):
         self.assertNotIn("CNI_CONF_NAME", rendered("default").env("DaemonSet", "node-agent", "node-agent"))
         env = rendered("owned-cni-config").env("DaemonSet", "node-agent", "node-agent")
         self.assertEqual((env["ISTIO_OWNED_CNI_CONFIG"], env["CHAINED_CNI_PLUGIN"]), ("true", "true"))
-        env = rendered("inpod-dns-capture").env("DaemonSet", "node-agent", "node-agent")
+        env = rendered("default").env("DaemonSet", "node-agent", "node-agent")
         self.assertEqual(env["AMBIENT_DNS_CAPTURE"], "true")
+        env = rendered("inpod-no-dns-capture").env("DaemonSet", "node-agent", "node-agent")
+        self.assertEqual(env["AMBIENT_DNS_CAPTURE"], "false")
         env = rendered("no-ipv6-no-reconcile").env("DaemonSet", "node-agent", "node-agent")
         self.assertEqual((env["AMBIENT_IPV6"], env["AMBIENT_RECONCILE_POD_RULES_ON_STARTUP"]), ("false", "false"))
         r = rendered("json-logs-debug")

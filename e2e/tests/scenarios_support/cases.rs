@@ -1,6 +1,7 @@
 //! The seven scenarios (s1–s7) and the pod layouts they start from.
 
 use super::*;
+use hickory_proto::rr::RecordType;
 
 /// Client on node1 (sa `client`), server on node2 (sa `server`); returns
 /// the server IP.
@@ -22,7 +23,8 @@ pub fn enrolled_client_server(ctx: &Ctx<'_>) -> IpAddr {
 
 /// Scenario 1: labelling the namespace with kubectl enrols every pod within
 /// 1 s; new cross-node connections are TLS on 15008 only; both ztunnels'
-/// access logs name both SPIFFE identities. Returns the server IP.
+/// access logs name both SPIFFE identities; the client's DNS lookups of a
+/// Service are answered by its ztunnel. Returns the server IP.
 pub fn s1_label_enrols(ctx: &Ctx<'_>) -> IpAddr {
     let server = client_server(ctx);
     ctx.assert_plaintext("client", server, "server", "s1-before-label");
@@ -66,7 +68,43 @@ pub fn s1_label_enrols(ctx: &Ctx<'_>) -> IpAddr {
             "no istio_tcp_connections_opened_total with {want} on {n2}"
         ));
     }
+    assert_dns_answered_by_ztunnel(ctx);
     server
+}
+
+/// The chart captures enrolled pods' DNS by default: a Service applied with kubectl is
+/// answered by the client's ztunnel (its short name, for the pod's namespace), with the
+/// ClusterIP, authoritative.
+fn assert_dns_answered_by_ztunnel(ctx: &Ctx<'_>) {
+    const VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 201, 7);
+    let svc = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: server\n  namespace: {ns}\nspec:\n  \
+         clusterIP: {VIP}\n  selector:\n    app: server\n  ports:\n  - port: 80\n    targetPort: {PORT}\n",
+        ns = ctx.ns
+    );
+    ctx.sim
+        .kubectl_apply(&svc)
+        .unwrap_or_else(|e| ctx.fail(&e.to_string()));
+    let netns = ctx
+        .sim
+        .pod_netns(&ctx.ns, "client")
+        .unwrap_or_else(|e| ctx.fail(&e.to_string()));
+    // Any address: port 53 is captured before routing matters.
+    let cluster_dns = SocketAddr::from(([10, 96, 0, 10], 53));
+    let start = Instant::now();
+    ctx.wait(
+        "the Service answered by the client's ztunnel",
+        10 * SECOND,
+        || {
+            let m = e2e::dns_probe::udp_query(&netns, cluster_dns, "server", RecordType::A);
+            (m.metadata.authoritative && e2e::dns_probe::a_records(&m) == [VIP]).then_some(())
+        },
+    );
+    eprintln!(
+        "[{}] DNS: 'server' answered by ztunnel with {VIP} {:?} after kubectl apply",
+        ctx.ns,
+        start.elapsed()
+    );
 }
 
 /// Scenario 2: removing the label restores plaintext, restarts no pod and
