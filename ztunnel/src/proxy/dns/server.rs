@@ -28,6 +28,10 @@ use crate::telemetry::dns_metrics::{DnsLabels, DnsMetrics};
 const MAX_INFLIGHT_UDP: usize = 512;
 /// An idle DNS-over-TCP connection is closed after this long (upstream's 5 s).
 const TCP_IDLE: Duration = Duration::from_secs(5);
+/// Receive buffer of a server socket: queries are small (a question and an OPT record);
+/// a larger datagram is cut and answered FORMERR. Kept small because every enrolled pod
+/// has its own server sockets.
+const MAX_QUERY: usize = 4096;
 
 /// Who is asking.
 #[derive(Debug, Clone)]
@@ -256,7 +260,7 @@ async fn udp_loop(
 ) {
     let sock = Arc::new(sock);
     let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_UDP));
-    let mut buf = vec![0u8; 65535];
+    let mut buf = vec![0u8; MAX_QUERY];
     loop {
         let received = tokio::select! {
             _ = stop.cancelled() => break,
