@@ -96,7 +96,9 @@ impl Capture {
             }
             all
         });
-        match rx.recv_timeout(Duration::from_secs(10)) {
+        // Returns as soon as tcpdump says it listens; the bound is generous because in the
+        // emulated VM on a busy host starting tcpdump alone took over 10 s.
+        match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(()) => Ok(Self {
                 process,
                 file: file.to_path_buf(),
