@@ -43,7 +43,15 @@ pub struct SocketOptions {
 /// A listening socket on `addr`; `[::]` becomes dual-stack, falling back to `0.0.0.0` when
 /// the namespace has no IPv6.
 pub fn listener(addr: SocketAddr, opts: &SocketOptions) -> io::Result<std::net::TcpListener> {
-    match listener_exact(addr, opts) {
+    with_v4_fallback(addr, |a| listener_exact(a, opts))
+}
+
+/// `bind(addr)`, and when `addr` is `[::]` in a namespace without IPv6, `bind(0.0.0.0)`.
+fn with_v4_fallback<T>(
+    addr: SocketAddr,
+    bind: impl Fn(SocketAddr) -> io::Result<T>,
+) -> io::Result<T> {
+    match bind(addr) {
         Err(e)
             if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
                 && matches!(
@@ -51,7 +59,7 @@ pub fn listener(addr: SocketAddr, opts: &SocketOptions) -> io::Result<std::net::
                     Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
                 ) =>
         {
-            listener_exact(SocketAddr::new([0, 0, 0, 0].into(), addr.port()), opts)
+            bind(SocketAddr::new([0, 0, 0, 0].into(), addr.port()))
         }
         r => r,
     }
@@ -106,18 +114,7 @@ pub fn udp_socket(addr: SocketAddr, opts: &SocketOptions) -> io::Result<std::net
         sock.set_nonblocking(true)?;
         Ok(sock.into())
     };
-    match exact(addr) {
-        Err(e)
-            if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-                && matches!(
-                    e.raw_os_error(),
-                    Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
-                ) =>
-        {
-            exact(SocketAddr::new([0, 0, 0, 0].into(), addr.port()))
-        }
-        r => r,
-    }
+    with_v4_fallback(addr, exact)
 }
 
 /// An unconnected outbound TCP socket for `dst`, marked, optionally bound to `orig_src`

@@ -100,37 +100,24 @@ impl Upstreams {
         })
     }
 
-    /// Relays `query` over UDP to each server in turn until one answers.
-    pub async fn forward_udp(
+    /// Relays `query` to each server in turn until one answers: over UDP, or over TCP
+    /// (length-prefixed) when `tcp`.
+    pub async fn forward(
         &self,
         sockets: &dyn SocketFactory,
         query: &[u8],
+        tcp: bool,
     ) -> Result<Vec<u8>, ForwardError> {
         let mut last = ForwardError::NoServer;
         for &server in &self.servers {
-            match tokio::time::timeout(self.timeout, udp_exchange(sockets, server, query)).await {
-                Ok(Ok(answer)) => return Ok(answer),
-                Ok(Err(source)) => last = ForwardError::Io { server, source },
-                Err(_) => {
-                    last = ForwardError::Timeout {
-                        server,
-                        timeout: self.timeout,
-                    }
+            let exchange = async {
+                if tcp {
+                    tcp_exchange(sockets, server, query).await
+                } else {
+                    udp_exchange(sockets, server, query).await
                 }
-            }
-        }
-        Err(last)
-    }
-
-    /// Relays `query` over TCP (length-prefixed) to each server in turn.
-    pub async fn forward_tcp(
-        &self,
-        sockets: &dyn SocketFactory,
-        query: &[u8],
-    ) -> Result<Vec<u8>, ForwardError> {
-        let mut last = ForwardError::NoServer;
-        for &server in &self.servers {
-            match tokio::time::timeout(self.timeout, tcp_exchange(sockets, server, query)).await {
+            };
+            match tokio::time::timeout(self.timeout, exchange).await {
                 Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(source)) => last = ForwardError::Io { server, source },
                 Err(_) => {

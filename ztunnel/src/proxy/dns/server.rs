@@ -180,11 +180,7 @@ impl DnsHandler {
         self.metrics.upstream_requests.get_or_create(&labels).inc();
         let start = Instant::now();
         let sockets = self.sockets.as_ref();
-        let forwarded = if udp {
-            self.upstreams.forward_udp(sockets, query).await
-        } else {
-            self.upstreams.forward_tcp(sockets, query).await
-        };
+        let forwarded = self.upstreams.forward(sockets, query, !udp).await;
         self.metrics
             .upstream_duration
             .get_or_create(&labels)
