@@ -19,17 +19,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::StatusCode;
-use tokio::io::BufReader;
 use tokio::net::TcpStream;
 
 pub use pool::{Pool, PoolKey};
 pub use stream::{ByteCounters, CopyOutcome, H2Stream, copy_tcp_h2};
 
-/// Reads below TLS are buffered so rustls's small reads do not each cost a syscall.
-pub const TLS_READ_BUFFER: usize = 64 * 1024;
-
-/// The TCP stream under TLS on both sides.
-pub type TlsIo = BufReader<TcpStream>;
+/// The TCP stream under TLS on both sides. rustls reads it straight into its record
+/// buffer: a read buffer below TLS (tried: 64 KiB) costs a copy of every received byte and
+/// measured ~5% more ztunnel CPU at 2 Gbit/s, more than the read syscalls it saves.
+pub type TlsIo = TcpStream;
 pub type ClientTls = tokio_rustls::client::TlsStream<TlsIo>;
 pub type ServerTls = tokio_rustls::server::TlsStream<TlsIo>;
 
@@ -141,9 +139,8 @@ pub async fn tls_connect(
     config: std::sync::Arc<rustls::ClientConfig>,
     dst: SocketAddr,
 ) -> Result<ClientTls, HboneError> {
-    let io = BufReader::with_capacity(TLS_READ_BUFFER, tcp);
     let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(crate::tls::placeholder_server_name(), io)
+        .connect(crate::tls::placeholder_server_name(), tcp)
         .await
         .map_err(|source| HboneError::Tls { dst, source })?;
     if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {

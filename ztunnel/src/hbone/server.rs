@@ -8,12 +8,11 @@ use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Request, Response, StatusCode};
-use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{ServerTls, TLS_READ_BUFFER};
+use super::ServerTls;
 use crate::config::H2Config;
 
 /// Why an inbound TLS session was not established.
@@ -33,8 +32,7 @@ pub async fn tls_accept(
     config: Arc<rustls::ServerConfig>,
     timeout: Duration,
 ) -> Result<ServerTls, AcceptError> {
-    let io = BufReader::with_capacity(TLS_READ_BUFFER, tcp);
-    let accept = tokio_rustls::TlsAcceptor::from(config).accept(io);
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
     let tls = tokio::time::timeout(timeout, accept)
         .await
         .map_err(|_| AcceptError::Timeout(timeout))?
