@@ -76,9 +76,17 @@ BENCH_SECONDS ?= 10
 bench: deps
 	BENCH_SECONDS=$(BENCH_SECONDS) bench/run.sh
 
-.PHONY: istio-ztunnel
+.PHONY: istio-ztunnel test-interop
 istio-ztunnel:
 	bench/build-istio-ztunnel.sh $(ISTIO_ZTUNNEL_SRC)
+
+# Interop with Istio's own ztunnel (e2e/tests/istio_interop.rs): HBONE and L4
+# policy both ways between this ztunnel and Istio's, and Istio's ztunnel serving
+# pods that this node agent enrols over ZDS. Needs `make istio-ztunnel` first
+# (or ISTIO_ZTUNNEL + ISTIO_ZTUNNEL_SRC); `make test` skips it without one.
+test-interop: deps
+	$(CARGO) build --workspace --bins
+	$(CARGO) test -p e2e --test istio_interop -- --nocapture
 
 # The parts alone.
 .PHONY: bench-agent-memory bench-dedicated bench-cni

@@ -6,6 +6,7 @@ pub mod apiserver;
 pub mod binaries;
 pub mod dedicated_mesh;
 pub mod dns_probe;
+pub mod inpod_agent;
 pub mod kubelet;
 pub mod netsim;
 pub mod ports;

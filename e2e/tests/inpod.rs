@@ -21,17 +21,17 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e::dns_probe;
+use e2e::inpod_agent::{InpodAgent, pod_redirect};
 use e2e::netsim::{Cluster, Pod, can_create_netns, capture_during};
 use hickory_proto::rr::RecordType;
-use node_agent::redirect::inpod::{InpodConfig, InpodRedirector, rules};
-use node_agent::redirect::{PodRedirect, Redirector};
-use node_agent::zds::{ZdsConfig, ZdsServer};
+use node_agent::redirect::Redirector;
+use node_agent::redirect::inpod::rules;
 use prometheus_client::registry::Registry;
 use ztunnel::config::Config;
 use ztunnel::identity::SecretManager;
@@ -171,47 +171,6 @@ impl Ztunnel {
     }
 }
 
-/// The node agent's in-pod half: ZDS server + redirector (host = the node).
-struct Agent {
-    zds: ZdsServer,
-    redirector: InpodRedirector,
-}
-
-impl Agent {
-    async fn start(uds: &Path, node_netns: &Path, enrolled: &[PodRedirect]) -> Self {
-        let zds = ZdsServer::new(ZdsConfig {
-            socket_path: uds.to_path_buf(),
-            ..Default::default()
-        });
-        let redirector = InpodRedirector::new(
-            InpodConfig {
-                host_netns: Some(node_netns.to_path_buf()),
-                ipv6: false,
-                ..Default::default()
-            },
-            Arc::new(zds.clone()),
-        )
-        .await
-        .unwrap();
-        let report = redirector.reconcile(enrolled).await;
-        assert!(report.failed.is_empty(), "{:?}", report.failed);
-        zds.serve().unwrap();
-        Self { zds, redirector }
-    }
-}
-
-fn pod_redirect(pod: &Pod, uid: &str, sa: &str) -> PodRedirect {
-    PodRedirect {
-        uid: uid.into(),
-        name: pod.name().into(),
-        namespace: "default".into(),
-        service_account: sa.into(),
-        ips: vec![IpAddr::V4(pod.ip())],
-        netns: Some(pod.netns().path().to_path_buf()),
-        annotations: Default::default(),
-    }
-}
-
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !cond() {
@@ -309,7 +268,7 @@ async fn two_pods_through_both_ztunnels_then_unenrol() {
     let store = Store::new();
     set_state(&store, a.ip(), b.ip(), "HBONE");
     let ca = ca();
-    let agent = Agent::start(&uds, node.netns().path(), &[]).await;
+    let agent = InpodAgent::start(&uds, node.netns().path(), &[]).await;
     let z = Ztunnel::start(&uds, &store, &ca);
     z.wait_ready().await;
 
@@ -414,7 +373,7 @@ async fn ztunnel_and_agent_restarts() {
     let pa = pod_redirect(&a, "uid-a", "sa-a");
     let pb = pod_redirect(&b, "uid-b", "sa-b");
 
-    let agent = Agent::start(&uds, node.netns().path(), &[]).await;
+    let agent = InpodAgent::start(&uds, node.netns().path(), &[]).await;
     let z = Ztunnel::start(&uds, &store, &ca);
     z.wait_ready().await;
     agent.redirector.enrol(&pa).await.unwrap();
@@ -446,7 +405,7 @@ async fn ztunnel_and_agent_restarts() {
     // Proxies keep serving while the agent is away.
     tokio::task::block_in_place(|| echo(&mut open, b"open-during")).unwrap();
 
-    let agent = Agent::start(&uds, node.netns().path(), &[pa.clone(), pb.clone()]).await;
+    let agent = InpodAgent::start(&uds, node.netns().path(), &[pa.clone(), pb.clone()]).await;
     z.wait_ready().await;
     assert_eq!(z.running(), vec!["uid-a", "uid-b"]);
     // Nothing still enrolled was drained: the old connection still works.

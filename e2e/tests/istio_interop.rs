@@ -1,0 +1,341 @@
+//! Interoperability with Istio's own ztunnel (root; needs Istio's binary, so it runs where
+//! `make istio-ztunnel` has built one: `make test-interop`).
+//!
+//! Two pods on one node, each with a dedicated ztunnel behind the in-pod capture rules: pod
+//! `ours` runs this project's ztunnel, pod `istio` runs Istio's, both reading the same
+//! local-config file. Both ztunnels' certificates chain to Istio's test root (Istio's
+//! ztunnel issues its own with `FAKE_CA`; ours gets that root's certificate and key as its
+//! local CA), as two ztunnels of one mesh share istiod's root.
+//!
+//! - Plain TCP clients in either pod reach an echo server in the other: bytes arrive intact
+//!   through HBONE in both directions (our client side against Istio's server side, and
+//!   Istio's client side against ours), and each side's access log names the other's
+//!   SPIFFE identity.
+//! - An AuthorizationPolicy in the shared config that denies `ours` in the `istio` pod is
+//!   enforced by Istio's ztunnel (its 401 to our CONNECT): our client's connection is closed
+//!   without data and our access log records the refusal; the same policy in our pod denies
+//!   Istio's client.
+//! - ZDS: this project's node agent (in-pod redirector and ZDS server, in the test process)
+//!   enrols two pods with Istio's ztunnel (its own netns, `PROXY_MODE=shared`, connected to
+//!   the agent's socket): Istio's ztunnel takes the pods' netns over ZDS, serves them from
+//!   inside them behind the agent's capture rules, and carries pod A's plain TCP to pod B
+//!   over HBONE with each pod's identity.
+//!
+//! Environment: `ISTIO_ZTUNNEL` (the binary, built with `--features testing`) and
+//! `ISTIO_ZTUNNEL_SRC` (the checkout it was built from, for its test CA in `src/tls/`);
+//! defaults: `target/istio-ztunnel/target/release/ztunnel` and
+//! `target/istio-ztunnel/build`, where `bench/build-istio-ztunnel.sh` puts them. Without
+//! them the test is skipped with the reason.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use e2e::dedicated_mesh::{
+    DedicatedMesh, EchoServer, Flavor, MeshPod, echo, http_get, wait_until, workload_entry,
+};
+use e2e::inpod_agent::{InpodAgent, pod_redirect};
+use e2e::netsim::{Cluster, Pod, Process, can_create_netns};
+use node_agent::redirect::Redirector;
+
+const ECHO_PORT: u16 = 8080;
+
+/// Istio's binary and its test CA (root certificate, key), or why they are not usable.
+fn istio_ztunnel() -> Result<(PathBuf, PathBuf, PathBuf), String> {
+    let work = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/istio-ztunnel");
+    let binary = std::env::var_os("ISTIO_ZTUNNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| work.join("target/release/ztunnel"));
+    let src = std::env::var_os("ISTIO_ZTUNNEL_SRC")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| work.join("build"));
+    if !binary.is_file() {
+        return Err(format!(
+            "no Istio ztunnel at {} (build one with `make istio-ztunnel`, or set ISTIO_ZTUNNEL)",
+            binary.display()
+        ));
+    }
+    let (cert, key) = (
+        src.join("src/tls/root-cert.pem"),
+        src.join("src/tls/ca-key.pem"),
+    );
+    for f in [&cert, &key] {
+        if !f.is_file() {
+            return Err(format!(
+                "no {} (ISTIO_ZTUNNEL_SRC must be the istio/ztunnel checkout the binary was built from)",
+                f.display()
+            ));
+        }
+    }
+    Ok((binary, cert, key))
+}
+
+macro_rules! require {
+    () => {{
+        if !can_create_netns() {
+            eprintln!("skipped: needs root to create network namespaces");
+            return;
+        }
+        match istio_ztunnel() {
+            Ok(found) => found,
+            Err(why) => {
+                eprintln!("skipped: {why}");
+                return;
+            }
+        }
+    }};
+}
+
+/// Pod `ours` (`default/ours`, sa `sa-ours`) with this ztunnel and pod `istio`
+/// (`default/istio`, sa `sa-istio`) with Istio's; `policies`: local-config policies.
+fn mesh(tag: &str, istio: &(PathBuf, PathBuf, PathBuf), policies: &str) -> DedicatedMesh {
+    let (binary, cert, key) = istio;
+    let mut m = DedicatedMesh::new(tag).expect("mesh");
+    m.add_pod("ours", "default", "sa-ours").expect("pod ours");
+    m.add_pod("istio", "default", "sa-istio")
+        .expect("pod istio");
+    m.write_config(&format!(
+        "workloads:\n{}{}{policies}",
+        workload_entry(m.pod("ours"), "HBONE", "{}", ""),
+        workload_entry(m.pod("istio"), "HBONE", "{}", ""),
+    ));
+    m.start_ztunnel_as("ours", Flavor::OursWithCa { cert, key });
+    m.start_ztunnel_as("istio", Flavor::Istio { binary });
+    m
+}
+
+/// `len` bytes through an echo server in `to`, from a plain client in `from`.
+fn echo_through(from: &MeshPod, to: &MeshPod, len: usize) -> std::io::Result<Vec<u8>> {
+    let s = from.connect(SocketAddr::from((to.ip(), ECHO_PORT)))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let back = echo(s, &data)?;
+    assert!(
+        back == data,
+        "{} of {len} bytes came back altered",
+        back.len()
+    );
+    Ok(back)
+}
+
+/// Waits for an access-log line of `p`'s ztunnel with every needle.
+fn access_line(p: &MeshPod, needles: &[&str]) -> String {
+    let mut all = vec!["connection complete"];
+    all.extend_from_slice(needles);
+    wait_until(
+        &format!("{}'s ztunnel to log {all:?}", p.name),
+        Duration::from_secs(10),
+        || !p.log_lines(&all).is_empty(),
+    );
+    p.log_lines(&all).remove(0)
+}
+
+#[test]
+fn hbone_both_ways_between_this_and_istios_ztunnel() {
+    let istio = require!();
+    let m = mesh("interop", &istio, "");
+    let (ours, theirs) = (m.pod("ours"), m.pod("istio"));
+    let _servers = [
+        EchoServer::start(ours.netns(), ECHO_PORT, None),
+        EchoServer::start(theirs.netns(), ECHO_PORT, None),
+    ];
+    let hbone = format!("{}:15008", theirs.ip());
+
+    // Our client side, Istio's server side.
+    echo_through(ours, theirs, 4 << 20).expect("ours -> istio");
+    let line = access_line(ours, &["direction=\"outbound\"", &hbone]);
+    assert!(line.contains(&theirs.identity()), "{line}");
+    assert!(!line.contains("error="), "{line}");
+    let line = access_line(theirs, &["direction=\"inbound\"", &ours.identity()]);
+    assert!(line.contains(&theirs.identity()), "{line}");
+
+    // Istio's client side, our server side.
+    echo_through(theirs, ours, 4 << 20).expect("istio -> ours");
+    let line = access_line(theirs, &["direction=\"outbound\"", &ours.identity()]);
+    assert!(line.contains(&format!("{}:15008", ours.ip())), "{line}");
+    let line = access_line(ours, &["direction=\"inbound\"", &theirs.identity()]);
+    assert!(!line.contains("error="), "{line}");
+
+    // Many streams at once over the pooled connections, both ways.
+    std::thread::scope(|s| {
+        for i in 0..20 {
+            let (from, to) = if i % 2 == 0 {
+                (ours, theirs)
+            } else {
+                (theirs, ours)
+            };
+            s.spawn(move || echo_through(from, to, 64 << 10).expect("concurrent echo"));
+        }
+    });
+    m.shutdown();
+}
+
+#[test]
+fn each_side_enforces_policy_against_the_other() {
+    let istio = require!();
+    // Namespace-wide DENY of each ztunnel's identity: enforced by the other side's ztunnel
+    // (the only one that sees it as a source).
+    let deny = |sa: &str| {
+        format!(
+            "- name: deny-{sa}\n  namespace: default\n  scope: Namespace\n  action: Deny\n  dryRun: false\n  \
+             rules: [[[{{principals: [!Suffix /sa/{sa}]}}]]]\n"
+        )
+    };
+    let policies = format!("policies:\n{}{}", deny("sa-ours"), deny("sa-istio"));
+    let m = mesh("interopdeny", &istio, &policies);
+    let (ours, theirs) = (m.pod("ours"), m.pod("istio"));
+    let _servers = [
+        EchoServer::start(ours.netns(), ECHO_PORT, None),
+        EchoServer::start(theirs.netns(), ECHO_PORT, None),
+    ];
+
+    // Istio's ztunnel answers our CONNECT with 401: our client gets no byte back.
+    assert!(refused(ours, theirs), "ours -> istio was not refused");
+    let line = access_line(ours, &["direction=\"outbound\"", "error="]);
+    assert!(line.contains("401"), "{line}");
+    assert!(line.contains(&theirs.identity()), "{line}");
+
+    // Ours refuses Istio's client and says which policy.
+    assert!(refused(theirs, ours), "istio -> ours was not refused");
+    wait_until("our denial logged", Duration::from_secs(10), || {
+        !ours
+            .log_lines(&["denied by policy default/deny-sa-istio", &theirs.identity()])
+            .is_empty()
+    });
+    m.shutdown();
+}
+
+/// A connection from `from` to the echo server in `to` that the mesh refused: closed (or
+/// reset) before a byte of the echo came back.
+fn refused(from: &MeshPod, to: &MeshPod) -> bool {
+    let Ok(mut s) = from.connect(SocketAddr::from((to.ip(), ECHO_PORT))) else {
+        return true;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = std::io::Write::write_all(&mut s, b"ping");
+    let mut buf = [0u8; 16];
+    !matches!(s.read(&mut buf), Ok(n) if n > 0)
+}
+
+/// Plain TCP from `from` to `to`'s echo server: `len` bytes there and back.
+fn echo_between_pods(from: &Pod, to: &Pod, len: usize) -> std::io::Result<()> {
+    let dst = SocketAddr::from((to.ip(), ECHO_PORT));
+    let s = from
+        .netns()
+        .run(move || std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+        .map_err(std::io::Error::other)??;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let data: Vec<u8> = (0..len).map(|i| (i % 249) as u8).collect();
+    let back = echo(s, &data)?;
+    if back != data {
+        return Err(std::io::Error::other(format!(
+            "{} of {len} bytes came back altered",
+            back.len()
+        )));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istios_ztunnel_serves_pods_this_node_agent_enrols() {
+    let (binary, _, _) = require!();
+    let cluster = Cluster::new("zdsinterop", 1).expect("cluster");
+    let node = cluster.node(1);
+    let a = node.add_pod("a").expect("pod a");
+    let b = node.add_pod("b").expect("pod b");
+    let ztunnel_pod = node.add_pod("ztunnel").expect("ztunnel pod");
+    let dir = cluster.scope().dir().to_path_buf();
+    let uds = dir.join("ztunnel/ztunnel.sock");
+    std::fs::create_dir_all(uds.parent().unwrap()).unwrap();
+    let config = dir.join("local-config.yaml");
+    let workload = |name: &str, ip: std::net::Ipv4Addr| {
+        format!(
+            "- uid: uid-{name}\n  name: {name}\n  namespace: default\n  \
+             serviceAccount: sa-{name}\n  trustDomain: cluster.local\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  services: {{}}\n  \
+             node: {}\n",
+            node.name()
+        )
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "workloads:\n{}{}",
+            workload("a", a.ip()),
+            workload("b", b.ip())
+        ),
+    )
+    .unwrap();
+
+    let agent = InpodAgent::start(&uds, node.netns().path(), &[]).await;
+    let log = dir.join("istio-ztunnel.log");
+    let mut cmd = ztunnel_pod.netns().command(&binary);
+    cmd.arg("proxy")
+        .env("PROXY_MODE", "shared")
+        .env("INPOD_UDS", &uds)
+        .env("LOCAL_XDS_PATH", &config)
+        .env("FAKE_CA", "true")
+        .env("XDS_ADDRESS", "")
+        .env("CA_ADDRESS", "")
+        .env("NODE_NAME", node.name())
+        .env("POD_NAME", "ztunnel-test")
+        .env("POD_NAMESPACE", "istio-system")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::options().append(true).open(&log).unwrap());
+    let mut istio = Process::spawn(cmd).expect("start Istio's ztunnel");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !matches!(
+        http_get(ztunnel_pod.netns(), 15021, "/healthz/ready"),
+        Some((200, _))
+    ) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Istio's ztunnel not ready within 20 s (ZDS snapshot from the agent?):\n{}",
+            read_log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (pa, pb) = (
+        pod_redirect(&a, "uid-a", "sa-a"),
+        pod_redirect(&b, "uid-b", "sa-b"),
+    );
+    agent.redirector.enrol(&pa).await.expect("enrol a");
+    agent.redirector.enrol(&pb).await.expect("enrol b");
+    let _server = EchoServer::start(b.netns(), ECHO_PORT, None);
+
+    tokio::task::block_in_place(|| {
+        wait_until(
+            "pod a to reach pod b through Istio's ztunnel",
+            Duration::from_secs(20),
+            || echo_between_pods(&a, &b, 64 << 10).is_ok(),
+        );
+        echo_between_pods(&a, &b, 4 << 20).expect("4 MiB from a to b");
+    });
+    let (ida, idb) = (
+        "spiffe://cluster.local/ns/default/sa/sa-a",
+        "spiffe://cluster.local/ns/default/sa/sa-b",
+    );
+    let hbone = format!("{}:15008", b.ip());
+    for direction in ["outbound", "inbound"] {
+        let found = read_log().lines().any(|l| {
+            l.contains("connection complete")
+                && l.contains(&format!("direction=\"{direction}\""))
+                && l.contains(ida)
+                && l.contains(idb)
+                && l.contains(&hbone)
+        });
+        assert!(
+            found,
+            "no {direction} HBONE access line a -> b:\n{}",
+            read_log()
+        );
+    }
+
+    agent.zds.shutdown();
+    agent.redirector.cleanup_all().await.expect("clean up");
+    istio.terminate(Duration::from_secs(5));
+}
