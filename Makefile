@@ -81,12 +81,15 @@ istio-ztunnel:
 	bench/build-istio-ztunnel.sh $(ISTIO_ZTUNNEL_SRC)
 
 # Interop with Istio's own ztunnel (e2e/tests/istio_interop.rs): HBONE and L4
-# policy both ways between this ztunnel and Istio's, and Istio's ztunnel serving
-# pods that this node agent enrols over ZDS. Needs `make istio-ztunnel` first
-# (or ISTIO_ZTUNNEL + ISTIO_ZTUNNEL_SRC); `make test` skips it without one.
+# policy both ways between this ztunnel and Istio's, Istio's ztunnel serving
+# pods that this node agent enrols over ZDS; and (e2e/tests/ca.rs) Istio's
+# ztunnel getting its certificate from the built-in CA. Needs `make
+# istio-ztunnel` first (or ISTIO_ZTUNNEL + ISTIO_ZTUNNEL_SRC); `make test`
+# skips them without one.
 test-interop: deps
 	$(CARGO) build --workspace --bins
 	$(CARGO) test -p e2e --test istio_interop -- --nocapture
+	$(CARGO) test -p e2e --test ca istios_ztunnel -- --nocapture
 
 # The parts alone.
 .PHONY: bench-agent-memory bench-dedicated bench-cni

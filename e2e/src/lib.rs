@@ -7,6 +7,7 @@ pub mod binaries;
 pub mod dedicated_mesh;
 pub mod dns_probe;
 pub mod inpod_agent;
+pub mod istio_ztunnel;
 pub mod kubelet;
 pub mod netsim;
 pub mod ports;

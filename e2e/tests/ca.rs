@@ -455,3 +455,117 @@ async fn node_agent_ca_binary_serves_readiness_metrics_and_certificates() {
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// Istio's own ztunnel (`e2e::istio_ztunnel`; skipped without a build) gets its workload
+/// certificate from the built-in CA: its Istio CA client (token file, CA root, ClusterID)
+/// against our gRPC server, TokenReview and the pod check included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istios_ztunnel_gets_its_certificate_from_the_built_in_ca() {
+    let istio = match e2e::istio_ztunnel::find() {
+        Ok(found) => found,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let api = ApiServer::start().unwrap();
+    populate(&api);
+    let ca = start_ca(&api).await;
+    let client = kube::Client::try_from(api.kube_config()).unwrap();
+    let token = token_request(&client, "app", "web", Some("web-1"), "istio-ca").await;
+    // Istio's ztunnel reads its token from ./var/run/secrets/tokens/istio-token.
+    let cwd = tempfile::tempdir().unwrap();
+    let tokens = cwd.path().join("var/run/secrets/tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    std::fs::write(tokens.join("istio-token"), &token).unwrap();
+    let root = cwd.path().join("root-cert.pem");
+    std::fs::write(&root, ca.root()).unwrap();
+    let config = cwd.path().join("local-config.yaml");
+    std::fs::write(
+        &config,
+        "workloads:\n- uid: uid-web-1\n  name: web-1\n  namespace: app\n  serviceAccount: web\n  \
+         trustDomain: cluster.local\n  workloadIps: [\"10.0.9.9\"]\n  protocol: HBONE\n  \
+         services: {}\n",
+    )
+    .unwrap();
+    let log_path = cwd.path().join("istio-ztunnel.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    // Dedicated mode without capture rules: nothing reaches its listeners; only its
+    // certificate is of interest.
+    let mut child = tokio::process::Command::new(&istio.binary)
+        .arg("proxy")
+        .current_dir(cwd.path())
+        .env("PROXY_MODE", "dedicated")
+        .env("PROXY_WORKLOAD_INFO", "app/web-1/web")
+        .env("LOCAL_XDS_PATH", &config)
+        .env("XDS_ADDRESS", "")
+        .env(
+            "CA_ADDRESS",
+            format!("https://127.0.0.1:{}", ca.addr.port()),
+        )
+        .env("CA_ROOT_CA", &root)
+        .env("CLUSTER_ID", "Kubernetes")
+        .env("RUST_LOG", "info")
+        .kill_on_drop(true)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
+    let web = id("app", "web");
+    // It fetches certificates on demand: a TLS handshake on its HBONE port makes it need
+    // its own (the handshake itself fails: no client certificate).
+    let mut dump = String::new();
+    for attempt in 0..200 {
+        if attempt % 20 == 0 {
+            let _ = tokio::process::Command::new("openssl")
+                .args(["s_client", "-connect", "127.0.0.1:15008", "-alpn", "h2"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .status()
+                .await;
+        }
+        dump = http_get(admin, "/config_dump").await.unwrap_or_default();
+        if dump.contains(&web) && dump.contains("Available") {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "Istio's ztunnel exited:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(
+        dump.contains(&web) && dump.contains("Available"),
+        "no certificate for {web} in Istio's config dump:\n{dump}\nlog:\n{log}"
+    );
+    // Its certificate for web chains to our root: the dump's root PEMs (base64-encoded
+    // there) are the built-in CA's root certificate.
+    use base64::Engine;
+    let body: serde_json::Value =
+        serde_json::from_str(&dump[dump.find("\r\n\r\n").map_or(0, |i| i + 4)..])
+            .expect("config dump JSON");
+    let squash = |pem: &str| pem.split_whitespace().collect::<String>();
+    let roots: Vec<String> = body["certificates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["identity"] == web.as_str())
+        .flat_map(|c| c["rootCerts"].as_array().cloned().unwrap_or_default())
+        .filter_map(|r| {
+            let pem = base64::engine::general_purpose::STANDARD
+                .decode(r["pem"].as_str()?)
+                .ok()?;
+            Some(squash(&String::from_utf8(pem).ok()?))
+        })
+        .collect();
+    assert!(
+        roots.contains(&squash(&ca.root())),
+        "Istio's certificate for {web} does not chain to the built-in CA's root:\n{dump}"
+    );
+    child.kill().await.unwrap();
+}

@@ -21,55 +21,22 @@
 //!   inside them behind the agent's capture rules, and carries pod A's plain TCP to pod B
 //!   over HBONE with each pod's identity.
 //!
-//! Environment: `ISTIO_ZTUNNEL` (the binary, built with `--features testing`) and
-//! `ISTIO_ZTUNNEL_SRC` (the checkout it was built from, for its test CA in `src/tls/`);
-//! defaults: `target/istio-ztunnel/target/release/ztunnel` and
-//! `target/istio-ztunnel/build`, where `bench/build-istio-ztunnel.sh` puts them. Without
-//! them the test is skipped with the reason.
+//! Istio's build is found as `e2e::istio_ztunnel` says (`ISTIO_ZTUNNEL`,
+//! `ISTIO_ZTUNNEL_SRC`); without one the tests are skipped with the reason.
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use e2e::dedicated_mesh::{
     DedicatedMesh, EchoServer, Flavor, MeshPod, echo, http_get, wait_until, workload_entry,
 };
 use e2e::inpod_agent::{InpodAgent, pod_redirect};
+use e2e::istio_ztunnel::IstioZtunnel;
 use e2e::netsim::{Cluster, Pod, Process, can_create_netns};
 use node_agent::redirect::Redirector;
 
 const ECHO_PORT: u16 = 8080;
-
-/// Istio's binary and its test CA (root certificate, key), or why they are not usable.
-fn istio_ztunnel() -> Result<(PathBuf, PathBuf, PathBuf), String> {
-    let work = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/istio-ztunnel");
-    let binary = std::env::var_os("ISTIO_ZTUNNEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| work.join("target/release/ztunnel"));
-    let src = std::env::var_os("ISTIO_ZTUNNEL_SRC")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| work.join("build"));
-    if !binary.is_file() {
-        return Err(format!(
-            "no Istio ztunnel at {} (build one with `make istio-ztunnel`, or set ISTIO_ZTUNNEL)",
-            binary.display()
-        ));
-    }
-    let (cert, key) = (
-        src.join("src/tls/root-cert.pem"),
-        src.join("src/tls/ca-key.pem"),
-    );
-    for f in [&cert, &key] {
-        if !f.is_file() {
-            return Err(format!(
-                "no {} (ISTIO_ZTUNNEL_SRC must be the istio/ztunnel checkout the binary was built from)",
-                f.display()
-            ));
-        }
-    }
-    Ok((binary, cert, key))
-}
 
 macro_rules! require {
     () => {{
@@ -77,7 +44,7 @@ macro_rules! require {
             eprintln!("skipped: needs root to create network namespaces");
             return;
         }
-        match istio_ztunnel() {
+        match e2e::istio_ztunnel::find() {
             Ok(found) => found,
             Err(why) => {
                 eprintln!("skipped: {why}");
@@ -89,8 +56,7 @@ macro_rules! require {
 
 /// Pod `ours` (`default/ours`, sa `sa-ours`) with this ztunnel and pod `istio`
 /// (`default/istio`, sa `sa-istio`) with Istio's; `policies`: local-config policies.
-fn mesh(tag: &str, istio: &(PathBuf, PathBuf, PathBuf), policies: &str) -> DedicatedMesh {
-    let (binary, cert, key) = istio;
+fn mesh(tag: &str, istio: &IstioZtunnel, policies: &str) -> DedicatedMesh {
     let mut m = DedicatedMesh::new(tag).expect("mesh");
     m.add_pod("ours", "default", "sa-ours").expect("pod ours");
     m.add_pod("istio", "default", "sa-istio")
@@ -100,8 +66,19 @@ fn mesh(tag: &str, istio: &(PathBuf, PathBuf, PathBuf), policies: &str) -> Dedic
         workload_entry(m.pod("ours"), "HBONE", "{}", ""),
         workload_entry(m.pod("istio"), "HBONE", "{}", ""),
     ));
-    m.start_ztunnel_as("ours", Flavor::OursWithCa { cert, key });
-    m.start_ztunnel_as("istio", Flavor::Istio { binary });
+    m.start_ztunnel_as(
+        "ours",
+        Flavor::OursWithCa {
+            cert: &istio.root_cert,
+            key: &istio.root_key,
+        },
+    );
+    m.start_ztunnel_as(
+        "istio",
+        Flavor::Istio {
+            binary: &istio.binary,
+        },
+    );
     m
 }
 
@@ -239,7 +216,7 @@ fn echo_between_pods(from: &Pod, to: &Pod, len: usize) -> std::io::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istios_ztunnel_serves_pods_this_node_agent_enrols() {
-    let (binary, _, _) = require!();
+    let istio = require!();
     let cluster = Cluster::new("zdsinterop", 1).expect("cluster");
     let node = cluster.node(1);
     let a = node.add_pod("a").expect("pod a");
@@ -269,7 +246,7 @@ async fn istios_ztunnel_serves_pods_this_node_agent_enrols() {
 
     let agent = InpodAgent::start(&uds, node.netns().path(), &[]).await;
     let log = dir.join("istio-ztunnel.log");
-    let mut cmd = ztunnel_pod.netns().command(&binary);
+    let mut cmd = ztunnel_pod.netns().command(&istio.binary);
     cmd.arg("proxy")
         .env("PROXY_MODE", "shared")
         .env("INPOD_UDS", &uds)

@@ -1,0 +1,48 @@
+//! Where a build of Istio's own ztunnel is, for the interop tests: the binary (built with
+//! `--features testing`, which provides `FAKE_CA`) and its test CA (root certificate and
+//! key in `src/tls/` of the checkout it was built from).
+//!
+//! `ISTIO_ZTUNNEL` (binary) and `ISTIO_ZTUNNEL_SRC` (checkout); defaults:
+//! `target/istio-ztunnel/target/release/ztunnel` and `target/istio-ztunnel/build`, where
+//! `bench/build-istio-ztunnel.sh` (`make istio-ztunnel`) puts them.
+
+use std::path::{Path, PathBuf};
+
+pub struct IstioZtunnel {
+    pub binary: PathBuf,
+    /// Istio's test root certificate (PEM): what its `FAKE_CA` issues from.
+    pub root_cert: PathBuf,
+    /// The key of [`Self::root_cert`].
+    pub root_key: PathBuf,
+}
+
+/// The build, or why there is none usable (for the skip message).
+pub fn find() -> Result<IstioZtunnel, String> {
+    let work = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/istio-ztunnel");
+    let binary = std::env::var_os("ISTIO_ZTUNNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| work.join("target/release/ztunnel"));
+    let src = std::env::var_os("ISTIO_ZTUNNEL_SRC")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| work.join("build"));
+    if !binary.is_file() {
+        return Err(format!(
+            "no Istio ztunnel at {} (build one with `make istio-ztunnel`, or set ISTIO_ZTUNNEL)",
+            binary.display()
+        ));
+    }
+    let found = IstioZtunnel {
+        binary,
+        root_cert: src.join("src/tls/root-cert.pem"),
+        root_key: src.join("src/tls/ca-key.pem"),
+    };
+    for f in [&found.root_cert, &found.root_key] {
+        if !f.is_file() {
+            return Err(format!(
+                "no {} (ISTIO_ZTUNNEL_SRC must be the istio/ztunnel checkout the binary was built from)",
+                f.display()
+            ));
+        }
+    }
+    Ok(found)
+}
