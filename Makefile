@@ -83,7 +83,7 @@ istio-ztunnel:
 # Interop with Istio's own ztunnel (e2e/tests/istio_interop.rs): HBONE and L4
 # policy both ways between this ztunnel and Istio's, Istio's ztunnel serving
 # pods that this node agent enrols over ZDS; and (e2e/tests/ca.rs) Istio's
-# ztunnel getting its certificate from the built-in CA. Needs `make
+# ztunnel getting its own and its pods' certificates from the built-in CA. Needs `make
 # istio-ztunnel` first (or ISTIO_ZTUNNEL + ISTIO_ZTUNNEL_SRC); `make test`
 # skips them without one.
 test-interop: deps

@@ -46,3 +46,22 @@ pub fn find() -> Result<IstioZtunnel, String> {
     }
     Ok(found)
 }
+
+/// Panics unless Istio's ztunnel `log` has an outbound and an inbound access line for a
+/// connection from `src` to `dst` (SPIFFE identities) carried over HBONE to `hbone`
+/// (`<ip>:15008`).
+pub fn assert_hbone_both_directions(log: &str, src: &str, dst: &str, hbone: &str) {
+    for direction in ["outbound", "inbound"] {
+        let found = log.lines().any(|l| {
+            l.contains("connection complete")
+                && l.contains(&format!("direction=\"{direction}\""))
+                && l.contains(src)
+                && l.contains(dst)
+                && l.contains(hbone)
+        });
+        assert!(
+            found,
+            "no {direction} access line {src} -> {dst} over HBONE to {hbone}:\n{log}"
+        );
+    }
+}

@@ -10,6 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use e2e::apiserver::{ApiServer, ApiServerHandle, TokenSpec};
+use e2e::dedicated_mesh::{EchoServer, echo};
+use e2e::inpod_agent::{InpodAgent, pod_redirect};
+use e2e::netsim::{Cluster, can_create_netns};
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Api, PostParams};
@@ -20,6 +23,7 @@ use node_agent::ca::authn::TokenReviewAuthenticator;
 use node_agent::ca::authority::testing::{generate_root, write_root_dir};
 use node_agent::ca::config::CaConfig;
 use node_agent::ca::pods::KubePodDirectory;
+use node_agent::redirect::{PodRedirect, Redirector};
 use serde_json::json;
 use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
@@ -456,11 +460,16 @@ async fn node_agent_ca_binary_serves_readiness_metrics_and_certificates() {
     assert!(status.success(), "{status}");
 }
 
+/// The Istio ztunnel tests run it in this netns (admin 15000, readiness 15021, ...): one at
+/// a time.
+static ISTIO_IN_ROOT_NETNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Istio's own ztunnel (`e2e::istio_ztunnel`; skipped without a build) gets its workload
 /// certificate from the built-in CA: its Istio CA client (token file, CA root, ClusterID)
 /// against our gRPC server, TokenReview and the pod check included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istios_ztunnel_gets_its_certificate_from_the_built_in_ca() {
+    let _root_netns_ports = ISTIO_IN_ROOT_NETNS.lock().await;
     let istio = match e2e::istio_ztunnel::find() {
         Ok(found) => found,
         Err(why) => {
@@ -567,5 +576,157 @@ async fn istios_ztunnel_gets_its_certificate_from_the_built_in_ca() {
         roots.contains(&squash(&ca.root())),
         "Istio's certificate for {web} does not chain to the built-in CA's root:\n{dump}"
     );
+    child.kill().await.unwrap();
+}
+
+/// Istio's own ztunnel in shared (in-pod) mode with this project's control pieces: the node
+/// agent's in-pod redirector and ZDS server hand it two pods, and it gets their
+/// certificates from the built-in CA on their behalf (node authorization:
+/// `ImpersonatedIdentity`, its own pod-bound ztunnel token, pods on its node), then carries
+/// one pod's plain TCP to the other over HBONE with both identities.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istios_ztunnel_serves_agent_enrolled_pods_with_certificates_from_the_built_in_ca() {
+    let _root_netns_ports = ISTIO_IN_ROOT_NETNS.lock().await;
+    if !can_create_netns() {
+        eprintln!("skipped: needs root to create network namespaces");
+        return;
+    }
+    let istio = match e2e::istio_ztunnel::find() {
+        Ok(found) => found,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let api = ApiServer::start().unwrap();
+    populate(&api);
+    // db also runs on node-1 here, so node-1's ztunnel may ask for its identity.
+    pod(&api, "app", "db-n1", "db", "node-1");
+    let ca = start_ca(&api).await;
+    let client = kube::Client::try_from(api.kube_config()).unwrap();
+    let token = token_request(
+        &client,
+        "istio-system",
+        "ztunnel",
+        Some("ztunnel-n1"),
+        "istio-ca",
+    )
+    .await;
+
+    let cluster = Cluster::new("caistio", 1).unwrap();
+    let node = cluster.node(1);
+    let web_pod = node.add_pod("web").unwrap();
+    let db_pod = node.add_pod("db").unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let tokens = cwd.path().join("var/run/secrets/tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    std::fs::write(tokens.join("istio-token"), &token).unwrap();
+    let root = cwd.path().join("root-cert.pem");
+    std::fs::write(&root, ca.root()).unwrap();
+    let workload = |uid: &str, name: &str, sa: &str, ip: std::net::Ipv4Addr| {
+        format!(
+            "- uid: {uid}\n  name: {name}\n  namespace: app\n  serviceAccount: {sa}\n  \
+             trustDomain: cluster.local\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  \
+             node: node-1\n  services: {{}}\n"
+        )
+    };
+    let config = cwd.path().join("local-config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "workloads:\n{}{}",
+            workload("uid-web", web_pod.name(), "web", web_pod.ip()),
+            workload("uid-db", db_pod.name(), "db", db_pod.ip())
+        ),
+    )
+    .unwrap();
+    let uds = cwd.path().join("ztunnel.sock");
+    let agent = InpodAgent::start(&uds, node.netns().path(), &[]).await;
+
+    let log_path = cwd.path().join("istio-ztunnel.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = tokio::process::Command::new(&istio.binary)
+        .arg("proxy")
+        .current_dir(cwd.path())
+        .env("PROXY_MODE", "shared")
+        .env("INPOD_UDS", &uds)
+        .env("LOCAL_XDS_PATH", &config)
+        .env("XDS_ADDRESS", "")
+        .env(
+            "CA_ADDRESS",
+            format!("https://127.0.0.1:{}", ca.addr.port()),
+        )
+        .env("CA_ROOT_CA", &root)
+        .env("CLUSTER_ID", "Kubernetes")
+        .env("NODE_NAME", "node-1")
+        .env("POD_NAME", "ztunnel-n1")
+        .env("POD_NAMESPACE", "istio-system")
+        .env("RUST_LOG", "info")
+        .kill_on_drop(true)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // Ready once connected to the agent's ZDS socket and given its (empty) snapshot.
+    let ready: SocketAddr = "127.0.0.1:15021".parse().unwrap();
+    let mut attempts = 0;
+    while !http_get(ready, "/healthz/ready")
+        .await
+        .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+    {
+        attempts += 1;
+        assert!(attempts < 200, "Istio's ztunnel not ready:\n{}", read_log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let in_app = |redirect: PodRedirect| PodRedirect {
+        namespace: "app".into(),
+        ..redirect
+    };
+    agent
+        .redirector
+        .enrol(&in_app(pod_redirect(&web_pod, "uid-web", "web")))
+        .await
+        .expect("enrol web");
+    agent
+        .redirector
+        .enrol(&in_app(pod_redirect(&db_pod, "uid-db", "db")))
+        .await
+        .expect("enrol db");
+    let _server = EchoServer::start(db_pod.netns(), 8080, None);
+    let dst = SocketAddr::from((db_pod.ip(), 8080));
+    let data: Vec<u8> = (0..(256 << 10)).map(|i| (i % 253) as u8).collect();
+    let mut delivered = false;
+    for _ in 0..20 {
+        let attempt = tokio::task::block_in_place(|| -> std::io::Result<Vec<u8>> {
+            let s = web_pod
+                .netns()
+                .run(move || std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+                .map_err(std::io::Error::other)??;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            echo(s, &data)
+        });
+        if attempt.is_ok_and(|back| back == data) {
+            delivered = true;
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "Istio's ztunnel exited:\n{}",
+            read_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        delivered,
+        "web could not reach db through Istio's ztunnel:\n{}",
+        read_log()
+    );
+    let (web, db) = (id("app", "web"), id("app", "db"));
+    let hbone = format!("{}:15008", db_pod.ip());
+    e2e::istio_ztunnel::assert_hbone_both_directions(&read_log(), &web, &db, &hbone);
+    agent.zds.shutdown();
+    agent.redirector.cleanup_all().await.expect("clean up");
     child.kill().await.unwrap();
 }

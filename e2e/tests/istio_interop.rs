@@ -297,20 +297,7 @@ async fn istios_ztunnel_serves_pods_this_node_agent_enrols() {
         "spiffe://cluster.local/ns/default/sa/sa-b",
     );
     let hbone = format!("{}:15008", b.ip());
-    for direction in ["outbound", "inbound"] {
-        let found = read_log().lines().any(|l| {
-            l.contains("connection complete")
-                && l.contains(&format!("direction=\"{direction}\""))
-                && l.contains(ida)
-                && l.contains(idb)
-                && l.contains(&hbone)
-        });
-        assert!(
-            found,
-            "no {direction} HBONE access line a -> b:\n{}",
-            read_log()
-        );
-    }
+    e2e::istio_ztunnel::assert_hbone_both_directions(&read_log(), ida, idb, &hbone);
 
     agent.zds.shutdown();
     agent.redirector.cleanup_all().await.expect("clean up");
