@@ -10,7 +10,8 @@
 //! - Plain TCP clients in either pod reach an echo server in the other: bytes arrive intact
 //!   through HBONE in both directions (our client side against Istio's server side, and
 //!   Istio's client side against ours), and each side's access log names the other's
-//!   SPIFFE identity.
+//!   SPIFFE identity; the same through each other's Service VIP (the client side picks the
+//!   endpoint and its target port).
 //! - An AuthorizationPolicy in the shared config that denies `ours` in the `istio` pod is
 //!   enforced by Istio's ztunnel (its 401 to our CONNECT): our client's connection is closed
 //!   without data and our access log records the refusal; the same policy in our pod denies
@@ -25,7 +26,7 @@
 //! `ISTIO_ZTUNNEL_SRC`); without one the tests are skipped with the reason.
 
 use std::io::Read;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use e2e::dedicated_mesh::{
@@ -37,6 +38,9 @@ use e2e::netsim::{Cluster, Pod, Process, can_create_netns};
 use node_agent::redirect::Redirector;
 
 const ECHO_PORT: u16 = 8080;
+/// Service VIPs (port 80) in front of pod `ours` and pod `istio`.
+const VIP_OURS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 21);
+const VIP_ISTIO: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 22);
 
 macro_rules! require {
     () => {{
@@ -61,10 +65,22 @@ fn mesh(tag: &str, istio: &IstioZtunnel, policies: &str) -> DedicatedMesh {
     m.add_pod("ours", "default", "sa-ours").expect("pod ours");
     m.add_pod("istio", "default", "sa-istio")
         .expect("pod istio");
+    // Each pod behind a Service (VIP port 80 → 8080), in the same file for both ztunnels.
+    let service = |name: &str, vip: Ipv4Addr| {
+        format!(
+            "- name: {name}\n  namespace: default\n  hostname: {name}.default.svc.cluster.local\n  \
+             vips: [\"/{vip}\"]\n  ports: {{80: {ECHO_PORT}}}\n"
+        )
+    };
+    let member = |name: &str| {
+        format!("{{\"default/{name}.default.svc.cluster.local\": {{80: {ECHO_PORT}}}}}")
+    };
     m.write_config(&format!(
-        "workloads:\n{}{}{policies}",
-        workload_entry(m.pod("ours"), "HBONE", "{}", ""),
-        workload_entry(m.pod("istio"), "HBONE", "{}", ""),
+        "workloads:\n{}{}services:\n{}{}{policies}",
+        workload_entry(m.pod("ours"), "HBONE", &member("svc-ours"), ""),
+        workload_entry(m.pod("istio"), "HBONE", &member("svc-istio"), ""),
+        service("svc-ours", VIP_OURS),
+        service("svc-istio", VIP_ISTIO),
     ));
     m.start_ztunnel_as(
         "ours",
@@ -84,7 +100,12 @@ fn mesh(tag: &str, istio: &IstioZtunnel, policies: &str) -> DedicatedMesh {
 
 /// `len` bytes through an echo server in `to`, from a plain client in `from`.
 fn echo_through(from: &MeshPod, to: &MeshPod, len: usize) -> std::io::Result<Vec<u8>> {
-    let s = from.connect(SocketAddr::from((to.ip(), ECHO_PORT)))?;
+    echo_to(from, SocketAddr::from((to.ip(), ECHO_PORT)), len)
+}
+
+/// `len` bytes through the echo server at `dst` (a pod or a Service VIP), from `from`.
+fn echo_to(from: &MeshPod, dst: SocketAddr, len: usize) -> std::io::Result<Vec<u8>> {
+    let s = from.connect(dst)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     let back = echo(s, &data)?;
@@ -133,6 +154,21 @@ fn hbone_both_ways_between_this_and_istios_ztunnel() {
     assert!(line.contains(&format!("{}:15008", ours.ip())), "{line}");
     let line = access_line(ours, &["direction=\"inbound\"", &theirs.identity()]);
     assert!(!line.contains("error="), "{line}");
+
+    // Through each other's Service VIP: the client side picks the endpoint and asks for
+    // its target port; the server side serves it.
+    echo_to(ours, SocketAddr::from((VIP_ISTIO, 80)), 64 << 10).expect("ours -> istio's VIP");
+    let line = access_line(ours, &["direction=\"outbound\"", "svc-istio.default.svc"]);
+    assert!(
+        line.contains(&format!("dst.hbone_addr={}:{ECHO_PORT}", theirs.ip())),
+        "{line}"
+    );
+    echo_to(theirs, SocketAddr::from((VIP_OURS, 80)), 64 << 10).expect("istio -> our VIP");
+    let line = access_line(theirs, &["direction=\"outbound\"", "svc-ours.default.svc"]);
+    assert!(
+        line.contains(&format!("dst.hbone_addr={}:{ECHO_PORT}", ours.ip())),
+        "{line}"
+    );
 
     // Many streams at once over the pooled connections, both ways.
     std::thread::scope(|s| {
