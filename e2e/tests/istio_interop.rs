@@ -11,7 +11,7 @@
 //!   through HBONE in both directions (our client side against Istio's server side, and
 //!   Istio's client side against ours), and each side's access log names the other's
 //!   SPIFFE identity; the same through each other's Service VIP (the client side picks the
-//!   endpoint and its target port).
+//!   endpoint and its target port). Both label their `istio_tcp_*` metrics alike.
 //! - An AuthorizationPolicy in the shared config that denies `ours` in the `istio` pod is
 //!   enforced by Istio's ztunnel (its 401 to our CONNECT): our client's connection is closed
 //!   without data and our access log records the refusal; the same policy in our pod denies
@@ -35,6 +35,7 @@ use e2e::dedicated_mesh::{
 use e2e::inpod_agent::{InpodAgent, pod_redirect};
 use e2e::istio_ztunnel::IstioZtunnel;
 use e2e::netsim::{Cluster, Pod, Process, can_create_netns};
+use e2e::prom_text;
 use node_agent::redirect::Redirector;
 
 const ECHO_PORT: u16 = 8080;
@@ -169,6 +170,32 @@ fn hbone_both_ways_between_this_and_istios_ztunnel() {
         line.contains(&format!("dst.hbone_addr={}:{ECHO_PORT}", ours.ip())),
         "{line}"
     );
+
+    // Both ztunnels label their TCP metrics alike (dashboards built for Istio's work).
+    let (our_metrics, their_metrics) = (
+        prom_text::parse(&ours.metrics()),
+        prom_text::parse(&theirs.metrics()),
+    );
+    for family in [
+        "istio_tcp_connections_opened_total",
+        "istio_tcp_connections_closed_total",
+        "istio_tcp_sent_bytes_total",
+        "istio_tcp_received_bytes_total",
+    ] {
+        for reporter in ["source", "destination"] {
+            let keys = |samples: &[prom_text::Sample]| {
+                prom_text::matching(samples, family, &[("reporter", reporter)])
+                    .first()
+                    .map(|s| s.labels.keys().cloned().collect::<Vec<_>>())
+            };
+            let (o, t) = (keys(&our_metrics), keys(&their_metrics));
+            assert!(o.is_some(), "no {family}{{reporter={reporter}}} from ours");
+            assert_eq!(
+                o, t,
+                "labels of {family}{{reporter={reporter}}}: ours vs Istio's"
+            );
+        }
+    }
 
     // Many streams at once over the pooled connections, both ways.
     std::thread::scope(|s| {

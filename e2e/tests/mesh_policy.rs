@@ -322,6 +322,11 @@ fn metrics_count_connections_and_bytes_with_istio_labels() {
             ("request_protocol", "tcp".into()),
             ("response_flags", flags.into()),
             ("connection_security_policy", "mutual_tls".into()),
+            // No locality in the config: as Istio's ztunnel, `unknown`.
+            ("source_region", "unknown".into()),
+            ("source_zone", "unknown".into()),
+            ("destination_region", "unknown".into()),
+            ("destination_zone", "unknown".into()),
         ])
     };
     let value = |text: &str, name: &str, want: &[(String, String)]| -> f64 {

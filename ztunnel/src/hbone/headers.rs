@@ -62,8 +62,9 @@ pub fn build_request(req: &ConnectRequest) -> Request<()> {
 }
 
 /// `k8s.cluster.name=..,k8s.namespace.name=..,k8s.<type>.name=..,service.name=..,service.version=..`
+/// and, when the workload has a locality, `cloud.region=..,cloud.availability_zone=..`.
 pub fn baggage_for(w: &Workload) -> String {
-    let mut parts = Vec::with_capacity(5);
+    let mut parts = Vec::with_capacity(7);
     if !w.cluster_id.is_empty() {
         parts.push(format!("k8s.cluster.name={}", w.cluster_id));
     }
@@ -84,6 +85,12 @@ pub fn baggage_for(w: &Workload) -> String {
     if !w.canonical_revision.is_empty() {
         parts.push(format!("service.version={}", w.canonical_revision));
     }
+    if !w.locality.region.is_empty() {
+        parts.push(format!("cloud.region={}", w.locality.region));
+    }
+    if !w.locality.zone.is_empty() {
+        parts.push(format!("cloud.availability_zone={}", w.locality.zone));
+    }
     parts.join(",")
 }
 
@@ -102,6 +109,8 @@ pub struct Baggage {
     pub workload_name: Option<String>,
     pub service_name: Option<String>,
     pub service_version: Option<String>,
+    pub region: Option<String>,
+    pub zone: Option<String>,
 }
 
 pub fn parse_baggage(value: &str) -> Baggage {
@@ -116,6 +125,8 @@ pub fn parse_baggage(value: &str) -> Baggage {
             "k8s.namespace.name" => b.namespace = v,
             "service.name" => b.service_name = v,
             "service.version" => b.service_version = v,
+            "cloud.region" => b.region = v,
+            "cloud.availability_zone" => b.zone = v,
             k if k.starts_with("k8s.") && k.ends_with(".name") => b.workload_name = v,
             _ => {}
         }
@@ -198,6 +209,25 @@ mod tests {
         assert_eq!(b.namespace.as_deref(), Some("default"));
         assert_eq!(b.workload_name.as_deref(), Some("sleep"));
         assert_eq!(b.service_version.as_deref(), Some("v1"));
+    }
+
+    #[test]
+    fn baggage_carries_the_locality_as_istio() {
+        let mut w = workload();
+        w.locality.region = "eu-west1".into();
+        w.locality.zone = "eu-west1-b".into();
+        let v = baggage_for(&w);
+        assert!(
+            v.ends_with(",cloud.region=eu-west1,cloud.availability_zone=eu-west1-b"),
+            "{v}"
+        );
+        let b = parse_baggage(&v);
+        assert_eq!(
+            (b.region.as_deref(), b.zone.as_deref()),
+            (Some("eu-west1"), Some("eu-west1-b"))
+        );
+        // No locality: neither key is sent.
+        assert!(!baggage_for(&workload()).contains("cloud."));
     }
 
     #[test]

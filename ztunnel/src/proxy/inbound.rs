@@ -404,6 +404,8 @@ fn peer_from_baggage(b: &Baggage) -> PeerInfo {
         cluster: b.cluster.clone(),
         canonical_service: b.service_name.clone(),
         canonical_revision: b.service_version.clone(),
+        region: b.region.clone(),
+        zone: b.zone.clone(),
     }
 }
 

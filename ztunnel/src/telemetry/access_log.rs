@@ -67,6 +67,9 @@ pub struct PeerInfo {
     pub cluster: Option<String>,
     pub canonical_service: Option<String>,
     pub canonical_revision: Option<String>,
+    /// Locality (metric labels `*_region`, `*_zone`).
+    pub region: Option<String>,
+    pub zone: Option<String>,
 }
 
 impl PeerInfo {
@@ -82,6 +85,8 @@ impl PeerInfo {
             cluster: non_empty(&w.cluster_id),
             canonical_service: non_empty(&w.canonical_name).or_else(|| non_empty(&w.name)),
             canonical_revision: non_empty(&w.canonical_revision),
+            region: non_empty(&w.locality.region),
+            zone: non_empty(&w.locality.zone),
         }
     }
 
@@ -154,6 +159,8 @@ impl ConnectionInfo {
         set(&mut l.source_workload, &self.src.workload);
         set(&mut l.source_workload_namespace, &self.src.namespace);
         set(&mut l.source_cluster, &self.src.cluster);
+        set(&mut l.source_region, &self.src.region);
+        set(&mut l.source_zone, &self.src.zone);
         set(&mut l.source_canonical_service, &self.src.canonical_service);
         set(
             &mut l.source_canonical_revision,
@@ -168,6 +175,8 @@ impl ConnectionInfo {
         set(&mut l.destination_workload, &self.dst.workload);
         set(&mut l.destination_workload_namespace, &self.dst.namespace);
         set(&mut l.destination_cluster, &self.dst.cluster);
+        set(&mut l.destination_region, &self.dst.region);
+        set(&mut l.destination_zone, &self.dst.zone);
         set(
             &mut l.destination_canonical_service,
             &self.dst.canonical_service,
@@ -473,7 +482,8 @@ mod tests {
         let m = Arc::new(ProxyMetrics::new(&mut reg));
         let w: Workload = serde_yaml_ng::from_str(
             "name: echo-1\nnamespace: ns\nserviceAccount: echo\ntrustDomain: td\n\
-             workloadName: echo\ncanonicalName: echo-app\ncanonicalRevision: v3\nclusterId: c1\n",
+             workloadName: echo\ncanonicalName: echo-app\ncanonicalRevision: v3\nclusterId: c1\n\
+             locality: {region: eu-west1, zone: eu-west1-b}\n",
         )
         .unwrap();
         let svc: Service =
@@ -498,6 +508,15 @@ mod tests {
         assert_eq!(l.destination_version, "v3");
         assert_eq!(l.destination_canonical_service, "echo-app");
         assert_eq!(l.destination_cluster, "c1");
+        // Locality labels as Istio's ztunnel: the workload's, `unknown` when not known.
+        assert_eq!(
+            (l.destination_region.as_str(), l.destination_zone.as_str()),
+            ("eu-west1", "eu-west1-b")
+        );
+        assert_eq!(
+            (l.source_region.as_str(), l.source_zone.as_str()),
+            ("unknown", "unknown")
+        );
         assert_eq!(l.destination_service, "echo.example.com");
         assert_eq!(l.destination_service_name, "echo");
         assert_eq!(l.destination_service_namespace, "svc-ns");

@@ -49,6 +49,10 @@ pub struct TrafficLabels {
     pub request_protocol: String,
     pub response_flags: String,
     pub connection_security_policy: String,
+    pub source_region: String,
+    pub source_zone: String,
+    pub destination_region: String,
+    pub destination_zone: String,
 }
 
 pub const UNKNOWN: &str = "unknown";
@@ -117,6 +121,10 @@ impl TrafficLabels {
             request_protocol: "tcp".to_string(),
             response_flags: ResponseFlags::None.as_str().to_string(),
             connection_security_policy: UNKNOWN.to_string(),
+            source_region: u(),
+            source_zone: u(),
+            destination_region: u(),
+            destination_zone: u(),
         }
     }
 }
