@@ -164,12 +164,10 @@ impl Flavor {
                 ("CA_ROOT_CERT", ca_dir.join("ec-root.pem").into()),
                 ("CA_ROOT_KEY", ca_dir.join("ec-root.key").into()),
             ],
-            Flavor::Istio { .. } => vec![
-                ("FAKE_CA", "true".into()),
-                ("XDS_ADDRESS", "".into()),
-                ("CA_ADDRESS", "".into()),
-                ("PACKET_MARK", "1337".into()),
-            ],
+            Flavor::Istio { .. } => e2e::istio_ztunnel::FAKE_CA_ENV
+                .iter()
+                .map(|(k, v)| (*k, (*v).into()))
+                .collect(),
         }
     }
 }

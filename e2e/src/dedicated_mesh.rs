@@ -119,12 +119,7 @@ impl MeshPod {
 
     /// A TCP connection from inside the pod to `dst` (captured when the pod has a ztunnel).
     pub fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
-        let s = self
-            .netns()
-            .run(move || TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
-            .map_err(io::Error::other)??;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        Ok(s)
+        connect_in(self.netns(), dst)
     }
 
     /// `GET path` on the pod's `127.0.0.1:port`: (status, body).
@@ -292,10 +287,7 @@ impl DedicatedMesh {
                 cmd.env("CA_ROOT_CERT", cert).env("CA_ROOT_KEY", key);
             }
             Flavor::Istio { .. } => {
-                cmd.env("FAKE_CA", "true")
-                    .env("XDS_ADDRESS", "")
-                    .env("CA_ADDRESS", "")
-                    .env("PACKET_MARK", "1337");
+                cmd.envs(crate::istio_ztunnel::FAKE_CA_ENV);
             }
         }
         p.istio = matches!(flavor, Flavor::Istio { .. });
@@ -533,6 +525,28 @@ impl Drop for EchoServer {
             let _ = t.join();
         }
     }
+}
+
+/// A TCP connection from inside `ns` to `dst` (5 s to connect, reads time out after 30 s).
+pub fn connect_in(ns: &NamedNetns, dst: SocketAddr) -> io::Result<TcpStream> {
+    let s = ns
+        .run(move || TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+        .map_err(io::Error::other)??;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    Ok(s)
+}
+
+/// [`echo`] of `len` patterned bytes; an error unless all of them come back unchanged.
+pub fn echo_checked(s: TcpStream, len: usize) -> io::Result<()> {
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let back = echo(s, &data)?;
+    if back != data {
+        return Err(io::Error::other(format!(
+            "{} of {len} bytes came back, altered or cut",
+            back.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Sends `data`, half-closes, and reads everything that comes back until EOF.

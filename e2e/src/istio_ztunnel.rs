@@ -5,8 +5,51 @@
 //! `ISTIO_ZTUNNEL` (binary) and `ISTIO_ZTUNNEL_SRC` (checkout); defaults:
 //! `target/istio-ztunnel/target/release/ztunnel` and `target/istio-ztunnel/build`, where
 //! `bench/build-istio-ztunnel.sh` (`make istio-ztunnel`) puts them.
+//!
+//! Also what running it takes outside a cluster: its test CA instead of istiod
+//! ([`FAKE_CA_ENV`]), its token file and CA root ([`write_credentials`]), and workload entries
+//! its stricter local-config parser accepts ([`local_workload`]).
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+
+/// Environment for Istio's ztunnel without istiod: certificates from its built-in test CA,
+/// no xDS, sockets marked 0x539 like ours (so the capture rules let its traffic through).
+pub const FAKE_CA_ENV: [(&str, &str); 4] = [
+    ("FAKE_CA", "true"),
+    ("XDS_ADDRESS", ""),
+    ("CA_ADDRESS", ""),
+    ("PACKET_MARK", "1337"),
+];
+
+/// Writes what Istio's CA client reads, relative to its working directory `cwd`: the token
+/// at `./var/run/secrets/tokens/istio-token`, and `root-cert.pem` (pass its path as
+/// `CA_ROOT_CA`, returned).
+pub fn write_credentials(cwd: &Path, token: &str, root_pem: &str) -> PathBuf {
+    let tokens = cwd.join("var/run/secrets/tokens");
+    std::fs::create_dir_all(&tokens).expect("token directory");
+    std::fs::write(tokens.join("istio-token"), token).expect("token file");
+    let root = cwd.join("root-cert.pem");
+    std::fs::write(&root, root_pem).expect("root certificate file");
+    root
+}
+
+/// A local-config `workloads` item Istio's parser accepts (it requires `services` and
+/// defaults `trustDomain` to empty): HBONE, trust domain `cluster.local`, no services.
+pub fn local_workload(
+    uid: &str,
+    name: &str,
+    namespace: &str,
+    service_account: &str,
+    ip: Ipv4Addr,
+    node: &str,
+) -> String {
+    format!(
+        "- uid: {uid}\n  name: {name}\n  namespace: {namespace}\n  serviceAccount: {service_account}\n  \
+         trustDomain: cluster.local\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  \
+         node: {node}\n  services: {{}}\n"
+    )
+}
 
 pub struct IstioZtunnel {
     pub binary: PathBuf,

@@ -30,10 +30,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use e2e::dedicated_mesh::{
-    DedicatedMesh, EchoServer, Flavor, MeshPod, echo, http_get, wait_until, workload_entry,
+    DedicatedMesh, EchoServer, Flavor, MeshPod, connect_in, echo_checked, http_get, wait_until,
+    workload_entry,
 };
 use e2e::inpod_agent::{InpodAgent, pod_redirect};
-use e2e::istio_ztunnel::IstioZtunnel;
+use e2e::istio_ztunnel::{FAKE_CA_ENV, IstioZtunnel, local_workload};
 use e2e::netsim::{Cluster, Pod, Process, can_create_netns};
 use e2e::prom_text;
 use node_agent::redirect::Redirector;
@@ -100,22 +101,13 @@ fn mesh(tag: &str, istio: &IstioZtunnel, policies: &str) -> DedicatedMesh {
 }
 
 /// `len` bytes through an echo server in `to`, from a plain client in `from`.
-fn echo_through(from: &MeshPod, to: &MeshPod, len: usize) -> std::io::Result<Vec<u8>> {
+fn echo_through(from: &MeshPod, to: &MeshPod, len: usize) -> std::io::Result<()> {
     echo_to(from, SocketAddr::from((to.ip(), ECHO_PORT)), len)
 }
 
 /// `len` bytes through the echo server at `dst` (a pod or a Service VIP), from `from`.
-fn echo_to(from: &MeshPod, dst: SocketAddr, len: usize) -> std::io::Result<Vec<u8>> {
-    let s = from.connect(dst)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-    let back = echo(s, &data)?;
-    assert!(
-        back == data,
-        "{} of {len} bytes came back altered",
-        back.len()
-    );
-    Ok(back)
+fn echo_to(from: &MeshPod, dst: SocketAddr, len: usize) -> std::io::Result<()> {
+    echo_checked(from.connect(dst)?, len)
 }
 
 /// Waits for an access-log line of `p`'s ztunnel with every needle.
@@ -260,21 +252,10 @@ fn refused(from: &MeshPod, to: &MeshPod) -> bool {
 
 /// Plain TCP from `from` to `to`'s echo server: `len` bytes there and back.
 fn echo_between_pods(from: &Pod, to: &Pod, len: usize) -> std::io::Result<()> {
-    let dst = SocketAddr::from((to.ip(), ECHO_PORT));
-    let s = from
-        .netns()
-        .run(move || std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
-        .map_err(std::io::Error::other)??;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let data: Vec<u8> = (0..len).map(|i| (i % 249) as u8).collect();
-    let back = echo(s, &data)?;
-    if back != data {
-        return Err(std::io::Error::other(format!(
-            "{} of {len} bytes came back altered",
-            back.len()
-        )));
-    }
-    Ok(())
+    echo_checked(
+        connect_in(from.netns(), SocketAddr::from((to.ip(), ECHO_PORT)))?,
+        len,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,12 +270,14 @@ async fn istios_ztunnel_serves_pods_this_node_agent_enrols() {
     let uds = dir.join("ztunnel/ztunnel.sock");
     std::fs::create_dir_all(uds.parent().unwrap()).unwrap();
     let config = dir.join("local-config.yaml");
-    let workload = |name: &str, ip: std::net::Ipv4Addr| {
-        format!(
-            "- uid: uid-{name}\n  name: {name}\n  namespace: default\n  \
-             serviceAccount: sa-{name}\n  trustDomain: cluster.local\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  services: {{}}\n  \
-             node: {}\n",
-            node.name()
+    let workload = |name: &str, ip: Ipv4Addr| {
+        local_workload(
+            &format!("uid-{name}"),
+            name,
+            "default",
+            &format!("sa-{name}"),
+            ip,
+            node.name(),
         )
     };
     std::fs::write(
@@ -314,9 +297,7 @@ async fn istios_ztunnel_serves_pods_this_node_agent_enrols() {
         .env("PROXY_MODE", "shared")
         .env("INPOD_UDS", &uds)
         .env("LOCAL_XDS_PATH", &config)
-        .env("FAKE_CA", "true")
-        .env("XDS_ADDRESS", "")
-        .env("CA_ADDRESS", "")
+        .envs(FAKE_CA_ENV)
         .env("NODE_NAME", node.name())
         .env("POD_NAME", "ztunnel-test")
         .env("POD_NAMESPACE", "istio-system")
