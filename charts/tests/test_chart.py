@@ -393,7 +393,7 @@ class SecurityProperties(unittest.TestCase):
         self.assertEqual(
             rules(r, "ClusterRole", "geneva-mesh-ztunnel"),
             sorted([
-                (("",), ("namespaces", "pods", "services"), ("get", "list", "watch"), ()),
+                (("",), ("nodes", "pods", "services"), ("get", "list", "watch"), ()),
                 (("discovery.k8s.io",), ("endpointslices",), ("get", "list", "watch"), ()),
                 (("security.istio.io",), ("authorizationpolicies", "peerauthentications"), ("get", "list", "watch"), ()),
             ]),

@@ -4,7 +4,8 @@
 //! (410 Gone) costs one re-list per kind, a dropped watch none; a cluster without
 //! the AuthorizationPolicy and PeerAuthentication CRDs still syncs; a mesh-wide
 //! STRICT PeerAuthentication refuses plaintext (and only plaintext) until deleted;
-//! Istio CRDs older than 1.22 (`security.istio.io/v1beta1` only) are enforced too.
+//! Istio CRDs older than 1.22 (`security.istio.io/v1beta1` only) are enforced too;
+//! a pod's locality follows its node's topology labels (metadata-only node watch).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -330,6 +331,7 @@ async fn expired_watch_relists_once_per_kind_and_a_dropped_watch_not_at_all() {
         "pods",
         "services",
         "endpointslices",
+        "nodes",
         "authorizationpolicies",
         "peerauthentications",
     ];
@@ -368,6 +370,59 @@ async fn expired_watch_relists_once_per_kind_and_a_dropped_watch_not_at_all() {
     }
     assert!(c.api.request_count("gone", "pods") >= 1);
     assert_eq!(c.store.snapshot().workloads().count(), 2);
+}
+
+/// Node topology labels (`topology.kubernetes.io/region|zone`, `topology.istio.io/subzone`)
+/// become the locality of the pods on the node, and follow label changes, as istiod
+/// gives ambient workloads their locality.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_topology_labels_become_workload_locality() {
+    let c = start(ApiServer::start().unwrap()).await;
+    c.pod("web-1", "10.244.4.1", json!({"app": "web"}), true);
+    let locality = |s: &Store| {
+        s.snapshot()
+            .workload_by_ip("", ip("10.244.4.1"))
+            .map(|w| w.locality.clone())
+    };
+    c.until("web-1 without a locality (node-1 unknown)", |s| {
+        locality(s) == Some(Default::default())
+    })
+    .await;
+    c.api
+        .create(json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-1", "labels": {
+                "topology.kubernetes.io/region": "eu-west1",
+                "topology.kubernetes.io/zone": "eu-west1-b",
+                "topology.istio.io/subzone": "rack-7"}},
+            "status": {"nodeInfo": {"kubeletVersion": "v1.32.0"}}}))
+        .unwrap();
+    c.until("web-1 in node-1's locality", |s| {
+        locality(s).is_some_and(|l| {
+            (l.region.as_str(), l.zone.as_str(), l.subzone.as_str())
+                == ("eu-west1", "eu-west1-b", "rack-7")
+        })
+    })
+    .await;
+    c.api
+        .merge_patch(
+            "v1",
+            "Node",
+            None,
+            "node-1",
+            &json!({"metadata": {"labels": {"topology.kubernetes.io/zone": "eu-west1-c",
+                "topology.istio.io/subzone": null}}}),
+            false,
+        )
+        .unwrap();
+    c.until("the relabelled zone", |s| {
+        locality(s).is_some_and(|l| l.zone == "eu-west1-c" && l.subzone.is_empty())
+    })
+    .await;
+    c.api.delete("v1", "Node", None, "node-1").unwrap();
+    c.until("no locality once the node is gone", |s| {
+        locality(s) == Some(Default::default())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -629,15 +684,19 @@ async fn ztunnel_binary_with_kubernetes_discovery_dumps_cluster_state() {
         .stderr(log)
         .spawn()
         .unwrap();
+    api.create(json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "node-1", "labels": {"topology.kubernetes.io/zone": "zone-q"}}}))
+        .unwrap();
     make_pod(&api, "web-1", "10.244.3.1", json!({"app": "web"}), true);
     let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
     let start = Instant::now();
     loop {
         let dump = admin_get_opt(admin_addr, "/config_dump").await;
-        if dump
-            .as_deref()
-            .is_some_and(|d| d.contains("Kubernetes//v1/Pod/app/web-1") && d.contains("10.244.3.1"))
-        {
+        if dump.as_deref().is_some_and(|d| {
+            d.contains("Kubernetes//v1/Pod/app/web-1")
+                && d.contains("10.244.3.1")
+                && d.contains("zone-q")
+        }) {
             break;
         }
         if let Some(status) = child.try_wait().unwrap() {

@@ -497,13 +497,24 @@ impl Drop for Kubelet {
     }
 }
 
+/// Region every simulated node is in; each node is a zone of its own, [`node_zone`].
+pub const NODE_REGION: &str = "sim-region";
+
+/// The `topology.kubernetes.io/zone` label a simulated node gets (a cloud's node
+/// controller sets it on real nodes).
+pub fn node_zone(node_name: &str) -> String {
+    format!("zone-{node_name}")
+}
+
 /// Creates (or refreshes) the Node object.
 async fn register_node(shared: &Shared) -> Result<(), KubeletError> {
     let c = &shared.cfg;
     let node: Node = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": c.node_name, "labels": {
-            "kubernetes.io/hostname": c.node_name, "kubernetes.io/os": "linux"}},
+            "kubernetes.io/hostname": c.node_name, "kubernetes.io/os": "linux",
+            "topology.kubernetes.io/region": NODE_REGION,
+            "topology.kubernetes.io/zone": node_zone(&c.node_name)}},
         "spec": {"podCIDR": c.pod_cidr, "podCIDRs": [c.pod_cidr]},
     }))
     .expect("node object");

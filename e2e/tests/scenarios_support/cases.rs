@@ -54,18 +54,23 @@ pub fn s1_label_enrols(ctx: &Ctx<'_>) -> IpAddr {
         "[{}] {n1} ztunnel: {out}\n[{}] {n2} ztunnel: {inb}",
         ctx.ns, ctx.ns
     );
-    // Metrics of the destination ztunnel name the source principal.
+    // Metrics of the destination ztunnel name the source principal, and both sides'
+    // localities (Kubernetes discovery reads the nodes' topology labels).
     let metrics = ctx
         .sim
         .ztunnel_metrics(&n2)
         .unwrap_or_else(|e| ctx.fail(&e.to_string()));
-    let want = format!("source_principal=\"{}\"", ctx.spiffe("client"));
-    if !metrics
-        .lines()
-        .any(|l| l.starts_with("istio_tcp_connections_opened_total") && l.contains(&want))
-    {
+    let want = [
+        format!("source_principal=\"{}\"", ctx.spiffe("client")),
+        format!("source_zone=\"{}\"", e2e::kubelet::node_zone(&n1)),
+        format!("destination_zone=\"{}\"", e2e::kubelet::node_zone(&n2)),
+        format!("destination_region=\"{}\"", e2e::kubelet::NODE_REGION),
+    ];
+    if !metrics.lines().any(|l| {
+        l.starts_with("istio_tcp_connections_opened_total") && want.iter().all(|w| l.contains(w))
+    }) {
         ctx.fail(&format!(
-            "no istio_tcp_connections_opened_total with {want} on {n2}"
+            "no istio_tcp_connections_opened_total with {want:?} on {n2}"
         ));
     }
     assert_dns_answered_by_ztunnel(ctx);

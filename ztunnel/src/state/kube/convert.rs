@@ -19,6 +19,9 @@
 //!   its own, as istiod makes it: uid `<cluster>/discovery.k8s.io/EndpointSlice/<ns>/<slice>/<ip>`,
 //!   host network (its address may be shared), plain TCP, no service account, healthy unless
 //!   `conditions.ready` is false, with the slice's ports joined to the Service's by name.
+//! - A pod's locality is its node's (`topology.kubernetes.io/region`,
+//!   `topology.kubernetes.io/zone`, `topology.istio.io/subzone` labels), as istiod
+//!   gives it to ambient workloads; unknown while the node is not known.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -41,6 +44,10 @@ pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
 /// EndpointSlice label naming its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const POD_TEMPLATE_HASH: &str = "pod-template-hash";
+/// Node labels a workload's locality comes from (Kubernetes' and Istio's).
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+pub const SUBZONE_LABEL: &str = "topology.istio.io/subzone";
 
 /// `(namespace, name)`.
 pub type ObjectKey = (String, String);
@@ -532,11 +539,25 @@ pub fn slice_workloads(
 
 /// The store's workload for `pod`. `services` is the membership map
 /// (`"<ns>/<hostname>"` → ports); `policies` the bound selector policies.
+/// The locality a node's labels give the pods on it (`None`: the node has none of
+/// the topology labels).
+pub fn node_locality(labels: Option<&BTreeMap<String, String>>) -> Option<Locality> {
+    let get = |k: &str| labels.and_then(|l| l.get(k)).cloned().unwrap_or_default();
+    let locality = Locality {
+        region: get(REGION_LABEL),
+        zone: get(ZONE_LABEL),
+        subzone: get(SUBZONE_LABEL),
+    };
+    (locality != Locality::default()).then_some(locality)
+}
+
+/// `pod` as a workload; `locality` is its node's.
 pub fn to_workload(
     pod: &PodFacts,
     settings: &ConvertSettings,
     services: HashMap<String, PortMap>,
     policies: Vec<String>,
+    locality: Locality,
 ) -> Workload {
     let (workload_type, workload_name) = pod.workload_name_and_type();
     let (canonical_name, canonical_revision) = pod.canonical(&workload_name);
@@ -578,7 +599,7 @@ pub fn to_workload(
             HealthStatus::Unhealthy
         },
         cluster_id: settings.cluster_id.clone(),
-        locality: Locality::default(),
+        locality,
         capacity: 1,
     }
 }
@@ -649,7 +670,13 @@ mod tests {
             !facts.named_ports.contains_key("dns"),
             "UDP ports are not kept"
         );
-        let w = to_workload(&facts, &settings(), HashMap::new(), vec!["app/p".into()]);
+        let w = to_workload(
+            &facts,
+            &settings(),
+            HashMap::new(),
+            vec!["app/p".into()],
+            Locality::default(),
+        );
         assert_eq!(w.uid, "Kubernetes//v1/Pod/app/web-7d9f8-abcde");
         assert_eq!(w.service_account, "web-sa");
         assert_eq!(w.protocol, Protocol::HBONE);
@@ -678,12 +705,25 @@ mod tests {
         assert!(!not_ambient.hbone);
         let unready = PodFacts::from_pod(&pod_json(serde_json::json!({
             "status": {"conditions": [{"type": "Ready", "status": "False"}]}})));
-        let w = to_workload(&unready, &settings(), HashMap::new(), vec![]);
+        let w = to_workload(
+            &unready,
+            &settings(),
+            HashMap::new(),
+            vec![],
+            Locality::default(),
+        );
         assert_eq!(w.status, HealthStatus::Unhealthy);
         let deleting = PodFacts::from_pod(&pod_json(serde_json::json!({
             "metadata": {"deletionTimestamp": "2024-01-01T00:00:00Z"}})));
         assert_eq!(
-            to_workload(&deleting, &settings(), HashMap::new(), vec![]).status,
+            to_workload(
+                &deleting,
+                &settings(),
+                HashMap::new(),
+                vec![],
+                Locality::default()
+            )
+            .status,
             HealthStatus::Healthy,
             "terminating but still Ready: still an endpoint"
         );
@@ -697,7 +737,13 @@ mod tests {
         let host = PodFacts::from_pod(&pod_json(
             serde_json::json!({"spec": {"hostNetwork": true}}),
         ));
-        let w = to_workload(&host, &settings(), HashMap::new(), vec![]);
+        let w = to_workload(
+            &host,
+            &settings(),
+            HashMap::new(),
+            vec![],
+            Locality::default(),
+        );
         assert_eq!(
             (w.protocol, w.network_mode),
             (Protocol::TCP, NetworkMode::HostNetwork)
@@ -830,5 +876,36 @@ mod tests {
         .unwrap();
         let f = ServiceFacts::from_service(&headless);
         assert!(f.cluster_ips.is_empty() && !f.external_name);
+    }
+
+    #[test]
+    fn node_labels_give_the_locality() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let full = labels(&[
+            (REGION_LABEL, "eu-west1"),
+            (ZONE_LABEL, "eu-west1-b"),
+            (SUBZONE_LABEL, "rack7"),
+            ("kubernetes.io/hostname", "n1"),
+        ]);
+        assert_eq!(
+            node_locality(Some(&full)),
+            Some(Locality {
+                region: "eu-west1".into(),
+                zone: "eu-west1-b".into(),
+                subzone: "rack7".into(),
+            })
+        );
+        let zone_only = labels(&[(ZONE_LABEL, "z1")]);
+        let l = node_locality(Some(&zone_only)).unwrap();
+        assert_eq!((l.region.as_str(), l.zone.as_str()), ("", "z1"));
+        // The legacy failure-domain labels are not read (neither does istiod for ambient).
+        let legacy = labels(&[("failure-domain.beta.kubernetes.io/zone", "z1")]);
+        assert_eq!(node_locality(Some(&legacy)), None);
+        assert_eq!(node_locality(None), None);
     }
 }

@@ -8,19 +8,25 @@
 //! A re-list (watcher `Init` … `InitDone`, e.g. after `410 Gone`) is buffered and
 //! then diffed against the current objects: objects not listed again are deleted,
 //! unchanged ones mark nothing.
+//!
+//! Nodes matter only for their topology labels: a node whose locality changes (or
+//! that appears after its pods) marks the pods on it.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
+use k8s_openapi::api::core::v1::Node;
+use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::Event;
 
 use super::convert::{
     ConvertSettings, ObjectKey, PodFacts, ServiceFacts, SliceFacts, USE_WAYPOINT_LABEL,
-    endpoint_ports, slice_workloads, to_workload, workload_uid,
+    endpoint_ports, node_locality, slice_workloads, to_workload, workload_uid,
 };
 use super::peer_authn::{Affected, PeerAuthIndex};
 use crate::policy::kube::peer_authn::PeerAuthentication;
 use crate::policy::kube::{AuthorizationPolicy, ConvertOptions, convert, selector_matches};
 use crate::policy::model::Authorization;
+use crate::state::workload::Locality;
 use crate::state::{NamespacedHostname, SourceBatch};
 
 /// A policy as discovery keeps it.
@@ -57,6 +63,10 @@ pub struct DiscoveryIndex {
     slices: Kind<SliceFacts>,
     policies: Kind<PolicyEntry>,
     peer_authns: PeerAuthIndex,
+    /// Node (key `("", name)`) → its locality (default: no topology labels).
+    nodes: Kind<Locality>,
+    /// Node name → the pods on it.
+    node_pods: HashMap<String, BTreeSet<ObjectKey>>,
     /// Pod → slices that reference it.
     pod_slices: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
     /// Service → its slices.
@@ -95,6 +105,8 @@ impl DiscoveryIndex {
             services: Kind::default(),
             slices: Kind::default(),
             policies: Kind::default(),
+            nodes: Kind::default(),
+            node_pods: HashMap::new(),
             pod_slices: HashMap::new(),
             service_slices: HashMap::new(),
             ns_pods: HashMap::new(),
@@ -123,6 +135,11 @@ impl DiscoveryIndex {
     /// Number of PeerAuthentication objects.
     pub fn peer_authentication_count(&self) -> usize {
         self.peer_authns.count()
+    }
+
+    /// Number of nodes.
+    pub fn node_count(&self) -> usize {
+        self.nodes.objects.len()
     }
 
     // ---- pods ----
@@ -159,6 +176,24 @@ impl DiscoveryIndex {
         {
             warn_waypoint("pod", &key, &w);
         }
+        let old_node = old.map(|o| o.node.clone()).filter(|n| !n.is_empty());
+        let new_node = facts
+            .as_ref()
+            .map(|f| f.node.clone())
+            .filter(|n| !n.is_empty());
+        if old_node != new_node {
+            if let Some(n) = old_node
+                && let Some(pods) = self.node_pods.get_mut(&n)
+            {
+                pods.remove(&key);
+                if pods.is_empty() {
+                    self.node_pods.remove(&n);
+                }
+            }
+            if let Some(n) = new_node {
+                self.node_pods.entry(n).or_default().insert(key.clone());
+            }
+        }
         match facts {
             Some(f) => {
                 self.ns_pods
@@ -178,6 +213,53 @@ impl DiscoveryIndex {
             }
         }
         self.dirty_pods.insert(key);
+    }
+
+    // ---- nodes ----
+
+    pub fn node_event(&mut self, event: Event<PartialObjectMeta<Node>>) {
+        let locality = |n: &PartialObjectMeta<Node>| {
+            node_locality(n.metadata.labels.as_ref()).unwrap_or_default()
+        };
+        match event {
+            Event::Apply(n) => self.set_node(key_of(&n.metadata), Some(locality(&n))),
+            Event::Delete(n) => self.set_node(key_of(&n.metadata), None),
+            Event::Init => self.nodes.relist = Some(HashMap::new()),
+            Event::InitApply(n) => {
+                self.nodes
+                    .relist
+                    .get_or_insert_with(HashMap::new)
+                    .insert(key_of(&n.metadata), locality(&n));
+            }
+            Event::InitDone => {
+                let fresh = self.nodes.relist.take().unwrap_or_default();
+                for (k, f) in relist_diff(&self.nodes.objects, fresh) {
+                    self.set_node(k, f);
+                }
+            }
+        }
+    }
+
+    fn set_node(&mut self, key: ObjectKey, locality: Option<Locality>) {
+        let old = self.nodes.objects.get(&key);
+        // A node without topology labels and an unknown node give the same locality.
+        if old.cloned().unwrap_or_default() != locality.clone().unwrap_or_default()
+            && let Some(pods) = self.node_pods.get(&key.1)
+        {
+            self.dirty_pods.extend(pods.iter().cloned());
+        }
+        match locality {
+            Some(l) => self.nodes.objects.insert(key, l),
+            None => self.nodes.objects.remove(&key),
+        };
+    }
+
+    fn locality_of(&self, pod: &PodFacts) -> Locality {
+        self.nodes
+            .objects
+            .get(&(String::new(), pod.node.clone()))
+            .cloned()
+            .unwrap_or_default()
     }
 
     // ---- services ----
@@ -533,11 +615,13 @@ impl DiscoveryIndex {
                 Some(pod) => {
                     let services = self.memberships(&key, pod);
                     let policies = self.bound_policies(pod);
+                    let locality = self.locality_of(pod);
                     batch.upsert_workloads.push(to_workload(
                         pod,
                         &self.settings,
                         services,
                         policies,
+                        locality,
                     ));
                     self.emitted_workloads.insert(key);
                 }

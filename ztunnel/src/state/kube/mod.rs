@@ -3,10 +3,12 @@
 //! [`Store`](crate::state::Store) as the file source, so `/config_dump` and every
 //! lookup look the same whichever source fed them.
 //!
-//! Five cluster-wide watches (kube-rs watchers: paginated list served from the
+//! Six cluster-wide watches (kube-rs watchers: paginated list served from the
 //! API server's cache, then `watch` from that resourceVersion with bookmarks; an
 //! expired version (`410 Gone`) re-lists that one kind only, with jittered
-//! back-off): Pods, Services, `discovery.k8s.io/v1` EndpointSlices, and
+//! back-off): Pods, Services, `discovery.k8s.io/v1` EndpointSlices, Nodes
+//! (metadata only: a workload's locality is its node's topology labels, as
+//! istiod gives it; a Node object's status is large and changes often), and
 //! `security.istio.io` AuthorizationPolicies and PeerAuthentications (at `v1`,
 //! or at `v1beta1` where the Istio CRDs predate 1.22: [`istio_watch`]).
 //! PeerAuthentications become DENY policies with upstream's names
@@ -19,6 +21,11 @@
 //! namespace labels (the node agent decides enrolment and marks pods with
 //! `ambient.istio.io/redirection`), and one watch per node fewer matters at
 //! scale (see `docs/discovery-cost.md`).
+//!
+//! A `403 Forbidden` on nodes (a role without `nodes` get/list/watch, as this
+//! chart's before locality) is a warning, not a sync blocker: workloads then
+//! have no locality (`unknown` in metrics, locality-aware load balancing has
+//! nothing to prefer); the watch keeps retrying with back-off.
 //!
 //! A missing AuthorizationPolicy or PeerAuthentication CRD (404 at both `v1`
 //! and `v1beta1`) is a warning, means "none", and is retried slowly (up to
@@ -46,9 +53,10 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
+use k8s_openapi::api::core::v1::{Node, Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
@@ -133,15 +141,17 @@ enum ObjectKind {
     Pods,
     Services,
     EndpointSlices,
+    Nodes,
     AuthorizationPolicies,
     PeerAuthentications,
 }
 
 impl ObjectKind {
-    const ALL: [ObjectKind; 5] = [
+    const ALL: [ObjectKind; 6] = [
         ObjectKind::Pods,
         ObjectKind::Services,
         ObjectKind::EndpointSlices,
+        ObjectKind::Nodes,
         ObjectKind::AuthorizationPolicies,
         ObjectKind::PeerAuthentications,
     ];
@@ -151,6 +161,7 @@ impl ObjectKind {
             ObjectKind::Pods => "pods",
             ObjectKind::Services => "services",
             ObjectKind::EndpointSlices => "endpointslices.discovery.k8s.io",
+            ObjectKind::Nodes => "nodes",
             ObjectKind::AuthorizationPolicies => "authorizationpolicies.security.istio.io",
             ObjectKind::PeerAuthentications => "peerauthentications.security.istio.io",
         }
@@ -170,6 +181,7 @@ enum Msg {
     Pod(Box<Event<Pod>>),
     Service(Box<Event<KubeService>>),
     Slice(Box<Event<EndpointSlice>>),
+    Node(Box<Event<PartialObjectMeta<Node>>>),
     Policy(Box<Event<AuthorizationPolicy>>),
     PeerAuthn(Box<Event<PeerAuthentication>>),
     /// An Istio kind's CRD is served at no version: there are none.
@@ -183,6 +195,7 @@ impl Msg {
             Msg::Pod(_) => ObjectKind::Pods,
             Msg::Service(_) => ObjectKind::Services,
             Msg::Slice(_) => ObjectKind::EndpointSlices,
+            Msg::Node(_) => ObjectKind::Nodes,
             Msg::Policy(_) => ObjectKind::AuthorizationPolicies,
             Msg::PeerAuthn(_) => ObjectKind::PeerAuthentications,
             Msg::Absent(k) | Msg::Error(k, _) => *k,
@@ -194,6 +207,7 @@ impl Msg {
             Msg::Pod(e) => matches!(**e, Event::InitDone),
             Msg::Service(e) => matches!(**e, Event::InitDone),
             Msg::Slice(e) => matches!(**e, Event::InitDone),
+            Msg::Node(e) => matches!(**e, Event::InitDone),
             Msg::Policy(e) => matches!(**e, Event::InitDone),
             Msg::PeerAuthn(e) => matches!(**e, Event::InitDone),
             Msg::Absent(_) | Msg::Error(..) => false,
@@ -224,6 +238,23 @@ where
         .boxed()
 }
 
+/// A `403 Forbidden` from the list or watch.
+fn is_forbidden(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 403,
+        watcher::Error::WatchError(s) => s.code == 403,
+        _ => false,
+    }
+}
+
+/// Whether a failed watch of `kind` still lets discovery count as synced: nodes only
+/// give locality, so a role without access to them costs that, not readiness.
+fn sync_without(kind: ObjectKind, e: &watcher::Error) -> bool {
+    kind == ObjectKind::Nodes && is_forbidden(e)
+}
+
 impl KubeDiscovery {
     /// Starts the watches on the current tokio runtime, feeding `source`.
     pub fn start(client: kube::Client, source: SourceHandle, opts: KubeOptions) -> KubeDiscovery {
@@ -238,6 +269,12 @@ impl KubeDiscovery {
                 Api::<EndpointSlice>::all(client.clone()),
                 ObjectKind::EndpointSlices,
                 Msg::Slice,
+            ),
+            // Metadata-only requests: labels are all that is read.
+            stream_of(
+                Api::<PartialObjectMeta<Node>>::all(client.clone()),
+                ObjectKind::Nodes,
+                Msg::Node,
             ),
             istio_watch::stream::<AuthorizationPolicy, _>(
                 client.clone(),
@@ -354,8 +391,8 @@ async fn run(
     let mut listed: Vec<ObjectKind> = Vec::new();
     let mut last_flush = tokio::time::Instant::now() - opts.min_update_interval;
     tracing::info!(
-        "Kubernetes discovery started (pods, services, endpointslices, authorizationpolicies, \
-         peerauthentications)"
+        "Kubernetes discovery started (pods, services, endpointslices, nodes, \
+         authorizationpolicies, peerauthentications)"
     );
     loop {
         let Some(first) = streams.next().await else {
@@ -368,6 +405,7 @@ async fn run(
                 Msg::Pod(e) => index.pod_event(*e),
                 Msg::Service(e) => index.service_event(*e),
                 Msg::Slice(e) => index.slice_event(*e),
+                Msg::Node(e) => index.node_event(*e),
                 Msg::Policy(e) => index.policy_event(*e),
                 Msg::PeerAuthn(e) => index.peer_authn_event(*e),
                 // Warned by the watch (istio_watch).
@@ -382,7 +420,16 @@ async fn run(
                     }
                 }
                 Msg::Error(kind, e) => {
-                    tracing::warn!(resource = kind.name(), error = %e, "Kubernetes watch failed; retrying with back-off");
+                    if sync_without(kind, &e) {
+                        if !listed.contains(&kind) {
+                            tracing::warn!(resource = kind.name(), error = %e,
+                                "no access to nodes (ztunnel's role needs nodes get/list/watch): \
+                                 workloads have no locality; retrying with back-off");
+                            listed.push(kind);
+                        }
+                    } else {
+                        tracing::warn!(resource = kind.name(), error = %e, "Kubernetes watch failed; retrying with back-off");
+                    }
                 }
             }
             if done && !listed.contains(&kind) {
@@ -428,6 +475,7 @@ async fn run(
                 pods,
                 services,
                 slices,
+                nodes = index.node_count(),
                 policies,
                 peer_authentications,
                 "Kubernetes discovery synced"
