@@ -83,13 +83,16 @@ istio-ztunnel:
 # Interop with Istio's own ztunnel (e2e/tests/istio_interop.rs): HBONE and L4
 # policy both ways between this ztunnel and Istio's, Istio's ztunnel serving
 # pods that this node agent enrols over ZDS; and (e2e/tests/ca.rs) Istio's
-# ztunnel getting its own and its pods' certificates from the built-in CA. Needs `make
+# ztunnel getting its own and its pods' certificates from the built-in CA; and
+# (e2e/tests/xds.rs) Istio's ztunnel taking the istiod xDS double's resources and
+# identifying itself to it as this ztunnel does. Needs `make
 # istio-ztunnel` first (or ISTIO_ZTUNNEL + ISTIO_ZTUNNEL_SRC); `make test`
 # skips them without one.
 test-interop: deps
 	$(CARGO) build --workspace --bins
 	$(CARGO) test -p e2e --test istio_interop -- --nocapture
 	$(CARGO) test -p e2e --test ca istios_ztunnel -- --nocapture
+	$(CARGO) test -p e2e --test xds istios_ztunnel -- --nocapture
 
 # The parts alone.
 .PHONY: bench-agent-memory bench-dedicated bench-cni

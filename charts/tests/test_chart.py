@@ -76,6 +76,11 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
         "ztunnel": {"kubernetesDiscovery": False, "localConfig": "workloads: []\nservices: []\n"}
     },
     "discovery-and-local-config": {"ztunnel": {"localConfig": "workloads: []\n"}},
+    "istiod-xds": {
+        "ca": {"enabled": False},
+        "xdsAddress": "istiod.istio-system.svc:15012",
+        "ztunnel": {"kubernetesDiscovery": False},
+    },
     "json-logs-debug": {"logAsJson": True, "logLevel": "debug,ztunnel::proxy=trace"},
     "images-and-scheduling": {
         "hub": "registry.example.com/mesh",
@@ -411,6 +416,18 @@ class SecurityProperties(unittest.TestCase):
                     for rule in obj["rules"]:
                         self.assertNotIn("*", rule["verbs"] + rule["resources"] + rule["apiGroups"])
                         self.assertNotIn("secrets", rule["resources"])
+
+    def test_istiod_xds(self):
+        r = rendered("istiod-xds")
+        env = r.env("DaemonSet", "ztunnel", "istio-proxy")
+        self.assertEqual(env["XDS_ADDRESS"], "istiod.istio-system.svc:15012")
+        self.assertEqual(env["KUBERNETES_DISCOVERY"], "false")
+        self.assertTrue(env["CA_ADDRESS"].startswith("https://istiod."), env["CA_ADDRESS"])
+        self.assertEqual(env["CA_TOKEN_PATH"], "/var/run/secrets/tokens/istio-token")
+        self.assertNotIn("LOCAL_XDS_PATH", env)
+        # istiod authenticates the token: ztunnel needs no Kubernetes API access.
+        self.assertIsNone(r.find("ClusterRole", "geneva-mesh-ztunnel"))
+        self.assertIsNone(r.find("Deployment", "geneva-mesh-ca"))
 
     def test_no_discovery_means_no_api_access_for_ztunnel(self):
         r = rendered("no-discovery-local-config")
@@ -766,7 +783,7 @@ class BadValues(unittest.TestCase):
     ]
 
     TEMPLATE_ERRORS = [
-        ({"xdsAddress": "istiod.istio-system.svc:15012"}, "xdsAddress"),
+        ({"xdsAddress": "istiod.istio-system.svc:15012"}, "kubernetesDiscovery"),
         ({"ztunnel": {"kubernetesDiscovery": False}}, "localConfig"),
         ({"caAddress": "istiod.istio-system.svc:15012"}, "ca.enabled"),
         ({"nodeAgent": {"readyPort": 15014}}, "readyPort"),

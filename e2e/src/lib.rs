@@ -14,6 +14,7 @@ pub mod ports;
 pub mod prom_text;
 pub mod simcluster;
 pub mod workloads;
+pub mod xds_server;
 
 pub use binaries::bin_path;
 pub use ports::free_port;

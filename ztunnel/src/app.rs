@@ -53,6 +53,8 @@ pub enum AppError {
     Inpod(#[from] InpodStartError),
     #[error("{0}")]
     Unsupported(String),
+    #[error(transparent)]
+    Xds(#[from] crate::state::xds::XdsError),
     #[error("KUBERNETES_DISCOVERY=true: {0}")]
     Kube(#[source] crate::state::kube::DiscoveryError),
     #[error("{what}: {source}")]
@@ -168,6 +170,22 @@ pub fn run(mut cfg: Config) -> Result<(), AppError> {
         Some(discovery)
     } else {
         None
+    };
+
+    // XDS_ADDRESS: istiod's delta xDS (state::xds) from a thread of its own; not ready
+    // until both resource types have been received.
+    let _xds = match &cfg.xds_address {
+        Some(address) => {
+            let opts = crate::state::xds::XdsOptions::from_config(&cfg, address, std::env::vars());
+            tracing::info!(address = %address, node = %opts.node.id, "xDS client starting");
+            let client = crate::state::xds::XdsClient::start_on_thread(
+                opts,
+                store.source(crate::state::xds::SOURCE_NAME),
+            )?;
+            readiness.add_watch("xDS synced", client.synced());
+            Some(client)
+        }
+        None => None,
     };
 
     let admin_stop = CancellationToken::new();

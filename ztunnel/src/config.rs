@@ -172,6 +172,13 @@ pub struct Config {
     pub local_xds_path: Option<PathBuf>,
     /// `KUBERNETES_DISCOVERY`.
     pub kubernetes_discovery: bool,
+    /// `XDS_ADDRESS`: istiod's delta xDS (`https://istiod.istio-system.svc:15012`).
+    /// Unlike upstream, unset means no xDS (this ztunnel's default source is
+    /// Kubernetes discovery or a local file); empty also means none, as upstream.
+    pub xds_address: Option<String>,
+    /// `XDS_ROOT_CA`: PEM root(s) for istiod's serving certificate (default
+    /// `ROOT_CA_PATH`).
+    pub xds_root_ca: PathBuf,
     /// `CA_ADDRESS` (empty: local CA).
     pub ca_address: Option<String>,
     /// `CA_ROOT_CERT`, `CA_ROOT_KEY`.
@@ -537,6 +544,22 @@ impl Config {
             h2.pool_unused_release_timeout,
         )?;
 
+        let kubernetes_discovery = parse_bool("KUBERNETES_DISCOVERY", false)?;
+        let xds_address = get("XDS_ADDRESS").filter(|a| !a.trim().is_empty());
+        if let Some(a) = &xds_address
+            && kubernetes_discovery
+        {
+            return Err(err(
+                "XDS_ADDRESS",
+                a,
+                "set together with KUBERNETES_DISCOVERY=true: use one source of workloads \
+                 (istiod's xDS or the Kubernetes API)"
+                    .into(),
+            ));
+        }
+        let root_ca_path: PathBuf = get("ROOT_CA_PATH")
+            .unwrap_or_else(|| "./var/run/secrets/istio/root-cert.pem".into())
+            .into();
         Ok(Config {
             proxy_mode,
             proxy_workload_info,
@@ -547,13 +570,15 @@ impl Config {
             packet_mark,
             inpod_port_reuse: parse_bool("INPOD_PORT_REUSE", true)?,
             local_xds_path: get("LOCAL_XDS_PATH").map(PathBuf::from),
-            kubernetes_discovery: parse_bool("KUBERNETES_DISCOVERY", false)?,
+            kubernetes_discovery,
+            xds_address,
+            xds_root_ca: get("XDS_ROOT_CA")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root_ca_path.clone()),
             ca_address: get("CA_ADDRESS"),
             ca_root_cert: get("CA_ROOT_CERT").map(PathBuf::from),
             ca_root_key: get("CA_ROOT_KEY").map(PathBuf::from),
-            root_ca_path: get("ROOT_CA_PATH")
-                .unwrap_or_else(|| "./var/run/secrets/istio/root-cert.pem".into())
-                .into(),
+            root_ca_path,
             ca_token_path: get("CA_TOKEN_PATH")
                 .unwrap_or_else(|| "./var/run/secrets/tokens/istio-token".into())
                 .into(),
@@ -634,6 +659,35 @@ mod tests {
         assert_eq!(c.stats_addr.port(), 15020);
         assert_eq!(c.readiness_addr.port(), 15021);
         assert_eq!(c.log_format, LogFormat::Plain);
+    }
+
+    #[test]
+    fn xds_address_is_optional_and_exclusive_with_kubernetes_discovery() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.xds_address, None);
+        assert_eq!(c.xds_root_ca, c.root_ca_path);
+        let c = cfg(&[("XDS_ADDRESS", "")]).unwrap();
+        assert_eq!(c.xds_address, None, "empty turns xDS off, as upstream");
+        let c = cfg(&[
+            ("XDS_ADDRESS", "istiod.istio-system.svc:15012"),
+            ("ROOT_CA_PATH", "/r.pem"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.xds_address.as_deref(),
+            Some("istiod.istio-system.svc:15012")
+        );
+        assert_eq!(c.xds_root_ca, PathBuf::from("/r.pem"));
+        let e = cfg(&[
+            ("XDS_ADDRESS", "istiod.istio-system.svc:15012"),
+            ("KUBERNETES_DISCOVERY", "true"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("XDS_ADDRESS") && e.contains("KUBERNETES_DISCOVERY"),
+            "{e}"
+        );
     }
 
     #[test]

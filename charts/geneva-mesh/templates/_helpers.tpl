@@ -76,11 +76,11 @@ does not see the cluster's version: set cniBinDir there.
 
 {{/* Checks that cannot be expressed in values.schema.json. */}}
 {{- define "geneva-mesh.validate" -}}
-{{- if .Values.xdsAddress }}
-{{- fail "xdsAddress: this ztunnel has no xDS client yet; leave xdsAddress empty (discovery comes from the Kubernetes API, ztunnel.kubernetesDiscovery, or ztunnel.localConfig)" }}
+{{- if and .Values.xdsAddress .Values.ztunnel.kubernetesDiscovery }}
+{{- fail "xdsAddress is set while ztunnel.kubernetesDiscovery=true: ztunnel learns workloads from istiod's xDS or from the Kubernetes API, not both (set ztunnel.kubernetesDiscovery=false)" }}
 {{- end }}
-{{- if and (not .Values.ztunnel.kubernetesDiscovery) (not .Values.ztunnel.localConfig) }}
-{{- fail "ztunnel: with kubernetesDiscovery=false ztunnel needs ztunnel.localConfig (it has no other source of workloads)" }}
+{{- if and (not .Values.ztunnel.kubernetesDiscovery) (not .Values.ztunnel.localConfig) (not .Values.xdsAddress) }}
+{{- fail "ztunnel: with kubernetesDiscovery=false ztunnel needs xdsAddress (istiod) or ztunnel.localConfig (it has no other source of workloads)" }}
 {{- end }}
 {{- if and .Values.ca.enabled .Values.caAddress }}
 {{- fail "caAddress is set while ca.enabled=true: either use the built-in CA (leave caAddress empty) or an external CA (ca.enabled=false)" }}

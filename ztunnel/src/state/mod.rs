@@ -20,6 +20,7 @@ pub mod gateway;
 pub mod kube;
 mod service_guess;
 pub mod workload;
+pub mod xds;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;

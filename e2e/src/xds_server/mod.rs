@@ -1,0 +1,666 @@
+//! A test double of istiod's xDS server: test harness, not product code.
+//!
+//! Serves `envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources`
+//! (delta xDS) with the two resource types istiod sends ambient ztunnels
+//! ([`ADDRESS_TYPE`]: workloads named by uid and services named
+//! `<namespace>/<hostname>`; [`AUTHORIZATION_TYPE`]: policies named
+//! `<namespace>/<name>`), so real ztunnel binaries (ours and Istio's) can connect.
+//!
+//! Behaviour:
+//! - each stream keeps its own subscriptions (wildcard, i.e. no names or `*`, or
+//!   explicit names) and what its client holds (name -> version, seeded from
+//!   `initial_resource_versions`); every subscription request is answered (even
+//!   with an empty response), later changes are pushed as deltas: only the
+//!   resources whose version the client lacks, plus `removed_resources`;
+//! - a resource's version is a counter bumped on every set; changes made in quick
+//!   succession may be coalesced into one response;
+//! - every response has a server-unique nonce; ACKs and NACKs are recorded
+//!   ([`XdsHandle::acks`]) but change nothing (like istiod, a NACKed resource is
+//!   not resent);
+//! - the `authorization: Bearer <token>` and `clusterid` headers of each stream
+//!   are recorded with its node ([`XdsHandle::nodes`]); with
+//!   [`XdsServer::require_token`] other tokens are refused with `Unauthenticated`.
+//!
+//! The server runs on its own runtime, so sync and async tests can use it alike.
+//! Waiting: [`XdsHandle::wait_for`] / [`XdsHandle::wait_acked`] are async (they
+//! need the caller's tokio runtime, with time enabled);
+//! [`XdsHandle::wait_for_blocking`] / [`XdsHandle::wait_acked_blocking`] are for
+//! sync code (they panic if called from async code).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use mesh_proto::security::Authorization;
+use mesh_proto::workload::{Address, Service, Workload, address};
+use mesh_proto::xds::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use mesh_proto::xds::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Identity, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+
+pub use mesh_proto::xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+
+/// An ACK or NACK received from a client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ack {
+    /// The stream it came on (see [`NodeInfo::stream`]).
+    pub stream: u64,
+    pub type_url: String,
+    pub nonce: String,
+    /// `Some(error_detail.message)` for a NACK.
+    pub error: Option<String>,
+}
+
+/// One accepted stream: its client's node (filled in by its first request that
+/// carries one) and headers.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeInfo {
+    pub stream: u64,
+    pub id: String,
+    pub cluster: String,
+    /// The node metadata `Struct` as JSON (`Null` when absent).
+    pub metadata: serde_json::Value,
+    /// The `authorization` header without its `Bearer ` prefix.
+    pub token: Option<String>,
+    /// The `clusterid` header.
+    pub cluster_id: Option<String>,
+}
+
+/// Builder: `XdsServer::new().tls(cert, key).require_token("t").start(addr)`.
+#[derive(Default)]
+pub struct XdsServer {
+    tls: Option<(String, String)>,
+    token: Option<String>,
+}
+
+impl XdsServer {
+    /// Plaintext, accepting any (or no) token.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Serves TLS with this certificate (chain) and key, PEM. istiod's
+    /// certificate is for `istiod.istio-system.svc`.
+    pub fn tls(mut self, cert_pem: impl Into<String>, key_pem: impl Into<String>) -> Self {
+        self.tls = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// Refuses streams whose `authorization` header is not `Bearer <token>`.
+    pub fn require_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Binds `addr` (port 0 picks one, see [`XdsHandle::addr`]) and serves on a
+    /// runtime of its own until the handle is dropped.
+    pub fn start(self, addr: SocketAddr) -> std::io::Result<XdsHandle> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let mut builder = tonic::transport::Server::builder();
+        if let Some((cert, key)) = &self.tls {
+            let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+            builder = builder.tls_config(tls).map_err(std::io::Error::other)?;
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("xds-double")
+            .enable_all()
+            .build()?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            data: watch::channel(0).0,
+            events: watch::channel(()).0,
+            close: watch::channel(0).0,
+            token: self.token,
+        });
+        let incoming = {
+            let _enter = runtime.enter();
+            TcpIncoming::from(tokio::net::TcpListener::from_std(listener)?).with_nodelay(Some(true))
+        };
+        let router =
+            builder.add_service(AggregatedDiscoveryServiceServer::new(Ads(shared.clone())));
+        runtime.spawn(async move {
+            if let Err(e) = router.serve_with_incoming(incoming).await {
+                tracing::warn!(target: "xds_double", "xDS server failed: {e}");
+            }
+        });
+        Ok(XdsHandle {
+            shared,
+            runtime: Some(runtime),
+            addr,
+        })
+    }
+}
+
+/// A running server; dropping it stops it.
+pub struct XdsHandle {
+    shared: Arc<Shared>,
+    runtime: Option<tokio::runtime::Runtime>,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for XdsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XdsHandle")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl XdsHandle {
+    /// The bound address (the real port when started on port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Adds or replaces a workload (named by its `uid`) and pushes it.
+    pub fn set_workload(&self, w: Workload) {
+        let name = w.uid.clone();
+        let value = Address {
+            r#type: Some(address::Type::Workload(w)),
+        };
+        self.put(ADDRESS_TYPE, name, value.encode_to_vec());
+    }
+
+    /// Adds or replaces a service (named `<namespace>/<hostname>`) and pushes it.
+    pub fn set_service(&self, s: Service) {
+        let name = format!("{}/{}", s.namespace, s.hostname);
+        let value = Address {
+            r#type: Some(address::Type::Service(s)),
+        };
+        self.put(ADDRESS_TYPE, name, value.encode_to_vec());
+    }
+
+    /// Removes a workload (uid) or service (`<namespace>/<hostname>`).
+    pub fn remove_address(&self, name: &str) {
+        self.remove_raw(ADDRESS_TYPE, name);
+    }
+
+    /// Adds or replaces a policy (named `<namespace>/<name>`) and pushes it.
+    pub fn set_authorization(&self, a: Authorization) {
+        let name = format!("{}/{}", a.namespace, a.name);
+        self.put(AUTHORIZATION_TYPE, name, a.encode_to_vec());
+    }
+
+    /// Removes a policy (`<namespace>/<name>`).
+    pub fn remove_authorization(&self, name: &str) {
+        self.remove_raw(AUTHORIZATION_TYPE, name);
+    }
+
+    /// Stores `resource` as it is under `type_url` (named by `resource.name`; an
+    /// empty version gets a fresh one) and pushes it: for malformed resources.
+    pub fn push_raw(&self, type_url: &str, mut resource: Resource) {
+        self.shared.mutate(|s| {
+            if resource.version.is_empty() {
+                s.next_version += 1;
+                resource.version = s.next_version.to_string();
+            }
+            s.resources
+                .entry(type_url.to_string())
+                .or_default()
+                .insert(resource.name.clone(), resource);
+        });
+    }
+
+    /// Removes the resource `name` of any type.
+    pub fn remove_raw(&self, type_url: &str, name: &str) {
+        self.shared.mutate(|s| {
+            if let Some(r) = s.resources.get_mut(type_url) {
+                r.remove(name);
+            }
+        });
+    }
+
+    /// Every ACK and NACK received, in order.
+    pub fn acks(&self) -> Vec<Ack> {
+        self.shared.lock().acks.clone()
+    }
+
+    /// Every stream accepted, in order.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        self.shared.lock().nodes.clone()
+    }
+
+    /// The tokens of the streams refused by [`XdsServer::require_token`].
+    pub fn rejected_tokens(&self) -> Vec<Option<String>> {
+        self.shared.lock().rejected.clone()
+    }
+
+    /// Streams currently open.
+    pub fn connected(&self) -> usize {
+        self.shared.lock().streams.len()
+    }
+
+    /// Ends every open stream with `Unavailable` (clients reconnect).
+    pub fn close_streams(&self) {
+        self.shared.close.send_modify(|g| *g += 1);
+    }
+
+    /// Waits until `pred(self)` holds; re-checked after every change (resources,
+    /// streams, ACKs). False on timeout.
+    pub async fn wait_for(&self, timeout: Duration, mut pred: impl FnMut(&Self) -> bool) -> bool {
+        let mut rx = self.shared.events.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            rx.borrow_and_update();
+            if pred(self) {
+                return true;
+            }
+            let changed = tokio::time::timeout_at(deadline, rx.changed());
+            if !matches!(changed.await, Ok(Ok(()))) {
+                return pred(self);
+            }
+        }
+    }
+
+    /// Waits until at least one stream subscribes to `type_url` and every such
+    /// stream has been sent the resources as of this call and ACKed its latest
+    /// response of that type. `Err` holds the NACK's message, or why it timed out.
+    pub async fn wait_acked(&self, type_url: &str, timeout: Duration) -> Result<(), String> {
+        let target = self.shared.lock().rev;
+        let mut outcome = None;
+        let state = |h: &Self| h.shared.lock().ack_state(type_url, target);
+        self.wait_for(timeout, |h| {
+            outcome = state(h);
+            outcome.is_some()
+        })
+        .await;
+        outcome.unwrap_or_else(|| Err(format!("no ACK of {type_url} within {timeout:?}")))
+    }
+
+    /// [`Self::wait_for`] for sync code (panics in async code).
+    pub fn wait_for_blocking(&self, timeout: Duration, pred: impl FnMut(&Self) -> bool) -> bool {
+        self.runtime().block_on(self.wait_for(timeout, pred))
+    }
+
+    /// [`Self::wait_acked`] for sync code (panics in async code).
+    pub fn wait_acked_blocking(&self, type_url: &str, timeout: Duration) -> Result<(), String> {
+        self.runtime().block_on(self.wait_acked(type_url, timeout))
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("runtime present until drop")
+    }
+
+    fn put(&self, type_url: &str, name: String, value: Vec<u8>) {
+        let type_url_owned = type_url.to_string();
+        let resource = Some(prost_types::Any {
+            type_url: type_url_owned,
+            value,
+        });
+        self.push_raw(
+            type_url,
+            Resource {
+                name,
+                resource,
+                ..Default::default()
+            },
+        );
+    }
+}
+
+impl Drop for XdsHandle {
+    fn drop(&mut self) {
+        self.close_streams();
+        if let Some(rt) = self.runtime.take() {
+            // Allowed from async contexts too (unlike dropping it).
+            rt.shutdown_background();
+        }
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// The resources' revision ([`State::rev`]): streams diff on each change.
+    data: watch::Sender<u64>,
+    /// Anything observable changed: wakes [`XdsHandle::wait_for`].
+    events: watch::Sender<()>,
+    /// Bumped by [`XdsHandle::close_streams`].
+    close: watch::Sender<u64>,
+    token: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Bumped on every change of `resources`.
+    rev: u64,
+    next_version: u64,
+    next_nonce: u64,
+    next_stream: u64,
+    /// type URL -> name -> resource.
+    resources: BTreeMap<String, BTreeMap<String, Resource>>,
+    /// Open streams: type URL -> where its subscription stands.
+    streams: BTreeMap<u64, HashMap<String, TypeStatus>>,
+    acks: Vec<Ack>,
+    nodes: Vec<NodeInfo>,
+    rejected: Vec<Option<String>>,
+}
+
+#[derive(Default)]
+struct TypeStatus {
+    /// The `rev` its last diff was computed against.
+    synced_rev: u64,
+    last_nonce: String,
+    /// The answer to `last_nonce`: `None` pending, `Some(None)` ACK, `Some(Some(e))` NACK.
+    answer: Option<Option<String>>,
+}
+
+/// One stream's subscription to a type.
+struct Sub {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// What the client holds: name -> version.
+    known: HashMap<String, String>,
+}
+
+impl Sub {
+    fn wants(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn notify(&self) {
+        self.events.send_modify(|_| ());
+    }
+
+    fn mutate(&self, f: impl FnOnce(&mut State)) {
+        let rev = {
+            let mut s = self.lock();
+            f(&mut s);
+            s.rev += 1;
+            s.rev
+        };
+        self.data.send_replace(rev);
+        self.notify();
+    }
+
+    /// Applies one request of stream `id`; returns the response to send, if any.
+    fn on_request(
+        &self,
+        id: u64,
+        subs: &mut HashMap<String, Sub>,
+        mut req: DeltaDiscoveryRequest,
+    ) -> Option<DeltaDiscoveryResponse> {
+        let mut s = self.lock();
+        let s = &mut *s;
+        if let Some(node) = req.node
+            && let Some(info) = s.nodes.iter_mut().rev().find(|n| n.stream == id)
+        {
+            info.id = node.id;
+            info.cluster = node.cluster;
+            info.metadata = node
+                .metadata
+                .as_ref()
+                .map_or(serde_json::Value::Null, struct_to_json);
+        }
+        let type_url = req.type_url;
+        let subscription_change =
+            !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty();
+        if !req.response_nonce.is_empty() {
+            let error = req.error_detail.map(|e| e.message);
+            if let Some(st) = s.streams.get_mut(&id).and_then(|m| m.get_mut(&type_url))
+                && st.last_nonce == req.response_nonce
+            {
+                st.answer = Some(error.clone());
+            }
+            s.acks.push(Ack {
+                stream: id,
+                type_url: type_url.clone(),
+                nonce: req.response_nonce,
+                error,
+            });
+            if !subscription_change {
+                self.notify();
+                return None;
+            }
+        }
+        let sub = subs.entry(type_url.clone()).or_insert_with(|| Sub {
+            wildcard: req.resource_names_subscribe.is_empty(),
+            names: BTreeSet::new(),
+            known: std::mem::take(&mut req.initial_resource_versions),
+        });
+        for n in req.resource_names_subscribe {
+            match n.as_str() {
+                "*" => sub.wildcard = true,
+                _ => _ = sub.names.insert(n),
+            }
+        }
+        for n in req.resource_names_unsubscribe {
+            match n.as_str() {
+                "*" => sub.wildcard = false,
+                _ => _ = sub.names.remove(&n),
+            }
+        }
+        let out = s.delta(id, &type_url, sub, true);
+        self.notify();
+        out
+    }
+}
+
+impl State {
+    /// What stream `id` lacks of `type_url`, as a response (`always`: even an
+    /// empty one; explicit names that do not exist are then listed as removed).
+    fn delta(
+        &mut self,
+        id: u64,
+        type_url: &str,
+        sub: &mut Sub,
+        always: bool,
+    ) -> Option<DeltaDiscoveryResponse> {
+        let empty = BTreeMap::new();
+        let current = self.resources.get(type_url).unwrap_or(&empty);
+        let resources: Vec<Resource> = current
+            .values()
+            .filter(|r| sub.wants(&r.name) && sub.known.get(&r.name) != Some(&r.version))
+            .cloned()
+            .collect();
+        let mut removed: BTreeSet<String> = sub
+            .known
+            .keys()
+            .filter(|n| !(current.contains_key(*n) && sub.wants(n)))
+            .cloned()
+            .collect();
+        if always {
+            removed.extend(
+                sub.names
+                    .iter()
+                    .filter(|n| !current.contains_key(*n))
+                    .cloned(),
+            );
+        }
+        for r in &resources {
+            sub.known.insert(r.name.clone(), r.version.clone());
+        }
+        for n in &removed {
+            sub.known.remove(n);
+        }
+        let rev = self.rev;
+        let status = self
+            .streams
+            .get_mut(&id)
+            .map(|m| m.entry(type_url.to_string()).or_default());
+        if !always && resources.is_empty() && removed.is_empty() {
+            if let Some(st) = status {
+                st.synced_rev = rev;
+            }
+            return None;
+        }
+        self.next_nonce += 1;
+        let nonce = format!("n{}", self.next_nonce);
+        if let Some(st) = status {
+            *st = TypeStatus {
+                synced_rev: rev,
+                last_nonce: nonce.clone(),
+                answer: None,
+            };
+        }
+        Some(DeltaDiscoveryResponse {
+            system_version_info: rev.to_string(),
+            resources,
+            type_url: type_url.to_string(),
+            nonce,
+            removed_resources: removed.into_iter().collect(),
+        })
+    }
+
+    /// `Some(Ok)` once every stream subscribed to `type_url` (at least one) was
+    /// sent revision `target` and ACKed; `Some(Err)` on a NACK; `None` pending.
+    fn ack_state(&self, type_url: &str, target: u64) -> Option<Result<(), String>> {
+        let mut subscribed = self
+            .streams
+            .values()
+            .filter_map(|t| t.get(type_url))
+            .peekable();
+        subscribed.peek()?;
+        for st in subscribed {
+            match &st.answer {
+                _ if st.synced_rev < target => return None,
+                None => return None,
+                Some(Some(e)) => return Some(Err(e.clone())),
+                Some(None) => {}
+            }
+        }
+        Some(Ok(()))
+    }
+}
+
+fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
+    serde_json::Value::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), value_to_json(v)))
+            .collect(),
+    )
+}
+
+fn value_to_json(v: &prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)
+            .map_or(serde_json::Value::Null, serde_json::Value::Number),
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
+        Some(Kind::StructValue(s)) => struct_to_json(s),
+        Some(Kind::ListValue(l)) => {
+            serde_json::Value::Array(l.values.iter().map(value_to_json).collect())
+        }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+struct Ads(Arc<Shared>);
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type DeltaAggregatedResourcesStream = ResponseStream;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let header = |k: &str| {
+            request
+                .metadata()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let token = header("authorization").map(|v| match v.strip_prefix("Bearer ") {
+            Some(t) => t.to_string(),
+            None => v,
+        });
+        let cluster_id = header("clusterid");
+        let shared = self.0.clone();
+        if let Some(required) = &shared.token
+            && token.as_deref() != Some(required.as_str())
+        {
+            shared.lock().rejected.push(token);
+            shared.notify();
+            return Err(Status::unauthenticated("missing or wrong bearer token"));
+        }
+        let id = {
+            let mut s = shared.lock();
+            s.next_stream += 1;
+            let id = s.next_stream;
+            s.streams.insert(id, HashMap::new());
+            let info = NodeInfo {
+                stream: id,
+                token,
+                cluster_id,
+                ..Default::default()
+            };
+            s.nodes.push(info);
+            id
+        };
+        shared.notify();
+        let (tx, mut rx) = mpsc::channel(16);
+        tokio::spawn(run_stream(shared, id, request.into_inner(), tx));
+        let out = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// Serves stream `id` until either side ends it.
+async fn run_stream(
+    shared: Arc<Shared>,
+    id: u64,
+    mut inbound: Streaming<DeltaDiscoveryRequest>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+) {
+    let mut data = shared.data.subscribe();
+    let mut close = shared.close.subscribe();
+    let mut subs = HashMap::new();
+    'stream: loop {
+        let responses: Vec<DeltaDiscoveryResponse> = tokio::select! {
+            msg = inbound.next() => match msg {
+                Some(Ok(req)) => shared.on_request(id, &mut subs, req).into_iter().collect(),
+                Some(Err(_)) | None => break,
+            },
+            changed = data.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let mut s = shared.lock();
+                let out = subs
+                    .iter_mut()
+                    .filter_map(|(t, sub)| s.delta(id, t, sub, false))
+                    .collect();
+                drop(s);
+                shared.notify();
+                out
+            }
+            _ = close.changed() => {
+                let _ = tx.send(Err(Status::unavailable("stream closed by the xDS double"))).await;
+                break;
+            }
+            _ = tx.closed() => break,
+        };
+        for r in responses {
+            if tx.send(Ok(r)).await.is_err() {
+                break 'stream;
+            }
+        }
+    }
+    shared.lock().streams.remove(&id);
+    shared.notify();
+}
+
+#[cfg(test)]
+mod tests;

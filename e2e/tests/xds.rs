@@ -1,0 +1,464 @@
+//! ztunnel's xDS client (`XDS_ADDRESS`) against the istiod double
+//! (`e2e::xds_server`), the way a user runs it: the real ztunnel binary, TLS to the
+//! double with a certificate from a test root, the projected-token file, node
+//! metadata from the environment. Workloads, services and policies pushed by
+//! "istiod" appear in `/config_dump` and gate readiness; changes and removals
+//! follow; a malformed resource is NACKed by name without holding back the rest; a
+//! dropped stream reconnects and resumes; a wrong token is refused and logged.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use e2e::xds_server::{ADDRESS_TYPE, AUTHORIZATION_TYPE, XdsHandle, XdsServer};
+use mesh_proto::security as sec;
+use mesh_proto::workload as wl;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TOKEN: &str = "istio-token-for-ztunnel";
+
+/// A serving certificate for istiod (DNS name and 127.0.0.1) signed by `root`.
+fn istiod_cert(root: &(String, String)) -> (String, String) {
+    let root_key = rcgen::KeyPair::from_pem(&root.1).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&root.0, root_key).unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["istiod.istio-system.svc".into(), "127.0.0.1".into()])
+            .unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+fn workload(name: &str, ip: [u8; 4]) -> wl::Workload {
+    wl::Workload {
+        uid: format!("Kubernetes//v1/Pod/app/{name}"),
+        name: name.into(),
+        namespace: "app".into(),
+        addresses: vec![ip.to_vec()],
+        service_account: format!("sa-{name}"),
+        tunnel_protocol: wl::TunnelProtocol::Hbone as i32,
+        node: "node-1".into(),
+        workload_name: name.into(),
+        canonical_name: name.into(),
+        services: [(
+            "app/web.app.svc.cluster.local".to_string(),
+            wl::PortList {
+                ports: vec![wl::Port {
+                    service_port: 80,
+                    target_port: 8080,
+                    ..Default::default()
+                }],
+            },
+        )]
+        .into(),
+        ..Default::default()
+    }
+}
+
+fn service() -> wl::Service {
+    wl::Service {
+        name: "web".into(),
+        namespace: "app".into(),
+        hostname: "web.app.svc.cluster.local".into(),
+        addresses: vec![wl::NetworkAddress {
+            network: String::new(),
+            address: vec![10, 96, 5, 1],
+        }],
+        ports: vec![wl::Port {
+            service_port: 80,
+            target_port: 8080,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn deny_policy() -> sec::Authorization {
+    sec::Authorization {
+        name: "deny-from-legacy".into(),
+        namespace: "app".into(),
+        scope: sec::Scope::Namespace as i32,
+        action: sec::Action::Deny as i32,
+        rules: vec![sec::Rule {
+            clauses: vec![sec::Clause {
+                matches: vec![sec::Match {
+                    namespaces: vec![sec::StringMatch {
+                        match_type: Some(sec::string_match::MatchType::Exact("legacy".into())),
+                    }],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        dry_run: false,
+    }
+}
+
+struct Ztunnel {
+    child: tokio::process::Child,
+    admin: SocketAddr,
+    ready: SocketAddr,
+    log: std::path::PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Ztunnel {
+    /// The ztunnel binary with `XDS_ADDRESS` pointing at `xds`, its token file holding
+    /// `token`, istiod's root in `ROOT_CA_PATH` and certificates from a local CA.
+    fn start(xds: &XdsHandle, istiod_root: &str, token: &str) -> Ztunnel {
+        let tmp = tempfile::tempdir().unwrap();
+        let (ca_cert, ca_key) = node_agent::ca::authority::testing::generate_root("zt root");
+        std::fs::write(tmp.path().join("ca.pem"), &ca_cert).unwrap();
+        std::fs::write(tmp.path().join("ca.key"), &ca_key).unwrap();
+        std::fs::write(tmp.path().join("istiod-root.pem"), istiod_root).unwrap();
+        std::fs::write(tmp.path().join("istio-token"), token).unwrap();
+        let (admin, stats, ready) = (e2e::free_port(), e2e::free_port(), e2e::free_port());
+        let log = tmp.path().join("ztunnel.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = tokio::process::Command::new(e2e::bin_path("ztunnel"))
+            .arg("proxy")
+            .env_clear()
+            .env(
+                "XDS_ADDRESS",
+                format!("https://127.0.0.1:{}", xds.addr().port()),
+            )
+            .env("ROOT_CA_PATH", tmp.path().join("istiod-root.pem"))
+            .env("CA_TOKEN_PATH", tmp.path().join("istio-token"))
+            .env("CA_ROOT_CERT", tmp.path().join("ca.pem"))
+            .env("CA_ROOT_KEY", tmp.path().join("ca.key"))
+            .env("INPOD_UDS", tmp.path().join("ztunnel.sock"))
+            .env("POD_NAME", "ztunnel-x1")
+            .env("POD_NAMESPACE", "istio-system")
+            .env("INSTANCE_IP", "10.0.0.9")
+            .env("NODE_NAME", "node-1")
+            .env("ISTIO_META_CLUSTER_ID", "east")
+            .env("XDS_HEADER_X_TENANT", "blue")
+            .env("ADMIN_ADDR", format!("127.0.0.1:{admin}"))
+            .env("STATS_ADDR", format!("127.0.0.1:{stats}"))
+            .env("READINESS_ADDR", format!("127.0.0.1:{ready}"))
+            .env("RUST_LOG", "info")
+            .kill_on_drop(true)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Ztunnel {
+            child,
+            admin: format!("127.0.0.1:{admin}").parse().unwrap(),
+            ready: format!("127.0.0.1:{ready}").parse().unwrap(),
+            log,
+            _tmp: tmp,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls `/config_dump` until `f` holds.
+    async fn dump_until(&mut self, what: &str, f: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let dump = get(self.admin, "/config_dump").await;
+            if let Some(d) = &dump
+                && f(d)
+            {
+                return d.clone();
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("ztunnel exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "timed out waiting for {what}; last dump: {dump:?}\nlog:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn readiness(&self) -> String {
+        get(self.ready, "/healthz/ready").await.unwrap_or_default()
+    }
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    Some(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztunnel_follows_istiod_over_delta_xds() {
+    let root = node_agent::ca::authority::testing::generate_root("istiod root");
+    let (cert, key) = istiod_cert(&root);
+    let xds = XdsServer::new()
+        .tls(cert, key)
+        .require_token(TOKEN)
+        .start("127.0.0.1:0".parse().unwrap())
+        .unwrap();
+    xds.set_workload(workload("web-1", [10, 244, 5, 1]));
+    xds.set_service(service());
+    xds.set_authorization(deny_policy());
+
+    let mut zt = Ztunnel::start(&xds, &root.0, TOKEN);
+    zt.dump_until("istiod's workload, service and policy", |d| {
+        d.contains("Kubernetes//v1/Pod/app/web-1")
+            && d.contains("10.244.5.1")
+            && d.contains("web.app.svc.cluster.local")
+            && d.contains("10.96.5.1")
+            && d.contains("deny-from-legacy")
+    })
+    .await;
+    for t in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
+        xds.wait_acked(t, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("{t}: {e}\n{}", zt.log()));
+    }
+    // What istiod sees of this ztunnel.
+    let node = xds.nodes().into_iter().next().expect("a stream");
+    assert_eq!(
+        node.id,
+        "ztunnel~10.0.0.9~ztunnel-x1.istio-system~istio-system.svc.cluster.local"
+    );
+    assert_eq!(node.token.as_deref(), Some(TOKEN));
+    assert_eq!(node.cluster_id.as_deref(), Some("east"));
+    for (k, v) in [
+        ("NAME", "ztunnel-x1"),
+        ("NAMESPACE", "istio-system"),
+        ("NODE_NAME", "node-1"),
+        ("INSTANCE_IPS", "10.0.0.9"),
+        ("CLUSTER_ID", "east"),
+    ] {
+        assert_eq!(node.metadata[k], v, "metadata {k}: {}", node.metadata);
+    }
+    // Synced: readiness no longer waits for xDS (it still waits for the in-pod
+    // snapshot, there is no node agent here).
+    let start = Instant::now();
+    loop {
+        let r = zt.readiness().await;
+        assert!(!r.starts_with("HTTP/1.1 200"), "{r}");
+        if !r.contains("xDS synced") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A malformed resource is NACKed by name; a valid one in the same push is applied.
+    xds.push_raw(
+        ADDRESS_TYPE,
+        mesh_proto::xds::Resource {
+            name: "Kubernetes//v1/Pod/app/broken".into(),
+            resource: Some(prost_types::Any {
+                type_url: ADDRESS_TYPE.into(),
+                value: vec![0xff, 0xff, 0xff],
+            }),
+            ..Default::default()
+        },
+    );
+    xds.set_workload(workload("web-2", [10, 244, 5, 2]));
+    assert!(
+        xds.wait_for(Duration::from_secs(10), |h| h.acks().iter().any(|a| a
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("app/broken"))))
+            .await,
+        "no NACK naming the broken resource: {:?}\n{}",
+        xds.acks(),
+        zt.log()
+    );
+    zt.dump_until("web-2 despite the broken resource", |d| {
+        d.contains("10.244.5.2")
+    })
+    .await;
+    xds.remove_raw(ADDRESS_TYPE, "Kubernetes//v1/Pod/app/broken");
+
+    // Removals follow.
+    xds.remove_address("Kubernetes//v1/Pod/app/web-1");
+    xds.remove_authorization("app/deny-from-legacy");
+    zt.dump_until("web-1 and the policy removed", |d| {
+        !d.contains("10.244.5.1") && !d.contains("deny-from-legacy") && d.contains("10.244.5.2")
+    })
+    .await;
+
+    // A dropped stream: ztunnel reconnects, keeps what it had, follows new changes.
+    xds.close_streams();
+    assert!(
+        xds.wait_for(Duration::from_secs(15), |h| h.nodes().len() >= 2
+            && h.connected() == 1)
+            .await,
+        "no reconnect: {:?}\n{}",
+        xds.nodes(),
+        zt.log()
+    );
+    xds.set_workload(workload("web-3", [10, 244, 5, 3]));
+    zt.dump_until("web-3 after the reconnect, web-2 kept", |d| {
+        d.contains("10.244.5.3") && d.contains("10.244.5.2") && d.contains("10.96.5.1")
+    })
+    .await;
+    let log = zt.log();
+    assert!(log.contains("xDS stream open"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_is_logged_and_keeps_ztunnel_unready() {
+    let root = node_agent::ca::authority::testing::generate_root("istiod root");
+    let (cert, key) = istiod_cert(&root);
+    let xds = XdsServer::new()
+        .tls(cert, key)
+        .require_token(TOKEN)
+        .start("127.0.0.1:0".parse().unwrap())
+        .unwrap();
+    xds.set_workload(workload("web-1", [10, 244, 6, 1]));
+    let zt = Ztunnel::start(&xds, &root.0, "a-stale-token");
+    assert!(
+        xds.wait_for(Duration::from_secs(15), |h| !h.rejected_tokens().is_empty())
+            .await,
+        "the double saw no stream\n{}",
+        zt.log()
+    );
+    let start = Instant::now();
+    while !zt.log().contains("Unauthenticated") {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", zt.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = zt.readiness().await;
+    assert!(r.contains("xDS synced"), "still waiting for xDS: {r}");
+    assert_eq!(
+        xds.rejected_tokens()[0].as_deref(),
+        Some("a-stale-token"),
+        "bearer token sent"
+    );
+}
+
+/// Istio's own ztunnel against the same double: it accepts what the double sends
+/// (ACKs both types, shows the workload, service and policy in its config dump), and
+/// it identifies itself to "istiod" exactly as this ztunnel does (node id, metadata
+/// keys, token, cluster id) — the check that the double, and so the tests above, speak
+/// istiod's protocol. Skipped without a build of Istio's ztunnel (`make istio-ztunnel`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istios_ztunnel_accepts_the_double_and_identifies_itself_alike() {
+    let istio = match e2e::istio_ztunnel::find() {
+        Ok(found) => found,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let root = node_agent::ca::authority::testing::generate_root("istiod root");
+    let (cert, key) = istiod_cert(&root);
+    let xds = XdsServer::new()
+        .tls(cert, key)
+        .require_token(TOKEN)
+        .start("127.0.0.1:0".parse().unwrap())
+        .unwrap();
+    xds.set_workload(workload("web-1", [10, 244, 7, 1]));
+    xds.set_service(service());
+    xds.set_authorization(deny_policy());
+
+    // Ours first, to compare what each sends.
+    let mut ours = Ztunnel::start(&xds, &root.0, TOKEN);
+    ours.dump_until("our ztunnel synced", |d| d.contains("10.244.7.1"))
+        .await;
+
+    let cwd = tempfile::tempdir().unwrap();
+    let root_path = e2e::istio_ztunnel::write_credentials(cwd.path(), TOKEN, &root.0);
+    let log_path = cwd.path().join("istio-ztunnel.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = tokio::process::Command::new(&istio.binary)
+        .arg("proxy")
+        .current_dir(cwd.path())
+        .env_clear()
+        .env("FAKE_CA", "true")
+        .env("CA_ADDRESS", "")
+        .env(
+            "XDS_ADDRESS",
+            format!("https://127.0.0.1:{}", xds.addr().port()),
+        )
+        .env("XDS_ROOT_CA", &root_path)
+        .env("PROXY_MODE", "dedicated")
+        .env("PROXY_WORKLOAD_INFO", "app/web-1/sa-web-1")
+        .env("POD_NAME", "ztunnel-x1")
+        .env("POD_NAMESPACE", "istio-system")
+        .env("INSTANCE_IP", "10.0.0.9")
+        .env("NODE_NAME", "node-1")
+        .env("ISTIO_META_CLUSTER_ID", "east")
+        .env("RUST_LOG", "info")
+        .kill_on_drop(true)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let istio_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
+    let start = Instant::now();
+    let mut dump = None;
+    while start.elapsed() < Duration::from_secs(30) {
+        dump = get(admin, "/config_dump").await;
+        if dump.as_deref().is_some_and(|d| {
+            d.contains("Kubernetes//v1/Pod/app/web-1")
+                && d.contains("web.app.svc.cluster.local")
+                && d.contains("deny-from-legacy")
+        }) {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "Istio's ztunnel exited:\n{}",
+            istio_log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        dump.as_deref().is_some_and(
+            |d| d.contains("Kubernetes//v1/Pod/app/web-1") && d.contains("deny-from-legacy")
+        ),
+        "Istio's ztunnel did not take the double's resources: {dump:?}\n{}",
+        istio_log()
+    );
+    // Its ACKs may trail its config dump.
+    xds.wait_for(Duration::from_secs(10), |h| {
+        let Some(theirs) = h.nodes().get(1).map(|n| n.stream) else {
+            return false;
+        };
+        [ADDRESS_TYPE, AUTHORIZATION_TYPE].iter().all(|t| {
+            h.acks()
+                .iter()
+                .any(|a| a.stream == theirs && a.type_url == *t)
+        })
+    })
+    .await;
+    let acks = xds.acks();
+    let streams = xds.nodes();
+    assert_eq!(streams.len(), 2, "{streams:?}");
+    let (mine, theirs) = (&streams[0], &streams[1]);
+    for t in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
+        assert!(
+            acks.iter()
+                .any(|a| a.stream == theirs.stream && a.type_url == t && a.error.is_none()),
+            "Istio's ztunnel did not ACK {t}: {acks:?}\n{}",
+            istio_log()
+        );
+        assert!(!acks.iter().any(|a| a.error.is_some()), "a NACK: {acks:?}");
+    }
+    assert_eq!(mine.id, theirs.id, "node id");
+    assert_eq!(mine.token, theirs.token, "bearer token");
+    assert_eq!(mine.cluster_id, theirs.cluster_id, "clusterid header");
+    for k in [
+        "NAME",
+        "NAMESPACE",
+        "NODE_NAME",
+        "INSTANCE_IPS",
+        "CLUSTER_ID",
+    ] {
+        assert_eq!(
+            mine.metadata[k], theirs.metadata[k],
+            "metadata {k}: ours {} / Istio's {}",
+            mine.metadata, theirs.metadata
+        );
+    }
+    child.kill().await.unwrap();
+}

@@ -1,0 +1,317 @@
+//! The delta ADS stream to istiod and what its responses do to the store.
+//!
+//! One stream, two wildcard subscriptions (workloads+services, authorizations). Each
+//! response is converted resource by resource: the valid ones are applied to the store
+//! in one batch, the invalid ones are named in a NACK (as upstream: one bad resource
+//! does not hold back the others); otherwise the response is ACKed. Removed names are
+//! mapped back to what they were (a workload uid, a service, a policy).
+//!
+//! Reconnects (stream ended, istiod restarted, connect failure) back off with jitter
+//! from 1 s to 30 s and send `initial_resource_versions`, so istiod re-sends only what
+//! changed and names what was removed meanwhile; the store keeps serving the last
+//! known state in between.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use mesh_proto::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use mesh_proto::xds::{
+    ADDRESS_TYPE, AUTHORIZATION_TYPE, DeltaDiscoveryRequest, DeltaDiscoveryResponse, Status,
+};
+use tokio::sync::{mpsc, watch};
+use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Uri};
+
+use super::convert::{self, AddressResource};
+use super::{XdsError, XdsOptions};
+use crate::state::workload::NamespacedHostname;
+use crate::state::{SourceBatch, SourceHandle};
+
+/// Largest response accepted (istiod sends the whole mesh on connect), as upstream.
+const MAX_MESSAGE_SIZE: usize = 200 * 1024 * 1024;
+const BACKOFF_START: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A stream that lived this long resets the back-off.
+const HEALTHY_STREAM: Duration = Duration::from_secs(30);
+
+/// What this client holds, per type URL: resource name → version (sent back on
+/// reconnect), and which Address names are services (a removal names only the
+/// resource).
+#[derive(Debug, Default)]
+pub(super) struct Tracked {
+    versions: HashMap<&'static str, HashMap<String, String>>,
+    services: HashMap<String, NamespacedHostname>,
+}
+
+/// The outcome of one response.
+#[derive(Debug, Default)]
+pub(super) struct Applied {
+    pub batch: SourceBatch,
+    /// Rejected resources, `"<name>: <reason>"`.
+    pub rejected: Vec<String>,
+}
+
+fn known_type(type_url: &str) -> Option<&'static str> {
+    [ADDRESS_TYPE, AUTHORIZATION_TYPE]
+        .into_iter()
+        .find(|t| *t == type_url)
+}
+
+impl Tracked {
+    pub(super) fn initial_versions(&self, type_url: &'static str) -> HashMap<String, String> {
+        self.versions.get(type_url).cloned().unwrap_or_default()
+    }
+
+    /// Converts a response into store changes; remembers versions of what was accepted.
+    pub(super) fn response(
+        &mut self,
+        resp: &DeltaDiscoveryResponse,
+        defaults: &convert::ConvertDefaults,
+    ) -> Applied {
+        let mut out = Applied::default();
+        let Some(type_url) = known_type(&resp.type_url) else {
+            out.rejected
+                .push(format!("unknown type URL {:?}", resp.type_url));
+            return out;
+        };
+        for r in &resp.resources {
+            let Some(any) = &r.resource else {
+                out.rejected.push(format!("{}: no resource", r.name));
+                continue;
+            };
+            let accepted = if type_url == ADDRESS_TYPE {
+                match convert::decode_address(any, defaults) {
+                    Ok(AddressResource::Workload(w)) => {
+                        self.services.remove(&r.name);
+                        out.batch.upsert_workloads.push(w);
+                        Ok(())
+                    }
+                    Ok(AddressResource::Service(s)) => {
+                        self.services.insert(r.name.clone(), s.key());
+                        out.batch.upsert_services.push(s);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            } else {
+                convert::decode_authorization(any).map(|a| out.batch.upsert_policies.push(a))
+            };
+            match accepted {
+                Ok(()) => {
+                    self.versions
+                        .entry(type_url)
+                        .or_default()
+                        .insert(r.name.clone(), r.version.clone());
+                }
+                Err(e) => out.rejected.push(format!("{}: {e}", r.name)),
+            }
+        }
+        for name in &resp.removed_resources {
+            if let Some(v) = self.versions.get_mut(type_url) {
+                v.remove(name);
+            }
+            if type_url == AUTHORIZATION_TYPE {
+                out.batch.remove_policies.push(name.clone());
+            } else if let Some(key) = self.services.remove(name) {
+                out.batch.remove_services.push(key);
+            } else {
+                // A workload uid (removing one this source never had is a no-op).
+                out.batch.remove_workloads.push(name.clone());
+            }
+        }
+        out
+    }
+}
+
+/// `https://host:port` from `XDS_ADDRESS` (upstream's `host:port` form is read as
+/// https), and the TLS server name.
+pub fn parse_address(address: &str) -> Result<(Uri, String), XdsError> {
+    crate::identity::istio_ca::parse_address(address).map_err(|e| match e {
+        crate::identity::istio_ca::IstioCaError::Address { reason, .. } => XdsError::Address {
+            address: address.to_string(),
+            reason,
+        },
+        other => XdsError::Address {
+            address: address.to_string(),
+            reason: other.to_string(),
+        },
+    })
+}
+
+/// Request headers: bearer token (read fresh: kubelet rotates it), cluster id, extras.
+fn headers(opts: &XdsOptions) -> Result<Vec<(AsciiMetadataKey, AsciiMetadataValue)>, XdsError> {
+    let token = std::fs::read_to_string(&opts.token_path).map_err(|e| XdsError::Token {
+        path: opts.token_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut out = Vec::new();
+    let value = |name: &str, v: &str| {
+        v.parse::<AsciiMetadataValue>()
+            .map_err(|e| XdsError::Header {
+                name: name.to_string(),
+                reason: e.to_string(),
+            })
+    };
+    out.push((
+        AsciiMetadataKey::from_static("authorization"),
+        value("authorization", &format!("Bearer {}", token.trim()))?,
+    ));
+    out.push((
+        AsciiMetadataKey::from_static("clusterid"),
+        value("clusterid", &opts.cluster_id)?,
+    ));
+    for (name, v) in &opts.headers {
+        let key = name
+            .parse::<AsciiMetadataKey>()
+            .map_err(|e| XdsError::Header {
+                name: name.clone(),
+                reason: e.to_string(),
+            })?;
+        out.push((key, value(name, v)?));
+    }
+    Ok(out)
+}
+
+async fn channel(opts: &XdsOptions) -> Result<Channel, XdsError> {
+    let (uri, server_name) = parse_address(&opts.address)?;
+    let root = read_root(&opts.root_cert_path).await?;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(root))
+        .domain_name(server_name);
+    let endpoint = Endpoint::from(uri)
+        .tls_config(tls)
+        .map_err(|e| XdsError::Connect {
+            address: opts.address.clone(),
+            reason: format!("TLS setup: {e}"),
+        })?
+        .connect_timeout(opts.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    endpoint.connect().await.map_err(|e| XdsError::Connect {
+        address: opts.address.clone(),
+        reason: error_chain(&e),
+    })
+}
+
+async fn read_root(path: &PathBuf) -> Result<Vec<u8>, XdsError> {
+    tokio::fs::read(path).await.map_err(|e| XdsError::Root {
+        path: path.clone(),
+        reason: e.to_string(),
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Runs the client until the task is dropped: connect, stream, reconnect.
+pub(super) async fn run(opts: XdsOptions, source: SourceHandle, synced: watch::Sender<bool>) {
+    let mut tracked = Tracked::default();
+    let mut backoff = BACKOFF_START;
+    loop {
+        let started = Instant::now();
+        match stream_once(&opts, &source, &mut tracked, &synced).await {
+            Ok(()) => {
+                tracing::warn!(address = %opts.address, "xDS stream closed by the server; reconnecting")
+            }
+            Err(e) => tracing::warn!(error = %e, "xDS stream failed; retrying with back-off"),
+        }
+        if started.elapsed() >= HEALTHY_STREAM {
+            backoff = BACKOFF_START;
+        }
+        let jitter = rand::random_range(0.5..1.0);
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn stream_once(
+    opts: &XdsOptions,
+    source: &SourceHandle,
+    tracked: &mut Tracked,
+    synced: &watch::Sender<bool>,
+) -> Result<(), XdsError> {
+    let headers = headers(opts)?;
+    let channel = channel(opts).await?;
+    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
+    for type_url in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
+        let initial = DeltaDiscoveryRequest {
+            node: Some(opts.node.clone()),
+            type_url: type_url.to_string(),
+            initial_resource_versions: tracked.initial_versions(type_url),
+            ..Default::default()
+        };
+        tx.send(initial).await.map_err(|_| XdsError::Closed)?;
+    }
+    let outbound =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let mut request = tonic::Request::new(outbound);
+    for (k, v) in headers {
+        request.metadata_mut().insert(k, v);
+    }
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_SIZE);
+    let stream_err = |status: tonic::Status| XdsError::Stream {
+        address: opts.address.clone(),
+        code: status.code(),
+        message: status.message().to_string(),
+    };
+    let mut responses = client
+        .delta_aggregated_resources(request)
+        .await
+        .map_err(stream_err)?
+        .into_inner();
+    tracing::info!(address = %opts.address, node = %opts.node.id, "xDS stream open");
+    let mut received: Vec<String> = Vec::new();
+    while let Some(resp) = responses.message().await.map_err(stream_err)? {
+        let applied = tracked.response(&resp, &opts.defaults);
+        let changes = applied.batch.len();
+        let batch = applied.batch;
+        let src = source.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || src.apply(batch)).await {
+            tracing::error!(error = %e, "store update panicked");
+        }
+        let error_detail = (!applied.rejected.is_empty()).then(|| Status {
+            code: tonic::Code::InvalidArgument as i32,
+            message: applied.rejected.join("; "),
+            details: Vec::new(),
+        });
+        match &error_detail {
+            Some(s) => {
+                tracing::error!(type_url = %resp.type_url, nonce = %resp.nonce, rejected = %s.message, "xDS resources rejected (NACK)")
+            }
+            None => {
+                tracing::debug!(type_url = %resp.type_url, nonce = %resp.nonce, changes, removed = resp.removed_resources.len(), "xDS response applied (ACK)")
+            }
+        }
+        tx.send(DeltaDiscoveryRequest {
+            type_url: resp.type_url.clone(),
+            response_nonce: resp.nonce.clone(),
+            error_detail,
+            ..Default::default()
+        })
+        .await
+        .map_err(|_| XdsError::Closed)?;
+        if !received.contains(&resp.type_url) {
+            received.push(resp.type_url.clone());
+        }
+        if !*synced.borrow()
+            && [ADDRESS_TYPE, AUTHORIZATION_TYPE]
+                .iter()
+                .all(|t| received.iter().any(|r| r == t))
+        {
+            tracing::info!(address = %opts.address, "xDS synced (workloads, services, authorizations)");
+            synced.send_replace(true);
+        }
+    }
+    Ok(())
+}
