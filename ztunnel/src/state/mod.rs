@@ -122,9 +122,15 @@ impl Snapshot {
     ) -> Option<(Arc<Workload>, u16)> {
         let eps = self.endpoints(&svc.key());
         let named = svc.ports.get(&port) == Some(&0);
+        let any_health = svc
+            .load_balancer
+            .as_ref()
+            .is_some_and(|lb| lb.allows_unhealthy());
         let mut healthy: Vec<&Endpoint> = eps
             .iter()
-            .filter(|e| e.workload.is_healthy() && !e.workload.workload_ips.is_empty())
+            .filter(|e| {
+                (any_health || e.workload.is_healthy()) && !e.workload.workload_ips.is_empty()
+            })
             .filter(|e| !named || e.ports.get(&port).is_some_and(|t| *t != 0))
             .collect();
         if let (Some(lb), Some(src)) = (&svc.load_balancer, src) {

@@ -253,9 +253,20 @@ pub struct LoadBalancer {
     pub routing_preferences: Vec<LoadBalancerScope>,
     #[serde(default)]
     pub mode: LoadBalancerMode,
-    /// Accepted for compatibility; endpoints are always filtered by health.
+    /// Upstream's `OnlyHealthy` (default) or `AllowAll` (unhealthy endpoints are
+    /// picked too: istiod sends it for `publishNotReadyAddresses: true`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_policy: Option<serde_yaml_ng::Value>,
+}
+
+impl LoadBalancer {
+    /// Whether unhealthy endpoints may be picked (`healthPolicy: AllowAll`).
+    pub fn allows_unhealthy(&self) -> bool {
+        self.health_policy
+            .as_ref()
+            .and_then(|v| v.as_str())
+            .is_some_and(|p| p == "AllowAll" || p == "ALLOW_ALL")
+    }
 }
 
 /// [`LoadBalancer::mode`].

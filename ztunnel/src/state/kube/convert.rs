@@ -323,31 +323,36 @@ impl ServiceFacts {
 
 /// As istiod: `internalTrafficPolicy: Local` = only endpoints on the client's node
 /// (none there: no endpoint, like kube-proxy); `trafficDistribution: PreferClose` = the
-/// closest endpoints (network, region, zone, subzone), others when none are close.
+/// closest endpoints (network, region, zone, subzone), others when none are close;
+/// `publishNotReadyAddresses: true` = unready endpoints are picked too (`AllowAll`).
 fn load_balancer_of(
     spec: Option<&k8s_openapi::api::core::v1::ServiceSpec>,
 ) -> Option<LoadBalancer> {
     let spec = spec?;
-    if spec.internal_traffic_policy.as_deref() == Some("Local") {
-        return Some(LoadBalancer {
-            routing_preferences: vec![LoadBalancerScope::Node],
-            mode: LoadBalancerMode::Strict,
-            health_policy: None,
-        });
-    }
-    if spec.traffic_distribution.as_deref() == Some("PreferClose") {
-        return Some(LoadBalancer {
-            routing_preferences: vec![
+    let health_policy = (spec.publish_not_ready_addresses == Some(true))
+        .then(|| serde_yaml_ng::Value::String("AllowAll".into()));
+    let (routing_preferences, mode) = if spec.internal_traffic_policy.as_deref() == Some("Local") {
+        (vec![LoadBalancerScope::Node], LoadBalancerMode::Strict)
+    } else if spec.traffic_distribution.as_deref() == Some("PreferClose") {
+        (
+            vec![
                 LoadBalancerScope::Network,
                 LoadBalancerScope::Region,
                 LoadBalancerScope::Zone,
                 LoadBalancerScope::Subzone,
             ],
-            mode: LoadBalancerMode::Failover,
-            health_policy: None,
-        });
-    }
-    None
+            LoadBalancerMode::Failover,
+        )
+    } else if health_policy.is_some() {
+        (Vec::new(), LoadBalancerMode::Standard)
+    } else {
+        return None;
+    };
+    Some(LoadBalancer {
+        routing_preferences,
+        mode,
+        health_policy,
+    })
 }
 
 /// What discovery keeps of an EndpointSlice.

@@ -834,3 +834,39 @@ fn forbidden_nodes_do_not_block_the_sync() {
         &Error::InitialListFailed(kube::Error::Api(status(500)))
     ));
 }
+
+/// `publishNotReadyAddresses: true`: istiod's `healthPolicy: AllowAll`, an unready
+/// endpoint is still picked (e.g. StatefulSet peer discovery); without it, none is.
+#[test]
+fn publish_not_ready_addresses_picks_unready_endpoints() {
+    let mut idx = index();
+    let store = Store::new();
+    idx.pod_event(Event::Apply(pod(
+        "app",
+        "db-0",
+        "10.0.2.1",
+        json!({"app": "db"}),
+        false,
+    )));
+    let mut svc = service("app", "db", "10.96.0.50", json!(8080));
+    idx.service_event(Event::Apply(svc.clone()));
+    idx.slice_event(Event::Apply(slice(
+        "app",
+        "db-x",
+        "db",
+        Some(8080),
+        &["db-0"],
+    )));
+    flush(&mut idx, &store);
+    let pick = |store: &Store| {
+        let snap = store.snapshot();
+        let svc = snap.service_by_vip("", ip("10.96.0.50")).unwrap().clone();
+        snap.pick_endpoint(&svc, 80)
+            .map(|(w, port)| (w.name.clone(), port))
+    };
+    assert_eq!(pick(&store), None, "unready: not picked by default");
+    svc.spec.as_mut().unwrap().publish_not_ready_addresses = Some(true);
+    idx.service_event(Event::Apply(svc));
+    flush(&mut idx, &store);
+    assert_eq!(pick(&store), Some(("db-0".into(), 8080)));
+}

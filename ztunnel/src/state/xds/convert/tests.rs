@@ -221,6 +221,9 @@ fn service_with_vips_ports_waypoint_and_load_balancing() {
         "#,
     )
     .unwrap();
+    if let AddressResource::Service(s) = &got {
+        assert!(s.load_balancer.as_ref().unwrap().allows_unhealthy());
+    }
     assert_eq!(got, AddressResource::Service(want));
 
     // Defaults: AUTOMATIC families, UNSPECIFIED mode, ONLY_HEALTHY.
@@ -232,7 +235,9 @@ fn service_with_vips_ports_waypoint_and_load_balancing() {
     });
     let want = "{name: '', namespace: app, hostname: h,
         loadBalancer: {mode: Standard, healthPolicy: OnlyHealthy}}";
-    assert_eq!(plain.unwrap(), serde_yaml_ng::from_str(want).unwrap());
+    let plain = plain.unwrap();
+    assert!(!plain.load_balancer.as_ref().unwrap().allows_unhealthy());
+    assert_eq!(plain, serde_yaml_ng::from_str(want).unwrap());
 }
 
 fn sm(t: MatchType) -> xsec::StringMatch {
