@@ -71,6 +71,14 @@ pub enum Flavor<'a> {
     Ours,
     /// This project's ztunnel, certificates issued by another root (certificate, key).
     OursWithCa { cert: &'a Path, key: &'a Path },
+    /// This project's ztunnel, certificates from the test CA, workloads and policies from
+    /// istiod's xDS at `address` (`XDS_ADDRESS`; TLS verified against `istiod_root`,
+    /// bearer token from the file `token`) instead of the local config file.
+    OursFromXds {
+        address: &'a str,
+        istiod_root: &'a Path,
+        token: &'a Path,
+    },
     /// Istio's own ztunnel, built with `--features testing` (`make istio-ztunnel`): same
     /// config file and capture rules, certificates from its built-in test CA (`FAKE_CA`),
     /// sockets marked 0x539 (`PACKET_MARK=1337`) like ours.
@@ -272,7 +280,9 @@ impl DedicatedMesh {
         apply_capture_rules_with(&p.pod, &opts).expect("capture rules");
         let binary = match flavor {
             Flavor::Istio { binary } => binary.to_path_buf(),
-            Flavor::Ours | Flavor::OursWithCa { .. } => bin_path("ztunnel"),
+            Flavor::Ours | Flavor::OursWithCa { .. } | Flavor::OursFromXds { .. } => {
+                bin_path("ztunnel")
+            }
         };
         let mut cmd = p.netns().command(binary);
         if let Some(resolv_conf) = &self.dns {
@@ -286,9 +296,23 @@ impl DedicatedMesh {
             Flavor::OursWithCa { cert, key } => {
                 cmd.env("CA_ROOT_CERT", cert).env("CA_ROOT_KEY", key);
             }
+            Flavor::OursFromXds {
+                address,
+                istiod_root,
+                token,
+            } => {
+                cmd.env("CA_ROOT_CERT", ca_file("ec-root.pem"))
+                    .env("CA_ROOT_KEY", ca_file("ec-root.key"))
+                    .env("XDS_ADDRESS", address)
+                    .env("ROOT_CA_PATH", istiod_root)
+                    .env("CA_TOKEN_PATH", token);
+            }
             Flavor::Istio { .. } => {
                 cmd.envs(crate::istio_ztunnel::FAKE_CA_ENV);
             }
+        }
+        if !matches!(flavor, Flavor::OursFromXds { .. }) {
+            cmd.env("LOCAL_XDS_PATH", &config);
         }
         p.istio = matches!(flavor, Flavor::Istio { .. });
         cmd.arg("proxy")
@@ -297,7 +321,6 @@ impl DedicatedMesh {
                 "PROXY_WORKLOAD_INFO",
                 format!("{}/{}/{}", p.namespace, p.name, p.service_account),
             )
-            .env("LOCAL_XDS_PATH", &config)
             .env("TRUST_DOMAIN", TRUST_DOMAIN)
             .env("NODE_NAME", &node)
             .env("TERMINATION_GRACE_PERIOD_SECONDS", "3")

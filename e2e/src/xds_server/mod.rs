@@ -103,7 +103,12 @@ impl XdsServer {
     /// Binds `addr` (port 0 picks one, see [`XdsHandle::addr`]) and serves on a
     /// runtime of its own until the handle is dropped.
     pub fn start(self, addr: SocketAddr) -> std::io::Result<XdsHandle> {
-        let listener = std::net::TcpListener::bind(addr)?;
+        self.start_on(std::net::TcpListener::bind(addr)?)
+    }
+
+    /// [`Self::start`] on a listener bound elsewhere (e.g. in a simulated underlay
+    /// namespace, so ztunnels in pods reach it).
+    pub fn start_on(self, listener: std::net::TcpListener) -> std::io::Result<XdsHandle> {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let mut builder = tonic::transport::Server::builder();
