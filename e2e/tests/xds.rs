@@ -95,6 +95,7 @@ fn deny_policy() -> sec::Authorization {
 struct Ztunnel {
     child: tokio::process::Child,
     admin: SocketAddr,
+    stats: SocketAddr,
     ready: SocketAddr,
     log: std::path::PathBuf,
     _tmp: tempfile::TempDir,
@@ -143,6 +144,7 @@ impl Ztunnel {
         Ztunnel {
             child,
             admin: format!("127.0.0.1:{admin}").parse().unwrap(),
+            stats: format!("127.0.0.1:{stats}").parse().unwrap(),
             ready: format!("127.0.0.1:{ready}").parse().unwrap(),
             log,
             _tmp: tmp,
@@ -301,6 +303,26 @@ async fn ztunnel_follows_istiod_over_delta_xds() {
     .await;
     let log = zt.log();
     assert!(log.contains("xDS stream open"), "{log}");
+    // Upstream's xDS metrics: responses and bytes per type, the ended stream.
+    let metrics = get(zt.stats, "/metrics").await.unwrap_or_default();
+    let count = |name: &str, labels: &[(&str, &str)]| e2e::prom_text::sum(&metrics, name, labels);
+    assert!(
+        count("istio_xds_message_total", &[("url", ADDRESS_TYPE)]) >= 4.0,
+        "{metrics}"
+    );
+    assert!(
+        count("istio_xds_message_total", &[("url", AUTHORIZATION_TYPE)]) >= 2.0,
+        "{metrics}"
+    );
+    assert!(
+        count("istio_xds_message_bytes_total", &[("url", ADDRESS_TYPE)]) > 0.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        count("istio_xds_connection_terminations_total", &[]),
+        1.0,
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -181,6 +181,7 @@ pub fn run(mut cfg: Config) -> Result<(), AppError> {
             let client = crate::state::xds::XdsClient::start_on_thread(
                 opts,
                 store.source(crate::state::xds::SOURCE_NAME),
+                crate::state::xds::XdsMetrics::new(registry.sub_registry_with_prefix("istio")),
             )?;
             readiness.add_watch("xDS synced", client.synced());
             Some(client)

@@ -24,6 +24,7 @@ use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Uri};
 
 use super::convert::{self, AddressResource};
+use super::metrics::{Termination, XdsMetrics};
 use super::{XdsError, XdsOptions};
 use crate::state::workload::NamespacedHostname;
 use crate::state::{SourceBatch, SourceHandle};
@@ -214,18 +215,52 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Runs the client until the task is dropped: connect, stream, reconnect.
-pub(super) async fn run(opts: XdsOptions, source: SourceHandle, synced: watch::Sender<bool>) {
+/// How upstream classifies the end of a stream (and whether to reconnect at once).
+pub(super) fn termination(result: &Result<(), XdsError>) -> Termination {
+    match result {
+        Ok(()) => Termination::Complete,
+        Err(XdsError::Stream { code, message, .. }) => {
+            let routine = matches!(
+                code,
+                tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+            ) || (*code == tonic::Code::Unavailable
+                && (message.contains("transport is closing") || message.contains("goaway")));
+            if routine {
+                Termination::Reconnect
+            } else {
+                Termination::Error
+            }
+        }
+        Err(XdsError::Closed) => Termination::Error,
+        Err(_) => Termination::ConnectionError,
+    }
+}
+
+pub(super) async fn run(
+    opts: XdsOptions,
+    source: SourceHandle,
+    synced: watch::Sender<bool>,
+    metrics: XdsMetrics,
+) {
     let mut tracked = Tracked::default();
     let mut backoff = BACKOFF_START;
     loop {
         let started = Instant::now();
-        match stream_once(&opts, &source, &mut tracked, &synced).await {
-            Ok(()) => {
-                tracing::warn!(address = %opts.address, "xDS stream closed by the server; reconnecting")
-            }
-            Err(e) => tracing::warn!(error = %e, "xDS stream failed; retrying with back-off"),
+        let result = stream_once(&opts, &source, &mut tracked, &synced, &metrics).await;
+        let reason = termination(&result);
+        metrics.terminated(reason);
+        match result {
+            Ok(()) => tracing::warn!(
+                address = %opts.address,
+                "xDS stream closed by the server; reconnecting"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                ?reason,
+                "xDS stream ended; reconnecting with back-off"
+            ),
         }
-        if started.elapsed() >= HEALTHY_STREAM {
+        if started.elapsed() >= HEALTHY_STREAM || reason == Termination::Reconnect {
             backoff = BACKOFF_START;
         }
         let jitter = rand::random_range(0.5..1.0);
@@ -239,6 +274,7 @@ async fn stream_once(
     source: &SourceHandle,
     tracked: &mut Tracked,
     synced: &watch::Sender<bool>,
+    metrics: &XdsMetrics,
 ) -> Result<(), XdsError> {
     let headers = headers(opts)?;
     let channel = channel(opts).await?;
@@ -273,6 +309,12 @@ async fn stream_once(
     tracing::info!(address = %opts.address, node = %opts.node.id, "xDS stream open");
     let mut received: Vec<String> = Vec::new();
     while let Some(resp) = responses.message().await.map_err(stream_err)? {
+        let bytes: usize = resp
+            .resources
+            .iter()
+            .filter_map(|r| r.resource.as_ref().map(|a| a.value.len()))
+            .sum();
+        metrics.received(&resp.type_url, bytes as u64);
         let applied = tracked.response(&resp, &opts.defaults);
         let changes = applied.batch.len();
         let batch = applied.batch;

@@ -19,6 +19,7 @@
 
 pub mod client;
 pub mod convert;
+pub mod metrics;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -28,6 +29,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::state::SourceHandle;
+pub use metrics::XdsMetrics;
 
 /// Source name in the store.
 pub const SOURCE_NAME: &str = "xds";
@@ -159,7 +161,11 @@ impl XdsClient {
     /// Checks the address, then starts the client on its own thread (a
     /// single-threaded runtime) feeding `source`. Connection problems are not errors
     /// here: they are logged and retried.
-    pub fn start_on_thread(opts: XdsOptions, source: SourceHandle) -> Result<XdsClient, XdsError> {
+    pub fn start_on_thread(
+        opts: XdsOptions,
+        source: SourceHandle,
+        metrics: XdsMetrics,
+    ) -> Result<XdsClient, XdsError> {
         client::parse_address(&opts.address)?;
         let (synced_tx, synced) = watch::channel(false);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -172,7 +178,7 @@ impl XdsClient {
             .spawn(move || {
                 rt.block_on(async move {
                     tokio::select! {
-                        _ = client::run(opts, source, synced_tx) => {}
+                        _ = client::run(opts, source, synced_tx, metrics) => {}
                         _ = stop_rx => {}
                     }
                 });

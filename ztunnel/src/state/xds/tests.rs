@@ -268,3 +268,37 @@ fn node_and_headers_from_the_configuration() {
     assert!(super::client::parse_address("http://istiod:15012").is_err());
     assert!(super::client::parse_address("istiod:15012").is_ok());
 }
+
+#[test]
+fn stream_ends_are_classified_as_upstream() {
+    use super::XdsError;
+    use super::client::termination;
+    use super::metrics::Termination;
+    let stream = |code, message: &str| {
+        Err(XdsError::Stream {
+            address: "a".into(),
+            code,
+            message: message.into(),
+        })
+    };
+    assert_eq!(termination(&Ok(())), Termination::Complete);
+    assert_eq!(
+        termination(&stream(tonic::Code::Unavailable, "transport is closing")),
+        Termination::Reconnect
+    );
+    assert_eq!(
+        termination(&stream(tonic::Code::Cancelled, "")),
+        Termination::Reconnect
+    );
+    assert_eq!(
+        termination(&stream(tonic::Code::Unauthenticated, "bad token")),
+        Termination::Error
+    );
+    assert_eq!(
+        termination(&Err(XdsError::Connect {
+            address: "a".into(),
+            reason: "refused".into()
+        })),
+        Termination::ConnectionError
+    );
+}
