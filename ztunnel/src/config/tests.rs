@@ -1,0 +1,283 @@
+//! Configuration tests: defaults, parsing, and errors naming the variable.
+use super::*;
+
+fn cfg(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let m: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Config::from_lookup(|k| m.get(k).cloned())
+}
+
+#[test]
+fn defaults_match_upstream() {
+    let c = cfg(&[]).unwrap();
+    assert_eq!(c.proxy_mode, ProxyMode::Shared);
+    assert_eq!(c.trust_domain, "cluster.local");
+    assert_eq!(c.cluster_id, "Kubernetes");
+    assert_eq!(c.secret_ttl, Duration::from_secs(86400));
+    assert_eq!(c.worker_threads, 2);
+    assert_eq!(c.packet_mark, Some(1337));
+    assert_eq!(c.termination_grace_period, Duration::from_secs(5));
+    assert_eq!(c.h2.stream_window, 4 << 20);
+    assert_eq!(c.h2.connection_window, 16 << 20);
+    assert_eq!(c.h2.frame_size, 1 << 20);
+    assert_eq!(c.h2.max_streams_per_connection, 100);
+    assert_eq!(c.ports, ProxyPorts::default());
+    assert_eq!(c.admin_addr.to_string(), "127.0.0.1:15000");
+    assert_eq!(c.stats_addr.port(), 15020);
+    assert_eq!(c.readiness_addr.port(), 15021);
+    assert_eq!(c.log_format, LogFormat::Plain);
+}
+
+#[test]
+fn xds_address_is_optional_and_exclusive_with_kubernetes_discovery() {
+    let c = cfg(&[]).unwrap();
+    assert_eq!(c.xds_address, None);
+    assert_eq!(c.xds_root_ca, c.root_ca_path);
+    let c = cfg(&[("XDS_ADDRESS", "")]).unwrap();
+    assert_eq!(c.xds_address, None, "empty turns xDS off, as upstream");
+    let c = cfg(&[
+        ("XDS_ADDRESS", "istiod.istio-system.svc:15012"),
+        ("ROOT_CA_PATH", "/r.pem"),
+    ])
+    .unwrap();
+    assert_eq!(
+        c.xds_address.as_deref(),
+        Some("istiod.istio-system.svc:15012")
+    );
+    assert_eq!(c.xds_root_ca, PathBuf::from("/r.pem"));
+    let e = cfg(&[
+        ("XDS_ADDRESS", "istiod.istio-system.svc:15012"),
+        ("KUBERNETES_DISCOVERY", "true"),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("XDS_ADDRESS") && e.contains("KUBERNETES_DISCOVERY"),
+        "{e}"
+    );
+}
+
+#[test]
+fn drain_ends_before_the_grace_period() {
+    let secs = Duration::from_secs;
+    let budget = |grace: &str| {
+        cfg(&[("TERMINATION_GRACE_PERIOD_SECONDS", grace)])
+            .unwrap()
+            .drain_budget()
+    };
+    // Over 10 s: 5 s to close the rest before SIGKILL; up to 10 s: 1 s.
+    assert_eq!(budget("30"), secs(25));
+    assert_eq!(budget("11"), secs(6));
+    assert_eq!(budget("10"), secs(9));
+    assert_eq!(budget("2"), secs(1));
+    // Floor: 1 s, but never past the grace period itself.
+    assert_eq!(budget("1"), secs(1));
+    assert_eq!(budget("0"), secs(0));
+    assert_eq!(
+        drain_budget(Duration::from_millis(500)),
+        Duration::from_millis(500)
+    );
+    assert_eq!(drain_budget(Duration::from_millis(1500)), secs(1));
+    // The default grace period (5 s) drains for 4 s.
+    assert_eq!(Config::default().drain_budget(), secs(4));
+}
+
+#[test]
+fn dedicated_mode() {
+    let c = cfg(&[
+        ("PROXY_MODE", "dedicated"),
+        ("PROXY_WORKLOAD_INFO", "default/sleep-1/sleep"),
+        ("SECRET_TTL", "1h30m"),
+        ("ZTUNNEL_WORKER_THREADS", "1"),
+        ("LOG_FORMAT", "json"),
+        ("PACKET_MARK", "0x539"),
+        ("TRUST_DOMAIN", "example.org"),
+    ])
+    .unwrap();
+    assert_eq!(c.proxy_mode, ProxyMode::Dedicated);
+    let w = c.proxy_workload_info.unwrap();
+    assert_eq!(
+        (
+            w.namespace.as_str(),
+            w.name.as_str(),
+            w.service_account.as_str()
+        ),
+        ("default", "sleep-1", "sleep")
+    );
+    assert_eq!(c.secret_ttl, Duration::from_secs(5400));
+    assert_eq!(c.worker_threads, 1);
+    assert_eq!(c.log_format, LogFormat::Json);
+    assert_eq!(c.packet_mark, Some(0x539));
+    assert_eq!(c.trust_domain, "example.org");
+}
+
+#[test]
+fn worker_threads_as_upstream() {
+    let threads = |vars: &[(&str, &str)]| cfg(vars).unwrap().worker_threads;
+    assert_eq!(threads(&[]), 2);
+    assert_eq!(threads(&[("ZTUNNEL_WORKER_THREADS", "3")]), 3);
+    let limit = [("ZTUNNEL_CPU_LIMIT", "8")];
+    assert_eq!(threads(&[limit[0], ("ZTUNNEL_WORKER_THREADS", "50%")]), 4);
+    assert_eq!(threads(&[limit[0], ("ZTUNNEL_WORKER_THREADS", "10%")]), 1);
+    assert_eq!(threads(&[limit[0], ("ZTUNNEL_WORKER_THREADS", "0")]), 8);
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(threads(&[("ZTUNNEL_WORKER_THREADS", "100%")]), cpus);
+}
+
+#[test]
+fn cluster_identity_and_discovery_scope() {
+    let c = cfg(&[]).unwrap();
+    assert_eq!(
+        (
+            c.cluster_id.as_str(),
+            c.cluster_domain.as_str(),
+            c.root_namespace.as_str()
+        ),
+        ("Kubernetes", "cluster.local", "istio-system")
+    );
+    let c = cfg(&[
+        ("CLUSTER_ID", "west"),
+        ("ISTIO_META_CLUSTER_ID", "east"),
+        ("CLUSTER_DOMAIN", "corp.local."),
+        ("POD_NAMESPACE", "mesh"),
+    ])
+    .unwrap();
+    assert_eq!(
+        (
+            c.cluster_id.as_str(),
+            c.cluster_domain.as_str(),
+            c.root_namespace.as_str()
+        ),
+        ("east", "corp.local", "mesh"),
+        "ISTIO_META_CLUSTER_ID wins as upstream; the root namespace follows the pod's"
+    );
+    let c = cfg(&[
+        ("POD_NAMESPACE", "mesh"),
+        ("ROOT_NAMESPACE", "istio-config"),
+    ])
+    .unwrap();
+    assert_eq!(c.root_namespace, "istio-config");
+}
+
+#[test]
+fn trusted_node_accounts() {
+    let acct = |ns: &str, sa: &str| NodeProxyAccount {
+        namespace: ns.into(),
+        service_account: sa.into(),
+    };
+    assert_eq!(
+        cfg(&[]).unwrap().trusted_node_accounts,
+        [acct("istio-system", "ztunnel")]
+    );
+    assert_eq!(
+        cfg(&[("POD_NAMESPACE", "mesh")])
+            .unwrap()
+            .trusted_node_accounts,
+        [acct("mesh", "ztunnel")]
+    );
+    assert_eq!(
+        cfg(&[("CA_TRUSTED_NODE_ACCOUNTS", "a/zt, b/node-proxy")])
+            .unwrap()
+            .trusted_node_accounts,
+        [acct("a", "zt"), acct("b", "node-proxy")]
+    );
+    let e = cfg(&[("CA_TRUSTED_NODE_ACCOUNTS", "a/zt,ztunnel")]).unwrap_err();
+    assert_eq!(e.field, "CA_TRUSTED_NODE_ACCOUNTS");
+    assert!(e.reason.contains("\"ztunnel\""), "{}", e.reason);
+}
+
+#[test]
+fn tproxy_mode_has_no_default_mark() {
+    let c = cfg(&[("INPOD_ENABLED", "false")]).unwrap();
+    assert_eq!(c.packet_mark, None);
+}
+
+#[test]
+fn rejections_name_the_field_and_value() {
+    for (vars, field, value) in [
+        (vec![("PROXY_MODE", "sidecar")], "PROXY_MODE", "sidecar"),
+        (vec![("PROXY_MODE", "dedicated")], "PROXY_WORKLOAD_INFO", ""),
+        (
+            vec![("PROXY_MODE", "dedicated"), ("PROXY_WORKLOAD_INFO", "a/b")],
+            "PROXY_WORKLOAD_INFO",
+            "a/b",
+        ),
+        (vec![("SECRET_TTL", "forever")], "SECRET_TTL", "forever"),
+        (vec![("SECRET_TTL", "0s")], "SECRET_TTL", "0s"),
+        (
+            vec![("ZTUNNEL_WORKER_THREADS", "0%")],
+            "ZTUNNEL_WORKER_THREADS",
+            "0%",
+        ),
+        (
+            vec![("ZTUNNEL_WORKER_THREADS", "150%")],
+            "ZTUNNEL_WORKER_THREADS",
+            "150%",
+        ),
+        (vec![("ZTUNNEL_CPU_LIMIT", "0")], "ZTUNNEL_CPU_LIMIT", "0"),
+        (vec![("CLUSTER_DOMAIN", "a/b")], "CLUSTER_DOMAIN", "a/b"),
+        (
+            vec![("ZTUNNEL_WORKER_THREADS", "two")],
+            "ZTUNNEL_WORKER_THREADS",
+            "two",
+        ),
+        (vec![("INPOD_ENABLED", "maybe")], "INPOD_ENABLED", "maybe"),
+        (vec![("LOG_FORMAT", "xml")], "LOG_FORMAT", "xml"),
+        (vec![("PACKET_MARK", "0xzz")], "PACKET_MARK", "0xzz"),
+        (vec![("INSTANCE_IP", "1.2.3")], "INSTANCE_IP", "1.2.3"),
+        (vec![("TRUST_DOMAIN", "a/b")], "TRUST_DOMAIN", "a/b"),
+        (vec![("HTTP2_FRAME_SIZE", "100")], "HTTP2_FRAME_SIZE", "100"),
+        (vec![("ADMIN_ADDR", "localhost")], "ADMIN_ADDR", "localhost"),
+        (
+            vec![("ISTIO_META_DNS_PROXY_ADDR", "localhost")],
+            "ISTIO_META_DNS_PROXY_ADDR",
+            "localhost",
+        ),
+        (
+            vec![("ISTIO_META_DNS_CAPTURE", "maybe")],
+            "ISTIO_META_DNS_CAPTURE",
+            "maybe",
+        ),
+    ] {
+        let e = cfg(&vars).unwrap_err();
+        assert_eq!(e.field, field, "{e}");
+        assert_eq!(e.value, value, "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains(field), "{msg}");
+    }
+}
+
+#[test]
+fn dns_proxy_settings_as_upstream() {
+    let d = cfg(&[]).unwrap().dns;
+    assert!(d.enabled);
+    assert_eq!(d.addr, DnsProxyAddr::Localhost(15053));
+    assert_eq!(d.resolv_conf, PathBuf::from("/etc/resolv.conf"));
+    let d = cfg(&[
+        ("ISTIO_META_DNS_CAPTURE", "false"),
+        ("ISTIO_META_DNS_PROXY_ADDR", "127.0.0.1:5353"),
+        ("DNS_RESOLV_CONF", "/tmp/r.conf"),
+    ])
+    .unwrap()
+    .dns;
+    assert!(!d.enabled);
+    assert_eq!(
+        d.addr,
+        DnsProxyAddr::Addr("127.0.0.1:5353".parse().unwrap())
+    );
+    assert_eq!(d.addr.port(), 5353);
+    assert_eq!(d.resolv_conf, PathBuf::from("/tmp/r.conf"));
+    let d = cfg(&[("ISTIO_META_DNS_PROXY_ADDR", "localhost:15054")])
+        .unwrap()
+        .dns;
+    assert_eq!(d.addr, DnsProxyAddr::Localhost(15054));
+}
+
+#[test]
+fn workload_info_round_trip() {
+    let w: WorkloadInfo = "ns/name/sa".parse().unwrap();
+    assert_eq!(w.to_string(), "ns/name/sa");
+    assert!("ns//sa".parse::<WorkloadInfo>().is_err());
+}
