@@ -11,8 +11,8 @@
 
 mod scenarios_support;
 
-use e2e::simcluster::RedirectMode;
-use scenarios_support::{Ctx, start};
+use e2e::simcluster::{RedirectMode, SimClusterConfig};
+use scenarios_support::{Ctx, start, start_with};
 
 fn run(tag: &str, f: impl FnOnce(&Ctx<'_>)) {
     let sim = start(tag, RedirectMode::Inpod);
@@ -71,4 +71,14 @@ fn s8_trust_bundle_update_reaches_ztunnel_without_restart() {
         "inpods8",
         scenarios_support::trust_bundle::s8_trust_bundle_update,
     );
+}
+
+#[test]
+fn s9_ztunnel_learns_from_istiod_over_xds() {
+    require_harness!();
+    let mut cfg = SimClusterConfig::new("inpods9", RedirectMode::Inpod);
+    cfg.istiod_xds = true;
+    let sim = start_with(cfg);
+    let ctx = Ctx::new(&sim, "demo");
+    scenarios_support::istiod_xds::s9_istiod_xds(&ctx);
 }

@@ -104,6 +104,11 @@ pub struct SimClusterConfig {
     pub env_overrides: Vec<(String, String, String)>,
     /// How long components may take to become Ready.
     pub ready_timeout: Duration,
+    /// Serve ztunnel's workloads and policies from an istiod xDS double
+    /// ([`SimCluster::xds`]) instead of the Kubernetes API: ztunnels run with
+    /// `XDS_ADDRESS` (the chart's `xdsAddress`) and `KUBERNETES_DISCOVERY=false`;
+    /// the test plays istiod and pushes what it wants ztunnel to know.
+    pub istiod_xds: bool,
 }
 
 impl SimClusterConfig {
@@ -121,6 +126,7 @@ impl SimClusterConfig {
             mode,
             env_overrides,
             ready_timeout: Duration::from_secs(90),
+            istiod_xds: false,
         }
     }
 }
@@ -130,6 +136,7 @@ pub struct SimCluster {
     // Drop order: kubelets (pods torn down while the API still answers),
     // then the API, then the netns topology and scope.
     kubelets: Vec<Kubelet>,
+    xds: Option<crate::xds_server::XdsHandle>,
     api: ApiServerHandle,
     cluster: Cluster,
     cfg: SimClusterConfig,
@@ -138,6 +145,7 @@ pub struct SimCluster {
     node_kubeconfig: PathBuf,
     ca_pod: String,
     ca_root_pem: String,
+    ca_root_key_pem: String,
 }
 
 impl std::fmt::Debug for SimCluster {
@@ -229,6 +237,7 @@ impl SimCluster {
 
         let mut me = Self {
             kubelets: Vec::new(),
+            xds: None,
             api,
             cluster,
             cfg,
@@ -237,8 +246,12 @@ impl SimCluster {
             node_kubeconfig,
             ca_pod: format!("{MESH_CA}-0"),
             ca_root_pem: String::new(),
+            ca_root_key_pem: String::new(),
         };
         me.install_chart_objects()?;
+        if me.cfg.istiod_xds {
+            me.start_xds()?;
+        }
         for i in 1..=me.cfg.nodes {
             me.prepare_node(i)?;
         }
@@ -251,6 +264,50 @@ impl SimCluster {
         Ok(me)
     }
 
+    /// The istiod double on the underlay (certificate from the mesh root, which
+    /// ztunnel's `ROOT_CA_PATH` trusts), and ztunnel's environment pointing at it.
+    fn start_xds(&mut self) -> Result<(), HarnessError> {
+        let tag = self.cfg.tag.clone();
+        let fail = |what: &'static str| setup_err(&tag, what);
+        let listener = self
+            .cluster
+            .bind_host_tcp(0)
+            .map_err(|e| fail("xDS listener on the underlay")(e.to_string()))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| fail("xDS listener")(e.to_string()))?;
+        let (cert, key) = (|| -> Result<(String, String), rcgen::Error> {
+            let issuer = rcgen::Issuer::from_ca_cert_pem(
+                &self.ca_root_pem,
+                rcgen::KeyPair::from_pem(&self.ca_root_key_pem)?,
+            )?;
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            let params = rcgen::CertificateParams::new(vec![addr.ip().to_string()])?;
+            Ok((params.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
+        })()
+        .map_err(|e| fail("istiod serving certificate")(e.to_string()))?;
+        let handle = crate::xds_server::XdsServer::new()
+            .tls(cert, key)
+            .start_on(listener)
+            .map_err(|e| fail("xDS double")(e.to_string()))?;
+        for (k, v) in [
+            ("XDS_ADDRESS", format!("https://{addr}")),
+            ("KUBERNETES_DISCOVERY", "false".to_string()),
+        ] {
+            self.cfg
+                .env_overrides
+                .push((ZTUNNEL.to_string(), k.to_string(), v));
+        }
+        self.xds = Some(handle);
+        Ok(())
+    }
+
+    /// The istiod double ztunnels get their state from
+    /// ([`SimClusterConfig::istiod_xds`]).
+    pub fn xds(&self) -> Option<&crate::xds_server::XdsHandle> {
+        self.xds.as_ref()
+    }
+
     /// The chart's non-Pod objects.
     fn install_chart_objects(&mut self) -> Result<(), HarnessError> {
         let tag = self.cfg.tag.clone();
@@ -259,6 +316,7 @@ impl SimCluster {
             self.prefix()
         ));
         self.ca_root_pem = cert.clone();
+        self.ca_root_key_pem = key.clone();
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
         let selector = |app: &str| json!({"matchLabels": {"app": app}});
         let template = |app: &str| {

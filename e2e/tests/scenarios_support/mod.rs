@@ -14,6 +14,7 @@
 #![allow(dead_code)]
 
 mod cases;
+pub mod istiod_xds;
 pub mod trust_bundle;
 
 pub use cases::*;
@@ -70,8 +71,13 @@ macro_rules! require_harness {
 
 /// Starts a cluster for `tag` in `mode`, panicking with the reason.
 pub fn start(tag: &str, mode: RedirectMode) -> SimCluster {
+    start_with(SimClusterConfig::new(tag, mode))
+}
+
+/// [`start`] with a configuration of the caller's.
+pub fn start_with(mut cfg: SimClusterConfig) -> SimCluster {
+    let (tag, mode) = (cfg.tag.clone(), cfg.mode);
     let t0 = Instant::now();
-    let mut cfg = SimClusterConfig::new(tag, mode);
     cfg.ready_timeout = t(cfg.ready_timeout);
     let sim = SimCluster::start(cfg).unwrap_or_else(|e| panic!("cluster start failed: {e}"));
     eprintln!(

@@ -131,7 +131,9 @@ pub fn parse_address(address: &str) -> Result<(Uri, String), IstioCaError> {
     };
     let uri: Uri = full.parse().map_err(|_| fail("not a URL or host:port"))?;
     if uri.scheme_str() != Some("https") {
-        return Err(fail("only https is supported (istiod serves the CA API and xDS over TLS)"));
+        return Err(fail(
+            "only https is supported (istiod serves the CA API and xDS over TLS)",
+        ));
     }
     let host = uri.host().ok_or_else(|| fail("no host"))?;
     if uri.port_u16().is_none() {
