@@ -1,5 +1,7 @@
 //! The `/config_dump` and `/debug/connections` documents.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use super::AdminState;
@@ -7,7 +9,8 @@ use crate::hbone::pool::PooledConnectionInfo;
 use crate::identity::manager::CertificateDump;
 use crate::policy::model::Authorization;
 use crate::proxy::ConnectionSummary;
-use crate::state::{Service, Workload};
+use crate::state::workload::{HealthStatus, PortMap};
+use crate::state::{Service, Snapshot, Workload};
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -15,11 +18,45 @@ pub struct ConfigDump<'a> {
     pub config: &'a crate::config::Config,
     pub state_version: u64,
     pub workloads: Vec<&'a Workload>,
-    pub services: Vec<&'a Service>,
+    pub services: Vec<ServiceDump<'a>>,
     pub policies: Vec<&'a Authorization>,
     pub certificates: Vec<CertificateDump>,
     pub certificate_provider: &'a str,
     pub proxies: Vec<ProxyDump>,
+}
+
+/// A service with its endpoints keyed by workload uid, as upstream dumps it
+/// (`istioctl ztunnel-config services` counts them).
+#[derive(Serialize)]
+pub struct ServiceDump<'a> {
+    #[serde(flatten)]
+    pub service: &'a Service,
+    pub endpoints: BTreeMap<&'a str, EndpointDump<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointDump<'a> {
+    pub workload_uid: &'a str,
+    pub status: HealthStatus,
+    pub port: &'a PortMap,
+}
+
+fn service_dump<'a>(snap: &'a Snapshot, service: &'a Service) -> ServiceDump<'a> {
+    let endpoints = snap
+        .endpoints(&service.key())
+        .iter()
+        .map(|e| {
+            let uid = e.workload.uid.as_str();
+            let dump = EndpointDump {
+                workload_uid: uid,
+                status: e.workload.status,
+                port: &e.ports,
+            };
+            (uid, dump)
+        })
+        .collect();
+    ServiceDump { service, endpoints }
 }
 
 #[derive(Serialize)]
@@ -63,7 +100,10 @@ pub fn config_dump(state: &AdminState) -> String {
         config: &state.cfg,
         state_version: snap.version,
         workloads,
-        services,
+        services: services
+            .into_iter()
+            .map(|s| service_dump(&snap, s))
+            .collect(),
         policies: snap.policies().iter().collect(),
         certificates: state.certs.dump(&state.roots.certificates()),
         certificate_provider: state.certs.provider_name(),
