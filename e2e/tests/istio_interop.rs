@@ -189,6 +189,34 @@ fn hbone_both_ways_between_this_and_istios_ztunnel() {
         }
     }
 
+    // Both /config_dump documents have Istio's shape (istioctl ztunnel-config reads them):
+    // every key Istio's ztunnel gives a workload, service (endpoints included) or
+    // certificate, ours gives too. (Istio's own extras: services' `visibility`.)
+    let dump = |p: &MeshPod| -> serde_json::Value {
+        let text = p.admin("/config_dump");
+        serde_json::from_str(&text[text.find('{').unwrap_or(0)..]).expect("config dump JSON")
+    };
+    let (our_dump, their_dump) = (dump(ours), dump(theirs));
+    for kind in ["workloads", "services", "certificates"] {
+        let keys = |d: &serde_json::Value| -> std::collections::BTreeSet<String> {
+            d[kind]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|item| item.as_object().into_iter().flat_map(|o| o.keys().cloned()))
+                .collect()
+        };
+        let missing: Vec<String> = keys(&their_dump)
+            .difference(&keys(&our_dump))
+            .filter(|k| *k != "visibility")
+            .cloned()
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{kind}: keys Istio's dump has and ours lacks: {missing:?}"
+        );
+    }
+
     // Many streams at once over the pooled connections, both ways.
     std::thread::scope(|s| {
         for i in 0..20 {
