@@ -37,6 +37,27 @@ pub const SOURCE_NAME: &str = "xds";
 pub const XDS_HEADER_PREFIX: &str = "XDS_HEADER_";
 /// Prefix of variables that become node metadata (`ISTIO_META_FOO=bar` → `FOO: bar`).
 pub const ISTIO_META_PREFIX: &str = "ISTIO_META_";
+/// Prefix of variables whose JSON value becomes node metadata
+/// (`ISTIO_METAJSON_LABELS={"app":"x"}` → `LABELS: {app: x}`).
+pub const ISTIO_METAJSON_PREFIX: &str = "ISTIO_METAJSON_";
+
+/// A JSON value as a protobuf `Value`.
+fn json_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(json_value).collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(prost_types::Struct {
+            fields: o.into_iter().map(|(k, v)| (k, json_value(v))).collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
 
 /// Settings of the client.
 #[derive(Debug, Clone)]
@@ -57,15 +78,36 @@ pub struct XdsOptions {
 }
 
 impl XdsOptions {
-    /// From the ztunnel configuration; `env` supplies `XDS_HEADER_*` and
-    /// `ISTIO_META_*` variables.
+    /// From the ztunnel configuration; `env` supplies `XDS_HEADER_*`, `ISTIO_META_*`
+    /// and `ISTIO_METAJSON_*` variables.
     pub fn from_config(
         cfg: &Config,
         address: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> XdsOptions {
+        let ip = cfg
+            .instance_ip
+            .map(|ip| ip.to_string())
+            .unwrap_or_else(|| "1.1.1.1".into());
+        let pod = cfg.pod_name.clone().unwrap_or_default();
+        let ns = cfg.pod_namespace.clone().unwrap_or_default();
+        let node_name = cfg.node_name.clone().unwrap_or_default();
+        // As upstream: the pod's facts, then ISTIO_META_* (may override them), then
+        // ISTIO_METAJSON_* (JSON values).
+        let string = |v: String| prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(v)),
+        };
+        let mut metadata: std::collections::BTreeMap<String, prost_types::Value> = [
+            ("NAME", pod.clone()),
+            ("NAMESPACE", ns.clone()),
+            ("INSTANCE_IPS", ip.clone()),
+            ("NODE_NAME", node_name),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), string(v)))
+        .collect();
         let mut headers = Vec::new();
-        let mut metadata = std::collections::BTreeMap::new();
+        let mut json = Vec::new();
         for (k, v) in env {
             if let Some(name) = k.strip_prefix(XDS_HEADER_PREFIX)
                 && !name.is_empty()
@@ -74,39 +116,24 @@ impl XdsOptions {
             } else if let Some(key) = k.strip_prefix(ISTIO_META_PREFIX)
                 && !key.is_empty()
             {
-                metadata.insert(key.to_string(), v);
+                metadata.insert(key.to_string(), string(v));
+            } else if let Some(key) = k.strip_prefix(ISTIO_METAJSON_PREFIX)
+                && !key.is_empty()
+            {
+                match serde_json::from_str::<serde_json::Value>(&v) {
+                    Ok(value) => json.push((key.to_string(), json_value(value))),
+                    Err(e) => {
+                        tracing::error!(variable = %k, error = %e, "not JSON; left out of the xDS node metadata")
+                    }
+                }
             }
         }
-        let ip = cfg
-            .instance_ip
-            .map(|ip| ip.to_string())
-            .unwrap_or_else(|| "1.1.1.1".into());
-        let pod = cfg.pod_name.clone().unwrap_or_default();
-        let ns = cfg.pod_namespace.clone().unwrap_or_default();
-        let node_name = cfg.node_name.clone().unwrap_or_default();
-        for (k, v) in [
-            ("NAME", pod.clone()),
-            ("NAMESPACE", ns.clone()),
-            ("INSTANCE_IPS", ip.clone()),
-            ("NODE_NAME", node_name),
-        ] {
-            metadata.insert(k.to_string(), v);
-        }
+        metadata.extend(json);
         let node = Node {
             id: format!("ztunnel~{ip}~{pod}.{ns}~{ns}.svc.cluster.local"),
             cluster: String::new(),
             metadata: Some(prost_types::Struct {
-                fields: metadata
-                    .into_iter()
-                    .map(|(k, v)| {
-                        (
-                            k,
-                            prost_types::Value {
-                                kind: Some(prost_types::value::Kind::StringValue(v)),
-                            },
-                        )
-                    })
-                    .collect(),
+                fields: metadata.into_iter().collect(),
             }),
         };
         XdsOptions {

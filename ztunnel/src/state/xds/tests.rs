@@ -245,6 +245,8 @@ fn node_and_headers_from_the_configuration() {
     let env = [
         ("XDS_HEADER_X_TENANT", "blue"),
         ("ISTIO_META_CLUSTER_ID", "east"),
+        ("ISTIO_METAJSON_LABELS", r#"{"app": "ztunnel", "n": 2}"#),
+        ("ISTIO_METAJSON_BROKEN", "{not json"),
         ("PATH", "/bin"),
     ]
     .map(|(k, v)| (k.to_string(), v.to_string()));
@@ -264,6 +266,20 @@ fn node_and_headers_from_the_configuration() {
     assert_eq!(get("NODE_NAME"), "node-1");
     assert_eq!(get("CLUSTER_ID"), "east");
     assert!(!md.contains_key("PATH"));
+    assert!(!md.contains_key("BROKEN"), "invalid JSON is left out");
+    match md.get("LABELS").and_then(|v| v.kind.clone()) {
+        Some(prost_types::value::Kind::StructValue(st)) => {
+            assert_eq!(
+                st.fields["app"].kind,
+                Some(prost_types::value::Kind::StringValue("ztunnel".into()))
+            );
+            assert_eq!(
+                st.fields["n"].kind,
+                Some(prost_types::value::Kind::NumberValue(2.0))
+            );
+        }
+        other => panic!("LABELS: {other:?}"),
+    }
     assert_eq!(o.headers, [("x-tenant".to_string(), "blue".to_string())]);
     assert!(super::client::parse_address("http://istiod:15012").is_err());
     assert!(super::client::parse_address("istiod:15012").is_ok());
