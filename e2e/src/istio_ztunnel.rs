@@ -90,6 +90,11 @@ pub fn find() -> Result<IstioZtunnel, String> {
     Ok(found)
 }
 
+/// [`find`] for a test: the build, or `None` after printing why the test is skipped.
+pub fn find_or_skip() -> Option<IstioZtunnel> {
+    find().map_err(|why| eprintln!("skipped: {why}")).ok()
+}
+
 /// Panics unless Istio's ztunnel `log` has an outbound and an inbound access line for a
 /// connection from `src` to `dst` (SPIFFE identities) carried over HBONE to `hbone`
 /// (`<ip>:15008`).

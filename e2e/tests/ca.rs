@@ -325,17 +325,6 @@ async fn issuance_and_refusals_with_token_review_and_node_authorization() {
 }
 
 /// Reads an HTTP response from `addr` `path`.
-async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.ok()?;
-    Some(out)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_agent_ca_binary_serves_readiness_metrics_and_certificates() {
     let bin = e2e::bin_path("node-agent");
@@ -374,7 +363,7 @@ async fn node_agent_ca_binary_serves_readiness_metrics_and_certificates() {
         let ready_addr: SocketAddr = format!("127.0.0.1:{ready}").parse().unwrap();
         let (mut exited, mut ready_seen) = (false, false);
         for _ in 0..200 {
-            if http_get(ready_addr, "/readyz")
+            if e2e::http::get(ready_addr, "/readyz")
                 .await
                 .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
             {
@@ -439,7 +428,7 @@ async fn node_agent_ca_binary_serves_readiness_metrics_and_certificates() {
     .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 
-    let m = http_get(format!("127.0.0.1:{metrics}").parse().unwrap(), "/metrics")
+    let m = e2e::http::get(format!("127.0.0.1:{metrics}").parse().unwrap(), "/metrics")
         .await
         .unwrap();
     assert!(
@@ -471,12 +460,8 @@ static ISTIO_IN_ROOT_NETNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_n
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istios_ztunnel_gets_its_certificate_from_the_built_in_ca() {
     let _root_netns_ports = ISTIO_IN_ROOT_NETNS.lock().await;
-    let istio = match e2e::istio_ztunnel::find() {
-        Ok(found) => found,
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return;
-        }
+    let Some(istio) = e2e::istio_ztunnel::find_or_skip() else {
+        return;
     };
     let api = ApiServer::start().unwrap();
     populate(&api);
@@ -540,7 +525,9 @@ async fn istios_ztunnel_gets_its_certificate_from_the_built_in_ca() {
                 .status()
                 .await;
         }
-        dump = http_get(admin, "/config_dump").await.unwrap_or_default();
+        dump = e2e::http::get(admin, "/config_dump")
+            .await
+            .unwrap_or_default();
         if dump.contains(&web) && dump.contains("Available") {
             break;
         }
@@ -595,12 +582,8 @@ async fn istios_ztunnel_serves_agent_enrolled_pods_with_certificates_from_the_bu
         eprintln!("skipped: needs root to create network namespaces");
         return;
     }
-    let istio = match e2e::istio_ztunnel::find() {
-        Ok(found) => found,
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return;
-        }
+    let Some(istio) = e2e::istio_ztunnel::find_or_skip() else {
+        return;
     };
     let api = ApiServer::start().unwrap();
     populate(&api);
@@ -671,7 +654,7 @@ async fn istios_ztunnel_serves_agent_enrolled_pods_with_certificates_from_the_bu
     // Ready once connected to the agent's ZDS socket and given its (empty) snapshot.
     let ready: SocketAddr = "127.0.0.1:15021".parse().unwrap();
     let mut attempts = 0;
-    while !http_get(ready, "/healthz/ready")
+    while !e2e::http::get(ready, "/healthz/ready")
         .await
         .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
     {

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use e2e::apiserver::resources::AUTHORIZATION_POLICY;
 use e2e::apiserver::{ApiServer, ApiServerHandle};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ztunnel::policy::Request;
 use ztunnel::policy::matching::PeerIdentity;
 use ztunnel::state::Store;
@@ -171,16 +170,6 @@ fn plaintext_allowed(store: &Store, dst: &str, port: u16) -> Option<bool> {
 }
 
 /// GET `path` from ztunnel's admin endpoint.
-async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_changes_reach_the_store_routing_policies_and_config_dump() {
     let c = start(ApiServer::start().unwrap()).await;
@@ -234,13 +223,16 @@ async fn api_changes_reach_the_store_routing_policies_and_config_dump() {
     });
     let stop = tokio_util::sync::CancellationToken::new();
     let addrs = ztunnel::admin::start(state, stop.clone()).await.unwrap();
-    let dump = admin_get(addrs.admin, "/config_dump").await;
+    let dump = e2e::http::get(addrs.admin, "/config_dump")
+        .await
+        .expect("admin endpoint answers");
     assert!(dump.starts_with("HTTP/1.1 200"), "{dump}");
     assert!(dump.contains("Kubernetes//v1/Pod/app/web-1"), "{dump}");
     assert!(dump.contains("web.app.svc.cluster.local"), "{dump}");
     assert!(
-        admin_get(addrs.readiness, "/healthz/ready")
+        e2e::http::get(addrs.readiness, "/healthz/ready")
             .await
+            .expect("readiness endpoint answers")
             .starts_with("HTTP/1.1 200")
     );
 
@@ -273,7 +265,9 @@ async fn api_changes_reach_the_store_routing_policies_and_config_dump() {
     })
     .await;
     assert_eq!(allowed(&c.store, "10.244.0.12", 8081), Some(true));
-    let dump = admin_get(addrs.admin, "/config_dump").await;
+    let dump = e2e::http::get(addrs.admin, "/config_dump")
+        .await
+        .expect("admin endpoint answers");
     assert!(dump.contains("deny-8080"), "{dump}");
     // Relabelled pod: no longer selected.
     c.api
@@ -654,69 +648,33 @@ async fn mesh_wide_strict_peer_authentication_refuses_plaintext_until_deleted() 
 /// through the API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ztunnel_binary_with_kubernetes_discovery_dumps_cluster_state() {
-    let bin = e2e::bin_path("ztunnel");
     let api = ApiServer::start().unwrap();
     api.create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "app"}}))
         .unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let kubeconfig = tmp.path().join("kubeconfig");
+    let dir = e2e::local_ztunnel::LocalZtunnel::scratch();
+    let kubeconfig = dir.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
-    let (cert, key) = node_agent::ca::authority::testing::generate_root("zt root");
-    std::fs::write(tmp.path().join("root.pem"), &cert).unwrap();
-    std::fs::write(tmp.path().join("root.key"), &key).unwrap();
-    let (admin, stats, ready) = (e2e::free_port(), e2e::free_port(), e2e::free_port());
-    let log_path = tmp.path().join("ztunnel.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = tokio::process::Command::new(bin)
-        .arg("proxy")
-        .env_clear()
-        .env("KUBECONFIG", &kubeconfig)
-        .env("KUBERNETES_DISCOVERY", "true")
-        .env("INPOD_UDS", tmp.path().join("ztunnel.sock"))
-        .env("CA_ROOT_CERT", tmp.path().join("root.pem"))
-        .env("CA_ROOT_KEY", tmp.path().join("root.key"))
-        .env("ADMIN_ADDR", format!("127.0.0.1:{admin}"))
-        .env("STATS_ADDR", format!("127.0.0.1:{stats}"))
-        .env("READINESS_ADDR", format!("127.0.0.1:{ready}"))
-        .env("RUST_LOG", "info")
-        .kill_on_drop(true)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut zt = e2e::local_ztunnel::LocalZtunnel::spawn(
+        dir,
+        &[
+            ("KUBECONFIG", kubeconfig.display().to_string()),
+            ("KUBERNETES_DISCOVERY", "true".into()),
+        ],
+    );
     api.create(json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": "node-1", "labels": {"topology.kubernetes.io/zone": "zone-q"}}}))
         .unwrap();
     make_pod(&api, "web-1", "10.244.3.1", json!({"app": "web"}), true);
-    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
-    let start = Instant::now();
-    loop {
-        let dump = admin_get_opt(admin_addr, "/config_dump").await;
-        if dump.as_deref().is_some_and(|d| {
-            d.contains("Kubernetes//v1/Pod/app/web-1")
-                && d.contains("10.244.3.1")
-                && d.contains("zone-q")
-        }) {
-            break;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!(
-                "ztunnel exited ({status}):\n{}",
-                std::fs::read_to_string(&log_path).unwrap_or_default()
-            );
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "web-1 never appeared in /config_dump; last: {dump:?}\nlog:\n{}",
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    zt.dump_until("web-1 with its node's zone", |d| {
+        d.contains("Kubernetes//v1/Pod/app/web-1")
+            && d.contains("10.244.3.1")
+            && d.contains("zone-q")
+    })
+    .await;
     // Not ready: discovery syncs, but there is no node agent (in-pod snapshot).
-    let ready_addr: std::net::SocketAddr = format!("127.0.0.1:{ready}").parse().unwrap();
     let start = Instant::now();
     loop {
-        let readiness = admin_get_opt(ready_addr, "/healthz/ready").await.unwrap();
+        let readiness = zt.readiness().await;
         assert!(!readiness.starts_with("HTTP/1.1 200"), "{readiness}");
         if !readiness.contains("Kubernetes discovery synced") {
             assert!(readiness.contains("in-pod"), "{readiness}");
@@ -725,14 +683,4 @@ async fn ztunnel_binary_with_kubernetes_discovery_dumps_cluster_state() {
         assert!(start.elapsed() < Duration::from_secs(10), "{readiness}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-async fn admin_get_opt(addr: std::net::SocketAddr, path: &str) -> Option<String> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.ok()?;
-    Some(out)
 }

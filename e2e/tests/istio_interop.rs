@@ -50,13 +50,10 @@ macro_rules! require {
             eprintln!("skipped: needs root to create network namespaces");
             return;
         }
-        match e2e::istio_ztunnel::find() {
-            Ok(found) => found,
-            Err(why) => {
-                eprintln!("skipped: {why}");
-                return;
-            }
-        }
+        let Some(found) = e2e::istio_ztunnel::find_or_skip() else {
+            return;
+        };
+        found
     }};
 }
 

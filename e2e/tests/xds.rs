@@ -9,23 +9,29 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use e2e::local_ztunnel::LocalZtunnel;
 use e2e::xds_server::{ADDRESS_TYPE, AUTHORIZATION_TYPE, XdsHandle, XdsServer};
 use mesh_proto::security as sec;
 use mesh_proto::workload as wl;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "istio-token-for-ztunnel";
 
-/// A serving certificate for istiod (DNS name and 127.0.0.1) signed by `root`.
-fn istiod_cert(root: &(String, String)) -> (String, String) {
-    let root_key = rcgen::KeyPair::from_pem(&root.1).unwrap();
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&root.0, root_key).unwrap();
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let params =
-        rcgen::CertificateParams::new(vec!["istiod.istio-system.svc".into(), "127.0.0.1".into()])
-            .unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
+/// The istiod double with TLS (a certificate for 127.0.0.1 from a fresh root), the
+/// token [`TOKEN`] required, serving workload `web-1` at `web_ip`, the `web` service and
+/// the DENY policy; the root's certificate (PEM) for the clients.
+fn istiod(web_ip: [u8; 4]) -> (XdsHandle, String) {
+    let (root, root_key) = node_agent::ca::authority::testing::generate_root("istiod root");
+    let (cert, key) = e2e::xds_server::serving_cert(&root, &root_key, &["127.0.0.1".into()])
+        .expect("istiod serving certificate");
+    let xds = XdsServer::new()
+        .tls(cert, key)
+        .require_token(TOKEN)
+        .start("127.0.0.1:0".parse().unwrap())
+        .unwrap();
+    xds.set_workload(workload("web-1", web_ip));
+    xds.set_service(service());
+    xds.set_authorization(deny_policy());
+    (xds, root)
 }
 
 fn workload(name: &str, ip: [u8; 4]) -> wl::Workload {
@@ -73,139 +79,43 @@ fn service() -> wl::Service {
 }
 
 fn deny_policy() -> sec::Authorization {
-    sec::Authorization {
-        name: "deny-from-legacy".into(),
-        namespace: "app".into(),
-        scope: sec::Scope::Namespace as i32,
-        action: sec::Action::Deny as i32,
-        rules: vec![sec::Rule {
-            clauses: vec![sec::Clause {
-                matches: vec![sec::Match {
-                    namespaces: vec![sec::StringMatch {
-                        match_type: Some(sec::string_match::MatchType::Exact("legacy".into())),
-                    }],
-                    ..Default::default()
-                }],
-            }],
-        }],
-        dry_run: false,
-    }
+    e2e::xds_server::deny_principal("app", "deny-from-legacy", "cluster.local/ns/legacy/sa/old")
 }
 
-struct Ztunnel {
-    child: tokio::process::Child,
-    admin: SocketAddr,
-    stats: SocketAddr,
-    ready: SocketAddr,
-    log: std::path::PathBuf,
-    _tmp: tempfile::TempDir,
-}
-
-impl Ztunnel {
-    /// The ztunnel binary with `XDS_ADDRESS` pointing at `xds`, its token file holding
-    /// `token`, istiod's root in `ROOT_CA_PATH` and certificates from a local CA.
-    fn start(xds: &XdsHandle, istiod_root: &str, token: &str) -> Ztunnel {
-        let tmp = tempfile::tempdir().unwrap();
-        let (ca_cert, ca_key) = node_agent::ca::authority::testing::generate_root("zt root");
-        std::fs::write(tmp.path().join("ca.pem"), &ca_cert).unwrap();
-        std::fs::write(tmp.path().join("ca.key"), &ca_key).unwrap();
-        std::fs::write(tmp.path().join("istiod-root.pem"), istiod_root).unwrap();
-        std::fs::write(tmp.path().join("istio-token"), token).unwrap();
-        let (admin, stats, ready) = (e2e::free_port(), e2e::free_port(), e2e::free_port());
-        let log = tmp.path().join("ztunnel.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = tokio::process::Command::new(e2e::bin_path("ztunnel"))
-            .arg("proxy")
-            .env_clear()
-            .env(
+/// The ztunnel binary with `XDS_ADDRESS` pointing at `xds`, its token file holding
+/// `token`, istiod's root in `ROOT_CA_PATH`, and pod facts for its node metadata.
+fn start_ztunnel(xds: &XdsHandle, istiod_root: &str, token: &str) -> LocalZtunnel {
+    let dir = LocalZtunnel::scratch();
+    let (root, token_file) = (
+        dir.path().join("istiod-root.pem"),
+        dir.path().join("istio-token"),
+    );
+    std::fs::write(&root, istiod_root).unwrap();
+    std::fs::write(&token_file, token).unwrap();
+    let path = |p: &std::path::Path| p.display().to_string();
+    LocalZtunnel::spawn(
+        dir,
+        &[
+            (
                 "XDS_ADDRESS",
                 format!("https://127.0.0.1:{}", xds.addr().port()),
-            )
-            .env("ROOT_CA_PATH", tmp.path().join("istiod-root.pem"))
-            .env("CA_TOKEN_PATH", tmp.path().join("istio-token"))
-            .env("CA_ROOT_CERT", tmp.path().join("ca.pem"))
-            .env("CA_ROOT_KEY", tmp.path().join("ca.key"))
-            .env("INPOD_UDS", tmp.path().join("ztunnel.sock"))
-            .env("POD_NAME", "ztunnel-x1")
-            .env("POD_NAMESPACE", "istio-system")
-            .env("INSTANCE_IP", "10.0.0.9")
-            .env("NODE_NAME", "node-1")
-            .env("ISTIO_META_CLUSTER_ID", "east")
-            .env("XDS_HEADER_X_TENANT", "blue")
-            .env("ADMIN_ADDR", format!("127.0.0.1:{admin}"))
-            .env("STATS_ADDR", format!("127.0.0.1:{stats}"))
-            .env("READINESS_ADDR", format!("127.0.0.1:{ready}"))
-            .env("RUST_LOG", "info")
-            .kill_on_drop(true)
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        Ztunnel {
-            child,
-            admin: format!("127.0.0.1:{admin}").parse().unwrap(),
-            stats: format!("127.0.0.1:{stats}").parse().unwrap(),
-            ready: format!("127.0.0.1:{ready}").parse().unwrap(),
-            log,
-            _tmp: tmp,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Polls `/config_dump` until `f` holds.
-    async fn dump_until(&mut self, what: &str, f: impl Fn(&str) -> bool) -> String {
-        let start = Instant::now();
-        loop {
-            let dump = get(self.admin, "/config_dump").await;
-            if let Some(d) = &dump
-                && f(d)
-            {
-                return d.clone();
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("ztunnel exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "timed out waiting for {what}; last dump: {dump:?}\nlog:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn readiness(&self) -> String {
-        get(self.ready, "/healthz/ready").await.unwrap_or_default()
-    }
-}
-
-async fn get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.ok()?;
-    Some(out)
+            ),
+            ("ROOT_CA_PATH", path(&root)),
+            ("CA_TOKEN_PATH", path(&token_file)),
+            ("POD_NAME", "ztunnel-x1".into()),
+            ("POD_NAMESPACE", "istio-system".into()),
+            ("INSTANCE_IP", "10.0.0.9".into()),
+            ("NODE_NAME", "node-1".into()),
+            ("ISTIO_META_CLUSTER_ID", "east".into()),
+            ("XDS_HEADER_X_TENANT", "blue".into()),
+        ],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ztunnel_follows_istiod_over_delta_xds() {
-    let root = node_agent::ca::authority::testing::generate_root("istiod root");
-    let (cert, key) = istiod_cert(&root);
-    let xds = XdsServer::new()
-        .tls(cert, key)
-        .require_token(TOKEN)
-        .start("127.0.0.1:0".parse().unwrap())
-        .unwrap();
-    xds.set_workload(workload("web-1", [10, 244, 5, 1]));
-    xds.set_service(service());
-    xds.set_authorization(deny_policy());
-
-    let mut zt = Ztunnel::start(&xds, &root.0, TOKEN);
+    let (xds, root) = istiod([10, 244, 5, 1]);
+    let mut zt = start_ztunnel(&xds, &root, TOKEN);
     zt.dump_until("istiod's workload, service and policy", |d| {
         d.contains("Kubernetes//v1/Pod/app/web-1")
             && d.contains("10.244.5.1")
@@ -304,7 +214,9 @@ async fn ztunnel_follows_istiod_over_delta_xds() {
     let log = zt.log();
     assert!(log.contains("xDS stream open"), "{log}");
     // Upstream's xDS metrics: responses and bytes per type, the ended stream.
-    let metrics = get(zt.stats, "/metrics").await.unwrap_or_default();
+    let metrics = e2e::http::get(zt.stats, "/metrics")
+        .await
+        .unwrap_or_default();
     let count = |name: &str, labels: &[(&str, &str)]| e2e::prom_text::sum(&metrics, name, labels);
     assert!(
         count("istio_xds_message_total", &[("url", ADDRESS_TYPE)]) >= 4.0,
@@ -327,15 +239,8 @@ async fn ztunnel_follows_istiod_over_delta_xds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_token_is_logged_and_keeps_ztunnel_unready() {
-    let root = node_agent::ca::authority::testing::generate_root("istiod root");
-    let (cert, key) = istiod_cert(&root);
-    let xds = XdsServer::new()
-        .tls(cert, key)
-        .require_token(TOKEN)
-        .start("127.0.0.1:0".parse().unwrap())
-        .unwrap();
-    xds.set_workload(workload("web-1", [10, 244, 6, 1]));
-    let zt = Ztunnel::start(&xds, &root.0, "a-stale-token");
+    let (xds, root) = istiod([10, 244, 6, 1]);
+    let zt = start_ztunnel(&xds, &root, "a-stale-token");
     assert!(
         xds.wait_for(Duration::from_secs(15), |h| !h.rejected_tokens().is_empty())
             .await,
@@ -363,31 +268,17 @@ async fn a_refused_token_is_logged_and_keeps_ztunnel_unready() {
 /// istiod's protocol. Skipped without a build of Istio's ztunnel (`make istio-ztunnel`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istios_ztunnel_accepts_the_double_and_identifies_itself_alike() {
-    let istio = match e2e::istio_ztunnel::find() {
-        Ok(found) => found,
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return;
-        }
+    let Some(istio) = e2e::istio_ztunnel::find_or_skip() else {
+        return;
     };
-    let root = node_agent::ca::authority::testing::generate_root("istiod root");
-    let (cert, key) = istiod_cert(&root);
-    let xds = XdsServer::new()
-        .tls(cert, key)
-        .require_token(TOKEN)
-        .start("127.0.0.1:0".parse().unwrap())
-        .unwrap();
-    xds.set_workload(workload("web-1", [10, 244, 7, 1]));
-    xds.set_service(service());
-    xds.set_authorization(deny_policy());
-
+    let (xds, root) = istiod([10, 244, 7, 1]);
     // Ours first, to compare what each sends.
-    let mut ours = Ztunnel::start(&xds, &root.0, TOKEN);
+    let mut ours = start_ztunnel(&xds, &root, TOKEN);
     ours.dump_until("our ztunnel synced", |d| d.contains("10.244.7.1"))
         .await;
 
     let cwd = tempfile::tempdir().unwrap();
-    let root_path = e2e::istio_ztunnel::write_credentials(cwd.path(), TOKEN, &root.0);
+    let root_path = e2e::istio_ztunnel::write_credentials(cwd.path(), TOKEN, &root);
     let log_path = cwd.path().join("istio-ztunnel.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut child = tokio::process::Command::new(&istio.binary)
@@ -419,7 +310,7 @@ async fn istios_ztunnel_accepts_the_double_and_identifies_itself_alike() {
     let start = Instant::now();
     let mut dump = None;
     while start.elapsed() < Duration::from_secs(30) {
-        dump = get(admin, "/config_dump").await;
+        dump = e2e::http::get(admin, "/config_dump").await;
         if dump.as_deref().is_some_and(|d| {
             d.contains("Kubernetes//v1/Pod/app/web-1")
                 && d.contains("web.app.svc.cluster.local")
@@ -507,16 +398,7 @@ fn istiod_pushes_reach_the_data_path() {
         .bind_host_tcp(0)
         .expect("bind in the underlay");
     let port = listener.local_addr().unwrap().port();
-    let (cert, key) = {
-        let root_key = rcgen::KeyPair::from_pem(&root.1).unwrap();
-        let issuer = rcgen::Issuer::from_ca_cert_pem(&root.0, root_key).unwrap();
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let params = rcgen::CertificateParams::new(vec![host.to_string()]).unwrap();
-        (
-            params.signed_by(&key, &issuer).unwrap().pem(),
-            key.serialize_pem(),
-        )
-    };
+    let (cert, key) = e2e::xds_server::serving_cert(&root.0, &root.1, &[host.to_string()]).unwrap();
     let xds = XdsServer::new()
         .tls(cert, key)
         .require_token(TOKEN)
@@ -577,25 +459,11 @@ fn istiod_pushes_reach_the_data_path() {
     );
 
     // A DENY policy from istiod: the server's ztunnel refuses the client's identity.
-    xds.set_authorization(sec::Authorization {
-        name: "deny-client".into(),
-        namespace: "app".into(),
-        scope: sec::Scope::Namespace as i32,
-        action: sec::Action::Deny as i32,
-        rules: vec![sec::Rule {
-            clauses: vec![sec::Clause {
-                matches: vec![sec::Match {
-                    principals: vec![sec::StringMatch {
-                        match_type: Some(sec::string_match::MatchType::Exact(
-                            "cluster.local/ns/app/sa/client".into(),
-                        )),
-                    }],
-                    ..Default::default()
-                }],
-            }],
-        }],
-        dry_run: false,
-    });
+    xds.set_authorization(e2e::xds_server::deny_principal(
+        "app",
+        "deny-client",
+        "cluster.local/ns/app/sa/client",
+    ));
     wait_until(
         "the pushed DENY policy enforced",
         Duration::from_secs(10),

@@ -276,15 +276,11 @@ impl SimCluster {
         let addr = listener
             .local_addr()
             .map_err(|e| fail("xDS listener")(e.to_string()))?;
-        let (cert, key) = (|| -> Result<(String, String), rcgen::Error> {
-            let issuer = rcgen::Issuer::from_ca_cert_pem(
-                &self.ca_root_pem,
-                rcgen::KeyPair::from_pem(&self.ca_root_key_pem)?,
-            )?;
-            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-            let params = rcgen::CertificateParams::new(vec![addr.ip().to_string()])?;
-            Ok((params.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
-        })()
+        let (cert, key) = crate::xds_server::serving_cert(
+            &self.ca_root_pem,
+            &self.ca_root_key_pem,
+            &[addr.ip().to_string()],
+        )
         .map_err(|e| fail("istiod serving certificate")(e.to_string()))?;
         let handle = crate::xds_server::XdsServer::new()
             .tls(cert, key)

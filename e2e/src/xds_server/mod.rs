@@ -667,5 +667,42 @@ async fn run_stream(
     shared.notify();
 }
 
+/// A serving certificate and key (PEM) for istiod, for `names` (DNS names or IP
+/// addresses), signed by the root `root_cert_pem` / `root_key_pem`.
+pub fn serving_cert(
+    root_cert_pem: &str,
+    root_key_pem: &str,
+    names: &[String],
+) -> Result<(String, String), rcgen::Error> {
+    let issuer =
+        rcgen::Issuer::from_ca_cert_pem(root_cert_pem, rcgen::KeyPair::from_pem(root_key_pem)?)?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let cert = rcgen::CertificateParams::new(names.to_vec())?.signed_by(&key, &issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// A namespace-scoped DENY policy named `<namespace>/<name>` for one principal
+/// (`<trust domain>/ns/<ns>/sa/<sa>`), as istiod converts such an AuthorizationPolicy.
+pub fn deny_principal(namespace: &str, name: &str, principal: &str) -> Authorization {
+    use mesh_proto::security as sec;
+    Authorization {
+        name: name.into(),
+        namespace: namespace.into(),
+        scope: sec::Scope::Namespace as i32,
+        action: sec::Action::Deny as i32,
+        rules: vec![sec::Rule {
+            clauses: vec![sec::Clause {
+                matches: vec![sec::Match {
+                    principals: vec![sec::StringMatch {
+                        match_type: Some(sec::string_match::MatchType::Exact(principal.into())),
+                    }],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        dry_run: false,
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -261,12 +261,9 @@ async fn nack_is_recorded_with_its_message() {
 #[tokio::test]
 async fn serves_tls_and_refuses_other_tokens() {
     let (root_pem, root_key) = node_agent::ca::authority::testing::generate_root("xds root");
-    let root_key = rcgen::KeyPair::from_pem(&root_key).unwrap();
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, root_key).unwrap();
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let params = rcgen::CertificateParams::new(vec!["istiod.istio-system.svc".into()]).unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let xds = XdsServer::new().tls(cert.pem(), key.serialize_pem());
+    let (cert, key) =
+        super::serving_cert(&root_pem, &root_key, &["istiod.istio-system.svc".into()]).unwrap();
+    let xds = XdsServer::new().tls(cert, key);
     let xds = xds.require_token("secret").start(local()).unwrap();
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&root_pem))

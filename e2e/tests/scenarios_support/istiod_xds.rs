@@ -5,7 +5,6 @@
 //! once "istiod" sends its workload, carries traffic over HBONE with both
 //! identities, and enforces a policy istiod pushes.
 
-use mesh_proto::security as sec;
 use mesh_proto::workload as wl;
 
 use e2e::simcluster::ZTUNNEL;
@@ -64,26 +63,11 @@ pub fn s9_istiod_xds(ctx: &Ctx<'_>) {
     // A DENY policy from istiod for the client's identity: the server's ztunnel
     // refuses it (the client sees its connection closed).
     let xds = ctx.sim.xds().expect("xDS double");
-    xds.set_authorization(sec::Authorization {
-        name: "deny-client".into(),
-        namespace: ctx.ns.clone(),
-        scope: sec::Scope::Namespace as i32,
-        action: sec::Action::Deny as i32,
-        rules: vec![sec::Rule {
-            clauses: vec![sec::Clause {
-                matches: vec![sec::Match {
-                    principals: vec![sec::StringMatch {
-                        match_type: Some(sec::string_match::MatchType::Exact(format!(
-                            "cluster.local/ns/{}/sa/client",
-                            ctx.ns
-                        ))),
-                    }],
-                    ..Default::default()
-                }],
-            }],
-        }],
-        dry_run: false,
-    });
+    xds.set_authorization(e2e::xds_server::deny_principal(
+        &ctx.ns,
+        "deny-client",
+        &format!("cluster.local/ns/{}/sa/client", ctx.ns),
+    ));
     ctx.wait(
         "the pushed DENY policy refuses the client",
         10 * SECOND,

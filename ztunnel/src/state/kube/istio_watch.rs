@@ -133,15 +133,20 @@ impl VersionProbe {
     }
 }
 
-/// 404 from the list or watch: the resource is not served at that version.
-pub fn is_not_found(e: &watcher::Error) -> bool {
+/// The API server's HTTP status of a failed list or watch (`None`: not an API answer).
+pub fn status_code(e: &watcher::Error) -> Option<u16> {
     match e {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
         | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
-        watcher::Error::WatchError(s) => s.code == 404,
-        _ => false,
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s.code),
+        watcher::Error::WatchError(s) => Some(s.code),
+        _ => None,
     }
+}
+
+/// 404 from the list or watch: the resource is not served at that version.
+pub fn is_not_found(e: &watcher::Error) -> bool {
+    status_code(e) == Some(404)
 }
 
 type Inner<K> = Pin<Box<dyn Stream<Item = Result<Event<AtVersion<K>>, watcher::Error>> + Send>>;

@@ -238,21 +238,10 @@ where
         .boxed()
 }
 
-/// A `403 Forbidden` from the list or watch.
-fn is_forbidden(e: &watcher::Error) -> bool {
-    match e {
-        watcher::Error::InitialListFailed(kube::Error::Api(s))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 403,
-        watcher::Error::WatchError(s) => s.code == 403,
-        _ => false,
-    }
-}
-
 /// Whether a failed watch of `kind` still lets discovery count as synced: nodes only
 /// give locality, so a role without access to them costs that, not readiness.
 fn sync_without(kind: ObjectKind, e: &watcher::Error) -> bool {
-    kind == ObjectKind::Nodes && is_forbidden(e)
+    kind == ObjectKind::Nodes && istio_watch::status_code(e) == Some(403)
 }
 
 impl KubeDiscovery {
