@@ -81,6 +81,13 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
         "xdsAddress": "istiod.istio-system.svc:15012",
         "ztunnel": {"kubernetesDiscovery": False},
     },
+    "istiod-xds-on-demand": {
+        "ca": {"enabled": False},
+        "xdsAddress": "istiod.istio-system.svc:15012",
+        "xdsOnDemand": True,
+        "ambient": {"dnsCapture": False},
+        "ztunnel": {"kubernetesDiscovery": False},
+    },
     "json-logs-debug": {"logAsJson": True, "logLevel": "debug,ztunnel::proxy=trace"},
     "images-and-scheduling": {
         "hub": "registry.example.com/mesh",
@@ -428,6 +435,12 @@ class SecurityProperties(unittest.TestCase):
         # istiod authenticates the token: ztunnel needs no Kubernetes API access.
         self.assertIsNone(r.find("ClusterRole", "geneva-mesh-ztunnel"))
         self.assertIsNone(r.find("Deployment", "geneva-mesh-ca"))
+
+    def test_istiod_xds_on_demand(self):
+        env = rendered("istiod-xds-on-demand").env("DaemonSet", "ztunnel", "istio-proxy")
+        self.assertEqual(env["XDS_ON_DEMAND"], "true")
+        self.assertEqual(env["ISTIO_META_DNS_CAPTURE"], "false")
+        self.assertNotIn("XDS_ON_DEMAND", rendered("istiod-xds").env("DaemonSet", "ztunnel", "istio-proxy"))
 
     def test_no_discovery_means_no_api_access_for_ztunnel(self):
         r = rendered("no-discovery-local-config")
@@ -787,6 +800,15 @@ class BadValues(unittest.TestCase):
         ({"ztunnel": {"kubernetesDiscovery": False}}, "localConfig"),
         ({"caAddress": "istiod.istio-system.svc:15012"}, "ca.enabled"),
         ({"nodeAgent": {"readyPort": 15014}}, "readyPort"),
+        ({"xdsOnDemand": True}, "xdsAddress too"),
+        (
+            {
+                "xdsOnDemand": True,
+                "xdsAddress": "istiod.istio-system.svc:15012",
+                "ztunnel": {"kubernetesDiscovery": False},
+            },
+            "dnsCapture",
+        ),
     ]
 
     def test_schema_refuses(self):

@@ -73,11 +73,13 @@ pub enum Flavor<'a> {
     OursWithCa { cert: &'a Path, key: &'a Path },
     /// This project's ztunnel, certificates from the test CA, workloads and policies from
     /// istiod's xDS at `address` (`XDS_ADDRESS`; TLS verified against `istiod_root`,
-    /// bearer token from the file `token`) instead of the local config file.
+    /// bearer token from the file `token`) instead of the local config file;
+    /// `on_demand`: `XDS_ON_DEMAND=true` (and the DNS proxy off, which that requires).
     OursFromXds {
         address: &'a str,
         istiod_root: &'a Path,
         token: &'a Path,
+        on_demand: bool,
     },
     /// Istio's own ztunnel, built with `--features testing` (`make istio-ztunnel`): same
     /// config file and capture rules, certificates from its built-in test CA (`FAKE_CA`),
@@ -300,12 +302,17 @@ impl DedicatedMesh {
                 address,
                 istiod_root,
                 token,
+                on_demand,
             } => {
                 cmd.env("CA_ROOT_CERT", ca_file("ec-root.pem"))
                     .env("CA_ROOT_KEY", ca_file("ec-root.key"))
                     .env("XDS_ADDRESS", address)
                     .env("ROOT_CA_PATH", istiod_root)
                     .env("CA_TOKEN_PATH", token);
+                if on_demand {
+                    cmd.env("XDS_ON_DEMAND", "true")
+                        .env("ISTIO_META_DNS_CAPTURE", "false");
+                }
             }
             Flavor::Istio { .. } => {
                 cmd.envs(crate::istio_ztunnel::FAKE_CA_ENV);

@@ -218,6 +218,7 @@ fn ztunnel_client(ca: &RunningCa, token_path: &Path, root_path: &Path) -> IstioC
         extra_headers: vec![],
         connect_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(5),
+        mark: None,
     })
     .unwrap()
 }

@@ -376,19 +376,24 @@ async fn istios_ztunnel_accepts_the_double_and_identifies_itself_alike() {
     child.kill().await.unwrap();
 }
 
-/// The data path with istiod as the only source: two pods with dedicated ztunnels
-/// (capture rules, real netns) get their workloads and a policy over xDS from the
-/// double in the simulated underlay; TCP between them is carried over HBONE with both
-/// identities in the access logs; a DENY policy pushed by "istiod" refuses new
-/// connections, and removing it lets them through again.
-#[test]
-fn istiod_pushes_reach_the_data_path() {
-    use e2e::dedicated_mesh::{DedicatedMesh, EchoServer, Flavor, echo_checked, wait_until};
+/// Two pods with dedicated ztunnels (capture rules, real netns) whose only source is
+/// the istiod double in the simulated underlay, which holds both pods' workloads plus
+/// `extra`; returns the mesh (ztunnels running) and the double.
+fn mesh_from_istiod(
+    tag: &str,
+    on_demand: bool,
+    extra: &[wl::Workload],
+) -> Option<(
+    e2e::dedicated_mesh::DedicatedMesh,
+    XdsHandle,
+    tempfile::TempDir,
+)> {
+    use e2e::dedicated_mesh::{DedicatedMesh, Flavor};
     if !e2e::netsim::can_create_netns() {
         eprintln!("skipped: needs root to create network namespaces");
-        return;
+        return None;
     }
-    let mut mesh = DedicatedMesh::new("xds").expect("mesh");
+    let mut mesh = DedicatedMesh::new(tag).expect("mesh");
     mesh.add_pod("client", "app", "client").unwrap();
     mesh.add_pod("server", "app", "server").unwrap();
     let root = node_agent::ca::authority::testing::generate_root("istiod root");
@@ -417,6 +422,9 @@ fn istiod_pushes_reach_the_data_path() {
             ..Default::default()
         });
     }
+    for w in extra {
+        xds.set_workload(w.clone());
+    }
     let dir = tempfile::tempdir().unwrap();
     let istiod_root = dir.path().join("istiod-root.pem");
     let token = dir.path().join("istio-token");
@@ -430,20 +438,27 @@ fn istiod_pushes_reach_the_data_path() {
                 address: &address,
                 istiod_root: &istiod_root,
                 token: &token,
+                on_demand,
             },
         );
     }
-    let _echo = EchoServer::start(mesh.pod("server").netns(), 8080, None);
-    let dst = std::net::SocketAddr::from((mesh.pod("server").ip(), 8080));
-    let reaches = |mesh: &DedicatedMesh| {
-        mesh.pod("client")
-            .connect(dst)
-            .and_then(|s| echo_checked(s, 64 * 1024))
-            .is_ok()
-    };
-    assert!(reaches(&mesh), "client -> server through both ztunnels");
+    Some((mesh, xds, dir))
+}
+
+/// `client` reaches the echo server in `server` on 8080 through both ztunnels.
+fn reaches(mesh: &e2e::dedicated_mesh::DedicatedMesh) -> bool {
+    let dst = SocketAddr::from((mesh.pod("server").ip(), 8080));
+    mesh.pod("client")
+        .connect(dst)
+        .and_then(|s| e2e::dedicated_mesh::echo_checked(s, 64 * 1024))
+        .is_ok()
+}
+
+/// Waits for both ztunnels' access lines of a client -> server connection naming both
+/// identities (so it was HBONE with mTLS).
+fn wait_for_mtls_access_lines(mesh: &e2e::dedicated_mesh::DedicatedMesh) {
     let (client_id, server_id) = (mesh.pod("client").identity(), mesh.pod("server").identity());
-    wait_until(
+    e2e::dedicated_mesh::wait_until(
         "access lines naming both identities",
         Duration::from_secs(10),
         || {
@@ -457,6 +472,21 @@ fn istiod_pushes_reach_the_data_path() {
                     .is_empty()
         },
     );
+}
+
+/// The data path with istiod as the only source: two pods with dedicated ztunnels get
+/// their workloads and a policy over xDS; TCP between them is carried over HBONE with
+/// both identities in the access logs; a DENY policy pushed by "istiod" refuses new
+/// connections, and removing it lets them through again.
+#[test]
+fn istiod_pushes_reach_the_data_path() {
+    use e2e::dedicated_mesh::{EchoServer, wait_until};
+    let Some((mesh, xds, _dir)) = mesh_from_istiod("xds", false, &[]) else {
+        return;
+    };
+    let _echo = EchoServer::start(mesh.pod("server").netns(), 8080, None);
+    assert!(reaches(&mesh), "client -> server through both ztunnels");
+    wait_for_mtls_access_lines(&mesh);
 
     // A DENY policy from istiod: the server's ztunnel refuses the client's identity.
     xds.set_authorization(e2e::xds_server::deny_principal(
@@ -479,6 +509,80 @@ fn istiod_pushes_reach_the_data_path() {
         "allowed again once the policy is removed",
         Duration::from_secs(10),
         || reaches(&mesh),
+    );
+    mesh.shutdown();
+}
+
+/// `XDS_ON_DEMAND=true`: the ztunnels start with no addresses (ready on the
+/// authorizations alone), and the data path asks istiod for what it meets: the client's
+/// ztunnel for the server's IP (outbound), the server's for its own workload (inbound
+/// target). The connection is HBONE with both identities, as with full pushes, while a
+/// workload nobody connected to is never sent; a non-mesh address is answered as
+/// absent and passes through.
+#[test]
+fn on_demand_lookups_reach_the_data_path() {
+    use e2e::dedicated_mesh::EchoServer;
+    let bystander = workload("bystander", [10, 99, 0, 1]);
+    let Some((mesh, xds, _dir)) = mesh_from_istiod("xdsod", true, &[bystander]) else {
+        return;
+    };
+    let dump = |pod: &str| mesh.pod(pod).admin("/config_dump");
+    let server_uid = mesh.pod("server").uid();
+    assert!(
+        !dump("client").contains(&server_uid),
+        "nothing pushed before a lookup:\n{}",
+        dump("client")
+    );
+    assert!(xds.demanded().is_empty(), "{:?}", xds.demanded());
+
+    let _echo = EchoServer::start(mesh.pod("server").netns(), 8080, None);
+    assert!(reaches(&mesh), "client -> server through both ztunnels");
+    wait_for_mtls_access_lines(&mesh);
+    let server_key = format!("/{}", mesh.pod("server").ip());
+    let demanded = xds.demanded();
+    assert!(
+        demanded.iter().filter(|n| **n == server_key).count() >= 2,
+        "both ztunnels asked for {server_key}: {demanded:?}"
+    );
+    assert!(dump("client").contains(&server_uid));
+    assert!(
+        !dump("client").contains("bystander"),
+        "only what was asked for is held:\n{}",
+        dump("client")
+    );
+
+    // ztunnel's own xDS stream (to the underlay host) left the pod marked 0x539, not
+    // through its outbound proxy (which would have asked istiod about istiod).
+    let istiod_key = format!("/{}", mesh.cluster().host_ip());
+    assert!(
+        !xds.demanded().contains(&istiod_key),
+        "the xDS connection was captured: {:?}",
+        xds.demanded()
+    );
+
+    // An address istiod does not know: answered as removed, so the connection is
+    // passthrough (to a listener in the underlay), not HBONE.
+    let outside = mesh
+        .cluster()
+        .bind_host_tcp(0)
+        .expect("bind in the underlay");
+    let outside_addr = outside.local_addr().unwrap();
+    let accept = std::thread::spawn(move || outside.accept().map(|(s, _)| s));
+    let conn = mesh.pod("client").connect(outside_addr);
+    assert!(conn.is_ok(), "passthrough to {outside_addr}: {conn:?}");
+    assert!(accept.join().unwrap().is_ok());
+    let outside_key = format!("/{}", outside_addr.ip());
+    assert!(
+        xds.demanded().contains(&outside_key),
+        "asked for {outside_key}: {:?}",
+        xds.demanded()
+    );
+    let lines = mesh
+        .pod("client")
+        .log_lines(&["on-demand request not answered in time"]);
+    assert!(
+        lines.is_empty(),
+        "istiod's answers end the waits: {lines:?}"
     );
     mesh.shutdown();
 }

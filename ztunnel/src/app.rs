@@ -184,6 +184,10 @@ pub fn run(mut cfg: Config) -> Result<(), AppError> {
                 crate::state::xds::XdsMetrics::new(registry.sub_registry_with_prefix("istio")),
             )?;
             readiness.add_watch("xDS synced", client.synced());
+            if let Some(demander) = client.on_demand() {
+                tracing::info!("xDS on-demand lookups on (XDS_ON_DEMAND)");
+                store.set_on_demand(demander);
+            }
             Some(client)
         }
         None => None,

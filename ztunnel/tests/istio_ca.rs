@@ -176,6 +176,9 @@ fn client(ca: &TestCa, token_file: &Path, root: &Path, impersonate: bool) -> Arc
             extra_headers: vec![("x-test".into(), "1".into())],
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
+            // As in dedicated mode: the channel's socket marked 0x539 (root here; the
+            // connector is the one dedicated mode uses).
+            mark: nix::unistd::geteuid().is_root().then_some(1337),
         })
         .unwrap(),
     )

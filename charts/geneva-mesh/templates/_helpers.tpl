@@ -82,6 +82,12 @@ does not see the cluster's version: set cniBinDir there.
 {{- if and (not .Values.ztunnel.kubernetesDiscovery) (not .Values.ztunnel.localConfig) (not .Values.xdsAddress) }}
 {{- fail "ztunnel: with kubernetesDiscovery=false ztunnel needs xdsAddress (istiod) or ztunnel.localConfig (it has no other source of workloads)" }}
 {{- end }}
+{{- if and .Values.xdsOnDemand (not .Values.xdsAddress) }}
+{{- fail "xdsOnDemand asks istiod for addresses: set xdsAddress too" }}
+{{- end }}
+{{- if and .Values.xdsOnDemand .Values.ambient.dnsCapture }}
+{{- fail "xdsOnDemand turns ztunnel's DNS proxy off (it needs the full state): set ambient.dnsCapture=false, or pods' DNS would be redirected to a ztunnel that does not answer it" }}
+{{- end }}
 {{- if and .Values.ca.enabled .Values.caAddress }}
 {{- fail "caAddress is set while ca.enabled=true: either use the built-in CA (leave caAddress empty) or an external CA (ca.enabled=false)" }}
 {{- end }}

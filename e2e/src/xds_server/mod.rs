@@ -12,6 +12,12 @@
 //!   `initial_resource_versions`); every subscription request is answered (even
 //!   with an empty response), later changes are pushed as deltas: only the
 //!   resources whose version the client lacks, plus `removed_resources`;
+//! - explicit names select as istiod's on-demand lookup does ([`XdsHandle::demanded`]
+//!   lists them): by resource name or alias (`<network>/<ip>` of a workload's
+//!   addresses or a service's VIPs, sent as the resource's `aliases`), a service
+//!   together with its workloads; a name nothing matches is answered in
+//!   `removed_resources`. Subscribing to `*` and unsubscribing it in one request (what
+//!   on-demand clients do) leaves only the explicit names;
 //! - a resource's version is a counter bumped on every set; changes made in quick
 //!   succession may be coalesced into one response;
 //! - every response has a server-unique nonce; ACKs and NACKs are recorded
@@ -168,33 +174,66 @@ impl XdsHandle {
         self.addr
     }
 
-    /// Adds or replaces a workload (named by its `uid`) and pushes it.
+    /// Adds or replaces a workload (named by its `uid`, aliased `<network>/<ip>` for
+    /// each address, a member of the services its `services` names) and pushes it.
     pub fn set_workload(&self, w: Workload) {
         let name = w.uid.clone();
+        let aliases = w
+            .addresses
+            .iter()
+            .filter_map(|a| alias(&w.network, a))
+            .collect();
+        let services: Vec<String> = w.services.keys().cloned().collect();
         let value = Address {
             r#type: Some(address::Type::Workload(w)),
         };
-        self.put(ADDRESS_TYPE, name, value.encode_to_vec());
+        self.shared.mutate(|st| {
+            for members in st.members.values_mut() {
+                members.remove(&name);
+            }
+            for svc in services {
+                st.members.entry(svc).or_default().insert(name.clone());
+            }
+        });
+        self.put(ADDRESS_TYPE, name, aliases, value.encode_to_vec());
     }
 
-    /// Adds or replaces a service (named `<namespace>/<hostname>`) and pushes it.
+    /// Adds or replaces a service (named `<namespace>/<hostname>`, aliased
+    /// `<network>/<vip>` for each VIP) and pushes it.
     pub fn set_service(&self, s: Service) {
         let name = format!("{}/{}", s.namespace, s.hostname);
+        let aliases = s
+            .addresses
+            .iter()
+            .filter_map(|a| alias(&a.network, &a.address))
+            .collect();
         let value = Address {
             r#type: Some(address::Type::Service(s)),
         };
-        self.put(ADDRESS_TYPE, name, value.encode_to_vec());
+        self.put(ADDRESS_TYPE, name, aliases, value.encode_to_vec());
+    }
+
+    /// Every Address name a client subscribed to explicitly (on-demand lookups), in
+    /// order.
+    pub fn demanded(&self) -> Vec<String> {
+        self.shared.lock().demanded.clone()
     }
 
     /// Removes a workload (uid) or service (`<namespace>/<hostname>`).
     pub fn remove_address(&self, name: &str) {
+        self.shared.mutate(|st| {
+            st.members.remove(name);
+            for members in st.members.values_mut() {
+                members.remove(name);
+            }
+        });
         self.remove_raw(ADDRESS_TYPE, name);
     }
 
     /// Adds or replaces a policy (named `<namespace>/<name>`) and pushes it.
     pub fn set_authorization(&self, a: Authorization) {
         let name = format!("{}/{}", a.namespace, a.name);
-        self.put(AUTHORIZATION_TYPE, name, a.encode_to_vec());
+        self.put(AUTHORIZATION_TYPE, name, Vec::new(), a.encode_to_vec());
     }
 
     /// Removes a policy (`<namespace>/<name>`).
@@ -297,7 +336,7 @@ impl XdsHandle {
         self.runtime.as_ref().expect("runtime present until drop")
     }
 
-    fn put(&self, type_url: &str, name: String, value: Vec<u8>) {
+    fn put(&self, type_url: &str, name: String, aliases: Vec<String>, value: Vec<u8>) {
         let type_url_owned = type_url.to_string();
         let resource = Some(prost_types::Any {
             type_url: type_url_owned,
@@ -307,6 +346,7 @@ impl XdsHandle {
             type_url,
             Resource {
                 name,
+                aliases,
                 resource,
                 ..Default::default()
             },
@@ -349,6 +389,10 @@ struct State {
     acks: Vec<Ack>,
     nodes: Vec<NodeInfo>,
     rejected: Vec<Option<String>>,
+    /// Service name -> uids of its workloads (sent along when a service is asked for).
+    members: HashMap<String, BTreeSet<String>>,
+    /// Address names subscribed explicitly, in order.
+    demanded: Vec<String>,
 }
 
 #[derive(Default)]
@@ -369,9 +413,43 @@ struct Sub {
 }
 
 impl Sub {
-    fn wants(&self, name: &str) -> bool {
-        self.wildcard || self.names.contains(name)
+    /// The resource names this subscription selects besides a wildcard: each explicit
+    /// name matches a resource by name or alias, as istiod's on-demand lookup does, and
+    /// a service brings its workloads. Also the explicit names nothing matches.
+    fn resolve(
+        &self,
+        current: &BTreeMap<String, Resource>,
+        members: &HashMap<String, BTreeSet<String>>,
+    ) -> (BTreeSet<String>, BTreeSet<String>) {
+        let mut selected = BTreeSet::new();
+        let mut unmatched = BTreeSet::new();
+        for n in &self.names {
+            let hits: Vec<&Resource> = current
+                .values()
+                .filter(|r| &r.name == n || r.aliases.contains(n))
+                .collect();
+            if hits.is_empty() {
+                unmatched.insert(n.clone());
+            }
+            for r in hits {
+                selected.insert(r.name.clone());
+                if let Some(m) = members.get(&r.name) {
+                    selected.extend(m.iter().cloned());
+                }
+            }
+        }
+        (selected, unmatched)
     }
+}
+
+/// `<network>/<ip>` for an address in bytes (4 or 16).
+fn alias(network: &str, bytes: &[u8]) -> Option<String> {
+    let ip: std::net::IpAddr = match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok()?.into(),
+        16 => <[u8; 16]>::try_from(bytes).ok()?.into(),
+        _ => return None,
+    };
+    Some(format!("{network}/{ip}"))
 }
 
 impl Shared {
@@ -442,7 +520,12 @@ impl Shared {
         for n in req.resource_names_subscribe {
             match n.as_str() {
                 "*" => sub.wildcard = true,
-                _ => _ = sub.names.insert(n),
+                _ => {
+                    if type_url == ADDRESS_TYPE {
+                        s.demanded.push(n.clone());
+                    }
+                    sub.names.insert(n);
+                }
             }
         }
         for n in req.resource_names_unsubscribe {
@@ -469,24 +552,21 @@ impl State {
     ) -> Option<DeltaDiscoveryResponse> {
         let empty = BTreeMap::new();
         let current = self.resources.get(type_url).unwrap_or(&empty);
+        let (selected, unmatched) = sub.resolve(current, &self.members);
+        let wants = |name: &str| sub.wildcard || selected.contains(name);
         let resources: Vec<Resource> = current
             .values()
-            .filter(|r| sub.wants(&r.name) && sub.known.get(&r.name) != Some(&r.version))
+            .filter(|r| wants(&r.name) && sub.known.get(&r.name) != Some(&r.version))
             .cloned()
             .collect();
         let mut removed: BTreeSet<String> = sub
             .known
             .keys()
-            .filter(|n| !(current.contains_key(*n) && sub.wants(n)))
+            .filter(|n| !(current.contains_key(*n) && wants(n)))
             .cloned()
             .collect();
         if always {
-            removed.extend(
-                sub.names
-                    .iter()
-                    .filter(|n| !current.contains_key(*n))
-                    .cloned(),
-            );
+            removed.extend(unmatched);
         }
         for r in &resources {
             sub.known.insert(r.name.clone(), r.version.clone());

@@ -308,3 +308,63 @@ fn blocking_waits_from_sync_code() {
     client.join().unwrap();
     assert!(xds.wait_for_blocking(T, |h| h.connected() == 0));
 }
+
+#[tokio::test]
+async fn on_demand_names_select_by_alias_and_bring_a_services_workloads() {
+    let xds = XdsServer::new().start(local()).unwrap();
+    let svc_key = "default/a.default.svc.cluster.local";
+    let mut member = workload("uid-1", "a");
+    member.services = [(svc_key.to_string(), Default::default())].into();
+    xds.set_workload(member);
+    let mut other = workload("uid-2", "b");
+    other.addresses = vec![vec![10, 0, 0, 2]];
+    xds.set_workload(other);
+    xds.set_service(Service {
+        namespace: "default".into(),
+        hostname: "a.default.svc.cluster.local".into(),
+        addresses: vec![mesh_proto::workload::NetworkAddress {
+            network: "".into(),
+            address: vec![10, 96, 0, 1],
+        }],
+        ..Default::default()
+    });
+    let mut c = open(plain(xds.addr()).await, None).await.unwrap();
+    // Upstream's on-demand start: subscribe to "*" and unsubscribe it at once.
+    c.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE.into(),
+        resource_names_subscribe: vec!["*".into()],
+        resource_names_unsubscribe: vec!["*".into()],
+        ..Default::default()
+    })
+    .await;
+    let first = c.recv().await;
+    assert!(first.resources.is_empty(), "nothing until asked: {first:?}");
+    let ask = |name: &str| DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE.into(),
+        resource_names_subscribe: vec![name.into()],
+        ..Default::default()
+    };
+    // A workload by its address alias.
+    c.send(ask("/10.0.0.2")).await;
+    let r = c.recv().await;
+    assert_eq!(names(&r), ["uid-2"]);
+    assert_eq!(r.resources[0].aliases, ["/10.0.0.2"]);
+    // A service by its VIP: the service and its workloads.
+    c.send(ask("/10.96.0.1")).await;
+    let r = c.recv().await;
+    assert_eq!(names(&r), [svc_key, "uid-1"]);
+    // Nothing there: answered as removed.
+    c.send(ask("/10.9.9.9")).await;
+    let r = c.recv().await;
+    assert!(r.resources.is_empty());
+    assert_eq!(r.removed_resources, ["/10.9.9.9"]);
+    assert_eq!(xds.demanded(), ["/10.0.0.2", "/10.96.0.1", "/10.9.9.9"]);
+    // Later changes to what was asked for are pushed; the rest is not.
+    let mut moved = workload("uid-2", "b");
+    moved.addresses = vec![vec![10, 0, 0, 2]];
+    moved.service_account = "sa2".into();
+    xds.set_workload(moved);
+    xds.set_workload(workload("uid-3", "c"));
+    let r = c.recv().await;
+    assert_eq!(names(&r), ["uid-2"]);
+}

@@ -176,6 +176,9 @@ pub struct Config {
     /// Unlike upstream, unset means no xDS (this ztunnel's default source is
     /// Kubernetes discovery or a local file); empty also means none, as upstream.
     pub xds_address: Option<String>,
+    /// `XDS_ON_DEMAND`: subscribe to no addresses up front; ask istiod for each
+    /// unknown one when the data path meets it (`state::on_demand`).
+    pub xds_on_demand: bool,
     /// `XDS_ROOT_CA`: PEM root(s) for istiod's serving certificate (default
     /// `ROOT_CA_PATH`).
     pub xds_root_ca: PathBuf,
@@ -557,6 +560,24 @@ impl Config {
                     .into(),
             ));
         }
+        let xds_on_demand = parse_bool("XDS_ON_DEMAND", false)?;
+        if xds_on_demand && xds_address.is_none() {
+            return Err(err(
+                "XDS_ON_DEMAND",
+                "true",
+                "on-demand lookups ask istiod: set XDS_ADDRESS too".into(),
+            ));
+        }
+        if xds_on_demand && parse_bool("ISTIO_META_DNS_CAPTURE", true)? {
+            // As upstream: the DNS proxy answers from the full state, which on-demand
+            // mode never has.
+            return Err(err(
+                "XDS_ON_DEMAND",
+                "true",
+                "the DNS proxy does not support on-demand mode: set ISTIO_META_DNS_CAPTURE=false"
+                    .into(),
+            ));
+        }
         let root_ca_path: PathBuf = get("ROOT_CA_PATH")
             .unwrap_or_else(|| "./var/run/secrets/istio/root-cert.pem".into())
             .into();
@@ -572,6 +593,7 @@ impl Config {
             local_xds_path: get("LOCAL_XDS_PATH").map(PathBuf::from),
             kubernetes_discovery,
             xds_address,
+            xds_on_demand,
             xds_root_ca: get("XDS_ROOT_CA")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| root_ca_path.clone()),

@@ -60,6 +60,36 @@ fn xds_address_is_optional_and_exclusive_with_kubernetes_discovery() {
 }
 
 #[test]
+fn xds_on_demand_needs_xds_and_no_dns_proxy() {
+    assert!(!cfg(&[]).unwrap().xds_on_demand);
+    let istiod = ("XDS_ADDRESS", "istiod.istio-system.svc:15012");
+    let c = cfg(&[
+        istiod,
+        ("XDS_ON_DEMAND", "true"),
+        ("ISTIO_META_DNS_CAPTURE", "false"),
+    ])
+    .unwrap();
+    assert!(c.xds_on_demand);
+    let e = cfg(&[
+        ("XDS_ON_DEMAND", "true"),
+        ("ISTIO_META_DNS_CAPTURE", "false"),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("XDS_ON_DEMAND") && e.contains("XDS_ADDRESS"),
+        "{e}"
+    );
+    let e = cfg(&[istiod, ("XDS_ON_DEMAND", "true")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("XDS_ON_DEMAND") && e.contains("ISTIO_META_DNS_CAPTURE"),
+        "{e}"
+    );
+}
+
+#[test]
 fn drain_ends_before_the_grace_period() {
     let secs = Duration::from_secs;
     let budget = |grace: &str| {

@@ -52,6 +52,8 @@ pub struct IstioCaOptions {
     pub extra_headers: Vec<(String, String)>,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// `SO_MARK` of the channel's sockets ([`super::grpc_channel::control_plane_mark`]).
+    pub mark: Option<u32>,
 }
 
 impl IstioCaOptions {
@@ -77,6 +79,7 @@ impl IstioCaOptions {
             extra_headers,
             connect_timeout: cfg.connect_timeout,
             request_timeout: Duration::from_secs(30),
+            mark: super::grpc_channel::control_plane_mark(cfg),
         }
     }
 }
@@ -209,7 +212,7 @@ impl IstioCaClient {
             .connect_timeout(self.opts.connect_timeout)
             .timeout(self.opts.request_timeout)
             .tcp_nodelay(true);
-        let channel = endpoint.connect_lazy();
+        let channel = super::grpc_channel::connect_lazy(endpoint, self.opts.mark);
         if cached.is_some() {
             tracing::info!(path = %path.display(), "CA trust root changed; reconnecting");
         }
@@ -452,6 +455,7 @@ mod tests {
             extra_headers: vec![],
             connect_timeout: Duration::from_millis(200),
             request_timeout: Duration::from_millis(500),
+            mark: None,
         };
         let req = || CertificateRequest {
             identity: Identity::new("td", "ns", "sa"),

@@ -9,6 +9,7 @@
 //!   when no owner keeps it any more (`owners`: in-pod account holds, the node-wide claim).
 
 pub mod certificate;
+pub mod grpc_channel;
 pub mod istio_ca;
 pub mod local_ca;
 pub mod manager;

@@ -200,6 +200,17 @@ pub(super) async fn handle(
         .as_ref()
         .map(|w| w.network.as_str())
         .unwrap_or("");
+    // XDS_ON_DEMAND: an address the state lacks is asked of istiod before routing.
+    let snap =
+        if ctx.inputs.state.supports_on_demand() && !snap.knows_address(network, orig_dst.ip()) {
+            drop(snap);
+            ctx.inputs
+                .state
+                .snapshot_knowing(network, orig_dst.ip())
+                .await
+        } else {
+            snap
+        };
     let route = resolve(
         &snap,
         src_workload.as_deref(),

@@ -18,6 +18,7 @@
 pub mod file;
 pub mod gateway;
 pub mod kube;
+pub mod on_demand;
 mod service_guess;
 pub mod workload;
 pub mod xds;
@@ -188,6 +189,8 @@ pub struct Store {
     inner: Arc<Mutex<Inner>>,
     current: Arc<ArcSwap<Snapshot>>,
     changes: Arc<watch::Sender<u64>>,
+    /// Set with `XDS_ON_DEMAND` ([`on_demand`]).
+    on_demand: Arc<std::sync::OnceLock<on_demand::OnDemand>>,
 }
 
 impl Default for Store {
@@ -214,6 +217,7 @@ impl Store {
             })),
             current: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
             changes: Arc::new(tx),
+            on_demand: Arc::default(),
         }
     }
 

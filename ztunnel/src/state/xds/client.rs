@@ -24,8 +24,10 @@ use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Uri};
 
 use super::convert::{self, AddressResource};
+use super::demand::Demanded;
 use super::metrics::{Termination, XdsMetrics};
 use super::{XdsError, XdsOptions};
+use crate::state::on_demand::Demand;
 use crate::state::workload::NamespacedHostname;
 use crate::state::{SourceBatch, SourceHandle};
 
@@ -190,10 +192,12 @@ async fn channel(opts: &XdsOptions) -> Result<Channel, XdsError> {
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
-    endpoint.connect().await.map_err(|e| XdsError::Connect {
-        address: opts.address.clone(),
-        reason: error_chain(&e),
-    })
+    crate::identity::grpc_channel::connect(endpoint, opts.mark)
+        .await
+        .map_err(|e| XdsError::Connect {
+            address: opts.address.clone(),
+            reason: error_chain(&e),
+        })
 }
 
 async fn read_root(path: &PathBuf) -> Result<Vec<u8>, XdsError> {
@@ -236,17 +240,32 @@ pub(super) fn termination(result: &Result<(), XdsError>) -> Termination {
     }
 }
 
+/// On-demand mode's state across reconnects: the data path's requests and who waits.
+pub(super) struct OnDemandState {
+    pub requests: mpsc::UnboundedReceiver<Demand>,
+    pub demanded: Demanded,
+}
+
 pub(super) async fn run(
     opts: XdsOptions,
     source: SourceHandle,
     synced: watch::Sender<bool>,
     metrics: XdsMetrics,
+    mut on_demand: Option<OnDemandState>,
 ) {
     let mut tracked = Tracked::default();
     let mut backoff = BACKOFF_START;
     loop {
         let started = Instant::now();
-        let result = stream_once(&opts, &source, &mut tracked, &synced, &metrics).await;
+        let result = stream_once(
+            &opts,
+            &source,
+            &mut tracked,
+            &synced,
+            &metrics,
+            on_demand.as_mut(),
+        )
+        .await;
         let reason = termination(&result);
         metrics.terminated(reason);
         match result {
@@ -269,25 +288,77 @@ pub(super) async fn run(
     }
 }
 
+/// The first request of each type on a new stream: a wildcard subscription, except
+/// for addresses in on-demand mode — subscribed to `*` and unsubscribed in the same
+/// request ("nothing", as upstream), then to every name asked for so far.
+pub(super) fn initial_requests(
+    node: &mesh_proto::xds::Node,
+    tracked: &Tracked,
+    demanded: Option<&Demanded>,
+) -> Vec<DeltaDiscoveryRequest> {
+    let mut out = Vec::new();
+    for type_url in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
+        let mut req = DeltaDiscoveryRequest {
+            node: Some(node.clone()),
+            type_url: type_url.to_string(),
+            initial_resource_versions: tracked.initial_versions(type_url),
+            ..Default::default()
+        };
+        let on_demand = demanded.filter(|_| type_url == ADDRESS_TYPE);
+        if on_demand.is_some() {
+            req.resource_names_subscribe = vec!["*".into()];
+            req.resource_names_unsubscribe = vec!["*".into()];
+        }
+        out.push(req);
+        if let Some(names) = on_demand.map(Demanded::names).filter(|n| !n.is_empty()) {
+            out.push(subscribe(names));
+        }
+    }
+    out
+}
+
+fn subscribe(names: Vec<String>) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE.to_string(),
+        resource_names_subscribe: names,
+        ..Default::default()
+    }
+}
+
+/// The next on-demand request, or never without on-demand mode.
+async fn next_demand(on_demand: &mut Option<&mut OnDemandState>) -> Option<Demand> {
+    match on_demand {
+        Some(od) => od.requests.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn stream_once(
     opts: &XdsOptions,
     source: &SourceHandle,
     tracked: &mut Tracked,
     synced: &watch::Sender<bool>,
     metrics: &XdsMetrics,
+    mut on_demand: Option<&mut OnDemandState>,
 ) -> Result<(), XdsError> {
     let headers = headers(opts)?;
     let channel = channel(opts).await?;
-    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
-    for type_url in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
-        let initial = DeltaDiscoveryRequest {
-            node: Some(opts.node.clone()),
-            type_url: type_url.to_string(),
-            initial_resource_versions: tracked.initial_versions(type_url),
-            ..Default::default()
-        };
-        tx.send(initial).await.map_err(|_| XdsError::Closed)?;
+    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
+    let initial = initial_requests(
+        &opts.node,
+        tracked,
+        on_demand.as_deref().map(|od| &od.demanded),
+    );
+    for req in initial {
+        tx.send(req).await.map_err(|_| XdsError::Closed)?;
     }
+    // Types that must have been answered once before ztunnel is ready: on-demand
+    // addresses are never pushed in full.
+    let expected: &[&str] = if on_demand.is_some() {
+        &[AUTHORIZATION_TYPE]
+    } else {
+        &[ADDRESS_TYPE, AUTHORIZATION_TYPE]
+    };
     let outbound =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
     let mut request = tonic::Request::new(outbound);
@@ -308,7 +379,27 @@ async fn stream_once(
         .into_inner();
     tracing::info!(address = %opts.address, node = %opts.node.id, "xDS stream open");
     let mut received: Vec<String> = Vec::new();
-    while let Some(resp) = responses.message().await.map_err(stream_err)? {
+    loop {
+        let resp = tokio::select! {
+            msg = responses.message() => match msg.map_err(stream_err)? {
+                Some(resp) => resp,
+                None => break,
+            },
+            demand = next_demand(&mut on_demand) => {
+                let Some(demand) = demand else {
+                    // The store (and with it the data path) is gone.
+                    on_demand = None;
+                    continue;
+                };
+                let key = demand.key.clone();
+                let od = on_demand.as_deref_mut().expect("demands come only in on-demand mode");
+                if od.demanded.add(demand) {
+                    tracing::debug!(%key, "on-demand subscription");
+                    tx.send(subscribe(vec![key])).await.map_err(|_| XdsError::Closed)?;
+                }
+                continue;
+            }
+        };
         let bytes: usize = resp
             .resources
             .iter()
@@ -321,6 +412,19 @@ async fn stream_once(
         let src = source.clone();
         if let Err(e) = tokio::task::spawn_blocking(move || src.apply(batch)).await {
             tracing::error!(error = %e, "store update panicked");
+        }
+        // After the store has it: waiters read the store when woken.
+        if let Some(od) = on_demand.as_deref_mut()
+            && resp.type_url == ADDRESS_TYPE
+        {
+            let answered = od.demanded.answered(&resp);
+            if answered > 0 {
+                tracing::debug!(
+                    answered,
+                    still_pending = od.demanded.pending(),
+                    "on-demand requests answered"
+                );
+            }
         }
         let error_detail = (!applied.rejected.is_empty()).then(|| Status {
             code: tonic::Code::InvalidArgument as i32,
@@ -346,12 +450,8 @@ async fn stream_once(
         if !received.contains(&resp.type_url) {
             received.push(resp.type_url.clone());
         }
-        if !*synced.borrow()
-            && [ADDRESS_TYPE, AUTHORIZATION_TYPE]
-                .iter()
-                .all(|t| received.iter().any(|r| r == t))
-        {
-            tracing::info!(address = %opts.address, "xDS synced (workloads, services, authorizations)");
+        if !*synced.borrow() && expected.iter().all(|t| received.iter().any(|r| r == t)) {
+            tracing::info!(address = %opts.address, on_demand = on_demand.is_some(), "xDS synced (workloads, services, authorizations)");
             synced.send_replace(true);
         }
     }

@@ -14,11 +14,17 @@
 //!
 //! [`XdsClient::synced`] turns true once both types have been answered once: until
 //! then policy decisions could be made on partial state, so ztunnel is not ready.
+//!
+//! With `XDS_ON_DEMAND=true` addresses are not subscribed up front (upstream's
+//! subscribe-and-unsubscribe `*`): the data path asks for each unknown address
+//! through [`XdsClient::on_demand`] (`state::on_demand`), and readiness waits only for
+//! the authorizations.
 //! The stream itself ([`client`]) runs on a thread of its own, so decoding a large
 //! push never takes time from a data-plane thread.
 
 pub mod client;
 pub mod convert;
+mod demand;
 pub mod metrics;
 
 use std::path::PathBuf;
@@ -29,6 +35,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::state::SourceHandle;
+use crate::state::on_demand::OnDemand;
 pub use metrics::XdsMetrics;
 
 /// Source name in the store.
@@ -75,7 +82,16 @@ pub struct XdsOptions {
     pub node: Node,
     pub connect_timeout: Duration,
     pub defaults: convert::ConvertDefaults,
+    /// `XDS_ON_DEMAND`.
+    pub on_demand: bool,
+    /// `SO_MARK` of the stream's socket
+    /// ([`control_plane_mark`](crate::identity::grpc_channel::control_plane_mark)).
+    pub mark: Option<u32>,
 }
+
+/// How long the data path waits for istiod to answer an on-demand lookup before it
+/// treats the address as unknown (upstream waits without a bound).
+pub const ON_DEMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl XdsOptions {
     /// From the ztunnel configuration; `env` supplies `XDS_HEADER_*`, `ISTIO_META_*`
@@ -148,6 +164,8 @@ impl XdsOptions {
                 trust_domain: cfg.trust_domain.clone(),
                 cluster_id: cfg.cluster_id.clone(),
             },
+            on_demand: cfg.xds_on_demand,
+            mark: crate::identity::grpc_channel::control_plane_mark(cfg),
         }
     }
 }
@@ -180,6 +198,7 @@ pub enum XdsError {
 /// A running xDS client on a thread of its own; stops when dropped.
 pub struct XdsClient {
     synced: watch::Receiver<bool>,
+    on_demand: Option<OnDemand>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -195,6 +214,16 @@ impl XdsClient {
     ) -> Result<XdsClient, XdsError> {
         client::parse_address(&opts.address)?;
         let (synced_tx, synced) = watch::channel(false);
+        let (on_demand, od_state) = if opts.on_demand {
+            let (demander, requests) = OnDemand::channel(ON_DEMAND_TIMEOUT);
+            let state = client::OnDemandState {
+                requests,
+                demanded: Default::default(),
+            };
+            (Some(demander), Some(state))
+        } else {
+            (None, None)
+        };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -205,7 +234,7 @@ impl XdsClient {
             .spawn(move || {
                 rt.block_on(async move {
                     tokio::select! {
-                        _ = client::run(opts, source, synced_tx, metrics) => {}
+                        _ = client::run(opts, source, synced_tx, metrics, od_state) => {}
                         _ = stop_rx => {}
                     }
                 });
@@ -213,6 +242,7 @@ impl XdsClient {
             .map_err(XdsError::Thread)?;
         Ok(XdsClient {
             synced,
+            on_demand,
             stop: Some(stop_tx),
             thread: Some(thread),
         })
@@ -221,6 +251,12 @@ impl XdsClient {
     /// `true` once workloads/services and authorizations have each been received.
     pub fn synced(&self) -> watch::Receiver<bool> {
         self.synced.clone()
+    }
+
+    /// With `XDS_ON_DEMAND`: the handle the store asks through
+    /// ([`Store::set_on_demand`](crate::state::Store::set_on_demand)).
+    pub fn on_demand(&self) -> Option<OnDemand> {
+        self.on_demand.clone()
     }
 }
 

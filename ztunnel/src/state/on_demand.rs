@@ -1,0 +1,270 @@
+//! On-demand lookups (`XDS_ON_DEMAND=true`): when the data path meets an address the
+//! store does not hold, it asks the source (istiod's xDS) for it and waits, bounded,
+//! for the answer, as upstream's ztunnel does for large meshes where pushing every
+//! workload to every node costs too much.
+//!
+//! Keys are upstream's resource names: `<network>/<ip>` for an address (a workload
+//! or a service VIP), a workload uid, or `<namespace>/<hostname>` for a service.
+//!
+//! ```ignore
+//! let (demander, requests) = OnDemand::channel(Duration::from_secs(5));
+//! store.set_on_demand(demander);              // the data path may now ask
+//! // the source reads `requests`, subscribes, and completes each `Demand` once the
+//! // response (resource or removal) has been applied to the store
+//! let found = store.fetch_on_demand("/10.0.0.7".into(), |s| s.workload_by_ip("", ip).is_some()).await;
+//! ```
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Snapshot, Store};
+
+/// One request from the data path: the key, and where to say it was answered.
+#[derive(Debug)]
+pub struct Demand {
+    pub key: String,
+    pub answered: oneshot::Sender<()>,
+}
+
+/// The data path's side: sends [`Demand`]s to the source.
+#[derive(Debug, Clone)]
+pub struct OnDemand {
+    tx: mpsc::UnboundedSender<Demand>,
+    timeout: Duration,
+}
+
+impl OnDemand {
+    /// A demander whose waits end after `timeout`, and the receiver the source reads.
+    pub fn channel(timeout: Duration) -> (OnDemand, mpsc::UnboundedReceiver<Demand>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (OnDemand { tx, timeout }, rx)
+    }
+}
+
+/// The on-demand key of an address: upstream's `<network>/<ip>`.
+pub fn address_key(network: &str, ip: IpAddr) -> String {
+    format!("{network}/{ip}")
+}
+
+impl Snapshot {
+    /// Whether `ip` on `network` is a workload or a service VIP this snapshot holds.
+    pub fn knows_address(&self, network: &str, ip: IpAddr) -> bool {
+        self.workload_by_ip(network, ip).is_some() || self.service_by_vip(network, ip).is_some()
+    }
+}
+
+impl Store {
+    /// Lets the data path ask `demander`'s source for what the store lacks; set once
+    /// (a second call is ignored).
+    pub fn set_on_demand(&self, demander: OnDemand) {
+        let _ = self.on_demand.set(demander);
+    }
+
+    /// Whether [`Store::fetch_on_demand`] can ask anyone.
+    pub fn supports_on_demand(&self) -> bool {
+        self.on_demand.get().is_some()
+    }
+
+    /// The snapshot to route `ip` with: the current one if it knows the address (or
+    /// there is no on-demand source), else the one after asking for it.
+    pub async fn snapshot_knowing(&self, network: &str, ip: IpAddr) -> Arc<Snapshot> {
+        let snap = self.snapshot();
+        if self.on_demand.get().is_none() || snap.knows_address(network, ip) {
+            return snap;
+        }
+        drop(snap);
+        self.fetch_on_demand(address_key(network, ip), |s| s.knows_address(network, ip))
+            .await;
+        self.snapshot()
+    }
+
+    /// `true` as soon as `found` holds for the current snapshot. Otherwise, with an
+    /// on-demand source, asks it for `key` and waits until the source has answered
+    /// (the resource or its absence), the store changed so that `found` holds, or the
+    /// timeout passed; then reports `found` on the snapshot of that moment. Without
+    /// one, `false` at once.
+    pub async fn fetch_on_demand(&self, key: String, found: impl Fn(&Snapshot) -> bool) -> bool {
+        let Some(demander) = self.on_demand.get() else {
+            return found(&self.snapshot());
+        };
+        let mut changes = self.subscribe();
+        if found(&self.snapshot()) {
+            return true;
+        }
+        let (answered, mut answer) = oneshot::channel();
+        tracing::debug!(%key, "on-demand request");
+        if demander
+            .tx
+            .send(Demand {
+                key: key.clone(),
+                answered,
+            })
+            .is_err()
+        {
+            tracing::warn!(%key, "on-demand source is gone; treating the address as unknown");
+            return false;
+        }
+        let deadline = tokio::time::sleep(demander.timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut answer => break,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    if found(&self.snapshot()) {
+                        return true;
+                    }
+                }
+                _ = &mut deadline => {
+                    tracing::warn!(%key, timeout = ?demander.timeout, "on-demand request not answered in time");
+                    break;
+                }
+            }
+        }
+        let hit = found(&self.snapshot());
+        tracing::debug!(%key, found = hit, "on-demand request answered");
+        hit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::workload::Workload;
+
+    fn workload(uid: &str, ip: &str) -> Workload {
+        let yaml = format!(
+            "workloads:\n- {{uid: {uid}, name: {uid}, namespace: ns, workloadIps: [\"{ip}\"], protocol: HBONE}}\n"
+        );
+        let snap = crate::state::file::test_store(&yaml).snapshot();
+        (**snap.workload_by_uid(uid).unwrap()).clone()
+    }
+
+    fn has(ip: &'static str) -> impl Fn(&Snapshot) -> bool {
+        move |s| s.workload_by_ip("", ip.parse().unwrap()).is_some()
+    }
+
+    #[tokio::test]
+    async fn without_a_source_only_the_snapshot_answers() {
+        let store = Store::new();
+        assert!(!store.supports_on_demand());
+        assert!(
+            !store
+                .fetch_on_demand("/10.0.0.1".into(), has("10.0.0.1"))
+                .await
+        );
+        store
+            .source("file")
+            .upsert_workload(workload("a", "10.0.0.1"));
+        assert!(
+            store
+                .fetch_on_demand("/10.0.0.1".into(), has("10.0.0.1"))
+                .await
+        );
+    }
+
+    #[tokio::test]
+    async fn waits_for_the_source_and_sees_what_it_applied() {
+        let store = Store::new();
+        let (demander, mut requests) = OnDemand::channel(Duration::from_secs(10));
+        store.set_on_demand(demander);
+        let src = store.source("xds");
+        let source = tokio::spawn(async move {
+            let d = requests.recv().await.unwrap();
+            assert_eq!(d.key, "/10.0.0.2");
+            src.upsert_workload(workload("b", "10.0.0.2"));
+            let _ = d.answered.send(());
+            // A second key that does not exist: answered without a resource.
+            let d = requests.recv().await.unwrap();
+            assert_eq!(d.key, "/10.0.0.3");
+            let _ = d.answered.send(());
+        });
+        assert!(
+            store
+                .fetch_on_demand("/10.0.0.2".into(), has("10.0.0.2"))
+                .await
+        );
+        assert!(
+            !store
+                .fetch_on_demand("/10.0.0.3".into(), has("10.0.0.3"))
+                .await
+        );
+        source.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_change_ends_the_wait_before_the_answer() {
+        let store = Store::new();
+        let (demander, mut requests) = OnDemand::channel(Duration::from_secs(30));
+        store.set_on_demand(demander);
+        let src = store.source("xds");
+        let keep = tokio::spawn(async move {
+            let d = requests.recv().await.unwrap();
+            src.upsert_workload(workload("c", "10.0.0.4"));
+            // Never answers: the store change alone must end the wait.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(d);
+        });
+        let t = tokio::time::Instant::now();
+        assert!(
+            store
+                .fetch_on_demand("/10.0.0.4".into(), has("10.0.0.4"))
+                .await
+        );
+        // Virtual time: the 30 s deadline did not pass.
+        assert!(t.elapsed() < Duration::from_secs(30));
+        keep.abort();
+    }
+
+    #[tokio::test]
+    async fn snapshot_knowing_asks_only_for_unknown_addresses() {
+        let store = Store::new();
+        store
+            .source("file")
+            .upsert_workload(workload("known", "10.0.0.6"));
+        let (demander, mut requests) = OnDemand::channel(Duration::from_secs(10));
+        store.set_on_demand(demander);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let snap = store.snapshot_knowing("", ip("10.0.0.6")).await;
+        assert!(snap.knows_address("", ip("10.0.0.6")));
+        assert!(
+            requests.try_recv().is_err(),
+            "a known address is not asked for"
+        );
+        let src = store.source("xds");
+        let answer = tokio::spawn(async move {
+            let d = requests.recv().await.unwrap();
+            assert_eq!(d.key, "net1/10.0.0.7");
+            src.upsert_workload(workload("new", "10.0.0.7"));
+            let _ = d.answered.send(());
+        });
+        // Unknown on network "net1" (the workload above has network ""): asked for.
+        let snap = store.snapshot_knowing("net1", ip("10.0.0.7")).await;
+        answer.await.unwrap();
+        assert!(snap.knows_address("", ip("10.0.0.7")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_request_times_out_as_unknown() {
+        let store = Store::new();
+        let (demander, mut requests) = OnDemand::channel(Duration::from_secs(5));
+        store.set_on_demand(demander);
+        let hold = tokio::spawn(async move {
+            let d = requests.recv().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(d);
+        });
+        assert!(
+            !store
+                .fetch_on_demand("/10.0.0.5".into(), has("10.0.0.5"))
+                .await
+        );
+        hold.abort();
+    }
+}
