@@ -538,6 +538,14 @@ fn on_demand_lookups_reach_the_data_path() {
     let _echo = EchoServer::start(mesh.pod("server").netns(), 8080, None);
     assert!(reaches(&mesh), "client -> server through both ztunnels");
     wait_for_mtls_access_lines(&mesh);
+    assert!(
+        !mesh
+            .pod("client")
+            .log_lines(&["direction=\"outbound\"", "src.workload=\"client\""])
+            .is_empty(),
+        "the client's own workload, asked for by its address, names the source:\n{}",
+        mesh.pod("client").log()
+    );
     let server_key = format!("/{}", mesh.pod("server").ip());
     let demanded = xds.demanded();
     assert!(

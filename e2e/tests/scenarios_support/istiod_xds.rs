@@ -100,3 +100,44 @@ pub fn s9_istiod_xds(ctx: &Ctx<'_>) {
     );
     ctx.assert_mtls("client", server, "server", "s9-after-removal");
 }
+
+pub fn s10_istiod_on_demand(ctx: &Ctx<'_>) {
+    let server = client_server(ctx);
+    ctx.label_ambient();
+    push_workload(ctx, "client", "client");
+    push_workload(ctx, "server", "server");
+    for p in ["client", "server"] {
+        ctx.wait_enrolled(p, 5 * SECOND);
+    }
+    let xds = ctx.sim.xds().expect("xDS double");
+    let server_ip = ctx
+        .sim
+        .pod_info(&ctx.ns, "server")
+        .and_then(|(_, i)| i.ip)
+        .unwrap_or_else(|| ctx.fail("server has no IP"));
+    let key = format!("/{server_ip}");
+    if xds.demanded().contains(&key) {
+        ctx.fail(&format!(
+            "{key} asked for before any traffic: {:?}",
+            xds.demanded()
+        ));
+    }
+    ctx.assert_mtls("client", server, "server", "s10-on-demand");
+    // The client's ztunnel asked for the destination, the server's for its target.
+    let asked = xds.demanded().iter().filter(|n| **n == key).count();
+    if asked < 2 {
+        ctx.fail(&format!(
+            "both ztunnels should have asked for {key}: {:?}",
+            xds.demanded()
+        ));
+    }
+    // The client's own workload was asked for by its address: the access line names it.
+    let n1 = ctx.node(1);
+    let line = ctx.access_log_line(&n1, "client", "server");
+    eprintln!("[{}] {n1}: {line}", ctx.ns);
+    if !line.contains("src.workload=\"client\"") {
+        ctx.fail(&format!(
+            "the source workload is not in the access line: {line}"
+        ));
+    }
+}

@@ -179,6 +179,14 @@ pub(super) async fn handle(
         metrics.refused(Direction::Outbound, RefusalReason::bad_request);
         return;
     }
+    // XDS_ON_DEMAND: the source's own workload (telemetry, locality) may not have been
+    // asked for yet; it is asked for by the connection's source address.
+    let snap = if ctx.inputs.state.supports_on_demand() && !snap.knows_address("", peer.ip()) {
+        drop(snap);
+        ctx.inputs.state.snapshot_knowing("", peer.ip()).await
+    } else {
+        snap
+    };
     let src_workload = match &ctx.scope {
         ProxyScope::Workload(_) => ctx.local_workload(&snap).cloned(),
         // The source is a workload of this node, on its own network.
