@@ -16,7 +16,7 @@ use crate::state::on_demand::Demand;
 
 #[derive(Debug, Default)]
 pub(super) struct Demanded {
-    /// Every name asked for: subscribed again after a reconnect.
+    /// Names asked for that resolved: subscribed again after a reconnect.
     names: BTreeSet<String>,
     /// Waiters per name not answered yet.
     pending: HashMap<String, Vec<oneshot::Sender<()>>>,
@@ -42,6 +42,13 @@ impl Demanded {
     pub(super) fn answered(&mut self, resp: &DeltaDiscoveryResponse) -> usize {
         if self.pending.is_empty() {
             return 0;
+        }
+        // An address istiod does not know is not asked for again after a reconnect
+        // (the next connection to it asks anew): keeps `names` to what resolved.
+        for gone in &resp.removed_resources {
+            if self.pending.contains_key(gone) {
+                self.names.remove(gone);
+            }
         }
         let mut hit: Vec<&str> = resp.removed_resources.iter().map(String::as_str).collect();
         for r in &resp.resources {
@@ -114,8 +121,9 @@ mod tests {
         assert!(ra1.try_recv().is_ok() && ra2.try_recv().is_ok());
         assert!(rb.try_recv().is_ok() && rc.try_recv().is_ok());
         assert_eq!(d.pending(), 0);
-        // Names stay subscribed (for reconnects); asking again sends again.
-        assert_eq!(d.names().len(), 3);
+        // Names that resolved stay subscribed (for reconnects), unknown ones do not;
+        // asking again sends again.
+        assert_eq!(d.names(), ["/10.0.0.1", "ns/svc.ns.svc.cluster.local"]);
         let (again, _r) = demand("/10.0.0.1");
         assert!(d.add(again));
         assert_eq!(d.answered(&DeltaDiscoveryResponse::default()), 0);

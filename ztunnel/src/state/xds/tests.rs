@@ -318,3 +318,57 @@ fn stream_ends_are_classified_as_upstream() {
         Termination::ConnectionError
     );
 }
+
+#[test]
+fn on_demand_initial_requests_subscribe_to_nothing_then_to_what_was_asked() {
+    use super::client::initial_requests;
+    use super::demand::Demanded;
+    use crate::state::on_demand::Demand;
+    let node = mesh_proto::xds::Node {
+        id: "ztunnel~10.0.0.9~zt.istio-system~istio-system.svc.cluster.local".into(),
+        ..Default::default()
+    };
+    let mut tracked = Tracked::default();
+    let defaults = ConvertDefaults {
+        trust_domain: "cluster.local".into(),
+        cluster_id: "Kubernetes".into(),
+    };
+    tracked.response(
+        &DeltaDiscoveryResponse {
+            type_url: ADDRESS_TYPE.into(),
+            resources: vec![workload("uid-1", [10, 0, 0, 1])],
+            ..Default::default()
+        },
+        &defaults,
+    );
+
+    // Wildcard mode: one request per type, no names.
+    let reqs = initial_requests(&node, &tracked, None);
+    assert_eq!(reqs.len(), 2);
+    assert!(reqs.iter().all(|r| r.resource_names_subscribe.is_empty()));
+    assert_eq!(reqs[0].initial_resource_versions["uid-1"], "1");
+
+    // On-demand, nothing asked yet: addresses "*" subscribed and unsubscribed at once
+    // (upstream's "nothing"), authorizations still wildcard.
+    let mut demanded = Demanded::default();
+    let reqs = initial_requests(&node, &tracked, Some(&demanded));
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(reqs[0].type_url, ADDRESS_TYPE);
+    assert_eq!(reqs[0].resource_names_subscribe, ["*"]);
+    assert_eq!(reqs[0].resource_names_unsubscribe, ["*"]);
+    assert_eq!(reqs[0].initial_resource_versions["uid-1"], "1");
+    assert_eq!(reqs[1].type_url, AUTHORIZATION_TYPE);
+    assert!(reqs[1].resource_names_subscribe.is_empty());
+
+    // After a reconnect, what was asked for (and resolved) is asked for again.
+    let (answered, _rx) = tokio::sync::oneshot::channel();
+    demanded.add(Demand {
+        key: "/10.0.0.1".into(),
+        answered,
+    });
+    let reqs = initial_requests(&node, &tracked, Some(&demanded));
+    assert_eq!(reqs.len(), 3);
+    assert_eq!(reqs[1].type_url, ADDRESS_TYPE);
+    assert_eq!(reqs[1].resource_names_subscribe, ["/10.0.0.1"]);
+    assert_eq!(reqs[2].type_url, AUTHORIZATION_TYPE);
+}
