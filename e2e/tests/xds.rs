@@ -16,6 +16,9 @@ use mesh_proto::workload as wl;
 
 const TOKEN: &str = "istio-token-for-ztunnel";
 
+/// Istio's ztunnel binds fixed ports (15000, 15001, ...): its tests take turns.
+static ISTIO_PORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The istiod double with TLS (a certificate for 127.0.0.1 from a fresh root), the
 /// token [`TOKEN`] required, serving workload `web-1` at `web_ip`, the `web` service and
 /// the DENY policy; the root's certificate (PEM) for the clients.
@@ -85,6 +88,16 @@ fn deny_policy() -> sec::Authorization {
 /// The ztunnel binary with `XDS_ADDRESS` pointing at `xds`, its token file holding
 /// `token`, istiod's root in `ROOT_CA_PATH`, and pod facts for its node metadata.
 fn start_ztunnel(xds: &XdsHandle, istiod_root: &str, token: &str) -> LocalZtunnel {
+    start_ztunnel_with(xds, istiod_root, token, &[])
+}
+
+/// [`start_ztunnel`] with `extra` variables.
+fn start_ztunnel_with(
+    xds: &XdsHandle,
+    istiod_root: &str,
+    token: &str,
+    extra: &[(&str, String)],
+) -> LocalZtunnel {
     let dir = LocalZtunnel::scratch();
     let (root, token_file) = (
         dir.path().join("istiod-root.pem"),
@@ -108,8 +121,49 @@ fn start_ztunnel(xds: &XdsHandle, istiod_root: &str, token: &str) -> LocalZtunne
             ("NODE_NAME", "node-1".into()),
             ("ISTIO_META_CLUSTER_ID", "east".into()),
             ("XDS_HEADER_X_TENANT", "blue".into()),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().cloned())
+        .collect::<Vec<_>>(),
     )
+}
+
+/// Istio's ztunnel (dedicated mode, its built-in test CA) against `xds`, with the same
+/// pod facts as [`start_ztunnel`] plus `extra`; its log is `<dir>/istio-ztunnel.log`.
+fn spawn_istio(
+    istio: &e2e::istio_ztunnel::IstioZtunnel,
+    xds: &XdsHandle,
+    root: &str,
+    dir: &std::path::Path,
+    extra: &[(&str, String)],
+) -> tokio::process::Child {
+    let root_path = e2e::istio_ztunnel::write_credentials(dir, TOKEN, root);
+    let log = std::fs::File::create(dir.join("istio-ztunnel.log")).unwrap();
+    tokio::process::Command::new(&istio.binary)
+        .arg("proxy")
+        .current_dir(dir)
+        .env_clear()
+        .env("FAKE_CA", "true")
+        .env("CA_ADDRESS", "")
+        .env(
+            "XDS_ADDRESS",
+            format!("https://127.0.0.1:{}", xds.addr().port()),
+        )
+        .env("XDS_ROOT_CA", &root_path)
+        .env("PROXY_MODE", "dedicated")
+        .env("PROXY_WORKLOAD_INFO", "app/web-1/sa-web-1")
+        .env("POD_NAME", "ztunnel-x1")
+        .env("POD_NAMESPACE", "istio-system")
+        .env("INSTANCE_IP", "10.0.0.9")
+        .env("NODE_NAME", "node-1")
+        .env("ISTIO_META_CLUSTER_ID", "east")
+        .env("RUST_LOG", "info")
+        .envs(extra.iter().map(|(k, v)| (k, v)))
+        .kill_on_drop(true)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,6 +325,7 @@ async fn istios_ztunnel_accepts_the_double_and_identifies_itself_alike() {
     let Some(istio) = e2e::istio_ztunnel::find_or_skip() else {
         return;
     };
+    let _turn = ISTIO_PORTS.lock().await;
     let (xds, root) = istiod([10, 244, 7, 1]);
     // Ours first, to compare what each sends.
     let mut ours = start_ztunnel(&xds, &root, TOKEN);
@@ -278,33 +333,8 @@ async fn istios_ztunnel_accepts_the_double_and_identifies_itself_alike() {
         .await;
 
     let cwd = tempfile::tempdir().unwrap();
-    let root_path = e2e::istio_ztunnel::write_credentials(cwd.path(), TOKEN, &root);
     let log_path = cwd.path().join("istio-ztunnel.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = tokio::process::Command::new(&istio.binary)
-        .arg("proxy")
-        .current_dir(cwd.path())
-        .env_clear()
-        .env("FAKE_CA", "true")
-        .env("CA_ADDRESS", "")
-        .env(
-            "XDS_ADDRESS",
-            format!("https://127.0.0.1:{}", xds.addr().port()),
-        )
-        .env("XDS_ROOT_CA", &root_path)
-        .env("PROXY_MODE", "dedicated")
-        .env("PROXY_WORKLOAD_INFO", "app/web-1/sa-web-1")
-        .env("POD_NAME", "ztunnel-x1")
-        .env("POD_NAMESPACE", "istio-system")
-        .env("INSTANCE_IP", "10.0.0.9")
-        .env("NODE_NAME", "node-1")
-        .env("ISTIO_META_CLUSTER_ID", "east")
-        .env("RUST_LOG", "info")
-        .kill_on_drop(true)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_istio(&istio, &xds, &root, cwd.path(), &[]);
     let istio_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
     let start = Instant::now();
@@ -373,6 +403,86 @@ async fn istios_ztunnel_accepts_the_double_and_identifies_itself_alike() {
             mine.metadata, theirs.metadata
         );
     }
+    child.kill().await.unwrap();
+}
+
+/// `XDS_ON_DEMAND=true` in Istio's ztunnel and ours: both start their address
+/// subscription the same way (`*` subscribed and unsubscribed in one request, so
+/// nothing is sent until asked), keep authorizations wildcard, ACK, and hold no
+/// workload. Skipped without a build of Istio's ztunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istios_ztunnel_starts_on_demand_as_ours_does() {
+    let Some(istio) = e2e::istio_ztunnel::find_or_skip() else {
+        return;
+    };
+    let _turn = ISTIO_PORTS.lock().await;
+    let (xds, root) = istiod([10, 244, 7, 1]);
+    let on_demand = [
+        ("XDS_ON_DEMAND", "true".to_string()),
+        ("ISTIO_META_DNS_CAPTURE", "false".to_string()),
+    ];
+    let mut ours = start_ztunnel_with(&xds, &root, TOKEN, &on_demand);
+    let dump = ours
+        .dump_until("our ztunnel holds the policy", |d| {
+            d.contains("deny-from-legacy")
+        })
+        .await;
+    assert!(!dump.contains("10.244.7.1"), "no address pushed: {dump}");
+    let cwd = tempfile::tempdir().unwrap();
+    let mut child = spawn_istio(&istio, &xds, &root, cwd.path(), &on_demand);
+    let acked_both = xds
+        .wait_for(Duration::from_secs(30), |h| {
+            let streams: Vec<u64> = h.nodes().iter().map(|n| n.stream).collect();
+            streams.len() == 2
+                && streams.iter().all(|s| {
+                    h.acks()
+                        .iter()
+                        .any(|a| a.stream == *s && a.type_url == AUTHORIZATION_TYPE)
+                })
+        })
+        .await;
+    let istio_log =
+        std::fs::read_to_string(cwd.path().join("istio-ztunnel.log")).unwrap_or_default();
+    assert!(
+        acked_both,
+        "both ztunnels ACK the authorizations:\n{istio_log}"
+    );
+    let subs = xds.subscriptions();
+    let nodes = xds.nodes();
+    let first = |stream: u64, t: &str| {
+        subs.iter()
+            .find(|s| s.stream == stream && s.type_url == t)
+            .map(|s| (s.subscribe.clone(), s.unsubscribe.clone()))
+    };
+    let (mine, theirs) = (nodes[0].stream, nodes[1].stream);
+    let star = || (vec!["*".to_string()], vec!["*".to_string()]);
+    assert_eq!(
+        first(theirs, ADDRESS_TYPE),
+        Some(star()),
+        "Istio's: {subs:?}"
+    );
+    assert_eq!(
+        first(mine, ADDRESS_TYPE),
+        first(theirs, ADDRESS_TYPE),
+        "{subs:?}"
+    );
+    assert_eq!(
+        first(mine, AUTHORIZATION_TYPE),
+        first(theirs, AUTHORIZATION_TYPE),
+        "{subs:?}"
+    );
+    assert!(
+        !xds.acks().iter().any(|a| a.error.is_some()),
+        "{:?}",
+        xds.acks()
+    );
+    let theirs_dump = e2e::http::get("127.0.0.1:15000".parse().unwrap(), "/config_dump")
+        .await
+        .expect("Istio's ztunnel admin /config_dump");
+    assert!(
+        !theirs_dump.contains("Kubernetes//v1/Pod/app/web-1"),
+        "Istio's ztunnel holds no workload either: {theirs_dump}"
+    );
     child.kill().await.unwrap();
 }
 

@@ -80,6 +80,15 @@ pub struct NodeInfo {
     pub cluster_id: Option<String>,
 }
 
+/// A request that changed a stream's subscription (the first of each type does).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Subscription {
+    pub stream: u64,
+    pub type_url: String,
+    pub subscribe: Vec<String>,
+    pub unsubscribe: Vec<String>,
+}
+
 /// Builder: `XdsServer::new().tls(cert, key).require_token("t").start(addr)`.
 #[derive(Default)]
 pub struct XdsServer {
@@ -211,6 +220,12 @@ impl XdsHandle {
             r#type: Some(address::Type::Service(s)),
         };
         self.put(ADDRESS_TYPE, name, aliases, value.encode_to_vec());
+    }
+
+    /// Every request that subscribed or unsubscribed (or was a stream's first of its
+    /// type), in order.
+    pub fn subscriptions(&self) -> Vec<Subscription> {
+        self.shared.lock().subscriptions.clone()
     }
 
     /// Every Address name a client subscribed to explicitly (on-demand lookups), in
@@ -393,6 +408,7 @@ struct State {
     members: HashMap<String, BTreeSet<String>>,
     /// Address names subscribed explicitly, in order.
     demanded: Vec<String>,
+    subscriptions: Vec<Subscription>,
 }
 
 #[derive(Default)]
@@ -512,6 +528,12 @@ impl Shared {
                 return None;
             }
         }
+        s.subscriptions.push(Subscription {
+            stream: id,
+            type_url: type_url.clone(),
+            subscribe: req.resource_names_subscribe.clone(),
+            unsubscribe: req.resource_names_unsubscribe.clone(),
+        });
         let sub = subs.entry(type_url.clone()).or_insert_with(|| Sub {
             wildcard: req.resource_names_subscribe.is_empty(),
             names: BTreeSet::new(),
