@@ -84,8 +84,9 @@ istio-ztunnel:
 # policy both ways between this ztunnel and Istio's, Istio's ztunnel serving
 # pods that this node agent enrols over ZDS; and (e2e/tests/ca.rs) Istio's
 # ztunnel getting its own and its pods' certificates from the built-in CA; and
-# (e2e/tests/xds.rs) Istio's ztunnel taking the istiod xDS double's resources and
-# identifying itself to it as this ztunnel does. Needs `make
+# (e2e/tests/xds.rs) Istio's ztunnel taking the istiod xDS double's resources,
+# identifying itself to it and starting on-demand subscriptions as this ztunnel
+# does. Needs `make
 # istio-ztunnel` first (or ISTIO_ZTUNNEL + ISTIO_ZTUNNEL_SRC); `make test`
 # skips them without one.
 test-interop: deps
