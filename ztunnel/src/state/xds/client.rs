@@ -1,6 +1,7 @@
 //! The delta ADS stream to istiod and what its responses do to the store.
 //!
-//! One stream, two wildcard subscriptions (workloads+services, authorizations). Each
+//! One stream, two wildcard subscriptions (workloads+services, authorizations; with
+//! `XDS_ON_DEMAND` addresses only by name, as the data path asks: `demand`). Each
 //! response is converted resource by resource: the valid ones are applied to the store
 //! in one batch, the invalid ones are named in a NACK (as upstream: one bad resource
 //! does not hold back the others); otherwise the response is ACKed. Removed names are
