@@ -633,9 +633,11 @@ fn istiod_pushes_reach_the_data_path() {
 fn on_demand_lookups_reach_the_data_path() {
     use e2e::dedicated_mesh::EchoServer;
     let bystander = workload("bystander", [10, 99, 0, 1]);
-    let Some((mesh, xds, _dir)) = mesh_from_istiod("xdsod", true, &[bystander]) else {
+    let Some((mut mesh, xds, _dir)) = mesh_from_istiod("xdsod", true, &[bystander]) else {
         return;
     };
+    // A pod outside the mesh (no ztunnel, unknown to istiod): plaintext to the server.
+    mesh.add_pod("legacy", "other", "legacy").unwrap();
     let dump = |pod: &str| mesh.pod(pod).admin("/config_dump");
     let server_uid = mesh.pod("server").uid();
     assert!(
@@ -646,6 +648,18 @@ fn on_demand_lookups_reach_the_data_path() {
     assert!(xds.demanded().is_empty(), "{:?}", xds.demanded());
 
     let _echo = EchoServer::start(mesh.pod("server").netns(), 8080, None);
+    // First plaintext from outside the mesh: the server's ztunnel (inbound 15006)
+    // asks istiod for the workload it serves before it can admit the connection.
+    let dst = SocketAddr::from((mesh.pod("server").ip(), 8080));
+    let plain = mesh
+        .pod("legacy")
+        .connect(dst)
+        .and_then(|s| e2e::dedicated_mesh::echo_checked(s, 4096));
+    assert!(
+        plain.is_ok(),
+        "plaintext from outside the mesh: {plain:?}\n{}",
+        mesh.pod("server").log()
+    );
     assert!(reaches(&mesh), "client -> server through both ztunnels");
     wait_for_mtls_access_lines(&mesh);
     assert!(

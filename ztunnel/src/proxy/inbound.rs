@@ -68,7 +68,10 @@ pub(super) async fn handle(
             return;
         }
     };
-    let snap = ctx.inputs.state.snapshot();
+    let snap = match &ctx.scope {
+        ProxyScope::Node => ctx.snapshot_serving(local.ip()).await,
+        ProxyScope::Workload(_) => ctx.inputs.state.snapshot(),
+    };
     let local_identity = match &ctx.scope {
         ProxyScope::Workload(_) => ctx.local_identity(&snap),
         ProxyScope::Node => match ctx.served_at(&snap, local.ip()) {

@@ -36,7 +36,7 @@ pub(super) async fn handle(
         metrics.refused(Direction::Inbound, RefusalReason::bad_request);
         return;
     }
-    let snap = ctx.inputs.state.snapshot();
+    let snap = ctx.snapshot_serving(target.ip()).await;
     // The served workload on whichever network it is (a plaintext peer shares it).
     let dst_workload = match ctx.served_at(&snap, target.ip()) {
         Some(w) => w.clone(),

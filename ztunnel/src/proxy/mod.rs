@@ -465,6 +465,18 @@ impl ProxyCtx {
             .find(|w| self.serves(w))
     }
 
+    /// The current snapshot; with `XDS_ON_DEMAND`, after asking istiod for `ip` when no
+    /// served workload is known there (inbound connections to a workload this ztunnel
+    /// has not met yet).
+    async fn snapshot_serving(&self, ip: IpAddr) -> Arc<Snapshot> {
+        let snap = self.inputs.state.snapshot();
+        if !self.inputs.state.supports_on_demand() || self.served_at(&snap, ip).is_some() {
+            return snap;
+        }
+        drop(snap);
+        self.inputs.state.snapshot_knowing("", ip).await
+    }
+
     /// The network inbound lookups use for a connection that reached `local_ip`: the served
     /// workload's (upstream uses the connection's destination network); `""` while the
     /// state does not know it.
