@@ -231,19 +231,11 @@ async fn handle_stream(
         }
     };
     // XDS_ON_DEMAND: the served workload may not have been asked for yet.
-    let snap = if ctx.inputs.state.supports_on_demand()
-        && snap
-            .workload_by_ip(&peer.network, upstream_addr.ip())
-            .is_none()
-    {
-        drop(snap);
-        ctx.inputs
-            .state
-            .snapshot_knowing(&peer.network, upstream_addr.ip())
-            .await
-    } else {
-        snap
-    };
+    let snap = ctx
+        .inputs
+        .state
+        .knowing(snap, &peer.network, upstream_addr.ip())
+        .await;
     let Some(dst_workload) = snap
         .workload_by_ip(&peer.network, upstream_addr.ip())
         .cloned()

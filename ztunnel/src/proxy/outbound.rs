@@ -181,12 +181,7 @@ pub(super) async fn handle(
     }
     // XDS_ON_DEMAND: the source's own workload (telemetry, locality) may not have been
     // asked for yet; it is asked for by the connection's source address.
-    let snap = if ctx.inputs.state.supports_on_demand() && !snap.knows_address("", peer.ip()) {
-        drop(snap);
-        ctx.inputs.state.snapshot_knowing("", peer.ip()).await
-    } else {
-        snap
-    };
+    let snap = ctx.inputs.state.knowing(snap, "", peer.ip()).await;
     let src_workload = match &ctx.scope {
         ProxyScope::Workload(_) => ctx.local_workload(&snap).cloned(),
         // The source is a workload of this node, on its own network.
@@ -209,16 +204,7 @@ pub(super) async fn handle(
         .map(|w| w.network.as_str())
         .unwrap_or("");
     // XDS_ON_DEMAND: an address the state lacks is asked of istiod before routing.
-    let snap =
-        if ctx.inputs.state.supports_on_demand() && !snap.knows_address(network, orig_dst.ip()) {
-            drop(snap);
-            ctx.inputs
-                .state
-                .snapshot_knowing(network, orig_dst.ip())
-                .await
-        } else {
-            snap
-        };
+    let snap = ctx.inputs.state.knowing(snap, network, orig_dst.ip()).await;
     let route = resolve(
         &snap,
         src_workload.as_deref(),

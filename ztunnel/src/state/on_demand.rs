@@ -72,7 +72,13 @@ impl Store {
     /// The snapshot to route `ip` with: the current one if it knows the address (or
     /// there is no on-demand source), else the one after asking for it.
     pub async fn snapshot_knowing(&self, network: &str, ip: IpAddr) -> Arc<Snapshot> {
-        let snap = self.snapshot();
+        self.knowing(self.snapshot(), network, ip).await
+    }
+
+    /// `snap` itself when it knows `ip` on `network` or there is no on-demand source
+    /// (the data path's common case: no second snapshot load); else the snapshot after
+    /// asking for the address.
+    pub async fn knowing(&self, snap: Arc<Snapshot>, network: &str, ip: IpAddr) -> Arc<Snapshot> {
         if self.on_demand.get().is_none() || snap.knows_address(network, ip) {
             return snap;
         }
