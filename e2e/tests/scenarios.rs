@@ -86,17 +86,10 @@ fn s9_ztunnel_learns_from_istiod_over_xds() {
 #[test]
 fn s10_ztunnel_asks_istiod_on_demand() {
     require_harness!();
-    let mut cfg = SimClusterConfig::new("inpods10", RedirectMode::Inpod);
-    cfg.istiod_xds = true;
-    // What the chart's xdsOnDemand=true (with ambient.dnsCapture=false) sets.
-    for (w, k, v) in [
-        (e2e::simcluster::ZTUNNEL, "XDS_ON_DEMAND", "true"),
-        (e2e::simcluster::ZTUNNEL, "ISTIO_META_DNS_CAPTURE", "false"),
-        (e2e::simcluster::NODE_AGENT, "AMBIENT_DNS_CAPTURE", "false"),
-    ] {
-        cfg.env_overrides.push((w.into(), k.into(), v.into()));
-    }
-    let sim = start_with(cfg);
+    let sim = start_with(scenarios_support::istiod_xds::on_demand_config(
+        "inpods10",
+        RedirectMode::Inpod,
+    ));
     let ctx = Ctx::new(&sim, "demo");
     scenarios_support::istiod_xds::s10_istiod_on_demand(&ctx);
 }

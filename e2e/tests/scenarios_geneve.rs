@@ -6,6 +6,8 @@
 //! One two-node cluster (the VM is slow to fill) runs the seven scenarios
 //! one after the other, each in its own namespace; every scenario leaves
 //! the components running (restarted ones are Ready again) for the next.
+//! Then scenario 10 (ztunnel asking istiod on demand) on a second cluster
+//! configured for it.
 //! The primary CNI config is `ptp` + `host-local` (routed pods, as GENEVE
 //! redirection needs). `E2E_SCENARIOS=demo6,demo7` runs a subset.
 
@@ -78,5 +80,19 @@ fn geneve_all_scenarios_on_one_cluster() {
         let ctx = Ctx::new(&sim, ns);
         f(&ctx);
         eprintln!("[{ns}] GENEVE scenario passed in {:?}", t0.elapsed());
+    }
+    // Scenario 10 needs ztunnels configured for istiod on demand: a second cluster.
+    if only
+        .as_deref()
+        .is_none_or(|o| o.split(',').any(|s| s.trim() == "demo10"))
+    {
+        drop(sim);
+        let t0 = Instant::now();
+        let sim = scenarios_support::start_with(scenarios_support::istiod_xds::on_demand_config(
+            "genevod",
+            RedirectMode::Geneve,
+        ));
+        scenarios_support::istiod_xds::s10_istiod_on_demand(&Ctx::new(&sim, "demo10"));
+        eprintln!("[demo10] GENEVE scenario passed in {:?}", t0.elapsed());
     }
 }

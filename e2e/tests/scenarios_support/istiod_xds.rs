@@ -7,7 +7,7 @@
 
 use mesh_proto::workload as wl;
 
-use e2e::simcluster::ZTUNNEL;
+use e2e::simcluster::{NODE_AGENT, RedirectMode, SimClusterConfig, ZTUNNEL};
 
 use super::{Ctx, SECOND, client_server};
 
@@ -99,6 +99,21 @@ pub fn s9_istiod_xds(ctx: &Ctx<'_>) {
         },
     );
     ctx.assert_mtls("client", server, "server", "s9-after-removal");
+}
+
+/// A cluster whose ztunnels learn from the istiod double on demand: what the chart's
+/// `xdsAddress` + `xdsOnDemand=true` (with `ambient.dnsCapture=false`) set.
+pub fn on_demand_config(tag: &str, mode: RedirectMode) -> SimClusterConfig {
+    let mut cfg = SimClusterConfig::new(tag, mode);
+    cfg.istiod_xds = true;
+    for (w, k, v) in [
+        (ZTUNNEL, "XDS_ON_DEMAND", "true"),
+        (ZTUNNEL, "ISTIO_META_DNS_CAPTURE", "false"),
+        (NODE_AGENT, "AMBIENT_DNS_CAPTURE", "false"),
+    ] {
+        cfg.env_overrides.push((w.into(), k.into(), v.into()));
+    }
+    cfg
 }
 
 pub fn s10_istiod_on_demand(ctx: &Ctx<'_>) {
