@@ -345,6 +345,9 @@ async fn stream_once(
     let headers = headers(opts)?;
     let channel = channel(opts).await?;
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
+    if let Some(od) = on_demand.as_deref_mut() {
+        od.demanded.new_stream();
+    }
     let initial = initial_requests(
         &opts.node,
         tracked,

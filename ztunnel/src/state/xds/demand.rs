@@ -7,7 +7,7 @@
 //! in `removed_resources`. Either completes the waiters; they then read the store, which
 //! the response was applied to first.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use mesh_proto::xds::DeltaDiscoveryResponse;
 use tokio::sync::oneshot;
@@ -20,16 +20,33 @@ pub(super) struct Demanded {
     names: BTreeSet<String>,
     /// Waiters per name not answered yet.
     pending: HashMap<String, Vec<oneshot::Sender<()>>>,
+    /// Names istiod answered as unknown on the current stream. They stay subscribed
+    /// there, so istiod pushes them if they appear; asked again meanwhile (every new
+    /// connection to an address outside the mesh), they are answered at once instead
+    /// of costing a round trip each. Bounded; forgotten on reconnect.
+    absent: HashSet<String>,
 }
+
+/// At most this many unknown names are remembered per stream.
+const MAX_ABSENT: usize = 16 * 1024;
 
 impl Demanded {
     /// Records a request; `true` when its name must be sent to istiod (not already
     /// awaiting an answer).
     pub(super) fn add(&mut self, d: Demand) -> bool {
+        if self.absent.contains(&d.key) {
+            let _ = d.answered.send(());
+            return false;
+        }
         self.names.insert(d.key.clone());
         let waiters = self.pending.entry(d.key).or_default();
         waiters.push(d.answered);
         waiters.len() == 1
+    }
+
+    /// A new stream: nothing is known to be absent there yet.
+    pub(super) fn new_stream(&mut self) {
+        self.absent.clear();
     }
 
     /// Every name asked for so far.
@@ -48,6 +65,15 @@ impl Demanded {
         for gone in &resp.removed_resources {
             if self.pending.contains_key(gone) {
                 self.names.remove(gone);
+                if self.absent.len() < MAX_ABSENT {
+                    self.absent.insert(gone.clone());
+                }
+            }
+        }
+        for r in &resp.resources {
+            self.absent.remove(&r.name);
+            for a in &r.aliases {
+                self.absent.remove(a);
             }
         }
         let mut hit: Vec<&str> = resp.removed_resources.iter().map(String::as_str).collect();
@@ -127,5 +153,29 @@ mod tests {
         let (again, _r) = demand("/10.0.0.1");
         assert!(d.add(again));
         assert_eq!(d.answered(&DeltaDiscoveryResponse::default()), 0);
+
+        // An unknown name asked again on the same stream: answered at once, not sent.
+        let (c2, mut rc2) = demand("/10.0.0.9");
+        assert!(!d.add(c2));
+        assert!(rc2.try_recv().is_ok());
+        // Once istiod pushes it (by alias), it is no longer absent.
+        d.answered(&DeltaDiscoveryResponse {
+            resources: vec![Resource {
+                name: "uid-9".into(),
+                aliases: vec!["/10.0.0.9".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let (c3, _rc3) = demand("/10.0.0.9");
+        assert!(d.add(c3), "asked for again once present");
+        // After a reconnect nothing is known absent.
+        d.answered(&DeltaDiscoveryResponse {
+            removed_resources: vec!["/10.0.0.9".into()],
+            ..Default::default()
+        });
+        d.new_stream();
+        let (c4, _rc4) = demand("/10.0.0.9");
+        assert!(d.add(c4));
     }
 }
