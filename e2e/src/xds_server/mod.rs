@@ -196,15 +196,17 @@ impl XdsHandle {
         let value = Address {
             r#type: Some(address::Type::Workload(w)),
         };
-        self.shared.mutate(|st| {
+        let uid = name.clone();
+        let resource = resource(ADDRESS_TYPE, name, aliases, value.encode_to_vec());
+        // One change (one push): the resource and its service memberships together.
+        self.store(ADDRESS_TYPE, resource, move |st| {
             for members in st.members.values_mut() {
-                members.remove(&name);
+                members.remove(&uid);
             }
             for svc in services {
-                st.members.entry(svc).or_default().insert(name.clone());
+                st.members.entry(svc).or_default().insert(uid.clone());
             }
         });
-        self.put(ADDRESS_TYPE, name, aliases, value.encode_to_vec());
     }
 
     /// Adds or replaces a service (named `<namespace>/<hostname>`, aliased
@@ -219,7 +221,10 @@ impl XdsHandle {
         let value = Address {
             r#type: Some(address::Type::Service(s)),
         };
-        self.put(ADDRESS_TYPE, name, aliases, value.encode_to_vec());
+        self.push_raw(
+            ADDRESS_TYPE,
+            resource(ADDRESS_TYPE, name, aliases, value.encode_to_vec()),
+        );
     }
 
     /// Every request that subscribed or unsubscribed (or was a stream's first of its
@@ -248,7 +253,10 @@ impl XdsHandle {
     /// Adds or replaces a policy (named `<namespace>/<name>`) and pushes it.
     pub fn set_authorization(&self, a: Authorization) {
         let name = format!("{}/{}", a.namespace, a.name);
-        self.put(AUTHORIZATION_TYPE, name, Vec::new(), a.encode_to_vec());
+        self.push_raw(
+            AUTHORIZATION_TYPE,
+            resource(AUTHORIZATION_TYPE, name, Vec::new(), a.encode_to_vec()),
+        );
     }
 
     /// Removes a policy (`<namespace>/<name>`).
@@ -258,7 +266,12 @@ impl XdsHandle {
 
     /// Stores `resource` as it is under `type_url` (named by `resource.name`; an
     /// empty version gets a fresh one) and pushes it: for malformed resources.
-    pub fn push_raw(&self, type_url: &str, mut resource: Resource) {
+    pub fn push_raw(&self, type_url: &str, resource: Resource) {
+        self.store(type_url, resource, |_| {});
+    }
+
+    /// Stores `resource` (see [`Self::push_raw`]) and applies `also` in the same change.
+    fn store(&self, type_url: &str, mut resource: Resource, also: impl FnOnce(&mut State)) {
         self.shared.mutate(|s| {
             if resource.version.is_empty() {
                 s.next_version += 1;
@@ -268,6 +281,7 @@ impl XdsHandle {
                 .entry(type_url.to_string())
                 .or_default()
                 .insert(resource.name.clone(), resource);
+            also(s);
         });
     }
 
@@ -349,23 +363,6 @@ impl XdsHandle {
 
     fn runtime(&self) -> &tokio::runtime::Runtime {
         self.runtime.as_ref().expect("runtime present until drop")
-    }
-
-    fn put(&self, type_url: &str, name: String, aliases: Vec<String>, value: Vec<u8>) {
-        let type_url_owned = type_url.to_string();
-        let resource = Some(prost_types::Any {
-            type_url: type_url_owned,
-            value,
-        });
-        self.push_raw(
-            type_url,
-            Resource {
-                name,
-                aliases,
-                resource,
-                ..Default::default()
-            },
-        );
     }
 }
 
@@ -455,6 +452,19 @@ impl Sub {
             }
         }
         (selected, unmatched)
+    }
+}
+
+/// A resource named `name` holding `value` (an encoded `type_url` message).
+fn resource(type_url: &str, name: String, aliases: Vec<String>, value: Vec<u8>) -> Resource {
+    Resource {
+        name,
+        aliases,
+        resource: Some(prost_types::Any {
+            type_url: type_url.to_string(),
+            value,
+        }),
+        ..Default::default()
     }
 }
 

@@ -3,8 +3,9 @@
 //! for the answer, as upstream's ztunnel does for large meshes where pushing every
 //! workload to every node costs too much.
 //!
-//! Keys are upstream's resource names: `<network>/<ip>` for an address (a workload
-//! or a service VIP), a workload uid, or `<namespace>/<hostname>` for a service.
+//! Keys are upstream's resource names; the data path asks by address,
+//! `<network>/<ip>` (a workload or a service VIP; istiod also accepts a workload uid
+//! or `<namespace>/<hostname>`).
 //!
 //! ```ignore
 //! let (demander, requests) = OnDemand::channel(Duration::from_secs(5));
@@ -15,9 +16,8 @@
 //! ```
 
 use std::net::IpAddr;
-use std::time::Duration;
-
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -92,7 +92,7 @@ impl Store {
     /// on-demand source, asks it for `key` and waits until the source has answered
     /// (the resource or its absence), the store changed so that `found` holds, or the
     /// timeout passed; then reports `found` on the snapshot of that moment. Without
-    /// one, `false` at once.
+    /// one, `found` on the current snapshot at once.
     pub async fn fetch_on_demand(&self, key: String, found: impl Fn(&Snapshot) -> bool) -> bool {
         let Some(demander) = self.on_demand.get() else {
             return found(&self.snapshot());
