@@ -280,6 +280,31 @@ fn namespace_primitives() {
         "{err}"
     );
 
+    // A bridge keeps its own MAC when ports join (the kernel would otherwise give it
+    // the lowest port MAC, from the first port on, and pods' ARP entries for the
+    // gateway would go stale whenever a port with a lower one joins).
+    a.add_bridge("br9").unwrap();
+    let mac_of = |ns: &NamedNetns, name: &str| {
+        ns.links()
+            .unwrap()
+            .into_iter()
+            .find(|l| l.name == name)
+            .unwrap_or_else(|| panic!("link {name} in {}", ns.name()))
+            .mac
+    };
+    let bridge_mac = mac_of(&a, "br9");
+    assert_eq!(bridge_mac.len(), 6);
+    for i in 0..4 {
+        let port = format!("p{i}");
+        a.add_veth(&port, &format!("q{i}"), None).unwrap();
+        a.set_controller(&port, "br9").unwrap();
+    }
+    assert_eq!(
+        mac_of(&a, "br9"),
+        bridge_mac,
+        "bridge MAC changed as ports joined"
+    );
+
     // sysctls are per namespace
     a.sysctl_set("net.ipv4.ip_forward", "1").unwrap();
     assert_eq!(a.sysctl_get("net.ipv4.ip_forward").unwrap(), "1");

@@ -25,6 +25,17 @@ pub struct LinkInfo {
     /// Index of the bridge this link is enslaved to.
     pub controller: Option<u32>,
     pub up: bool,
+    /// Hardware address (empty for links without one).
+    pub mac: Vec<u8>,
+}
+
+/// A locally administered unicast MAC derived from the namespace and bridge names.
+fn bridge_mac(netns: &str, bridge: &str) -> [u8; 6] {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (netns, bridge).hash(&mut h);
+    let b = h.finish().to_be_bytes();
+    [0x02, b[0], b[1], b[2], b[3], b[4]]
 }
 
 impl NamedNetns {
@@ -135,10 +146,19 @@ impl NamedNetns {
     }
 
     /// Creates a bridge called `name` (up).
+    ///
+    /// The bridge gets a fixed MAC address of its own, as the bridge CNI plugin gives
+    /// it: otherwise the kernel gives a bridge the lowest MAC of its ports, which
+    /// changes when a port with a lower one is added, and the pods' ARP entries for
+    /// the gateway go stale (their packets to it are dropped until ARP probes again).
     pub fn add_bridge(&self, name: &str) -> Result<()> {
         let n = name.to_string();
+        let mac = bridge_mac(self.name(), name);
         self.netlink(&format!("add bridge {name}"), |h| async move {
-            h.link().add(LinkBridge::new(&n).build()).execute().await
+            h.link()
+                .add(LinkBridge::new(&n).address(mac.to_vec()).build())
+                .execute()
+                .await
         })
     }
 
@@ -284,9 +304,11 @@ fn link_info(m: &LinkMessage) -> LinkInfo {
     let mut name = String::new();
     let mut kind = None;
     let mut controller = None;
+    let mut mac = Vec::new();
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => name = n.clone(),
+            LinkAttribute::Address(a) => mac = a.clone(),
             LinkAttribute::Controller(i) => controller = Some(*i),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
@@ -304,5 +326,6 @@ fn link_info(m: &LinkMessage) -> LinkInfo {
         kind,
         controller,
         up: m.header.flags.contains(LinkFlags::Up),
+        mac,
     }
 }
