@@ -239,6 +239,13 @@ impl XdsHandle {
         self.shared.lock().demanded.clone()
     }
 
+    /// Never answers an explicit subscription to `name` (an on-demand lookup): neither
+    /// the resources it matches nor its absence, as an overloaded istiod.
+    pub fn withhold(&self, name: &str) {
+        self.shared
+            .mutate(|s| _ = s.withheld.insert(name.to_string()));
+    }
+
     /// Removes a workload (uid) or service (`<namespace>/<hostname>`).
     pub fn remove_address(&self, name: &str) {
         self.shared.mutate(|st| {
@@ -406,6 +413,8 @@ struct State {
     /// Address names subscribed explicitly, in order.
     demanded: Vec<String>,
     subscriptions: Vec<Subscription>,
+    /// Explicit names never answered ([`XdsHandle::withhold`]).
+    withheld: BTreeSet<String>,
 }
 
 #[derive(Default)]
@@ -433,10 +442,11 @@ impl Sub {
         &self,
         current: &BTreeMap<String, Resource>,
         members: &HashMap<String, BTreeSet<String>>,
+        withheld: &BTreeSet<String>,
     ) -> (BTreeSet<String>, BTreeSet<String>) {
         let mut selected = BTreeSet::new();
         let mut unmatched = BTreeSet::new();
-        for n in &self.names {
+        for n in self.names.iter().filter(|n| !withheld.contains(*n)) {
             let hits: Vec<&Resource> = current
                 .values()
                 .filter(|r| &r.name == n || r.aliases.contains(n))
@@ -584,7 +594,7 @@ impl State {
     ) -> Option<DeltaDiscoveryResponse> {
         let empty = BTreeMap::new();
         let current = self.resources.get(type_url).unwrap_or(&empty);
-        let (selected, unmatched) = sub.resolve(current, &self.members);
+        let (selected, unmatched) = sub.resolve(current, &self.members, &self.withheld);
         let wants = |name: &str| sub.wildcard || selected.contains(name);
         let resources: Vec<Resource> = current
             .values()

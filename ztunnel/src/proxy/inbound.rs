@@ -34,6 +34,7 @@ use crate::hbone::server::{AcceptError, respond_status, serve, tls_accept};
 use crate::hbone::{H2Stream, copy_tcp_h2};
 use crate::identity::Identity;
 use crate::proxy::sockets::canonical;
+use crate::state::on_demand::Unanswered;
 use crate::state::{Snapshot, Workload};
 use crate::telemetry::{
     ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason, ResponseFlags,
@@ -235,7 +236,8 @@ async fn handle_stream(
         .inputs
         .state
         .knowing(snap, &peer.network, upstream_addr.ip())
-        .await;
+        .await
+        .unwrap_or_else(Unanswered::into_snapshot);
     let Some(dst_workload) = snap
         .workload_by_ip(&peer.network, upstream_addr.ip())
         .cloned()

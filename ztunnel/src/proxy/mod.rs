@@ -41,6 +41,7 @@ use crate::config::{Config, WorkloadInfo};
 use crate::hbone::Pool;
 use crate::hbone::pool::PooledConnectionInfo;
 use crate::identity::{Identity, SecretManager};
+use crate::state::on_demand::Unanswered;
 use crate::state::{Snapshot, Store, Workload};
 use crate::telemetry::{Direction, ProxyMetrics};
 use crate::tls::TrustRoots;
@@ -474,7 +475,13 @@ impl ProxyCtx {
             return snap;
         }
         drop(snap);
-        self.inputs.state.snapshot_knowing("", ip).await
+        // Unanswered: without the workload the connection is refused (no served
+        // workload at the address), as for an unknown one.
+        self.inputs
+            .state
+            .snapshot_knowing("", ip)
+            .await
+            .unwrap_or_else(Unanswered::into_snapshot)
     }
 
     /// The network inbound lookups use for a connection that reached `local_ip`: the served

@@ -11,6 +11,7 @@ use super::{ProxyCtx, ProxyScope};
 use crate::hbone::headers::{self, ConnectRequest};
 use crate::hbone::{self, FailureKind, HboneError, PoolKey};
 use crate::identity::Identity;
+use crate::state::on_demand::Unanswered;
 use crate::state::workload::GatewayAddress;
 use crate::state::{Protocol, Service, Snapshot, Workload};
 use crate::telemetry::{
@@ -181,7 +182,14 @@ pub(super) async fn handle(
     }
     // XDS_ON_DEMAND: the source's own workload (telemetry, locality) may not have been
     // asked for yet; it is asked for by the connection's source address.
-    let snap = ctx.inputs.state.knowing(snap, "", peer.ip()).await;
+    // Unanswered, the source is what the scope can tell without it (in node scope: no
+    // workload, refused below).
+    let snap = ctx
+        .inputs
+        .state
+        .knowing(snap, "", peer.ip())
+        .await
+        .unwrap_or_else(Unanswered::into_snapshot);
     let src_workload = match &ctx.scope {
         ProxyScope::Workload(_) => ctx.local_workload(&snap).cloned(),
         // The source is a workload of this node, on its own network.
@@ -203,16 +211,22 @@ pub(super) async fn handle(
         .as_ref()
         .map(|w| w.network.as_str())
         .unwrap_or("");
-    // XDS_ON_DEMAND: an address the state lacks is asked of istiod before routing.
-    let snap = ctx.inputs.state.knowing(snap, network, orig_dst.ip()).await;
-    let route = resolve(
-        &snap,
-        src_workload.as_deref(),
-        network,
-        orig_dst,
-        ctx.inputs.cfg.ports.hbone,
-    );
-    drop(snap);
+    // XDS_ON_DEMAND: an address the state lacks is asked of istiod before routing. If
+    // istiod does not answer, the connection is refused rather than sent as to an
+    // address outside the mesh (which would be plaintext to what may be a mesh workload).
+    let route = match ctx.inputs.state.knowing(snap, network, orig_dst.ip()).await {
+        Ok(snap) => resolve(
+            &snap,
+            src_workload.as_deref(),
+            network,
+            orig_dst,
+            ctx.inputs.cfg.ports.hbone,
+        ),
+        Err(e) => Route::Unroutable {
+            service: None,
+            reason: e.to_string(),
+        },
+    };
     let src_info = src_workload
         .as_deref()
         .map(PeerInfo::from_workload)

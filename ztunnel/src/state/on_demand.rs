@@ -57,6 +57,35 @@ impl Snapshot {
     }
 }
 
+/// How an on-demand lookup ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// The store holds it (already, or once the source's answer was applied).
+    Found,
+    /// The source answered that it does not know it (or there is no source and the
+    /// store lacks it).
+    Absent,
+    /// The source did not answer in time, or is gone: nobody can say what it is.
+    Unanswered,
+}
+
+/// istiod did not answer about an address in time: routing it as unknown would send a
+/// mesh destination's traffic out of the mesh in plaintext.
+#[derive(Debug, thiserror::Error)]
+#[error("istiod did not answer the on-demand lookup of {key} in time")]
+pub struct Unanswered {
+    pub key: String,
+    /// The store as it is (without the address).
+    pub snapshot: Arc<Snapshot>,
+}
+
+impl Unanswered {
+    /// The snapshot to go on with where an unknown address is refused anyway.
+    pub fn into_snapshot(self) -> Arc<Snapshot> {
+        self.snapshot
+    }
+}
+
 impl Store {
     /// Lets the data path ask `demander`'s source for what the store lacks; set once
     /// (a second call is ignored).
@@ -71,35 +100,58 @@ impl Store {
 
     /// The snapshot to route `ip` with: the current one if it knows the address (or
     /// there is no on-demand source), else the one after asking for it.
-    pub async fn snapshot_knowing(&self, network: &str, ip: IpAddr) -> Arc<Snapshot> {
+    pub async fn snapshot_knowing(
+        &self,
+        network: &str,
+        ip: IpAddr,
+    ) -> Result<Arc<Snapshot>, Unanswered> {
         self.knowing(self.snapshot(), network, ip).await
     }
 
     /// `snap` itself when it knows `ip` on `network` or there is no on-demand source
     /// (the data path's common case: no second snapshot load); else the snapshot after
-    /// asking for the address.
-    pub async fn knowing(&self, snap: Arc<Snapshot>, network: &str, ip: IpAddr) -> Arc<Snapshot> {
+    /// asking for the address — with or without it, as istiod answered — or
+    /// [`Unanswered`] when istiod did not answer in time.
+    pub async fn knowing(
+        &self,
+        snap: Arc<Snapshot>,
+        network: &str,
+        ip: IpAddr,
+    ) -> Result<Arc<Snapshot>, Unanswered> {
         if self.on_demand.get().is_none() || snap.knows_address(network, ip) {
-            return snap;
+            return Ok(snap);
         }
         drop(snap);
-        self.fetch_on_demand(address_key(network, ip), |s| s.knows_address(network, ip))
+        let key = address_key(network, ip);
+        let lookup = self
+            .fetch_on_demand(key.clone(), |s| s.knows_address(network, ip))
             .await;
-        self.snapshot()
+        let snapshot = self.snapshot();
+        match lookup {
+            Lookup::Unanswered => Err(Unanswered { key, snapshot }),
+            Lookup::Found | Lookup::Absent => Ok(snapshot),
+        }
     }
 
-    /// `true` as soon as `found` holds for the current snapshot. Otherwise, with an
-    /// on-demand source, asks it for `key` and waits until the source has answered
-    /// (the resource or its absence), the store changed so that `found` holds, or the
-    /// timeout passed; then reports `found` on the snapshot of that moment. Without
-    /// one, `found` on the current snapshot at once.
-    pub async fn fetch_on_demand(&self, key: String, found: impl Fn(&Snapshot) -> bool) -> bool {
+    /// [`Lookup::Found`] as soon as `found` holds for the current snapshot. Otherwise,
+    /// with an on-demand source, asks it for `key` and waits until the source has
+    /// answered (the resource or its absence), the store changed so that `found`
+    /// holds, or the timeout passed. Without one, `Found` or `Absent` on the current
+    /// snapshot at once.
+    pub async fn fetch_on_demand(&self, key: String, found: impl Fn(&Snapshot) -> bool) -> Lookup {
+        let on_snapshot = |s: &Snapshot| {
+            if found(s) {
+                Lookup::Found
+            } else {
+                Lookup::Absent
+            }
+        };
         let Some(demander) = self.on_demand.get() else {
-            return found(&self.snapshot());
+            return on_snapshot(&self.snapshot());
         };
         let mut changes = self.subscribe();
         if found(&self.snapshot()) {
-            return true;
+            return Lookup::Found;
         }
         let (answered, mut answer) = oneshot::channel();
         tracing::debug!(%key, "on-demand request");
@@ -111,31 +163,37 @@ impl Store {
             })
             .is_err()
         {
-            tracing::warn!(%key, "on-demand source is gone; treating the address as unknown");
-            return false;
+            tracing::warn!(%key, "on-demand source is gone; the address cannot be looked up");
+            return Lookup::Unanswered;
         }
         let deadline = tokio::time::sleep(demander.timeout);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
-                _ = &mut answer => break,
+                answer = &mut answer => {
+                    if answer.is_err() {
+                        tracing::warn!(%key, "on-demand source dropped the request");
+                        return Lookup::Unanswered;
+                    }
+                    break;
+                }
                 changed = changes.changed() => {
                     if changed.is_err() {
                         break;
                     }
                     if found(&self.snapshot()) {
-                        return true;
+                        return Lookup::Found;
                     }
                 }
                 _ = &mut deadline => {
                     tracing::warn!(%key, timeout = ?demander.timeout, "on-demand request not answered in time");
-                    break;
+                    return Lookup::Unanswered;
                 }
             }
         }
-        let hit = found(&self.snapshot());
-        tracing::debug!(%key, found = hit, "on-demand request answered");
-        hit
+        let lookup = on_snapshot(&self.snapshot());
+        tracing::debug!(%key, ?lookup, "on-demand request answered");
+        lookup
     }
 }
 
@@ -160,18 +218,20 @@ mod tests {
     async fn without_a_source_only_the_snapshot_answers() {
         let store = Store::new();
         assert!(!store.supports_on_demand());
-        assert!(
-            !store
+        assert_eq!(
+            store
                 .fetch_on_demand("/10.0.0.1".into(), has("10.0.0.1"))
-                .await
+                .await,
+            Lookup::Absent
         );
         store
             .source("file")
             .upsert_workload(workload("a", "10.0.0.1"));
-        assert!(
+        assert_eq!(
             store
                 .fetch_on_demand("/10.0.0.1".into(), has("10.0.0.1"))
-                .await
+                .await,
+            Lookup::Found
         );
     }
 
@@ -191,15 +251,17 @@ mod tests {
             assert_eq!(d.key, "/10.0.0.3");
             let _ = d.answered.send(());
         });
-        assert!(
+        assert_eq!(
             store
                 .fetch_on_demand("/10.0.0.2".into(), has("10.0.0.2"))
-                .await
+                .await,
+            Lookup::Found
         );
-        assert!(
-            !store
+        assert_eq!(
+            store
                 .fetch_on_demand("/10.0.0.3".into(), has("10.0.0.3"))
-                .await
+                .await,
+            Lookup::Absent
         );
         source.await.unwrap();
     }
@@ -218,10 +280,11 @@ mod tests {
             drop(d);
         });
         let t = tokio::time::Instant::now();
-        assert!(
+        assert_eq!(
             store
                 .fetch_on_demand("/10.0.0.4".into(), has("10.0.0.4"))
-                .await
+                .await,
+            Lookup::Found
         );
         // Virtual time: the 30 s deadline did not pass.
         assert!(t.elapsed() < Duration::from_secs(30));
@@ -237,7 +300,7 @@ mod tests {
         let (demander, mut requests) = OnDemand::channel(Duration::from_secs(10));
         store.set_on_demand(demander);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        let snap = store.snapshot_knowing("", ip("10.0.0.6")).await;
+        let snap = store.snapshot_knowing("", ip("10.0.0.6")).await.unwrap();
         assert!(snap.knows_address("", ip("10.0.0.6")));
         assert!(
             requests.try_recv().is_err(),
@@ -251,26 +314,60 @@ mod tests {
             let _ = d.answered.send(());
         });
         // Unknown on network "net1" (the workload above has network ""): asked for.
-        let snap = store.snapshot_knowing("net1", ip("10.0.0.7")).await;
+        let snap = store
+            .snapshot_knowing("net1", ip("10.0.0.7"))
+            .await
+            .unwrap();
         answer.await.unwrap();
         assert!(snap.knows_address("", ip("10.0.0.7")));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_unanswered_request_times_out_as_unknown() {
+    async fn an_unanswered_request_times_out_as_unanswered() {
         let store = Store::new();
         let (demander, mut requests) = OnDemand::channel(Duration::from_secs(5));
         store.set_on_demand(demander);
         let hold = tokio::spawn(async move {
-            let d = requests.recv().await.unwrap();
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            drop(d);
+            let mut held = Vec::new();
+            while let Some(d) = requests.recv().await {
+                held.push(d);
+            }
         });
-        assert!(
-            !store
+        assert_eq!(
+            store
                 .fetch_on_demand("/10.0.0.5".into(), has("10.0.0.5"))
-                .await
+                .await,
+            Lookup::Unanswered
         );
+        // Routing: not "unknown" (which would be passthrough), but an error naming it.
+        let err = store
+            .snapshot_knowing("", "10.0.0.5".parse().unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(err.key, "/10.0.0.5");
+        assert!(err.to_string().contains("/10.0.0.5"), "{err}");
         hold.abort();
+    }
+
+    #[tokio::test]
+    async fn a_source_that_drops_the_request_is_unanswered() {
+        let store = Store::new();
+        let (demander, mut requests) = OnDemand::channel(Duration::from_secs(3600));
+        store.set_on_demand(demander);
+        let drop_it = tokio::spawn(async move { drop(requests.recv().await) });
+        assert_eq!(
+            store
+                .fetch_on_demand("/10.0.0.8".into(), has("10.0.0.8"))
+                .await,
+            Lookup::Unanswered
+        );
+        drop_it.await.unwrap();
+        // The source gone altogether: not asked, unanswered at once.
+        assert_eq!(
+            store
+                .fetch_on_demand("/10.0.0.8".into(), has("10.0.0.8"))
+                .await,
+            Lookup::Unanswered
+        );
     }
 }

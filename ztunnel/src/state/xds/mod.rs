@@ -90,7 +90,7 @@ pub struct XdsOptions {
 }
 
 /// How long the data path waits for istiod to answer an on-demand lookup before it
-/// treats the address as unknown (upstream waits without a bound).
+/// refuses the connection (upstream waits without a bound).
 pub const ON_DEMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl XdsOptions {
