@@ -17,7 +17,8 @@
 //!   addresses or a service's VIPs, sent as the resource's `aliases`), a service
 //!   together with its workloads; a name nothing matches is answered in
 //!   `removed_resources`. Subscribing to `*` and unsubscribing it in one request (what
-//!   on-demand clients do) leaves only the explicit names;
+//!   on-demand clients do) leaves only the explicit names; a name passed to
+//!   [`XdsHandle::withhold`] is never answered (an overloaded istiod);
 //! - a resource's version is a counter bumped on every set; changes made in quick
 //!   succession may be coalesced into one response;
 //! - every response has a server-unique nonce; ACKs and NACKs are recorded
@@ -33,10 +34,10 @@
 //! [`XdsHandle::wait_for_blocking`] / [`XdsHandle::wait_acked_blocking`] are for
 //! sync code (they panic if called from async code).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -53,6 +54,9 @@ use tonic::transport::{Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
 pub use mesh_proto::xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+
+mod state;
+use state::{Shared, State, alias, resource};
 
 /// An ACK or NACK received from a client.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -379,313 +383,6 @@ impl Drop for XdsHandle {
         if let Some(rt) = self.runtime.take() {
             // Allowed from async contexts too (unlike dropping it).
             rt.shutdown_background();
-        }
-    }
-}
-
-struct Shared {
-    state: Mutex<State>,
-    /// The resources' revision ([`State::rev`]): streams diff on each change.
-    data: watch::Sender<u64>,
-    /// Anything observable changed: wakes [`XdsHandle::wait_for`].
-    events: watch::Sender<()>,
-    /// Bumped by [`XdsHandle::close_streams`].
-    close: watch::Sender<u64>,
-    token: Option<String>,
-}
-
-#[derive(Default)]
-struct State {
-    /// Bumped on every change of `resources`.
-    rev: u64,
-    next_version: u64,
-    next_nonce: u64,
-    next_stream: u64,
-    /// type URL -> name -> resource.
-    resources: BTreeMap<String, BTreeMap<String, Resource>>,
-    /// Open streams: type URL -> where its subscription stands.
-    streams: BTreeMap<u64, HashMap<String, TypeStatus>>,
-    acks: Vec<Ack>,
-    nodes: Vec<NodeInfo>,
-    rejected: Vec<Option<String>>,
-    /// Service name -> uids of its workloads (sent along when a service is asked for).
-    members: HashMap<String, BTreeSet<String>>,
-    /// Address names subscribed explicitly, in order.
-    demanded: Vec<String>,
-    subscriptions: Vec<Subscription>,
-    /// Explicit names never answered ([`XdsHandle::withhold`]).
-    withheld: BTreeSet<String>,
-}
-
-#[derive(Default)]
-struct TypeStatus {
-    /// The `rev` its last diff was computed against.
-    synced_rev: u64,
-    last_nonce: String,
-    /// The answer to `last_nonce`: `None` pending, `Some(None)` ACK, `Some(Some(e))` NACK.
-    answer: Option<Option<String>>,
-}
-
-/// One stream's subscription to a type.
-struct Sub {
-    wildcard: bool,
-    names: BTreeSet<String>,
-    /// What the client holds: name -> version.
-    known: HashMap<String, String>,
-}
-
-impl Sub {
-    /// The resource names this subscription selects besides a wildcard: each explicit
-    /// name matches a resource by name or alias, as istiod's on-demand lookup does, and
-    /// a service brings its workloads. Also the explicit names nothing matches.
-    fn resolve(
-        &self,
-        current: &BTreeMap<String, Resource>,
-        members: &HashMap<String, BTreeSet<String>>,
-        withheld: &BTreeSet<String>,
-    ) -> (BTreeSet<String>, BTreeSet<String>) {
-        let mut selected = BTreeSet::new();
-        let mut unmatched = BTreeSet::new();
-        for n in self.names.iter().filter(|n| !withheld.contains(*n)) {
-            let hits: Vec<&Resource> = current
-                .values()
-                .filter(|r| &r.name == n || r.aliases.contains(n))
-                .collect();
-            if hits.is_empty() {
-                unmatched.insert(n.clone());
-            }
-            for r in hits {
-                selected.insert(r.name.clone());
-                if let Some(m) = members.get(&r.name) {
-                    selected.extend(m.iter().cloned());
-                }
-            }
-        }
-        (selected, unmatched)
-    }
-}
-
-/// A resource named `name` holding `value` (an encoded `type_url` message).
-fn resource(type_url: &str, name: String, aliases: Vec<String>, value: Vec<u8>) -> Resource {
-    Resource {
-        name,
-        aliases,
-        resource: Some(prost_types::Any {
-            type_url: type_url.to_string(),
-            value,
-        }),
-        ..Default::default()
-    }
-}
-
-/// `<network>/<ip>` for an address in bytes (4 or 16).
-fn alias(network: &str, bytes: &[u8]) -> Option<String> {
-    let ip: std::net::IpAddr = match bytes.len() {
-        4 => <[u8; 4]>::try_from(bytes).ok()?.into(),
-        16 => <[u8; 16]>::try_from(bytes).ok()?.into(),
-        _ => return None,
-    };
-    Some(format!("{network}/{ip}"))
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn notify(&self) {
-        self.events.send_modify(|_| ());
-    }
-
-    fn mutate(&self, f: impl FnOnce(&mut State)) {
-        let rev = {
-            let mut s = self.lock();
-            f(&mut s);
-            s.rev += 1;
-            s.rev
-        };
-        self.data.send_replace(rev);
-        self.notify();
-    }
-
-    /// Applies one request of stream `id`; returns the response to send, if any.
-    fn on_request(
-        &self,
-        id: u64,
-        subs: &mut HashMap<String, Sub>,
-        mut req: DeltaDiscoveryRequest,
-    ) -> Option<DeltaDiscoveryResponse> {
-        let mut s = self.lock();
-        let s = &mut *s;
-        if let Some(node) = req.node
-            && let Some(info) = s.nodes.iter_mut().rev().find(|n| n.stream == id)
-        {
-            info.id = node.id;
-            info.cluster = node.cluster;
-            info.metadata = node
-                .metadata
-                .as_ref()
-                .map_or(serde_json::Value::Null, struct_to_json);
-        }
-        let type_url = req.type_url;
-        let subscription_change =
-            !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty();
-        if !req.response_nonce.is_empty() {
-            let error = req.error_detail.map(|e| e.message);
-            if let Some(st) = s.streams.get_mut(&id).and_then(|m| m.get_mut(&type_url))
-                && st.last_nonce == req.response_nonce
-            {
-                st.answer = Some(error.clone());
-            }
-            s.acks.push(Ack {
-                stream: id,
-                type_url: type_url.clone(),
-                nonce: req.response_nonce,
-                error,
-            });
-            if !subscription_change {
-                self.notify();
-                return None;
-            }
-        }
-        s.subscriptions.push(Subscription {
-            stream: id,
-            type_url: type_url.clone(),
-            subscribe: req.resource_names_subscribe.clone(),
-            unsubscribe: req.resource_names_unsubscribe.clone(),
-        });
-        let sub = subs.entry(type_url.clone()).or_insert_with(|| Sub {
-            wildcard: req.resource_names_subscribe.is_empty(),
-            names: BTreeSet::new(),
-            known: std::mem::take(&mut req.initial_resource_versions),
-        });
-        for n in req.resource_names_subscribe {
-            match n.as_str() {
-                "*" => sub.wildcard = true,
-                _ => {
-                    if type_url == ADDRESS_TYPE {
-                        s.demanded.push(n.clone());
-                    }
-                    sub.names.insert(n);
-                }
-            }
-        }
-        for n in req.resource_names_unsubscribe {
-            match n.as_str() {
-                "*" => sub.wildcard = false,
-                _ => _ = sub.names.remove(&n),
-            }
-        }
-        let out = s.delta(id, &type_url, sub, true);
-        self.notify();
-        out
-    }
-}
-
-impl State {
-    /// What stream `id` lacks of `type_url`, as a response (`always`: even an
-    /// empty one; explicit names that do not exist are then listed as removed).
-    fn delta(
-        &mut self,
-        id: u64,
-        type_url: &str,
-        sub: &mut Sub,
-        always: bool,
-    ) -> Option<DeltaDiscoveryResponse> {
-        let empty = BTreeMap::new();
-        let current = self.resources.get(type_url).unwrap_or(&empty);
-        let (selected, unmatched) = sub.resolve(current, &self.members, &self.withheld);
-        let wants = |name: &str| sub.wildcard || selected.contains(name);
-        let resources: Vec<Resource> = current
-            .values()
-            .filter(|r| wants(&r.name) && sub.known.get(&r.name) != Some(&r.version))
-            .cloned()
-            .collect();
-        let mut removed: BTreeSet<String> = sub
-            .known
-            .keys()
-            .filter(|n| !(current.contains_key(*n) && wants(n)))
-            .cloned()
-            .collect();
-        if always {
-            removed.extend(unmatched);
-        }
-        for r in &resources {
-            sub.known.insert(r.name.clone(), r.version.clone());
-        }
-        for n in &removed {
-            sub.known.remove(n);
-        }
-        let rev = self.rev;
-        let status = self
-            .streams
-            .get_mut(&id)
-            .map(|m| m.entry(type_url.to_string()).or_default());
-        if !always && resources.is_empty() && removed.is_empty() {
-            if let Some(st) = status {
-                st.synced_rev = rev;
-            }
-            return None;
-        }
-        self.next_nonce += 1;
-        let nonce = format!("n{}", self.next_nonce);
-        if let Some(st) = status {
-            *st = TypeStatus {
-                synced_rev: rev,
-                last_nonce: nonce.clone(),
-                answer: None,
-            };
-        }
-        Some(DeltaDiscoveryResponse {
-            system_version_info: rev.to_string(),
-            resources,
-            type_url: type_url.to_string(),
-            nonce,
-            removed_resources: removed.into_iter().collect(),
-        })
-    }
-
-    /// `Some(Ok)` once every stream subscribed to `type_url` (at least one) was
-    /// sent revision `target` and ACKed; `Some(Err)` on a NACK; `None` pending.
-    fn ack_state(&self, type_url: &str, target: u64) -> Option<Result<(), String>> {
-        let mut subscribed = self
-            .streams
-            .values()
-            .filter_map(|t| t.get(type_url))
-            .peekable();
-        subscribed.peek()?;
-        for st in subscribed {
-            match &st.answer {
-                _ if st.synced_rev < target => return None,
-                None => return None,
-                Some(Some(e)) => return Some(Err(e.clone())),
-                Some(None) => {}
-            }
-        }
-        Some(Ok(()))
-    }
-}
-
-fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
-    serde_json::Value::Object(
-        s.fields
-            .iter()
-            .map(|(k, v)| (k.clone(), value_to_json(v)))
-            .collect(),
-    )
-}
-
-fn value_to_json(v: &prost_types::Value) -> serde_json::Value {
-    use prost_types::value::Kind;
-    match &v.kind {
-        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
-        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)
-            .map_or(serde_json::Value::Null, serde_json::Value::Number),
-        Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
-        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
-        Some(Kind::StructValue(s)) => struct_to_json(s),
-        Some(Kind::ListValue(l)) => {
-            serde_json::Value::Array(l.values.iter().map(value_to_json).collect())
         }
     }
 }

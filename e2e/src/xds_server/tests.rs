@@ -2,6 +2,7 @@
 use super::*;
 use mesh_proto::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use mesh_proto::xds::{Node, Status as RpcStatus};
+use std::collections::BTreeSet;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 const T: Duration = Duration::from_secs(5);
@@ -367,4 +368,16 @@ async fn on_demand_names_select_by_alias_and_bring_a_services_workloads() {
     xds.set_workload(workload("uid-3", "c"));
     let r = c.recv().await;
     assert_eq!(names(&r), ["uid-2"]);
+    // A withheld name (an overloaded istiod) is never answered: neither the workload
+    // it matches nor its absence.
+    let mut held = workload("uid-4", "d");
+    held.addresses = vec![vec![10, 0, 0, 4]];
+    xds.set_workload(held);
+    xds.withhold("/10.0.0.4");
+    c.send(ask("/10.0.0.4")).await;
+    let r = c.recv().await;
+    assert!(
+        r.resources.is_empty() && !r.removed_resources.iter().any(|n| n == "/10.0.0.4"),
+        "{r:?}"
+    );
 }
