@@ -57,6 +57,15 @@ impl Demanded {
     /// Completes the waiters of every name `resp` answers (by name, alias or removal);
     /// returns how many names were answered.
     pub(super) fn answered(&mut self, resp: &DeltaDiscoveryResponse) -> usize {
+        // Pushed (a name subscribed earlier appeared): no longer absent, asked or not.
+        if !self.absent.is_empty() {
+            for r in &resp.resources {
+                self.absent.remove(&r.name);
+                for a in &r.aliases {
+                    self.absent.remove(a);
+                }
+            }
+        }
         if self.pending.is_empty() {
             return 0;
         }
@@ -68,12 +77,6 @@ impl Demanded {
                 if self.absent.len() < MAX_ABSENT {
                     self.absent.insert(gone.clone());
                 }
-            }
-        }
-        for r in &resp.resources {
-            self.absent.remove(&r.name);
-            for a in &r.aliases {
-                self.absent.remove(a);
             }
         }
         let mut hit: Vec<&str> = resp.removed_resources.iter().map(String::as_str).collect();
@@ -158,7 +161,17 @@ mod tests {
         let (c2, mut rc2) = demand("/10.0.0.9");
         assert!(!d.add(c2));
         assert!(rc2.try_recv().is_ok());
-        // Once istiod pushes it (by alias), it is no longer absent.
+        // Once istiod pushes it (by alias), it is no longer absent, also when no
+        // request is pending at the time.
+        d.answered(&DeltaDiscoveryResponse {
+            resources: vec![Resource {
+                name: "uid-1".into(),
+                aliases: vec!["/10.0.0.1".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        assert_eq!(d.pending(), 0);
         d.answered(&DeltaDiscoveryResponse {
             resources: vec![Resource {
                 name: "uid-9".into(),
