@@ -95,21 +95,40 @@ pub fn find_or_skip() -> Option<IstioZtunnel> {
     find().map_err(|why| eprintln!("skipped: {why}")).ok()
 }
 
-/// Panics unless Istio's ztunnel `log` has an outbound and an inbound access line for a
-/// connection from `src` to `dst` (SPIFFE identities) carried over HBONE to `hbone`
-/// (`<ip>:15008`).
-pub fn assert_hbone_both_directions(log: &str, src: &str, dst: &str, hbone: &str) {
-    for direction in ["outbound", "inbound"] {
-        let found = log.lines().any(|l| {
+/// Panics unless Istio's ztunnel log (read by `read_log`) has, within 10 s, an outbound
+/// and an inbound access line for a connection from `src` to `dst` (SPIFFE identities)
+/// carried over HBONE to `hbone` (`<ip>:15008`). Waits: each side logs when it has
+/// closed its half, so the client's line can come after the client saw its echo.
+/// Blocking (use `block_in_place` from async tests).
+pub fn assert_hbone_both_directions(
+    read_log: impl Fn() -> String,
+    src: &str,
+    dst: &str,
+    hbone: &str,
+) {
+    let has = |log: &str, direction: &str| {
+        log.lines().any(|l| {
             l.contains("connection complete")
                 && l.contains(&format!("direction=\"{direction}\""))
                 && l.contains(src)
                 && l.contains(dst)
                 && l.contains(hbone)
-        });
+        })
+    };
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let log = read_log();
+        let missing: Vec<&str> = ["outbound", "inbound"]
+            .into_iter()
+            .filter(|d| !has(&log, d))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
         assert!(
-            found,
-            "no {direction} access line {src} -> {dst} over HBONE to {hbone}:\n{log}"
+            std::time::Instant::now() < end,
+            "no {missing:?} access line {src} -> {dst} over HBONE to {hbone}:\n{log}"
         );
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }

@@ -703,7 +703,9 @@ async fn istios_ztunnel_serves_agent_enrolled_pods_with_certificates_from_the_bu
     );
     let (web, db) = (id("app", "web"), id("app", "db"));
     let hbone = format!("{}:15008", db_pod.ip());
-    e2e::istio_ztunnel::assert_hbone_both_directions(&read_log(), &web, &db, &hbone);
+    tokio::task::block_in_place(|| {
+        e2e::istio_ztunnel::assert_hbone_both_directions(read_log, &web, &db, &hbone)
+    });
     agent.zds.shutdown();
     agent.redirector.cleanup_all().await.expect("clean up");
     child.kill().await.unwrap();

@@ -366,7 +366,9 @@ async fn istios_ztunnel_serves_pods_this_node_agent_enrols() {
         "spiffe://cluster.local/ns/default/sa/sa-b",
     );
     let hbone = format!("{}:15008", b.ip());
-    e2e::istio_ztunnel::assert_hbone_both_directions(&read_log(), ida, idb, &hbone);
+    tokio::task::block_in_place(|| {
+        e2e::istio_ztunnel::assert_hbone_both_directions(read_log, ida, idb, &hbone)
+    });
 
     agent.zds.shutdown();
     agent.redirector.cleanup_all().await.expect("clean up");
