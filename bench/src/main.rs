@@ -5,6 +5,7 @@
 //! [--istio-ztunnel PATH]` (root). With `--istio-ztunnel`, Istio's own ztunnel is measured in
 //! the same run and topology, after this project's.
 
+mod placement;
 mod procstat;
 mod report;
 mod tools;
@@ -123,10 +124,11 @@ fn main() -> Result<()> {
     let mut r = report::Results::default();
     let mut topo = topology::Topology::new("bench")?;
     let b_ip = topo.b.ip();
-    let _servers = tools::start_servers(topo.b.netns())?;
+    let servers = tools::start_servers(topo.b.netns())?;
+    let server_pids: Vec<i32> = servers.iter().map(|p| p.pid() as i32).collect();
 
     if !args.skip_direct {
-        r.direct = Some(measure_direct(&topo, s)?);
+        r.direct = Some(measure_direct(&topo, &server_pids, s)?);
     }
 
     eprintln!("starting the two ztunnels ...");
@@ -175,7 +177,7 @@ fn main() -> Result<()> {
         for &phase in &args.phases {
             for ((tag, flavor), m) in flavors.iter().zip(measured.iter_mut()) {
                 topo.start_ztunnels(flavor, &args.env)?;
-                let result = measure_phase(&args, &topo, phase, tag, m);
+                let result = measure_phase(&args, &topo, &server_pids, phase, tag, m);
                 topo.stop_ztunnels();
                 result?;
             }
@@ -202,10 +204,19 @@ fn main() -> Result<()> {
 }
 
 /// The direct path between the pods and the one-hop reference relay, `s` seconds each.
-fn measure_direct(topo: &topology::Topology, s: u64) -> Result<report::DirectResults> {
+fn measure_direct(
+    topo: &topology::Topology,
+    servers: &[i32],
+    s: u64,
+) -> Result<report::DirectResults> {
     let b_ip = topo.b.ip();
     eprintln!("direct: 1 KB request/response at 1000/s ...");
     let rr = tools::request_response(topo.a.netns(), b_ip, 1024, 1000, s)?;
+    eprintln!("direct: 1 KB request/response at 1000/s, client and server on one vCPU ...");
+    let rr_one_cpu = {
+        let _one = placement::OneCpu::pin(servers)?;
+        tools::request_response(topo.a.netns(), b_ip, 1024, 1000, s)?
+    };
     eprintln!("direct: 64 B ping-pong ...");
     let pp = tools::ping_pong(topo.a.netns(), b_ip, 64, s)?;
     eprintln!("direct: 64 B ping-pong, busy CPUs ...");
@@ -236,6 +247,7 @@ fn measure_direct(topo: &topology::Topology, s: u64) -> Result<report::DirectRes
         pp,
         pp_busy,
         rr,
+        rr_one_cpu,
         socat_pp_base,
         socat_pp,
         socat_cpu,
@@ -276,6 +288,7 @@ impl Phase {
 fn measure_phase(
     args: &Args,
     topo: &topology::Topology,
+    servers: &[i32],
     phase: Phase,
     tag: &str,
     m: &mut report::MeshResults,
@@ -297,12 +310,23 @@ fn measure_phase(
             let (rr, load_cpu) = procstat::cpu_during(&pids, || {
                 tools::request_response(topo.a.netns(), b_ip, 1024, 1000, s)
             })?;
+            let load_rss_mib = rss()?;
+            eprintln!("{tag}: 1 KB request/response at 1000/s, whole chain on one vCPU ...");
+            let one_cpu = {
+                let chain: Vec<i32> = pids.iter().chain(servers).copied().collect();
+                let _one = placement::OneCpu::pin(&chain)?;
+                let (rr, cpu) = procstat::cpu_during(&pids, || {
+                    tools::request_response(topo.a.netns(), b_ip, 1024, 1000, s)
+                })?;
+                report::OneCpuLoad { rr, cpu }
+            };
             m.load = Some(report::LoadResults {
                 rr,
                 idle_rss_mib,
                 idle_cpu,
-                load_rss_mib: rss()?,
+                load_rss_mib,
                 load_cpu,
+                one_cpu,
             });
         }
         Phase::PingPong => {
@@ -338,6 +362,14 @@ const NOTES: &str = "## Reading the table
   same machine: `socat` relaying over loopback in one pod (no TLS, but not the cheapest
   relay either: it polls with select). Compare the mesh's added
   latency per hop (added RTT/2 ÷ 2) and its CPU at 1000 req/s with that row.
+- **Placement.** With free placement the scheduler runs the chain (client, ztunnel A,
+  ztunnel B, server) on one vCPU or spreads it over both, from run to run; a wake-up
+  that crosses to the other vCPU costs tens of microseconds here, and the woken
+  ztunnel pays part of it in CPU time, so the free CPU figure moves between two regimes
+  (0.039 and 0.058 cores for one binary in back-to-back runs). The \"whole chain on one
+  vCPU\" rows pin all four processes to one CPU (`placement.rs`), direct and mesh alike:
+  each wake-up is then a switch on that CPU, and the figure is steady. Neither ztunnel
+  pins itself: on a real node the app runs where the kernel puts it.
 - **RSS** is VmRSS. ztunnel drops the page-table entries of clean read-only file pages
   (code, constants, libraries) once it is ready, so start-up-only code does not stay
   resident; what the data path uses is faulted back in (and counted) as it runs.

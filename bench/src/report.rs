@@ -16,6 +16,16 @@ pub struct LoadResults {
     pub idle_cpu: Vec<f64>,
     pub load_rss_mib: Vec<f64>,
     pub load_cpu: Vec<f64>,
+    /// The same load with the whole chain pinned to one vCPU (`placement`).
+    pub one_cpu: OneCpuLoad,
+}
+
+/// Request/response at 1000/s with client, ztunnels and server on one vCPU.
+#[derive(Debug, Default)]
+pub struct OneCpuLoad {
+    pub rr: Percentiles,
+    /// Per ztunnel (a, b), cores.
+    pub cpu: Vec<f64>,
 }
 
 /// What the mesh phases of one implementation (two ztunnels) measured.
@@ -35,6 +45,8 @@ pub struct DirectResults {
     pub pp: Percentiles,
     pub pp_busy: Percentiles,
     pub rr: Percentiles,
+    /// The same with client and server on one vCPU.
+    pub rr_one_cpu: Percentiles,
     /// Reference: ping-pong over loopback in one pod, direct and through one socat hop.
     pub socat_pp_base: Percentiles,
     pub socat_pp: Percentiles,
@@ -173,6 +185,22 @@ impl Results {
                 pair(&load.load_cpu, 4),
                 yes(max(&load.load_cpu) <= 0.04)
             );
+            let one = &load.one_cpu;
+            let _ = writeln!(
+                t,
+                "{}",
+                latency_row(
+                    "reference: 1 KB req/resp @ 1000/s p50, whole chain on one vCPU",
+                    d.map(|d| d.rr_one_cpu.p50),
+                    one.rr.p50,
+                    None
+                )
+            );
+            let _ = writeln!(
+                t,
+                "| reference: ztunnel CPU @ 1000 req/s, whole chain on one vCPU (cores, A / B) | - | {} | - | - | - |",
+                pair(&one.cpu, 4)
+            );
         }
         if let Some(d) = d {
             let _ = writeln!(
@@ -278,6 +306,12 @@ impl Results {
                     &ml.load_cpu,
                     4,
                 ),
+                (
+                    "CPU @ 1000 req/s, whole chain on one vCPU (cores, A / B)",
+                    &il.one_cpu.cpu,
+                    &ml.one_cpu.cpu,
+                    4,
+                ),
             ];
             for (name, istio, ours, digits) in rows {
                 let _ = writeln!(
@@ -368,6 +402,10 @@ mod tests {
                 idle_cpu: vec![0.0, 0.0],
                 load_rss_mib: vec![8.0, 9.0],
                 load_cpu: vec![load_cpu, load_cpu / 2.0],
+                one_cpu: OneCpuLoad {
+                    rr: flat(p50 - 10.0),
+                    cpu: vec![load_cpu / 2.0, load_cpu / 4.0],
+                },
             }),
         }
     }
@@ -379,6 +417,7 @@ mod tests {
                 pp: flat(20.0),
                 pp_busy: flat(20.0),
                 rr: flat(20.0),
+                rr_one_cpu: flat(15.0),
                 socat_pp_base: flat(20.0),
                 socat_pp: flat(30.0),
                 socat_cpu: 0.04,
@@ -403,6 +442,14 @@ mod tests {
         );
         assert!(
             t.contains("| ztunnel CPU @ 1000 req/s (cores, A / B) | - | 0.0500 / 0.0250 | - | <= 0.04 | **no** |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| reference: 1 KB req/resp @ 1000/s p50, whole chain on one vCPU (µs, RTT/2) | 15.0 | 50.0 | +35.0 (3.3x) | - | - |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| reference: ztunnel CPU @ 1000 req/s, whole chain on one vCPU (cores, A / B) | - | 0.0250 / 0.0125 | - | - | - |"),
             "{t}"
         );
     }
