@@ -464,7 +464,7 @@ async fn run_stream(
                 let mut s = shared.lock();
                 let out = subs
                     .iter_mut()
-                    .filter_map(|(t, sub)| s.delta(id, t, sub, false))
+                    .filter_map(|(t, sub)| s.delta(id, t, sub, None))
                     .collect();
                 drop(s);
                 shared.notify();

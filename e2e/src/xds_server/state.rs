@@ -190,6 +190,7 @@ impl Shared {
             names: BTreeSet::new(),
             known: std::mem::take(&mut req.initial_resource_versions),
         });
+        let mut asked = BTreeSet::new();
         for n in req.resource_names_subscribe {
             match n.as_str() {
                 "*" => sub.wildcard = true,
@@ -197,6 +198,7 @@ impl Shared {
                     if type_url == ADDRESS_TYPE {
                         s.demanded.push(n.clone());
                     }
+                    asked.insert(n.clone());
                     sub.names.insert(n);
                 }
             }
@@ -207,21 +209,22 @@ impl Shared {
                 _ => _ = sub.names.remove(&n),
             }
         }
-        let out = s.delta(id, &type_url, sub, true);
+        let out = s.delta(id, &type_url, sub, Some(&asked));
         self.notify();
         out
     }
 }
 
 impl State {
-    /// What stream `id` lacks of `type_url`, as a response (`always`: even an
-    /// empty one; explicit names that do not exist are then listed as removed).
+    /// What stream `id` lacks of `type_url`, as a response. `asked`: the answer to a
+    /// subscription request, sent even when empty, with the explicit names it asked
+    /// for that nothing matches listed as removed (each once, as istiod answers them).
     pub(super) fn delta(
         &mut self,
         id: u64,
         type_url: &str,
         sub: &mut Sub,
-        always: bool,
+        asked: Option<&BTreeSet<String>>,
     ) -> Option<DeltaDiscoveryResponse> {
         let empty = BTreeMap::new();
         let current = self.resources.get(type_url).unwrap_or(&empty);
@@ -238,8 +241,8 @@ impl State {
             .filter(|n| !(current.contains_key(*n) && wants(n)))
             .cloned()
             .collect();
-        if always {
-            removed.extend(unmatched);
+        if let Some(asked) = asked {
+            removed.extend(unmatched.intersection(asked).cloned());
         }
         for r in &resources {
             sub.known.insert(r.name.clone(), r.version.clone());
@@ -252,7 +255,7 @@ impl State {
             .streams
             .get_mut(&id)
             .map(|m| m.entry(type_url.to_string()).or_default());
-        if !always && resources.is_empty() && removed.is_empty() {
+        if asked.is_none() && resources.is_empty() && removed.is_empty() {
             if let Some(st) = status {
                 st.synced_rev = rev;
             }
