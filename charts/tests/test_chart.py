@@ -394,7 +394,7 @@ class SecurityProperties(unittest.TestCase):
         self.assertEqual(
             rules(r, "ClusterRole", "geneva-mesh-node-agent"),
             sorted([
-                (("",), ("namespaces", "nodes", "pods"), ("get", "list", "watch"), ()),
+                (("",), ("namespaces", "pods"), ("get", "list", "watch"), ()),
                 (("",), ("pods/status",), ("patch",), ()),
             ]),
         )
@@ -674,6 +674,38 @@ class Environment(unittest.TestCase):
         env = rendered("images-and-scheduling").env("DaemonSet", "node-agent", "node-agent")
         self.assertEqual(env["EXTRA_FLAG"], "1")
 
+    def test_priority_class_quota_on_gke(self):
+        """GKE admits system-node-critical pods outside kube-system only with a
+        ResourceQuota scoped to that class: without it neither DaemonSet gets a
+        pod. auto = on GKE only; true/false override."""
+
+        def quotas(values: dict[str, Any], kube_version: str) -> list[dict[str, Any]]:
+            r = render(chart(), values, kube_version=kube_version)
+            return [o for o in r.objects if o["kind"] == "ResourceQuota"]
+
+        self.assertEqual(quotas({}, "v1.30.5"), [])
+        (q,) = quotas({}, "v1.30.5-gke.100")
+        self.assertEqual(q["metadata"]["namespace"], NAMESPACE)
+        self.assertEqual(q["spec"]["hard"], {"pods": 5000})
+        (expr,) = q["spec"]["scopeSelector"]["matchExpressions"]
+        self.assertEqual(
+            expr, {"operator": "In", "scopeName": "PriorityClass", "values": ["system-node-critical"]}
+        )
+        self.assertEqual(quotas({"resourceQuotas": {"enabled": False}}, "v1.30.5-gke.100"), [])
+        (q,) = quotas(
+            {"resourceQuotas": {"enabled": True, "pods": 64}, "ca": {"priorityClassName": "system-cluster-critical"}},
+            "v1.30.5",
+        )
+        self.assertEqual(q["spec"]["hard"], {"pods": 64})
+        self.assertEqual(
+            q["spec"]["scopeSelector"]["matchExpressions"][0]["values"],
+            ["system-cluster-critical", "system-node-critical"],
+        )
+        # No priority class anywhere: nothing to admit, no quota.
+        self.assertEqual(quotas({"resourceQuotas": {"enabled": True}, "priorityClassName": ""}, "v1.30.5"), [])
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(q, version, strict=True)
+
     def test_cni_bin_dir_follows_the_platform(self):
         """cniBinDir "" picks the runtime's plugin dir from the cluster version.
 
@@ -799,6 +831,10 @@ class BadValues(unittest.TestCase):
         ({"xdsAddress": "istiod.istio-system.svc:15012"}, "kubernetesDiscovery"),
         ({"ztunnel": {"kubernetesDiscovery": False}}, "localConfig"),
         ({"caAddress": "istiod.istio-system.svc:15012"}, "ca.enabled"),
+        (
+            {"xdsAddress": "istiod.istio-system.svc:15012", "ztunnel": {"kubernetesDiscovery": False}},
+            "xdsAddress is set while ca.enabled=true",
+        ),
         ({"nodeAgent": {"readyPort": 15014}}, "readyPort"),
         ({"xdsOnDemand": True}, "xdsAddress too"),
         (

@@ -88,6 +88,9 @@ does not see the cluster's version: set cniBinDir there.
 {{- if and .Values.xdsOnDemand .Values.ambient.dnsCapture }}
 {{- fail "xdsOnDemand turns ztunnel's DNS proxy off (it needs the full state): set ambient.dnsCapture=false, or pods' DNS would be redirected to a ztunnel that does not answer it" }}
 {{- end }}
+{{- if and .Values.xdsAddress .Values.ca.enabled }}
+{{- fail "xdsAddress is set while ca.enabled=true: with istiod as the control plane, istiod is also the CA (its xDS serving certificate chains to istiod's root, not to this chart's, and both publish ConfigMap istio-ca-root-cert): set ca.enabled=false" }}
+{{- end }}
 {{- if and .Values.ca.enabled .Values.caAddress }}
 {{- fail "caAddress is set while ca.enabled=true: either use the built-in CA (leave caAddress empty) or an external CA (ca.enabled=false)" }}
 {{- end }}
