@@ -10,6 +10,11 @@
 //! | agent unreachable or undecided, API says not ambient | pass through (logged with the agent's answer) |
 //! | agent unreachable or undecided, API lookup fails | pass through (fail open), or error 11 with `enable_ambient_detection_retry` |
 //!
+//! "Pass through" without a `prevResult` (the plugin not chained after an
+//! interface plugin) prints an empty result at the config's version,
+//! `{"cniVersion":"<version>"}`, as upstream does; the agent is then told no
+//! IPs (it takes the pod's from the API server).
+//!
 //! Only a 500 ([`STATUS_ENROLMENT_FAILED`]) means "ambient and not enrolled";
 //! the agent also refuses while it is still syncing (503), and pods outside
 //! the mesh must start regardless.
@@ -22,6 +27,7 @@ use mesh_proto::cni_event::{CmdAddEvent, Enrolment, STATUS_ENROLMENT_FAILED};
 use crate::agent_client::{AgentAnswer, AgentUnreachable};
 use crate::cni::error::{CniError, ErrorCode};
 use crate::cni::invocation::Invocation;
+use crate::cni::result::PrevResult;
 use crate::config::PluginConf;
 use crate::pod_lookup::LookupError;
 use mesh_proto::enablement::Decision;
@@ -47,38 +53,28 @@ pub enum Plan {
     AskAgent(CmdAddEvent),
 }
 
-/// Decides from config and environment alone. Fails (code 7) when there is
-/// no `prevResult`: this plugin only works chained after an interface plugin.
-pub fn plan(conf: &PluginConf, inv: &Invocation) -> Result<Plan, CniError> {
-    let Some(prev) = &conf.prev_result else {
-        return Err(CniError::new(
-            ErrorCode::InvalidNetworkConfig,
-            format!(
-                "network {:?}: istio-cni must run chained after an interface plugin (no prevResult)",
-                conf.name
-            ),
-        ));
-    };
+/// Decides from config and environment alone.
+pub fn plan(conf: &PluginConf, inv: &Invocation) -> Plan {
     if !conf.ambient_enabled {
-        return Ok(Plan::PassThrough(
-            "ambient is not enabled in the plugin config",
-        ));
+        return Plan::PassThrough("ambient is not enabled in the plugin config");
     }
     let Some(pod) = inv.args.k8s_pod() else {
-        return Ok(Plan::PassThrough(
-            "not a Kubernetes pod (no K8S_POD_* in CNI_ARGS)",
-        ));
+        return Plan::PassThrough("not a Kubernetes pod (no K8S_POD_* in CNI_ARGS)");
     };
     if let Some(why) = conf.static_skip(pod.name, pod.namespace) {
-        return Ok(Plan::PassThrough(why));
+        return Plan::PassThrough(why);
     }
-    Ok(Plan::AskAgent(CmdAddEvent {
+    Plan::AskAgent(CmdAddEvent {
         netns: inv.netns.clone(),
         pod_name: pod.name.to_string(),
         pod_namespace: pod.namespace.to_string(),
         pod_uid: pod.uid.map(String::from),
-        ips: prev.pod_ips(),
-    }))
+        ips: conf
+            .prev_result
+            .as_ref()
+            .map(PrevResult::pod_ips)
+            .unwrap_or_default(),
+    })
 }
 
 /// The I/O ADD may do, behind a trait so the decision logic is unit-tested.
@@ -258,30 +254,28 @@ mod tests {
     fn plan_skips_without_io() {
         let c = conf("");
         assert!(
-            matches!(plan(&c, &inv("")).unwrap(), Plan::PassThrough(r) if r.contains("not a Kubernetes"))
+            matches!(plan(&c, &inv("")), Plan::PassThrough(r) if r.contains("not a Kubernetes"))
         );
         assert!(matches!(
-            plan(&c, &inv("K8S_POD_NAME=a;K8S_POD_NAMESPACE=kube-system")).unwrap(),
+            plan(&c, &inv("K8S_POD_NAME=a;K8S_POD_NAMESPACE=kube-system")),
             Plan::PassThrough("namespace is excluded")
         ));
         assert!(matches!(
             plan(
                 &c,
                 &inv("K8S_POD_NAME=istio-cni-node-abc;K8S_POD_NAMESPACE=istio-system")
-            )
-            .unwrap(),
+            ),
             Plan::PassThrough("pod is the node agent itself")
         ));
         let off = conf(r#","ambient_enabled":false"#);
         assert!(matches!(
-            plan(&off, &inv("K8S_POD_NAME=a;K8S_POD_NAMESPACE=demo")).unwrap(),
+            plan(&off, &inv("K8S_POD_NAME=a;K8S_POD_NAMESPACE=demo")),
             Plan::PassThrough(_)
         ));
         let Plan::AskAgent(ev) = plan(
             &c,
             &inv("K8S_POD_NAME=a;K8S_POD_NAMESPACE=demo;K8S_POD_UID=u1"),
-        )
-        .unwrap() else {
+        ) else {
             panic!("expected AskAgent");
         };
         assert_eq!(ev.netns, "/var/run/netns/p");
@@ -289,13 +283,22 @@ mod tests {
         assert_eq!(ev.ips[0].address, "10.1.0.7/24");
     }
 
+    /// Without `prevResult` ADD still decides as usual (skip or ask the
+    /// agent, with no IPs); `commands` prints an empty result then.
     #[test]
-    fn plan_requires_prev_result() {
-        let c = PluginConf::parse(br#"{"cniVersion":"1.0.0","name":"net","type":"istio-cni"}"#)
-            .unwrap();
-        let e = plan(&c, &inv("")).unwrap_err();
-        assert_eq!(e.code, ErrorCode::InvalidNetworkConfig);
-        assert!(e.msg.contains("prevResult"));
+    fn plan_without_prev_result_skips_or_asks_with_no_ips() {
+        let c = PluginConf::parse(
+            br#"{"cniVersion":"1.0.0","name":"net","type":"istio-cni","ambient_enabled":true}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            plan(&c, &inv("K8S_POD_NAME=a;K8S_POD_NAMESPACE=kube-system")),
+            Plan::PassThrough("namespace is excluded")
+        ));
+        let Plan::AskAgent(ev) = plan(&c, &inv("K8S_POD_NAME=a;K8S_POD_NAMESPACE=demo")) else {
+            panic!("expected AskAgent");
+        };
+        assert!(ev.ips.is_empty());
     }
 
     struct Fake {
@@ -334,8 +337,7 @@ mod tests {
     }
 
     fn run(conf: &PluginConf, fake: &Fake) -> Result<String, CniError> {
-        let Plan::AskAgent(ev) = plan(conf, &inv("K8S_POD_NAME=a;K8S_POD_NAMESPACE=demo")).unwrap()
-        else {
+        let Plan::AskAgent(ev) = plan(conf, &inv("K8S_POD_NAME=a;K8S_POD_NAMESPACE=demo")) else {
             panic!()
         };
         tokio::runtime::Builder::new_current_thread()

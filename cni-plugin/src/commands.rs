@@ -113,15 +113,10 @@ fn dispatch(
 }
 
 fn cmd_add(conf: &PluginConf, inv: &Invocation) -> Result<String, CniError> {
-    let plan = add::plan(conf, inv)?;
-    let prev = conf
-        .prev_result
-        .as_ref()
-        .expect("plan() rejects a config without prevResult");
-    let event = match plan {
+    let event = match add::plan(conf, inv) {
         Plan::PassThrough(why) => {
             tracing::info!(container = %inv.container_id, pod = %pod_label(inv), "skipped: {why}");
-            return Ok(prev.render(&conf.cni_version, conf.version));
+            return Ok(add_result(conf));
         }
         Plan::AskAgent(event) => event,
     };
@@ -135,7 +130,20 @@ fn cmd_add(conf: &PluginConf, inv: &Invocation) -> Result<String, CniError> {
     let started = std::time::Instant::now();
     let why = rt.block_on(add::resolve(conf, &event, &RealBackends))?;
     tracing::info!(container = %inv.container_id, took = ?started.elapsed(), "{why}");
-    Ok(prev.render(&conf.cni_version, conf.version))
+    Ok(add_result(conf))
+}
+
+/// ADD's result: `prevResult` passed through in the config's version, or,
+/// without one (not chained after an interface plugin), an empty result in
+/// that version, as upstream.
+fn add_result(conf: &PluginConf) -> String {
+    match &conf.prev_result {
+        Some(prev) => prev.render(&conf.cni_version, conf.version),
+        None => {
+            tracing::info!(network = %conf.name, "no prevResult: printing an empty result");
+            serde_json::json!({ "cniVersion": conf.cni_version }).to_string()
+        }
+    }
 }
 
 fn pod_label(inv: &Invocation) -> String {
@@ -251,6 +259,29 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
         assert_eq!(v["cniVersion"], "0.4.0");
         assert_eq!(v["ips"][0]["address"], "10.0.0.2/24");
+    }
+
+    /// Without `prevResult` ADD succeeds with an empty result in the
+    /// config's version (upstream prints `{"cniVersion": "<version>"}`).
+    #[test]
+    fn add_without_prev_result_prints_an_empty_result() {
+        for (version, args) in [
+            ("0.4.0", "K8S_POD_NAME=a;K8S_POD_NAMESPACE=kube-system"),
+            ("1.0.0", "IgnoreUnknown=1"),
+        ] {
+            let conf = format!(
+                r#"{{"cniVersion":"{version}","name":"net","type":"istio-cni","ambient_enabled":true}}"#
+            );
+            let out = run_with(&add_env(args), &conf);
+            assert!(out.success, "{}", out.stdout);
+            let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+            assert_eq!(v, serde_json::json!({ "cniVersion": version }));
+        }
+        let off =
+            r#"{"cniVersion":"1.1.0","name":"net","type":"istio-cni","ambient_enabled":false}"#;
+        let out = run_with(&add_env("K8S_POD_NAME=a;K8S_POD_NAMESPACE=demo"), off);
+        assert!(out.success, "{}", out.stdout);
+        assert_eq!(out.stdout, r#"{"cniVersion":"1.1.0"}"#);
     }
 
     #[test]

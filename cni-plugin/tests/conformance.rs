@@ -463,11 +463,6 @@ fn bad_inputs_fail_with_spec_codes_and_change_nothing() {
     c["cniVersion"] = json!("9.9.9");
     let e = run_plugin(PLUGIN, &add, Stdin::Json(&c), None).expect_error(1);
     assert!(e["details"].as_str().unwrap().contains("9.9.9"));
-    // Missing prevResult on ADD.
-    let mut c = conf(run, json!({}));
-    c.as_object_mut().unwrap().remove("prevResult");
-    let e = run_plugin(PLUGIN, &add, Stdin::Json(&c), None).expect_error(7);
-    assert!(e["msg"].as_str().unwrap().contains("prevResult"));
     // Known key of the wrong type.
     let c = conf(run, json!({"ambient_enabled": "yes"}));
     run_plugin(PLUGIN, &add, Stdin::Json(&c), None).expect_error(7);
@@ -502,6 +497,16 @@ fn bad_inputs_fail_with_spec_codes_and_change_nothing() {
     let ok = run_plugin(PLUGIN, &add, Stdin::Json(&good), None);
     assert!(ok.success, "{ok:?}");
     assert_eq!(agent.events().len(), 1);
+    // No prevResult is not an error (upstream): the agent is asked, without
+    // IPs, and the result is empty, in the config's version.
+    let mut c = conf(run, json!({}));
+    c.as_object_mut().unwrap().remove("prevResult");
+    let out = run_plugin(PLUGIN, &add, Stdin::Json(&c), None);
+    assert!(out.success, "{out:?}");
+    assert_eq!(out.json(), json!({"cniVersion": "1.0.0"}));
+    let events = agent.events();
+    assert_eq!(events.len(), 2);
+    assert!(events[1].ips.is_empty(), "{:?}", events[1]);
 }
 
 #[test]
@@ -525,6 +530,13 @@ fn skips_without_contacting_anyone() {
         assert!(out.success, "{out:?}");
         assert_eq!(out.json(), prev_result());
         assert!(out.stderr.contains(why), "{}", out.stderr);
+        // Without prevResult: an empty result in the config's version.
+        let mut bare = conf(run, json!({}));
+        bare.as_object_mut().unwrap().remove("prevResult");
+        bare["cniVersion"] = json!("0.4.0");
+        let out = run_plugin(PLUGIN, &env, Stdin::Json(&bare), None);
+        assert!(out.success, "{out:?}");
+        assert_eq!(out.json(), json!({"cniVersion": "0.4.0"}));
     }
     let env = cni_env("ADD", "c1", "/var/run/netns/x", &k8s_args("demo", "a", "u"));
     let out = run_plugin(

@@ -481,3 +481,49 @@ async fn reconcile_and_port_choice() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("external"));
 }
+
+/// An agent restarted while an enrolled pod's IPs are not in the cache
+/// (upstream istio/istio#60471): the pod keeps its capture (ipset entry,
+/// route) through the start-up reconcile; `sync_ips` then follows its IPs
+/// (same IP: nothing; a new one: the capture moves).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipless_pod_at_startup_keeps_its_capture_and_ip_sync_moves_it() {
+    if skip() {
+        return;
+    }
+    let t = Topo::new("d");
+    let red = redirector(&t).await;
+    red.set_ztunnel(Some(ztunnel_pod(&t, ZT_IP)))
+        .await
+        .expect("build");
+    let (a, b) = (pod("uid-a", "pod-a", POD_A), pod("uid-b", "pod-b", POD_B));
+    red.enrol(&a).await.unwrap();
+    red.enrol(&b).await.unwrap();
+    drop(red);
+
+    let red = redirector(&t).await;
+    red.set_ztunnel(Some(ztunnel_pod(&t, ZT_IP)))
+        .await
+        .expect("refresh");
+    let ipless = PodRedirect {
+        ips: vec![],
+        ..a.clone()
+    };
+    let report = red.reconcile(&[ipless, b.clone()]).await;
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(report.enrolled, ["uid-a", "uid-b"]);
+    assert_exact(&red, &pods(&[(POD_A, "uid-a"), (POD_B, "uid-b")])).await;
+
+    red.sync_ips(&a).await.unwrap();
+    assert_exact(&red, &pods(&[(POD_A, "uid-a"), (POD_B, "uid-b")])).await;
+    let moved_ip = Ipv4Addr::new(10, 244, 1, 140);
+    red.sync_ips(&pod("uid-a", "pod-a", moved_ip))
+        .await
+        .unwrap();
+    assert_exact(&red, &pods(&[(moved_ip, "uid-a"), (POD_B, "uid-b")])).await;
+    red.unenrol(&PodRedirect { ips: vec![], ..a })
+        .await
+        .unwrap();
+    assert_exact(&red, &pods(&[(POD_B, "uid-b")])).await;
+    red.cleanup().await.unwrap();
+}

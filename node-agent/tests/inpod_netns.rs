@@ -338,16 +338,18 @@ async fn redirector_enrol_unenrol_reconcile_cleanup() {
         "{members}"
     );
 
-    // Bad annotation on an enrolled pod: refused, names the pod and the
-    // annotation; its redirection stays as it was, so retryable.
-    a.annotations = annotations(&[(rules::ANNOTATION_DNS_CAPTURE, "maybe")]);
-    let e = r.enrol(&a).await.unwrap_err();
-    assert!(e.is_retryable(), "{e}");
-    let msg = e.to_string();
-    assert!(
-        msg.contains("ns1/a") && msg.contains(rules::ANNOTATION_DNS_CAPTURE),
-        "{msg}"
+    // Annotation values as Go's strconv.ParseBool reads them ("1" = on);
+    // unusable ones are ignored (the default), never fail the pod (upstream).
+    a.annotations = annotations(&[(rules::ANNOTATION_DNS_CAPTURE, "1")]);
+    r.enrol(&a).await.unwrap();
+    let (views, _) =
+        node_agent::redirect::inpod::apply::inspect_pod(&pod_a.netns(), backend).unwrap();
+    assert_eq!(
+        views[0].1,
+        golden_view("pod_dns_annotation_on_global_off_v4", rules::POD_OWNERSHIP)
     );
+    a.annotations = annotations(&[(rules::ANNOTATION_DNS_CAPTURE, "maybe")]);
+    r.enrol(&a).await.unwrap();
     let (views, _) =
         node_agent::redirect::inpod::apply::inspect_pod(&pod_a.netns(), backend).unwrap();
     assert_eq!(
@@ -414,6 +416,8 @@ async fn redirector_enrol_unenrol_reconcile_cleanup() {
     assert_eq!(
         calls,
         vec![
+            "add uid-a ns1/a",
+            "add uid-a ns1/a",
             "add uid-a ns1/a",
             "add uid-a ns1/a",
             "add uid-b ns1/b",
@@ -529,50 +533,38 @@ async fn unenrol_of_an_old_pod_keeps_the_ip_reusing_pods_probe_entry() {
     r.cleanup_all().await.unwrap();
 }
 
-/// Start-up: a pod whose rules cannot be re-applied (invalid annotation)
-/// is still put in the ZDS snapshot and held, keeps the rules it had, gets
-/// its probe entry, and a retry of its enrolment keeps its redirection.
+/// Start-up: a pod with an unusable annotation value (a previous agent may
+/// have refused it) gets its rules re-applied with the default for it, is
+/// registered for the snapshot, held and given its probe entry.
 #[tokio::test]
-async fn startup_rule_failure_still_registers_the_pod_for_the_snapshot() {
+async fn startup_with_unusable_annotation_values_reapplies_the_defaults() {
     require_root!();
     let (node, pod_d) = (TestNetns::new(), TestNetns::new());
     let handoff = Arc::new(FakeHandoff::default());
     let r = redirector(&node, &handoff).await;
     let backend = r.backend();
-    // The rules a previous agent applied.
-    apply_pod(&pod_d.netns(), r.pod_net_config(), &options(false, &[]))
+    // The rules a previous agent applied (DNS capture on).
+    apply_pod(&pod_d.netns(), r.pod_net_config(), &options(true, &[]))
         .await
         .unwrap();
     let mut d = pod("uid-d", "d", "10.9.0.4", &pod_d);
-    d.annotations = annotations(&[(rules::ANNOTATION_DNS_CAPTURE, "maybe")]);
+    d.annotations = annotations(&[
+        (rules::ANNOTATION_DNS_CAPTURE, "maybe"),
+        (rules::ANNOTATION_REROUTE_VIRTUAL_INTERFACES, "bad name"),
+    ]);
 
     let report = r.reconcile(std::slice::from_ref(&d)).await;
     assert_eq!(calls(&handoff), vec!["register uid-d netns"]);
-    assert!(report.enrolled.is_empty(), "{report:?}");
-    assert_eq!(report.failed.len(), 1, "{report:?}");
-    let e = &report.failed[0];
-    assert_eq!(e.uid, "uid-d");
-    assert!(e.is_retryable(), "{e}");
-    assert!(
-        e.to_string().contains("ns1/d") && e.to_string().contains(rules::ANNOTATION_DNS_CAPTURE),
-        "{e}"
-    );
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(report.enrolled, vec!["uid-d".to_string()]);
     assert_eq!(r.enrolled_uids().await, vec!["uid-d".to_string()]);
     assert!(probe_members(&node.netns()).contains("10.9.0.4 comment \"uid-d\""));
-
-    // The control loop's retry: still refused, redirection untouched.
-    let e = r.enrol(&d).await.unwrap_err();
-    assert!(e.is_retryable(), "{e}");
     let (views, _) =
         node_agent::redirect::inpod::apply::inspect_pod(&pod_d.netns(), backend).unwrap();
     assert_eq!(
         views[0].1,
         golden_view("pod_default_v4", rules::POD_OWNERSHIP)
     );
-    assert_eq!(calls(&handoff), vec!["register uid-d netns"]);
-    // Annotation fixed: converges.
-    d.annotations = Default::default();
-    r.enrol(&d).await.unwrap();
     r.cleanup_all().await.unwrap();
 }
 
@@ -708,4 +700,78 @@ async fn legacy_restore_waits_boundedly_for_the_xtables_lock() {
         "{msg}"
     );
     assert!(waited < Duration::from_millis(2500), "waited {waited:?}");
+}
+
+/// Agent restart while an enrolled pod's IPs are not in the cache yet
+/// (upstream istio/istio#60471): the start-up reconcile keeps its
+/// probe-ipset entry (the prune is skipped), and `sync_ips` later puts the
+/// pod's IP in, idempotently, with its UID.
+#[tokio::test]
+async fn startup_with_ipless_enrolled_pod_keeps_its_probe_entry_until_ips_sync() {
+    require_root!();
+    let (node, pod_a) = (TestNetns::new(), TestNetns::new());
+    let handoff = Arc::new(FakeHandoff::default());
+    let host = node.netns();
+    let a = pod("uid-a", "a", "10.9.0.7", &pod_a);
+    let r = redirector(&node, &handoff).await;
+    r.enrol(&a).await.unwrap();
+    drop(r);
+    // A stale entry of no pod: pruning it waits for a start-up with all IPs known.
+    run_in(
+        &host,
+        "ipset",
+        &["add", rules::DEFAULT_PROBE_IPSET_V4, "10.9.0.99"],
+    );
+
+    let r2 = redirector(&node, &handoff).await;
+    let ipless = PodRedirect {
+        ips: vec![],
+        ..a.clone()
+    };
+    let report = r2.reconcile(std::slice::from_ref(&ipless)).await;
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let members = probe_members(&host);
+    assert!(members.contains("10.9.0.7"), "{members}");
+    assert!(members.contains("10.9.0.99"), "{members}");
+
+    // The IP shows up (here also after its entry was lost some other way).
+    run_in(
+        &host,
+        "ipset",
+        &["del", rules::DEFAULT_PROBE_IPSET_V4, "10.9.0.7"],
+    );
+    r2.sync_ips(&a).await.unwrap();
+    r2.sync_ips(&a).await.unwrap();
+    let members = probe_members(&host);
+    assert!(
+        members.contains("add istio-inpod-probes-v4 10.9.0.7 comment \"uid-a\""),
+        "{members}"
+    );
+
+    // An IP change moves the pod's entry; unenrol removes the new one.
+    let moved = pod("uid-a", "a", "10.9.0.8", &pod_a);
+    r2.sync_ips(&moved).await.unwrap();
+    let members = probe_members(&host);
+    assert!(
+        members.contains("10.9.0.8") && !members.contains("10.9.0.7"),
+        "{members}"
+    );
+    r2.unenrol(&PodRedirect {
+        ips: vec![],
+        ..moved
+    })
+    .await
+    .unwrap();
+    assert!(!probe_members(&host).contains("10.9.0.8"));
+
+    // Every IP known: the stale entry is pruned.
+    let b = pod("uid-b", "b", "10.9.0.9", &pod_a);
+    let report = r2.reconcile(&[b]).await;
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let members = probe_members(&host);
+    assert!(
+        members.contains("10.9.0.9") && !members.contains("10.9.0.99"),
+        "{members}"
+    );
+    r2.cleanup_all().await.unwrap();
 }

@@ -331,6 +331,9 @@ impl Reconciler {
             (Some(Op::Enrol), None) => {}
             (Some(Op::Unenrol), _) => self.unenrol(uid, pod.as_ref(), desired).await,
             (None, Some(pod)) => {
+                if actual == Actual::Enrolled && matches!(desired, Desired::Enrol(_)) {
+                    self.resync_ips(pod).await;
+                }
                 if let Some(a) = p.annotation {
                     self.annotate(pod, a).await;
                 }
@@ -400,6 +403,49 @@ impl Reconciler {
             self.queue.add_after(&pod.uid, delay);
         }
         self.annotate(pod, annotation).await;
+    }
+
+    /// An enrolled pod that stays enrolled: when its IPs in the cache differ
+    /// from those it was enrolled with (e.g. unknown at start-up, as upstream
+    /// #60471), the redirector's per-IP state (probe ipset) follows them.
+    async fn resync_ips(&self, pod: &PodInfo) {
+        let redirect = {
+            let recs = self.records();
+            let Some(rec) = recs.get(&pod.uid) else {
+                return;
+            };
+            if pod.ips.is_empty() || same_ips(&rec.redirect.ips, &pod.ips) {
+                return;
+            }
+            PodRedirect {
+                ips: pod.ips.clone(),
+                ..rec.redirect.clone()
+            }
+        };
+        let t0 = std::time::Instant::now();
+        let result = self.redirector.sync_ips(&redirect).await;
+        self.metrics.observe("sync_ips", t0.elapsed());
+        match result {
+            Ok(()) => {
+                tracing::info!(pod = %pod.key(), uid = %pod.uid, ips = ?pod.ips, "enrolled pod's IPs synced");
+                if let Some(rec) = self.records().get_mut(&pod.uid) {
+                    rec.redirect.ips = redirect.ips;
+                    rec.attempts = 0;
+                }
+            }
+            Err(e) => {
+                self.metrics.failure("sync_ips", e.is_retryable());
+                let attempts = match self.records().get_mut(&pod.uid) {
+                    Some(rec) => {
+                        rec.attempts += 1;
+                        rec.attempts
+                    }
+                    None => 1,
+                };
+                tracing::warn!(pod = %pod.key(), uid = %pod.uid, error = %e, attempts, "cannot sync the enrolled pod's IPs; will retry");
+                self.queue.add_after(&pod.uid, self.backoff(attempts));
+            }
+        }
     }
 
     async fn unenrol(&self, uid: &str, pod: Option<&PodInfo>, desired: Desired) {
@@ -636,5 +682,16 @@ impl Reconciler {
     }
 }
 
+/// Same IPs, whatever the order.
+fn same_ips(a: &[std::net::IpAddr], b: &[std::net::IpAddr]) -> bool {
+    let mut a = a.to_vec();
+    let mut b = b.to_vec();
+    a.sort();
+    b.sort();
+    a == b
+}
+
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_ip_sync;

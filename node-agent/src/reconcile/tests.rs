@@ -22,21 +22,21 @@ use crate::redirect::{PodRedirect, ReconcileReport, RedirectError, Redirector};
 /// Records calls; enrol is retryable while `ztunnel` is false; checks that
 /// no two operations overlap on one pod.
 #[derive(Default)]
-struct FakeRedirector {
-    calls: Mutex<Vec<(&'static str, PodRedirect)>>,
+pub(super) struct FakeRedirector {
+    pub(super) calls: Mutex<Vec<(&'static str, PodRedirect)>>,
     /// UIDs whose enrol fails for good.
-    fatal: Mutex<std::collections::HashSet<String>>,
+    pub(super) fatal: Mutex<std::collections::HashSet<String>>,
     ztunnel: AtomicBool,
     delay: Mutex<Duration>,
     inflight: Mutex<HashMap<String, usize>>,
     overlaps: AtomicUsize,
-    reconciled: Mutex<Vec<String>>,
+    pub(super) reconciled: Mutex<Vec<String>>,
     /// UID → how many more unenrols of it fail.
     unenrol_failures: Mutex<HashMap<String, usize>>,
 }
 
 impl FakeRedirector {
-    fn calls(&self, op: &str) -> Vec<String> {
+    pub(super) fn calls(&self, op: &str) -> Vec<String> {
         self.calls
             .lock()
             .unwrap()
@@ -46,7 +46,7 @@ impl FakeRedirector {
             .collect()
     }
 
-    fn last(&self, op: &str, uid: &str) -> Option<PodRedirect> {
+    pub(super) fn last(&self, op: &str, uid: &str) -> Option<PodRedirect> {
         self.calls
             .lock()
             .unwrap()
@@ -69,6 +69,12 @@ impl FakeRedirector {
         tokio::time::sleep(delay).await;
         self.calls.lock().unwrap().push((op, pod.clone()));
         *self.inflight.lock().unwrap().get_mut(&pod.uid).unwrap() -= 1;
+        if op == "sync_ips" {
+            return match self.fatal.lock().unwrap().contains(&pod.uid) {
+                true => Err(RedirectError::new(pod, "probe ipset", true, "boom")),
+                false => Ok(()),
+            };
+        }
         if op == "unenrol" {
             if let Some(n) = self.unenrol_failures.lock().unwrap().get_mut(&pod.uid)
                 && *n > 0
@@ -105,6 +111,9 @@ impl Redirector for FakeRedirector {
     }
     fn unenrol<'a>(&'a self, pod: &'a PodRedirect) -> BoxFuture<'a, Result<(), RedirectError>> {
         Box::pin(self.op("unenrol", pod))
+    }
+    fn sync_ips<'a>(&'a self, pod: &'a PodRedirect) -> BoxFuture<'a, Result<(), RedirectError>> {
+        Box::pin(self.op("sync_ips", pod))
     }
     fn reconcile<'a>(&'a self, enrolled: &'a [PodRedirect]) -> BoxFuture<'a, ReconcileReport> {
         Box::pin(async move {
@@ -184,16 +193,16 @@ impl ClusterApi for FakeApi {
     }
 }
 
-struct Harness {
-    r: Arc<Reconciler>,
+pub(super) struct Harness {
+    pub(super) r: Arc<Reconciler>,
     cache: Arc<ClusterCache>,
-    redir: Arc<FakeRedirector>,
+    pub(super) redir: Arc<FakeRedirector>,
     api: Arc<FakeApi>,
     _run: tempfile::TempDir,
     proc_dir: tempfile::TempDir,
 }
 
-fn running(uid: &str, ns: &str, name: &str, ip: &str) -> PodInfo {
+pub(super) fn running(uid: &str, ns: &str, name: &str, ip: &str) -> PodInfo {
     PodInfo {
         uid: uid.into(),
         namespace: ns.into(),
@@ -205,7 +214,7 @@ fn running(uid: &str, ns: &str, name: &str, ip: &str) -> PodInfo {
     }
 }
 
-fn ns(name: &str, mode: Option<&str>) -> NamespaceInfo {
+pub(super) fn ns(name: &str, mode: Option<&str>) -> NamespaceInfo {
     NamespaceInfo {
         name: name.into(),
         mode_label: mode.map(String::from),
@@ -213,7 +222,7 @@ fn ns(name: &str, mode: Option<&str>) -> NamespaceInfo {
 }
 
 impl Harness {
-    fn new(pods: Vec<PodInfo>, namespaces: Vec<NamespaceInfo>) -> Self {
+    pub(super) fn new(pods: Vec<PodInfo>, namespaces: Vec<NamespaceInfo>) -> Self {
         let cache = Arc::new(ClusterCache::new("istio-system"));
         cache.pods_init();
         for p in pods {
@@ -271,20 +280,20 @@ impl Harness {
         }
     }
 
-    fn apply_pod(&self, p: PodInfo) {
+    pub(super) fn apply_pod(&self, p: PodInfo) {
         for c in self.cache.apply_pod(p) {
             self.r.handle_change(&c);
         }
     }
 
-    fn delete_pod(&self, uid: &str) {
+    pub(super) fn delete_pod(&self, uid: &str) {
         for c in self.cache.delete_pod(uid) {
             self.r.handle_change(&c);
         }
     }
 
     /// Waits until the work queue stays empty (delayed retries aside).
-    async fn settle(&self) {
+    pub(super) async fn settle(&self) {
         for _ in 0..100 {
             tokio::time::sleep(Duration::from_millis(20)).await;
             if self.r.queue.is_empty() {
@@ -297,7 +306,7 @@ impl Harness {
     }
 }
 
-async fn started(h: &Harness) -> Vec<tokio::task::JoinHandle<()>> {
+pub(super) async fn started(h: &Harness) -> Vec<tokio::task::JoinHandle<()>> {
     h.r.startup().await;
     h.r.spawn_workers()
 }

@@ -23,10 +23,14 @@
 //!   nothing of the attempt is left behind.
 //! - Methods are async and must not block the runtime: kernel work runs on a
 //!   dedicated thread (see [`netns::Netns::run_async`]).
+//! - `sync_ips` is called for an enrolled pod whose IPs changed; it only
+//!   touches what the mode keeps per pod IP.
 //! - `reconcile` is called once at start-up with every pod that should be
 //!   enrolled *now*. It repairs their redirection, forgets/cleans pods it
 //!   finds redirected that are not in the list, and rebuilds whatever the mode
-//!   keeps on the host. It reports per pod rather than failing as a whole.
+//!   keeps on the host. It reports per pod rather than failing as a whole. A
+//!   listed pod without IPs (not in the informer cache yet) has unknown, not
+//!   no, IPs: what the node holds for it is kept.
 //! - `cleanup_all` removes everything the redirector ever installed (pods and
 //!   host), for uninstall. It is not called on an upgrade restart.
 
@@ -148,6 +152,13 @@ pub trait Redirector: Send + Sync {
     /// Undo [`Redirector::enrol`] for `pod`. Idempotent; a pod whose netns is
     /// already gone is not an error.
     fn unenrol<'a>(&'a self, pod: &'a PodRedirect) -> BoxFuture<'a, Result<(), RedirectError>>;
+
+    /// `pod` is enrolled and its IPs changed since (e.g. they were unknown
+    /// when the agent restarted): make the node-level state kept per pod IP
+    /// follow `pod.ips` (in-pod: the kubelet-probe SNAT ipset; GENEVE: the
+    /// capture ipset and the pod's routes). Nothing else (rules, ztunnel
+    /// hand-off) is redone. Idempotent; a failure is retryable.
+    fn sync_ips<'a>(&'a self, pod: &'a PodRedirect) -> BoxFuture<'a, Result<(), RedirectError>>;
 
     /// Start-up: make the redirection of exactly `enrolled` true again.
     fn reconcile<'a>(&'a self, enrolled: &'a [PodRedirect]) -> BoxFuture<'a, ReconcileReport>;

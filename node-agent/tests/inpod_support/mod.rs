@@ -41,6 +41,11 @@ pub const GOLDEN_CASES: &[GoldenCase] = &[
         &[(ANNOTATION_REROUTE_VIRTUAL_INTERFACES, "fake1s0f0,fake1s0f1")],
     ),
     (
+        "pod_virtual_interface_wildcard",
+        false,
+        &[(ANNOTATION_REROUTE_VIRTUAL_INTERFACES, "tap+")],
+    ),
+    (
         "pod_bypass_inbound_and_virtual_interfaces",
         false,
         &[
@@ -66,7 +71,9 @@ pub fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 pub fn options(global_dns: bool, pairs: &[(&str, &str)]) -> PodRuleOptions {
-    PodRuleOptions::from_annotations(global_dns, &annotations(pairs)).unwrap()
+    let (opts, warnings) = PodRuleOptions::from_annotations(global_dns, &annotations(pairs));
+    assert!(warnings.is_empty(), "{pairs:?}: {warnings:?}");
+    opts
 }
 
 pub fn family_suffix(f: Family) -> &'static str {

@@ -487,6 +487,41 @@ impl GeneveRedirector {
         Ok(())
     }
 
+    /// An enrolled pod's IPs changed: its ipset entry and route follow its
+    /// IPv4 (nothing to do when it is the one recorded).
+    async fn sync_pod_ips(&self, pod: &PodRedirect) -> Result<(), RedirectError> {
+        let mut inner = self.inner.lock().await;
+        let fail = |e: GeneveError| RedirectError::new(pod, "GENEVE IP sync", true, e);
+        let plan = inner
+            .pods
+            .plan_enrol(&pod.uid, &pod.key(), &pod.ips)
+            .map_err(|e| RedirectError::new(pod, "GENEVE IP sync", true, e))?;
+        let recorded = inner.pods.get(&pod.uid).map(|e| e.ip);
+        if recorded == Some(plan.ip) && plan.stale.is_empty() {
+            return Ok(());
+        }
+        if let Some(old) = plan.old_ip {
+            node::remove_pod(&self.node_ns, &inner.nl, old)
+                .await
+                .map_err(fail)?;
+        }
+        let routing = inner.pod_routing();
+        node::add_pod(
+            &self.node_ns,
+            &inner.nl,
+            routing.route(plan.ip),
+            plan.ip,
+            &pod.uid,
+            &self.cfg.sysctls,
+            recorded.is_none(),
+        )
+        .await
+        .map_err(fail)?;
+        inner.pods.commit_enrol(&pod.uid, &pod.key(), &plan);
+        info!(pod = %pod.key(), uid = %pod.uid, ip = %plan.ip, old_ip = ?recorded, "pod IP synced (GENEVE)");
+        Ok(())
+    }
+
     async fn unenrol_pod(&self, pod: &PodRedirect) -> Result<(), RedirectError> {
         let mut inner = self.inner.lock().await;
         let Some(ip) = inner.pods.unenrol(&pod.uid, &pod.ips) else {
@@ -505,8 +540,35 @@ impl GeneveRedirector {
         let before: BTreeSet<String> = inner.pods.iter().map(|(u, _)| u.clone()).collect();
         let mut table = PodTable::default();
         let mut ok = Vec::new();
+        // Pods whose IPs are unknown (empty in the cache at start-up) keep
+        // the entry the ipset holds for their UID, instead of losing their
+        // capture until their IP shows up (then `sync_ips` checks it).
+        let held = if enrolled.iter().any(|p| p.ips.is_empty()) {
+            let label = inner.nl.netns().to_string();
+            match node::ipset_entries(&self.node_ns, &label).await {
+                Ok(set) => set
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(ip, uid)| (uid, ip))
+                    .collect(),
+                Err(e) => {
+                    warn!(error = %e, "start-up: cannot list the capture ipset for pods without IPs");
+                    BTreeMap::new()
+                }
+            }
+        } else {
+            BTreeMap::new()
+        };
         for pod in enrolled {
-            match table.plan_enrol(&pod.uid, &pod.key(), &pod.ips) {
+            let ips = match held.get(&pod.uid) {
+                Some(ip) if pod.ips.is_empty() => {
+                    info!(pod = %pod.key(), uid = %pod.uid, %ip,
+                        "start-up: pod without IPs in the cache keeps its capture ipset entry");
+                    vec![std::net::IpAddr::V4(*ip)]
+                }
+                _ => pod.ips.clone(),
+            };
+            match table.plan_enrol(&pod.uid, &pod.key(), &ips) {
                 Ok(plan) => {
                     table.commit_enrol(&pod.uid, &pod.key(), &plan);
                     ok.push(pod);
@@ -587,6 +649,10 @@ impl Redirector for GeneveRedirector {
 
     fn unenrol<'a>(&'a self, pod: &'a PodRedirect) -> BoxFuture<'a, Result<(), RedirectError>> {
         Box::pin(self.unenrol_pod(pod))
+    }
+
+    fn sync_ips<'a>(&'a self, pod: &'a PodRedirect) -> BoxFuture<'a, Result<(), RedirectError>> {
+        Box::pin(self.sync_pod_ips(pod))
     }
 
     fn reconcile<'a>(&'a self, enrolled: &'a [PodRedirect]) -> BoxFuture<'a, ReconcileReport> {

@@ -201,6 +201,17 @@ impl InpodRedirector {
         Ok(self.host.run_async(move || f(&rules)).await??)
     }
 
+    /// The pod's rule variant; annotation values that cannot be used are
+    /// logged and ignored (as upstream), never fail the pod.
+    fn rule_options(&self, pod: &PodRedirect) -> PodRuleOptions {
+        let (opts, warnings) =
+            PodRuleOptions::from_annotations(self.cfg.dns_capture, &pod.annotations);
+        for w in warnings {
+            tracing::warn!(pod = %pod.key(), uid = %pod.uid, "{w}");
+        }
+        opts
+    }
+
     /// The pod's netns: the one we hold (same pod re-enrolled), else its
     /// path, else a /proc scan.
     async fn open_netns(
@@ -254,8 +265,7 @@ impl InpodRedirector {
         };
         // Until ztunnel has the pod: retryable exactly when a previous
         // redirection stays in place.
-        let opts = PodRuleOptions::from_annotations(self.cfg.dns_capture, &pod.annotations)
-            .map_err(|e| RedirectError::new(pod, "reading annotations", was_enrolled, e))?;
+        let opts = self.rule_options(pod);
         let netns = self
             .open_netns(pod, held.as_ref())
             .await
@@ -406,7 +416,21 @@ impl InpodRedirector {
                 Err(e) => report.failed.push(e),
             }
         }
-        // Probe ipset: exactly the enrolled pods' IPs.
+        // Probe ipset: exactly the enrolled pods' IPs. Unless a pod's IPs are
+        // unknown (empty in the cache at start-up): its entries cannot be told
+        // from stale ones, and pruning them would leave its kubelet probes
+        // captured (as upstream, skip the prune; its IPs are re-added by
+        // `sync_ips` when they show up).
+        let ipless: Vec<String> = enrolled
+            .iter()
+            .filter(|p| p.ips.is_empty())
+            .map(PodRedirect::key)
+            .collect();
+        if !ipless.is_empty() {
+            tracing::warn!(pods = ?ipless,
+                "start-up: enrolled pods without IPs; not pruning the probe ipset");
+            return report;
+        }
         let want: Vec<IpAddr> = enrolled
             .iter()
             .flat_map(|p| p.ips.iter().copied())
@@ -481,9 +505,39 @@ impl InpodRedirector {
         rules.and(ipset)
     }
 
+    /// An enrolled pod's IPs changed: its probe-ipset entries follow them.
+    /// Entries of IPs it no longer has are removed only while still its own
+    /// (comment = its UID).
+    async fn sync_pod_ips(&self, pod: &PodRedirect) -> Result<(), RedirectError> {
+        let old = self
+            .pods
+            .lock()
+            .await
+            .get(&pod.uid)
+            .map(|e| e.ips.clone())
+            .unwrap_or_default();
+        let (uid, ips) = (pod.uid.clone(), pod.ips.clone());
+        self.host_ipset(move |r| probe_snat::add_ips_here(r, &uid, &ips))
+            .await
+            .map_err(|e| RedirectError::new(pod, "adding pod IPs to the probe ipset", true, e))?;
+        let gone: Vec<IpAddr> = old.into_iter().filter(|ip| !pod.ips.contains(ip)).collect();
+        if !gone.is_empty() {
+            let uid = pod.uid.clone();
+            self.host_ipset(move |r| probe_snat::del_pod_ips_here(r, &uid, &gone))
+                .await
+                .map_err(|e| {
+                    RedirectError::new(pod, "removing old pod IPs from the probe ipset", true, e)
+                })?;
+        }
+        if let Some(e) = self.pods.lock().await.get_mut(&pod.uid) {
+            e.ips = pod.ips.clone();
+        }
+        tracing::info!(pod = %pod.key(), uid = %pod.uid, ips = ?pod.ips, "pod IPs synced to the probe ipset");
+        Ok(())
+    }
+
     async fn reapply_rules(&self, pod: &PodRedirect, netns: &Netns) -> Result<(), RedirectError> {
-        let opts = PodRuleOptions::from_annotations(self.cfg.dns_capture, &pod.annotations)
-            .map_err(|e| RedirectError::new(pod, "reading annotations", true, e))?;
+        let opts = self.rule_options(pod);
         apply_pod(netns, &self.net, &opts)
             .await
             .map_err(|e| RedirectError::new(pod, "re-applying pod rules", true, e))
@@ -527,6 +581,10 @@ impl Redirector for InpodRedirector {
 
     fn unenrol<'a>(&'a self, pod: &'a PodRedirect) -> BoxFuture<'a, Result<(), RedirectError>> {
         Box::pin(self.unenrol_pod(pod))
+    }
+
+    fn sync_ips<'a>(&'a self, pod: &'a PodRedirect) -> BoxFuture<'a, Result<(), RedirectError>> {
+        Box::pin(self.sync_pod_ips(pod))
     }
 
     fn reconcile<'a>(&'a self, enrolled: &'a [PodRedirect]) -> BoxFuture<'a, ReconcileReport> {

@@ -95,14 +95,20 @@ pub struct PodRuleOptions {
     pub reroute_interfaces: Vec<String>,
 }
 
+/// An annotation value that was ignored (logged as a warning by the
+/// caller; enrolment goes on, as upstream).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum OptionsError {
-    #[error("annotation {annotation}: {value:?} is not \"true\" or \"false\"")]
+pub enum OptionsWarning {
+    #[error(
+        "annotation {annotation}: {value:?} is not a boolean (1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False); ignored, using the default"
+    )]
     NotBool {
         annotation: &'static str,
         value: String,
     },
-    #[error("annotation {annotation}: {name:?} is not a valid interface name")]
+    #[error(
+        "annotation {annotation}: {name:?} is not a valid interface name (optionally with a trailing '+' wildcard); ignored"
+    )]
     BadInterface {
         annotation: &'static str,
         name: String,
@@ -111,60 +117,71 @@ pub enum OptionsError {
 
 impl PodRuleOptions {
     /// Derives the variant from the node's DNS setting (`AMBIENT_DNS_CAPTURE`)
-    /// and the pod's annotations.
+    /// and the pod's annotations. As upstream, a value that cannot be used
+    /// does not fail the pod: a non-boolean is treated as absent (the
+    /// default) and an invalid interface name is dropped; each is returned
+    /// for the caller to log.
     pub fn from_annotations(
         global_dns_capture: bool,
         annotations: &BTreeMap<String, String>,
-    ) -> Result<Self, OptionsError> {
-        let dns_capture = match annotations.get(ANNOTATION_DNS_CAPTURE) {
-            Some(v) => parse_bool(ANNOTATION_DNS_CAPTURE, v)?,
-            None => global_dns_capture,
+    ) -> (Self, Vec<OptionsWarning>) {
+        let mut warnings = Vec::new();
+        let mut flag = |annotation: &'static str, default: bool| {
+            let Some(v) = annotations.get(annotation) else {
+                return default;
+            };
+            parse_bool(v).unwrap_or_else(|| {
+                warnings.push(OptionsWarning::NotBool {
+                    annotation,
+                    value: v.clone(),
+                });
+                default
+            })
         };
-        let bypass_inbound = match annotations.get(ANNOTATION_BYPASS_INBOUND) {
-            Some(v) => parse_bool(ANNOTATION_BYPASS_INBOUND, v)?,
-            None => false,
-        };
-        let mut reroute_interfaces = Vec::new();
+        let dns_capture = flag(ANNOTATION_DNS_CAPTURE, global_dns_capture);
+        let bypass_inbound = flag(ANNOTATION_BYPASS_INBOUND, false);
+        let mut reroute_interfaces: Vec<String> = Vec::new();
         if let Some(list) = annotations.get(ANNOTATION_REROUTE_VIRTUAL_INTERFACES) {
             for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
                 if !valid_interface_name(name) {
-                    return Err(OptionsError::BadInterface {
+                    warnings.push(OptionsWarning::BadInterface {
                         annotation: ANNOTATION_REROUTE_VIRTUAL_INTERFACES,
                         name: name.into(),
                     });
-                }
-                if !reroute_interfaces.iter().any(|n| n == name) {
+                } else if !reroute_interfaces.iter().any(|n| n == name) {
                     reroute_interfaces.push(name.to_string());
                 }
             }
         }
-        Ok(Self {
+        let opts = Self {
             dns_capture,
             bypass_inbound,
             reroute_interfaces,
-        })
+        };
+        (opts, warnings)
     }
 }
 
-fn parse_bool(annotation: &'static str, v: &str) -> Result<bool, OptionsError> {
-    match v.trim().to_ascii_lowercase().as_str() {
-        "true" => Ok(true),
-        "false" => Ok(false),
-        _ => Err(OptionsError::NotBool {
-            annotation,
-            value: v.into(),
-        }),
+/// Go's `strconv.ParseBool`, which upstream uses for these annotations.
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
     }
 }
 
-/// Linux interface names: 1..=15 bytes, no '/', whitespace or ':'; we also
-/// refuse iptables' '+' wildcard and '!' so a name can never widen a match.
+/// Linux interface names (1..=15 bytes, no '/', whitespace or ':'),
+/// optionally ending with iptables' '+' wildcard (a prefix match, e.g.
+/// `tap+`). A lone `+` (every interface) and `!` are refused so a name can
+/// never turn all inbound traffic into outbound, or invert a match.
 fn valid_interface_name(name: &str) -> bool {
-    !name.is_empty()
+    let base = name.strip_suffix('+').unwrap_or(name);
+    !base.is_empty()
         && name.len() <= 15
-        && name != "."
-        && name != ".."
-        && name
+        && base != "."
+        && base != ".."
+        && base
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
 }
@@ -501,47 +518,128 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn options_from_annotations() {
-        let o = PodRuleOptions::from_annotations(false, &BTreeMap::new()).unwrap();
-        assert_eq!(o, opts(false, false, &[]));
-        let o = PodRuleOptions::from_annotations(true, &BTreeMap::new()).unwrap();
-        assert!(o.dns_capture);
-        // per-pod override both ways
-        let o = PodRuleOptions::from_annotations(false, &ann(&[(ANNOTATION_DNS_CAPTURE, "true")]))
-            .unwrap();
-        assert!(o.dns_capture);
-        let o = PodRuleOptions::from_annotations(true, &ann(&[(ANNOTATION_DNS_CAPTURE, "False")]))
-            .unwrap();
-        assert!(!o.dns_capture);
-        let o = PodRuleOptions::from_annotations(
-            false,
-            &ann(&[
-                (ANNOTATION_BYPASS_INBOUND, "true"),
-                (ANNOTATION_REROUTE_VIRTUAL_INTERFACES, "eth1, tun0,,eth1"),
-            ]),
-        )
-        .unwrap();
-        assert_eq!(o, opts(false, true, &["eth1", "tun0"]));
+    fn parse(global_dns: bool, pairs: &[(&str, &str)]) -> PodRuleOptions {
+        let (o, warnings) = PodRuleOptions::from_annotations(global_dns, &ann(pairs));
+        assert_eq!(warnings, vec![], "{pairs:?}");
+        o
     }
 
     #[test]
-    fn bad_annotations_are_refused_naming_the_annotation() {
-        let e = PodRuleOptions::from_annotations(false, &ann(&[(ANNOTATION_DNS_CAPTURE, "yes")]))
-            .unwrap_err();
-        assert!(e.to_string().contains(ANNOTATION_DNS_CAPTURE), "{e}");
-        for bad in ["eth+", "a b", "!eth0", "averyveryverylongname", "x/y", ".."] {
-            let e = PodRuleOptions::from_annotations(
+    fn options_from_annotations() {
+        assert_eq!(parse(false, &[]), opts(false, false, &[]));
+        assert!(parse(true, &[]).dns_capture);
+        // per-pod override both ways
+        assert!(parse(false, &[(ANNOTATION_DNS_CAPTURE, "true")]).dns_capture);
+        assert!(!parse(true, &[(ANNOTATION_DNS_CAPTURE, "False")]).dns_capture);
+        let o = parse(
+            false,
+            &[
+                (ANNOTATION_BYPASS_INBOUND, "true"),
+                (ANNOTATION_REROUTE_VIRTUAL_INTERFACES, "eth1, tun0,,eth1"),
+            ],
+        );
+        assert_eq!(o, opts(false, true, &["eth1", "tun0"]));
+    }
+
+    /// Every spelling Go's `strconv.ParseBool` accepts (upstream parses these
+    /// annotations with it).
+    #[test]
+    fn boolean_annotations_accept_go_parsebool_values() {
+        for (v, want) in [
+            ("1", true),
+            ("t", true),
+            ("T", true),
+            ("TRUE", true),
+            ("true", true),
+            ("True", true),
+            ("0", false),
+            ("f", false),
+            ("F", false),
+            ("FALSE", false),
+            ("false", false),
+            ("False", false),
+        ] {
+            assert_eq!(
+                parse(!want, &[(ANNOTATION_DNS_CAPTURE, v)]).dns_capture,
+                want,
+                "{v}"
+            );
+            let o = parse(false, &[(ANNOTATION_BYPASS_INBOUND, v)]);
+            assert_eq!(o.bypass_inbound, want, "{v}");
+        }
+    }
+
+    /// Anything else is ignored with a warning naming the annotation: the
+    /// default applies and the pod is still enrolled.
+    #[test]
+    fn other_boolean_values_fall_back_to_the_default_with_a_warning() {
+        for v in ["yes", "enabled", "tRUE", " true", "", "2"] {
+            for global in [false, true] {
+                let (o, w) = PodRuleOptions::from_annotations(
+                    global,
+                    &ann(&[(ANNOTATION_DNS_CAPTURE, v), (ANNOTATION_BYPASS_INBOUND, v)]),
+                );
+                assert_eq!(o, opts(global, false, &[]), "{v:?}");
+                assert_eq!(w.len(), 2, "{v:?}: {w:?}");
+                assert!(
+                    w[0].to_string().contains(ANNOTATION_DNS_CAPTURE),
+                    "{}",
+                    w[0]
+                );
+                assert!(
+                    w[1].to_string().contains(ANNOTATION_BYPASS_INBOUND),
+                    "{}",
+                    w[1]
+                );
+            }
+        }
+    }
+
+    /// iptables' trailing `+` wildcard is allowed; invalid names are dropped
+    /// with a warning, the valid ones kept.
+    #[test]
+    fn interface_wildcards_are_allowed_and_bad_names_dropped() {
+        let o = parse(
+            false,
+            &[(ANNOTATION_REROUTE_VIRTUAL_INTERFACES, "tap+, eth0,eth+")],
+        );
+        assert_eq!(o.reroute_interfaces, vec!["tap+", "eth0", "eth+"]);
+        for bad in [
+            "+",
+            "e+th",
+            "eth++",
+            "a b",
+            "!eth0",
+            "averyveryverylongname",
+            "x/y",
+            "..",
+            "..+",
+        ] {
+            let (o, w) = PodRuleOptions::from_annotations(
                 false,
-                &ann(&[(ANNOTATION_REROUTE_VIRTUAL_INTERFACES, bad)]),
-            )
-            .unwrap_err();
+                &ann(&[(
+                    ANNOTATION_REROUTE_VIRTUAL_INTERFACES,
+                    &format!("tun0,{bad}"),
+                )]),
+            );
+            assert_eq!(o.reroute_interfaces, vec!["tun0"], "{bad:?}");
+            assert_eq!(w.len(), 1, "{bad:?}");
             assert!(
-                e.to_string()
+                w[0].to_string()
                     .contains(ANNOTATION_REROUTE_VIRTUAL_INTERFACES),
-                "{e}"
+                "{}",
+                w[0]
             );
         }
+        let rules = pod_rules(&RuleConfig::default(), &o_ifs(&["tap+"]), Family::V4);
+        assert_eq!(
+            rules[1].chains[0].1[0],
+            "-i tap+ -p tcp -j REDIRECT --to-ports 15001"
+        );
+    }
+
+    fn o_ifs(ifs: &[&str]) -> PodRuleOptions {
+        opts(false, false, ifs)
     }
 
     #[test]
