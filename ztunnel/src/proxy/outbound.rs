@@ -12,7 +12,7 @@ use crate::hbone::headers::{self, ConnectRequest};
 use crate::hbone::{self, FailureKind, HboneError, PoolKey};
 use crate::identity::Identity;
 use crate::state::on_demand::Unanswered;
-use crate::state::workload::GatewayAddress;
+use crate::state::workload::{GatewayAddress, LoadBalancerMode};
 use crate::state::{Protocol, Service, Snapshot, Workload};
 use crate::telemetry::{
     ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason, ResponseFlags,
@@ -56,6 +56,9 @@ pub(super) enum Route {
 ///
 /// - A service VIP with a waypoint: to the waypoint (authority = `dst`), unless `src` is
 ///   that waypoint (no loops).
+/// - A service VIP whose load balancer mode is `Passthrough` (a ServiceEntry with
+///   `resolution: NONE`): plaintext to `dst` itself, with or without endpoints (upstream's
+///   `OriginalDestination`); the service is kept for telemetry.
 /// - A service VIP: a healthy endpoint picked at random, port mapped to its target port.
 /// - A workload IP with a waypoint: to the waypoint (authority = `dst`), unless `src` is
 ///   that waypoint. Service-addressed traffic ignores the endpoint's own waypoint
@@ -93,6 +96,19 @@ pub(super) fn resolve(
         {
             return through(gw, Some(svc.clone()), format!("service {}", svc.key()));
         }
+        if svc
+            .load_balancer
+            .as_ref()
+            .is_some_and(|lb| lb.mode == LoadBalancerMode::Passthrough)
+        {
+            // As upstream: a passthrough service (ServiceEntry with `resolution: NONE`) goes
+            // to the address the client dialled, in plaintext, whatever its endpoints.
+            return Route::Plain {
+                target: dst,
+                workload: None,
+                service: Some(svc.clone()),
+            };
+        }
         if !svc.ports.contains_key(&dst.port()) {
             // As kube-proxy and upstream's ztunnel: a VIP forwards only its own ports.
             return Route::Unroutable {
@@ -100,15 +116,17 @@ pub(super) fn resolve(
                 reason: format!("service {} has no port {}", svc.key(), dst.port()),
             };
         }
-        match snap.pick_endpoint_for(src, svc, dst.port()) {
-            Some((w, port)) => {
+        // Only endpoints on the client's network: others would need double HBONE through
+        // their network's gateway (not implemented), never a direct dial.
+        match snap.select_endpoint(src, Some(network), svc, dst.port()) {
+            Ok((w, port)) => {
                 let ip = pick_ip(&w, dst.ip());
                 (w, SocketAddr::new(ip, port), Some(svc.clone()))
             }
-            None => {
+            Err(e) => {
                 return Route::Unroutable {
                     service: Some(svc.clone()),
-                    reason: format!("service {} has no healthy endpoint", svc.key()),
+                    reason: e.to_string(),
                 };
             }
         }
@@ -667,6 +685,115 @@ services:
                 assert!(reason.contains("/10.0.0.99:15008"), "{reason}");
             }
             r => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn a_passthrough_service_goes_to_the_original_destination_in_plaintext() {
+        // ServiceEntry `resolution: NONE`: istiod sends `mode: PASSTHROUGH`. `ext` has no
+        // endpoints; `pass` has two, one of them owning the VIP address.
+        let snap = crate::state::file::test_store(
+            r#"
+workloads:
+- {uid: client, name: client, namespace: ns, serviceAccount: c, workloadIps: ["10.0.0.9"],
+   protocol: HBONE}
+- {uid: e1, name: e1, namespace: ns, workloadIps: ["10.0.0.1"], protocol: HBONE,
+   services: {"ns/pass.example.com": {80: 8080}}}
+- {uid: e2, name: e2, namespace: ns, workloadIps: ["10.0.0.2"], protocol: HBONE,
+   services: {"ns/pass.example.com": {80: 8080}}}
+services:
+- {name: ext, namespace: ns, hostname: db.example.com, vips: ["/203.0.113.10"],
+   ports: {5432: 5432}, loadBalancer: {mode: Passthrough, healthPolicy: AllowAll}}
+- {name: pass, namespace: ns, hostname: pass.example.com, vips: ["/10.0.0.1"],
+   ports: {80: 8080}, loadBalancer: {mode: Passthrough}}
+"#,
+        )
+        .snapshot();
+        let src = snap.workload_by_uid("client").cloned();
+        for (dst, svc) in [
+            ("203.0.113.10:5432", "db.example.com"),
+            ("10.0.0.1:80", "pass.example.com"),
+        ] {
+            for _ in 0..32 {
+                match resolve(&snap, src.as_deref(), "", addr(dst), 15008) {
+                    Route::Plain {
+                        target,
+                        workload,
+                        service,
+                    } => {
+                        assert_eq!(target, addr(dst));
+                        assert!(workload.is_none(), "{dst}");
+                        assert_eq!(service.unwrap().hostname, svc);
+                    }
+                    r => panic!("{dst}: {r:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_endpoint_with_capacity_zero_is_never_picked() {
+        let snap = crate::state::file::test_store(
+            r#"
+workloads:
+- {uid: client, name: client, namespace: ns, serviceAccount: c, workloadIps: ["10.0.0.9"],
+   protocol: HBONE}
+- {uid: e1, name: e1, namespace: ns, workloadIps: ["10.0.0.1"], protocol: HBONE, capacity: 1,
+   services: {"ns/svc.ns.svc.cluster.local": {80: 8080}}}
+- {uid: e2, name: e2, namespace: ns, workloadIps: ["10.0.0.2"], protocol: HBONE, capacity: 0,
+   services: {"ns/svc.ns.svc.cluster.local": {80: 8080}}}
+services:
+- {name: svc, namespace: ns, hostname: svc.ns.svc.cluster.local, vips: ["/10.96.0.1"],
+   ports: {80: 8080}}
+"#,
+        )
+        .snapshot();
+        let src = snap.workload_by_uid("client").cloned();
+        for _ in 0..64 {
+            match resolve(&snap, src.as_deref(), "", addr("10.96.0.1:80"), 15008) {
+                Route::Hbone { target, .. } => assert_eq!(target, addr("10.0.0.1:8080")),
+                r => panic!("{r:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn endpoints_on_another_network_are_never_dialled_directly() {
+        let snap = crate::state::file::test_store(
+            r#"
+workloads:
+- {uid: client, name: client, namespace: ns, serviceAccount: c, workloadIps: ["10.0.0.9"],
+   protocol: HBONE}
+- {uid: remote, name: remote, namespace: ns, network: west, workloadIps: ["10.1.0.1"],
+   protocol: HBONE, networkGateway: {destination: "/192.0.2.1", hboneMtlsPort: 15008},
+   services: {"ns/svc.ns.svc.cluster.local": {80: 8080}, "ns/mixed.ns.svc.cluster.local": {80: 8080}}}
+- {uid: local, name: local, namespace: ns, workloadIps: ["10.0.0.1"], protocol: HBONE,
+   services: {"ns/mixed.ns.svc.cluster.local": {80: 8080}}}
+services:
+- {name: svc, namespace: ns, hostname: svc.ns.svc.cluster.local, vips: ["/10.96.0.1"],
+   ports: {80: 8080}}
+- {name: mixed, namespace: ns, hostname: mixed.ns.svc.cluster.local, vips: ["/10.96.0.2"],
+   ports: {80: 8080}}
+"#,
+        )
+        .snapshot();
+        let src = snap.workload_by_uid("client").cloned();
+        // Only a remote-network endpoint: refused, naming the service and the network.
+        match resolve(&snap, src.as_deref(), "", addr("10.96.0.1:80"), 15008) {
+            Route::Unroutable { reason, .. } => {
+                assert!(reason.contains("ns/svc.ns.svc.cluster.local"), "{reason}");
+                assert!(reason.contains("west"), "{reason}");
+            }
+            r => panic!("{r:?}"),
+        }
+        // Local and remote endpoints: always the local one.
+        for _ in 0..64 {
+            match resolve(&snap, src.as_deref(), "", addr("10.96.0.2:80"), 15008) {
+                Route::Hbone { hbone_addr, .. } => {
+                    assert_eq!(hbone_addr, addr("10.0.0.1:15008"))
+                }
+                r => panic!("{r:?}"),
+            }
         }
     }
 }

@@ -18,6 +18,8 @@
 pub mod file;
 pub mod gateway;
 pub mod kube;
+mod load_balance;
+pub use load_balance::NoEndpoint;
 pub mod on_demand;
 mod service_guess;
 pub mod workload;
@@ -103,7 +105,8 @@ impl Snapshot {
         self.endpoints.get(key).map(Vec::as_slice).unwrap_or(&[])
     }
 
-    /// A healthy endpoint of `svc` for service port `port`, chosen at random, with the
+    /// A healthy endpoint of `svc` for service port `port`, chosen at random weighted by
+    /// its workload's `capacity` (capacity 0: never chosen), with the
     /// target port. `None` when the service has no healthy endpoint. When the service
     /// port's target is a name (target 0), only endpoints that resolved that name for
     /// this port qualify (as upstream: another workload of the service may not have it).
@@ -121,26 +124,54 @@ impl Snapshot {
         svc: &Service,
         port: u16,
     ) -> Option<(Arc<Workload>, u16)> {
+        self.select_endpoint(src, src.map(|w| w.network.as_str()), svc, port)
+            .ok()
+    }
+
+    /// [`Self::pick_endpoint_for`], keeping only endpoints on `network` when given (the
+    /// client's network: endpoints elsewhere are reached through their network's gateway,
+    /// which is not implemented, and must never be dialled directly), and saying why no
+    /// endpoint qualifies.
+    pub fn select_endpoint(
+        &self,
+        src: Option<&Workload>,
+        network: Option<&str>,
+        svc: &Service,
+        port: u16,
+    ) -> Result<(Arc<Workload>, u16), NoEndpoint> {
         let eps = self.endpoints(&svc.key());
         let named = svc.ports.get(&port) == Some(&0);
         let any_health = svc
             .load_balancer
             .as_ref()
             .is_some_and(|lb| lb.allows_unhealthy());
-        let mut healthy: Vec<&Endpoint> = eps
+        let (mut healthy, remote): (Vec<&Endpoint>, Vec<&Endpoint>) = eps
             .iter()
             .filter(|e| {
                 (any_health || e.workload.is_healthy()) && !e.workload.workload_ips.is_empty()
             })
             .filter(|e| !named || e.ports.get(&port).is_some_and(|t| *t != 0))
-            .collect();
+            .partition(|e| network.is_none_or(|n| e.workload.network == n));
+        if healthy.is_empty() && !remote.is_empty() {
+            let mut networks: Vec<String> =
+                remote.iter().map(|e| e.workload.network.clone()).collect();
+            networks.sort();
+            networks.dedup();
+            return Err(NoEndpoint::OtherNetwork {
+                service: svc.key(),
+                local: network.unwrap_or_default().to_string(),
+                networks: networks.join(", "),
+            });
+        }
         if let (Some(lb), Some(src)) = (&svc.load_balancer, src) {
-            healthy = prefer(lb, src, healthy);
+            healthy = load_balance::prefer(lb, src, healthy);
         }
         if healthy.is_empty() {
-            return None;
+            return Err(NoEndpoint::NoHealthy(svc.key()));
         }
-        let ep = healthy[rand::random_range(0..healthy.len())];
+        // As upstream: weighted by capacity; none when every candidate has capacity 0.
+        let ep = load_balance::choose_by_capacity(&healthy, &mut rand::rng())
+            .ok_or_else(|| NoEndpoint::NoCapacity(svc.key()))?;
         let target = match ep.ports.get(&port) {
             Some(&t) if t != 0 => t,
             _ => match svc.ports.get(&port) {
@@ -148,7 +179,7 @@ impl Snapshot {
                 _ => port,
             },
         };
-        Some((ep.workload.clone(), target))
+        Ok((ep.workload.clone(), target))
     }
 
     /// The networks workload addresses are indexed under (sorted, distinct).
@@ -491,63 +522,6 @@ impl SourceBatch {
             + self.upsert_policies.len()
             + self.remove_policies.len()
     }
-}
-
-/// The endpoints `lb` prefers for client `src` (upstream's ranking): each endpoint ranks
-/// by how many leading preferences it shares with `src` (a first `Network` preference
-/// that matches counts for all); `Strict` drops endpoints that miss any, then the best
-/// rank wins.
-fn prefer<'a>(lb: &LoadBalancer, src: &Workload, eps: Vec<&'a Endpoint>) -> Vec<&'a Endpoint> {
-    use workload::{LoadBalancerMode, LoadBalancerScope};
-    if matches!(
-        lb.mode,
-        LoadBalancerMode::Standard | LoadBalancerMode::Passthrough
-    ) {
-        return eps;
-    }
-    let prefs = &lb.routing_preferences;
-    let network_first = prefs.first() == Some(&LoadBalancerScope::Network);
-    let ranked: Vec<(usize, &Endpoint)> = eps
-        .into_iter()
-        .filter_map(|ep| {
-            let w = &ep.workload;
-            let (mut rank, mut adjust) = (0, 0);
-            for scope in prefs {
-                let matches = match scope {
-                    LoadBalancerScope::Region => src.locality.region == w.locality.region,
-                    LoadBalancerScope::Zone => src.locality.zone == w.locality.zone,
-                    LoadBalancerScope::Subzone => src.locality.subzone == w.locality.subzone,
-                    LoadBalancerScope::Node => src.node == w.node,
-                    LoadBalancerScope::Cluster => src.cluster_id == w.cluster_id,
-                    LoadBalancerScope::Network => {
-                        let m = src.network == w.network;
-                        if network_first {
-                            if m {
-                                adjust = prefs.len() - 1;
-                            } else {
-                                continue;
-                            }
-                        }
-                        m
-                    }
-                };
-                if !matches {
-                    break;
-                }
-                rank += 1;
-            }
-            if lb.mode == LoadBalancerMode::Strict && rank != prefs.len() {
-                return None;
-            }
-            Some((rank + adjust, ep))
-        })
-        .collect();
-    let best = ranked.iter().map(|(r, _)| *r).max().unwrap_or(0);
-    ranked
-        .into_iter()
-        .filter(|(r, _)| *r == best)
-        .map(|(_, ep)| ep)
-        .collect()
 }
 
 #[cfg(test)]

@@ -279,7 +279,10 @@ pub enum LoadBalancerMode {
     Strict,
     /// The endpoints matching the longest prefix of the preferences.
     Failover,
-    /// Treated as `Standard`.
+    /// No endpoint is picked: connections go, in plaintext, to the address the client
+    /// dialled (istiod sends it for ServiceEntries with `resolution: NONE`; see
+    /// `proxy::outbound::resolve`). Preferences ignored where endpoints are picked anyway
+    /// (a waypoint or gateway service).
     Passthrough,
 }
 
