@@ -10,17 +10,14 @@
 mod inpod_support;
 
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use inpod_support::*;
-use mesh_proto::zds::WorkloadInfo;
 use node_agent::redirect::inpod::probe_snat;
 use node_agent::redirect::inpod::rules::{self, RuleConfig};
 use node_agent::redirect::inpod::{
-    HandoffError, InpodConfig, InpodRedirector, PodNetConfig, WorkloadHandoff, apply_pod,
-    remove_pod,
+    InpodConfig, InpodRedirector, PodNetConfig, apply_pod, remove_pod,
 };
 use node_agent::redirect::iptables::{Backend, Family};
 use node_agent::redirect::netns::Netns;
@@ -251,50 +248,6 @@ async fn host_probe_snat_and_ipsets() {
         assert!(!after.contains("ISTIO"), "{after}");
         let sets = run_in(&ns, "ipset", &["list", "-n"]);
         assert!(sets.trim().is_empty(), "{sets}");
-    }
-}
-
-/// Records hand-off calls; fails `add` while `fail_add` is set.
-#[derive(Default)]
-struct FakeHandoff {
-    calls: Mutex<Vec<String>>,
-    fail_add: Mutex<bool>,
-}
-
-impl WorkloadHandoff for FakeHandoff {
-    fn add<'a>(
-        &'a self,
-        uid: &'a str,
-        info: &'a WorkloadInfo,
-        netns: &'a Netns,
-    ) -> BoxFuture<'a, Result<(), HandoffError>> {
-        Box::pin(async move {
-            assert!(node_agent::redirect::netns::is_netns(
-                std::os::fd::AsFd::as_fd(netns)
-            ));
-            self.calls
-                .lock()
-                .unwrap()
-                .push(format!("add {uid} {}/{}", info.namespace, info.name));
-            if *self.fail_add.lock().unwrap() {
-                return Err("no ztunnel connected".into());
-            }
-            Ok(())
-        })
-    }
-
-    fn register(&self, uid: &str, _info: &WorkloadInfo, netns: Option<&Netns>) {
-        self.calls.lock().unwrap().push(format!(
-            "register {uid} {}",
-            if netns.is_some() { "netns" } else { "keep" }
-        ));
-    }
-
-    fn del<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, Result<(), HandoffError>> {
-        Box::pin(async move {
-            self.calls.lock().unwrap().push(format!("del {uid}"));
-            Ok(())
-        })
     }
 }
 
@@ -565,6 +518,69 @@ async fn startup_with_unusable_annotation_values_reapplies_the_defaults() {
         views[0].1,
         golden_view("pod_default_v4", rules::POD_OWNERSHIP)
     );
+    r.cleanup_all().await.unwrap();
+}
+
+/// Start-up: a pod whose rules cannot be re-applied (its netns lost `lo`,
+/// which the policy routing needs) is still registered for the snapshot,
+/// held, given its probe entry and keeps the rules it had; the failure is
+/// retryable and names the pod and its netns, and so is the control loop's
+/// retry, which leaves the redirection alone; once `lo` is back it converges.
+#[tokio::test]
+async fn startup_rule_failure_keeps_the_pod_held_and_retryable() {
+    require_root!();
+    let (node, pod_d) = (TestNetns::new(), TestNetns::new());
+    let handoff = Arc::new(FakeHandoff::default());
+    let r = redirector(&node, &handoff).await;
+    let backend = r.backend();
+    // The rules a previous agent applied.
+    apply_pod(&pod_d.netns(), r.pod_net_config(), &options(false, &[]))
+        .await
+        .unwrap();
+    let ip_link = |args: &str| {
+        let args: Vec<&str> = args.split(' ').collect();
+        run_in(&pod_d.netns(), "ip", &args);
+    };
+    ip_link("link set lo down");
+    ip_link("link set lo name lo-gone");
+    let d = pod("uid-d", "d", "10.9.0.4", &pod_d);
+
+    let report = r.reconcile(std::slice::from_ref(&d)).await;
+    assert!(report.enrolled.is_empty(), "{report:?}");
+    let [e] = report.failed.as_slice() else {
+        panic!("{report:?}")
+    };
+    assert_eq!(e.uid, "uid-d");
+    assert!(e.is_retryable(), "{e}");
+    let msg = e.to_string();
+    let netns = pod_d.path().display().to_string();
+    for part in ["ns1/d", "re-applying pod rules", &netns, "loopback"] {
+        assert!(msg.contains(part), "{part:?} not in {msg}");
+    }
+    assert_eq!(calls(&handoff), vec!["register uid-d netns"]);
+    assert_eq!(r.enrolled_uids().await, vec!["uid-d".to_string()]);
+    assert!(probe_members(&node.netns()).contains("10.9.0.4 comment \"uid-d\""));
+    let rules_in_place = || {
+        let (views, _) =
+            node_agent::redirect::inpod::apply::inspect_pod(&pod_d.netns(), backend).unwrap();
+        views[0].1 == golden_view("pod_default_v4", rules::POD_OWNERSHIP)
+    };
+    assert!(rules_in_place());
+
+    // The control loop's retry: refused again, retryable, nothing undone.
+    let e = r.enrol(&d).await.unwrap_err();
+    assert!(e.is_retryable() && e.to_string().contains("ns1/d"), "{e}");
+    assert!(rules_in_place());
+    assert_eq!(r.enrolled_uids().await, vec!["uid-d".to_string()]);
+    assert_eq!(calls(&handoff), vec!["register uid-d netns"]);
+
+    ip_link("link set lo-gone name lo");
+    ip_link("link set lo up");
+    r.enrol(&d).await.unwrap();
+    assert_eq!(calls(&handoff).last().unwrap(), "add uid-d ns1/d");
+    let (_, routing) =
+        node_agent::redirect::inpod::apply::inspect_pod(&pod_d.netns(), backend).unwrap();
+    assert_eq!((routing.rule_v4, routing.route_v4), (1, 1), "{routing:?}");
     r.cleanup_all().await.unwrap();
 }
 

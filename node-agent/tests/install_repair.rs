@@ -1,7 +1,8 @@
 //! The installer running against scratch bin/conf/run dirs: waits for a
 //! primary config, repairs rewrites and removals within a second (through
 //! inotify: the periodic resync is set far beyond the deadline), keeps
-//! readiness false while the install is invalid, and uninstalls cleanly.
+//! readiness false while the install is invalid, passes over configs that
+//! do not load, and uninstalls cleanly.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -205,10 +206,11 @@ async fn waits_for_primary_then_repairs_rewrites_and_removals() {
     .await;
     wait_for("ready again", REPAIR_DEADLINE, || run.readiness.is_ready()).await;
 
-    // A broken primary keeps us not ready, with the file named.
+    // A primary that loads but cannot be chained keeps us not ready, with
+    // the file named.
     write_like_a_cni(
         &d.conf.join("05-broken.conflist"),
-        &json!({"cniVersion": "0.2.0", "name": "old", "plugins": []}),
+        &json!({"cniVersion": "0.2.0", "name": "old", "plugins": [{"type": "bridge"}]}),
     );
     wait_for("not ready on unchainable primary", REPAIR_DEADLINE, || {
         run.readiness
@@ -287,4 +289,38 @@ async fn owned_mode_follows_primary_and_leaves_it_alone() {
     assert!(!ours.exists());
     assert!(primary.exists());
     assert!(d.bin.join("istio-cni").exists(), "binary kept on uninstall");
+}
+
+/// A config that sorts first but does not load is passed over (ready,
+/// chained into the next); once it is fixed, it is the primary and gets
+/// chained within a second; broken again, the chaining stays where it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_that_does_not_load_is_skipped_until_it_is_fixed() {
+    let d = dirs();
+    let first = d.conf.join("05-first.conflist");
+    let list = d.conf.join("10-k8s.conflist");
+    fs::write(&first, b"{ half written").unwrap();
+    write_like_a_cni(&list, &primary_list());
+    let run = Running::start(config(&d, ConfigMode::Chained));
+    wait_for("next config chained", REPAIR_DEADLINE, || chained(&list)).await;
+    wait_for("ready", REPAIR_DEADLINE, || run.readiness.is_ready()).await;
+    assert_eq!(fs::read(&first).unwrap(), b"{ half written", "left alone");
+
+    write_like_a_cni(&first, &primary_list());
+    let t = wait_for("fixed config chained", REPAIR_DEADLINE, || chained(&first)).await;
+    println!("fixed config chained after {t:?}");
+    assert!(run.readiness.is_ready());
+    assert!(chained(&list), "the earlier primary keeps its entry");
+
+    write_like_a_cni(
+        &first,
+        &json!({"cniVersion": "1.0.0", "name": "k8s-pod-network"}),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(run.readiness.is_ready());
+    assert!(chained(&list));
+
+    let installer = run.stop().await;
+    installer.uninstall().unwrap();
+    assert!(!chained(&list));
 }

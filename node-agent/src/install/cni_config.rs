@@ -4,18 +4,28 @@
 //! and CRI-O read them), keep istio-cni chained into it (or into our own
 //! config that sorts first), and take it out again.
 //!
+//! As upstream's installer, files that do not load (see [`loadable`]) are
+//! passed over, each named in a warning: the primary is the first file that
+//! loads. The choice is made again on every pass, so when a file that sorts
+//! earlier starts to load (fixed, or newly written) istio-cni is chained into
+//! it from then on, as into any new primary. (Upstream keeps the file it chose
+//! first for the life of the process and only warns that it was preempted.)
+//!
 //! Each mode removes the other's leftovers, so switching
 //! `ISTIO_OWNED_CNI_CONFIG` on a running node converges: chained mode deletes
 //! `02-istio-cni.conflist` (never a primary), owned mode takes istio-cni out
 //! of every other config, and uninstall does both whatever the mode.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use serde_json::Value;
 
 use super::atomic_write::{remove_stale_tmp, write_atomically};
 use super::chain::{self, ChainError, ConfKind, Unchained};
+use super::loadable;
 
 /// Name of the config written in istio-owned mode (sorts before the usual
 /// `10-*` primary configs).
@@ -28,10 +38,35 @@ pub const WRAPPED_FROM_KEY: &str = "istio_cni_wrapped_from";
 
 const CONFIG_MODE: u32 = 0o644;
 
+/// A config file passed over when looking for the primary: it does not load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// The file's name in the conf dir.
+    pub file: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.file, self.reason)
+    }
+}
+
+fn skipped_note(skipped: &[Skipped]) -> String {
+    if skipped.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = skipped.iter().map(Skipped::to_string).collect();
+    format!("; skipped, as they do not load: {}", list.join("; "))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("waiting for a CNI config (.conf, .conflist or .json) in {dir}")]
-    NoConfig { dir: PathBuf },
+    #[error(
+        "waiting for a CNI config (.conf, .conflist or .json) in {dir}{}",
+        skipped_note(skipped)
+    )]
+    NoConfig { dir: PathBuf, skipped: Vec<Skipped> },
     #[error("cannot list CNI config dir {dir}: {source}")]
     List {
         dir: PathBuf,
@@ -143,13 +178,15 @@ fn with_ext(name: &str, ext: &str) -> String {
 }
 
 /// Picks the primary config: `explicit` if given (or the `.conflist` we
-/// made of it), else the first config file. Our own
-/// [`OWNED_CONFIG_NAME`] is never the primary.
+/// made of it), else the first config file that loads (the others before it
+/// are warned about, see [`warn_skipped`]). Our own [`OWNED_CONFIG_NAME`] is
+/// never the primary.
 fn primary(dir: &Path, explicit: Option<&str>) -> Result<(String, ConfKind), ConfigError> {
     let files: Vec<_> = config_files(dir)?
         .into_iter()
         .filter(|(n, _)| n != OWNED_CONFIG_NAME)
         .collect();
+    let mut skipped = Vec::new();
     let found = match explicit {
         Some(name) => files
             .iter()
@@ -159,11 +196,52 @@ fn primary(dir: &Path, explicit: Option<&str>) -> Result<(String, ConfKind), Con
                 files.iter().find(|(n, _)| *n == wrapped)
             })
             .cloned(),
-        None => files.into_iter().next(),
+        None => first_that_loads(dir, files, &mut skipped),
     };
+    warn_skipped(dir, &skipped);
     found.ok_or_else(|| ConfigError::NoConfig {
         dir: dir.to_path_buf(),
+        skipped,
     })
+}
+
+/// The first of `files` (in `dir`) that loads; those before it go to
+/// `skipped`.
+fn first_that_loads(
+    dir: &Path,
+    files: Vec<(String, ConfKind)>,
+    skipped: &mut Vec<Skipped>,
+) -> Option<(String, ConfKind)> {
+    for (file, kind) in files {
+        match loadable::load_problem(dir, &file, kind) {
+            None => return Some((file, kind)),
+            Some(reason) => skipped.push(Skipped { file, reason }),
+        }
+    }
+    None
+}
+
+/// What was last warned about per conf dir: the repair loop looks every
+/// second, so a file that keeps failing to load is warned about once (and
+/// again when its reason changes, or after it loaded in between).
+static WARNED: Mutex<BTreeMap<PathBuf, Vec<Skipped>>> = Mutex::new(BTreeMap::new());
+
+/// Logs the files passed over when looking for the primary in `dir`.
+fn warn_skipped(dir: &Path, skipped: &[Skipped]) {
+    let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+    let before = warned.remove(dir).unwrap_or_default();
+    for s in skipped {
+        let file = dir.join(&s.file);
+        if before.contains(s) {
+            tracing::debug!(file = %file.display(), reason = %s.reason, "CNI config still skipped");
+        } else {
+            tracing::warn!(file = %file.display(), reason = %s.reason,
+                "CNI config skipped: it does not load (the primary is the first that does)");
+        }
+    }
+    if !skipped.is_empty() {
+        warned.insert(dir.to_path_buf(), skipped.to_vec());
+    }
 }
 
 /// Joins change descriptions into one (`None`: nothing changed).
@@ -252,11 +330,14 @@ pub fn ensure_owned(
             ));
         }
     }
-    let files = config_files(dir)?;
-    match files.first() {
+    // As upstream: the first config that loads must be ours.
+    let first = config_files(dir)?.into_iter().find(|(n, kind)| {
+        n == OWNED_CONFIG_NAME || loadable::load_problem(dir, n, *kind).is_none()
+    });
+    match first {
         Some((first, _)) if first != OWNED_CONFIG_NAME => Err(ConfigError::OwnedShadowed {
             dir: dir.to_path_buf(),
-            first: first.clone(),
+            first,
             ours: OWNED_CONFIG_NAME.into(),
         }),
         _ => Ok(joined(changes)),
@@ -482,13 +563,152 @@ mod tests {
 
     #[test]
     fn json_holding_a_list_is_refused_naming_the_file() {
-        // Runtimes read .json as one plugin: a list there has no `type`.
+        // Runtimes read .json as one plugin: a list there has no `type`, so
+        // it does not load, and is named while nothing else does.
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join("05-l.json"), list("l").to_string()).unwrap();
         let e = ensure_chained(d.path(), &entry(), None).unwrap_err();
         let msg = e.to_string();
+        assert!(matches!(e, ConfigError::NoConfig { .. }), "{msg}");
         assert!(msg.contains("05-l.json") && msg.contains("type"), "{msg}");
         assert_eq!(read_json(&d.path().join("05-l.json")).unwrap(), list("l"));
+    }
+
+    /// What `f` logs at WARN and above.
+    fn warnings(f: impl FnOnce()) -> String {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let b2 = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || b2.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        tracing::subscriber::with_default(sub, f);
+        String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
+    }
+
+    /// Files that sort first but do not load (as upstream's installer checks
+    /// them with libcni) are passed over, untouched, each warned about once
+    /// with its reason; the first file that loads is chained.
+    #[test]
+    fn configs_that_do_not_load_are_skipped_and_warned_about() {
+        let d = tempfile::tempdir().unwrap();
+        let bad = [
+            ("00-garbage.conflist", "{ not json".to_string()),
+            (
+                "01-no-plugins.conflist",
+                json!({"cniVersion":"1.0.0","name":"n"}).to_string(),
+            ),
+            (
+                "02-empty.conflist",
+                json!({"cniVersion":"1.0.0","name":"e","plugins":[]}).to_string(),
+            ),
+            (
+                "03-no-type.conf",
+                json!({"cniVersion":"1.0.0","name":"t"}).to_string(),
+            ),
+        ];
+        for (name, text) in &bad {
+            fs::write(d.path().join(name), text).unwrap();
+        }
+        let primary = d.path().join("10-k.conflist");
+        fs::write(&primary, list("k").to_string()).unwrap();
+
+        let logged = warnings(|| {
+            let change = ensure_chained(d.path(), &entry(), None).unwrap().unwrap();
+            assert!(change.contains("10-k.conflist"), "{change}");
+        });
+        assert!(has_entry(&primary));
+        for (name, text) in &bad {
+            assert_eq!(&fs::read_to_string(d.path().join(name)).unwrap(), text);
+            let line = logged.lines().find(|l| l.contains(name));
+            assert!(line.is_some_and(|l| l.contains("WARN")), "{name}: {logged}");
+        }
+        for reason in [
+            "not valid JSON",
+            "no \"plugins\"",
+            "no plugins",
+            "no \"type\"",
+        ] {
+            assert!(logged.contains(reason), "{reason}: {logged}");
+        }
+        // The repair loop looks again and again: no new warning.
+        let logged = warnings(|| {
+            assert!(ensure_chained(d.path(), &entry(), None).unwrap().is_none());
+        });
+        assert!(logged.is_empty(), "{logged}");
+    }
+
+    /// A skipped file that is fixed becomes the primary (the first that
+    /// loads), as a new primary would; the old one keeps its entry until
+    /// uninstall, which takes it out of both.
+    #[test]
+    fn a_skipped_config_that_is_fixed_becomes_the_primary() {
+        let d = tempfile::tempdir().unwrap();
+        let first = d.path().join("05-a.conflist");
+        let later = d.path().join("10-k.conflist");
+        fs::write(&first, json!({"cniVersion":"1.0.0","name":"a"}).to_string()).unwrap();
+        fs::write(&later, list("k").to_string()).unwrap();
+        ensure_chained(d.path(), &entry(), None).unwrap();
+        assert!(has_entry(&later) && !has_entry(&first));
+
+        fs::write(&first, list("a").to_string()).unwrap();
+        let change = ensure_chained(d.path(), &entry(), None).unwrap().unwrap();
+        assert!(change.contains("05-a.conflist"), "{change}");
+        assert!(has_entry(&first));
+        assert!(ensure_chained(d.path(), &entry(), None).unwrap().is_none());
+        assert_eq!(remove_all(d.path()).unwrap().len(), 2);
+        assert_eq!(read_json(&first).unwrap(), list("a"));
+        assert_eq!(read_json(&later).unwrap(), list("k"));
+    }
+
+    #[test]
+    fn nothing_that_loads_waits_naming_every_skipped_file() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("05-a.conflist"), "[]").unwrap();
+        fs::write(d.path().join("10-b.conf"), r#"{"name":"b"}"#).unwrap();
+        let e = ensure_chained(d.path(), &entry(), None).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(&e, ConfigError::NoConfig { skipped, .. } if skipped.len() == 2));
+        assert!(msg.starts_with("waiting for a CNI config"), "{msg}");
+        assert!(
+            msg.contains("05-a.conflist: not a JSON object") && msg.contains("10-b.conf: no"),
+            "{msg}"
+        );
+        let e = ensure_owned(d.path(), &entry(), None).unwrap_err();
+        assert!(matches!(e, ConfigError::NoConfig { .. }), "{e}");
+    }
+
+    #[test]
+    fn owned_config_is_built_from_and_shadowed_by_configs_that_load_only() {
+        let d = tempfile::tempdir().unwrap();
+        let broken = json!({"cniVersion":"1.0.0","name":"b"});
+        fs::write(d.path().join("01-broken.conflist"), broken.to_string()).unwrap();
+        fs::write(d.path().join("10-k.conflist"), list("k").to_string()).unwrap();
+        let change = ensure_owned(d.path(), &entry(), None).unwrap().unwrap();
+        assert!(change.contains("10-k.conflist"), "{change}");
+        let ours = read_json(&d.path().join(OWNED_CONFIG_NAME)).unwrap();
+        assert_eq!(ours["name"], "k");
+        assert_eq!(
+            read_json(&d.path().join("01-broken.conflist")).unwrap(),
+            broken
+        );
+        // Once it loads it sorts before ours: the runtime would use it.
+        fs::write(d.path().join("01-broken.conflist"), list("b").to_string()).unwrap();
+        let e = ensure_owned(d.path(), &entry(), Some("10-k.conflist")).unwrap_err();
+        assert!(matches!(e, ConfigError::OwnedShadowed { .. }), "{e}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod binary;
 pub mod chain;
 pub mod cni_config;
 pub mod kubeconfig;
+pub mod loadable;
 mod watch;
 
 use std::path::PathBuf;

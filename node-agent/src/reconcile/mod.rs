@@ -695,3 +695,5 @@ fn same_ips(a: &[std::net::IpAddr], b: &[std::net::IpAddr]) -> bool {
 mod tests;
 #[cfg(test)]
 mod tests_ip_sync;
+#[cfg(test)]
+mod tests_startup;

@@ -26,13 +26,15 @@ pub(super) struct FakeRedirector {
     pub(super) calls: Mutex<Vec<(&'static str, PodRedirect)>>,
     /// UIDs whose enrol fails for good.
     pub(super) fatal: Mutex<std::collections::HashSet<String>>,
-    ztunnel: AtomicBool,
+    pub(super) ztunnel: AtomicBool,
     delay: Mutex<Duration>,
     inflight: Mutex<HashMap<String, usize>>,
     overlaps: AtomicUsize,
     pub(super) reconciled: Mutex<Vec<String>>,
     /// UID → how many more unenrols of it fail.
     unenrol_failures: Mutex<HashMap<String, usize>>,
+    /// UID → the start-up reconcile fails it (retryable or not).
+    pub(super) reconcile_failures: Mutex<HashMap<String, bool>>,
 }
 
 impl FakeRedirector {
@@ -118,10 +120,20 @@ impl Redirector for FakeRedirector {
     fn reconcile<'a>(&'a self, enrolled: &'a [PodRedirect]) -> BoxFuture<'a, ReconcileReport> {
         Box::pin(async move {
             *self.reconciled.lock().unwrap() = enrolled.iter().map(|p| p.uid.clone()).collect();
-            ReconcileReport {
-                enrolled: enrolled.iter().map(|p| p.uid.clone()).collect(),
-                ..Default::default()
+            let failing = self.reconcile_failures.lock().unwrap().clone();
+            let mut report = ReconcileReport::default();
+            for p in enrolled {
+                match failing.get(&p.uid) {
+                    Some(&retryable) => report.failed.push(RedirectError::new(
+                        p,
+                        "re-applying pod rules",
+                        retryable,
+                        "boom",
+                    )),
+                    None => report.enrolled.push(p.uid.clone()),
+                }
             }
+            report
         })
     }
     fn cleanup_all(&self) -> BoxFuture<'_, Result<(), RedirectError>> {
@@ -131,7 +143,7 @@ impl Redirector for FakeRedirector {
 
 /// Pods and namespaces for GET; records annotation patches.
 #[derive(Default)]
-struct FakeApi {
+pub(super) struct FakeApi {
     pods: Mutex<HashMap<(String, String), PodInfo>>,
     namespaces: Mutex<HashMap<String, NamespaceInfo>>,
     patches: Mutex<Vec<(String, Option<String>)>>,
@@ -139,7 +151,7 @@ struct FakeApi {
 }
 
 impl FakeApi {
-    fn annotation_of(&self, key: &str) -> Option<Option<String>> {
+    pub(super) fn annotation_of(&self, key: &str) -> Option<Option<String>> {
         self.patches
             .lock()
             .unwrap()
@@ -197,7 +209,7 @@ pub(super) struct Harness {
     pub(super) r: Arc<Reconciler>,
     cache: Arc<ClusterCache>,
     pub(super) redir: Arc<FakeRedirector>,
-    api: Arc<FakeApi>,
+    pub(super) api: Arc<FakeApi>,
     _run: tempfile::TempDir,
     proc_dir: tempfile::TempDir,
 }

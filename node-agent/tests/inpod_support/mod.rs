@@ -1,15 +1,20 @@
-//! Shared by the in-pod integration tests: the golden cases and throw-away
-//! network namespaces.
+//! Shared by the in-pod integration tests: the golden cases, throw-away
+//! network namespaces and a fake ztunnel hand-off.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use futures::future::BoxFuture;
+use mesh_proto::zds::WorkloadInfo;
 
 use node_agent::redirect::inpod::rules::{
     self, ANNOTATION_BYPASS_INBOUND, ANNOTATION_DNS_CAPTURE, ANNOTATION_REROUTE_VIRTUAL_INTERFACES,
     Ownership, PodRuleOptions,
 };
+use node_agent::redirect::inpod::{HandoffError, WorkloadHandoff};
 use node_agent::redirect::iptables::{Family, Ruleset};
 use node_agent::redirect::netns::Netns;
 
@@ -200,4 +205,48 @@ pub fn run_in(ns: &Netns, cmd: &str, args: &[&str]) -> String {
         String::from_utf8(out.stdout).unwrap()
     })
     .unwrap()
+}
+
+/// Records hand-off calls; fails `add` while `fail_add` is set.
+#[derive(Default)]
+pub struct FakeHandoff {
+    pub calls: Mutex<Vec<String>>,
+    pub fail_add: Mutex<bool>,
+}
+
+impl WorkloadHandoff for FakeHandoff {
+    fn add<'a>(
+        &'a self,
+        uid: &'a str,
+        info: &'a WorkloadInfo,
+        netns: &'a Netns,
+    ) -> BoxFuture<'a, Result<(), HandoffError>> {
+        Box::pin(async move {
+            assert!(node_agent::redirect::netns::is_netns(
+                std::os::fd::AsFd::as_fd(netns)
+            ));
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("add {uid} {}/{}", info.namespace, info.name));
+            if *self.fail_add.lock().unwrap() {
+                return Err("no ztunnel connected".into());
+            }
+            Ok(())
+        })
+    }
+
+    fn register(&self, uid: &str, _info: &WorkloadInfo, netns: Option<&Netns>) {
+        self.calls.lock().unwrap().push(format!(
+            "register {uid} {}",
+            if netns.is_some() { "netns" } else { "keep" }
+        ));
+    }
+
+    fn del<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, Result<(), HandoffError>> {
+        Box::pin(async move {
+            self.calls.lock().unwrap().push(format!("del {uid}"));
+            Ok(())
+        })
+    }
 }

@@ -3,6 +3,7 @@
 use std::net::Ipv4Addr;
 
 use super::ipset::IpsetError;
+use super::state::PlanError;
 use super::sysctl::SysctlError;
 use crate::redirect::iptables::IptablesError;
 use crate::redirect::netlink::NetlinkError;
@@ -14,6 +15,8 @@ pub enum GeneveError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
     #[error("iptables in netns {netns}: {source}")]
     Iptables {
         netns: String,

@@ -445,32 +445,18 @@ impl GeneveRedirector {
         Ok(plan.removed_uids)
     }
 
+    /// Enrols `pod`: its IPv4 in the capture ipset, its route. A pod already
+    /// held stays in the table whatever fails here, with the capture it had,
+    /// so its failures are retryable (the [`Redirector`] contract).
     async fn enrol_pod(&self, pod: &PodRedirect) -> Result<(), RedirectError> {
         let mut inner = self.inner.lock().await;
+        let held = inner.pods.get(&pod.uid).is_some();
+        let fail = |e: GeneveError| RedirectError::new(pod, "GENEVE enrol", held, e);
         let plan = inner
             .pods
             .plan_enrol(&pod.uid, &pod.key(), &pod.ips)
-            .map_err(|e| RedirectError::new(pod, "GENEVE enrol", false, e))?;
-        let fail = |e: GeneveError| RedirectError::new(pod, "GENEVE enrol", false, e);
-        if let Some(old) = plan.old_ip {
-            node::remove_pod(&self.node_ns, &inner.nl, old)
-                .await
-                .map_err(fail)?;
-        }
-        let routing = inner.pod_routing();
-        let new_pod = inner.pods.get(&pod.uid).is_none();
-        node::add_pod(
-            &self.node_ns,
-            &inner.nl,
-            routing.route(plan.ip),
-            plan.ip,
-            &pod.uid,
-            &self.cfg.sysctls,
-            new_pod,
-        )
-        .await
-        .map_err(fail)?;
-        inner.pods.commit_enrol(&pod.uid, &pod.key(), &plan);
+            .map_err(|e| fail(e.into()))?;
+        self.place_pod(&mut inner, pod, &plan).await.map_err(fail)?;
         if inner.active.is_none() {
             return Err(RedirectError::new(
                 pod,
@@ -481,7 +467,7 @@ impl GeneveRedirector {
         }
         info!(pod = %pod.key(), uid = %pod.uid, ip = %plan.ip, "pod enrolled (GENEVE)");
         let v6 = state::uncaptured_ipv6(&pod.ips);
-        if new_pod && !v6.is_empty() {
+        if !held && !v6.is_empty() {
             warn!(pod = %pod.key(), uid = %pod.uid, ipv6 = ?v6, "dual-stack pod: GENEVE mode captures IPv4 only, its IPv6 traffic bypasses ztunnel (in-pod mode captures both)");
         }
         Ok(())
@@ -495,30 +481,42 @@ impl GeneveRedirector {
         let plan = inner
             .pods
             .plan_enrol(&pod.uid, &pod.key(), &pod.ips)
-            .map_err(|e| RedirectError::new(pod, "GENEVE IP sync", true, e))?;
+            .map_err(|e| fail(e.into()))?;
         let recorded = inner.pods.get(&pod.uid).map(|e| e.ip);
         if recorded == Some(plan.ip) && plan.stale.is_empty() {
             return Ok(());
         }
+        self.place_pod(&mut inner, pod, &plan).await.map_err(fail)?;
+        info!(pod = %pod.key(), uid = %pod.uid, ip = %plan.ip, old_ip = ?recorded, "pod IP synced (GENEVE)");
+        Ok(())
+    }
+
+    /// The step enrol and IP sync share: the ipset entry and route of the IP
+    /// `pod` had go (when `plan` moves it), those of its IP are put in place
+    /// (routed as the node is: tunnel, held or untouched), and the table
+    /// records it.
+    async fn place_pod(
+        &self,
+        inner: &mut Inner,
+        pod: &PodRedirect,
+        plan: &state::EnrolPlan,
+    ) -> Result<(), GeneveError> {
         if let Some(old) = plan.old_ip {
-            node::remove_pod(&self.node_ns, &inner.nl, old)
-                .await
-                .map_err(fail)?;
+            node::remove_pod(&self.node_ns, &inner.nl, old).await?;
         }
-        let routing = inner.pod_routing();
+        let new_pod = inner.pods.get(&pod.uid).is_none();
+        let route = inner.pod_routing().route(plan.ip);
         node::add_pod(
             &self.node_ns,
             &inner.nl,
-            routing.route(plan.ip),
+            route,
             plan.ip,
             &pod.uid,
             &self.cfg.sysctls,
-            recorded.is_none(),
+            new_pod,
         )
-        .await
-        .map_err(fail)?;
-        inner.pods.commit_enrol(&pod.uid, &pod.key(), &plan);
-        info!(pod = %pod.key(), uid = %pod.uid, ip = %plan.ip, old_ip = ?recorded, "pod IP synced (GENEVE)");
+        .await?;
+        inner.pods.commit_enrol(&pod.uid, &pod.key(), plan);
         Ok(())
     }
 
@@ -601,12 +599,15 @@ impl GeneveRedirector {
                 }
             }
             Err(e) => {
+                // The pods are held (in the table) with the capture an
+                // earlier agent gave them: retryable, as in-pod mode's
+                // start-up failures.
                 let msg = e.to_string();
                 for pod in ok {
                     report.failed.push(RedirectError::new(
                         pod,
                         "GENEVE reconcile",
-                        false,
+                        true,
                         msg.clone(),
                     ));
                 }
