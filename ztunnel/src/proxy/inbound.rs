@@ -7,9 +7,10 @@
 //! ([`super::source_check`]).
 //! Per stream: `CONNECT` only (else 400), `:authority` an `ip:port` (else 400) whose IP is
 //! the address this connection reached — or, when the workload there is the waypoint of the
-//! authority's service/workload, any such address (see [`destination`]) — (else 400) and
-//! whose port is not a proxy port (else 400); a workload served by this proxy at that IP
-//! (else 503); authorization (else 401); upstream connect (else 503); then 200 and bytes.
+//! authority's service/workload, any such address (see [`destination`]) — (else 400),
+//! whose port is not a proxy port, 15001/15006/15008 (else 503, as upstream); a workload
+//! served by this proxy at that IP (else 503); authorization (else 401); upstream connect
+//! (else 503); then 200 and bytes.
 //! Telemetry: the destination service is guessed from `forwarded: host=` and the port among
 //! the workload's services; an unknown source is described by its `baggage`.
 
@@ -211,14 +212,6 @@ async fn handle_stream(
         }
     };
     guard.set_dst(target);
-    if ctx.inputs.cfg.ports.is_proxy_port(target.port()) {
-        return reject(
-            respond,
-            StatusCode::BAD_REQUEST,
-            RefusalReason::bad_request,
-            &format!("target {target} is a proxy port"),
-        );
-    }
     let snap = ctx.inputs.state.snapshot();
     let upstream_addr = match destination(&snap, &peer.network, peer.local, target) {
         Ok(a) => a,
@@ -231,6 +224,16 @@ async fn handle_stream(
             );
         }
     };
+    // As upstream: checked once the destination is validated, answered like a target
+    // that cannot be reached.
+    if ctx.inputs.cfg.ports.is_proxy_port(upstream_addr.port()) {
+        return reject(
+            respond,
+            StatusCode::SERVICE_UNAVAILABLE,
+            RefusalReason::bad_request,
+            &format!("target {target} is a proxy port"),
+        );
+    }
     // XDS_ON_DEMAND: the served workload may not have been asked for yet.
     let snap = ctx
         .inputs

@@ -23,6 +23,7 @@ pub mod dns;
 mod inbound;
 mod inbound_plain;
 mod node_local;
+mod on_demand_dns;
 mod outbound;
 mod policy_watch;
 pub mod sockets;

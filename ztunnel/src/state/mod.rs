@@ -118,13 +118,16 @@ impl Snapshot {
     /// [`LoadBalancer`] preferences as upstream: `Strict` keeps only endpoints that match
     /// `src` in every scope (none: no endpoint), `Failover` the best-matching ones.
     /// Without a known client the preferences are ignored.
+    ///
+    /// Only endpoints with an IP address: callers dial the workload's IP (an endpoint known
+    /// only by hostname is for [`Self::select_endpoint`], whose caller resolves it).
     pub fn pick_endpoint_for(
         &self,
         src: Option<&Workload>,
         svc: &Service,
         port: u16,
     ) -> Option<(Arc<Workload>, u16)> {
-        self.select_endpoint(src, src.map(|w| w.network.as_str()), svc, port)
+        self.choose_endpoint(src, src.map(|w| w.network.as_str()), svc, port, false)
             .ok()
     }
 
@@ -132,6 +135,11 @@ impl Snapshot {
     /// client's network: endpoints elsewhere are reached through their network's gateway,
     /// which is not implemented, and must never be dialled directly), and saying why no
     /// endpoint qualifies.
+    ///
+    /// As upstream, an endpoint without IP addresses but with a `hostname` (a ServiceEntry
+    /// with `resolution: DNS`) qualifies: the caller resolves that name when it connects
+    /// (`proxy::on_demand_dns`). An endpoint with neither is only kept when it is on
+    /// another network behind a network gateway (then it is reported as such).
     pub fn select_endpoint(
         &self,
         src: Option<&Workload>,
@@ -139,19 +147,36 @@ impl Snapshot {
         svc: &Service,
         port: u16,
     ) -> Result<(Arc<Workload>, u16), NoEndpoint> {
+        self.choose_endpoint(src, network, svc, port, true)
+    }
+
+    /// [`Self::select_endpoint`]; `by_hostname`: whether endpoints known only by hostname
+    /// qualify.
+    fn choose_endpoint(
+        &self,
+        src: Option<&Workload>,
+        network: Option<&str>,
+        svc: &Service,
+        port: u16,
+        by_hostname: bool,
+    ) -> Result<(Arc<Workload>, u16), NoEndpoint> {
         let eps = self.endpoints(&svc.key());
         let named = svc.ports.get(&port) == Some(&0);
         let any_health = svc
             .load_balancer
             .as_ref()
             .is_some_and(|lb| lb.allows_unhealthy());
+        let on_network = |w: &Workload| network.is_none_or(|n| w.network == n);
+        let addressable = |w: &Workload| {
+            !w.workload_ips.is_empty()
+                || (by_hostname && !w.hostname.is_empty())
+                || (!on_network(w) && w.network_gateway.is_some())
+        };
         let (mut healthy, remote): (Vec<&Endpoint>, Vec<&Endpoint>) = eps
             .iter()
-            .filter(|e| {
-                (any_health || e.workload.is_healthy()) && !e.workload.workload_ips.is_empty()
-            })
+            .filter(|e| (any_health || e.workload.is_healthy()) && addressable(&e.workload))
             .filter(|e| !named || e.ports.get(&port).is_some_and(|t| *t != 0))
-            .partition(|e| network.is_none_or(|n| e.workload.network == n));
+            .partition(|e| on_network(&e.workload));
         if healthy.is_empty() && !remote.is_empty() {
             let mut networks: Vec<String> =
                 remote.iter().map(|e| e.workload.network.clone()).collect();
@@ -621,6 +646,49 @@ mod tests {
         let s = store.snapshot();
         let svc = s.service_by_vip("", "10.96.0.1".parse().unwrap()).unwrap();
         assert!(s.pick_endpoint(svc, 80).is_none());
+    }
+
+    #[test]
+    fn endpoints_known_only_by_hostname_are_selected_for_resolution() {
+        // ServiceEntry `resolution: DNS`: istiod sends workloads with a hostname and no IP.
+        // One without either has nothing to connect to; one on another network behind a
+        // gateway is an endpoint there (refused naming the network), as upstream.
+        let no_ip = |uid: &str, edit: &dyn Fn(&mut Workload)| {
+            let mut w = workload(uid, "ns", uid, "10.0.0.1");
+            w.workload_ips.clear();
+            w.services.insert("ns/svc".into(), HashMap::new());
+            edit(&mut w);
+            w
+        };
+        let dns = no_ip("dns", &|w| w.hostname = "db.example.com".into());
+        let nothing = no_ip("nothing", &|_| {});
+        let remote = no_ip("remote", &|w| {
+            w.network = "west".into();
+            w.network_gateway = serde_yaml_ng::from_str("destination: west/192.0.2.1").ok();
+        });
+        let store = Store::new();
+        let svc = vec![service("ns", "svc", "10.96.0.1")];
+        store
+            .source("file")
+            .replace_all(vec![dns, nothing], svc.clone(), vec![]);
+        let s = store.snapshot();
+        let svc1 = s.service_by_vip("", "10.96.0.1".parse().unwrap()).unwrap();
+        for _ in 0..32 {
+            let (w, port) = s.select_endpoint(None, Some(""), svc1, 80).unwrap();
+            assert_eq!(
+                (w.uid.as_str(), w.hostname.as_str(), port),
+                ("dns", "db.example.com", 8080)
+            );
+        }
+        // Callers that dial the workload's IP never get it.
+        assert!(s.pick_endpoint(svc1, 80).is_none());
+        store.source("file").replace_all(vec![remote], svc, vec![]);
+        let s = store.snapshot();
+        let svc1 = s.service_by_vip("", "10.96.0.1".parse().unwrap()).unwrap();
+        match s.select_endpoint(None, Some(""), svc1, 80) {
+            Err(NoEndpoint::OtherNetwork { networks, .. }) => assert_eq!(networks, "west"),
+            r => panic!("{r:?}"),
+        }
     }
 
     #[test]

@@ -387,6 +387,29 @@ impl ConnectionTelemetry {
     }
 }
 
+/// A connection refused before it had an upstream (no route, nowhere to send it): as
+/// upstream's ztunnel, only an access-log line (warn, "connection failed", with `error=`),
+/// not counted as opened or closed in the `istio_tcp_*` families.
+pub fn log_early_deny(
+    direction: Direction,
+    src: SocketAddr,
+    dst: SocketAddr,
+    dst_service: Option<&str>,
+    error: &str,
+) {
+    tracing::warn!(
+        target: "access",
+        {
+        src.addr = %src,
+        dst.addr = %dst,
+        dst.service = dst_service,
+        direction = direction.as_str(),
+        error = error,
+        },
+        "connection failed"
+    );
+}
+
 impl Drop for ConnectionTelemetry {
     fn drop(&mut self) {
         self.record(None, Some("connection aborted"));

@@ -1,4 +1,5 @@
-//! The `istio_tcp_*` metric families and ztunnel's own refusal counter.
+//! The `istio_tcp_*` metric families, `istio_on_demand_dns_total` and ztunnel's own refusal
+//! counter.
 //!
 //! Byte counters follow Istio's convention, from the destination's point of view:
 //! `istio_tcp_received_bytes_total` counts request bytes (source → destination),
@@ -156,6 +157,46 @@ pub struct SocketLabels {
     pub reporter: Reporter,
 }
 
+/// `istio_on_demand_dns_total` labels (upstream's set): the client, described as in the
+/// `istio_tcp_*` source labels but with its configured identity as principal, and the
+/// hostname resolved.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OnDemandDnsLabels {
+    pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+    pub hostname: String,
+}
+
+impl OnDemandDnsLabels {
+    /// For client `src` (unknown parts `unknown`) resolving `hostname`.
+    pub fn new(src: &super::PeerInfo, hostname: &str) -> Self {
+        let or_unknown = |v: &Option<String>| v.clone().unwrap_or_else(|| UNKNOWN.to_string());
+        OnDemandDnsLabels {
+            source_workload: or_unknown(&src.workload),
+            source_canonical_service: or_unknown(&src.canonical_service),
+            source_canonical_revision: or_unknown(&src.canonical_revision),
+            source_workload_namespace: or_unknown(&src.namespace),
+            source_principal: src
+                .principal()
+                .map_or_else(|| UNKNOWN.to_string(), |id| id.to_string()),
+            source_app: or_unknown(&src.canonical_service),
+            source_version: or_unknown(&src.canonical_revision),
+            source_cluster: or_unknown(&src.cluster),
+            hostname: if hostname.is_empty() {
+                UNKNOWN.to_string()
+            } else {
+                hostname.to_string()
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
     pub direction: &'static str,
@@ -175,6 +216,9 @@ pub struct ProxyMetrics {
     pub live: Arc<LiveConnections>,
     pub sockets_open: Family<SocketLabels, Gauge>,
     pub refused: Family<RefusalLabels, Counter>,
+    /// `istio_on_demand_dns_total`: connections whose destination endpoint was known only
+    /// by hostname and resolved when connecting.
+    pub on_demand_dns: Family<OnDemandDnsLabels, Counter>,
     pub workload_manager: WorkloadManagerMetrics,
     /// The DNS proxy's `istio_dns_*` families.
     pub dns: super::dns_metrics::DnsMetrics,
@@ -241,6 +285,11 @@ impl ProxyMetrics {
             .set(1);
         istio.register("build", "Istio component build info", build);
         m.dns.register(istio);
+        istio.register(
+            "on_demand_dns",
+            "The total number of requests that used on-demand DNS (unstable)",
+            m.on_demand_dns.clone(),
+        );
         let wm = registry.sub_registry_with_prefix("workload_manager");
         wm.register(
             "active_proxy_count",

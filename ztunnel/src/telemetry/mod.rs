@@ -8,7 +8,9 @@
 //!   [`ConnectionTelemetry::count_bytes`] once the copy starts, so the byte counters grow
 //!   while the connection is open (flushed at every scrape, [`live`]);
 //! - [`metrics::ProxyMetrics::refused`] for connections refused before they had a destination
-//!   (TLS failures, identity mismatches, malformed requests).
+//!   (TLS failures, identity mismatches, malformed requests), with [`log_early_deny`] for
+//!   the outbound ones that found no route (logged, not counted in `istio_tcp_*`, as
+//!   upstream).
 
 pub mod access_log;
 pub mod dns_metrics;
@@ -17,6 +19,10 @@ pub mod logging;
 pub mod metrics;
 pub mod runtime;
 
-pub use access_log::{ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, ServiceInfo};
+pub use access_log::{
+    ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, ServiceInfo, log_early_deny,
+};
 pub use live::ByteSource;
-pub use metrics::{ProxyMetrics, RefusalReason, Reporter, ResponseFlags, TrafficLabels};
+pub use metrics::{
+    OnDemandDnsLabels, ProxyMetrics, RefusalReason, Reporter, ResponseFlags, TrafficLabels,
+};

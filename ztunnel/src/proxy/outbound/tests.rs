@@ -1,0 +1,328 @@
+//! Route selection tests for [`super::resolve`].
+
+use super::*;
+use crate::state::Store;
+
+fn store() -> Store {
+    let yaml = r#"
+workloads:
+- uid: a
+  name: a
+  namespace: ns
+  serviceAccount: sa-a
+  trustDomain: cluster.local
+  workloadIps: ["10.0.0.1"]
+  protocol: HBONE
+  services: {"ns/svc.ns.svc.cluster.local": {80: 8080}}
+- uid: plain
+  name: plain
+  namespace: ns
+  trustDomain: cluster.local
+  workloadIps: ["10.0.0.3"]
+  protocol: TCP
+  services: {"ns/plain.ns.svc.cluster.local": {}}
+- uid: waypoint
+  name: waypoint
+  namespace: ns
+  serviceAccount: waypoint
+  workloadIps: ["10.0.0.50"]
+  protocol: HBONE
+  services: {"ns/waypoint.ns.svc.cluster.local": {}}
+- uid: behind
+  name: behind
+  namespace: ns
+  serviceAccount: behind
+  workloadIps: ["10.0.0.4"]
+  protocol: HBONE
+  waypoint: {destination: "/10.0.0.50", hboneMtlsPort: 15008}
+  services: {"ns/wsvc.ns.svc.cluster.local": {80: 8080}}
+services:
+- name: svc
+  namespace: ns
+  hostname: svc.ns.svc.cluster.local
+  vips: ["/10.96.0.1"]
+  ports: {80: 8080}
+  subjectAltNames: ["spiffe://cluster.local/ns/ns/sa/other"]
+- name: plain
+  namespace: ns
+  hostname: plain.ns.svc.cluster.local
+  vips: ["/10.96.0.3"]
+  ports: {81: 9091}
+- name: empty
+  namespace: ns
+  hostname: empty.ns.svc.cluster.local
+  vips: ["/10.96.0.9"]
+  ports: {80: 80}
+- name: waypoint
+  namespace: ns
+  hostname: waypoint.ns.svc.cluster.local
+  vips: ["/10.96.0.50"]
+  ports: {15008: 15008}
+- name: wsvc
+  namespace: ns
+  hostname: wsvc.ns.svc.cluster.local
+  vips: ["/10.96.0.4"]
+  ports: {80: 8080}
+  waypoint: {destination: {namespace: ns, hostname: waypoint.ns.svc.cluster.local}, hboneMtlsPort: 15008}
+- name: lost
+  namespace: ns
+  hostname: lost.ns.svc.cluster.local
+  vips: ["/10.96.0.5"]
+  ports: {80: 8080}
+  waypoint: {destination: "/10.0.0.99", hboneMtlsPort: 15008}
+"#;
+    crate::state::file::test_store(yaml)
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn routes() {
+    let snap = store().snapshot();
+    let src = snap.workload_by_uid("a").cloned();
+    let r = |dst: &str| resolve(&snap, src.as_deref(), "", addr(dst), 15008);
+    match r("10.96.0.1:80") {
+        Route::Hbone {
+            target,
+            hbone_addr,
+            expected,
+            service,
+            waypoint,
+            ..
+        } => {
+            assert_eq!(target, addr("10.0.0.1:8080"));
+            assert_eq!(hbone_addr, addr("10.0.0.1:15008"));
+            let ids: Vec<String> = expected.iter().map(|i| i.to_string()).collect();
+            assert_eq!(
+                ids,
+                [
+                    "spiffe://cluster.local/ns/ns/sa/sa-a",
+                    "spiffe://cluster.local/ns/ns/sa/other"
+                ]
+            );
+            assert!(service.is_some());
+            assert!(!waypoint);
+        }
+        r => panic!("{r:?}"),
+    }
+    match r("10.0.0.1:9000") {
+        Route::Hbone { target, .. } => assert_eq!(target, addr("10.0.0.1:9000")),
+        r => panic!("{r:?}"),
+    }
+    match r("10.96.0.3:81") {
+        Route::Plain {
+            target, workload, ..
+        } => {
+            assert_eq!(target, addr("10.0.0.3:9091"));
+            assert!(workload.is_some());
+        }
+        r => panic!("{r:?}"),
+    }
+    match r("8.8.8.8:53") {
+        Route::Plain {
+            target, workload, ..
+        } => {
+            assert_eq!(target, addr("8.8.8.8:53"));
+            assert!(workload.is_none());
+        }
+        r => panic!("{r:?}"),
+    }
+    match r("10.96.0.9:80") {
+        Route::Unroutable { service, reason } => {
+            assert!(service.is_some());
+            assert!(reason.contains("ns/empty.ns.svc.cluster.local"), "{reason}");
+        }
+        r => panic!("{r:?}"),
+    }
+    // A port the service does not define goes nowhere (kube-proxy drops it too).
+    match r("10.96.0.3:9999") {
+        Route::Unroutable { service, reason } => {
+            assert!(service.is_some());
+            assert!(reason.contains("has no port 9999"), "{reason}");
+        }
+        r => panic!("{r:?}"),
+    }
+}
+
+#[test]
+fn waypoints() {
+    let snap = store().snapshot();
+    let a = snap.workload_by_uid("a").cloned();
+    let wp = snap.workload_by_uid("waypoint").cloned();
+    // Service with a waypoint: to the waypoint, authority = VIP:port, the waypoint's
+    // identity expected, the intended service kept for telemetry.
+    match resolve(&snap, a.as_deref(), "", addr("10.96.0.4:80"), 15008) {
+        Route::Hbone {
+            workload,
+            target,
+            hbone_addr,
+            expected,
+            service,
+            waypoint,
+        } => {
+            assert!(waypoint);
+            assert_eq!(workload.uid, "waypoint");
+            assert_eq!(target, addr("10.96.0.4:80"));
+            assert_eq!(hbone_addr, addr("10.0.0.50:15008"));
+            let ids: Vec<String> = expected.iter().map(|i| i.to_string()).collect();
+            assert_eq!(ids, ["spiffe://cluster.local/ns/ns/sa/waypoint"]);
+            assert_eq!(service.unwrap().name, "wsvc");
+        }
+        r => panic!("{r:?}"),
+    }
+    // Workload with a waypoint, addressed directly: to the waypoint, authority = pod.
+    match resolve(&snap, a.as_deref(), "", addr("10.0.0.4:8080"), 15008) {
+        Route::Hbone {
+            workload,
+            target,
+            hbone_addr,
+            service,
+            waypoint,
+            ..
+        } => {
+            assert!(waypoint);
+            assert_eq!(workload.uid, "waypoint");
+            assert_eq!(target, addr("10.0.0.4:8080"));
+            assert_eq!(hbone_addr, addr("10.0.0.50:15008"));
+            assert!(service.is_none());
+        }
+        r => panic!("{r:?}"),
+    }
+    // From the waypoint itself: never back to the waypoint.
+    for dst in ["10.96.0.4:80", "10.0.0.4:8080"] {
+        match resolve(&snap, wp.as_deref(), "", addr(dst), 15008) {
+            Route::Hbone {
+                workload,
+                target,
+                hbone_addr,
+                waypoint,
+                ..
+            } => {
+                assert!(!waypoint, "{dst}");
+                assert_eq!(workload.uid, "behind");
+                assert_eq!(target, addr("10.0.0.4:8080"));
+                assert_eq!(hbone_addr, addr("10.0.0.4:15008"));
+            }
+            r => panic!("{dst}: {r:?}"),
+        }
+    }
+    // A waypoint that does not resolve: unroutable, naming the service and address.
+    match resolve(&snap, a.as_deref(), "", addr("10.96.0.5:80"), 15008) {
+        Route::Unroutable { reason, .. } => {
+            assert!(reason.contains("lost.ns.svc.cluster.local"), "{reason}");
+            assert!(reason.contains("/10.0.0.99:15008"), "{reason}");
+        }
+        r => panic!("{r:?}"),
+    }
+}
+
+#[test]
+fn a_passthrough_service_goes_to_the_original_destination_in_plaintext() {
+    // ServiceEntry `resolution: NONE`: istiod sends `mode: PASSTHROUGH`. `ext` has no
+    // endpoints; `pass` has two, one of them owning the VIP address.
+    let snap = crate::state::file::test_store(
+        r#"
+workloads:
+- {uid: client, name: client, namespace: ns, serviceAccount: c, workloadIps: ["10.0.0.9"],
+   protocol: HBONE}
+- {uid: e1, name: e1, namespace: ns, workloadIps: ["10.0.0.1"], protocol: HBONE,
+   services: {"ns/pass.example.com": {80: 8080}}}
+- {uid: e2, name: e2, namespace: ns, workloadIps: ["10.0.0.2"], protocol: HBONE,
+   services: {"ns/pass.example.com": {80: 8080}}}
+services:
+- {name: ext, namespace: ns, hostname: db.example.com, vips: ["/203.0.113.10"],
+   ports: {5432: 5432}, loadBalancer: {mode: Passthrough, healthPolicy: AllowAll}}
+- {name: pass, namespace: ns, hostname: pass.example.com, vips: ["/10.0.0.1"],
+   ports: {80: 8080}, loadBalancer: {mode: Passthrough}}
+"#,
+    )
+    .snapshot();
+    let src = snap.workload_by_uid("client").cloned();
+    for (dst, svc) in [
+        ("203.0.113.10:5432", "db.example.com"),
+        ("10.0.0.1:80", "pass.example.com"),
+    ] {
+        for _ in 0..32 {
+            match resolve(&snap, src.as_deref(), "", addr(dst), 15008) {
+                Route::Plain {
+                    target,
+                    workload,
+                    service,
+                } => {
+                    assert_eq!(target, addr(dst));
+                    assert!(workload.is_none(), "{dst}");
+                    assert_eq!(service.unwrap().hostname, svc);
+                }
+                r => panic!("{dst}: {r:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn an_endpoint_with_capacity_zero_is_never_picked() {
+    let snap = crate::state::file::test_store(
+        r#"
+workloads:
+- {uid: client, name: client, namespace: ns, serviceAccount: c, workloadIps: ["10.0.0.9"],
+   protocol: HBONE}
+- {uid: e1, name: e1, namespace: ns, workloadIps: ["10.0.0.1"], protocol: HBONE, capacity: 1,
+   services: {"ns/svc.ns.svc.cluster.local": {80: 8080}}}
+- {uid: e2, name: e2, namespace: ns, workloadIps: ["10.0.0.2"], protocol: HBONE, capacity: 0,
+   services: {"ns/svc.ns.svc.cluster.local": {80: 8080}}}
+services:
+- {name: svc, namespace: ns, hostname: svc.ns.svc.cluster.local, vips: ["/10.96.0.1"],
+   ports: {80: 8080}}
+"#,
+    )
+    .snapshot();
+    let src = snap.workload_by_uid("client").cloned();
+    for _ in 0..64 {
+        match resolve(&snap, src.as_deref(), "", addr("10.96.0.1:80"), 15008) {
+            Route::Hbone { target, .. } => assert_eq!(target, addr("10.0.0.1:8080")),
+            r => panic!("{r:?}"),
+        }
+    }
+}
+
+#[test]
+fn endpoints_on_another_network_are_never_dialled_directly() {
+    let snap = crate::state::file::test_store(
+        r#"
+workloads:
+- {uid: client, name: client, namespace: ns, serviceAccount: c, workloadIps: ["10.0.0.9"],
+   protocol: HBONE}
+- {uid: remote, name: remote, namespace: ns, network: west, workloadIps: ["10.1.0.1"],
+   protocol: HBONE, networkGateway: {destination: "/192.0.2.1", hboneMtlsPort: 15008},
+   services: {"ns/svc.ns.svc.cluster.local": {80: 8080}, "ns/mixed.ns.svc.cluster.local": {80: 8080}}}
+- {uid: local, name: local, namespace: ns, workloadIps: ["10.0.0.1"], protocol: HBONE,
+   services: {"ns/mixed.ns.svc.cluster.local": {80: 8080}}}
+services:
+- {name: svc, namespace: ns, hostname: svc.ns.svc.cluster.local, vips: ["/10.96.0.1"],
+   ports: {80: 8080}}
+- {name: mixed, namespace: ns, hostname: mixed.ns.svc.cluster.local, vips: ["/10.96.0.2"],
+   ports: {80: 8080}}
+"#,
+    )
+    .snapshot();
+    let src = snap.workload_by_uid("client").cloned();
+    // Only a remote-network endpoint: refused, naming the service and the network.
+    match resolve(&snap, src.as_deref(), "", addr("10.96.0.1:80"), 15008) {
+        Route::Unroutable { reason, .. } => {
+            assert!(reason.contains("ns/svc.ns.svc.cluster.local"), "{reason}");
+            assert!(reason.contains("west"), "{reason}");
+        }
+        r => panic!("{r:?}"),
+    }
+    // Local and remote endpoints: always the local one.
+    for _ in 0..64 {
+        match resolve(&snap, src.as_deref(), "", addr("10.96.0.2:80"), 15008) {
+            Route::Hbone { hbone_addr, .. } => {
+                assert_eq!(hbone_addr, addr("10.0.0.1:15008"))
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+}
