@@ -268,3 +268,36 @@ async fn bad_hello_closes_the_connection() {
     assert!(!server.connected());
     server.shutdown();
 }
+
+/// A NACK of `SnapshotSent` is ztunnel's answer, not a broken connection:
+/// upstream logs it and keeps serving the connection, so later Adds reach
+/// that ztunnel (dropping it made ztunnel reconnect and start over).
+#[tokio::test]
+async fn nacked_snapshot_sent_keeps_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ZdsServer::new(config(&dir));
+    server.serve().unwrap();
+    let z = FakeZtunnel::connect(&server).await;
+    let (req, _) = z.recv().await;
+    assert!(matches!(
+        req.payload,
+        Some(workload_request::Payload::SnapshotSent(_))
+    ));
+    z.ack("snapshot: reconcile failed").await;
+    // Past several liveness rounds, still connected.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(server.connections(), 1);
+
+    let ns = Netns::current().unwrap();
+    let srv = server.clone();
+    let add = tokio::spawn(async move { srv.add_workload("q", info("q"), &ns).await });
+    let (req, fds) = z.recv().await;
+    assert!(matches!(
+        req.payload,
+        Some(workload_request::Payload::Add(_))
+    ));
+    assert_eq!(fds.len(), 1);
+    z.ack("").await;
+    add.await.unwrap().unwrap();
+    server.shutdown();
+}

@@ -476,10 +476,18 @@ async fn handle_conn(shared: Arc<Shared>, id: u64, sock: SeqpacketConn) {
     let done = WorkloadRequest {
         payload: Some(workload_request::Payload::SnapshotSent(SnapshotSent {})),
     };
-    if let Err(e) = request(&shared, &conn, &guard, &done, None, "snapshot sent").await {
-        tracing::warn!(conn = id, error = %e, "snapshot not acknowledged");
-        drop_conn(&shared, id, "snapshot not acknowledged");
-        return;
+    match request(&shared, &conn, &guard, &done, None, "snapshot sent").await {
+        Ok(()) => {}
+        // A refusal is ztunnel's answer, not a broken connection: keep
+        // serving it, as upstream does (it logs the Ack error and goes on).
+        Err(ZdsError::Nack { reason, .. }) => {
+            tracing::error!(conn = id, %reason, "ztunnel refused SnapshotSent; keeping the connection");
+        }
+        Err(e) => {
+            tracing::warn!(conn = id, error = %e, "snapshot not acknowledged");
+            drop_conn(&shared, id, "snapshot not acknowledged");
+            return;
+        }
     }
     drop(guard);
     tracing::info!(conn = id, adds = n_add, keeps = n_keep, "ZDS snapshot sent");
