@@ -20,6 +20,24 @@ pub struct DnsLabels {
     pub source_canonical_revision: String,
 }
 
+impl DnsLabels {
+    /// The labels of a query of `query_type` over `protocol` from a workload with
+    /// `source` (canonical service, revision); unknown or empty values are `"unknown"`,
+    /// as upstream.
+    pub fn new(query_type: String, protocol: &'static str, source: Option<(&str, &str)>) -> Self {
+        let or_unknown = |v: Option<&str>| match v {
+            Some(v) if !v.is_empty() => v.to_string(),
+            _ => "unknown".to_string(),
+        };
+        DnsLabels {
+            request_query_type: or_unknown(Some(&query_type)),
+            request_protocol: protocol,
+            source_canonical_service: or_unknown(source.map(|s| s.0)),
+            source_canonical_revision: or_unknown(source.map(|s| s.1)),
+        }
+    }
+}
+
 /// Upstream's buckets for the forwarding duration.
 #[derive(Clone)]
 pub struct DurationBuckets;
@@ -91,12 +109,7 @@ mod tests {
         let m = DnsMetrics::default();
         let mut registry = Registry::default();
         m.register(registry.sub_registry_with_prefix("istio"));
-        let labels = DnsLabels {
-            request_query_type: "a".into(),
-            request_protocol: "udp",
-            source_canonical_service: "unknown".into(),
-            source_canonical_revision: "unknown".into(),
-        };
+        let labels = DnsLabels::new("a".into(), "udp", None);
         m.requests.get_or_create(&labels).inc();
         m.upstream_duration.get_or_create(&labels).observe(0.002);
         let mut text = String::new();
@@ -113,5 +126,23 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("le=\"0.01\""), "{text}");
+    }
+
+    #[test]
+    fn empty_source_labels_are_unknown() {
+        // A workload without canonical labels (upstream's `DefaultedUnknown`).
+        let l = DnsLabels::new("aaaa".into(), "tcp", Some(("", "")));
+        assert_eq!(l.source_canonical_service, "unknown");
+        assert_eq!(l.source_canonical_revision, "unknown");
+        let l = DnsLabels::new("a".into(), "udp", Some(("web", "v1")));
+        assert_eq!(
+            (
+                l.source_canonical_service.as_str(),
+                l.source_canonical_revision.as_str()
+            ),
+            ("web", "v1")
+        );
+        assert_eq!(l.request_query_type, "a");
+        assert_eq!(l.request_protocol, "udp");
     }
 }

@@ -2,19 +2,28 @@
 //! `resolv.conf` (as upstream: in Kubernetes, the cluster DNS). The query is relayed as
 //! the client sent it (EDNS, DNSSEC bits and all) from a socket of the client's proxy
 //! (in-pod: inside the pod's netns, marked so the pod's capture rules let it through),
-//! and the first answer carrying the query's ID is relayed back unchanged.
+//! and the first answer carrying the query's ID is relayed back unchanged. As upstream's
+//! resolver (hickory's defaults with resolv.conf's options), two servers are asked at a
+//! time (the next pair when both fail), and the list is tried `attempts` times (2).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::proxy::SocketFactory;
 
 /// How long one upstream server may take to answer (resolv.conf's `timeout`, 5 s).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// resolv.conf's default `attempts`; more than [`MAX_ATTEMPTS`] are not made.
+const DEFAULT_ATTEMPTS: u32 = 2;
+const MAX_ATTEMPTS: u32 = 5;
+/// Servers asked at once (hickory's `num_concurrent_reqs`).
+const CONCURRENT: usize = 2;
 /// glibc's default when resolv.conf names no server.
 const DEFAULT_SERVER: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
@@ -25,6 +34,8 @@ pub struct Upstreams {
     /// Search domains (normalized), used by dedicated-mode lookups.
     pub search: Vec<String>,
     pub timeout: Duration,
+    /// Times the server list is tried before giving up (resolv.conf `attempts`).
+    pub attempts: u32,
 }
 
 /// Forwarding a query failed.
@@ -66,6 +77,7 @@ impl Upstreams {
             servers: vec![SocketAddr::new(DEFAULT_SERVER, 53)],
             search: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
+            attempts: DEFAULT_ATTEMPTS,
         }
     }
 
@@ -93,15 +105,21 @@ impl Upstreams {
             0 => DEFAULT_TIMEOUT,
             s => Duration::from_secs(u64::from(s)).min(DEFAULT_TIMEOUT),
         };
+        let attempts = match conf.attempts {
+            0 => DEFAULT_ATTEMPTS,
+            n => n.min(MAX_ATTEMPTS),
+        };
         Ok(Upstreams {
             servers,
             search,
             timeout,
+            attempts,
         })
     }
 
-    /// Relays `query` to each server in turn until one answers: over UDP, or over TCP
-    /// (length-prefixed) when `tcp`.
+    /// Relays `query` over UDP, or over TCP (length-prefixed) when `tcp`, to the servers
+    /// two at a time until one answers; the whole list `attempts` times. The error is the
+    /// last server's.
     pub async fn forward(
         &self,
         sockets: &dyn SocketFactory,
@@ -109,26 +127,46 @@ impl Upstreams {
         tcp: bool,
     ) -> Result<Vec<u8>, ForwardError> {
         let mut last = ForwardError::NoServer;
-        for &server in &self.servers {
-            let exchange = async {
-                if tcp {
-                    tcp_exchange(sockets, server, query).await
-                } else {
-                    udp_exchange(sockets, server, query).await
-                }
-            };
-            match tokio::time::timeout(self.timeout, exchange).await {
-                Ok(Ok(answer)) => return Ok(answer),
-                Ok(Err(source)) => last = ForwardError::Io { server, source },
-                Err(_) => {
-                    last = ForwardError::Timeout {
-                        server,
-                        timeout: self.timeout,
+        for _ in 0..self.attempts.max(1) {
+            for batch in self.servers.chunks(CONCURRENT) {
+                let mut pending: FuturesUnordered<_> = batch
+                    .iter()
+                    .map(|&server| self.exchange(sockets, server, query, tcp))
+                    .collect();
+                while let Some(result) = pending.next().await {
+                    match result {
+                        Ok(answer) => return Ok(answer),
+                        Err(e) => last = e,
                     }
                 }
             }
         }
         Err(last)
+    }
+
+    /// One query to one server, within the timeout.
+    async fn exchange(
+        &self,
+        sockets: &dyn SocketFactory,
+        server: SocketAddr,
+        query: &[u8],
+        tcp: bool,
+    ) -> Result<Vec<u8>, ForwardError> {
+        let exchange = async {
+            if tcp {
+                tcp_exchange(sockets, server, query).await
+            } else {
+                udp_exchange(sockets, server, query).await
+            }
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(source)) => Err(ForwardError::Io { server, source }),
+            Err(_) => Err(ForwardError::Timeout {
+                server,
+                timeout: self.timeout,
+            }),
+        }
     }
 }
 
@@ -197,7 +235,7 @@ mod tests {
     #[test]
     fn resolv_conf_servers_search_and_timeout() {
         let u = Upstreams::parse(
-            b"nameserver 10.96.0.10\nnameserver fd00::a\nsearch ns1.svc.cluster.local svc.cluster.local cluster.local.\noptions ndots:5 timeout:2\n",
+            b"nameserver 10.96.0.10\nnameserver fd00::a\nsearch ns1.svc.cluster.local svc.cluster.local cluster.local.\noptions ndots:5 timeout:2 attempts:3\n",
         )
         .unwrap();
         assert_eq!(
@@ -216,10 +254,12 @@ mod tests {
             ]
         );
         assert_eq!(u.timeout, Duration::from_secs(2));
+        assert_eq!(u.attempts, 3);
         let u = Upstreams::parse(b"domain corp.example\n").unwrap();
         assert_eq!(u.servers, ["127.0.0.1:53".parse::<SocketAddr>().unwrap()]);
         assert_eq!(u.search, ["corp.example"]);
         assert_eq!(u.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(u.attempts, DEFAULT_ATTEMPTS);
         let missing = Upstreams::load(Path::new("/nonexistent/resolv.conf"));
         assert_eq!(missing, Upstreams::defaults());
     }

@@ -6,8 +6,9 @@
 //! `svc.ns.svc.<domain>`, `svc.ns.svc` → `svc.ns.svc.<domain>`), then with each search
 //! domain stripped (and those expansions again); each candidate also matches wildcard
 //! hosts (`*.example.com`). A name found by stripping a search domain is answered with a
-//! CNAME to the stripped name. Services with VIPs answer with the VIPs on the client's
-//! network, headless Services with their endpoints' addresses.
+//! CNAME to the stripped name (when there are records to follow it). Services with VIPs
+//! answer with the VIPs on the client's network, headless Services with their endpoints'
+//! addresses; a single-stack Service (`ipFamilies`) has no records of the other family.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -40,9 +41,9 @@ impl Family {
 /// A name the mesh knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
-    /// The stripped name when the query matched only after removing a search domain: the
-    /// answer starts with a CNAME from the queried name to it, and the address records
-    /// carry it.
+    /// The stripped name when the query matched only after removing a search domain and
+    /// there are addresses: the answer starts with a CNAME from the queried name to it,
+    /// and the address records carry it.
     pub cname: Option<String>,
     /// The Service that matched (`namespace/hostname`, for the log).
     pub service: String,
@@ -77,10 +78,12 @@ pub fn lookup(
             let Some(service) = best_match(snap, client, &candidate, &svc_domain) else {
                 continue;
             };
+            let addrs = addresses(snap, client, service, family);
             return Some(Found {
-                cname: alias.stripped.filter(|_| !is_wildcard),
+                // No records: an empty answer, without the CNAME (as upstream).
+                cname: alias.stripped.filter(|_| !is_wildcard && !addrs.is_empty()),
                 service: format!("{}/{}", service.namespace, service.hostname),
-                addrs: addresses(snap, client, service, family),
+                addrs,
             });
         }
     }
@@ -180,7 +183,21 @@ fn best_match<'s>(
     fallback
 }
 
+/// Whether `svc` serves addresses of `family`: a single-stack Service (`ipFamilies` IPv4
+/// or IPv6) has none of the other family even when its endpoints are dual-stack pods (a
+/// headless Service answers with its endpoints' addresses).
+fn family_allowed(svc: &Service, family: Family) -> bool {
+    match svc.ip_families.as_ref().and_then(|v| v.as_str()) {
+        Some("IPv4") => family == Family::V4,
+        Some("IPv6") => family == Family::V6,
+        _ => true,
+    }
+}
+
 fn addresses(snap: &Snapshot, client: Client<'_>, svc: &Service, family: Family) -> Vec<IpAddr> {
+    if !family_allowed(svc, family) {
+        return Vec::new();
+    }
     let mut addrs: Vec<IpAddr> = if svc.vips.is_empty() {
         snap.endpoints(&svc.key())
             .iter()
@@ -233,7 +250,23 @@ workloads:
     serviceAccount: sa
     workloadIps: ["10.0.0.22"]
     services: {"ns1/db.ns1.svc.cluster.local": {5432: 5432}}
+  - uid: h3
+    name: v4db-0
+    namespace: ns1
+    serviceAccount: sa
+    workloadIps: ["10.0.0.31", "fd00::31"]
+    services: {"ns1/v4db.ns1.svc.cluster.local": {5432: 5432}, "ns1/v6db.ns1.svc.cluster.local": {5432: 5432}}
 services:
+  - name: v4db
+    namespace: ns1
+    hostname: v4db.ns1.svc.cluster.local
+    ports: {5432: 5432}
+    ipFamilies: IPv4
+  - name: v6db
+    namespace: ns1
+    hostname: v6db.ns1.svc.cluster.local
+    ports: {5432: 5432}
+    ipFamilies: IPv6
   - name: web
     namespace: ns1
     hostname: web.ns1.svc.cluster.local
@@ -359,6 +392,20 @@ services:
     }
 
     #[test]
+    fn single_stack_services_have_no_records_of_the_other_family() {
+        // Dual-stack pods behind single-stack headless Services (upstream's
+        // `service_family_allowed`): found, but nothing of the other family.
+        let f = find("v4db", ns1(), &[], Family::V4).unwrap();
+        assert_eq!(ips(&f), ["10.0.0.31"]);
+        let f = find("v4db", ns1(), &[], Family::V6).unwrap();
+        assert!(f.addrs.is_empty(), "{f:?}");
+        let f = find("v6db", ns1(), &[], Family::V6).unwrap();
+        assert_eq!(ips(&f), ["fd00::31"]);
+        let f = find("v6db", ns1(), &[], Family::V4).unwrap();
+        assert!(f.addrs.is_empty(), "{f:?}");
+    }
+
+    #[test]
     fn service_entries_prefer_the_client_namespace_then_the_first() {
         let ns3 = Client {
             namespace: "ns3",
@@ -393,6 +440,10 @@ services:
         let f = find("web.ns2.corp.example", ns1(), &["corp.example"], Family::V4).unwrap();
         assert_eq!(f.cname.as_deref(), Some("web.ns2"));
         assert_eq!(ips(&f), ["10.96.0.20"]);
+        // Found by stripping, but no records of the family: an empty answer, no CNAME.
+        let f = find("web.ns2.corp.example", ns1(), &["corp.example"], Family::V6).unwrap();
+        assert_eq!(f.cname, None);
+        assert!(f.addrs.is_empty());
         // Nothing left after stripping: not a match.
         assert!(find("corp.example", ns1(), &["corp.example"], Family::V4).is_none());
     }

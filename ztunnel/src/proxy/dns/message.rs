@@ -130,8 +130,8 @@ impl Request {
     }
 
     /// The authoritative answer for a mesh name. Over UDP, an answer larger than the
-    /// client accepts (512 bytes, or its EDNS payload size) is sent truncated (TC) so the
-    /// client retries over TCP.
+    /// client accepts (512 bytes, or its EDNS payload size) is cut to the records that fit
+    /// and marked truncated (TC) so the client retries over TCP.
     pub fn answer(&self, found: &Found, udp: bool) -> Option<Vec<u8>> {
         let q: &Query = self.msg.queries.first()?;
         let mut m = self.reply();
@@ -154,11 +154,36 @@ impl Request {
             m.add_answer(Record::from_rdata(owner.clone(), TTL_SECONDS, rdata));
         }
         let bytes = encode(&m)?;
-        if udp && bytes.len() > usize::from(self.msg.max_payload()) {
-            return encode(&m.truncate());
+        let limit = usize::from(self.msg.max_payload());
+        if !udp || bytes.len() <= limit {
+            return Some(bytes);
         }
-        Some(bytes)
+        truncated(m, limit)
     }
+}
+
+/// `m` cut to the leading answer records that fit in `limit` bytes, TC set: a client that
+/// does not retry over TCP still gets some addresses (as upstream, through hickory's
+/// encoder). The OPT record is kept.
+fn truncated(mut m: Message, limit: usize) -> Option<Vec<u8>> {
+    m.metadata.truncation = true;
+    let answers = std::mem::take(&mut m.answers);
+    let fits = |m: &mut Message, n: usize| {
+        m.answers = answers[..n].to_vec();
+        encode(m).is_some_and(|b| b.len() <= limit)
+    };
+    // `lo` records fit, `hi` do not (all of them did not).
+    let (mut lo, mut hi) = (0, answers.len());
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(&mut m, mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    m.answers = answers[..lo].to_vec();
+    encode(&m)
 }
 
 fn encode(m: &Message) -> Option<Vec<u8>> {
@@ -266,13 +291,40 @@ mod tests {
     }
 
     #[test]
-    fn oversized_udp_answers_are_truncated() {
+    fn oversized_udp_answers_keep_the_records_that_fit() {
         let r = Request::parse(&query("big.example.", RecordType::A, None)).unwrap();
-        let udp = Message::from_vec(&r.answer(&found(100, None), true).unwrap()).unwrap();
-        assert!(udp.metadata.truncation);
-        assert!(udp.answers.is_empty());
+        let bytes = r.answer(&found(100, Some("big")), true).unwrap();
+        assert!(bytes.len() <= 512, "{}", bytes.len());
+        let udp = Message::from_vec(&bytes).unwrap();
+        assert!(udp.metadata.truncation && udp.metadata.authoritative);
+        // As many as fit: the CNAME, then addresses (a client that does not retry over
+        // TCP still gets some); one more would not fit.
+        assert_eq!(udp.answers[0].record_type(), RecordType::CNAME);
+        let n = udp.answers.len();
+        assert!((20..100).contains(&n), "{n} records");
+        assert!(
+            bytes.len() + 16 > 512,
+            "{} bytes with {n} records",
+            bytes.len()
+        );
         let tcp = Message::from_vec(&r.answer(&found(100, None), false).unwrap()).unwrap();
         assert!(!tcp.metadata.truncation);
         assert_eq!(tcp.answers.len(), 100);
+        // The client's EDNS payload size is the limit, and the OPT record stays.
+        let r = Request::parse(&query("big.example.", RecordType::A, Some(1232))).unwrap();
+        let bytes = r.answer(&found(100, None), true).unwrap();
+        assert!(
+            bytes.len() <= 1232 && bytes.len() + 16 > 1232,
+            "{}",
+            bytes.len()
+        );
+        let udp = Message::from_vec(&bytes).unwrap();
+        assert!(udp.metadata.truncation);
+        assert!(udp.answers.len() > 50, "{}", udp.answers.len());
+        assert_eq!(udp.edns.as_ref().map(|e| e.max_payload()), Some(1232));
+        // Fits: not truncated.
+        let udp = Message::from_vec(&r.answer(&found(3, None), true).unwrap()).unwrap();
+        assert!(!udp.metadata.truncation);
+        assert_eq!(udp.answers.len(), 3);
     }
 }

@@ -16,3 +16,6 @@ pub mod server;
 
 pub use forward::Upstreams;
 pub use server::{DnsClient, DnsHandler, SearchDomains};
+
+#[cfg(test)]
+mod tests;

@@ -91,8 +91,8 @@ impl DnsHandler {
                         namespace: info.namespace.clone(),
                         network: String::new(),
                         name: info.name.clone(),
-                        canonical_service: "unknown".into(),
-                        canonical_revision: "unknown".into(),
+                        canonical_service: String::new(),
+                        canonical_revision: String::new(),
                     }),
             ),
             DnsClient::BySourceIp => snap
@@ -147,16 +147,13 @@ impl DnsHandler {
             };
             (asker, found)
         };
-        let labels = DnsLabels {
-            request_query_type: req.query_type(),
-            request_protocol: if udp { "udp" } else { "tcp" },
-            source_canonical_service: asker
+        let labels = DnsLabels::new(
+            req.query_type(),
+            if udp { "udp" } else { "tcp" },
+            asker
                 .as_ref()
-                .map_or("unknown".into(), |a| a.canonical_service.clone()),
-            source_canonical_revision: asker
-                .as_ref()
-                .map_or("unknown".into(), |a| a.canonical_revision.clone()),
-        };
+                .map(|a| (a.canonical_service.as_str(), a.canonical_revision.as_str())),
+        );
         self.metrics.requests.get_or_create(&labels).inc();
         let log = |result: &str, endpoints: usize| {
             tracing::debug!(

@@ -225,6 +225,8 @@ pub struct ServiceFacts {
     pub use_waypoint: Option<String>,
     /// Endpoint preference from `internalTrafficPolicy` / `trafficDistribution`.
     pub load_balancer: Option<LoadBalancer>,
+    /// `spec.ipFamilies` as istiod sends it (`IPv4`, `IPv6`, `Dual`; none when unset).
+    pub ip_families: Option<&'static str>,
 }
 
 impl ServiceFacts {
@@ -275,6 +277,7 @@ impl ServiceFacts {
             ports,
             external_name: spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName"),
             load_balancer: load_balancer_of(spec),
+            ip_families: ip_families_of(spec),
             use_waypoint: svc
                 .metadata
                 .labels
@@ -316,8 +319,24 @@ impl ServiceFacts {
             waypoint: None,
             canonical: true,
             load_balancer: self.load_balancer.clone(),
-            ip_families: None,
+            ip_families: self
+                .ip_families
+                .map(|f| serde_yaml_ng::Value::String(f.into())),
         }
+    }
+}
+
+/// As istiod: two families are `Dual`, one is that family only (the DNS proxy then
+/// answers no records of the other), none is automatic.
+fn ip_families_of(spec: Option<&k8s_openapi::api::core::v1::ServiceSpec>) -> Option<&'static str> {
+    match spec
+        .and_then(|s| s.ip_families.as_deref())
+        .unwrap_or_default()
+    {
+        [_, _] => Some("Dual"),
+        [f] if f == "IPv4" => Some("IPv4"),
+        [_] => Some("IPv6"),
+        _ => None,
     }
 }
 

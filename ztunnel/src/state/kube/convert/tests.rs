@@ -205,6 +205,22 @@ fn service_and_slice_ports() {
     assert_eq!(s.ports.get(&9000), Some(&9090));
     assert_eq!(s.ports.get(&7000), Some(&7000));
     assert!(!s.ports.contains_key(&53));
+    assert_eq!(s.ip_families, None, "no ipFamilies: automatic");
+    for (families, expected) in [
+        (serde_json::json!(["IPv4", "IPv6"]), "Dual"),
+        (serde_json::json!(["IPv6"]), "IPv6"),
+        (serde_json::json!(["IPv4"]), "IPv4"),
+    ] {
+        let mut single = svc.clone();
+        single.spec.as_mut().unwrap().ip_families =
+            serde_json::from_value(families.clone()).unwrap();
+        let s = ServiceFacts::from_service(&single).to_service(&settings());
+        assert_eq!(
+            s.ip_families.as_ref().and_then(|v| v.as_str()),
+            Some(expected),
+            "{families}"
+        );
+    }
 
     let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "web-abc", "namespace": "app",
