@@ -463,8 +463,10 @@ async fn refuses_bad_peers_with_logged_reason_and_metrics() {
     .await;
     wait_for("trust domain log", || {
         !log_lines(&[
-            "refused HBONE connection",
-            "127.77.4.1",
+            "connection failed",
+            "direction=\"inbound\"",
+            "src.addr=127.77.4.1:",
+            "dst.addr=127.77.4.2:15008",
             "not in trust domain",
         ])
         .is_empty()
@@ -481,7 +483,7 @@ async fn refuses_bad_peers_with_logged_reason_and_metrics() {
     })
     .await;
     wait_for("untrusted root log", || {
-        !log_lines(&["refused HBONE connection", "127.77.4.1", "UnknownIssuer"]).is_empty()
+        !log_lines(&["connection failed", "127.77.4.1", "UnknownIssuer"]).is_empty()
     })
     .await;
 
@@ -496,7 +498,7 @@ async fn refuses_bad_peers_with_logged_reason_and_metrics() {
     })
     .await;
     wait_for("expired log", || {
-        !log_lines(&["refused HBONE connection", "127.77.4.1", "expired"]).is_empty()
+        !log_lines(&["connection failed", "127.77.4.1", "expired"]).is_empty()
     })
     .await;
 
@@ -617,7 +619,7 @@ async fn malformed_requests_get_the_right_status_and_leak_nothing() {
         .await
         .expect("server gives up on a stalled handshake");
     wait_for("stall refusal", || mesh.refused("handshake_timeout") == 1).await;
-    assert!(!log_lines(&["refused HBONE connection", "did not complete within"]).is_empty());
+    assert!(!log_lines(&["connection failed", "did not complete within"]).is_empty());
 
     // Nothing left behind.
     wait_for("no open connection", || pb.active_connections() == 0).await;

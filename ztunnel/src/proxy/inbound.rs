@@ -12,7 +12,13 @@
 //! served by this proxy at that IP (else 503); authorization (else 401); upstream connect
 //! (else 503); then 200 and bytes.
 //! Telemetry: the destination service is guessed from `forwarded: host=` and the port among
-//! the workload's services; an unknown source is described by its `baggage`.
+//! the workload's services; an unknown source is described by its `baggage`. Refusals
+//! before the destination workload is known are access-log lines ("connection failed"),
+//! as upstream's early denials.
+//! As upstream, a connection to an in-pod (or dedicated) proxy whose workload the state
+//! does not know yet waits for it ([`local_snapshot`], 5 s at most), and a target IP this
+//! proxy's state does not know is asked for on demand (`XDS_ON_DEMAND`) before the
+//! waypoint check.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -38,8 +44,8 @@ use crate::proxy::sockets::canonical;
 use crate::state::on_demand::Unanswered;
 use crate::state::{Snapshot, Workload};
 use crate::telemetry::{
-    ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason, ResponseFlags,
-    ServiceInfo,
+    ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason, Reporter,
+    ResponseFlags, ServiceInfo, SocketOpen,
 };
 
 /// What every stream of one HBONE connection shares.
@@ -63,6 +69,9 @@ pub(super) async fn handle(
     _guard: ConnGuard,
 ) {
     let metrics = &ctx.inputs.metrics;
+    // As upstream: the accepted socket, from accept to close, once however many streams
+    // it carries (each stream is a connection in the `istio_tcp_connections_*` families).
+    let _socket = SocketOpen::new(metrics, Reporter::destination);
     let local = match tcp.local_addr() {
         Ok(a) => canonical(a),
         Err(e) => {
@@ -72,14 +81,18 @@ pub(super) async fn handle(
     };
     let snap = match &ctx.scope {
         ProxyScope::Node => ctx.snapshot_serving(local.ip()).await,
-        ProxyScope::Workload(_) => ctx.inputs.state.snapshot(),
+        ProxyScope::Workload(_) => local_snapshot(&ctx, local.ip()).await,
     };
     let local_identity = match &ctx.scope {
         ProxyScope::Workload(_) => ctx.local_identity(&snap),
         ProxyScope::Node => match ctx.served_at(&snap, local.ip()) {
             Some(w) => w.identity(),
             None => {
-                tracing::warn!(src = %peer, dst = %local, "inbound: no workload of this node at the destination address; closing");
+                early_deny(
+                    peer,
+                    local,
+                    "no workload of this node at the destination address",
+                );
                 metrics.refused(Direction::Inbound, RefusalReason::upstream_unavailable);
                 return;
             }
@@ -88,7 +101,11 @@ pub(super) async fn handle(
     let cert = match ctx.inputs.certs.fetch_certificate(&local_identity).await {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(src = %peer, dst = %local, error = %e, "inbound: no certificate to serve with; closing");
+            early_deny(
+                peer,
+                local,
+                &format!("no certificate for {local_identity} to serve with: {e}"),
+            );
             metrics.refused(Direction::Inbound, RefusalReason::no_identity);
             return;
         }
@@ -102,7 +119,7 @@ pub(super) async fn handle(
                 AcceptError::Timeout(_) => RefusalReason::handshake_timeout,
                 _ => RefusalReason::tls_handshake,
             };
-            tracing::warn!(src = %peer, dst = %local, error = %e, "inbound: refused HBONE connection");
+            early_deny(peer, local, &e.to_string());
             metrics.refused(Direction::Inbound, reason);
             return;
         }
@@ -111,7 +128,7 @@ pub(super) async fn handle(
         tls.get_ref().1.peer_certificates(),
         local_identity.trust_domain(),
     ) else {
-        tracing::warn!(src = %peer, dst = %local, "inbound: client certificate has no SPIFFE identity; closing");
+        early_deny(peer, local, "client certificate has no SPIFFE identity");
         metrics.refused(Direction::Inbound, RefusalReason::tls_handshake);
         return;
     };
@@ -141,6 +158,7 @@ pub(super) async fn handle(
                 error = %e,
                 "inbound: refused HBONE connection: client certificate identity is not the identity of the workload at the source address"
             );
+            early_deny(peer, local, &e.to_string());
             metrics.refused(Direction::Inbound, RefusalReason::identity_mismatch);
             return;
         }
@@ -196,7 +214,8 @@ async fn handle_stream(
                   status: StatusCode,
                   reason: RefusalReason,
                   why: &str| {
-        tracing::warn!(src = %peer.addr, src.identity = %peer.identity, status = status.as_u16(), reason = why, "inbound: CONNECT refused");
+        tracing::debug!(src = %peer.addr, src.identity = %peer.identity, status = status.as_u16(), reason = why, "inbound: CONNECT refused");
+        early_deny(peer.addr, peer.local, why);
         metrics.refused(Direction::Inbound, reason);
         respond_status(respond, status);
     };
@@ -212,7 +231,18 @@ async fn handle_stream(
         }
     };
     guard.set_dst(target);
-    let snap = ctx.inputs.state.snapshot();
+    let mut snap = ctx.inputs.state.snapshot();
+    if target.ip() != peer.local.ip() {
+        // A "waypoint sandwich" target (a service VIP or another workload): with
+        // XDS_ON_DEMAND, whether we are its waypoint may only be known after asking istiod
+        // for it, as upstream does (unanswered: validated against what we know).
+        snap = ctx
+            .inputs
+            .state
+            .knowing(snap, &peer.network, target.ip())
+            .await
+            .unwrap_or_else(Unanswered::into_snapshot);
+    }
     let upstream_addr = match destination(&snap, &peer.network, peer.local, target) {
         Ok(a) => a,
         Err(why) => {
@@ -304,7 +334,7 @@ async fn handle_stream(
         src_ip: peer.policy_src_ip,
         dst_addr: upstream_addr,
     });
-    let mut tele = ConnectionTelemetry::open(metrics, info);
+    let mut tele = ConnectionTelemetry::open_stream(metrics, info);
     let auth = match decision {
         Ok(()) => {
             let auth = Authorized::new(
@@ -378,6 +408,51 @@ async fn handle_stream(
     }
 }
 
+/// How long a connection waits for the served workload of an in-pod or dedicated proxy
+/// to become known (upstream's bound).
+const LOCAL_WORKLOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The current snapshot; in workload scope (in-pod, dedicated), once it knows the served
+/// workload. A connection can arrive before that: the pod's proxy starts when the pod is
+/// created, istiod's push of its workload may follow. As upstream, it waits for the
+/// workload (at most [`LOCAL_WORKLOAD_WAIT`]) instead of being refused at once.
+pub(super) async fn local_snapshot(ctx: &ProxyCtx, local_ip: IpAddr) -> Arc<Snapshot> {
+    // With `XDS_ON_DEMAND` the served workload is known only once asked for (by the
+    // address the connection reached): ask first, then wait.
+    let snap = ctx.snapshot_serving(local_ip).await;
+    let ProxyScope::Workload(info) = &ctx.scope else {
+        return snap;
+    };
+    // Whichever node it is on: the workload `serves` accepts.
+    let known_in = |s: &Snapshot| s.find_workload(info, None).is_some();
+    if known_in(&snap) {
+        return snap;
+    }
+    drop(snap);
+    let mut changes = ctx.inputs.state.subscribe();
+    let known = async {
+        loop {
+            if known_in(&ctx.inputs.state.snapshot()) {
+                return;
+            }
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    };
+    if tokio::time::timeout(LOCAL_WORKLOAD_WAIT, known)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            workload = %format!("{}/{}", info.namespace, info.name),
+            wait = ?LOCAL_WORKLOAD_WAIT,
+            "inbound: the served workload is still unknown to the state"
+        );
+    }
+    ctx.inputs.state.snapshot()
+}
+
 /// Where an inbound HBONE request for `target`, received on a connection to `local`, goes.
 ///
 /// Normally the target IP is the address the connection reached: the target itself. When
@@ -405,6 +480,13 @@ fn destination(
             local.ip()
         ))
     }
+}
+
+/// A connection or stream refused before it had a destination workload: as upstream, one
+/// access-log line (target `access`, warn, "connection failed", `direction="inbound"`, the
+/// connection's addresses and the reason), not counted in the `istio_tcp_*` families.
+fn early_deny(src: SocketAddr, dst: SocketAddr, why: &str) {
+    crate::telemetry::log_early_deny(Direction::Inbound, src, dst, None, why);
 }
 
 /// Source details from the client's `baggage` (a source we have no workload for).

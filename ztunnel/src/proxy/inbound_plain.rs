@@ -1,5 +1,6 @@
 //! Inbound plaintext (15006): captured non-HBONE connections to the served workload are
-//! passed through (after authorization, with no peer identity).
+//! passed through (after authorization, with no peer identity). Refusals before the
+//! destination workload is known are access-log lines ("connection failed"), as upstream.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use super::conntrack::ConnGuard;
 use super::policy_watch::Authorized;
 use crate::telemetry::{
     ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason, ResponseFlags,
-    ServiceInfo,
+    ServiceInfo, log_early_deny,
 };
 
 pub(super) async fn handle(
@@ -25,23 +26,28 @@ pub(super) async fn handle(
     let target = match ctx.sockets.original_destination(&client) {
         Ok(d) => d,
         Err(e) => {
-            tracing::warn!(src = %peer, error = %e, "inbound plaintext: cannot recover the original destination; closing");
+            let local = client.local_addr().unwrap_or(peer);
+            let why = format!("cannot recover the original destination: {e}");
+            log_early_deny(Direction::Inbound, peer, local, None, &why);
             metrics.refused(Direction::Inbound, RefusalReason::bad_request);
             return;
         }
     };
     guard.set_dst(target);
     if ctx.inputs.cfg.ports.is_proxy_port(target.port()) {
-        tracing::warn!(src = %peer, dst = %target, "inbound plaintext: target is a proxy port; closing");
+        let why = format!("target {target} is a proxy port");
+        log_early_deny(Direction::Inbound, peer, target, None, &why);
         metrics.refused(Direction::Inbound, RefusalReason::bad_request);
         return;
     }
-    let snap = ctx.snapshot_serving(target.ip()).await;
+    // In workload scope, wait for the served workload to be known (as upstream).
+    let snap = super::inbound::local_snapshot(&ctx, target.ip()).await;
     // The served workload on whichever network it is (a plaintext peer shares it).
     let dst_workload = match ctx.served_at(&snap, target.ip()) {
         Some(w) => w.clone(),
         None => {
-            tracing::warn!(src = %peer, dst = %target, "inbound plaintext: no workload served by this proxy at the destination; closing");
+            let why = "no workload served by this proxy at the destination";
+            log_early_deny(Direction::Inbound, peer, target, None, why);
             metrics.refused(Direction::Inbound, RefusalReason::upstream_unavailable);
             return;
         }

@@ -214,8 +214,9 @@ pub struct ConnectionTelemetry {
     info: ConnectionInfo,
     labels: TrafficLabels,
     metrics: Arc<ProxyMetrics>,
-    /// `istio_tcp_sockets_open` of this connection's reporter.
-    socket_gauge: Gauge,
+    /// `istio_tcp_sockets_open` of this connection's reporter; `None` for an HBONE stream
+    /// (its TCP connection is counted, [`SocketOpen`]).
+    socket_gauge: Option<Gauge>,
     /// Id in `metrics.live` once the copy's bytes are counted.
     live: Option<u64>,
     start: Instant,
@@ -227,15 +228,19 @@ pub struct ConnectionTelemetry {
 impl ConnectionTelemetry {
     /// Counts the connection opened and logs it at debug.
     pub fn open(metrics: &Arc<ProxyMetrics>, info: ConnectionInfo) -> Self {
+        let socket = SocketOpen::new(metrics, info.reporter());
+        let mut t = Self::open_stream(metrics, info);
+        t.socket_gauge = Some(socket.into_gauge());
+        t
+    }
+
+    /// [`Self::open`] for one stream of an inbound HBONE connection: as upstream,
+    /// `istio_tcp_sockets_open` counts the TCP connection carrying the streams
+    /// ([`SocketOpen`], held by the connection's task), not each stream.
+    pub fn open_stream(metrics: &Arc<ProxyMetrics>, info: ConnectionInfo) -> Self {
         let labels = info.labels();
         metrics.connections_opened.get_or_create(&labels).inc();
-        let socket_gauge = metrics
-            .sockets_open
-            .get_or_create(&SocketLabels {
-                reporter: info.reporter(),
-            })
-            .clone();
-        socket_gauge.inc();
+        let socket_gauge = None;
         tracing::debug!(
             target: "access",
             {
@@ -326,7 +331,9 @@ impl ConnectionTelemetry {
             self.flag = ResponseFlags::ConnectionFailure;
         }
         let m = &self.metrics;
-        self.socket_gauge.dec();
+        if let Some(g) = &self.socket_gauge {
+            g.dec();
+        }
         let mut ended = self.labels.clone();
         ended.response_flags = self.flag.as_str().to_string();
         m.connections_closed.get_or_create(&ended).inc();
@@ -383,6 +390,36 @@ impl ConnectionTelemetry {
         match error {
             Some(e) => access!(error, { error = e }),
             None => access!(info, {}),
+        }
+    }
+}
+
+/// One accepted socket in `istio_tcp_sockets_open{reporter}` while held (upstream counts
+/// sockets from accept to close: an inbound HBONE connection once, whatever its streams).
+pub struct SocketOpen(Option<Gauge>);
+
+impl SocketOpen {
+    pub fn new(metrics: &ProxyMetrics, reporter: Reporter) -> Self {
+        let gauge = metrics
+            .sockets_open
+            .get_or_create(&SocketLabels { reporter })
+            .clone();
+        gauge.inc();
+        SocketOpen(Some(gauge))
+    }
+
+    /// The gauge, to be decremented by the new owner.
+    fn into_gauge(mut self) -> Gauge {
+        self.0
+            .take()
+            .expect("a SocketOpen holds its gauge until dropped")
+    }
+}
+
+impl Drop for SocketOpen {
+    fn drop(&mut self) {
+        if let Some(g) = &self.0 {
+            g.dec();
         }
     }
 }

@@ -20,7 +20,8 @@ pub mod metrics;
 pub mod runtime;
 
 pub use access_log::{
-    ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, ServiceInfo, log_early_deny,
+    ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, ServiceInfo, SocketOpen,
+    log_early_deny,
 };
 pub use live::ByteSource;
 pub use metrics::{

@@ -1,0 +1,311 @@
+//! Inbound acceptance rules compared with upstream's ztunnel, through the real proxy (the
+//! `common` loopback harness): refusals are access-logged like upstream's early denials,
+//! and a waypoint "sandwich" target is looked up on demand before it is validated. Each
+//! test uses its own 127.79.2x.0/24 addresses.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use common::*;
+use http::{Method, Request, StatusCode};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpSocket;
+use ztunnel::hbone::tls_connect;
+use ztunnel::identity::Identity;
+use ztunnel::state::file::{FileDefaults, parse};
+use ztunnel::state::on_demand::{OnDemand, address_key};
+
+fn sa(ip: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+/// HBONE CONNECT for `authority` straight to B's 15008, as `id` from `src_ip`.
+async fn connect_status(mesh: &Mesh, src_ip: IpAddr, id: &Identity, authority: &str) -> StatusCode {
+    let cert = leaf(&mesh.ca, id, valid_now());
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(sa(src_ip, 0)).unwrap();
+    let dst = sa(mesh.b_ip, 15008);
+    let tcp = sock.connect(dst).await.unwrap();
+    let cfg =
+        ztunnel::tls::client_config(&cert, &roots(&mesh.ca), vec![mesh.identity("sa-b", "ns-b")]);
+    let tls = tls_connect(tcp, cfg, dst).await.unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority)
+        .body(())
+        .unwrap();
+    let (resp, _) = send.send_request(req, false).unwrap();
+    resp.await.unwrap().status()
+}
+
+/// An HBONE connection or stream refused before it had a destination workload is an
+/// access-log line ("connection failed", target `access`, with the reason), as upstream's
+/// early denials, not only a line of ztunnel's own log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hbone_refusals_are_access_logged() {
+    let mesh = Mesh::new("127.79.24", |_| {});
+    let (_pb, _) = mesh.proxy("b").await;
+    let a = mesh.identity("sa-a", "ns-a");
+    for authority in [
+        "http://127.79.24.2:8080/",
+        "example.com:8080",
+        "127.79.24.1:8080",
+        "127.79.24.2:15006",
+    ] {
+        let method = if authority.starts_with("http") {
+            Method::GET
+        } else {
+            Method::CONNECT
+        };
+        let status = request_status(&mesh, mesh.a_ip, &a, method, authority).await;
+        assert!(status.is_some_and(|s| s != StatusCode::OK), "{authority}");
+    }
+    // Another workload's certificate from a's address.
+    let impostor = mesh.identity("sa-evil", "ns-a");
+    assert_eq!(
+        request_status(
+            &mesh,
+            mesh.a_ip,
+            &impostor,
+            Method::CONNECT,
+            "127.79.24.2:8080"
+        )
+        .await,
+        None
+    );
+    for reason in [
+        "GET",
+        "example.com:8080",
+        "target 127.79.24.1:8080 is not the address this connection reached",
+        "target 127.79.24.2:15006 is a proxy port",
+        "sa-evil is not the identity of the workload at the source address",
+    ] {
+        let needles = [
+            "connection failed",
+            "direction=\"inbound\"",
+            "src.addr=127.79.24.1:",
+            "dst.addr=127.79.24.2:15008",
+            reason,
+        ];
+        wait_for(&format!("access-log line {needles:?}"), || {
+            !log_lines(&needles).is_empty()
+        })
+        .await;
+    }
+}
+
+/// A request with `method` and `uri` to B's 15008 as `id` from `src_ip`: its status, or
+/// `None` when the connection was refused.
+async fn request_status(
+    mesh: &Mesh,
+    src_ip: IpAddr,
+    id: &Identity,
+    method: Method,
+    uri: &str,
+) -> Option<StatusCode> {
+    let cert = leaf(&mesh.ca, id, valid_now());
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(sa(src_ip, 0)).unwrap();
+    let dst = sa(mesh.b_ip, 15008);
+    let tcp = sock.connect(dst).await.unwrap();
+    let cfg =
+        ztunnel::tls::client_config(&cert, &roots(&mesh.ca), vec![mesh.identity("sa-b", "ns-b")]);
+    let tls = tls_connect(tcp, cfg, dst).await.ok()?;
+    let (send, conn) = h2::client::handshake(tls).await.ok()?;
+    tokio::spawn(conn);
+    let mut send = send.ready().await.ok()?;
+    let req = Request::builder().method(method).uri(uri).body(()).unwrap();
+    let (resp, _) = send.send_request(req, true).ok()?;
+    Some(resp.await.ok()?.status())
+}
+
+/// A plaintext connection refused before it had a destination workload (here: a proxy
+/// port as original destination) is an access-log line, as upstream's early denials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_refusals_are_access_logged() {
+    let mesh = Mesh::new("127.79.20", |_| {});
+    let (pb, sockets_b) = mesh.proxy("b").await;
+    let mut c = sockets_b
+        .redirected_connect(
+            mesh.plain_ip,
+            pb.addresses().inbound_plain,
+            sa(mesh.b_ip, 15008),
+        )
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+        .await
+        .expect("closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    wait_for("the refusal access-logged", || {
+        !log_lines(&[
+            "connection failed",
+            "direction=\"inbound\"",
+            "src.addr=127.79.20.3:",
+            "dst.addr=127.79.20.2:15008",
+            "target 127.79.20.2:15008 is a proxy port",
+        ])
+        .is_empty()
+    })
+    .await;
+}
+
+/// B is the waypoint of a service its ztunnel has not met yet (`XDS_ON_DEMAND`): a CONNECT
+/// for the service's `VIP:port` is validated after asking for the VIP, as upstream does,
+/// instead of being refused (400) as a target B is not the waypoint of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoint_sandwich_target_is_looked_up_on_demand() {
+    let mesh = Mesh::new("127.79.21", |_| {});
+    let _echo = echo_server(sa(mesh.b_ip, 8080)).await;
+    let (_pb, _) = mesh.proxy("b").await;
+    let (demander, mut demands) = OnDemand::channel(Duration::from_secs(2));
+    mesh.store.set_on_demand(demander);
+    let vip: IpAddr = "127.79.21.101".parse().unwrap();
+    let wanted = address_key("", vip);
+    let store = mesh.store.clone();
+    // istiod's part: answers the VIP with a service whose waypoint is B.
+    let istiod = tokio::spawn(async move {
+        let mut asked = Vec::new();
+        while let Some(d) = demands.recv().await {
+            asked.push(d.key.clone());
+            if d.key == wanted {
+                let yaml = r#"
+services:
+- name: sandwiched
+  namespace: ns-b
+  hostname: sandwiched.ns-b.svc.cluster.local
+  vips: ["/127.79.21.101"]
+  ports: {80: 8080}
+  waypoint: {destination: "/127.79.21.2", hboneMtlsPort: 15008}
+"#;
+                let defaults = FileDefaults {
+                    trust_domain: "cluster.local".into(),
+                    cluster_id: "Kubernetes".into(),
+                };
+                let lc = parse(yaml, std::path::Path::new("od.yaml"), &defaults).unwrap();
+                store
+                    .source("on-demand")
+                    .replace_all(lc.workloads, lc.services, lc.policies);
+            }
+            let _ = d.answered.send(());
+            if asked.iter().any(|k| k == &wanted) {
+                return asked;
+            }
+        }
+        asked
+    });
+    let a = mesh.identity("sa-a", "ns-a");
+    assert_eq!(
+        connect_status(&mesh, mesh.a_ip, &a, &format!("{vip}:8080")).await,
+        StatusCode::OK
+    );
+    let asked = tokio::time::timeout(Duration::from_secs(5), istiod)
+        .await
+        .expect("istiod asked")
+        .unwrap();
+    assert!(asked.contains(&address_key("", vip)), "{asked:?}");
+    // An address istiod knows nothing about is still refused as before.
+    assert_eq!(
+        connect_status(&mesh, mesh.a_ip, &a, "127.79.21.102:8080").await,
+        StatusCode::BAD_REQUEST
+    );
+}
+
+/// A connection that reaches an in-pod proxy before the state knows its workload (istiod's
+/// push still on its way) waits for it, as upstream (up to 5 s), instead of being refused
+/// at once: HBONE gets its 200, plaintext its echo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_wait_for_the_served_workload_to_be_known() {
+    let mesh = Mesh::new("127.79.23", |_| {});
+    let _echo = echo_server(sa(mesh.b_ip, 8080)).await;
+    let snap = mesh.store.snapshot();
+    let b = (**snap.workload_by_uid("b").unwrap()).clone();
+    drop(snap);
+    mesh.store.source("file").remove_workload("b");
+    let (pb, sockets_b) = mesh.proxy("b").await;
+    let a = mesh.identity("sa-a", "ns-a");
+    let store = mesh.store.clone();
+    let push = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        store.source("file").upsert_workload(b);
+    });
+    let started = std::time::Instant::now();
+    let plain = async {
+        let data = std::sync::Arc::new(b"early plaintext".repeat(10));
+        let c = sockets_b
+            .redirected_connect(
+                mesh.plain_ip,
+                pb.addresses().inbound_plain,
+                sa(mesh.b_ip, 8080),
+            )
+            .await
+            .unwrap();
+        matches!(echo_roundtrip(c, data.clone()).await, Ok(back) if back == *data)
+    };
+    let target = format!("{}:8080", mesh.b_ip);
+    let (status, echoed) = tokio::join!(connect_status(&mesh, mesh.a_ip, &a, &target), plain);
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        echoed,
+        "plaintext connection refused before the workload was known"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    push.await.unwrap();
+}
+
+/// `istio_tcp_sockets_open{reporter="destination"}` counts accepted sockets, as upstream:
+/// three client connections pooled into one HBONE connection are one socket at the
+/// destination (three at the source), while `istio_tcp_connections_opened_total` counts
+/// each stream. One runtime thread: the pool keeps connections per data-plane thread.
+#[tokio::test(flavor = "current_thread")]
+async fn destination_sockets_count_hbone_connections_not_streams() {
+    use tokio::io::AsyncWriteExt;
+    let mesh = Mesh::new("127.79.25", |_| {});
+    let _echo = echo_server(sa(mesh.b_ip, 8080)).await;
+    let (pa, socks) = mesh.proxy("a").await;
+    let (_pb, _) = mesh.proxy("b").await;
+    let outbound = pa.addresses().outbound;
+    let mut open = Vec::new();
+    for i in 0..3u8 {
+        let mut c = socks
+            .redirected_connect(mesh.a_ip, outbound, sa(mesh.b_ip, 8080))
+            .await
+            .unwrap();
+        c.write_all(&[i; 100]).await.unwrap();
+        let mut back = [0u8; 100];
+        c.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, [i; 100]);
+        open.push(c);
+    }
+    let opened = |reporter: &str| {
+        mesh.metric(
+            "istio_tcp_connections_opened_total",
+            &[&format!("reporter=\"{reporter}\"")],
+        )
+    };
+    wait_for("three streams opened at the destination", || {
+        opened("destination") == 3
+    })
+    .await;
+    let sockets = |reporter: &str| {
+        mesh.metric(
+            "istio_tcp_sockets_open",
+            &[&format!("reporter=\"{reporter}\"")],
+        )
+    };
+    assert_eq!(sockets("source"), 3, "{}", mesh.metrics_text());
+    assert_eq!(sockets("destination"), 1, "{}", mesh.metrics_text());
+    drop(open);
+    pa.drain(Duration::from_millis(300)).await;
+    wait_for("no socket open after the pool is gone", || {
+        mesh.metric("istio_tcp_sockets_open", &[]) == 0
+    })
+    .await;
+}
