@@ -14,6 +14,11 @@
 //!
 //! "On this node" is what the node proxy serves: `workload.node == NODE_NAME`, or every
 //! workload when `NODE_NAME` is unset.
+//!
+//! As upstream, the certificates of this node's mesh workloads (HBONE, or a native tunnel)
+//! are also prefetched when they appear (at [`Priority::Warmup`](crate::identity::limiter::Priority),
+//! behind any request a connection waits for), so a new pod's first connection does not wait
+//! for a CSR. Only with `NODE_NAME` set: without it every workload of the mesh would count.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -22,6 +27,7 @@ use std::time::Duration;
 use tokio::task::AbortHandle;
 
 use crate::identity::{Identity, SecretManager};
+use crate::state::workload::Protocol;
 use crate::state::{Snapshot, Store};
 
 /// How long after a state change the node claim is recomputed (coalescing bursts).
@@ -47,6 +53,18 @@ pub fn node_identities(snap: &Snapshot, node: Option<&str>) -> HashSet<Identity>
         .collect()
 }
 
+/// The identities whose certificates are prefetched: those of `node`'s mesh workloads
+/// (none when `node` is `None`).
+pub fn prefetch_identities(snap: &Snapshot, node: Option<&str>) -> HashSet<Identity> {
+    let Some(node) = node else {
+        return HashSet::new();
+    };
+    snap.workloads()
+        .filter(|w| w.node == node && (w.protocol == Protocol::HBONE || w.native_tunnel))
+        .map(|w| w.identity())
+        .collect()
+}
+
 /// Claims the identities of `node`'s workloads now and after every change of `store`
 /// (waiting `settle` first). Spawned on the current tokio runtime.
 pub fn watch(
@@ -60,9 +78,14 @@ pub fn watch(
         loop {
             // Marked seen before reading the snapshot: a change after this wakes us again.
             let version = *changes.borrow_and_update();
-            let claim = node_identities(&store.snapshot(), node.as_deref());
+            let snap = store.snapshot();
+            let claim = node_identities(&snap, node.as_deref());
             let claimed = claim.len();
             let forgotten = certs.claim_for_node(claim);
+            for identity in prefetch_identities(&snap, node.as_deref()) {
+                certs.prefetch(&identity);
+            }
+            drop(snap);
             let node_name = node.as_deref().unwrap_or("(every node: NODE_NAME unset)");
             if forgotten.is_empty() {
                 tracing::debug!(
@@ -260,6 +283,41 @@ mod tests {
         assert!(listed(&certs, &a), "held in-pod");
         drop(hold);
         assert!(!listed(&certs, &a), "no owner left");
+    }
+
+    /// A mesh workload appearing on this node gets its certificate without any connection
+    /// asking; plaintext workloads, other nodes' and (without `NODE_NAME`) any do not.
+    #[tokio::test]
+    async fn this_nodes_mesh_workloads_are_prefetched() {
+        let ca = CountingCa::new();
+        let certs = SecretManager::new(ca.clone(), Duration::from_secs(3600));
+        let store = Store::new();
+        let src = store.source("file");
+        let _watch = watch(store.clone(), certs.clone(), Some("n1".into()), SETTLE_TEST);
+        let mut plain = workload("p", "sa-plain", "n1");
+        plain.protocol = Protocol::TCP;
+        src.upsert_workload(plain);
+        src.upsert_workload(workload("a", "sa-a", "n1"));
+        src.upsert_workload(workload("r", "sa-r", "n2"));
+        let id = |sa: &str| Identity::new("cluster.local", "ns1", sa);
+        for _ in 0..100 {
+            if certs.current(&id("sa-a")).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(certs.current(&id("sa-a")).is_some(), "prefetched");
+        assert_eq!(ca.count(&id("sa-a")), 1);
+        assert_eq!(ca.count(&id("sa-plain")), 0, "plaintext workload");
+        assert_eq!(ca.count(&id("sa-r")), 0, "another node's");
+
+        let everyone = SecretManager::new(ca.clone(), Duration::from_secs(3600));
+        let _all = watch(store.clone(), everyone.clone(), None, SETTLE_TEST);
+        settled().await;
+        assert!(
+            everyone.dump(&[]).is_empty(),
+            "no NODE_NAME: nothing prefetched"
+        );
     }
 
     #[test]

@@ -3,9 +3,13 @@
 //! The first [`SecretManager::fetch_certificate`] for an identity starts a background task
 //! (on the caller's runtime) that generates an ECDSA P-256 key, sends a CSR to the
 //! [`CertificateProvider`], publishes the result and sleeps until half of the certificate's
-//! lifetime has passed, then renews. Failures back off exponentially (capped at 150 s) while
-//! the current certificate stays in use until it expires. TLS configurations are built per
-//! handshake from the current certificate, so rotation never touches open connections.
+//! lifetime has passed, then renews. Failures back off exponentially (from about 1 s, doubling,
+//! ±20 % jitter so identities that failed together do not retry together, capped at 150 s)
+//! while the current certificate stays in use until it expires. TLS configurations are built
+//! per handshake from the current certificate, so rotation never touches open connections.
+//! At most [`limiter::MAX_IN_FLIGHT`](super::limiter::MAX_IN_FLIGHT) requests are in flight;
+//! the rest wait, a connection's first certificate before a prefetch before a renewal, as
+//! upstream.
 //!
 //! Certificates are forgotten (no more renewals, gone from `/config_dump`) when their last
 //! owner lets go ([`super::owners`]): in-pod workloads [`SecretManager::hold`] their
@@ -24,11 +28,14 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use super::certificate::CertDump;
+use super::limiter::{Limiter, MAX_IN_FLIGHT, Priority, SharedPriority};
 use super::owners::{Account, Owners, account_of};
 use super::provider::{CertificateProvider, CertificateRequest};
 use super::{Identity, WorkloadCertificate};
 
-const BACKOFF_START: Duration = Duration::from_millis(500);
+const BACKOFF_START: Duration = Duration::from_secs(1);
+/// Each retry delay is the backoff times a random factor in `1 ± BACKOFF_JITTER` (upstream's).
+const BACKOFF_JITTER: f64 = 0.2;
 const BACKOFF_MAX: Duration = Duration::from_secs(150);
 /// Never renew more often than this, whatever the certificate says.
 const MIN_REFRESH: Duration = Duration::from_secs(1);
@@ -51,6 +58,8 @@ enum CertState {
 
 struct Entry {
     state: watch::Sender<CertState>,
+    /// Priority of the first request (raised when a connection waits for a prefetch).
+    priority: SharedPriority,
     task: Mutex<Option<AbortHandle>>,
 }
 
@@ -59,6 +68,8 @@ pub struct SecretManager {
     provider: Arc<dyn CertificateProvider>,
     ttl: Duration,
     entries: Mutex<HashMap<Identity, Arc<Entry>>>,
+    /// Bounds concurrent CSRs and orders the waiting ones.
+    pub(super) limiter: Arc<Limiter>,
     /// Who keeps which certificate. Lock order: `owners`, then `entries`.
     owners: Mutex<Owners>,
     /// Handed to rotation tasks, which ask before each renewal whether anyone still owns it.
@@ -106,6 +117,7 @@ impl SecretManager {
             provider,
             ttl,
             entries: Mutex::new(HashMap::new()),
+            limiter: Limiter::new(MAX_IN_FLIGHT),
             owners: Mutex::new(Owners::default()),
             me: me.clone(),
         })
@@ -121,7 +133,7 @@ impl SecretManager {
         &self,
         identity: &Identity,
     ) -> Result<Arc<WorkloadCertificate>, FetchError> {
-        let mut rx = self.entry(identity).state.subscribe();
+        let mut rx = self.entry(identity, Priority::RealTime).state.subscribe();
         let state = rx
             .wait_for(|s| !matches!(s, CertState::Pending))
             .await
@@ -158,7 +170,7 @@ impl SecretManager {
 
     /// Starts fetching in the background without waiting (e.g. when a workload is added).
     pub fn prefetch(&self, identity: &Identity) {
-        self.entry(identity);
+        self.entry(identity, Priority::Warmup);
     }
 
     /// Stops rotating `identity` and drops its certificate (workload removed).
@@ -311,19 +323,24 @@ impl SecretManager {
         out
     }
 
-    fn entry(&self, identity: &Identity) -> Arc<Entry> {
+    fn entry(&self, identity: &Identity, priority: Priority) -> Arc<Entry> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = entries.get(identity) {
+            if matches!(*e.state.borrow(), CertState::Pending) {
+                e.priority.raise(priority);
+            }
             return e.clone();
         }
         let (tx, _) = watch::channel(CertState::Pending);
         let entry = Arc::new(Entry {
             state: tx,
+            priority: SharedPriority::new(priority),
             task: Mutex::new(None),
         });
         let task = tokio::spawn(rotate(
             self.me.clone(),
             self.provider.clone(),
+            self.limiter.clone(),
             identity.clone(),
             self.ttl,
             entry.clone(),
@@ -349,6 +366,7 @@ impl Drop for SecretManager {
 async fn rotate(
     manager: Weak<SecretManager>,
     provider: Arc<dyn CertificateProvider>,
+    limiter: Arc<Limiter>,
     identity: Identity,
     ttl: Duration,
     entry: Arc<Entry>,
@@ -356,13 +374,19 @@ async fn rotate(
     let mut backoff = BACKOFF_START;
     let mut first = true;
     loop {
-        if !std::mem::take(&mut first) {
+        let priority = if std::mem::take(&mut first) {
+            entry.priority.clone()
+        } else {
             match manager.upgrade() {
                 Some(m) if !m.drop_if_orphaned(&identity, &entry) => {}
                 _ => return,
             }
-        }
-        match request_certificate(provider.as_ref(), &identity, ttl).await {
+            SharedPriority::new(Priority::Background)
+        };
+        let permit = limiter.acquire(priority).await;
+        let result = request_certificate(provider.as_ref(), &identity, ttl).await;
+        drop(permit);
+        match result {
             Ok(cert) => {
                 backoff = BACKOFF_START;
                 let refresh_at = cert.refresh_at();
@@ -382,13 +406,18 @@ async fn rotate(
                 tokio::time::sleep(wait).await;
             }
             Err(e) => {
-                tracing::warn!(identity = %identity, error = %e, retry_in = ?backoff, "certificate request failed");
+                let delay = backoff
+                    .mul_f64(rand::random_range(
+                        1.0 - BACKOFF_JITTER..=1.0 + BACKOFF_JITTER,
+                    ))
+                    .min(BACKOFF_MAX);
+                tracing::warn!(identity = %identity, error = %e, retry_in = ?delay, "certificate request failed");
                 let has_valid = matches!(&*entry.state.borrow(),
                     CertState::Ready(c) if !c.is_expired(SystemTime::now()));
                 if !has_valid {
                     entry.state.send_replace(CertState::Failed(e));
                 }
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(delay).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }

@@ -2,15 +2,17 @@
 //!
 //! - [`Identity`] — `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 //! - [`provider::CertificateProvider`]: where certificates come from (CSR in, PEM chain out).
-//!   [`local_ca::LocalCa`] signs them from `CA_ROOT_CERT`/`CA_ROOT_KEY`; an Istio CA gRPC
-//!   client implements the same trait later.
+//!   [`local_ca::LocalCa`] signs them from `CA_ROOT_CERT`/`CA_ROOT_KEY`;
+//!   [`istio_ca::IstioCaClient`] asks an Istio CA (`CA_ADDRESS`).
 //! - [`manager::SecretManager`]: one certificate per identity, fetched on first use, renewed at
 //!   half of its lifetime; TLS resolvers read the current one at handshake time. Forgotten
 //!   when no owner keeps it any more (`owners`: in-pod account holds, the node-wide claim).
+//! - [`limiter`]: at most 8 CSRs in flight; connections first, then prefetches, then renewals.
 
 pub mod certificate;
 pub mod grpc_channel;
 pub mod istio_ca;
+pub mod limiter;
 pub mod local_ca;
 pub mod manager;
 mod owners;

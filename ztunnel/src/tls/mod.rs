@@ -1,6 +1,9 @@
 //! rustls configurations for HBONE and the SPIFFE verifiers.
 //!
-//! - TLS 1.3 only, `TLS_AES_128_GCM_SHA256` / `TLS_AES_256_GCM_SHA384`, aws-lc-rs.
+//! - TLS 1.3 only, `TLS_AES_128_GCM_SHA256` / `TLS_AES_256_GCM_SHA384`, aws-lc-rs with its
+//!   default key exchange groups (X25519, P-256, P-384, X25519MLKEM768), as upstream: a peer
+//!   restricted to one of them (upstream's `COMPLIANCE_POLICY=pqc` offers X25519MLKEM768
+//!   only) still connects.
 //! - ALPN `h2` offered and required on both sides; SNI never sent; no resumption.
 //! - Server ([`server_config`]): client certificate required, chained to the trust roots, with a
 //!   URI SAN in the local trust domain ([`verifier::TrustDomainVerifier`]).
@@ -19,7 +22,7 @@ use std::sync::{Arc, OnceLock};
 
 use rustls::client::{ResolvesClientCert, Resumption};
 use rustls::crypto::CryptoProvider;
-use rustls::crypto::aws_lc_rs::{cipher_suite, kx_group};
+use rustls::crypto::aws_lc_rs::cipher_suite;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -41,7 +44,8 @@ pub enum TlsError {
     Roots { source_name: String, reason: String },
 }
 
-/// The process-wide crypto provider: aws-lc-rs, TLS 1.3 AES-GCM suites, X25519 / P-256.
+/// The process-wide crypto provider: aws-lc-rs, TLS 1.3 AES-GCM suites, the provider's
+/// default key exchange groups (upstream keeps them too).
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
@@ -51,7 +55,6 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
                 cipher_suite::TLS13_AES_128_GCM_SHA256,
                 cipher_suite::TLS13_AES_256_GCM_SHA384,
             ];
-            p.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1];
             Arc::new(p)
         })
         .clone()
@@ -361,6 +364,42 @@ mod tests {
         .await;
         let err = s.unwrap_err();
         assert!(err.contains("expired"), "{err}");
+    }
+
+    /// Peers limited to one key exchange group our aws-lc provider supports by default
+    /// (upstream's post-quantum policy: X25519MLKEM768 only; a P-384-only stack) connect.
+    #[tokio::test]
+    async fn server_accepts_every_default_key_exchange_group() {
+        use rustls::crypto::aws_lc_rs::kx_group;
+        let ca = ca("ec");
+        let a = Identity::new("cluster.local", "ns", "a");
+        let b = Identity::new("cluster.local", "ns", "b");
+        let client_cert = leaf(&ca, &a, now_valid());
+        for group in [kx_group::X25519MLKEM768, kx_group::SECP384R1] {
+            let mut p = (*crypto_provider()).clone();
+            p.kx_groups = vec![group];
+            let p = Arc::new(p);
+            let mut client = ClientConfig::builder_with_provider(p.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(IdentityVerifier::new(
+                    &roots(&ca),
+                    vec![b.clone()],
+                    p,
+                )))
+                .with_client_cert_resolver(Arc::new(FixedCert(
+                    client_cert.certified_key().clone(),
+                )));
+            client.alpn_protocols = vec![ALPN_H2.to_vec()];
+            let (c, s) = handshake(
+                Arc::new(client),
+                server_config(&leaf(&ca, &b, now_valid()), &roots(&ca), "cluster.local"),
+            )
+            .await;
+            c.unwrap_or_else(|e| panic!("{:?}: {e}", group.name()));
+            assert_eq!(s.unwrap(), Some(a.clone()));
+        }
     }
 
     #[test]
