@@ -99,68 +99,71 @@ pub(super) fn resolve(
             reason: format!("{owner}: {e}"),
         },
     };
-    let (workload, target, service) = if let Some(svc) = snap.service_by_vip(network, dst.ip()) {
-        if let Some(gw) = &svc.waypoint
-            && !from(gw)
-        {
-            return through(gw, Some(svc.clone()), format!("service {}", svc.key()));
-        }
-        if svc
-            .load_balancer
-            .as_ref()
-            .is_some_and(|lb| lb.mode == LoadBalancerMode::Passthrough)
-        {
-            // As upstream: a passthrough service (ServiceEntry with `resolution: NONE`) goes
-            // to the address the client dialled, in plaintext, whatever its endpoints.
+    // A VIP several services share: the client's namespace's first, as upstream.
+    let client_ns = src.map(|w| w.namespace.as_str());
+    let (workload, target, service) =
+        if let Some(svc) = snap.service_by_vip_for(network, dst.ip(), client_ns) {
+            if let Some(gw) = &svc.waypoint
+                && !from(gw)
+            {
+                return through(gw, Some(svc.clone()), format!("service {}", svc.key()));
+            }
+            if svc
+                .load_balancer
+                .as_ref()
+                .is_some_and(|lb| lb.mode == LoadBalancerMode::Passthrough)
+            {
+                // As upstream: a passthrough service (ServiceEntry with `resolution: NONE`) goes
+                // to the address the client dialled, in plaintext, whatever its endpoints.
+                return Route::Plain {
+                    target: dst,
+                    workload: None,
+                    service: Some(svc.clone()),
+                };
+            }
+            if !svc.ports.contains_key(&dst.port()) {
+                // As kube-proxy and upstream's ztunnel: a VIP forwards only its own ports.
+                return Route::Unroutable {
+                    service: Some(svc.clone()),
+                    reason: format!("service {} has no port {}", svc.key(), dst.port()),
+                };
+            }
+            // Only endpoints on the client's network: others would need double HBONE through
+            // their network's gateway (not implemented), never a direct dial.
+            match snap.select_endpoint(src, Some(network), svc, dst.port()) {
+                Ok((w, port)) if w.workload_ips.is_empty() => {
+                    // Only on this network, so no IP means a hostname (ServiceEntry DNS).
+                    return Route::OnDemandDns {
+                        workload: w,
+                        port,
+                        service: svc.clone(),
+                    };
+                }
+                Ok((w, port)) => {
+                    let ip = pick_ip(&w, dst.ip());
+                    (w, SocketAddr::new(ip, port), Some(svc.clone()))
+                }
+                Err(e) => {
+                    return Route::Unroutable {
+                        service: Some(svc.clone()),
+                        reason: e.to_string(),
+                    };
+                }
+            }
+        } else if let Some(w) = snap.workload_by_ip(network, dst.ip()) {
+            if let Some(gw) = &w.waypoint
+                && !from(gw)
+            {
+                return through(gw, None, format!("workload {}", w.uid));
+            }
+            (w.clone(), dst, None)
+        } else {
             return Route::Plain {
                 target: dst,
                 workload: None,
-                service: Some(svc.clone()),
+                service: None,
             };
-        }
-        if !svc.ports.contains_key(&dst.port()) {
-            // As kube-proxy and upstream's ztunnel: a VIP forwards only its own ports.
-            return Route::Unroutable {
-                service: Some(svc.clone()),
-                reason: format!("service {} has no port {}", svc.key(), dst.port()),
-            };
-        }
-        // Only endpoints on the client's network: others would need double HBONE through
-        // their network's gateway (not implemented), never a direct dial.
-        match snap.select_endpoint(src, Some(network), svc, dst.port()) {
-            Ok((w, port)) if w.workload_ips.is_empty() => {
-                // Only on this network, so no IP means a hostname (ServiceEntry DNS).
-                return Route::OnDemandDns {
-                    workload: w,
-                    port,
-                    service: svc.clone(),
-                };
-            }
-            Ok((w, port)) => {
-                let ip = pick_ip(&w, dst.ip());
-                (w, SocketAddr::new(ip, port), Some(svc.clone()))
-            }
-            Err(e) => {
-                return Route::Unroutable {
-                    service: Some(svc.clone()),
-                    reason: e.to_string(),
-                };
-            }
-        }
-    } else if let Some(w) = snap.workload_by_ip(network, dst.ip()) {
-        if let Some(gw) = &w.waypoint
-            && !from(gw)
-        {
-            return through(gw, None, format!("workload {}", w.uid));
-        }
-        (w.clone(), dst, None)
-    } else {
-        return Route::Plain {
-            target: dst,
-            workload: None,
-            service: None,
         };
-    };
     direct(workload, target, service, hbone_port)
 }
 
@@ -487,7 +490,9 @@ fn is_self_call(ctx: &ProxyCtx, snap: &Snapshot, dst: SocketAddr) -> bool {
     }
 }
 
-/// Upstream's `response_flags` for a failed HBONE stream.
+/// `response_flags` for a failed HBONE stream: upstream's mapping, except that a 401 answer
+/// (the destination's policy denied the stream) is `DENY` on the source side too, where
+/// upstream reports a generic `CONNECT` failure (as `proxy/node_local.rs` does).
 fn response_flag(kind: FailureKind) -> ResponseFlags {
     match kind {
         FailureKind::Connect => ResponseFlags::ConnectionFailure,

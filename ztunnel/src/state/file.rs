@@ -167,6 +167,7 @@ pub(crate) fn test_store(yaml: &str) -> super::Store {
 mod tests {
     use super::*;
     use crate::state::Store;
+    use crate::state::workload::{GatewayAddress, GatewayDestination};
     use std::time::Duration;
 
     fn defaults() -> FileDefaults {
@@ -237,6 +238,55 @@ policies:
     }
 
     #[test]
+    fn gateway_hostnames_in_upstreams_string_form() {
+        // Upstream writes a hostname destination as "<namespace>/<hostname>" (an address as
+        // "<network>/<ip>"); the map form is accepted too.
+        let text = r#"
+workloads:
+- name: a
+  namespace: ns
+  workloadIps: ["10.0.0.1"]
+  waypoint:
+    destination: ns/waypoint.ns.svc.cluster.local
+    hboneMtlsPort: 15008
+  networkGateway:
+    destination: {namespace: istio-system, hostname: eastwest.example.com}
+    hboneMtlsPort: 15009
+  services: {}
+services:
+- name: svc
+  namespace: ns
+  hostname: svc.ns.svc.cluster.local
+  vips: ["/10.96.0.1", "remote/10.96.0.1"]
+  ports: {80: 8080}
+  waypoint: {destination: "ns/waypoint.ns.svc.cluster.local", hboneMtlsPort: 15008}
+"#;
+        let cfg = parse(text, Path::new("/cfg.yaml"), &defaults()).unwrap();
+        let host = |gw: &Option<GatewayAddress>| match &gw.as_ref().unwrap().destination {
+            GatewayDestination::Hostname(h) => h.to_string(),
+            d => panic!("{d:?}"),
+        };
+        assert_eq!(
+            host(&cfg.workloads[0].waypoint),
+            "ns/waypoint.ns.svc.cluster.local"
+        );
+        assert_eq!(
+            host(&cfg.workloads[0].network_gateway),
+            "istio-system/eastwest.example.com"
+        );
+        assert_eq!(
+            host(&cfg.services[0].waypoint),
+            "ns/waypoint.ns.svc.cluster.local"
+        );
+        let networks: Vec<_> = cfg.services[0].vips.iter().map(|v| v.to_string()).collect();
+        assert_eq!(networks, ["/10.96.0.1", "remote/10.96.0.1"]);
+        // A hostname that is not <namespace>/<hostname> is still refused, naming the field.
+        let bad = "workloads:\n- namespace: a\n  waypoint: {destination: nohost}\n";
+        let e = parse(bad, Path::new("/cfg.yaml"), &defaults()).unwrap_err();
+        assert!(e.to_string().contains("waypoint"), "{e}");
+    }
+
+    #[test]
     fn rejections_name_file_and_field() {
         for (text, want) in [
             ("workloads:\n- namespace: a\n  bogus: 1\n", "bogus"),
@@ -260,6 +310,18 @@ policies:
                 "duplicate uid",
             ),
             ("policies:\n- name: p\n", "policies"),
+            (
+                "services:\n- {name: a, namespace: b, hostname: c, loadBalancer: {healthPolicy: ALLOW_ALL}}\n",
+                "healthPolicy",
+            ),
+            (
+                "services:\n- {name: a, namespace: b, hostname: c, loadBalancer: {routingPreference: [Node]}}\n",
+                "routingPreference",
+            ),
+            (
+                "services:\n- {name: a, namespace: b, hostname: c, ipFamilies: IPV4}\n",
+                "ipFamilies",
+            ),
         ] {
             let e = parse(text, Path::new("/etc/ztunnel/local.yaml"), &defaults())
                 .unwrap_err()

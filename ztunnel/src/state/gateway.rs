@@ -55,8 +55,7 @@ impl Snapshot {
     fn gateway_target(&self, gw: &GatewayAddress) -> Option<Target<'_>> {
         match &gw.destination {
             GatewayDestination::Address(a) => self
-                .by_vip
-                .get(a)
+                .service_by_vip(&a.network, a.address)
                 .map(Target::Service)
                 .or_else(|| self.by_ip.get(a).map(Target::Workload)),
             GatewayDestination::Hostname(h) => self.services.get(h).map(Target::Service),

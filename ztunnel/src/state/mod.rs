@@ -17,6 +17,7 @@
 
 pub mod file;
 pub mod gateway;
+mod index;
 pub mod kube;
 mod load_balance;
 pub use load_balance::NoEndpoint;
@@ -54,7 +55,8 @@ pub struct Snapshot {
     by_ip: HashMap<NetworkAddress, Arc<Workload>>,
     by_name: HashMap<(String, String), Vec<Arc<Workload>>>,
     services: HashMap<NamespacedHostname, Arc<Service>>,
-    by_vip: HashMap<NetworkAddress, Arc<Service>>,
+    /// Services by VIP; several when namespaces reuse an address, sorted by namespace.
+    by_vip: HashMap<NetworkAddress, Vec<Arc<Service>>>,
     /// Services by lower-case hostname (one per namespace defining it), sorted by namespace.
     by_host: HashMap<String, Vec<Arc<Service>>>,
     /// The networks of the workloads indexed by address, sorted (usually one: `""`).
@@ -73,9 +75,10 @@ impl Snapshot {
         self.workloads.get(uid)
     }
 
-    /// The service with VIP `ip` on `network`.
+    /// The service with VIP `ip` on `network`; when several share it, the `canonical` one,
+    /// else the first by namespace (see [`Self::service_by_vip_for`]).
     pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Service>> {
-        self.by_vip.get(&NetworkAddress::new(network, ip))
+        self.service_by_vip_for(network, ip, None)
     }
 
     pub fn service(&self, key: &NamespacedHostname) -> Option<&Arc<Service>> {
@@ -346,13 +349,12 @@ fn build_snapshot(
         for ip in ips {
             let key = NetworkAddress::new(w.network.clone(), *ip);
             match by_ip.get(&key) {
-                // Two workloads on one address (an IP reused while the old pod is stuck
-                // terminating on a lost node): the healthy one wins, then the later uid.
-                Some(old) if old.is_healthy() && !w.is_healthy() => {
-                    tracing::warn!(ip = %ip, workload = %old.uid, other = %w.uid, "two workloads share an IP; the healthy one wins");
+                // Two workloads on one address: see `index::prefer_for_address`.
+                Some(old) if !index::prefer_for_address(old, w) => {
+                    tracing::warn!(ip = %ip, workload = %old.uid, other = %w.uid, "two workloads share an IP; keeping the first");
                 }
                 Some(old) => {
-                    tracing::warn!(ip = %ip, workload = %w.uid, other = %old.uid, "two workloads share an IP; the healthy one, else the later uid, wins");
+                    tracing::warn!(ip = %ip, workload = %w.uid, other = %old.uid, "two workloads share an IP; the pod, healthy, HBONE one wins");
                     by_ip.insert(key, w.clone());
                 }
                 None => {
@@ -384,19 +386,19 @@ fn build_snapshot(
     let mut networks: Vec<String> = by_ip.keys().map(|a| a.network.clone()).collect();
     networks.sort();
     networks.dedup();
-    let mut by_vip = HashMap::new();
+    let mut by_vip: HashMap<NetworkAddress, Vec<Arc<Service>>> = HashMap::new();
     let mut by_host: HashMap<String, Vec<Arc<Service>>> = HashMap::new();
     for s in services.values() {
         for vip in &s.vips {
-            by_vip.insert(vip.clone(), s.clone());
+            by_vip.entry(vip.clone()).or_default().push(s.clone());
         }
         by_host
             .entry(s.hostname.trim_end_matches('.').to_ascii_lowercase())
             .or_default()
             .push(s.clone());
     }
-    for list in by_host.values_mut() {
-        list.sort_by(|a, b| a.namespace.cmp(&b.namespace));
+    for list in by_host.values_mut().chain(by_vip.values_mut()) {
+        list.sort_by_key(|s| s.key());
     }
     let policies = if prev.policies.iter().eq(policies.values()) {
         prev.policies.clone()

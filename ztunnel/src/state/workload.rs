@@ -97,11 +97,56 @@ impl<'de> Deserialize<'de> for NetworkAddress {
 }
 
 /// `<namespace>/<hostname>` of a service.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+///
+/// Read from upstream's string form `"<namespace>/<hostname>"` (how upstream's local config
+/// writes a waypoint or gateway hostname) or from the map `{namespace, hostname}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct NamespacedHostname {
     pub namespace: String,
     pub hostname: String,
+}
+
+impl FromStr for NamespacedHostname {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('/') {
+            Some((namespace, hostname)) if !namespace.is_empty() && !hostname.is_empty() => {
+                Ok(NamespacedHostname {
+                    namespace: namespace.to_string(),
+                    hostname: hostname.to_string(),
+                })
+            }
+            _ => Err(format!("{s:?}: expected <namespace>/<hostname>")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for NamespacedHostname {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
+        struct Map {
+            namespace: String,
+            hostname: String,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Str(String),
+            Map(Map),
+        }
+        match Form::deserialize(d)? {
+            Form::Str(s) => s.parse().map_err(serde::de::Error::custom),
+            Form::Map(Map {
+                namespace,
+                hostname,
+            }) => Ok(NamespacedHostname {
+                namespace,
+                hostname,
+            }),
+        }
+    }
 }
 
 impl fmt::Display for NamespacedHostname {
@@ -246,7 +291,7 @@ impl Workload {
 /// How a service's endpoints are chosen (upstream's `loadBalancer`; istiod sends
 /// `{routingPreferences: [Node], mode: Strict}` for `internalTrafficPolicy: Local`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancer {
     /// Scopes to match with the client, most important first.
     #[serde(default)]
@@ -255,8 +300,41 @@ pub struct LoadBalancer {
     pub mode: LoadBalancerMode,
     /// Upstream's `OnlyHealthy` (default) or `AllowAll` (unhealthy endpoints are
     /// picked too: istiod sends it for `publishNotReadyAddresses: true`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "health_policy"
+    )]
     pub health_policy: Option<serde_yaml_ng::Value>,
+}
+
+/// Reads one of upstream's names into the loosely typed field other sources fill.
+fn one_of<'de, D: Deserializer<'de>>(
+    d: D,
+    field: &str,
+    allowed: &[&str],
+) -> Result<Option<serde_yaml_ng::Value>, D::Error> {
+    let s = String::deserialize(d)?;
+    if allowed.contains(&s.as_str()) {
+        Ok(Some(serde_yaml_ng::Value::String(s)))
+    } else {
+        let want = allowed.join(", ");
+        Err(serde::de::Error::custom(format!(
+            "{field}: unknown value {s:?}, expected one of {want}"
+        )))
+    }
+}
+
+/// `healthPolicy`: upstream's `OnlyHealthy` or `AllowAll`.
+fn health_policy<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<serde_yaml_ng::Value>, D::Error> {
+    one_of(d, "healthPolicy", &["OnlyHealthy", "AllowAll"])
+}
+
+/// `ipFamilies`: upstream's `IPv4`, `IPv6` or `Dual`.
+fn ip_families<'de, D: Deserializer<'de>>(d: D) -> Result<Option<serde_yaml_ng::Value>, D::Error> {
+    one_of(d, "ipFamilies", &["IPv4", "IPv6", "Dual"])
 }
 
 impl LoadBalancer {
@@ -316,7 +394,11 @@ pub struct Service {
     pub canonical: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "ip_families"
+    )]
     pub ip_families: Option<serde_yaml_ng::Value>,
 }
 

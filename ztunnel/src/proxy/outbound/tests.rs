@@ -326,3 +326,29 @@ services:
         }
     }
 }
+
+#[test]
+fn a_shared_vip_is_the_clients_namespaces_service() {
+    // Two ServiceEntries with one address (none canonical): as upstream, a client gets the
+    // one of its own namespace, whatever the order.
+    let snap = crate::state::file::test_store(
+        r#"
+workloads:
+- {uid: ca, name: ca, namespace: a, workloadIps: ["10.0.0.1"], protocol: HBONE}
+- {uid: cb, name: cb, namespace: b, workloadIps: ["10.0.0.2"], protocol: HBONE}
+services:
+- {name: ext, namespace: a, hostname: a.example.com, vips: ["/240.240.0.1"], ports: {443: 443},
+   loadBalancer: {mode: Passthrough}}
+- {name: ext, namespace: b, hostname: b.example.com, vips: ["/240.240.0.1"], ports: {443: 443},
+   loadBalancer: {mode: Passthrough}}
+"#,
+    )
+    .snapshot();
+    for (client, want) in [("ca", "a.example.com"), ("cb", "b.example.com")] {
+        let src = snap.workload_by_uid(client).cloned();
+        match resolve(&snap, src.as_deref(), "", addr("240.240.0.1:443"), 15008) {
+            Route::Plain { service, .. } => assert_eq!(service.unwrap().hostname, want),
+            r => panic!("{client}: {r:?}"),
+        }
+    }
+}

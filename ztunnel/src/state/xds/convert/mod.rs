@@ -19,8 +19,11 @@
 //! - `load_balancing.health_policy` and `ip_families` are kept as upstream's serde names
 //!   (`OnlyHealthy`/`AllowAll`, `IPv4`/`IPv6`/`Dual`; AUTOMATIC: none).
 //!
-//! Unknown enum values, an UNSPECIFIED routing scope and a gateway address with no
-//! destination are errors, as upstream. Every error names the object (workload uid,
+//! - a workload needs a uid (its key in the store and its xDS resource name).
+//!
+//! Unknown enum values (except `workload_type`, read as `deployment` as upstream's
+//! accessor does), an UNSPECIFIED routing scope and a gateway address with no destination
+//! are errors, as upstream. Every error names the object (workload uid,
 //! service `<ns>/<hostname>`, policy `<ns>/<name>`) and the field.
 
 use std::collections::HashMap;
@@ -275,8 +278,11 @@ fn convert_workload(w: xwl::Workload, defaults: &ConvertDefaults) -> Res<Workloa
         xwl::WorkloadStatus::Healthy => HealthStatus::Healthy,
         xwl::WorkloadStatus::Unhealthy => HealthStatus::Unhealthy,
     };
-    // "deployment", "cronjob", "pod", "job": the strings the Kubernetes source uses.
-    let workload_type = enum_value::<xwl::WorkloadType>(w.workload_type, "workload_type")?
+    // "deployment", "cronjob", "pod", "job": the strings the Kubernetes source uses. As
+    // upstream, a kind this proto does not know (a newer istiod) is read as the default
+    // (deployment): it only names telemetry, never a reason to drop the workload.
+    let workload_type = xwl::WorkloadType::try_from(w.workload_type)
+        .unwrap_or_default()
         .as_str_name()
         .to_ascii_lowercase();
     let mut services = HashMap::with_capacity(w.services.len());

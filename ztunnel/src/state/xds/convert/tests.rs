@@ -156,6 +156,8 @@ fn workload_defaults() {
         tunnel_protocol: xwl::TunnelProtocol::LegacyIstioMtls as i32,
         waypoint: gw_host("wp", 0),
         application_tunnel: Some(xwl::ApplicationTunnel::default()),
+        // A workload kind from a newer istiod: read as the default, as upstream.
+        workload_type: 42,
         ..wl()
     };
     let want = r#"{uid: Kubernetes//v1/Pod/app/web-1, name: web-1, namespace: app,
