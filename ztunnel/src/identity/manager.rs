@@ -412,9 +412,11 @@ async fn rotate(
                     ))
                     .min(BACKOFF_MAX);
                 tracing::warn!(identity = %identity, error = %e, retry_in = ?delay, "certificate request failed");
-                let has_valid = matches!(&*entry.state.borrow(),
-                    CertState::Ready(c) if !c.is_expired(SystemTime::now()));
-                if !has_valid {
+                // A certificate once issued stays the state, expired or not: fetches then
+                // say it expired and `/config_dump` still shows it (the CA error is in
+                // the log line above). Only without one is the failure the state.
+                let has_cert = matches!(&*entry.state.borrow(), CertState::Ready(_));
+                if !has_cert {
                     entry.state.send_replace(CertState::Failed(e));
                 }
                 tokio::time::sleep(delay).await;
