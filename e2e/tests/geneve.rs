@@ -474,8 +474,10 @@ fn geneve_two_nodes_hbone_between_ztunnels() {
         roundtrip(&client, &local, local_secret).expect("client -> local"),
         local_secret
     );
+    // The access line (node-wide mode also logs the prefetched certificate of `local`).
     let out = wait_for_log(&zt1, "client -> local", |l| {
-        l.contains("spiffe://cluster.local/ns/default/sa/local")
+        l.contains("connection complete")
+            && l.contains("dst.identity=spiffe://cluster.local/ns/default/sa/local")
     });
     assert!(
         out.contains("spiffe://cluster.local/ns/default/sa/client"),
