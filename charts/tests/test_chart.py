@@ -108,7 +108,7 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
         "multiCluster": {"clusterName": "east"},
         "clusterDomain": "corp.local",
         "rootNamespace": "istio-config",
-        "ztunnel": {"workerThreads": "50%"},
+        "ztunnel": {"workerThreads": "50%", "peerCaCrl": {"enabled": True}},
     },
 }
 
@@ -249,7 +249,10 @@ class ApiServerRules(unittest.TestCase):
             for v in pod.get("volumes", []):
                 if "configMap" in v:
                     cm = v["configMap"]["name"]
-                    external = cm == "istio-ca-root-cert" and not merged(r.values)["ca"]["enabled"]
+                    external = (cm == "istio-ca-root-cert" and not merged(r.values)["ca"]["enabled"]) or (
+                        # Published by the operator's CA tooling; mounted optional.
+                        cm == "istio-ca-crl" and v["configMap"].get("optional") is True
+                    )
                     self.assertTrue(cm in config_maps or external, f"{where}: ConfigMap {cm} not rendered")
             for c in pod["containers"]:
                 cw = f"{where} container {c['name']}"
@@ -670,6 +673,13 @@ class Environment(unittest.TestCase):
             ("corp.local", "istio-config", "50%"),
         )
         self.assertEqual(rendered("default").env("DaemonSet", "ztunnel", "istio-proxy")["ROOT_NAMESPACE"], "istio-system")
+        # Revocation lists (ztunnel.peerCaCrl): CRL_PATH inside the optional istio-ca-crl ConfigMap.
+        self.assertEqual(zt["CRL_PATH"], "/var/run/secrets/istio/crl/ca-crl.pem")
+        c = r.container("DaemonSet", "ztunnel", "istio-proxy")
+        self.assertIn({"name": "crl-volume", "mountPath": "/var/run/secrets/istio/crl", "readOnly": True}, c["volumeMounts"])
+        vols = {v["name"]: v for v in pod_spec(r.get("DaemonSet", "ztunnel"))["volumes"]}
+        self.assertEqual(vols["crl-volume"]["configMap"], {"name": "istio-ca-crl", "optional": True})
+        self.assertNotIn("CRL_PATH", rendered("default").env("DaemonSet", "ztunnel", "istio-proxy"))
         self.assertEqual(r.env("Deployment", "mesh-ca", "ca")["TRUST_DOMAIN"], "prod.example.com")
         env = rendered("images-and-scheduling").env("DaemonSet", "node-agent", "node-agent")
         self.assertEqual(env["EXTRA_FLAG"], "1")

@@ -166,6 +166,8 @@ pub struct DedicatedMesh {
     config: PathBuf,
     /// DNS capture rules and this resolv.conf for ztunnels started from now on.
     dns: Option<PathBuf>,
+    /// Extra environment of ztunnels started from now on.
+    env: Vec<(String, String)>,
     cluster: Cluster,
 }
 
@@ -183,6 +185,7 @@ impl DedicatedMesh {
             pods: Vec::new(),
             config,
             dns: None,
+            env: Vec::new(),
             cluster,
         })
     }
@@ -230,6 +233,11 @@ impl DedicatedMesh {
     /// and their DNS proxy forwards to the servers of `resolv_conf` (`DNS_RESOLV_CONF`).
     pub fn capture_dns(&mut self, resolv_conf: &Path) {
         self.dns = Some(resolv_conf.to_path_buf());
+    }
+
+    /// ztunnels started from now on also get `name=value` in their environment.
+    pub fn set_ztunnel_env(&mut self, name: &str, value: &str) {
+        self.env.push((name.to_string(), value.to_string()));
     }
 
     pub fn config_path(&self) -> &Path {
@@ -290,6 +298,7 @@ impl DedicatedMesh {
         if let Some(resolv_conf) = &self.dns {
             cmd.env("DNS_RESOLV_CONF", resolv_conf);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         match flavor {
             Flavor::Ours => {
                 cmd.env("CA_ROOT_CERT", ca_file("ec-root.pem"))

@@ -44,7 +44,13 @@ struct Mesh {
 
 impl Mesh {
     fn new(tag: &str) -> Mesh {
+        Self::with(tag, |_| {})
+    }
+
+    /// [`Self::new`] with `edit` applied to the harness before the ztunnels start.
+    fn with(tag: &str, edit: impl FnOnce(&mut DedicatedMesh)) -> Mesh {
         let mut m = DedicatedMesh::new(tag).expect("mesh");
+        edit(&mut m);
         m.add_pod("a", "default", "sa-a").expect("pod a");
         m.add_pod("b", "default", "sa-b").expect("pod b");
         let yaml = format!(
@@ -396,4 +402,85 @@ fn sigterm_refuses_new_connections_drains_open_ones_and_exits_zero() {
     let mut buf = [0u8; 16];
     let closed = matches!(through_a.read(&mut buf), Ok(0) | Err(_));
     assert!(closed, "the connection outlived ztunnel a");
+}
+
+/// `CRL_PATH` as an operator uses it: both ztunnels follow a revocation list file that does
+/// not exist at start; once the CA's list names A's certificate (serial from A's
+/// `/config_dump`), B closes A's open tunnel (the app connection ends), counts it, and
+/// refuses A's new handshakes.
+#[test]
+fn a_revoked_certificate_cuts_the_workload_off() {
+    require_root!();
+    let crl_dir = tempfile::tempdir().unwrap();
+    let crl_path = crl_dir.path().join("ca-crl.pem");
+    let mesh = Mesh::with("ztdedcrl", |m| {
+        m.set_ztunnel_env("CRL_PATH", crl_path.to_str().unwrap())
+    });
+    let _echo = EchoServer::start(mesh.b().netns(), ECHO_PORT, None);
+    let mut open = mesh.connect_a_to_b(ECHO_PORT);
+    assert_eq!(roundtrip(&mut open, b"one").unwrap(), b"one");
+
+    let (_, dump) = mesh
+        .a()
+        .http_get(15000, "/config_dump")
+        .expect("config_dump");
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("config_dump is JSON");
+    let serial: u64 = dump["certificates"]
+        .as_array()
+        .expect("certificates")
+        .iter()
+        .find(|c| c["identity"] == mesh.a().identity().as_str())
+        .and_then(|c| c["certChain"][0]["serialNumber"].as_str())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no serial for A: {dump:#}"));
+    let hex = format!("{serial:x}");
+    let hex = if hex.len().is_multiple_of(2) {
+        hex
+    } else {
+        format!("0{hex}")
+    };
+    let ca = ztunnel::identity::local_ca::LocalCa::from_files(
+        &e2e::dedicated_mesh::ca_file("ec-root.pem"),
+        &e2e::dedicated_mesh::ca_file("ec-root.key"),
+    )
+    .unwrap();
+    let tmp = crl_dir.path().join("ca-crl.pem.tmp");
+    std::fs::write(&tmp, ca.revocation_list_pem(&[&hex]).unwrap()).unwrap();
+    std::fs::rename(&tmp, &crl_path).unwrap();
+
+    let revoked = |reporter: &str| {
+        e2e::prom_text::sum(
+            &mesh.b().metrics(),
+            "istio_crl_policy_rejections_total",
+            &[("reporter", reporter)],
+        )
+    };
+    wait_until("B closes A's tunnel", Duration::from_secs(20), || {
+        revoked("destination") >= 1.0
+    });
+    let mut buf = [0u8; 8];
+    let _ = open.write_all(b"two");
+    assert!(
+        matches!(open.read(&mut buf), Ok(0) | Err(_)),
+        "the revoked workload's connection stayed open"
+    );
+    assert!(
+        mesh.b()
+            .log()
+            .contains("the peer's certificate was revoked"),
+        "{}",
+        mesh.b().log()
+    );
+    // A new connection: B refuses A's handshake (A still holds the revoked certificate).
+    let mut again = mesh.connect_a_to_b(ECHO_PORT);
+    assert!(
+        !matches!(roundtrip(&mut again, b"three"), Ok(v) if v == b"three"),
+        "the revoked workload connected again"
+    );
+    wait_until(
+        "B counts the refused handshake",
+        Duration::from_secs(10),
+        || revoked("destination") >= 2.0,
+    );
+    mesh.shutdown();
 }

@@ -33,6 +33,7 @@ use crate::state::Store;
 use crate::state::file::{self, FileDefaults};
 use crate::telemetry::ProxyMetrics;
 use crate::tls::TrustRoots;
+use crate::tls::crl::{CrlError, RevocationLists};
 
 /// Start-up failures; each names the setting or file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,8 @@ pub enum AppError {
     Ca(#[from] istio_ca::IstioCaError),
     #[error(transparent)]
     Roots(#[from] crate::tls::TlsError),
+    #[error("CRL_PATH: {0}")]
+    Crl(#[from] CrlError),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
     #[error(transparent)]
@@ -71,6 +74,8 @@ struct Authority {
     roots: TrustRoots,
     /// Keeps `ROOT_CA_PATH` followed (Istio CA only).
     roots_watch: Option<FileWatcher>,
+    /// Keeps `CRL_PATH` followed.
+    crl_watch: Option<FileWatcher>,
 }
 
 /// The certificate provider (Istio CA when `CA_ADDRESS` is set, else the local CA) and the
@@ -83,11 +88,15 @@ fn certificate_authority(cfg: &Config) -> Result<Authority, AppError> {
         let path = &cfg.root_ca_path;
         let name = format!("ROOT_CA_PATH {}", path.display());
         let (roots, watcher) = crate::tls::roots::watch_file(path, &name)?;
-        return Ok(Authority {
-            provider,
-            roots,
-            roots_watch: Some(watcher),
-        });
+        return with_revocation_lists(
+            cfg,
+            Authority {
+                provider,
+                roots,
+                roots_watch: Some(watcher),
+                crl_watch: None,
+            },
+        );
     }
     let path = cfg
         .ca_root_cert
@@ -95,11 +104,27 @@ fn certificate_authority(cfg: &Config) -> Result<Authority, AppError> {
         .expect("provider_from_config requires a CA");
     let name = format!("CA_ROOT_CERT {}", path.display());
     let (roots, _) = crate::tls::roots::load_file(path, &name)?;
-    Ok(Authority {
-        provider,
-        roots,
-        roots_watch: None,
-    })
+    with_revocation_lists(
+        cfg,
+        Authority {
+            provider,
+            roots,
+            roots_watch: None,
+            crl_watch: None,
+        },
+    )
+}
+
+/// With `CRL_PATH`, the roots check peers against its revocation lists, followed while the
+/// authority lives. A file that does not parse at start-up is an error naming it.
+fn with_revocation_lists(cfg: &Config, mut authority: Authority) -> Result<Authority, AppError> {
+    let Some(path) = &cfg.crl_path else {
+        return Ok(authority);
+    };
+    let (lists, watcher) = RevocationLists::watch_file(path)?;
+    authority.roots = authority.roots.with_revocation(lists);
+    authority.crl_watch = Some(watcher);
+    Ok(authority)
 }
 
 /// Runs ztunnel until SIGTERM/SIGINT; returns after the drain.
@@ -133,6 +158,7 @@ pub fn run(mut cfg: Config) -> Result<(), AppError> {
         provider,
         roots,
         roots_watch: _roots_watch,
+        crl_watch: _crl_watch,
     } = certificate_authority(&cfg)?;
     let certs = SecretManager::new(provider, cfg.secret_ttl);
     let mut registry = Registry::default();

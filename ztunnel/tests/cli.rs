@@ -70,6 +70,14 @@ fn bad_configuration_is_rejected_naming_field_or_file() {
             vec!["CA_ROOT_KEY", bad_yaml],
         ),
         (vec![("RUST_LOG", "info,[=bad")], vec!["RUST_LOG"]),
+        (
+            vec![
+                ("CA_ROOT_CERT", ca_cert),
+                ("CA_ROOT_KEY", ca_key),
+                ("CRL_PATH", bad_yaml),
+            ],
+            vec!["CRL_PATH", bad_yaml, "not PEM"],
+        ),
     ] {
         let (code, _, err) = ztunnel(&["proxy"], &env);
         assert_eq!(code, 1, "{env:?}: {err}");

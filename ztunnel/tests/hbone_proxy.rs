@@ -837,3 +837,135 @@ async fn byte_metrics_count_open_connections_and_forced_drains() {
     })
     .await;
 }
+
+/// `CRL_PATH`: a reloaded revocation list closes the established HBONE connection of a
+/// revoked peer (each side checks the other: here the client's certificate is revoked, so
+/// the destination closes it), counts it, and refuses that peer's new handshakes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_peer_loses_its_connections_and_cannot_reconnect() {
+    use ztunnel::tls::crl::RevocationLists;
+    let dir = tempfile::tempdir().unwrap();
+    let crl_path = dir.path().join("ca-crl.pem");
+    std::fs::write(&crl_path, "").unwrap();
+    let mut mesh = Mesh::new("127.77.12", |_| {});
+    let (lists, _watch) = RevocationLists::watch_file(&crl_path).unwrap();
+    mesh.inputs.roots = mesh.inputs.roots.clone().with_revocation(lists);
+    let _echo = echo_server(sa(mesh.b_ip, 8080)).await;
+    let (pa, socks) = mesh.proxy("a").await;
+    let (pb, _) = mesh.proxy("b").await;
+    let a = mesh.identity("sa-a", "ns-a");
+
+    let mut open = socks
+        .redirected_connect(mesh.a_ip, pa.addresses().outbound, sa(mesh.b_ip, 8080))
+        .await
+        .unwrap();
+    echo_open(&mut open, b"before").await;
+    let crl = |reporter: &str| {
+        mesh.metric(
+            "istio_crl_policy_rejections_total",
+            &[&format!("reporter=\"{reporter}\"")],
+        )
+    };
+    assert_eq!(crl("destination"), 0);
+
+    // A list revoking someone else changes nothing.
+    let other = leaf(&mesh.ca, &mesh.identity("sa-x", "ns-x"), valid_now());
+    std::fs::write(
+        &crl_path,
+        mesh.ca.revocation_list_pem(&[other.serial()]).unwrap(),
+    )
+    .unwrap();
+    wait_for("first reload", || {
+        !log_lines(&["revocation lists reloaded", "ca-crl.pem", "lists=1"]).is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    echo_open(&mut open, b"still").await;
+
+    // Revoking a's certificate: b closes the connection; the app connection ends.
+    let a_serial = mesh.inputs.certs.current(&a).unwrap().serial().to_string();
+    std::fs::write(
+        &crl_path,
+        mesh.ca
+            .revocation_list_pem(&[other.serial(), &a_serial])
+            .unwrap(),
+    )
+    .unwrap();
+    wait_for("revocation counted", || crl("destination") == 1).await;
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        let _ = open.write_all(b"after").await;
+        loop {
+            match open.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the revoked peer's connection stayed open");
+    assert!(
+        !log_lines(&[
+            "peer's certificate was revoked",
+            "spiffe://cluster.local/ns/ns-a/sa/sa-a"
+        ])
+        .is_empty()
+    );
+    wait_for("no connection left at b", || pb.active_connections() == 0).await;
+
+    // A new connection: a still presents the revoked certificate; b refuses the handshake.
+    let c = socks
+        .redirected_connect(mesh.a_ip, pa.addresses().outbound, sa(mesh.b_ip, 8080))
+        .await
+        .unwrap();
+    let back = echo_roundtrip(c, Arc::new(b"x".to_vec())).await;
+    assert!(back.map(|v| v.is_empty()).unwrap_or(true));
+    wait_for("handshake refusal counted", || crl("destination") == 2).await;
+}
+
+/// The other direction: revoking the destination's certificate closes the source's pooled
+/// connection to it (counted by the source) and the source refuses its new handshakes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_destination_loses_the_pooled_connection() {
+    use ztunnel::tls::crl::RevocationLists;
+    let dir = tempfile::tempdir().unwrap();
+    let crl_path = dir.path().join("ca-crl.pem");
+    let mut mesh = Mesh::new("127.77.13", |_| {});
+    // CRL_PATH may name a file that appears later.
+    let (lists, _watch) = RevocationLists::watch_file(&crl_path).unwrap();
+    mesh.inputs.roots = mesh.inputs.roots.clone().with_revocation(lists);
+    let _echo = echo_server(sa(mesh.b_ip, 8080)).await;
+    let (pa, socks) = mesh.proxy("a").await;
+    let (_pb, _) = mesh.proxy("b").await;
+    let mut open = socks
+        .redirected_connect(mesh.a_ip, pa.addresses().outbound, sa(mesh.b_ip, 8080))
+        .await
+        .unwrap();
+    echo_open(&mut open, b"before").await;
+    assert_eq!(pa.pool_connections().len(), 1);
+    let crl = || {
+        mesh.metric(
+            "istio_crl_policy_rejections_total",
+            &["reporter=\"source\""],
+        )
+    };
+    let b = mesh.identity("sa-b", "ns-b");
+    let b_serial = mesh.inputs.certs.current(&b).unwrap().serial().to_string();
+    std::fs::write(
+        &crl_path,
+        mesh.ca.revocation_list_pem(&[&b_serial]).unwrap(),
+    )
+    .unwrap();
+    wait_for("revocation counted at the source", || crl() == 1).await;
+    wait_for("pooled connection closed", || {
+        pa.pool_connections().is_empty()
+    })
+    .await;
+    let c = socks
+        .redirected_connect(mesh.a_ip, pa.addresses().outbound, sa(mesh.b_ip, 8080))
+        .await
+        .unwrap();
+    let back = echo_roundtrip(c, Arc::new(b"x".to_vec())).await;
+    assert!(back.map(|v| v.is_empty()).unwrap_or(true));
+    wait_for("handshake refusal counted at the source", || crl() == 2).await;
+}

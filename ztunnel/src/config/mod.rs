@@ -190,6 +190,9 @@ pub struct Config {
     /// `ROOT_CA_PATH`, `CA_TOKEN_PATH` (remote CA).
     pub root_ca_path: PathBuf,
     pub ca_token_path: PathBuf,
+    /// `CRL_PATH`: PEM certificate revocation lists peers' chains are checked against
+    /// (followed while running); unset = no revocation checks (as upstream).
+    pub crl_path: Option<PathBuf>,
     /// `ISTIO_META_CLUSTER_ID`, else `CLUSTER_ID` (as upstream).
     pub cluster_id: String,
     /// `CLUSTER_DOMAIN` (`cluster.local`): Service hostnames are
@@ -601,6 +604,9 @@ impl Config {
             ca_root_cert: get("CA_ROOT_CERT").map(PathBuf::from),
             ca_root_key: get("CA_ROOT_KEY").map(PathBuf::from),
             root_ca_path,
+            crl_path: get("CRL_PATH")
+                .filter(|p| !p.trim().is_empty())
+                .map(PathBuf::from),
             ca_token_path: get("CA_TOKEN_PATH")
                 .unwrap_or_else(|| "./var/run/secrets/tokens/istio-token".into())
                 .into(),

@@ -28,6 +28,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::tls::crl::{RevocationWatch, until_revoked};
+
 use super::stream::H2Stream;
 use super::{FailureKind, HboneError};
 use crate::config::H2Config;
@@ -165,7 +167,8 @@ impl Pool {
 
     /// Opens a CONNECT stream for `key`, on a pooled connection or on a new one made by
     /// `connect` (TCP + TLS to `key.dst`, verified against `key.dst_identities`, each with
-    /// its own deadline). A non-200 answer is an error, so is none within
+    /// its own deadline; with the watch that closes it if the peer's certificate gets
+    /// revoked, when `CRL_PATH` is set). A non-200 answer is an error, so is none within
     /// `response_timeout`.
     pub async fn open_stream<T, F, Fut>(
         &self,
@@ -177,7 +180,7 @@ impl Pool {
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T, HboneError>>,
+        Fut: Future<Output = Result<(T, Option<RevocationWatch>), HboneError>>,
     {
         let (full_key, entry) = self.entry(key);
         let max = self.inner.cfg.max_streams_per_connection as usize;
@@ -207,7 +210,9 @@ impl Pool {
                                 return Err(HboneError::PoolExhausted { dst: key.dst });
                             };
                             let established = match connect().await {
-                                Ok(io) => self.handshake(io, &full_key, &entry).await,
+                                Ok((io, revocation)) => {
+                                    self.handshake(io, revocation, &full_key, &entry).await
+                                }
                                 Err(e) => Err(e),
                             };
                             let conn = established.inspect_err(|e| entry.record_failure(e))?;
@@ -315,6 +320,7 @@ impl Pool {
     async fn handshake<T>(
         &self,
         io: T,
+        revocation: Option<RevocationWatch>,
         full_key: &(PoolKey, ThreadId),
         entry: &Arc<KeyEntry>,
     ) -> Result<Arc<PooledConn>, HboneError>
@@ -358,7 +364,9 @@ impl Pool {
             pool: Arc::downgrade(&self.inner),
             key: full_key.clone(),
         };
-        self.inner.tracker.spawn(driver.run(conn, ping));
+        self.inner
+            .tracker
+            .spawn(driver.run(conn, ping, until_revoked(revocation)));
         Ok(pooled)
     }
 }
@@ -372,13 +380,18 @@ struct Driver {
 }
 
 impl Driver {
-    async fn run<T>(self, conn: h2::client::Connection<T, Bytes>, ping: Option<h2::PingPong>)
-    where
+    async fn run<T>(
+        self,
+        conn: h2::client::Connection<T, Bytes>,
+        ping: Option<h2::PingPong>,
+        revoked: impl Future<Output = ()>,
+    ) where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let id = self.conn_state.id;
         let dst = self.key.0.dst;
         tokio::pin!(conn);
+        tokio::pin!(revoked);
         let mut ping = ping;
         let reason = loop {
             let next = tokio::time::sleep(self.cfg.keepalive_interval);
@@ -388,6 +401,7 @@ impl Driver {
                     Err(e) => format!("error: {e}"),
                 },
                 _ = self.shutdown.cancelled() => break "pool shut down".to_string(),
+                () = &mut revoked => break "peer certificate revoked".to_string(),
                 _ = next => {}
             }
             let idle = self.conn_state.active.load(Ordering::Acquire) == 0
@@ -410,6 +424,7 @@ impl Driver {
                         Err(e) => format!("error: {e}"),
                     },
                     _ = self.shutdown.cancelled() => break "pool shut down".to_string(),
+                    () = &mut revoked => break "peer certificate revoked".to_string(),
                     r = pong => match r {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => break format!("keepalive failed: {e}"),
@@ -502,7 +517,7 @@ mod tests {
                 &test_key(),
                 test_request(),
                 Duration::from_millis(300),
-                || async move { Ok::<_, HboneError>(client_io) },
+                || async move { Ok::<_, HboneError>((client_io, None)) },
             )
             .await
             .unwrap_err();
@@ -559,7 +574,7 @@ mod tests {
                 &key,
                 test_request(),
                 Duration::from_secs(2),
-                move || async move { Ok::<_, HboneError>(h2_peer(peer)) },
+                move || async move { Ok::<_, HboneError>((h2_peer(peer), None)) },
             )
         };
         let s1 = open(goaway.clone()).await.unwrap();
@@ -584,7 +599,7 @@ mod tests {
         let key = test_key();
         let failing = || async {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            Err::<tokio::io::DuplexStream, _>(HboneError::TlsTimeout {
+            Err::<(tokio::io::DuplexStream, Option<RevocationWatch>), _>(HboneError::TlsTimeout {
                 dst: "10.0.0.2:15008".parse().unwrap(),
                 timeout: Duration::from_millis(200),
             })
@@ -672,7 +687,7 @@ mod tests {
         });
         let stream = pool
             .open_stream(&key, request, Duration::from_secs(5), || async move {
-                Ok::<_, HboneError>(client_io)
+                Ok::<_, HboneError>((client_io, None))
             })
             .await
             .unwrap();

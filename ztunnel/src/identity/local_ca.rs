@@ -8,8 +8,9 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    CertificateSigningRequestParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+    CertificateRevocationListParams, CertificateSigningRequestParams, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, PublicKeyData, RevokedCertParams, SanType,
+    SerialNumber,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -34,6 +35,8 @@ pub enum LocalCaError {
     Mismatch { cert_path: String, key_path: String },
     #[error("local CA: signing certificate for {identity}: {reason}")]
     Sign { identity: String, reason: String },
+    #[error("local CA: revocation list: {0}")]
+    Crl(String),
 }
 
 /// An in-process CA.
@@ -211,6 +214,52 @@ impl LocalCa {
             .map_err(|e| sign_err(format!("signing failed: {e}")))?;
         Ok(vec![leaf.pem(), self.root_pem.clone()])
     }
+}
+
+impl LocalCa {
+    /// A certificate revocation list signed by this CA naming `serials` (hex, as
+    /// `/config_dump` and [`super::WorkloadCertificate::serial`] print them), valid for a
+    /// day: what `CRL_PATH` reads, for trying revocation with the development CA.
+    pub fn revocation_list_pem(&self, serials: &[&str]) -> Result<String, LocalCaError> {
+        let now = time::OffsetDateTime::now_utc();
+        let revoked_certs = serials
+            .iter()
+            .map(|hex| {
+                let bytes = decode_hex(hex)
+                    .ok_or_else(|| LocalCaError::Crl(format!("serial {hex:?} is not hex")))?;
+                Ok(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&bytes),
+                    revocation_time: now,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>, LocalCaError>>()?;
+        let params = CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(1),
+            next_update: now + time::Duration::days(1),
+            crl_number: SerialNumber::from(now.unix_timestamp() as u64),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params
+            .signed_by(&self.issuer)
+            .map_err(|e| LocalCaError::Crl(format!("signing failed: {e}")))?;
+        crl.pem()
+            .map_err(|e| LocalCaError::Crl(format!("encoding failed: {e}")))
+    }
+}
+
+fn decode_hex(hex: &str) -> Option<Vec<u8>> {
+    let hex = hex.trim().replace(':', "");
+    if hex.is_empty() || !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+        .collect()
 }
 
 /// PEM text of a DER certificate.

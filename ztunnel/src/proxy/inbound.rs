@@ -119,6 +119,11 @@ pub(super) async fn handle(
                 AcceptError::Timeout(_) => RefusalReason::handshake_timeout,
                 _ => RefusalReason::tls_handshake,
             };
+            if let AcceptError::Handshake(io) = &e
+                && crate::tls::crl::is_revoked(io)
+            {
+                metrics.crl_rejections(Reporter::destination).inc();
+            }
             early_deny(peer, local, &e.to_string());
             metrics.refused(Direction::Inbound, reason);
             return;
@@ -172,8 +177,18 @@ pub(super) async fn handle(
         workload: src_workload,
         policy_src_ip,
     });
+    // With CRL_PATH: a reloaded list revoking the client's chain closes the connection.
+    let revocation = ctx.inputs.roots.revocation().and_then(|lists| {
+        lists.watch_connection(
+            tls.get_ref().1.peer_certificates(),
+            ctx.inputs.roots.store(),
+            webpki::KeyUsage::client_auth(),
+            format!("{} ({peer})", shared.identity),
+            metrics.crl_rejections(Reporter::destination),
+        )
+    });
     let handler_ctx = ctx.clone();
-    let result = serve(
+    let served = serve(
         tls,
         &ctx.inputs.cfg.h2,
         ctx.stop_accept.clone(),
@@ -192,8 +207,12 @@ pub(super) async fn handle(
                 }
             }
         },
-    )
-    .await;
+    );
+    let result = tokio::select! {
+        r = served => r,
+        // Dropping the connection resets its streams: their app connections close.
+        () = crate::tls::crl::until_revoked(revocation) => Ok(()),
+    };
     if let Err(e) = result
         && !e.is_go_away()
         && !e.is_io()

@@ -15,8 +15,8 @@ use crate::state::on_demand::Unanswered;
 use crate::state::workload::{GatewayAddress, LoadBalancerMode};
 use crate::state::{Protocol, Service, Snapshot, Workload};
 use crate::telemetry::{
-    ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason, ResponseFlags,
-    ServiceInfo,
+    ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason, Reporter,
+    ResponseFlags, ServiceInfo,
 };
 
 /// Where a connection goes.
@@ -408,6 +408,7 @@ pub(super) async fn handle(
             let connect = || {
                 let sockets = ctx.sockets.clone();
                 let roots = ctx.inputs.roots.clone();
+                let crl_rejections = metrics.crl_rejections(Reporter::source);
                 async move {
                     let tcp =
                         match tokio::time::timeout(timeout, sockets.connect(hbone_addr, orig_src))
@@ -428,7 +429,27 @@ pub(super) async fn handle(
                             }
                         };
                     let config = crate::tls::client_config(&cert, &roots, expected);
-                    hbone::tls_connect_within(tcp, config, hbone_addr, handshake_timeout).await
+                    let tls = hbone::tls_connect_within(tcp, config, hbone_addr, handshake_timeout)
+                        .await
+                        .inspect_err(|e| {
+                            if let HboneError::Tls { source, .. } = e
+                                && crate::tls::crl::is_revoked(source)
+                            {
+                                crl_rejections.inc();
+                            }
+                        })?;
+                    // With CRL_PATH: a reloaded list revoking the server's chain closes
+                    // the pooled connection.
+                    let revocation = roots.revocation().and_then(|lists| {
+                        lists.watch_connection(
+                            tls.get_ref().1.peer_certificates(),
+                            roots.store(),
+                            webpki::KeyUsage::server_auth(),
+                            hbone_addr.to_string(),
+                            crl_rejections.clone(),
+                        )
+                    });
+                    Ok((tls, revocation))
                 }
             };
             // The peer answers once it has connected to its app (its own connect timeout).

@@ -216,6 +216,9 @@ pub struct ProxyMetrics {
     pub live: Arc<LiveConnections>,
     pub sockets_open: Family<SocketLabels, Gauge>,
     pub refused: Family<RefusalLabels, Counter>,
+    /// `istio_crl_policy_rejections_total`: handshakes refused and established connections
+    /// closed because a revocation list (`CRL_PATH`) names the peer's certificate.
+    pub crl_rejections: Family<SocketLabels, Counter>,
     /// `istio_on_demand_dns_total`: connections whose destination endpoint was known only
     /// by hostname and resolved when connecting.
     pub on_demand_dns: Family<OnDemandDnsLabels, Counter>,
@@ -286,6 +289,11 @@ impl ProxyMetrics {
         istio.register("build", "Istio component build info", build);
         m.dns.register(istio);
         istio.register(
+            "crl_policy_rejections",
+            "The total number of connections rejected due to CRL certificate revocation (unstable)",
+            m.crl_rejections.clone(),
+        );
+        istio.register(
             "on_demand_dns",
             "The total number of requests that used on-demand DNS (unstable)",
             m.on_demand_dns.clone(),
@@ -317,6 +325,13 @@ impl ProxyMetrics {
             m.refused.clone(),
         );
         m
+    }
+
+    /// The revocation counter of one side (`reporter`).
+    pub fn crl_rejections(&self, reporter: Reporter) -> Counter {
+        self.crl_rejections
+            .get_or_create(&SocketLabels { reporter })
+            .clone()
     }
 
     /// Counts a refusal.

@@ -14,6 +14,7 @@
 //! few reference counts), which is how certificate rotation reaches new connections while old
 //! ones keep their session.
 
+pub mod crl;
 pub mod roots;
 pub mod verifier;
 
@@ -364,6 +365,42 @@ mod tests {
         .await;
         let err = s.unwrap_err();
         assert!(err.contains("expired"), "{err}");
+    }
+
+    /// With revocation lists: a listed client is refused by the server, a listed server by
+    /// the client (rustls' `Revoked`), others connect; without lists nothing is checked.
+    #[tokio::test]
+    async fn revoked_certificates_are_refused_on_both_sides() {
+        use crate::tls::crl::{CrlSet, RevocationLists};
+        let ca = ca("ec");
+        let a = Identity::new("cluster.local", "ns", "a");
+        let b = Identity::new("cluster.local", "ns", "b");
+        let (a_cert, b_cert) = (leaf(&ca, &a, now_valid()), leaf(&ca, &b, now_valid()));
+        let lists = RevocationLists::new(CrlSet::default());
+        let checked = roots(&ca).with_revocation(lists.clone());
+        let run = |trust: TrustRoots| {
+            handshake(
+                client_config(&a_cert, &trust, vec![b.clone()]),
+                server_config(&b_cert, &trust, "cluster.local"),
+            )
+        };
+        let (c, s) = run(checked.clone()).await;
+        assert!(c.is_ok() && s.is_ok(), "{c:?} {s:?}");
+        let revoke = |serial: &str| {
+            let pem = ca.revocation_list_pem(&[serial]).unwrap();
+            lists.replace(CrlSet::from_pem(&pem, "crl").unwrap());
+        };
+        revoke(a_cert.serial());
+        let (_c, s) = run(checked.clone()).await;
+        let err = s.unwrap_err();
+        assert!(err.to_lowercase().contains("revoked"), "{err}");
+        revoke(b_cert.serial());
+        let (c, _s) = run(checked.clone()).await;
+        let err = c.unwrap_err();
+        assert!(err.to_lowercase().contains("revoked"), "{err}");
+        // The same roots without the lists: no check.
+        let (c, s) = run(roots(&ca)).await;
+        assert!(c.is_ok() && s.is_ok(), "{c:?} {s:?}");
     }
 
     /// Peers limited to one key exchange group our aws-lc provider supports by default

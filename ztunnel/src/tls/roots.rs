@@ -15,12 +15,15 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
 use super::TlsError;
+use super::crl::RevocationLists;
 use crate::file_watch::{self, FileWatcher, WatchError};
 
-/// The certificates a peer's chain must lead to (shared; see the module docs).
+/// The certificates a peer's chain must lead to (shared; see the module docs), and the
+/// revocation lists its certificates are checked against (`CRL_PATH`, when set).
 #[derive(Clone, Debug)]
 pub struct TrustRoots {
     current: Arc<RwLock<RootSet>>,
+    revocation: Option<RevocationLists>,
 }
 
 /// One consistent set: the verifier's store and the certificates it was built from
@@ -35,7 +38,20 @@ impl TrustRoots {
     fn new(set: RootSet) -> Self {
         TrustRoots {
             current: Arc::new(RwLock::new(set)),
+            revocation: None,
         }
+    }
+
+    /// These roots with `lists` checked at every handshake (and for established
+    /// connections at every reload of the lists). Clones made before do not see them.
+    pub fn with_revocation(mut self, lists: RevocationLists) -> Self {
+        self.revocation = Some(lists);
+        self
+    }
+
+    /// The revocation lists, when `CRL_PATH` is set.
+    pub fn revocation(&self) -> Option<&RevocationLists> {
+        self.revocation.as_ref()
     }
 
     /// Roots from DER certificates; `source_name` names the origin (file) in errors.

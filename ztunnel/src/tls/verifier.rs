@@ -1,7 +1,8 @@
 //! SPIFFE certificate verifiers.
 //!
-//! Both verify the chain to the trust roots with webpki (validity period included) and then
-//! look at the leaf's URI SANs; DNS SANs and the server name are ignored.
+//! Both verify the chain to the trust roots with webpki (validity period included), check it
+//! against the revocation lists when `CRL_PATH` is set, and then look at the leaf's URI
+//! SANs; DNS SANs and the server name are ignored.
 
 use std::fmt;
 use std::sync::Arc;
@@ -72,6 +73,32 @@ fn other(e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
+/// The chain against the revocation lists of `roots` (when configured): a revoked
+/// certificate is rustls' `Revoked` (the handshake fails with that reason and the peer gets
+/// a `certificate_revoked` alert).
+fn check_revocation(
+    roots: &TrustRoots,
+    store: &rustls::RootCertStore,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    usage: webpki::KeyUsage,
+) -> Result<(), Error> {
+    let Some(lists) = roots.revocation() else {
+        return Ok(());
+    };
+    match lists
+        .current()
+        .check(end_entity, intermediates, store, now, usage)
+    {
+        Ok(()) => Ok(()),
+        Err(webpki::Error::CertRevoked) => {
+            Err(Error::InvalidCertificate(CertificateError::Revoked))
+        }
+        Err(e) => Err(other(e)),
+    }
+}
+
 fn bad_san(reason: String) -> Error {
     Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
         std::io::Error::other(reason),
@@ -106,12 +133,21 @@ impl ServerCertVerifier for IdentityVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
         let cert = ParsedCertificate::try_from(end_entity)?;
+        let store = self.roots.store();
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &cert,
-            &self.roots.store(),
+            &store,
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
+        )?;
+        check_revocation(
+            &self.roots,
+            &store,
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
         )?;
         let actual = identities_of(end_entity).map_err(bad_san)?;
         if actual.iter().any(|id| self.expected.contains(id)) {
@@ -165,16 +201,21 @@ impl ServerCertVerifier for IdentityVerifier {
 pub struct TrustDomainVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     trust_domain: String,
+    roots: TrustRoots,
+    store: Arc<rustls::RootCertStore>,
 }
 
 impl TrustDomainVerifier {
     pub fn new(roots: &TrustRoots, trust_domain: &str, provider: Arc<CryptoProvider>) -> Self {
-        let inner = WebPkiClientVerifier::builder_with_provider(roots.store().clone(), provider)
+        let store = roots.store();
+        let inner = WebPkiClientVerifier::builder_with_provider(store.clone(), provider)
             .build()
             .expect("a non-empty root store always builds a client verifier");
         TrustDomainVerifier {
             inner,
             trust_domain: trust_domain.to_string(),
+            roots: roots.clone(),
+            store,
         }
     }
 }
@@ -201,6 +242,14 @@ impl ClientCertVerifier for TrustDomainVerifier {
     ) -> Result<ClientCertVerified, Error> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
+        check_revocation(
+            &self.roots,
+            &self.store,
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+        )?;
         let actual = identities_of(end_entity).map_err(bad_san)?;
         if actual
             .iter()
