@@ -211,7 +211,8 @@ fn id(ns: &str, sa: &str) -> String {
 fn ztunnel_client(ca: &RunningCa, token_path: &Path, root_path: &Path) -> IstioCaClient {
     IstioCaClient::new(IstioCaOptions {
         address: format!("https://127.0.0.1:{}", ca.addr.port()),
-        root_cert_path: root_path.to_path_buf(),
+        roots: ztunnel::config::ControlPlaneRoots::File(root_path.to_path_buf()),
+        alt_hostname: None,
         token_path: token_path.to_path_buf(),
         cluster_id: "Kubernetes".into(),
         impersonate: true,

@@ -23,6 +23,7 @@ use node_agent::ca::authority::testing::{generate_root, write_root_dir};
 use node_agent::ca::config::CaConfig;
 use node_agent::ca::pods::{NodeAuthError, PodDirectory};
 use tokio::sync::oneshot;
+use ztunnel::config::ControlPlaneRoots;
 use ztunnel::identity::istio_ca::{IstioCaClient, IstioCaOptions};
 use ztunnel::identity::manager::request_certificate;
 use ztunnel::identity::{CertificateProvider, Identity, ProviderError, SecretManager};
@@ -105,6 +106,16 @@ struct TestCa {
 
 impl TestCa {
     async fn start(listen: SocketAddr, dir: Option<tempfile::TempDir>, pods: Arc<Pods>) -> TestCa {
+        Self::start_named(listen, dir, pods, "127.0.0.1").await
+    }
+
+    /// [`Self::start`] with the serving certificate for `dns_names` (comma-separated).
+    async fn start_named(
+        listen: SocketAddr,
+        dir: Option<tempfile::TempDir>,
+        pods: Arc<Pods>,
+        dns_names: &str,
+    ) -> TestCa {
         let dir = dir.unwrap_or_else(|| {
             let d = tempfile::tempdir().unwrap();
             let (cert, key) = generate_root("test mesh root");
@@ -112,7 +123,7 @@ impl TestCa {
             d
         });
         let mut cfg = CaConfig::from_lookup(|k| match k {
-            "CA_SERVER_DNS_NAMES" => Some("127.0.0.1".into()),
+            "CA_SERVER_DNS_NAMES" => Some(dns_names.into()),
             "MAX_WORKLOAD_CERT_TTL" => Some("1h".into()),
             _ => None,
         })
@@ -166,10 +177,27 @@ fn node_pods() -> Arc<Pods> {
 }
 
 fn client(ca: &TestCa, token_file: &Path, root: &Path, impersonate: bool) -> Arc<IstioCaClient> {
+    client_with(
+        ca,
+        token_file,
+        ControlPlaneRoots::File(root.to_path_buf()),
+        None,
+        impersonate,
+    )
+}
+
+fn client_with(
+    ca: &TestCa,
+    token_file: &Path,
+    roots: ControlPlaneRoots,
+    alt_hostname: Option<&str>,
+    impersonate: bool,
+) -> Arc<IstioCaClient> {
     Arc::new(
         IstioCaClient::new(IstioCaOptions {
             address: format!("https://127.0.0.1:{}", ca.addr.port()),
-            root_cert_path: root.to_path_buf(),
+            roots,
+            alt_hostname: alt_hostname.map(str::to_string),
             token_path: token_file.to_path_buf(),
             cluster_id: "Kubernetes".into(),
             impersonate,
@@ -318,6 +346,50 @@ async fn wrong_root_fails_tls_and_ca_key_rotation_is_followed() {
         new_cert.trim(),
         "signed by the new root"
     );
+    ca.stop().await;
+}
+
+/// `ALT_CA_HOSTNAME`: a CA reached at an address its certificate does not name (here
+/// 127.0.0.1, the certificate names only `ca.mesh.test`) is refused, unless the
+/// certificate is checked for the alternative name. `CA_ROOT_CA=SYSTEM`: the system's
+/// trust store (rustls-native-certs, here through `SSL_CERT_FILE`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alternative_ca_hostname_and_system_roots() {
+    let ca = TestCa::start_named(
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+        node_pods(),
+        "ca.mesh.test",
+    )
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let token = token_file(tmp.path(), "istio-system:ztunnel:zt-1");
+    let web = id("app", "web");
+    let file = ControlPlaneRoots::File(ca.root_path());
+    let plain = client_with(&ca, &token, file.clone(), None, true);
+    let e = request_certificate(plain.as_ref(), &web, Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(!e.reason.contains("PermissionDenied"), "a TLS failure: {e}");
+    let alt = client_with(&ca, &token, file, Some("ca.mesh.test"), true);
+    request_certificate(alt.as_ref(), &web, Duration::from_secs(60))
+        .await
+        .unwrap();
+    // The system store: this process's SSL_CERT_FILE is the mesh root (no other test of
+    // this binary reads the system store).
+    // SAFETY: set before the client that reads it is built; no other thread of this
+    // binary reads SSL_CERT_FILE (only CA_ROOT_CA=SYSTEM clients do, and this is the only one).
+    unsafe { std::env::set_var("SSL_CERT_FILE", ca.root_path()) };
+    let system = client_with(
+        &ca,
+        &token,
+        ControlPlaneRoots::System,
+        Some("ca.mesh.test"),
+        true,
+    );
+    request_certificate(system.as_ref(), &web, Duration::from_secs(60))
+        .await
+        .unwrap();
     ca.stop().await;
 }
 

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -179,16 +179,26 @@ pub struct Config {
     /// `XDS_ON_DEMAND`: subscribe to no addresses up front; ask istiod for each
     /// unknown one when the data path meets it (`state::on_demand`).
     pub xds_on_demand: bool,
-    /// `XDS_ROOT_CA`: PEM root(s) for istiod's serving certificate (default
-    /// `ROOT_CA_PATH`).
-    pub xds_root_ca: PathBuf,
+    /// `XDS_ROOT_CA`: root(s) for istiod's serving certificate (default `ROOT_CA_PATH`).
+    pub xds_root_ca: ControlPlaneRoots,
+    /// `ALT_XDS_HOSTNAME`: the name istiod's certificate is checked for instead of the host
+    /// of `XDS_ADDRESS` (e.g. an address through a load balancer or an IP).
+    pub alt_xds_hostname: Option<String>,
     /// `CA_ADDRESS` (empty: local CA).
     pub ca_address: Option<String>,
     /// `CA_ROOT_CERT`, `CA_ROOT_KEY`.
     pub ca_root_cert: Option<PathBuf>,
     pub ca_root_key: Option<PathBuf>,
-    /// `ROOT_CA_PATH`, `CA_TOKEN_PATH` (remote CA).
+    /// `ROOT_CA_PATH` (remote CA: the trust bundle for HBONE peers, and the default root
+    /// of the control-plane connections).
     pub root_ca_path: PathBuf,
+    /// `CA_ROOT_CA`: root(s) for the CA's serving certificate (default `ROOT_CA_PATH`).
+    pub ca_root_ca: ControlPlaneRoots,
+    /// `ALT_CA_HOSTNAME`: the name the CA's certificate is checked for instead of the
+    /// host of `CA_ADDRESS`.
+    pub alt_ca_hostname: Option<String>,
+    /// `CA_TOKEN_PATH`, else upstream's `AUTH_TOKEN`: the bearer token file for the CA and
+    /// xDS.
     pub ca_token_path: PathBuf,
     /// `CRL_PATH`: PEM certificate revocation lists peers' chains are checked against
     /// (followed while running); unset = no revocation checks (as upstream).
@@ -225,6 +235,10 @@ pub struct Config {
     /// [`Config::drain_budget`] of it, not all of it.
     #[serde(serialize_with = "humantime_duration")]
     pub termination_grace_period: Duration,
+    /// `CONNECTION_TERMINATION_DEADLINE`: how long open connections may run after SIGTERM,
+    /// overriding the budget derived from the grace period (as upstream).
+    #[serde(serialize_with = "optional_humantime_duration")]
+    pub connection_termination_deadline: Option<Duration>,
     /// `ZTUNNEL_WORKER_THREADS`: a number (0: one per CPU) or a percentage of the CPUs
     /// (`50%`, rounded up); CPUs = `ZTUNNEL_CPU_LIMIT` when set (the chart passes the
     /// container's limit), else the machine's. Default 2.
@@ -295,6 +309,16 @@ fn humantime_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok,
     s.collect_str(&humantime::format_duration(*d))
 }
 
+fn optional_humantime_duration<S: serde::Serializer>(
+    d: &Option<Duration>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => humantime_duration(d, s),
+        None => s.serialize_none(),
+    }
+}
+
 /// A rejected setting.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid {field}={value:?}: {reason}")]
@@ -307,6 +331,35 @@ pub struct ConfigError {
 impl Default for Config {
     fn default() -> Self {
         Config::from_lookup(|_| None).expect("defaults are valid")
+    }
+}
+
+/// Roots a control-plane server's certificate (istiod's xDS, the CA) must chain to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum ControlPlaneRoots {
+    /// A PEM file, read at each (re)connection.
+    File(PathBuf),
+    /// The system's trust store (the value `SYSTEM`, as upstream): for a control plane
+    /// serving a publicly trusted certificate.
+    System,
+}
+
+impl ControlPlaneRoots {
+    fn from_value(v: Option<String>, default: &Path) -> Self {
+        match v.as_deref().map(str::trim) {
+            Some("SYSTEM") => ControlPlaneRoots::System,
+            Some(p) if !p.is_empty() => ControlPlaneRoots::File(PathBuf::from(p)),
+            _ => ControlPlaneRoots::File(default.to_path_buf()),
+        }
+    }
+}
+
+impl std::fmt::Display for ControlPlaneRoots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControlPlaneRoots::File(p) => write!(f, "{}", p.display()),
+            ControlPlaneRoots::System => f.write_str("SYSTEM (the system's trust store)"),
+        }
     }
 }
 
@@ -328,9 +381,11 @@ pub fn drain_budget(grace: Duration) -> Duration {
 }
 
 impl Config {
-    /// [`drain_budget`] of `TERMINATION_GRACE_PERIOD_SECONDS`.
+    /// `CONNECTION_TERMINATION_DEADLINE` when set, else [`drain_budget`] of
+    /// `TERMINATION_GRACE_PERIOD_SECONDS`.
     pub fn drain_budget(&self) -> Duration {
-        drain_budget(self.termination_grace_period)
+        self.connection_termination_deadline
+            .unwrap_or_else(|| drain_budget(self.termination_grace_period))
     }
 
     /// Reads the process environment.
@@ -597,9 +652,10 @@ impl Config {
             kubernetes_discovery,
             xds_address,
             xds_on_demand,
-            xds_root_ca: get("XDS_ROOT_CA")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root_ca_path.clone()),
+            xds_root_ca: ControlPlaneRoots::from_value(get("XDS_ROOT_CA"), &root_ca_path),
+            alt_xds_hostname: get("ALT_XDS_HOSTNAME").filter(|h| !h.trim().is_empty()),
+            ca_root_ca: ControlPlaneRoots::from_value(get("CA_ROOT_CA"), &root_ca_path),
+            alt_ca_hostname: get("ALT_CA_HOSTNAME").filter(|h| !h.trim().is_empty()),
             ca_address: get("CA_ADDRESS"),
             ca_root_cert: get("CA_ROOT_CERT").map(PathBuf::from),
             ca_root_key: get("CA_ROOT_KEY").map(PathBuf::from),
@@ -608,6 +664,7 @@ impl Config {
                 .filter(|p| !p.trim().is_empty())
                 .map(PathBuf::from),
             ca_token_path: get("CA_TOKEN_PATH")
+                .or_else(|| get("AUTH_TOKEN"))
                 .unwrap_or_else(|| "./var/run/secrets/tokens/istio-token".into())
                 .into(),
             cluster_id: get("ISTIO_META_CLUSTER_ID")
@@ -632,6 +689,13 @@ impl Config {
                 5,
                 0,
             )?),
+            connection_termination_deadline: match get("CONNECTION_TERMINATION_DEADLINE") {
+                None => None,
+                Some(_) => Some(parse_duration(
+                    "CONNECTION_TERMINATION_DEADLINE",
+                    Duration::ZERO,
+                )?),
+            },
             worker_threads: worker_threads.min(256),
             log_format,
             h2,

@@ -34,7 +34,10 @@ fn defaults_match_upstream() {
 fn xds_address_is_optional_and_exclusive_with_kubernetes_discovery() {
     let c = cfg(&[]).unwrap();
     assert_eq!(c.xds_address, None);
-    assert_eq!(c.xds_root_ca, c.root_ca_path);
+    assert_eq!(
+        c.xds_root_ca,
+        ControlPlaneRoots::File(c.root_ca_path.clone())
+    );
     let c = cfg(&[("XDS_ADDRESS", "")]).unwrap();
     assert_eq!(c.xds_address, None, "empty turns xDS off, as upstream");
     let c = cfg(&[
@@ -46,7 +49,8 @@ fn xds_address_is_optional_and_exclusive_with_kubernetes_discovery() {
         c.xds_address.as_deref(),
         Some("istiod.istio-system.svc:15012")
     );
-    assert_eq!(c.xds_root_ca, PathBuf::from("/r.pem"));
+    assert_eq!(c.xds_root_ca, ControlPlaneRoots::File("/r.pem".into()));
+    assert_eq!(c.ca_root_ca, ControlPlaneRoots::File("/r.pem".into()));
     let e = cfg(&[
         ("XDS_ADDRESS", "istiod.istio-system.svc:15012"),
         ("KUBERNETES_DISCOVERY", "true"),
@@ -310,4 +314,39 @@ fn workload_info_round_trip() {
     let w: WorkloadInfo = "ns/name/sa".parse().unwrap();
     assert_eq!(w.to_string(), "ns/name/sa");
     assert!("ns//sa".parse::<WorkloadInfo>().is_err());
+}
+
+/// Upstream's names for the control-plane connections: `XDS_ROOT_CA`/`CA_ROOT_CA` (a file,
+/// or `SYSTEM` for the system's trust store), `ALT_XDS_HOSTNAME`/`ALT_CA_HOSTNAME`, the
+/// token file `AUTH_TOKEN` (our `CA_TOKEN_PATH` wins), and `CONNECTION_TERMINATION_DEADLINE`.
+#[test]
+fn control_plane_roots_names_token_and_drain_deadline() {
+    let c = cfg(&[
+        ("XDS_ROOT_CA", "SYSTEM"),
+        ("CA_ROOT_CA", "/ca-root.pem"),
+        ("ALT_XDS_HOSTNAME", "istiod.istio-system.svc"),
+        ("ALT_CA_HOSTNAME", "ca.example.com"),
+        ("AUTH_TOKEN", "/tok"),
+        ("CONNECTION_TERMINATION_DEADLINE", "20s"),
+        ("TERMINATION_GRACE_PERIOD_SECONDS", "60"),
+    ])
+    .unwrap();
+    assert_eq!(c.xds_root_ca, ControlPlaneRoots::System);
+    assert_eq!(c.ca_root_ca, ControlPlaneRoots::File("/ca-root.pem".into()));
+    assert_eq!(
+        c.alt_xds_hostname.as_deref(),
+        Some("istiod.istio-system.svc")
+    );
+    assert_eq!(c.alt_ca_hostname.as_deref(), Some("ca.example.com"));
+    assert_eq!(c.ca_token_path, PathBuf::from("/tok"));
+    assert_eq!(c.drain_budget(), Duration::from_secs(20));
+    let c = cfg(&[("AUTH_TOKEN", "/tok"), ("CA_TOKEN_PATH", "/ours")]).unwrap();
+    assert_eq!(c.ca_token_path, PathBuf::from("/ours"));
+    // Without the deadline: derived from the grace period (60 s - 5 s).
+    let c = cfg(&[("TERMINATION_GRACE_PERIOD_SECONDS", "60")]).unwrap();
+    assert_eq!(c.drain_budget(), Duration::from_secs(55));
+    let e = cfg(&[("CONNECTION_TERMINATION_DEADLINE", "soon")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("CONNECTION_TERMINATION_DEADLINE"), "{e}");
 }

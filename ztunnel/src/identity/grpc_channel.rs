@@ -12,9 +12,27 @@ use std::io;
 use std::net::SocketAddr;
 
 use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Uri};
 
-use crate::config::{Config, ProxyMode};
+use crate::config::{Config, ControlPlaneRoots, ProxyMode};
+
+/// TLS for a control-plane channel: the server's certificate must chain to `roots` and
+/// name `server_name`. Returns the PEM read (empty for the system store), so a caller
+/// can tell when the file changed.
+pub async fn client_tls(
+    roots: &ControlPlaneRoots,
+    server_name: String,
+) -> io::Result<(ClientTlsConfig, Vec<u8>)> {
+    let tls = ClientTlsConfig::new().domain_name(server_name);
+    match roots {
+        ControlPlaneRoots::File(path) => {
+            let pem = tokio::fs::read(path).await?;
+            Ok((tls.ca_certificate(Certificate::from_pem(&pem)), pem))
+        }
+        // rustls-native-certs: the platform store, or SSL_CERT_FILE / SSL_CERT_DIR.
+        ControlPlaneRoots::System => Ok((tls.with_native_roots(), Vec::new())),
+    }
+}
 
 /// The `SO_MARK` control-plane sockets need under `cfg`.
 pub fn control_plane_mark(cfg: &Config) -> Option<u32> {

@@ -23,11 +23,11 @@ use mesh_proto::ca::IstioCertificateRequest;
 use mesh_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use tonic::Code;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Uri};
+use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::Identity;
 use super::provider::{CertificateProvider, CertificateRequest, ProviderError, SignFuture};
-use crate::config::{Config, ProxyMode};
+use crate::config::{Config, ControlPlaneRoots, ProxyMode};
 
 /// Metadata key for node-level issuance.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
@@ -40,8 +40,12 @@ const PROVIDER_NAME: &str = "istio-ca";
 pub struct IstioCaOptions {
     /// `CA_ADDRESS`: `https://host:port`, or upstream's `host:port` (read as https).
     pub address: String,
-    /// `ROOT_CA_PATH`: PEM trust root(s) for the CA's serving certificate.
-    pub root_cert_path: PathBuf,
+    /// `CA_ROOT_CA` (default `ROOT_CA_PATH`): trust root(s) for the CA's serving
+    /// certificate.
+    pub roots: ControlPlaneRoots,
+    /// `ALT_CA_HOSTNAME`: the name the CA's certificate must carry, instead of the host of
+    /// `address`.
+    pub alt_hostname: Option<String>,
     /// `CA_TOKEN_PATH`: the projected service-account token (audience `istio-ca`).
     pub token_path: PathBuf,
     /// `CLUSTER_ID`, sent as `clusterid`.
@@ -72,7 +76,8 @@ impl IstioCaOptions {
             .collect();
         IstioCaOptions {
             address: address.to_string(),
-            root_cert_path: cfg.root_ca_path.clone(),
+            roots: cfg.ca_root_ca.clone(),
+            alt_hostname: cfg.alt_ca_hostname.clone(),
             token_path: cfg.ca_token_path.clone(),
             cluster_id: cfg.cluster_id.clone(),
             impersonate: cfg.proxy_mode == ProxyMode::Shared,
@@ -183,30 +188,31 @@ impl IstioCaClient {
         }
     }
 
-    /// The channel for the current root (rebuilt when `ROOT_CA_PATH` changed).
+    /// The channel for the current root (rebuilt when the `CA_ROOT_CA` file changed).
     async fn channel(&self, identity: &Identity) -> Result<Channel, ProviderError> {
-        let path = &self.opts.root_cert_path;
-        let root = tokio::fs::read(path).await.map_err(|e| {
-            self.unavailable(
-                identity,
-                format!("ROOT_CA_PATH {}: cannot read: {e}", path.display()),
-            )
-        })?;
+        let roots = &self.opts.roots;
+        let server_name = self
+            .opts
+            .alt_hostname
+            .clone()
+            .unwrap_or_else(|| self.server_name.clone());
+        let (tls, root) = super::grpc_channel::client_tls(roots, server_name)
+            .await
+            .map_err(|e| {
+                self.unavailable(identity, format!("CA_ROOT_CA {roots}: cannot read: {e}"))
+            })?;
         let mut cached = self.channel.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = cached.as_ref()
             && c.root_pem == root
         {
             return Ok(c.channel.clone());
         }
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&root))
-            .domain_name(self.server_name.clone());
         let endpoint = Endpoint::from(self.uri.clone())
             .tls_config(tls)
             .map_err(|e| {
                 self.unavailable(
                     identity,
-                    format!("ROOT_CA_PATH {}: TLS setup failed: {e}", path.display()),
+                    format!("CA_ROOT_CA {roots}: TLS setup failed: {e}"),
                 )
             })?
             .connect_timeout(self.opts.connect_timeout)
@@ -214,7 +220,7 @@ impl IstioCaClient {
             .tcp_nodelay(true);
         let channel = super::grpc_channel::connect_lazy(endpoint, self.opts.mark);
         if cached.is_some() {
-            tracing::info!(path = %path.display(), "CA trust root changed; reconnecting");
+            tracing::info!(roots = %roots, "CA trust root changed; reconnecting");
         }
         *cached = Some(CachedChannel {
             root_pem: root,
@@ -342,7 +348,7 @@ pub fn provider_from_config(
 ) -> Result<std::sync::Arc<dyn CertificateProvider>, IstioCaError> {
     if let Some(address) = cfg.ca_address.as_deref() {
         let client = IstioCaClient::new(IstioCaOptions::from_config(cfg, address, env))?;
-        tracing::info!(ca = %client.uri, root = %cfg.root_ca_path.display(), token = %cfg.ca_token_path.display(), "using the Istio CA");
+        tracing::info!(ca = %client.uri, root = %cfg.ca_root_ca, token = %cfg.ca_token_path.display(), "using the Istio CA");
         return Ok(std::sync::Arc::new(client));
     }
     match (&cfg.ca_root_cert, &cfg.ca_root_key) {
@@ -448,7 +454,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut o = IstioCaOptions {
             address: "https://127.0.0.1:1".into(),
-            root_cert_path: dir.path().join("root.pem"),
+            roots: ControlPlaneRoots::File(dir.path().join("root.pem")),
+            alt_hostname: None,
             token_path: dir.path().join("token"),
             cluster_id: "Kubernetes".into(),
             impersonate: true,
@@ -474,9 +481,9 @@ mod tests {
             .sign(req())
             .await
             .unwrap_err();
-        assert!(e.to_string().contains("ROOT_CA_PATH"), "{e}");
+        assert!(e.to_string().contains("CA_ROOT_CA"), "{e}");
         // A root that does not parse, or a CA that is not there: unavailable, not a panic.
-        std::fs::write(&o.root_cert_path, "garbage").unwrap();
+        std::fs::write(dir.path().join("root.pem"), "garbage").unwrap();
         o.request_timeout = Duration::from_millis(300);
         let e = IstioCaClient::new(o)
             .unwrap()

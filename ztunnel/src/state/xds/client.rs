@@ -13,7 +13,6 @@
 //! known state in between.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use mesh_proto::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
@@ -22,7 +21,7 @@ use mesh_proto::xds::{
 };
 use tokio::sync::{mpsc, watch};
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Uri};
+use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::convert::{self, AddressResource};
 use super::demand::Demanded;
@@ -179,10 +178,13 @@ fn headers(opts: &XdsOptions) -> Result<Vec<(AsciiMetadataKey, AsciiMetadataValu
 
 async fn channel(opts: &XdsOptions) -> Result<Channel, XdsError> {
     let (uri, server_name) = parse_address(&opts.address)?;
-    let root = read_root(&opts.root_cert_path).await?;
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(root))
-        .domain_name(server_name);
+    let server_name = opts.alt_hostname.clone().unwrap_or(server_name);
+    let (tls, _) = crate::identity::grpc_channel::client_tls(&opts.roots, server_name)
+        .await
+        .map_err(|e| XdsError::Root {
+            roots: opts.roots.clone(),
+            reason: e.to_string(),
+        })?;
     let endpoint = Endpoint::from(uri)
         .tls_config(tls)
         .map_err(|e| XdsError::Connect {
@@ -199,13 +201,6 @@ async fn channel(opts: &XdsOptions) -> Result<Channel, XdsError> {
             address: opts.address.clone(),
             reason: error_chain(&e),
         })
-}
-
-async fn read_root(path: &PathBuf) -> Result<Vec<u8>, XdsError> {
-    tokio::fs::read(path).await.map_err(|e| XdsError::Root {
-        path: path.clone(),
-        reason: e.to_string(),
-    })
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

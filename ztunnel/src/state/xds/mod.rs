@@ -33,7 +33,7 @@ use std::time::Duration;
 use mesh_proto::xds::Node;
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, ControlPlaneRoots};
 use crate::state::SourceHandle;
 use crate::state::on_demand::OnDemand;
 pub use metrics::XdsMetrics;
@@ -71,8 +71,11 @@ fn json_value(v: serde_json::Value) -> prost_types::Value {
 pub struct XdsOptions {
     /// `XDS_ADDRESS`.
     pub address: String,
-    /// `XDS_ROOT_CA`.
-    pub root_cert_path: PathBuf,
+    /// `XDS_ROOT_CA` (default `ROOT_CA_PATH`).
+    pub roots: ControlPlaneRoots,
+    /// `ALT_XDS_HOSTNAME`: the name istiod's certificate must carry, instead of the host
+    /// of `address`.
+    pub alt_hostname: Option<String>,
     /// `CA_TOKEN_PATH` (the same projected token as for the CA).
     pub token_path: PathBuf,
     /// Sent as `clusterid`.
@@ -154,7 +157,8 @@ impl XdsOptions {
         };
         XdsOptions {
             address: address.to_string(),
-            root_cert_path: cfg.xds_root_ca.clone(),
+            roots: cfg.xds_root_ca.clone(),
+            alt_hostname: cfg.alt_xds_hostname.clone(),
             token_path: cfg.ca_token_path.clone(),
             cluster_id: cfg.cluster_id.clone(),
             headers,
@@ -177,8 +181,11 @@ pub enum XdsError {
     Address { address: String, reason: String },
     #[error("xDS token {path}: {reason}")]
     Token { path: PathBuf, reason: String },
-    #[error("XDS_ROOT_CA {path}: {reason}")]
-    Root { path: PathBuf, reason: String },
+    #[error("XDS_ROOT_CA {roots}: {reason}")]
+    Root {
+        roots: ControlPlaneRoots,
+        reason: String,
+    },
     #[error("xDS header {name}: {reason}")]
     Header { name: String, reason: String },
     #[error("connecting to istiod at {address}: {reason}")]
