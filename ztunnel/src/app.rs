@@ -442,10 +442,10 @@ async fn data_plane(
                 .proxy_workload_info
                 .clone()
                 .expect("config validation requires PROXY_WORKLOAD_INFO in dedicated mode");
-            let sockets = Arc::new(DedicatedSocketFactory::new(
-                cfg.packet_mark,
-                cfg.inpod_port_reuse,
-            ));
+            let sockets = Arc::new(
+                DedicatedSocketFactory::new(cfg.packet_mark, cfg.inpod_port_reuse)
+                    .with_keepalive(cfg.keepalive),
+            );
             let handle = factory.start_for_workload(info.clone(), sockets).await?;
             proxies
                 .lock()
@@ -489,7 +489,7 @@ async fn data_plane(
             let handle = factory
                 .start(ProxySpec {
                     scope: ProxyScope::Node,
-                    sockets: Arc::new(TproxySocketFactory::new()),
+                    sockets: Arc::new(TproxySocketFactory::new().with_keepalive(cfg.keepalive)),
                     bind_ip: std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
                     orig_src: cfg
                         .enable_orig_src

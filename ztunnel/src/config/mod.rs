@@ -235,6 +235,8 @@ pub struct Config {
     /// [`Config::drain_budget`] of it, not all of it.
     #[serde(serialize_with = "humantime_duration")]
     pub termination_grace_period: Duration,
+    /// TCP keepalive of proxied sockets.
+    pub keepalive: Keepalive,
     /// `CONNECTION_TERMINATION_DEADLINE`: how long open connections may run after SIGTERM,
     /// overriding the budget derived from the grace period (as upstream).
     #[serde(serialize_with = "optional_humantime_duration")]
@@ -331,6 +333,45 @@ pub struct ConfigError {
 impl Default for Config {
     fn default() -> Self {
         Config::from_lookup(|_| None).expect("defaults are valid")
+    }
+}
+
+/// TCP keepalive of every proxied socket (`KEEPALIVE_*`, `USER_TIMEOUT_ENABLED`; upstream's
+/// names and defaults: on, first probe after 180 s idle, then every 180 s, 9 probes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Keepalive {
+    /// `KEEPALIVE_ENABLED` (true).
+    pub enabled: bool,
+    /// `KEEPALIVE_TIME` (180 s): idle time before the first probe.
+    #[serde(serialize_with = "humantime_duration")]
+    pub time: Duration,
+    /// `KEEPALIVE_INTERVAL` (180 s): between probes.
+    #[serde(serialize_with = "humantime_duration")]
+    pub interval: Duration,
+    /// `KEEPALIVE_RETRIES` (9): unanswered probes before the connection is dropped.
+    pub retries: u32,
+    /// `USER_TIMEOUT_ENABLED` (false): also drop a connection whose sent data stays
+    /// unacknowledged for the keepalive's whole span (`TCP_USER_TIMEOUT` = time +
+    /// interval × retries), as upstream.
+    pub user_timeout: bool,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive {
+            enabled: true,
+            time: Duration::from_secs(180),
+            interval: Duration::from_secs(180),
+            retries: 9,
+            user_timeout: false,
+        }
+    }
+}
+
+impl Keepalive {
+    /// `TCP_USER_TIMEOUT` when enabled.
+    pub fn user_timeout(&self) -> Option<Duration> {
+        (self.enabled && self.user_timeout).then(|| self.time + self.interval * self.retries)
     }
 }
 
@@ -689,6 +730,22 @@ impl Config {
                 5,
                 0,
             )?),
+            keepalive: Keepalive {
+                enabled: parse_bool("KEEPALIVE_ENABLED", true)?,
+                time: parse_duration("KEEPALIVE_TIME", Keepalive::default().time)?,
+                interval: parse_duration("KEEPALIVE_INTERVAL", Keepalive::default().interval)?,
+                retries: match parse_num("KEEPALIVE_RETRIES", 9, 1)? {
+                    n @ 1..=127 => n as u32,
+                    n => {
+                        return Err(err(
+                            "KEEPALIVE_RETRIES",
+                            &n.to_string(),
+                            "at most 127 (the kernel's TCP_KEEPCNT limit)".into(),
+                        ));
+                    }
+                },
+                user_timeout: parse_bool("USER_TIMEOUT_ENABLED", false)?,
+            },
             connection_termination_deadline: match get("CONNECTION_TERMINATION_DEADLINE") {
                 None => None,
                 Some(_) => Some(parse_duration(

@@ -350,3 +350,34 @@ fn control_plane_roots_names_token_and_drain_deadline() {
         .to_string();
     assert!(e.contains("CONNECTION_TERMINATION_DEADLINE"), "{e}");
 }
+
+#[test]
+fn keepalive_as_upstream() {
+    let c = cfg(&[]).unwrap();
+    assert_eq!(c.keepalive, Keepalive::default());
+    assert_eq!(c.keepalive.time, Duration::from_secs(180));
+    assert_eq!(c.keepalive.user_timeout(), None);
+    let c = cfg(&[
+        ("KEEPALIVE_TIME", "30s"),
+        ("KEEPALIVE_INTERVAL", "5s"),
+        ("KEEPALIVE_RETRIES", "4"),
+        ("USER_TIMEOUT_ENABLED", "true"),
+    ])
+    .unwrap();
+    assert_eq!(c.keepalive.user_timeout(), Some(Duration::from_secs(50)));
+    let c = cfg(&[
+        ("KEEPALIVE_ENABLED", "false"),
+        ("USER_TIMEOUT_ENABLED", "true"),
+    ])
+    .unwrap();
+    assert!(!c.keepalive.enabled);
+    assert_eq!(c.keepalive.user_timeout(), None);
+    for (k, v) in [
+        ("KEEPALIVE_RETRIES", "0"),
+        ("KEEPALIVE_RETRIES", "500"),
+        ("KEEPALIVE_TIME", "x"),
+    ] {
+        let e = cfg(&[(k, v)]).unwrap_err().to_string();
+        assert!(e.contains(k), "{e}");
+    }
+}

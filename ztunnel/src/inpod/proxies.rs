@@ -102,7 +102,10 @@ impl WorkloadProxyManager for EngineWorkloadProxies {
         netns: Arc<InpodNetns>,
     ) -> BoxFuture<'a, Result<(), StartError>> {
         Box::pin(async move {
-            let sockets = Arc::new(InpodSocketFactory::new(netns, self.mark, self.reuse_port));
+            let sockets = Arc::new(
+                InpodSocketFactory::new(netns, self.mark, self.reuse_port)
+                    .with_keepalive(self.factory.inputs().cfg.keepalive),
+            );
             let workload = WorkloadInfo {
                 namespace: info.namespace.clone(),
                 name: info.name.clone(),

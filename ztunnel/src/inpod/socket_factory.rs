@@ -18,6 +18,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::netns::{InpodNetns, NetnsExecutor};
+use crate::config::Keepalive;
 use crate::redirect::sockopt::{self, SocketOptions};
 use crate::redirect::{BoxFuture, ListenerKind, OriginalDestination, SocketFactory};
 
@@ -45,8 +46,15 @@ impl InpodSocketFactory {
                 mark,
                 reuse_port,
                 transparent_listeners: false,
+                keepalive: Keepalive::default(),
             },
         }
+    }
+
+    /// Outbound sockets with keepalive `k` (`KEEPALIVE_*`).
+    pub fn with_keepalive(mut self, k: Keepalive) -> Self {
+        self.opts.keepalive = k;
+        self
     }
 
     pub fn netns(&self) -> &Arc<InpodNetns> {

@@ -535,7 +535,10 @@ impl ProxyCtx {
                         // Small writes (TLS records, request/response traffic) must not wait
                         // for ACKs.
                         let _ = stream.set_nodelay(true);
-                        let _ = sockets::set_keepalive(socket2::SockRef::from(&stream));
+                        let _ = sockets::set_keepalive(
+                            socket2::SockRef::from(&stream),
+                            &ctx.inputs.cfg.keepalive,
+                        );
                         let shard = ctx.shards.pick();
                         let stream = match shard {
                             None => stream,

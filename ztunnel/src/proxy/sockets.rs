@@ -12,18 +12,27 @@ use std::pin::Pin;
 
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-/// TCP keepalive on every proxied socket, as upstream (first probe after 180 s idle, then
-/// every 180 s, 9 probes): keeps idle connections alive through NAT gateways and load
-/// balancers with idle timeouts (the app's own keepalive only reaches ztunnel) and detects
-/// peers that vanished.
-pub fn set_keepalive(sock: socket2::SockRef<'_>) -> io::Result<()> {
-    const IDLE: std::time::Duration = std::time::Duration::from_secs(180);
+use crate::config::Keepalive;
+
+/// TCP keepalive on every proxied socket, as upstream (`KEEPALIVE_*`; by default the first
+/// probe after 180 s idle, then every 180 s, 9 probes): keeps idle connections alive
+/// through NAT gateways and load balancers with idle timeouts (the app's own keepalive
+/// only reaches ztunnel) and detects peers that vanished. With `USER_TIMEOUT_ENABLED`,
+/// also `TCP_USER_TIMEOUT` over the same span.
+pub fn set_keepalive(sock: socket2::SockRef<'_>, k: &Keepalive) -> io::Result<()> {
+    if !k.enabled {
+        return Ok(());
+    }
     sock.set_tcp_keepalive(
         &socket2::TcpKeepalive::new()
-            .with_time(IDLE)
-            .with_interval(IDLE)
-            .with_retries(9),
-    )
+            .with_time(k.time)
+            .with_interval(k.interval)
+            .with_retries(k.retries),
+    )?;
+    if let Some(t) = k.user_timeout() {
+        sock.set_tcp_user_timeout(Some(t))?;
+    }
+    Ok(())
 }
 
 /// A boxed, sendable future.

@@ -10,6 +10,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::sockopt::{self, SocketOptions};
 use super::{BoxFuture, ListenerKind, OriginalDestination, SocketFactory};
+use crate::config::Keepalive;
 
 /// Sockets in the current network namespace.
 #[derive(Debug, Clone, Default)]
@@ -25,8 +26,15 @@ impl DedicatedSocketFactory {
                 mark,
                 reuse_port,
                 transparent_listeners: false,
+                keepalive: Keepalive::default(),
             },
         }
+    }
+
+    /// Outbound sockets with keepalive `k` (`KEEPALIVE_*`).
+    pub fn with_keepalive(mut self, k: Keepalive) -> Self {
+        self.opts.keepalive = k;
+        self
     }
 }
 

@@ -7,6 +7,7 @@ use std::os::fd::AsFd;
 use socket2::{Domain, SockRef, Socket, Type};
 
 use super::canonical;
+use crate::config::Keepalive;
 
 /// The pre-NAT destination of a REDIRECTed connection.
 pub fn original_dst<S: AsFd>(stream: &S) -> io::Result<SocketAddr> {
@@ -38,6 +39,8 @@ pub struct SocketOptions {
     pub reuse_port: bool,
     /// `IP_TRANSPARENT` on listeners (TPROXY).
     pub transparent_listeners: bool,
+    /// TCP keepalive of outbound sockets.
+    pub keepalive: Keepalive,
 }
 
 /// A listening socket on `addr`; `[::]` becomes dual-stack, falling back to `0.0.0.0` when
@@ -129,7 +132,7 @@ pub fn outbound_socket(
         sock.set_mark(mark)?;
     }
     sock.set_tcp_nodelay(true)?;
-    crate::proxy::sockets::set_keepalive(socket2::SockRef::from(&sock))?;
+    crate::proxy::sockets::set_keepalive(socket2::SockRef::from(&sock), &opts.keepalive)?;
     if let Some(src) = orig_src {
         if dst.is_ipv6() {
             sock.set_ip_transparent_v6(true)?;
@@ -165,5 +168,41 @@ mod tests {
         assert_eq!(r.tcp_keepalive_time().unwrap(), idle);
         assert_eq!(r.tcp_keepalive_interval().unwrap(), idle);
         assert_eq!(r.tcp_keepalive_retries().unwrap(), 9);
+        assert_eq!(r.tcp_user_timeout().unwrap(), None);
+    }
+
+    /// `KEEPALIVE_*` / `USER_TIMEOUT_ENABLED` reach the sockets.
+    #[tokio::test]
+    async fn outbound_sockets_follow_the_keepalive_settings() {
+        let dst = "10.0.0.1:80".parse().unwrap();
+        let custom = SocketOptions {
+            keepalive: Keepalive {
+                enabled: true,
+                time: std::time::Duration::from_secs(30),
+                interval: std::time::Duration::from_secs(10),
+                retries: 3,
+                user_timeout: true,
+            },
+            ..SocketOptions::default()
+        };
+        let sock = outbound_socket(dst, None, &custom).unwrap();
+        let r = SockRef::from(&sock);
+        assert!(r.keepalive().unwrap());
+        assert_eq!(r.tcp_keepalive_time().unwrap().as_secs(), 30);
+        assert_eq!(r.tcp_keepalive_interval().unwrap().as_secs(), 10);
+        assert_eq!(r.tcp_keepalive_retries().unwrap(), 3);
+        assert_eq!(
+            r.tcp_user_timeout().unwrap(),
+            Some(std::time::Duration::from_secs(60))
+        );
+        let off = SocketOptions {
+            keepalive: Keepalive {
+                enabled: false,
+                ..Keepalive::default()
+            },
+            ..SocketOptions::default()
+        };
+        let sock = outbound_socket(dst, None, &off).unwrap();
+        assert!(!SockRef::from(&sock).keepalive().unwrap());
     }
 }

@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::sockopt::{self, SocketOptions};
 use super::{BoxFuture, ListenerKind, OriginalDestination, SocketFactory, canonical};
+use crate::config::Keepalive;
 
 /// Transparent sockets in the current network namespace.
 #[derive(Debug, Clone, Default)]
@@ -32,8 +33,15 @@ impl TproxySocketFactory {
                 mark: None,
                 reuse_port: false,
                 transparent_listeners: true,
+                keepalive: Keepalive::default(),
             },
         }
+    }
+
+    /// Outbound sockets with keepalive `k` (`KEEPALIVE_*`).
+    pub fn with_keepalive(mut self, k: Keepalive) -> Self {
+        self.opts.keepalive = k;
+        self
     }
 }
 
@@ -47,10 +55,14 @@ pub fn transparent_supported() -> bool {
 
 /// An unconnected socket toward `dst`; with `orig_src`, transparent + freebind and bound
 /// to that address (any port).
-fn outbound_socket(dst: SocketAddr, orig_src: Option<IpAddr>) -> io::Result<tokio::net::TcpSocket> {
+fn outbound_socket(
+    dst: SocketAddr,
+    orig_src: Option<IpAddr>,
+    keepalive: &Keepalive,
+) -> io::Result<tokio::net::TcpSocket> {
     let sock = Socket::new(Domain::for_address(dst), Type::STREAM.cloexec(), None)?;
     sock.set_tcp_nodelay(true)?;
-    crate::proxy::sockets::set_keepalive(socket2::SockRef::from(&sock))?;
+    crate::proxy::sockets::set_keepalive(socket2::SockRef::from(&sock), keepalive)?;
     if let Some(src) = orig_src {
         let src = match (src.to_canonical(), dst) {
             (IpAddr::V4(v4), SocketAddr::V6(_)) => IpAddr::V6(v4.to_ipv6_mapped()),
@@ -95,7 +107,7 @@ impl SocketFactory for TproxySocketFactory {
         dst: SocketAddr,
         orig_src: Option<IpAddr>,
     ) -> BoxFuture<'_, io::Result<TcpStream>> {
-        let sock = outbound_socket(dst, orig_src);
+        let sock = outbound_socket(dst, orig_src, &self.opts.keepalive);
         Box::pin(async move { sock?.connect(dst).await })
     }
 
@@ -188,6 +200,7 @@ mod tests {
         let sock = outbound_socket(
             SocketAddr::from(([127, 0, 0, 1], 9)),
             Some(IpAddr::from([192, 0, 2, 77])),
+            &Keepalive::default(),
         )
         .unwrap();
         assert_eq!(
@@ -199,6 +212,7 @@ mod tests {
         let sock6 = outbound_socket(
             "[::1]:9".parse().unwrap(),
             Some(IpAddr::from([192, 0, 2, 77])),
+            &Keepalive::default(),
         )
         .unwrap();
         assert_eq!(
