@@ -14,6 +14,8 @@ pub mod metrics;
 pub mod plugin_events;
 pub mod reconcile;
 pub mod redirect;
+#[cfg(test)]
+mod test_support;
 pub mod zds;
 
 pub use log_scope::log_scope;

@@ -7,7 +7,9 @@
 //!   its netns, handed to the proxy with that netns), and unlabelling
 //!   removes the rules again;
 //! - a new agent (nothing remembered) removes the rules a previous agent
-//!   left in a pod that is no longer ambient, and its annotation.
+//!   left in a pod that is no longer ambient, and its annotation;
+//! - a process whose netns holds none of the pod's IPs is not taken for the
+//!   pod's.
 //!
 //! Namespaces: anonymous (held by fds and by the pod's `sleep` process);
 //! the cgroup directories and processes are removed by a guard.
@@ -78,6 +80,43 @@ fn unique_uid(tag: &str) -> String {
     format!("{tag}-{:08x}-{:04x}", n as u32, std::process::id() as u16)
 }
 
+/// The pod's IP, on its `eth0` and in its `status.podIPs`.
+const POD_IP: &str = "10.99.0.5";
+
+/// Gives the calling thread's netns an `eth0` (a veth) holding `ip`/24.
+fn add_pod_interface(ip: &str) {
+    use futures::TryStreamExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection().unwrap();
+        tokio::spawn(conn);
+        handle
+            .link()
+            .add(rtnetlink::LinkVeth::new("eth0", "peer0").up().build())
+            .execute()
+            .await
+            .unwrap();
+        let eth0 = handle
+            .link()
+            .get()
+            .match_name("eth0")
+            .execute()
+            .try_next()
+            .await
+            .unwrap()
+            .unwrap();
+        handle
+            .address()
+            .add(eth0.header.index, ip.parse().unwrap(), 24)
+            .execute()
+            .await
+            .unwrap();
+    });
+}
+
 /// A "pod": a `sleep` in its own netns, in cgroup `.../kubepods/pod<uid>`.
 struct PodProcess {
     child: Child,
@@ -91,9 +130,12 @@ impl PodProcess {
         let cgroup_root = parent.join(format!("cltest-{uid}"));
         let leaf = cgroup_root.join("kubepods").join(format!("pod{uid}"));
         std::fs::create_dir_all(&leaf).expect("create cgroup");
-        // A netns of its own, then a process living in it.
+        // A netns of its own with the pod's IP on an interface (the agent
+        // pairs a netns with a pod only if it holds one of the pod's IPs),
+        // then a process living in it.
         let (child, netns) = std::thread::spawn(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            add_pod_interface(POD_IP);
             let netns = Netns::current().unwrap();
             let child = Command::new("sleep").arg("300").spawn().unwrap();
             (child, netns)
@@ -265,7 +307,7 @@ fn pod(uid: &str, redirection: Option<&str>) -> PodInfo {
         service_account: "web".into(),
         phase: PodPhase::Running,
         ready: true,
-        ips: vec!["10.99.0.5".parse().unwrap()],
+        ips: vec![POD_IP.parse().unwrap()],
         redirection: redirection.map(String::from),
         rule_annotations: BTreeMap::new(),
         ..Default::default()
@@ -391,6 +433,47 @@ async fn running_pod_found_through_its_cgroup_is_enrolled_and_unenrolled() {
             .lock()
             .unwrap()
             .contains(&format!("del {uid}"))
+    );
+    a.reconciler.stop();
+    for w in workers {
+        w.await.unwrap();
+    }
+}
+
+/// The pod's process found under /proc is in a netns that holds none of the pod's IPs
+/// (`status.podIPs` says another address): not the pod's netns as far as the agent can
+/// tell, so nothing is applied in it nor handed over. Once the Pod object's IPs are the
+/// ones in that netns, it is enrolled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_netns_without_the_pod_ips_is_not_enrolled() {
+    require_env!();
+    let uid = unique_uid("a3");
+    let p = PodProcess::start(&uid);
+    let (_node, node_path) = node_netns();
+    let other_ip = PodInfo {
+        ips: vec!["10.99.0.77".parse().unwrap()],
+        ..pod(&uid, None)
+    };
+    let cache = cache_with(other_ip, true);
+    let a = agent(cache.clone(), &node_path).await;
+
+    a.reconciler.startup().await;
+    let workers = a.reconciler.spawn_workers();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(a.reconciler.enrolled_uids().is_empty());
+    assert!(a.handoff.calls.lock().unwrap().is_empty());
+    assert!(p.rules().is_empty(), "{:?}", p.rules());
+
+    for c in cache.apply_pod(pod(&uid, None)) {
+        a.reconciler.handle_change(&c);
+    }
+    eventually("enrolled", || {
+        a.reconciler.enrolled_uids() == vec![uid.clone()]
+    })
+    .await;
+    assert_eq!(
+        *a.handoff.calls.lock().unwrap(),
+        vec![format!("add {uid} {}", p.inode())]
     );
     a.reconciler.stop();
     for w in workers {

@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use node_agent::install::chain::{PluginSettings, plugin_entry};
-use node_agent::install::cni_config::{self, OWNED_CONFIG_NAME};
+use node_agent::install::cni_config::{self, OWNED_CONFIG_NAME, SkipWarnings};
 use serde_json::Value;
 
 fn testdata() -> PathBuf {
@@ -79,7 +79,8 @@ fn without_istio(mut v: Value) -> Value {
 fn conf_is_wrapped_into_a_conflist() {
     let entry = plugin_entry(&settings());
     let d = scratch_with("bridge.conf");
-    let change = cni_config::ensure_chained(d.path(), &entry, None).unwrap();
+    let change =
+        cni_config::ensure_chained(d.path(), &entry, None, &SkipWarnings::default()).unwrap();
     assert!(change.unwrap().contains("wrapped"));
     assert_eq!(names(d.path()), vec!["bridge.conflist"]);
     check_golden(&d.path().join("bridge.conflist"), "bridge.conf.golden");
@@ -97,10 +98,10 @@ fn conf_is_wrapped_into_a_conflist() {
 fn conflist_gets_istio_cni_appended() {
     let entry = plugin_entry(&settings());
     let d = scratch_with("list.conflist");
-    cni_config::ensure_chained(d.path(), &entry, None).unwrap();
+    cni_config::ensure_chained(d.path(), &entry, None, &SkipWarnings::default()).unwrap();
     check_golden(&d.path().join("list.conflist"), "list.conflist.golden");
     assert!(
-        cni_config::ensure_chained(d.path(), &entry, None)
+        cni_config::ensure_chained(d.path(), &entry, None, &SkipWarnings::default())
             .unwrap()
             .is_none(),
         "second pass changes nothing"
@@ -117,7 +118,7 @@ fn conflist_gets_istio_cni_appended() {
 fn stale_istio_cni_entry_is_replaced() {
     let entry = plugin_entry(&settings());
     let d = scratch_with("list-with-istio.conflist");
-    cni_config::ensure_chained(d.path(), &entry, None).unwrap();
+    cni_config::ensure_chained(d.path(), &entry, None, &SkipWarnings::default()).unwrap();
     let path = d.path().join("list-with-istio.conflist");
     check_golden(&path, "list-with-istio.conflist.golden");
     cni_config::remove_all(d.path()).unwrap();
@@ -131,7 +132,7 @@ fn stale_istio_cni_entry_is_replaced() {
 fn owned_config_copies_the_primary() {
     let entry = plugin_entry(&settings());
     let d = scratch_with("list.conflist");
-    cni_config::ensure_owned(d.path(), &entry, None).unwrap();
+    cni_config::ensure_owned(d.path(), &entry, None, &SkipWarnings::default()).unwrap();
     assert_eq!(names(d.path()), vec![OWNED_CONFIG_NAME, "list.conflist"]);
     check_golden(
         &d.path().join(OWNED_CONFIG_NAME),

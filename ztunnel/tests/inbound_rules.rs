@@ -21,8 +21,16 @@ fn sa(ip: IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-/// HBONE CONNECT for `authority` straight to B's 15008, as `id` from `src_ip`.
-async fn connect_status(mesh: &Mesh, src_ip: IpAddr, id: &Identity, authority: &str) -> StatusCode {
+/// A request with `method` for `uri` straight to B's 15008, as `id` from `src_ip`: its
+/// status, or `None` when the connection or the stream was refused. A CONNECT leaves its
+/// stream open, as a tunnel's; any other request ends it with its headers.
+async fn hbone_status(
+    mesh: &Mesh,
+    src_ip: IpAddr,
+    id: &Identity,
+    method: Method,
+    uri: &str,
+) -> Option<StatusCode> {
     let cert = leaf(&mesh.ca, id, valid_now());
     let sock = TcpSocket::new_v4().unwrap();
     sock.bind(sa(src_ip, 0)).unwrap();
@@ -30,17 +38,14 @@ async fn connect_status(mesh: &Mesh, src_ip: IpAddr, id: &Identity, authority: &
     let tcp = sock.connect(dst).await.unwrap();
     let cfg =
         ztunnel::tls::client_config(&cert, &roots(&mesh.ca), vec![mesh.identity("sa-b", "ns-b")]);
-    let tls = tls_connect(tcp, cfg, dst).await.unwrap();
-    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    let tls = tls_connect(tcp, cfg, dst).await.ok()?;
+    let (send, conn) = h2::client::handshake(tls).await.ok()?;
     tokio::spawn(conn);
-    let mut send = send.ready().await.unwrap();
-    let req = Request::builder()
-        .method(Method::CONNECT)
-        .uri(authority)
-        .body(())
-        .unwrap();
-    let (resp, _) = send.send_request(req, false).unwrap();
-    resp.await.unwrap().status()
+    let mut send = send.ready().await.ok()?;
+    let end_of_stream = method != Method::CONNECT;
+    let req = Request::builder().method(method).uri(uri).body(()).unwrap();
+    let (resp, _) = send.send_request(req, end_of_stream).ok()?;
+    Some(resp.await.ok()?.status())
 }
 
 /// An HBONE connection or stream refused before it had a destination workload is an
@@ -62,13 +67,13 @@ async fn hbone_refusals_are_access_logged() {
         } else {
             Method::CONNECT
         };
-        let status = request_status(&mesh, mesh.a_ip, &a, method, authority).await;
+        let status = hbone_status(&mesh, mesh.a_ip, &a, method, authority).await;
         assert!(status.is_some_and(|s| s != StatusCode::OK), "{authority}");
     }
     // Another workload's certificate from a's address.
     let impostor = mesh.identity("sa-evil", "ns-a");
     assert_eq!(
-        request_status(
+        hbone_status(
             &mesh,
             mesh.a_ip,
             &impostor,
@@ -97,31 +102,6 @@ async fn hbone_refusals_are_access_logged() {
         })
         .await;
     }
-}
-
-/// A request with `method` and `uri` to B's 15008 as `id` from `src_ip`: its status, or
-/// `None` when the connection was refused.
-async fn request_status(
-    mesh: &Mesh,
-    src_ip: IpAddr,
-    id: &Identity,
-    method: Method,
-    uri: &str,
-) -> Option<StatusCode> {
-    let cert = leaf(&mesh.ca, id, valid_now());
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind(sa(src_ip, 0)).unwrap();
-    let dst = sa(mesh.b_ip, 15008);
-    let tcp = sock.connect(dst).await.unwrap();
-    let cfg =
-        ztunnel::tls::client_config(&cert, &roots(&mesh.ca), vec![mesh.identity("sa-b", "ns-b")]);
-    let tls = tls_connect(tcp, cfg, dst).await.ok()?;
-    let (send, conn) = h2::client::handshake(tls).await.ok()?;
-    tokio::spawn(conn);
-    let mut send = send.ready().await.ok()?;
-    let req = Request::builder().method(method).uri(uri).body(()).unwrap();
-    let (resp, _) = send.send_request(req, true).ok()?;
-    Some(resp.await.ok()?.status())
 }
 
 /// A plaintext connection refused before it had a destination workload (here: a proxy
@@ -203,8 +183,15 @@ services:
     });
     let a = mesh.identity("sa-a", "ns-a");
     assert_eq!(
-        connect_status(&mesh, mesh.a_ip, &a, &format!("{vip}:8080")).await,
-        StatusCode::OK
+        hbone_status(
+            &mesh,
+            mesh.a_ip,
+            &a,
+            Method::CONNECT,
+            &format!("{vip}:8080")
+        )
+        .await,
+        Some(StatusCode::OK)
     );
     let asked = tokio::time::timeout(Duration::from_secs(5), istiod)
         .await
@@ -213,8 +200,8 @@ services:
     assert!(asked.contains(&address_key("", vip)), "{asked:?}");
     // An address istiod knows nothing about is still refused as before.
     assert_eq!(
-        connect_status(&mesh, mesh.a_ip, &a, "127.79.21.102:8080").await,
-        StatusCode::BAD_REQUEST
+        hbone_status(&mesh, mesh.a_ip, &a, Method::CONNECT, "127.79.21.102:8080").await,
+        Some(StatusCode::BAD_REQUEST)
     );
 }
 
@@ -250,8 +237,9 @@ async fn connections_wait_for_the_served_workload_to_be_known() {
         matches!(echo_roundtrip(c, data.clone()).await, Ok(back) if back == *data)
     };
     let target = format!("{}:8080", mesh.b_ip);
-    let (status, echoed) = tokio::join!(connect_status(&mesh, mesh.a_ip, &a, &target), plain);
-    assert_eq!(status, StatusCode::OK);
+    let hbone = hbone_status(&mesh, mesh.a_ip, &a, Method::CONNECT, &target);
+    let (status, echoed) = tokio::join!(hbone, plain);
+    assert_eq!(status, Some(StatusCode::OK));
     assert!(
         echoed,
         "plaintext connection refused before the workload was known"

@@ -179,9 +179,13 @@ fn with_ext(name: &str, ext: &str) -> String {
 
 /// Picks the primary config: `explicit` if given (or the `.conflist` we
 /// made of it), else the first config file that loads (the others before it
-/// are warned about, see [`warn_skipped`]). Our own [`OWNED_CONFIG_NAME`] is
+/// are warned about through `warned`, see [`SkipWarnings`]). Our own [`OWNED_CONFIG_NAME`] is
 /// never the primary.
-fn primary(dir: &Path, explicit: Option<&str>) -> Result<(String, ConfKind), ConfigError> {
+fn primary(
+    dir: &Path,
+    explicit: Option<&str>,
+    warned: &SkipWarnings,
+) -> Result<(String, ConfKind), ConfigError> {
     let files: Vec<_> = config_files(dir)?
         .into_iter()
         .filter(|(n, _)| n != OWNED_CONFIG_NAME)
@@ -198,7 +202,7 @@ fn primary(dir: &Path, explicit: Option<&str>) -> Result<(String, ConfKind), Con
             .cloned(),
         None => first_that_loads(dir, files, &mut skipped),
     };
-    warn_skipped(dir, &skipped);
+    warned.warn(dir, &skipped);
     found.ok_or_else(|| ConfigError::NoConfig {
         dir: dir.to_path_buf(),
         skipped,
@@ -221,26 +225,32 @@ fn first_that_loads(
     None
 }
 
-/// What was last warned about per conf dir: the repair loop looks every
-/// second, so a file that keeps failing to load is warned about once (and
-/// again when its reason changes, or after it loaded in between).
-static WARNED: Mutex<BTreeMap<PathBuf, Vec<Skipped>>> = Mutex::new(BTreeMap::new());
+/// What was last warned about per conf dir, for one installer: its repair
+/// loop looks every second, so a file that keeps failing to load is warned
+/// about once (and again when its reason changes, or after it loaded in
+/// between).
+#[derive(Debug, Default)]
+pub struct SkipWarnings {
+    warned: Mutex<BTreeMap<PathBuf, Vec<Skipped>>>,
+}
 
-/// Logs the files passed over when looking for the primary in `dir`.
-fn warn_skipped(dir: &Path, skipped: &[Skipped]) {
-    let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
-    let before = warned.remove(dir).unwrap_or_default();
-    for s in skipped {
-        let file = dir.join(&s.file);
-        if before.contains(s) {
-            tracing::debug!(file = %file.display(), reason = %s.reason, "CNI config still skipped");
-        } else {
-            tracing::warn!(file = %file.display(), reason = %s.reason,
-                "CNI config skipped: it does not load (the primary is the first that does)");
+impl SkipWarnings {
+    /// Logs the files passed over when looking for the primary in `dir`.
+    fn warn(&self, dir: &Path, skipped: &[Skipped]) {
+        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        let before = warned.remove(dir).unwrap_or_default();
+        for s in skipped {
+            let file = dir.join(&s.file);
+            if before.contains(s) {
+                tracing::debug!(file = %file.display(), reason = %s.reason, "CNI config still skipped");
+            } else {
+                tracing::warn!(file = %file.display(), reason = %s.reason,
+                    "CNI config skipped: it does not load (the primary is the first that does)");
+            }
         }
-    }
-    if !skipped.is_empty() {
-        warned.insert(dir.to_path_buf(), skipped.to_vec());
+        if !skipped.is_empty() {
+            warned.insert(dir.to_path_buf(), skipped.to_vec());
+        }
     }
 }
 
@@ -267,12 +277,13 @@ pub fn ensure_chained(
     dir: &Path,
     entry: &Value,
     explicit: Option<&str>,
+    warned: &SkipWarnings,
 ) -> Result<Option<String>, ConfigError> {
     let mut changes: Vec<String> = remove_owned_file(dir)?
         .map(|c| format!("{c} (left by istio-owned mode)"))
         .into_iter()
         .collect();
-    let (name, kind) = primary(dir, explicit)?;
+    let (name, kind) = primary(dir, explicit, warned)?;
     let path = dir.join(&name);
     let current = read_json(&path)?;
     match kind {
@@ -309,12 +320,13 @@ pub fn ensure_owned(
     dir: &Path,
     entry: &Value,
     explicit: Option<&str>,
+    warned: &SkipWarnings,
 ) -> Result<Option<String>, ConfigError> {
     let mut changes: Vec<String> = unchain_all(dir)?
         .into_iter()
         .map(|c| format!("{c} (left by chained mode)"))
         .collect();
-    let (name, kind) = primary(dir, explicit)?;
+    let (name, kind) = primary(dir, explicit, warned)?;
     let primary_path = dir.join(&name);
     let primary_conf = read_json(&primary_path)?;
     let wanted = chain::chain(&primary_conf, kind, entry, &primary_path.to_string_lossy())?;
@@ -412,6 +424,7 @@ fn unchain_all(dir: &Path) -> Result<Vec<String>, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::warnings;
     use serde_json::json;
 
     fn entry() -> Value {
@@ -442,7 +455,7 @@ mod tests {
     #[test]
     fn waits_for_a_config() {
         let d = tempfile::tempdir().unwrap();
-        let e = ensure_chained(d.path(), &entry(), None).unwrap_err();
+        let e = ensure_chained(d.path(), &entry(), None, &SkipWarnings::default()).unwrap_err();
         assert!(matches!(e, ConfigError::NoConfig { .. }));
         assert!(e.to_string().contains(&d.path().display().to_string()));
     }
@@ -452,12 +465,24 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let orig = json!({"cniVersion": "0.4.0", "name": "k8s", "type": "bridge"});
         fs::write(d.path().join("10-bridge.conf"), orig.to_string()).unwrap();
-        assert!(ensure_chained(d.path(), &entry(), None).unwrap().is_some());
+        assert!(
+            ensure_chained(d.path(), &entry(), None, &SkipWarnings::default())
+                .unwrap()
+                .is_some()
+        );
         assert!(!d.path().join("10-bridge.conf").exists());
-        assert!(ensure_chained(d.path(), &entry(), None).unwrap().is_none());
+        assert!(
+            ensure_chained(d.path(), &entry(), None, &SkipWarnings::default())
+                .unwrap()
+                .is_none()
+        );
         // The primary CNI writes its .conf again: it sorts first, so it is wrapped again.
         fs::write(d.path().join("10-bridge.conf"), orig.to_string()).unwrap();
-        assert!(ensure_chained(d.path(), &entry(), None).unwrap().is_some());
+        assert!(
+            ensure_chained(d.path(), &entry(), None, &SkipWarnings::default())
+                .unwrap()
+                .is_some()
+        );
         assert_eq!(config_files(d.path()).unwrap().len(), 1);
         let changed = remove_all(d.path()).unwrap();
         assert_eq!(changed.len(), 1, "{changed:?}");
@@ -478,11 +503,22 @@ mod tests {
             json!({"cniVersion":"1.0.0","name":"k","type":"bridge"}).to_string(),
         )
         .unwrap();
-        ensure_chained(d.path(), &entry(), Some("10-bridge.conf")).unwrap();
+        ensure_chained(
+            d.path(),
+            &entry(),
+            Some("10-bridge.conf"),
+            &SkipWarnings::default(),
+        )
+        .unwrap();
         assert!(
-            ensure_chained(d.path(), &entry(), Some("10-bridge.conf"))
-                .unwrap()
-                .is_none()
+            ensure_chained(
+                d.path(),
+                &entry(),
+                Some("10-bridge.conf"),
+                &SkipWarnings::default()
+            )
+            .unwrap()
+            .is_none()
         );
         let other = read_json(&d.path().join("00-other.conflist")).unwrap();
         assert_eq!(
@@ -497,8 +533,16 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let primary = json!({"cniVersion":"1.0.0","name":"k","plugins":[{"type":"bridge"}]});
         fs::write(d.path().join("10-k.conflist"), primary.to_string()).unwrap();
-        assert!(ensure_owned(d.path(), &entry(), None).unwrap().is_some());
-        assert!(ensure_owned(d.path(), &entry(), None).unwrap().is_none());
+        assert!(
+            ensure_owned(d.path(), &entry(), None, &SkipWarnings::default())
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            ensure_owned(d.path(), &entry(), None, &SkipWarnings::default())
+                .unwrap()
+                .is_none()
+        );
         assert_eq!(
             read_json(&d.path().join("10-k.conflist")).unwrap(),
             primary,
@@ -509,7 +553,11 @@ mod tests {
         // primary drifts: our copy follows
         let primary2 = json!({"cniVersion":"1.0.0","name":"k","plugins":[{"type":"bridge"},{"type":"portmap"}]});
         fs::write(d.path().join("10-k.conflist"), primary2.to_string()).unwrap();
-        assert!(ensure_owned(d.path(), &entry(), None).unwrap().is_some());
+        assert!(
+            ensure_owned(d.path(), &entry(), None, &SkipWarnings::default())
+                .unwrap()
+                .is_some()
+        );
         assert_eq!(
             read_json(&d.path().join(OWNED_CONFIG_NAME)).unwrap()["plugins"]
                 .as_array()
@@ -518,7 +566,13 @@ mod tests {
             3
         );
         fs::write(d.path().join("01-first.conflist"), primary.to_string()).unwrap();
-        let e = ensure_owned(d.path(), &entry(), Some("10-k.conflist")).unwrap_err();
+        let e = ensure_owned(
+            d.path(),
+            &entry(),
+            Some("10-k.conflist"),
+            &SkipWarnings::default(),
+        )
+        .unwrap_err();
         assert!(matches!(e, ConfigError::OwnedShadowed { .. }), "{e}");
         assert_eq!(remove_all(d.path()).unwrap().len(), 1);
         assert!(remove_all(d.path()).unwrap().is_empty());
@@ -540,7 +594,9 @@ mod tests {
         let orig = json!({"cniVersion": "0.4.0", "name": "k8s", "type": "bridge"});
         fs::write(d.path().join("05-k.json"), orig.to_string()).unwrap();
         fs::write(d.path().join("10-other.conflist"), list("o").to_string()).unwrap();
-        let change = ensure_chained(d.path(), &entry(), None).unwrap().unwrap();
+        let change = ensure_chained(d.path(), &entry(), None, &SkipWarnings::default())
+            .unwrap()
+            .unwrap();
         assert!(change.contains("05-k.json"), "{change}");
         assert!(!d.path().join("05-k.json").exists());
         let wrapped = read_json(&d.path().join("05-k.conflist")).unwrap();
@@ -548,12 +604,21 @@ mod tests {
         assert_eq!(wrapped["plugins"][1], entry());
         assert_eq!(wrapped[WRAPPED_FROM_KEY], "05-k.json");
         assert!(!has_entry(&d.path().join("10-other.conflist")));
-        assert!(ensure_chained(d.path(), &entry(), None).unwrap().is_none());
-        // An explicit name still finds it after the wrap.
         assert!(
-            ensure_chained(d.path(), &entry(), Some("05-k.json"))
+            ensure_chained(d.path(), &entry(), None, &SkipWarnings::default())
                 .unwrap()
                 .is_none()
+        );
+        // An explicit name still finds it after the wrap.
+        assert!(
+            ensure_chained(
+                d.path(),
+                &entry(),
+                Some("05-k.json"),
+                &SkipWarnings::default()
+            )
+            .unwrap()
+            .is_none()
         );
         assert_eq!(remove_all(d.path()).unwrap().len(), 1);
         assert_eq!(read_json(&d.path().join("05-k.json")).unwrap(), orig);
@@ -567,36 +632,11 @@ mod tests {
         // it does not load, and is named while nothing else does.
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join("05-l.json"), list("l").to_string()).unwrap();
-        let e = ensure_chained(d.path(), &entry(), None).unwrap_err();
+        let e = ensure_chained(d.path(), &entry(), None, &SkipWarnings::default()).unwrap_err();
         let msg = e.to_string();
         assert!(matches!(e, ConfigError::NoConfig { .. }), "{msg}");
         assert!(msg.contains("05-l.json") && msg.contains("type"), "{msg}");
         assert_eq!(read_json(&d.path().join("05-l.json")).unwrap(), list("l"));
-    }
-
-    /// What `f` logs at WARN and above.
-    fn warnings(f: impl FnOnce()) -> String {
-        use std::sync::{Arc, Mutex};
-        #[derive(Clone, Default)]
-        struct Buf(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buf = Buf::default();
-        let b2 = buf.clone();
-        let sub = tracing_subscriber::fmt()
-            .with_writer(move || b2.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::WARN)
-            .finish();
-        tracing::subscriber::with_default(sub, f);
-        String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
     }
 
     /// Files that sort first but do not load (as upstream's installer checks
@@ -626,8 +666,11 @@ mod tests {
         let primary = d.path().join("10-k.conflist");
         fs::write(&primary, list("k").to_string()).unwrap();
 
+        let memo = SkipWarnings::default(); // one installer's
         let logged = warnings(|| {
-            let change = ensure_chained(d.path(), &entry(), None).unwrap().unwrap();
+            let change = ensure_chained(d.path(), &entry(), None, &memo)
+                .unwrap()
+                .unwrap();
             assert!(change.contains("10-k.conflist"), "{change}");
         });
         assert!(has_entry(&primary));
@@ -646,9 +689,27 @@ mod tests {
         }
         // The repair loop looks again and again: no new warning.
         let logged = warnings(|| {
-            assert!(ensure_chained(d.path(), &entry(), None).unwrap().is_none());
+            assert!(
+                ensure_chained(d.path(), &entry(), None, &memo)
+                    .unwrap()
+                    .is_none()
+            );
         });
         assert!(logged.is_empty(), "{logged}");
+        // Another installer (its own memo) warns about each file once too.
+        let other = SkipWarnings::default();
+        for round in 0..2 {
+            let logged = warnings(|| {
+                assert!(
+                    ensure_chained(d.path(), &entry(), None, &other)
+                        .unwrap()
+                        .is_none()
+                );
+            });
+            for (name, _) in &bad {
+                assert_eq!(logged.contains(name), round == 0, "{name}: {logged}");
+            }
+        }
     }
 
     /// A skipped file that is fixed becomes the primary (the first that
@@ -661,14 +722,20 @@ mod tests {
         let later = d.path().join("10-k.conflist");
         fs::write(&first, json!({"cniVersion":"1.0.0","name":"a"}).to_string()).unwrap();
         fs::write(&later, list("k").to_string()).unwrap();
-        ensure_chained(d.path(), &entry(), None).unwrap();
+        ensure_chained(d.path(), &entry(), None, &SkipWarnings::default()).unwrap();
         assert!(has_entry(&later) && !has_entry(&first));
 
         fs::write(&first, list("a").to_string()).unwrap();
-        let change = ensure_chained(d.path(), &entry(), None).unwrap().unwrap();
+        let change = ensure_chained(d.path(), &entry(), None, &SkipWarnings::default())
+            .unwrap()
+            .unwrap();
         assert!(change.contains("05-a.conflist"), "{change}");
         assert!(has_entry(&first));
-        assert!(ensure_chained(d.path(), &entry(), None).unwrap().is_none());
+        assert!(
+            ensure_chained(d.path(), &entry(), None, &SkipWarnings::default())
+                .unwrap()
+                .is_none()
+        );
         assert_eq!(remove_all(d.path()).unwrap().len(), 2);
         assert_eq!(read_json(&first).unwrap(), list("a"));
         assert_eq!(read_json(&later).unwrap(), list("k"));
@@ -679,7 +746,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join("05-a.conflist"), "[]").unwrap();
         fs::write(d.path().join("10-b.conf"), r#"{"name":"b"}"#).unwrap();
-        let e = ensure_chained(d.path(), &entry(), None).unwrap_err();
+        let e = ensure_chained(d.path(), &entry(), None, &SkipWarnings::default()).unwrap_err();
         let msg = e.to_string();
         assert!(matches!(&e, ConfigError::NoConfig { skipped, .. } if skipped.len() == 2));
         assert!(msg.starts_with("waiting for a CNI config"), "{msg}");
@@ -687,7 +754,7 @@ mod tests {
             msg.contains("05-a.conflist: not a JSON object") && msg.contains("10-b.conf: no"),
             "{msg}"
         );
-        let e = ensure_owned(d.path(), &entry(), None).unwrap_err();
+        let e = ensure_owned(d.path(), &entry(), None, &SkipWarnings::default()).unwrap_err();
         assert!(matches!(e, ConfigError::NoConfig { .. }), "{e}");
     }
 
@@ -697,7 +764,9 @@ mod tests {
         let broken = json!({"cniVersion":"1.0.0","name":"b"});
         fs::write(d.path().join("01-broken.conflist"), broken.to_string()).unwrap();
         fs::write(d.path().join("10-k.conflist"), list("k").to_string()).unwrap();
-        let change = ensure_owned(d.path(), &entry(), None).unwrap().unwrap();
+        let change = ensure_owned(d.path(), &entry(), None, &SkipWarnings::default())
+            .unwrap()
+            .unwrap();
         assert!(change.contains("10-k.conflist"), "{change}");
         let ours = read_json(&d.path().join(OWNED_CONFIG_NAME)).unwrap();
         assert_eq!(ours["name"], "k");
@@ -707,7 +776,13 @@ mod tests {
         );
         // Once it loads it sorts before ours: the runtime would use it.
         fs::write(d.path().join("01-broken.conflist"), list("b").to_string()).unwrap();
-        let e = ensure_owned(d.path(), &entry(), Some("10-k.conflist")).unwrap_err();
+        let e = ensure_owned(
+            d.path(),
+            &entry(),
+            Some("10-k.conflist"),
+            &SkipWarnings::default(),
+        )
+        .unwrap_err();
         assert!(matches!(e, ConfigError::OwnedShadowed { .. }), "{e}");
     }
 
@@ -718,11 +793,19 @@ mod tests {
         fs::write(&primary, list("k").to_string()).unwrap();
         let bridge = json!({"cniVersion": "1.0.0", "name": "b", "type": "bridge"});
         fs::write(d.path().join("20-b.conf"), bridge.to_string()).unwrap();
-        ensure_chained(d.path(), &entry(), None).unwrap();
-        ensure_chained(d.path(), &entry(), Some("20-b.conf")).unwrap();
+        ensure_chained(d.path(), &entry(), None, &SkipWarnings::default()).unwrap();
+        ensure_chained(
+            d.path(),
+            &entry(),
+            Some("20-b.conf"),
+            &SkipWarnings::default(),
+        )
+        .unwrap();
         assert!(has_entry(&primary) && has_entry(&d.path().join("20-b.conflist")));
 
-        let change = ensure_owned(d.path(), &entry(), None).unwrap().unwrap();
+        let change = ensure_owned(d.path(), &entry(), None, &SkipWarnings::default())
+            .unwrap()
+            .unwrap();
         assert!(change.contains("left by chained mode"), "{change}");
         assert_eq!(
             read_json(&primary).unwrap(),
@@ -732,7 +815,11 @@ mod tests {
         assert_eq!(read_json(&d.path().join("20-b.conf")).unwrap(), bridge);
         let ours = read_json(&d.path().join(OWNED_CONFIG_NAME)).unwrap();
         assert_eq!(ours["plugins"].as_array().unwrap().len(), 2);
-        assert!(ensure_owned(d.path(), &entry(), None).unwrap().is_none());
+        assert!(
+            ensure_owned(d.path(), &entry(), None, &SkipWarnings::default())
+                .unwrap()
+                .is_none()
+        );
 
         remove_all(d.path()).unwrap();
         let names: Vec<String> = config_files(d.path())
@@ -749,15 +836,21 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let primary = d.path().join("10-k.conflist");
         fs::write(&primary, list("k").to_string()).unwrap();
-        ensure_owned(d.path(), &entry(), None).unwrap();
+        ensure_owned(d.path(), &entry(), None, &SkipWarnings::default()).unwrap();
         let ours = d.path().join(OWNED_CONFIG_NAME);
         assert!(ours.exists());
 
-        let change = ensure_chained(d.path(), &entry(), None).unwrap().unwrap();
+        let change = ensure_chained(d.path(), &entry(), None, &SkipWarnings::default())
+            .unwrap()
+            .unwrap();
         assert!(change.contains("left by istio-owned mode"), "{change}");
         assert!(!ours.exists(), "the owned copy is not a primary");
         assert!(has_entry(&primary));
-        assert!(ensure_chained(d.path(), &entry(), None).unwrap().is_none());
+        assert!(
+            ensure_chained(d.path(), &entry(), None, &SkipWarnings::default())
+                .unwrap()
+                .is_none()
+        );
         remove_all(d.path()).unwrap();
         assert_eq!(read_json(&primary).unwrap(), list("k"));
     }
@@ -767,7 +860,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let primary = d.path().join("10-k.conflist");
         fs::write(&primary, list("k").to_string()).unwrap();
-        ensure_chained(d.path(), &entry(), None).unwrap();
+        ensure_chained(d.path(), &entry(), None, &SkipWarnings::default()).unwrap();
         // A copy as istio-owned mode would have written it, next to the chained entry.
         let owned = chain::chain(&list("k"), ConfKind::List, &entry(), "x").unwrap();
         fs::write(d.path().join(OWNED_CONFIG_NAME), owned.to_string()).unwrap();

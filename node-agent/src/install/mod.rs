@@ -152,6 +152,8 @@ pub struct Installer {
     ready: ReadyFlag,
     /// Last verified binaries (primary, secondary); also serialises passes.
     known: Mutex<[Option<Fingerprint>; 2]>,
+    /// Unloadable CNI config files already warned about by this installer.
+    skip_warnings: cni_config::SkipWarnings,
 }
 
 impl Installer {
@@ -162,6 +164,7 @@ impl Installer {
             entry,
             ready,
             known: Mutex::new([None, None]),
+            skip_warnings: cni_config::SkipWarnings::default(),
         }
     }
 
@@ -227,12 +230,18 @@ impl Installer {
         }
         let primary = self.cfg.primary_conf_name.as_deref();
         let config_change = match self.cfg.mode {
-            ConfigMode::Chained => {
-                cni_config::ensure_chained(&self.cfg.conf_dir, &self.entry, primary)?
-            }
-            ConfigMode::IstioOwned => {
-                cni_config::ensure_owned(&self.cfg.conf_dir, &self.entry, primary)?
-            }
+            ConfigMode::Chained => cni_config::ensure_chained(
+                &self.cfg.conf_dir,
+                &self.entry,
+                primary,
+                &self.skip_warnings,
+            )?,
+            ConfigMode::IstioOwned => cni_config::ensure_owned(
+                &self.cfg.conf_dir,
+                &self.entry,
+                primary,
+                &self.skip_warnings,
+            )?,
             ConfigMode::Off => None,
         };
         changes.extend(config_change);

@@ -174,10 +174,10 @@ impl Reconciler {
         *self.started.borrow()
     }
 
-    /// The netns path of pod `uid` (remembered CNI path, else `/proc`
-    /// scan).
-    pub async fn resolve_netns(&self, uid: &str) -> Option<std::path::PathBuf> {
-        self.resolver.resolve(uid).await
+    /// The netns path of `pod` (remembered CNI path, else a `/proc` scan
+    /// checked against the pod's IPs).
+    pub async fn resolve_netns(&self, pod: &PodInfo) -> Option<std::path::PathBuf> {
+        self.resolver.resolve(&pod.to_redirect(None)).await
     }
 
     /// Whether a ztunnel can take pods now.
@@ -350,12 +350,10 @@ impl Reconciler {
 
     async fn enrol(&self, pod: &PodInfo, desired: Desired) {
         let t0 = std::time::Instant::now();
-        let netns = if self.cfg.needs_netns {
-            self.resolver.resolve(&pod.uid).await
-        } else {
-            None
-        };
-        let redirect = pod.to_redirect(netns);
+        let mut redirect = pod.to_redirect(None);
+        if self.cfg.needs_netns {
+            redirect.netns = self.resolver.resolve(&redirect).await;
+        }
         let result = self.redirector.enrol(&redirect).await;
         self.metrics.observe("enrol", t0.elapsed());
         let reason = match desired {
@@ -462,7 +460,7 @@ impl Reconciler {
         // A pod enrolled by a previous agent: find its netns to remove its
         // rules (a deleted pod's rules go with its netns).
         if self.cfg.needs_netns && redirect.netns.is_none() && desired != Desired::Gone {
-            redirect.netns = self.resolver.resolve(uid).await;
+            redirect.netns = self.resolver.resolve(&redirect).await;
         }
         let result = self.redirector.unenrol(&redirect).await;
         self.metrics.observe("unenrol", t0.elapsed());
@@ -568,12 +566,11 @@ impl Reconciler {
             let enrolled_before =
                 pod.redirection.as_deref() == Some(crate::cluster::pod::REDIRECTION_ENABLED);
             if enrolled_before && self.desired(Some(&pod)) != Desired::Gone {
-                let netns = if self.cfg.needs_netns {
-                    self.resolver.resolve(&pod.uid).await
-                } else {
-                    None
-                };
-                list.push(pod.to_redirect(netns));
+                let mut redirect = pod.to_redirect(None);
+                if self.cfg.needs_netns {
+                    redirect.netns = self.resolver.resolve(&redirect).await;
+                }
+                list.push(redirect);
             }
         }
         tracing::info!(

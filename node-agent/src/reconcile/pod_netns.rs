@@ -6,8 +6,9 @@
 //!    (one small file per pod, written atomically). The run dir is a host
 //!    path, so the record survives agent restarts and upgrades.
 //! 2. Otherwise a scan of `HOST_PROC_DIR` for a process whose cgroup names
-//!    the pod UID (`redirect::inpod::netns_discovery`), giving
-//!    `<proc>/<pid>/ns/net`: pods that started while no agent ran.
+//!    the pod UID and whose netns holds one of the pod's IPs
+//!    (`redirect::inpod::netns_discovery`), giving `<proc>/<pid>/ns/net`:
+//!    pods that started while no agent ran.
 //!
 //! A remembered path is used only if it still opens as a network namespace.
 //! Records are removed when the pod is deleted, and at start-up for pods the
@@ -18,8 +19,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::install::atomic_write::write_atomically;
-use crate::redirect::inpod::netns_discovery::find_pod_netns;
-use crate::redirect::netns::Netns;
+use crate::redirect::PodRedirect;
+use crate::redirect::inpod::netns_discovery::{InterfaceAddrCheck, PodIpCheck, find_pod_netns};
+use crate::redirect::netns::{Netns, NetnsId};
 
 /// Sub-directory of the run dir holding the records.
 pub const POD_NETNS_DIR: &str = "pod-netns";
@@ -143,17 +145,27 @@ impl NetnsPaths {
 pub struct NetnsResolver {
     paths: Arc<NetnsPaths>,
     proc_root: PathBuf,
-    /// The node's netns inode: processes in it are host-network.
-    host_inode: Option<u64>,
+    /// The node's netns: processes in it are host-network. This is the
+    /// agent's own netns, not `<HOST_PROC_DIR>/1/ns/net` as upstream reads
+    /// it: the agent runs `hostNetwork`, so in a cluster both are the node's,
+    /// but ours is the netns this agent treats as the node everywhere else
+    /// (the in-pod redirector's host default, where the probe SNAT goes), and
+    /// stays right where the agent's node is not PID 1's netns (the e2e
+    /// harness runs agents in simulated nodes' netns under the machine's
+    /// `/proc`), and needs no ptrace access to PID 1.
+    host: Option<NetnsId>,
+    /// Whether a discovered netns holds one of the pod's IPs.
+    check: Arc<dyn PodIpCheck>,
 }
 
 impl NetnsResolver {
     pub fn new(paths: Arc<NetnsPaths>, proc_root: PathBuf) -> Self {
-        let host_inode = Netns::current().ok().and_then(|n| n.inode().ok());
+        let host = Netns::current().ok().and_then(|n| n.id().ok());
         Self {
             paths,
             proc_root,
-            host_inode,
+            host,
+            check: Arc::new(InterfaceAddrCheck),
         }
     }
 
@@ -172,23 +184,26 @@ impl NetnsResolver {
         }
     }
 
-    /// The path of pod `uid`'s netns, if it can be found.
-    pub async fn resolve(&self, uid: &str) -> Option<PathBuf> {
-        let remembered = self.paths.get(uid);
+    /// The path of `pod`'s netns, if it can be found: its remembered CNI
+    /// path, else a `/proc` scan, whose find must hold one of `pod.ips`.
+    pub async fn resolve(&self, pod: &PodRedirect) -> Option<PathBuf> {
+        let remembered = self.paths.get(&pod.uid);
         let proc_root = self.proc_root.clone();
-        let host_inode = self.host_inode;
-        let uid = uid.to_string();
+        let host = self.host;
+        let check = self.check.clone();
+        let pod = pod.clone();
         tokio::task::spawn_blocking(move || {
+            let uid = &pod.uid;
             if let Some(p) = remembered {
                 match Netns::open(&p) {
-                    Ok(ns) if ns.inode().ok() != host_inode => return Some(p),
+                    Ok(ns) if ns.id().ok() != host => return Some(p),
                     Ok(_) => {
                         tracing::debug!(%uid, path = %p.display(), "remembered netns is the node's")
                     }
                     Err(e) => tracing::debug!(%uid, error = %e, "remembered netns is gone"),
                 }
             }
-            find_pod_netns(&proc_root, &uid, host_inode).map(|ns| ns.path().to_path_buf())
+            find_pod_netns(&proc_root, &pod, host, check.as_ref()).map(|ns| ns.path().to_path_buf())
         })
         .await
         .ok()
@@ -254,6 +269,29 @@ mod tests {
         );
     }
 
+    /// A [`PodIpCheck`] with one answer for every netns.
+    struct Answer(bool);
+
+    impl PodIpCheck for Answer {
+        fn holds_any(
+            &self,
+            _: &Netns,
+            _: &[std::net::IpAddr],
+        ) -> Result<bool, crate::redirect::inpod::netns_discovery::CheckError> {
+            Ok(self.0)
+        }
+    }
+
+    fn pod(uid: &str, ip: &str) -> PodRedirect {
+        PodRedirect {
+            uid: uid.into(),
+            name: "p".into(),
+            namespace: "demo".into(),
+            ips: vec![ip.parse().unwrap()],
+            ..Default::default()
+        }
+    }
+
     #[tokio::test]
     async fn resolver_prefers_a_live_record_then_scans_proc() {
         let run = tempfile::tempdir().unwrap();
@@ -268,21 +306,37 @@ mod tests {
         let mut r = NetnsResolver::new(paths.clone(), proc.path().to_path_buf());
         // Our own netns is the "node" here; pretend it is not, so the fake
         // process counts as a pod.
-        r.host_inode = None;
-        assert_eq!(r.resolve("cafe-0001").await, Some(pid.join("ns/net")));
-        assert_eq!(r.resolve("beef-0002").await, None);
+        r.host = None;
+        r.check = Arc::new(Answer(true));
+        let (cafe, beef) = (pod("cafe-0001", "10.0.0.1"), pod("beef-0002", "10.0.0.2"));
+        assert_eq!(r.resolve(&cafe).await, Some(pid.join("ns/net")));
+        assert_eq!(r.resolve(&beef).await, None);
+        // a pod with no IPs yet is not paired by the scan
+        let no_ips = PodRedirect {
+            ips: vec![],
+            ..cafe.clone()
+        };
+        assert_eq!(r.resolve(&no_ips).await, None);
         // a record that does not open as a netns falls back to the scan
         let bogus = run.path().join("not-a-netns");
         std::fs::write(&bogus, "").unwrap();
         paths.remember("cafe-0001", &bogus).await.unwrap();
-        assert_eq!(r.resolve("cafe-0001").await, Some(pid.join("ns/net")));
+        assert_eq!(r.resolve(&cafe).await, Some(pid.join("ns/net")));
         // a live record wins
         paths
             .remember("beef-0002", Path::new("/proc/self/ns/net"))
             .await
             .unwrap();
         assert_eq!(
-            r.resolve("beef-0002").await,
+            r.resolve(&beef).await,
+            Some(PathBuf::from("/proc/self/ns/net"))
+        );
+        // The scan's find must hold one of the pod's IPs; a remembered CNI
+        // path is the runtime's word and is not checked.
+        r.check = Arc::new(Answer(false));
+        assert_eq!(r.resolve(&cafe).await, None);
+        assert_eq!(
+            r.resolve(&beef).await,
             Some(PathBuf::from("/proc/self/ns/net"))
         );
     }

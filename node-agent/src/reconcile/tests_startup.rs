@@ -5,38 +5,11 @@
 //! not retryable.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::plan::Actual;
 use super::tests::{Harness, ns, running};
-
-/// What the calling thread logs at WARN and above while `f` runs.
-async fn warnings(f: impl std::future::Future<Output = ()>) -> String {
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let buf = Buf::default();
-    let b2 = buf.clone();
-    let sub = tracing_subscriber::fmt()
-        .with_writer(move || b2.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::WARN)
-        .finish();
-    {
-        let _log = tracing::subscriber::set_default(sub);
-        f.await;
-    }
-    String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
-}
+use crate::test_support::warnings_async;
 
 /// u1's rules cannot be re-applied (held: retryable), u3 cannot be taken
 /// over (not retryable), u2 is fine. Both failures are logged naming the
@@ -63,7 +36,7 @@ async fn startup_failures_are_logged_retried_with_backoff_and_spare_other_pods()
     // Re-enrolments fail too (retryable) until this is set again.
     h.redir.ztunnel.store(false, Ordering::SeqCst);
 
-    let logged = warnings(h.r.startup()).await;
+    let logged = warnings_async(h.r.startup()).await;
     for pod in ["demo/a", "demo/c"] {
         assert!(
             logged

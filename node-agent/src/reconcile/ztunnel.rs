@@ -178,7 +178,7 @@ async fn wanted_ztunnel(reconciler: &Reconciler) -> Result<Option<ZtunnelPod>, S
         })
         .ok_or_else(|| format!("ztunnel pod {} has no IPv4 address", pod.key()))?;
     let netns = reconciler
-        .resolve_netns(&pod.uid)
+        .resolve_netns(&pod)
         .await
         .ok_or_else(|| format!("netns of ztunnel pod {} not found", pod.key()))?;
     Ok(Some(ZtunnelPod {

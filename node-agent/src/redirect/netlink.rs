@@ -73,6 +73,38 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
     }
 }
 
+/// Every interface address (all links, IPv4 and IPv6) in `netns`.
+///
+/// Blocking: the netlink socket is made on a [`Netns::run`] thread inside
+/// the namespace and driven there by a runtime of that thread's own, so this
+/// needs no caller runtime, and must not be called from an async runtime
+/// thread (call it from a blocking one).
+pub fn addresses_blocking(netns: &Netns) -> Result<Vec<IpAddr>, NetlinkError> {
+    let label = netns.path().display().to_string();
+    let socket_error = |source| NetlinkError::Socket {
+        netns: label.clone(),
+        source,
+    };
+    netns.run(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(socket_error)?;
+        rt.block_on(async {
+            let (conn, handle, _) = rtnetlink::new_connection().map_err(socket_error)?;
+            let conn = tokio::spawn(conn);
+            let msgs: Result<Vec<_>, _> = handle.address().get().execute().try_collect().await;
+            conn.abort();
+            let msgs = msgs.map_err(|source| NetlinkError::Request {
+                op: "list addresses".into(),
+                netns: label.clone(),
+                source,
+            })?;
+            Ok(msgs.iter().filter_map(parse_address).collect())
+        })
+    })?
+}
+
 /// A netlink connection bound to one network namespace.
 pub struct Netlink {
     handle: rtnetlink::Handle,

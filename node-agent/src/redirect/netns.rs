@@ -43,6 +43,14 @@ pub enum NetnsError {
     Panicked { path: PathBuf },
 }
 
+/// Which network namespace a handle is on: the (device, inode) pair of its
+/// nsfs file (see [`Netns::id`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NetnsId {
+    pub dev: u64,
+    pub inode: u64,
+}
+
 /// An open handle on a network namespace. Holding it keeps the namespace
 /// alive even if its bind mount is removed.
 #[derive(Debug)]
@@ -90,6 +98,16 @@ impl Netns {
     pub fn inode(&self) -> std::io::Result<u64> {
         let st = nix::sys::stat::fstat(self.fd.as_fd()).map_err(std::io::Error::from)?;
         Ok(st.st_ino)
+    }
+
+    /// Namespace identity as upstream compares it: (device, inode) of the
+    /// nsfs file. Equal for two handles on the same namespace.
+    pub fn id(&self) -> std::io::Result<NetnsId> {
+        let st = nix::sys::stat::fstat(self.fd.as_fd()).map_err(std::io::Error::from)?;
+        Ok(NetnsId {
+            dev: st.st_dev,
+            inode: st.st_ino,
+        })
     }
 
     pub fn try_clone(&self) -> std::io::Result<Self> {

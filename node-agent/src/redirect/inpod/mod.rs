@@ -213,7 +213,7 @@ impl InpodRedirector {
     }
 
     /// The pod's netns: the one we hold (same pod re-enrolled), else its
-    /// path, else a /proc scan.
+    /// path, else a /proc scan (its find must hold one of the pod's IPs).
     async fn open_netns(
         &self,
         pod: &PodRedirect,
@@ -235,8 +235,9 @@ impl InpodRedirector {
                 "finding pod netns",
                 false,
                 format!(
-                    "no process of the pod under {}",
-                    self.cfg.proc_root.display()
+                    "no process of the pod under {} in a netns holding one of its IPs {:?}",
+                    self.cfg.proc_root.display(),
+                    pod.ips
                 ),
             )
         })
@@ -244,10 +245,10 @@ impl InpodRedirector {
 
     async fn discover_netns(&self, pod: &PodRedirect) -> Option<Netns> {
         let root = self.cfg.proc_root.clone();
-        let uid = pod.uid.clone();
-        let host_inode = self.host.inode().ok();
+        let pod = pod.clone();
+        let host = self.host.id().ok();
         tokio::task::spawn_blocking(move || {
-            netns_discovery::find_pod_netns(&root, &uid, host_inode)
+            netns_discovery::find_pod_netns(&root, &pod, host, &netns_discovery::InterfaceAddrCheck)
         })
         .await
         .ok()

@@ -2,10 +2,11 @@
 //! functions over plain descriptions ([`GeneveLink`], [`Route`], [`Rule`]) so
 //! they are tested without a kernel.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
 use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
     InfoData, InfoGeneve, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -218,6 +219,21 @@ pub fn rule_message(rule: &Rule) -> RuleMessage {
     msg
 }
 
+/// The interface's own address in an `RTM_NEWADDR`: `IFA_LOCAL` when
+/// present (on a point-to-point link `IFA_ADDRESS` is the peer's), else
+/// `IFA_ADDRESS` (IPv6 sends only that one).
+pub fn parse_address(msg: &AddressMessage) -> Option<IpAddr> {
+    let mut address = None;
+    for attr in &msg.attributes {
+        match attr {
+            AddressAttribute::Local(ip) => return Some(*ip),
+            AddressAttribute::Address(ip) => address = Some(*ip),
+            _ => {}
+        }
+    }
+    address
+}
+
 /// Reads the fields we use out of an `RTM_NEWLINK`.
 pub fn parse_link(msg: &LinkMessage) -> Link {
     let mut link = Link {
@@ -374,6 +390,22 @@ pub(super) fn route_table(m: &RouteMessage) -> u32 {
 mod tests {
     use super::*;
     use rtnetlink::packet_core::{Emitable, Parseable};
+
+    #[test]
+    fn an_address_is_its_local_side() {
+        let v4: IpAddr = "10.0.0.5".parse().unwrap();
+        let peer: IpAddr = "10.0.0.6".parse().unwrap();
+        let v6: IpAddr = "fd00::5".parse().unwrap();
+        let mut msg = AddressMessage::default();
+        assert_eq!(parse_address(&msg), None);
+        msg.attributes = vec![AddressAttribute::Address(v6)];
+        assert_eq!(parse_address(&msg), Some(v6));
+        // point-to-point: IFA_ADDRESS is the peer, IFA_LOCAL ours, either order
+        msg.attributes = vec![AddressAttribute::Address(peer), AddressAttribute::Local(v4)];
+        assert_eq!(parse_address(&msg), Some(v4));
+        msg.attributes = vec![AddressAttribute::Local(v4), AddressAttribute::Address(peer)];
+        assert_eq!(parse_address(&msg), Some(v4));
+    }
 
     fn wire_link(msg: &LinkMessage) -> LinkMessage {
         let mut buf = vec![0u8; msg.buffer_len()];
