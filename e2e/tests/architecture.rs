@@ -118,7 +118,7 @@ fn node_agent_layers() {
     check(
         "node-agent",
         &[
-            &["http_endpoint", "log_scope"],
+            &["http_endpoint", "log_scope", "test_support"],
             &["health", "metrics", "memory"],
             &["redirect"],
             &["zds"],

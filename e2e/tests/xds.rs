@@ -71,6 +71,7 @@ fn service() -> wl::Service {
         addresses: vec![wl::NetworkAddress {
             network: String::new(),
             address: vec![10, 96, 5, 1],
+            length: None,
         }],
         ports: vec![wl::Port {
             service_port: 80,

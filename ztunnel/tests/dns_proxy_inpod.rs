@@ -4,6 +4,7 @@
 //!
 //! Needs root (network namespaces, SO_MARK, iptables).
 
+mod dns_support;
 mod inpod_support;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -12,92 +13,21 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_proto::op::{Message, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use dns_support::*;
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::RecordType;
 use inpod_support::*;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use ztunnel::config::WorkloadInfo;
 use ztunnel::inpod::{InpodNetns, InpodSocketFactory};
 use ztunnel::proxy::dns::forward::{read_framed, write_framed};
 use ztunnel::proxy::dns::server::serve;
 use ztunnel::proxy::dns::{DnsClient, DnsHandler, SearchDomains, Upstreams};
 use ztunnel::redirect::{ListenerKind, SocketFactory};
-use ztunnel::state::Store;
-use ztunnel::state::file::{FileDefaults, parse};
 use ztunnel::telemetry::dns_metrics::DnsMetrics;
 
 /// The upstream resolver's port inside the pod netns.
 const UPSTREAM_PORT: u16 = 5353;
-
-const STATE: &str = r#"
-workloads:
-  - uid: c1
-    name: client
-    namespace: ns
-    serviceAccount: sa
-    workloadIps: ["10.0.0.1"]
-services:
-  - name: web
-    namespace: ns
-    hostname: web.ns.svc.cluster.local
-    vips: ["/10.96.0.10"]
-    ports: {80: 8080}
-"#;
-
-fn store() -> Store {
-    let lc = parse(
-        STATE,
-        std::path::Path::new("dns.yaml"),
-        &FileDefaults {
-            trust_domain: "cluster.local".into(),
-            cluster_id: "Kubernetes".into(),
-        },
-    )
-    .unwrap();
-    let store = Store::new();
-    store
-        .source("file")
-        .replace_all(lc.workloads, lc.services, lc.policies);
-    store
-}
-
-/// `known.example.` is 192.0.2.1; anything else NXDOMAIN.
-fn upstream_answer(query: &[u8]) -> Vec<u8> {
-    let q = Message::from_vec(query).unwrap();
-    let mut m = Message::response(q.metadata.id, OpCode::Query);
-    m.add_queries(q.queries.iter().cloned());
-    let name = q.queries[0].name().clone();
-    if name.to_ascii() == "known.example." {
-        m.add_answer(Record::from_rdata(
-            name,
-            300,
-            RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
-        ));
-    } else {
-        m.metadata.response_code = ResponseCode::NXDomain;
-    }
-    m.to_vec().unwrap()
-}
-
-fn query(name: &str) -> Vec<u8> {
-    let mut m = Message::query();
-    m.metadata.id = 0x5151;
-    m.metadata.recursion_desired = true;
-    m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
-    m.to_vec().unwrap()
-}
-
-fn addrs(m: &Message) -> Vec<String> {
-    m.answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::A(a) => Some(a.0.to_string()),
-            _ => None,
-        })
-        .collect()
-}
 
 /// Asks over UDP from inside the pod (an unmarked socket there); `None`: no answer.
 async fn ask_udp(pod: &InpodSocketFactory, to: SocketAddr, q: &[u8]) -> Option<Message> {
@@ -157,36 +87,22 @@ async fn queries_are_answered_in_the_pod_and_forwarded_from_it_with_the_mark() {
         .bind_listener(upstream, ListenerKind::Dns)
         .await
         .unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 4096];
-        while let Ok((n, src)) = udp.recv_from(&mut buf).await {
-            let _ = udp.send_to(&upstream_answer(&buf[..n]), src).await;
-        }
-    });
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = tcp.accept().await {
-            tokio::spawn(async move {
-                while let Ok(Some(q)) = read_framed(&mut s).await {
-                    let _ = write_framed(&mut s, &upstream_answer(&q)).await;
-                }
-            });
-        }
-    });
+    serve_upstream(udp, tcp, Upstream::Answers);
     // Unmarked, the pod's own query does not get through (the rule works).
     assert!(
-        ask_udp(&pod, upstream, &query("known.example."))
-            .await
-            .is_none(),
+        ask_udp(
+            &pod,
+            upstream,
+            &query("known.example.", RecordType::A, false)
+        )
+        .await
+        .is_none(),
         "unmarked query reached the upstream resolver"
     );
 
     let handler = Arc::new(DnsHandler {
         state: store(),
-        client: DnsClient::Workload(WorkloadInfo {
-            namespace: "ns".into(),
-            name: "client".into(),
-            service_account: "sa".into(),
-        }),
+        client: DnsClient::Workload(client()),
         node: None,
         cluster_domain: "cluster.local".into(),
         search: SearchDomains::PerNamespace,
@@ -207,17 +123,30 @@ async fn queries_are_answered_in_the_pod_and_forwarded_from_it_with_the_mark() {
     assert_eq!(bound, [dns]);
 
     // A mesh name, answered locally; another, forwarded from the pod with the mark.
-    let m = ask_udp(&pod, dns, &query("web.")).await.expect("an answer");
+    let m = ask_udp(&pod, dns, &query("web.", RecordType::A, false))
+        .await
+        .expect("an answer");
     assert!(m.metadata.authoritative);
     assert_eq!(addrs(&m), ["10.96.0.10"]);
-    let m = ask_udp(&pod, dns, &query("known.example."))
+    let m = ask_udp(&pod, dns, &query("known.example.", RecordType::A, false))
         .await
         .expect("an answer");
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
     assert_eq!(addrs(&m), ["192.0.2.1"]);
-    let m = ask_tcp(&pod, dns, &query("known.example.")).await;
+    let m = ask_tcp(&pod, dns, &query("known.example.", RecordType::A, false)).await;
     assert_eq!(addrs(&m), ["192.0.2.1"]);
-    let m = ask_tcp(&pod, dns, &query("other.example.")).await;
+    let m = ask_tcp(&pod, dns, &query("other.example.", RecordType::A, false)).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    // A namespace-scoped service: answered in its namespace, forwarded from any other.
+    let m = ask_udp(&pod, dns, &query("mine.", RecordType::A, false))
+        .await
+        .expect("an answer");
+    assert!(m.metadata.authoritative);
+    assert_eq!(addrs(&m), ["10.96.0.11"]);
+    let m = ask_udp(&pod, dns, &query("theirs.ns2.", RecordType::A, false))
+        .await
+        .expect("an answer");
+    assert!(!m.metadata.authoritative);
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
 
     stop.cancel();

@@ -211,3 +211,72 @@ services:
         "no connection line for refused connections"
     );
 }
+
+/// A service owning a whole range (a CIDR VIP, upstream's `cidrVips`): a connection to any
+/// address in it goes, over HBONE, to the service's endpoint on its target port, as one
+/// to a host VIP would; an address outside it is not the service's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_in_a_cidr_vip_reaches_the_services_endpoint() {
+    let mesh = Mesh::new("127.77.60", |_| {});
+    let _echo = echo_server(SocketAddr::new(mesh.b_ip, 8080)).await;
+    add(
+        &mesh,
+        r#"
+workloads:
+- uid: b
+  name: b
+  namespace: ns-b
+  serviceAccount: sa-b
+  trustDomain: cluster.local
+  workloadIps: ["127.77.60.2"]
+  protocol: HBONE
+  node: n1
+  services: {"ns-b/b.ns-b.svc.cluster.local": {80: 8080}, "ns-b/range.example.com": {80: 8080}}
+services:
+- {name: range, namespace: ns-b, hostname: range.example.com, ports: {80: 8080},
+   cidrVips: [{network: "", cidr: 127.77.60.128/25}]}
+"#,
+    );
+    let (pa, socks) = mesh.proxy("a").await;
+    let (_pb, _) = mesh.proxy("b").await;
+    let data = Arc::new(b"into the range".repeat(100));
+    for dst in ["127.77.60.130:80", "127.77.60.254:80"] {
+        let c = socks
+            .redirected_connect(mesh.a_ip, pa.addresses().outbound, dst.parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            echo_roundtrip(c, data.clone()).await.unwrap(),
+            *data,
+            "{dst}"
+        );
+    }
+    let needles = [
+        "connection complete",
+        "direction=\"outbound\"",
+        "src.addr=127.77.60.1:",
+        "dst.service=\"range.example.com\"",
+        "dst.hbone_addr=127.77.60.2:8080",
+    ];
+    wait_for("both connections in the access log", || {
+        log_lines(&needles).len() >= 2
+    })
+    .await;
+    assert!(
+        log_lines(&needles)[0].contains("dst.identity=spiffe://cluster.local/ns/ns-b/sa/sa-b"),
+        "{:?}",
+        log_lines(&needles)
+    );
+    assert!(!pa.pool_connections().is_empty(), "over pooled HBONE");
+    // Outside the range (and no workload there): plaintext to the address itself, which
+    // nothing serves.
+    let c = socks
+        .redirected_connect(
+            mesh.a_ip,
+            pa.addresses().outbound,
+            "127.77.60.99:80".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(refused(c).await);
+}

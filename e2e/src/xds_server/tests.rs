@@ -326,6 +326,7 @@ async fn on_demand_names_select_by_alias_and_bring_a_services_workloads() {
         addresses: vec![mesh_proto::workload::NetworkAddress {
             network: "".into(),
             address: vec![10, 96, 0, 1],
+            length: None,
         }],
         ..Default::default()
     });

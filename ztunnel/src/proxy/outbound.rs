@@ -13,7 +13,7 @@ use crate::hbone::{self, FailureKind, HboneError, PoolKey};
 use crate::identity::Identity;
 use crate::state::on_demand::Unanswered;
 use crate::state::workload::{GatewayAddress, LoadBalancerMode};
-use crate::state::{Protocol, Service, Snapshot, Workload};
+use crate::state::{Destination, Protocol, Service, Snapshot, Workload};
 use crate::telemetry::{
     ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason, Reporter,
     ResponseFlags, ServiceInfo,
@@ -62,8 +62,13 @@ pub(super) enum Route {
 
 /// Decides where a connection from `src` to `dst` goes.
 ///
-/// - A service VIP with a waypoint: to the waypoint (authority = `dst`), unless `src` is
-///   that waypoint (no loops).
+/// `dst` is looked up as [`Snapshot::destination`] says: a service by host VIP, else the
+/// workload with that IP, else a service by CIDR VIP holding it (a CIDR VIP routes exactly
+/// as a host VIP); services not visible to the client's namespace are skipped.
+///
+/// - A service VIP with a waypoint: to the waypoint (one of the weighted ones, picked per
+///   connection, when it has them; authority = `dst`), unless `src` is one of its
+///   waypoints (no loops).
 /// - A service VIP whose load balancer mode is `Passthrough` (a ServiceEntry with
 ///   `resolution: NONE`): plaintext to `dst` itself, with or without endpoints (upstream's
 ///   `OriginalDestination`); the service is kept for telemetry.
@@ -101,10 +106,10 @@ pub(super) fn resolve(
     };
     // A VIP several services share: the client's namespace's first, as upstream.
     let client_ns = src.map(|w| w.namespace.as_str());
-    let (workload, target, service) =
-        if let Some(svc) = snap.service_by_vip_for(network, dst.ip(), client_ns) {
-            if let Some(gw) = &svc.waypoint
-                && !from(gw)
+    let (workload, target, service) = match snap.destination(network, dst.ip(), client_ns) {
+        Some(Destination::Service(svc)) => {
+            if !svc.waypoints().any(from)
+                && let Some(gw) = svc.pick_waypoint(&mut rand::rng())
             {
                 return through(gw, Some(svc.clone()), format!("service {}", svc.key()));
             }
@@ -150,20 +155,23 @@ pub(super) fn resolve(
                     };
                 }
             }
-        } else if let Some(w) = snap.workload_by_ip(network, dst.ip()) {
+        }
+        Some(Destination::Workload(w)) => {
             if let Some(gw) = &w.waypoint
                 && !from(gw)
             {
                 return through(gw, None, format!("workload {}", w.uid));
             }
             (w.clone(), dst, None)
-        } else {
+        }
+        None => {
             return Route::Plain {
                 target: dst,
                 workload: None,
                 service: None,
             };
-        };
+        }
+    };
     direct(workload, target, service, hbone_port)
 }
 

@@ -50,7 +50,7 @@ pub fn parse(text: &str, path: &Path, defaults: &FileDefaults) -> Result<LocalCo
     let mut cfg: LocalConfig = if text.trim().is_empty() {
         LocalConfig::default()
     } else {
-        serde_yaml_ng::from_str(text).map_err(|e| err(e.to_string()))?
+        serde_yaml_ng::from_str(text).map_err(|e| err(name_service(text, e)))?
     };
     let mut seen = std::collections::HashSet::new();
     for (i, w) in cfg.workloads.iter_mut().enumerate() {
@@ -88,6 +88,27 @@ pub fn parse(text: &str, path: &Path, defaults: &FileDefaults) -> Result<LocalCo
         }
     }
     Ok(cfg)
+}
+
+/// A YAML error inside `services[i]` also names that service (`<namespace>/<hostname>`),
+/// when the text says which it is.
+fn name_service(text: &str, e: serde_yaml_ng::Error) -> String {
+    let msg = e.to_string();
+    let index = msg
+        .strip_prefix("services[")
+        .and_then(|rest| rest.split_once(']'))
+        .and_then(|(i, _)| i.parse::<usize>().ok());
+    let Some(i) = index else {
+        return msg;
+    };
+    let Ok(doc) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text) else {
+        return msg;
+    };
+    let svc = &doc["services"][i];
+    match (svc["namespace"].as_str(), svc["hostname"].as_str()) {
+        (Some(ns), Some(host)) => format!("service {ns}/{host}: {msg}"),
+        _ => msg,
+    }
 }
 
 /// Reads and parses the file.
@@ -287,6 +308,54 @@ services:
     }
 
     #[test]
+    fn visibility_cidr_vips_and_weighted_waypoints_in_upstreams_form() {
+        let text = r#"
+services:
+- name: svc
+  namespace: ns
+  hostname: svc.ns.svc.cluster.local
+  vips: ["/10.96.0.1"]
+  cidrVips: [{network: "", cidr: 10.96.8.0/24}, {network: west, cidr: "fd00:8::/64"}]
+  ports: {80: 8080}
+  waypoint: {destination: ns/wp.ns.svc.cluster.local}
+  weightedWaypoints:
+  - destination: {destination: ns/wp.ns.svc.cluster.local, hboneMtlsPort: 15008}
+    weight: 90
+  - {destination: {destination: /10.0.0.9}, weight: 10}
+  visibility: Namespace
+- {name: plain, namespace: ns, hostname: plain.example.com}
+"#;
+        let cfg = parse(text, Path::new("/cfg.yaml"), &defaults()).unwrap();
+        let svc = &cfg.services[0];
+        assert_eq!(svc.visibility, crate::state::Visibility::Namespace);
+        let ranges: Vec<String> = svc.cidr_vips.iter().map(|c| c.to_string()).collect();
+        assert_eq!(ranges, ["/10.96.8.0/24", "west/fd00:8::/64"]);
+        let weights: Vec<(String, u32)> = svc
+            .weighted_waypoints
+            .iter()
+            .map(|w| (crate::state::gateway::describe(&w.destination), w.weight))
+            .collect();
+        assert_eq!(
+            weights,
+            [
+                ("ns/wp.ns.svc.cluster.local:15008".to_string(), 90),
+                ("/10.0.0.9:15008".to_string(), 10)
+            ]
+        );
+        // Defaults: public, no ranges, no weighted waypoints.
+        let plain = &cfg.services[1];
+        assert_eq!(plain.visibility, crate::state::Visibility::Public);
+        assert!(plain.cidr_vips.is_empty() && plain.weighted_waypoints.is_empty());
+        // The dump form: visibility always, the lists only when set.
+        let dumped = serde_json::to_value(plain).unwrap();
+        assert_eq!(dumped["visibility"], "Public");
+        assert!(dumped.get("cidrVips").is_none() && dumped.get("weightedWaypoints").is_none());
+        let dumped = serde_json::to_value(svc).unwrap();
+        assert_eq!(dumped["cidrVips"][0]["cidr"], "10.96.8.0/24");
+        assert_eq!(dumped["weightedWaypoints"][1]["weight"], 10);
+    }
+
+    #[test]
     fn rejections_name_file_and_field() {
         for (text, want) in [
             ("workloads:\n- namespace: a\n  bogus: 1\n", "bogus"),
@@ -321,6 +390,30 @@ services:
             (
                 "services:\n- {name: a, namespace: b, hostname: c, ipFamilies: IPV4}\n",
                 "ipFamilies",
+            ),
+            (
+                "services:\n- {name: a, namespace: b, hostname: c, visibility: NAMESPACE}\n",
+                "visibility",
+            ),
+            (
+                "services:\n- {name: a, namespace: b, hostname: c, cidrVip: []}\n",
+                "cidrVip",
+            ),
+            (
+                "services:\n- {name: a, namespace: b, hostname: c,\n   cidrVips: [{network: '', cidr: 10.0.0.0/40}]}\n",
+                "service b/c: services[0].cidrVips[0]: cidr \"10.0.0.0/40\": prefix length 40 longer than 32",
+            ),
+            (
+                "services:\n- {name: a, namespace: b, hostname: c,\n   cidrVips: [{netwrok: '', cidr: 10.0.0.0/8}]}\n",
+                "netwrok",
+            ),
+            (
+                "services:\n- {name: a, namespace: b, hostname: c,\n   weightedWaypoints: [{destination: {destination: /10.0.0.1}, wieght: 1}]}\n",
+                "wieght",
+            ),
+            (
+                "services:\n- {name: a, namespace: b, hostname: c,\n   weightedWaypoints: [{weight: 1}]}\n",
+                "service b/c: services[0].weightedWaypoints[0]: missing field `destination`",
             ),
         ] {
             let e = parse(text, Path::new("/etc/ztunnel/local.yaml"), &defaults())

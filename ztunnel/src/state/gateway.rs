@@ -10,8 +10,10 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use super::Snapshot;
+use rand::seq::IndexedRandom;
+
 use super::workload::{GatewayAddress, GatewayDestination, Service, Workload};
+use super::{Destination, Snapshot};
 use crate::identity::Identity;
 
 /// The next hop for traffic sent through a gateway.
@@ -54,10 +56,12 @@ enum Target<'a> {
 impl Snapshot {
     fn gateway_target(&self, gw: &GatewayAddress) -> Option<Target<'_>> {
         match &gw.destination {
-            GatewayDestination::Address(a) => self
-                .service_by_vip(&a.network, a.address)
-                .map(Target::Service)
-                .or_else(|| self.by_ip.get(a).map(Target::Workload)),
+            GatewayDestination::Address(a) => {
+                match self.destination(&a.network, a.address, None)? {
+                    Destination::Service(s) => Some(Target::Service(s)),
+                    Destination::Workload(w) => Some(Target::Workload(w)),
+                }
+            }
             GatewayDestination::Hostname(h) => self.services.get(h).map(Target::Service),
         }
     }
@@ -118,13 +122,33 @@ impl Snapshot {
         })
     }
 
-    /// The waypoint of whatever owns `ip` on `network`: the service with that VIP, else the
-    /// workload with that IP.
+    /// The waypoint of whatever owns `ip` on `network` ([`Snapshot::destination`]: a
+    /// service by host VIP, else the workload with that IP, else a service by CIDR VIP); a
+    /// service's primary `waypoint`, not its weighted ones (as upstream).
     pub fn waypoint_of_address(&self, network: &str, ip: IpAddr) -> Option<&GatewayAddress> {
-        match self.service_by_vip(network, ip) {
-            Some(s) => s.waypoint.as_ref(),
-            None => self.workload_by_ip(network, ip)?.waypoint.as_ref(),
+        match self.destination(network, ip, None)? {
+            Destination::Service(s) => s.waypoint.as_ref(),
+            Destination::Workload(w) => w.waypoint.as_ref(),
         }
+    }
+}
+
+impl Service {
+    /// Every waypoint this service names: `waypoint`, then the weighted ones.
+    pub fn waypoints(&self) -> impl Iterator<Item = &GatewayAddress> {
+        let weighted = self.weighted_waypoints.iter().map(|w| &w.destination);
+        self.waypoint.iter().chain(weighted)
+    }
+
+    /// The waypoint a new connection to this service goes through: one of
+    /// `weightedWaypoints` at random, each with probability weight / sum of weights (weight
+    /// 0: never), as upstream; `waypoint` when that list is empty or every weight is 0.
+    pub fn pick_waypoint(&self, rng: &mut impl rand::Rng) -> Option<&GatewayAddress> {
+        self.weighted_waypoints
+            .choose_weighted(rng, |w| w.weight)
+            .ok()
+            .map(|w| &w.destination)
+            .or(self.waypoint.as_ref())
     }
 }
 
@@ -274,5 +298,50 @@ services:
         assert_eq!(snap.waypoint_of_address("", ip("10.0.0.1")), Some(&app_wp));
         assert_eq!(snap.waypoint_of_address("", ip("10.0.0.9")), None);
         assert_eq!(snap.waypoint_of_address("", ip("10.9.9.9")), None);
+    }
+
+    #[test]
+    fn weighted_waypoints_are_picked_in_proportion_to_their_weight() {
+        use rand::SeedableRng;
+        let svc: Service = serde_yaml_ng::from_str(
+            r#"
+name: echo
+namespace: ns
+hostname: echo.ns.svc.cluster.local
+waypoint: {destination: /10.0.0.1}
+weightedWaypoints:
+- {destination: {destination: /10.0.0.1}, weight: 3}
+- {destination: {destination: /10.0.0.2}, weight: 1}
+- {destination: {destination: /10.0.0.3}, weight: 0}
+"#,
+        )
+        .unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..4000 {
+            let gw = svc.pick_waypoint(&mut rng).unwrap();
+            *counts.entry(describe(gw)).or_insert(0) += 1;
+        }
+        assert_eq!(counts.get("/10.0.0.3:15008"), None, "weight 0 chosen");
+        // Expected 3000 (sd ~27); a uniform or primary-only choice would be far off.
+        let primary = counts["/10.0.0.1:15008"];
+        assert!((2800..3200).contains(&primary), "{counts:?}");
+        assert_eq!(primary + counts["/10.0.0.2:15008"], 4000);
+        assert_eq!(svc.waypoints().count(), 4);
+
+        // Every weight 0, or none: the single `waypoint`.
+        let mut zero = svc.clone();
+        for w in &mut zero.weighted_waypoints {
+            w.weight = 0;
+        }
+        let mut none = svc.clone();
+        none.weighted_waypoints.clear();
+        for s in [&zero, &none] {
+            for _ in 0..50 {
+                assert_eq!(s.pick_waypoint(&mut rng), s.waypoint.as_ref());
+            }
+        }
+        none.waypoint = None;
+        assert_eq!(none.pick_waypoint(&mut rng), None);
     }
 }

@@ -1,6 +1,10 @@
-//! Conflict rules of the snapshot's address indexes, as upstream ztunnel:
+//! Lookups by address and hostname, and the conflict rules of the snapshot's indexes, as
+//! upstream ztunnel:
 //! - two workloads on one IP (see [`prefer_for_address`]);
-//! - several services on one VIP (see [`best_service`]).
+//! - several services on one VIP or hostname (see [`best_service`]);
+//! - services a client may not see: when the client's namespace is known, a service whose
+//!   `visibility` is `Namespace` is invisible outside its namespace (skipped, logged at
+//!   debug); without a client namespace nothing is filtered.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -8,22 +12,113 @@ use std::sync::Arc;
 use super::Snapshot;
 use super::workload::{NetworkAddress, Protocol, Service, Workload};
 
+/// What an address is: see [`Snapshot::destination`].
+#[derive(Debug, Clone, Copy)]
+pub enum Destination<'a> {
+    Service(&'a Arc<Service>),
+    Workload(&'a Arc<Workload>),
+}
+
 impl Snapshot {
-    /// [`Self::service_by_vip`] for a client in namespace `client_ns`: a service of that
-    /// namespace sharing the VIP wins, as upstream.
+    /// The service with VIP (or inside a CIDR VIP) `ip` on `network`, for no particular
+    /// client: see [`Self::service_by_vip_for`].
+    pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.service_by_vip_for(network, ip, None)
+    }
+
+    /// The service a client in namespace `client_ns` reaches at `ip` on `network`: among
+    /// the visible services with that host VIP, the client namespace's, else a `canonical`
+    /// one, else the first by namespace; when none, the best visible CIDR VIP holding `ip`
+    /// (`state::cidr`).
     pub fn service_by_vip_for(
         &self,
         network: &str,
         ip: IpAddr,
         client_ns: Option<&str>,
     ) -> Option<&Arc<Service>> {
-        best_service(self.services_by_vip(network, ip), client_ns)
+        self.service_by_host_vip_for(network, ip, client_ns)
+            .or_else(|| self.by_cidr.best(network, ip, client_ns))
     }
 
-    /// Every service with VIP `ip` on `network`, sorted by namespace.
+    /// [`Self::service_by_vip_for`] without the CIDR VIPs.
+    fn service_by_host_vip_for(
+        &self,
+        network: &str,
+        ip: IpAddr,
+        client_ns: Option<&str>,
+    ) -> Option<&Arc<Service>> {
+        let services = self.services_by_vip(network, ip);
+        best_service(
+            services.iter().filter(|s| s.visible_for(client_ns)),
+            client_ns,
+        )
+    }
+
+    /// Every service with host VIP `ip` on `network`, sorted by namespace (unfiltered).
     pub fn services_by_vip(&self, network: &str, ip: IpAddr) -> &[Arc<Service>] {
         let key = NetworkAddress::new(network, ip);
         self.by_vip.get(&key).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// What a client in `client_ns` reaches at `ip` on `network`: a service by host VIP,
+    /// else the workload with that IP, else a service by CIDR VIP (a workload's own
+    /// address wins over a range that holds it, as upstream looks workloads up first).
+    pub fn destination(
+        &self,
+        network: &str,
+        ip: IpAddr,
+        client_ns: Option<&str>,
+    ) -> Option<Destination<'_>> {
+        if let Some(s) = self.service_by_host_vip_for(network, ip, client_ns) {
+            return Some(Destination::Service(s));
+        }
+        if let Some(w) = self.workload_by_ip(network, ip) {
+            return Some(Destination::Workload(w));
+        }
+        self.by_cidr
+            .best(network, ip, client_ns)
+            .map(Destination::Service)
+    }
+
+    /// The services named `host` (lower-case, no trailing dot) in any namespace, sorted
+    /// by namespace, unfiltered (wildcard hosts are stored as `*.example.com`).
+    pub fn services_by_host(&self, host: &str) -> &[Arc<Service>] {
+        self.by_host.get(host).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The service named `host` a client in `client_ns` means: among those visible to it,
+    /// the client namespace's, else a `canonical` one, else the first by namespace.
+    pub fn service_by_host_for(
+        &self,
+        host: &str,
+        client_ns: Option<&str>,
+    ) -> Option<&Arc<Service>> {
+        let services = self.services_by_host(host);
+        best_service(
+            services.iter().filter(|s| s.visible_for(client_ns)),
+            client_ns,
+        )
+    }
+}
+
+impl Service {
+    /// Whether a client in `client_ns` may see this service ([`Service::visible_to`]);
+    /// always when the client's namespace is unknown. A filtered service is logged at
+    /// debug.
+    pub fn visible_for(&self, client_ns: Option<&str>) -> bool {
+        let Some(ns) = client_ns else {
+            return true;
+        };
+        let visible = self.visible_to(ns);
+        if !visible {
+            tracing::debug!(
+                hostname = %self.hostname,
+                service_namespace = %self.namespace,
+                client_namespace = %ns,
+                "service not visible to the client's namespace; skipped"
+            );
+        }
+        visible
     }
 }
 
@@ -43,17 +138,25 @@ fn is_pod(w: &Workload) -> bool {
     w.uid.contains("//v1/Pod/") || w.uid.contains("//Pod/")
 }
 
-/// The service a VIP shared by several `services` (sorted by namespace) stands for: the one
-/// in the client's namespace `client_ns`, else a `canonical` one (istiod marks the
-/// Kubernetes Service canonical over ServiceEntries reusing its address), else the first.
+/// The service a VIP or hostname shared by several `services` (sorted by namespace) stands
+/// for: the one in the client's namespace `client_ns`, else the first `canonical` one
+/// (istiod marks the Kubernetes Service canonical over ServiceEntries reusing its address),
+/// else the first.
 fn best_service<'a>(
-    services: &'a [Arc<Service>],
+    services: impl Iterator<Item = &'a Arc<Service>>,
     client_ns: Option<&str>,
 ) -> Option<&'a Arc<Service>> {
-    client_ns
-        .and_then(|ns| services.iter().find(|s| s.namespace == ns))
-        .or_else(|| services.iter().find(|s| s.canonical))
-        .or_else(|| services.first())
+    let (mut canonical, mut first) = (None, None);
+    for s in services {
+        if client_ns.is_some_and(|ns| s.namespace == ns) {
+            return Some(s);
+        }
+        if s.canonical && canonical.is_none() {
+            canonical = Some(s);
+        }
+        first.get_or_insert(s);
+    }
+    canonical.or(first)
 }
 
 #[cfg(test)]
@@ -180,5 +283,65 @@ services:
         assert_eq!(for_ns("a"), "a");
         assert_eq!(for_ns("elsewhere"), "b");
         assert_eq!(s.services_by_vip("", vip).len(), 3);
+    }
+
+    const SCOPED: &str = r#"
+workloads:
+- {uid: pod, name: pod, namespace: a, workloadIps: ["10.96.0.9"], services: {}}
+services:
+- {name: db, namespace: a, hostname: db.example.com, vips: ["/10.96.0.2"], ports: {80: 80},
+   visibility: Namespace}
+- {name: db, namespace: b, hostname: db.example.com, vips: ["/10.96.0.2"], ports: {80: 80}}
+- {name: only, namespace: a, hostname: only.example.com, vips: ["/10.96.0.3"], ports: {80: 80},
+   visibility: Namespace}
+- {name: range, namespace: c, hostname: range.example.com, ports: {80: 80},
+   cidrVips: [{network: "", cidr: 10.96.0.0/24}]}
+"#;
+
+    #[test]
+    fn namespace_scoped_services_are_invisible_to_other_namespaces_by_vip() {
+        let s = test_store(SCOPED).snapshot();
+        let ns_of = |addr: &str, ns: Option<&str>| {
+            s.service_by_vip_for("", ip(addr), ns)
+                .map(|s| s.namespace.clone())
+        };
+        // Shared VIP: the scoped one for its own namespace, the public one elsewhere.
+        assert_eq!(ns_of("10.96.0.2", Some("a")).unwrap(), "a");
+        assert_eq!(ns_of("10.96.0.2", Some("c")).unwrap(), "b");
+        // Only a scoped service there: from elsewhere the address falls to the range.
+        assert_eq!(ns_of("10.96.0.3", Some("a")).unwrap(), "a");
+        assert_eq!(ns_of("10.96.0.3", Some("b")).unwrap(), "c");
+        // No client namespace: nothing filtered (the first by namespace).
+        assert_eq!(ns_of("10.96.0.2", None).unwrap(), "a");
+        assert_eq!(ns_of("10.96.0.3", None).unwrap(), "a");
+        // Destinations: host VIP, then a workload's own IP, then a range.
+        let dest = |addr: &str| match s.destination("", ip(addr), Some("b")) {
+            Some(super::Destination::Service(s)) => format!("service {}", s.name),
+            Some(super::Destination::Workload(w)) => format!("workload {}", w.uid),
+            None => "none".into(),
+        };
+        assert_eq!(dest("10.96.0.2"), "service db");
+        assert_eq!(dest("10.96.0.9"), "workload pod");
+        assert_eq!(dest("10.96.0.10"), "service range");
+        assert_eq!(dest("10.97.0.1"), "none");
+    }
+
+    #[test]
+    fn namespace_scoped_services_are_invisible_to_other_namespaces_by_hostname() {
+        let s = test_store(SCOPED).snapshot();
+        let ns_of = |host: &str, ns: Option<&str>| {
+            s.service_by_host_for(host, ns).map(|s| s.namespace.clone())
+        };
+        assert_eq!(ns_of("db.example.com", Some("a")).unwrap(), "a");
+        assert_eq!(ns_of("db.example.com", Some("c")).unwrap(), "b");
+        assert_eq!(ns_of("only.example.com", Some("a")).unwrap(), "a");
+        assert!(ns_of("only.example.com", Some("b")).is_none());
+        assert_eq!(ns_of("only.example.com", None).unwrap(), "a");
+        assert_eq!(ns_of("db.example.com", None).unwrap(), "a");
+        assert_eq!(
+            s.services_by_host("only.example.com").len(),
+            1,
+            "unfiltered"
+        );
     }
 }

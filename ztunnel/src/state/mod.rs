@@ -15,9 +15,11 @@
 //! let mut changes = store.subscribe();            // watch::Receiver<u64> (version)
 //! ```
 
+mod cidr;
 pub mod file;
 pub mod gateway;
 mod index;
+pub use index::Destination;
 pub mod kube;
 mod load_balance;
 pub use load_balance::NoEndpoint;
@@ -37,7 +39,8 @@ use crate::config::WorkloadInfo;
 use crate::policy::PolicySet;
 use crate::policy::model::Authorization;
 pub use workload::{
-    LoadBalancer, NamespacedHostname, NetworkAddress, PortMap, Protocol, Service, Workload,
+    LoadBalancer, NamespacedHostname, NetworkAddress, NetworkCidr, PortMap, Protocol, Service,
+    Visibility, WeightedWaypoint, Workload,
 };
 
 /// A service endpoint: a workload and its port mapping for that service.
@@ -57,6 +60,8 @@ pub struct Snapshot {
     services: HashMap<NamespacedHostname, Arc<Service>>,
     /// Services by VIP; several when namespaces reuse an address, sorted by namespace.
     by_vip: HashMap<NetworkAddress, Vec<Arc<Service>>>,
+    /// Services by CIDR VIP: searched only when no host VIP matches.
+    by_cidr: cidr::CidrIndex,
     /// Services by lower-case hostname (one per namespace defining it), sorted by namespace.
     by_host: HashMap<String, Vec<Arc<Service>>>,
     /// The networks of the workloads indexed by address, sorted (usually one: `""`).
@@ -75,20 +80,8 @@ impl Snapshot {
         self.workloads.get(uid)
     }
 
-    /// The service with VIP `ip` on `network`; when several share it, the `canonical` one,
-    /// else the first by namespace (see [`Self::service_by_vip_for`]).
-    pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Service>> {
-        self.service_by_vip_for(network, ip, None)
-    }
-
     pub fn service(&self, key: &NamespacedHostname) -> Option<&Arc<Service>> {
         self.services.get(key)
-    }
-
-    /// The services named `host` (lower-case, no trailing dot) in any namespace, sorted
-    /// by namespace (the DNS proxy's lookups; wildcard hosts are stored as `*.example.com`).
-    pub fn services_by_host(&self, host: &str) -> &[Arc<Service>] {
-        self.by_host.get(host).map(Vec::as_slice).unwrap_or(&[])
     }
 
     /// The workload a proxy serves: matched by namespace, name and service account, among
@@ -397,6 +390,7 @@ fn build_snapshot(
             .or_default()
             .push(s.clone());
     }
+    let by_cidr = cidr::CidrIndex::new(services.values());
     for list in by_host.values_mut().chain(by_vip.values_mut()) {
         list.sort_by_key(|s| s.key());
     }
@@ -412,6 +406,7 @@ fn build_snapshot(
         by_name,
         services,
         by_vip,
+        by_cidr,
         by_host,
         networks,
         endpoints,

@@ -9,6 +9,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::identity::Identity;
@@ -375,6 +376,58 @@ pub enum LoadBalancerScope {
     Network,
 }
 
+/// A range of addresses on a network: a service's CIDR VIP, written (upstream's form)
+/// `{network: "", cidr: "10.96.8.0/24"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkCidr {
+    #[serde(default)]
+    pub network: String,
+    #[serde(deserialize_with = "cidr")]
+    pub cidr: IpNet,
+}
+
+/// `"<ip>/<prefix length>"`; a length the family cannot have is refused naming it.
+fn cidr<'de, D: Deserializer<'de>>(d: D) -> Result<IpNet, D::Error> {
+    let s = String::deserialize(d)?;
+    let bad = |why: String| serde::de::Error::custom(format!("cidr {s:?}: {why}"));
+    let (ip, len) = s
+        .split_once('/')
+        .ok_or_else(|| bad("expected <ip>/<prefix length>".into()))?;
+    let ip: IpAddr = ip
+        .parse()
+        .map_err(|e| bad(format!("bad IP address: {e}")))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let too_long = || bad(format!("prefix length {len} longer than {max}"));
+    let len: u8 = len.parse().map_err(|_| too_long())?;
+    IpNet::new(ip, len).map_err(|_| too_long())
+}
+
+impl fmt::Display for NetworkCidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.cidr)
+    }
+}
+
+/// Which clients may resolve and reach a service (upstream's `visibility`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Visibility {
+    /// Every client.
+    #[default]
+    Public,
+    /// Only clients in the service's own namespace.
+    Namespace,
+}
+
+/// One of a service's weighted waypoints (upstream's `weightedWaypoints` entry): chosen
+/// for a connection with probability `weight` / the sum of the weights.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WeightedWaypoint {
+    pub destination: GatewayAddress,
+    pub weight: u32,
+}
+
 /// A service VIP.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -382,14 +435,23 @@ pub struct Service {
     pub name: String,
     pub namespace: String,
     pub hostname: String,
+    /// Host VIPs (one address each).
     #[serde(default)]
     pub vips: Vec<NetworkAddress>,
+    /// CIDR VIPs: every address of the range is the service's (looked up only when no
+    /// host VIP matches; see `Snapshot::service_by_vip_for`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cidr_vips: Vec<NetworkCidr>,
     #[serde(default)]
     pub ports: PortMap,
     #[serde(default)]
     pub subject_alt_names: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waypoint: Option<GatewayAddress>,
+    /// When some weight is non-zero, these replace `waypoint` (which then names the
+    /// primary) for new connections: see `Service::pick_waypoint`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weighted_waypoints: Vec<WeightedWaypoint>,
     #[serde(default)]
     pub canonical: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -400,9 +462,17 @@ pub struct Service {
         deserialize_with = "ip_families"
     )]
     pub ip_families: Option<serde_yaml_ng::Value>,
+    /// Always in `/config_dump`, as upstream (even the default `Public`).
+    #[serde(default)]
+    pub visibility: Visibility,
 }
 
 impl Service {
+    /// Whether a client in `namespace` may resolve and reach this service.
+    pub fn visible_to(&self, namespace: &str) -> bool {
+        self.visibility == Visibility::Public || self.namespace == namespace
+    }
+
     pub fn key(&self) -> NamespacedHostname {
         NamespacedHostname {
             namespace: self.namespace.clone(),

@@ -156,20 +156,27 @@ fn wildcards(name: &str) -> Vec<String> {
 }
 
 /// The Service named `host` this client means: one in its own namespace, else the
-/// canonical one, else the first by namespace. Services without VIPs answer only when
-/// they are Kubernetes Services (headless), not ServiceEntries.
+/// canonical one, else the first by namespace. Services without host VIPs answer only
+/// when they are Kubernetes Services (headless), not ServiceEntries (a ServiceEntry with
+/// only CIDR VIPs is left to the upstream resolvers, as upstream). A Service not visible
+/// to the client's namespace (`visibility: Namespace` elsewhere) is not a candidate: when
+/// none is left the name is not the mesh's and is forwarded, as upstream.
 fn best_match<'s>(
     snap: &'s Snapshot,
     client: Client<'_>,
     host: &str,
     svc_domain: &str,
 ) -> Option<&'s Arc<Service>> {
-    let mut candidates = snap.services_by_host(host).iter().filter(|s| {
-        !s.vips.is_empty()
-            || normalize(&s.hostname)
-                .strip_suffix(svc_domain)
-                .is_some_and(|r| r.ends_with('.'))
-    });
+    let mut candidates = snap
+        .services_by_host(host)
+        .iter()
+        .filter(|s| {
+            !s.vips.is_empty()
+                || normalize(&s.hostname)
+                    .strip_suffix(svc_domain)
+                    .is_some_and(|r| r.ends_with('.'))
+        })
+        .filter(|s| s.visible_for(Some(client.namespace)));
     let mut fallback: Option<&Arc<Service>> = None;
     for s in candidates.by_ref() {
         if s.namespace == client.namespace {
@@ -300,6 +307,29 @@ services:
     namespace: ns2
     hostname: novip.example.com
     ports: {443: 443}
+  - name: private
+    namespace: ns2
+    hostname: private.ns2.svc.cluster.local
+    vips: ["/10.96.0.30"]
+    ports: {80: 80}
+    visibility: Namespace
+  - name: internal
+    namespace: ns1
+    hostname: internal.example.com
+    vips: ["/240.240.0.11"]
+    ports: {443: 443}
+    visibility: Namespace
+  - name: internal
+    namespace: ns3
+    hostname: internal.example.com
+    vips: ["/240.240.0.13"]
+    ports: {443: 443}
+    visibility: Namespace
+  - name: ranges
+    namespace: ns2
+    hostname: ranges.example.com
+    cidrVips: [{network: "", cidr: 10.123.0.0/16}]
+    ports: {443: 443}
 "#;
         let lc = parse(
             yaml,
@@ -421,6 +451,30 @@ services:
         );
         // A ServiceEntry without VIPs is left to the upstream resolvers.
         assert!(find("novip.example.com", ns1(), &[], Family::V4).is_none());
+    }
+
+    #[test]
+    fn namespace_scoped_services_answer_only_their_namespace() {
+        let in_ns = |ns| Client {
+            namespace: ns,
+            network: "",
+        };
+        let f = find("private.ns2", in_ns("ns2"), &[], Family::V4).unwrap();
+        assert_eq!(ips(&f), ["10.96.0.30"]);
+        // From another namespace it is not the mesh's name: forwarded.
+        assert!(find("private.ns2", ns1(), &[], Family::V4).is_none());
+        assert!(find("private.ns2.svc.cluster.local", ns1(), &[], Family::V6).is_none());
+        // Of two scoped entries for one host, each namespace sees its own; others none.
+        let host = "internal.example.com";
+        let ip_in = |ns| ips(&find(host, in_ns(ns), &[], Family::V4).unwrap());
+        assert_eq!(ip_in("ns1"), ["240.240.0.11"]);
+        assert_eq!(ip_in("ns3"), ["240.240.0.13"]);
+        assert!(find(host, in_ns("ns2"), &[], Family::V4).is_none());
+    }
+
+    #[test]
+    fn services_with_only_cidr_vips_are_forwarded() {
+        assert!(find("ranges.example.com", ns1(), &[], Family::V4).is_none());
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - [`message`]: parsing queries and authoring answers;
 //! - [`forward`]: resolv.conf and relaying to the upstream resolvers;
 //! - [`server`]: the UDP and TCP sockets, metrics and the `dns` log target.
+//!
+//! End-to-end tests over real sockets: `tests/dns_proxy.rs`, `tests/dns_proxy_inpod.rs`.
 
 pub mod forward;
 pub mod lookup;
@@ -16,6 +18,3 @@ pub mod server;
 
 pub use forward::Upstreams;
 pub use server::{DnsClient, DnsHandler, SearchDomains};
-
-#[cfg(test)]
-mod tests;

@@ -352,3 +352,150 @@ services:
         }
     }
 }
+
+/// `svc` (endpoint `ep`, 10.0.0.1) owns 10.96.8.0/24; `wsvc` (endpoint `behind`) owns
+/// 10.96.9.0/24 and has the waypoint `wp`; 10.96.8.7 is also `pod`'s own address.
+const RANGES: &str = r#"
+workloads:
+- {uid: client, name: client, namespace: ns, serviceAccount: c, workloadIps: ["10.0.0.9"],
+   protocol: HBONE}
+- {uid: other, name: other, namespace: elsewhere, serviceAccount: o,
+   workloadIps: ["10.0.0.8"], protocol: HBONE}
+- {uid: ep, name: ep, namespace: ns, serviceAccount: ep, workloadIps: ["10.0.0.1"],
+   protocol: HBONE, services: {"ns/svc.example.com": {80: 8080}}}
+- {uid: pod, name: pod, namespace: ns, serviceAccount: pod, workloadIps: ["10.96.8.7"],
+   protocol: HBONE}
+- {uid: behind, name: behind, namespace: ns, serviceAccount: behind,
+   workloadIps: ["10.0.0.4"], protocol: HBONE, services: {"ns/wsvc.example.com": {80: 8080}}}
+- {uid: wp, name: wp, namespace: ns, serviceAccount: waypoint, workloadIps: ["10.0.0.50"],
+   protocol: HBONE}
+- {uid: wp2, name: wp2, namespace: ns, serviceAccount: waypoint2, workloadIps: ["10.0.0.51"],
+   protocol: HBONE}
+services:
+- {name: svc, namespace: ns, hostname: svc.example.com, ports: {80: 8080},
+   cidrVips: [{network: "", cidr: 10.96.8.0/24}]}
+- {name: wsvc, namespace: ns, hostname: wsvc.example.com, ports: {80: 8080},
+   cidrVips: [{network: "", cidr: 10.96.9.0/24}],
+   waypoint: {destination: /10.0.0.50}}
+- {name: scoped, namespace: ns, hostname: scoped.example.com, vips: ["/10.96.7.1"],
+   ports: {80: 8080}, visibility: Namespace}
+"#;
+
+#[test]
+fn an_address_in_a_cidr_vip_routes_as_a_host_vip_would() {
+    let snap = crate::state::file::test_store(RANGES).snapshot();
+    let client = snap.workload_by_uid("client").cloned();
+    let r = |dst: &str| resolve(&snap, client.as_deref(), "", addr(dst), 15008);
+    // To the service's endpoint, port mapped.
+    match r("10.96.8.200:80") {
+        Route::Hbone {
+            workload,
+            target,
+            service,
+            waypoint,
+            ..
+        } => {
+            assert_eq!(workload.uid, "ep");
+            assert_eq!(target, addr("10.0.0.1:8080"));
+            assert_eq!(service.unwrap().hostname, "svc.example.com");
+            assert!(!waypoint);
+        }
+        r => panic!("{r:?}"),
+    }
+    // A VIP forwards only its ports, a range too.
+    assert!(matches!(r("10.96.8.200:81"), Route::Unroutable { .. }));
+    // A workload's own address inside the range is the workload's.
+    match r("10.96.8.7:9000") {
+        Route::Hbone {
+            workload, target, ..
+        } => {
+            assert_eq!(workload.uid, "pod");
+            assert_eq!(target, addr("10.96.8.7:9000"));
+        }
+        r => panic!("{r:?}"),
+    }
+    // Through the range's service's waypoint, authority the address dialled.
+    match r("10.96.9.3:80") {
+        Route::Hbone {
+            workload,
+            target,
+            service,
+            waypoint,
+            ..
+        } => {
+            assert!(waypoint);
+            assert_eq!(workload.uid, "wp");
+            assert_eq!(target, addr("10.96.9.3:80"));
+            assert_eq!(service.unwrap().hostname, "wsvc.example.com");
+        }
+        r => panic!("{r:?}"),
+    }
+    // Outside every range: not the mesh's.
+    assert!(matches!(
+        r("10.96.10.1:80"),
+        Route::Plain {
+            service: None,
+            workload: None,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_namespace_scoped_vip_is_unknown_to_other_namespaces() {
+    let snap = crate::state::file::test_store(RANGES).snapshot();
+    let from = |uid: &str| {
+        let src = snap.workload_by_uid(uid).cloned();
+        resolve(&snap, src.as_deref(), "", addr("10.96.7.1:80"), 15008)
+    };
+    assert!(
+        matches!(from("client"), Route::Unroutable { service: Some(s), .. } if s.name == "scoped"),
+        "its own namespace sees it (no endpoint)"
+    );
+    assert!(
+        matches!(
+            from("other"),
+            Route::Plain {
+                service: None,
+                workload: None,
+                ..
+            }
+        ),
+        "another namespace does not"
+    );
+}
+
+#[test]
+fn weighted_waypoints_share_connections_and_never_loop() {
+    let mut yaml = RANGES.to_string();
+    yaml = yaml.replace(
+        "waypoint: {destination: /10.0.0.50}}",
+        "waypoint: {destination: /10.0.0.50},\n   weightedWaypoints: [\
+         {destination: {destination: /10.0.0.50}, weight: 1},\
+         {destination: {destination: /10.0.0.51}, weight: 3}]}",
+    );
+    let snap = crate::state::file::test_store(&yaml).snapshot();
+    let via = |src: &str| {
+        let src = snap.workload_by_uid(src).cloned();
+        match resolve(&snap, src.as_deref(), "", addr("10.96.9.3:80"), 15008) {
+            Route::Hbone {
+                workload, waypoint, ..
+            } => (workload.uid.clone(), waypoint),
+            r => panic!("{r:?}"),
+        }
+    };
+    let mut canary = 0;
+    for _ in 0..400 {
+        match via("client") {
+            (uid, true) if uid == "wp2" => canary += 1,
+            (uid, true) => assert_eq!(uid, "wp"),
+            r => panic!("{r:?}"),
+        }
+    }
+    // Expected 300 (sd ~9).
+    assert!((240..360).contains(&canary), "{canary}");
+    // From either waypoint: straight to the endpoint.
+    for wp in ["wp", "wp2"] {
+        assert_eq!(via(wp), ("behind".to_string(), false), "{wp}");
+    }
+}

@@ -47,6 +47,7 @@ fn service(ns: &str, host: &str, vip: [u8; 4]) -> Resource {
             addresses: vec![wl::NetworkAddress {
                 network: String::new(),
                 address: vip.to_vec(),
+                length: None,
             }],
             ports: vec![wl::Port {
                 service_port: 80,

@@ -317,6 +317,9 @@ impl ServiceFacts {
                 .collect(),
             subject_alt_names: Vec::new(),
             waypoint: None,
+            weighted_waypoints: Vec::new(),
+            cidr_vips: Vec::new(),
+            visibility: Default::default(),
             canonical: true,
             load_balancer: self.load_balancer.clone(),
             ip_families: self

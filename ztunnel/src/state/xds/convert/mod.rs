@@ -16,6 +16,11 @@
 //!   the entry, which can widen a policy);
 //! - `hbone_mtls_port` 0 means 15008 (the local-config default);
 //! - a service needs a namespace and a hostname (its key in the store);
+//! - a service address whose `length` is shorter than its family's full prefix is a CIDR
+//!   VIP (`cidr_vips`), one with a longer prefix an error (upstream's too); a gateway
+//!   address's `length` is ignored, as upstream;
+//! - an unknown `visibility` is `PUBLIC`, as upstream (fail open rather than drop the
+//!   service);
 //! - `load_balancing.health_policy` and `ip_families` are kept as upstream's serde names
 //!   (`OnlyHealthy`/`AllowAll`, `IPv4`/`IPv6`/`Dual`; AUTOMATIC: none).
 //!
@@ -39,7 +44,8 @@ use crate::policy::model::{self, Authorization, IpBlock, ServiceAccountMatch, St
 use crate::state::workload::{
     ApplicationTunnel, ApplicationTunnelProtocol, GatewayAddress, GatewayDestination, HealthStatus,
     LoadBalancer, LoadBalancerMode, LoadBalancerScope, Locality, NamespacedHostname,
-    NetworkAddress, NetworkMode, PortMap, Protocol, Service, Workload,
+    NetworkAddress, NetworkCidr, NetworkMode, PortMap, Protocol, Service, Visibility,
+    WeightedWaypoint, Workload,
 };
 
 /// HBONE port of a gateway address that does not give one.
@@ -346,6 +352,29 @@ fn convert_service(s: xwl::Service) -> Res<Service> {
     if s.hostname.is_empty() {
         return Err(bad("hostname", "must not be empty"));
     }
+    let mut vips = Vec::new();
+    let mut cidr_vips = Vec::new();
+    for (i, a) in s.addresses.iter().enumerate() {
+        match service_address(a, &format!("addresses[{i}]"))? {
+            VipKind::Host(v) => vips.push(v),
+            VipKind::Cidr(c) => cidr_vips.push(c),
+        }
+    }
+    let weighted_waypoints = each(&s.weighted_waypoints, "weighted_waypoints", |w, f| {
+        let destination = w
+            .destination
+            .as_ref()
+            .ok_or_else(|| bad(format!("{f}.destination"), "missing"))?;
+        Ok(WeightedWaypoint {
+            destination: gateway(destination, &format!("{f}.destination"))?,
+            weight: w.weight,
+        })
+    })?;
+    use xwl::service::Visibility as V;
+    let visibility = match V::try_from(s.visibility).unwrap_or(V::Public) {
+        V::Public => Visibility::Public,
+        V::Namespace => Visibility::Namespace,
+    };
     let ip_families = match enum_value(s.ip_families, "ip_families")? {
         xwl::IpFamilies::Automatic => None,
         xwl::IpFamilies::Ipv4Only => Some("IPv4"),
@@ -353,7 +382,10 @@ fn convert_service(s: xwl::Service) -> Res<Service> {
         xwl::IpFamilies::Dual => Some("Dual"),
     };
     Ok(Service {
-        vips: each(&s.addresses, "addresses", network_address)?,
+        vips,
+        cidr_vips,
+        weighted_waypoints,
+        visibility,
         ports: port_map(&s.ports, "ports")?,
         waypoint: s
             .waypoint
@@ -368,6 +400,33 @@ fn convert_service(s: xwl::Service) -> Res<Service> {
         subject_alt_names: s.subject_alt_names,
         canonical: s.canonical,
     })
+}
+
+enum VipKind {
+    Host(NetworkAddress),
+    Cidr(NetworkCidr),
+}
+
+/// A service address: a host VIP, or a CIDR VIP when `length` is below the full prefix.
+fn service_address(a: &xwl::NetworkAddress, field: &str) -> Res<VipKind> {
+    let host = network_address(a, field)?;
+    let max = if host.address.is_ipv4() { 32 } else { 128 };
+    match a.length {
+        None => Ok(VipKind::Host(host)),
+        Some(len) if len == max => Ok(VipKind::Host(host)),
+        Some(len) => {
+            let too_long = || {
+                let reason = format!("prefix length {len} longer than {max}");
+                bad(format!("{field}.length"), reason)
+            };
+            let prefix = u8::try_from(len).map_err(|_| too_long())?;
+            let cidr = IpNet::new(host.address, prefix).map_err(|_| too_long())?;
+            Ok(VipKind::Cidr(NetworkCidr {
+                network: host.network,
+                cidr,
+            }))
+        }
+    }
 }
 
 fn load_balancer(lb: &xwl::LoadBalancing) -> Res<LoadBalancer> {

@@ -50,7 +50,11 @@ fn gw_host(hostname: &str, port: u32) -> Option<xwl::GatewayAddress> {
 fn gw_addr(address: Vec<u8>) -> xwl::GatewayAddress {
     let network = "net2".into();
     gw(
-        Destination::Address(xwl::NetworkAddress { network, address }),
+        Destination::Address(xwl::NetworkAddress {
+            network,
+            address,
+            length: None,
+        }),
         15009,
     )
 }
@@ -178,13 +182,29 @@ fn service_with_vips_ports_waypoint_and_load_balancing() {
     let addr = |network: &str, address| xwl::NetworkAddress {
         network: network.into(),
         address,
+        length: None,
+    };
+    let range = |address, length| xwl::NetworkAddress {
+        length: Some(length),
+        ..addr("", address)
+    };
+    let weighted = |address, weight| xwl::WeightedWaypoint {
+        destination: Some(gw_addr(address)),
+        weight,
     };
     let scopes = [Scope::Network, Scope::Region, Scope::Zone, Scope::Subzone];
     let s = xwl::Service {
         name: "web".into(),
         namespace: "app".into(),
         hostname: "web.app.svc".into(),
-        addresses: vec![addr("", vec![10, 96, 0, 10]), addr("net1", v6("fd00::10"))],
+        addresses: vec![
+            addr("", vec![10, 96, 0, 10]),
+            addr("net1", v6("fd00::10")),
+            // A full-length prefix is a host VIP; a shorter one a CIDR VIP.
+            range(vec![10, 96, 0, 11], 32),
+            range(vec![10, 96, 8, 0], 24),
+            range(v6("fd00:8::"), 64),
+        ],
         ports: ports(&[(80, 8080), (9090, 0)]),
         subject_alt_names: vec!["spiffe://cluster.local/ns/app/sa/web".into()],
         waypoint: gw_host("wp.app.svc", 15008),
@@ -199,6 +219,11 @@ fn service_with_vips_ports_waypoint_and_load_balancing() {
         }),
         ip_families: xwl::IpFamilies::Dual as i32,
         canonical: true,
+        weighted_waypoints: vec![
+            weighted(vec![10, 0, 0, 8], 90),
+            weighted(vec![10, 0, 0, 9], 10),
+        ],
+        visibility: xwl::service::Visibility::Namespace as i32,
     };
     let got = decode_address(
         &address_any(xwl::address::Type::Service(s)),
@@ -210,10 +235,15 @@ fn service_with_vips_ports_waypoint_and_load_balancing() {
         name: web
         namespace: app
         hostname: web.app.svc
-        vips: [/10.96.0.10, "net1/fd00::10"]
+        vips: [/10.96.0.10, "net1/fd00::10", /10.96.0.11]
+        cidrVips: [{network: "", cidr: 10.96.8.0/24}, {network: "", cidr: "fd00:8::/64"}]
         ports: {80: 8080, 9090: 0}
         subjectAltNames: [spiffe://cluster.local/ns/app/sa/web]
         waypoint: {destination: {namespace: app, hostname: wp.app.svc}}
+        weightedWaypoints:
+        - {destination: {destination: net2/10.0.0.8, hboneMtlsPort: 15009}, weight: 90}
+        - {destination: {destination: net2/10.0.0.9, hboneMtlsPort: 15009}, weight: 10}
+        visibility: Namespace
         canonical: true
         loadBalancer:
           routingPreferences: [Network, Region, Zone, Subzone, Node, Cluster]
@@ -238,6 +268,15 @@ fn service_with_vips_ports_waypoint_and_load_balancing() {
     let want = "{name: '', namespace: app, hostname: h,
         loadBalancer: {mode: Standard, healthPolicy: OnlyHealthy}}";
     let plain = plain.unwrap();
+    assert_eq!(plain.visibility, crate::state::Visibility::Public);
+    // A visibility this proto does not know is public, as upstream (fail open).
+    let newer = service(xwl::Service {
+        namespace: "app".into(),
+        hostname: "h".into(),
+        visibility: 7,
+        ..Default::default()
+    });
+    assert_eq!(newer.unwrap().visibility, crate::state::Visibility::Public);
     assert!(!plain.load_balancer.as_ref().unwrap().allows_unhealthy());
     assert_eq!(plain, serde_yaml_ng::from_str(want).unwrap());
 }
@@ -386,7 +425,31 @@ fn workload_and_service_errors_name_object_and_field() {
         assert!(e.starts_with(&want), "{e} is not {want}");
     }
 
-    let cases: [Case<xwl::Service>; 4] = [
+    let cases: [Case<xwl::Service>; 7] = [
+        (
+            |s| {
+                s.addresses = vec![xwl::NetworkAddress {
+                    address: vec![10, 96, 0, 0],
+                    length: Some(40),
+                    ..Default::default()
+                }]
+            },
+            "app/web.app: addresses[0].length: prefix length 40 longer than 32",
+        ),
+        (
+            |s| {
+                s.addresses = vec![xwl::NetworkAddress {
+                    address: v6("fd00::"),
+                    length: Some(129),
+                    ..Default::default()
+                }]
+            },
+            "app/web.app: addresses[0].length: prefix length 129 longer than 128",
+        ),
+        (
+            |s| s.weighted_waypoints = vec![xwl::WeightedWaypoint::default()],
+            "app/web.app: weighted_waypoints[0].destination: missing",
+        ),
         (
             |s| s.addresses = vec![xwl::NetworkAddress::default()],
             "app/web.app: addresses[0]: address 0 bytes long (want 4 or 16)",

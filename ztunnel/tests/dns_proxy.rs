@@ -1,23 +1,23 @@
-//! The DNS proxy end to end: real UDP and TCP sockets, a fake upstream resolver.
+//! The DNS proxy end to end: real UDP and TCP sockets, a fake upstream resolver
+//! (`dns_support`, shared with `dns_proxy_inpod`).
+
+mod dns_support;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use dns_support::*;
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::RecordType;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-use super::forward::{Upstreams, read_framed, write_framed};
-use super::server::{DnsClient, DnsHandler, SearchDomains, serve};
-use crate::config::WorkloadInfo;
-use crate::proxy::sockets::{BoxFuture, ListenerKind, OriginalDestination, SocketFactory};
-use crate::state::Store;
-use crate::state::file::{FileDefaults, parse};
-use crate::telemetry::dns_metrics::{DnsLabels, DnsMetrics};
+use ztunnel::proxy::dns::forward::{read_framed, write_framed};
+use ztunnel::proxy::dns::server::serve;
+use ztunnel::proxy::dns::{DnsClient, DnsHandler, SearchDomains, Upstreams};
+use ztunnel::redirect::{BoxFuture, ListenerKind, OriginalDestination, SocketFactory};
+use ztunnel::telemetry::dns_metrics::{DnsLabels, DnsMetrics};
 
 /// Unmarked sockets in the current netns: all the DNS proxy needs here (the redirect
 /// layer's factories sit above `proxy`).
@@ -57,104 +57,6 @@ impl SocketFactory for PlainSockets {
     }
 }
 
-const STATE: &str = r#"
-workloads:
-  - uid: c1
-    name: client
-    namespace: ns1
-    serviceAccount: sa
-    workloadIps: ["127.0.0.1"]
-    canonicalName: client
-    canonicalRevision: v1
-services:
-  - name: web
-    namespace: ns1
-    hostname: web.ns1.svc.cluster.local
-    vips: ["/10.96.0.10"]
-    ports: {80: 8080}
-"#;
-
-fn store() -> Store {
-    let lc = parse(
-        STATE,
-        std::path::Path::new("dns.yaml"),
-        &FileDefaults {
-            trust_domain: "cluster.local".into(),
-            cluster_id: "Kubernetes".into(),
-        },
-    )
-    .unwrap();
-    let store = Store::new();
-    store
-        .source("file")
-        .replace_all(lc.workloads, lc.services, lc.policies);
-    store
-}
-
-/// The upstream resolver's answer: `known.example.` has 192.0.2.1, every other name is
-/// NXDOMAIN.
-fn upstream_answer(query: &[u8]) -> Vec<u8> {
-    let q = Message::from_vec(query).unwrap();
-    let mut m = Message::response(q.metadata.id, OpCode::Query);
-    m.add_queries(q.queries.iter().cloned());
-    let name = q.queries[0].name().clone();
-    if name.to_ascii() == "known.example." && q.queries[0].query_type() == RecordType::A {
-        m.add_answer(Record::from_rdata(
-            name,
-            300,
-            RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
-        ));
-    } else {
-        m.metadata.response_code = ResponseCode::NXDomain;
-    }
-    m.to_vec().unwrap()
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Upstream {
-    Answers,
-    Silent,
-    /// Loses the first UDP datagram.
-    DropsFirst,
-}
-
-/// A fake upstream resolver on UDP and TCP (same port).
-async fn upstream(behaviour: Upstream) -> SocketAddr {
-    let silent = behaviour == Upstream::Silent;
-    let (udp, tcp) = loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        if let Ok(tcp) = TcpListener::bind(udp.local_addr().unwrap()).await {
-            break (udp, tcp);
-        }
-    };
-    let addr = udp.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 4096];
-        let mut drop = behaviour == Upstream::DropsFirst;
-        while let Ok((n, src)) = udp.recv_from(&mut buf).await {
-            if std::mem::take(&mut drop) {
-                continue;
-            }
-            if !silent {
-                let _ = udp.send_to(&upstream_answer(&buf[..n]), src).await;
-            }
-        }
-    });
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = tcp.accept().await {
-            tokio::spawn(async move {
-                while let Ok(Some(q)) = read_framed(&mut s).await {
-                    if silent {
-                        tokio::time::sleep(Duration::from_secs(60)).await;
-                    }
-                    let _ = write_framed(&mut s, &upstream_answer(&q)).await;
-                }
-            });
-        }
-    });
-    addr
-}
-
 struct Proxy {
     addr: SocketAddr,
     metrics: DnsMetrics,
@@ -173,11 +75,7 @@ async fn proxy(servers: Vec<SocketAddr>, attempts: u32) -> Proxy {
     let metrics = DnsMetrics::default();
     let handler = Arc::new(DnsHandler {
         state: store(),
-        client: DnsClient::Workload(WorkloadInfo {
-            namespace: "ns1".into(),
-            name: "client".into(),
-            service_account: "sa".into(),
-        }),
+        client: DnsClient::Workload(client()),
         node: None,
         cluster_domain: "cluster.local".into(),
         search: SearchDomains::PerNamespace,
@@ -214,19 +112,6 @@ async fn proxy(servers: Vec<SocketAddr>, attempts: u32) -> Proxy {
     }
 }
 
-fn query(name: &str, rtype: RecordType, edns: bool) -> Vec<u8> {
-    let mut m = Message::query();
-    m.metadata.id = 0x4242;
-    m.metadata.recursion_desired = true;
-    m.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
-    if edns {
-        let mut e = Edns::new();
-        e.set_max_payload(1232);
-        m.set_edns(e);
-    }
-    m.to_vec().unwrap()
-}
-
 async fn ask_udp(proxy: &Proxy, q: &[u8]) -> Message {
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     sock.connect(proxy.addr).await.unwrap();
@@ -248,16 +133,6 @@ async fn ask_tcp(proxy: &Proxy, q: &[u8]) -> Message {
         .unwrap()
         .unwrap();
     Message::from_vec(&answer).unwrap()
-}
-
-fn addrs(m: &Message) -> Vec<String> {
-    m.answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::A(a) => Some(a.0.to_string()),
-            _ => None,
-        })
-        .collect()
 }
 
 #[tokio::test]
@@ -391,4 +266,24 @@ async fn a_dead_first_server_does_not_delay_answers() {
             start.elapsed()
         );
     }
+}
+
+#[tokio::test]
+async fn namespace_scoped_services_of_other_namespaces_are_forwarded() {
+    let proxy = proxy(vec![upstream(Upstream::Answers).await], 2).await;
+    // The client's own namespace's: answered from the mesh.
+    let m = ask_udp(&proxy, &query("mine.", RecordType::A, false)).await;
+    assert!(m.metadata.authoritative);
+    assert_eq!(addrs(&m), ["10.96.0.11"]);
+    // Another namespace's: not the mesh's name for this client, so the upstream
+    // resolver's answer (NXDOMAIN here) comes back.
+    let m = ask_udp(&proxy, &query("theirs.ns2.", RecordType::A, false)).await;
+    assert!(!m.metadata.authoritative);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    assert!(addrs(&m).is_empty());
+    let labels = DnsLabels::new("a".into(), "udp", Some(("client", "v1")));
+    assert_eq!(
+        proxy.metrics.upstream_requests.get_or_create(&labels).get(),
+        1
+    );
 }
