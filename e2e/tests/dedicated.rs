@@ -484,3 +484,33 @@ fn a_revoked_certificate_cuts_the_workload_off() {
     );
     mesh.shutdown();
 }
+
+/// Admin `POST /quitquitquit` (upstream's endpoint) drains and exits 0 like SIGTERM; other
+/// methods are refused.
+#[test]
+fn quitquitquit_drains_and_exits_zero() {
+    require_root!();
+    let mut mesh = Mesh::new("ztdedquit");
+    let mut za = mesh.m.take_ztunnel("a").expect("ztunnel a");
+    let (status, _) = mesh
+        .a()
+        .http_get(15000, "/quitquitquit")
+        .expect("admin answers");
+    assert_eq!(status, 405);
+    assert!(za.is_running());
+    let (status, body) = mesh
+        .a()
+        .http_post(15000, "/quitquitquit")
+        .expect("admin answers");
+    assert_eq!((status, body.trim()), (200, "draining"));
+    let status = za
+        .wait_timeout(Duration::from_secs(15))
+        .expect("A exits after /quitquitquit");
+    let log = mesh.a().log();
+    assert!(status.success(), "ztunnel a: {status}\n{log}");
+    assert!(
+        log.contains("/quitquitquit: draining") && log.contains("drained; exiting"),
+        "{log}"
+    );
+    mesh.shutdown();
+}

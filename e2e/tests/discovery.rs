@@ -220,6 +220,7 @@ async fn api_changes_reach_the_store_routing_policies_and_config_dump() {
         registry: Arc::new(prometheus_client::registry::Registry::default()),
         readiness,
         proxies: Arc::new(Vec::new),
+        quit: tokio_util::sync::CancellationToken::new(),
     });
     let stop = tokio_util::sync::CancellationToken::new();
     let addrs = ztunnel::admin::start(state, stop.clone()).await.unwrap();

@@ -220,6 +220,8 @@ pub fn run(mut cfg: Config) -> Result<(), AppError> {
     };
 
     let admin_stop = CancellationToken::new();
+    // POST /quitquitquit: the same drain as SIGTERM.
+    let quit = CancellationToken::new();
     let admin_state = Arc::new(AdminState {
         cfg: cfg.clone(),
         store: store.clone(),
@@ -228,6 +230,7 @@ pub fn run(mut cfg: Config) -> Result<(), AppError> {
         registry: Arc::new(registry),
         readiness: readiness.clone(),
         proxies: lister,
+        quit: quit.clone(),
     });
     let (admin_thread, admin_addrs) = spawn_admin(admin_state, admin_stop.clone())?;
     tracing::info!(
@@ -250,6 +253,7 @@ pub fn run(mut cfg: Config) -> Result<(), AppError> {
         proxies,
         inpod_proxies,
         workers.shards(),
+        quit,
     ));
     admin_stop.cancel();
     let _ = admin_thread.join();
@@ -420,6 +424,7 @@ async fn data_plane(
     proxies: Arc<Mutex<Vec<(String, ProxyHandle)>>>,
     inpod_proxies: Arc<Mutex<Option<Arc<EngineWorkloadProxies>>>>,
     shards: Shards,
+    quit: CancellationToken,
 ) -> Result<(), AppError> {
     let cfg = inputs.cfg.clone();
     // Open connections get the grace period less a margin: kubelet's SIGKILL comes at its end.
@@ -520,6 +525,7 @@ async fn data_plane(
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
         _ = sigint.recv() => tracing::info!("SIGINT: draining"),
+        _ = quit.cancelled() => {}
     }
     shutdown.cancel();
     if let Some(t) = inpod_task {

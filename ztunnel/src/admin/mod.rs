@@ -39,6 +39,8 @@ pub struct AdminState {
     pub registry: Arc<Registry>,
     pub readiness: Readiness,
     pub proxies: ProxyLister,
+    /// Cancelled by `POST /quitquitquit`: ztunnel drains and exits as on SIGTERM.
+    pub quit: CancellationToken,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -227,6 +229,15 @@ fn route<B>(
     let path = req.uri().path();
     if endpoint == Endpoint::Admin && path == "/logging" {
         return logging(req);
+    }
+    if endpoint == Endpoint::Admin && path == "/quitquitquit" {
+        // As upstream: POST only; the same drain as SIGTERM.
+        if req.method() != Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "POST only\n");
+        }
+        tracing::info!("/quitquitquit: draining");
+        state.quit.cancel();
+        return text(StatusCode::OK, "draining\n");
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
