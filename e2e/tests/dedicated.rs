@@ -209,6 +209,8 @@ fn plain_client_reaches_server_only_through_hbone() {
         .filter_map(|s| s["hostname"].as_str())
         .collect();
     assert_eq!(hosts, ["b.default.svc.cluster.local"], "{dump:#}");
+    // Upstream's field, always present (istioctl shows it).
+    assert_eq!(dump["services"][0]["visibility"], "Public", "{dump:#}");
     // Upstream's shape (istioctl ztunnel-config services): endpoints by workload uid.
     let ep = &dump["services"][0]["endpoints"][mesh.b().uid()];
     assert_eq!(ep["workloadUid"], mesh.b().uid().as_str(), "{dump:#}");

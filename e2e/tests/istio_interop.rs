@@ -188,7 +188,7 @@ fn hbone_both_ways_between_this_and_istios_ztunnel() {
 
     // Both /config_dump documents have Istio's shape (istioctl ztunnel-config reads them):
     // every key Istio's ztunnel gives a workload, service (endpoints included) or
-    // certificate, ours gives too. (Istio's own extras: services' `visibility`.)
+    // certificate, ours gives too.
     let dump = |p: &MeshPod| -> serde_json::Value {
         let text = p.admin("/config_dump");
         serde_json::from_str(&text[text.find('{').unwrap_or(0)..]).expect("config dump JSON")
@@ -205,7 +205,6 @@ fn hbone_both_ways_between_this_and_istios_ztunnel() {
         };
         let missing: Vec<String> = keys(&their_dump)
             .difference(&keys(&our_dump))
-            .filter(|k| *k != "visibility")
             .cloned()
             .collect();
         assert!(
