@@ -271,34 +271,14 @@ pub async fn until_revoked(watch: Option<RevocationWatch>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::Identity;
     use crate::identity::local_ca::LocalCa;
-    use crate::identity::manager::generate_csr;
-    use crate::identity::{Identity, WorkloadCertificate};
-    use std::path::PathBuf;
-    use std::time::{Duration, SystemTime};
-
-    fn ca(name: &str) -> LocalCa {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/ca");
-        LocalCa::from_files(
-            &dir.join(format!("{name}-root.pem")),
-            &dir.join(format!("{name}-root.key")),
-        )
-        .unwrap()
-    }
+    use crate::tls::test_pki::{ca, leaf, now_valid};
+    use std::time::Duration;
 
     /// A leaf for `id` from `ca`: its DER and its serial (hex).
     fn leaf_chain(ca: &LocalCa, id: &Identity) -> (CertificateDer<'static>, String) {
-        let (key, csr) = generate_csr(id).unwrap();
-        let now = SystemTime::now();
-        let chain = ca
-            .sign_csr_with_validity(
-                &csr,
-                id,
-                now - Duration::from_secs(60),
-                now + Duration::from_secs(3600),
-            )
-            .unwrap();
-        let cert = WorkloadCertificate::from_pem(id, &key, &chain).unwrap();
+        let cert = leaf(ca, id, now_valid());
         (
             cert.certified_key().cert[0].clone(),
             cert.serial().to_string(),

@@ -16,6 +16,8 @@
 
 pub mod crl;
 pub mod roots;
+#[cfg(test)]
+mod test_pki;
 pub mod verifier;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -147,41 +149,10 @@ impl ResolvesClientCert for FixedCert {
 
 #[cfg(test)]
 mod tests {
+    use super::test_pki::{ca, leaf, now_valid, roots};
     use super::*;
-    use crate::identity::local_ca::LocalCa;
-    use crate::identity::manager::generate_csr;
     use std::path::PathBuf;
     use std::time::{Duration, SystemTime};
-
-    fn ca(name: &str) -> LocalCa {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/ca");
-        LocalCa::from_files(
-            &dir.join(format!("{name}-root.pem")),
-            &dir.join(format!("{name}-root.key")),
-        )
-        .unwrap()
-    }
-
-    fn roots(ca: &LocalCa) -> TrustRoots {
-        TrustRoots::from_der([ca.root_certificate().clone()], "test").unwrap()
-    }
-
-    fn leaf(
-        ca: &LocalCa,
-        id: &Identity,
-        valid: std::ops::Range<SystemTime>,
-    ) -> WorkloadCertificate {
-        let (key, csr) = generate_csr(id).unwrap();
-        let chain = ca
-            .sign_csr_with_validity(&csr, id, valid.start, valid.end)
-            .unwrap();
-        WorkloadCertificate::from_pem(id, &key, &chain).unwrap()
-    }
-
-    fn now_valid() -> std::ops::Range<SystemTime> {
-        let now = SystemTime::now();
-        now - Duration::from_secs(60)..now + Duration::from_secs(3600)
-    }
 
     /// Runs one handshake; returns (client result, server result, server-seen peer identity).
     async fn handshake(
