@@ -316,6 +316,62 @@ async fn a_refused_token_is_logged_and_keeps_ztunnel_unready() {
     );
 }
 
+/// `ALT_XDS_HOSTNAME`: istiod reached at an address its certificate does not name (here
+/// 127.0.0.1; the certificate names only `istiod.istio-system.svc`) is refused, with the
+/// reason logged; with the alternative name the certificate is checked for that name and
+/// the workloads arrive. Its root given as `XDS_ROOT_CA` (not `ROOT_CA_PATH`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alt_xds_hostname_is_the_name_istiods_certificate_must_carry() {
+    let (root, root_key) = node_agent::ca::authority::testing::generate_root("istiod root");
+    let (cert, key) =
+        e2e::xds_server::serving_cert(&root, &root_key, &["istiod.istio-system.svc".into()])
+            .expect("istiod serving certificate");
+    let xds = XdsServer::new()
+        .tls(cert, key)
+        .require_token(TOKEN)
+        .start("127.0.0.1:0".parse().unwrap())
+        .unwrap();
+    xds.set_workload(workload("web-1", [10, 244, 7, 1]));
+    let dir = tempfile::tempdir().unwrap();
+    let xds_root = dir.path().join("xds-root.pem");
+    std::fs::write(&xds_root, &root).unwrap();
+    let xds_root = xds_root.display().to_string();
+    // ROOT_CA_PATH (what XDS_ROOT_CA defaults to) is another root: XDS_ROOT_CA must win.
+    let (other_root, _) = node_agent::ca::authority::testing::generate_root("other root");
+
+    let plain = start_ztunnel_with(
+        &xds,
+        &other_root,
+        TOKEN,
+        &[("XDS_ROOT_CA", xds_root.clone())],
+    );
+    let start = Instant::now();
+    while !plain.log().contains("not valid for name") {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no name mismatch logged:\n{}",
+            plain.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(xds.nodes().is_empty(), "a stream despite the name mismatch");
+    drop(plain);
+
+    let mut alt = start_ztunnel_with(
+        &xds,
+        &other_root,
+        TOKEN,
+        &[
+            ("XDS_ROOT_CA", xds_root),
+            ("ALT_XDS_HOSTNAME", "istiod.istio-system.svc".into()),
+        ],
+    );
+    alt.dump_until("istiod's workload through the alternative name", |d| {
+        d.contains("10.244.7.1")
+    })
+    .await;
+}
+
 /// Istio's own ztunnel against the same double: it accepts what the double sends
 /// (ACKs both types, shows the workload, service and policy in its config dump), and
 /// it identifies itself to "istiod" exactly as this ztunnel does (node id, metadata
