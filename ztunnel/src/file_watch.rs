@@ -38,11 +38,31 @@ impl FileWatcher {
 /// Calls `on_change` with the file's new text whenever it differs from the last accepted
 /// text (`initial` at first). `on_change` returns whether it accepted the text; a rejected
 /// text is offered again at the next change event. Calls run on the watcher's own thread;
-/// an unreadable file is logged and skipped.
+/// an unreadable file, or one that is not UTF-8, is logged and skipped.
 pub fn watch(
     path: &Path,
     initial: String,
     on_change: impl Fn(&str) -> bool + Send + 'static,
+) -> Result<FileWatcher, WatchError> {
+    let name = path.display().to_string();
+    watch_bytes(
+        path,
+        initial.into_bytes(),
+        move |bytes| match std::str::from_utf8(bytes) {
+            Ok(text) => on_change(text),
+            Err(e) => {
+                tracing::warn!(path = %name, error = %e, "watched file is not UTF-8 text; keeping the previous content");
+                false
+            }
+        },
+    )
+}
+
+/// [`watch`] for any content (e.g. a DER file): `on_change` gets the file's bytes.
+pub fn watch_bytes(
+    path: &Path,
+    initial: Vec<u8>,
+    on_change: impl Fn(&[u8]) -> bool + Send + 'static,
 ) -> Result<FileWatcher, WatchError> {
     let dir = path
         .parent()
@@ -64,7 +84,7 @@ pub fn watch(
         // Let a writer finish (truncate + write arrive as separate events).
         std::thread::sleep(Duration::from_millis(50));
         counter.fetch_add(1, Ordering::Relaxed);
-        let text = match std::fs::read_to_string(&file) {
+        let text = match std::fs::read(&file) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(path = %file.display(), error = %e, "watched file unreadable; keeping the previous content");

@@ -76,7 +76,7 @@ fn bad_configuration_is_rejected_naming_field_or_file() {
                 ("CA_ROOT_KEY", ca_key),
                 ("CRL_PATH", bad_yaml),
             ],
-            vec!["CRL_PATH", bad_yaml, "not PEM"],
+            vec!["CRL_PATH", bad_yaml, "neither PEM nor a DER CRL"],
         ),
     ] {
         let (code, _, err) = ztunnel(&["proxy"], &env);

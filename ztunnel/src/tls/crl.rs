@@ -6,7 +6,8 @@
 //! logged at WARN naming the peer, counted in `istio_crl_policy_rejections_total`).
 //!
 //! - The file holds zero or more PEM `X509 CRL` blocks (Istio's plugged-in CA publishes
-//!   `ca-crl.pem`); an empty file or one without CRL blocks revokes nothing.
+//!   `ca-crl.pem`), or one DER list; an empty file or PEM without CRL blocks revokes
+//!   nothing.
 //! - It is followed while running ([`RevocationLists::watch_file`]): a change that parses
 //!   replaces the lists; one that does not is logged and the previous lists stay. A file
 //!   that does not exist yet (mounted later) starts as "no revocations" with a warning.
@@ -49,6 +50,27 @@ pub struct CrlSet {
 }
 
 impl CrlSet {
+    /// Parses a CRL file: PEM (zero or more `X509 CRL` blocks, other blocks ignored) or
+    /// one DER list; empty = no lists. `path` names the file in errors.
+    pub fn from_bytes(data: &[u8], path: &str) -> Result<Self, CrlError> {
+        if data.trim_ascii().is_empty() {
+            return Ok(CrlSet::default());
+        }
+        match std::str::from_utf8(data) {
+            Ok(text) if text.contains("-----BEGIN") => Self::from_pem(text, path),
+            _ => {
+                let owned =
+                    OwnedCertRevocationList::from_der(data).map_err(|e| CrlError::Parse {
+                        path: path.to_string(),
+                        reason: format!("neither PEM nor a DER CRL: {e}"),
+                    })?;
+                Ok(CrlSet {
+                    lists: vec![CertRevocationList::Owned(owned)],
+                })
+            }
+        }
+    }
+
     /// Parses PEM text holding zero or more `X509 CRL` blocks (other blocks are ignored);
     /// `path` names the file in errors.
     pub fn from_pem(text: &str, path: &str) -> Result<Self, CrlError> {
@@ -140,28 +162,28 @@ impl RevocationLists {
 
     /// Reads the lists once. A missing file is no revocations (warned: it may be mounted
     /// later); an unreadable or malformed one is an error naming it. Returns the text too.
-    pub fn load_file(path: &Path) -> Result<(Self, String), CrlError> {
+    pub fn load_file(path: &Path) -> Result<(Self, Vec<u8>), CrlError> {
         let name = path.display().to_string();
-        let text = match std::fs::read_to_string(path) {
+        let data = match std::fs::read(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 tracing::warn!(path = %name, "CRL_PATH file does not exist (yet): no certificate is revoked until it appears");
-                String::new()
+                Vec::new()
             }
             Err(source) => return Err(CrlError::Read { path: name, source }),
         };
-        let set = CrlSet::from_pem(&text, &name)?;
+        let set = CrlSet::from_bytes(&data, &name)?;
         tracing::info!(path = %name, lists = set.len(), "certificate revocation lists loaded");
-        Ok((Self::new(set), text))
+        Ok((Self::new(set), data))
     }
 
     /// [`Self::load_file`], then follows the file while the returned watcher lives.
     pub fn watch_file(path: &Path) -> Result<(Self, FileWatcher), CrlError> {
-        let (lists, text) = Self::load_file(path)?;
+        let (lists, data) = Self::load_file(path)?;
         let shared = lists.clone();
         let name = path.display().to_string();
-        let watcher = file_watch::watch(path, text, move |text| {
-            match CrlSet::from_pem(text, &name) {
+        let watcher = file_watch::watch_bytes(path, data, move |data| {
+            match CrlSet::from_bytes(data, &name) {
                 Ok(set) => {
                     tracing::info!(path = %name, lists = set.len(), "certificate revocation lists reloaded; established connections are checked again");
                     shared.replace(set);
@@ -345,6 +367,36 @@ mod tests {
         assert_eq!(
             CrlSet::default().check(&a_der, &[], &roots, now, KeyUsage::client_auth()),
             Ok(())
+        );
+    }
+
+    /// One DER list (upstream reads those too), and garbage that is neither.
+    #[test]
+    fn a_der_list_loads_and_garbage_is_refused() {
+        let root = ca("ec");
+        let (a_der, a_serial) = leaf_chain(&root, &Identity::new("cluster.local", "ns", "a"));
+        let pem = root.revocation_list_pem(&[&a_serial]).unwrap();
+        let der = CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let set = CrlSet::from_bytes(der.as_ref(), "f").unwrap();
+        assert_eq!(set.len(), 1);
+        assert_eq!(
+            set.check(
+                &a_der,
+                &[],
+                &store(&root),
+                UnixTime::now(),
+                KeyUsage::client_auth()
+            ),
+            Err(webpki::Error::CertRevoked)
+        );
+        assert_eq!(CrlSet::from_bytes(pem.as_bytes(), "f").unwrap().len(), 1);
+        assert!(CrlSet::from_bytes(b" \n", "f").unwrap().is_empty());
+        let e = CrlSet::from_bytes(&[0x30, 0x03, 0x01, 0x02], "/etc/crl.der")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/etc/crl.der") && e.contains("neither PEM nor a DER CRL"),
+            "{e}"
         );
     }
 
