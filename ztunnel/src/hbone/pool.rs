@@ -364,9 +364,7 @@ impl Pool {
             pool: Arc::downgrade(&self.inner),
             key: full_key.clone(),
         };
-        self.inner
-            .tracker
-            .spawn(driver.run(conn, ping, until_revoked(revocation)));
+        self.inner.tracker.spawn(driver.run(conn, ping, revocation));
         Ok(pooled)
     }
 }
@@ -384,13 +382,16 @@ impl Driver {
         self,
         conn: h2::client::Connection<T, Bytes>,
         ping: Option<h2::PingPong>,
-        revoked: impl Future<Output = ()>,
+        revocation: Option<RevocationWatch>,
     ) where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let id = self.conn_state.id;
         let dst = self.key.0.dst;
         tokio::pin!(conn);
+        // Without revocation lists the branch below is disabled: never polled.
+        let watching = revocation.is_some();
+        let revoked = until_revoked(revocation);
         tokio::pin!(revoked);
         let mut ping = ping;
         let reason = loop {
@@ -401,7 +402,7 @@ impl Driver {
                     Err(e) => format!("error: {e}"),
                 },
                 _ = self.shutdown.cancelled() => break "pool shut down".to_string(),
-                () = &mut revoked => break "peer certificate revoked".to_string(),
+                () = &mut revoked, if watching => break "peer certificate revoked".to_string(),
                 _ = next => {}
             }
             let idle = self.conn_state.active.load(Ordering::Acquire) == 0
@@ -424,7 +425,7 @@ impl Driver {
                         Err(e) => format!("error: {e}"),
                     },
                     _ = self.shutdown.cancelled() => break "pool shut down".to_string(),
-                    () = &mut revoked => break "peer certificate revoked".to_string(),
+                    () = &mut revoked, if watching => break "peer certificate revoked".to_string(),
                     r = pong => match r {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => break format!("keepalive failed: {e}"),

@@ -208,10 +208,14 @@ pub(super) async fn handle(
             }
         },
     );
-    let result = tokio::select! {
-        r = served => r,
-        // Dropping the connection resets its streams: their app connections close.
-        () = crate::tls::crl::until_revoked(revocation) => Ok(()),
+    let result = match revocation {
+        // No revocation lists: the connection as before, nothing else polled.
+        None => served.await,
+        Some(watch) => tokio::select! {
+            r = served => r,
+            // Dropping the connection resets its streams: their app connections close.
+            () = watch.revoked() => Ok(()),
+        },
     };
     if let Err(e) = result
         && !e.is_go_away()
