@@ -23,8 +23,17 @@ static ISTIO_PORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// token [`TOKEN`] required, serving workload `web-1` at `web_ip`, the `web` service and
 /// the DENY policy; the root's certificate (PEM) for the clients.
 fn istiod(web_ip: [u8; 4]) -> (XdsHandle, String) {
+    let (xds, root) = istiod_named(web_ip, "127.0.0.1");
+    xds.set_service(service());
+    xds.set_authorization(deny_policy());
+    (xds, root)
+}
+
+/// The istiod double (TLS certificate for `name` only, token required) serving workload
+/// `web-1` at `web_ip`; the root's certificate (PEM).
+fn istiod_named(web_ip: [u8; 4], name: &str) -> (XdsHandle, String) {
     let (root, root_key) = node_agent::ca::authority::testing::generate_root("istiod root");
-    let (cert, key) = e2e::xds_server::serving_cert(&root, &root_key, &["127.0.0.1".into()])
+    let (cert, key) = e2e::xds_server::serving_cert(&root, &root_key, &[name.into()])
         .expect("istiod serving certificate");
     let xds = XdsServer::new()
         .tls(cert, key)
@@ -32,8 +41,6 @@ fn istiod(web_ip: [u8; 4]) -> (XdsHandle, String) {
         .start("127.0.0.1:0".parse().unwrap())
         .unwrap();
     xds.set_workload(workload("web-1", web_ip));
-    xds.set_service(service());
-    xds.set_authorization(deny_policy());
     (xds, root)
 }
 
@@ -322,16 +329,7 @@ async fn a_refused_token_is_logged_and_keeps_ztunnel_unready() {
 /// the workloads arrive. Its root given as `XDS_ROOT_CA` (not `ROOT_CA_PATH`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alt_xds_hostname_is_the_name_istiods_certificate_must_carry() {
-    let (root, root_key) = node_agent::ca::authority::testing::generate_root("istiod root");
-    let (cert, key) =
-        e2e::xds_server::serving_cert(&root, &root_key, &["istiod.istio-system.svc".into()])
-            .expect("istiod serving certificate");
-    let xds = XdsServer::new()
-        .tls(cert, key)
-        .require_token(TOKEN)
-        .start("127.0.0.1:0".parse().unwrap())
-        .unwrap();
-    xds.set_workload(workload("web-1", [10, 244, 7, 1]));
+    let (xds, root) = istiod_named([10, 244, 7, 1], "istiod.istio-system.svc");
     let dir = tempfile::tempdir().unwrap();
     let xds_root = dir.path().join("xds-root.pem");
     std::fs::write(&xds_root, &root).unwrap();
