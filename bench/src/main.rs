@@ -3,7 +3,9 @@
 //!
 //! Usage: `bench-dedicated [--ztunnel PATH] [--seconds N] [--results PATH]
 //! [--istio-ztunnel PATH]` (root). With `--istio-ztunnel`, Istio's own ztunnel is measured in
-//! the same run and topology, after this project's.
+//! the same run and topology, after this project's. `--hold SECONDS` only sets up the two
+//! pods with running ztunnels (Istio's with `--istio-ztunnel`) and prints their netns and
+//! pids, for profiling by hand.
 
 mod placement;
 mod procstat;
@@ -137,8 +139,17 @@ fn main() -> Result<()> {
         binary: args.ztunnel.clone(),
         ca_dir: workspace().join("ztunnel/testdata/ca"),
     };
-    topo.start_ztunnels(&ours, &args.env)?;
     if let Some(hold) = args.hold {
+        // `--hold` with `--istio-ztunnel` holds Istio's ztunnel, for profiling it the same way.
+        match &args.istio {
+            Some(istio) => topo.start_ztunnels(
+                &topology::Flavor::Istio {
+                    binary: istio.clone(),
+                },
+                &args.env,
+            )?,
+            None => topo.start_ztunnels(&ours, &args.env)?,
+        }
         let pids: Vec<i32> = topo.ztunnels.iter().map(|z| z.pid()).collect();
         println!(
             "pod a: netns {} ip {}\npod b: netns {} ip {} (iperf3 :5201, sockperf :11111)\nztunnel pids: {pids:?}\nlogs: {}",

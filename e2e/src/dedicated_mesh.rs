@@ -445,6 +445,18 @@ pub fn http_get(ns: &NamedNetns, port: u16, path: &str) -> Option<(u16, String)>
 
 /// `method path` (no body) on `127.0.0.1:port` inside `ns`: (status, body).
 pub fn http_request(ns: &NamedNetns, method: &str, port: u16, path: &str) -> Option<(u16, String)> {
+    http_request_bytes(ns, method, port, path)
+        .map(|(status, body)| (status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// [`http_request`] with the body as bytes (binary answers, e.g. a pprof profile);
+/// waits up to 15 s of silence for the answer.
+pub fn http_request_bytes(
+    ns: &NamedNetns,
+    method: &str,
+    port: u16,
+    path: &str,
+) -> Option<(u16, Vec<u8>)> {
     let mut s = ns
         .run(move || {
             TcpStream::connect_timeout(
@@ -454,20 +466,18 @@ pub fn http_request(ns: &NamedNetns, method: &str, port: u16, path: &str) -> Opt
         })
         .ok()?
         .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(15))).ok()?;
     write!(
         s,
         "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
     )
     .ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    let status = resp.split(' ').nth(1)?.parse().ok()?;
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).ok()?;
+    let head_end = resp.windows(4).position(|w| w == b"\r\n\r\n");
+    let head = String::from_utf8_lossy(&resp[..head_end.unwrap_or(resp.len())]).into_owned();
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    let body = head_end.map(|i| resp[i + 4..].to_vec()).unwrap_or_default();
     Some((status, body))
 }
 

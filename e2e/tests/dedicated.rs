@@ -17,7 +17,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use e2e::dedicated_mesh::{DedicatedMesh, EchoServer, MeshPod, echo, wait_until, workload_entry};
+use e2e::dedicated_mesh::{
+    DedicatedMesh, EchoServer, MeshPod, echo, http_request_bytes, wait_until, workload_entry,
+};
 use e2e::netsim::{can_create_netns, capture_during};
 
 const ECHO_PORT: u16 = 8080;
@@ -514,5 +516,87 @@ fn quitquitquit_drains_and_exits_zero() {
         log.contains("/quitquitquit: draining") && log.contains("drained; exiting"),
         "{log}"
     );
+    mesh.shutdown();
+}
+
+/// Admin `GET /debug/pprof/profile` (upstream's endpoint) answers with a CPU profile in
+/// pprof's protobuf format, sampled while traffic flows through the tunnel; one capture at
+/// a time; bad parameters and the heap endpoint are refused with the reason.
+#[test]
+fn pprof_profile_samples_the_data_path() {
+    use ztunnel::admin::pprof::format::Profile;
+    require_root!();
+    let mesh = Mesh::new("ztdedpprof");
+    let _echo = EchoServer::start(mesh.b().netns(), ECHO_PORT, None);
+    let (status, body) = std::thread::scope(|scope| {
+        let profile = scope.spawn(|| {
+            http_request_bytes(
+                mesh.a().netns(),
+                "GET",
+                15000,
+                "/debug/pprof/profile?seconds=2&frequency=499",
+            )
+        });
+        // While it runs: a second capture is refused, and traffic keeps ztunnel A busy.
+        wait_until("the capture to start", Duration::from_secs(5), || {
+            mesh.a().log().contains("capturing a CPU profile")
+        });
+        let (status, body) = mesh
+            .a()
+            .http_get(15000, "/debug/pprof/profile?seconds=1")
+            .expect("admin answers");
+        assert_eq!(status, 409, "{body}");
+        let mut s = mesh.connect_a_to_b(ECHO_PORT);
+        let chunk = vec![0x5a_u8; 64 * 1024];
+        let mut back = vec![0_u8; chunk.len()];
+        let end = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < end {
+            s.write_all(&chunk).unwrap();
+            s.read_exact(&mut back).unwrap();
+        }
+        profile.join().unwrap().expect("admin answers")
+    });
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let p = <Profile as prost::Message>::decode(body.as_slice()).expect("a pprof profile");
+    let s = |i: i64| p.string_table[i as usize].as_str();
+    let types: Vec<_> = p
+        .sample_type
+        .iter()
+        .map(|t| (s(t.r#type), s(t.unit)))
+        .collect();
+    assert_eq!(types, [("samples", "count"), ("cpu", "nanoseconds")]);
+    assert_eq!(p.period, 1_000_000_000 / 499);
+    assert!(!p.sample.is_empty(), "no samples");
+    let functions: Vec<&str> = p.function.iter().map(|f| s(f.name)).collect();
+    // The relay itself was sampled: its TLS or HTTP/2 code is in some stack.
+    assert!(
+        functions
+            .iter()
+            .any(|f| f.contains("rustls") || f.contains("h2::")),
+        "functions: {functions:?}"
+    );
+    for sample in &p.sample {
+        for id in &sample.location_id {
+            assert!(
+                p.location.iter().any(|l| l.id == *id),
+                "dangling location {id}"
+            );
+        }
+    }
+    // Bad parameters and heap profiles: refused with the reason.
+    let (status, body) = mesh
+        .a()
+        .http_get(15000, "/debug/pprof/profile?seconds=301")
+        .expect("admin answers");
+    assert_eq!(
+        (status, body.trim()),
+        (400, "invalid seconds value \"301\"; expected 1-300")
+    );
+    let (status, body) = mesh
+        .a()
+        .http_get(15000, "/debug/pprof/heap")
+        .expect("admin answers");
+    assert_eq!(status, 501, "{body}");
+    assert!(body.contains("jemalloc"), "{body}");
     mesh.shutdown();
 }

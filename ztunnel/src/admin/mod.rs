@@ -1,10 +1,11 @@
 //! HTTP endpoints for operators: admin on `localhost:15000` (127.0.0.1 and ::1;
 //! `/config_dump`,
-//! `/debug/connections`), Prometheus on `[::]:15020/metrics`, readiness on
+//! `/debug/connections`, `/debug/pprof/profile`), Prometheus on `[::]:15020/metrics`, readiness on
 //! `[::]:15021/healthz/ready`. HTTP/1.1 (hyper), served on the admin runtime, never on the
 //! data-plane threads.
 
 pub mod config_dump;
+pub mod pprof;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -151,7 +152,17 @@ async fn serve(
         tokio::spawn(async move {
             let svc = service_fn(move |req: http::Request<Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(endpoint, &state, &req)) }
+                async move {
+                    let resp = match (endpoint, req.uri().path()) {
+                        (Endpoint::Admin, "/debug/pprof/profile")
+                            if req.method() == Method::GET =>
+                        {
+                            pprof::profile(req.uri().query()).await
+                        }
+                        _ => route(endpoint, &state, &req),
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);
@@ -269,9 +280,10 @@ fn route<B>(
         }
         (Endpoint::Admin, "/config_dump") => json(config_dump::config_dump(state)),
         (Endpoint::Admin, "/debug/connections") => json(config_dump::connections(state)),
+        (Endpoint::Admin, "/debug/pprof/heap" | "/debug/pprof/heap/profiling") => pprof::heap(),
         (Endpoint::Admin, "/") => text(
             StatusCode::OK,
-            "ztunnel admin\n  /config_dump         workloads, services, policies, certificates, proxies\n  /debug/connections   open connections and pooled HBONE connections per proxy\n  /healthz/ready       readiness\n  /logging             GET: the log filter; POST ?level=<RUST_LOG filter> sets it, POST ?reset restores the start-up one\n",
+            "ztunnel admin\n  /config_dump         workloads, services, policies, certificates, proxies\n  /debug/connections   open connections and pooled HBONE connections per proxy\n  /debug/pprof/profile a CPU profile in pprof format; ?seconds=1-300 (10), ?frequency=1-1000 Hz (100)\n  /healthz/ready       readiness\n  /logging             GET: the log filter; POST ?level=<RUST_LOG filter> sets it, POST ?reset restores the start-up one\n",
         ),
         _ => text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}\n")),
     }
