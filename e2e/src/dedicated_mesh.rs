@@ -327,7 +327,9 @@ impl DedicatedMesh {
                 cmd.envs(crate::istio_ztunnel::FAKE_CA_ENV);
             }
         }
-        if !matches!(flavor, Flavor::OursFromXds { .. }) {
+        // The config file, unless the test passes the config inline (`LOCAL_XDS`).
+        let inline = self.env.iter().any(|(k, _)| k == "LOCAL_XDS");
+        if !matches!(flavor, Flavor::OursFromXds { .. }) && !inline {
             cmd.env("LOCAL_XDS_PATH", &config);
         }
         p.istio = matches!(flavor, Flavor::Istio { .. });

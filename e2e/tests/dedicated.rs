@@ -600,3 +600,57 @@ fn pprof_profile_samples_the_data_path() {
     assert!(body.contains("jemalloc"), "{body}");
     mesh.shutdown();
 }
+
+/// `LOCAL_XDS` (the local config inline, upstream's variable) instead of a file, with
+/// `IPV6_ENABLED=false`: the mesh works from the inline config (HBONE between the pods,
+/// both identities logged) and every listener is IPv4-only.
+#[test]
+fn inline_local_config_and_ipv4_only_listeners() {
+    require_root!();
+    let mut m = DedicatedMesh::new("ztdedinline").expect("mesh");
+    m.add_pod("a", "default", "sa-a").expect("pod a");
+    m.add_pod("b", "default", "sa-b").expect("pod b");
+    let yaml = format!(
+        "workloads:\n{}{}",
+        workload_entry(m.pod("a"), "HBONE", "{}", ""),
+        workload_entry(m.pod("b"), "HBONE", "{}", "")
+    );
+    m.set_ztunnel_env("LOCAL_XDS", &yaml);
+    m.set_ztunnel_env("IPV6_ENABLED", "false");
+    m.start_ztunnel("a");
+    m.start_ztunnel("b");
+    let mesh = Mesh { m };
+    assert!(
+        !mesh.a().log().contains("LOCAL_XDS_PATH"),
+        "{}",
+        mesh.a().log()
+    );
+    let _echo = EchoServer::start(mesh.b().netns(), ECHO_PORT, None);
+    let back = echo(mesh.connect_a_to_b(ECHO_PORT), b"inline").expect("echo through the mesh");
+    assert_eq!(back, b"inline");
+    let a_identity = mesh.a().identity();
+    wait_until("B logs A's identity", Duration::from_secs(5), || {
+        mesh.b().log().contains(&a_identity)
+    });
+    // Listening sockets of ztunnel B (state 0A) by family, from B's netns.
+    let listening = |table: &'static str| -> Vec<u16> {
+        let text = mesh
+            .b()
+            .netns()
+            .run(move || std::fs::read_to_string(format!("/proc/thread-self/net/{table}")))
+            .unwrap()
+            .unwrap();
+        text.lines()
+            .skip(1)
+            .filter(|l| l.split_whitespace().nth(3) == Some("0A"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.rsplit(':').next())
+            .filter_map(|port| u16::from_str_radix(port, 16).ok())
+            .collect()
+    };
+    let (v4, v6) = (listening("tcp"), listening("tcp6"));
+    for port in [15001, 15006, 15008, 15000, 15020, 15021, 15053] {
+        assert!(v4.contains(&port), "{port} not on IPv4: {v4:?}");
+        assert!(!v6.contains(&port), "{port} on IPv6: {v6:?}");
+    }
+    mesh.shutdown();
+}

@@ -154,6 +154,20 @@ pub fn run(mut cfg: Config) -> Result<(), AppError> {
         )?),
         None => None,
     };
+    if let Some(text) = &cfg.local_xds {
+        // Inline config: read once (nothing to watch); errors name the variable.
+        let lc = file::parse(
+            text,
+            std::path::Path::new("LOCAL_XDS"),
+            &FileDefaults {
+                trust_domain: cfg.trust_domain.clone(),
+                cluster_id: cfg.cluster_id.clone(),
+            },
+        )?;
+        store
+            .source(file::SOURCE_NAME)
+            .replace_all(lc.workloads, lc.services, lc.policies);
+    }
     let Authority {
         provider,
         roots,
@@ -495,7 +509,7 @@ async fn data_plane(
                 .start(ProxySpec {
                     scope: ProxyScope::Node,
                     sockets: Arc::new(TproxySocketFactory::new().with_keepalive(cfg.keepalive)),
-                    bind_ip: std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                    bind_ip: cfg.wildcard_ip(),
                     orig_src: cfg
                         .enable_orig_src
                         .unwrap_or_else(tproxy::transparent_supported),

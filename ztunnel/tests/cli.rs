@@ -72,6 +72,18 @@ fn bad_configuration_is_rejected_naming_field_or_file() {
         (vec![("RUST_LOG", "info,[=bad")], vec!["RUST_LOG"]),
         (
             vec![
+                ("LOCAL_XDS", "workloads:\n- namespace: a\n  protocol: UDP\n"),
+                ("CA_ROOT_CERT", ca_cert),
+                ("CA_ROOT_KEY", ca_key),
+            ],
+            vec!["LOCAL_XDS", "workloads[0].protocol"],
+        ),
+        (
+            vec![("LOCAL_XDS", "workloads: []"), ("LOCAL_XDS_PATH", bad_yaml)],
+            vec!["LOCAL_XDS", "only one of"],
+        ),
+        (
+            vec![
                 ("CA_ROOT_CERT", ca_cert),
                 ("CA_ROOT_KEY", ca_key),
                 ("CRL_PATH", bad_yaml),

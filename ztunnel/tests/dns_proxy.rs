@@ -72,6 +72,11 @@ impl Drop for Proxy {
 /// The DNS proxy of workload `ns1/client` on 127.0.0.1 (UDP and TCP on one port),
 /// forwarding to `servers` with a 1 s timeout.
 async fn proxy(servers: Vec<SocketAddr>, attempts: u32) -> Proxy {
+    proxy_with(servers, attempts, true).await
+}
+
+/// [`proxy`] with `IPV6_ENABLED` = `ipv6`.
+async fn proxy_with(servers: Vec<SocketAddr>, attempts: u32, ipv6: bool) -> Proxy {
     let metrics = DnsMetrics::default();
     let handler = Arc::new(DnsHandler {
         state: store(),
@@ -87,6 +92,8 @@ async fn proxy(servers: Vec<SocketAddr>, attempts: u32) -> Proxy {
         }),
         sockets: Arc::new(PlainSockets),
         metrics: metrics.clone(),
+        preferred_namespace: None,
+        ipv6,
     });
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -168,6 +175,33 @@ async fn mesh_names_are_answered_locally_over_udp_and_tcp() {
         proxy.metrics.upstream_requests.get_or_create(&labels).get(),
         0
     );
+}
+
+/// `IPV6_ENABLED=false`: a dual-stack Service answers its IPv4 VIP and no AAAA records
+/// (NOERROR, no data: the name is still the mesh's, not relayed).
+#[tokio::test]
+async fn ipv6_disabled_leaves_ipv6_addresses_out() {
+    for ipv6 in [true, false] {
+        let proxy = proxy_with(vec![upstream(Upstream::Answers).await], 2, ipv6).await;
+        let m = ask_udp(
+            &proxy,
+            &query("dual.ns1.svc.cluster.local.", RecordType::A, false),
+        )
+        .await;
+        assert_eq!(addrs(&m), ["10.96.0.13"], "ipv6 {ipv6}");
+        let m = ask_udp(
+            &proxy,
+            &query("dual.ns1.svc.cluster.local.", RecordType::AAAA, false),
+        )
+        .await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(
+            m.metadata.authoritative,
+            "answered by the mesh, ipv6 {ipv6}"
+        );
+        let want: &[&str] = if ipv6 { &["fd00::13"] } else { &[] };
+        assert_eq!(addrs(&m), want, "ipv6 {ipv6}");
+    }
 }
 
 #[tokio::test]

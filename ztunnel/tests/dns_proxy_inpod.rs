@@ -114,6 +114,8 @@ async fn queries_are_answered_in_the_pod_and_forwarded_from_it_with_the_mark() {
         }),
         sockets: Arc::new(InpodSocketFactory::new(netns(), Some(MARK), true)),
         metrics: DnsMetrics::default(),
+        preferred_namespace: None,
+        ipv6: true,
     });
     let dns = SocketAddr::from((Ipv4Addr::LOCALHOST, 15053));
     let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());

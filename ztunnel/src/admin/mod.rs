@@ -86,7 +86,10 @@ pub async fn start(
         stats: stats.local_addr().unwrap_or(state.cfg.stats_addr),
         readiness: ready.local_addr().unwrap_or(state.cfg.readiness_addr),
     };
-    let admin_v6 = ipv6_loopback_twin(addrs.admin).await;
+    let admin_v6 = match state.cfg.ipv6_enabled {
+        true => ipv6_loopback_twin(addrs.admin).await,
+        false => None,
+    };
     for (listener, endpoint) in [
         (admin, Endpoint::Admin),
         (stats, Endpoint::Stats),

@@ -170,6 +170,10 @@ pub struct Config {
     pub inpod_port_reuse: bool,
     /// `LOCAL_XDS_PATH`.
     pub local_xds_path: Option<PathBuf>,
+    /// `LOCAL_XDS`: the local config itself (YAML), read once; exclusive with
+    /// `LOCAL_XDS_PATH`.
+    #[serde(skip)]
+    pub local_xds: Option<String>,
     /// `KUBERNETES_DISCOVERY`.
     pub kubernetes_discovery: bool,
     /// `XDS_ADDRESS`: istiod's delta xDS (`https://istiod.istio-system.svc:15012`).
@@ -241,14 +245,19 @@ pub struct Config {
     /// overriding the budget derived from the grace period (as upstream).
     #[serde(serialize_with = "optional_humantime_duration")]
     pub connection_termination_deadline: Option<Duration>,
-    /// `ZTUNNEL_WORKER_THREADS`: a number (0: one per CPU) or a percentage of the CPUs
-    /// (`50%`, rounded up); CPUs = `ZTUNNEL_CPU_LIMIT` when set (the chart passes the
-    /// container's limit), else the machine's. Default 2.
+    /// Data-plane worker threads: `ZTUNNEL_WORKER_THREADS`, else derived from the pod's
+    /// CPU limit and request as upstream does (see [`threads`]).
     pub worker_threads: usize,
     /// `LOG_FORMAT`.
     pub log_format: LogFormat,
     pub h2: H2Config,
     pub ports: ProxyPorts,
+    /// `IPV6_ENABLED` (true): false binds every listener on IPv4 only (`0.0.0.0`, and
+    /// `127.0.0.1` for the localhost ones) and leaves IPv6 addresses out of DNS answers.
+    pub ipv6_enabled: bool,
+    /// `PREFERED_SERVICE_NAMESPACE` (upstream's spelling): the DNS proxy's tie-break
+    /// among same-named Services of other namespaces.
+    pub preferred_service_namespace: Option<String>,
     /// `ADMIN_ADDR` (localhost:15000).
     pub admin_addr: SocketAddr,
     /// `STATS_ADDR` ([::]:15020, `/metrics`).
@@ -422,6 +431,16 @@ pub fn drain_budget(grace: Duration) -> Duration {
 }
 
 impl Config {
+    /// The address listeners bind to for "every address": `[::]`, or `0.0.0.0` with
+    /// `IPV6_ENABLED=false`.
+    pub fn wildcard_ip(&self) -> std::net::IpAddr {
+        if self.ipv6_enabled {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        }
+    }
+
     /// `CONNECTION_TERMINATION_DEADLINE` when set, else [`drain_budget`] of
     /// `TERMINATION_GRACE_PERIOD_SECONDS`.
     pub fn drain_budget(&self) -> Duration {
@@ -540,47 +559,9 @@ impl Config {
                 "not a DNS domain like cluster.local".into(),
             ));
         }
-        let cpus = match get("ZTUNNEL_CPU_LIMIT") {
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            Some(v) => match v.trim().parse::<usize>() {
-                Ok(n) if n > 0 => n,
-                _ => {
-                    return Err(err(
-                        "ZTUNNEL_CPU_LIMIT",
-                        &v,
-                        "not a positive whole number of CPUs".into(),
-                    ));
-                }
-            },
-        };
-        let worker_threads = match get("ZTUNNEL_WORKER_THREADS") {
-            None => 2,
-            Some(v) => match v.trim().strip_suffix('%') {
-                Some(pct) => match pct.trim().parse::<f64>() {
-                    Ok(p) if p > 0.0 && p <= 100.0 => {
-                        ((cpus as f64 * p / 100.0).ceil() as usize).max(1)
-                    }
-                    _ => {
-                        return Err(err(
-                            "ZTUNNEL_WORKER_THREADS",
-                            &v,
-                            "a percentage must be above 0% and at most 100%".into(),
-                        ));
-                    }
-                },
-                None => match v.trim().parse::<usize>() {
-                    Ok(0) => cpus,
-                    Ok(n) => n,
-                    Err(e) => {
-                        return Err(err(
-                            "ZTUNNEL_WORKER_THREADS",
-                            &v,
-                            format!("not a number or a percentage: {e}"),
-                        ));
-                    }
-                },
-            },
-        };
+        let worker_threads = threads::worker_threads(&get)?;
+        let ipv6_enabled = parse_bool("IPV6_ENABLED", true)?;
+        let wildcard = if ipv6_enabled { "[::]" } else { "0.0.0.0" };
         if trust_domain.contains('/') || trust_domain.contains(char::is_whitespace) {
             return Err(err(
                 "TRUST_DOMAIN",
@@ -646,6 +627,15 @@ impl Config {
             h2.pool_unused_release_timeout,
         )?;
 
+        let local_xds_path = get("LOCAL_XDS_PATH").map(PathBuf::from);
+        let local_xds = get("LOCAL_XDS");
+        if let (Some(inline), Some(_)) = (&local_xds, &local_xds_path) {
+            return Err(err(
+                "LOCAL_XDS",
+                inline,
+                "only one of LOCAL_XDS and LOCAL_XDS_PATH may be set".into(),
+            ));
+        }
         let kubernetes_discovery = parse_bool("KUBERNETES_DISCOVERY", false)?;
         let xds_address = get("XDS_ADDRESS").filter(|a| !a.trim().is_empty());
         if let Some(a) = &xds_address
@@ -689,7 +679,8 @@ impl Config {
                 .into(),
             packet_mark,
             inpod_port_reuse: parse_bool("INPOD_PORT_REUSE", true)?,
-            local_xds_path: get("LOCAL_XDS_PATH").map(PathBuf::from),
+            local_xds_path,
+            local_xds,
             kubernetes_discovery,
             xds_address,
             xds_on_demand,
@@ -753,13 +744,16 @@ impl Config {
                     Duration::ZERO,
                 )?),
             },
-            worker_threads: worker_threads.min(256),
+            worker_threads,
             log_format,
             h2,
             ports: ProxyPorts::default(),
+            ipv6_enabled,
+            preferred_service_namespace: get("PREFERED_SERVICE_NAMESPACE")
+                .map(|n| n.trim().to_string()),
             admin_addr: parse_addr("ADMIN_ADDR", "127.0.0.1:15000")?,
-            stats_addr: parse_addr("STATS_ADDR", "[::]:15020")?,
-            readiness_addr: parse_addr("READINESS_ADDR", "[::]:15021")?,
+            stats_addr: parse_addr("STATS_ADDR", &format!("{wildcard}:15020"))?,
+            readiness_addr: parse_addr("READINESS_ADDR", &format!("{wildcard}:15021"))?,
             connect_timeout: parse_duration("CONNECTION_TIMEOUT", Duration::from_secs(10))?,
             handshake_timeout: parse_duration("HANDSHAKE_TIMEOUT", Duration::from_secs(10))?,
             dns: DnsProxyConfig {
@@ -776,6 +770,8 @@ impl Config {
         })
     }
 }
+
+pub mod threads;
 
 #[cfg(test)]
 mod tests;

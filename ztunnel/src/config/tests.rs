@@ -149,15 +149,13 @@ fn dedicated_mode() {
 
 #[test]
 fn worker_threads_as_upstream() {
+    // The rules are tested in `threads`; here, that the config uses them.
     let threads = |vars: &[(&str, &str)]| cfg(vars).unwrap().worker_threads;
-    assert_eq!(threads(&[]), 2);
+    assert_eq!(threads(&[("ZTUNNEL_CPU_LIMIT", "4")]), 2);
     assert_eq!(threads(&[("ZTUNNEL_WORKER_THREADS", "3")]), 3);
-    let limit = [("ZTUNNEL_CPU_LIMIT", "8")];
-    assert_eq!(threads(&[limit[0], ("ZTUNNEL_WORKER_THREADS", "50%")]), 4);
-    assert_eq!(threads(&[limit[0], ("ZTUNNEL_WORKER_THREADS", "10%")]), 1);
-    assert_eq!(threads(&[limit[0], ("ZTUNNEL_WORKER_THREADS", "0")]), 8);
-    let cpus = std::thread::available_parallelism().unwrap().get();
-    assert_eq!(threads(&[("ZTUNNEL_WORKER_THREADS", "100%")]), cpus);
+    assert_eq!(threads(&[("ZTUNNEL_RESOURCE_CPU_LIMIT", "1")]), 1);
+    let e = cfg(&[("ZTUNNEL_RESOURCE_CPU_REQUEST", "lots")]).unwrap_err();
+    assert_eq!(e.field, "ZTUNNEL_RESOURCE_CPU_REQUEST");
 }
 
 #[test]
@@ -380,4 +378,33 @@ fn keepalive_as_upstream() {
         let e = cfg(&[(k, v)]).unwrap_err().to_string();
         assert!(e.contains(k), "{e}");
     }
+}
+
+#[test]
+fn ipv6_switch_inline_config_and_preferred_namespace() {
+    let c = cfg(&[]).unwrap();
+    assert!(c.ipv6_enabled);
+    assert_eq!(c.wildcard_ip().to_string(), "::");
+    assert_eq!(c.stats_addr.to_string(), "[::]:15020");
+    let c = cfg(&[("IPV6_ENABLED", "false")]).unwrap();
+    assert_eq!(c.wildcard_ip().to_string(), "0.0.0.0");
+    assert_eq!(
+        (c.stats_addr.to_string(), c.readiness_addr.to_string()),
+        ("0.0.0.0:15020".into(), "0.0.0.0:15021".into())
+    );
+    assert_eq!(
+        cfg(&[("IPV6_ENABLED", "perhaps")]).unwrap_err().field,
+        "IPV6_ENABLED"
+    );
+    let c = cfg(&[("PREFERED_SERVICE_NAMESPACE", " shared ")]).unwrap();
+    assert_eq!(c.preferred_service_namespace.as_deref(), Some("shared"));
+    let c = cfg(&[("LOCAL_XDS", "workloads: []")]).unwrap();
+    assert_eq!(c.local_xds.as_deref(), Some("workloads: []"));
+    let e = cfg(&[
+        ("LOCAL_XDS", "workloads: []"),
+        ("LOCAL_XDS_PATH", "/x.yaml"),
+    ])
+    .unwrap_err();
+    assert_eq!(e.field, "LOCAL_XDS");
+    assert!(e.reason.contains("LOCAL_XDS_PATH"), "{e}");
 }

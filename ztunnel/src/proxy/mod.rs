@@ -170,7 +170,8 @@ impl ProxyFactory {
     }
 
     /// A proxy for one workload whose sockets `sockets` creates (dedicated and in-pod).
-    /// Listens on `[::]:15001`, `[::]:15006`, `[::]:15008` through the factory.
+    /// Listens on `[::]:15001`, `[::]:15006`, `[::]:15008` (`0.0.0.0` with `IPV6_ENABLED=false`)
+    /// through the factory.
     pub async fn start_for_workload(
         &self,
         workload: WorkloadInfo,
@@ -179,7 +180,7 @@ impl ProxyFactory {
         self.start(ProxySpec {
             scope: ProxyScope::Workload(workload),
             sockets,
-            bind_ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            bind_ip: self.inputs.cfg.wildcard_ip(),
             orig_src: self.inputs.cfg.enable_orig_src.unwrap_or(false),
             dns: true,
         })
@@ -195,7 +196,7 @@ impl ProxyFactory {
         self.start(ProxySpec {
             scope: ProxyScope::Node,
             sockets,
-            bind_ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            bind_ip: self.inputs.cfg.wildcard_ip(),
             orig_src: self.inputs.cfg.enable_orig_src.unwrap_or(false),
             dns: true,
         })
@@ -222,16 +223,19 @@ impl ProxyFactory {
         let (addrs, client) = match scope {
             ProxyScope::Workload(info) => (
                 match cfg.dns.addr {
-                    crate::config::DnsProxyAddr::Localhost(p) => vec![
-                        (SocketAddr::from(([127, 0, 0, 1], p)), true),
-                        (SocketAddr::from((Ipv6Addr::LOCALHOST, p)), false),
-                    ],
+                    crate::config::DnsProxyAddr::Localhost(p) => {
+                        let mut addrs = vec![(SocketAddr::from(([127, 0, 0, 1], p)), true)];
+                        if cfg.ipv6_enabled {
+                            addrs.push((SocketAddr::from((Ipv6Addr::LOCALHOST, p)), false));
+                        }
+                        addrs
+                    }
                     crate::config::DnsProxyAddr::Addr(a) => vec![(a, true)],
                 },
                 dns::DnsClient::Workload(info.clone()),
             ),
             ProxyScope::Node => (
-                vec![(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), true)],
+                vec![(SocketAddr::new(cfg.wildcard_ip(), port), true)],
                 dns::DnsClient::BySourceIp,
             ),
         };
@@ -247,6 +251,8 @@ impl ProxyFactory {
             upstreams,
             sockets: sockets.clone(),
             metrics: self.inputs.metrics.dns.clone(),
+            preferred_namespace: cfg.preferred_service_namespace.clone(),
+            ipv6: cfg.ipv6_enabled,
         };
         (addrs, Arc::new(handler))
     }

@@ -14,7 +14,8 @@ use ztunnel::proxy::dns::forward::{read_framed, write_framed};
 use ztunnel::state::Store;
 use ztunnel::state::file::{FileDefaults, parse};
 
-/// The asking workload `ns1/client` and the services it may (`web`, `mine`) or may not
+/// The asking workload `ns1/client` and the services it may (`web`, `mine`, dual-stack
+/// `dual`) or may not
 /// (`theirs`, namespace-scoped to `ns2`) resolve from the mesh.
 pub const STATE: &str = r#"
 workloads:
@@ -37,6 +38,11 @@ services:
     vips: ["/10.96.0.11"]
     ports: {80: 8080}
     visibility: Namespace
+  - name: dual
+    namespace: ns1
+    hostname: dual.ns1.svc.cluster.local
+    vips: ["/10.96.0.13", "/fd00::13"]
+    ports: {80: 8080}
   - name: theirs
     namespace: ns2
     hostname: theirs.ns2.svc.cluster.local
@@ -162,6 +168,7 @@ pub fn addrs(m: &Message) -> Vec<String> {
         .iter()
         .filter_map(|r| match &r.data {
             RData::A(a) => Some(a.0.to_string()),
+            RData::AAAA(a) => Some(a.0.to_string()),
             _ => None,
         })
         .collect()

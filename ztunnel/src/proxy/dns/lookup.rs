@@ -20,6 +20,9 @@ use crate::state::{Service, Snapshot};
 pub struct Client<'a> {
     pub namespace: &'a str,
     pub network: &'a str,
+    /// `PREFERED_SERVICE_NAMESPACE` (upstream's spelling): among Services of one host in
+    /// other namespaces, one in this namespace is taken unless one is canonical.
+    pub preferred_namespace: Option<&'a str>,
 }
 
 /// The queried address family (record type A or AAAA).
@@ -156,7 +159,7 @@ fn wildcards(name: &str) -> Vec<String> {
 }
 
 /// The Service named `host` this client means: one in its own namespace, else the
-/// canonical one, else the first by namespace. Services without host VIPs answer only
+/// canonical one, else one in the preferred namespace, else the first by namespace. Services without host VIPs answer only
 /// when they are Kubernetes Services (headless), not ServiceEntries (a ServiceEntry with
 /// only CIDR VIPs is left to the upstream resolvers, as upstream). A Service not visible
 /// to the client's namespace (`visibility: Namespace` elsewhere) is not a candidate: when
@@ -182,9 +185,13 @@ fn best_match<'s>(
         if s.namespace == client.namespace {
             return Some(s);
         }
+        let preferred = |x: &Service| client.preferred_namespace == Some(x.namespace.as_str());
         match fallback {
-            Some(f) if f.canonical || !s.canonical => {}
-            _ => fallback = Some(s),
+            None => fallback = Some(s),
+            Some(f) if f.canonical => {}
+            Some(_) if s.canonical => fallback = Some(s),
+            Some(f) if !preferred(f) && preferred(s) => fallback = Some(s),
+            Some(_) => {}
         }
     }
     fallback
@@ -351,6 +358,7 @@ services:
         Client {
             namespace: "ns1",
             network: "",
+            preferred_namespace: None,
         }
     }
 
@@ -382,6 +390,7 @@ services:
         let ns2 = Client {
             namespace: "ns2",
             network: "",
+            preferred_namespace: None,
         };
         assert_eq!(
             ips(&find("web", ns2, &[], Family::V4).unwrap()),
@@ -403,6 +412,7 @@ services:
         let other = Client {
             namespace: "ns1",
             network: "other",
+            preferred_namespace: None,
         };
         assert_eq!(
             ips(&find("web", other, &[], Family::V4).unwrap()),
@@ -440,6 +450,7 @@ services:
         let ns3 = Client {
             namespace: "ns3",
             network: "",
+            preferred_namespace: None,
         };
         assert_eq!(
             ips(&find("api.example.com", ns3, &[], Family::V4).unwrap()),
@@ -451,6 +462,18 @@ services:
         );
         // A ServiceEntry without VIPs is left to the upstream resolvers.
         assert!(find("novip.example.com", ns1(), &[], Family::V4).is_none());
+        // PREFERED_SERVICE_NAMESPACE picks among other namespaces' entries; the client's
+        // own namespace still comes first.
+        let prefer = |ns, preferred| Client {
+            namespace: ns,
+            network: "",
+            preferred_namespace: Some(preferred),
+        };
+        let api = |c| ips(&find("api.example.com", c, &[], Family::V4).unwrap());
+        assert_eq!(api(prefer("ns1", "ns3")), ["240.240.0.3"]);
+        assert_eq!(api(prefer("ns1", "ns2")), ["240.240.0.1"]);
+        assert_eq!(api(prefer("ns1", "nowhere")), ["240.240.0.1"]);
+        assert_eq!(api(prefer("ns2", "ns3")), ["240.240.0.1"]);
     }
 
     #[test]
@@ -458,6 +481,7 @@ services:
         let in_ns = |ns| Client {
             namespace: ns,
             network: "",
+            preferred_namespace: None,
         };
         let f = find("private.ns2", in_ns("ns2"), &[], Family::V4).unwrap();
         assert_eq!(ips(&f), ["10.96.0.30"]);

@@ -62,6 +62,10 @@ pub struct DnsHandler {
     pub upstreams: Arc<Upstreams>,
     pub sockets: Arc<dyn SocketFactory>,
     pub metrics: DnsMetrics,
+    /// `PREFERED_SERVICE_NAMESPACE`.
+    pub preferred_namespace: Option<String>,
+    /// `IPV6_ENABLED`: when false, mesh names answer no IPv6 addresses.
+    pub ipv6: bool,
 }
 
 /// The asking workload, as far as the state knows it.
@@ -137,12 +141,21 @@ impl DnsHandler {
                     Client {
                         namespace: &a.namespace,
                         network: &a.network,
+                        preferred_namespace: self.preferred_namespace.as_deref(),
                     },
                     &self.cluster_domain,
                     &self.search_domains(&a.namespace),
                     &name,
                     family,
-                ),
+                )
+                .map(|mut found| {
+                    if family == lookup::Family::V6 && !self.ipv6 {
+                        // The name is the mesh's, but it has no IPv6 records here.
+                        found.addrs.clear();
+                        found.cname = None;
+                    }
+                    found
+                }),
                 _ => None,
             };
             (asker, found)
