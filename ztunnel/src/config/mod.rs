@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 /// `PROXY_MODE`.
@@ -26,65 +25,6 @@ pub enum ProxyMode {
 pub enum LogFormat {
     Plain,
     Json,
-}
-
-/// The workload a proxy serves: `namespace/name/serviceaccount` (`PROXY_WORKLOAD_INFO`, or
-/// ZDS `WorkloadInfo`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
-pub struct WorkloadInfo {
-    pub namespace: String,
-    pub name: String,
-    pub service_account: String,
-}
-
-impl FromStr for WorkloadInfo {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.split('/').collect::<Vec<_>>().as_slice() {
-            [ns, name, sa] if !ns.is_empty() && !name.is_empty() && !sa.is_empty() => {
-                Ok(WorkloadInfo {
-                    namespace: ns.to_string(),
-                    name: name.to_string(),
-                    service_account: sa.to_string(),
-                })
-            }
-            _ => Err("expected namespace/name/serviceaccount".to_string()),
-        }
-    }
-}
-
-/// A `namespace/serviceaccount` whose pods are node proxies: they hold the certificates of
-/// the workloads on their own node (`CA_TRUSTED_NODE_ACCOUNTS`, the CA's setting of the same
-/// name and meaning).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
-pub struct NodeProxyAccount {
-    pub namespace: String,
-    pub service_account: String,
-}
-
-impl FromStr for NodeProxyAccount {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().split('/').collect::<Vec<_>>().as_slice() {
-            [ns, sa] if !ns.is_empty() && !sa.is_empty() => Ok(NodeProxyAccount {
-                namespace: ns.to_string(),
-                service_account: sa.to_string(),
-            }),
-            _ => Err(format!("{s:?}: expected namespace/serviceaccount")),
-        }
-    }
-}
-
-impl std::fmt::Display for WorkloadInfo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}/{}/{}",
-            self.namespace, self.name, self.service_account
-        )
-    }
 }
 
 /// HTTP/2 and pool settings (upstream names and defaults).
@@ -448,16 +388,54 @@ impl Config {
             .unwrap_or_else(|| drain_budget(self.termination_grace_period))
     }
 
-    /// Reads the process environment.
+    /// Reads the process environment (and upstream's mesh config file, when present).
     pub fn from_env() -> Result<Config, ConfigError> {
         let env: HashMap<String, String> = std::env::vars().collect();
-        Config::from_lookup(|k| env.get(k).cloned())
+        let mesh = match std::fs::read_to_string(proxy_config::MESH_CONFIG_FILE) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(ConfigError {
+                    field: "mesh config",
+                    value: proxy_config::MESH_CONFIG_FILE.into(),
+                    reason: format!("cannot read: {e}"),
+                });
+            }
+        };
+        Config::from_sources(|k| env.get(k).cloned(), mesh.as_deref())
     }
 
     /// Reads settings through `get` (returns `None` for unset variables; empty counts as
-    /// unset).
+    /// unset), without a mesh config file.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        Config::from_sources(get, None)
+    }
+
+    /// [`Self::from_lookup`] with the mesh config file's text: its `defaultConfig` and
+    /// `PROXY_CONFIG` fill in variables left unset (see [`proxy_config`]).
+    pub fn from_sources(
+        get: impl Fn(&str) -> Option<String>,
+        mesh_config: Option<&str>,
+    ) -> Result<Config, ConfigError> {
+        let raw = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        let pc = proxy_config::ProxyConfig::parse(mesh_config, raw("PROXY_CONFIG").as_deref())?;
+        let off = |k: &str| {
+            raw(k).is_some_and(|v| {
+                matches!(
+                    v.trim().to_ascii_lowercase().as_str(),
+                    "false" | "0" | "no" | "off"
+                )
+            })
+        };
+        let wildcard = if off("IPV6_ENABLED") {
+            "0.0.0.0"
+        } else {
+            "[::]"
+        };
+        let local_source = raw("LOCAL_XDS_PATH").is_some()
+            || raw("LOCAL_XDS").is_some()
+            || (raw("KUBERNETES_DISCOVERY").is_some() && !off("KUBERNETES_DISCOVERY"));
+        let get = |k: &str| raw(k).or_else(|| pc.default_for(k, wildcard, local_source));
         let err = |field: &'static str, value: &str, reason: String| ConfigError {
             field,
             value: value.to_string(),
@@ -561,7 +539,6 @@ impl Config {
         }
         let worker_threads = threads::worker_threads(&get)?;
         let ipv6_enabled = parse_bool("IPV6_ENABLED", true)?;
-        let wildcard = if ipv6_enabled { "[::]" } else { "0.0.0.0" };
         if trust_domain.contains('/') || trust_domain.contains(char::is_whitespace) {
             return Err(err(
                 "TRUST_DOMAIN",
@@ -771,6 +748,9 @@ impl Config {
     }
 }
 
+pub mod proxy_config;
+mod workload_info;
+pub use workload_info::{NodeProxyAccount, WorkloadInfo};
 pub mod threads;
 
 #[cfg(test)]

@@ -408,3 +408,43 @@ fn ipv6_switch_inline_config_and_preferred_namespace() {
     assert_eq!(e.field, "LOCAL_XDS");
     assert!(e.reason.contains("LOCAL_XDS_PATH"), "{e}");
 }
+
+#[test]
+fn proxy_config_fills_in_unset_variables() {
+    let mesh = "defaultConfig:\n  discoveryAddress: istiod.istio-system.svc:15012\n  \
+                proxyMetadata:\n    ISTIO_META_DNS_CAPTURE: \"false\"\n";
+    let env = |vars: &'static [(&'static str, &'static str)]| {
+        move |k: &str| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    let c = Config::from_sources(
+        env(&[("PROXY_CONFIG", "concurrency: 3\nproxyAdminPort: 15999")]),
+        Some(mesh),
+    )
+    .unwrap();
+    assert_eq!(
+        c.xds_address.as_deref(),
+        Some("https://istiod.istio-system.svc:15012")
+    );
+    assert_eq!(c.worker_threads, 3);
+    assert_eq!(c.admin_addr.to_string(), "127.0.0.1:15999");
+    assert!(!c.dns.enabled, "proxyMetadata DNS_CAPTURE=false");
+    // Environment variables win; a local config source keeps discoveryAddress out.
+    let c = Config::from_sources(
+        env(&[
+            ("PROXY_CONFIG", "concurrency: 3"),
+            ("ZTUNNEL_WORKER_THREADS", "1"),
+            ("ISTIO_META_DNS_CAPTURE", "true"),
+            ("LOCAL_XDS_PATH", "/etc/local.yaml"),
+        ]),
+        Some(mesh),
+    )
+    .unwrap();
+    assert_eq!((c.worker_threads, c.dns.enabled), (1, true));
+    assert_eq!(c.xds_address, None);
+    let e = Config::from_sources(env(&[("PROXY_CONFIG", "concurrency: [")]), None).unwrap_err();
+    assert_eq!(e.field, "PROXY_CONFIG");
+}
