@@ -71,6 +71,10 @@ fn bad_configuration_is_rejected_naming_field_or_file() {
         ),
         (vec![("RUST_LOG", "info,[=bad")], vec!["RUST_LOG"]),
         (
+            vec![("PROXY_CONFIG", "concurrency: [")],
+            vec!["PROXY_CONFIG", "not a ProxyConfig"],
+        ),
+        (
             vec![
                 ("LOCAL_XDS", "workloads:\n- namespace: a\n  protocol: UDP\n"),
                 ("CA_ROOT_CERT", ca_cert),
