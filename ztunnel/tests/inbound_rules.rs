@@ -31,6 +31,19 @@ async fn hbone_status(
     method: Method,
     uri: &str,
 ) -> Option<StatusCode> {
+    hbone_response(mesh, src_ip, id, method, uri)
+        .await
+        .map(|r| r.status())
+}
+
+/// [`hbone_status`] with the whole response.
+async fn hbone_response(
+    mesh: &Mesh,
+    src_ip: IpAddr,
+    id: &Identity,
+    method: Method,
+    uri: &str,
+) -> Option<http::Response<h2::RecvStream>> {
     let cert = leaf(&mesh.ca, id, valid_now());
     let sock = TcpSocket::new_v4().unwrap();
     sock.bind(sa(src_ip, 0)).unwrap();
@@ -45,7 +58,7 @@ async fn hbone_status(
     let end_of_stream = method != Method::CONNECT;
     let req = Request::builder().method(method).uri(uri).body(()).unwrap();
     let (resp, _) = send.send_request(req, end_of_stream).ok()?;
-    Some(resp.await.ok()?.status())
+    resp.await.ok()
 }
 
 /// An HBONE connection or stream refused before it had a destination workload is an
@@ -296,4 +309,32 @@ async fn destination_sockets_count_hbone_connections_not_streams() {
         mesh.metric("istio_tcp_sockets_open", &[]) == 0
     })
     .await;
+}
+
+/// `ENABLE_RESPONSE_BAGGAGE` (on by default, as upstream): the 200 to a CONNECT carries
+/// the destination workload's `baggage`; off, it carries none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_responses_carry_the_destinations_baggage() {
+    for (base, enabled) in [("127.79.26", true), ("127.79.27", false)] {
+        let mesh = Mesh::new(base, |c| c.enable_response_baggage = enabled);
+        let _echo = echo_server(sa(mesh.b_ip, 8080)).await;
+        let (_pb, _) = mesh.proxy("b").await;
+        let a = mesh.identity("sa-a", "ns-a");
+        let target = format!("{}:8080", mesh.b_ip);
+        let resp = hbone_response(&mesh, mesh.a_ip, &a, Method::CONNECT, &target)
+            .await
+            .expect("a response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let baggage = resp
+            .headers()
+            .get("baggage")
+            .map(|v| v.to_str().unwrap().to_string());
+        match enabled {
+            true => {
+                let b = baggage.expect("baggage on the 200");
+                assert!(b.contains("k8s.namespace.name=ns-b"), "{b}");
+            }
+            false => assert_eq!(baggage, None),
+        }
+    }
 }

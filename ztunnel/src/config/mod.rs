@@ -198,6 +198,9 @@ pub struct Config {
     /// `PREFERED_SERVICE_NAMESPACE` (upstream's spelling): the DNS proxy's tie-break
     /// among same-named Services of other namespaces.
     pub preferred_service_namespace: Option<String>,
+    /// `ENABLE_RESPONSE_BAGGAGE` (true): inbound 200s carry the destination's `baggage`
+    /// and an unknown source is described by its request `baggage`, as upstream.
+    pub enable_response_baggage: bool,
     /// `ADMIN_ADDR` (localhost:15000).
     pub admin_addr: SocketAddr,
     /// `STATS_ADDR` ([::]:15020, `/metrics`).
@@ -728,6 +731,7 @@ impl Config {
             ipv6_enabled,
             preferred_service_namespace: get("PREFERED_SERVICE_NAMESPACE")
                 .map(|n| n.trim().to_string()),
+            enable_response_baggage: parse_bool("ENABLE_RESPONSE_BAGGAGE", true)?,
             admin_addr: parse_addr("ADMIN_ADDR", "127.0.0.1:15000")?,
             stats_addr: parse_addr("STATS_ADDR", &format!("{wildcard}:15020"))?,
             readiness_addr: parse_addr("READINESS_ADDR", &format!("{wildcard}:15021"))?,

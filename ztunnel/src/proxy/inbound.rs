@@ -35,7 +35,7 @@ use super::policy_watch::Authorized;
 use super::source_check::{Source, check_source};
 use super::{ProxyCtx, ProxyScope};
 use crate::hbone::headers::{
-    BAGGAGE, Baggage, FORWARDED, forwarded_host, parse_baggage, parse_target,
+    BAGGAGE, Baggage, FORWARDED, baggage_for, forwarded_host, parse_baggage, parse_target,
 };
 use crate::hbone::server::{AcceptError, respond_status, serve, tls_accept};
 use crate::hbone::{H2Stream, copy_tcp_h2};
@@ -333,12 +333,13 @@ async fn handle_stream(
         Some(w) => PeerInfo::from_workload(w),
         // Not a workload we know (another cluster, a gateway): what the client says about
         // itself in `baggage`, as upstream does; the identity is the one TLS proved.
-        None => req
+        None if ctx.inputs.cfg.enable_response_baggage => req
             .headers()
             .get(BAGGAGE)
             .and_then(|v| v.to_str().ok())
             .map(|v| peer_from_baggage(&parse_baggage(v)))
             .unwrap_or_default(),
+        None => PeerInfo::default(),
     };
     let info = ConnectionInfo {
         direction: Direction::Inbound,
@@ -402,19 +403,22 @@ async fn handle_stream(
         }
     };
     let mut respond = respond;
-    let send = match respond.send_response(
-        Response::builder()
-            .status(StatusCode::OK)
-            .body(())
-            .expect("a status-only response is valid"),
-        false,
-    ) {
-        Ok(s) => s,
-        Err(e) => {
-            tele.close(0, 0, Some(&format!("send 200: {e}")));
-            return;
-        }
-    };
+    let mut ok = Response::builder().status(StatusCode::OK);
+    if ctx.inputs.cfg.enable_response_baggage
+        && let Ok(v) = http::HeaderValue::from_str(&baggage_for(&dst_workload))
+    {
+        // The destination describes itself, as upstream (read by a client that does not
+        // know it, e.g. across an east-west gateway).
+        ok = ok.header(BAGGAGE, v);
+    }
+    let send =
+        match respond.send_response(ok.body(()).expect("a status-only response is valid"), false) {
+            Ok(s) => s,
+            Err(e) => {
+                tele.close(0, 0, Some(&format!("send 200: {e}")));
+                return;
+            }
+        };
     // Inbound: the copy's "to tunnel" direction is destination → source.
     guard.set_tunnel(&mut tele, false);
     let stream = H2Stream::new(send, req.into_body());
