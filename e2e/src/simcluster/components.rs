@@ -330,14 +330,16 @@ mod tests {
                             "status.podIP" => ip.to_string(),
                             other => panic!("{what}: fieldRef {other} not covered"),
                         },
-                        // No limit on the component pod: the node's CPUs, as kubelet.
-                        EnvValue::ResourceFieldRef(_, r) => {
-                            assert_eq!(r, "limits.cpu", "{what}");
-                            std::thread::available_parallelism()
+                        // No limit or request on the component pod: the node's CPUs for
+                        // the limit and 0 for the request, as kubelet.
+                        EnvValue::ResourceFieldRef(_, r) => match r.as_str() {
+                            "limits.cpu" => std::thread::available_parallelism()
                                 .unwrap()
                                 .get()
-                                .to_string()
-                        }
+                                .to_string(),
+                            "requests.cpu" => "0".to_string(),
+                            other => panic!("{what}: resourceFieldRef {other} not covered"),
+                        },
                         EnvValue::Literal(s) => {
                             // A path under a mount: the mount's backing path.
                             let m = c

@@ -74,7 +74,11 @@ fn cpu_count(get: &dyn Fn(&str) -> Option<String>) -> Result<usize, ConfigError>
 }
 
 fn default_threads(get: &dyn Fn(&str) -> Option<String>) -> Result<usize, ConfigError> {
-    let request = cpu_quantity(get, "ZTUNNEL_RESOURCE_CPU_REQUEST")?.unwrap_or(0);
+    // A request of 0 is what the downward API reports for a container without one.
+    let request = match get("ZTUNNEL_RESOURCE_CPU_REQUEST") {
+        Some(v) if v.trim() == "0" => 0,
+        _ => cpu_quantity(get, "ZTUNNEL_RESOURCE_CPU_REQUEST")?.unwrap_or(0),
+    };
     Ok(match cpu_quantity(get, "ZTUNNEL_RESOURCE_CPU_LIMIT")? {
         // An explicit limit wins, even below the default; a larger request raises it.
         Some(limit) => limit.max(request),
@@ -155,6 +159,8 @@ mod tests {
         let request = ("ZTUNNEL_RESOURCE_CPU_REQUEST", "5");
         assert_eq!(threads(&[("ZTUNNEL_CPU_LIMIT", "32"), request]), Ok(8));
         assert_eq!(threads(&[("ZTUNNEL_CPU_LIMIT", "8"), request]), Ok(5));
+        let no_request = ("ZTUNNEL_RESOURCE_CPU_REQUEST", "0");
+        assert_eq!(threads(&[("ZTUNNEL_CPU_LIMIT", "4"), no_request]), Ok(2));
         // A limit is the count, even below 2, raised by a larger request.
         assert_eq!(threads(&[("ZTUNNEL_RESOURCE_CPU_LIMIT", "1")]), Ok(1));
         assert_eq!(threads(&[("ZTUNNEL_RESOURCE_CPU_LIMIT", "500m")]), Ok(1));
@@ -179,6 +185,7 @@ mod tests {
             ("ZTUNNEL_RESOURCE_CPU_LIMIT", "two"),
             ("ZTUNNEL_RESOURCE_CPU_LIMIT", "0"),
             ("ZTUNNEL_RESOURCE_CPU_REQUEST", "-1"),
+            ("ZTUNNEL_RESOURCE_CPU_REQUEST", "0.0.1"),
             ("ZTUNNEL_CPU_LIMIT", "1.5"),
             ("ZTUNNEL_WORKER_THREADS", "0%"),
             ("ZTUNNEL_WORKER_THREADS", "many"),
