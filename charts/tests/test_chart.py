@@ -30,6 +30,7 @@ from typing import Any
 
 import helm_python as helm
 import kubernetes_validate
+import yaml
 
 from chart_render import (
     COMPONENT_OF,
@@ -67,6 +68,17 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
         "cniConfFileName": "10-calico.conflist",
         "cniNetnsDir": "/run/netns",
         "excludeNamespaces": ["kube-system", "monitoring"],
+    },
+    "enablement-selectors": {
+        "ambient": {
+            "enablementSelectors": [
+                {"podSelector": {"matchLabels": {"mesh": "on"}}},
+                {
+                    "namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "In", "values": ["a"]}]},
+                    "podSelector": {"matchExpressions": [{"key": "mesh", "operator": "DoesNotExist"}]},
+                },
+            ]
+        }
     },
     "istiod-ca": {"ca": {"enabled": False}},
     "external-ca": {"ca": {"enabled": False}, "caAddress": "cert-manager-istio-csr.cert-manager.svc:443"},
@@ -108,7 +120,11 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
         "multiCluster": {"clusterName": "east"},
         "clusterDomain": "corp.local",
         "rootNamespace": "istio-config",
-        "ztunnel": {"workerThreads": "50%", "peerCaCrl": {"enabled": True}},
+        "ztunnel": {
+            "workerThreads": "50%",
+            "peerCaCrl": {"enabled": True},
+            "resources": {"limits": {"cpu": "1500m"}},
+        },
     },
 }
 
@@ -673,6 +689,13 @@ class Environment(unittest.TestCase):
             ("corp.local", "istio-config", "50%"),
         )
         self.assertEqual(rendered("default").env("DaemonSet", "ztunnel", "istio-proxy")["ROOT_NAMESPACE"], "istio-system")
+        # Worker threads: unset by default (ztunnel derives them from the CPU limit and
+        # request, as upstream); the resource variables only when the values set them.
+        default_zt = rendered("default").env("DaemonSet", "ztunnel", "istio-proxy")
+        self.assertNotIn("ZTUNNEL_WORKER_THREADS", default_zt)
+        self.assertNotIn("ZTUNNEL_RESOURCE_CPU_LIMIT", default_zt)
+        self.assertEqual(default_zt["ZTUNNEL_RESOURCE_CPU_REQUEST"], "<resourceFieldRef:istio-proxy/requests.cpu>")
+        self.assertEqual(zt["ZTUNNEL_RESOURCE_CPU_LIMIT"], "<resourceFieldRef:istio-proxy/limits.cpu>")
         # Revocation lists (ztunnel.peerCaCrl): CRL_PATH inside the optional istio-ca-crl ConfigMap.
         self.assertEqual(zt["CRL_PATH"], "/var/run/secrets/istio/crl/ca-crl.pem")
         c = r.container("DaemonSet", "ztunnel", "istio-proxy")
@@ -683,6 +706,27 @@ class Environment(unittest.TestCase):
         self.assertEqual(r.env("Deployment", "mesh-ca", "ca")["TRUST_DOMAIN"], "prod.example.com")
         env = rendered("images-and-scheduling").env("DaemonSet", "node-agent", "node-agent")
         self.assertEqual(env["EXTRA_FLAG"], "1")
+        # ambient.enablementSelectors: one line of JSON (which is YAML), the
+        # list as given; the default is Istio's rule.
+        env = rendered("enablement-selectors").env("DaemonSet", "node-agent", "node-agent")
+        self.assertNotIn("\n", env["AMBIENT_ENABLEMENT_SELECTOR"])
+        self.assertEqual(
+            yaml.safe_load(env["AMBIENT_ENABLEMENT_SELECTOR"]),
+            COMBINATIONS["enablement-selectors"]["ambient"]["enablementSelectors"],
+        )
+        env = rendered("default").env("DaemonSet", "node-agent", "node-agent")
+        self.assertEqual(
+            yaml.safe_load(env["AMBIENT_ENABLEMENT_SELECTOR"]),
+            [
+                {"podSelector": {"matchLabels": {"istio.io/dataplane-mode": "ambient"}}},
+                {
+                    "podSelector": {
+                        "matchExpressions": [{"key": "istio.io/dataplane-mode", "operator": "NotIn", "values": ["none"]}]
+                    },
+                    "namespaceSelector": {"matchLabels": {"istio.io/dataplane-mode": "ambient"}},
+                },
+            ],
+        )
 
     def test_priority_class_quota_on_gke(self):
         """GKE admits system-node-critical pods outside kube-system only with a
@@ -807,6 +851,21 @@ class BadValues(unittest.TestCase):
         ({"ambient": {"dnsCapture": "yes"}}, "dnsCapture"),
         ({"ambient": {"hostProbeSnatIP": "not-an-ip"}}, "hostProbeSnatIP"),
         ({"ambient": {"unknown": 1}}, "unknown"),
+        ({"ambient": {"enablementSelectors": []}}, "enablementSelectors"),
+        ({"ambient": {"enablementSelectors": [{"podSelecter": {}}]}}, "podSelecter"),
+        (
+            {"ambient": {"enablementSelectors": [{"podSelector": {"matchExpressions": [{"key": "k", "operator": "Equals"}]}}]}},
+            "operator",
+        ),
+        (
+            {"ambient": {"enablementSelectors": [{"podSelector": {"matchExpressions": [{"key": "k", "operator": "In"}]}}]}},
+            "values",
+        ),
+        (
+            {"ambient": {"enablementSelectors": [{"namespaceSelector": {"matchExpressions": [{"key": "k", "operator": "Exists", "values": ["x"]}]}}]}},
+            "values",
+        ),
+        ({"ambient": {"enablementSelectors": [{"podSelector": {"matchLabels": {"mesh": True}}}]}}, "mesh"),
         ({"logAsJson": "true"}, "logAsJson"),
         ({"redirectMode": "inpod"}, "redirectMode"),
         ({"cniBinDir": "opt/cni/bin"}, "cniBinDir"),

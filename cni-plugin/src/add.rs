@@ -223,6 +223,7 @@ mod tests {
     use super::*;
     use crate::cni::invocation::Invocation;
     use mesh_proto::cni_event::{CmdAddReply, STATUS_UNDECIDED};
+    use mesh_proto::enablement::Reason;
     use std::cell::Cell;
     use std::path::PathBuf;
 
@@ -300,6 +301,12 @@ mod tests {
         };
         assert!(ev.ips.is_empty());
     }
+
+    const NO_MATCH: Reason = Reason::NoSelector { default: true };
+    const NS_LABEL: Reason = Reason::Selector {
+        index: 1,
+        default: true,
+    };
 
     struct Fake {
         agent: fn() -> Result<AgentAnswer, AgentUnreachable>,
@@ -384,7 +391,7 @@ mod tests {
     #[test]
     fn refusal_lets_non_ambient_pods_through() {
         let c = conf("");
-        let f = fake(refused, || Ok(Decision::NotAmbient("no label")));
+        let f = fake(refused, || Ok(Decision::NotAmbient(NO_MATCH)));
         let why = run(&c, &f).unwrap();
         assert_eq!(f.lookups.get(), 1, "a refusal falls back to the API");
         assert!(
@@ -400,7 +407,7 @@ mod tests {
     #[test]
     fn refusal_of_an_ambient_pod_fails_closed_with_the_agents_reason() {
         let c = conf("");
-        let e = run(&c, &fake(refused, || Ok(Decision::Ambient("ns label")))).unwrap_err();
+        let e = run(&c, &fake(refused, || Ok(Decision::Ambient(NS_LABEL)))).unwrap_err();
         assert_eq!(e.code, ErrorCode::TryAgainLater);
         assert!(
             e.msg.contains("demo/a") && e.msg.contains("refused it (HTTP 503)"),
@@ -451,10 +458,10 @@ mod tests {
     #[test]
     fn agent_down_fails_closed_for_ambient_and_open_otherwise() {
         let c = conf("");
-        let e = run(&c, &fake(down, || Ok(Decision::Ambient("ns label")))).unwrap_err();
+        let e = run(&c, &fake(down, || Ok(Decision::Ambient(NS_LABEL)))).unwrap_err();
         assert_eq!(e.code, ErrorCode::TryAgainLater);
         assert!(e.details.unwrap().contains("pluginevent.sock"));
-        assert!(run(&c, &fake(down, || Ok(Decision::NotAmbient("no label")))).is_ok());
+        assert!(run(&c, &fake(down, || Ok(Decision::NotAmbient(NO_MATCH)))).is_ok());
         let f = fake(down, lookup_fails);
         assert!(run(&c, &f).unwrap().contains("failing open"));
         assert_eq!(f.lookups.get(), 1);

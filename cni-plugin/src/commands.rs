@@ -170,6 +170,10 @@ impl Backends for RealBackends {
         namespace: &str,
         name: &str,
     ) -> Result<Decision, LookupError> {
+        let selectors = conf
+            .enablement_selectors
+            .as_ref()
+            .map_err(|e| LookupError::Selectors(e.clone()))?;
         let path = conf.kubeconfig.clone();
         let kubeconfig = tokio::task::spawn_blocking(move || pod_lookup::load_kubeconfig(&path))
             .await
@@ -180,6 +184,7 @@ impl Backends for RealBackends {
         pod_lookup::decide_from_api(
             kubeconfig,
             &conf.kubeconfig,
+            selectors,
             namespace,
             name,
             add::LOOKUP_TIMEOUT,

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use mesh_proto::cni_event::{DEFAULT_AGENT_RUN_DIR, PLUGIN_EVENT_SOCKET};
+use mesh_proto::enablement::{EnablementSelector, EnablementSelectors, SELECTOR_CNI_KEY};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -33,6 +34,8 @@ struct Raw {
     pod_namespace: Option<String>,
     #[serde(default)]
     enable_ambient_detection_retry: bool,
+    /// Upstream's key; kept raw, checked by [`enablement_selectors`].
+    enablement_selectors: Option<Value>,
     kubernetes: Option<RawKubernetes>,
 }
 
@@ -59,6 +62,11 @@ pub struct PluginConf {
     pub agent_namespace: Option<String>,
     pub detection_retry: bool,
     pub kubeconfig: PathBuf,
+    /// `enablement_selectors` (the agent's `AMBIENT_ENABLEMENT_SELECTOR`),
+    /// for the fallback decision; absent, `null` or empty = upstream's
+    /// default list. A bad value fails only that decision (it is needed only
+    /// when the agent cannot be reached).
+    pub enablement_selectors: Result<EnablementSelectors, String>,
 }
 
 impl PluginConf {
@@ -142,6 +150,7 @@ impl PluginConf {
             agent_namespace: raw.pod_namespace.filter(|n| !n.is_empty()),
             detection_retry: raw.enable_ambient_detection_retry,
             kubeconfig,
+            enablement_selectors: enablement_selectors(raw.enablement_selectors),
         })
     }
 
@@ -161,6 +170,17 @@ impl PluginConf {
         }
         None
     }
+}
+
+/// The selector list from the config's raw value.
+fn enablement_selectors(raw: Option<Value>) -> Result<EnablementSelectors, String> {
+    let list: Vec<EnablementSelector> = match raw {
+        None | Some(Value::Null) => Vec::new(),
+        Some(v) => serde_json::from_value(v).map_err(|e| {
+            format!("{SELECTOR_CNI_KEY} is not a list of {{podSelector, namespaceSelector}}: {e}")
+        })?,
+    };
+    EnablementSelectors::compile(list).map_err(|e| format!("{SELECTOR_CNI_KEY}: {e}"))
 }
 
 #[cfg(test)]
@@ -195,6 +215,40 @@ mod tests {
         );
         assert!(c.prev_result.is_none());
         assert!(!c.detection_retry);
+        assert!(
+            c.enablement_selectors.unwrap().is_default(),
+            "absent: the default list"
+        );
+    }
+
+    #[test]
+    fn enablement_selectors_are_read_and_checked() {
+        let with = |v: &str| {
+            parse(&format!(
+                r#"{{"cniVersion":"1.0.0","name":"n","type":"istio-cni","enablement_selectors":{v}}}"#
+            ))
+            .unwrap()
+            .enablement_selectors
+        };
+        let s = with(r#"[{"podSelector":{"matchLabels":{"mesh":"on"}},"namespaceSelector":{}}]"#)
+            .unwrap();
+        assert!(!s.is_default());
+        assert_eq!(s.source().len(), 1);
+        assert!(with("null").unwrap().is_default());
+        assert!(with("[]").unwrap().is_default());
+        // A bad list is kept as an error (only the fallback needs it), naming
+        // the key and the entry.
+        let e = with(r#"[{},{"podSelector":{"matchExpressions":[{"key":"k","operator":"Has"}]}}]"#)
+            .unwrap_err();
+        assert!(
+            e.contains("enablement_selectors") && e.contains("enablement selector 1"),
+            "{e}"
+        );
+        assert!(
+            with(r#""mesh=on""#)
+                .unwrap_err()
+                .contains("enablement_selectors")
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Fallback when the node agent cannot be reached: read the pod and its
 //! namespace from the API server (kubeconfig written by the agent) and apply
-//! the enablement rules. Slow path only; every request is bounded.
+//! the enablement rules, with the selectors the agent wrote into the CNI
+//! config (`enablement_selectors`). Slow path only; every request is bounded.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,7 +10,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
-use mesh_proto::enablement::{self, Decision, EnablementConfig, PodFacts};
+use mesh_proto::enablement::{self, Decision, EnablementConfig, EnablementSelectors, PodFacts};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LookupError {
@@ -27,6 +28,8 @@ pub enum LookupError {
         #[source]
         source: kube::Error,
     },
+    #[error("cannot decide: the CNI config's {0}")]
+    Selectors(String),
     #[error("looking up pod {namespace}/{name} took longer than {after:?}")]
     Timeout {
         namespace: String,
@@ -46,14 +49,14 @@ pub fn load_kubeconfig(path: &Path) -> Result<Kubeconfig, LookupError> {
 /// The enablement rules applied to a pod and its namespace as the API returns them.
 /// Excluded namespaces and the agent's own pods were skipped before any lookup
 /// (`PluginConf::static_skip`), so no node-wide exclusions apply here.
-fn decide_pod(pod: &Pod, ns: &Namespace) -> Decision {
+fn decide_pod(pod: &Pod, ns: &Namespace, selectors: &EnablementSelectors) -> Decision {
     let no_labels = Default::default();
     let labels = pod.metadata.labels.as_ref().unwrap_or(&no_labels);
     let ns_labels = ns.metadata.labels.as_ref().unwrap_or(&no_labels);
     let facts = PodFacts {
         namespace: pod.metadata.namespace.as_deref().unwrap_or_default(),
         name: pod.metadata.name.as_deref().unwrap_or_default(),
-        mode_label: enablement::mode_label(labels),
+        labels,
         host_network: pod
             .spec
             .as_ref()
@@ -65,17 +68,18 @@ fn decide_pod(pod: &Pod, ns: &Namespace) -> Decision {
             .as_ref()
             .is_some_and(|a| a.contains_key(enablement::SIDECAR_STATUS_ANNOTATION)),
     };
-    enablement::decide(
-        facts,
-        enablement::mode_label(ns_labels),
-        &EnablementConfig::default(),
-    )
+    let cfg = EnablementConfig {
+        selectors: selectors.clone(),
+        ..Default::default()
+    };
+    enablement::decide(facts, ns_labels, &cfg)
 }
 
 /// GETs the pod and its namespace concurrently and decides.
 pub async fn decide_from_api(
     kubeconfig: Kubeconfig,
     kubeconfig_path: &Path,
+    selectors: &EnablementSelectors,
     namespace: &str,
     name: &str,
     timeout: Duration,
@@ -105,7 +109,7 @@ pub async fn decide_from_api(
             what: format!("namespace {namespace}"),
             source,
         })?;
-        Ok(decide_pod(&pod, &ns))
+        Ok(decide_pod(&pod, &ns, selectors))
     };
     tokio::time::timeout(timeout, work)
         .await
@@ -119,10 +123,12 @@ pub async fn decide_from_api(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::PluginConf;
     use serde_json::{Value, json};
 
-    /// Every vector of the shared table, as Pod and Namespace objects: the plugin's
-    /// mapping from API objects feeds the rules what the vectors say.
+    /// Every vector of the shared table, as Pod and Namespace objects and the
+    /// selectors in a CNI config: the plugin's mapping from API objects and
+    /// its config feeds the rules what the vectors say.
     #[test]
     fn vectors_through_api_objects() {
         let text = include_str!("../../proto/testdata/enablement-cases.json");
@@ -143,7 +149,12 @@ mod tests {
                 "metadata": {"name": "demo", "labels": c.get("namespace_labels").cloned().unwrap_or(json!({}))},
             }))
             .unwrap();
-            let d = decide_pod(&pod, &ns);
+            let mut conf = json!({"cniVersion": "1.0.0", "name": "n", "type": "istio-cni"});
+            if let Some(s) = c.get("selectors") {
+                conf["enablement_selectors"] = s.clone();
+            }
+            let conf = PluginConf::parse(conf.to_string().as_bytes()).unwrap();
+            let d = decide_pod(&pod, &ns, conf.enablement_selectors.as_ref().unwrap());
             assert_eq!(
                 d.is_ambient(),
                 c["ambient"].as_bool().unwrap(),

@@ -346,6 +346,56 @@ fn agent_down_fails_closed_for_ambient_pods() {
     }
 }
 
+/// The fallback decides with the `enablement_selectors` the agent wrote into
+/// the CNI config: a `mesh=on` pod is ambient (fails closed), one labelled
+/// only as the default rule wants is not (starts).
+#[test]
+fn agent_down_follows_the_configs_enablement_selectors() {
+    skip_without_netns!();
+    let selectors = json!({"enablement_selectors": [
+        {"podSelector": {"matchLabels": {"mesh": "on"}}, "namespaceSelector": {}}
+    ]});
+    let node = Node::new();
+    let pod = NamedNetns::new("icn-pod");
+    let (run_dir, _api) = agent_down_setup(&node, objects(json!({"mesh": "on"}), json!({})));
+    let rt = Runtime {
+        node: &node,
+        conflist: node.conflist("1.0.0", istio(run_dir.path(), selectors.clone())),
+    };
+    let f = rt
+        .add("c-sel", &pod, &k8s_args("demo", "app-1", "u"))
+        .expect_err("selected pod with the agent down must fail");
+    let e = f.run.expect_error(11);
+    let msg = e["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("is ambient") && msg.contains("enablement selector 0"),
+        "{e}"
+    );
+
+    let node = Node::new();
+    let pod = NamedNetns::new("icn-pod");
+    let (run_dir, _api) = agent_down_setup(
+        &node,
+        objects(
+            json!({"istio.io/dataplane-mode": "ambient"}),
+            json!({"istio.io/dataplane-mode": "ambient"}),
+        ),
+    );
+    let rt = Runtime {
+        node: &node,
+        conflist: node.conflist("1.0.0", istio(run_dir.path(), selectors)),
+    };
+    let (result, runs) = rt
+        .add("c-sel2", &pod, &k8s_args("demo", "app-1", "u"))
+        .unwrap_or_else(|f| panic!("{:?}", f.run));
+    assert!(
+        runs[1].stderr.contains("no enablement selector"),
+        "{}",
+        runs[1].stderr
+    );
+    rt.del("c-sel2", &pod, "", Some(&result)).unwrap();
+}
+
 #[test]
 fn agent_down_lets_non_ambient_pods_through_and_fails_open_on_lookup_errors() {
     skip_without_netns!();

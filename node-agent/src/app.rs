@@ -36,7 +36,6 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::cluster::api::{ClusterApi, DaemonSetState, KubeApi};
 use crate::cluster::cache::{Change, ClusterCache};
-use crate::cluster::enablement::EnablementConfig;
 use crate::cluster::watch::Watchers;
 use crate::config::{AgentConfig, RedirectMode};
 use crate::health::{self, Readiness};
@@ -200,6 +199,11 @@ pub async fn run_with(
         run_dir = %cfg.run_dir.display(),
         "node agent starting"
     );
+    tracing::info!(
+        default = cfg.enablement_selectors.is_default(),
+        selectors = %cfg.enablement_selectors.to_json(),
+        "ambient enablement selectors"
+    );
     let metrics = AgentMetrics::new();
     let readiness = Readiness::new();
     let install_flag = readiness.register(install::READY_COMPONENT);
@@ -257,11 +261,7 @@ pub async fn run_with(
     let resolver = NetnsResolver::new(Arc::new(paths), cfg.host_proc_dir.clone());
     let reconciler = Reconciler::new(
         ReconcileConfig {
-            enablement: EnablementConfig {
-                exclude_namespaces: cfg.exclude_namespaces.clone(),
-                agent_namespace: cfg.pod_namespace.clone(),
-                agent_pod: cfg.pod_name.clone(),
-            },
+            enablement: cfg.enablement(),
             needs_netns: cfg.redirect_mode == RedirectMode::Inpod,
             cni_add_ztunnel_wait: cfg.cni_add_ztunnel_wait,
             ..ReconcileConfig::default()

@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh_proto::cni_event::DEFAULT_AGENT_RUN_DIR;
+use mesh_proto::enablement::{EnablementSelectors, SELECTOR_ENV};
 
-use crate::install::InstallConfig;
+use crate::install::{InstallConfig, enablement_selectors};
 use crate::redirect::inpod::RuleConfig;
 use crate::zds::DEFAULT_SOCKET;
 
@@ -60,6 +61,9 @@ pub struct AgentConfig {
     pub ztunnel_uds: PathBuf,
     /// `EXCLUDE_NAMESPACES` (`kube-system`), comma-separated.
     pub exclude_namespaces: Vec<String>,
+    /// `AMBIENT_ENABLEMENT_SELECTOR` (upstream's default list): which pods
+    /// are ambient.
+    pub enablement_selectors: EnablementSelectors,
     /// `AMBIENT_DNS_CAPTURE` (`false`).
     pub dns_capture: bool,
     /// `AMBIENT_IPV6` (`true`).
@@ -161,6 +165,15 @@ impl AgentConfig {
         flag("ISTIO_OWNED_CNI_CONFIG", false)?;
         flag("AMBIENT_ENABLED", true)?;
         flag("ENABLE_AMBIENT_DETECTION_RETRY", false)?;
+        let selector_text = get(SELECTOR_ENV);
+        let enablement_selectors =
+            enablement_selectors(selector_text.as_deref()).map_err(|reason| {
+                err(
+                    SELECTOR_ENV,
+                    selector_text.as_deref().unwrap_or(""),
+                    &reason,
+                )
+            })?;
         let install = InstallConfig::from_env(|k| get(k));
         let exclude_namespaces = install.plugin.exclude_namespaces.clone();
 
@@ -176,6 +189,7 @@ impl AgentConfig {
                 .unwrap_or_else(|| DEFAULT_SOCKET.into())
                 .into(),
             exclude_namespaces,
+            enablement_selectors,
             dns_capture: flag("AMBIENT_DNS_CAPTURE", false)?,
             ipv6: flag("AMBIENT_IPV6", true)?,
             reconcile_rules_on_startup: flag("AMBIENT_RECONCILE_POD_RULES_ON_STARTUP", true)?,
@@ -203,6 +217,16 @@ impl AgentConfig {
                 },
             },
         })
+    }
+
+    /// The enablement rules' node-wide settings.
+    pub fn enablement(&self) -> crate::cluster::EnablementConfig {
+        crate::cluster::EnablementConfig {
+            exclude_namespaces: self.exclude_namespaces.clone(),
+            agent_namespace: self.pod_namespace.clone(),
+            agent_pod: self.pod_name.clone(),
+            selectors: self.enablement_selectors.clone(),
+        }
     }
 
     /// The in-pod rule generator's node-wide settings.
@@ -304,6 +328,17 @@ mod tests {
             (vec![("READY_PORT", "http")], "READY_PORT"),
             (vec![("METRICS_PORT", "70000")], "METRICS_PORT"),
             (vec![("HOST_PROBE_SNAT_IP", "::1")], "HOST_PROBE_SNAT_IP"),
+            (
+                vec![(
+                    "AMBIENT_ENABLEMENT_SELECTOR",
+                    "- podSelector: {matchExpressions: [{key: k, operator: Has}]}",
+                )],
+                "AMBIENT_ENABLEMENT_SELECTOR",
+            ),
+            (
+                vec![("AMBIENT_ENABLEMENT_SELECTOR", "- podSelecter: {}")],
+                "AMBIENT_ENABLEMENT_SELECTOR",
+            ),
         ] {
             let mut vars = vars;
             if var != "NODE_NAME" {
@@ -313,5 +348,65 @@ mod tests {
             assert_eq!(e.var, var, "{e}");
             assert!(e.to_string().contains(var), "{e}");
         }
+    }
+
+    #[test]
+    fn enablement_selector_yaml() {
+        // Unset, blank, null or an empty list: upstream's default list.
+        for v in [None, Some(""), Some("  "), Some("null"), Some("[]")] {
+            let mut vars = vec![("NODE_NAME", "n1")];
+            if let Some(v) = v {
+                vars.push(("AMBIENT_ENABLEMENT_SELECTOR", v));
+            }
+            let c = cfg(&vars).unwrap();
+            assert!(c.enablement_selectors.is_default(), "{v:?}");
+            assert!(c.install.plugin.enablement_selectors.is_default());
+        }
+        // The chart's rendering of ambient.enablementSelectors (toYaml).
+        let yaml = "- podSelector:\n    matchLabels:\n      mesh: \"on\"\n- namespaceSelector:\n    matchExpressions:\n    - key: team\n      operator: In\n      values:\n      - a\n      - b\n  podSelector:\n    matchExpressions:\n    - key: mesh\n      operator: DoesNotExist\n";
+        let c = cfg(&[("NODE_NAME", "n1"), ("AMBIENT_ENABLEMENT_SELECTOR", yaml)]).unwrap();
+        assert!(!c.enablement_selectors.is_default());
+        assert_eq!(c.enablement_selectors.source().len(), 2);
+        assert_eq!(c.enablement().selectors, c.enablement_selectors);
+        // The installer writes the same list into the plugin's config.
+        assert_eq!(
+            c.install.plugin.enablement_selectors,
+            c.enablement_selectors
+        );
+        assert_eq!(
+            crate::install::chain::plugin_entry(&c.install.plugin)["enablement_selectors"],
+            serde_json::json!([
+                {"podSelector": {"matchLabels": {"mesh": "on"}}, "namespaceSelector": {}},
+                {"podSelector": {"matchExpressions": [{"key": "mesh", "operator": "DoesNotExist"}]},
+                 "namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "In", "values": ["a", "b"]}]}}
+            ])
+        );
+        // JSON is YAML too.
+        let c = cfg(&[
+            ("NODE_NAME", "n1"),
+            (
+                "AMBIENT_ENABLEMENT_SELECTOR",
+                r#"[{"podSelector":{"matchLabels":{"mesh":"on"}}}]"#,
+            ),
+        ])
+        .unwrap();
+        assert_eq!(c.enablement_selectors.source().len(), 1);
+        // Errors name the entry and key.
+        let e = cfg(&[
+            ("NODE_NAME", "n1"),
+            (
+                "AMBIENT_ENABLEMENT_SELECTOR",
+                "- {}\n- namespaceSelector: {matchExpressions: [{key: team, operator: Exists, values: [a]}]}",
+            ),
+        ])
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("AMBIENT_ENABLEMENT_SELECTOR")
+                && text.contains("enablement selector 1")
+                && text.contains("\"team\"")
+                && text.contains("takes no values"),
+            "{text}"
+        );
     }
 }

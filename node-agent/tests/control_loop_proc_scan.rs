@@ -320,9 +320,10 @@ fn cache_with(p: PodInfo, ambient: bool) -> Arc<ClusterCache> {
     cache.pods_init_apply(p);
     cache.pods_init_done();
     cache.namespaces_init();
-    cache.namespaces_init_apply(NamespaceInfo {
-        name: "demo".into(),
-        mode_label: ambient.then(|| "ambient".into()),
+    cache.namespaces_init_apply(if ambient {
+        NamespaceInfo::new("demo", &[("istio.io/dataplane-mode", "ambient")])
+    } else {
+        NamespaceInfo::new("demo", &[])
     });
     cache.namespaces_init_done();
     cache
@@ -357,6 +358,7 @@ async fn agent(cache: Arc<ClusterCache>, node: &Path) -> Agent {
                 exclude_namespaces: vec!["kube-system".into()],
                 agent_namespace: "istio-system".into(),
                 agent_pod: None,
+                selectors: Default::default(),
             },
             ..ReconcileConfig::default()
         },
@@ -419,10 +421,7 @@ async fn running_pod_found_through_its_cgroup_is_enrolled_and_unenrolled() {
     })
     .await;
 
-    for c in cache.apply_namespace(NamespaceInfo {
-        name: "demo".into(),
-        mode_label: None,
-    }) {
+    for c in cache.apply_namespace(NamespaceInfo::new("demo", &[])) {
         a.reconciler.handle_change(&c);
     }
     eventually("unenrolled", || a.reconciler.enrolled_uids().is_empty()).await;

@@ -24,6 +24,7 @@ fn settings() -> PluginSettings {
         pod_namespace: "istio-system".into(),
         detection_retry: false,
         kubeconfig: "/var/run/istio-cni/istio-cni-kubeconfig".into(),
+        enablement_selectors: Default::default(),
     }
 }
 

@@ -61,6 +61,7 @@ fn config(d: &Dirs, mode: ConfigMode) -> InstallConfig {
             pod_namespace: "istio-system".into(),
             detection_retry: false,
             kubeconfig: kubeconfig.clone(),
+            enablement_selectors: Default::default(),
         },
         kubeconfig_source: Some(KubeconfigSource::InCluster {
             server: "https://10.96.0.1:443".into(),

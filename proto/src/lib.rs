@@ -5,8 +5,9 @@
 //!   ztunnels and its two resource types, spoken by ztunnel and the e2e control-plane
 //!   double;
 //! - [`cni_event`]: the CNI plugin -> node agent pod event (JSON over a Unix socket);
-//! - [`enablement`]: which pods are ambient (Istio's labels and annotations), decided
-//!   alike by the node agent and by the CNI plugin's fallback.
+//! - [`enablement`]: which pods are ambient (exclusions, then upstream's enablement
+//!   selectors over pod and namespace labels), decided alike by the node agent and by
+//!   the CNI plugin's fallback; [`label_selector`]: Kubernetes label selectors.
 
 /// ZDS messages (`istio.workload.zds`).
 pub mod zds {
@@ -40,3 +41,4 @@ pub mod security {
 
 pub mod cni_event;
 pub mod enablement;
+pub mod label_selector;

@@ -221,6 +221,8 @@ pub struct Env {
     /// File name of the primary CNI config in the conf dir.
     pub primary: &'static str,
     pub cluster: Cluster,
+    /// Variables added to (or overriding) [`Env::agent_env`].
+    pub extra_agent_env: Vec<(String, String)>,
 }
 
 pub struct PodRef {
@@ -293,6 +295,7 @@ impl Env {
             agent_log,
             primary,
             cluster,
+            extra_agent_env: Vec::new(),
         }
     }
 
@@ -358,6 +361,7 @@ impl Env {
         cmd.env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .envs(self.agent_env(mode))
+            .envs(self.extra_agent_env.clone())
             .env(e2e::netsim::OWNER_ENV, self.cluster.scope().prefix())
             .stdin(Stdio::null());
         let log = std::fs::OpenOptions::new()

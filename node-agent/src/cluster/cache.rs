@@ -6,7 +6,7 @@
 //! Locking: one `std::sync::RwLock`, held only for map operations (never
 //! across an await).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
@@ -328,13 +328,9 @@ impl ClusterCache {
         Self::upsert_ns(&mut st, ns)
     }
 
-    /// `Some(label value)` when the namespace is known (`Some(None)`: no
-    /// `istio.io/dataplane-mode` label); `None` when it is not.
-    pub fn namespace_mode(&self, name: &str) -> Option<Option<String>> {
-        self.read()
-            .namespaces
-            .get(name)
-            .map(|n| n.mode_label.clone())
+    /// The namespace's labels when it is known; `None` when it is not.
+    pub fn namespace_labels(&self, name: &str) -> Option<BTreeMap<String, String>> {
+        self.read().namespaces.get(name).map(|n| n.labels.clone())
     }
 }
 
@@ -362,9 +358,9 @@ mod tests {
     }
 
     fn ns(name: &str, mode: Option<&str>) -> NamespaceInfo {
-        NamespaceInfo {
-            name: name.into(),
-            mode_label: mode.map(String::from),
+        match mode {
+            Some(m) => NamespaceInfo::new(name, &[("istio.io/dataplane-mode", m)]),
+            None => NamespaceInfo::new(name, &[]),
         }
     }
 
@@ -377,7 +373,10 @@ mod tests {
         );
         assert!(c.apply_pod(pod("u1", "demo", "a")).is_empty(), "no change");
         let mut p = pod("u1", "demo", "a");
-        p.mode_label = Some("none".into());
+        p.set_label("istio.io/dataplane-mode", Some("none"));
+        assert_eq!(c.apply_pod(p.clone()), vec![Change::Pod("u1".into())]);
+        // Any label counts: the selectors may look at it.
+        p.set_label("mesh", Some("on"));
         assert_eq!(c.apply_pod(p), vec![Change::Pod("u1".into())]);
         assert_eq!(c.pod_by_name("demo", "a").unwrap().uid, "u1");
         assert_eq!(c.pods_in_namespace("demo"), vec!["u1".to_string()]);
@@ -456,15 +455,26 @@ mod tests {
     #[test]
     fn namespaces_and_ztunnel_changes() {
         let c = ClusterCache::new("istio-system");
-        assert_eq!(c.namespace_mode("demo"), None);
+        assert_eq!(c.namespace_labels("demo"), None);
         assert_eq!(
             c.apply_namespace(ns("demo", None)),
             vec![Change::Namespace("demo".into())]
         );
-        assert_eq!(c.namespace_mode("demo"), Some(None));
+        assert_eq!(c.namespace_labels("demo"), Some(BTreeMap::new()));
         assert!(c.apply_namespace(ns("demo", None)).is_empty());
         c.apply_namespace(ns("demo", Some("ambient")));
-        assert_eq!(c.namespace_mode("demo"), Some(Some("ambient".into())));
+        assert_eq!(
+            c.namespace_labels("demo").unwrap()["istio.io/dataplane-mode"],
+            "ambient"
+        );
+        // Any label change is a change (the selectors may look at it).
+        assert_eq!(
+            c.apply_namespace(NamespaceInfo::new(
+                "demo",
+                &[("istio.io/dataplane-mode", "ambient"), ("team", "a")]
+            )),
+            vec![Change::Namespace("demo".into())]
+        );
         assert_eq!(c.delete_namespace("demo").len(), 1);
 
         let mut zt = pod("z1", "istio-system", "ztunnel-x");

@@ -1,6 +1,8 @@
 //! What the agent keeps about each pod and namespace: a small extract of the
 //! Kubernetes objects (the informer cache holds these, not whole objects, to
-//! keep the agent's memory small), and the pure queries over them.
+//! keep the agent's memory small: labels, which the enablement selectors
+//! read, but only the annotations that matter), and the pure queries over
+//! them.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -66,8 +68,8 @@ pub struct PodInfo {
     pub name: String,
     pub node_name: Option<String>,
     pub service_account: String,
-    /// `istio.io/dataplane-mode` label.
-    pub mode_label: Option<String>,
+    /// All labels (the enablement selectors may look at any).
+    pub labels: BTreeMap<String, String>,
     /// `app` label.
     pub app_label: Option<String>,
     pub host_network: bool,
@@ -123,7 +125,7 @@ impl PodInfo {
             service_account: spec
                 .and_then(|s| s.service_account_name.clone())
                 .unwrap_or_else(|| "default".into()),
-            mode_label: label(enablement::DATAPLANE_MODE_LABEL),
+            labels: labels.cloned().unwrap_or_default(),
             app_label: label(APP_LABEL),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             sidecar: annotations.is_some_and(|a| a.contains_key(SIDECAR_STATUS_ANNOTATION)),
@@ -153,19 +155,32 @@ impl PodInfo {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    /// The enablement rules applied to this pod.
-    pub fn decide(&self, namespace_mode: Option<&str>, cfg: &EnablementConfig) -> Decision {
+    /// The enablement rules applied to this pod; `namespace_labels` are its
+    /// namespace's (empty when the namespace is not known).
+    pub fn decide(
+        &self,
+        namespace_labels: &BTreeMap<String, String>,
+        cfg: &EnablementConfig,
+    ) -> Decision {
         enablement::decide(
             PodFacts {
                 namespace: &self.namespace,
                 name: &self.name,
-                mode_label: self.mode_label.as_deref(),
+                labels: &self.labels,
                 host_network: self.host_network,
                 sidecar: self.sidecar,
             },
-            namespace_mode,
+            namespace_labels,
             cfg,
         )
+    }
+
+    /// Sets (`Some`) or removes (`None`) label `key`.
+    pub fn set_label(&mut self, key: &str, value: Option<&str>) {
+        match value {
+            Some(v) => self.labels.insert(key.to_string(), v.to_string()),
+            None => self.labels.remove(key),
+        };
     }
 
     /// What a redirector needs; `netns` is the pod's netns path if known.
@@ -186,20 +201,28 @@ impl PodInfo {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NamespaceInfo {
     pub name: String,
-    /// `istio.io/dataplane-mode` label.
-    pub mode_label: Option<String>,
+    /// All labels (the enablement selectors may look at any): any change
+    /// re-evaluates the namespace's pods.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl NamespaceInfo {
     pub fn from_namespace(ns: &NamespaceObject) -> Option<Self> {
         Some(Self {
             name: ns.metadata.name.clone()?,
-            mode_label: ns
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(enablement::DATAPLANE_MODE_LABEL).cloned()),
+            labels: ns.metadata.labels.clone().unwrap_or_default(),
         })
+    }
+
+    /// A namespace named `name` with `labels`.
+    pub fn new(name: impl Into<String>, labels: &[(&str, &str)]) -> Self {
+        Self {
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
     }
 }
 
@@ -256,7 +279,8 @@ mod tests {
         assert_eq!(p.uid, "u-1");
         assert_eq!(p.node_name.as_deref(), Some("node1"));
         assert_eq!(p.service_account, "web-sa");
-        assert_eq!(p.mode_label.as_deref(), Some("ambient"));
+        assert_eq!(p.labels["istio.io/dataplane-mode"], "ambient");
+        assert_eq!(p.labels.len(), 3, "every label kept: {:?}", p.labels);
         assert_eq!(p.app_label.as_deref(), Some("web"));
         assert_eq!(p.phase, PodPhase::Running);
         assert!(p.ready && !p.deleting && !p.host_network && !p.sidecar);

@@ -11,6 +11,7 @@
 
 use std::path::PathBuf;
 
+use mesh_proto::enablement::{EnablementSelectors, SELECTOR_CNI_KEY};
 use serde_json::{Map, Value, json};
 
 /// The `type` (and `name`) of our plugin entry.
@@ -32,6 +33,8 @@ pub struct PluginSettings {
     pub detection_retry: bool,
     /// Kubeconfig path as the plugin sees it.
     pub kubeconfig: PathBuf,
+    /// `AMBIENT_ENABLEMENT_SELECTOR`, for the plugin's fallback decision.
+    pub enablement_selectors: EnablementSelectors,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,6 +74,7 @@ pub fn plugin_entry(s: &PluginSettings) -> Value {
         "exclude_namespaces": s.exclude_namespaces,
         "pod_namespace": s.pod_namespace,
         "enable_ambient_detection_retry": s.detection_retry,
+        SELECTOR_CNI_KEY: s.enablement_selectors.to_json(),
         "kubernetes": { "kubeconfig": s.kubeconfig.to_string_lossy() },
     })
 }
@@ -223,6 +227,7 @@ mod tests {
             pod_namespace: "istio-system".into(),
             detection_retry: false,
             kubeconfig: "/var/run/istio-cni/istio-cni-kubeconfig".into(),
+            enablement_selectors: Default::default(),
         }
     }
 

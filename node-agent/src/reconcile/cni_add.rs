@@ -24,6 +24,7 @@ use mesh_proto::cni_event::{CmdAddEvent, CmdAddReply, Enrolment};
 use super::plan::{Actual, Annotation};
 use super::{PodRecord, Reconciler};
 use crate::cluster::PodInfo;
+use crate::cluster::enablement::Reason;
 use crate::plugin_events::{CmdAddRefusal, PodEventHandler};
 
 /// [`PodEventHandler`] over the [`Reconciler`].
@@ -95,15 +96,15 @@ impl Reconciler {
         if let Err(e) = self.resolver.paths().remember(&pod.uid, &netns).await {
             tracing::warn!(pod = %key, error = %e, "cannot record the pod's netns path");
         }
-        let ns_mode = match self.cache.namespace_mode(&pod.namespace) {
-            Some(m) => m,
+        let ns_labels = match self.cache.namespace_labels(&pod.namespace) {
+            Some(l) => l,
             None => match self.api.get_namespace(&pod.namespace).await {
                 Ok(Some(ns)) => {
-                    let m = ns.mode_label.clone();
+                    let l = ns.labels.clone();
                     self.cache.insert_namespace_from_api(ns);
-                    m
+                    l
                 }
-                Ok(None) => None,
+                Ok(None) => Default::default(),
                 Err(e) => {
                     return Err(CmdAddRefusal::Undecided(format!(
                         "cannot decide about pod {key}: {e}"
@@ -111,10 +112,10 @@ impl Reconciler {
                 }
             },
         };
-        let decision = pod.decide(ns_mode.as_deref(), &self.cfg.enablement);
+        let decision = pod.decide(&ns_labels, &self.cfg.enablement);
         if !decision.is_ambient() {
-            tracing::info!(pod = %key, uid = %pod.uid, reason = decision.reason(), "CNI ADD: not ambient");
-            return Ok(not_ambient(decision.reason()));
+            tracing::info!(pod = %key, uid = %pod.uid, reason = %decision.reason(), "CNI ADD: not ambient");
+            return Ok(not_ambient(decision.reason().to_string()));
         }
 
         let lock = self.pod_lock(&pod.uid);
@@ -171,7 +172,7 @@ impl Reconciler {
         pod: &PodInfo,
         ev: &CmdAddEvent,
         netns: PathBuf,
-        reason: &'static str,
+        reason: Reason,
     ) -> Result<CmdAddReply, CmdAddRefusal> {
         let key = pod.key();
         if !self.ztunnel_available() && !self.wait_ztunnel(self.cfg.cni_add_ztunnel_wait).await {
@@ -199,7 +200,7 @@ impl Reconciler {
                         retry_at: None,
                     },
                 );
-                tracing::info!(pod = %key, uid = %pod.uid, reason, netns = %ev.netns, mode = self.redirector.mode(), "pod enrolled (CNI ADD)");
+                tracing::info!(pod = %key, uid = %pod.uid, reason = %reason, netns = %ev.netns, mode = self.redirector.mode(), "pod enrolled (CNI ADD)");
                 // Redirection is in place; the annotation is informative:
                 // a failed patch is retried by the queue.
                 self.annotate(

@@ -275,8 +275,11 @@ impl Reconciler {
         if p.phase.is_terminal() {
             return Desired::Gone;
         }
-        let ns_mode = self.cache.namespace_mode(&p.namespace).flatten();
-        match p.decide(ns_mode.as_deref(), &self.cfg.enablement) {
+        let ns_labels = self
+            .cache
+            .namespace_labels(&p.namespace)
+            .unwrap_or_default();
+        match p.decide(&ns_labels, &self.cfg.enablement) {
             Decision::Ambient(_) if p.ips.is_empty() => Desired::AwaitSandbox,
             Decision::Ambient(r) => Desired::Enrol(r),
             Decision::NotAmbient(r) => Desired::Out(r),
@@ -357,12 +360,12 @@ impl Reconciler {
         let result = self.redirector.enrol(&redirect).await;
         self.metrics.observe("enrol", t0.elapsed());
         let reason = match desired {
-            Desired::Enrol(r) => r,
-            _ => "",
+            Desired::Enrol(r) => r.to_string(),
+            _ => String::new(),
         };
         let outcome = match &result {
             Ok(()) => {
-                tracing::info!(pod = %pod.key(), uid = %pod.uid, reason, mode = self.redirector.mode(), "pod enrolled");
+                tracing::info!(pod = %pod.key(), uid = %pod.uid, %reason, mode = self.redirector.mode(), "pod enrolled");
                 Ok(())
             }
             Err(e) => {
@@ -465,13 +468,13 @@ impl Reconciler {
         let result = self.redirector.unenrol(&redirect).await;
         self.metrics.observe("unenrol", t0.elapsed());
         let why = match desired {
-            Desired::Out(r) => r,
-            Desired::Gone => "pod deleted or finished",
-            _ => "",
+            Desired::Out(r) => r.to_string(),
+            Desired::Gone => "pod deleted or finished".to_string(),
+            _ => String::new(),
         };
         match result {
             Ok(()) => {
-                tracing::info!(pod = %redirect.key(), uid, reason = why, "pod unenrolled");
+                tracing::info!(pod = %redirect.key(), uid, reason = %why, "pod unenrolled");
                 self.records().remove(uid);
                 if let Some(p) = pod {
                     self.annotate(p, Annotation::Remove).await;
@@ -692,5 +695,7 @@ fn same_ips(a: &[std::net::IpAddr], b: &[std::net::IpAddr]) -> bool {
 mod tests;
 #[cfg(test)]
 mod tests_ip_sync;
+#[cfg(test)]
+mod tests_selectors;
 #[cfg(test)]
 mod tests_startup;

@@ -2,17 +2,18 @@
 //! pod should be ([`Desired`]), what the agent did to it ([`Actual`]) and the
 //! annotation the pod carries, a [`Plan`].
 
+use crate::cluster::enablement::Reason;
 use crate::cluster::pod::{REDIRECTION_ENABLED, REDIRECTION_PENDING};
 
 /// What the pod should be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Desired {
     /// Ambient and running with an IP: enrolled.
-    Enrol(&'static str),
+    Enrol(Reason),
     /// Ambient but its sandbox has no IP yet: the CNI ADD enrols it.
     AwaitSandbox,
     /// Not ambient.
-    Out(&'static str),
+    Out(Reason),
     /// Deleted, or finished (`Succeeded`/`Failed`).
     Gone,
 }
@@ -150,8 +151,11 @@ mod tests {
         assert!(!is_ours(Some("disabled")) && !is_ours(None));
     }
 
-    const IN: Desired = Desired::Enrol("namespace label");
-    const OUT: Desired = Desired::Out("no label");
+    const IN: Desired = Desired::Enrol(Reason::Selector {
+        index: 1,
+        default: true,
+    });
+    const OUT: Desired = Desired::Out(Reason::NoSelector { default: true });
 
     #[test]
     fn enrol_table() {

@@ -13,7 +13,7 @@ use super::pod_netns::{NetnsPaths, NetnsResolver};
 use super::{ReconcileConfig, Reconciler};
 use crate::cluster::api::{ApiError, ClusterApi};
 use crate::cluster::cache::ClusterCache;
-use crate::cluster::enablement::EnablementConfig;
+use crate::cluster::enablement::{DATAPLANE_MODE_LABEL, EnablementConfig, EnablementSelectors};
 use crate::cluster::pod::{NamespaceInfo, PodInfo, PodPhase};
 use crate::metrics::AgentMetrics;
 use crate::plugin_events::CmdAddRefusal;
@@ -207,7 +207,7 @@ impl ClusterApi for FakeApi {
 
 pub(super) struct Harness {
     pub(super) r: Arc<Reconciler>,
-    cache: Arc<ClusterCache>,
+    pub(super) cache: Arc<ClusterCache>,
     pub(super) redir: Arc<FakeRedirector>,
     pub(super) api: Arc<FakeApi>,
     _run: tempfile::TempDir,
@@ -227,14 +227,23 @@ pub(super) fn running(uid: &str, ns: &str, name: &str, ip: &str) -> PodInfo {
 }
 
 pub(super) fn ns(name: &str, mode: Option<&str>) -> NamespaceInfo {
-    NamespaceInfo {
-        name: name.into(),
-        mode_label: mode.map(String::from),
+    match mode {
+        Some(m) => NamespaceInfo::new(name, &[(DATAPLANE_MODE_LABEL, m)]),
+        None => NamespaceInfo::new(name, &[]),
     }
 }
 
 impl Harness {
     pub(super) fn new(pods: Vec<PodInfo>, namespaces: Vec<NamespaceInfo>) -> Self {
+        Self::with_selectors(pods, namespaces, EnablementSelectors::default())
+    }
+
+    /// A harness whose agent decides with `selectors`.
+    pub(super) fn with_selectors(
+        pods: Vec<PodInfo>,
+        namespaces: Vec<NamespaceInfo>,
+        selectors: EnablementSelectors,
+    ) -> Self {
         let cache = Arc::new(ClusterCache::new("istio-system"));
         cache.pods_init();
         for p in pods {
@@ -259,6 +268,7 @@ impl Harness {
                     exclude_namespaces: vec!["kube-system".into()],
                     agent_namespace: "istio-system".into(),
                     agent_pod: None,
+                    selectors,
                 },
                 needs_netns: false,
                 workers: 2,
@@ -286,7 +296,7 @@ impl Harness {
     }
 
     /// Feeds changes like the app's dispatcher does.
-    fn apply_ns(&self, n: NamespaceInfo) {
+    pub(super) fn apply_ns(&self, n: NamespaceInfo) {
         for c in self.cache.apply_namespace(n) {
             self.r.handle_change(&c);
         }
@@ -326,7 +336,7 @@ pub(super) async fn started(h: &Harness) -> Vec<tokio::task::JoinHandle<()>> {
 #[tokio::test]
 async fn label_and_unlabel_a_namespace() {
     let mut opted_out = running("u3", "demo", "c", "10.0.0.3");
-    opted_out.mode_label = Some("none".into());
+    opted_out.set_label(DATAPLANE_MODE_LABEL, Some("none"));
     let mut no_ip = running("u4", "demo", "d", "10.0.0.4");
     no_ip.ips.clear();
     no_ip.phase = PodPhase::Pending;
@@ -415,11 +425,11 @@ async fn fatal_failures_are_retried_with_backoff_and_not_annotated() {
     h.settle().await;
     assert_eq!(h.r.enrolled_uids(), vec!["u1"]);
     let mut p = h.cache.pod("u1").unwrap();
-    p.mode_label = Some("none".into());
+    p.set_label(DATAPLANE_MODE_LABEL, Some("none"));
     h.apply_pod(p.clone());
     h.settle().await;
     assert!(h.r.enrolled_uids().is_empty());
-    p.mode_label = None;
+    p.set_label(DATAPLANE_MODE_LABEL, None);
     h.apply_pod(p);
     // several attempts within a few backoff periods
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -548,7 +558,7 @@ async fn startup_snapshot_follows_the_annotation() {
     );
 }
 
-fn add_event(ns: &str, name: &str, uid: Option<&str>) -> CmdAddEvent {
+pub(super) fn add_event(ns: &str, name: &str, uid: Option<&str>) -> CmdAddEvent {
     CmdAddEvent {
         netns: format!("/var/run/netns/cni-{name}"),
         pod_name: name.into(),
@@ -597,7 +607,7 @@ async fn cni_add_enrols_before_answering() {
 #[tokio::test]
 async fn cni_add_of_other_pods() {
     let mut none = running("u1", "demo", "out", "10.0.0.1");
-    none.mode_label = Some("none".into());
+    none.set_label(DATAPLANE_MODE_LABEL, Some("none"));
     let h = Harness::new(
         vec![none],
         vec![ns("demo", Some("ambient")), ns("plain", None)],
