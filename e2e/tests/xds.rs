@@ -819,11 +819,24 @@ fn on_demand_lookups_reach_the_data_path() {
         "asked for {silent_key}: {:?}",
         xds.demanded()
     );
-    let lines = mesh.pod("client").log_lines(&[
-        "direction=\"outbound\"",
-        "istiod did not answer the on-demand lookup of",
-        &silent_key,
-    ]);
-    assert!(!lines.is_empty(), "{}", mesh.pod("client").log());
+    // The access line is written when ztunnel closes the connection, which the client may
+    // see first: poll for it.
+    let logged = || {
+        !mesh
+            .pod("client")
+            .log_lines(&[
+                "direction=\"outbound\"",
+                "istiod did not answer the on-demand lookup of",
+                &silent_key,
+            ])
+            .is_empty()
+    };
+    if !logged() {
+        e2e::dedicated_mesh::wait_until(
+            "the access line of the refused connection",
+            Duration::from_secs(10),
+            logged,
+        );
+    }
     mesh.shutdown();
 }
