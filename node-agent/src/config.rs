@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh_proto::cni_event::DEFAULT_AGENT_RUN_DIR;
-use mesh_proto::enablement::{EnablementSelectors, SELECTOR_ENV};
+use mesh_proto::enablement::{EnablementSelector, EnablementSelectors, SELECTOR_ENV};
 
-use crate::install::{InstallConfig, enablement_selectors};
+use crate::install::InstallConfig;
 use crate::redirect::inpod::RuleConfig;
 use crate::zds::DEFAULT_SOCKET;
 
@@ -174,7 +174,9 @@ impl AgentConfig {
                     &reason,
                 )
             })?;
-        let install = InstallConfig::from_env(|k| get(k));
+        let mut install = InstallConfig::from_env(|k| get(k));
+        // The plugin's fallback decides with the same list.
+        install.plugin.enablement_selectors = enablement_selectors.clone();
         let exclude_namespaces = install.plugin.exclude_namespaces.clone();
 
         Ok(Self {
@@ -237,6 +239,19 @@ impl AgentConfig {
             ..RuleConfig::default()
         }
     }
+}
+
+/// Parses `AMBIENT_ENABLEMENT_SELECTOR`: a YAML (or JSON) list of
+/// `{podSelector, namespaceSelector}`. Unset, blank, `null` or an empty list
+/// is upstream's default list.
+fn enablement_selectors(text: Option<&str>) -> Result<EnablementSelectors, String> {
+    let list = match text.map(str::trim).filter(|t| !t.is_empty()) {
+        None => Vec::new(),
+        Some(t) => serde_yaml_ng::from_str::<Option<Vec<EnablementSelector>>>(t)
+            .map_err(|e| format!("not a YAML list of {{podSelector, namespaceSelector}}: {e}"))?
+            .unwrap_or_default(),
+    };
+    EnablementSelectors::compile(list).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -156,16 +156,6 @@ impl EnablementSelectors {
             .iter()
             .position(|(p, n)| p.matches(pod_labels) && n.matches(namespace_labels))
     }
-
-    /// Upstream's `MatchesNamespace`: some entry with a non-empty namespace
-    /// selector matches these namespace labels (entries without one do not
-    /// depend on the namespace). For logs; the agent re-evaluates a
-    /// namespace's pods on any label change.
-    pub fn matches_namespace(&self, namespace_labels: &BTreeMap<String, String>) -> bool {
-        self.compiled
-            .iter()
-            .any(|(_, n)| !n.is_empty() && n.matches(namespace_labels))
-    }
 }
 
 /// Node-wide inputs of the rules.

@@ -249,26 +249,6 @@ fn multiple_entries_any_one_matching_is_enough() {
 }
 
 #[test]
-fn matches_namespace_looks_only_at_namespace_selectors() {
-    let s = EnablementSelectors::default();
-    assert!(s.matches_namespace(&labels(&[("istio.io/dataplane-mode", "ambient")])));
-    // Entry 0 has an empty namespace selector: it does not make every
-    // namespace "enabled".
-    assert!(!s.matches_namespace(&BTreeMap::new()));
-    assert!(!s.matches_namespace(&labels(&[("istio.io/dataplane-mode", "none")])));
-
-    let pod_only = selectors(json!([{"podSelector": {"matchLabels": {"mesh": "on"}}}]));
-    assert!(!pod_only.matches_namespace(&BTreeMap::new()));
-    assert!(!pod_only.matches_namespace(&labels(&[("mesh", "on")])));
-
-    let ns = selectors(json!([
-        {"namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "In", "values": ["a", "b"]}]}}
-    ]));
-    assert!(ns.matches_namespace(&labels(&[("team", "b")])));
-    assert!(!ns.matches_namespace(&labels(&[("team", "c")])));
-}
-
-#[test]
 fn validation_errors_name_the_entry_and_key() {
     for (list, index, field, key, problem) in [
         (

@@ -1,7 +1,10 @@
 //! Kubernetes label selectors (`metav1.LabelSelector`): `matchLabels` and
 //! `matchExpressions` with `In`, `NotIn`, `Exists` and `DoesNotExist`, in
 //! their API form (serde, camelCase keys as the API writes them) and compiled
-//! ([`Selector`]) for matching label maps.
+//! ([`Selector`]) for matching label maps. We keep our own serde form (not
+//! k8s-openapi's `LabelSelector`) to refuse unknown fields and to check
+//! operators and values strictly, naming the key; matching is
+//! `kube_core::Selector`'s.
 //!
 //! Semantics as the API server's: every `matchLabels` pair and every
 //! expression must hold; `In` needs the key with one of the values, `NotIn`
@@ -9,7 +12,7 @@
 //! `DoesNotExist` look at the key only. A selector with neither field
 //! matches everything.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -64,51 +67,27 @@ pub struct RequirementError {
     pub problem: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Operator {
-    In,
-    NotIn,
-    Exists,
-    DoesNotExist,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Compiled {
-    key: String,
-    op: Operator,
-    values: BTreeSet<String>,
-}
-
-impl Compiled {
-    fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        let value = labels.get(&self.key);
-        match self.op {
-            Operator::In => value.is_some_and(|v| self.values.contains(v)),
-            Operator::NotIn => value.is_none_or(|v| !self.values.contains(v)),
-            Operator::Exists => value.is_some(),
-            Operator::DoesNotExist => value.is_none(),
-        }
-    }
-}
-
-/// A validated selector, ready to match label maps.
+/// A validated selector, ready to match label maps (kube's matcher, which
+/// implements the API server's semantics).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Selector {
-    match_labels: BTreeMap<String, String>,
-    expressions: Vec<Compiled>,
-}
+pub struct Selector(kube_core::Selector);
 
 impl Selector {
     /// Validates `s`: known operators, `In`/`NotIn` with at least one value,
     /// `Exists`/`DoesNotExist` without values, non-empty keys.
     pub fn compile(s: &LabelSelector) -> Result<Self, RequirementError> {
+        use kube_core::Expression;
         if let Some(k) = s.match_labels.keys().find(|k| k.is_empty()) {
             return Err(RequirementError {
                 key: k.clone(),
                 problem: "matchLabels has an empty key".into(),
             });
         }
-        let mut expressions = Vec::with_capacity(s.match_expressions.len());
+        let mut expressions: Vec<Expression> = s
+            .match_labels
+            .iter()
+            .map(|(k, v)| Expression::Equal(k.clone(), v.clone()))
+            .collect();
         for r in &s.match_expressions {
             let err = |problem: String| RequirementError {
                 key: r.key.clone(),
@@ -117,51 +96,35 @@ impl Selector {
             if r.key.is_empty() {
                 return Err(err("the key is empty".into()));
             }
-            let op = match r.operator.as_str() {
-                "In" => Operator::In,
-                "NotIn" => Operator::NotIn,
-                "Exists" => Operator::Exists,
-                "DoesNotExist" => Operator::DoesNotExist,
+            let (key, values) = (r.key.clone(), r.values.iter().cloned().collect());
+            let expression = match r.operator.as_str() {
+                "In" => Expression::In(key, values),
+                "NotIn" => Expression::NotIn(key, values),
+                "Exists" => Expression::Exists(key),
+                "DoesNotExist" => Expression::DoesNotExist(key),
                 other => {
                     return Err(err(format!(
                         "unknown operator {other:?} (expected In, NotIn, Exists or DoesNotExist)"
                     )));
                 }
             };
-            match op {
-                Operator::In | Operator::NotIn if r.values.is_empty() => {
-                    return Err(err(format!(
-                        "operator {} needs at least one value",
-                        r.operator
-                    )));
-                }
-                Operator::Exists | Operator::DoesNotExist if !r.values.is_empty() => {
-                    return Err(err(format!("operator {} takes no values", r.operator)));
-                }
-                _ => {}
+            let with_values = matches!(expression, Expression::In(..) | Expression::NotIn(..));
+            if with_values && r.values.is_empty() {
+                return Err(err(format!(
+                    "operator {} needs at least one value",
+                    r.operator
+                )));
             }
-            expressions.push(Compiled {
-                key: r.key.clone(),
-                op,
-                values: r.values.iter().cloned().collect(),
-            });
+            if !with_values && !r.values.is_empty() {
+                return Err(err(format!("operator {} takes no values", r.operator)));
+            }
+            expressions.push(expression);
         }
-        Ok(Self {
-            match_labels: s.match_labels.clone(),
-            expressions,
-        })
-    }
-
-    /// Matches everything (no `matchLabels`, no `matchExpressions`).
-    pub fn is_empty(&self) -> bool {
-        self.match_labels.is_empty() && self.expressions.is_empty()
+        Ok(Self(expressions.into_iter().collect()))
     }
 
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.match_labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
-            && self.expressions.iter().all(|e| e.matches(labels))
+        kube_core::SelectorExt::matches(&self.0, labels)
     }
 }
 
@@ -188,7 +151,6 @@ mod tests {
             sel(json!({"matchLabels": null, "matchExpressions": null})),
             sel(json!({"matchLabels": {}, "matchExpressions": []})),
         ] {
-            assert!(s.is_empty());
             assert!(s.matches(&labels(&[])));
             assert!(s.matches(&labels(&[("a", "b")])));
         }
@@ -197,7 +159,6 @@ mod tests {
     #[test]
     fn match_labels_need_every_pair() {
         let s = sel(json!({"matchLabels": {"a": "1", "b": "2"}}));
-        assert!(!s.is_empty());
         assert!(s.matches(&labels(&[("a", "1"), ("b", "2"), ("c", "3")])));
         assert!(!s.matches(&labels(&[("a", "1")])));
         assert!(!s.matches(&labels(&[("a", "1"), ("b", "3")])));

@@ -23,7 +23,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use mesh_proto::cni_event::DEFAULT_AGENT_RUN_DIR;
-use mesh_proto::enablement::{EnablementSelector, EnablementSelectors, SELECTOR_ENV};
 use serde_json::Value;
 
 use crate::health::ReadyFlag;
@@ -77,9 +76,7 @@ impl InstallConfig {
     /// `CNI_BIN_DIR`, `SECONDARY_BIN_DIR`, `CNI_CONF_DIR`, `CNI_CONF_NAME`,
     /// `CHAINED_CNI_PLUGIN`, `ISTIO_OWNED_CNI_CONFIG`, `CNI_AGENT_RUN_DIR`,
     /// `PLUGIN_LOG_LEVEL`, `AMBIENT_ENABLED`, `EXCLUDE_NAMESPACES`,
-    /// `POD_NAMESPACE`, `ENABLE_AMBIENT_DETECTION_RETRY`,
-    /// `AMBIENT_ENABLEMENT_SELECTOR` (validated by `AgentConfig` first: a bad
-    /// value stops start-up before this reads it), and `KUBECONFIG` /
+    /// `POD_NAMESPACE`, `ENABLE_AMBIENT_DETECTION_RETRY`, and `KUBECONFIG` /
     /// `KUBERNETES_SERVICE_HOST` for the plugin's credentials.
     pub fn from_env(env: impl Fn(&str) -> Option<String>) -> Self {
         let get = |k: &str, default: &str| {
@@ -123,27 +120,14 @@ impl InstallConfig {
                 pod_namespace: get("POD_NAMESPACE", "istio-system"),
                 detection_retry: flag("ENABLE_AMBIENT_DETECTION_RETRY", false),
                 kubeconfig: kubeconfig_path.clone(),
-                enablement_selectors: enablement_selectors(env(SELECTOR_ENV).as_deref())
-                    .unwrap_or_default(),
+                // Set by `AgentConfig` from the validated AMBIENT_ENABLEMENT_SELECTOR.
+                enablement_selectors: Default::default(),
             },
             kubeconfig_source: KubeconfigSource::from_env(&env),
             kubeconfig_path,
             resync_interval: Duration::from_secs(1),
         }
     }
-}
-
-/// Parses `AMBIENT_ENABLEMENT_SELECTOR`: a YAML (or JSON) list of
-/// `{podSelector, namespaceSelector}`. Unset, blank, `null` or an empty list
-/// is upstream's default list.
-pub fn enablement_selectors(text: Option<&str>) -> Result<EnablementSelectors, String> {
-    let list = match text.map(str::trim).filter(|t| !t.is_empty()) {
-        None => Vec::new(),
-        Some(t) => serde_yaml_ng::from_str::<Option<Vec<EnablementSelector>>>(t)
-            .map_err(|e| format!("not a YAML list of {{podSelector, namespaceSelector}}: {e}"))?
-            .unwrap_or_default(),
-    };
-    EnablementSelectors::compile(list).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, thiserror::Error)]
