@@ -5,8 +5,9 @@
 #
 # usage: assemble-rootfs.sh DEST [--iptables] [--binary SRC:PATH]...
 #   DEST              directory to fill (created; must be empty or absent)
-#   --iptables        add iptables (nft + legacy), ip6tables and ipset, with
-#                     their extensions and shared libraries, from this machine
+#   --iptables        add iptables (nft + legacy), ip6tables, ipset and nft
+#                     (native nftables, NATIVE_NFTABLES=true), with their
+#                     extensions and shared libraries, from this machine
 #   --binary SRC:PATH copy the static executable SRC to DEST/PATH; refuses a
 #                     dynamically linked one (the image has no libc for it,
 #                     and the CNI plugin runs on the host's own filesystem)
@@ -86,8 +87,8 @@ copy_with_libs() {
 }
 
 if [ "$WANT_IPTABLES" = 1 ]; then
-  for tool in xtables-nft-multi xtables-legacy-multi ipset; do
-    command -v "$tool" >/dev/null || die "$tool not found: install the iptables and ipset packages"
+  for tool in xtables-nft-multi xtables-legacy-multi ipset nft; do
+    command -v "$tool" >/dev/null || die "$tool not found: install the iptables, ipset and nftables packages"
   done
   xtables_dir=""
   for d in /usr/lib/*/xtables /usr/lib/xtables /usr/lib64/xtables; do
@@ -99,7 +100,7 @@ if [ "$WANT_IPTABLES" = 1 ]; then
     mkdir -p "$DEST/usr/lib64"
     ln -s usr/lib64 "$DEST/lib64"
   fi
-  for tool in xtables-nft-multi xtables-legacy-multi ipset; do
+  for tool in xtables-nft-multi xtables-legacy-multi ipset nft; do
     real=$(readlink -f "$(command -v "$tool")")
     copy_with_libs "$real"
     [ "$real" = "/usr/sbin/$tool" ] || ln -sf "$real" "$DEST/usr/sbin/$tool"

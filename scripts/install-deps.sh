@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PKGS=(
-  iptables ipset iproute2 procps psmisc kmod
+  iptables ipset nftables iproute2 procps psmisc kmod
   containernetworking-plugins
   protobuf-compiler libprotobuf-dev
   tcpdump tshark iperf3 sockperf wrk

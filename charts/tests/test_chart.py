@@ -61,6 +61,7 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
     "inpod-no-dns-capture": {"ambient": {"dnsCapture": False}},
     "geneve-no-dns-capture": {"ambient": {"redirectMode": "geneve", "dnsCapture": False}},
     "no-ipv6-no-reconcile": {"ambient": {"ipv6": False, "reconcileIptablesOnStartup": False}},
+    "native-nftables": {"ambient": {"nativeNftables": True}},
     "owned-cni-config": {"istioOwnedCNIConfig": True},
     "custom-dirs": {
         "cniBinDir": "/home/kubernetes/bin",
@@ -905,6 +906,7 @@ class BadValues(unittest.TestCase):
             "xdsAddress is set while ca.enabled=true",
         ),
         ({"nodeAgent": {"readyPort": 15014}}, "readyPort"),
+        ({"ambient": {"nativeNftables": True, "redirectMode": "geneve"}}, "nativeNftables"),
         ({"xdsOnDemand": True}, "xdsAddress too"),
         (
             {

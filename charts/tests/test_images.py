@@ -98,7 +98,11 @@ class RootfsLayout(unittest.TestCase):
 class IptablesInImage(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        missing = [t for t in ("xtables-nft-multi", "xtables-legacy-multi", "ipset", "unshare", "chroot") if not shutil.which(t)]
+        missing = [
+            t
+            for t in ("xtables-nft-multi", "xtables-legacy-multi", "ipset", "nft", "unshare", "chroot")
+            if not shutil.which(t)
+        ]
         if missing:
             raise unittest.SkipTest(f"{', '.join(missing)} not installed (scripts/install-deps.sh installs them)")
         cls.tmp = Path(tempfile.mkdtemp(prefix="gm-rootfs-ipt-"))
@@ -129,6 +133,16 @@ class IptablesInImage(unittest.TestCase):
         self.assertEqual(res.returncode, 0, res.stderr)
         self.assertIn("nf_tables", res.stdout)
         self.assertIn("legacy", res.stdout)
+
+    def test_node_agent_nft_scripts_apply_with_the_image_binary(self):
+        scripts = sorted((REPO / "node-agent" / "testdata" / "inpod-nft").glob("*.nft"))
+        self.assertTrue(scripts, "no node-agent nft golden scripts found")
+        for script in scripts:
+            with self.subTest(script=script.name):
+                res = self.in_fresh_netns(f'chroot "$R" /usr/sbin/nft -f - < \'{script}\'\nchroot "$R" /usr/sbin/nft list ruleset\n')
+                self.assertEqual(res.returncode, 0, res.stderr)
+                if "remove" not in script.name:
+                    self.assertIn("table inet istio-ambient-nat", res.stdout)
 
     def test_node_agent_rule_sets_apply_with_the_image_binaries(self):
         self.assertTrue(GOLDENS, "no node-agent golden rule files found")

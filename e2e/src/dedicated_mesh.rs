@@ -428,7 +428,7 @@ pub fn apply_capture_rules(pod: &Pod) -> Result<(), String> {
 pub fn apply_capture_rules_with(pod: &Pod, opts: &PodRuleOptions) -> Result<(), String> {
     let opts = opts.clone();
     let cfg = PodNetConfig {
-        backend: detect_backend(),
+        engine: detect_backend().into(),
         ipv6: false,
         rules: RuleConfig::default(),
     };

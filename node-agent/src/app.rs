@@ -162,6 +162,7 @@ async fn build_redirector(cfg: &AgentConfig) -> Result<(Arc<dyn Redirector>, Mod
                     reconcile_rules_on_startup: cfg.reconcile_rules_on_startup,
                     host_netns: None,
                     backend: None,
+                    nftables: cfg.native_nftables,
                     proc_root: cfg.host_proc_dir.clone(),
                 },
                 Arc::new(zds.clone()),

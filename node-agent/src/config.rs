@@ -70,6 +70,10 @@ pub struct AgentConfig {
     pub ipv6: bool,
     /// `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP` (`true`).
     pub reconcile_rules_on_startup: bool,
+    /// `NATIVE_NFTABLES` (`false`): in-pod mode programs native nftables
+    /// tables instead of iptables rules (upstream istio-cni's setting; not
+    /// available in GENEVE mode).
+    pub native_nftables: bool,
     /// `HOST_PROBE_SNAT_IP` (`169.254.7.127`) and `HOST_PROBE_SNAT_IPV6`.
     pub probe_snat_v4: Ipv4Addr,
     pub probe_snat_v6: Ipv6Addr,
@@ -178,6 +182,14 @@ impl AgentConfig {
         // The plugin's fallback decides with the same list.
         install.plugin.enablement_selectors = enablement_selectors.clone();
         let exclude_namespaces = install.plugin.exclude_namespaces.clone();
+        let native_nftables = flag("NATIVE_NFTABLES", false)?;
+        if native_nftables && redirect_mode == RedirectMode::Geneve {
+            return Err(err(
+                "NATIVE_NFTABLES",
+                "true",
+                "native nftables rules exist for REDIRECT_MODE=inpod only; GENEVE mode programs iptables",
+            ));
+        }
 
         Ok(Self {
             redirect_mode,
@@ -195,6 +207,7 @@ impl AgentConfig {
             dns_capture: flag("AMBIENT_DNS_CAPTURE", false)?,
             ipv6: flag("AMBIENT_IPV6", true)?,
             reconcile_rules_on_startup: flag("AMBIENT_RECONCILE_POD_RULES_ON_STARTUP", true)?,
+            native_nftables,
             probe_snat_v4,
             probe_snat_v6,
             host_proc_dir: get("HOST_PROC_DIR")
@@ -280,6 +293,7 @@ mod tests {
         );
         assert_eq!(c.exclude_namespaces, vec!["kube-system".to_string()]);
         assert!(!c.dns_capture && c.ipv6 && c.reconcile_rules_on_startup);
+        assert!(!c.native_nftables);
         assert_eq!(c.probe_snat_v4, Ipv4Addr::new(169, 254, 7, 127));
         assert_eq!(c.host_proc_dir, PathBuf::from("/proc"));
         assert_eq!(c.ready_addr.port(), 8000);
@@ -353,6 +367,11 @@ mod tests {
             (
                 vec![("AMBIENT_ENABLEMENT_SELECTOR", "- podSelecter: {}")],
                 "AMBIENT_ENABLEMENT_SELECTOR",
+            ),
+            (vec![("NATIVE_NFTABLES", "sure")], "NATIVE_NFTABLES"),
+            (
+                vec![("NATIVE_NFTABLES", "true"), ("REDIRECT_MODE", "geneve")],
+                "NATIVE_NFTABLES",
             ),
         ] {
             let mut vars = vars;

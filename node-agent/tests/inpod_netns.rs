@@ -34,7 +34,7 @@ macro_rules! require_root {
 
 fn net(backend: Backend) -> PodNetConfig {
     PodNetConfig {
-        backend,
+        engine: backend.into(),
         ipv6: true,
         rules: RuleConfig::default(),
     }
@@ -264,7 +264,7 @@ async fn redirector_enrol_unenrol_reconcile_cleanup() {
         ..Default::default()
     };
     let r = InpodRedirector::new(cfg, handoff.clone()).await.unwrap();
-    let backend = r.backend();
+    let backend = r.backend().unwrap();
     let host = node.netns();
     assert!(full_save(&host, backend).contains("ISTIO_POSTRT"));
 
@@ -418,7 +418,8 @@ async fn redirector_with_zds_and_no_ztunnel_is_retryable() {
     assert!(e.to_string().contains("no ztunnel connected"), "{e}");
     assert_eq!(zds.known_uids(), vec!["uid-z"]);
     let (views, _) =
-        node_agent::redirect::inpod::apply::inspect_pod(&pod.netns(), r.backend()).unwrap();
+        node_agent::redirect::inpod::apply::inspect_pod(&pod.netns(), r.backend().unwrap())
+            .unwrap();
     assert!(!views[0].1.is_empty());
     r.unenrol(&p).await.unwrap();
     assert!(zds.known_uids().is_empty());
@@ -495,7 +496,7 @@ async fn startup_with_unusable_annotation_values_reapplies_the_defaults() {
     let (node, pod_d) = (TestNetns::new(), TestNetns::new());
     let handoff = Arc::new(FakeHandoff::default());
     let r = redirector(&node, &handoff).await;
-    let backend = r.backend();
+    let backend = r.backend().unwrap();
     // The rules a previous agent applied (DNS capture on).
     apply_pod(&pod_d.netns(), r.pod_net_config(), &options(true, &[]))
         .await
@@ -532,7 +533,7 @@ async fn startup_rule_failure_keeps_the_pod_held_and_retryable() {
     let (node, pod_d) = (TestNetns::new(), TestNetns::new());
     let handoff = Arc::new(FakeHandoff::default());
     let r = redirector(&node, &handoff).await;
-    let backend = r.backend();
+    let backend = r.backend().unwrap();
     // The rules a previous agent applied.
     apply_pod(&pod_d.netns(), r.pod_net_config(), &options(false, &[]))
         .await
@@ -611,7 +612,7 @@ async fn probe_ipset_failure_after_ack_leaves_nothing_half_configured() {
     let (node, pod_c, pod_e) = (TestNetns::new(), TestNetns::new(), TestNetns::new());
     let handoff = Arc::new(FakeHandoff::default());
     let r = redirector(&node, &handoff).await;
-    let (backend, host) = (r.backend(), node.netns());
+    let (backend, host) = (r.backend().unwrap(), node.netns());
     let e_pod = pod("uid-e", "e", "10.9.0.6", &pod_e);
     r.enrol(&e_pod).await.unwrap();
 

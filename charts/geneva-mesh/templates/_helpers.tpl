@@ -94,6 +94,9 @@ does not see the cluster's version: set cniBinDir there.
 {{- if and .Values.ca.enabled .Values.caAddress }}
 {{- fail "caAddress is set while ca.enabled=true: either use the built-in CA (leave caAddress empty) or an external CA (ca.enabled=false)" }}
 {{- end }}
+{{- if and .Values.ambient.nativeNftables (eq .Values.ambient.redirectMode "geneve") }}
+{{- fail "ambient.nativeNftables needs ambient.redirectMode=inpod: GENEVE mode programs iptables" }}
+{{- end }}
 {{- if eq (int .Values.nodeAgent.readyPort) (int .Values.nodeAgent.metricsPort) }}
 {{- fail "nodeAgent.readyPort and nodeAgent.metricsPort must differ" }}
 {{- end }}

@@ -42,10 +42,13 @@ use futures::future::BoxFuture;
 
 pub mod batch_input;
 pub mod geneve;
+#[cfg(test)]
+mod golden;
 pub mod inpod;
 pub mod iptables;
 pub mod netlink;
 pub mod netns;
+pub mod nftables;
 
 /// What a redirector needs to know about one pod.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

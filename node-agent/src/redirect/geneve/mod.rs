@@ -44,7 +44,12 @@ pub mod ztunnel_ns;
 pub mod ztunnel_rules;
 
 #[cfg(test)]
-mod golden;
+mod golden {
+    /// The GENEVE goldens live under `testdata/geneve/`.
+    pub fn assert_golden(name: &str, actual: &str) {
+        crate::redirect::golden::assert_golden("geneve", name, actual)
+    }
+}
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;

@@ -1,12 +1,14 @@
-//! Applying and removing the in-pod redirection in one pod netns: the
-//! iptables rules of [`super::rules`] (one `iptables-restore --noflush` run per
+//! Applying and removing the in-pod redirection in one pod netns: the rules,
+//! either iptables ([`super::rules`]: one `iptables-restore --noflush` run per
 //! family, each table its own atomic `COMMIT` block, only the tables that
-//! change) and the policy routing of [`super::routing`].
+//! change) or native nftables ([`super::rules_nft`]: one `nft -f` transaction
+//! for all tables), and the policy routing of [`super::routing`].
 //!
 //! Everything here is idempotent: applying twice changes nothing the second
-//! time (no restore is even run), and removal deletes exactly what apply
-//! added (our chains, the jumps into them, our rule and route), leaving every
-//! other rule in the netns alone.
+//! time (with iptables no restore is even run; the nft transaction rewrites
+//! our tables to the same content), and removal deletes exactly what apply
+//! added (our chains or tables, the jumps into them, our rule and route),
+//! leaving every other rule in the netns alone.
 //!
 //! This is also the API for tests that need capture rules in a netns (e.g.
 //! dedicated-mode ztunnel tests): [`apply_pod`] / [`remove_pod`].
@@ -15,9 +17,11 @@ use std::path::PathBuf;
 
 use crate::redirect::iptables::{self, Backend, Family, IptablesError, Ruleset};
 use crate::redirect::netns::{Netns, NetnsError};
+use crate::redirect::nftables::{self, NftError};
 
 use super::routing::{self, RoutingError, RoutingState};
 use super::rules::{self, Ownership, PodRuleOptions, RuleConfig, TableRules};
+use super::rules_nft;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -37,6 +41,12 @@ pub enum ApplyError {
         #[source]
         source: IptablesError,
     },
+    #[error("netns {netns}: nftables: {source}")]
+    Nft {
+        netns: PathBuf,
+        #[source]
+        source: NftError,
+    },
     #[error("netns {netns}: policy routing: {source}")]
     Routing {
         netns: PathBuf,
@@ -45,11 +55,34 @@ pub enum ApplyError {
     },
 }
 
+/// What programs the capture rules, in pod netns and on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleEngine {
+    /// iptables with the node's backend (detected in the host netns).
+    Iptables(Backend),
+    /// Native nftables (`NATIVE_NFTABLES=true`).
+    Nftables,
+}
+
+impl From<Backend> for RuleEngine {
+    fn from(b: Backend) -> Self {
+        RuleEngine::Iptables(b)
+    }
+}
+
+impl std::fmt::Display for RuleEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RuleEngine::Iptables(b) => write!(f, "iptables ({b})"),
+            RuleEngine::Nftables => f.write_str("nftables"),
+        }
+    }
+}
+
 /// How to program a pod netns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodNetConfig {
-    /// The node's iptables backend (detected in the host netns).
-    pub backend: Backend,
+    pub engine: RuleEngine,
     /// Also program IPv6 (`AMBIENT_IPV6`).
     pub ipv6: bool,
     pub rules: RuleConfig,
@@ -99,9 +132,18 @@ pub fn apply_pod_here(
     opts: &PodRuleOptions,
     label: &std::path::Path,
 ) -> Result<(), ApplyError> {
-    for &family in cfg.families() {
-        let want = rules::pod_rules(&cfg.rules, opts, family);
-        sync_family_here(cfg.backend, family, &want, rules::POD_OWNERSHIP, label)?;
+    match cfg.engine {
+        RuleEngine::Iptables(backend) => {
+            for &family in cfg.families() {
+                let want = rules::pod_rules(&cfg.rules, opts, family);
+                sync_family_here(backend, family, &want, rules::POD_OWNERSHIP, label)?;
+            }
+        }
+        RuleEngine::Nftables => {
+            let script = rules_nft::pod_script(&cfg.rules, opts, cfg.ipv6);
+            tracing::debug!(netns = %label.display(), %script, "nft -f");
+            nft_here(&script, label)?;
+        }
     }
     routing::ensure_here(cfg.ipv6).map_err(|source| ApplyError::Routing {
         netns: label.to_path_buf(),
@@ -109,11 +151,28 @@ pub fn apply_pod_here(
     })
 }
 
+fn nft_here(script: &str, label: &std::path::Path) -> Result<(), ApplyError> {
+    nftables::apply(script, &format!("pod rules in netns {}", label.display())).map_err(|source| {
+        ApplyError::Nft {
+            netns: label.to_path_buf(),
+            source,
+        }
+    })
+}
+
 /// Removes the pod rules (both families, whatever `cfg.ipv6` says, so a
 /// changed setting leaves nothing behind) and our policy routing.
-pub fn remove_pod_here(backend: Backend, label: &std::path::Path) -> Result<(), ApplyError> {
-    for family in [Family::V4, Family::V6] {
-        sync_family_here(backend, family, &[], rules::POD_OWNERSHIP, label)?;
+pub fn remove_pod_here(
+    engine: impl Into<RuleEngine>,
+    label: &std::path::Path,
+) -> Result<(), ApplyError> {
+    match engine.into() {
+        RuleEngine::Iptables(backend) => {
+            for family in [Family::V4, Family::V6] {
+                sync_family_here(backend, family, &[], rules::POD_OWNERSHIP, label)?;
+            }
+        }
+        RuleEngine::Nftables => nft_here(&rules_nft::remove_pod_script(), label)?,
     }
     routing::remove_here().map_err(|source| ApplyError::Routing {
         netns: label.to_path_buf(),
@@ -134,11 +193,32 @@ pub async fn apply_pod(
 }
 
 /// Removes the in-pod redirection from `netns` (on a dedicated thread).
-pub async fn remove_pod(netns: &Netns, backend: Backend) -> Result<(), ApplyError> {
-    let label = netns.path().to_path_buf();
+pub async fn remove_pod(netns: &Netns, engine: impl Into<RuleEngine>) -> Result<(), ApplyError> {
+    let (engine, label) = (engine.into(), netns.path().to_path_buf());
     netns
-        .run_async(move || remove_pod_here(backend, &label))
+        .run_async(move || remove_pod_here(engine, &label))
         .await?
+}
+
+/// Our nftables tables in `netns` as `nft -s list table` prints them (absent
+/// tables left out), plus the routing state. For tests and diagnostics.
+pub fn inspect_pod_nft(netns: &Netns) -> Result<(Vec<String>, RoutingState), ApplyError> {
+    let label = netns.path().to_path_buf();
+    netns.run(move || {
+        let mut tables = Vec::new();
+        for name in rules_nft::POD_TABLES {
+            let listed = nftables::list_table(name).map_err(|source| ApplyError::Nft {
+                netns: label.clone(),
+                source,
+            })?;
+            tables.extend(listed);
+        }
+        let routing = routing::inspect_here().map_err(|source| ApplyError::Routing {
+            netns: label.clone(),
+            source,
+        })?;
+        Ok((tables, routing))
+    })?
 }
 
 /// Our rules and routing objects as present in `netns`: per family the

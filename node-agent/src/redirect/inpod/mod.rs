@@ -32,6 +32,7 @@ use tokio::sync::Mutex;
 
 use super::iptables::{self, Backend};
 use super::netns::Netns;
+use super::nftables;
 use super::{PodRedirect, ReconcileReport, RedirectError, Redirector};
 
 pub mod apply;
@@ -39,8 +40,9 @@ pub mod netns_discovery;
 pub mod probe_snat;
 pub mod routing;
 pub mod rules;
+pub mod rules_nft;
 
-pub use apply::{ApplyError, PodNetConfig, apply_pod, remove_pod};
+pub use apply::{ApplyError, PodNetConfig, RuleEngine, apply_pod, remove_pod};
 pub use rules::{PodRuleOptions, RuleConfig};
 
 /// Error from a [`WorkloadHandoff`].
@@ -82,6 +84,9 @@ pub struct InpodConfig {
     pub host_netns: Option<PathBuf>,
     /// `None`: detect in the host netns, as upstream.
     pub backend: Option<Backend>,
+    /// `NATIVE_NFTABLES`: program native nftables instead of iptables (then
+    /// `backend` is not used).
+    pub nftables: bool,
     /// Where to look for pods' processes when the netns path is unknown.
     pub proc_root: PathBuf,
 }
@@ -95,6 +100,7 @@ impl Default for InpodConfig {
             reconcile_rules_on_startup: true,
             host_netns: None,
             backend: None,
+            nftables: false,
             proc_root: PathBuf::from("/proc"),
         }
     }
@@ -134,7 +140,8 @@ fn info_of(pod: &PodRedirect) -> WorkloadInfo {
 
 impl InpodRedirector {
     /// Opens the host netns, detects the iptables backend there (unless
-    /// configured) and installs the host probe-SNAT chain and ipsets.
+    /// configured, or nftables is) and installs the host probe-SNAT chain and
+    /// sets.
     pub async fn new(
         cfg: InpodConfig,
         handoff: Arc<dyn WorkloadHandoff>,
@@ -144,16 +151,24 @@ impl InpodRedirector {
             None => Netns::current(),
         }
         .map_err(|e| RedirectError::node("opening the host netns", e))?;
-        let backend = match cfg.backend {
-            Some(b) => b,
-            None => host
-                .run_async(iptables::detect_backend)
-                .await
-                .map_err(|e| RedirectError::node("detecting the iptables backend", e))?,
+        let engine = match (cfg.nftables, cfg.backend) {
+            (true, _) => {
+                host.run_async(nftables::probe)
+                    .await
+                    .map_err(|e| RedirectError::node("checking for nft (NATIVE_NFTABLES)", e))?
+                    .map_err(|e| RedirectError::node("checking for nft (NATIVE_NFTABLES)", e))?;
+                RuleEngine::Nftables
+            }
+            (false, Some(b)) => RuleEngine::Iptables(b),
+            (false, None) => RuleEngine::Iptables(
+                host.run_async(iptables::detect_backend)
+                    .await
+                    .map_err(|e| RedirectError::node("detecting the iptables backend", e))?,
+            ),
         };
-        tracing::info!(%backend, host_netns = %host.path().display(), "in-pod redirection");
+        tracing::info!(rules = %engine, host_netns = %host.path().display(), "in-pod redirection");
         let net = PodNetConfig {
-            backend,
+            engine,
             ipv6: cfg.ipv6,
             rules: cfg.rules.clone(),
         };
@@ -169,8 +184,23 @@ impl InpodRedirector {
         Ok(this)
     }
 
-    pub fn backend(&self) -> Backend {
-        self.net.backend
+    pub fn engine(&self) -> RuleEngine {
+        self.net.engine
+    }
+
+    /// The iptables backend, unless native nftables programs the rules.
+    pub fn backend(&self) -> Option<Backend> {
+        match self.net.engine {
+            RuleEngine::Iptables(b) => Some(b),
+            RuleEngine::Nftables => None,
+        }
+    }
+
+    fn host_probe(&self) -> probe_snat::HostProbe {
+        probe_snat::HostProbe {
+            engine: self.net.engine,
+            rules: self.cfg.rules.clone(),
+        }
     }
 
     pub fn pod_net_config(&self) -> &PodNetConfig {
@@ -183,10 +213,10 @@ impl InpodRedirector {
     }
 
     async fn ensure_host(&self) -> Result<(), RedirectError> {
-        let (backend, rules, ipv6) = (self.net.backend, self.cfg.rules.clone(), self.cfg.ipv6);
+        let (probe, ipv6) = (self.host_probe(), self.cfg.ipv6);
         let label = self.host.path().to_path_buf();
         self.host
-            .run_async(move || probe_snat::ensure_host_here(backend, &rules, ipv6, &label))
+            .run_async(move || probe.ensure_here(ipv6, &label))
             .await
             .map_err(|e| RedirectError::node("host probe SNAT", e))?
             .map_err(|e| RedirectError::node("host probe SNAT", e))
@@ -194,11 +224,11 @@ impl InpodRedirector {
 
     async fn host_ipset<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&RuleConfig) -> Result<T, probe_snat::IpsetError> + Send + 'static,
+        f: impl FnOnce(&probe_snat::HostProbe) -> Result<T, probe_snat::IpsetError> + Send + 'static,
     ) -> Result<T, HandoffError> {
-        let rules = self.cfg.rules.clone();
+        let probe = self.host_probe();
         let _serial = self.ipset_lock.lock().await;
-        Ok(self.host.run_async(move || f(&rules)).await??)
+        Ok(self.host.run_async(move || f(&probe)).await??)
     }
 
     /// The pod's rule variant; annotation values that cannot be used are
@@ -275,7 +305,7 @@ impl InpodRedirector {
         if let Err(e) = apply_pod(&netns, &self.net, &opts).await {
             if !was_enrolled {
                 // Leave nothing half-applied in a pod we did not enrol before.
-                let _ = remove_pod(&netns, self.net.backend).await;
+                let _ = remove_pod(&netns, self.net.engine).await;
             }
             return Err(RedirectError::new(
                 pod,
@@ -291,7 +321,7 @@ impl InpodRedirector {
             Ok(k) => k,
             Err(e) => {
                 if !was_enrolled {
-                    let _ = remove_pod(&netns, self.net.backend).await;
+                    let _ = remove_pod(&netns, self.net.engine).await;
                 }
                 return Err(e);
             }
@@ -310,10 +340,7 @@ impl InpodRedirector {
             .map_err(|e| RedirectError::new(pod, "handing the pod to ztunnel", true, e))?;
 
         let (uid, ips) = (pod.uid.clone(), pod.ips.clone());
-        if let Err(e) = self
-            .host_ipset(move |r| probe_snat::add_ips_here(r, &uid, &ips))
-            .await
-        {
+        if let Err(e) = self.host_ipset(move |r| r.add_ips_here(&uid, &ips)).await {
             let e = RedirectError::new(pod, "adding pod IPs to the probe ipset", was_enrolled, e);
             if !was_enrolled {
                 // Not retryable means not redirected: take back the rules and
@@ -342,7 +369,7 @@ impl InpodRedirector {
         ips.dedup();
         let uid = pod.uid.clone();
         if let Err(e) = self
-            .host_ipset(move |r| probe_snat::del_pod_ips_here(r, &uid, &ips))
+            .host_ipset(move |r| r.del_pod_ips_here(&uid, &ips))
             .await
         {
             first_err.get_or_insert(RedirectError::new(
@@ -359,7 +386,7 @@ impl InpodRedirector {
         };
         match netns {
             Some(ns) => {
-                if let Err(e) = remove_pod(&ns, self.net.backend).await {
+                if let Err(e) = remove_pod(&ns, self.net.engine).await {
                     first_err.get_or_insert(RedirectError::new(
                         pod,
                         "removing pod rules",
@@ -436,7 +463,7 @@ impl InpodRedirector {
             .iter()
             .flat_map(|p| p.ips.iter().copied())
             .collect();
-        match self.host_ipset(probe_snat::members_here).await {
+        match self.host_ipset(probe_snat::HostProbe::members_here).await {
             Ok(members) => {
                 let extra: Vec<IpAddr> = members
                     .into_iter()
@@ -444,9 +471,7 @@ impl InpodRedirector {
                     .filter(|ip| !want.contains(ip))
                     .collect();
                 if !extra.is_empty()
-                    && let Err(e) = self
-                        .host_ipset(move |r| probe_snat::del_ips_here(r, &extra))
-                        .await
+                    && let Err(e) = self.host_ipset(move |r| r.del_ips_here(&extra)).await
                 {
                     report
                         .failed
@@ -500,7 +525,7 @@ impl InpodRedirector {
         }
         let (uid, ips) = (pod.uid.clone(), pod.ips.clone());
         let ipset = self
-            .host_ipset(move |r| probe_snat::add_ips_here(r, &uid, &ips))
+            .host_ipset(move |r| r.add_ips_here(&uid, &ips))
             .await
             .map_err(|e| RedirectError::new(pod, "adding pod IPs to the probe ipset", true, e));
         rules.and(ipset)
@@ -518,13 +543,13 @@ impl InpodRedirector {
             .map(|e| e.ips.clone())
             .unwrap_or_default();
         let (uid, ips) = (pod.uid.clone(), pod.ips.clone());
-        self.host_ipset(move |r| probe_snat::add_ips_here(r, &uid, &ips))
+        self.host_ipset(move |r| r.add_ips_here(&uid, &ips))
             .await
             .map_err(|e| RedirectError::new(pod, "adding pod IPs to the probe ipset", true, e))?;
         let gone: Vec<IpAddr> = old.into_iter().filter(|ip| !pod.ips.contains(ip)).collect();
         if !gone.is_empty() {
             let uid = pod.uid.clone();
-            self.host_ipset(move |r| probe_snat::del_pod_ips_here(r, &uid, &gone))
+            self.host_ipset(move |r| r.del_pod_ips_here(&uid, &gone))
                 .await
                 .map_err(|e| {
                     RedirectError::new(pod, "removing old pod IPs from the probe ipset", true, e)
@@ -556,11 +581,11 @@ impl InpodRedirector {
                 first_err.get_or_insert(e);
             }
         }
-        let (backend, rules) = (self.net.backend, self.cfg.rules.clone());
+        let probe = self.host_probe();
         let label = self.host.path().to_path_buf();
         let host = self
             .host
-            .run_async(move || probe_snat::remove_host_here(backend, &rules, &label))
+            .run_async(move || probe.remove_here(&label))
             .await
             .map_err(|e| RedirectError::node("removing host probe SNAT", e))
             .and_then(|r| r.map_err(|e| RedirectError::node("removing host probe SNAT", e)));

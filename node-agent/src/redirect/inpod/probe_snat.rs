@@ -9,6 +9,10 @@
 //!
 //! Entries carry the pod UID as their ipset comment, so a start-up reconcile
 //! can tell which pod an IP belongs to.
+//!
+//! With native nftables the same state lives in the host table
+//! `inet istio-ambient-nat` (sets and chain, [`super::rules_nft`]);
+//! [`HostProbe`] dispatches between the two.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -16,10 +20,14 @@ use std::process::Command;
 
 use crate::redirect::batch_input::{self, BatchFailure};
 use crate::redirect::iptables::{Backend, Family};
+use crate::redirect::nftables::{self, NftError};
 
-use super::apply::{ApplyError, sync_family_here};
+use super::apply::{ApplyError, RuleEngine, sync_family_here};
 use super::rules::{self, RuleConfig};
+use super::rules_nft;
 
+/// A probe set (ipset, or nft set with native nftables) could not be read
+/// or changed.
 #[derive(Debug, thiserror::Error)]
 pub enum IpsetError {
     #[error("cannot run ipset {action}: {source}")]
@@ -35,6 +43,15 @@ pub enum IpsetError {
         status: String,
         stderr: String,
     },
+    #[error(
+        "probe sets {set} in nft table inet {}: {source}",
+        rules_nft::HOST_TABLE
+    )]
+    Nft {
+        set: String,
+        #[source]
+        source: NftError,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +65,128 @@ pub enum HostError {
 impl From<ApplyError> for HostError {
     fn from(e: ApplyError) -> Self {
         HostError::Rules(Box::new(e))
+    }
+}
+
+/// The host half of in-pod mode with its rule engine: the probe SNAT and
+/// the sets of enrolled pod IPs. Every `_here` method runs `iptables`,
+/// `ipset` or `nft` in the calling thread's netns (the host's).
+#[derive(Debug, Clone)]
+pub struct HostProbe {
+    pub engine: RuleEngine,
+    pub rules: RuleConfig,
+}
+
+impl HostProbe {
+    /// Creates the sets if missing and brings the SNAT rules to their
+    /// desired state.
+    pub fn ensure_here(&self, ipv6: bool, label: &Path) -> Result<(), HostError> {
+        match self.engine {
+            RuleEngine::Iptables(backend) => ensure_host_here(backend, &self.rules, ipv6, label),
+            RuleEngine::Nftables => self
+                .nft(&rules_nft::host_script(&self.rules, ipv6))
+                .map_err(HostError::from),
+        }
+    }
+
+    /// Removes the SNAT rules and the sets.
+    pub fn remove_here(&self, label: &Path) -> Result<(), HostError> {
+        match self.engine {
+            RuleEngine::Iptables(backend) => remove_host_here(backend, &self.rules, label),
+            RuleEngine::Nftables => self
+                .nft(&rules_nft::remove_host_script())
+                .map_err(HostError::from),
+        }
+    }
+
+    /// Adds `ips` to the probe sets, commented with `uid`; an IP whose
+    /// family has no set gets no probe SNAT.
+    pub fn add_ips_here(&self, uid: &str, ips: &[IpAddr]) -> Result<(), IpsetError> {
+        match self.engine {
+            RuleEngine::Iptables(_) => add_ips_here(&self.rules, uid, ips),
+            RuleEngine::Nftables => self.nft(&rules_nft::add_elements_script(
+                &self.rules,
+                safe_comment(uid),
+                ips,
+                &self.nft_sets()?,
+            )),
+        }
+    }
+
+    /// Removes `ips` from the probe sets whoever they belong to.
+    pub fn del_ips_here(&self, ips: &[IpAddr]) -> Result<(), IpsetError> {
+        match self.engine {
+            RuleEngine::Iptables(_) => del_ips_here(&self.rules, ips),
+            RuleEngine::Nftables => self.nft(&rules_nft::del_elements_script(
+                &self.rules,
+                ips,
+                &self.nft_sets()?,
+            )),
+        }
+    }
+
+    /// Removes pod `uid`'s entries among `ips` (see [`del_pod_ips_here`]).
+    pub fn del_pod_ips_here(&self, uid: &str, ips: &[IpAddr]) -> Result<(), IpsetError> {
+        let ours = pod_entries(&self.members_here()?, uid, ips);
+        self.del_ips_here(&ours)
+    }
+
+    /// Members of the probe sets: (IP, comment = pod UID if any).
+    pub fn members_here(&self) -> Result<Vec<(IpAddr, Option<String>)>, IpsetError> {
+        match self.engine {
+            RuleEngine::Iptables(_) => members_here(&self.rules),
+            RuleEngine::Nftables => {
+                let mut out = Vec::new();
+                for set in self.nft_sets()? {
+                    let what = format!("set {set}");
+                    let json = nftables::query(
+                        &["-j", "list", "set", "inet", rules_nft::HOST_TABLE, &set],
+                        &what,
+                    )
+                    .map_err(|source| self.nft_error(source))?;
+                    if let Some(json) = json {
+                        out.extend(
+                            rules_nft::parse_set_members(&json).map_err(|reason| {
+                                self.nft_error(NftError::Output { what, reason })
+                            })?,
+                        );
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Our probe sets that exist in the host table.
+    fn nft_sets(&self) -> Result<Vec<String>, IpsetError> {
+        let what = format!("sets of table inet {}", rules_nft::HOST_TABLE);
+        let json = nftables::query(&["-j", "list", "sets", "inet"], &what)
+            .map_err(|source| self.nft_error(source))?
+            .unwrap_or_default();
+        if json.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        let names = rules_nft::parse_set_names(&json)
+            .map_err(|reason| self.nft_error(NftError::Output { what, reason }))?;
+        Ok(names
+            .into_iter()
+            .filter(|n| *n == self.rules.probe_ipset_v4 || *n == self.rules.probe_ipset_v6)
+            .collect())
+    }
+
+    fn nft(&self, script: &str) -> Result<(), IpsetError> {
+        nftables::apply(
+            script,
+            &format!("host probe SNAT (table inet {})", rules_nft::HOST_TABLE),
+        )
+        .map_err(|source| self.nft_error(source))
+    }
+
+    fn nft_error(&self, source: NftError) -> IpsetError {
+        IpsetError::Nft {
+            set: both_sets(&self.rules),
+            source,
+        }
     }
 }
 
