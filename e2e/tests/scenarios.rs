@@ -11,7 +11,7 @@
 
 mod scenarios_support;
 
-use e2e::simcluster::{RedirectMode, SimClusterConfig};
+use e2e::simcluster::{NODE_AGENT, RedirectMode, SimClusterConfig};
 use scenarios_support::{Ctx, start, start_with};
 
 fn run(tag: &str, f: impl FnOnce(&Ctx<'_>)) {
@@ -92,4 +92,51 @@ fn s10_ztunnel_asks_istiod_on_demand() {
     ));
     let ctx = Ctx::new(&sim, "demo");
     scenarios_support::istiod_xds::s10_istiod_on_demand(&ctx);
+}
+
+/// Native nftables (`ambient.nativeNftables`, NATIVE_NFTABLES=true): labelling
+/// enrols with nft tables in each pod (no iptables rule anywhere) and the
+/// probe set on the node, traffic becomes mTLS through ztunnel (scenario 1);
+/// unlabelling removes the tables and set elements and restores plaintext
+/// without restarts (scenario 2).
+#[test]
+fn s11_native_nftables_enrol_capture_and_unenrol() {
+    require_harness!();
+    if std::process::Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: the nft binary is not installed (scripts/install-deps.sh installs it)");
+        return;
+    }
+    let mut cfg = SimClusterConfig::new("inpods11", RedirectMode::Inpod);
+    cfg.env_overrides.push((
+        NODE_AGENT.to_string(),
+        "NATIVE_NFTABLES".to_string(),
+        "true".to_string(),
+    ));
+    let sim = start_with(cfg);
+    let ctx = Ctx::new(&sim, "demo");
+    let server = scenarios_support::s1_label_enrols(&ctx);
+    for pod in ["client", "server"] {
+        let traces = ctx.traces(pod);
+        let nft: Vec<_> = traces.iter().filter(|l| l.contains("nft")).collect();
+        assert!(
+            nft.iter()
+                .any(|l| l.contains("table inet istio-ambient-nat"))
+                && nft
+                    .iter()
+                    .any(|l| l.contains("table inet istio-ambient-mangle"))
+                && nft.iter().any(|l| l.contains("nft set element")),
+            "{pod}: nft tables in the pod and its set element on the node: {traces:?}"
+        );
+        assert!(
+            !traces
+                .iter()
+                .any(|l| l.contains("iptables") || l.contains("ipset")),
+            "{pod}: no iptables rule or ipset entry with native nftables: {traces:?}"
+        );
+    }
+    scenarios_support::unlabel_restores_plaintext(&ctx, server);
 }

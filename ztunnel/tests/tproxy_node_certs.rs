@@ -15,22 +15,22 @@
 //! Needs root (network namespaces, TPROXY).
 
 mod common;
+mod tproxy_support;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::process::Command;
-use std::sync::{Arc, mpsc};
-use std::time::{Duration, Instant};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
 
-use node_agent::redirect::netns::Netns;
 use prometheus_client::registry::Registry;
+use tproxy_support::{
+    Namespaces, NodeProxy, Prerouting, install_prerouting, is_root, pod_link, tproxy_routing,
+};
 use ztunnel::app::node_certs;
 use ztunnel::config::Config;
 use ztunnel::identity::{Identity, SecretManager};
-use ztunnel::proxy::{ProxyFactory, ProxyInputs, ProxyScope, ProxySpec};
-use ztunnel::redirect::tproxy::TproxySocketFactory;
+use ztunnel::proxy::ProxyInputs;
 use ztunnel::state::Store;
-use ztunnel::state::file::{FileDefaults, parse};
 use ztunnel::telemetry::ProxyMetrics;
 
 const A: Ipv4Addr = Ipv4Addr::new(10, 66, 1, 1);
@@ -47,112 +47,22 @@ workloads:
    protocol: HBONE, node: n2, services: {}}
 "#;
 
-fn ip(ns: &str, args: &str) {
-    let out = Command::new("ip")
-        .args(["-n", ns])
-        .args(args.split_whitespace())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ip -n {ns} {args}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The ztunnel netns and pod a's netns, deleted on drop.
-struct Topology {
-    zt: String,
-    a: String,
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        for n in [&self.zt, &self.a] {
-            let _ = Command::new("ip").args(["netns", "del", n]).output();
-        }
-    }
-}
-
-impl Topology {
-    fn new() -> Self {
-        let p = format!("ztnc{}", std::process::id());
-        let t = Topology {
-            zt: format!("{p}-zt"),
-            a: format!("{p}-a"),
-        };
-        for n in [&t.zt, &t.a] {
-            let out = Command::new("ip")
-                .args(["netns", "add", n])
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "ip netns add {n}");
-            ip(n, "link set lo up");
-        }
-        let (zt, a) = (&t.zt, &t.a);
-        ip(
-            zt,
-            &format!("link add za type veth peer name eth0 netns {a}"),
-        );
-        ip(zt, &format!("addr add {GW}/32 dev za"));
-        ip(zt, "link set za up");
-        ip(zt, &format!("route add {A}/32 dev za scope link"));
-        ip(a, &format!("addr add {A}/32 dev eth0"));
-        ip(a, "link set eth0 up");
-        ip(a, &format!("route add {GW}/32 dev eth0 scope link"));
-        ip(a, &format!("route add default via {GW} dev eth0"));
-        ip(zt, "rule add fwmark 0x400/0xfff lookup 100 priority 20000");
-        ip(zt, "route add local 0.0.0.0/0 dev lo table 100");
-        let rules = "*mangle\n\
-             -A PREROUTING -i za -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x400/0xfff\n\
-             COMMIT\n";
-        t.ns(zt)
-            .run(move || {
-                for k in ["all", "default", "za"] {
-                    std::fs::write(format!("/proc/sys/net/ipv4/conf/{k}/rp_filter"), "0").unwrap();
-                }
-                let mut child = Command::new("iptables-restore")
-                    .arg("--noflush")
-                    .stdin(std::process::Stdio::piped())
-                    .spawn()
-                    .unwrap();
-                child
-                    .stdin
-                    .take()
-                    .unwrap()
-                    .write_all(rules.as_bytes())
-                    .unwrap();
-                assert!(child.wait().unwrap().success(), "iptables-restore");
-            })
-            .unwrap();
-        t
-    }
-
-    fn ns(&self, name: &str) -> Netns {
-        Netns::open(format!("/run/netns/{name}")).unwrap()
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\n{}",
-            common::logs()
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
+/// Namespaces: 0 zt, 1 pod a.
+fn topology() -> Namespaces {
+    let t = Namespaces::new("ztnc", &["zt", "a"]);
+    pod_link(t.name(0), "za", t.name(1), A, GW);
+    tproxy_routing(t.name(0), false);
+    install_prerouting(&t.ns(0), &[Prerouting::Capture("za", 15001)]);
+    t
 }
 
 #[test]
 fn node_proxy_forgets_the_certificate_of_the_last_workload_that_left() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root (network namespaces, TPROXY)");
+    if !is_root() {
         return;
     }
     common::init_logs();
-    let topo = Topology::new();
+    let topo = topology();
     let ca = common::ca("ec");
     let provider = Arc::new(common::CountingCa::new(ca.clone()));
     // Shorter than the CA's one-minute back-dating: renewed every second.
@@ -165,15 +75,7 @@ fn node_proxy_forgets_the_certificate_of_the_last_workload_that_left() {
     };
     let certs = SecretManager::new(provider.clone(), cfg.secret_ttl);
     let store = Store::new();
-    let lc = parse(
-        WORKLOADS,
-        std::path::Path::new("node-certs.yaml"),
-        &FileDefaults {
-            trust_domain: "cluster.local".into(),
-            cluster_id: "Kubernetes".into(),
-        },
-    )
-    .unwrap();
+    let lc = common::local_config(WORKLOADS, "node-certs.yaml");
     let src = store.source("file");
     src.replace_all(lc.workloads, lc.services, lc.policies);
     let inputs = ProxyInputs {
@@ -185,41 +87,14 @@ fn node_proxy_forgets_the_certificate_of_the_last_workload_that_left() {
     };
 
     // The node proxy and the watcher, on a thread inside the ztunnel netns.
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let zt = topo.ns(&topo.zt);
-    let proxy_thread = std::thread::spawn(move || {
-        nix::sched::setns(&zt, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let node = inputs.cfg.node_name.clone();
-            let _watch = node_certs::watch(
-                inputs.state.clone(),
-                inputs.certs.clone(),
-                node,
-                Duration::from_millis(100),
-            );
-            let handle = ProxyFactory::new(inputs)
-                .start(ProxySpec {
-                    scope: ProxyScope::Node,
-                    sockets: Arc::new(TproxySocketFactory::new()),
-                    bind_ip: IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
-                    orig_src: true,
-                    dns: false,
-                })
-                .await
-                .unwrap();
-            ready_tx.send(()).unwrap();
-            let _ = stop_rx.await;
-            handle.drain(Duration::from_millis(200)).await;
-        });
+    let proxy = NodeProxy::start_with(topo.ns(0), inputs, true, |inputs| {
+        node_certs::watch(
+            inputs.state.clone(),
+            inputs.certs.clone(),
+            inputs.cfg.node_name.clone(),
+            Duration::from_millis(100),
+        )
     });
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("proxy started");
 
     let a_id = Identity::new("cluster.local", "ns-a", "sa-a");
     let listed = || {
@@ -231,7 +106,7 @@ fn node_proxy_forgets_the_certificate_of_the_last_workload_that_left() {
     assert!(!listed(), "nothing fetched before traffic");
 
     // a → r (node n2): captured, a's certificate fetched for the HBONE connection.
-    topo.ns(&topo.a)
+    topo.ns(1)
         .run(|| {
             let dst = SocketAddr::from((REMOTE, 8080));
             let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
@@ -241,7 +116,7 @@ fn node_proxy_forgets_the_certificate_of_the_last_workload_that_left() {
             let _ = s.read(&mut [0u8; 16]);
         })
         .unwrap();
-    wait_until(
+    common::wait_until(
         "a's certificate fetched on demand",
         Duration::from_secs(5),
         || certs.current(&a_id).is_some(),
@@ -253,7 +128,7 @@ fn node_proxy_forgets_the_certificate_of_the_last_workload_that_left() {
     std::thread::sleep(Duration::from_millis(400));
     assert!(listed(), "replica a-2 still on n1");
     let before = provider.count(&a_id);
-    wait_until("renewal while a-2 runs", Duration::from_secs(5), || {
+    common::wait_until("renewal while a-2 runs", Duration::from_secs(5), || {
         provider.count(&a_id) > before
     });
 
@@ -266,7 +141,7 @@ fn node_proxy_forgets_the_certificate_of_the_last_workload_that_left() {
         .clone();
     moved.node = "n2".into();
     src.upsert_workload(moved);
-    wait_until("a's certificate dropped", Duration::from_secs(5), || {
+    common::wait_until("a's certificate dropped", Duration::from_secs(5), || {
         !listed()
     });
     assert!(certs.current(&a_id).is_none());
@@ -284,6 +159,5 @@ fn node_proxy_forgets_the_certificate_of_the_last_workload_that_left() {
         common::logs()
     );
 
-    stop_tx.send(()).unwrap();
-    proxy_thread.join().unwrap();
+    proxy.stop();
 }

@@ -52,26 +52,37 @@ pub fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Lines of iptables rules mentioning `ISTIO` in `netns` (nft and legacy,
-/// IPv4 and IPv6), each prefixed with the tool.
-pub fn istio_rules(netns: &NamedNetns) -> Vec<String> {
-    let mut lines = Vec::new();
-    for save in [
-        "iptables-nft-save",
-        "iptables-legacy-save",
-        "ip6tables-nft-save",
-        "ip6tables-legacy-save",
-    ] {
-        if let Ok(out) = netns.output(save, Vec::<&str>::new(), Duration::from_secs(10)) {
+impl NamedNetns {
+    /// Lines of iptables rules mentioning `ISTIO` in this netns (nft and legacy, IPv4 and
+    /// IPv6), each prefixed with the tool, and the native nftables tables of in-pod mode
+    /// (`nft: table inet istio-ambient-…`).
+    pub fn istio_rules(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for save in [
+            "iptables-nft-save",
+            "iptables-legacy-save",
+            "ip6tables-nft-save",
+            "ip6tables-legacy-save",
+        ] {
+            if let Ok(out) = self.output(save, Vec::<&str>::new(), Duration::from_secs(10)) {
+                lines.extend(
+                    String::from_utf8_lossy(&out.stdout)
+                        .lines()
+                        .filter(|l| l.contains("ISTIO") && !l.starts_with('#'))
+                        .map(|l| format!("{save}: {l}")),
+                );
+            }
+        }
+        if let Ok(out) = self.output("nft", ["list", "tables"], Duration::from_secs(10)) {
             lines.extend(
                 String::from_utf8_lossy(&out.stdout)
                     .lines()
-                    .filter(|l| l.contains("ISTIO") && !l.starts_with('#'))
-                    .map(|l| format!("{save}: {l}")),
+                    .filter(|l| l.contains("istio-ambient"))
+                    .map(|l| format!("nft: {l}")),
             );
         }
+        lines
     }
-    lines
 }
 
 impl SimCluster {
@@ -261,7 +272,7 @@ impl SimCluster {
 
     /// In-pod rules (`ISTIO*` chains) in the pod's netns.
     pub fn pod_rules(&self, namespace: &str, name: &str) -> Result<Vec<String>, HarnessError> {
-        Ok(istio_rules(&self.pod_netns(namespace, name)?))
+        Ok(self.pod_netns(namespace, name)?.istio_rules())
     }
 
     /// Signals a chart component's container on `node` (see

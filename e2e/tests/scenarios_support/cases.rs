@@ -116,6 +116,12 @@ fn assert_dns_answered_by_ztunnel(ctx: &Ctx<'_>) {
 /// leaves no redirection state behind.
 pub fn s2_unlabel_restores_plaintext(ctx: &Ctx<'_>) {
     let server = s1_label_enrols(ctx);
+    unlabel_restores_plaintext(ctx, server);
+}
+
+/// The second half of scenario 2, after [`s1_label_enrols`] returned
+/// `server`.
+pub fn unlabel_restores_plaintext(ctx: &Ctx<'_>, server: IpAddr) {
     let before: Vec<_> = ["client", "server"]
         .iter()
         .map(|p| ctx.process(p))

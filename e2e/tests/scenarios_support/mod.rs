@@ -272,8 +272,9 @@ impl<'a> Ctx<'a> {
     }
 
     /// What redirection state exists for `pod` (empty = none): in-pod
-    /// rules in its netns and its entry in the node's probe ipset
-    /// (in-pod); its ipset entry and route on the node (GENEVE).
+    /// rules (iptables or nft) in its netns and its entry in the node's probe
+    /// ipset or nft set (in-pod); its ipset entry and route on the node
+    /// (GENEVE).
     pub fn traces(&self, pod: &str) -> Vec<String> {
         let (node, info) = self
             .sim
@@ -294,6 +295,22 @@ impl<'a> Ctx<'a> {
                     l.starts_with("add ") && l.split_whitespace().nth(2) == Some(ip.as_str())
                 })
                 .map(|l| format!("{node} ipset: {l}")),
+        );
+        // Native nftables: the probe set elements of the node's table.
+        let nft = node_ns
+            .exec(
+                "nft",
+                ["list", "table", "inet", "istio-ambient-nat"],
+                t(5 * SECOND),
+            )
+            .unwrap_or_default();
+        out.extend(
+            nft.lines()
+                .filter(|l| l.contains("elements = {"))
+                .flat_map(|l| l.split(['{', '}', ',']))
+                .map(str::trim)
+                .filter(|e| e.split_whitespace().next() == Some(ip.as_str()))
+                .map(|e| format!("{node} nft set element: {e}")),
         );
         if self.sim.mode() == RedirectMode::Geneve {
             let routes = node_ns

@@ -207,6 +207,35 @@ impl ConnectionInfo {
     }
 }
 
+/// One `access` event at `$level` about the connection `$info` (a `&ConnectionInfo`): its
+/// endpoints and direction (the fields in the order the module documentation lists), then
+/// `$extra`.
+macro_rules! access_event {
+    ($level:ident, $info:expr, $message:literal, { $($extra:tt)* }) => {{
+        let info: &ConnectionInfo = $info;
+        tracing::$level!(
+            target: "access",
+            {
+            src.addr = %info.src_addr,
+            src.workload = info.src.log_name(),
+            src.namespace = info.src.namespace.as_deref(),
+            src.identity = info.src.identity.as_ref().map(display),
+            src.cluster = info.src.cluster.as_deref(),
+            dst.addr = %info.dst_addr,
+            dst.hbone_addr = info.dst_hbone_addr.map(display),
+            dst.service = info.dst_service.as_ref().map(|s| s.hostname.as_str()),
+            dst.workload = info.dst.log_name(),
+            dst.namespace = info.dst.namespace.as_deref(),
+            dst.identity = info.dst.identity.as_ref().map(display),
+            dst.cluster = info.dst.cluster.as_deref(),
+            direction = info.direction.as_str(),
+            $($extra)*
+            },
+            $message
+        )
+    }};
+}
+
 /// Telemetry of one open connection. Call [`Self::close`] when it ends; dropping it without
 /// closing (task cancelled, drain deadline) records it as failed with "connection aborted",
 /// with the bytes its copy moved (see [`Self::count_bytes`]).
@@ -241,25 +270,7 @@ impl ConnectionTelemetry {
         let labels = info.labels();
         metrics.connections_opened.get_or_create(&labels).inc();
         let socket_gauge = None;
-        tracing::debug!(
-            target: "access",
-            {
-            src.addr = %info.src_addr,
-            src.workload = info.src.log_name(),
-            src.namespace = info.src.namespace.as_deref(),
-            src.identity = info.src.identity.as_ref().map(display),
-            src.cluster = info.src.cluster.as_deref(),
-            dst.addr = %info.dst_addr,
-            dst.hbone_addr = info.dst_hbone_addr.map(display),
-            dst.service = info.dst_service.as_ref().map(|s| s.hostname.as_str()),
-            dst.workload = info.dst.log_name(),
-            dst.namespace = info.dst.namespace.as_deref(),
-            dst.identity = info.dst.identity.as_ref().map(display),
-            dst.cluster = info.dst.cluster.as_deref(),
-            direction = info.direction.as_str(),
-            },
-            "connection opened"
-        );
+        access_event!(debug, &info, "connection opened", {});
         ConnectionTelemetry {
             info,
             labels,
@@ -360,36 +371,19 @@ impl ConnectionTelemetry {
             Direction::Inbound => (recv, sent),
         };
         let duration = format!("{}ms", self.start.elapsed().as_millis());
-        macro_rules! access {
+        macro_rules! complete {
             ($level:ident, { $($extra:tt)* }) => {
-                tracing::$level!(
-                    target: "access",
-                    {
-                    src.addr = %info.src_addr,
-                    src.workload = info.src.log_name(),
-                    src.namespace = info.src.namespace.as_deref(),
-                    src.identity = info.src.identity.as_ref().map(display),
-                    src.cluster = info.src.cluster.as_deref(),
-                    dst.addr = %info.dst_addr,
-                    dst.hbone_addr = info.dst_hbone_addr.map(display),
-                    dst.service = info.dst_service.as_ref().map(|s| s.hostname.as_str()),
-                    dst.workload = info.dst.log_name(),
-                    dst.namespace = info.dst.namespace.as_deref(),
-                    dst.identity = info.dst.identity.as_ref().map(display),
-                    dst.cluster = info.dst.cluster.as_deref(),
-                    direction = info.direction.as_str(),
+                access_event!($level, info, "connection complete", {
                     bytes_sent = sent,
                     bytes_recv = recv,
                     duration = duration.as_str(),
                     $($extra)*
-                    },
-                    "connection complete"
-                )
+                })
             };
         }
         match error {
-            Some(e) => access!(error, { error = e }),
-            None => access!(info, {}),
+            Some(e) => complete!(error, { error = e }),
+            None => complete!(info, {}),
         }
     }
 }

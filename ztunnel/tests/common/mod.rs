@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,7 +23,7 @@ use ztunnel::proxy::{
 };
 use ztunnel::redirect::BoxFuture;
 use ztunnel::state::Store;
-use ztunnel::state::file::{FileDefaults, parse};
+use ztunnel::state::file::{FileDefaults, LocalConfig, parse};
 use ztunnel::telemetry::ProxyMetrics;
 use ztunnel::tls::TrustRoots;
 
@@ -107,6 +107,19 @@ pub fn log_lines(needles: &[&str]) -> Vec<String> {
         .filter(|l| needles.iter().all(|n| l.contains(n)))
         .map(str::to_string)
         .collect()
+}
+
+/// Blocking: polls `f` until it holds; panics after `timeout` with `what` and the logs.
+pub fn wait_until(what: &str, timeout: Duration, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
 }
 
 pub async fn wait_for<F: Fn() -> bool>(what: &str, f: F) {
@@ -256,21 +269,22 @@ services:
     )
 }
 
+/// A state file's workloads, services and policies, parsed with trust domain
+/// `cluster.local` and cluster `Kubernetes`; `name` is the file name errors show.
+pub fn local_config(yaml: &str, name: &str) -> LocalConfig {
+    let defaults = FileDefaults {
+        trust_domain: "cluster.local".into(),
+        cluster_id: "Kubernetes".into(),
+    };
+    parse(yaml, std::path::Path::new(name), &defaults).unwrap()
+}
+
 impl Mesh {
     pub fn new(base: &str, cfg_edit: impl FnOnce(&mut Config)) -> Mesh {
         init_logs();
         let ca = ca("ec");
         let store = Store::new();
-        let defaults = FileDefaults {
-            trust_domain: "cluster.local".into(),
-            cluster_id: "Kubernetes".into(),
-        };
-        let lc = parse(
-            &mesh_yaml(base),
-            std::path::Path::new("mesh.yaml"),
-            &defaults,
-        )
-        .unwrap();
+        let lc = local_config(&mesh_yaml(base), "mesh.yaml");
         store
             .source("file")
             .replace_all(lc.workloads, lc.services, lc.policies);
