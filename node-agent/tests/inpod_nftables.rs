@@ -453,3 +453,98 @@ async fn node_connections_to_enrolled_pods_arrive_from_the_probe_address() {
         IpAddr::from(rules::DEFAULT_PROBE_SNAT_V4)
     );
 }
+
+/// `NATIVE_NFTABLES` switched with a pod enrolled: the agent restarted on
+/// the other engine re-applies the pod's rules with it at start-up and
+/// removes what the previous engine left, in the pod and on the node; and
+/// back again.
+#[tokio::test]
+async fn switching_engines_with_an_enrolled_pod_leaves_one_engine() {
+    if !usable() {
+        return;
+    }
+    let node = TestNetns::new();
+    let pod_ns = TestNetns::new();
+    let handoff = Arc::new(FakeHandoff::default());
+    let start = |nftables: bool| {
+        let (node, handoff) = (node.path(), handoff.clone());
+        async move {
+            InpodRedirector::new(
+                InpodConfig {
+                    host_netns: Some(node),
+                    proc_root: tempfile::tempdir().unwrap().keep(),
+                    nftables,
+                    backend: Some(node_agent::redirect::iptables::Backend::Nft),
+                    ..Default::default()
+                },
+                handoff,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let pod = PodRedirect {
+        uid: "uid-s".into(),
+        name: "s".into(),
+        namespace: "ns1".into(),
+        service_account: "sa".into(),
+        ips: vec!["10.9.0.7".parse().unwrap()],
+        netns: Some(pod_ns.path()),
+        annotations: Default::default(),
+    };
+    let host = node.netns();
+    let iptables_in = |ns: &Netns| {
+        let mut s = run_in(ns, "iptables-nft-save", &[]);
+        s += &run_in(ns, "ip6tables-nft-save", &[]);
+        s.lines().filter(|l| l.contains("ISTIO")).count()
+    };
+    let ipsets = || run_in(&host, "ipset", &["list", "-n"]);
+
+    // Enrolled by an iptables agent.
+    let iptables_agent = start(false).await;
+    iptables_agent.enrol(&pod).await.unwrap();
+    assert!(iptables_in(&pod_ns.netns()) > 0);
+    assert!(ipsets().contains("istio-inpod-probes-v4"));
+    drop(iptables_agent);
+
+    // The agent comes back with nftables: start-up reconcile of the pod.
+    let nft_agent = start(true).await;
+    let report = nft_agent.reconcile(std::slice::from_ref(&pod)).await;
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(our_tables(&pod_ns.netns()).len(), 2);
+    assert_eq!(
+        iptables_in(&pod_ns.netns()),
+        0,
+        "iptables rules left in the pod"
+    );
+    assert_eq!(
+        iptables_in(&host),
+        0,
+        "iptables probe SNAT left on the node"
+    );
+    assert!(ipsets().trim().is_empty(), "ipsets left: {}", ipsets());
+    let (_, routing) =
+        node_agent::redirect::inpod::apply::inspect_pod_nft(&pod_ns.netns()).unwrap();
+    assert!(!routing.is_empty(), "the shared policy routing stays");
+    drop(nft_agent);
+
+    // And back to iptables.
+    let iptables_agent = start(false).await;
+    let report = iptables_agent.reconcile(std::slice::from_ref(&pod)).await;
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert!(iptables_in(&pod_ns.netns()) > 0);
+    assert!(
+        our_tables(&pod_ns.netns()).is_empty(),
+        "nft tables left in the pod"
+    );
+    let host_tables = table_names(&host);
+    assert!(
+        !host_tables.iter().any(|t| t.contains("istio-ambient")),
+        "nft host table left: {host_tables:?}"
+    );
+
+    // Unenrol leaves nothing of either.
+    iptables_agent.unenrol(&pod).await.unwrap();
+    assert_eq!(iptables_in(&pod_ns.netns()), 0);
+    assert!(our_tables(&pod_ns.netns()).is_empty());
+}

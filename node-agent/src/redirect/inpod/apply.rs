@@ -160,9 +160,10 @@ fn nft_here(script: &str, label: &std::path::Path) -> Result<(), ApplyError> {
     })
 }
 
-/// Removes the pod rules (both families, whatever `cfg.ipv6` says, so a
-/// changed setting leaves nothing behind) and our policy routing.
-pub fn remove_pod_here(
+/// Removes the pod rules of `engine` only (both families), not the policy
+/// routing both engines share: also for clearing what the other engine left
+/// after `NATIVE_NFTABLES` was switched with pods enrolled.
+pub fn remove_rules_here(
     engine: impl Into<RuleEngine>,
     label: &std::path::Path,
 ) -> Result<(), ApplyError> {
@@ -171,9 +172,19 @@ pub fn remove_pod_here(
             for family in [Family::V4, Family::V6] {
                 sync_family_here(backend, family, &[], rules::POD_OWNERSHIP, label)?;
             }
+            Ok(())
         }
-        RuleEngine::Nftables => nft_here(&rules_nft::remove_pod_script(), label)?,
+        RuleEngine::Nftables => nft_here(&rules_nft::remove_pod_script(), label),
     }
+}
+
+/// Removes the pod rules (both families, whatever `cfg.ipv6` says, so a
+/// changed setting leaves nothing behind) and our policy routing.
+pub fn remove_pod_here(
+    engine: impl Into<RuleEngine>,
+    label: &std::path::Path,
+) -> Result<(), ApplyError> {
+    remove_rules_here(engine, label)?;
     routing::remove_here().map_err(|source| ApplyError::Routing {
         netns: label.to_path_buf(),
         source,
@@ -197,6 +208,14 @@ pub async fn remove_pod(netns: &Netns, engine: impl Into<RuleEngine>) -> Result<
     let (engine, label) = (engine.into(), netns.path().to_path_buf());
     netns
         .run_async(move || remove_pod_here(engine, &label))
+        .await?
+}
+
+/// [`remove_rules_here`] in `netns` (on a dedicated thread).
+pub async fn remove_rules(netns: &Netns, engine: RuleEngine) -> Result<(), ApplyError> {
+    let label = netns.path().to_path_buf();
+    netns
+        .run_async(move || remove_rules_here(engine, &label))
         .await?
 }
 

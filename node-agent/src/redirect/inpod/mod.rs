@@ -42,7 +42,7 @@ pub mod routing;
 pub mod rules;
 pub mod rules_nft;
 
-pub use apply::{ApplyError, PodNetConfig, RuleEngine, apply_pod, remove_pod};
+pub use apply::{ApplyError, PodNetConfig, RuleEngine, apply_pod, remove_pod, remove_rules};
 pub use rules::{PodRuleOptions, RuleConfig};
 
 /// Error from a [`WorkloadHandoff`].
@@ -121,6 +121,10 @@ fn retryable(mut e: RedirectError, retryable: bool) -> RedirectError {
 pub struct InpodRedirector {
     cfg: InpodConfig,
     net: PodNetConfig,
+    /// The engine not in use, when its tools are on the node: what it left
+    /// (from before `NATIVE_NFTABLES` was switched) is removed from the host
+    /// and from each pod the agent reconciles or unenrols.
+    other_engine: Option<RuleEngine>,
     host: Netns,
     handoff: Arc<dyn WorkloadHandoff>,
     pods: Mutex<HashMap<String, EnrolledPod>>,
@@ -166,6 +170,23 @@ impl InpodRedirector {
                     .map_err(|e| RedirectError::node("detecting the iptables backend", e))?,
             ),
         };
+        let other_engine = match (engine, cfg.backend) {
+            (RuleEngine::Iptables(_), _) => host
+                .run_async(nftables::probe)
+                .await
+                .is_ok_and(|r| r.is_ok())
+                .then_some(RuleEngine::Nftables),
+            (RuleEngine::Nftables, configured) => host
+                .run_async(move || {
+                    let backend = configured.unwrap_or_else(iptables::detect_backend);
+                    iptables::save(backend, iptables::Family::V4, Some("nat"))
+                        .is_ok()
+                        .then_some(RuleEngine::Iptables(backend))
+                })
+                .await
+                .ok()
+                .flatten(),
+        };
         tracing::info!(rules = %engine, host_netns = %host.path().display(), "in-pod redirection");
         let net = PodNetConfig {
             engine,
@@ -175,6 +196,7 @@ impl InpodRedirector {
         let this = Self {
             cfg,
             net,
+            other_engine,
             host,
             handoff,
             pods: Mutex::new(HashMap::new()),
@@ -196,6 +218,17 @@ impl InpodRedirector {
         }
     }
 
+    /// Removes the rules the engine not in use left in a pod's netns (best
+    /// effort: logged, never fails the pod).
+    async fn remove_other_engine_rules(&self, pod: &PodRedirect, netns: &Netns) {
+        if let Some(other) = self.other_engine
+            && let Err(e) = remove_rules(netns, other).await
+        {
+            tracing::warn!(pod = %pod.key(), uid = %pod.uid, rules = %other, error = %e,
+                "could not remove the rules of the engine not in use from the pod");
+        }
+    }
+
     fn host_probe(&self) -> probe_snat::HostProbe {
         probe_snat::HostProbe {
             engine: self.net.engine,
@@ -212,6 +245,9 @@ impl InpodRedirector {
         self.pods.lock().await.keys().cloned().collect()
     }
 
+    /// Our host probe SNAT in place; then (so probes stay SNATed throughout)
+    /// the other engine's, left from before `NATIVE_NFTABLES` was switched,
+    /// removed.
     async fn ensure_host(&self) -> Result<(), RedirectError> {
         let (probe, ipv6) = (self.host_probe(), self.cfg.ipv6);
         let label = self.host.path().to_path_buf();
@@ -219,7 +255,25 @@ impl InpodRedirector {
             .run_async(move || probe.ensure_here(ipv6, &label))
             .await
             .map_err(|e| RedirectError::node("host probe SNAT", e))?
-            .map_err(|e| RedirectError::node("host probe SNAT", e))
+            .map_err(|e| RedirectError::node("host probe SNAT", e))?;
+        if let Some(other) = self.other_engine {
+            let stale = probe_snat::HostProbe {
+                engine: other,
+                rules: self.cfg.rules.clone(),
+            };
+            let label = self.host.path().to_path_buf();
+            let removed = self
+                .host
+                .run_async(move || stale.remove_here(&label))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            if let Err(error) = removed {
+                tracing::warn!(rules = %other, %error,
+                    "could not remove the host probe SNAT of the engine not in use");
+            }
+        }
+        Ok(())
     }
 
     async fn host_ipset<T: Send + 'static>(
@@ -394,6 +448,7 @@ impl InpodRedirector {
                         e,
                     ));
                 }
+                self.remove_other_engine_rules(pod, &ns).await;
             }
             None => tracing::info!(pod = %pod.key(), "pod netns gone: no rules to remove"),
         }
@@ -515,7 +570,12 @@ impl InpodRedirector {
             },
         );
         let rules = if self.cfg.reconcile_rules_on_startup {
-            self.reapply_rules(pod, &netns).await
+            let applied = self.reapply_rules(pod, &netns).await;
+            if applied.is_ok() {
+                // Only once ours are in place: the pod stays redirected.
+                self.remove_other_engine_rules(pod, &netns).await;
+            }
+            applied
         } else {
             Ok(())
         };
