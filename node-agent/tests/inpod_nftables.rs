@@ -46,6 +46,9 @@ fn nft_config(ipv6: bool) -> PodNetConfig {
     }
 }
 
+/// One step on the host probe, run in the node's netns.
+type HostStep = Box<dyn FnOnce(&HostProbe) -> Result<(), String> + Send>;
+
 fn nft_probe() -> HostProbe {
     HostProbe {
         engine: RuleEngine::Nftables,
@@ -234,12 +237,24 @@ async fn host_probe_sets_keep_uid_comments() {
     }
     let node = TestNetns::new();
     let ns = node.netns();
-    let probe = nft_probe();
     let label = node.path();
-    for _ in 0..2 {
-        let (p, l) = (probe.clone(), label.clone());
-        ns.run(move || p.ensure_here(true, &l)).unwrap().unwrap();
-    }
+    // Runs `f` on the nft host probe inside the node's netns.
+    let on_host = |f: HostStep| {
+        let p = nft_probe();
+        ns.run(move || f(&p)).unwrap().unwrap()
+    };
+    let members = || {
+        let p = nft_probe();
+        ns.run(move || p.members_here()).unwrap().unwrap()
+    };
+    let ensure = || {
+        let l = label.clone();
+        on_host(Box::new(move |p| {
+            p.ensure_here(true, &l).map_err(|e| e.to_string())
+        }))
+    };
+    ensure();
+    ensure();
     let listed = run_in(
         &ns,
         "nft",
@@ -253,53 +268,33 @@ async fn host_probe_sets_keep_uid_comments() {
     assert_eq!(listed.matches("snat ip6 to").count(), 1, "{listed}");
 
     let ips: Vec<IpAddr> = vec!["10.1.2.3".parse().unwrap(), "fd00::3".parse().unwrap()];
-    let (p, i) = (probe.clone(), ips.clone());
-    ns.run(move || p.add_ips_here("uid-1", &i))
-        .unwrap()
-        .unwrap();
-    let p = probe.clone();
-    let members = ns.run(move || p.members_here()).unwrap().unwrap();
-    assert_eq!(members.len(), 2, "{members:?}");
-    assert!(members.iter().all(|(_, c)| c.as_deref() == Some("uid-1")));
+    let with_ips = |f: fn(&HostProbe, &[IpAddr]) -> Result<(), String>| {
+        let i = ips.clone();
+        on_host(Box::new(move |p| f(p, &i)))
+    };
+    with_ips(|p, i| p.add_ips_here("uid-1", i).map_err(|e| e.to_string()));
+    let m = members();
+    assert_eq!(m.len(), 2, "{m:?}");
+    assert!(m.iter().all(|(_, c)| c.as_deref() == Some("uid-1")));
 
     // Elements survive a re-ensure (the chain is refilled, the sets kept).
-    let (p, l) = (probe.clone(), label.clone());
-    ns.run(move || p.ensure_here(true, &l)).unwrap().unwrap();
-    let p = probe.clone();
-    assert_eq!(ns.run(move || p.members_here()).unwrap().unwrap().len(), 2);
+    ensure();
+    assert_eq!(members().len(), 2);
 
-    // Another pod's UID does not remove the entries; the owner's does.
-    let (p, i) = (probe.clone(), ips.clone());
-    ns.run(move || p.del_pod_ips_here("uid-2", &i))
-        .unwrap()
-        .unwrap();
-    let p = probe.clone();
-    assert_eq!(ns.run(move || p.members_here()).unwrap().unwrap().len(), 2);
-    let (p, i) = (probe.clone(), ips.clone());
-    ns.run(move || p.del_pod_ips_here("uid-1", &i))
-        .unwrap()
-        .unwrap();
-    // Deleting what is gone is fine.
-    let (p, i) = (probe.clone(), ips.clone());
-    ns.run(move || p.del_ips_here(&i)).unwrap().unwrap();
-    let p = probe.clone();
-    assert!(
-        ns.run(move || p.members_here())
-            .unwrap()
-            .unwrap()
-            .is_empty()
-    );
+    // Another pod's UID does not remove the entries; the owner's does, and
+    // deleting what is gone is fine.
+    with_ips(|p, i| p.del_pod_ips_here("uid-2", i).map_err(|e| e.to_string()));
+    assert_eq!(members().len(), 2);
+    with_ips(|p, i| p.del_pod_ips_here("uid-1", i).map_err(|e| e.to_string()));
+    with_ips(|p, i| p.del_ips_here(i).map_err(|e| e.to_string()));
+    assert!(members().is_empty());
 
-    let (p, l) = (probe.clone(), label.clone());
-    ns.run(move || p.remove_here(&l)).unwrap().unwrap();
+    let l = label.clone();
+    on_host(Box::new(move |p| {
+        p.remove_here(&l).map_err(|e| e.to_string())
+    }));
     assert!(table_names(&ns).is_empty());
-    let p = probe.clone();
-    assert!(
-        ns.run(move || p.members_here())
-            .unwrap()
-            .unwrap()
-            .is_empty()
-    );
+    assert!(members().is_empty());
 }
 
 #[tokio::test]
