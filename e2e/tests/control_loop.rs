@@ -367,7 +367,19 @@ fn agent_restart_rebuilds_state_and_catches_up() {
 
 /// A node with the agent, ztunnel and one enrolled ambient pod `mesh/a`.
 fn node_with_enrolled_pod(name: &str) -> (Env, control_loop_support::PodRef) {
+    node_with_enrolled_pod_and(name, &[])
+}
+
+/// [`node_with_enrolled_pod`] with extra agent environment.
+fn node_with_enrolled_pod_and(
+    name: &str,
+    agent_env: &[(&str, &str)],
+) -> (Env, control_loop_support::PodRef) {
     let mut env = Env::new(name);
+    env.extra_agent_env = agent_env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     env.create_namespace("mesh", json!({"istio.io/dataplane-mode": "ambient"}));
     env.start_agent();
     env.start_ztunnel();
@@ -418,6 +430,24 @@ fn sigterm_without_daemonset_uninstalls() {
     assert!(env.stop_agent(), "{}", env.agent_log_tail());
     assert_uninstalled(&env, &a);
     assert_eq!(env.annotation("mesh", "a"), None);
+}
+
+/// `AMBIENT_DISABLE_SAFE_UPGRADE=true` (upstream's setting): the DaemonSet is
+/// still there, yet SIGTERM uninstalls, without asking the API.
+#[test]
+fn sigterm_with_safe_upgrade_disabled_uninstalls() {
+    require_env!();
+    let (mut env, a) =
+        node_with_enrolled_pod_and("csafeup", &[("AMBIENT_DISABLE_SAFE_UPGRADE", "true")]);
+    assert!(env.stop_agent(), "{}", env.agent_log_tail());
+    assert!(
+        std::fs::read_to_string(&env.agent_log)
+            .unwrap()
+            .contains("AMBIENT_DISABLE_SAFE_UPGRADE=true"),
+        "the log says why: {}",
+        env.agent_log_tail()
+    );
+    assert_uninstalled(&env, &a);
 }
 
 /// `helm uninstall` deletes the DaemonSet and then its RBAC: the terminating

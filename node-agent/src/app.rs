@@ -354,31 +354,12 @@ pub async fn run_with(
         let _ = f.await;
     }
 
-    // Upgrade or uninstall, decided as upstream's install-cni does
-    // (`DaemonSetState`); when the API cannot tell, keep everything. The GET
-    // is bounded: the client retries 429/503 for minutes, past the grace
-    // period, and a SIGKILL would skip the uninstall clean-up as well.
-    let uninstall = match tokio::time::timeout(
-        DAEMONSET_CHECK_TIMEOUT,
-        api.daemonset_state(&cfg.pod_namespace, &cfg.daemonset_name),
-    )
-    .await
-    {
-        Ok(Ok(DaemonSetState::Present)) => None,
-        Ok(Ok(DaemonSetState::Gone(why))) => Some(why),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "cannot tell upgrade from uninstall: keeping everything installed");
-            None
-        }
-        Err(_) => {
-            tracing::warn!(
-                daemonset = %cfg.daemonset_name,
-                namespace = %cfg.pod_namespace,
-                timeout_secs = DAEMONSET_CHECK_TIMEOUT.as_secs(),
-                "cannot tell upgrade from uninstall: the DaemonSet GET did not answer in time; keeping everything installed"
-            );
-            None
-        }
+    // Upgrade or uninstall (see `daemonset_gone`);
+    // `AMBIENT_DISABLE_SAFE_UPGRADE=true` makes every shutdown an uninstall.
+    let uninstall = if cfg.disable_safe_upgrade {
+        Some("AMBIENT_DISABLE_SAFE_UPGRADE=true")
+    } else {
+        daemonset_gone(&api, &cfg).await
     };
     if let Some(why) = uninstall {
         tracing::info!(daemonset = %cfg.daemonset_name, namespace = %cfg.pod_namespace, reason = why, "uninstalling");
@@ -406,4 +387,33 @@ pub async fn run_with(
     let _ = metrics_task.await;
     tracing::info!("node agent stopped");
     Ok(())
+}
+
+/// Whether the agent's DaemonSet is gone (uninstall, with the reason) as upstream's
+/// install-cni decides it (`DaemonSetState`); `None` = present, or the API cannot tell
+/// (keep everything). The GET is bounded: the client retries 429/503 for minutes, past
+/// the grace period, and a SIGKILL would skip the uninstall clean-up as well.
+async fn daemonset_gone(api: &Arc<dyn ClusterApi>, cfg: &AgentConfig) -> Option<&'static str> {
+    match tokio::time::timeout(
+        DAEMONSET_CHECK_TIMEOUT,
+        api.daemonset_state(&cfg.pod_namespace, &cfg.daemonset_name),
+    )
+    .await
+    {
+        Ok(Ok(DaemonSetState::Present)) => None,
+        Ok(Ok(DaemonSetState::Gone(why))) => Some(why),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot tell upgrade from uninstall: keeping everything installed");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                daemonset = %cfg.daemonset_name,
+                namespace = %cfg.pod_namespace,
+                timeout_secs = DAEMONSET_CHECK_TIMEOUT.as_secs(),
+                "cannot tell upgrade from uninstall: the DaemonSet GET did not answer in time; keeping everything installed"
+            );
+            None
+        }
+    }
 }

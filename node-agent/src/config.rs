@@ -70,6 +70,11 @@ pub struct AgentConfig {
     pub ipv6: bool,
     /// `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP` (`true`).
     pub reconcile_rules_on_startup: bool,
+    /// `AMBIENT_DISABLE_SAFE_UPGRADE` (`false`): every shutdown is an
+    /// uninstall (plugin taken out of the CNI config, redirection removed),
+    /// without asking the API whether the DaemonSet is still there (upstream's
+    /// setting).
+    pub disable_safe_upgrade: bool,
     /// `NATIVE_NFTABLES` (`false`): in-pod mode programs native nftables
     /// tables instead of iptables rules (upstream istio-cni's setting; not
     /// available in GENEVE mode).
@@ -208,6 +213,7 @@ impl AgentConfig {
             ipv6: flag("AMBIENT_IPV6", true)?,
             reconcile_rules_on_startup: flag("AMBIENT_RECONCILE_POD_RULES_ON_STARTUP", true)?,
             native_nftables,
+            disable_safe_upgrade: flag("AMBIENT_DISABLE_SAFE_UPGRADE", false)?,
             probe_snat_v4,
             probe_snat_v6,
             host_proc_dir: get("HOST_PROC_DIR")
@@ -293,7 +299,7 @@ mod tests {
         );
         assert_eq!(c.exclude_namespaces, vec!["kube-system".to_string()]);
         assert!(!c.dns_capture && c.ipv6 && c.reconcile_rules_on_startup);
-        assert!(!c.native_nftables);
+        assert!(!c.native_nftables && !c.disable_safe_upgrade);
         assert_eq!(c.probe_snat_v4, Ipv4Addr::new(169, 254, 7, 127));
         assert_eq!(c.host_proc_dir, PathBuf::from("/proc"));
         assert_eq!(c.ready_addr.port(), 8000);
@@ -369,6 +375,10 @@ mod tests {
                 "AMBIENT_ENABLEMENT_SELECTOR",
             ),
             (vec![("NATIVE_NFTABLES", "sure")], "NATIVE_NFTABLES"),
+            (
+                vec![("AMBIENT_DISABLE_SAFE_UPGRADE", "y")],
+                "AMBIENT_DISABLE_SAFE_UPGRADE",
+            ),
             (
                 vec![("NATIVE_NFTABLES", "true"), ("REDIRECT_MODE", "geneve")],
                 "NATIVE_NFTABLES",
