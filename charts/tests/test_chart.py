@@ -62,7 +62,7 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
     "geneve-no-dns-capture": {"ambient": {"redirectMode": "geneve", "dnsCapture": False}},
     "no-ipv6-no-reconcile": {"ambient": {"ipv6": False, "reconcileIptablesOnStartup": False}},
     "native-nftables": {"ambient": {"nativeNftables": True}},
-    "owned-cni-config": {"istioOwnedCNIConfig": True},
+    "owned-cni-config": {"istioOwnedCNIConfig": True, "istioOwnedCNIConfigFileName": "00-mesh.conflist"},
     "custom-dirs": {
         "cniBinDir": "/home/kubernetes/bin",
         "cniConfDir": "/etc/cni/multus/net.d",
@@ -894,6 +894,7 @@ class BadValues(unittest.TestCase):
         ({"ca": {"replicas": 0}}, "replicas"),
         ({"istioOwnedCNIConfig": True, "chained": False}, "chained"),
         ({"trustDomain": "has space"}, "trustDomain"),
+        ({"istioOwnedCNIConfigFileName": "../02.conflist"}, "istioOwnedCNIConfigFileName"),
         ({"hub": ""}, "hub"),
     ]
 

@@ -187,6 +187,14 @@ impl AgentConfig {
         // The plugin's fallback decides with the same list.
         install.plugin.enablement_selectors = enablement_selectors.clone();
         let exclude_namespaces = install.plugin.exclude_namespaces.clone();
+        let owned = &install.owned_conf_name;
+        if owned.contains('/') || !owned.ends_with(".conflist") || owned == ".conflist" {
+            return Err(err(
+                "ISTIO_OWNED_CNI_CONF_FILENAME",
+                owned,
+                "expected a file name ending in .conflist (no directory)",
+            ));
+        }
         let native_nftables = flag("NATIVE_NFTABLES", false)?;
         if native_nftables && redirect_mode == RedirectMode::Geneve {
             return Err(err(
@@ -375,6 +383,14 @@ mod tests {
                 "AMBIENT_ENABLEMENT_SELECTOR",
             ),
             (vec![("NATIVE_NFTABLES", "sure")], "NATIVE_NFTABLES"),
+            (
+                vec![("ISTIO_OWNED_CNI_CONF_FILENAME", "../02-istio.conflist")],
+                "ISTIO_OWNED_CNI_CONF_FILENAME",
+            ),
+            (
+                vec![("ISTIO_OWNED_CNI_CONF_FILENAME", "02-istio.conf")],
+                "ISTIO_OWNED_CNI_CONF_FILENAME",
+            ),
             (
                 vec![("AMBIENT_DISABLE_SAFE_UPGRADE", "y")],
                 "AMBIENT_DISABLE_SAFE_UPGRADE",

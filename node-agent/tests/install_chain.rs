@@ -80,13 +80,19 @@ fn without_istio(mut v: Value) -> Value {
 fn conf_is_wrapped_into_a_conflist() {
     let entry = plugin_entry(&settings());
     let d = scratch_with("bridge.conf");
-    let change =
-        cni_config::ensure_chained(d.path(), &entry, None, &SkipWarnings::default()).unwrap();
+    let change = cni_config::ensure_chained(
+        d.path(),
+        OWNED_CONFIG_NAME,
+        &entry,
+        None,
+        &SkipWarnings::default(),
+    )
+    .unwrap();
     assert!(change.unwrap().contains("wrapped"));
     assert_eq!(names(d.path()), vec!["bridge.conflist"]);
     check_golden(&d.path().join("bridge.conflist"), "bridge.conf.golden");
 
-    let undone = cni_config::remove_all(d.path()).unwrap();
+    let undone = cni_config::remove_all(d.path(), OWNED_CONFIG_NAME).unwrap();
     assert_eq!(undone.len(), 1);
     assert_eq!(names(d.path()), vec!["bridge.conf"]);
     assert_eq!(
@@ -99,15 +105,28 @@ fn conf_is_wrapped_into_a_conflist() {
 fn conflist_gets_istio_cni_appended() {
     let entry = plugin_entry(&settings());
     let d = scratch_with("list.conflist");
-    cni_config::ensure_chained(d.path(), &entry, None, &SkipWarnings::default()).unwrap();
+    cni_config::ensure_chained(
+        d.path(),
+        OWNED_CONFIG_NAME,
+        &entry,
+        None,
+        &SkipWarnings::default(),
+    )
+    .unwrap();
     check_golden(&d.path().join("list.conflist"), "list.conflist.golden");
     assert!(
-        cni_config::ensure_chained(d.path(), &entry, None, &SkipWarnings::default())
-            .unwrap()
-            .is_none(),
+        cni_config::ensure_chained(
+            d.path(),
+            OWNED_CONFIG_NAME,
+            &entry,
+            None,
+            &SkipWarnings::default()
+        )
+        .unwrap()
+        .is_none(),
         "second pass changes nothing"
     );
-    cni_config::remove_all(d.path()).unwrap();
+    cni_config::remove_all(d.path(), OWNED_CONFIG_NAME).unwrap();
     assert_eq!(names(d.path()), vec!["list.conflist"]);
     assert_eq!(
         read_json(&d.path().join("list.conflist")),
@@ -119,10 +138,17 @@ fn conflist_gets_istio_cni_appended() {
 fn stale_istio_cni_entry_is_replaced() {
     let entry = plugin_entry(&settings());
     let d = scratch_with("list-with-istio.conflist");
-    cni_config::ensure_chained(d.path(), &entry, None, &SkipWarnings::default()).unwrap();
+    cni_config::ensure_chained(
+        d.path(),
+        OWNED_CONFIG_NAME,
+        &entry,
+        None,
+        &SkipWarnings::default(),
+    )
+    .unwrap();
     let path = d.path().join("list-with-istio.conflist");
     check_golden(&path, "list-with-istio.conflist.golden");
-    cni_config::remove_all(d.path()).unwrap();
+    cni_config::remove_all(d.path(), OWNED_CONFIG_NAME).unwrap();
     assert_eq!(
         read_json(&path),
         without_istio(read_json(&testdata().join("list-with-istio.conflist")))
@@ -133,7 +159,14 @@ fn stale_istio_cni_entry_is_replaced() {
 fn owned_config_copies_the_primary() {
     let entry = plugin_entry(&settings());
     let d = scratch_with("list.conflist");
-    cni_config::ensure_owned(d.path(), &entry, None, &SkipWarnings::default()).unwrap();
+    cni_config::ensure_owned(
+        d.path(),
+        OWNED_CONFIG_NAME,
+        &entry,
+        None,
+        &SkipWarnings::default(),
+    )
+    .unwrap();
     assert_eq!(names(d.path()), vec![OWNED_CONFIG_NAME, "list.conflist"]);
     check_golden(
         &d.path().join(OWNED_CONFIG_NAME),
@@ -144,6 +177,6 @@ fn owned_config_copies_the_primary() {
         read_json(&testdata().join("list.conflist")),
         "primary untouched"
     );
-    cni_config::remove_all(d.path()).unwrap();
+    cni_config::remove_all(d.path(), OWNED_CONFIG_NAME).unwrap();
     assert_eq!(names(d.path()), vec!["list.conflist"]);
 }

@@ -53,6 +53,7 @@ fn config(d: &Dirs, mode: ConfigMode) -> InstallConfig {
         conf_dir: d.conf.clone(),
         primary_conf_name: None,
         mode,
+        owned_conf_name: "02-istio-cni.conflist".into(),
         plugin: PluginSettings {
             log_level: "info".into(),
             run_dir: d.run.clone(),
@@ -290,6 +291,30 @@ async fn owned_mode_follows_primary_and_leaves_it_alone() {
     assert!(!ours.exists());
     assert!(primary.exists());
     assert!(d.bin.join("istio-cni").exists(), "binary kept on uninstall");
+}
+
+/// `ISTIO_OWNED_CNI_CONF_FILENAME`: the istio-owned config under another
+/// name is written, repaired and uninstalled under that name, and it is never
+/// taken for the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owned_mode_uses_the_configured_file_name() {
+    let d = dirs();
+    let primary = d.conf.join("10-k8s.conflist");
+    write_like_a_cni(&primary, &primary_list());
+    let mut cfg = config(&d, ConfigMode::IstioOwned);
+    cfg.owned_conf_name = "00-mesh.conflist".into();
+    let run = Running::start(cfg);
+    let ours = d.conf.join("00-mesh.conflist");
+    wait_for("owned config written", REPAIR_DEADLINE, || chained(&ours)).await;
+    wait_for("ready", REPAIR_DEADLINE, || run.readiness.is_ready()).await;
+    assert!(!d.conf.join("02-istio-cni.conflist").exists());
+    fs::remove_file(&ours).unwrap();
+    wait_for("owned config restored", REPAIR_DEADLINE, || chained(&ours)).await;
+    assert!(!chained(&primary), "primary never modified");
+    let installer = run.stop().await;
+    installer.uninstall().unwrap();
+    assert!(!ours.exists());
+    assert!(primary.exists() && !chained(&primary));
 }
 
 /// A config that sorts first but does not load is passed over (ready,

@@ -179,16 +179,17 @@ fn with_ext(name: &str, ext: &str) -> String {
 
 /// Picks the primary config: `explicit` if given (or the `.conflist` we
 /// made of it), else the first config file that loads (the others before it
-/// are warned about through `warned`, see [`SkipWarnings`]). Our own [`OWNED_CONFIG_NAME`] is
-/// never the primary.
+/// are warned about through `warned`, see [`SkipWarnings`]). Our own istio-owned config
+/// (`owned`) is never the primary.
 fn primary(
     dir: &Path,
+    owned: &str,
     explicit: Option<&str>,
     warned: &SkipWarnings,
 ) -> Result<(String, ConfKind), ConfigError> {
     let files: Vec<_> = config_files(dir)?
         .into_iter()
-        .filter(|(n, _)| n != OWNED_CONFIG_NAME)
+        .filter(|(n, _)| n != owned)
         .collect();
     let mut skipped = Vec::new();
     let found = match explicit {
@@ -259,9 +260,9 @@ fn joined(changes: Vec<String>) -> Option<String> {
     (!changes.is_empty()).then(|| changes.join("; "))
 }
 
-/// Removes `<dir>/02-istio-cni.conflist` if it is there.
-fn remove_owned_file(dir: &Path) -> Result<Option<String>, ConfigError> {
-    let ours = dir.join(OWNED_CONFIG_NAME);
+/// Removes the istio-owned config `<dir>/<owned>` if it is there.
+fn remove_owned_file(dir: &Path, owned: &str) -> Result<Option<String>, ConfigError> {
+    let ours = dir.join(owned);
     if !ours.exists() {
         return Ok(None);
     }
@@ -271,19 +272,20 @@ fn remove_owned_file(dir: &Path) -> Result<Option<String>, ConfigError> {
 
 /// Chained mode: makes sure the primary config carries `entry` (after
 /// removing a leftover istio-owned config, which would otherwise sort
-/// first and be what the runtime uses). Returns a description of what was
-/// changed, or `None` when nothing was.
+/// first and be what the runtime uses; `owned` is its file name). Returns a
+/// description of what was changed, or `None` when nothing was.
 pub fn ensure_chained(
     dir: &Path,
+    owned: &str,
     entry: &Value,
     explicit: Option<&str>,
     warned: &SkipWarnings,
 ) -> Result<Option<String>, ConfigError> {
-    let mut changes: Vec<String> = remove_owned_file(dir)?
+    let mut changes: Vec<String> = remove_owned_file(dir, owned)?
         .map(|c| format!("{c} (left by istio-owned mode)"))
         .into_iter()
         .collect();
-    let (name, kind) = primary(dir, explicit, warned)?;
+    let (name, kind) = primary(dir, owned, explicit, warned)?;
     let path = dir.join(&name);
     let current = read_json(&path)?;
     match kind {
@@ -312,25 +314,27 @@ pub fn ensure_chained(
     Ok(joined(changes))
 }
 
-/// Istio-owned mode: keeps `<dir>/02-istio-cni.conflist` equal to the
-/// primary config plus `entry`, and checks that it is the config the runtime
-/// uses (sorts first). istio-cni entries in other configs (left by chained
-/// mode) are taken out first, so the primary is the primary CNI's own.
+/// Istio-owned mode: keeps `<dir>/<owned>` (default [`OWNED_CONFIG_NAME`])
+/// equal to the primary config plus `entry`, and checks that it is the config
+/// the runtime uses (sorts first). istio-cni entries in other configs (left
+/// by chained mode) are taken out first, so the primary is the primary CNI's
+/// own.
 pub fn ensure_owned(
     dir: &Path,
+    owned: &str,
     entry: &Value,
     explicit: Option<&str>,
     warned: &SkipWarnings,
 ) -> Result<Option<String>, ConfigError> {
-    let mut changes: Vec<String> = unchain_all(dir)?
+    let mut changes: Vec<String> = unchain_all(dir, owned)?
         .into_iter()
         .map(|c| format!("{c} (left by chained mode)"))
         .collect();
-    let (name, kind) = primary(dir, explicit, warned)?;
+    let (name, kind) = primary(dir, owned, explicit, warned)?;
     let primary_path = dir.join(&name);
     let primary_conf = read_json(&primary_path)?;
     let wanted = chain::chain(&primary_conf, kind, entry, &primary_path.to_string_lossy())?;
-    let ours = dir.join(OWNED_CONFIG_NAME);
+    let ours = dir.join(owned);
     match read_json(&ours) {
         Ok(current) if current == wanted => {}
         _ => {
@@ -343,33 +347,33 @@ pub fn ensure_owned(
         }
     }
     // As upstream: the first config that loads must be ours.
-    let first = config_files(dir)?.into_iter().find(|(n, kind)| {
-        n == OWNED_CONFIG_NAME || loadable::load_problem(dir, n, *kind).is_none()
-    });
+    let first = config_files(dir)?
+        .into_iter()
+        .find(|(n, kind)| n == owned || loadable::load_problem(dir, n, *kind).is_none());
     match first {
-        Some((first, _)) if first != OWNED_CONFIG_NAME => Err(ConfigError::OwnedShadowed {
+        Some((first, _)) if first != owned => Err(ConfigError::OwnedShadowed {
             dir: dir.to_path_buf(),
             first,
-            ours: OWNED_CONFIG_NAME.into(),
+            ours: owned.into(),
         }),
         _ => Ok(joined(changes)),
     }
 }
 
-/// Uninstall, in either mode: removes `02-istio-cni.conflist` and takes
-/// istio-cni out of every other config list in `dir` (see
+/// Uninstall, in either mode: removes the istio-owned config `owned` and
+/// takes istio-cni out of every other config list in `dir` (see
 /// [`unchain_all`]). Returns what changed.
-pub fn remove_all(dir: &Path) -> Result<Vec<String>, ConfigError> {
-    let mut changed: Vec<String> = remove_owned_file(dir)?.into_iter().collect();
-    changed.extend(unchain_all(dir)?);
+pub fn remove_all(dir: &Path, owned: &str) -> Result<Vec<String>, ConfigError> {
+    let mut changed: Vec<String> = remove_owned_file(dir, owned)?.into_iter().collect();
+    changed.extend(unchain_all(dir, owned)?);
     Ok(changed)
 }
 
-/// Takes istio-cni out of every config list in `dir` except
-/// [`OWNED_CONFIG_NAME`], turning a list we made from a `.conf` or `.json`
+/// Takes istio-cni out of every config list in `dir` except the
+/// istio-owned config `owned`, turning a list we made from a `.conf` or `.json`
 /// back into that file (unless the primary CNI has written a new one
 /// meanwhile). A missing dir is not an error. Returns what changed.
-fn unchain_all(dir: &Path) -> Result<Vec<String>, ConfigError> {
+fn unchain_all(dir: &Path, owned: &str) -> Result<Vec<String>, ConfigError> {
     let mut changed = Vec::new();
     let files = match config_files(dir) {
         Ok(f) => f,
@@ -379,7 +383,7 @@ fn unchain_all(dir: &Path) -> Result<Vec<String>, ConfigError> {
         Err(e) => return Err(e),
     };
     for (name, kind) in files {
-        if kind != ConfKind::List || name == OWNED_CONFIG_NAME {
+        if kind != ConfKind::List || name == owned {
             continue;
         }
         let path = dir.join(&name);
@@ -455,7 +459,14 @@ mod tests {
     #[test]
     fn waits_for_a_config() {
         let d = tempfile::tempdir().unwrap();
-        let e = ensure_chained(d.path(), &entry(), None, &SkipWarnings::default()).unwrap_err();
+        let e = ensure_chained(
+            d.path(),
+            OWNED_CONFIG_NAME,
+            &entry(),
+            None,
+            &SkipWarnings::default(),
+        )
+        .unwrap_err();
         assert!(matches!(e, ConfigError::NoConfig { .. }));
         assert!(e.to_string().contains(&d.path().display().to_string()));
     }
@@ -466,25 +477,43 @@ mod tests {
         let orig = json!({"cniVersion": "0.4.0", "name": "k8s", "type": "bridge"});
         fs::write(d.path().join("10-bridge.conf"), orig.to_string()).unwrap();
         assert!(
-            ensure_chained(d.path(), &entry(), None, &SkipWarnings::default())
-                .unwrap()
-                .is_some()
+            ensure_chained(
+                d.path(),
+                OWNED_CONFIG_NAME,
+                &entry(),
+                None,
+                &SkipWarnings::default()
+            )
+            .unwrap()
+            .is_some()
         );
         assert!(!d.path().join("10-bridge.conf").exists());
         assert!(
-            ensure_chained(d.path(), &entry(), None, &SkipWarnings::default())
-                .unwrap()
-                .is_none()
+            ensure_chained(
+                d.path(),
+                OWNED_CONFIG_NAME,
+                &entry(),
+                None,
+                &SkipWarnings::default()
+            )
+            .unwrap()
+            .is_none()
         );
         // The primary CNI writes its .conf again: it sorts first, so it is wrapped again.
         fs::write(d.path().join("10-bridge.conf"), orig.to_string()).unwrap();
         assert!(
-            ensure_chained(d.path(), &entry(), None, &SkipWarnings::default())
-                .unwrap()
-                .is_some()
+            ensure_chained(
+                d.path(),
+                OWNED_CONFIG_NAME,
+                &entry(),
+                None,
+                &SkipWarnings::default()
+            )
+            .unwrap()
+            .is_some()
         );
         assert_eq!(config_files(d.path()).unwrap().len(), 1);
-        let changed = remove_all(d.path()).unwrap();
+        let changed = remove_all(d.path(), OWNED_CONFIG_NAME).unwrap();
         assert_eq!(changed.len(), 1, "{changed:?}");
         assert_eq!(read_json(&d.path().join("10-bridge.conf")).unwrap(), orig);
         assert!(!d.path().join("10-bridge.conflist").exists());
@@ -505,6 +534,7 @@ mod tests {
         .unwrap();
         ensure_chained(
             d.path(),
+            OWNED_CONFIG_NAME,
             &entry(),
             Some("10-bridge.conf"),
             &SkipWarnings::default(),
@@ -513,6 +543,7 @@ mod tests {
         assert!(
             ensure_chained(
                 d.path(),
+                OWNED_CONFIG_NAME,
                 &entry(),
                 Some("10-bridge.conf"),
                 &SkipWarnings::default()
@@ -534,14 +565,26 @@ mod tests {
         let primary = json!({"cniVersion":"1.0.0","name":"k","plugins":[{"type":"bridge"}]});
         fs::write(d.path().join("10-k.conflist"), primary.to_string()).unwrap();
         assert!(
-            ensure_owned(d.path(), &entry(), None, &SkipWarnings::default())
-                .unwrap()
-                .is_some()
+            ensure_owned(
+                d.path(),
+                OWNED_CONFIG_NAME,
+                &entry(),
+                None,
+                &SkipWarnings::default()
+            )
+            .unwrap()
+            .is_some()
         );
         assert!(
-            ensure_owned(d.path(), &entry(), None, &SkipWarnings::default())
-                .unwrap()
-                .is_none()
+            ensure_owned(
+                d.path(),
+                OWNED_CONFIG_NAME,
+                &entry(),
+                None,
+                &SkipWarnings::default()
+            )
+            .unwrap()
+            .is_none()
         );
         assert_eq!(
             read_json(&d.path().join("10-k.conflist")).unwrap(),
@@ -554,9 +597,15 @@ mod tests {
         let primary2 = json!({"cniVersion":"1.0.0","name":"k","plugins":[{"type":"bridge"},{"type":"portmap"}]});
         fs::write(d.path().join("10-k.conflist"), primary2.to_string()).unwrap();
         assert!(
-            ensure_owned(d.path(), &entry(), None, &SkipWarnings::default())
-                .unwrap()
-                .is_some()
+            ensure_owned(
+                d.path(),
+                OWNED_CONFIG_NAME,
+                &entry(),
+                None,
+                &SkipWarnings::default()
+            )
+            .unwrap()
+            .is_some()
         );
         assert_eq!(
             read_json(&d.path().join(OWNED_CONFIG_NAME)).unwrap()["plugins"]
@@ -568,14 +617,15 @@ mod tests {
         fs::write(d.path().join("01-first.conflist"), primary.to_string()).unwrap();
         let e = ensure_owned(
             d.path(),
+            OWNED_CONFIG_NAME,
             &entry(),
             Some("10-k.conflist"),
             &SkipWarnings::default(),
         )
         .unwrap_err();
         assert!(matches!(e, ConfigError::OwnedShadowed { .. }), "{e}");
-        assert_eq!(remove_all(d.path()).unwrap().len(), 1);
-        assert!(remove_all(d.path()).unwrap().is_empty());
+        assert_eq!(remove_all(d.path(), OWNED_CONFIG_NAME).unwrap().len(), 1);
+        assert!(remove_all(d.path(), OWNED_CONFIG_NAME).unwrap().is_empty());
     }
 
     fn has_entry(path: &Path) -> bool {
@@ -594,9 +644,15 @@ mod tests {
         let orig = json!({"cniVersion": "0.4.0", "name": "k8s", "type": "bridge"});
         fs::write(d.path().join("05-k.json"), orig.to_string()).unwrap();
         fs::write(d.path().join("10-other.conflist"), list("o").to_string()).unwrap();
-        let change = ensure_chained(d.path(), &entry(), None, &SkipWarnings::default())
-            .unwrap()
-            .unwrap();
+        let change = ensure_chained(
+            d.path(),
+            OWNED_CONFIG_NAME,
+            &entry(),
+            None,
+            &SkipWarnings::default(),
+        )
+        .unwrap()
+        .unwrap();
         assert!(change.contains("05-k.json"), "{change}");
         assert!(!d.path().join("05-k.json").exists());
         let wrapped = read_json(&d.path().join("05-k.conflist")).unwrap();
@@ -605,14 +661,21 @@ mod tests {
         assert_eq!(wrapped[WRAPPED_FROM_KEY], "05-k.json");
         assert!(!has_entry(&d.path().join("10-other.conflist")));
         assert!(
-            ensure_chained(d.path(), &entry(), None, &SkipWarnings::default())
-                .unwrap()
-                .is_none()
+            ensure_chained(
+                d.path(),
+                OWNED_CONFIG_NAME,
+                &entry(),
+                None,
+                &SkipWarnings::default()
+            )
+            .unwrap()
+            .is_none()
         );
         // An explicit name still finds it after the wrap.
         assert!(
             ensure_chained(
                 d.path(),
+                OWNED_CONFIG_NAME,
                 &entry(),
                 Some("05-k.json"),
                 &SkipWarnings::default()
@@ -620,7 +683,7 @@ mod tests {
             .unwrap()
             .is_none()
         );
-        assert_eq!(remove_all(d.path()).unwrap().len(), 1);
+        assert_eq!(remove_all(d.path(), OWNED_CONFIG_NAME).unwrap().len(), 1);
         assert_eq!(read_json(&d.path().join("05-k.json")).unwrap(), orig);
         assert!(!d.path().join("05-k.conf").exists());
         assert!(!d.path().join("05-k.conflist").exists());
@@ -632,7 +695,14 @@ mod tests {
         // it does not load, and is named while nothing else does.
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join("05-l.json"), list("l").to_string()).unwrap();
-        let e = ensure_chained(d.path(), &entry(), None, &SkipWarnings::default()).unwrap_err();
+        let e = ensure_chained(
+            d.path(),
+            OWNED_CONFIG_NAME,
+            &entry(),
+            None,
+            &SkipWarnings::default(),
+        )
+        .unwrap_err();
         let msg = e.to_string();
         assert!(matches!(e, ConfigError::NoConfig { .. }), "{msg}");
         assert!(msg.contains("05-l.json") && msg.contains("type"), "{msg}");
@@ -668,7 +738,7 @@ mod tests {
 
         let memo = SkipWarnings::default(); // one installer's
         let logged = warnings(|| {
-            let change = ensure_chained(d.path(), &entry(), None, &memo)
+            let change = ensure_chained(d.path(), OWNED_CONFIG_NAME, &entry(), None, &memo)
                 .unwrap()
                 .unwrap();
             assert!(change.contains("10-k.conflist"), "{change}");
@@ -690,7 +760,7 @@ mod tests {
         // The repair loop looks again and again: no new warning.
         let logged = warnings(|| {
             assert!(
-                ensure_chained(d.path(), &entry(), None, &memo)
+                ensure_chained(d.path(), OWNED_CONFIG_NAME, &entry(), None, &memo)
                     .unwrap()
                     .is_none()
             );
@@ -701,7 +771,7 @@ mod tests {
         for round in 0..2 {
             let logged = warnings(|| {
                 assert!(
-                    ensure_chained(d.path(), &entry(), None, &other)
+                    ensure_chained(d.path(), OWNED_CONFIG_NAME, &entry(), None, &other)
                         .unwrap()
                         .is_none()
                 );
@@ -722,21 +792,40 @@ mod tests {
         let later = d.path().join("10-k.conflist");
         fs::write(&first, json!({"cniVersion":"1.0.0","name":"a"}).to_string()).unwrap();
         fs::write(&later, list("k").to_string()).unwrap();
-        ensure_chained(d.path(), &entry(), None, &SkipWarnings::default()).unwrap();
+        ensure_chained(
+            d.path(),
+            OWNED_CONFIG_NAME,
+            &entry(),
+            None,
+            &SkipWarnings::default(),
+        )
+        .unwrap();
         assert!(has_entry(&later) && !has_entry(&first));
 
         fs::write(&first, list("a").to_string()).unwrap();
-        let change = ensure_chained(d.path(), &entry(), None, &SkipWarnings::default())
-            .unwrap()
-            .unwrap();
+        let change = ensure_chained(
+            d.path(),
+            OWNED_CONFIG_NAME,
+            &entry(),
+            None,
+            &SkipWarnings::default(),
+        )
+        .unwrap()
+        .unwrap();
         assert!(change.contains("05-a.conflist"), "{change}");
         assert!(has_entry(&first));
         assert!(
-            ensure_chained(d.path(), &entry(), None, &SkipWarnings::default())
-                .unwrap()
-                .is_none()
+            ensure_chained(
+                d.path(),
+                OWNED_CONFIG_NAME,
+                &entry(),
+                None,
+                &SkipWarnings::default()
+            )
+            .unwrap()
+            .is_none()
         );
-        assert_eq!(remove_all(d.path()).unwrap().len(), 2);
+        assert_eq!(remove_all(d.path(), OWNED_CONFIG_NAME).unwrap().len(), 2);
         assert_eq!(read_json(&first).unwrap(), list("a"));
         assert_eq!(read_json(&later).unwrap(), list("k"));
     }
@@ -746,7 +835,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join("05-a.conflist"), "[]").unwrap();
         fs::write(d.path().join("10-b.conf"), r#"{"name":"b"}"#).unwrap();
-        let e = ensure_chained(d.path(), &entry(), None, &SkipWarnings::default()).unwrap_err();
+        let e = ensure_chained(
+            d.path(),
+            OWNED_CONFIG_NAME,
+            &entry(),
+            None,
+            &SkipWarnings::default(),
+        )
+        .unwrap_err();
         let msg = e.to_string();
         assert!(matches!(&e, ConfigError::NoConfig { skipped, .. } if skipped.len() == 2));
         assert!(msg.starts_with("waiting for a CNI config"), "{msg}");
@@ -754,7 +850,14 @@ mod tests {
             msg.contains("05-a.conflist: not a JSON object") && msg.contains("10-b.conf: no"),
             "{msg}"
         );
-        let e = ensure_owned(d.path(), &entry(), None, &SkipWarnings::default()).unwrap_err();
+        let e = ensure_owned(
+            d.path(),
+            OWNED_CONFIG_NAME,
+            &entry(),
+            None,
+            &SkipWarnings::default(),
+        )
+        .unwrap_err();
         assert!(matches!(e, ConfigError::NoConfig { .. }), "{e}");
     }
 
@@ -764,9 +867,15 @@ mod tests {
         let broken = json!({"cniVersion":"1.0.0","name":"b"});
         fs::write(d.path().join("01-broken.conflist"), broken.to_string()).unwrap();
         fs::write(d.path().join("10-k.conflist"), list("k").to_string()).unwrap();
-        let change = ensure_owned(d.path(), &entry(), None, &SkipWarnings::default())
-            .unwrap()
-            .unwrap();
+        let change = ensure_owned(
+            d.path(),
+            OWNED_CONFIG_NAME,
+            &entry(),
+            None,
+            &SkipWarnings::default(),
+        )
+        .unwrap()
+        .unwrap();
         assert!(change.contains("10-k.conflist"), "{change}");
         let ours = read_json(&d.path().join(OWNED_CONFIG_NAME)).unwrap();
         assert_eq!(ours["name"], "k");
@@ -778,6 +887,7 @@ mod tests {
         fs::write(d.path().join("01-broken.conflist"), list("b").to_string()).unwrap();
         let e = ensure_owned(
             d.path(),
+            OWNED_CONFIG_NAME,
             &entry(),
             Some("10-k.conflist"),
             &SkipWarnings::default(),
@@ -793,9 +903,17 @@ mod tests {
         fs::write(&primary, list("k").to_string()).unwrap();
         let bridge = json!({"cniVersion": "1.0.0", "name": "b", "type": "bridge"});
         fs::write(d.path().join("20-b.conf"), bridge.to_string()).unwrap();
-        ensure_chained(d.path(), &entry(), None, &SkipWarnings::default()).unwrap();
         ensure_chained(
             d.path(),
+            OWNED_CONFIG_NAME,
+            &entry(),
+            None,
+            &SkipWarnings::default(),
+        )
+        .unwrap();
+        ensure_chained(
+            d.path(),
+            OWNED_CONFIG_NAME,
             &entry(),
             Some("20-b.conf"),
             &SkipWarnings::default(),
@@ -803,9 +921,15 @@ mod tests {
         .unwrap();
         assert!(has_entry(&primary) && has_entry(&d.path().join("20-b.conflist")));
 
-        let change = ensure_owned(d.path(), &entry(), None, &SkipWarnings::default())
-            .unwrap()
-            .unwrap();
+        let change = ensure_owned(
+            d.path(),
+            OWNED_CONFIG_NAME,
+            &entry(),
+            None,
+            &SkipWarnings::default(),
+        )
+        .unwrap()
+        .unwrap();
         assert!(change.contains("left by chained mode"), "{change}");
         assert_eq!(
             read_json(&primary).unwrap(),
@@ -816,12 +940,18 @@ mod tests {
         let ours = read_json(&d.path().join(OWNED_CONFIG_NAME)).unwrap();
         assert_eq!(ours["plugins"].as_array().unwrap().len(), 2);
         assert!(
-            ensure_owned(d.path(), &entry(), None, &SkipWarnings::default())
-                .unwrap()
-                .is_none()
+            ensure_owned(
+                d.path(),
+                OWNED_CONFIG_NAME,
+                &entry(),
+                None,
+                &SkipWarnings::default()
+            )
+            .unwrap()
+            .is_none()
         );
 
-        remove_all(d.path()).unwrap();
+        remove_all(d.path(), OWNED_CONFIG_NAME).unwrap();
         let names: Vec<String> = config_files(d.path())
             .unwrap()
             .into_iter()
@@ -836,22 +966,41 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let primary = d.path().join("10-k.conflist");
         fs::write(&primary, list("k").to_string()).unwrap();
-        ensure_owned(d.path(), &entry(), None, &SkipWarnings::default()).unwrap();
+        ensure_owned(
+            d.path(),
+            OWNED_CONFIG_NAME,
+            &entry(),
+            None,
+            &SkipWarnings::default(),
+        )
+        .unwrap();
         let ours = d.path().join(OWNED_CONFIG_NAME);
         assert!(ours.exists());
 
-        let change = ensure_chained(d.path(), &entry(), None, &SkipWarnings::default())
-            .unwrap()
-            .unwrap();
+        let change = ensure_chained(
+            d.path(),
+            OWNED_CONFIG_NAME,
+            &entry(),
+            None,
+            &SkipWarnings::default(),
+        )
+        .unwrap()
+        .unwrap();
         assert!(change.contains("left by istio-owned mode"), "{change}");
         assert!(!ours.exists(), "the owned copy is not a primary");
         assert!(has_entry(&primary));
         assert!(
-            ensure_chained(d.path(), &entry(), None, &SkipWarnings::default())
-                .unwrap()
-                .is_none()
+            ensure_chained(
+                d.path(),
+                OWNED_CONFIG_NAME,
+                &entry(),
+                None,
+                &SkipWarnings::default()
+            )
+            .unwrap()
+            .is_none()
         );
-        remove_all(d.path()).unwrap();
+        remove_all(d.path(), OWNED_CONFIG_NAME).unwrap();
         assert_eq!(read_json(&primary).unwrap(), list("k"));
     }
 
@@ -860,14 +1009,25 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let primary = d.path().join("10-k.conflist");
         fs::write(&primary, list("k").to_string()).unwrap();
-        ensure_chained(d.path(), &entry(), None, &SkipWarnings::default()).unwrap();
+        ensure_chained(
+            d.path(),
+            OWNED_CONFIG_NAME,
+            &entry(),
+            None,
+            &SkipWarnings::default(),
+        )
+        .unwrap();
         // A copy as istio-owned mode would have written it, next to the chained entry.
         let owned = chain::chain(&list("k"), ConfKind::List, &entry(), "x").unwrap();
         fs::write(d.path().join(OWNED_CONFIG_NAME), owned.to_string()).unwrap();
-        let changed = remove_all(d.path()).unwrap();
+        let changed = remove_all(d.path(), OWNED_CONFIG_NAME).unwrap();
         assert_eq!(changed.len(), 2, "{changed:?}");
         assert!(!d.path().join(OWNED_CONFIG_NAME).exists());
         assert_eq!(read_json(&primary).unwrap(), list("k"));
-        assert!(remove_all(&d.path().join("missing")).unwrap().is_empty());
+        assert!(
+            remove_all(&d.path().join("missing"), OWNED_CONFIG_NAME)
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -61,6 +61,9 @@ pub struct InstallConfig {
     /// (`CNI_CONF_NAME`).
     pub primary_conf_name: Option<String>,
     pub mode: ConfigMode,
+    /// The istio-owned config's file name (`ISTIO_OWNED_CNI_CONF_FILENAME`,
+    /// default `02-istio-cni.conflist`; checked by `AgentConfig`).
+    pub owned_conf_name: String,
     /// What goes into the istio-cni entry.
     pub plugin: PluginSettings,
     /// Credentials to give the plugin; `None` = write no kubeconfig.
@@ -74,7 +77,8 @@ pub struct InstallConfig {
 impl InstallConfig {
     /// Reads the environment the chart sets: `CNI_PLUGIN_SRC`,
     /// `CNI_BIN_DIR`, `SECONDARY_BIN_DIR`, `CNI_CONF_DIR`, `CNI_CONF_NAME`,
-    /// `CHAINED_CNI_PLUGIN`, `ISTIO_OWNED_CNI_CONFIG`, `CNI_AGENT_RUN_DIR`,
+    /// `CHAINED_CNI_PLUGIN`, `ISTIO_OWNED_CNI_CONFIG`,
+    /// `ISTIO_OWNED_CNI_CONF_FILENAME`, `CNI_AGENT_RUN_DIR`,
     /// `PLUGIN_LOG_LEVEL`, `AMBIENT_ENABLED`, `EXCLUDE_NAMESPACES`,
     /// `POD_NAMESPACE`, `ENABLE_AMBIENT_DETECTION_RETRY`, and `KUBECONFIG` /
     /// `KUBERNETES_SERVICE_HOST` for the plugin's credentials.
@@ -107,6 +111,10 @@ impl InstallConfig {
             conf_dir: get("CNI_CONF_DIR", "/host/etc/cni/net.d").into(),
             primary_conf_name: env("CNI_CONF_NAME").filter(|v| !v.is_empty()),
             mode,
+            owned_conf_name: get(
+                "ISTIO_OWNED_CNI_CONF_FILENAME",
+                cni_config::OWNED_CONFIG_NAME,
+            ),
             plugin: PluginSettings {
                 log_level: get("PLUGIN_LOG_LEVEL", "info"),
                 run_dir,
@@ -234,12 +242,14 @@ impl Installer {
         let config_change = match self.cfg.mode {
             ConfigMode::Chained => cni_config::ensure_chained(
                 &self.cfg.conf_dir,
+                &self.cfg.owned_conf_name,
                 &self.entry,
                 primary,
                 &self.skip_warnings,
             )?,
             ConfigMode::IstioOwned => cni_config::ensure_owned(
                 &self.cfg.conf_dir,
+                &self.cfg.owned_conf_name,
                 &self.entry,
                 primary,
                 &self.skip_warnings,
@@ -270,7 +280,7 @@ impl Installer {
         // Both modes clean both: the node may have run the other one before.
         let mut changes = match self.cfg.mode {
             ConfigMode::Chained | ConfigMode::IstioOwned => {
-                cni_config::remove_all(&self.cfg.conf_dir)?
+                cni_config::remove_all(&self.cfg.conf_dir, &self.cfg.owned_conf_name)?
             }
             ConfigMode::Off => Vec::new(),
         };
@@ -346,8 +356,10 @@ mod tests {
             ("CNI_AGENT_RUN_DIR", "/run/x"),
             ("CNI_CONF_NAME", "10-calico.conflist"),
             ("KUBECONFIG", "/etc/kubeconfig"),
+            ("ISTIO_OWNED_CNI_CONF_FILENAME", "00-mesh.conflist"),
         ]));
         assert_eq!(c.mode, ConfigMode::IstioOwned);
+        assert_eq!(c.owned_conf_name, "00-mesh.conflist");
         assert_eq!(c.plugin.exclude_namespaces, vec!["kube-system", "infra"]);
         assert_eq!(c.plugin.run_dir, PathBuf::from("/run/x"));
         assert_eq!(c.primary_conf_name.as_deref(), Some("10-calico.conflist"));
