@@ -190,7 +190,7 @@ impl AgentConfig {
         let owned = &install.owned_conf_name;
         if owned.contains('/') || !owned.ends_with(".conflist") || owned == ".conflist" {
             return Err(err(
-                "ISTIO_OWNED_CNI_CONF_FILENAME",
+                "ISTIO_OWNED_CNI_CONFIG_FILENAME",
                 owned,
                 "expected a file name ending in .conflist (no directory)",
             ));
@@ -384,12 +384,12 @@ mod tests {
             ),
             (vec![("NATIVE_NFTABLES", "sure")], "NATIVE_NFTABLES"),
             (
-                vec![("ISTIO_OWNED_CNI_CONF_FILENAME", "../02-istio.conflist")],
-                "ISTIO_OWNED_CNI_CONF_FILENAME",
+                vec![("ISTIO_OWNED_CNI_CONFIG_FILENAME", "../02-istio.conflist")],
+                "ISTIO_OWNED_CNI_CONFIG_FILENAME",
             ),
             (
                 vec![("ISTIO_OWNED_CNI_CONF_FILENAME", "02-istio.conf")],
-                "ISTIO_OWNED_CNI_CONF_FILENAME",
+                "ISTIO_OWNED_CNI_CONFIG_FILENAME",
             ),
             (
                 vec![("AMBIENT_DISABLE_SAFE_UPGRADE", "y")],

@@ -293,7 +293,7 @@ async fn owned_mode_follows_primary_and_leaves_it_alone() {
     assert!(d.bin.join("istio-cni").exists(), "binary kept on uninstall");
 }
 
-/// `ISTIO_OWNED_CNI_CONF_FILENAME`: the istio-owned config under another
+/// `ISTIO_OWNED_CNI_CONFIG_FILENAME`: the istio-owned config under another
 /// name is written, repaired and uninstalled under that name, and it is never
 /// taken for the primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,7 +61,8 @@ pub struct InstallConfig {
     /// (`CNI_CONF_NAME`).
     pub primary_conf_name: Option<String>,
     pub mode: ConfigMode,
-    /// The istio-owned config's file name (`ISTIO_OWNED_CNI_CONF_FILENAME`,
+    /// The istio-owned config's file name (`ISTIO_OWNED_CNI_CONFIG_FILENAME`,
+    /// or `ISTIO_OWNED_CNI_CONF_FILENAME` as upstream's chart spells it;
     /// default `02-istio-cni.conflist`; checked by `AgentConfig`).
     pub owned_conf_name: String,
     /// What goes into the istio-cni entry.
@@ -78,7 +79,7 @@ impl InstallConfig {
     /// Reads the environment the chart sets: `CNI_PLUGIN_SRC`,
     /// `CNI_BIN_DIR`, `SECONDARY_BIN_DIR`, `CNI_CONF_DIR`, `CNI_CONF_NAME`,
     /// `CHAINED_CNI_PLUGIN`, `ISTIO_OWNED_CNI_CONFIG`,
-    /// `ISTIO_OWNED_CNI_CONF_FILENAME`, `CNI_AGENT_RUN_DIR`,
+    /// `ISTIO_OWNED_CNI_CONFIG_FILENAME`, `CNI_AGENT_RUN_DIR`,
     /// `PLUGIN_LOG_LEVEL`, `AMBIENT_ENABLED`, `EXCLUDE_NAMESPACES`,
     /// `POD_NAMESPACE`, `ENABLE_AMBIENT_DETECTION_RETRY`, and `KUBECONFIG` /
     /// `KUBERNETES_SERVICE_HOST` for the plugin's credentials.
@@ -111,10 +112,16 @@ impl InstallConfig {
             conf_dir: get("CNI_CONF_DIR", "/host/etc/cni/net.d").into(),
             primary_conf_name: env("CNI_CONF_NAME").filter(|v| !v.is_empty()),
             mode,
-            owned_conf_name: get(
-                "ISTIO_OWNED_CNI_CONF_FILENAME",
-                cni_config::OWNED_CONFIG_NAME,
-            ),
+            // The name upstream's program reads; upstream's chart writes the
+            // second one (which its program ignores): both work here.
+            owned_conf_name: env("ISTIO_OWNED_CNI_CONFIG_FILENAME")
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| {
+                    get(
+                        "ISTIO_OWNED_CNI_CONF_FILENAME",
+                        cni_config::OWNED_CONFIG_NAME,
+                    )
+                }),
             plugin: PluginSettings {
                 log_level: get("PLUGIN_LOG_LEVEL", "info"),
                 run_dir,
@@ -356,7 +363,8 @@ mod tests {
             ("CNI_AGENT_RUN_DIR", "/run/x"),
             ("CNI_CONF_NAME", "10-calico.conflist"),
             ("KUBECONFIG", "/etc/kubeconfig"),
-            ("ISTIO_OWNED_CNI_CONF_FILENAME", "00-mesh.conflist"),
+            ("ISTIO_OWNED_CNI_CONFIG_FILENAME", "00-mesh.conflist"),
+            ("ISTIO_OWNED_CNI_CONF_FILENAME", "01-ignored.conflist"),
         ]));
         assert_eq!(c.mode, ConfigMode::IstioOwned);
         assert_eq!(c.owned_conf_name, "00-mesh.conflist");
