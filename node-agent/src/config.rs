@@ -187,7 +187,7 @@ impl AgentConfig {
         // The plugin's fallback decides with the same list.
         install.plugin.enablement_selectors = enablement_selectors.clone();
         let exclude_namespaces = install.plugin.exclude_namespaces.clone();
-        let owned = &install.owned_conf_name;
+        let owned = &install.write.owned_name;
         if owned.contains('/') || !owned.ends_with(".conflist") || owned == ".conflist" {
             return Err(err(
                 "ISTIO_OWNED_CNI_CONFIG_FILENAME",

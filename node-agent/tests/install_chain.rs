@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use node_agent::install::chain::{PluginSettings, plugin_entry};
-use node_agent::install::cni_config::{self, OWNED_CONFIG_NAME, SkipWarnings};
+use node_agent::install::cni_config::{self, OWNED_CONFIG_NAME, SkipWarnings, WriteSettings};
 use serde_json::Value;
 
 fn testdata() -> PathBuf {
@@ -82,7 +82,7 @@ fn conf_is_wrapped_into_a_conflist() {
     let d = scratch_with("bridge.conf");
     let change = cni_config::ensure_chained(
         d.path(),
-        OWNED_CONFIG_NAME,
+        &WriteSettings::default(),
         &entry,
         None,
         &SkipWarnings::default(),
@@ -92,7 +92,7 @@ fn conf_is_wrapped_into_a_conflist() {
     assert_eq!(names(d.path()), vec!["bridge.conflist"]);
     check_golden(&d.path().join("bridge.conflist"), "bridge.conf.golden");
 
-    let undone = cni_config::remove_all(d.path(), OWNED_CONFIG_NAME).unwrap();
+    let undone = cni_config::remove_all(d.path(), &WriteSettings::default()).unwrap();
     assert_eq!(undone.len(), 1);
     assert_eq!(names(d.path()), vec!["bridge.conf"]);
     assert_eq!(
@@ -107,7 +107,7 @@ fn conflist_gets_istio_cni_appended() {
     let d = scratch_with("list.conflist");
     cni_config::ensure_chained(
         d.path(),
-        OWNED_CONFIG_NAME,
+        &WriteSettings::default(),
         &entry,
         None,
         &SkipWarnings::default(),
@@ -117,7 +117,7 @@ fn conflist_gets_istio_cni_appended() {
     assert!(
         cni_config::ensure_chained(
             d.path(),
-            OWNED_CONFIG_NAME,
+            &WriteSettings::default(),
             &entry,
             None,
             &SkipWarnings::default()
@@ -126,7 +126,7 @@ fn conflist_gets_istio_cni_appended() {
         .is_none(),
         "second pass changes nothing"
     );
-    cni_config::remove_all(d.path(), OWNED_CONFIG_NAME).unwrap();
+    cni_config::remove_all(d.path(), &WriteSettings::default()).unwrap();
     assert_eq!(names(d.path()), vec!["list.conflist"]);
     assert_eq!(
         read_json(&d.path().join("list.conflist")),
@@ -140,7 +140,7 @@ fn stale_istio_cni_entry_is_replaced() {
     let d = scratch_with("list-with-istio.conflist");
     cni_config::ensure_chained(
         d.path(),
-        OWNED_CONFIG_NAME,
+        &WriteSettings::default(),
         &entry,
         None,
         &SkipWarnings::default(),
@@ -148,7 +148,7 @@ fn stale_istio_cni_entry_is_replaced() {
     .unwrap();
     let path = d.path().join("list-with-istio.conflist");
     check_golden(&path, "list-with-istio.conflist.golden");
-    cni_config::remove_all(d.path(), OWNED_CONFIG_NAME).unwrap();
+    cni_config::remove_all(d.path(), &WriteSettings::default()).unwrap();
     assert_eq!(
         read_json(&path),
         without_istio(read_json(&testdata().join("list-with-istio.conflist")))
@@ -161,7 +161,7 @@ fn owned_config_copies_the_primary() {
     let d = scratch_with("list.conflist");
     cni_config::ensure_owned(
         d.path(),
-        OWNED_CONFIG_NAME,
+        &WriteSettings::default(),
         &entry,
         None,
         &SkipWarnings::default(),
@@ -177,6 +177,6 @@ fn owned_config_copies_the_primary() {
         read_json(&testdata().join("list.conflist")),
         "primary untouched"
     );
-    cni_config::remove_all(d.path(), OWNED_CONFIG_NAME).unwrap();
+    cni_config::remove_all(d.path(), &WriteSettings::default()).unwrap();
     assert_eq!(names(d.path()), vec!["list.conflist"]);
 }

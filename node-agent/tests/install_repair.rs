@@ -53,7 +53,7 @@ fn config(d: &Dirs, mode: ConfigMode) -> InstallConfig {
         conf_dir: d.conf.clone(),
         primary_conf_name: None,
         mode,
-        owned_conf_name: "02-istio-cni.conflist".into(),
+        write: Default::default(),
         plugin: PluginSettings {
             log_level: "info".into(),
             run_dir: d.run.clone(),
@@ -302,7 +302,7 @@ async fn owned_mode_uses_the_configured_file_name() {
     let primary = d.conf.join("10-k8s.conflist");
     write_like_a_cni(&primary, &primary_list());
     let mut cfg = config(&d, ConfigMode::IstioOwned);
-    cfg.owned_conf_name = "00-mesh.conflist".into();
+    cfg.write.owned_name = "00-mesh.conflist".into();
     let run = Running::start(cfg);
     let ours = d.conf.join("00-mesh.conflist");
     wait_for("owned config written", REPAIR_DEADLINE, || chained(&ours)).await;

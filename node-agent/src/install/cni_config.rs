@@ -36,7 +36,29 @@ pub const OWNED_CONFIG_NAME: &str = "02-istio-cni.conflist";
 /// (a list made from a `.conf` needs none: `.conf` is the default).
 pub const WRAPPED_FROM_KEY: &str = "istio_cni_wrapped_from";
 
-const CONFIG_MODE: u32 = 0o644;
+/// Mode of the configs we write: owner only (CIS benchmark 1.1.9), as upstream;
+/// `CNI_CONF_GROUP_READ=true` adds group read.
+pub const CONFIG_MODE: u32 = 0o600;
+pub const CONFIG_MODE_GROUP_READ: u32 = 0o640;
+
+/// How the installer writes configs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteSettings {
+    /// The istio-owned config's file name (default [`OWNED_CONFIG_NAME`]).
+    pub owned_name: String,
+    /// File mode of every config written ([`CONFIG_MODE`] or
+    /// [`CONFIG_MODE_GROUP_READ`]).
+    pub mode: u32,
+}
+
+impl Default for WriteSettings {
+    fn default() -> Self {
+        Self {
+            owned_name: OWNED_CONFIG_NAME.into(),
+            mode: CONFIG_MODE,
+        }
+    }
+}
 
 /// A config file passed over when looking for the primary: it does not load.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,11 +169,11 @@ fn read_json(path: &Path) -> Result<Value, ConfigError> {
     })
 }
 
-fn write_json(path: &Path, v: &Value) -> Result<(), ConfigError> {
+fn write_json(path: &Path, v: &Value, mode: u32) -> Result<(), ConfigError> {
     let mut text = serde_json::to_vec_pretty(v).expect("JSON values always serialise");
     text.push(b'\n');
     remove_stale_tmp(path);
-    write_atomically(path, &text, CONFIG_MODE).map_err(|source| ConfigError::Write {
+    write_atomically(path, &text, mode).map_err(|source| ConfigError::Write {
         path: path.to_path_buf(),
         source,
     })
@@ -276,23 +298,23 @@ fn remove_owned_file(dir: &Path, owned: &str) -> Result<Option<String>, ConfigEr
 /// description of what was changed, or `None` when nothing was.
 pub fn ensure_chained(
     dir: &Path,
-    owned: &str,
+    w: &WriteSettings,
     entry: &Value,
     explicit: Option<&str>,
     warned: &SkipWarnings,
 ) -> Result<Option<String>, ConfigError> {
-    let mut changes: Vec<String> = remove_owned_file(dir, owned)?
+    let mut changes: Vec<String> = remove_owned_file(dir, &w.owned_name)?
         .map(|c| format!("{c} (left by istio-owned mode)"))
         .into_iter()
         .collect();
-    let (name, kind) = primary(dir, owned, explicit, warned)?;
+    let (name, kind) = primary(dir, &w.owned_name, explicit, warned)?;
     let path = dir.join(&name);
     let current = read_json(&path)?;
     match kind {
         ConfKind::List => {
             if !chain::is_chained(&current, entry) {
                 let out = chain::chain(&current, kind, entry, &path.to_string_lossy())?;
-                write_json(&path, &out)?;
+                write_json(&path, &out, w.mode)?;
                 changes.push(format!("chained istio-cni into {}", path.display()));
             }
         }
@@ -302,7 +324,7 @@ pub fn ensure_chained(
                 out[WRAPPED_FROM_KEY] = Value::String(name.clone());
             }
             let list = dir.join(with_ext(&name, "conflist"));
-            write_json(&list, &out)?;
+            write_json(&list, &out, w.mode)?;
             remove(&path)?;
             changes.push(format!(
                 "wrapped {} with istio-cni into {}",
@@ -321,12 +343,13 @@ pub fn ensure_chained(
 /// own.
 pub fn ensure_owned(
     dir: &Path,
-    owned: &str,
+    w: &WriteSettings,
     entry: &Value,
     explicit: Option<&str>,
     warned: &SkipWarnings,
 ) -> Result<Option<String>, ConfigError> {
-    let mut changes: Vec<String> = unchain_all(dir, owned)?
+    let owned = w.owned_name.as_str();
+    let mut changes: Vec<String> = unchain_all(dir, w)?
         .into_iter()
         .map(|c| format!("{c} (left by chained mode)"))
         .collect();
@@ -338,7 +361,7 @@ pub fn ensure_owned(
     match read_json(&ours) {
         Ok(current) if current == wanted => {}
         _ => {
-            write_json(&ours, &wanted)?;
+            write_json(&ours, &wanted, w.mode)?;
             changes.push(format!(
                 "wrote {} from {}",
                 ours.display(),
@@ -363,9 +386,9 @@ pub fn ensure_owned(
 /// Uninstall, in either mode: removes the istio-owned config `owned` and
 /// takes istio-cni out of every other config list in `dir` (see
 /// [`unchain_all`]). Returns what changed.
-pub fn remove_all(dir: &Path, owned: &str) -> Result<Vec<String>, ConfigError> {
-    let mut changed: Vec<String> = remove_owned_file(dir, owned)?.into_iter().collect();
-    changed.extend(unchain_all(dir, owned)?);
+pub fn remove_all(dir: &Path, w: &WriteSettings) -> Result<Vec<String>, ConfigError> {
+    let mut changed: Vec<String> = remove_owned_file(dir, &w.owned_name)?.into_iter().collect();
+    changed.extend(unchain_all(dir, w)?);
     Ok(changed)
 }
 
@@ -373,7 +396,7 @@ pub fn remove_all(dir: &Path, owned: &str) -> Result<Vec<String>, ConfigError> {
 /// istio-owned config `owned`, turning a list we made from a `.conf` or `.json`
 /// back into that file (unless the primary CNI has written a new one
 /// meanwhile). A missing dir is not an error. Returns what changed.
-fn unchain_all(dir: &Path, owned: &str) -> Result<Vec<String>, ConfigError> {
+fn unchain_all(dir: &Path, w: &WriteSettings) -> Result<Vec<String>, ConfigError> {
     let mut changed = Vec::new();
     let files = match config_files(dir) {
         Ok(f) => f,
@@ -383,7 +406,7 @@ fn unchain_all(dir: &Path, owned: &str) -> Result<Vec<String>, ConfigError> {
         Err(e) => return Err(e),
     };
     for (name, kind) in files {
-        if kind != ConfKind::List || name == owned {
+        if kind != ConfKind::List || name == w.owned_name {
             continue;
         }
         let path = dir.join(&name);
@@ -393,7 +416,7 @@ fn unchain_all(dir: &Path, owned: &str) -> Result<Vec<String>, ConfigError> {
         match chain::unchain(&current) {
             Unchained::Unchanged => {}
             Unchained::List(v) => {
-                write_json(&path, &v)?;
+                write_json(&path, &v, w.mode)?;
                 changed.push(format!("removed istio-cni from {}", path.display()));
             }
             Unchained::Single(v) => {
@@ -411,7 +434,7 @@ fn unchain_all(dir: &Path, owned: &str) -> Result<Vec<String>, ConfigError> {
                         conf.display()
                     ));
                 } else {
-                    write_json(&conf, &v)?;
+                    write_json(&conf, &v, w.mode)?;
                     changed.push(format!(
                         "restored {} from {}",
                         conf.display(),
@@ -461,7 +484,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let e = ensure_chained(
             d.path(),
-            OWNED_CONFIG_NAME,
+            &WriteSettings::default(),
             &entry(),
             None,
             &SkipWarnings::default(),
@@ -479,7 +502,7 @@ mod tests {
         assert!(
             ensure_chained(
                 d.path(),
-                OWNED_CONFIG_NAME,
+                &WriteSettings::default(),
                 &entry(),
                 None,
                 &SkipWarnings::default()
@@ -491,7 +514,7 @@ mod tests {
         assert!(
             ensure_chained(
                 d.path(),
-                OWNED_CONFIG_NAME,
+                &WriteSettings::default(),
                 &entry(),
                 None,
                 &SkipWarnings::default()
@@ -504,7 +527,7 @@ mod tests {
         assert!(
             ensure_chained(
                 d.path(),
-                OWNED_CONFIG_NAME,
+                &WriteSettings::default(),
                 &entry(),
                 None,
                 &SkipWarnings::default()
@@ -513,7 +536,7 @@ mod tests {
             .is_some()
         );
         assert_eq!(config_files(d.path()).unwrap().len(), 1);
-        let changed = remove_all(d.path(), OWNED_CONFIG_NAME).unwrap();
+        let changed = remove_all(d.path(), &WriteSettings::default()).unwrap();
         assert_eq!(changed.len(), 1, "{changed:?}");
         assert_eq!(read_json(&d.path().join("10-bridge.conf")).unwrap(), orig);
         assert!(!d.path().join("10-bridge.conflist").exists());
@@ -534,7 +557,7 @@ mod tests {
         .unwrap();
         ensure_chained(
             d.path(),
-            OWNED_CONFIG_NAME,
+            &WriteSettings::default(),
             &entry(),
             Some("10-bridge.conf"),
             &SkipWarnings::default(),
@@ -543,7 +566,7 @@ mod tests {
         assert!(
             ensure_chained(
                 d.path(),
-                OWNED_CONFIG_NAME,
+                &WriteSettings::default(),
                 &entry(),
                 Some("10-bridge.conf"),
                 &SkipWarnings::default()
@@ -567,7 +590,7 @@ mod tests {
         assert!(
             ensure_owned(
                 d.path(),
-                OWNED_CONFIG_NAME,
+                &WriteSettings::default(),
                 &entry(),
                 None,
                 &SkipWarnings::default()
@@ -578,7 +601,7 @@ mod tests {
         assert!(
             ensure_owned(
                 d.path(),
-                OWNED_CONFIG_NAME,
+                &WriteSettings::default(),
                 &entry(),
                 None,
                 &SkipWarnings::default()
@@ -599,7 +622,7 @@ mod tests {
         assert!(
             ensure_owned(
                 d.path(),
-                OWNED_CONFIG_NAME,
+                &WriteSettings::default(),
                 &entry(),
                 None,
                 &SkipWarnings::default()
@@ -617,15 +640,24 @@ mod tests {
         fs::write(d.path().join("01-first.conflist"), primary.to_string()).unwrap();
         let e = ensure_owned(
             d.path(),
-            OWNED_CONFIG_NAME,
+            &WriteSettings::default(),
             &entry(),
             Some("10-k.conflist"),
             &SkipWarnings::default(),
         )
         .unwrap_err();
         assert!(matches!(e, ConfigError::OwnedShadowed { .. }), "{e}");
-        assert_eq!(remove_all(d.path(), OWNED_CONFIG_NAME).unwrap().len(), 1);
-        assert!(remove_all(d.path(), OWNED_CONFIG_NAME).unwrap().is_empty());
+        assert_eq!(
+            remove_all(d.path(), &WriteSettings::default())
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(
+            remove_all(d.path(), &WriteSettings::default())
+                .unwrap()
+                .is_empty()
+        );
     }
 
     fn has_entry(path: &Path) -> bool {
@@ -638,6 +670,38 @@ mod tests {
         json!({"cniVersion":"1.0.0","name":name,"plugins":[{"type":"bridge"}]})
     }
 
+    /// Configs we write are owner-only by default (CIS 1.1.9), group-readable
+    /// with `CNI_CONF_GROUP_READ`, in both modes.
+    #[test]
+    fn written_configs_have_the_configured_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        for (w, want) in [
+            (WriteSettings::default(), 0o600),
+            (
+                WriteSettings {
+                    mode: CONFIG_MODE_GROUP_READ,
+                    ..WriteSettings::default()
+                },
+                0o640,
+            ),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            let primary = d.path().join("10-k.conflist");
+            fs::write(&primary, list("k").to_string()).unwrap();
+            fs::set_permissions(&primary, fs::Permissions::from_mode(0o644)).unwrap();
+            ensure_chained(d.path(), &w, &entry(), None, &SkipWarnings::default()).unwrap();
+            assert_eq!(mode(&primary), want, "chained primary");
+            ensure_owned(d.path(), &w, &entry(), None, &SkipWarnings::default()).unwrap();
+            assert_eq!(
+                mode(&d.path().join(OWNED_CONFIG_NAME)),
+                want,
+                "owned config"
+            );
+            assert_eq!(mode(&primary), want, "unchained primary");
+        }
+    }
+
     #[test]
     fn json_single_config_is_the_primary_and_comes_back_as_json() {
         let d = tempfile::tempdir().unwrap();
@@ -646,7 +710,7 @@ mod tests {
         fs::write(d.path().join("10-other.conflist"), list("o").to_string()).unwrap();
         let change = ensure_chained(
             d.path(),
-            OWNED_CONFIG_NAME,
+            &WriteSettings::default(),
             &entry(),
             None,
             &SkipWarnings::default(),
@@ -663,7 +727,7 @@ mod tests {
         assert!(
             ensure_chained(
                 d.path(),
-                OWNED_CONFIG_NAME,
+                &WriteSettings::default(),
                 &entry(),
                 None,
                 &SkipWarnings::default()
@@ -675,7 +739,7 @@ mod tests {
         assert!(
             ensure_chained(
                 d.path(),
-                OWNED_CONFIG_NAME,
+                &WriteSettings::default(),
                 &entry(),
                 Some("05-k.json"),
                 &SkipWarnings::default()
@@ -683,7 +747,12 @@ mod tests {
             .unwrap()
             .is_none()
         );
-        assert_eq!(remove_all(d.path(), OWNED_CONFIG_NAME).unwrap().len(), 1);
+        assert_eq!(
+            remove_all(d.path(), &WriteSettings::default())
+                .unwrap()
+                .len(),
+            1
+        );
         assert_eq!(read_json(&d.path().join("05-k.json")).unwrap(), orig);
         assert!(!d.path().join("05-k.conf").exists());
         assert!(!d.path().join("05-k.conflist").exists());
@@ -697,7 +766,7 @@ mod tests {
         fs::write(d.path().join("05-l.json"), list("l").to_string()).unwrap();
         let e = ensure_chained(
             d.path(),
-            OWNED_CONFIG_NAME,
+            &WriteSettings::default(),
             &entry(),
             None,
             &SkipWarnings::default(),
@@ -738,7 +807,7 @@ mod tests {
 
         let memo = SkipWarnings::default(); // one installer's
         let logged = warnings(|| {
-            let change = ensure_chained(d.path(), OWNED_CONFIG_NAME, &entry(), None, &memo)
+            let change = ensure_chained(d.path(), &WriteSettings::default(), &entry(), None, &memo)
                 .unwrap()
                 .unwrap();
             assert!(change.contains("10-k.conflist"), "{change}");
@@ -760,7 +829,7 @@ mod tests {
         // The repair loop looks again and again: no new warning.
         let logged = warnings(|| {
             assert!(
-                ensure_chained(d.path(), OWNED_CONFIG_NAME, &entry(), None, &memo)
+                ensure_chained(d.path(), &WriteSettings::default(), &entry(), None, &memo)
                     .unwrap()
                     .is_none()
             );
@@ -771,7 +840,7 @@ mod tests {
         for round in 0..2 {
             let logged = warnings(|| {
                 assert!(
-                    ensure_chained(d.path(), OWNED_CONFIG_NAME, &entry(), None, &other)
+                    ensure_chained(d.path(), &WriteSettings::default(), &entry(), None, &other)
                         .unwrap()
                         .is_none()
                 );
@@ -794,7 +863,7 @@ mod tests {
         fs::write(&later, list("k").to_string()).unwrap();
         ensure_chained(
             d.path(),
-            OWNED_CONFIG_NAME,
+            &WriteSettings::default(),
             &entry(),
             None,
             &SkipWarnings::default(),
@@ -805,7 +874,7 @@ mod tests {
         fs::write(&first, list("a").to_string()).unwrap();
         let change = ensure_chained(
             d.path(),
-            OWNED_CONFIG_NAME,
+            &WriteSettings::default(),
             &entry(),
             None,
             &SkipWarnings::default(),
@@ -817,7 +886,7 @@ mod tests {
         assert!(
             ensure_chained(
                 d.path(),
-                OWNED_CONFIG_NAME,
+                &WriteSettings::default(),
                 &entry(),
                 None,
                 &SkipWarnings::default()
@@ -825,7 +894,12 @@ mod tests {
             .unwrap()
             .is_none()
         );
-        assert_eq!(remove_all(d.path(), OWNED_CONFIG_NAME).unwrap().len(), 2);
+        assert_eq!(
+            remove_all(d.path(), &WriteSettings::default())
+                .unwrap()
+                .len(),
+            2
+        );
         assert_eq!(read_json(&first).unwrap(), list("a"));
         assert_eq!(read_json(&later).unwrap(), list("k"));
     }
@@ -837,7 +911,7 @@ mod tests {
         fs::write(d.path().join("10-b.conf"), r#"{"name":"b"}"#).unwrap();
         let e = ensure_chained(
             d.path(),
-            OWNED_CONFIG_NAME,
+            &WriteSettings::default(),
             &entry(),
             None,
             &SkipWarnings::default(),
@@ -852,7 +926,7 @@ mod tests {
         );
         let e = ensure_owned(
             d.path(),
-            OWNED_CONFIG_NAME,
+            &WriteSettings::default(),
             &entry(),
             None,
             &SkipWarnings::default(),
@@ -869,7 +943,7 @@ mod tests {
         fs::write(d.path().join("10-k.conflist"), list("k").to_string()).unwrap();
         let change = ensure_owned(
             d.path(),
-            OWNED_CONFIG_NAME,
+            &WriteSettings::default(),
             &entry(),
             None,
             &SkipWarnings::default(),
@@ -887,7 +961,7 @@ mod tests {
         fs::write(d.path().join("01-broken.conflist"), list("b").to_string()).unwrap();
         let e = ensure_owned(
             d.path(),
-            OWNED_CONFIG_NAME,
+            &WriteSettings::default(),
             &entry(),
             Some("10-k.conflist"),
             &SkipWarnings::default(),
@@ -905,7 +979,7 @@ mod tests {
         fs::write(d.path().join("20-b.conf"), bridge.to_string()).unwrap();
         ensure_chained(
             d.path(),
-            OWNED_CONFIG_NAME,
+            &WriteSettings::default(),
             &entry(),
             None,
             &SkipWarnings::default(),
@@ -913,7 +987,7 @@ mod tests {
         .unwrap();
         ensure_chained(
             d.path(),
-            OWNED_CONFIG_NAME,
+            &WriteSettings::default(),
             &entry(),
             Some("20-b.conf"),
             &SkipWarnings::default(),
@@ -923,7 +997,7 @@ mod tests {
 
         let change = ensure_owned(
             d.path(),
-            OWNED_CONFIG_NAME,
+            &WriteSettings::default(),
             &entry(),
             None,
             &SkipWarnings::default(),
@@ -942,7 +1016,7 @@ mod tests {
         assert!(
             ensure_owned(
                 d.path(),
-                OWNED_CONFIG_NAME,
+                &WriteSettings::default(),
                 &entry(),
                 None,
                 &SkipWarnings::default()
@@ -951,7 +1025,7 @@ mod tests {
             .is_none()
         );
 
-        remove_all(d.path(), OWNED_CONFIG_NAME).unwrap();
+        remove_all(d.path(), &WriteSettings::default()).unwrap();
         let names: Vec<String> = config_files(d.path())
             .unwrap()
             .into_iter()
@@ -968,7 +1042,7 @@ mod tests {
         fs::write(&primary, list("k").to_string()).unwrap();
         ensure_owned(
             d.path(),
-            OWNED_CONFIG_NAME,
+            &WriteSettings::default(),
             &entry(),
             None,
             &SkipWarnings::default(),
@@ -979,7 +1053,7 @@ mod tests {
 
         let change = ensure_chained(
             d.path(),
-            OWNED_CONFIG_NAME,
+            &WriteSettings::default(),
             &entry(),
             None,
             &SkipWarnings::default(),
@@ -992,7 +1066,7 @@ mod tests {
         assert!(
             ensure_chained(
                 d.path(),
-                OWNED_CONFIG_NAME,
+                &WriteSettings::default(),
                 &entry(),
                 None,
                 &SkipWarnings::default()
@@ -1000,7 +1074,7 @@ mod tests {
             .unwrap()
             .is_none()
         );
-        remove_all(d.path(), OWNED_CONFIG_NAME).unwrap();
+        remove_all(d.path(), &WriteSettings::default()).unwrap();
         assert_eq!(read_json(&primary).unwrap(), list("k"));
     }
 
@@ -1011,7 +1085,7 @@ mod tests {
         fs::write(&primary, list("k").to_string()).unwrap();
         ensure_chained(
             d.path(),
-            OWNED_CONFIG_NAME,
+            &WriteSettings::default(),
             &entry(),
             None,
             &SkipWarnings::default(),
@@ -1020,12 +1094,12 @@ mod tests {
         // A copy as istio-owned mode would have written it, next to the chained entry.
         let owned = chain::chain(&list("k"), ConfKind::List, &entry(), "x").unwrap();
         fs::write(d.path().join(OWNED_CONFIG_NAME), owned.to_string()).unwrap();
-        let changed = remove_all(d.path(), OWNED_CONFIG_NAME).unwrap();
+        let changed = remove_all(d.path(), &WriteSettings::default()).unwrap();
         assert_eq!(changed.len(), 2, "{changed:?}");
         assert!(!d.path().join(OWNED_CONFIG_NAME).exists());
         assert_eq!(read_json(&primary).unwrap(), list("k"));
         assert!(
-            remove_all(&d.path().join("missing"), OWNED_CONFIG_NAME)
+            remove_all(&d.path().join("missing"), &WriteSettings::default())
                 .unwrap()
                 .is_empty()
         );

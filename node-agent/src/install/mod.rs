@@ -28,7 +28,7 @@ use serde_json::Value;
 use crate::health::ReadyFlag;
 use binary::{BinaryError, Fingerprint};
 use chain::PluginSettings;
-use cni_config::ConfigError;
+use cni_config::{ConfigError, WriteSettings};
 use kubeconfig::{KubeconfigError, KubeconfigSource};
 
 /// Readiness component name of the installer.
@@ -61,10 +61,12 @@ pub struct InstallConfig {
     /// (`CNI_CONF_NAME`).
     pub primary_conf_name: Option<String>,
     pub mode: ConfigMode,
-    /// The istio-owned config's file name (`ISTIO_OWNED_CNI_CONFIG_FILENAME`,
-    /// or `ISTIO_OWNED_CNI_CONF_FILENAME` as upstream's chart spells it;
-    /// default `02-istio-cni.conflist`; checked by `AgentConfig`).
-    pub owned_conf_name: String,
+    /// How configs are written: the istio-owned config's file name
+    /// (`ISTIO_OWNED_CNI_CONFIG_FILENAME`, or `ISTIO_OWNED_CNI_CONF_FILENAME`
+    /// as upstream's chart spells it; default `02-istio-cni.conflist`;
+    /// checked by `AgentConfig`) and the file mode (0600, 0640 with
+    /// `CNI_CONF_GROUP_READ=true`).
+    pub write: WriteSettings,
     /// What goes into the istio-cni entry.
     pub plugin: PluginSettings,
     /// Credentials to give the plugin; `None` = write no kubeconfig.
@@ -112,16 +114,23 @@ impl InstallConfig {
             conf_dir: get("CNI_CONF_DIR", "/host/etc/cni/net.d").into(),
             primary_conf_name: env("CNI_CONF_NAME").filter(|v| !v.is_empty()),
             mode,
-            // The name upstream's program reads; upstream's chart writes the
-            // second one (which its program ignores): both work here.
-            owned_conf_name: env("ISTIO_OWNED_CNI_CONFIG_FILENAME")
-                .filter(|v| !v.is_empty())
-                .unwrap_or_else(|| {
-                    get(
-                        "ISTIO_OWNED_CNI_CONF_FILENAME",
-                        cni_config::OWNED_CONFIG_NAME,
-                    )
-                }),
+            write: WriteSettings {
+                // The name upstream's program reads; upstream's chart writes
+                // the second one (which its program ignores): both work here.
+                owned_name: env("ISTIO_OWNED_CNI_CONFIG_FILENAME")
+                    .filter(|v| !v.is_empty())
+                    .unwrap_or_else(|| {
+                        get(
+                            "ISTIO_OWNED_CNI_CONF_FILENAME",
+                            cni_config::OWNED_CONFIG_NAME,
+                        )
+                    }),
+                mode: if flag("CNI_CONF_GROUP_READ", false) {
+                    cni_config::CONFIG_MODE_GROUP_READ
+                } else {
+                    cni_config::CONFIG_MODE
+                },
+            },
             plugin: PluginSettings {
                 log_level: get("PLUGIN_LOG_LEVEL", "info"),
                 run_dir,
@@ -249,14 +258,14 @@ impl Installer {
         let config_change = match self.cfg.mode {
             ConfigMode::Chained => cni_config::ensure_chained(
                 &self.cfg.conf_dir,
-                &self.cfg.owned_conf_name,
+                &self.cfg.write,
                 &self.entry,
                 primary,
                 &self.skip_warnings,
             )?,
             ConfigMode::IstioOwned => cni_config::ensure_owned(
                 &self.cfg.conf_dir,
-                &self.cfg.owned_conf_name,
+                &self.cfg.write,
                 &self.entry,
                 primary,
                 &self.skip_warnings,
@@ -287,7 +296,7 @@ impl Installer {
         // Both modes clean both: the node may have run the other one before.
         let mut changes = match self.cfg.mode {
             ConfigMode::Chained | ConfigMode::IstioOwned => {
-                cni_config::remove_all(&self.cfg.conf_dir, &self.cfg.owned_conf_name)?
+                cni_config::remove_all(&self.cfg.conf_dir, &self.cfg.write)?
             }
             ConfigMode::Off => Vec::new(),
         };
@@ -365,9 +374,11 @@ mod tests {
             ("KUBECONFIG", "/etc/kubeconfig"),
             ("ISTIO_OWNED_CNI_CONFIG_FILENAME", "00-mesh.conflist"),
             ("ISTIO_OWNED_CNI_CONF_FILENAME", "01-ignored.conflist"),
+            ("CNI_CONF_GROUP_READ", "true"),
         ]));
         assert_eq!(c.mode, ConfigMode::IstioOwned);
-        assert_eq!(c.owned_conf_name, "00-mesh.conflist");
+        assert_eq!(c.write.owned_name, "00-mesh.conflist");
+        assert_eq!(c.write.mode, 0o640);
         assert_eq!(c.plugin.exclude_namespaces, vec!["kube-system", "infra"]);
         assert_eq!(c.plugin.run_dir, PathBuf::from("/run/x"));
         assert_eq!(c.primary_conf_name.as_deref(), Some("10-calico.conflist"));
