@@ -286,7 +286,12 @@ fn api_setup(node: &Node, run_dir: &Path, objects: HashMap<String, Value>) -> Fa
     let admin = run_dir.join("admin-kubeconfig");
     api.write_kubeconfig(&admin);
     let text = kubeconfig::render(&KubeconfigSource::File(admin)).unwrap();
-    kubeconfig::write_if_changed(&run_dir.join("istio-cni-kubeconfig"), &text).unwrap();
+    kubeconfig::write_if_changed(
+        &run_dir.join("istio-cni-kubeconfig"),
+        &text,
+        kubeconfig::DEFAULT_MODE,
+    )
+    .unwrap();
     api
 }
 

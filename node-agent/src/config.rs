@@ -109,13 +109,16 @@ impl AgentConfig {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
 
-    /// Reads settings through `env` (`None` or blank = unset).
+    /// Reads settings through `env` (`None` or blank = unset). Where
+    /// upstream istio-cni names a setting differently ([`upstream_alias`]),
+    /// its name is read when ours is unset.
     pub fn from_lookup(env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = |k: &str| {
+        let value = |k: &str| {
             env(k)
                 .map(|v| v.trim().to_string())
                 .filter(|v| !v.is_empty())
         };
+        let get = |k: &str| value(k).or_else(|| upstream_alias(k).and_then(value));
         let err = |var: &'static str, value: &str, reason: &str| ConfigError {
             var,
             value: value.to_string(),
@@ -131,12 +134,17 @@ impl AgentConfig {
                 },
             }
         };
+        // The name a value came from, for errors: upstream's when only it is set.
+        let named = |var: &'static str| match upstream_alias(var) {
+            Some(alias) if value(var).is_none() && value(alias).is_some() => alias,
+            _ => var,
+        };
         let port = |var: &'static str, default: u16| -> Result<SocketAddr, ConfigError> {
             let p = match get(var) {
                 None => default,
                 Some(v) => v
                     .parse::<u16>()
-                    .map_err(|_| err(var, &v, "not a port number (0-65535)"))?,
+                    .map_err(|_| err(named(var), &v, "not a port number (0-65535)"))?,
             };
             Ok(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), p))
         };
@@ -174,6 +182,10 @@ impl AgentConfig {
         flag("ISTIO_OWNED_CNI_CONFIG", false)?;
         flag("AMBIENT_ENABLED", true)?;
         flag("ENABLE_AMBIENT_DETECTION_RETRY", false)?;
+        flag("SKIP_TLS_VERIFY", false)?;
+        if let Some(v) = get("KUBECONFIG_MODE") {
+            crate::install::parse_mode(&v).map_err(|reason| err("KUBECONFIG_MODE", &v, &reason))?;
+        }
         let selector_text = get(SELECTOR_ENV);
         let enablement_selectors =
             enablement_selectors(selector_text.as_deref()).map_err(|reason| {
@@ -265,6 +277,19 @@ impl AgentConfig {
             probe_snat_v6: self.probe_snat_v6,
             ..RuleConfig::default()
         }
+    }
+}
+
+/// Upstream istio-cni's name for a setting this agent names differently:
+/// `CNI_CONF_DIR` is upstream's `MOUNTED_CNI_NET_DIR`, `METRICS_PORT` its
+/// `MONITORING_PORT`, `ZTUNNEL_UDS` its `ZTUNNEL_UDS_ADDRESS`. Ours wins
+/// when both are set.
+pub fn upstream_alias(var: &str) -> Option<&'static str> {
+    match var {
+        "CNI_CONF_DIR" => Some("MOUNTED_CNI_NET_DIR"),
+        "METRICS_PORT" => Some("MONITORING_PORT"),
+        "ZTUNNEL_UDS" => Some("ZTUNNEL_UDS_ADDRESS"),
+        _ => None,
     }
 }
 
@@ -361,6 +386,43 @@ mod tests {
     }
 
     #[test]
+    fn upstream_names_are_read_when_ours_are_unset() {
+        let upstream = [
+            ("NODE_NAME", "n1"),
+            ("MOUNTED_CNI_NET_DIR", "/host/cni/conf"),
+            ("MONITORING_PORT", "9014"),
+            ("ZTUNNEL_UDS_ADDRESS", "/run/zt/zds.sock"),
+        ];
+        let c = cfg(&upstream).unwrap();
+        assert_eq!(c.install.conf_dir, PathBuf::from("/host/cni/conf"));
+        assert_eq!(c.metrics_addr.port(), 9014);
+        assert_eq!(c.ztunnel_uds, PathBuf::from("/run/zt/zds.sock"));
+        let mut both = upstream.to_vec();
+        both.extend([
+            ("CNI_CONF_DIR", "/etc/cni/net.d"),
+            ("METRICS_PORT", "15014"),
+            ("ZTUNNEL_UDS", "/var/run/ztunnel/ztunnel.sock"),
+        ]);
+        let c = cfg(&both).unwrap();
+        assert_eq!(c.install.conf_dir, PathBuf::from("/etc/cni/net.d"));
+        assert_eq!(c.metrics_addr.port(), 15014);
+        assert_eq!(c.ztunnel_uds, PathBuf::from(DEFAULT_SOCKET));
+        // The plugin kubeconfig settings reach the installer.
+        let c = cfg(&[
+            ("NODE_NAME", "n1"),
+            ("KUBECONFIG_MODE", "0640"),
+            ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+            ("SKIP_TLS_VERIFY", "true"),
+        ])
+        .unwrap();
+        assert_eq!(c.install.kubeconfig_mode, 0o640);
+        assert!(matches!(
+            c.install.kubeconfig_source,
+            Some(crate::install::kubeconfig::KubeconfigSource::InCluster { insecure: true, .. })
+        ));
+    }
+
+    #[test]
     fn rejections_name_the_variable() {
         for (vars, var) in [
             (vec![], "NODE_NAME"),
@@ -370,6 +432,10 @@ mod tests {
             (vec![("CHAINED_CNI_PLUGIN", "y")], "CHAINED_CNI_PLUGIN"),
             (vec![("READY_PORT", "http")], "READY_PORT"),
             (vec![("METRICS_PORT", "70000")], "METRICS_PORT"),
+            (vec![("MONITORING_PORT", "x")], "MONITORING_PORT"),
+            (vec![("KUBECONFIG_MODE", "0800")], "KUBECONFIG_MODE"),
+            (vec![("KUBECONFIG_MODE", "0o1600")], "KUBECONFIG_MODE"),
+            (vec![("SKIP_TLS_VERIFY", "off")], "SKIP_TLS_VERIFY"),
             (vec![("HOST_PROBE_SNAT_IP", "::1")], "HOST_PROBE_SNAT_IP"),
             (
                 vec![(

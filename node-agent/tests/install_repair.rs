@@ -68,8 +68,10 @@ fn config(d: &Dirs, mode: ConfigMode) -> InstallConfig {
             server: "https://10.96.0.1:443".into(),
             ca_file: sa.join("ca.crt"),
             token_file: sa.join("token"),
+            insecure: false,
         }),
         kubeconfig_path: kubeconfig,
+        kubeconfig_mode: 0o600,
         // Far beyond the deadline: repairs must come from inotify events.
         resync_interval: Duration::from_secs(60),
     }

@@ -23,8 +23,14 @@ pub enum KubeconfigSource {
     /// The service account of the agent's pod.
     InCluster {
         server: String,
+        /// The CA the plugin trusts for `server` (`KUBE_CA_FILE`, default
+        /// the service account's `ca.crt`); not read when `insecure`.
         ca_file: PathBuf,
         token_file: PathBuf,
+        /// `SKIP_TLS_VERIFY=true`: the kubeconfig says
+        /// `insecure-skip-tls-verify` and carries no CA (upstream's setting,
+        /// an explicit opt-in).
+        insecure: bool,
     },
     /// A kubeconfig file (its current context).
     File(PathBuf),
@@ -32,7 +38,8 @@ pub enum KubeconfigSource {
 
 impl KubeconfigSource {
     /// `KUBECONFIG` if set, else the in-cluster service account
-    /// (`KUBERNETES_SERVICE_HOST`/`_PORT`), else nothing.
+    /// (`KUBERNETES_SERVICE_HOST`/`_PORT`/`_PROTOCOL`, with upstream
+    /// istio-cni's `KUBE_CA_FILE` and `SKIP_TLS_VERIFY`), else nothing.
     pub fn from_env(env: impl Fn(&str) -> Option<String>) -> Option<Self> {
         if let Some(path) = env("KUBECONFIG").filter(|p| !p.is_empty()) {
             // A list of files: the first one carries the context.
@@ -40,16 +47,24 @@ impl KubeconfigSource {
             return Some(Self::File(first.into()));
         }
         let host = env("KUBERNETES_SERVICE_HOST").filter(|h| !h.is_empty())?;
-        let port = env("KUBERNETES_SERVICE_PORT").unwrap_or_else(|| "443".into());
+        let set = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+        let port = set("KUBERNETES_SERVICE_PORT").unwrap_or_else(|| "443".into());
+        let scheme = set("KUBERNETES_SERVICE_PROTOCOL").unwrap_or_else(|| "https".into());
         let host = if host.contains(':') {
             format!("[{host}]")
         } else {
             host
         };
         Some(Self::InCluster {
-            server: format!("https://{host}:{port}"),
-            ca_file: Path::new(SA_DIR).join("ca.crt"),
+            server: format!("{scheme}://{host}:{port}"),
+            ca_file: set("KUBE_CA_FILE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| Path::new(SA_DIR).join("ca.crt")),
             token_file: Path::new(SA_DIR).join("token"),
+            insecure: matches!(
+                set("SKIP_TLS_VERIFY").as_deref().map(str::trim),
+                Some("true" | "1" | "yes")
+            ),
         })
     }
 }
@@ -163,14 +178,21 @@ pub fn render(src: &KubeconfigSource) -> Result<String, KubeconfigError> {
             server,
             ca_file,
             token_file,
+            insecure,
         } => {
             let token = String::from_utf8_lossy(&read("service account token", token_file)?)
                 .trim()
                 .to_string();
+            let ca_data = if *insecure {
+                None
+            } else {
+                Some(B64.encode(read("API server CA", ca_file)?))
+            };
             (
                 ClusterBody {
                     server: server.clone(),
-                    ca_data: Some(B64.encode(read("service account CA", ca_file)?)),
+                    ca_data,
+                    insecure: insecure.then_some(true),
                     ..Default::default()
                 },
                 UserBody {
@@ -300,22 +322,31 @@ fn from_file(path: &Path) -> Result<(ClusterBody, UserBody), KubeconfigError> {
     Ok((cluster_body, user_body))
 }
 
-/// Writes `content` to `path` (mode 0600) unless it is already there.
-/// Returns whether it wrote.
-pub fn write_if_changed(path: &Path, content: &str) -> Result<bool, KubeconfigError> {
-    if fs::read(path).ok().as_deref() == Some(content.as_bytes()) {
-        return Ok(false);
-    }
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(|source| KubeconfigError::Write {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    }
-    write_atomically(path, content.as_bytes(), 0o600).map_err(|source| KubeconfigError::Write {
+/// Upstream's default file mode of the plugin kubeconfig
+/// (`KUBECONFIG_MODE`).
+pub const DEFAULT_MODE: u32 = 0o600;
+
+/// Writes `content` to `path` with file mode `mode` unless it is already
+/// there with that mode (a mode-only difference is fixed in place).
+/// Returns whether it changed anything.
+pub fn write_if_changed(path: &Path, content: &str, mode: u32) -> Result<bool, KubeconfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let write_err = |source| KubeconfigError::Write {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    if fs::read(path).ok().as_deref() == Some(content.as_bytes()) {
+        let current = fs::metadata(path).map_err(write_err)?.permissions().mode() & 0o7777;
+        if current == mode {
+            return Ok(false);
+        }
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(write_err)?;
+        return Ok(true);
+    }
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(write_err)?;
+    }
+    write_atomically(path, content.as_bytes(), mode).map_err(write_err)?;
     Ok(true)
 }
 
@@ -357,6 +388,30 @@ mod tests {
         };
         assert_eq!(server, "https://[fd00::1]:6443");
         assert_eq!(KubeconfigSource::from_env(env(&[])), None);
+        assert_eq!(
+            KubeconfigSource::from_env(env(&[("KUBERNETES_SERVICE_HOST", "10.0.0.1")])),
+            Some(KubeconfigSource::InCluster {
+                server: "https://10.0.0.1:443".into(),
+                ca_file: Path::new(SA_DIR).join("ca.crt"),
+                token_file: Path::new(SA_DIR).join("token"),
+                insecure: false,
+            })
+        );
+        // Upstream istio-cni's settings.
+        assert_eq!(
+            KubeconfigSource::from_env(env(&[
+                ("KUBERNETES_SERVICE_HOST", "10.0.0.1"),
+                ("KUBERNETES_SERVICE_PROTOCOL", "http"),
+                ("KUBE_CA_FILE", "/etc/ca/api.pem"),
+                ("SKIP_TLS_VERIFY", "true"),
+            ])),
+            Some(KubeconfigSource::InCluster {
+                server: "http://10.0.0.1:443".into(),
+                ca_file: "/etc/ca/api.pem".into(),
+                token_file: Path::new(SA_DIR).join("token"),
+                insecure: true,
+            })
+        );
     }
 
     #[test]
@@ -364,12 +419,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join("ca.crt"), b"CA PEM").unwrap();
         fs::write(d.path().join("token"), b"tok123\n").unwrap();
-        let y = render(&KubeconfigSource::InCluster {
+        let src = |ca: &str, insecure| KubeconfigSource::InCluster {
             server: "https://10.96.0.1:443".into(),
-            ca_file: d.path().join("ca.crt"),
+            ca_file: d.path().join(ca),
             token_file: d.path().join("token"),
-        })
-        .unwrap();
+            insecure,
+        };
+        let y = render(&src("ca.crt", false)).unwrap();
         let v: Value = serde_yaml_ng::from_str(&y).unwrap();
         assert_eq!(v["current-context"], "istio-cni");
         assert_eq!(
@@ -380,6 +436,19 @@ mod tests {
             v["clusters"][0]["cluster"]["certificate-authority-data"],
             B64.encode(b"CA PEM")
         );
+        assert_eq!(v["users"][0]["user"]["token"], "tok123");
+        assert!(v["clusters"][0]["cluster"]["insecure-skip-tls-verify"].is_null());
+
+        // A missing CA is an error naming the file...
+        let e = render(&src("absent.pem", false)).unwrap_err();
+        assert!(e.to_string().contains("absent.pem"), "{e}");
+        // ...unless verification is explicitly off: then no CA at all.
+        let v: Value = serde_yaml_ng::from_str(&render(&src("absent.pem", true)).unwrap()).unwrap();
+        assert_eq!(
+            v["clusters"][0]["cluster"]["insecure-skip-tls-verify"],
+            true
+        );
+        assert!(v["clusters"][0]["cluster"]["certificate-authority-data"].is_null());
         assert_eq!(v["users"][0]["user"]["token"], "tok123");
     }
 
@@ -428,17 +497,20 @@ mod tests {
     }
 
     #[test]
-    fn writes_only_on_change_with_private_mode() {
+    fn writes_only_on_change_with_the_configured_mode() {
         use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("run").join(PLUGIN_KUBECONFIG);
-        assert!(write_if_changed(&p, "a").unwrap());
-        assert!(!write_if_changed(&p, "a").unwrap());
-        assert!(write_if_changed(&p, "b").unwrap());
-        assert_eq!(
-            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        let mode = || fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
+        assert!(write_if_changed(&p, "a", DEFAULT_MODE).unwrap());
+        assert!(!write_if_changed(&p, "a", DEFAULT_MODE).unwrap());
+        assert!(write_if_changed(&p, "b", DEFAULT_MODE).unwrap());
+        assert_eq!(mode(), 0o600);
+        // Same content, other KUBECONFIG_MODE: the mode is fixed in place.
+        assert!(write_if_changed(&p, "b", 0o640).unwrap());
+        assert_eq!(mode(), 0o640);
+        assert_eq!(fs::read_to_string(&p).unwrap(), "b");
+        assert!(!write_if_changed(&p, "b", 0o640).unwrap());
         assert!(remove(&p).unwrap());
         assert!(!remove(&p).unwrap());
     }

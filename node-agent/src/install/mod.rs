@@ -73,6 +73,9 @@ pub struct InstallConfig {
     pub kubeconfig_source: Option<KubeconfigSource>,
     /// Where the agent writes the plugin kubeconfig.
     pub kubeconfig_path: PathBuf,
+    /// Its file mode (`KUBECONFIG_MODE`, default 0600; checked by
+    /// `AgentConfig`).
+    pub kubeconfig_mode: u32,
     /// Re-check at least this often, even without inotify events.
     pub resync_interval: Duration,
 }
@@ -84,7 +87,8 @@ impl InstallConfig {
     /// `ISTIO_OWNED_CNI_CONFIG_FILENAME`, `CNI_AGENT_RUN_DIR`,
     /// `PLUGIN_LOG_LEVEL`, `AMBIENT_ENABLED`, `EXCLUDE_NAMESPACES`,
     /// `POD_NAMESPACE`, `ENABLE_AMBIENT_DETECTION_RETRY`, and `KUBECONFIG` /
-    /// `KUBERNETES_SERVICE_HOST` for the plugin's credentials.
+    /// `KUBERNETES_SERVICE_HOST` / `KUBE_CA_FILE` / `SKIP_TLS_VERIFY` /
+    /// `KUBECONFIG_MODE` for the plugin's credentials.
     pub fn from_env(env: impl Fn(&str) -> Option<String>) -> Self {
         let get = |k: &str, default: &str| {
             env(k)
@@ -149,9 +153,39 @@ impl InstallConfig {
             },
             kubeconfig_source: KubeconfigSource::from_env(&env),
             kubeconfig_path,
+            kubeconfig_mode: env("KUBECONFIG_MODE")
+                .and_then(|v| parse_mode(&v).ok())
+                .unwrap_or(kubeconfig::DEFAULT_MODE),
             resync_interval: Duration::from_secs(1),
         }
     }
+}
+
+/// Parses a file mode the way upstream istio-cni reads its integer settings
+/// (Go's base prefixes: `0600` and `0o600` are octal, `0x180` hex, `384`
+/// decimal). Permission bits only (at most 0777), and the owner (root: the
+/// plugin reads the file as the runtime's user) must be able to read it.
+pub fn parse_mode(text: &str) -> Result<u32, String> {
+    let t = text.trim();
+    let parsed = if let Some(oct) = t.strip_prefix("0o").or_else(|| t.strip_prefix("0O")) {
+        u32::from_str_radix(oct, 8)
+    } else if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        u32::from_str_radix(hex, 16)
+    } else if t.len() > 1 && t.starts_with('0') {
+        u32::from_str_radix(&t[1..], 8)
+    } else {
+        t.parse::<u32>()
+    };
+    let mode = parsed.map_err(|_| "not a file mode (e.g. 0600)".to_string())?;
+    if mode > 0o777 {
+        return Err(format!(
+            "{mode:#o} has bits beyond the permission bits 0777"
+        ));
+    }
+    if mode & 0o400 == 0 {
+        return Err(format!("{mode:#o} does not let the owner read the file"));
+    }
+    Ok(mode)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -250,7 +284,11 @@ impl Installer {
         }
         if let Some(src) = &self.cfg.kubeconfig_source {
             let text = kubeconfig::render(src)?;
-            if kubeconfig::write_if_changed(&self.cfg.kubeconfig_path, &text)? {
+            if kubeconfig::write_if_changed(
+                &self.cfg.kubeconfig_path,
+                &text,
+                self.cfg.kubeconfig_mode,
+            )? {
                 changes.push(format!("wrote {}", self.cfg.kubeconfig_path.display()));
             }
         }
@@ -375,8 +413,10 @@ mod tests {
             ("ISTIO_OWNED_CNI_CONFIG_FILENAME", "00-mesh.conflist"),
             ("ISTIO_OWNED_CNI_CONF_FILENAME", "01-ignored.conflist"),
             ("CNI_CONF_GROUP_READ", "true"),
+            ("KUBECONFIG_MODE", "0640"),
         ]));
         assert_eq!(c.mode, ConfigMode::IstioOwned);
+        assert_eq!(c.kubeconfig_mode, 0o640);
         assert_eq!(c.write.owned_name, "00-mesh.conflist");
         assert_eq!(c.write.mode, 0o640);
         assert_eq!(c.plugin.exclude_namespaces, vec!["kube-system", "infra"]);
@@ -391,5 +431,23 @@ mod tests {
             ("ISTIO_OWNED_CNI_CONFIG", "true"),
         ]));
         assert_eq!(off.mode, ConfigMode::Off);
+        assert_eq!(off.kubeconfig_mode, 0o600);
+    }
+
+    #[test]
+    fn file_modes_parse_like_upstream() {
+        for (text, mode) in [
+            ("0600", 0o600),
+            ("0o640", 0o640),
+            ("384", 0o600),
+            ("0x1a0", 0o640),
+            (" 0644 ", 0o644),
+            ("0400", 0o400),
+        ] {
+            assert_eq!(parse_mode(text), Ok(mode), "{text}");
+        }
+        for bad in ["", "rw-------", "0800", "04600", "0244", "0o7777", "-1"] {
+            assert!(parse_mode(bad).is_err(), "{bad} accepted");
+        }
     }
 }
