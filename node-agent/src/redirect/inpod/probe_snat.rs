@@ -127,54 +127,64 @@ impl HostProbe {
 
     /// Removes pod `uid`'s entries among `ips` (see [`del_pod_ips_here`]).
     pub fn del_pod_ips_here(&self, uid: &str, ips: &[IpAddr]) -> Result<(), IpsetError> {
-        let ours = pod_entries(&self.members_here()?, uid, ips);
-        self.del_ips_here(&ours)
+        match self.engine {
+            RuleEngine::Iptables(_) => del_pod_ips_here(&self.rules, uid, ips),
+            RuleEngine::Nftables => {
+                // One listing gives both the members and which sets exist.
+                let sets = self.nft_host_sets()?;
+                let members: Vec<_> = sets.iter().flat_map(|s| s.members.clone()).collect();
+                let names: Vec<String> = sets.into_iter().map(|s| s.name).collect();
+                self.nft(&rules_nft::del_elements_script(
+                    &self.rules,
+                    &pod_entries(&members, uid, ips),
+                    &names,
+                ))
+            }
+        }
     }
 
     /// Members of the probe sets: (IP, comment = pod UID if any).
     pub fn members_here(&self) -> Result<Vec<(IpAddr, Option<String>)>, IpsetError> {
         match self.engine {
             RuleEngine::Iptables(_) => members_here(&self.rules),
-            RuleEngine::Nftables => {
-                let mut out = Vec::new();
-                for set in self.nft_sets()? {
-                    let what = format!("set {set}");
-                    let json = nftables::query(
-                        &["-j", "list", "set", "inet", rules_nft::HOST_TABLE, &set],
-                        &what,
-                    )
-                    .map_err(|source| self.nft_error(source))?;
-                    if let Some(json) = json {
-                        out.extend(
-                            rules_nft::parse_set_members(&json).map_err(|reason| {
-                                self.nft_error(NftError::Output { what, reason })
-                            })?,
-                        );
-                    }
-                }
-                Ok(out)
-            }
+            RuleEngine::Nftables => Ok(self
+                .nft_host_sets()?
+                .into_iter()
+                .flat_map(|s| s.members)
+                .collect()),
         }
     }
 
     /// Our probe sets that exist in the host table.
     fn nft_sets(&self) -> Result<Vec<String>, IpsetError> {
-        let what = format!("sets of table inet {}", rules_nft::HOST_TABLE);
-        let json = nftables::query(&["-j", "list", "sets", "inet"], &what)
-            .map_err(|source| self.nft_error(source))?
-            .unwrap_or_default();
-        if json.trim().is_empty() {
+        Ok(self.nft_host_sets()?.into_iter().map(|s| s.name).collect())
+    }
+
+    /// Our probe sets in the host table with their members: one `nft`
+    /// listing of that table only (none when it does not exist).
+    fn nft_host_sets(&self) -> Result<Vec<rules_nft::HostSet>, IpsetError> {
+        let what = format!("table inet {}", rules_nft::HOST_TABLE);
+        let json = nftables::query(
+            &["-j", "list", "table", "inet", rules_nft::HOST_TABLE],
+            &what,
+        )
+        .map_err(|source| self.nft_error(source))?;
+        let Some(json) = json.filter(|j| !j.trim().is_empty()) else {
             return Ok(Vec::new());
-        }
-        let names = rules_nft::parse_set_names(&json)
+        };
+        let sets = rules_nft::parse_host_sets(&json)
             .map_err(|reason| self.nft_error(NftError::Output { what, reason }))?;
-        Ok(names
+        Ok(sets
             .into_iter()
-            .filter(|n| *n == self.rules.probe_ipset_v4 || *n == self.rules.probe_ipset_v6)
+            .filter(|s| s.name == self.rules.probe_ipset_v4 || s.name == self.rules.probe_ipset_v6)
             .collect())
     }
 
     fn nft(&self, script: &str) -> Result<(), IpsetError> {
+        if script.trim().is_empty() {
+            // Nothing to change (e.g. no set of that family): no process.
+            return Ok(());
+        }
         nftables::apply(
             script,
             &format!("host probe SNAT (table inet {})", rules_nft::HOST_TABLE),

@@ -370,17 +370,36 @@ pub fn del_elements_script(cfg: &RuleConfig, ips: &[IpAddr], present: &[String])
     out
 }
 
-/// Members of one set from `nft -j list set ...`: (IP, comment).
-pub fn parse_set_members(json: &str) -> Result<Vec<(IpAddr, Option<String>)>, String> {
+/// One set of the host table with its members: (IP, comment = pod UID if
+/// any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSet {
+    pub name: String,
+    pub members: Vec<(IpAddr, Option<String>)>,
+}
+
+/// The sets of the host table (`inet istio-ambient-nat`) with their
+/// elements, from `nft -j list table inet istio-ambient-nat` (or any listing
+/// that includes it; sets of other tables are left out).
+pub fn parse_host_sets(json: &str) -> Result<Vec<HostSet>, String> {
     let v: serde_json::Value =
         serde_json::from_str(json).map_err(|e| format!("nft JSON output: {e}"))?;
     let mut out = Vec::new();
     let items = v["nftables"].as_array().cloned().unwrap_or_default();
     for item in items {
-        let Some(elems) = item["set"]["elem"].as_array() else {
+        let set = &item["set"];
+        if set["table"] != HOST_TABLE || set["family"] != "inet" {
+            continue;
+        }
+        let Some(name) = set["name"].as_str() else {
             continue;
         };
-        for e in elems {
+        let mut members = Vec::new();
+        for e in set["elem"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
             let (val, comment) = match e {
                 serde_json::Value::String(s) => (s.as_str(), None),
                 other => (
@@ -390,28 +409,15 @@ pub fn parse_set_members(json: &str) -> Result<Vec<(IpAddr, Option<String>)>, St
             };
             let ip = val
                 .parse()
-                .map_err(|_| format!("set element {val:?} is not an IP address"))?;
-            out.push((ip, comment));
+                .map_err(|_| format!("element {val:?} of set {name} is not an IP address"))?;
+            members.push((ip, comment));
         }
+        out.push(HostSet {
+            name: name.to_string(),
+            members,
+        });
     }
     Ok(out)
-}
-
-/// Every set in the host table, from `nft -j list sets inet ...` (empty when
-/// the table does not exist).
-pub fn parse_set_names(json: &str) -> Result<Vec<String>, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| format!("nft JSON output: {e}"))?;
-    Ok(v["nftables"]
-        .as_array()
-        .map(|items| {
-            items
-                .iter()
-                .filter(|i| i["set"]["table"] == HOST_TABLE && i["set"]["family"] == "inet")
-                .filter_map(|i| i["set"]["name"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -519,20 +525,26 @@ mod tests {
 
     #[test]
     fn parses_nft_json() {
-        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"set": {"family": "inet", "name": "istio-inpod-probes-v4", "table": "istio-ambient-nat", "type": "ipv4_addr", "handle": 1, "elem": [{"elem": {"val": "10.0.0.5", "comment": "uid-1"}}, "10.0.0.6"]}}]}"#;
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"table": {"family": "inet", "name": "istio-ambient-nat", "handle": 3}}, {"set": {"family": "inet", "name": "istio-inpod-probes-v4", "table": "istio-ambient-nat", "type": "ipv4_addr", "handle": 1, "elem": [{"elem": {"val": "10.0.0.5", "comment": "uid-1"}}, "10.0.0.6"]}}, {"set": {"family": "inet", "name": "istio-inpod-probes-v6", "table": "istio-ambient-nat", "type": "ipv6_addr", "handle": 2}}, {"set": {"family": "inet", "name": "other", "table": "firewall", "type": "ipv4_addr", "handle": 1, "elem": ["10.9.9.9"]}}]}"#;
         assert_eq!(
-            parse_set_members(json).unwrap(),
+            parse_host_sets(json).unwrap(),
             vec![
-                ("10.0.0.5".parse().unwrap(), Some("uid-1".to_string())),
-                ("10.0.0.6".parse().unwrap(), None)
+                HostSet {
+                    name: "istio-inpod-probes-v4".into(),
+                    members: vec![
+                        ("10.0.0.5".parse().unwrap(), Some("uid-1".to_string())),
+                        ("10.0.0.6".parse().unwrap(), None)
+                    ],
+                },
+                HostSet {
+                    name: "istio-inpod-probes-v6".into(),
+                    members: vec![],
+                },
             ]
         );
-        assert_eq!(
-            parse_set_names(json).unwrap(),
-            vec!["istio-inpod-probes-v4".to_string()]
-        );
-        assert!(parse_set_members("not json").is_err());
-        let empty = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"set": {"family": "inet", "name": "s", "table": "istio-ambient-nat", "type": "ipv4_addr", "handle": 1}}]}"#;
-        assert!(parse_set_members(empty).unwrap().is_empty());
+        assert!(parse_host_sets("not json").is_err());
+        let bad = r#"{"nftables": [{"set": {"family": "inet", "name": "s", "table": "istio-ambient-nat", "elem": ["nope"]}}]}"#;
+        let e = parse_host_sets(bad).unwrap_err();
+        assert!(e.contains("nope") && e.contains("set s"), "{e}");
     }
 }
