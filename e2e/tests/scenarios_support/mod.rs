@@ -31,6 +31,7 @@ use e2e::simcluster::{
 };
 use e2e::workloads::{self, Conn};
 use nix::sys::signal::Signal;
+use node_agent::redirect::inpod::rules_nft;
 
 pub const SECOND: Duration = Duration::from_secs(1);
 pub const PORT: u16 = workloads::DEFAULT_PORT;
@@ -296,22 +297,29 @@ impl<'a> Ctx<'a> {
                 })
                 .map(|l| format!("{node} ipset: {l}")),
         );
-        // Native nftables: the probe set elements of the node's table.
+        // Native nftables: the probe set elements of the node's table, read
+        // with the agent's own parser of `nft -j` output.
         let nft = node_ns
             .exec(
                 "nft",
-                ["list", "table", "inet", "istio-ambient-nat"],
+                ["-j", "list", "table", "inet", rules_nft::HOST_TABLE],
                 t(5 * SECOND),
             )
             .unwrap_or_default();
-        out.extend(
-            nft.lines()
-                .filter(|l| l.contains("elements = {"))
-                .flat_map(|l| l.split(['{', '}', ',']))
-                .map(str::trim)
-                .filter(|e| e.split_whitespace().next() == Some(ip.as_str()))
-                .map(|e| format!("{node} nft set element: {e}")),
-        );
+        let sets = rules_nft::parse_host_sets(&nft).unwrap_or_default();
+        let node = node.as_str();
+        out.extend(sets.iter().flat_map(|set| {
+            set.members
+                .iter()
+                .filter(|(member, _)| member.to_string() == ip)
+                .map(move |(member, uid)| {
+                    format!(
+                        "{node} nft set element: {member} comment {:?} in {}",
+                        uid.as_deref().unwrap_or(""),
+                        set.name
+                    )
+                })
+        }));
         if self.sim.mode() == RedirectMode::Geneve {
             let routes = node_ns
                 .exec("ip", ["-4", "route", "show", "table", "all"], t(5 * SECOND))
