@@ -11,6 +11,8 @@
 //! - SIGTERM: each ztunnel drains and exits 0: new connections are refused at once, open
 //!   ones keep flowing and the process exits as soon as they finish; connections still open
 //!   when `TERMINATION_GRACE_PERIOD_SECONDS` ends are closed and the exit status is still 0.
+//! - An application tunnel (PROXY) on B is reached on loopback inside B's netns, behind a
+//!   PROXY v2 header naming A's address, the target and A's identity.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -652,5 +654,74 @@ fn inline_local_config_and_ipv4_only_listeners() {
         assert!(v4.contains(&port), "{port} not on IPv4: {v4:?}");
         assert!(!v6.contains(&port), "{port} on IPv6: {v6:?}");
     }
+    mesh.shutdown();
+}
+
+/// An application tunnel (`applicationTunnel: {protocol: PROXY, port: 15088}` on B, what
+/// istiod sets for a sandwiched waypoint): A's plain connection to B:8080 reaches the app
+/// listening on 127.0.0.1:15088 only, inside B's netns, starting with a PROXY v2 header
+/// that names A's address, the target B:8080 and A's SPIFFE identity (TLV 0xD0).
+#[test]
+fn application_tunnel_gets_proxy_protocol_on_loopback() {
+    use ppp::v2::{Addresses, Header};
+    require_root!();
+    let mut m = DedicatedMesh::new("ztdedtunnel").expect("mesh");
+    m.add_pod("a", "default", "sa-a").expect("pod a");
+    m.add_pod("b", "default", "sa-b").expect("pod b");
+    let yaml = format!(
+        "workloads:\n{}{}",
+        workload_entry(m.pod("a"), "HBONE", "{}", ""),
+        workload_entry(
+            m.pod("b"),
+            "HBONE",
+            "{}",
+            "  applicationTunnel: {protocol: PROXY, port: 15088}\n"
+        )
+    );
+    m.write_config(&yaml);
+    m.start_ztunnel("a");
+    m.start_ztunnel("b");
+    let mesh = Mesh { m };
+    let listener = mesh
+        .b()
+        .netns()
+        .run(|| TcpListener::bind("127.0.0.1:15088"))
+        .unwrap()
+        .expect("bind 127.0.0.1:15088 in pod b");
+    let app = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut head = vec![0u8; 16];
+        s.read_exact(&mut head).unwrap();
+        let rest = u16::from_be_bytes([head[14], head[15]]) as usize;
+        head.resize(16 + rest, 0);
+        s.read_exact(&mut head[16..]).unwrap();
+        let h = Header::try_from(&head[..]).expect("PROXY v2 header");
+        let Addresses::IPv4(addrs) = h.addresses else {
+            panic!("IPv4 addresses expected: {:?}", h.addresses)
+        };
+        let identity = h
+            .tlvs()
+            .filter_map(Result::ok)
+            .find(|t| t.kind == 0xD0)
+            .map(|t| String::from_utf8_lossy(&t.value).into_owned());
+        let mut payload = [0u8; 6];
+        s.read_exact(&mut payload).unwrap();
+        s.write_all(&payload).unwrap();
+        (peer, addrs, identity)
+    });
+    let mut c = mesh.connect_a_to_b(ECHO_PORT);
+    c.write_all(b"tunnel").unwrap();
+    let mut back = [0u8; 6];
+    c.read_exact(&mut back).expect("echo through the tunnel");
+    assert_eq!(&back, b"tunnel");
+    let (peer, addrs, identity) = app.join().unwrap();
+    assert!(peer.ip().is_loopback(), "delivered from {peer}");
+    assert_eq!(addrs.source_address, mesh.a().ip(), "{addrs:?}");
+    assert_eq!(
+        (addrs.destination_address, addrs.destination_port),
+        (mesh.b().ip(), ECHO_PORT)
+    );
+    assert_eq!(identity, Some(mesh.a().identity()));
     mesh.shutdown();
 }

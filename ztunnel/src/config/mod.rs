@@ -201,6 +201,9 @@ pub struct Config {
     /// `ENABLE_RESPONSE_BAGGAGE` (true): inbound 200s carry the destination's `baggage`
     /// and an unknown source is described by its request `baggage`, as upstream.
     pub enable_response_baggage: bool,
+    /// `LOCALHOST_APP_TUNNEL` (true, as upstream): a workload's PROXY application tunnel
+    /// is reached on loopback when the proxy runs in its netns (in-pod, dedicated).
+    pub localhost_app_tunnel: bool,
     /// `ADMIN_ADDR` (localhost:15000).
     pub admin_addr: SocketAddr,
     /// `STATS_ADDR` ([::]:15020, `/metrics`).
@@ -732,6 +735,7 @@ impl Config {
             preferred_service_namespace: get("PREFERED_SERVICE_NAMESPACE")
                 .map(|n| n.trim().to_string()),
             enable_response_baggage: parse_bool("ENABLE_RESPONSE_BAGGAGE", true)?,
+            localhost_app_tunnel: parse_bool("LOCALHOST_APP_TUNNEL", true)?,
             admin_addr: parse_addr("ADMIN_ADDR", "127.0.0.1:15000")?,
             stats_addr: parse_addr("STATS_ADDR", &format!("{wildcard}:15020"))?,
             readiness_addr: parse_addr("READINESS_ADDR", &format!("{wildcard}:15021"))?,

@@ -28,6 +28,12 @@ fn defaults_match_upstream() {
     assert_eq!(c.stats_addr.port(), 15020);
     assert_eq!(c.readiness_addr.port(), 15021);
     assert_eq!(c.log_format, LogFormat::Plain);
+    assert!(c.localhost_app_tunnel);
+    assert!(
+        !cfg(&[("LOCALHOST_APP_TUNNEL", "false")])
+            .unwrap()
+            .localhost_app_tunnel
+    );
 }
 
 #[test]

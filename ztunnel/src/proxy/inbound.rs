@@ -15,6 +15,8 @@
 //! the workload's services; an unknown source is described by its `baggage`. Refusals
 //! before the destination workload is known are access-log lines ("connection failed"),
 //! as upstream's early denials.
+//! A workload with an application tunnel ([`app_tunnel`]) gets its streams on the
+//! tunnel's port, with a PROXY header when it asks for one, and any target.
 //! As upstream, a connection to an in-pod (or dedicated) proxy whose workload the state
 //! does not know yet waits for it ([`local_snapshot`], 5 s at most), and a target IP this
 //! proxy's state does not know is asked for on demand (`XDS_ON_DEMAND`) before the
@@ -27,8 +29,10 @@ use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Request, Response, StatusCode};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::app_tunnel;
 use super::authorize::{AuthorizationRequest, authorize};
 use super::conntrack::ConnGuard;
 use super::policy_watch::Authorized;
@@ -266,7 +270,11 @@ async fn handle_stream(
             .await
             .unwrap_or_else(Unanswered::into_snapshot);
     }
-    let upstream_addr = match destination(&snap, &peer.network, peer.local, target) {
+    // A workload with an application tunnel gets any target: the PROXY header names it.
+    let local_tunnel = snap
+        .workload_by_ip(&peer.network, peer.local.ip())
+        .is_some_and(|w| w.application_tunnel.is_some());
+    let upstream_addr = match destination(&snap, &peer.network, peer.local, target, local_tunnel) {
         Ok(a) => a,
         Err(why) => {
             return reject(
@@ -382,7 +390,14 @@ async fn handle_stream(
         }
     };
     drop(snap);
-    let orig_src = ctx.orig_src.then(|| peer.addr.ip());
+    let delivery = app_tunnel::delivery(
+        dst_workload.application_tunnel.as_ref(),
+        upstream_addr,
+        target,
+        ctx.inputs.cfg.localhost_app_tunnel && matches!(ctx.scope, ProxyScope::Workload(_)),
+    );
+    let orig_src = (ctx.orig_src && !delivery.from_loopback).then(|| peer.addr.ip());
+    let upstream_addr = delivery.connect_to;
     let connect = ctx.sockets.connect(upstream_addr, orig_src);
     let failed = ResponseFlags::ConnectionFailure;
     let mut upstream = match tokio::time::timeout(ctx.inputs.cfg.connect_timeout, connect).await {
@@ -419,6 +434,18 @@ async fn handle_stream(
                 return;
             }
         };
+    if let Some(proxy_target) = delivery.proxy_target {
+        let header = app_tunnel::proxy_header(peer.addr, proxy_target, &peer.identity);
+        let written = match header {
+            Ok(h) => upstream.write_all(&h).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            let why = format!("PROXY header to {upstream_addr}: {e}");
+            tele.close_with_flag(0, 0, Some(&why), failed);
+            return;
+        }
+    }
     // Inbound: the copy's "to tunnel" direction is destination → source.
     guard.set_tunnel(&mut tele, false);
     let stream = H2Stream::new(send, req.into_body());
@@ -487,14 +514,21 @@ pub(super) async fn local_snapshot(ctx: &ProxyCtx, local_ip: IpAddr) -> Arc<Snap
 /// whatever owns the target IP (a service VIP or a workload; the "waypoint sandwich":
 /// a captured waypoint receives `VIP:port` targets): then it goes to the local workload on
 /// the target's port. Anything else is refused (400), as upstream's destination validation.
+///
+/// A workload with an application tunnel (`local_tunnel`) gets any target, on the target's
+/// port, unchecked (as upstream: the PROXY header tells it what was asked for).
 fn destination(
     snap: &Snapshot,
     network: &str,
     local: SocketAddr,
     target: SocketAddr,
+    local_tunnel: bool,
 ) -> Result<SocketAddr, String> {
     if target.ip() == local.ip() {
         return Ok(target);
+    }
+    if local_tunnel {
+        return Ok(SocketAddr::new(local.ip(), target.port()));
     }
     let local_is_waypoint = snap
         .waypoint_of_address(network, target.ip())
@@ -557,27 +591,33 @@ services:
         let a = |s: &str| s.parse::<SocketAddr>().unwrap();
         // Normal case: the authority is the address reached.
         assert_eq!(
-            destination(&snap, "", a("10.0.0.1:15008"), a("10.0.0.1:8080")),
+            destination(&snap, "", a("10.0.0.1:15008"), a("10.0.0.1:8080"), false),
             Ok(a("10.0.0.1:8080"))
         );
         // The service's waypoint (captured) receives VIP:port and a workload's address.
         assert_eq!(
-            destination(&snap, "", a("10.0.0.50:15008"), a("10.96.0.1:80")),
+            destination(&snap, "", a("10.0.0.50:15008"), a("10.96.0.1:80"), false),
             Ok(a("10.0.0.50:80"))
         );
         assert_eq!(
-            destination(&snap, "", a("10.0.0.50:15008"), a("10.0.0.2:9000")),
+            destination(&snap, "", a("10.0.0.50:15008"), a("10.0.0.2:9000"), false),
             Ok(a("10.0.0.50:9000"))
         );
         // Anyone else asking for a VIP or another pod is refused, naming both addresses.
-        let err = destination(&snap, "", a("10.0.0.1:15008"), a("10.96.0.1:80")).unwrap_err();
+        let err =
+            destination(&snap, "", a("10.0.0.1:15008"), a("10.96.0.1:80"), false).unwrap_err();
         assert!(
             err.contains("10.96.0.1:80") && err.contains("10.0.0.1"),
             "{err}"
         );
-        assert!(destination(&snap, "", a("10.0.0.50:15008"), a("10.96.0.2:80")).is_err());
-        assert!(destination(&snap, "", a("10.0.0.50:15008"), a("10.0.0.1:8080")).is_err());
-        assert!(destination(&snap, "", a("10.0.0.2:15008"), a("10.0.0.1:8080")).is_err());
+        assert!(destination(&snap, "", a("10.0.0.50:15008"), a("10.96.0.2:80"), false).is_err());
+        assert!(destination(&snap, "", a("10.0.0.50:15008"), a("10.0.0.1:8080"), false).is_err());
+        assert!(destination(&snap, "", a("10.0.0.2:15008"), a("10.0.0.1:8080"), false).is_err());
+        // A workload with an application tunnel gets any target on its own address.
+        assert_eq!(
+            destination(&snap, "", a("10.0.0.2:15008"), a("10.96.0.2:80"), true),
+            Ok(a("10.0.0.2:80"))
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! tasks; [`ProxyHandle::drain`] stops accepting, lets open connections finish for the grace
 //! period, then closes what is left.
 
+pub mod app_tunnel;
 pub mod authorize;
 pub mod conntrack;
 pub mod copy;
