@@ -311,7 +311,8 @@ async fn redirector_enrol_unenrol_reconcile_cleanup() {
     );
     a.annotations = Default::default();
 
-    // ztunnel not there: retryable, rules in place, no probe-ipset entry yet.
+    // ztunnel not there: retryable, rules in place, and the probe-ipset entry
+    // (written before the rules) too, so its probes are not captured.
     *handoff.fail_add.lock().unwrap() = true;
     let b = PodRedirect {
         uid: "uid-b".into(),
@@ -328,7 +329,7 @@ async fn redirector_enrol_unenrol_reconcile_cleanup() {
         node_agent::redirect::inpod::apply::inspect_pod(&pod_b.netns(), backend).unwrap();
     assert!(!views[0].1.is_empty());
     let members = run_in(&host, "ipset", &["save", rules::DEFAULT_PROBE_IPSET_V4]);
-    assert!(!members.contains("10.9.0.2"), "{members}");
+    assert!(members.contains("10.9.0.2 comment \"uid-b\""), "{members}");
     *handoff.fail_add.lock().unwrap() = false;
 
     // Reconcile with only `a`: `b` is cleaned up; a stale ipset entry goes.
@@ -343,7 +344,9 @@ async fn redirector_enrol_unenrol_reconcile_cleanup() {
     assert!(views.iter().all(|(_, v)| v.is_empty()) && routing.is_empty());
     let members = run_in(&host, "ipset", &["save", c]);
     assert!(
-        !members.contains("10.9.9.9") && members.contains("10.9.0.1"),
+        !members.contains("10.9.9.9")
+            && !members.contains("10.9.0.2")
+            && members.contains("10.9.0.1"),
         "{members}"
     );
 
@@ -602,12 +605,12 @@ fn break_probe_ipset(host: &Netns, broken: bool) {
     }
 }
 
-/// The probe ipset fails after ztunnel took the pod: a new pod is fully
-/// undone (no rules, ztunnel told to drop it, not held) and the error is not
+/// The probe ipset fails (it is written first): a new pod is left untouched
+/// (no rules, ztunnel never asked, not held) and the error is not
 /// retryable; an already enrolled pod keeps everything and the error is
 /// retryable.
 #[tokio::test]
-async fn probe_ipset_failure_after_ack_leaves_nothing_half_configured() {
+async fn probe_ipset_failure_leaves_nothing_half_configured() {
     require_root!();
     let (node, pod_c, pod_e) = (TestNetns::new(), TestNetns::new(), TestNetns::new());
     let handoff = Arc::new(FakeHandoff::default());
@@ -626,21 +629,62 @@ async fn probe_ipset_failure_after_ack_leaves_nothing_half_configured() {
     );
     assert!(pod_is_clean(&pod_c, backend), "rules left in pod c");
     assert!(!r.enrolled_uids().await.contains(&"uid-c".to_string()));
-    assert_eq!(
-        calls(&handoff),
-        vec!["add uid-e ns1/e", "add uid-c ns1/c", "del uid-c"]
-    );
+    assert_eq!(calls(&handoff), vec!["add uid-e ns1/e"]);
 
     // An enrolled pod re-enrolled meanwhile: kept, retryable.
     let err = r.enrol(&e_pod).await.unwrap_err();
     assert!(err.is_retryable(), "{err}");
     assert!(!pod_is_clean(&pod_e, backend));
     assert!(r.enrolled_uids().await.contains(&"uid-e".to_string()));
-    assert_eq!(calls(&handoff).last().unwrap(), "add uid-e ns1/e");
 
     break_probe_ipset(&host, false);
     r.enrol(&c).await.unwrap();
     assert!(probe_members(&host).contains("10.9.0.5 comment \"uid-c\""));
+    r.cleanup_all().await.unwrap();
+}
+
+/// Kubelet probes are SNATed before the pod's capture rules exist: the
+/// pod's probe-ipset entry is already there when ztunnel is handed the pod
+/// (upstream adds it last, leaving a window in which probes are captured).
+/// A later rule failure on a new pod takes the entry back.
+#[tokio::test]
+async fn probe_entries_precede_capture() {
+    require_root!();
+    let (node, pod_f, pod_g) = (TestNetns::new(), TestNetns::new(), TestNetns::new());
+    let handoff = Arc::new(FakeHandoff::default());
+    *handoff.watch_host.lock().unwrap() = Some(node.path());
+    let r = redirector(&node, &handoff).await;
+    let (backend, host) = (r.backend().unwrap(), node.netns());
+    r.enrol(&pod("uid-f", "f", "10.9.0.7", &pod_f))
+        .await
+        .unwrap();
+    let seen = handoff.host_sets_at_add.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert!(
+        seen[0].contains("10.9.0.7 comment \"uid-f\""),
+        "probe entry missing when ztunnel got the pod:\n{}",
+        seen[0]
+    );
+
+    // A new pod whose rules cannot be applied (its loopback renamed away):
+    // refused, and neither rules nor its probe entry are left behind.
+    for args in ["link set lo down", "link set lo name lo-gone"] {
+        run_in(&pod_g.netns(), "ip", &args.split(' ').collect::<Vec<_>>());
+    }
+    let err = r
+        .enrol(&pod("uid-g", "g", "10.9.0.8", &pod_g))
+        .await
+        .unwrap_err();
+    assert!(!err.is_retryable(), "{err}");
+    assert!(err.to_string().contains("applying pod rules"), "{err}");
+    assert!(pod_is_clean(&pod_g, backend), "rules left in pod g");
+    assert!(
+        !probe_members(&host).contains("10.9.0.8"),
+        "{}",
+        probe_members(&host)
+    );
+    assert!(probe_members(&host).contains("10.9.0.7 comment \"uid-f\""));
+    assert_eq!(calls(&handoff), vec!["add uid-f ns1/f"]);
     r.cleanup_all().await.unwrap();
 }
 

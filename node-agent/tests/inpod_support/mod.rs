@@ -207,11 +207,15 @@ pub fn run_in(ns: &Netns, cmd: &str, args: &[&str]) -> String {
     .unwrap()
 }
 
-/// Records hand-off calls; fails `add` while `fail_add` is set.
+/// Records hand-off calls; fails `add` while `fail_add` is set. With
+/// `watch_host` (a host netns path), each `add` also records that netns's
+/// `ipset save` at that moment in `host_sets_at_add`.
 #[derive(Default)]
 pub struct FakeHandoff {
     pub calls: Mutex<Vec<String>>,
     pub fail_add: Mutex<bool>,
+    pub watch_host: Mutex<Option<PathBuf>>,
+    pub host_sets_at_add: Mutex<Vec<String>>,
 }
 
 impl WorkloadHandoff for FakeHandoff {
@@ -229,6 +233,11 @@ impl WorkloadHandoff for FakeHandoff {
                 .lock()
                 .unwrap()
                 .push(format!("add {uid} {}/{}", info.namespace, info.name));
+            let watched = self.watch_host.lock().unwrap().clone();
+            if let Some(host) = watched {
+                let sets = run_in(&Netns::open(host).unwrap(), "ipset", &["save"]);
+                self.host_sets_at_add.lock().unwrap().push(sets);
+            }
             if *self.fail_add.lock().unwrap() {
                 return Err("no ztunnel connected".into());
             }

@@ -8,15 +8,19 @@
 //!   to ztunnel behind the [`WorkloadHandoff`] trait (implemented by the ZDS
 //!   server in `crate::zds`, and by fakes in tests).
 //!
-//! Enrol order (as upstream): rules in the pod netns → hand-off (wait for
-//! ztunnel's Ack) → pod IPs into the probe ipset. Unenrol: ipset → rules →
-//! hand-off `del`.
+//! Enrol order: pod IPs into the probe ipset → rules in the pod netns →
+//! hand-off (wait for ztunnel's Ack). Upstream adds the ipset entries last;
+//! a kubelet probe arriving between its rules and its entries is captured
+//! (refused before ztunnel has the pod, else proxied as plaintext from the
+//! node). Here the probes are SNATed before any rule exists. Unenrol:
+//! ipset → rules → hand-off `del` (ztunnel keeps serving until the rules
+//! are gone).
 //!
 //! Failures follow the [`Redirector`] contract. Enrolling a pod we do not
-//! redirect yet either completes or leaves nothing behind (a failure after
-//! rules were applied undoes them, and after ztunnel's Ack also sends `del`),
-//! so the error is not retryable; the one exception is ztunnel not taking
-//! the pod, which leaves the rules (retryable, as upstream). Re-enrolling a
+//! redirect yet either completes or leaves nothing behind (a failure undoes
+//! the rules and the ipset entries added so far), so the error is not
+//! retryable; the one exception is ztunnel not taking the pod, which leaves
+//! the rules and entries (retryable, as upstream). Re-enrolling a
 //! pod we already redirect (annotation change, retry, start-up survivor)
 //! never tears it down: its previous redirection stays and a failure is
 //! retryable.
@@ -229,6 +233,19 @@ impl InpodRedirector {
         }
     }
 
+    /// Takes back the probe-SNAT entries of a pod whose first enrolment
+    /// failed (best effort: logged).
+    async fn forget_probe_entries(&self, pod: &PodRedirect) {
+        let (uid, ips) = (pod.uid.clone(), pod.ips.clone());
+        if let Err(e) = self
+            .host_ipset(move |r| r.del_pod_ips_here(&uid, &ips))
+            .await
+        {
+            tracing::warn!(pod = %pod.key(), uid = %pod.uid, error = %e,
+                "could not remove the probe-SNAT entries of a pod whose enrolment failed");
+        }
+    }
+
     fn host_probe(&self) -> probe_snat::HostProbe {
         probe_snat::HostProbe {
             engine: self.net.engine,
@@ -356,10 +373,29 @@ impl InpodRedirector {
             .await
             .map_err(|e| retryable(e, was_enrolled))?;
 
+        // The probe-SNAT entries first: from the moment the capture rules
+        // exist, a kubelet probe must arrive SNATed (and so not be redirected);
+        // added after them (as upstream), a probe in between went to ztunnel's
+        // 15006 as plaintext from the node, or was refused before ztunnel had
+        // the pod. An entry without rules only changes the probes' source.
+        let (uid, ips) = (pod.uid.clone(), pod.ips.clone());
+        if let Err(e) = self.host_ipset(move |r| r.add_ips_here(&uid, &ips)).await {
+            if !was_enrolled {
+                self.forget_probe_entries(pod).await;
+            }
+            return Err(RedirectError::new(
+                pod,
+                "adding pod IPs to the probe ipset",
+                was_enrolled,
+                e,
+            ));
+        }
+
         if let Err(e) = apply_pod(&netns, &self.net, &opts).await {
             if !was_enrolled {
                 // Leave nothing half-applied in a pod we did not enrol before.
                 let _ = remove_pod(&netns, self.net.engine).await;
+                self.forget_probe_entries(pod).await;
             }
             return Err(RedirectError::new(
                 pod,
@@ -376,6 +412,7 @@ impl InpodRedirector {
             Err(e) => {
                 if !was_enrolled {
                     let _ = remove_pod(&netns, self.net.engine).await;
+                    self.forget_probe_entries(pod).await;
                 }
                 return Err(e);
             }
@@ -392,21 +429,6 @@ impl InpodRedirector {
             .add(&pod.uid, &info_of(pod), &netns)
             .await
             .map_err(|e| RedirectError::new(pod, "handing the pod to ztunnel", true, e))?;
-
-        let (uid, ips) = (pod.uid.clone(), pod.ips.clone());
-        if let Err(e) = self.host_ipset(move |r| r.add_ips_here(&uid, &ips)).await {
-            let e = RedirectError::new(pod, "adding pod IPs to the probe ipset", was_enrolled, e);
-            if !was_enrolled {
-                // Not retryable means not redirected: take back the rules and
-                // ztunnel's proxy rather than leave a pod whose kubelet probes
-                // would be captured.
-                if let Err(undo) = self.unenrol_pod(pod).await {
-                    tracing::error!(pod = %pod.key(), uid = %pod.uid, error = %undo,
-                        "undoing a failed enrolment left state behind");
-                }
-            }
-            return Err(e);
-        }
         tracing::info!(pod = %pod.key(), uid = %pod.uid, ?opts, "pod enrolled (in-pod)");
         Ok(())
     }
