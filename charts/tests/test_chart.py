@@ -119,6 +119,7 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
     "trust-domain-cluster": {
         "trustDomain": "prod.example.com",
         "multiCluster": {"clusterName": "east"},
+        "network": "net1",
         "clusterDomain": "corp.local",
         "rootNamespace": "istio-config",
         "ztunnel": {
@@ -684,6 +685,8 @@ class Environment(unittest.TestCase):
         r = rendered("trust-domain-cluster")
         self.assertEqual(r.env("DaemonSet", "ztunnel", "istio-proxy")["TRUST_DOMAIN"], "prod.example.com")
         self.assertEqual(r.env("DaemonSet", "ztunnel", "istio-proxy")["CLUSTER_ID"], "east")
+        self.assertEqual(r.env("DaemonSet", "ztunnel", "istio-proxy")["NETWORK"], "net1")
+        self.assertNotIn("NETWORK", rendered("default").env("DaemonSet", "ztunnel", "istio-proxy"))
         zt = r.env("DaemonSet", "ztunnel", "istio-proxy")
         self.assertEqual(
             (zt["CLUSTER_DOMAIN"], zt["ROOT_NAMESPACE"], zt["ZTUNNEL_WORKER_THREADS"]),
@@ -847,6 +850,7 @@ class BadValues(unittest.TestCase):
     """Install-time refusal of bad values, with a message naming the value."""
 
     SCHEMA_ERRORS = [
+        ({"network": "net/1"}, "network"),
         ({"ambient": {"redirectMode": "ebpf"}}, "redirectMode"),
         ({"ambient": {"redirectMode": "GENEVE"}}, "redirectMode"),
         ({"ambient": {"dnsCapture": "yes"}}, "dnsCapture"),

@@ -94,6 +94,7 @@ async fn proxy_with(servers: Vec<SocketAddr>, attempts: u32, ipv6: bool) -> Prox
         metrics: metrics.clone(),
         preferred_namespace: None,
         ipv6,
+        network: String::new(),
     });
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();

@@ -116,6 +116,7 @@ async fn queries_are_answered_in_the_pod_and_forwarded_from_it_with_the_mark() {
         metrics: DnsMetrics::default(),
         preferred_namespace: None,
         ipv6: true,
+        network: String::new(),
     });
     let dns = SocketAddr::from((Ipv4Addr::LOCALHOST, 15053));
     let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());

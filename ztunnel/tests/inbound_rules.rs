@@ -338,3 +338,51 @@ async fn connect_responses_carry_the_destinations_baggage() {
         }
     }
 }
+
+/// `NETWORK`: a served workload the state does not know yet is asked for on this node's
+/// network (`net1/<ip>`, the name istiod indexes it under), as upstream; asked as `/<ip>`
+/// it would never be answered in a cluster with named networks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_demand_asks_on_the_configured_network() {
+    let mesh = Mesh::new("127.79.28", |c| c.network = "net1".into());
+    let _echo = echo_server(sa(mesh.b_ip, 8080)).await;
+    let snap = mesh.store.snapshot();
+    let mut b = (**snap.workload_by_uid("b").unwrap()).clone();
+    drop(snap);
+    b.network = "net1".into();
+    mesh.store.source("file").remove_workload("b");
+    let (_pb, _) = mesh.proxy("b").await;
+    let (demander, mut demands) = OnDemand::channel(Duration::from_secs(2));
+    mesh.store.set_on_demand(demander);
+    let wanted = address_key("net1", mesh.b_ip);
+    let store = mesh.store.clone();
+    let istiod = tokio::spawn(async move {
+        let mut asked = Vec::new();
+        while let Some(d) = demands.recv().await {
+            asked.push(d.key.clone());
+            if d.key == wanted {
+                store.source("file").upsert_workload(b.clone());
+            }
+            let _ = d.answered.send(());
+            if asked.contains(&wanted) {
+                return asked;
+            }
+        }
+        asked
+    });
+    let a = mesh.identity("sa-a", "ns-a");
+    let target = format!("{}:8080", mesh.b_ip);
+    assert_eq!(
+        hbone_status(&mesh, mesh.a_ip, &a, Method::CONNECT, &target).await,
+        Some(StatusCode::OK)
+    );
+    let asked = tokio::time::timeout(Duration::from_secs(5), istiod)
+        .await
+        .expect("istiod asked")
+        .unwrap();
+    assert!(
+        asked.contains(&address_key("net1", mesh.b_ip))
+            && !asked.contains(&address_key("", mesh.b_ip)),
+        "{asked:?}"
+    );
+}

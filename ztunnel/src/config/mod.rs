@@ -201,6 +201,11 @@ pub struct Config {
     /// `ENABLE_RESPONSE_BAGGAGE` (true): inbound 200s carry the destination's `baggage`
     /// and an unknown source is described by its request `baggage`, as upstream.
     pub enable_response_baggage: bool,
+    /// `NETWORK` (empty, as upstream): the network of this ztunnel's node. Addresses whose
+    /// workload the state does not know yet (a pod served before its workload arrives,
+    /// on-demand lookups of `<network>/<ip>`, a DNS client not in the state) are taken to
+    /// be on it; known workloads carry their own.
+    pub network: String,
     /// `LOCALHOST_APP_TUNNEL` (true, as upstream): a workload's PROXY application tunnel
     /// is reached on loopback when the proxy runs in its netns (in-pod, dedicated).
     pub localhost_app_tunnel: bool,
@@ -653,6 +658,16 @@ impl Config {
         let root_ca_path: PathBuf = get("ROOT_CA_PATH")
             .unwrap_or_else(|| "./var/run/secrets/istio/root-cert.pem".into())
             .into();
+        let network = get("NETWORK")
+            .map(|n| n.trim().to_string())
+            .unwrap_or_default();
+        if network.contains('/') {
+            return Err(err(
+                "NETWORK",
+                &network,
+                "a network name has no '/' (addresses are named <network>/<ip>)".into(),
+            ));
+        }
         Ok(Config {
             proxy_mode,
             proxy_workload_info,
@@ -736,6 +751,7 @@ impl Config {
                 .map(|n| n.trim().to_string()),
             enable_response_baggage: parse_bool("ENABLE_RESPONSE_BAGGAGE", true)?,
             localhost_app_tunnel: parse_bool("LOCALHOST_APP_TUNNEL", true)?,
+            network,
             admin_addr: parse_addr("ADMIN_ADDR", "127.0.0.1:15000")?,
             stats_addr: parse_addr("STATS_ADDR", &format!("{wildcard}:15020"))?,
             readiness_addr: parse_addr("READINESS_ADDR", &format!("{wildcard}:15021"))?,

@@ -29,6 +29,9 @@ fn defaults_match_upstream() {
     assert_eq!(c.readiness_addr.port(), 15021);
     assert_eq!(c.log_format, LogFormat::Plain);
     assert!(c.localhost_app_tunnel);
+    assert_eq!(c.network, "");
+    assert_eq!(cfg(&[("NETWORK", " net1 ")]).unwrap().network, "net1");
+    assert_eq!(cfg(&[("NETWORK", "a/b")]).unwrap_err().field, "NETWORK");
     assert!(
         !cfg(&[("LOCALHOST_APP_TUNNEL", "false")])
             .unwrap()

@@ -254,6 +254,7 @@ impl ProxyFactory {
             metrics: self.inputs.metrics.dns.clone(),
             preferred_namespace: cfg.preferred_service_namespace.clone(),
             ipv6: cfg.ipv6_enabled,
+            network: cfg.network.clone(),
         };
         (addrs, Arc::new(handler))
     }
@@ -487,21 +488,21 @@ impl ProxyCtx {
         // workload at the address), as for an unknown one.
         self.inputs
             .state
-            .snapshot_knowing("", ip)
+            .snapshot_knowing(&self.inputs.cfg.network, ip)
             .await
             .unwrap_or_else(Unanswered::into_snapshot)
     }
 
     /// The network inbound lookups use for a connection that reached `local_ip`: the served
-    /// workload's (upstream uses the connection's destination network); `""` while the
-    /// state does not know it.
+    /// workload's (upstream uses the connection's destination network); this node's
+    /// (`NETWORK`) while the state does not know it.
     fn local_network(&self, snap: &Snapshot, local_ip: IpAddr) -> String {
         match &self.scope {
             ProxyScope::Workload(_) => self.local_workload(snap),
             ProxyScope::Node => self.served_at(snap, local_ip),
         }
         .map(|w| w.network.clone())
-        .unwrap_or_default()
+        .unwrap_or_else(|| self.inputs.cfg.network.clone())
     }
 
     /// Whether `w` is a workload this proxy serves.

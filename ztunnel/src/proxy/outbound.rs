@@ -245,7 +245,7 @@ pub(super) async fn handle(
     let snap = ctx
         .inputs
         .state
-        .knowing(snap, "", peer.ip())
+        .knowing(snap, &ctx.inputs.cfg.network, peer.ip())
         .await
         .unwrap_or_else(Unanswered::into_snapshot);
     let src_workload = match &ctx.scope {
@@ -253,7 +253,7 @@ pub(super) async fn handle(
         // The source is a workload of this node, on its own network.
         ProxyScope::Node => ctx
             .served_at(&snap, peer.ip())
-            .or_else(|| snap.workload_by_ip("", peer.ip()))
+            .or_else(|| snap.workload_by_ip(&ctx.inputs.cfg.network, peer.ip()))
             .cloned(),
     };
     let src_identity = match (&ctx.scope, &src_workload) {
@@ -268,7 +268,7 @@ pub(super) async fn handle(
     let network = src_workload
         .as_ref()
         .map(|w| w.network.as_str())
-        .unwrap_or("");
+        .unwrap_or(&ctx.inputs.cfg.network);
     // XDS_ON_DEMAND: an address the state lacks is asked of istiod before routing. If
     // istiod does not answer, the connection is refused rather than sent as to an
     // address outside the mesh (which would be plaintext to what may be a mesh workload).

@@ -66,6 +66,8 @@ pub struct DnsHandler {
     pub preferred_namespace: Option<String>,
     /// `IPV6_ENABLED`: when false, mesh names answer no IPv6 addresses.
     pub ipv6: bool,
+    /// `NETWORK`: the network of a client the state does not know yet.
+    pub network: String,
 }
 
 /// The asking workload, as far as the state knows it.
@@ -93,7 +95,7 @@ impl DnsHandler {
                     // Not in the state yet: its namespace is still known.
                     .unwrap_or_else(|| Asker {
                         namespace: info.namespace.clone(),
-                        network: String::new(),
+                        network: self.network.clone(),
                         name: info.name.clone(),
                         canonical_service: String::new(),
                         canonical_revision: String::new(),
