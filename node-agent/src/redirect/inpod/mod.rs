@@ -12,9 +12,9 @@
 //! hand-off (wait for ztunnel's Ack). Upstream adds the ipset entries last;
 //! a kubelet probe arriving between its rules and its entries is captured
 //! (refused before ztunnel has the pod, else proxied as plaintext from the
-//! node). Here the probes are SNATed before any rule exists. Unenrol:
-//! ipset → rules → hand-off `del` (ztunnel keeps serving until the rules
-//! are gone).
+//! node). Here the probes are SNATed before any rule exists. Unenrol, the
+//! reverse: rules → ipset → hand-off `del` (ztunnel keeps serving until the
+//! rules are gone).
 //!
 //! Failures follow the [`Redirector`] contract. Enrolling a pod we do not
 //! redirect yet either completes or leaves nothing behind (a failure undoes
@@ -443,19 +443,8 @@ impl InpodRedirector {
         }
         ips.sort();
         ips.dedup();
-        let uid = pod.uid.clone();
-        if let Err(e) = self
-            .host_ipset(move |r| r.del_pod_ips_here(&uid, &ips))
-            .await
-        {
-            first_err.get_or_insert(RedirectError::new(
-                pod,
-                "removing pod IPs from the probe ipset",
-                false,
-                e,
-            ));
-        }
-
+        // Rules first, then the probe entries (the reverse of enrolment): no
+        // moment where probes are unSNATed while capture rules exist.
         let netns = match entry {
             Some(e) => Some(e.netns),
             None => pod.netns.as_ref().and_then(|p| Netns::open(p).ok()),
@@ -473,6 +462,19 @@ impl InpodRedirector {
                 self.remove_other_engine_rules(pod, &ns).await;
             }
             None => tracing::info!(pod = %pod.key(), "pod netns gone: no rules to remove"),
+        }
+
+        let uid = pod.uid.clone();
+        if let Err(e) = self
+            .host_ipset(move |r| r.del_pod_ips_here(&uid, &ips))
+            .await
+        {
+            first_err.get_or_insert(RedirectError::new(
+                pod,
+                "removing pod IPs from the probe ipset",
+                false,
+                e,
+            ));
         }
 
         if let Err(e) = self.handoff.del(&pod.uid).await {
