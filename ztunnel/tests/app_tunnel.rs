@@ -16,8 +16,7 @@ use common::*;
 use http::{Method, Request, StatusCode};
 use ppp::v2::{Addresses, Header};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket};
-use ztunnel::hbone::tls_connect;
+use tokio::net::TcpListener;
 use ztunnel::identity::Identity;
 use ztunnel::state::workload::{ApplicationTunnel, ApplicationTunnelProtocol};
 
@@ -71,17 +70,10 @@ async fn app(listener: TcpListener, expect_header: bool, len: usize) -> Received
 /// An HBONE CONNECT for `authority` to B's 15008 as `id` from A's address, sending
 /// `data` and reading as much back: the status and the echo.
 async fn tunnel(mesh: &Mesh, id: &Identity, authority: &str, data: &[u8]) -> (StatusCode, Vec<u8>) {
-    let cert = leaf(&mesh.ca, id, valid_now());
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind(sa(mesh.a_ip, 0)).unwrap();
-    let dst = sa(mesh.b_ip, 15008);
-    let tcp = sock.connect(dst).await.unwrap();
-    let cfg =
-        ztunnel::tls::client_config(&cert, &roots(&mesh.ca), vec![mesh.identity("sa-b", "ns-b")]);
-    let tls = tls_connect(tcp, cfg, dst).await.unwrap();
-    let (send, conn) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(conn);
-    let mut send = send.ready().await.unwrap();
+    let mut send = mesh
+        .h2_to_b(mesh.a_ip, id)
+        .await
+        .expect("mTLS and HTTP/2 to B");
     let req = Request::builder()
         .method(Method::CONNECT)
         .uri(authority)

@@ -11,8 +11,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Method, Request, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
-use ztunnel::hbone::tls_connect;
+use tokio::net::TcpStream;
 
 fn sa(ip: std::net::IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
@@ -406,21 +405,6 @@ async fn many_concurrent_connections_and_large_transfer_keep_data_intact() {
     .await;
 }
 
-/// A raw TLS client to B's HBONE port, presenting `cert`, from `src_ip`.
-async fn raw_tls(
-    mesh: &Mesh,
-    src_ip: std::net::IpAddr,
-    cert: &ztunnel::identity::WorkloadCertificate,
-    trust: &ztunnel::tls::TrustRoots,
-) -> Result<ztunnel::hbone::ClientTls, String> {
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::new(src_ip, 0)).unwrap();
-    let dst = sa(mesh.b_ip, 15008);
-    let tcp = sock.connect(dst).await.unwrap();
-    let cfg = ztunnel::tls::client_config(cert, trust, vec![mesh.identity("sa-b", "ns-b")]);
-    tls_connect(tcp, cfg, dst).await.map_err(|e| e.to_string())
-}
-
 /// After a TLS handshake the server may still close: true when the connection is unusable.
 async fn h2_refused(tls: ztunnel::hbone::ClientTls) -> bool {
     match h2::client::handshake(tls).await {
@@ -455,7 +439,7 @@ async fn refuses_bad_peers_with_logged_reason_and_metrics() {
     let before = mesh.refused("tls_handshake");
     let other_td = ztunnel::identity::Identity::new("evil.domain", "ns-a", "sa-a");
     let cert = leaf(&mesh.ca, &other_td, valid_now());
-    let r = raw_tls(&mesh, mesh.a_ip, &cert, &trust).await;
+    let r = mesh.tls_to_b(mesh.a_ip, &cert, &trust).await;
     assert!(r.is_err() || h2_refused(r.unwrap()).await);
     wait_for("trust domain refusal", || {
         mesh.refused("tls_handshake") == before + 1
@@ -476,7 +460,7 @@ async fn refuses_bad_peers_with_logged_reason_and_metrics() {
     // Untrusted root.
     let rogue = ca("rsa");
     let cert = leaf(&rogue, &a, valid_now());
-    let r = raw_tls(&mesh, mesh.a_ip, &cert, &trust).await;
+    let r = mesh.tls_to_b(mesh.a_ip, &cert, &trust).await;
     assert!(r.is_err() || h2_refused(r.unwrap()).await);
     wait_for("untrusted root refusal", || {
         mesh.refused("tls_handshake") == before + 2
@@ -491,7 +475,7 @@ async fn refuses_bad_peers_with_logged_reason_and_metrics() {
     let now = std::time::SystemTime::now();
     let expired = now - Duration::from_secs(7200)..now - Duration::from_secs(3600);
     let cert = leaf(&mesh.ca, &a, expired);
-    let r = raw_tls(&mesh, mesh.a_ip, &cert, &trust).await;
+    let r = mesh.tls_to_b(mesh.a_ip, &cert, &trust).await;
     assert!(r.is_err() || h2_refused(r.unwrap()).await);
     wait_for("expired refusal", || {
         mesh.refused("tls_handshake") == before + 3
@@ -505,7 +489,7 @@ async fn refuses_bad_peers_with_logged_reason_and_metrics() {
     // Valid certificate, but not the identity of the workload at the source IP.
     let impostor = mesh.identity("sa-evil", "ns-a");
     let cert = leaf(&mesh.ca, &impostor, valid_now());
-    let tls = raw_tls(&mesh, mesh.a_ip, &cert, &trust).await.unwrap();
+    let tls = mesh.tls_to_b(mesh.a_ip, &cert, &trust).await.unwrap();
     assert!(h2_refused(tls).await);
     wait_for("identity mismatch refusal", || {
         mesh.refused("identity_mismatch") == 1
@@ -529,7 +513,8 @@ async fn refuses_bad_peers_with_logged_reason_and_metrics() {
 async fn h2_as_a(mesh: &Mesh) -> h2::client::SendRequest<Bytes> {
     let a = mesh.identity("sa-a", "ns-a");
     let cert = leaf(&mesh.ca, &a, valid_now());
-    let tls = raw_tls(mesh, mesh.a_ip, &cert, &roots(&mesh.ca))
+    let tls = mesh
+        .tls_to_b(mesh.a_ip, &cert, &roots(&mesh.ca))
         .await
         .unwrap();
     let (send, conn) = h2::client::handshake(tls).await.unwrap();

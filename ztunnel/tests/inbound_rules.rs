@@ -11,9 +11,8 @@ use std::time::Duration;
 use common::*;
 use http::{Method, Request, StatusCode};
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpSocket;
-use ztunnel::hbone::tls_connect;
 use ztunnel::identity::Identity;
+use ztunnel::state::Store;
 use ztunnel::state::file::{FileDefaults, parse};
 use ztunnel::state::on_demand::{OnDemand, address_key};
 
@@ -44,17 +43,7 @@ async fn hbone_response(
     method: Method,
     uri: &str,
 ) -> Option<http::Response<h2::RecvStream>> {
-    let cert = leaf(&mesh.ca, id, valid_now());
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind(sa(src_ip, 0)).unwrap();
-    let dst = sa(mesh.b_ip, 15008);
-    let tcp = sock.connect(dst).await.unwrap();
-    let cfg =
-        ztunnel::tls::client_config(&cert, &roots(&mesh.ca), vec![mesh.identity("sa-b", "ns-b")]);
-    let tls = tls_connect(tcp, cfg, dst).await.ok()?;
-    let (send, conn) = h2::client::handshake(tls).await.ok()?;
-    tokio::spawn(conn);
-    let mut send = send.ready().await.ok()?;
+    let mut send = mesh.h2_to_b(src_ip, id).await?;
     let end_of_stream = method != Method::CONNECT;
     let req = Request::builder().method(method).uri(uri).body(()).unwrap();
     let (resp, _) = send.send_request(req, end_of_stream).ok()?;
@@ -150,6 +139,36 @@ async fn plaintext_refusals_are_access_logged() {
     .await;
 }
 
+/// istiod's part for `XDS_ON_DEMAND`: answers every demand on `mesh`'s store, calling
+/// `answer` with the store first when the demand is for `wanted`; ends (returning every key
+/// asked) once `wanted` was asked for.
+fn fake_istiod(
+    mesh: &Mesh,
+    wanted: String,
+    answer: impl FnOnce(&Store) + Send + 'static,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    let (demander, mut demands) = OnDemand::channel(Duration::from_secs(2));
+    mesh.store.set_on_demand(demander);
+    let store = mesh.store.clone();
+    tokio::spawn(async move {
+        let mut answer = Some(answer);
+        let mut asked = Vec::new();
+        while let Some(d) = demands.recv().await {
+            asked.push(d.key.clone());
+            if d.key == wanted
+                && let Some(answer) = answer.take()
+            {
+                answer(&store);
+            }
+            let _ = d.answered.send(());
+            if asked.contains(&wanted) {
+                return asked;
+            }
+        }
+        asked
+    })
+}
+
 /// B is the waypoint of a service its ztunnel has not met yet (`XDS_ON_DEMAND`): a CONNECT
 /// for the service's `VIP:port` is validated after asking for the VIP, as upstream does,
 /// instead of being refused (400) as a target B is not the waypoint of.
@@ -158,18 +177,10 @@ async fn waypoint_sandwich_target_is_looked_up_on_demand() {
     let mesh = Mesh::new("127.79.21", |_| {});
     let _echo = echo_server(sa(mesh.b_ip, 8080)).await;
     let (_pb, _) = mesh.proxy("b").await;
-    let (demander, mut demands) = OnDemand::channel(Duration::from_secs(2));
-    mesh.store.set_on_demand(demander);
     let vip: IpAddr = "127.79.21.101".parse().unwrap();
-    let wanted = address_key("", vip);
-    let store = mesh.store.clone();
     // istiod's part: answers the VIP with a service whose waypoint is B.
-    let istiod = tokio::spawn(async move {
-        let mut asked = Vec::new();
-        while let Some(d) = demands.recv().await {
-            asked.push(d.key.clone());
-            if d.key == wanted {
-                let yaml = r#"
+    let istiod = fake_istiod(&mesh, address_key("", vip), |store| {
+        let yaml = r#"
 services:
 - name: sandwiched
   namespace: ns-b
@@ -178,21 +189,14 @@ services:
   ports: {80: 8080}
   waypoint: {destination: "/127.79.21.2", hboneMtlsPort: 15008}
 "#;
-                let defaults = FileDefaults {
-                    trust_domain: "cluster.local".into(),
-                    cluster_id: "Kubernetes".into(),
-                };
-                let lc = parse(yaml, std::path::Path::new("od.yaml"), &defaults).unwrap();
-                store
-                    .source("on-demand")
-                    .replace_all(lc.workloads, lc.services, lc.policies);
-            }
-            let _ = d.answered.send(());
-            if asked.iter().any(|k| k == &wanted) {
-                return asked;
-            }
-        }
-        asked
+        let defaults = FileDefaults {
+            trust_domain: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+        };
+        let lc = parse(yaml, std::path::Path::new("od.yaml"), &defaults).unwrap();
+        store
+            .source("on-demand")
+            .replace_all(lc.workloads, lc.services, lc.policies);
     });
     let a = mesh.identity("sa-a", "ns-a");
     assert_eq!(
@@ -352,23 +356,8 @@ async fn on_demand_asks_on_the_configured_network() {
     b.network = "net1".into();
     mesh.store.source("file").remove_workload("b");
     let (_pb, _) = mesh.proxy("b").await;
-    let (demander, mut demands) = OnDemand::channel(Duration::from_secs(2));
-    mesh.store.set_on_demand(demander);
-    let wanted = address_key("net1", mesh.b_ip);
-    let store = mesh.store.clone();
-    let istiod = tokio::spawn(async move {
-        let mut asked = Vec::new();
-        while let Some(d) = demands.recv().await {
-            asked.push(d.key.clone());
-            if d.key == wanted {
-                store.source("file").upsert_workload(b.clone());
-            }
-            let _ = d.answered.send(());
-            if asked.contains(&wanted) {
-                return asked;
-            }
-        }
-        asked
+    let istiod = fake_istiod(&mesh, address_key("net1", mesh.b_ip), move |store| {
+        store.source("file").upsert_workload(b)
     });
     let a = mesh.identity("sa-a", "ns-a");
     let target = format!("{}:8080", mesh.b_ip);

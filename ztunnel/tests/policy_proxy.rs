@@ -14,8 +14,6 @@ use std::sync::Arc;
 
 use common::*;
 use http::{Method, Request, StatusCode};
-use tokio::net::TcpSocket;
-use ztunnel::hbone::tls_connect;
 use ztunnel::identity::Identity;
 use ztunnel::policy::Authorization;
 use ztunnel::policy::kube::{AuthorizationPolicy, ConvertOptions, convert, selector_matches};
@@ -35,17 +33,10 @@ fn set_policies(mesh: &Mesh, yaml: &str) {
 /// HBONE CONNECT to `b:port` straight to B's 15008, as `id` from `src_ip`;
 /// the response status.
 async fn hbone_status(mesh: &Mesh, src_ip: IpAddr, id: &Identity, port: u16) -> StatusCode {
-    let cert = leaf(&mesh.ca, id, valid_now());
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind(sa(src_ip, 0)).unwrap();
-    let dst = sa(mesh.b_ip, 15008);
-    let tcp = sock.connect(dst).await.unwrap();
-    let cfg =
-        ztunnel::tls::client_config(&cert, &roots(&mesh.ca), vec![mesh.identity("sa-b", "ns-b")]);
-    let tls = tls_connect(tcp, cfg, dst).await.unwrap();
-    let (send, conn) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(conn);
-    let mut send = send.ready().await.unwrap();
+    let mut send = mesh
+        .h2_to_b(src_ip, id)
+        .await
+        .expect("mTLS and HTTP/2 to B");
     let req = Request::builder()
         .method(Method::CONNECT)
         .uri(format!("{}:{port}", mesh.b_ip))

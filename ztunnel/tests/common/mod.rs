@@ -338,6 +338,38 @@ impl Mesh {
         (handle, sockets)
     }
 
+    /// A raw TLS client to B's HBONE port (15008) from `src_ip`, presenting `cert` and
+    /// trusting `trust`.
+    pub async fn tls_to_b(
+        &self,
+        src_ip: IpAddr,
+        cert: &WorkloadCertificate,
+        trust: &TrustRoots,
+    ) -> Result<ztunnel::hbone::ClientTls, String> {
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(src_ip, 0)).unwrap();
+        let dst = SocketAddr::new(self.b_ip, 15008);
+        let tcp = sock.connect(dst).await.unwrap();
+        let cfg = ztunnel::tls::client_config(cert, trust, vec![self.identity("sa-b", "ns-b")]);
+        ztunnel::hbone::tls_connect(tcp, cfg, dst)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// An HTTP/2 client over mutual TLS straight to B's 15008, as `id` from `src_ip`,
+    /// ready for a request; `None` when TLS or HTTP/2 is refused.
+    pub async fn h2_to_b(
+        &self,
+        src_ip: IpAddr,
+        id: &Identity,
+    ) -> Option<h2::client::SendRequest<bytes::Bytes>> {
+        let cert = leaf(&self.ca, id, valid_now());
+        let tls = self.tls_to_b(src_ip, &cert, &roots(&self.ca)).await.ok()?;
+        let (send, conn) = h2::client::handshake(tls).await.ok()?;
+        tokio::spawn(conn);
+        send.ready().await.ok()
+    }
+
     pub fn identity(&self, sa: &str, ns: &str) -> Identity {
         Identity::new("cluster.local", ns, sa)
     }
