@@ -548,8 +548,13 @@ async fn malformed_requests_get_the_right_status_and_leak_nothing() {
         StatusCode::BAD_REQUEST
     );
     assert_eq!(
-        status_of(&send, Method::CONNECT, "example.com:8080").await,
+        status_of(&send, Method::CONNECT, "bad_host!:8080").await,
         StatusCode::BAD_REQUEST
+    );
+    // A hostname (double HBONE) that is no service of B: 503, as upstream.
+    assert_eq!(
+        status_of(&send, Method::CONNECT, "example.com:8080").await,
+        StatusCode::SERVICE_UNAVAILABLE
     );
     // Authority IP is not where the connection went.
     assert_eq!(
@@ -580,7 +585,8 @@ async fn malformed_requests_get_the_right_status_and_leak_nothing() {
         StatusCode::OK
     );
     assert!(mesh.refused("bad_request") >= 8);
-    assert_eq!(mesh.refused("upstream_unavailable"), 1);
+    // The unreachable port and the hostname of no service of B.
+    assert_eq!(mesh.refused("upstream_unavailable"), 2);
     drop(send);
 
     // Garbage before the TLS handshake.

@@ -375,3 +375,106 @@ async fn on_demand_asks_on_the_configured_network() {
         "{asked:?}"
     );
 }
+
+/// Double HBONE, the destination side (as upstream): the network's east-west gateway relays
+/// a remote network's client without terminating its mTLS, so the connection comes from the
+/// gateway's address with the client's own certificate, and the CONNECT names the service
+/// by `hostname:port`. B serves it on the service's target port; the gateway's address may
+/// present no other identity once B stops naming it as its network gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn east_west_gateway_relays_hostname_targets() {
+    let mesh = Mesh::new("127.79.29", |_| {});
+    let _echo = echo_server(sa(mesh.b_ip, 8080)).await;
+    let gw_ip: IpAddr = "127.79.29.9".parse().unwrap();
+    let with_gateway = |named: bool| {
+        let gw = if named {
+            "  networkGateway: {destination: \"/127.79.29.9\"}\n"
+        } else {
+            ""
+        };
+        let yaml = format!(
+            "workloads:\n\
+             - {{uid: ew, name: ew, namespace: istio-system, serviceAccount: istio-eastwestgateway,\n   \
+             workloadIps: [\"127.79.29.9\"], protocol: TCP, services: {{}}}}\n\
+             - uid: b\n  name: b\n  namespace: ns-b\n  serviceAccount: sa-b\n  \
+             workloadIps: [\"127.79.29.2\"]\n  protocol: HBONE\n  node: n1\n  \
+             services: {{\"ns-b/b.ns-b.svc.cluster.local\": {{80: 8080}}}}\n{gw}"
+        );
+        let lc = local_config(&yaml, "gateway.yaml");
+        for w in lc.workloads {
+            mesh.store.source("file").upsert_workload(w);
+        }
+    };
+    with_gateway(true);
+    let (_pb, _) = mesh.proxy("b").await;
+    let remote = mesh.identity("sa-remote", "ns-far");
+
+    let mut send = mesh.h2_to_b(gw_ip, &remote).await.expect("relayed mTLS");
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri("b.ns-b.svc.cluster.local:80")
+        .body(())
+        .unwrap();
+    let (resp, mut out) = send.send_request(req, false).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    out.send_data(bytes::Bytes::from_static(b"west"), false)
+        .unwrap();
+    let mut body = resp.into_body();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), body.data())
+        .await
+        .expect("echo")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed[..], b"west");
+    wait_for(
+        "the access line names the remote identity and the service",
+        || {
+            !log_lines(&[
+                "spiffe://cluster.local/ns/ns-far/sa/sa-remote",
+                "b.ns-b.svc.cluster.local",
+                "direction=\"inbound\"",
+            ])
+            .is_empty()
+        },
+    )
+    .await;
+
+    // A hostname B serves no service of: 503, naming it.
+    assert_eq!(
+        hbone_status(
+            &mesh,
+            gw_ip,
+            &remote,
+            Method::CONNECT,
+            "nope.ns-b.svc.cluster.local:80"
+        )
+        .await,
+        Some(StatusCode::SERVICE_UNAVAILABLE)
+    );
+    // Another workload's address may still present only its own identity.
+    assert_eq!(
+        hbone_status(
+            &mesh,
+            mesh.a_ip,
+            &remote,
+            Method::CONNECT,
+            "b.ns-b.svc.cluster.local:80"
+        )
+        .await,
+        None
+    );
+    // No longer named as the network's gateway: an ordinary workload again.
+    with_gateway(false);
+    assert_eq!(
+        hbone_status(
+            &mesh,
+            gw_ip,
+            &remote,
+            Method::CONNECT,
+            "b.ns-b.svc.cluster.local:80"
+        )
+        .await,
+        None
+    );
+}

@@ -151,6 +151,46 @@ pub enum BadRequest {
     Method(String),
     #[error("authority {0:?} is not <ip>:<port>")]
     Authority(String),
+    #[error("authority {0:?} is neither <ip>:<port> nor <hostname>:<port>")]
+    HostAuthority(String),
+}
+
+/// What an inbound CONNECT asks for: an address, or (double HBONE through an east-west
+/// gateway, as upstream) a service hostname and service port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HboneTarget {
+    Addr(SocketAddr),
+    Host { hostname: String, port: u16 },
+}
+
+/// The HBONE target of a request, an address or a hostname (see [`HboneTarget`]).
+pub fn parse_authority<B>(req: &Request<B>) -> Result<HboneTarget, BadRequest> {
+    match parse_target(req) {
+        Ok(a) => Ok(HboneTarget::Addr(a)),
+        Err(BadRequest::Authority(authority)) => {
+            let host = authority
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+                .filter(|(h, p)| {
+                    *p != 0
+                        && !h.is_empty()
+                        && h.len() <= 253
+                        && h.split('.').all(|label| {
+                            !label.is_empty()
+                                && label.len() <= 63
+                                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                        })
+                });
+            match host {
+                Some((hostname, port)) => Ok(HboneTarget::Host {
+                    hostname: hostname.to_ascii_lowercase(),
+                    port,
+                }),
+                None => Err(BadRequest::HostAuthority(authority)),
+            }
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The HBONE target of a request.
@@ -274,5 +314,42 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn authorities_name_an_address_or_a_service_hostname() {
+        let req = |authority: &str| {
+            Request::builder()
+                .method(Method::CONNECT)
+                .uri(authority)
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(
+            parse_authority(&req("10.0.0.2:8080")),
+            Ok(HboneTarget::Addr("10.0.0.2:8080".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_authority(&req("Echo.default.svc.cluster.local:80")),
+            Ok(HboneTarget::Host {
+                hostname: "echo.default.svc.cluster.local".into(),
+                port: 80
+            })
+        );
+        for bad in ["echo.default:0", "bad_name.default:80", "a..b:80"] {
+            assert!(
+                matches!(
+                    parse_authority(&req(bad)),
+                    Err(BadRequest::HostAuthority(_))
+                ),
+                "{bad}"
+            );
+        }
+        let get = Request::builder()
+            .method(Method::GET)
+            .uri("http://x/")
+            .body(())
+            .unwrap();
+        assert!(matches!(parse_authority(&get), Err(BadRequest::Method(_))));
     }
 }

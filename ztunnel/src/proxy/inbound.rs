@@ -3,9 +3,11 @@
 //! Per TCP connection: TLS 1.3 with a client certificate chained to the roots and in our
 //! trust domain (deadline `HANDSHAKE_TIMEOUT`); the certificate's identity must be the
 //! identity of the workload at the connection's source IP when that IP is a known workload,
-//! or, when that workload is a peer node proxy, of a workload on its node
-//! ([`super::source_check`]).
-//! Per stream: `CONNECT` only (else 400), `:authority` an `ip:port` (else 400) whose IP is
+//! or, when that workload is a peer node proxy, of a workload on its node; the network's
+//! east-west gateway relays other networks' clients ([`super::source_check`]).
+//! Per stream: `CONNECT` only (else 400); `:authority` a service's `hostname:port` (double
+//! HBONE: the served workload on its target port for that service, else 503) or an
+//! `ip:port` (else 400) whose IP is
 //! the address this connection reached — or, when the workload there is the waypoint of the
 //! authority's service/workload, any such address (see [`destination`]) — (else 400),
 //! whose port is not a proxy port, 15001/15006/15008 (else 503, as upstream); a workload
@@ -39,7 +41,8 @@ use super::policy_watch::Authorized;
 use super::source_check::{Source, check_source};
 use super::{ProxyCtx, ProxyScope};
 use crate::hbone::headers::{
-    BAGGAGE, Baggage, FORWARDED, baggage_for, forwarded_host, parse_baggage, parse_target,
+    BAGGAGE, Baggage, FORWARDED, HboneTarget, baggage_for, forwarded_host, parse_authority,
+    parse_baggage,
 };
 use crate::hbone::server::{AcceptError, respond_status, serve, tls_accept};
 use crate::hbone::{H2Stream, copy_tcp_h2};
@@ -154,6 +157,10 @@ pub(super) async fn handle(
         &ctx.inputs.cfg.trusted_node_accounts,
     ) {
         Ok(Source::Workload(w)) => (w, Some(peer.ip())),
+        Ok(Source::NetworkGateway(gw)) => {
+            tracing::debug!(src = %peer, dst = %local, peer_identity = %peer_identity, gateway = %gw.uid, "inbound: HBONE connection relayed by the network's east-west gateway");
+            (None, None)
+        }
         Ok(Source::NodeProxy(proxy)) => {
             tracing::debug!(src = %peer, dst = %local, peer_identity = %peer_identity, node_proxy = %proxy.uid, "inbound: HBONE connection from a node proxy without original source");
             (None, None)
@@ -246,8 +253,22 @@ async fn handle_stream(
         metrics.refused(Direction::Inbound, reason);
         respond_status(respond, status);
     };
-    let target = match parse_target(&req) {
-        Ok(t) => t,
+    let (target, target_host) = match parse_authority(&req) {
+        Ok(HboneTarget::Addr(t)) => (t, None),
+        // Double HBONE through an east-west gateway: the service's hostname and port.
+        Ok(HboneTarget::Host { hostname, port }) => {
+            match service_target(ctx, peer.local.ip(), &hostname, port) {
+                Ok(t) => (t, Some(hostname)),
+                Err(why) => {
+                    return reject(
+                        respond,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        RefusalReason::upstream_unavailable,
+                        &why,
+                    );
+                }
+            }
+        }
         Err(e) => {
             return reject(
                 respond,
@@ -329,7 +350,8 @@ async fn handle_stream(
         .headers()
         .get(FORWARDED)
         .and_then(|v| v.to_str().ok())
-        .and_then(forwarded_host);
+        .and_then(forwarded_host)
+        .or(target_host);
     let dst_service = snap
         .guess_inbound_service(
             &dst_workload,
@@ -541,6 +563,56 @@ fn destination(
             local.ip()
         ))
     }
+}
+
+/// The address a `hostname:port` target (double HBONE, as upstream) stands for: the served
+/// workload at `local_ip` on the target port of its service with that hostname (the
+/// workload's own port mapping, else the service's). Only a service the workload is an
+/// endpoint of qualifies (upstream takes any service by that name).
+fn service_target(
+    ctx: &ProxyCtx,
+    local_ip: IpAddr,
+    hostname: &str,
+    port: u16,
+) -> Result<SocketAddr, String> {
+    let snap = ctx.inputs.state.snapshot();
+    let served = match &ctx.scope {
+        ProxyScope::Workload(_) => ctx.local_workload(&snap),
+        ProxyScope::Node => ctx.served_at(&snap, local_ip),
+    }
+    .ok_or_else(|| format!("no served workload at {local_ip} for {hostname}:{port}"))?;
+    let mut keys: Vec<&String> = served
+        .services
+        .keys()
+        .filter(|k| k.split_once('/').is_some_and(|(_, h)| h == hostname))
+        .collect();
+    // The workload's own namespace first, then by name: one answer for one state.
+    keys.sort_by_key(|k| (!k.starts_with(&format!("{}/", served.namespace)), *k));
+    let key = keys.first().ok_or_else(|| {
+        format!(
+            "target {hostname}:{port}: workload {} is not an endpoint of a service named {hostname}",
+            served.uid
+        )
+    })?;
+    let own = served.services[*key]
+        .get(&port)
+        .copied()
+        .filter(|p| *p != 0);
+    let from_service = || {
+        let (namespace, hostname) = key.split_once('/')?;
+        let svc = snap.service(&crate::state::workload::NamespacedHostname {
+            namespace: namespace.into(),
+            hostname: hostname.into(),
+        })?;
+        svc.ports.get(&port).copied().filter(|p| *p != 0)
+    };
+    let target_port = own.or_else(from_service).ok_or_else(|| {
+        format!(
+            "service {key} has no target port for port {port} on workload {}",
+            served.uid
+        )
+    })?;
+    Ok(SocketAddr::new(local_ip, target_port))
 }
 
 /// A connection or stream refused before it had a destination workload: as upstream, one

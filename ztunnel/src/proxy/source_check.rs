@@ -13,10 +13,14 @@
 //!    for exactly those pods, under the same setting — so `I` must be the identity of a
 //!    workload on `W`'s node (or `W`'s own). The client is then described by its
 //!    `baggage`, not by `W`.
-//! 3. Any other `W`: `I` must be `W`'s identity.
+//! 3. `W` is its network's east-west gateway (a workload of this network names it as its
+//!    `networkGateway`): it relays double-HBONE inner tunnels from other networks without
+//!    terminating them, so `I` is the remote client's own identity, which TLS proved; the
+//!    client's address is unknown here (as upstream, which has no address rule at all).
+//! 4. Any other `W`: `I` must be `W`'s identity.
 //!
 //! With original source on (the default where `IP_TRANSPARENT` works), a peer ztunnel in
-//! TPROXY mode connects from the source pod's own IP, so rule 3 applies to it like to the
+//! TPROXY mode connects from the source pod's own IP, so rule 4 applies to it like to the
 //! in-pod and dedicated modes. Rule 2 never lets a workload use a certificate that is not
 //! its own: only node-proxy pods get it, and only for identities the CA would give them.
 
@@ -30,10 +34,12 @@ use crate::state::{Snapshot, Workload};
 /// Who the client at the source address is, when its certificate is acceptable there.
 #[derive(Debug, Clone)]
 pub(super) enum Source {
-    /// Rule 1 or 3: the workload at the source address (`None`: unknown address).
+    /// Rule 1 or 4: the workload at the source address (`None`: unknown address).
     Workload(Option<Arc<Workload>>),
     /// Rule 2: a node proxy acting for a workload of its node.
     NodeProxy(Arc<Workload>),
+    /// Rule 3: the network's east-west gateway relaying a client of another network.
+    NetworkGateway(Arc<Workload>),
 }
 
 /// The certificate may not be presented from the source address.
@@ -58,7 +64,7 @@ pub(super) enum SourceMismatch {
 }
 
 impl SourceMismatch {
-    /// The identity the workload at the source address has (rule 3), for logs.
+    /// The identity the workload at the source address has (rule 4), for logs.
     pub(super) fn expected(&self) -> Option<&Identity> {
         match self {
             SourceMismatch::NotTheWorkload { expected, .. } => Some(expected),
@@ -105,6 +111,9 @@ pub(super) fn check_source(
                 node: w.node.clone(),
             })
         };
+    }
+    if snap.is_network_gateway(network, w) {
+        return Ok(Source::NetworkGateway(w.clone()));
     }
     Err(SourceMismatch::NotTheWorkload {
         presented: presented.clone(),
@@ -178,6 +187,34 @@ workloads:
     }
 
     #[test]
+    fn the_network_gateway_relays_clients_of_other_networks() {
+        let yaml = r#"
+workloads:
+- {uid: ew, name: ew, namespace: istio-system, serviceAccount: istio-eastwestgateway,
+   workloadIps: ["10.244.1.20"], protocol: TCP, network: west, services: {}}
+- {uid: b, name: b, namespace: ns, serviceAccount: sa-b, workloadIps: ["10.244.1.7"],
+   protocol: HBONE, network: west, networkGateway: {destination: "west/10.244.1.20"},
+   services: {}}
+- {uid: other, name: other, namespace: ns, serviceAccount: sa-o, workloadIps: ["10.244.1.21"],
+   protocol: TCP, network: west, services: {}}
+"#;
+        let snap = test_store(yaml).snapshot();
+        let remote = id("far", "sa-remote");
+        let check = |src: &str, network: &str| {
+            check_source(&snap, network, src.parse().unwrap(), &remote, &accounts())
+        };
+        match check("10.244.1.20", "west") {
+            Ok(Source::NetworkGateway(w)) => assert_eq!(w.uid, "ew"),
+            r => panic!("{r:?}"),
+        }
+        // Any other workload of the network stays bound to its own identity.
+        assert!(matches!(
+            check("10.244.1.21", "west"),
+            Err(SourceMismatch::NotTheWorkload { .. })
+        ));
+    }
+
+    #[test]
     fn unknown_sources_are_left_to_authorization() {
         assert!(matches!(
             check("192.0.2.1", &id("ns", "sa-a")),
@@ -204,7 +241,7 @@ workloads:
         let e = check("10.244.1.3", &id("ns", "sa-b")).unwrap_err();
         assert!(matches!(e, SourceMismatch::NotOnProxyNode { .. }), "{e}");
         assert!(e.to_string().contains("\"n1\""), "{e}");
-        // Without the account configured as a node proxy, rule 3 applies.
+        // Without the account configured as a node proxy, rule 4 applies.
         assert!(
             check_source(
                 &snapshot(),

@@ -122,6 +122,18 @@ impl Snapshot {
         })
     }
 
+    /// Whether `w` is the network (east-west) gateway of `network`: a workload on that
+    /// network names it in its `networkGateway` (istiod gives every workload its network's
+    /// gateway, local ones included). Linear in the workloads.
+    pub fn is_network_gateway(&self, network: &str, w: &Workload) -> bool {
+        self.workloads().any(|o| {
+            o.network == network
+                && o.network_gateway
+                    .as_ref()
+                    .is_some_and(|gw| self.is_gateway_workload(gw, w))
+        })
+    }
+
     /// The waypoint of whatever owns `ip` on `network` ([`Snapshot::destination`]: a
     /// service by host VIP, else the workload with that IP, else a service by CIDR VIP); a
     /// service's primary `waypoint`, not its weighted ones (as upstream).
