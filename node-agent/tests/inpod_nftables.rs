@@ -21,11 +21,12 @@ use node_agent::redirect::inpod::{
 use node_agent::redirect::netns::Netns;
 use node_agent::redirect::{PodRedirect, Redirector};
 
-/// Root and the `nft` binary, or a printed reason to skip.
-fn usable() -> bool {
+/// `N` fresh network namespaces, or `None` with the reason to skip printed
+/// when the test cannot run here: it needs root and the `nft` binary.
+fn netns_or_skip<const N: usize>() -> Option<[TestNetns; N]> {
     if !is_root() {
         eprintln!("skipped: needs root to create network namespaces");
-        return false;
+        return None;
     }
     if std::process::Command::new("nft")
         .arg("--version")
@@ -33,9 +34,9 @@ fn usable() -> bool {
         .is_err()
     {
         eprintln!("skipped: the nft binary is not installed (apt-get install nftables)");
-        return false;
+        return None;
     }
-    true
+    Some(std::array::from_fn(|_| TestNetns::new()))
 }
 
 fn nft_config(ipv6: bool) -> PodNetConfig {
@@ -72,14 +73,16 @@ fn table_names(ns: &Netns) -> Vec<String> {
 
 #[test]
 fn golden_scripts_are_accepted_by_the_kernel() {
-    if !usable() {
+    let Some([first]) = netns_or_skip() else {
         return;
-    }
+    };
+    // Each script is checked in a netns of its own.
+    let mut fresh = std::iter::once(first).chain(std::iter::repeat_with(TestNetns::new));
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/inpod-nft");
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
-        let t = TestNetns::new();
+        let t = fresh.next().unwrap();
         // Check mode: parsed and validated by the kernel, nothing committed.
         run_in(&t.netns(), "nft", &["-c", "-f", path.to_str().unwrap()]);
         checked += 1;
@@ -89,10 +92,9 @@ fn golden_scripts_are_accepted_by_the_kernel() {
 
 #[tokio::test]
 async fn apply_reapply_switch_remove_leaves_foreign_tables() {
-    if !usable() {
+    let Some([t]) = netns_or_skip() else {
         return;
-    }
-    let t = TestNetns::new();
+    };
     let ns = t.netns();
     run_in(&ns, "nft", &["add", "table", "inet", "foreign"]);
     run_in(
@@ -138,10 +140,9 @@ async fn apply_reapply_switch_remove_leaves_foreign_tables() {
 
 #[tokio::test]
 async fn ipv4_only_config_has_no_ipv6_rules() {
-    if !usable() {
+    let Some([t]) = netns_or_skip() else {
         return;
-    }
-    let t = TestNetns::new();
+    };
     let ns = t.netns();
     apply_pod(&ns, &nft_config(false), &options(true, &[]))
         .await
@@ -179,10 +180,9 @@ fn accept_original_dst(listener: &TcpListener, wait: Duration) -> Option<SocketA
 /// kept); a socket with ztunnel's mark (0x539) is not.
 #[tokio::test]
 async fn outbound_tcp_is_captured_and_marked_sockets_pass() {
-    if !usable() {
+    let Some([t]) = netns_or_skip() else {
         return;
-    }
-    let t = TestNetns::new();
+    };
     let ns = t.netns();
     // A link whose far end answers nothing (no address): the pod's network.
     run_in(
@@ -232,10 +232,9 @@ async fn outbound_tcp_is_captured_and_marked_sockets_pass() {
 
 #[tokio::test]
 async fn host_probe_sets_keep_uid_comments() {
-    if !usable() {
+    let Some([node]) = netns_or_skip() else {
         return;
-    }
-    let node = TestNetns::new();
+    };
     let ns = node.netns();
     let label = node.path();
     // Runs `f` on the nft host probe inside the node's netns.
@@ -299,11 +298,9 @@ async fn host_probe_sets_keep_uid_comments() {
 
 #[tokio::test]
 async fn redirector_runs_a_pod_life_cycle_on_nftables() {
-    if !usable() {
+    let Some([node, pod_ns]) = netns_or_skip() else {
         return;
-    }
-    let node = TestNetns::new();
-    let pod_ns = TestNetns::new();
+    };
     let handoff = Arc::new(FakeHandoff::default());
     let r = InpodRedirector::new(
         InpodConfig {
@@ -367,11 +364,9 @@ async fn redirector_runs_a_pod_life_cycle_on_nftables() {
 /// address; to a pod not in the set, from the node's own address.
 #[tokio::test]
 async fn node_connections_to_enrolled_pods_arrive_from_the_probe_address() {
-    if !usable() {
+    let Some([node, pod]) = netns_or_skip() else {
         return;
-    }
-    let node = TestNetns::new();
-    let pod = TestNetns::new();
+    };
     let (node_ns, pod_ns) = (node.netns(), pod.netns());
     // veth pod eth0 (10.79.0.2) <-> node host0 (10.79.0.1): created in the pod,
     // one end moved to the node through a process living in the node's netns.
@@ -455,11 +450,9 @@ async fn node_connections_to_enrolled_pods_arrive_from_the_probe_address() {
 /// back again.
 #[tokio::test]
 async fn switching_engines_with_an_enrolled_pod_leaves_one_engine() {
-    if !usable() {
+    let Some([node, pod_ns]) = netns_or_skip() else {
         return;
-    }
-    let node = TestNetns::new();
-    let pod_ns = TestNetns::new();
+    };
     let handoff = Arc::new(FakeHandoff::default());
     let start = |nftables: bool| {
         let (node, handoff) = (node.path(), handoff.clone());

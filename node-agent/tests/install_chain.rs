@@ -76,23 +76,44 @@ fn without_istio(mut v: Value) -> Value {
     v
 }
 
-#[test]
-fn conf_is_wrapped_into_a_conflist() {
-    let entry = plugin_entry(&settings());
-    let d = scratch_with("bridge.conf");
-    let change = cni_config::ensure_chained(
-        d.path(),
+/// Chained mode in `dir` (default write settings, the entry for
+/// [`settings`]): what changed.
+fn chain(dir: &Path) -> Option<String> {
+    cni_config::ensure_chained(
+        dir,
         &WriteSettings::default(),
-        &entry,
+        &plugin_entry(&settings()),
         None,
         &SkipWarnings::default(),
     )
-    .unwrap();
-    assert!(change.unwrap().contains("wrapped"));
+    .unwrap()
+}
+
+/// Istio-owned mode in `dir`, as [`chain`].
+fn own(dir: &Path) -> Option<String> {
+    cni_config::ensure_owned(
+        dir,
+        &WriteSettings::default(),
+        &plugin_entry(&settings()),
+        None,
+        &SkipWarnings::default(),
+    )
+    .unwrap()
+}
+
+/// Uninstall from `dir` with the default settings: what changed.
+fn uninstall(dir: &Path) -> Vec<String> {
+    cni_config::remove_all(dir, &WriteSettings::default()).unwrap()
+}
+
+#[test]
+fn conf_is_wrapped_into_a_conflist() {
+    let d = scratch_with("bridge.conf");
+    assert!(chain(d.path()).unwrap().contains("wrapped"));
     assert_eq!(names(d.path()), vec!["bridge.conflist"]);
     check_golden(&d.path().join("bridge.conflist"), "bridge.conf.golden");
 
-    let undone = cni_config::remove_all(d.path(), &WriteSettings::default()).unwrap();
+    let undone = uninstall(d.path());
     assert_eq!(undone.len(), 1);
     assert_eq!(names(d.path()), vec!["bridge.conf"]);
     assert_eq!(
@@ -103,30 +124,11 @@ fn conf_is_wrapped_into_a_conflist() {
 
 #[test]
 fn conflist_gets_istio_cni_appended() {
-    let entry = plugin_entry(&settings());
     let d = scratch_with("list.conflist");
-    cni_config::ensure_chained(
-        d.path(),
-        &WriteSettings::default(),
-        &entry,
-        None,
-        &SkipWarnings::default(),
-    )
-    .unwrap();
+    chain(d.path());
     check_golden(&d.path().join("list.conflist"), "list.conflist.golden");
-    assert!(
-        cni_config::ensure_chained(
-            d.path(),
-            &WriteSettings::default(),
-            &entry,
-            None,
-            &SkipWarnings::default()
-        )
-        .unwrap()
-        .is_none(),
-        "second pass changes nothing"
-    );
-    cni_config::remove_all(d.path(), &WriteSettings::default()).unwrap();
+    assert!(chain(d.path()).is_none(), "second pass changes nothing");
+    uninstall(d.path());
     assert_eq!(names(d.path()), vec!["list.conflist"]);
     assert_eq!(
         read_json(&d.path().join("list.conflist")),
@@ -136,19 +138,11 @@ fn conflist_gets_istio_cni_appended() {
 
 #[test]
 fn stale_istio_cni_entry_is_replaced() {
-    let entry = plugin_entry(&settings());
     let d = scratch_with("list-with-istio.conflist");
-    cni_config::ensure_chained(
-        d.path(),
-        &WriteSettings::default(),
-        &entry,
-        None,
-        &SkipWarnings::default(),
-    )
-    .unwrap();
+    chain(d.path());
     let path = d.path().join("list-with-istio.conflist");
     check_golden(&path, "list-with-istio.conflist.golden");
-    cni_config::remove_all(d.path(), &WriteSettings::default()).unwrap();
+    uninstall(d.path());
     assert_eq!(
         read_json(&path),
         without_istio(read_json(&testdata().join("list-with-istio.conflist")))
@@ -157,16 +151,8 @@ fn stale_istio_cni_entry_is_replaced() {
 
 #[test]
 fn owned_config_copies_the_primary() {
-    let entry = plugin_entry(&settings());
     let d = scratch_with("list.conflist");
-    cni_config::ensure_owned(
-        d.path(),
-        &WriteSettings::default(),
-        &entry,
-        None,
-        &SkipWarnings::default(),
-    )
-    .unwrap();
+    own(d.path());
     assert_eq!(names(d.path()), vec![OWNED_CONFIG_NAME, "list.conflist"]);
     check_golden(
         &d.path().join(OWNED_CONFIG_NAME),
@@ -177,6 +163,6 @@ fn owned_config_copies_the_primary() {
         read_json(&testdata().join("list.conflist")),
         "primary untouched"
     );
-    cni_config::remove_all(d.path(), &WriteSettings::default()).unwrap();
+    uninstall(d.path());
     assert_eq!(names(d.path()), vec!["list.conflist"]);
 }
