@@ -488,8 +488,10 @@ async fn switching_engines_with_an_enrolled_pod_leaves_one_engine() {
     };
     let ipsets = || run_in(&host, "ipset", &["list", "-n"]);
 
-    // Enrolled by an iptables agent.
+    // Enrolled by an iptables agent, on a node that never ran nftables: no
+    // other engine to clean up (no pod pays for looking).
     let iptables_agent = start(false).await;
+    assert_eq!(iptables_agent.leftover_engine(), None);
     iptables_agent.enrol(&pod).await.unwrap();
     assert!(iptables_in(&pod_ns.netns()) > 0);
     assert!(ipsets().contains("istio-inpod-probes-v4"));
@@ -497,8 +499,16 @@ async fn switching_engines_with_an_enrolled_pod_leaves_one_engine() {
 
     // The agent comes back with nftables: start-up reconcile of the pod.
     let nft_agent = start(true).await;
+    assert!(matches!(
+        nft_agent.leftover_engine(),
+        Some(RuleEngine::Iptables(_))
+    ));
+    // Until the pods are reconciled the iptables host state stays (an agent
+    // dying now finds the switch again).
+    assert!(iptables_in(&host) > 0);
     let report = nft_agent.reconcile(std::slice::from_ref(&pod)).await;
     assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(nft_agent.leftover_engine(), None);
     assert_eq!(our_tables(&pod_ns.netns()).len(), 2);
     assert_eq!(
         iptables_in(&pod_ns.netns()),
@@ -516,9 +526,15 @@ async fn switching_engines_with_an_enrolled_pod_leaves_one_engine() {
     assert!(!routing.is_empty(), "the shared policy routing stays");
     drop(nft_agent);
 
-    // And back to iptables.
+    // And back to iptables; the first agent dies before its start-up
+    // reconcile, the next one still finds the nft state and finishes the job.
+    let died = start(false).await;
+    assert_eq!(died.leftover_engine(), Some(RuleEngine::Nftables));
+    drop(died);
     let iptables_agent = start(false).await;
+    assert_eq!(iptables_agent.leftover_engine(), Some(RuleEngine::Nftables));
     let report = iptables_agent.reconcile(std::slice::from_ref(&pod)).await;
+    assert_eq!(iptables_agent.leftover_engine(), None);
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     assert!(iptables_in(&pod_ns.netns()) > 0);
     assert!(

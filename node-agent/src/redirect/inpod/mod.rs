@@ -125,10 +125,13 @@ fn retryable(mut e: RedirectError, retryable: bool) -> RedirectError {
 pub struct InpodRedirector {
     cfg: InpodConfig,
     net: PodNetConfig,
-    /// The engine not in use, when its tools are on the node: what it left
-    /// (from before `NATIVE_NFTABLES` was switched) is removed from the host
-    /// and from each pod the agent reconciles or unenrols.
-    other_engine: Option<RuleEngine>,
+    /// The engine not in use, when the node still has its host state (from
+    /// before `NATIVE_NFTABLES` was switched): its rules are removed from each
+    /// pod the agent reconciles or unenrols, and its host state once the
+    /// start-up reconcile re-applied every enrolled pod (kept until then, so
+    /// an agent that dies half-way finds the switch again). `None` once done,
+    /// and on nodes that never switched: then no pod pays for the check.
+    other_engine: std::sync::Mutex<Option<RuleEngine>>,
     host: Netns,
     handoff: Arc<dyn WorkloadHandoff>,
     pods: Mutex<HashMap<String, EnrolledPod>>,
@@ -174,23 +177,16 @@ impl InpodRedirector {
                     .map_err(|e| RedirectError::node("detecting the iptables backend", e))?,
             ),
         };
-        let other_engine = match (engine, cfg.backend) {
-            (RuleEngine::Iptables(_), _) => host
-                .run_async(nftables::probe)
-                .await
-                .is_ok_and(|r| r.is_ok())
-                .then_some(RuleEngine::Nftables),
-            (RuleEngine::Nftables, configured) => host
-                .run_async(move || {
-                    let backend = configured.unwrap_or_else(iptables::detect_backend);
-                    iptables::save(backend, iptables::Family::V4, Some("nat"))
-                        .is_ok()
-                        .then_some(RuleEngine::Iptables(backend))
-                })
-                .await
-                .ok()
-                .flatten(),
-        };
+        let (rules, cfg_backend) = (cfg.rules.clone(), cfg.backend);
+        let other_engine = host
+            .run_async(move || probe_snat::leftover_engine_here(engine, cfg_backend, &rules))
+            .await
+            .ok()
+            .flatten();
+        if let Some(other) = other_engine {
+            tracing::info!(rules = %other,
+                "the node has state of the other rule engine (NATIVE_NFTABLES was switched): removing it from pods as they are reconciled, then from the node");
+        }
         tracing::info!(rules = %engine, host_netns = %host.path().display(), "in-pod redirection");
         let net = PodNetConfig {
             engine,
@@ -200,7 +196,7 @@ impl InpodRedirector {
         let this = Self {
             cfg,
             net,
-            other_engine,
+            other_engine: std::sync::Mutex::new(other_engine),
             host,
             handoff,
             pods: Mutex::new(HashMap::new()),
@@ -225,11 +221,43 @@ impl InpodRedirector {
     /// Removes the rules the engine not in use left in a pod's netns (best
     /// effort: logged, never fails the pod).
     async fn remove_other_engine_rules(&self, pod: &PodRedirect, netns: &Netns) {
-        if let Some(other) = self.other_engine
+        if let Some(other) = self.leftover_engine()
             && let Err(e) = remove_rules(netns, other).await
         {
             tracing::warn!(pod = %pod.key(), uid = %pod.uid, rules = %other, error = %e,
                 "could not remove the rules of the engine not in use from the pod");
+        }
+    }
+
+    /// The other rule engine whose state is still to be removed, if any.
+    pub fn leftover_engine(&self) -> Option<RuleEngine> {
+        *self.other_engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Removes the other engine's host state (probes stay SNATed: ours is in
+    /// place) and stops looking for its rules in pods.
+    async fn retire_other_engine(&self) {
+        let Some(other) = self.leftover_engine() else {
+            return;
+        };
+        let stale = probe_snat::HostProbe {
+            engine: other,
+            rules: self.cfg.rules.clone(),
+        };
+        let label = self.host.path().to_path_buf();
+        let removed = self
+            .host
+            .run_async(move || stale.remove_here(&label))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match removed {
+            Ok(()) => {
+                *self.other_engine.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                tracing::info!(rules = %other, "the other rule engine's state is gone from the node and its pods");
+            }
+            Err(error) => tracing::warn!(rules = %other, %error,
+                "could not remove the host probe SNAT of the engine not in use; retried at the next start"),
         }
     }
 
@@ -262,9 +290,8 @@ impl InpodRedirector {
         self.pods.lock().await.keys().cloned().collect()
     }
 
-    /// Our host probe SNAT in place; then (so probes stay SNATed throughout)
-    /// the other engine's, left from before `NATIVE_NFTABLES` was switched,
-    /// removed.
+    /// Our host probe SNAT in place (the other engine's, if any, stays until
+    /// [`Self::retire_other_engine`]).
     async fn ensure_host(&self) -> Result<(), RedirectError> {
         let (probe, ipv6) = (self.host_probe(), self.cfg.ipv6);
         let label = self.host.path().to_path_buf();
@@ -273,23 +300,6 @@ impl InpodRedirector {
             .await
             .map_err(|e| RedirectError::node("host probe SNAT", e))?
             .map_err(|e| RedirectError::node("host probe SNAT", e))?;
-        if let Some(other) = self.other_engine {
-            let stale = probe_snat::HostProbe {
-                engine: other,
-                rules: self.cfg.rules.clone(),
-            };
-            let label = self.host.path().to_path_buf();
-            let removed = self
-                .host
-                .run_async(move || stale.remove_here(&label))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
-            if let Err(error) = removed {
-                tracing::warn!(rules = %other, %error,
-                    "could not remove the host probe SNAT of the engine not in use");
-            }
-        }
         Ok(())
     }
 
@@ -522,6 +532,12 @@ impl InpodRedirector {
                 Ok(()) => report.removed.push(uid),
                 Err(e) => report.failed.push(e),
             }
+        }
+        // Every enrolled pod now has our rules only: the other engine's host
+        // state can go (not when rules were not re-applied: pods may still
+        // hold the other engine's rules, removed when they are unenrolled).
+        if self.cfg.reconcile_rules_on_startup && report.failed.is_empty() {
+            self.retire_other_engine().await;
         }
         // Probe ipset: exactly the enrolled pods' IPs. Unless a pod's IPs are
         // unknown (empty in the cache at start-up): its entries cannot be told

@@ -200,6 +200,36 @@ impl HostProbe {
     }
 }
 
+/// The rule engine other than `engine` when the node (the calling thread's
+/// netns) still has its host state, left from before `NATIVE_NFTABLES` was
+/// switched: our nft host table, or our iptables chain or probe ipsets
+/// (`backend`: the configured iptables backend, else detected). `None` when
+/// there is none, or the other engine's tools are missing (then nothing of it
+/// can be there to remove).
+pub fn leftover_engine_here(
+    engine: RuleEngine,
+    backend: Option<Backend>,
+    cfg: &RuleConfig,
+) -> Option<RuleEngine> {
+    match engine {
+        RuleEngine::Iptables(_) => nftables::list_table(rules_nft::HOST_TABLE)
+            .ok()
+            .flatten()
+            .map(|_| RuleEngine::Nftables),
+        RuleEngine::Nftables => {
+            let backend = backend.unwrap_or_else(crate::redirect::iptables::detect_backend);
+            let chain = [Family::V4, Family::V6].into_iter().any(|family| {
+                crate::redirect::iptables::save(backend, family, Some("nat"))
+                    .is_ok_and(|out| out.contains(rules::CHAIN_POSTRT))
+            });
+            let sets = [&cfg.probe_ipset_v4, &cfg.probe_ipset_v6]
+                .into_iter()
+                .any(|set| set_exists(set).unwrap_or(false));
+            (chain || sets).then_some(RuleEngine::Iptables(backend))
+        }
+    }
+}
+
 fn family_of(ip: &IpAddr) -> Family {
     match ip {
         IpAddr::V4(_) => Family::V4,
