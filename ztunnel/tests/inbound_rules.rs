@@ -440,30 +440,22 @@ async fn east_west_gateway_relays_hostname_targets() {
     )
     .await;
 
-    // A hostname B serves no service of: 503, naming it.
-    assert_eq!(
-        hbone_status(
-            &mesh,
+    // A hostname B serves no service of: 503; another workload's address may still present
+    // only its own identity.
+    for (src, authority, status) in [
+        (
             gw_ip,
-            &remote,
-            Method::CONNECT,
-            "nope.ns-b.svc.cluster.local:80"
-        )
-        .await,
-        Some(StatusCode::SERVICE_UNAVAILABLE)
-    );
-    // Another workload's address may still present only its own identity.
-    assert_eq!(
-        hbone_status(
-            &mesh,
-            mesh.a_ip,
-            &remote,
-            Method::CONNECT,
-            "b.ns-b.svc.cluster.local:80"
-        )
-        .await,
-        None
-    );
+            "nope.ns-b.svc.cluster.local:80",
+            Some(StatusCode::SERVICE_UNAVAILABLE),
+        ),
+        (mesh.a_ip, "b.ns-b.svc.cluster.local:80", None),
+    ] {
+        assert_eq!(
+            hbone_status(&mesh, src, &remote, Method::CONNECT, authority).await,
+            status,
+            "{src} {authority}"
+        );
+    }
     // No longer named as the network's gateway: an ordinary workload again.
     with_gateway(false);
     assert_eq!(

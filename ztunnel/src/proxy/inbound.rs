@@ -576,11 +576,9 @@ fn service_target(
     port: u16,
 ) -> Result<SocketAddr, String> {
     let snap = ctx.inputs.state.snapshot();
-    let served = match &ctx.scope {
-        ProxyScope::Workload(_) => ctx.local_workload(&snap),
-        ProxyScope::Node => ctx.served_at(&snap, local_ip),
-    }
-    .ok_or_else(|| format!("no served workload at {local_ip} for {hostname}:{port}"))?;
+    let served = ctx
+        .served_workload(&snap, local_ip)
+        .ok_or_else(|| format!("no served workload at {local_ip} for {hostname}:{port}"))?;
     let mut keys: Vec<&String> = served
         .services
         .keys()

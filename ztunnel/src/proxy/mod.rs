@@ -497,12 +497,22 @@ impl ProxyCtx {
     /// workload's (upstream uses the connection's destination network); this node's
     /// (`NETWORK`) while the state does not know it.
     fn local_network(&self, snap: &Snapshot, local_ip: IpAddr) -> String {
+        self.served_workload(snap, local_ip)
+            .map(|w| w.network.clone())
+            .unwrap_or_else(|| self.inputs.cfg.network.clone())
+    }
+
+    /// The workload a connection to `local_ip` reached: the served one (workload scope),
+    /// or this node's workload at that address (node scope).
+    fn served_workload<'a>(
+        &self,
+        snap: &'a Snapshot,
+        local_ip: IpAddr,
+    ) -> Option<&'a Arc<Workload>> {
         match &self.scope {
             ProxyScope::Workload(_) => self.local_workload(snap),
             ProxyScope::Node => self.served_at(snap, local_ip),
         }
-        .map(|w| w.network.clone())
-        .unwrap_or_else(|| self.inputs.cfg.network.clone())
     }
 
     /// Whether `w` is a workload this proxy serves.
