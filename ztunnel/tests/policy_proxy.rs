@@ -381,7 +381,7 @@ async fn a_new_deny_closes_open_connections_it_matches() {
     wait_for("the revoked connections gone from B", || {
         let open = pb.connections();
         let carried: Vec<_> = open.iter().filter(|c| c.kind != "hbone").collect();
-        carried.len() == 1 && carried[0].hbone_target == Some(sa(mesh.b_ip, 8081))
+        carried.len() == 1 && carried[0].hbone_target == Some(sa(mesh.b_ip, 8081).into())
     })
     .await;
     // New connections to 8080 are refused as before.

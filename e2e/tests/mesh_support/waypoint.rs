@@ -255,10 +255,11 @@ async fn forward(
         .await
         .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
     let request = build_request(&ConnectRequest {
-        authority: upstream,
+        authority: upstream.into(),
         client: Some(client),
         host,
         baggage: None,
+        forwarded_network: None,
     });
     let (resp, send_up) = send
         .send_request(request, false)

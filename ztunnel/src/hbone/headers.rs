@@ -1,30 +1,38 @@
 //! Building and reading the HBONE `CONNECT` request.
 //!
-//! `:method CONNECT`, `:authority <ip>:<port>` (the HBONE target), plus `forwarded`
-//! (`for="<client ip:port>"`, `;host=<service hostname>` when known), `baggage` (source
-//! workload description) and a fresh W3C `traceparent`.
+//! `:method CONNECT`, `:authority <ip>:<port>` (the HBONE target; `<hostname>:<port>`
+//! through an east-west gateway), plus `forwarded` (`for="<client ip:port>"`,
+//! `;host=<service hostname>` when known), `baggage` (source workload description), a
+//! fresh W3C `traceparent`, and on the inner CONNECT of double HBONE
+//! `x-forwarded-network` (the client's network).
 
 use std::net::SocketAddr;
 
 use http::{HeaderValue, Method, Request, Uri, Version};
 
+pub use crate::state::HboneTarget;
 use crate::state::Workload;
 
 pub const BAGGAGE: &str = "baggage";
 pub const FORWARDED: &str = "forwarded";
 pub const TRACEPARENT: &str = "traceparent";
+/// The client's network, on the inner CONNECT of double HBONE (upstream's header).
+pub const X_FORWARDED_NETWORK: &str = "x-forwarded-network";
 
 /// What goes into one CONNECT.
 #[derive(Debug, Clone)]
 pub struct ConnectRequest {
-    /// The HBONE target (`podIP:targetPort`).
-    pub authority: SocketAddr,
+    /// The HBONE target (`podIP:targetPort`, or `hostname:servicePort` through an
+    /// east-west gateway).
+    pub authority: HboneTarget,
     /// The original client address (`forwarded: for=`).
     pub client: Option<SocketAddr>,
     /// Service hostname (`forwarded: ;host=`).
     pub host: Option<String>,
     /// Pre-built baggage value (see [`baggage_for`]).
     pub baggage: Option<String>,
+    /// The client's network (`x-forwarded-network`), on double HBONE's inner CONNECT.
+    pub forwarded_network: Option<String>,
 }
 
 /// The HTTP/2 request for `req` (body streamed separately).
@@ -32,7 +40,7 @@ pub fn build_request(req: &ConnectRequest) -> Request<()> {
     let uri: Uri = Uri::builder()
         .authority(req.authority.to_string())
         .build()
-        .expect("a socket address is a valid authority");
+        .expect("a socket address or a DNS name with a port is a valid authority");
     let mut r = Request::builder()
         .method(Method::CONNECT)
         .uri(uri)
@@ -57,6 +65,11 @@ pub fn build_request(req: &ConnectRequest) -> Request<()> {
     }
     if let Ok(v) = HeaderValue::from_str(&traceparent()) {
         h.insert(TRACEPARENT, v);
+    }
+    if let Some(n) = &req.forwarded_network
+        && let Ok(v) = HeaderValue::from_str(n)
+    {
+        h.insert(X_FORWARDED_NETWORK, v);
     }
     r
 }
@@ -155,14 +168,6 @@ pub enum BadRequest {
     HostAuthority(String),
 }
 
-/// What an inbound CONNECT asks for: an address, or (double HBONE through an east-west
-/// gateway, as upstream) a service hostname and service port.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HboneTarget {
-    Addr(SocketAddr),
-    Host { hostname: String, port: u16 },
-}
-
 /// The HBONE target of a request, an address or a hostname (see [`HboneTarget`]).
 pub fn parse_authority<B>(req: &Request<B>) -> Result<HboneTarget, BadRequest> {
     match parse_target(req) {
@@ -225,10 +230,11 @@ mod tests {
     #[test]
     fn connect_request_headers() {
         let r = build_request(&ConnectRequest {
-            authority: "10.0.0.2:8080".parse().unwrap(),
+            authority: "10.0.0.2:8080".parse::<SocketAddr>().unwrap().into(),
             client: Some("10.0.0.1:41000".parse().unwrap()),
             host: Some("echo.default.svc.cluster.local".into()),
             baggage: Some(baggage_for(&workload())),
+            forwarded_network: None,
         });
         assert_eq!(r.method(), Method::CONNECT);
         assert_eq!(r.uri().to_string(), "10.0.0.2:8080");
@@ -249,6 +255,30 @@ mod tests {
         assert_eq!(b.namespace.as_deref(), Some("default"));
         assert_eq!(b.workload_name.as_deref(), Some("sleep"));
         assert_eq!(b.service_version.as_deref(), Some("v1"));
+        assert!(r.headers().get(X_FORWARDED_NETWORK).is_none());
+    }
+
+    #[test]
+    fn double_hbone_inner_connect_names_the_service_and_the_network() {
+        let r = build_request(&ConnectRequest {
+            authority: HboneTarget::Host {
+                hostname: "echo.default.svc.cluster.local".into(),
+                port: 80,
+            },
+            client: Some("10.0.0.1:41000".parse().unwrap()),
+            host: Some("echo.default.svc.cluster.local".into()),
+            baggage: None,
+            forwarded_network: Some("net1".into()),
+        });
+        assert_eq!(r.uri().to_string(), "echo.default.svc.cluster.local:80");
+        assert_eq!(r.headers()[X_FORWARDED_NETWORK], "net1");
+        assert_eq!(
+            parse_authority(&r),
+            Ok(HboneTarget::Host {
+                hostname: "echo.default.svc.cluster.local".into(),
+                port: 80
+            })
+        );
     }
 
     #[test]
@@ -285,10 +315,11 @@ mod tests {
     #[test]
     fn ipv6_authority_and_forwarded() {
         let r = build_request(&ConnectRequest {
-            authority: "[fd00::2]:80".parse().unwrap(),
+            authority: "[fd00::2]:80".parse::<SocketAddr>().unwrap().into(),
             client: Some("[fd00::1]:5000".parse().unwrap()),
             host: None,
             baggage: None,
+            forwarded_network: None,
         });
         assert_eq!(r.uri().to_string(), "[fd00::2]:80");
         assert_eq!(r.headers()[FORWARDED], "for=\"[fd00::1]:5000\"");

@@ -4,10 +4,13 @@
 //! - [`pool`]: client connections, pooled per (source identity, destination identities,
 //!   source IP, destination address), with upstream's window, frame and stream limits;
 //! - [`server`]: the server side (TLS accept helper, HTTP/2 accept loop, graceful GOAWAY);
-//! - [`stream`]: one tunnel and the TCP ⇄ tunnel byte copy.
+//! - [`stream`]: one tunnel and the TCP ⇄ tunnel byte copy;
+//! - [`double`]: double HBONE's inner tunnel (TLS and HTTP/2 inside one pooled stream
+//!   to an east-west gateway).
 //!
 //! HTTP/2 is `h2` used directly (no hyper): fewer layers on the data path.
 
+pub mod double;
 pub mod headers;
 pub mod pool;
 #[cfg(test)]
@@ -82,6 +85,14 @@ pub enum HboneError {
     },
     #[error("no HTTP/2 connection to {dst} could take another stream")]
     PoolExhausted { dst: SocketAddr },
+    /// Double HBONE's inner tunnel (TLS and CONNECT with the destination, through the
+    /// gateway's stream) failed; `source` names the gateway as its peer.
+    #[error("inner tunnel to {target} through the east-west gateway: {source}")]
+    Inner {
+        target: String,
+        #[source]
+        source: Box<HboneError>,
+    },
 }
 
 /// What stage of opening an HBONE stream failed (for telemetry's
@@ -117,6 +128,15 @@ impl HboneError {
             }
             HboneError::Status { .. } => FailureKind::Connect,
             HboneError::Waited { kind, .. } => *kind,
+            HboneError::Inner { source, .. } => source.kind(),
+        }
+    }
+
+    /// The failure itself: for double HBONE's inner tunnel, what failed inside it.
+    pub fn innermost(&self) -> &HboneError {
+        match self {
+            HboneError::Inner { source, .. } => source.innermost(),
+            e => e,
         }
     }
 }
@@ -139,8 +159,21 @@ pub async fn tls_connect(
     config: std::sync::Arc<rustls::ClientConfig>,
     dst: SocketAddr,
 ) -> Result<ClientTls, HboneError> {
+    tls_connect_over(tcp, config, dst).await
+}
+
+/// [`tls_connect`] over any byte stream (double HBONE: an HBONE stream); `dst` names the
+/// peer in errors.
+pub async fn tls_connect_over<IO>(
+    io: IO,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    dst: SocketAddr,
+) -> Result<tokio_rustls::client::TlsStream<IO>, HboneError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(crate::tls::placeholder_server_name(), tcp)
+        .connect(crate::tls::placeholder_server_name(), io)
         .await
         .map_err(|source| HboneError::Tls { dst, source })?;
     if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {

@@ -228,10 +228,9 @@ impl Pool {
             let slot = Slot(conn.clone());
             let mut send = conn.send.clone();
             let deadline = tokio::time::Instant::now() + response_timeout;
-            let authority = request.uri().to_string();
             let timed_out = || HboneError::ResponseTimeout {
                 dst: key.dst,
-                authority: authority.clone(),
+                authority: request.uri().to_string(),
                 timeout: response_timeout,
             };
             let ready = std::future::poll_fn(|cx| send.poll_ready(cx));
@@ -250,36 +249,21 @@ impl Pool {
                     source: e,
                 });
             }
-            let (response, stream) = match send.send_request(request, false) {
-                Ok(r) => r,
-                Err(e) => {
-                    return Err(HboneError::H2 {
-                        dst: key.dst,
-                        source: e,
-                    });
-                }
-            };
-            let response = match tokio::time::timeout_at(deadline, response)
-                .await
-                .map_err(|_| timed_out())?
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    return Err(HboneError::H2 {
-                        dst: key.dst,
-                        source: e,
-                    });
-                }
-            };
-            if response.status() != StatusCode::OK {
-                return Err(HboneError::Status {
-                    dst: key.dst,
-                    authority,
-                    status: response.status(),
-                });
-            }
-            return Ok(H2Stream::new(stream, response.into_body()).with_guard(Box::new(slot)));
+            let stream = send_connect(&mut send, request, key.dst, deadline, response_timeout);
+            return Ok(stream.await?.with_guard(Box::new(slot)));
         }
+    }
+
+    pub(super) fn cfg(&self) -> &H2Config {
+        &self.inner.cfg
+    }
+
+    pub(super) fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    pub(super) fn tracker(&self) -> &TaskTracker {
+        &self.inner.tracker
     }
 
     /// Open pooled connections.
@@ -329,14 +313,7 @@ impl Pool {
     {
         let key = &full_key.0;
         let cfg = &self.inner.cfg;
-        let (send, mut conn) = h2::client::Builder::new()
-            .initial_window_size(cfg.stream_window)
-            .initial_connection_window_size(cfg.connection_window)
-            .max_frame_size(cfg.frame_size)
-            .max_header_list_size(16 * 1024)
-            .max_send_buffer_size(cfg.stream_window as usize)
-            .initial_max_send_streams(cfg.max_streams_per_connection as usize)
-            .enable_push(false)
+        let (send, mut conn) = client_builder(cfg)
             .handshake::<T, Bytes>(io)
             .await
             .map_err(|e| HboneError::H2 {
@@ -367,6 +344,52 @@ impl Pool {
         self.inner.tracker.spawn(driver.run(conn, ping, revocation));
         Ok(pooled)
     }
+}
+
+/// Sends CONNECT `request` on a ready `send` and waits until `deadline` for a 200 answer,
+/// which opens the tunnel; `dst` (and `timeout`, the time that was allowed) name the peer
+/// in errors.
+pub(super) async fn send_connect(
+    send: &mut SendRequest<Bytes>,
+    request: Request<()>,
+    dst: SocketAddr,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> Result<H2Stream, HboneError> {
+    let authority = request.uri().to_string();
+    let h2_err = |source| HboneError::H2 { dst, source };
+    let (response, stream) = send.send_request(request, false).map_err(h2_err)?;
+    let response = match tokio::time::timeout_at(deadline, response).await {
+        Ok(r) => r.map_err(h2_err)?,
+        Err(_) => {
+            return Err(HboneError::ResponseTimeout {
+                dst,
+                authority,
+                timeout,
+            });
+        }
+    };
+    if response.status() != StatusCode::OK {
+        return Err(HboneError::Status {
+            dst,
+            authority,
+            status: response.status(),
+        });
+    }
+    Ok(H2Stream::new(stream, response.into_body()))
+}
+
+/// HTTP/2 client settings of every HBONE connection (upstream's windows and limits).
+pub(super) fn client_builder(cfg: &H2Config) -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(cfg.stream_window)
+        .initial_connection_window_size(cfg.connection_window)
+        .max_frame_size(cfg.frame_size)
+        .max_header_list_size(16 * 1024)
+        .max_send_buffer_size(cfg.stream_window as usize)
+        .initial_max_send_streams(cfg.max_streams_per_connection as usize)
+        .enable_push(false);
+    b
 }
 
 struct Driver {
@@ -489,10 +512,14 @@ mod tests {
 
     fn test_request() -> Request<()> {
         build_request(&ConnectRequest {
-            authority: "10.0.0.2:8080".parse().unwrap(),
+            authority: "10.0.0.2:8080"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
             client: None,
             host: None,
             baggage: None,
+            forwarded_network: None,
         })
     }
 
@@ -681,10 +708,14 @@ mod tests {
             "10.0.0.2:15008".parse().unwrap(),
         );
         let request = build_request(&ConnectRequest {
-            authority: "10.0.0.2:8080".parse().unwrap(),
+            authority: "10.0.0.2:8080"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
             client: None,
             host: None,
             baggage: None,
+            forwarded_network: None,
         });
         let stream = pool
             .open_stream(&key, request, Duration::from_secs(5), || async move {

@@ -26,8 +26,8 @@ const MAX_READ: usize = 1024 * 1024;
 
 /// The two halves of a CONNECT tunnel.
 pub struct H2Stream {
-    send: SendStream<Bytes>,
-    recv: RecvStream,
+    pub(super) send: SendStream<Bytes>,
+    pub(super) recv: RecvStream,
     /// Dropped with the stream (pool slot accounting).
     _guard: Option<Box<dyn Send + Sync>>,
 }

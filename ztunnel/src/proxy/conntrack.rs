@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 
 use super::policy_watch::Authorized;
 use crate::hbone::ByteCounters;
+use crate::hbone::headers::HboneTarget;
 use crate::telemetry::{ByteSource, ConnectionTelemetry, Direction};
 
 /// One open connection as `/debug/connections` shows it.
@@ -34,7 +35,7 @@ pub struct ConnectionSummary {
     pub dst: Option<SocketAddr>,
     /// The HBONE target (`:authority`), when tunnelled.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub hbone_target: Option<SocketAddr>,
+    pub hbone_target: Option<HboneTarget>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub src_identity: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -203,7 +204,7 @@ impl ConnGuard {
         self.update(|e| {
             let s = &mut e.summary;
             s.dst = Some(info.dst_addr);
-            s.hbone_target = info.dst_hbone_addr;
+            s.hbone_target = info.dst_hbone_addr.clone();
             s.src_identity = info.src.identity.as_ref().map(|i| i.to_string());
             s.dst_identity = info.dst.identity.as_ref().map(|i| i.to_string());
             s.src_workload.clone_from(&info.src.workload);
@@ -292,7 +293,7 @@ mod tests {
             src_addr: "10.0.0.1:5000".parse().unwrap(),
             src: PeerInfo::default().with_identity(Some(Identity::new("td", "a", "sa-a"))),
             dst_addr: "10.0.0.2:15008".parse().unwrap(),
-            dst_hbone_addr: Some("10.0.0.2:8080".parse().unwrap()),
+            dst_hbone_addr: Some(HboneTarget::Addr("10.0.0.2:8080".parse().unwrap())),
             dst_service: Some(ServiceInfo {
                 hostname: "b.ns.svc".into(),
                 name: "b".into(),
@@ -313,7 +314,10 @@ mod tests {
         g.counters().from_tunnel.fetch_add(100, Ordering::Relaxed);
         let c = &t.list()[0];
         assert_eq!((c.bytes_sent, c.bytes_recv), (100, 7));
-        assert_eq!(c.hbone_target, Some("10.0.0.2:8080".parse().unwrap()));
+        assert_eq!(
+            c.hbone_target,
+            Some(HboneTarget::Addr("10.0.0.2:8080".parse().unwrap()))
+        );
         assert_eq!(c.src_identity.as_deref(), Some("spiffe://td/ns/a/sa/sa-a"));
         assert_eq!(c.dst_identity.as_deref(), Some("spiffe://td/ns/b/sa/sa-b"));
         assert_eq!(c.dst_service.as_deref(), Some("b.ns.svc"));

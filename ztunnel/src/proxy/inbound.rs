@@ -376,7 +376,7 @@ async fn handle_stream(
         src_addr: peer.addr,
         src: src.with_identity(Some(peer.identity.clone())),
         dst_addr: peer.local,
-        dst_hbone_addr: Some(target),
+        dst_hbone_addr: Some(target.into()),
         dst_service,
         dst: PeerInfo::from_workload(&dst_workload).with_identity(Some(dst_workload.identity())),
         mtls: true,

@@ -8,15 +8,16 @@ use tokio::net::TcpStream;
 
 use super::conntrack::ConnGuard;
 use super::{ProxyCtx, ProxyScope};
-use crate::hbone::headers::{self, ConnectRequest};
-use crate::hbone::{self, FailureKind, HboneError, PoolKey};
+use crate::hbone::headers::{self, ConnectRequest, HboneTarget};
+use crate::hbone::{self, HboneError, PoolKey};
 use crate::identity::Identity;
+use crate::state::gateway::GatewayHop;
 use crate::state::on_demand::Unanswered;
 use crate::state::workload::{GatewayAddress, LoadBalancerMode};
 use crate::state::{Destination, Protocol, Service, Snapshot, Workload};
 use crate::telemetry::{
-    ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason, Reporter,
-    ResponseFlags, ServiceInfo,
+    ConnectionInfo, ConnectionTelemetry, Direction, PeerInfo, RefusalReason, ResponseFlags,
+    ServiceInfo,
 };
 
 /// Where a connection goes.
@@ -37,6 +38,20 @@ pub(super) enum Route {
         expected: Vec<Identity>,
         /// `workload` is the destination's (or its service's) waypoint.
         waypoint: bool,
+    },
+    /// To a workload on another network, through that network's east-west gateway
+    /// (double HBONE, as upstream): a pooled HBONE stream to the gateway, with a second
+    /// HBONE connection to `workload` inside it. Both CONNECTs name
+    /// `service-hostname:port`, the port the client dialled.
+    DoubleHbone {
+        /// The gateway: the outer tunnel's peer and the identities it may prove.
+        gateway: GatewayHop,
+        /// The workload the inner tunnel reaches: the endpoint, or the service's waypoint.
+        workload: Arc<Workload>,
+        service: Arc<Service>,
+        port: u16,
+        /// Identities the inner tunnel's peer may prove.
+        expected: Vec<Identity>,
     },
     /// Plain TCP to `target` (not in the mesh, or a TCP-protocol workload).
     Plain {
@@ -80,6 +95,8 @@ pub(super) enum Route {
 /// - HBONE workloads through their ztunnel at `ip:hbone_port`, verified against the
 ///   workload's identity plus the service's `subjectAltNames`; TCP workloads and unknown
 ///   addresses in plaintext.
+/// - A service endpoint, or a service's waypoint, on another network than the client's:
+///   through that network's east-west gateway ([`Route::DoubleHbone`]).
 pub(super) fn resolve(
     snap: &Snapshot,
     src: Option<&Workload>,
@@ -91,6 +108,12 @@ pub(super) fn resolve(
     let through = |gw: &GatewayAddress, service: Option<Arc<Service>>, owner: String| match snap
         .resolve_gateway(gw, dst.ip())
     {
+        // As upstream: a service's waypoint on another network is reached through that
+        // network's gateway.
+        Ok(hop) if hop.workload.network != network && service.is_some() => {
+            let svc = service.expect("checked");
+            across_networks(snap, hop.workload, hop.identities, svc, dst)
+        }
         Ok(hop) => Route::Hbone {
             workload: hop.workload,
             target: dst,
@@ -133,9 +156,14 @@ pub(super) fn resolve(
                     reason: format!("service {} has no port {}", svc.key(), dst.port()),
                 };
             }
-            // Only endpoints on the client's network: others would need double HBONE through
-            // their network's gateway (not implemented), never a direct dial.
+            // An endpoint on another network is never dialled directly: through its
+            // network's gateway.
             match snap.select_endpoint(src, Some(network), svc, dst.port()) {
+                Ok((w, _)) if w.network != network => {
+                    let mut expected = vec![w.identity()];
+                    expected.extend(svc.san_identities());
+                    return across_networks(snap, w, expected, svc.clone(), dst);
+                }
                 Ok((w, port)) if w.workload_ips.is_empty() => {
                     // Only on this network, so no IP means a hostname (ServiceEntry DNS).
                     return Route::OnDemandDns {
@@ -173,6 +201,43 @@ pub(super) fn resolve(
         }
     };
     direct(workload, target, service, hbone_port)
+}
+
+/// To `workload` (on another network) through the east-west gateway its network names,
+/// for a client that dialled `dst` of `service`; the inner tunnel's peer must prove one of
+/// `expected`.
+fn across_networks(
+    snap: &Snapshot,
+    workload: Arc<Workload>,
+    expected: Vec<Identity>,
+    service: Arc<Service>,
+    dst: SocketAddr,
+) -> Route {
+    let gateway = match &workload.network_gateway {
+        None => Err(format!(
+            "workload {} is on network {:?}, which names no network gateway",
+            workload.uid, workload.network
+        )),
+        Some(gw) => snap.resolve_gateway(gw, dst.ip()).map_err(|e| {
+            format!(
+                "network gateway of workload {} (network {:?}): {e}",
+                workload.uid, workload.network
+            )
+        }),
+    };
+    match gateway {
+        Ok(gateway) => Route::DoubleHbone {
+            gateway,
+            workload,
+            service,
+            port: dst.port(),
+            expected,
+        },
+        Err(reason) => Route::Unroutable {
+            service: Some(service),
+            reason,
+        },
+    }
 }
 
 /// Straight to `workload` at `target`: HBONE through its ztunnel at `ip:hbone_port`,
@@ -381,7 +446,7 @@ pub(super) async fn handle(
                 src_addr: peer,
                 src: src_info.with_identity(Some(src_identity.clone())),
                 dst_addr: hbone_addr,
-                dst_hbone_addr: Some(target),
+                dst_hbone_addr: Some(target.into()),
                 dst_service: service_info(&service),
                 dst: PeerInfo::from_workload(&workload).with_identity(Some(workload.identity())),
                 mtls: true,
@@ -389,100 +454,90 @@ pub(super) async fn handle(
             if waypoint {
                 tracing::debug!(src = %peer, dst = %orig_dst, waypoint = %workload.uid, hbone = %hbone_addr, "outbound: through the waypoint");
             }
-            let mut tele = ConnectionTelemetry::open(metrics, info);
-            let cert = match ctx.inputs.certs.fetch_certificate(&src_identity).await {
-                Ok(c) => c,
-                Err(e) => {
-                    metrics.refused(Direction::Outbound, RefusalReason::no_identity);
-                    tele.close_with_flag(0, 0, Some(&e.to_string()), ResponseFlags::IdentityError);
-                    return;
-                }
+            let tele = ConnectionTelemetry::open(metrics, info);
+            let Some((cert, mut tele)) =
+                tunnel::source_certificate(&ctx, &src_identity, tele).await
+            else {
+                return;
             };
             let request = headers::build_request(&ConnectRequest {
-                authority: target,
+                authority: target.into(),
                 client: Some(peer),
                 host: service.as_ref().map(|s| s.hostname.clone()),
                 baggage: src_workload.as_deref().map(headers::baggage_for),
+                forwarded_network: None,
             });
-            // Node proxy (TPROXY) with original source: the HBONE connection leaves with the
-            // client pod's IP, so the peer's source check sees the workload itself (the
-            // node's 0x210/0x040 marks and this netns' 0x4d3 mark route the replies back).
-            // Pooled per source IP then.
-            let orig_src =
-                (ctx.orig_src && matches!(ctx.scope, ProxyScope::Node)).then(|| peer.ip());
-            let key = PoolKey::new(src_identity, expected.clone(), orig_src, hbone_addr);
-            let timeout = ctx.inputs.cfg.connect_timeout;
-            let handshake_timeout = ctx.inputs.cfg.handshake_timeout;
-            let connect = || {
-                let sockets = ctx.sockets.clone();
-                let roots = ctx.inputs.roots.clone();
-                let crl_rejections = metrics.crl_rejections(Reporter::source);
-                async move {
-                    let tcp =
-                        match tokio::time::timeout(timeout, sockets.connect(hbone_addr, orig_src))
-                            .await
-                        {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(source)) => {
-                                return Err(HboneError::Connect {
-                                    dst: hbone_addr,
-                                    source,
-                                });
-                            }
-                            Err(_) => {
-                                return Err(HboneError::ConnectTimeout {
-                                    dst: hbone_addr,
-                                    timeout,
-                                });
-                            }
-                        };
-                    let config = crate::tls::client_config(&cert, &roots, expected);
-                    let tls = hbone::tls_connect_within(tcp, config, hbone_addr, handshake_timeout)
-                        .await
-                        .inspect_err(|e| {
-                            if let HboneError::Tls { source, .. } = e
-                                && crate::tls::crl::is_revoked(source)
-                            {
-                                crl_rejections.inc();
-                            }
-                        })?;
-                    // With CRL_PATH: a reloaded list revoking the server's chain closes
-                    // the pooled connection.
-                    let revocation = roots.revocation().and_then(|lists| {
-                        lists.watch_connection(
-                            tls.get_ref().1.peer_certificates(),
-                            roots.store(),
-                            webpki::KeyUsage::server_auth(),
-                            hbone_addr.to_string(),
-                            crl_rejections.clone(),
-                        )
-                    });
-                    Ok((tls, revocation))
-                }
+            let key = PoolKey::new(src_identity, expected, orig_src(&ctx, peer), hbone_addr);
+            let stream = match tunnel::open_pooled(&ctx, &key, cert, request).await {
+                Ok(s) => s,
+                Err(e) => return tunnel::failed(metrics, tele, &e),
             };
-            // The peer answers once it has connected to its app (its own connect timeout).
-            let response_timeout = timeout + handshake_timeout;
-            let opened = ctx
-                .pool
-                .open_stream(&key, request, response_timeout, connect)
-                .await;
+            guard.set_tunnel(&mut tele, true);
+            let out = hbone::copy_tcp_h2(&mut client, stream, guard.counters()).await;
+            tele.close(out.to_tunnel, out.from_tunnel, out.error.as_deref());
+        }
+        Route::DoubleHbone {
+            gateway,
+            workload,
+            service,
+            port,
+            expected,
+        } => {
+            let authority = HboneTarget::Host {
+                hostname: service.hostname.clone(),
+                port,
+            };
+            let info = ConnectionInfo {
+                direction: Direction::Outbound,
+                src_addr: peer,
+                src: src_info.with_identity(Some(src_identity.clone())),
+                dst_addr: gateway.addr,
+                dst_hbone_addr: Some(authority.clone()),
+                dst_service: Some(ServiceInfo::from_service(&service)),
+                dst: PeerInfo::from_workload(&workload).with_identity(Some(workload.identity())),
+                mtls: true,
+            };
+            tracing::debug!(src = %peer, dst = %orig_dst, workload = %workload.uid, network = %workload.network, gateway = %gateway.addr, "outbound: through the east-west gateway of another network");
+            let tele = ConnectionTelemetry::open(metrics, info);
+            let Some((cert, mut tele)) =
+                tunnel::source_certificate(&ctx, &src_identity, tele).await
+            else {
+                return;
+            };
+            // Both CONNECTs alike, the inner one also naming the client's network.
+            let connect = |forwarded_network: Option<String>| {
+                headers::build_request(&ConnectRequest {
+                    authority: authority.clone(),
+                    client: Some(peer),
+                    host: Some(service.hostname.clone()),
+                    baggage: src_workload.as_deref().map(headers::baggage_for),
+                    forwarded_network,
+                })
+            };
+            let tls = crate::tls::client_config(&cert, &ctx.inputs.roots, expected);
+            let key = PoolKey::new(
+                src_identity,
+                gateway.identities,
+                orig_src(&ctx, peer),
+                gateway.addr,
+            );
+            let opened = match tunnel::open_pooled(&ctx, &key, cert, connect(None)).await {
+                Ok(outer) => {
+                    let timeouts = tunnel::inner_timeouts(&ctx);
+                    let inner = connect(Some(network.to_string()));
+                    ctx.pool
+                        .open_inner_stream(outer, tls, gateway.addr, inner, timeouts)
+                        .await
+                        .map_err(|e| HboneError::Inner {
+                            target: authority.to_string(),
+                            source: Box::new(e),
+                        })
+                }
+                Err(e) => Err(e),
+            };
             let stream = match opened {
                 Ok(s) => s,
-                Err(e) => {
-                    // Counted once per failed handshake (streams that waited for it fail
-                    // with `Waited`); the access log names the peer either way.
-                    match &e {
-                        HboneError::TlsTimeout { .. } => {
-                            metrics.refused(Direction::Outbound, RefusalReason::handshake_timeout)
-                        }
-                        HboneError::Tls { .. } | HboneError::Alpn { .. } => {
-                            metrics.refused(Direction::Outbound, RefusalReason::tls_handshake)
-                        }
-                        _ => {}
-                    }
-                    tele.close_with_flag(0, 0, Some(&e.to_string()), response_flag(e.kind()));
-                    return;
-                }
+                Err(e) => return tunnel::failed(metrics, tele, &e),
             };
             guard.set_tunnel(&mut tele, true);
             let out = hbone::copy_tcp_h2(&mut client, stream, guard.counters()).await;
@@ -519,18 +574,14 @@ fn is_self_call(ctx: &ProxyCtx, snap: &Snapshot, dst: SocketAddr) -> bool {
     }
 }
 
-/// `response_flags` for a failed HBONE stream: upstream's mapping, except that a 401 answer
-/// (the destination's policy denied the stream) is `DENY` on the source side too, where
-/// upstream reports a generic `CONNECT` failure (as `proxy/node_local.rs` does).
-fn response_flag(kind: FailureKind) -> ResponseFlags {
-    match kind {
-        FailureKind::Connect => ResponseFlags::ConnectionFailure,
-        FailureKind::ConnectTimeout => ResponseFlags::NetworkPolicyError,
-        FailureKind::Tls => ResponseFlags::TlsFailure,
-        FailureKind::H2 => ResponseFlags::Http2HandshakeFailure,
-        FailureKind::Denied => ResponseFlags::AuthorizationPolicyDenied,
-    }
+/// The source address an HBONE connection leaves with: a node proxy (TPROXY) with
+/// original source uses the client pod's IP, so the peer's source check sees the workload
+/// itself (the node's 0x210/0x040 marks and this netns' 0x4d3 mark route the replies
+/// back); its connections are pooled per source IP then.
+fn orig_src(ctx: &ProxyCtx, peer: SocketAddr) -> Option<IpAddr> {
+    (ctx.orig_src && matches!(ctx.scope, ProxyScope::Node)).then(|| peer.ip())
 }
 
 #[cfg(test)]
 mod tests;
+mod tunnel;

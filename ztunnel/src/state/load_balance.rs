@@ -16,7 +16,7 @@ pub enum NoEndpoint {
     NoCapacity(NamespacedHostname),
     #[error(
         "service {service} has endpoints only on network(s) {networks}, not on this proxy's \
-         network {local:?}; reaching another network through its gateway is not supported"
+         network {local:?}, and they name no network gateway to reach them through"
     )]
     OtherNetwork {
         service: NamespacedHostname,

@@ -23,6 +23,8 @@ pub use index::Destination;
 pub mod kube;
 mod load_balance;
 pub use load_balance::NoEndpoint;
+mod target;
+pub use target::HboneTarget;
 pub mod on_demand;
 mod service_guess;
 pub mod workload;
@@ -163,19 +165,23 @@ impl Snapshot {
             .as_ref()
             .is_some_and(|lb| lb.allows_unhealthy());
         let on_network = |w: &Workload| network.is_none_or(|n| w.network == n);
+        // As upstream: an endpoint on another network is reached through its network's
+        // gateway (double HBONE), so only one that names a gateway qualifies; it needs no
+        // address of its own.
+        let reachable = |w: &Workload| on_network(w) || w.network_gateway.is_some();
         let addressable = |w: &Workload| {
-            !w.workload_ips.is_empty()
-                || (by_hostname && !w.hostname.is_empty())
-                || (!on_network(w) && w.network_gateway.is_some())
+            !w.workload_ips.is_empty() || (by_hostname && !w.hostname.is_empty()) || !on_network(w)
         };
-        let (mut healthy, remote): (Vec<&Endpoint>, Vec<&Endpoint>) = eps
+        let (mut healthy, stranded): (Vec<&Endpoint>, Vec<&Endpoint>) = eps
             .iter()
             .filter(|e| (any_health || e.workload.is_healthy()) && addressable(&e.workload))
             .filter(|e| !named || e.ports.get(&port).is_some_and(|t| *t != 0))
-            .partition(|e| on_network(&e.workload));
-        if healthy.is_empty() && !remote.is_empty() {
-            let mut networks: Vec<String> =
-                remote.iter().map(|e| e.workload.network.clone()).collect();
+            .partition(|e| reachable(&e.workload));
+        if healthy.is_empty() && !stranded.is_empty() {
+            let mut networks: Vec<String> = stranded
+                .iter()
+                .map(|e| e.workload.network.clone())
+                .collect();
             networks.sort();
             networks.dedup();
             return Err(NoEndpoint::OtherNetwork {
@@ -648,8 +654,9 @@ mod tests {
     #[test]
     fn endpoints_known_only_by_hostname_are_selected_for_resolution() {
         // ServiceEntry `resolution: DNS`: istiod sends workloads with a hostname and no IP.
-        // One without either has nothing to connect to; one on another network behind a
-        // gateway is an endpoint there (refused naming the network), as upstream.
+        // One without either has nothing to connect to; one on another network is reached
+        // through the gateway it names (double HBONE), as upstream, and without one it is
+        // refused naming the network.
         let no_ip = |uid: &str, edit: &dyn Fn(&mut Workload)| {
             let mut w = workload(uid, "ns", uid, "10.0.0.1");
             w.workload_ips.clear();
@@ -679,7 +686,22 @@ mod tests {
         }
         // Callers that dial the workload's IP never get it.
         assert!(s.pick_endpoint(svc1, 80).is_none());
-        store.source("file").replace_all(vec![remote], svc, vec![]);
+        let mut stranded = remote.clone();
+        stranded.uid = "stranded".into();
+        stranded.network_gateway = None;
+        stranded.workload_ips = vec!["10.1.0.9".parse().unwrap()];
+        store
+            .source("file")
+            .replace_all(vec![remote, stranded.clone()], svc.clone(), vec![]);
+        let s = store.snapshot();
+        let svc1 = s.service_by_vip("", "10.96.0.1".parse().unwrap()).unwrap();
+        for _ in 0..32 {
+            let (w, _) = s.select_endpoint(None, Some(""), svc1, 80).unwrap();
+            assert_eq!(w.uid, "remote", "only the endpoint behind a gateway");
+        }
+        store
+            .source("file")
+            .replace_all(vec![stranded], svc, vec![]);
         let s = store.snapshot();
         let svc1 = s.service_by_vip("", "10.96.0.1".parse().unwrap()).unwrap();
         match s.select_endpoint(None, Some(""), svc1, 80) {

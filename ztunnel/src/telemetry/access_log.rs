@@ -33,7 +33,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use super::live::{ByteSource, Live};
 use super::metrics::{ProxyMetrics, Reporter, ResponseFlags, SocketLabels, TrafficLabels};
 use crate::identity::Identity;
-use crate::state::{Service, Workload};
+use crate::state::{HboneTarget, Service, Workload};
 
 /// Which way the connection goes, seen from this proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,8 +132,9 @@ pub struct ConnectionInfo {
     pub src: PeerInfo,
     /// The address actually connected to (`peer:15008` for HBONE).
     pub dst_addr: SocketAddr,
-    /// The HBONE target (`podIP:port`), when tunnelled.
-    pub dst_hbone_addr: Option<SocketAddr>,
+    /// The HBONE target (`podIP:port`; `hostname:port` through an east-west gateway),
+    /// when tunnelled.
+    pub dst_hbone_addr: Option<HboneTarget>,
     /// The Service, when the client addressed a service VIP (or, inbound, the best guess
     /// among the destination workload's services).
     pub dst_service: Option<ServiceInfo>,
@@ -222,7 +223,7 @@ macro_rules! access_event {
             src.identity = info.src.identity.as_ref().map(display),
             src.cluster = info.src.cluster.as_deref(),
             dst.addr = %info.dst_addr,
-            dst.hbone_addr = info.dst_hbone_addr.map(display),
+            dst.hbone_addr = info.dst_hbone_addr.as_ref().map(display),
             dst.service = info.dst_service.as_ref().map(|s| s.hostname.as_str()),
             dst.workload = info.dst.log_name(),
             dst.namespace = info.dst.namespace.as_deref(),
@@ -631,7 +632,7 @@ mod log_format_tests {
                     ..Default::default()
                 },
                 dst_addr: "10.0.0.2:15008".parse().unwrap(),
-                dst_hbone_addr: Some("10.0.0.2:80".parse().unwrap()),
+                dst_hbone_addr: Some(HboneTarget::Addr("10.0.0.2:80".parse().unwrap())),
                 dst_service: None,
                 dst: PeerInfo {
                     workload: Some("echo".into()),

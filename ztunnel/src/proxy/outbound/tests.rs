@@ -289,42 +289,61 @@ services:
 
 #[test]
 fn endpoints_on_another_network_are_never_dialled_directly() {
-    let snap = crate::state::file::test_store(
-        r#"
+    let yaml = |gateway_known: bool| {
+        let ew = if gateway_known {
+            "- {uid: ew, name: ew, namespace: istio-system, workloadIps: [\"192.0.2.1\"], protocol: TCP}\n"
+        } else {
+            ""
+        };
+        format!(
+            r#"
 workloads:
-- {uid: client, name: client, namespace: ns, serviceAccount: c, workloadIps: ["10.0.0.9"],
-   protocol: HBONE}
-- {uid: remote, name: remote, namespace: ns, network: west, workloadIps: ["10.1.0.1"],
-   protocol: HBONE, networkGateway: {destination: "/192.0.2.1", hboneMtlsPort: 15008},
-   services: {"ns/svc.ns.svc.cluster.local": {80: 8080}, "ns/mixed.ns.svc.cluster.local": {80: 8080}}}
-- {uid: local, name: local, namespace: ns, workloadIps: ["10.0.0.1"], protocol: HBONE,
-   services: {"ns/mixed.ns.svc.cluster.local": {80: 8080}}}
+{ew}- {{uid: client, name: client, namespace: ns, serviceAccount: c, workloadIps: ["10.0.0.9"],
+   protocol: HBONE}}
+- {{uid: remote, name: remote, namespace: ns, network: west, workloadIps: ["10.1.0.1"],
+   protocol: HBONE, networkGateway: {{destination: "/192.0.2.1", hboneMtlsPort: 15008}},
+   services: {{"ns/svc.ns.svc.cluster.local": {{80: 8080}}, "ns/mixed.ns.svc.cluster.local": {{80: 8080}}}}}}
+- {{uid: local, name: local, namespace: ns, workloadIps: ["10.0.0.1"], protocol: HBONE,
+   services: {{"ns/mixed.ns.svc.cluster.local": {{80: 8080}}}}}}
 services:
-- {name: svc, namespace: ns, hostname: svc.ns.svc.cluster.local, vips: ["/10.96.0.1"],
-   ports: {80: 8080}}
-- {name: mixed, namespace: ns, hostname: mixed.ns.svc.cluster.local, vips: ["/10.96.0.2"],
-   ports: {80: 8080}}
-"#,
-    )
-    .snapshot();
+- {{name: svc, namespace: ns, hostname: svc.ns.svc.cluster.local, vips: ["/10.96.0.1"],
+   ports: {{80: 8080}}}}
+- {{name: mixed, namespace: ns, hostname: mixed.ns.svc.cluster.local, vips: ["/10.96.0.2"],
+   ports: {{80: 8080}}}}
+"#
+        )
+    };
+    // A remote-network endpoint whose gateway the state does not know: refused, naming
+    // the workload, its network and the gateway.
+    let snap = crate::state::file::test_store(&yaml(false)).snapshot();
     let src = snap.workload_by_uid("client").cloned();
-    // Only a remote-network endpoint: refused, naming the service and the network.
     match resolve(&snap, src.as_deref(), "", addr("10.96.0.1:80"), 15008) {
         Route::Unroutable { reason, .. } => {
-            assert!(reason.contains("ns/svc.ns.svc.cluster.local"), "{reason}");
-            assert!(reason.contains("west"), "{reason}");
+            for part in ["remote", "west", "192.0.2.1"] {
+                assert!(reason.contains(part), "{reason}");
+            }
         }
         r => panic!("{r:?}"),
     }
-    // Local and remote endpoints: always the local one.
+    // Local and remote endpoints, the gateway known: as upstream, both are picked (no
+    // routing preference), the remote one never at its own IP.
+    let snap = crate::state::file::test_store(&yaml(true)).snapshot();
+    let src = snap.workload_by_uid("client").cloned();
+    let (mut local, mut remote) = (0, 0);
     for _ in 0..64 {
         match resolve(&snap, src.as_deref(), "", addr("10.96.0.2:80"), 15008) {
             Route::Hbone { hbone_addr, .. } => {
-                assert_eq!(hbone_addr, addr("10.0.0.1:15008"))
+                assert_eq!(hbone_addr, addr("10.0.0.1:15008"));
+                local += 1;
+            }
+            Route::DoubleHbone { gateway, .. } => {
+                assert_eq!(gateway.addr, addr("192.0.2.1:15008"));
+                remote += 1;
             }
             r => panic!("{r:?}"),
         }
     }
+    assert!(local > 0 && remote > 0, "{local} local, {remote} remote");
 }
 
 #[test]
@@ -497,5 +516,112 @@ fn weighted_waypoints_share_connections_and_never_loop() {
     // From either waypoint: straight to the endpoint.
     for wp in ["wp", "wp2"] {
         assert_eq!(via(wp), ("behind".to_string(), false), "{wp}");
+    }
+}
+
+/// A service with endpoints on network `west` only, behind west's east-west gateway (a
+/// known workload there), and one whose waypoint is on `west`: both go through the gateway
+/// with `hostname:port`, verified against the gateway (outer) and the far workload (inner).
+#[test]
+fn other_networks_are_reached_through_their_gateway() {
+    let yaml = r#"
+workloads:
+- {uid: a, name: a, namespace: ns, serviceAccount: sa-a, network: east,
+   workloadIps: ["10.0.0.1"], protocol: HBONE, services: {}}
+- {uid: ew, name: ew, namespace: istio-system, serviceAccount: istio-eastwestgateway,
+   network: west, workloadIps: ["192.0.2.9"], protocol: TCP, services: {}}
+- uid: far
+  name: far
+  namespace: ns
+  serviceAccount: sa-far
+  network: west
+  protocol: HBONE
+  networkGateway: {destination: "west/192.0.2.9", hboneMtlsPort: 15443}
+  services: {"ns/svc.ns.svc.cluster.local": {80: 8080}}
+- uid: wp
+  name: wp
+  namespace: ns
+  serviceAccount: waypoint
+  network: west
+  workloadIps: ["10.1.0.50"]
+  protocol: HBONE
+  networkGateway: {destination: "west/192.0.2.9", hboneMtlsPort: 15443}
+  services: {}
+- uid: lonely
+  name: lonely
+  namespace: ns
+  serviceAccount: sa-lonely
+  network: north
+  workloadIps: ["10.2.0.1"]
+  protocol: HBONE
+  services: {"ns/nogw.ns.svc.cluster.local": {80: 8080}}
+services:
+- name: svc
+  namespace: ns
+  hostname: svc.ns.svc.cluster.local
+  vips: ["east/10.96.0.1"]
+  ports: {80: 8080}
+  subjectAltNames: ["spiffe://cluster.local/ns/ns/sa/svc-san"]
+- name: wsvc
+  namespace: ns
+  hostname: wsvc.ns.svc.cluster.local
+  vips: ["east/10.96.0.2"]
+  ports: {80: 8080}
+  waypoint: {destination: "west/10.1.0.50", hboneMtlsPort: 15008}
+- name: nogw
+  namespace: ns
+  hostname: nogw.ns.svc.cluster.local
+  vips: ["east/10.96.0.3"]
+  ports: {80: 8080}
+"#;
+    let snap = crate::state::file::test_store(yaml).snapshot();
+    let src = snap.workload_by_uid("a").cloned();
+    let r = |dst: &str| resolve(&snap, src.as_deref(), "east", addr(dst), 15008);
+    let ids = |v: &[Identity]| v.iter().map(|i| i.to_string()).collect::<Vec<_>>();
+    let gateway_id = "spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway";
+    match r("10.96.0.1:80") {
+        Route::DoubleHbone {
+            gateway,
+            workload,
+            service,
+            port,
+            expected,
+        } => {
+            assert_eq!(gateway.addr, addr("192.0.2.9:15443"));
+            assert_eq!(ids(&gateway.identities), [gateway_id]);
+            assert_eq!((workload.uid.as_str(), port), ("far", 80));
+            assert_eq!(service.hostname, "svc.ns.svc.cluster.local");
+            assert_eq!(
+                ids(&expected),
+                [
+                    "spiffe://cluster.local/ns/ns/sa/sa-far",
+                    "spiffe://cluster.local/ns/ns/sa/svc-san"
+                ]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    match r("10.96.0.2:80") {
+        Route::DoubleHbone {
+            gateway,
+            workload,
+            expected,
+            port,
+            ..
+        } => {
+            assert_eq!(gateway.addr, addr("192.0.2.9:15443"));
+            assert_eq!((workload.uid.as_str(), port), ("wp", 80));
+            assert_eq!(ids(&expected), ["spiffe://cluster.local/ns/ns/sa/waypoint"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    match r("10.96.0.3:80") {
+        Route::Unroutable { reason, .. } => {
+            assert!(
+                reason.contains("north") && reason.contains("no network gateway"),
+                "{reason}"
+            )
+        }
+        other => panic!("{other:?}"),
     }
 }
