@@ -1,5 +1,6 @@
-//! Asks the node agent about a new pod: one HTTP/1.1 `POST /cmdadd` on its
-//! Unix socket, bounded by a timeout.
+//! Talks to the node agent on its Unix sockets, each exchange one HTTP/1.1 `POST`
+//! bounded by a timeout: asking about a new pod (`/cmdadd`), forwarding the run's log
+//! lines (`/log`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -48,16 +49,43 @@ pub async fn send_cmd_add(
     event: &CmdAddEvent,
     timeout: Duration,
 ) -> Result<AgentAnswer, AgentUnreachable> {
-    match tokio::time::timeout(timeout, exchange(socket, event)).await {
-        Ok(r) => r,
-        Err(_) => Err(AgentUnreachable::Timeout {
-            socket: socket.to_path_buf(),
-            after: timeout,
-        }),
-    }
+    within(socket, timeout, exchange(socket, event)).await
+}
+
+/// Posts the run's JSON log `lines` to the agent's log socket within `timeout`.
+pub async fn send_log_lines(
+    socket: &Path,
+    lines: &[String],
+    timeout: Duration,
+) -> Result<AgentAnswer, AgentUnreachable> {
+    let body = mesh_proto::plugin_log::encode_batch(lines);
+    let post = post(socket, mesh_proto::plugin_log::PLUGIN_LOG_PATH, body);
+    within(socket, timeout, post).await
+}
+
+/// `exchange` with the agent at `socket`, given up after `timeout`.
+async fn within(
+    socket: &Path,
+    timeout: Duration,
+    exchange: impl Future<Output = Result<AgentAnswer, AgentUnreachable>>,
+) -> Result<AgentAnswer, AgentUnreachable> {
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(AgentUnreachable::Timeout {
+                socket: socket.to_path_buf(),
+                after: timeout,
+            })
+        })
 }
 
 async fn exchange(socket: &Path, event: &CmdAddEvent) -> Result<AgentAnswer, AgentUnreachable> {
+    let body = serde_json::to_vec(event).expect("CmdAddEvent is always serialisable");
+    post(socket, CMD_ADD_PATH, body).await
+}
+
+/// One JSON `POST` of `body` to `path` on `socket`: the status and the reply.
+async fn post(socket: &Path, path: &str, body: Vec<u8>) -> Result<AgentAnswer, AgentUnreachable> {
     let http_err = |source| AgentUnreachable::Http {
         socket: socket.to_path_buf(),
         source,
@@ -72,8 +100,7 @@ async fn exchange(socket: &Path, event: &CmdAddEvent) -> Result<AgentAnswer, Age
         .await
         .map_err(http_err)?;
     let conn = tokio::spawn(conn);
-    let body = serde_json::to_vec(event).expect("CmdAddEvent is always serialisable");
-    let req = http::Request::post(CMD_ADD_PATH)
+    let req = http::Request::post(path)
         .header(http::header::HOST, "istio-cni-agent")
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))

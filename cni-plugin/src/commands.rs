@@ -31,7 +31,7 @@ pub struct Output {
 /// Runs the plugin for the given environment and stdin.
 pub fn run(env: impl Fn(&str) -> Option<String>, stdin: impl Read + Send + 'static) -> Output {
     let mut version_for_errors = LATEST.to_string();
-    match dispatch(env, stdin, &mut version_for_errors) {
+    let out = match dispatch(env, stdin, &mut version_for_errors) {
         Ok(stdout) => Output {
             stdout: stdout.unwrap_or_default(),
             success: true,
@@ -48,7 +48,9 @@ pub fn run(env: impl Fn(&str) -> Option<String>, stdin: impl Read + Send + 'stat
                 success: false,
             }
         }
-    }
+    };
+    crate::logging::forward_to_agent();
+    out
 }
 
 fn dispatch(
@@ -62,7 +64,7 @@ fn dispatch(
     }
     let conf = PluginConf::parse(&read_stdin(stdin, STDIN_TIMEOUT)?)?;
     version_for_errors.clone_from(&conf.cni_version);
-    crate::logging::init(&conf.log_level);
+    crate::logging::init(&conf.log_level, &conf.run_dir);
     match inv.command {
         Command::Add => cmd_add(&conf, &inv).map(Some),
         Command::Del => Ok(None),

@@ -1,8 +1,9 @@
 //! The plugin binary run exactly as a container runtime runs it (env +
 //! stdin, chained after the real `bridge` + `host-local` plugins, inside a
 //! throw-away node netns with a throw-away pod netns), against the node
-//! agent's real plugin-event endpoint with a scripted handler, and against a
-//! fake API server when the agent is down.
+//! agent's real plugin-event endpoint with a scripted handler (and its real log
+//! endpoint, which receives the plugin's log lines), and against a fake API server when
+//! the agent is down.
 
 mod support;
 
@@ -13,8 +14,10 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use mesh_proto::cni_event::{CmdAddEvent, CmdAddReply, Enrolment};
+use mesh_proto::plugin_log::PluginLogLine;
 use node_agent::install::kubeconfig::{self, KubeconfigSource};
 use node_agent::plugin_events::{CmdAddRefusal, PluginEventListener, PodEventHandler};
+use node_agent::plugin_log::PluginLogListener;
 use serde_json::{Value, json};
 use support::*;
 
@@ -42,11 +45,12 @@ impl PodEventHandler for ScriptedHandler {
     }
 }
 
-/// The agent's plugin-event endpoint, in its own runtime.
+/// The agent's plugin-event and log endpoints, in their own runtime.
 struct Agent {
     _rt: tokio::runtime::Runtime,
     run_dir: tempfile::TempDir,
     seen: Arc<Mutex<Vec<CmdAddEvent>>>,
+    logs: Arc<Mutex<Vec<PluginLogLine>>>,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -63,20 +67,39 @@ impl Agent {
             script,
             seen: seen.clone(),
         });
-        let listener = {
+        let (listener, log_listener) = {
             let _g = rt.enter();
-            PluginEventListener::bind(run_dir.path()).unwrap()
+            (
+                PluginEventListener::bind(run_dir.path()).unwrap(),
+                PluginLogListener::bind(run_dir.path()).unwrap(),
+            )
         };
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let rx = futures::FutureExt::shared(rx);
+        let stopped = rx.clone();
         rt.spawn(listener.serve(handler, Duration::from_secs(4), async {
+            let _ = stopped.await;
+        }));
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = {
+            let logs = logs.clone();
+            Arc::new(move |l| logs.lock().unwrap().push(l))
+        };
+        rt.spawn(log_listener.serve(sink, async {
             let _ = rx.await;
         }));
         Self {
             _rt: rt,
             run_dir,
             seen,
+            logs,
             _stop: stop,
         }
+    }
+
+    /// The plugin's log lines the agent received (cleared).
+    fn take_logs(&self) -> Vec<PluginLogLine> {
+        std::mem::take(&mut self.logs.lock().unwrap())
     }
 
     fn events(&self) -> Vec<CmdAddEvent> {
@@ -170,6 +193,15 @@ fn chained_add_check_del_with_agent_up_all_versions() {
                 runs[1].stderr.contains("agent says"),
                 "decision logged: {}",
                 runs[1].stderr
+            );
+            // The same decision reached the agent's log endpoint, with its fields.
+            let logs = agent.take_logs();
+            assert!(
+                logs.iter().any(|l| l.level == "info"
+                    && l.msg.contains("agent says")
+                    && l.fields
+                        .contains(&("container".to_string(), container.clone()))),
+                "{version}: forwarded to the agent: {logs:?}"
             );
             if version != "0.3.1" {
                 rt.check(&container, &pod, &args, &result)

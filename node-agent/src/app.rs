@@ -43,6 +43,7 @@ use crate::http_endpoint;
 use crate::install::{self, Installer};
 use crate::metrics::{self, AgentMetrics};
 use crate::plugin_events::{DEFAULT_HANDLER_TIMEOUT, PluginEventListener};
+use crate::plugin_log::{self, PluginLogListener};
 use crate::reconcile::cni_add::CniAddHandler;
 use crate::reconcile::pod_netns::{NetnsPaths, NetnsResolver, POD_NETNS_DIR};
 use crate::reconcile::{ReconcileConfig, Reconciler, ztunnel};
@@ -71,7 +72,7 @@ pub enum AppError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    PluginEvents(#[from] crate::plugin_events::PluginEventError),
+    RunDirSocket(#[from] crate::run_dir_socket::RunDirSocketError),
     #[error(transparent)]
     PodNetns(#[from] crate::reconcile::pod_netns::PodNetnsError),
     #[error("in-pod redirection: {0}")]
@@ -237,6 +238,7 @@ pub async fn run_with(
             reason: e.to_string(),
         })??;
     let plugin_listener = PluginEventListener::bind(&cfg.run_dir)?;
+    let plugin_log = PluginLogListener::bind(&cfg.run_dir)?;
     let installer = Arc::new(Installer::new(cfg.install.clone(), install_flag.clone()));
     let installer_task = tokio::spawn(installer.clone().run(stop.wait()));
     let install_gauge = {
@@ -278,6 +280,7 @@ pub async fn run_with(
         DEFAULT_HANDLER_TIMEOUT,
         stop.wait(),
     ));
+    let plugin_log_task = tokio::spawn(plugin_log.serve(Arc::new(plugin_log::relog), stop.wait()));
     let (tx, mut rx) = mpsc::unbounded_channel::<Change>();
     let ztunnel_changed = Arc::new(Notify::new());
     let dispatcher = {
@@ -348,6 +351,7 @@ pub async fn run_with(
         let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
     }
     let _ = plugin_task.await;
+    let _ = plugin_log_task.await;
     let _ = installer_task.await;
     install_gauge.abort();
     if let Some(f) = follower {

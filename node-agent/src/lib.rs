@@ -12,8 +12,10 @@ pub mod log_scope;
 pub mod memory;
 pub mod metrics;
 pub mod plugin_events;
+pub mod plugin_log;
 pub mod reconcile;
 pub mod redirect;
+pub mod run_dir_socket;
 #[cfg(test)]
 mod test_support;
 pub mod zds;

@@ -8,6 +8,8 @@ pub fn log_scope(target: &str) -> String {
     match (parts.next(), parts.next()) {
         (Some("node_agent"), Some(module)) => module.to_string(),
         (Some("node_agent"), None) => "cni-agent".to_string(),
+        // The CNI plugin's lines, relayed (`plugin_log`): upstream's scope name.
+        (Some("cni_plugin"), None) => "cni-plugin".to_string(),
         (Some(krate), _) => krate.to_string(),
         (None, _) => "cni-agent".to_string(),
     }
@@ -23,5 +25,6 @@ mod tests {
         assert_eq!(log_scope("node_agent::redirect::inpod::rules"), "redirect");
         assert_eq!(log_scope("node_agent"), "cni-agent");
         assert_eq!(log_scope("kube_client::client"), "kube_client");
+        assert_eq!(log_scope(crate::plugin_log::TARGET), "cni-plugin");
     }
 }

@@ -15,9 +15,8 @@
 //! fires, the handler still runs to completion (it is never cancelled halfway
 //! through an enrolment); its late result is logged.
 
-use std::convert::Infallible;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,13 +25,12 @@ use futures::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use mesh_proto::cni_event::{
     CMD_ADD_PATH, CmdAddEvent, CmdAddReply, PLUGIN_EVENT_SOCKET, STATUS_ENROLMENT_FAILED,
     STATUS_UNDECIDED,
 };
-use tokio::net::UnixListener;
+
+use crate::run_dir_socket::{RunDirSocket, RunDirSocketError};
 
 /// Default bound on one handler call; below the plugin's own 5 s so the
 /// plugin receives our 503 with a reason instead of timing out itself.
@@ -72,58 +70,19 @@ impl CmdAddRefusal {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum PluginEventError {
-    #[error("cannot create run dir {path}: {source}")]
-    RunDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot remove stale plugin-event socket {path}: {source}")]
-    Stale {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot listen on plugin-event socket {path}: {source}")]
-    Bind {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
 /// A bound, not yet serving, plugin-event socket.
 #[derive(Debug)]
-pub struct PluginEventListener {
-    listener: UnixListener,
-    path: PathBuf,
-}
+pub struct PluginEventListener(RunDirSocket);
 
 impl PluginEventListener {
     /// Binds `<run_dir>/pluginevent.sock`, creating `run_dir` and replacing a
     /// socket left by a previous agent. Call inside a tokio runtime.
-    pub fn bind(run_dir: &Path) -> Result<Self, PluginEventError> {
-        std::fs::create_dir_all(run_dir).map_err(|source| PluginEventError::RunDir {
-            path: run_dir.to_path_buf(),
-            source,
-        })?;
-        let path = run_dir.join(PLUGIN_EVENT_SOCKET);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(PluginEventError::Stale { path, source }),
-        }
-        let listener = UnixListener::bind(&path).map_err(|source| PluginEventError::Bind {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(Self { listener, path })
+    pub fn bind(run_dir: &Path) -> Result<Self, RunDirSocketError> {
+        RunDirSocket::bind(run_dir, PLUGIN_EVENT_SOCKET, "plugin-event").map(Self)
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.0.path()
     }
 
     /// Serves until `shutdown` completes, then stops accepting and removes
@@ -134,42 +93,8 @@ impl PluginEventListener {
         handler_timeout: Duration,
         shutdown: impl Future<Output = ()>,
     ) {
-        let Self { listener, path } = self;
-        tracing::info!(socket = %path.display(), "plugin-event endpoint listening");
-        tokio::pin!(shutdown);
-        loop {
-            let stream = tokio::select! {
-                _ = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        tracing::warn!(socket = %path.display(), error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(route(req, handler, handler_timeout).await) }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    tracing::debug!(error = %e, "plugin-event connection ended with an error");
-                }
-            });
-        }
-        drop(listener);
-        if let Err(e) = std::fs::remove_file(&path)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(socket = %path.display(), error = %e, "cannot remove plugin-event socket");
-        }
-        tracing::info!(socket = %path.display(), "plugin-event endpoint stopped");
+        let route = move |req| route(req, handler.clone(), handler_timeout);
+        self.0.serve(route, shutdown).await
     }
 }
 

@@ -5,6 +5,7 @@
 //!   ztunnels and its two resource types, spoken by ztunnel and the e2e control-plane
 //!   double;
 //! - [`cni_event`]: the CNI plugin -> node agent pod event (JSON over a Unix socket);
+//! - [`plugin_log`]: the CNI plugin's log lines, forwarded to the node agent;
 //! - [`enablement`]: which pods are ambient (exclusions, then upstream's enablement
 //!   selectors over pod and namespace labels), decided alike by the node agent and by
 //!   the CNI plugin's fallback; [`label_selector`]: Kubernetes label selectors.
@@ -42,3 +43,4 @@ pub mod security {
 pub mod cni_event;
 pub mod enablement;
 pub mod label_selector;
+pub mod plugin_log;
