@@ -463,6 +463,7 @@ async fn handle_stream(
             Err(e) => Err(e),
         };
         if let Err(e) = written {
+            metrics.refused(Direction::Inbound, RefusalReason::upstream_unavailable);
             let why = format!("PROXY header to {upstream_addr}: {e}");
             tele.close_with_flag(0, 0, Some(&why), failed);
             return;
