@@ -14,6 +14,10 @@
 //!   bypass (pod IP) is denied by the destination's policy that admits only the waypoint, a
 //!   forged HBONE request for the VIP straight to the pod is refused (400); a workload
 //!   waypoint catches pod-addressed traffic.
+//! - Multi-network (the same stand-in as an east-west gateway): a service whose endpoint is
+//!   on another network is reached through that network's gateway with double HBONE; the
+//!   gateway sees `hostname:port` and the client's identity, relays only ciphertext, and
+//!   the destination ztunnel terminates the client's own inner tunnel.
 
 mod mesh_support;
 
@@ -383,5 +387,108 @@ fn waypoint_carries_service_traffic_and_bypass_is_refused() {
     assert_eq!(recs[1].authority, format!("{}:8080", server.ip()));
     assert_eq!(recs[1].status, 200);
     drop(wp);
+    mesh.shutdown();
+}
+
+const MN_VIP: &str = "10.96.0.30";
+
+/// `client` on network `east`; `server` on `west`, behind west's gateway `ew` (a west
+/// workload); the echo service's VIP is on `east`.
+fn multi_network_config(mesh: &DedicatedMesh) -> String {
+    let ew_ip = mesh.pod("ew").ip();
+    let mut y = String::from("workloads:\n");
+    y.push_str(&workload_entry(
+        mesh.pod("client"),
+        "HBONE",
+        "{}",
+        "  network: east\n",
+    ));
+    y.push_str(&workload_entry(
+        mesh.pod("server"),
+        "HBONE",
+        &format!("{{\"default/{ECHO_SVC}\": {{80: 8080}}}}"),
+        &format!("  network: west\n  networkGateway: {{destination: \"west/{ew_ip}\", hboneMtlsPort: 15008}}\n"),
+    ));
+    y.push_str(&workload_entry(
+        mesh.pod("ew"),
+        "TCP",
+        "{}",
+        "  network: west\n",
+    ));
+    y.push_str(&format!(
+        "services:\n- name: echo\n  namespace: default\n  hostname: {ECHO_SVC}\n  \
+         vips: [\"east/{MN_VIP}\"]\n  ports: {{80: 8080}}\n"
+    ));
+    y
+}
+
+#[test]
+fn a_service_on_another_network_goes_through_its_east_west_gateway() {
+    require_root!();
+    let mut mesh = DedicatedMesh::new("multinet").expect("mesh");
+    mesh.add_pod("client", "default", "client").unwrap();
+    mesh.add_pod("server", "default", "server").unwrap();
+    mesh.add_pod("ew", "istio-system", "istio-eastwestgateway")
+        .unwrap();
+    mesh.write_config(&multi_network_config(&mesh));
+    mesh.start_ztunnel("client");
+    mesh.start_ztunnel("server");
+    let gw = Waypoint::start_gateway(
+        NamedNetns::open(mesh.pod("ew").netns().name()).unwrap(),
+        Identity::new("cluster.local", "istio-system", "istio-eastwestgateway"),
+        test_ca(),
+        mesh.config_path().to_path_buf(),
+    );
+    let _server = EchoServer::start(mesh.pod("server").netns(), 8080, None);
+    let (client, server) = (mesh.pod("client"), mesh.pod("server"));
+    let ew_ip = mesh.pod("ew").ip();
+    let data = b"across networks".repeat(1000);
+
+    let s = client
+        .connect(format!("{MN_VIP}:80").parse().unwrap())
+        .unwrap();
+    assert_eq!(echo(s, &data).unwrap(), data);
+    wait_until("the gateway's relay ended", Duration::from_secs(5), || {
+        gw.records().first().is_some_and(|r| r.bytes_down > 0)
+    });
+    let recs = gw.records();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let r = &recs[0];
+    assert_eq!(r.authority, format!("{ECHO_SVC}:80"));
+    assert_eq!(r.peer_identity, client.identity());
+    assert_eq!(r.upstream, Some(SocketAddr::from((server.ip(), 15008))));
+    // The inner tunnel (TLS, HTTP/2) around the payload: more bytes than it, both ways.
+    assert_eq!(r.status, 200);
+    assert!(
+        r.bytes_down > data.len() as u64 && r.bytes_up > data.len() as u64,
+        "{r:?}"
+    );
+
+    // Client: to the gateway, the service's hostname as the HBONE target, the server's
+    // identity (proved by the inner TLS).
+    wait_until("client access log", Duration::from_secs(5), || {
+        !client
+            .log_lines(&[
+                "connection complete",
+                &format!("dst.addr={ew_ip}:15008"),
+                &format!("dst.hbone_addr={ECHO_SVC}:80"),
+                &format!("dst.identity={}", server.identity()),
+                &format!("bytes_sent={}", data.len()),
+            ])
+            .is_empty()
+    });
+    // Server: the stream came from the gateway's address with the client's identity.
+    wait_until("server access log", Duration::from_secs(5), || {
+        server
+            .log_lines(&[
+                "connection complete",
+                "direction=\"inbound\"",
+                &format!("src.addr={ew_ip}:"),
+                &format!("src.identity={}", client.identity()),
+            ])
+            .iter()
+            .any(|l| !l.contains("error="))
+    });
+    drop(gw);
     mesh.shutdown();
 }

@@ -5,6 +5,11 @@
 //! HBONE to the endpoint pod's ztunnel (`podIP:15008`, authority `podIP:targetPort`,
 //! verifying the endpoint's identity), then relays bytes both ways.
 //!
+//! As an east-west gateway ([`Waypoint::start_gateway`], Istio's multi-network contract)
+//! it answers a CONNECT naming `service-hostname:port` instead, and relays the stream's
+//! bytes, unread, over plain TCP to one endpoint's HBONE port (`podIP:15008`): the client
+//! inside runs its own HBONE with the endpoint (double HBONE).
+//!
 //! Every CONNECT it answers is recorded ([`Waypoint::records`]): that is the "access log"
 //! tests use to prove traffic went through it.
 
@@ -19,7 +24,9 @@ use e2e::netsim::NamedNetns;
 use h2::{RecvStream, SendStream};
 use http::{Response, StatusCode};
 use tokio::net::{TcpListener, TcpSocket};
-use ztunnel::hbone::headers::{ConnectRequest, build_request, parse_target};
+use ztunnel::hbone::headers::{
+    ConnectRequest, HboneTarget, build_request, parse_authority, parse_target,
+};
 use ztunnel::hbone::server::tls_accept;
 use ztunnel::hbone::tls_connect;
 use ztunnel::identity::local_ca::LocalCa;
@@ -50,6 +57,8 @@ pub struct Record {
 }
 
 struct Shared {
+    /// East-west gateway (relay to `podIP:15008`) rather than waypoint.
+    gateway: bool,
     netns: NamedNetns,
     identity: Identity,
     certs: Arc<SecretManager>,
@@ -68,6 +77,27 @@ impl Waypoint {
     /// Listens on `0.0.0.0:15008` inside `netns` (a pod without capture rules) as
     /// `identity`, with certificates from `ca`, resolving targets from `config`.
     pub fn start(netns: NamedNetns, identity: Identity, ca: Arc<LocalCa>, config: PathBuf) -> Self {
+        Self::start_as(false, netns, identity, ca, config)
+    }
+
+    /// As [`Self::start`], as an east-west gateway: a CONNECT for `hostname:port` is
+    /// relayed as bytes to an endpoint of that service at `podIP:15008`.
+    pub fn start_gateway(
+        netns: NamedNetns,
+        identity: Identity,
+        ca: Arc<LocalCa>,
+        config: PathBuf,
+    ) -> Self {
+        Self::start_as(true, netns, identity, ca, config)
+    }
+
+    fn start_as(
+        gateway: bool,
+        netns: NamedNetns,
+        identity: Identity,
+        ca: Arc<LocalCa>,
+        config: PathBuf,
+    ) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("waypoint")
@@ -81,6 +111,7 @@ impl Waypoint {
         listener.set_nonblocking(true).unwrap();
         let roots = TrustRoots::from_der([ca.root_certificate().clone()], "test root").unwrap();
         let shared = Arc::new(Shared {
+            gateway,
             netns,
             identity,
             certs: SecretManager::new(ca, Duration::from_secs(3600)),
@@ -165,6 +196,37 @@ async fn serve_connection(s: Arc<Shared>, tcp: tokio::net::TcpStream, peer: Sock
             };
             let set = |f: &dyn Fn(&mut Record)| f(&mut s.records.lock().unwrap()[idx]);
             let mut respond = respond;
+            if s.gateway {
+                let relayed = match relay_target(&s, &req).await {
+                    Ok((upstream, tcp)) => {
+                        set(&|r| {
+                            r.status = 200;
+                            r.upstream = Some(upstream);
+                        });
+                        let ok = Response::builder().status(200).body(()).unwrap();
+                        respond
+                            .send_response(ok, false)
+                            .ok()
+                            .map(|send| (send, tcp))
+                    }
+                    Err(status) => {
+                        set(&|r| r.status = status.as_u16());
+                        let no = Response::builder().status(status).body(()).unwrap();
+                        let _ = respond.send_response(no, true);
+                        None
+                    }
+                };
+                if let Some((send, mut tcp)) = relayed {
+                    let stream = ztunnel::hbone::H2Stream::new(send, req.into_body());
+                    let counters = Default::default();
+                    let out = ztunnel::hbone::copy_tcp_h2(&mut tcp, stream, &counters).await;
+                    set(&|r| {
+                        r.bytes_up = out.to_tunnel;
+                        r.bytes_down = out.from_tunnel;
+                    });
+                }
+                return;
+            }
             let (upstream, send_up, recv_down) = match forward(&s, &req, peer).await {
                 Ok(x) => x,
                 Err(status) => {
@@ -193,14 +255,45 @@ async fn serve_connection(s: Arc<Shared>, tcp: tokio::net::TcpStream, peer: Sock
     }
 }
 
-/// Resolves the request's target and opens the onward HBONE stream: the endpoint address and
-/// the two halves of the new stream, or the status to answer.
-async fn forward(
+/// An east-west gateway's onward hop: the service named `hostname:port` in the request,
+/// one of its endpoints (any network), and a plain TCP connection to its HBONE port from
+/// the gateway's netns.
+async fn relay_target(
     s: &Shared,
     req: &http::Request<RecvStream>,
-    client: SocketAddr,
-) -> Result<(SocketAddr, SendStream<Bytes>, RecvStream), StatusCode> {
-    let target = parse_target(req).map_err(|_| StatusCode::BAD_REQUEST)?;
+) -> Result<(SocketAddr, tokio::net::TcpStream), StatusCode> {
+    let HboneTarget::Host { hostname, port } =
+        parse_authority(req).map_err(|_| StatusCode::BAD_REQUEST)?
+    else {
+        return Err(StatusCode::BAD_REQUEST);
+    };
+    let snap = load_state(s)?.snapshot();
+    let svc = snap
+        .services()
+        .find(|svc| svc.hostname == hostname)
+        .ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
+    let (workload, _) = snap
+        .pick_endpoint(svc, port)
+        .ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
+    let ip: IpAddr = *workload
+        .workload_ips
+        .first()
+        .ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
+    let hbone = SocketAddr::new(ip, 15008);
+    let sock = s
+        .netns
+        .run(TcpSocket::new_v4)
+        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?
+        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+    let tcp = sock
+        .connect(hbone)
+        .await
+        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+    Ok((hbone, tcp))
+}
+
+/// The state in the local config file the ztunnels read.
+fn load_state(s: &Shared) -> Result<Store, StatusCode> {
     let defaults = FileDefaults {
         trust_domain: s.identity.trust_domain().to_string(),
         cluster_id: "Kubernetes".into(),
@@ -210,7 +303,18 @@ async fn forward(
     store
         .source("file")
         .replace_all(cfg.workloads, cfg.services, cfg.policies);
-    let snap = store.snapshot();
+    Ok(store)
+}
+
+/// Resolves the request's target and opens the onward HBONE stream: the endpoint address and
+/// the two halves of the new stream, or the status to answer.
+async fn forward(
+    s: &Shared,
+    req: &http::Request<RecvStream>,
+    client: SocketAddr,
+) -> Result<(SocketAddr, SendStream<Bytes>, RecvStream), StatusCode> {
+    let target = parse_target(req).map_err(|_| StatusCode::BAD_REQUEST)?;
+    let snap = load_state(s)?.snapshot();
     let (workload, port, host) = if let Some(svc) = snap.service_by_vip("", target.ip()) {
         let (w, port) = snap
             .pick_endpoint(svc, target.port())
