@@ -282,13 +282,14 @@ impl AgentConfig {
 
 /// Upstream istio-cni's name for a setting this agent names differently:
 /// `CNI_CONF_DIR` is upstream's `MOUNTED_CNI_NET_DIR`, `METRICS_PORT` its
-/// `MONITORING_PORT`, `ZTUNNEL_UDS` its `ZTUNNEL_UDS_ADDRESS`. Ours wins
-/// when both are set.
+/// `MONITORING_PORT`, `ZTUNNEL_UDS` its `ZTUNNEL_UDS_ADDRESS`, `PLUGIN_LOG_LEVEL`
+/// (the CNI plugin's level) its `LOG_LEVEL`. Ours wins when both are set.
 pub fn upstream_alias(var: &str) -> Option<&'static str> {
     match var {
         "CNI_CONF_DIR" => Some("MOUNTED_CNI_NET_DIR"),
         "METRICS_PORT" => Some("MONITORING_PORT"),
         "ZTUNNEL_UDS" => Some("ZTUNNEL_UDS_ADDRESS"),
+        "PLUGIN_LOG_LEVEL" => Some("LOG_LEVEL"),
         _ => None,
     }
 }
@@ -392,9 +393,11 @@ mod tests {
             ("MOUNTED_CNI_NET_DIR", "/host/cni/conf"),
             ("MONITORING_PORT", "9014"),
             ("ZTUNNEL_UDS_ADDRESS", "/run/zt/zds.sock"),
+            ("LOG_LEVEL", "warn"),
         ];
         let c = cfg(&upstream).unwrap();
         assert_eq!(c.install.conf_dir, PathBuf::from("/host/cni/conf"));
+        assert_eq!(c.install.plugin.log_level, "warn");
         assert_eq!(c.metrics_addr.port(), 9014);
         assert_eq!(c.ztunnel_uds, PathBuf::from("/run/zt/zds.sock"));
         let mut both = upstream.to_vec();
@@ -402,8 +405,10 @@ mod tests {
             ("CNI_CONF_DIR", "/etc/cni/net.d"),
             ("METRICS_PORT", "15014"),
             ("ZTUNNEL_UDS", "/var/run/ztunnel/ztunnel.sock"),
+            ("PLUGIN_LOG_LEVEL", "debug"),
         ]);
         let c = cfg(&both).unwrap();
+        assert_eq!(c.install.plugin.log_level, "debug");
         assert_eq!(c.install.conf_dir, PathBuf::from("/etc/cni/net.d"));
         assert_eq!(c.metrics_addr.port(), 15014);
         assert_eq!(c.ztunnel_uds, PathBuf::from(DEFAULT_SOCKET));
