@@ -66,6 +66,9 @@ pub struct ProxyDump {
     pub outbound: String,
     pub inbound_plain: String,
     pub hbone: String,
+    /// The SOCKS5 listener (`UNSTABLE_ENABLE_SOCKS5`), absent when off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socks5: Option<String>,
     pub active_connections: usize,
 }
 
@@ -92,6 +95,7 @@ pub fn config_dump(state: &AdminState) -> String {
                 outbound: a.outbound.to_string(),
                 inbound_plain: a.inbound_plain.to_string(),
                 hbone: a.hbone.to_string(),
+                socks5: a.socks5.map(|s| s.to_string()),
                 active_connections: h.active_connections(),
             }
         })

@@ -209,6 +209,9 @@ pub struct Config {
     /// `LOCALHOST_APP_TUNNEL` (true, as upstream): a workload's PROXY application tunnel
     /// is reached on loopback when the proxy runs in its netns (in-pod, dedicated).
     pub localhost_app_tunnel: bool,
+    /// `UNSTABLE_ENABLE_SOCKS5` (false, as upstream): each proxy also listens for SOCKS5
+    /// CONNECT requests here, in its netns (`127.0.0.1:15080`; `proxy::socks5`).
+    pub socks5_addr: Option<SocketAddr>,
     /// `ADMIN_ADDR` (localhost:15000).
     pub admin_addr: SocketAddr,
     /// `STATS_ADDR` ([::]:15020, `/metrics`).
@@ -390,6 +393,11 @@ impl Config {
         } else {
             std::net::Ipv4Addr::UNSPECIFIED.into()
         }
+    }
+
+    /// Ports that must never be a connection's target: the listeners', SOCKS5's included.
+    pub fn is_proxy_port(&self, port: u16) -> bool {
+        self.ports.is_proxy_port(port) || self.socks5_addr.is_some_and(|a| a.port() == port)
     }
 
     /// `CONNECTION_TERMINATION_DEADLINE` when set, else [`drain_budget`] of
@@ -751,6 +759,8 @@ impl Config {
                 .map(|n| n.trim().to_string()),
             enable_response_baggage: parse_bool("ENABLE_RESPONSE_BAGGAGE", true)?,
             localhost_app_tunnel: parse_bool("LOCALHOST_APP_TUNNEL", true)?,
+            socks5_addr: parse_bool("UNSTABLE_ENABLE_SOCKS5", false)?
+                .then(|| SocketAddr::from(([127, 0, 0, 1], 15080))),
             network,
             admin_addr: parse_addr("ADMIN_ADDR", "127.0.0.1:15000")?,
             stats_addr: parse_addr("STATS_ADDR", &format!("{wildcard}:15020"))?,

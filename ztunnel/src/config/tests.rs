@@ -457,3 +457,18 @@ fn proxy_config_fills_in_unset_variables() {
     let e = Config::from_sources(env(&[("PROXY_CONFIG", "concurrency: [")]), None).unwrap_err();
     assert_eq!(e.field, "PROXY_CONFIG");
 }
+
+#[test]
+fn socks5_is_off_by_default_and_its_port_is_a_proxy_port_when_on() {
+    let c = cfg(&[]).unwrap();
+    assert_eq!(c.socks5_addr, None);
+    assert!(!c.is_proxy_port(15080));
+    assert!(c.is_proxy_port(15001) && c.is_proxy_port(15006) && c.is_proxy_port(15008));
+    let c = cfg(&[("UNSTABLE_ENABLE_SOCKS5", "true")]).unwrap();
+    assert_eq!(c.socks5_addr, Some("127.0.0.1:15080".parse().unwrap()));
+    assert!(c.is_proxy_port(15080));
+    let dump = serde_json::to_value(&c).unwrap();
+    assert_eq!(dump["socks5_addr"], "127.0.0.1:15080");
+    let e = cfg(&[("UNSTABLE_ENABLE_SOCKS5", "maybe")]).unwrap_err();
+    assert_eq!(e.field, "UNSTABLE_ENABLE_SOCKS5");
+}

@@ -308,7 +308,7 @@ async fn handle_stream(
     };
     // As upstream: checked once the destination is validated, answered like a target
     // that cannot be reached.
-    if ctx.inputs.cfg.ports.is_proxy_port(upstream_addr.port()) {
+    if ctx.inputs.cfg.is_proxy_port(upstream_addr.port()) {
         return reject(
             respond,
             StatusCode::SERVICE_UNAVAILABLE,

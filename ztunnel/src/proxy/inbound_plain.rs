@@ -34,7 +34,7 @@ pub(super) async fn handle(
         }
     };
     guard.set_dst(target);
-    if ctx.inputs.cfg.ports.is_proxy_port(target.port()) {
+    if ctx.inputs.cfg.is_proxy_port(target.port()) {
         let why = format!("target {target} is a proxy port");
         log_early_deny(Direction::Inbound, peer, target, None, &why);
         metrics.refused(Direction::Inbound, RefusalReason::bad_request);

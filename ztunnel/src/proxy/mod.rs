@@ -1,4 +1,5 @@
-//! The proxy engine: outbound (15001), inbound HBONE (15008), inbound plaintext (15006).
+//! The proxy engine: outbound (15001), inbound HBONE (15008), inbound plaintext (15006),
+//! and with `UNSTABLE_ENABLE_SOCKS5` a SOCKS5 listener (127.0.0.1:15080, [`socks5`]).
 //!
 //! One engine, started in three ways:
 //!
@@ -28,6 +29,7 @@ mod on_demand_dns;
 mod outbound;
 mod policy_watch;
 pub mod sockets;
+mod socks5;
 mod source_check;
 
 use std::future::Future;
@@ -104,6 +106,8 @@ pub struct ProxyAddresses {
     pub outbound: SocketAddr,
     pub inbound_plain: SocketAddr,
     pub hbone: SocketAddr,
+    /// The SOCKS5 listener (`UNSTABLE_ENABLE_SOCKS5`), when on.
+    pub socks5: Option<SocketAddr>,
 }
 
 /// The data-plane threads accepted connections are spread over (thread-per-core: each is a
@@ -286,11 +290,29 @@ impl ProxyFactory {
         let outbound = bind(ListenerKind::Outbound, ports.outbound).await?;
         let inbound_plain = bind(ListenerKind::InboundPlain, ports.inbound_plain).await?;
         let hbone = bind(ListenerKind::Hbone, ports.hbone).await?;
+        // As upstream: on its own address (loopback) in the proxy's netns, whatever
+        // `bind_ip` the capture listeners use.
+        let socks5_listener = match self.inputs.cfg.socks5_addr {
+            None => None,
+            Some(addr) => Some(
+                spec.sockets
+                    .bind_listener(addr, ListenerKind::Socks5)
+                    .await
+                    .map_err(|source| ProxyError::Bind {
+                        scope: scope_name.clone(),
+                        kind: ListenerKind::Socks5,
+                        addr,
+                        sockets: spec.sockets.describe(),
+                        source,
+                    })?,
+            ),
+        };
         let local = |l: &TcpListener| l.local_addr().unwrap_or(SocketAddr::new(spec.bind_ip, 0));
         let addrs = ProxyAddresses {
             outbound: local(&outbound),
             inbound_plain: local(&inbound_plain),
             hbone: local(&hbone),
+            socks5: socks5_listener.as_ref().map(local),
         };
 
         let tracker = TaskTracker::new();
@@ -342,6 +364,7 @@ impl ProxyFactory {
             outbound = %addrs.outbound,
             inbound_plain = %addrs.inbound_plain,
             hbone = %addrs.hbone,
+            socks5 = ?addrs.socks5,
             dns = ?ctx.dns_addrs,
             sockets = %ctx.sockets.describe(),
             "proxy started"
@@ -355,6 +378,9 @@ impl ProxyFactory {
             inbound_plain::handle,
         );
         ctx.spawn_accept_loop(hbone, Direction::Inbound, "hbone", inbound::handle);
+        if let Some(l) = socks5_listener {
+            ctx.spawn_accept_loop(l, Direction::Outbound, "socks5", socks5::handle);
+        }
         Ok(ProxyHandle { ctx })
     }
 }

@@ -281,21 +281,52 @@ fn pick_ip(w: &Workload, like: IpAddr) -> IpAddr {
         .unwrap_or(like)
 }
 
+/// A connection captured on 15001: to its original destination ([`handle_to`]).
 pub(super) async fn handle(
     ctx: Arc<ProxyCtx>,
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     guard: ConnGuard,
 ) {
-    let metrics = &ctx.inputs.metrics;
     let orig_dst = match ctx.sockets.original_destination(&client) {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(src = %peer, error = %e, "outbound: cannot recover the original destination; closing");
+            let metrics = &ctx.inputs.metrics;
             metrics.refused(Direction::Outbound, RefusalReason::bad_request);
             return;
         }
     };
+    handle_to(ctx, client, peer, orig_dst, guard).await
+}
+
+/// The workload a connection from `peer` comes from: the served one (workload scope), or
+/// the workload at `peer`'s address, this node's first (node scope).
+pub(super) fn source_workload(
+    ctx: &ProxyCtx,
+    snap: &Snapshot,
+    peer: SocketAddr,
+) -> Option<Arc<Workload>> {
+    match &ctx.scope {
+        ProxyScope::Workload(_) => ctx.local_workload(snap).cloned(),
+        // The source is a workload of this node, on its own network.
+        ProxyScope::Node => ctx
+            .served_at(snap, peer.ip())
+            .or_else(|| snap.workload_by_ip(&ctx.inputs.cfg.network, peer.ip()))
+            .cloned(),
+    }
+}
+
+/// Proxies `client` (from `peer`) to `orig_dst` as an outbound connection of the source
+/// workload: routing, policy, telemetry as for a captured connection (15001, SOCKS5).
+pub(super) async fn handle_to(
+    ctx: Arc<ProxyCtx>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    orig_dst: SocketAddr,
+    guard: ConnGuard,
+) {
+    let metrics = &ctx.inputs.metrics;
     guard.set_dst(orig_dst);
     let snap = ctx.inputs.state.snapshot();
     if is_self_call(&ctx, &snap, orig_dst) {
@@ -313,14 +344,7 @@ pub(super) async fn handle(
         .knowing(snap, &ctx.inputs.cfg.network, peer.ip())
         .await
         .unwrap_or_else(Unanswered::into_snapshot);
-    let src_workload = match &ctx.scope {
-        ProxyScope::Workload(_) => ctx.local_workload(&snap).cloned(),
-        // The source is a workload of this node, on its own network.
-        ProxyScope::Node => ctx
-            .served_at(&snap, peer.ip())
-            .or_else(|| snap.workload_by_ip(&ctx.inputs.cfg.network, peer.ip()))
-            .cloned(),
-    };
+    let src_workload = source_workload(&ctx, &snap, peer);
     let src_identity = match (&ctx.scope, &src_workload) {
         (_, Some(w)) => w.identity(),
         (ProxyScope::Workload(_), None) => ctx.local_identity(&snap),
@@ -546,15 +570,16 @@ pub(super) async fn handle(
     }
 }
 
-/// A connection aimed at one of this proxy's own ports (15001/15006/15008) on an address
-/// of the proxy itself: passed through, it would connect to the proxy again, and again,
-/// each hop holding two sockets until the node's ztunnel runs out (upstream refuses the
-/// loopback case as a self-call). The proxy's addresses: loopback, unspecified, the
-/// listener's, `INSTANCE_IP`, the served workload's IPs (in-pod and dedicated: the pod's
-/// own), and in node scope (TPROXY, listeners in ztunnel's own netns, where this thread
-/// runs) any address of that netns, e.g. its GENEVE tunnel addresses.
+/// A connection aimed at one of this proxy's own ports (15001/15006/15008, and SOCKS5's
+/// 15080 when on) on an address of the proxy itself: passed through, it would connect to
+/// the proxy again, and again, each hop holding two sockets until the node's ztunnel runs
+/// out (upstream refuses the loopback case as a self-call). The proxy's addresses:
+/// loopback, unspecified, the listener's, `INSTANCE_IP`, the served workload's IPs (in-pod
+/// and dedicated: the pod's own), and in node scope (TPROXY, listeners in ztunnel's own
+/// netns, where this thread runs) any address of that netns, e.g. its GENEVE tunnel
+/// addresses.
 fn is_self_call(ctx: &ProxyCtx, snap: &Snapshot, dst: SocketAddr) -> bool {
-    if !ctx.inputs.cfg.ports.is_proxy_port(dst.port()) {
+    if !ctx.inputs.cfg.is_proxy_port(dst.port()) {
         return false;
     }
     let ip = dst.ip().to_canonical();

@@ -49,6 +49,9 @@ pub enum ListenerKind {
     Hbone,
     /// 15053: the DNS proxy's TCP side.
     Dns,
+    /// 15080 on loopback (`UNSTABLE_ENABLE_SOCKS5`): SOCKS5 clients dial it themselves,
+    /// nothing is redirected to it.
+    Socks5,
 }
 
 /// How the original destination of an accepted connection is found.

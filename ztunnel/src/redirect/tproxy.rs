@@ -86,9 +86,14 @@ impl SocketFactory for TproxySocketFactory {
     fn bind_listener(
         &self,
         addr: SocketAddr,
-        _kind: ListenerKind,
+        kind: ListenerKind,
     ) -> BoxFuture<'_, io::Result<TcpListener>> {
-        let result = sockopt::listener(addr, &self.opts).and_then(TcpListener::from_std);
+        // SOCKS5 clients dial its loopback address themselves: nothing to intercept.
+        let opts = SocketOptions {
+            transparent_listeners: self.opts.transparent_listeners && kind != ListenerKind::Socks5,
+            ..self.opts
+        };
+        let result = sockopt::listener(addr, &opts).and_then(TcpListener::from_std);
         Box::pin(async move { result })
     }
 
