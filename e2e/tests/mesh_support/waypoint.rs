@@ -280,16 +280,19 @@ async fn relay_target(
         .first()
         .ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
     let hbone = SocketAddr::new(ip, 15008);
-    let sock = s
-        .netns
-        .run(TcpSocket::new_v4)
-        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?
-        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
-    let tcp = sock
-        .connect(hbone)
+    Ok((hbone, connect_from(s, hbone).await?))
+}
+
+/// A TCP connection to `dst` from the stand-in's netns (the socket is created there).
+async fn connect_from(s: &Shared, dst: SocketAddr) -> Result<tokio::net::TcpStream, StatusCode> {
+    fn unavailable<E>(_: E) -> StatusCode {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+    let sock = s.netns.run(TcpSocket::new_v4).map_err(unavailable)?;
+    sock.map_err(unavailable)?
+        .connect(dst)
         .await
-        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
-    Ok((hbone, tcp))
+        .map_err(unavailable)
 }
 
 /// The state in the local config file the ztunnels read.
@@ -336,16 +339,7 @@ async fn forward(
         .fetch_certificate(&s.identity)
         .await
         .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
-    // The socket belongs to the waypoint's netns: create it there.
-    let sock = s
-        .netns
-        .run(TcpSocket::new_v4)
-        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?
-        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
-    let tcp = sock
-        .connect(hbone)
-        .await
-        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+    let tcp = connect_from(s, hbone).await?;
     let tls_cfg = ztunnel::tls::client_config(&cert, &s.roots, vec![workload.identity()]);
     let tls = tls_connect(tcp, tls_cfg, hbone)
         .await
