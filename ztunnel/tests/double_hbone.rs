@@ -4,7 +4,8 @@
 //! terminates the outer mTLS + HTTP/2 CONNECT (`hostname:port`), then relays the stream's
 //! bytes, unread, to the endpoint's HBONE port. B's ztunnel terminates the inner tunnel,
 //! whose TLS is A's own. A gateway that tries to terminate the inner TLS itself is refused.
-//! Addresses: 127.79.34.0/24 and 127.79.35.0/24, one per test (gateway at .9).
+//! Addresses: 127.79.34.0/24, 127.79.35.0/24 and 127.79.38.0/24, one per test (gateway
+//! at .9).
 
 mod common;
 
@@ -15,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use http::Response;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
 use ztunnel::hbone::H2Stream;
 use ztunnel::hbone::double::StreamIo;
@@ -277,4 +278,61 @@ async fn a_gateway_cannot_impersonate_the_destination() {
     })
     .await;
     assert_eq!(mesh.refused("tls_handshake"), refused_before + 1);
+}
+
+/// `CRL_PATH` applies to the inner tunnel as to a direct one: revoking the destination's
+/// certificate closes the open inner tunnel (the gateway's pooled connection stays: its
+/// certificate is fine) and refuses new inner handshakes, each counted at the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_destination_is_cut_off_inside_the_tunnel() {
+    use ztunnel::tls::crl::RevocationLists;
+    let dir = tempfile::tempdir().unwrap();
+    let crl_path = dir.path().join("ca-crl.pem");
+    let mut mesh = mesh("127.79.38");
+    let (lists, _watch) = RevocationLists::watch_file(&crl_path).unwrap();
+    mesh.inputs.roots = mesh.inputs.roots.clone().with_revocation(lists);
+    let _echo = echo_server(SocketAddr::new(mesh.b_ip, 8080)).await;
+    let _seen = gateway(&mesh, "istio-eastwestgateway", true).await;
+    let (pa, socks) = mesh.proxy("a").await;
+    let (_pb, _) = mesh.proxy("b").await;
+    let mut open = socks
+        .redirected_connect(mesh.a_ip, pa.addresses().outbound, vip(&mesh))
+        .await
+        .unwrap();
+    echo_open(&mut open, b"before").await;
+    let crl = || {
+        mesh.metric(
+            "istio_crl_policy_rejections_total",
+            &["reporter=\"source\""],
+        )
+    };
+    let b = mesh.identity("sa-b", "ns-b");
+    let b_serial = mesh.inputs.certs.current(&b).unwrap().serial().to_string();
+    std::fs::write(
+        &crl_path,
+        mesh.ca.revocation_list_pem(&[&b_serial]).unwrap(),
+    )
+    .unwrap();
+    wait_for("revocation counted at the source", || crl() == 1).await;
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(SECS_5, open.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the inner tunnel to the revoked destination stayed open: {closed:?}"
+    );
+    assert_eq!(
+        pa.pool_connections().len(),
+        1,
+        "the gateway's connection stays"
+    );
+    let c = socks
+        .redirected_connect(mesh.a_ip, pa.addresses().outbound, vip(&mesh))
+        .await
+        .unwrap();
+    let back = echo_roundtrip(c, Arc::new(b"x".to_vec())).await;
+    assert!(back.map(|v| v.is_empty()).unwrap_or(true));
+    wait_for("inner handshake refusal counted at the source", || {
+        crl() == 2
+    })
+    .await;
 }

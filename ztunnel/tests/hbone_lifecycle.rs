@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 fn sa(ip: std::net::IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
@@ -179,14 +178,6 @@ async fn idle_pooled_connections_are_released() {
         .await
         .unwrap();
     assert_eq!(echo_roundtrip(c, data.clone()).await.unwrap(), *data);
-}
-
-/// Writes `data` on `c` and reads the same number of bytes back (the socket stays open).
-async fn echo_open(c: &mut TcpStream, data: &[u8]) {
-    c.write_all(data).await.unwrap();
-    let mut back = vec![0u8; data.len()];
-    c.read_exact(&mut back).await.unwrap();
-    assert_eq!(back, data);
 }
 
 // The byte counters grow while connections are open (HBONE and plaintext copies, both

@@ -24,8 +24,11 @@ use h2::Reason;
 use http::Request;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use rustls::pki_types::CertificateDer;
+
 use super::pool::{Pool, client_builder, send_connect};
 use super::{H2Stream, HboneError};
+use crate::tls::crl::{RevocationWatch, until_revoked};
 
 /// An HBONE stream as `AsyncRead + AsyncWrite`. Received capacity is released as the
 /// reader consumes it; shutdown sends END_STREAM.
@@ -175,16 +178,21 @@ impl Pool {
     /// Opens double HBONE's inner tunnel over `outer` (a stream to the east-west gateway
     /// at `gateway`): TLS with `tls` (the source's certificate, the destination's
     /// identities), an HTTP/2 connection of its own with the pool's settings, and CONNECT
-    /// `request`. Errors name the gateway. The connection ends with its stream (or when
-    /// the pool shuts down).
-    pub async fn open_inner_stream(
+    /// `request`. Errors name the gateway. The connection ends with its stream, when the
+    /// pool shuts down, or when the watch `revocation` makes of the destination's
+    /// certificates (`CRL_PATH`) fires.
+    pub async fn open_inner_stream<W>(
         &self,
         outer: H2Stream,
         tls: Arc<rustls::ClientConfig>,
         gateway: SocketAddr,
         request: Request<()>,
         timeouts: InnerTimeouts,
-    ) -> Result<H2Stream, HboneError> {
+        revocation: W,
+    ) -> Result<H2Stream, HboneError>
+    where
+        W: FnOnce(Option<&[CertificateDer<'_>]>) -> Option<RevocationWatch>,
+    {
         let handshake = super::tls_connect_over(StreamIo::new(outer), tls, gateway);
         let tls = tokio::time::timeout(timeouts.handshake, handshake)
             .await
@@ -192,6 +200,7 @@ impl Pool {
                 dst: gateway,
                 timeout: timeouts.handshake,
             })??;
+        let watch = revocation(tls.get_ref().1.peer_certificates());
         let h2_err = |source| HboneError::H2 {
             dst: gateway,
             source,
@@ -201,12 +210,14 @@ impl Pool {
             .await
             .map_err(h2_err)?;
         let shutdown = self.shutdown_token();
+        let watching = watch.is_some();
         self.tracker().spawn(async move {
             tokio::select! {
                 r = conn => if let Err(e) = r {
                     tracing::debug!(gateway = %gateway, error = %e, "double HBONE inner connection ended");
                 },
                 _ = shutdown.cancelled() => {}
+                () = until_revoked(watch), if watching => {}
             }
         });
         let deadline = tokio::time::Instant::now() + timeouts.response;

@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 use super::conntrack::ConnGuard;
 use super::{ProxyCtx, ProxyScope};
 use crate::hbone::headers::{self, ConnectRequest, HboneTarget};
-use crate::hbone::{self, HboneError, PoolKey};
+use crate::hbone::{self, PoolKey};
 use crate::identity::Identity;
 use crate::state::gateway::GatewayHop;
 use crate::state::on_demand::Unanswered;
@@ -160,8 +160,14 @@ pub(super) fn resolve(
             // network's gateway.
             match snap.select_endpoint(src, Some(network), svc, dst.port()) {
                 Ok((w, _)) if w.network != network => {
-                    let mut expected = vec![w.identity()];
-                    expected.extend(svc.san_identities());
+                    // As upstream: the service's SANs. istiod describes another network's
+                    // endpoints by per-network stand-ins (no pod, no real service
+                    // account), so their own identity is used only when the service names
+                    // none (upstream then refuses every handshake).
+                    let mut expected = svc.san_identities();
+                    if expected.is_empty() {
+                        expected.push(w.identity());
+                    }
                     return across_networks(snap, w, expected, svc.clone(), dst);
                 }
                 Ok((w, port)) if w.workload_ips.is_empty() => {
@@ -539,6 +545,7 @@ pub(super) async fn handle_to(
                 })
             };
             let tls = crate::tls::client_config(&cert, &ctx.inputs.roots, expected);
+            let inner_target = authority.to_string();
             let key = PoolKey::new(
                 src_identity,
                 gateway.identities,
@@ -547,15 +554,9 @@ pub(super) async fn handle_to(
             );
             let opened = match tunnel::open_pooled(&ctx, &key, cert, connect(None)).await {
                 Ok(outer) => {
-                    let timeouts = tunnel::inner_timeouts(&ctx);
                     let inner = connect(Some(network.to_string()));
-                    ctx.pool
-                        .open_inner_stream(outer, tls, gateway.addr, inner, timeouts)
-                        .await
-                        .map_err(|e| HboneError::Inner {
-                            target: authority.to_string(),
-                            source: Box::new(e),
-                        })
+                    let via = gateway.addr;
+                    tunnel::open_inner(&ctx, outer, tls, via, inner_target, inner).await
                 }
                 Err(e) => Err(e),
             };

@@ -122,8 +122,10 @@ pub fn wait_until(what: &str, timeout: Duration, f: impl Fn() -> bool) {
     }
 }
 
+/// Polls `f` every 25 ms for up to 10 s (generous: several test binaries share two
+/// CPUs under `cargo test`).
 pub async fn wait_for<F: Fn() -> bool>(what: &str, f: F) {
-    for _ in 0..200 {
+    for _ in 0..400 {
         if f() {
             return;
         }
@@ -412,6 +414,14 @@ pub async fn echo_server(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
             });
         }
     })
+}
+
+/// Writes `data` on `c` and reads the same number of bytes back (the socket stays open).
+pub async fn echo_open(c: &mut TcpStream, data: &[u8]) {
+    c.write_all(data).await.unwrap();
+    let mut back = vec![0u8; data.len()];
+    c.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, data);
 }
 
 pub fn sha256(data: &[u8]) -> Vec<u8> {

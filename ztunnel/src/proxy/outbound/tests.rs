@@ -591,13 +591,8 @@ services:
             assert_eq!(ids(&gateway.identities), [gateway_id]);
             assert_eq!((workload.uid.as_str(), port), ("far", 80));
             assert_eq!(service.hostname, "svc.ns.svc.cluster.local");
-            assert_eq!(
-                ids(&expected),
-                [
-                    "spiffe://cluster.local/ns/ns/sa/sa-far",
-                    "spiffe://cluster.local/ns/ns/sa/svc-san"
-                ]
-            );
+            // The service's SANs only (upstream's final SANs).
+            assert_eq!(ids(&expected), ["spiffe://cluster.local/ns/ns/sa/svc-san"]);
         }
         other => panic!("{other:?}"),
     }

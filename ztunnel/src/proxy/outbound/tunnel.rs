@@ -82,14 +82,53 @@ pub(super) async fn open_pooled(
         .await
 }
 
-/// Deadlines of double HBONE's inner tunnel: as a direct connection's TLS handshake and
-/// CONNECT answer.
-pub(super) fn inner_timeouts(ctx: &ProxyCtx) -> InnerTimeouts {
+/// Double HBONE's inner tunnel to `target` over `outer` (a stream to the gateway at
+/// `via`): TLS with `tls`, the deadlines of a direct connection's handshake and CONNECT
+/// answer, and with `CRL_PATH` the same revocation checks as the outer connection (a
+/// revoked destination is refused and counted; a reload revoking it closes the tunnel).
+pub(super) async fn open_inner(
+    ctx: &ProxyCtx,
+    outer: H2Stream,
+    tls: Arc<rustls::ClientConfig>,
+    via: std::net::SocketAddr,
+    target: String,
+    request: http::Request<()>,
+) -> Result<H2Stream, HboneError> {
     let cfg = &ctx.inputs.cfg;
-    InnerTimeouts {
+    let timeouts = InnerTimeouts {
         handshake: cfg.handshake_timeout,
         response: cfg.connect_timeout + cfg.handshake_timeout,
-    }
+    };
+    let roots = ctx.inputs.roots.clone();
+    let crl_rejections = ctx.inputs.metrics.crl_rejections(Reporter::source);
+    let label = format!("{target} through {via}");
+    let rejections = crl_rejections.clone();
+    let watch = move |peer_certs: Option<&[rustls::pki_types::CertificateDer<'_>]>| {
+        roots.revocation().and_then(|lists| {
+            lists.watch_connection(
+                peer_certs,
+                roots.store(),
+                webpki::KeyUsage::server_auth(),
+                label,
+                rejections,
+            )
+        })
+    };
+    let opened = ctx
+        .pool
+        .open_inner_stream(outer, tls, via, request, timeouts, watch)
+        .await;
+    opened.map_err(|e| {
+        if let HboneError::Tls { source, .. } = &e
+            && crate::tls::crl::is_revoked(source)
+        {
+            crl_rejections.inc();
+        }
+        HboneError::Inner {
+            target,
+            source: Box::new(e),
+        }
+    })
 }
 
 /// Records a stream that could not be opened: TLS failures are counted once per failed
