@@ -118,11 +118,16 @@ fn node_agent_layers() {
     check(
         "node-agent",
         &[
-            &["http_endpoint", "log_scope", "test_support"],
+            &[
+                "http_endpoint",
+                "run_dir_socket",
+                "log_scope",
+                "test_support",
+            ],
             &["health", "metrics", "memory"],
             &["redirect"],
             &["zds"],
-            &["install", "plugin_events", "cluster", "ca"],
+            &["install", "plugin_events", "plugin_log", "cluster", "ca"],
             &["config"],
             &["reconcile"],
             &["app"],

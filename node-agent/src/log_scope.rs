@@ -25,6 +25,7 @@ mod tests {
         assert_eq!(log_scope("node_agent::redirect::inpod::rules"), "redirect");
         assert_eq!(log_scope("node_agent"), "cni-agent");
         assert_eq!(log_scope("kube_client::client"), "kube_client");
-        assert_eq!(log_scope(crate::plugin_log::TARGET), "cni-plugin");
+        // `plugin_log::TARGET`, the relayed CNI plugin lines.
+        assert_eq!(log_scope("cni_plugin"), "cni-plugin");
     }
 }
