@@ -5,6 +5,9 @@
 //!   the agent's real endpoint with a handler that answers at once);
 //! - mesh pod, agent up (same round trip, "enrolled" answer).
 //!
+//! Each run also forwards its log lines to the agent's log socket at the end, as
+//! against the real agent.
+//!
 //! Run: `cargo bench -p istio-cni --bench add_latency` (release build).
 //! `ADD_LATENCY_ITERATIONS` (default 1000) sets the sample count. Prints
 //! p50/p90/p99/max per path; target p99 <= 10 ms.
@@ -18,6 +21,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use mesh_proto::cni_event::{CmdAddEvent, CmdAddReply, Enrolment};
 use node_agent::plugin_events::{CmdAddRefusal, PluginEventListener, PodEventHandler};
+use node_agent::plugin_log::PluginLogListener;
 use serde_json::json;
 
 const PLUGIN: &str = env!("CARGO_BIN_EXE_istio-cni");
@@ -127,15 +131,20 @@ fn main() {
         .build()
         .unwrap();
     let run_dir = tempfile::tempdir().unwrap();
-    let listener = {
+    let (listener, log_listener) = {
         let _g = rt.enter();
-        PluginEventListener::bind(run_dir.path()).unwrap()
+        (
+            PluginEventListener::bind(run_dir.path()).unwrap(),
+            PluginLogListener::bind(run_dir.path()).unwrap(),
+        )
     };
     rt.spawn(listener.serve(
         Arc::new(Immediate),
         Duration::from_secs(4),
         std::future::pending(),
     ));
+    // As the real agent: the plugin forwards its log lines at the end of each run.
+    rt.spawn(log_listener.serve(Arc::new(|_| {}), std::future::pending()));
     println!("plugin: {PLUGIN}");
     if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
         println!("load average: {}", load.trim());
