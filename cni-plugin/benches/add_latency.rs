@@ -9,7 +9,8 @@
 //! against the real agent.
 //!
 //! Run: `cargo bench -p istio-cni --bench add_latency` (release build).
-//! `ADD_LATENCY_ITERATIONS` (default 1000) sets the sample count. Prints
+//! `ADD_LATENCY_ITERATIONS` (default 1000) sets the sample count, `ADD_LATENCY_PLUGIN`
+//! another plugin binary. Prints
 //! p50/p90/p99/max per path; target p99 <= 10 ms.
 
 use std::io::Write;
@@ -24,7 +25,11 @@ use node_agent::plugin_events::{CmdAddRefusal, PluginEventListener, PodEventHand
 use node_agent::plugin_log::PluginLogListener;
 use serde_json::json;
 
-const PLUGIN: &str = env!("CARGO_BIN_EXE_istio-cni");
+/// The plugin measured: this build's, or `ADD_LATENCY_PLUGIN` (another build, for an
+/// A/B comparison in one run of the harness).
+fn plugin() -> String {
+    std::env::var("ADD_LATENCY_PLUGIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_istio-cni").into())
+}
 
 struct Immediate;
 
@@ -57,7 +62,7 @@ fn run_once(run_dir: &Path, namespace: &str, pod: &str) -> Duration {
     })
     .to_string();
     let start = Instant::now();
-    let mut child = Command::new(PLUGIN)
+    let mut child = Command::new(plugin())
         .env_clear()
         .env("CNI_COMMAND", "ADD")
         .env("CNI_CONTAINERID", "bench")
@@ -145,13 +150,13 @@ fn main() {
     ));
     // As the real agent: the plugin forwards its log lines at the end of each run.
     rt.spawn(log_listener.serve(Arc::new(|_| {}), std::future::pending()));
-    println!("plugin: {PLUGIN}");
+    println!("plugin: {}", plugin());
     if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
         println!("load average: {}", load.trim());
     }
     println!(
         "plugin size: {:.1} MB",
-        std::fs::metadata(PLUGIN).unwrap().len() as f64 / 1e6
+        std::fs::metadata(plugin()).unwrap().len() as f64 / 1e6
     );
     for _ in 0..20 {
         run_once(run_dir.path(), "demo", "warmup");
@@ -175,7 +180,7 @@ fn main() {
     }
     report(
         "istio-cni VERSION",
-        (0..n).map(|_| baseline(PLUGIN, "VERSION")).collect(),
+        (0..n).map(|_| baseline(&plugin(), "VERSION")).collect(),
     );
     for (name, ns, pod) in paths {
         let samples = (0..n).map(|_| run_once(run_dir.path(), ns, pod)).collect();

@@ -1,6 +1,6 @@
-//! Talks to the node agent on its Unix sockets, each exchange one HTTP/1.1 `POST`
-//! bounded by a timeout: asking about a new pod (`/cmdadd`), forwarding the run's log
-//! lines (`/log`).
+//! Talks to the node agent on its Unix sockets, each exchange one HTTP/1.1 `POST`:
+//! asking about a new pod (`/cmdadd`, bounded by a timeout), forwarding the run's log
+//! lines (`/log`, written without waiting for the answer).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -52,15 +52,24 @@ pub async fn send_cmd_add(
     within(socket, timeout, exchange(socket, event)).await
 }
 
-/// Posts the run's JSON log `lines` to the agent's log socket within `timeout`.
-pub async fn send_log_lines(
-    socket: &Path,
-    lines: &[String],
-    timeout: Duration,
-) -> Result<AgentAnswer, AgentUnreachable> {
+/// Posts the run's JSON log `lines` to the agent's log socket and returns once they are
+/// written (each write bounded by `timeout`), without waiting for the agent's answer: the
+/// plugin is about to exit, and the agent reads a request whose writer has gone (its
+/// endpoint keeps half-closed connections). No async runtime: this runs on every ADD,
+/// including those that never needed one.
+pub fn post_log_lines(socket: &Path, lines: &[String], timeout: Duration) -> std::io::Result<()> {
+    use std::io::Write;
     let body = mesh_proto::plugin_log::encode_batch(lines);
-    let post = post(socket, mesh_proto::plugin_log::PLUGIN_LOG_PATH, body);
-    within(socket, timeout, post).await
+    let head = format!(
+        "POST {} HTTP/1.1\r\nhost: istio-cni-agent\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        mesh_proto::plugin_log::PLUGIN_LOG_PATH,
+        body.len()
+    );
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(&body)
 }
 
 /// `exchange` with the agent at `socket`, given up after `timeout`.

@@ -14,8 +14,8 @@ use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::{Layer, Registry};
 
-/// Bound on forwarding the run's lines: the plugin never waits longer on the agent's
-/// log socket (the agent may be down; the lines are on stderr anyway).
+/// Bound on each write of the run's lines: the plugin never waits longer on the agent's
+/// log socket (the agent may be hung; the lines are on stderr anyway).
 pub const FORWARD_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The run's lines, as JSON log lines, and the run dir they go to.
@@ -70,17 +70,7 @@ pub fn forward_to_agent() {
     if lines.is_empty() || !socket.exists() {
         return;
     }
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    else {
-        return;
-    };
-    let _ = rt.block_on(crate::agent_client::send_log_lines(
-        &socket,
-        &lines,
-        FORWARD_TIMEOUT,
-    ));
+    let _ = crate::agent_client::post_log_lines(&socket, &lines, FORWARD_TIMEOUT);
 }
 
 /// Keeps each event as a JSON log line.

@@ -194,13 +194,24 @@ fn chained_add_check_del_with_agent_up_all_versions() {
                 "decision logged: {}",
                 runs[1].stderr
             );
-            // The same decision reached the agent's log endpoint, with its fields.
-            let logs = agent.take_logs();
-            assert!(
-                logs.iter().any(|l| l.level == "info"
+            // The same decision reached the agent's log endpoint, with its fields (the
+            // plugin does not wait for the agent to read them).
+            let decision = |l: &PluginLogLine| {
+                l.level == "info"
                     && l.msg.contains("agent says")
                     && l.fields
-                        .contains(&("container".to_string(), container.clone()))),
+                        .contains(&("container".to_string(), container.clone()))
+            };
+            let mut logs = Vec::new();
+            for _ in 0..100 {
+                logs.extend(agent.take_logs());
+                if logs.iter().any(decision) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(
+                logs.iter().any(decision),
                 "{version}: forwarded to the agent: {logs:?}"
             );
             if version != "0.3.1" {

@@ -110,7 +110,10 @@ impl RunDirSocket {
                     let route = route.clone();
                     async move { Ok::<_, Infallible>(route(req).await) }
                 });
+                // Half-closed connections are served: the plugin writes its log lines and
+                // exits without waiting for the answer.
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .half_close(true)
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {
