@@ -300,19 +300,8 @@ async fn a_revoked_destination_is_cut_off_inside_the_tunnel() {
         .await
         .unwrap();
     echo_open(&mut open, b"before").await;
-    let crl = || {
-        mesh.metric(
-            "istio_crl_policy_rejections_total",
-            &["reporter=\"source\""],
-        )
-    };
-    let b = mesh.identity("sa-b", "ns-b");
-    let b_serial = mesh.inputs.certs.current(&b).unwrap().serial().to_string();
-    std::fs::write(
-        &crl_path,
-        mesh.ca.revocation_list_pem(&[&b_serial]).unwrap(),
-    )
-    .unwrap();
+    let crl = || mesh.crl_rejections("source");
+    mesh.revoke(&crl_path, &[&mesh.identity("sa-b", "ns-b")], &[]);
     wait_for("revocation counted at the source", || crl() == 1).await;
     let mut buf = [0u8; 16];
     let closed = tokio::time::timeout(SECS_5, open.read(&mut buf)).await;

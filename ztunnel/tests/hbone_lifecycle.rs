@@ -287,21 +287,12 @@ async fn a_revoked_peer_loses_its_connections_and_cannot_reconnect() {
         .await
         .unwrap();
     echo_open(&mut open, b"before").await;
-    let crl = |reporter: &str| {
-        mesh.metric(
-            "istio_crl_policy_rejections_total",
-            &[&format!("reporter=\"{reporter}\"")],
-        )
-    };
+    let crl = |reporter: &str| mesh.crl_rejections(reporter);
     assert_eq!(crl("destination"), 0);
 
     // A list revoking someone else changes nothing.
     let other = leaf(&mesh.ca, &mesh.identity("sa-x", "ns-x"), valid_now());
-    std::fs::write(
-        &crl_path,
-        mesh.ca.revocation_list_pem(&[other.serial()]).unwrap(),
-    )
-    .unwrap();
+    mesh.revoke(&crl_path, &[], &[other.serial()]);
     wait_for("first reload", || {
         !log_lines(&["revocation lists reloaded", "ca-crl.pem", "lists=1"]).is_empty()
     })
@@ -310,14 +301,7 @@ async fn a_revoked_peer_loses_its_connections_and_cannot_reconnect() {
     echo_open(&mut open, b"still").await;
 
     // Revoking a's certificate: b closes the connection; the app connection ends.
-    let a_serial = mesh.inputs.certs.current(&a).unwrap().serial().to_string();
-    std::fs::write(
-        &crl_path,
-        mesh.ca
-            .revocation_list_pem(&[other.serial(), &a_serial])
-            .unwrap(),
-    )
-    .unwrap();
+    mesh.revoke(&crl_path, &[&a], &[other.serial()]);
     wait_for("revocation counted", || crl("destination") == 1).await;
     let mut buf = [0u8; 16];
     let closed = tokio::time::timeout(Duration::from_secs(10), async {
@@ -370,19 +354,8 @@ async fn a_revoked_destination_loses_the_pooled_connection() {
         .unwrap();
     echo_open(&mut open, b"before").await;
     assert_eq!(pa.pool_connections().len(), 1);
-    let crl = || {
-        mesh.metric(
-            "istio_crl_policy_rejections_total",
-            &["reporter=\"source\""],
-        )
-    };
-    let b = mesh.identity("sa-b", "ns-b");
-    let b_serial = mesh.inputs.certs.current(&b).unwrap().serial().to_string();
-    std::fs::write(
-        &crl_path,
-        mesh.ca.revocation_list_pem(&[&b_serial]).unwrap(),
-    )
-    .unwrap();
+    let crl = || mesh.crl_rejections("source");
+    mesh.revoke(&crl_path, &[&mesh.identity("sa-b", "ns-b")], &[]);
     wait_for("revocation counted at the source", || crl() == 1).await;
     wait_for("pooled connection closed", || {
         pa.pool_connections().is_empty()

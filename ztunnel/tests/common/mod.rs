@@ -391,6 +391,29 @@ impl Mesh {
             .sum()
     }
 
+    /// `istio_crl_policy_rejections_total` of `reporter` (`source` or `destination`).
+    pub fn crl_rejections(&self, reporter: &str) -> u64 {
+        self.metric(
+            "istio_crl_policy_rejections_total",
+            &[&format!("reporter=\"{reporter}\"")],
+        )
+    }
+
+    /// Writes a revocation list to `path` that revokes the current certificate of each of
+    /// `ids` (as the proxies hold it) and every serial in `serials`.
+    pub fn revoke(&self, path: &std::path::Path, ids: &[&Identity], serials: &[&str]) {
+        let current: Vec<String> = ids
+            .iter()
+            .map(|id| self.inputs.certs.current(id).unwrap().serial().to_string())
+            .collect();
+        let all: Vec<&str> = serials
+            .iter()
+            .copied()
+            .chain(current.iter().map(String::as_str))
+            .collect();
+        std::fs::write(path, self.ca.revocation_list_pem(&all).unwrap()).unwrap();
+    }
+
     pub fn refused(&self, reason: &str) -> u64 {
         self.metric(
             "ztunnel_connections_refused_total",

@@ -40,8 +40,11 @@ pub(super) async fn open_pooled(
 ) -> Result<H2Stream, HboneError> {
     let cfg = &ctx.inputs.cfg;
     let (timeout, handshake_timeout) = (cfg.connect_timeout, cfg.handshake_timeout);
-    let (dst, orig_src, expected) = (key.dst, key.src_ip, key.dst_identities.clone());
+    let (dst, orig_src) = (key.dst, key.src_ip);
+    // Everything the closure clones is cloned only when a new connection is made, not
+    // per stream.
     let connect = || {
+        let expected = key.dst_identities.clone();
         let sockets = ctx.sockets.clone();
         let roots = ctx.inputs.roots.clone();
         let crl_rejections = ctx.inputs.metrics.crl_rejections(Reporter::source);
