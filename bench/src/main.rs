@@ -34,6 +34,8 @@ struct Args {
     istio: Option<PathBuf>,
     /// Mesh phases to run (`--phases load,pingpong,busy,iperf`; default all).
     phases: Vec<Phase>,
+    /// Skip the floor reference (`bench-floor-relay` in place of the ztunnels).
+    no_floor: bool,
     /// Run the phases this many times (A/B comparisons on a noisy machine); each round's
     /// figures are printed, the tables show the last round.
     rounds: usize,
@@ -48,7 +50,7 @@ fn workspace() -> PathBuf {
 
 const USAGE: &str = "usage: bench-dedicated [--ztunnel PATH] [--seconds N] \
     [--results PATH | --no-results] [--perf PREFIX] [--skip-direct] [--env K=V]... \
-    [--hold SECONDS] [--istio-ztunnel PATH] [--phases load,pingpong,busy,iperf] [--rounds N]";
+    [--hold SECONDS] [--istio-ztunnel PATH] [--phases load,pingpong,busy,iperf] [--rounds N] [--no-floor]";
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
@@ -62,6 +64,7 @@ fn parse_args() -> Result<Args> {
         istio: None,
         phases: Phase::ALL.to_vec(),
         rounds: 1,
+        no_floor: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -72,6 +75,7 @@ fn parse_args() -> Result<Args> {
             "--no-results" => args.results = None,
             "--perf" => args.perf = Some(it.next().context("--perf PREFIX")?.into()),
             "--skip-direct" => args.skip_direct = true,
+            "--no-floor" => args.no_floor = true,
             "--hold" => args.hold = Some(it.next().context("--hold SECONDS")?.parse()?),
             "--phases" => {
                 args.phases = it
@@ -182,8 +186,17 @@ fn main() -> Result<()> {
             },
         ));
     }
+    if !args.no_floor {
+        flavors.push((
+            "floor",
+            topology::Flavor::Floor {
+                binary: floor_relay()?,
+            },
+        ));
+    }
     let mut measured: Vec<report::MeshResults> =
         flavors.iter().map(|_| Default::default()).collect();
+    let names: Vec<&str> = flavors.iter().map(|(tag, _)| *tag).collect();
     for round in 1..=args.rounds {
         for &phase in &args.phases {
             for ((tag, flavor), m) in flavors.iter().zip(measured.iter_mut()) {
@@ -194,20 +207,31 @@ fn main() -> Result<()> {
             }
         }
         if args.rounds > 1 {
-            eprintln!("round {round}:\n{}", report::compact(&measured));
+            eprintln!("round {round}:\n{}", report::compact(&names, &measured));
         }
     }
     let mut measured = measured.into_iter();
     r.mesh = measured.next().unwrap_or_default();
-    r.istio = measured.next();
+    if args.istio.is_some() {
+        r.istio = measured.next();
+    }
+    r.floor = measured.next();
 
     let table = r.table();
     println!("{table}");
     if let Some(t) = r.istio_table() {
         println!("{t}");
     }
+    if let Some(t) = r.floor_table() {
+        println!("{t}");
+    }
     if let Some(path) = &args.results {
-        let text = report_markdown(&table, r.istio_table().as_deref(), &args)?;
+        let text = report_markdown(
+            &table,
+            r.istio_table().as_deref(),
+            r.floor_table().as_deref(),
+            &args,
+        )?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
@@ -369,10 +393,11 @@ const NOTES: &str = "## Reading the table
   to any other task); the issue's reference figures (direct 8.7 µs) match that regime.
 - **One hop costs what it costs here.** Each message through the mesh crosses four
   user-space hops per round trip (client → ztunnel A → ztunnel B → server and back), and
-  RTT/2 counts two of them. The reference rows measure one plain relay hop on the
-  same machine: `socat` relaying over loopback in one pod (no TLS, but not the cheapest
-  relay either: it polls with select). Compare the mesh's added
-  latency per hop (added RTT/2 ÷ 2) and its CPU at 1000 req/s with that row.
+  RTT/2 counts two of them. The floor table puts two minimal relays where the ztunnels
+  are: their added latency is what the two extra hops cost on this machine before any
+  TLS or HTTP/2 work, so a target below it cannot be met by any pair of user-space
+  proxies here. The socat row measures one plain relay hop over loopback in one pod
+  (no TLS, but it polls with select).
 - **Placement.** With free placement the scheduler runs the chain (client, ztunnel A,
   ztunnel B, server) on one vCPU or spreads it over both, from run to run; a wake-up
   that crosses to the other vCPU costs tens of microseconds here, and the woken
@@ -392,6 +417,19 @@ const NOTES: &str = "## Reading the table
   `bench-dedicated --skip-direct --no-results --phases iperf --rounds 4` (each round
   prints both).
 ";
+
+/// `bench-floor-relay`, built beside this binary (`cargo build --release -p mesh-bench`).
+fn floor_relay() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating bench-dedicated")?;
+    let relay = exe.with_file_name("bench-floor-relay");
+    if !relay.is_file() {
+        bail!(
+            "{} not found: cargo build --release -p mesh-bench (or pass --no-floor)",
+            relay.display()
+        );
+    }
+    Ok(relay)
+}
 
 fn hold_signals() -> nix::sys::signal::SigSet {
     use nix::sys::signal::{SigSet, Signal};
@@ -464,6 +502,20 @@ fn istio_section(table: &str, args: &Args) -> String {
     )
 }
 
+/// The same-run comparison with the two minimal relays, with what they are.
+fn floor_section(table: &str) -> String {
+    format!(
+        "## Same run: the floor of any two-proxy data path\n\n\
+         `bench-floor-relay` (`bench/src/bin/floor_relay.rs`) in place of both ztunnels, started \
+         the same way behind the same capture rules: a captured connection to `:15001` is carried \
+         to the peer pod's `:15008` with a 6-byte destination header, and from there to the app. \
+         No TLS, no HTTP/2, no event loop: a blocking thread per direction, one `read` and one \
+         `write` per message per hop, sockets marked like a ztunnel's. Whatever two proxies \
+         between the pods add to the direct path on this machine, they add at least this; \
+         \"this vs floor\" is what TLS, HTTP/2 and the event loop cost on top.\n\n{table}\n"
+    )
+}
+
 fn command_output(cmd: &str, args: &[&str]) -> String {
     std::process::Command::new(cmd)
         .args(args)
@@ -473,7 +525,12 @@ fn command_output(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-fn report_markdown(table: &str, istio: Option<&str>, args: &Args) -> Result<String> {
+fn report_markdown(
+    table: &str,
+    istio: Option<&str>,
+    floor: Option<&str>,
+    args: &Args,
+) -> Result<String> {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -514,8 +571,9 @@ fn report_markdown(table: &str, istio: Option<&str>, args: &Args) -> Result<Stri
          - Tools: iperf3 single stream ({s} s); sockperf ping-pong 64 B ({s} s) and under-load 1 KB \
          at 1000 msg/s with a reply to every message ({s} s); latency columns are sockperf's \
          default metric (round trip / 2, µs). CPU = (utime+stime)/wall over the period; RSS = VmRSS.\n\
-         - ztunnel binary: `{bin}`\n\n{table}\n{istio}{NOTES}",
+         - ztunnel binary: `{bin}`\n\n{table}\n{istio}{floor}{NOTES}",
         istio = istio.map(|t| istio_section(t, args)).unwrap_or_default(),
+        floor = floor.map(floor_section).unwrap_or_default(),
         mem_kb = mem
             .replace("MemTotal:", "RAM")
             .split_whitespace()

@@ -62,6 +62,8 @@ pub struct Results {
     pub mesh: MeshResults,
     /// Through Istio's ztunnels, same topology and rules (`--istio-ztunnel`).
     pub istio: Option<MeshResults>,
+    /// Through two `bench-floor-relay`s in place of the ztunnels, same topology and rules.
+    pub floor: Option<MeshResults>,
 }
 
 fn max(v: &[f64]) -> f64 {
@@ -217,141 +219,152 @@ impl Results {
     /// so this is the row-by-row calibration of the table above on whatever machine ran it.
     /// Rows appear for what both measured.
     pub fn istio_table(&self) -> Option<String> {
-        let i = self.istio.as_ref()?;
+        Some(self.comparison_table(self.istio.as_ref()?, "Istio ztunnel", "Istio"))
+    }
+
+    /// Same-run comparison with two minimal relays in place of the ztunnels: what any
+    /// two-proxy data path costs on the machine, below which no proxy pair can go.
+    pub fn floor_table(&self) -> Option<String> {
+        Some(self.comparison_table(self.floor.as_ref()?, "two minimal relays (floor)", "floor"))
+    }
+
+    /// This project's ztunnels against `other` (column `other_column`, ratios "this vs
+    /// `other_name`"), row by row for what both measured.
+    fn comparison_table(&self, o: &MeshResults, other_column: &str, other_name: &str) -> String {
         let m = &self.mesh;
         let d = self.direct.as_ref();
         let mut t = String::new();
         let _ = writeln!(
             t,
-            "| metric | direct | Istio ztunnel | this ztunnel | this vs Istio |"
+            "| metric | direct | {other_column} | this ztunnel | this vs {other_name} |"
         );
         let _ = writeln!(t, "|---|---|---|---|---|");
-        if let (Some(ig), Some(mg)) = (i.gbps, m.gbps) {
+        if let (Some(og), Some(mg)) = (o.gbps, m.gbps) {
             let of_direct =
                 |g: f64| d.map_or(String::new(), |d| format!(" ({:.1}%)", g / d.gbps * 100.0));
             let _ = writeln!(
                 t,
-                "| iperf3 single stream (Gbit/s) | {} | {ig:.2}{} | {mg:.2}{} | {:.2}x throughput |",
+                "| iperf3 single stream (Gbit/s) | {} | {og:.2}{} | {mg:.2}{} | {:.2}x throughput |",
                 d.map_or("-".into(), |d| format!("{:.2}", d.gbps)),
-                of_direct(ig),
+                of_direct(og),
                 of_direct(mg),
-                mg / ig
+                mg / og
             );
         }
         let mut rows: Vec<(&str, Option<f64>, f64, f64)> = Vec::new();
-        if let (Some(ip), Some(mp)) = (&i.pp, &m.pp) {
+        if let (Some(op), Some(mp)) = (&o.pp, &m.pp) {
             rows.push((
                 "ping-pong 64 B p50, idle CPUs",
                 d.map(|d| d.pp.p50),
-                ip.p50,
+                op.p50,
                 mp.p50,
             ));
             rows.push((
                 "ping-pong 64 B p99, idle CPUs",
                 d.map(|d| d.pp.p99),
-                ip.p99,
+                op.p99,
                 mp.p99,
             ));
         }
-        if let (Some(ip), Some(mp)) = (&i.pp_busy, &m.pp_busy) {
+        if let (Some(op), Some(mp)) = (&o.pp_busy, &m.pp_busy) {
             let direct = d.map(|d| &d.pp_busy);
             rows.push((
                 "ping-pong 64 B p50, busy CPUs",
                 direct.map(|d| d.p50),
-                ip.p50,
+                op.p50,
                 mp.p50,
             ));
             rows.push((
                 "ping-pong 64 B p99, busy CPUs",
                 direct.map(|d| d.p99),
-                ip.p99,
+                op.p99,
                 mp.p99,
             ));
         }
-        if let (Some(il), Some(ml)) = (&i.load, &m.load) {
+        if let (Some(ol), Some(ml)) = (&o.load, &m.load) {
             let direct = d.map(|d| &d.rr);
             rows.push((
                 "1 KB req/resp @ 1000/s p50",
                 direct.map(|d| d.p50),
-                il.rr.p50,
+                ol.rr.p50,
                 ml.rr.p50,
             ));
             rows.push((
                 "1 KB req/resp @ 1000/s p99",
                 direct.map(|d| d.p99),
-                il.rr.p99,
+                ol.rr.p99,
                 ml.rr.p99,
             ));
         }
-        for (name, direct, istio, ours) in rows {
-            let _ = writeln!(t, "{}", added_latency_row(name, direct, istio, ours));
+        for (name, direct, other, ours) in rows {
+            let _ = writeln!(t, "{}", added_latency_row(name, direct, other, ours));
         }
-        if let (Some(il), Some(ml)) = (&i.load, &m.load) {
+        if let (Some(ol), Some(ml)) = (&o.load, &m.load) {
             let rows = [
                 (
                     "RSS idle (MiB, A / B)",
-                    &il.idle_rss_mib,
+                    &ol.idle_rss_mib,
                     &ml.idle_rss_mib,
                     1,
                 ),
                 (
                     "RSS @ 1000 req/s (MiB, A / B)",
-                    &il.load_rss_mib,
+                    &ol.load_rss_mib,
                     &ml.load_rss_mib,
                     1,
                 ),
                 (
                     "CPU @ 1000 req/s (cores, A / B)",
-                    &il.load_cpu,
+                    &ol.load_cpu,
                     &ml.load_cpu,
                     4,
                 ),
                 (
                     "CPU @ 1000 req/s, whole chain on one vCPU (cores, A / B)",
-                    &il.one_cpu.cpu,
+                    &ol.one_cpu.cpu,
                     &ml.one_cpu.cpu,
                     4,
                 ),
             ];
-            for (name, istio, ours, digits) in rows {
+            for (name, other, ours, digits) in rows {
                 let _ = writeln!(
                     t,
-                    "| ztunnel {name} | - | {} | {} | {:.2}x |",
-                    pair(istio, digits),
+                    "| proxy {name} | - | {} | {} | {:.2}x |",
+                    pair(other, digits),
                     pair(ours, digits),
-                    max(ours) / max(istio)
+                    max(ours) / max(other)
                 );
             }
         }
-        Some(t)
+        t
     }
 }
 
 /// A row of the Istio table: each side's latency with what it added to direct.
-fn added_latency_row(name: &str, direct: Option<f64>, istio: f64, ours: f64) -> String {
+fn added_latency_row(name: &str, direct: Option<f64>, other: f64, ours: f64) -> String {
     let Some(d) = direct else {
-        return format!("| {name} (µs, RTT/2) | - | {istio:.1} | {ours:.1} | - |");
+        return format!("| {name} (µs, RTT/2) | - | {other:.1} | {ours:.1} | - |");
     };
     // A ratio of added latencies means nothing when either added none (noise can put a
     // mesh percentile below the direct one).
-    let ratio = if istio - d > 0.0 && ours - d > 0.0 {
-        format!("{:.2}x added latency", (ours - d) / (istio - d))
+    let ratio = if other - d > 0.0 && ours - d > 0.0 {
+        format!("{:.2}x added latency", (ours - d) / (other - d))
     } else {
         "-".to_string()
     };
     format!(
-        "| {name} (µs, RTT/2) | {d:.1} | {istio:.1} ({:+.1}) | {ours:.1} ({:+.1}) | {ratio} |",
-        istio - d,
+        "| {name} (µs, RTT/2) | {d:.1} | {other:.1} ({:+.1}) | {ours:.1} ({:+.1}) | {ratio} |",
+        other - d,
         ours - d,
     )
 }
 
 /// One line per implementation with the headline figures it measured (progress output of
 /// `--rounds`).
-pub fn compact(measured: &[MeshResults]) -> String {
+pub fn compact(names: &[&str], measured: &[MeshResults]) -> String {
     measured
         .iter()
-        .zip(["this", "istio"])
+        .zip(names)
         .map(|(m, name)| {
             let mut parts = Vec::new();
             if let Some(g) = m.gbps {
@@ -424,6 +437,7 @@ mod tests {
             }),
             mesh: mesh(3.0, 60.0, 0.05),
             istio,
+            floor: None,
         }
     }
 
@@ -488,7 +502,10 @@ mod tests {
             "{t}"
         );
         assert_eq!(
-            compact(&[mesh(3.0, 60.0, 0.05), MeshResults::default()]),
+            compact(
+                &["this", "istio"],
+                &[mesh(3.0, 60.0, 0.05), MeshResults::default()]
+            ),
             "  this  iperf 3.00 Gbit/s | pp p50 60.0 µs | busy pp p50 60.0 µs | rr p50 60.0 µs | cpu@1000 0.0500 / 0.0250\n  istio nothing measured"
         );
     }
@@ -496,6 +513,26 @@ mod tests {
     #[test]
     fn no_istio_table_without_istio_measurements() {
         assert!(results(None).istio_table().is_none());
+        assert!(results(None).floor_table().is_none());
+    }
+
+    #[test]
+    fn floor_table_compares_with_the_minimal_relays() {
+        let mut r = results(None);
+        r.floor = Some(mesh(5.0, 40.0, 0.02));
+        let t = r.floor_table().unwrap();
+        assert!(
+            t.starts_with(
+                "| metric | direct | two minimal relays (floor) | this ztunnel | this vs floor |"
+            ),
+            "{t}"
+        );
+        // The relays add 20 µs, ours 40 µs.
+        assert!(
+            t.contains("40.0 (+20.0) | 60.0 (+40.0) | 2.00x added latency |"),
+            "{t}"
+        );
+        assert!(t.contains("| proxy CPU @ 1000 req/s (cores, A / B) | - | 0.0200 / 0.0100 | 0.0500 / 0.0250 | 2.50x |"), "{t}");
     }
 
     #[test]

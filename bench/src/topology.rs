@@ -142,6 +142,9 @@ pub enum Flavor {
     /// rules; certificates from its built-in test CA (`FAKE_CA`), sockets marked 0x539
     /// like ours so the capture rules let its own traffic through.
     Istio { binary: PathBuf },
+    /// `bench-floor-relay`: two minimal plaintext relays in place of the ztunnels, the
+    /// floor of any two-proxy data path on the machine.
+    Floor { binary: PathBuf },
 }
 
 impl Flavor {
@@ -149,12 +152,15 @@ impl Flavor {
         match self {
             Flavor::Ours { .. } => "ours",
             Flavor::Istio { .. } => "istio",
+            Flavor::Floor { .. } => "floor",
         }
     }
 
     pub fn binary(&self) -> &Path {
         match self {
-            Flavor::Ours { binary, .. } | Flavor::Istio { binary } => binary,
+            Flavor::Ours { binary, .. } | Flavor::Istio { binary } | Flavor::Floor { binary } => {
+                binary
+            }
         }
     }
 
@@ -168,6 +174,7 @@ impl Flavor {
                 .iter()
                 .map(|(k, v)| (*k, (*v).into()))
                 .collect(),
+            Flavor::Floor { .. } => Vec::new(),
         }
     }
 }
