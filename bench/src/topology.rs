@@ -83,6 +83,7 @@ impl Topology {
                 .dir()
                 .join(format!("ztunnel-{}-{name}.log", flavor.tag()));
             let mut cmd = pod.netns().command(flavor.binary());
+            unblock_termination(&mut cmd);
             cmd.arg("proxy")
                 .env("PROXY_MODE", "dedicated")
                 .env("PROXY_WORKLOAD_INFO", format!("default/{name}/sa-{name}"))
@@ -131,6 +132,23 @@ impl Topology {
         for mut z in self.ztunnels.drain(..) {
             z.process.terminate(Duration::from_secs(5));
         }
+    }
+}
+
+/// `--hold` blocks SIGTERM and SIGINT in every thread of the bench (it waits for them with
+/// `sigwait`), and a blocked mask survives `exec`: the proxies get them unblocked again, so
+/// that stopping one is a SIGTERM and its drain, not the SIGKILL after 5 s.
+fn unblock_termination(cmd: &mut std::process::Command) {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+    use std::os::unix::process::CommandExt;
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    // SAFETY: between fork and exec only sigprocmask runs, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None).map_err(std::io::Error::from)
+        });
     }
 }
 
