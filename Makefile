@@ -80,8 +80,9 @@ bench: deps
 istio-ztunnel:
 	bench/build-istio-ztunnel.sh $(ISTIO_ZTUNNEL_SRC)
 
-# Interop with Istio's own ztunnel (e2e/tests/istio_interop.rs): HBONE and L4
-# policy both ways between this ztunnel and Istio's, Istio's ztunnel serving
+# Interop with Istio's own ztunnel (e2e/tests/istio_interop.rs): HBONE, L4
+# policy and double HBONE through an east-west gateway both ways between this
+# ztunnel and Istio's, Istio's ztunnel serving
 # pods that this node agent enrols over ZDS; and (e2e/tests/ca.rs) Istio's
 # ztunnel getting its own and its pods' certificates from the built-in CA; and
 # (e2e/tests/xds.rs) Istio's ztunnel taking the istiod xDS double's resources,

@@ -22,6 +22,12 @@
 //!   inside them behind the agent's capture rules, and carries pod A's plain TCP to pod B
 //!   over HBONE with each pod's identity.
 //!
+//! - Multi-network (double HBONE) both ways through an east-west gateway stand-in: a client
+//!   on network `east` reaches a Service whose endpoint is on `west` behind the gateway;
+//!   our client with Istio's server, and Istio's client with our server. The outer tunnel
+//!   ends at the gateway, the inner TLS (the client's identity against the server's)
+//!   runs end to end, and the inner CONNECT names the Service's hostname.
+//!
 //! Istio's build is found as `e2e::istio_ztunnel` says (`ISTIO_ZTUNNEL`,
 //! `ISTIO_ZTUNNEL_SRC`); without one the tests are skipped with the reason.
 
@@ -29,15 +35,22 @@ use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+mod mesh_support;
+
+use std::sync::Arc;
+
 use e2e::dedicated_mesh::{
     DedicatedMesh, EchoServer, Flavor, MeshPod, connect_in, echo_checked, http_get, wait_until,
     workload_entry,
 };
 use e2e::inpod_agent::{InpodAgent, pod_redirect};
 use e2e::istio_ztunnel::{FAKE_CA_ENV, IstioZtunnel, local_workload};
-use e2e::netsim::{Cluster, Pod, Process, can_create_netns};
+use e2e::netsim::{Cluster, NamedNetns, Pod, Process, can_create_netns};
 use e2e::prom_text;
+use mesh_support::waypoint::Waypoint;
 use node_agent::redirect::Redirector;
+use ztunnel::identity::Identity;
+use ztunnel::identity::local_ca::LocalCa;
 
 const ECHO_PORT: u16 = 8080;
 /// Service VIPs (port 80) in front of pod `ours` and pod `istio`.
@@ -372,4 +385,132 @@ async fn istios_ztunnel_serves_pods_this_node_agent_enrols() {
     agent.zds.shutdown();
     agent.redirector.cleanup_all().await.expect("clean up");
     istio.terminate(Duration::from_secs(5));
+}
+
+/// East-side VIPs of the two multi-network Services (port 80 → 8080).
+const VIP_MN_ISTIO: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 31);
+const VIP_MN_OURS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 32);
+
+/// Multi-network both ways through an east-west gateway: clients on network `east`,
+/// servers on `west` behind gateway `ew` (a stand-in that terminates the outer HBONE with
+/// the gateway's identity and relays the inner tunnel's bytes to the endpoint's
+/// `:15008`). Our client reaches Istio's server, Istio's client reaches ours: data intact,
+/// the gateway sees the client's identity and the Service's hostname, never the payload's
+/// TLS end, and each server's access log names the client's identity.
+#[test]
+fn double_hbone_through_an_east_west_gateway_both_ways() {
+    let istio = require!();
+    let mut m = DedicatedMesh::new("interopmn").expect("mesh");
+    for (name, sa) in [
+        ("ourcli", "sa-ourcli"),
+        ("istsrv", "sa-istsrv"),
+        ("istcli", "sa-istcli"),
+        ("oursrv", "sa-oursrv"),
+    ] {
+        m.add_pod(name, "default", sa).expect("pod");
+    }
+    m.add_pod("ew", "istio-system", "istio-eastwestgateway")
+        .expect("gateway pod");
+    let ew_ip = m.pod("ew").ip();
+    let east = "  network: east\n";
+    let west = format!(
+        "  network: west\n  networkGateway: {{destination: \"west/{ew_ip}\", hboneMtlsPort: 15008}}\n"
+    );
+    let member =
+        |svc: &str| format!("{{\"default/{svc}.default.svc.cluster.local\": {{80: {ECHO_PORT}}}}}");
+    // Istio's client checks the inner TLS against the Service's `subjectAltNames` alone
+    // (ours falls back to the endpoint's identity), so the Services list their server's.
+    let service = |name: &str, vip: Ipv4Addr, server: &str| {
+        format!(
+            "- name: {name}\n  namespace: default\n  hostname: {name}.default.svc.cluster.local\n  \
+             vips: [\"east/{vip}\"]\n  ports: {{80: {ECHO_PORT}}}\n  subjectAltNames: [\"{}\"]\n",
+            m.pod(server).identity()
+        )
+    };
+    m.write_config(&format!(
+        "workloads:\n{}{}{}{}{}services:\n{}{}",
+        workload_entry(m.pod("ourcli"), "HBONE", "{}", east),
+        workload_entry(m.pod("istsrv"), "HBONE", &member("svc-istio"), &west),
+        workload_entry(m.pod("istcli"), "HBONE", "{}", east),
+        workload_entry(m.pod("oursrv"), "HBONE", &member("svc-ours"), &west),
+        workload_entry(m.pod("ew"), "TCP", "{}", "  network: west\n"),
+        service("svc-istio", VIP_MN_ISTIO, "istsrv"),
+        service("svc-ours", VIP_MN_OURS, "oursrv"),
+    ));
+    // Ours takes its network from its own workload; Istio's from `NETWORK`.
+    let ours = Flavor::OursWithCa {
+        cert: &istio.root_cert,
+        key: &istio.root_key,
+    };
+    m.start_ztunnel_as("ourcli", ours);
+    m.start_ztunnel_as("oursrv", ours);
+    let theirs = Flavor::Istio {
+        binary: &istio.binary,
+    };
+    m.set_ztunnel_env("NETWORK", "west");
+    m.start_ztunnel_as("istsrv", theirs);
+    m.set_ztunnel_env("NETWORK", "east");
+    m.start_ztunnel_as("istcli", theirs);
+    let gw = Waypoint::start_gateway(
+        NamedNetns::open(m.pod("ew").netns().name()).unwrap(),
+        Identity::new("cluster.local", "istio-system", "istio-eastwestgateway"),
+        Arc::new(LocalCa::from_files(&istio.root_cert, &istio.root_key).expect("Istio's test CA")),
+        m.config_path().to_path_buf(),
+    );
+    let _servers = [
+        EchoServer::start(m.pod("istsrv").netns(), ECHO_PORT, None),
+        EchoServer::start(m.pod("oursrv").netns(), ECHO_PORT, None),
+    ];
+
+    for (client, server, svc, vip) in [
+        ("ourcli", "istsrv", "svc-istio", VIP_MN_ISTIO),
+        ("istcli", "oursrv", "svc-ours", VIP_MN_OURS),
+    ] {
+        let (c, s) = (m.pod(client), m.pod(server));
+        let hostname = format!("{svc}.default.svc.cluster.local");
+        let len = 256 << 10;
+        echo_to(c, SocketAddr::from((vip, 80)), len)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{client} -> {svc} through the gateway: {e}\ngateway: {:?}\n{client}'s log:\n{}\n{server}'s log:\n{}",
+                    gw.records(),
+                    c.log(),
+                    s.log()
+                )
+            });
+        wait_until(
+            &format!("the gateway's relay for {client} ended"),
+            Duration::from_secs(10),
+            || {
+                gw.records()
+                    .iter()
+                    .any(|r| r.peer_identity == c.identity() && r.bytes_down > 0)
+            },
+        );
+        let r = gw
+            .records()
+            .into_iter()
+            .find(|r| r.peer_identity == c.identity())
+            .unwrap();
+        assert_eq!(r.authority, format!("{hostname}:80"), "{client}: {r:?}");
+        assert_eq!(r.status, 200, "{client}: {r:?}");
+        assert_eq!(
+            r.upstream,
+            Some(SocketAddr::from((s.ip(), 15008))),
+            "{client}: {r:?}"
+        );
+        // The inner tunnel's TLS and HTTP/2 around the payload: more bytes than it.
+        assert!(
+            r.bytes_up > len as u64 && r.bytes_down > len as u64,
+            "{client}: {r:?}"
+        );
+        let line = access_line(s, &["direction=\"inbound\"", &c.identity()]);
+        assert!(line.contains(&s.identity()), "{server}: {line}");
+        assert!(!line.contains("error="), "{server}: {line}");
+        assert!(line.contains(&format!("{ew_ip}:")), "{server}: {line}");
+        let line = access_line(c, &["direction=\"outbound\"", &s.identity()]);
+        assert!(line.contains(&format!("{ew_ip}:15008")), "{client}: {line}");
+    }
+    drop(gw);
+    m.shutdown();
 }
