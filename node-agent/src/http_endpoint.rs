@@ -1,6 +1,7 @@
 //! The agent's small plain-HTTP endpoints (readiness, metrics, the CA's
-//! metrics): one accept loop serving HTTP/1 with a synchronous answer
-//! function, and the `/metrics` answer they share. Also [`bind`], how every
+//! metrics): the HTTP/1 accept loop they and the run-dir sockets share
+//! ([`serve_http1`]), its TCP form with a synchronous answer function
+//! ([`serve`]), and the `/metrics` answer they share. Also [`bind`], how every
 //! TCP listener of the agent and the CA (these endpoints and the CA's gRPC
 //! port) is bound: the IPv6 wildcard falls back to IPv4 on nodes without IPv6.
 
@@ -16,6 +17,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
 pub type Answer = Response<Full<Bytes>>;
@@ -66,8 +68,7 @@ pub fn ipv4_fallback(addr: SocketAddr, err: &io::Error) -> Option<SocketAddr> {
 }
 
 /// Serves every connection on `listener` with `answer` until `shutdown`
-/// completes; `what` names the endpoint in logs. Accept errors (e.g. out of
-/// file descriptors) are logged and retried after 50 ms.
+/// completes; `what` names the endpoint in logs.
 pub async fn serve<F>(
     what: &'static str,
     listener: TcpListener,
@@ -76,12 +77,41 @@ pub async fn serve<F>(
 ) where
     F: Fn(&Request<Incoming>) -> Answer + Clone + Send + Sync + 'static,
 {
+    let listener = &listener;
+    serve_http1(
+        what,
+        move || async move { listener.accept().await.map(|(stream, _)| stream) },
+        move |req| std::future::ready(answer(&req)),
+        false,
+        shutdown,
+    )
+    .await;
+}
+
+/// Takes connections from `accept` until `shutdown` completes and serves each
+/// as HTTP/1.1 with `route` on a task of its own; with `half_close`, a client
+/// that shut down its side after the request still gets it handled. Accept
+/// errors (e.g. out of file descriptors) are logged naming `what` and retried
+/// after 50 ms.
+pub async fn serve_http1<S, A, AF, R, RF>(
+    what: &str,
+    mut accept: A,
+    route: R,
+    half_close: bool,
+    shutdown: impl Future<Output = ()>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    A: FnMut() -> AF,
+    AF: Future<Output = io::Result<S>>,
+    R: Fn(Request<Incoming>) -> RF + Clone + Send + 'static,
+    RF: Future<Output = Answer> + Send + 'static,
+{
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+            accepted = accept() => match accepted {
+                Ok(stream) => stream,
                 Err(e) => {
                     tracing::warn!(endpoint = what, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -89,15 +119,20 @@ pub async fn serve<F>(
                 }
             },
         };
-        let answer = answer.clone();
+        let route = route.clone();
+        let what = what.to_string();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let resp = answer(&req);
-                async move { Ok::<_, Infallible>(resp) }
+                let answer = route(req);
+                async move { Ok::<_, Infallible>(answer.await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .half_close(half_close)
                 .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .await
+            {
+                tracing::debug!(endpoint = what, error = %e, "connection ended with an error");
+            }
         });
     }
 }

@@ -1,18 +1,14 @@
 //! HTTP/1.1 endpoints on Unix sockets in the run dir, where the CNI plugin reaches the
 //! agent (`pluginevent.sock`, `log.sock`): binding (replacing a previous agent's socket)
-//! and the accept loop.
+//! and serving (the accept loop is `http_endpoint`'s).
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 
 #[derive(Debug, thiserror::Error)]
@@ -91,36 +87,18 @@ impl RunDirSocket {
             what,
         } = self;
         tracing::info!(socket = %path.display(), "{what} endpoint listening");
-        tokio::pin!(shutdown);
-        loop {
-            let stream = tokio::select! {
-                _ = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        tracing::warn!(socket = %path.display(), error = %e, "{what}: accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let route = route.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    let route = route.clone();
-                    async move { Ok::<_, Infallible>(route(req).await) }
-                });
-                // Half-closed connections are served: the plugin writes its log lines and
-                // exits without waiting for the answer.
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .half_close(true)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    tracing::debug!(error = %e, "{what} connection ended with an error");
-                }
-            });
-        }
+        let endpoint = format!("{what} socket {}", path.display());
+        let l = &listener;
+        // Half-closed connections are served: the plugin writes its log lines and exits
+        // without waiting for the answer.
+        crate::http_endpoint::serve_http1(
+            &endpoint,
+            move || async move { l.accept().await.map(|(stream, _)| stream) },
+            route,
+            true,
+            shutdown,
+        )
+        .await;
         drop(listener);
         if let Err(e) = std::fs::remove_file(&path)
             && e.kind() != std::io::ErrorKind::NotFound
