@@ -2,9 +2,9 @@
 //! bench uses it (root; real netns). Without the relays the captured connection has
 //! nowhere to go, so data arriving intact proves both hops relayed it.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use e2e::dedicated_mesh::{EchoServer, apply_capture_rules, connect_in, echo_checked};
+use e2e::dedicated_mesh::{EchoServer, apply_capture_rules, connect_in, echo_checked, wait_until};
 use e2e::netsim::{Cluster, Process, can_create_netns};
 
 #[test]
@@ -25,16 +25,13 @@ fn two_relays_carry_captured_tcp_between_pods() {
     }
     let _echo = EchoServer::start(b.netns(), 8080, None);
     let dst = std::net::SocketAddr::from((b.ip(), 8080));
-    // The relays bind their ports right after start.
-    let end = Instant::now() + Duration::from_secs(10);
-    let result = loop {
-        let r = connect_in(a.netns(), dst).and_then(|s| echo_checked(s, 1 << 20));
-        if r.is_ok() || Instant::now() > end {
-            break r;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    result.expect("1 MiB through both relays");
+    // The relays bind their ports right after start: wait for the captured connect to be
+    // taken, then send once.
+    wait_until("relay A listening", Duration::from_secs(10), || {
+        connect_in(a.netns(), dst).is_ok()
+    });
+    echo_checked(connect_in(a.netns(), dst).expect("connect"), 1 << 20)
+        .expect("1 MiB through both relays");
     for mut r in relays {
         r.terminate(Duration::from_secs(2));
     }

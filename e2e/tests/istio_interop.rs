@@ -395,8 +395,9 @@ const VIP_MN_OURS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 32);
 /// servers on `west` behind gateway `ew` (a stand-in that terminates the outer HBONE with
 /// the gateway's identity and relays the inner tunnel's bytes to the endpoint's
 /// `:15008`). Our client reaches Istio's server, Istio's client reaches ours: data intact,
-/// the gateway sees the client's identity and the Service's hostname, never the payload's
-/// TLS end, and each server's access log names the client's identity.
+/// the gateway sees the client's identity and the Service's hostname and relays more bytes
+/// than the payload (the inner TLS and HTTP/2 around it), and each server's access log
+/// names the client's identity, arriving from the gateway's address.
 #[test]
 fn double_hbone_through_an_east_west_gateway_both_ways() {
     let istio = require!();

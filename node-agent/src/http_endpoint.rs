@@ -107,6 +107,9 @@ pub async fn serve_http1<S, A, AF, R, RF>(
     RF: Future<Output = Answer> + Send + 'static,
 {
     tokio::pin!(shutdown);
+    // Named in each connection's task (its error log), shared rather than copied per
+    // connection.
+    let endpoint: std::sync::Arc<str> = what.into();
     loop {
         let stream = tokio::select! {
             _ = &mut shutdown => break,
@@ -120,7 +123,7 @@ pub async fn serve_http1<S, A, AF, R, RF>(
             },
         };
         let route = route.clone();
-        let what = what.to_string();
+        let endpoint = endpoint.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let answer = route(req);
@@ -131,7 +134,7 @@ pub async fn serve_http1<S, A, AF, R, RF>(
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
-                tracing::debug!(endpoint = what, error = %e, "connection ended with an error");
+                tracing::debug!(endpoint = &*endpoint, error = %e, "connection ended with an error");
             }
         });
     }
