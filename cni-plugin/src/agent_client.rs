@@ -53,10 +53,11 @@ pub async fn send_cmd_add(
 }
 
 /// Posts the run's JSON log `lines` to the agent's log socket and returns once they are
-/// written (each write bounded by `timeout`), without waiting for the agent's answer: the
-/// plugin is about to exit, and the agent reads a request whose writer has gone (its
-/// endpoint keeps half-closed connections). No async runtime: this runs on every ADD,
-/// including those that never needed one.
+/// written, without waiting for the agent's answer: the plugin is about to exit, and the
+/// agent reads a request whose writer has gone (its endpoint keeps half-closed
+/// connections). The connect and each write are bounded by `timeout`: an agent that is
+/// alive but not accepting (frozen, wedged, its backlog full) must not hold up the pod.
+/// No async runtime: this runs on every ADD, including those that never needed one.
 pub fn post_log_lines(socket: &Path, lines: &[String], timeout: Duration) -> std::io::Result<()> {
     use std::io::Write;
     let body = mesh_proto::plugin_log::encode_batch(lines);
@@ -66,10 +67,23 @@ pub fn post_log_lines(socket: &Path, lines: &[String], timeout: Duration) -> std
         mesh_proto::plugin_log::PLUGIN_LOG_PATH,
         body.len()
     );
-    let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
-    stream.set_write_timeout(Some(timeout))?;
+    let mut stream = connect_bounded(socket, timeout)?;
     stream.write_all(head.as_bytes())?;
     stream.write_all(&body)
+}
+
+/// A blocking Unix stream connection whose connect and writes give up after `timeout`.
+/// `SO_SNDTIMEO` is set before `connect`: on Linux a Unix-socket connect to a listener
+/// with a full backlog waits for that long (then fails with `EAGAIN`) instead of forever.
+fn connect_bounded(
+    socket: &Path,
+    timeout: Duration,
+) -> std::io::Result<std::os::unix::net::UnixStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let s = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    s.set_write_timeout(Some(timeout))?;
+    s.connect(&SockAddr::unix(socket)?)?;
+    Ok(s.into())
 }
 
 /// `exchange` with the agent at `socket`, given up after `timeout`.

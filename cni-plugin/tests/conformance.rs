@@ -710,6 +710,50 @@ fn del_check_version_status_gc() {
 }
 
 #[test]
+fn agent_not_accepting_on_its_log_socket_does_not_hang_the_plugin() {
+    // An agent that is alive but frozen: its log socket's backlog is full and nobody
+    // accepts. The plugin's run logs (the agent is unreachable on its event socket), then
+    // forwards those lines: the connect must give up, not wait for an accept.
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let run_dir = tempfile::tempdir().unwrap();
+    let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+    listener
+        .bind(&SockAddr::unix(run_dir.path().join("log.sock")).unwrap())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let mut queued = Vec::new();
+    loop {
+        let s = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        match s.connect(&SockAddr::unix(run_dir.path().join("log.sock")).unwrap()) {
+            Ok(()) => queued.push(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("filling the log socket's backlog: {e}"),
+        }
+        assert!(queued.len() < 1000, "backlog never filled");
+    }
+    let env = cni_env("ADD", "c1", "/var/run/netns/x", &k8s_args("demo", "a", "u"));
+    let out = run_plugin(
+        PLUGIN,
+        &env,
+        Stdin::Json(&conf(run_dir.path(), json!({}))),
+        None,
+    );
+    assert!(out.success, "{out:?}");
+    assert!(
+        out.stderr.contains("cannot connect to the node agent"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.elapsed < Duration::from_secs(15),
+        "bounded: {:?}",
+        out.elapsed
+    );
+    drop(queued);
+}
+
+#[test]
 fn hung_agent_does_not_hang_the_plugin() {
     // A socket that accepts and never answers: the plugin times out,
     // falls back (no kubeconfig: fail open) and returns.
