@@ -425,6 +425,73 @@ async fn redirector_with_zds_and_no_ztunnel_is_retryable() {
     r.cleanup_all().await.unwrap();
 }
 
+/// Rules that cannot be removed (here: another tool's native nftables rule jumps to
+/// our chain, in a form `iptables-nft-save` cannot print, so the removal batch
+/// fails): the pod stays in ztunnel and in the probe ipset with its
+/// capture rules, instead of being black-holed; once the rules can go, a retry
+/// unenrols it completely.
+#[tokio::test]
+async fn unenrol_keeps_the_pod_in_ztunnel_while_its_rules_cannot_be_removed() {
+    require_root!();
+    let node = TestNetns::new();
+    let pod = TestNetns::new();
+    let handoff = Arc::new(FakeHandoff::default());
+    let r = InpodRedirector::new(
+        InpodConfig {
+            host_netns: Some(node.path()),
+            proc_root: tempfile::tempdir().unwrap().keep(),
+            ..Default::default()
+        },
+        handoff.clone(),
+    )
+    .await
+    .unwrap();
+    let backend = r.backend().unwrap();
+    if backend != node_agent::redirect::iptables::Backend::Nft {
+        eprintln!("skipped: needs the iptables-nft backend (detected {backend:?})");
+        return;
+    }
+    let p = PodRedirect {
+        uid: "uid-r".into(),
+        name: "r".into(),
+        namespace: "ns1".into(),
+        ips: vec!["10.9.0.7".parse().unwrap()],
+        netns: Some(pod.path()),
+        ..Default::default()
+    };
+    r.enrol(&p).await.unwrap();
+    let ns = pod.netns();
+    run_in(&ns, "nft", &["add", "chain", "ip", "nat", "FOREIGN"]);
+    let rule = "add rule ip nat FOREIGN ip saddr . tcp dport { 10.0.0.1 . 80 } jump ISTIO_OUTPUT";
+    run_in(&ns, "nft", &rule.split(' ').collect::<Vec<_>>());
+
+    let e = r.unenrol(&p).await.unwrap_err();
+    assert!(e.to_string().contains("ns1/r"), "{e}");
+    assert!(e.is_retryable(), "{e}");
+    let (views, _) = node_agent::redirect::inpod::apply::inspect_pod(&ns, backend).unwrap();
+    assert!(!views[0].1.is_empty(), "capture rules still there");
+    let host = node.netns();
+    let members = run_in(&host, "ipset", &["save", rules::DEFAULT_PROBE_IPSET_V4]);
+    assert!(members.contains("10.9.0.7"), "probe entry kept: {members}");
+    assert_eq!(
+        handoff.calls.lock().unwrap().clone(),
+        vec!["add uid-r ns1/r"],
+        "still in ztunnel"
+    );
+
+    run_in(&ns, "nft", &["flush", "chain", "ip", "nat", "FOREIGN"]);
+    r.unenrol(&p).await.unwrap();
+    let (views, routing) = node_agent::redirect::inpod::apply::inspect_pod(&ns, backend).unwrap();
+    assert!(views.iter().all(|(_, v)| v.is_empty()) && routing.is_empty());
+    let members = run_in(&host, "ipset", &["save", rules::DEFAULT_PROBE_IPSET_V4]);
+    assert!(!members.contains("10.9.0.7"), "{members}");
+    assert_eq!(
+        handoff.calls.lock().unwrap().clone(),
+        vec!["add uid-r ns1/r", "del uid-r"]
+    );
+    r.cleanup_all().await.unwrap();
+}
+
 /// Holds `/run/xtables.lock` (shared by every netns: it is a file) for
 /// `secs` in a `flock` child, as kube-proxy or a concurrent legacy restore
 /// would; returns once the lock is held. `None` when flock is missing.

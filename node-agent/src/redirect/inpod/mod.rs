@@ -455,19 +455,23 @@ impl InpodRedirector {
         ips.dedup();
         // Rules first, then the probe entries (the reverse of enrolment): no
         // moment where probes are unSNATed while capture rules exist.
-        let netns = match entry {
-            Some(e) => Some(e.netns),
-            None => pod.netns.as_ref().and_then(|p| Netns::open(p).ok()),
+        let (netns, held) = match entry {
+            Some(e) => (Some(e.netns), Some(e.ips)),
+            None => (pod.netns.as_ref().and_then(|p| Netns::open(p).ok()), None),
         };
         match netns {
             Some(ns) => {
                 if let Err(e) = remove_pod(&ns, self.net.engine).await {
-                    first_err.get_or_insert(RedirectError::new(
-                        pod,
-                        "removing pod rules",
-                        false,
-                        e,
-                    ));
+                    // The capture rules may still be there: taking the pod out of
+                    // ztunnel or the probe ipset now would black-hole its traffic and
+                    // fail its probes. It stays enrolled (and held) for the retry.
+                    if let Some(ips) = held {
+                        self.pods
+                            .lock()
+                            .await
+                            .insert(pod.uid.clone(), EnrolledPod { netns: ns, ips });
+                    }
+                    return Err(RedirectError::new(pod, "removing pod rules", true, e));
                 }
                 self.remove_other_engine_rules(pod, &ns).await;
             }
