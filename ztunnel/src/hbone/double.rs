@@ -35,8 +35,8 @@ use crate::tls::crl::{RevocationWatch, until_revoked};
 ///
 /// Dropped after shutdown while the peer's direction is still open (the inner HTTP/2
 /// connection closes before the gateway has relayed the destination's close), the stream
-/// is kept until the peer ends it too, for at most [`LINGER`]: dropping it at once would
-/// reset it with CANCEL, which discards the END_STREAM h2 may not have written yet.
+/// [lingers](H2Stream::linger): dropping it at once would reset it with CANCEL, which
+/// discards the END_STREAM h2 may not have written yet.
 pub struct StreamIo {
     /// `None` once dropped.
     stream: Option<H2Stream>,
@@ -45,9 +45,6 @@ pub struct StreamIo {
     read_done: bool,
     write_done: bool,
 }
-
-/// How long a shut-down stream waits for the peer's END_STREAM when dropped.
-pub const LINGER: Duration = Duration::from_secs(5);
 
 impl StreamIo {
     pub fn new(stream: H2Stream) -> Self {
@@ -147,7 +144,7 @@ impl AsyncWrite for StreamIo {
 
 impl Drop for StreamIo {
     fn drop(&mut self) {
-        let Some(mut stream) = self.stream.take() else {
+        let Some(stream) = self.stream.take() else {
             return;
         };
         if !self.write_done || self.read_done {
@@ -156,14 +153,7 @@ impl Drop for StreamIo {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        rt.spawn(async move {
-            let drain = async {
-                while let Some(Ok(chunk)) = stream.recv.data().await {
-                    let _ = stream.recv.flow_control().release_capacity(chunk.len());
-                }
-            };
-            let _ = tokio::time::timeout(LINGER, drain).await;
-        });
+        rt.spawn(stream.linger());
     }
 }
 
@@ -265,7 +255,7 @@ mod tests {
         let resp = resp.await.unwrap();
         let (s_send, s_recv) = server.await.unwrap();
         (
-            StreamIo::new(H2Stream::new(out, resp.into_body())),
+            StreamIo::new(H2Stream::client(out, resp.into_body())),
             s_send,
             s_recv,
         )

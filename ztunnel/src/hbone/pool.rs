@@ -376,7 +376,7 @@ pub(super) async fn send_connect(
             status: response.status(),
         });
     }
-    Ok(H2Stream::new(stream, response.into_body()))
+    Ok(H2Stream::client(stream, response.into_body()))
 }
 
 /// HTTP/2 client settings of every HBONE connection (upstream's windows and limits).

@@ -11,9 +11,15 @@
 //! HTTP server answering early and closing with unread input resets its socket), and a
 //! peer's RST_STREAM with CANCEL or NO_ERROR ends the tunnel's direction like END_STREAM.
 //! Any other error resets the stream.
+//!
+//! h2 resets a client's stream dropped while the peer's direction is still open with
+//! CANCEL, and a CANCEL discards the DATA and END_STREAM it has not written yet (a server's
+//! stream is reset with NO_ERROR, which keeps them). So a client stream whose app reset
+//! [lingers](H2Stream::linger) before it is dropped.
 
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
@@ -24,10 +30,16 @@ use tokio::net::TcpStream;
 const INITIAL_READ: usize = 16 * 1024;
 const MAX_READ: usize = 1024 * 1024;
 
+/// How long a stream whose own direction has ended waits for the peer to end its
+/// direction before it is dropped (see [`H2Stream::linger`]).
+pub const LINGER: Duration = Duration::from_secs(5);
+
 /// The two halves of a CONNECT tunnel.
 pub struct H2Stream {
     pub(super) send: SendStream<Bytes>,
     pub(super) recv: RecvStream,
+    /// The client's end (ours opened it): dropped early it is reset with CANCEL.
+    client: bool,
     /// Dropped with the stream (pool slot accounting).
     _guard: Option<Box<dyn Send + Sync>>,
 }
@@ -39,12 +51,35 @@ impl std::fmt::Debug for H2Stream {
 }
 
 impl H2Stream {
+    /// A server's end of a stream (an accepted CONNECT).
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
         H2Stream {
             send,
             recv,
+            client: false,
             _guard: None,
         }
+    }
+
+    /// A client's end of a stream (a CONNECT we sent).
+    pub fn client(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        H2Stream {
+            client: true,
+            ..Self::new(send, recv)
+        }
+    }
+
+    /// Waits, at most [`LINGER`], for the peer to end its direction, discarding what it
+    /// still sends, then drops the stream. Our END_STREAM (and the DATA before it) is then
+    /// written before the stream goes: dropped while the peer's direction is open, a
+    /// client's stream is reset with CANCEL, and h2 discards what it has not written.
+    pub async fn linger(mut self) {
+        let drain = async {
+            while let Some(Ok(chunk)) = self.recv.data().await {
+                let _ = self.recv.flow_control().release_capacity(chunk.len());
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
     }
 
     pub(crate) fn with_guard(mut self, guard: Box<dyn Send + Sync>) -> Self {
@@ -101,6 +136,7 @@ pub async fn copy_tcp_h2(
 ) -> CopyOutcome {
     let before = counters.load();
     let (mut rd, mut wr) = tcp.split();
+    let mut app_reset = false;
     let result: Result<(), String> = {
         let up = tcp_to_h2(&mut rd, &mut h2.send, &counters.to_tunnel);
         let down = h2_to_tcp(&mut h2.recv, &mut wr, &counters.from_tunnel);
@@ -111,8 +147,11 @@ pub async fn copy_tcp_h2(
                 r = &mut up, if !up_done => match r {
                     // The app reset its socket: nothing more can reach it either; what it
                     // wrote goes out with END_STREAM, the tunnel's other direction is
-                    // cancelled when the stream is dropped.
-                    Ok(TcpEnd::Reset) => break Ok(()),
+                    // cancelled when the stream is dropped (a client's after lingering).
+                    Ok(TcpEnd::Reset) => {
+                        app_reset = true;
+                        break Ok(());
+                    }
                     Ok(TcpEnd::Eof) => up_done = true,
                     Err(e) => break Err(e),
                 },
@@ -133,6 +172,9 @@ pub async fn copy_tcp_h2(
             Some(e)
         }
     };
+    if app_reset && h2.client {
+        h2.linger().await;
+    }
     counters.outcome_since(before, error)
 }
 
@@ -266,34 +308,30 @@ mod tests {
         (server_end, (send, recv))
     }
 
-    /// A server app that writes its answer and then resets the connection (closing with
-    /// unread input): every byte it wrote reaches the client, then END_STREAM.
-    #[tokio::test]
-    async fn an_app_reset_after_writing_delivers_what_it_wrote() {
-        // Small enough to sit in the proxy side's receive buffer before the reset.
-        const LEN: usize = 64 * 1024;
-        let (server_end, (_send, mut recv)) = tunnel().await;
+    /// The proxy's end of a TCP connection whose app wrote `len` bytes and then reset it
+    /// (closing with unread input, and SO_LINGER 0).
+    async fn app_wrote_then_reset(len: usize) -> TcpStream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut app = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        let mut app = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (mut proxy_side, _) = listener.accept().await.unwrap();
-        // Unread input makes the close a reset (as with SO_LINGER 0).
         proxy_side
-            .write_all(b"request the app never reads")
+            .write_all(b"input the app never reads")
             .await
             .unwrap();
-        app.write_all(&vec![7u8; LEN]).await.unwrap();
+        app.write_all(&vec![7u8; len]).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         app.set_zero_linger().unwrap();
         drop(app);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let copy = tokio::spawn(async move {
-            let counters = ByteCounters::default();
-            copy_tcp_h2(&mut proxy_side, server_end, &counters).await
-        });
+        proxy_side
+    }
+
+    /// Reads `recv` to its end: the byte count, and how it ended.
+    async fn read_to_end(recv: &mut RecvStream) -> (usize, Result<(), String>) {
         let mut got = 0;
-        let end = loop {
+        loop {
             let next = tokio::time::timeout(std::time::Duration::from_secs(5), recv.data())
                 .await
                 .unwrap_or_else(|_| panic!("stalled after {got} bytes"));
@@ -302,12 +340,46 @@ mod tests {
                     got += d.len();
                     let _ = recv.flow_control().release_capacity(d.len());
                 }
-                Some(Err(e)) => break Err(e.to_string()),
-                None => break Ok(()),
+                Some(Err(e)) => return (got, Err(e.to_string())),
+                None => return (got, Ok(())),
             }
-        };
-        assert_eq!((got, end), (LEN, Ok(())));
+        }
+    }
+
+    /// A server app that writes its answer and then resets the connection: every byte it
+    /// wrote reaches the client, then END_STREAM.
+    #[tokio::test]
+    async fn an_app_reset_after_writing_delivers_what_it_wrote() {
+        // Small enough to sit in the proxy side's receive buffer before the reset.
+        const LEN: usize = 64 * 1024;
+        let (server_end, (_send, mut recv)) = tunnel().await;
+        let mut proxy_side = app_wrote_then_reset(LEN).await;
+        let copy = tokio::spawn(async move {
+            let counters = ByteCounters::default();
+            copy_tcp_h2(&mut proxy_side, server_end, &counters).await
+        });
+        assert_eq!(read_to_end(&mut recv).await, (LEN, Ok(())));
         let out = copy.await.unwrap();
         assert_eq!(out.to_tunnel, LEN as u64);
+    }
+
+    /// The same on the client's end (an outbound app that writes and resets): every byte
+    /// reaches the server, then END_STREAM, although the server's direction is still open
+    /// when the app goes (an early drop would reset the stream with CANCEL and h2 would
+    /// discard what it had not written).
+    #[tokio::test]
+    async fn a_client_app_reset_after_writing_delivers_what_it_wrote() {
+        // Within the initial stream window: all of it is queued at once.
+        const LEN: usize = 32 * 1024;
+        let (mut server_end, (send, recv)) = tunnel().await;
+        let mut proxy_side = app_wrote_then_reset(LEN).await;
+        let copy = tokio::spawn(async move {
+            let counters = ByteCounters::default();
+            copy_tcp_h2(&mut proxy_side, H2Stream::client(send, recv), &counters).await
+        });
+        assert_eq!(read_to_end(&mut server_end.recv).await, (LEN, Ok(())));
+        server_end.send.send_data(Bytes::new(), true).unwrap();
+        let out = copy.await.unwrap();
+        assert_eq!((out.to_tunnel, out.error), (LEN as u64, None));
     }
 }
