@@ -2,7 +2,8 @@
 //! Connections to the proxy's own ports, a peer that never completes the TLS handshake,
 //! peers with a wrong trust domain, an untrusted root, an expired certificate or another
 //! workload's identity, malformed CONNECT requests and garbage on 15008.
-//! Each test uses its own 127.77.x.0/24 addresses (x = 4, 5, 11, 71 here).
+//! A CONNECT the client resets while the app connect is pending.
+//! Each test uses its own 127.77.x.0/24 addresses (x = 4, 5, 11, 71, 72 here).
 
 mod common;
 
@@ -347,4 +348,38 @@ async fn malformed_requests_get_the_right_status_and_leak_nothing() {
             <= baseline_tasks
     })
     .await;
+}
+
+/// A client that resets its CONNECT while B is still connecting to the app: B gives up
+/// the connect at once, logging why, instead of finishing it (up to the connect timeout)
+/// and opening a connection to the app for a stream nobody waits for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_reset_by_the_client_ends_the_upstream_attempt() {
+    use socket2::{Domain, Socket, Type};
+    let mesh = Mesh::new("127.77.72", |c| c.connect_timeout = Duration::from_secs(60));
+    // An app whose accept queue is full: a connect to it hangs (its SYNs are dropped).
+    let app = sa(mesh.b_ip, 8080);
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    listener.bind(&app.into()).unwrap();
+    listener.listen(0).unwrap();
+    let _queued = TcpStream::connect(app).await.unwrap();
+    let (_pb, _) = mesh.proxy("b").await;
+
+    let mut send = h2_as_a(&mesh).await.ready().await.unwrap();
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(app.to_string())
+        .body(())
+        .unwrap();
+    let (resp, stream) = send.send_request(req, false).unwrap();
+    let waiting = tokio::time::timeout(Duration::from_millis(500), resp).await;
+    assert!(waiting.is_err(), "B answered while its connect should hang");
+    // Dropping the client's handles resets the stream (CANCEL).
+    drop(stream);
+    let logged = format!("client reset the stream (CANCEL) while connecting to {app}");
+    wait_for("B to give up the connect", || {
+        !log_lines(&["access", &logged]).is_empty()
+    })
+    .await;
+    drop(listener);
 }

@@ -24,6 +24,7 @@
 //! proxy's state does not know is asked for on demand (`XDS_ON_DEMAND`) before the
 //! waypoint check.
 
+use std::future::poll_fn;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -422,7 +423,21 @@ async fn handle_stream(
     let upstream_addr = delivery.connect_to;
     let connect = ctx.sockets.connect(upstream_addr, orig_src);
     let failed = ResponseFlags::ConnectionFailure;
-    let mut upstream = match tokio::time::timeout(ctx.inputs.cfg.connect_timeout, connect).await {
+    let mut respond = respond;
+    // A client that resets the stream meanwhile (gave up, or never meant it) ends the
+    // attempt: no connection to the app is made for a stream nobody waits for.
+    let connected = tokio::select! {
+        r = tokio::time::timeout(ctx.inputs.cfg.connect_timeout, connect) => r,
+        reset = poll_fn(|cx| respond.poll_reset(cx)) => {
+            let why = match reset {
+                Ok(reason) => format!("client reset the stream ({reason:?}) while connecting to {upstream_addr}"),
+                Err(e) => format!("client connection failed while connecting to {upstream_addr}: {e}"),
+            };
+            tele.close(0, 0, Some(&why));
+            return;
+        }
+    };
+    let mut upstream = match connected {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             metrics.refused(Direction::Inbound, RefusalReason::upstream_unavailable);
@@ -439,7 +454,6 @@ async fn handle_stream(
             return;
         }
     };
-    let mut respond = respond;
     let mut ok = Response::builder().status(StatusCode::OK);
     if ctx.inputs.cfg.enable_response_baggage
         && let Ok(v) = http::HeaderValue::from_str(&baggage_for(&dst_workload))
