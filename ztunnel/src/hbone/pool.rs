@@ -135,6 +135,22 @@ struct PoolInner {
     next_id: AtomicU64,
 }
 
+impl PoolInner {
+    /// Removes `key`'s entry when it holds no open connection and no attempt to make one
+    /// is under way (a waiting stream keeps its own reference to the entry).
+    fn release_if_unused(&self, key: &(PoolKey, ThreadId)) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let unused = entries.get(key).is_some_and(|e| {
+            let mut c = e.conns.lock().unwrap_or_else(|e| e.into_inner());
+            c.retain(|c| !c.closed.load(Ordering::Acquire));
+            c.is_empty() && e.connecting.try_lock().is_ok()
+        });
+        if unused {
+            entries.remove(key);
+        }
+    }
+}
+
 /// The pool of one proxy instance. Cheap to clone.
 #[derive(Clone)]
 pub struct Pool {
@@ -195,11 +211,13 @@ impl Pool {
                 Some(c) => c,
                 None => {
                     let waiting_since = Instant::now();
-                    let _serial = entry.connecting.lock().await;
+                    let serial = entry.connecting.lock().await;
                     match entry.checkout(max) {
                         Some(c) => c,
                         None => {
                             if let Some((cause, kind)) = entry.failed_since(waiting_since) {
+                                drop(serial);
+                                self.inner.release_if_unused(&full_key);
                                 return Err(HboneError::Waited {
                                     dst: key.dst,
                                     cause,
@@ -215,7 +233,17 @@ impl Pool {
                                 }
                                 Err(e) => Err(e),
                             };
-                            let conn = established.inspect_err(|e| entry.record_failure(e))?;
+                            let conn = match established {
+                                Ok(c) => c,
+                                Err(e) => {
+                                    entry.record_failure(&e);
+                                    // A key that never connects (a destination gone or
+                                    // blocked) must not stay in the map for ever.
+                                    drop(serial);
+                                    self.inner.release_if_unused(&full_key);
+                                    return Err(e);
+                                }
+                            };
                             if !conn.try_reserve(max) {
                                 return Err(HboneError::PoolExhausted { dst: key.dst });
                             }
@@ -460,15 +488,7 @@ impl Driver {
         self.conn_state.closed.store(true, Ordering::Release);
         tracing::debug!(conn = id, dst = %dst, reason = %reason, "HBONE connection released");
         if let Some(pool) = self.pool.upgrade() {
-            let mut entries = pool.entries.lock().unwrap_or_else(|e| e.into_inner());
-            let empty = entries.get(&self.key).is_some_and(|e| {
-                let mut c = e.conns.lock().unwrap_or_else(|e| e.into_inner());
-                c.retain(|c| !c.closed.load(Ordering::Acquire));
-                c.is_empty() && e.connecting.try_lock().is_ok()
-            });
-            if empty {
-                entries.remove(&self.key);
-            }
+            pool.release_if_unused(&self.key);
         }
     }
 }
@@ -664,6 +684,8 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(later, HboneError::TlsTimeout { .. }), "{later}");
+        // Nothing is kept for a key that never connected.
+        assert!(pool.inner.entries.lock().unwrap().is_empty());
     }
 
     /// A pooled connection announces upstream's HTTP/2 settings (push off, 4 MiB stream
