@@ -75,10 +75,14 @@ struct PooledConn {
 
 impl PooledConn {
     /// Takes a stream slot if the connection is open and below `max`.
+    /// Takes a stream slot if the connection is open and below both `max` and the peer's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS (a stream over the peer's limit would wait in h2's
+    /// queue until the response deadline instead of going to another connection).
     fn try_reserve(&self, max: usize) -> bool {
         if self.closed.load(Ordering::Acquire) {
             return false;
         }
+        let max = max.min(self.send.current_max_send_streams());
         self.active
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
@@ -581,9 +585,18 @@ mod tests {
     /// An HTTP/2 peer on an in-memory pipe: answers every CONNECT with 200 and keeps the
     /// stream open; `goaway` makes it send GOAWAY (graceful: open streams go on).
     fn h2_peer(goaway: CancellationToken) -> tokio::io::DuplexStream {
+        h2_peer_allowing(goaway, 100)
+    }
+
+    /// [`h2_peer`] announcing SETTINGS_MAX_CONCURRENT_STREAMS `max_streams`.
+    fn h2_peer_allowing(goaway: CancellationToken, max_streams: u32) -> tokio::io::DuplexStream {
         let (client_io, server_io) = tokio::io::duplex(1 << 16);
         tokio::spawn(async move {
-            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            let mut conn = h2::server::Builder::new()
+                .max_concurrent_streams(max_streams)
+                .handshake::<_, Bytes>(server_io)
+                .await
+                .unwrap();
             let mut open = Vec::new();
             let mut sent = false;
             loop {
@@ -634,6 +647,32 @@ mod tests {
         let s4 = open(CancellationToken::new()).await;
         assert!(s4.is_ok(), "{:?}", s4.err());
         drop((s1, s3));
+    }
+
+    /// A peer that allows one stream per connection (as a waypoint or gateway may): the
+    /// second stream gets a second connection instead of waiting in h2 for the first's
+    /// slot until the response deadline.
+    #[tokio::test]
+    async fn the_peers_stream_limit_opens_another_connection() {
+        let pool = Pool::new(
+            H2Config::default(),
+            CancellationToken::new(),
+            TaskTracker::new(),
+        );
+        let key = test_key();
+        let connects = AtomicUsize::new(0);
+        let open = || {
+            pool.open_stream(&key, test_request(), Duration::from_secs(2), || async {
+                connects.fetch_add(1, Ordering::Relaxed);
+                Ok::<_, HboneError>((h2_peer_allowing(CancellationToken::new(), 1), None))
+            })
+        };
+        let s1 = open().await.unwrap();
+        let s2 = open().await;
+        assert!(s2.is_ok(), "{:?}", s2.err());
+        assert_eq!(connects.load(Ordering::Relaxed), 2);
+        assert_eq!(pool.connections().len(), 2);
+        drop((s1, s2));
     }
 
     /// A failed attempt fails the streams that waited for it, not the ones that come later.
