@@ -492,6 +492,61 @@ async fn unenrol_keeps_the_pod_in_ztunnel_while_its_rules_cannot_be_removed() {
     r.cleanup_all().await.unwrap();
 }
 
+/// A netns path of the `/proc/<pid>/ns/net` form (cri-dockerd's CNI events, an earlier
+/// scan) that now leads to a netns without the pod's IPs, as when the process exited and
+/// its PID was reused: refused, nothing programmed there, nothing handed to ztunnel; once
+/// that netns holds the pod's IP, the pod is enrolled.
+#[tokio::test]
+async fn a_process_netns_path_must_hold_one_of_the_pods_ips() {
+    require_root!();
+    let node = TestNetns::new();
+    let other = TestNetns::new();
+    let proc_root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(proc_root.path().join("4242/ns")).unwrap();
+    std::os::unix::fs::symlink(other.path(), proc_root.path().join("4242/ns/net")).unwrap();
+    let handoff = Arc::new(FakeHandoff::default());
+    let r = InpodRedirector::new(
+        InpodConfig {
+            host_netns: Some(node.path()),
+            proc_root: proc_root.path().to_path_buf(),
+            ..Default::default()
+        },
+        handoff.clone(),
+    )
+    .await
+    .unwrap();
+    let backend = r.backend().unwrap();
+    let p = PodRedirect {
+        uid: "uid-p".into(),
+        name: "p".into(),
+        namespace: "ns1".into(),
+        ips: vec!["10.9.0.8".parse().unwrap()],
+        netns: Some(proc_root.path().join("4242/ns/net")),
+        ..Default::default()
+    };
+    let e = r.enrol(&p).await.unwrap_err();
+    assert!(
+        e.to_string().contains("holds none of the pod's IPs") && e.to_string().contains("ns1/p"),
+        "{e}"
+    );
+    let (views, routing) =
+        node_agent::redirect::inpod::apply::inspect_pod(&other.netns(), backend).unwrap();
+    assert!(views.iter().all(|(_, v)| v.is_empty()) && routing.is_empty());
+    assert!(handoff.calls.lock().unwrap().is_empty());
+
+    run_in(
+        &other.netns(),
+        "ip",
+        &["addr", "add", "10.9.0.8/32", "dev", "lo"],
+    );
+    r.enrol(&p).await.unwrap();
+    assert_eq!(
+        handoff.calls.lock().unwrap().clone(),
+        vec!["add uid-p ns1/p"]
+    );
+    r.cleanup_all().await.unwrap();
+}
+
 /// Holds `/run/xtables.lock` (shared by every netns: it is a file) for
 /// `secs` in a `flock` child, as kube-proxy or a concurrent legacy restore
 /// would; returns once the lock is held. `None` when flock is missing.

@@ -333,6 +333,22 @@ impl InpodRedirector {
         if let Some(path) = &pod.netns {
             let opened = Netns::open(path)
                 .map_err(|e| RedirectError::new(pod, "opening pod netns", false, e))?;
+            let checked = opened
+                .try_clone()
+                .map_err(|e| RedirectError::new(pod, "duplicating pod netns fd", false, e))?;
+            let (root, p, host) = (self.cfg.proc_root.clone(), pod.clone(), self.host.id().ok());
+            tokio::task::spawn_blocking(move || {
+                netns_discovery::verify_opened(
+                    &root,
+                    &p,
+                    &checked,
+                    host,
+                    &netns_discovery::InterfaceAddrCheck,
+                )
+            })
+            .await
+            .map_err(|e| RedirectError::new(pod, "checking pod netns", false, e))?
+            .map_err(|e| RedirectError::new(pod, "checking pod netns", false, e))?;
             return Ok(opened);
         }
         if let Some(ns) = held {

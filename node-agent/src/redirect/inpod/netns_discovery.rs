@@ -99,6 +99,50 @@ pub fn find_pod_netns(
     None
 }
 
+/// Checks a netns opened from a known path before it is used for `pod`: never the node's,
+/// and, when the path is a process's (`<proc_root>/<pid>/ns/net`, as a cri-dockerd CNI
+/// event or an earlier scan gives), one holding one of the pod's IPs: the process may have
+/// exited since and its PID gone to a process of another pod or of the node. A bind-mounted
+/// path (`/var/run/netns/...`) names its netns for as long as it exists.
+pub fn verify_opened(
+    proc_root: &Path,
+    pod: &PodRedirect,
+    netns: &Netns,
+    host: Option<NetnsId>,
+    check: &dyn PodIpCheck,
+) -> Result<(), String> {
+    let path = netns.path();
+    if host.is_some() && netns.id().ok() == host {
+        return Err(format!(
+            "{} is the node's network namespace",
+            path.display()
+        ));
+    }
+    let is_process_path = path.strip_prefix(proc_root).is_ok_and(|rest| {
+        let parts: Vec<_> = rest.components().map(|c| c.as_os_str()).collect();
+        matches!(parts.as_slice(), [pid, ns, net]
+            if pid.to_str().is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()))
+                && *ns == "ns" && *net == "net")
+    });
+    if !is_process_path || pod.ips.is_empty() {
+        return Ok(());
+    }
+    match check.holds_any(netns, &pod.ips) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!(
+            "{} holds none of the pod's IPs {:?} (its process may have exited and the PID \
+             been reused)",
+            path.display(),
+            pod.ips
+        )),
+        Err(e) => Err(format!(
+            "cannot verify that {} holds one of the pod's IPs {:?}: {e}",
+            path.display(),
+            pod.ips
+        )),
+    }
+}
+
 /// A process of the pod, with the netns it is in.
 struct Candidate {
     pid: String,
