@@ -62,11 +62,18 @@ fn dispatch(
     if inv.command == Command::Version {
         return Ok(Some(version::version_info_json()));
     }
-    let conf = PluginConf::parse(&read_stdin(stdin, STDIN_TIMEOUT)?)?;
+    let stdin = read_stdin(stdin, STDIN_TIMEOUT)?;
+    if inv.command == Command::Del {
+        let (_, _, version) = PluginConf::envelope(&stdin)?;
+        version_for_errors.clone_from(&version);
+        return Ok(None);
+    }
+    let conf = PluginConf::parse(&stdin)?;
     version_for_errors.clone_from(&conf.cni_version);
     crate::logging::init(&conf.log_level, &conf.run_dir);
     match inv.command {
         Command::Add => cmd_add(&conf, &inv).map(Some),
+        // Answered above, from the envelope alone.
         Command::Del => Ok(None),
         Command::Check => {
             if !conf.version.allows_check() {

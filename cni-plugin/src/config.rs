@@ -74,23 +74,7 @@ impl PluginConf {
     /// `cniVersion`: code 1; a known key of the wrong type, or a missing
     /// `name`/`type`: code 7.
     pub fn parse(stdin: &[u8]) -> Result<Self, CniError> {
-        let value: Value = serde_json::from_slice(stdin).map_err(|e| {
-            let what = if stdin.iter().all(u8::is_ascii_whitespace) {
-                "no network config on stdin".to_string()
-            } else {
-                format!("network config on stdin is not JSON: {e}")
-            };
-            CniError::new(ErrorCode::DecodingFailure, what)
-        })?;
-        if !value.is_object() {
-            return Err(CniError::new(
-                ErrorCode::DecodingFailure,
-                "network config on stdin is not a JSON object",
-            ));
-        }
-        let raw_version = value.get("cniVersion").and_then(Value::as_str);
-        let version = SpecVersion::negotiate(raw_version)?;
-        let cni_version = raw_version.unwrap_or_default().to_string();
+        let (value, version, cni_version) = Self::envelope(stdin)?;
         let raw: Raw = serde_json::from_value(value).map_err(|e| {
             CniError::new(ErrorCode::InvalidNetworkConfig, "invalid istio-cni config")
                 .with_details(e.to_string())
@@ -152,6 +136,31 @@ impl PluginConf {
             kubeconfig,
             enablement_selectors: enablement_selectors(raw.enablement_selectors),
         })
+    }
+
+    /// What every command needs of stdin, and all that DEL checks (DEL has nothing to undo,
+    /// so a key this version does not accept must not block a sandbox's teardown): a JSON
+    /// object with a supported `cniVersion`. Not JSON (or not an object): code 6;
+    /// unsupported `cniVersion`: code 1.
+    pub fn envelope(stdin: &[u8]) -> Result<(Value, SpecVersion, String), CniError> {
+        let value: Value = serde_json::from_slice(stdin).map_err(|e| {
+            let what = if stdin.iter().all(u8::is_ascii_whitespace) {
+                "no network config on stdin".to_string()
+            } else {
+                format!("network config on stdin is not JSON: {e}")
+            };
+            CniError::new(ErrorCode::DecodingFailure, what)
+        })?;
+        if !value.is_object() {
+            return Err(CniError::new(
+                ErrorCode::DecodingFailure,
+                "network config on stdin is not a JSON object",
+            ));
+        }
+        let raw_version = value.get("cniVersion").and_then(Value::as_str);
+        let version = SpecVersion::negotiate(raw_version)?;
+        let cni_version = raw_version.unwrap_or_default().to_string();
+        Ok((value, version, cni_version))
     }
 
     pub fn agent_socket(&self) -> PathBuf {

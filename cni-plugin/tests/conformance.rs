@@ -662,6 +662,23 @@ fn del_check_version_status_gc() {
     c.as_object_mut().unwrap().remove("prevResult");
     let out = run_plugin(PLUGIN, &del, Stdin::Json(&c), None);
     assert!(out.success && out.stdout.is_empty(), "{out:?}");
+    // DEL checks only what every command needs: a key of a type this version does not
+    // accept, or CNI_ARGS it cannot read, do not block a teardown; no JSON or an
+    // unsupported version still fail with their codes.
+    let odd_args: Vec<_> = del
+        .iter()
+        .map(|(k, v)| match *k {
+            "CNI_ARGS" => (*k, "IgnoreUnknown".to_string()),
+            _ => (*k, v.clone()),
+        })
+        .collect();
+    let odd = conf(run, json!({"ambient_enabled": "yes", "prevResult": 3}));
+    let out = run_plugin(PLUGIN, &odd_args, Stdin::Json(&odd), None);
+    assert!(out.success && out.stdout.is_empty(), "{out:?}");
+    run_plugin(PLUGIN, &del, Stdin::Raw(b"{\"cniVersion\": "), None).expect_error(6);
+    let mut future = conf(run, json!({}));
+    future["cniVersion"] = json!("9.9.9");
+    run_plugin(PLUGIN, &del, Stdin::Json(&future), None).expect_error(1);
     // CHECK with prevResult: success, no output; without: error 7.
     let check = cni_env("CHECK", "c1", "/var/run/netns/x", "");
     let out = run_plugin(PLUGIN, &check, Stdin::Json(&conf(run, json!({}))), None);

@@ -82,9 +82,17 @@ impl Invocation {
                 ),
             ));
         }
-        let args = CniArgs::parse(&get("CNI_ARGS")).map_err(|e| {
-            CniError::new(ErrorCode::InvalidEnvironment, "invalid CNI_ARGS").with_details(e)
-        })?;
+        let args = match CniArgs::parse(&get("CNI_ARGS")) {
+            Ok(args) => args,
+            // DEL uses none of them: a runtime's odd CNI_ARGS must not block a teardown.
+            Err(_) if command == Command::Del => CniArgs::default(),
+            Err(e) => {
+                return Err(
+                    CniError::new(ErrorCode::InvalidEnvironment, "invalid CNI_ARGS")
+                        .with_details(e),
+                );
+            }
+        };
         Ok(Self {
             command,
             container_id: get("CNI_CONTAINERID"),
