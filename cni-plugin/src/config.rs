@@ -104,19 +104,22 @@ impl PluginConf {
                 .unwrap_or_else(|| DEFAULT_AGENT_RUN_DIR.into()),
         );
         let kube = raw.kubernetes.unwrap_or_default();
-        let mut exclude: Vec<String> = raw
-            .exclude_namespaces
-            .into_iter()
-            .chain(kube.exclude_namespaces)
-            .flatten()
-            .filter(|n| !n.is_empty())
-            .collect();
-        if exclude.is_empty() {
-            exclude = DEFAULT_EXCLUDED_NAMESPACES
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-        }
+        // No list at all: the default. A list the agent wrote empty (its
+        // `EXCLUDE_NAMESPACES` cleared) excludes nothing, as the agent does.
+        let exclude: Vec<String> =
+            if raw.exclude_namespaces.is_none() && kube.exclude_namespaces.is_none() {
+                DEFAULT_EXCLUDED_NAMESPACES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect()
+            } else {
+                raw.exclude_namespaces
+                    .into_iter()
+                    .chain(kube.exclude_namespaces)
+                    .flatten()
+                    .filter(|n| !n.is_empty())
+                    .collect()
+            };
         let kubeconfig = kube
             .kubeconfig
             .filter(|k| !k.is_empty())
@@ -198,6 +201,18 @@ mod tests {
 
     fn parse(s: &str) -> Result<PluginConf, CniError> {
         PluginConf::parse(s.as_bytes())
+    }
+
+    /// An empty list, as the agent writes it with `EXCLUDE_NAMESPACES` cleared, excludes
+    /// nothing (the agent excludes nothing either); only a missing list means the default.
+    #[test]
+    fn an_empty_exclusion_list_excludes_nothing() {
+        let c = parse(
+            r#"{"cniVersion":"1.0.0","name":"n","type":"istio-cni","exclude_namespaces":[]}"#,
+        )
+        .unwrap();
+        assert!(c.exclude_namespaces.is_empty());
+        assert_eq!(c.static_skip("a", "kube-system"), None);
     }
 
     #[test]
