@@ -205,8 +205,11 @@ pub async fn tcp_to_h2<R: AsyncRead + Unpin>(
             Err(e) => return Err(format!("TCP read: {e}")),
         };
         if n == 0 {
-            send.send_data(Bytes::new(), true)
-                .map_err(|e| format!("send end of stream: {e}"))?;
+            if let Err(e) = send.send_data(Bytes::new(), true)
+                && !ended_by_peer(send)
+            {
+                return Err(format!("send end of stream: {e}"));
+            }
             return Ok(end);
         }
         count.fetch_add(n as u64, Ordering::Relaxed);
@@ -214,12 +217,31 @@ pub async fn tcp_to_h2<R: AsyncRead + Unpin>(
             want *= 2;
         }
         while !buf.is_empty() {
-            let cap = wait_capacity(send, buf.len()).await?;
+            let cap = match wait_capacity(send, buf.len()).await {
+                Ok(cap) => cap,
+                Err(_) if ended_by_peer(send) => return Ok(TcpEnd::Eof),
+                Err(e) => return Err(e),
+            };
             let chunk = buf.split_to(cap.min(buf.len())).freeze();
-            send.send_data(chunk, false)
-                .map_err(|e| format!("send to tunnel: {e}"))?;
+            if let Err(e) = send.send_data(chunk, false) {
+                if ended_by_peer(send) {
+                    return Ok(TcpEnd::Eof);
+                }
+                return Err(format!("send to tunnel: {e}"));
+            }
         }
     }
+}
+
+/// Whether the peer ended the stream with RST_STREAM NO_ERROR or CANCEL (an app that
+/// answered and went away, as the peer's copy ends it): what this direction still has is
+/// not wanted, which is the peer's close, not a failure of the tunnel.
+fn ended_by_peer(send: &mut SendStream<Bytes>) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    matches!(
+        send.poll_reset(&mut cx),
+        std::task::Poll::Ready(Ok(Reason::NO_ERROR | Reason::CANCEL))
+    )
 }
 
 async fn wait_capacity(send: &mut SendStream<Bytes>, want: usize) -> Result<usize, String> {
@@ -361,6 +383,36 @@ mod tests {
         assert_eq!(read_to_end(&mut recv).await, (LEN, Ok(())));
         let out = copy.await.unwrap();
         assert_eq!(out.to_tunnel, LEN as u64);
+    }
+
+    /// The peer's app answered and reset (its ztunnel sends END_STREAM, then RST_STREAM
+    /// NO_ERROR): when the client app then closes, its END_STREAM cannot be sent, and that
+    /// is the end of a complete exchange, not a failed tunnel.
+    #[tokio::test]
+    async fn a_peer_that_answered_and_reset_is_a_clean_end() {
+        use tokio::io::AsyncReadExt;
+        let (mut server_end, (send, recv)) = tunnel().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut proxy_side, _) = listener.accept().await.unwrap();
+        let copy = tokio::spawn(async move {
+            let counters = ByteCounters::default();
+            copy_tcp_h2(&mut proxy_side, H2Stream::client(send, recv), &counters).await
+        });
+        server_end
+            .send
+            .send_data(Bytes::from_static(b"answer"), true)
+            .unwrap();
+        let mut got = Vec::new();
+        app.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"answer");
+        server_end.send.send_reset(Reason::NO_ERROR);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        drop(app);
+        let out = copy.await.unwrap();
+        assert_eq!((out.from_tunnel, out.error), (6, None));
     }
 
     /// The same on the client's end (an outbound app that writes and resets): every byte
