@@ -566,8 +566,9 @@ impl Reconciler {
         let t0 = std::time::Instant::now();
         let mut list = Vec::new();
         for pod in self.cache.pods() {
-            let enrolled_before =
-                pod.redirection.as_deref() == Some(crate::cluster::pod::REDIRECTION_ENABLED);
+            // `pending` too: its rules are in place, only ztunnel's acknowledgement was
+            // missing; left out, its probe-ipset entries would be pruned under them.
+            let enrolled_before = plan::is_ours(pod.redirection.as_deref());
             if enrolled_before && self.desired(Some(&pod)) != Desired::Gone {
                 let mut redirect = pod.to_redirect(None);
                 if self.cfg.needs_netns {

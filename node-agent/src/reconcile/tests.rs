@@ -535,17 +535,26 @@ async fn startup_rebuilds_and_undoes_a_previous_agents_work() {
 /// snapshot: a pod labelled while the agent was down (never enrolled, no annotation) is
 /// enrolled with its rules and ztunnel's acknowledgement, not recorded as enrolled by the
 /// start-up reconcile (whose rule re-application may be off); an enrolled pod whose IP the
-/// cache does not have yet stays in the snapshot (ztunnel keeps its proxy).
+/// cache does not have yet stays in the snapshot (ztunnel keeps its proxy); a pod left
+/// `pending` (rules in place, no acknowledgement yet) is reconciled like an enrolled one.
 #[tokio::test]
 async fn startup_snapshot_follows_the_annotation() {
     let new = running("u1", "demo", "new", "10.0.0.1");
     let mut no_ip = running("u2", "demo", "old", "10.0.0.2");
     no_ip.redirection = Some("enabled".into());
     no_ip.ips.clear();
-    let h = Harness::new(vec![new, no_ip], vec![ns("demo", Some("ambient"))]);
+    let mut pending = running("u3", "demo", "pending", "10.0.0.3");
+    pending.redirection = Some("pending".into());
+    let h = Harness::new(vec![new, no_ip, pending], vec![ns("demo", Some("ambient"))]);
     let _w = started(&h).await;
     h.settle().await;
-    assert_eq!(*h.redir.reconciled.lock().unwrap(), vec!["u2".to_string()]);
+    let mut reconciled = h.redir.reconciled.lock().unwrap().clone();
+    reconciled.sort();
+    assert_eq!(reconciled, ["u2", "u3"]);
+    assert_eq!(
+        h.api.annotation_of("demo/pending"),
+        Some(Some("enabled".into()))
+    );
     assert_eq!(
         h.redir.calls("enrol"),
         vec!["u1"],
