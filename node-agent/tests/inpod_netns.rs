@@ -547,6 +547,47 @@ async fn a_process_netns_path_must_hold_one_of_the_pods_ips() {
     r.cleanup_all().await.unwrap();
 }
 
+/// A pod a previous agent enrolled whose netns the start-up reconcile cannot find: it is
+/// registered with ztunnel to keep its proxy, and its enrolment retries stay retryable
+/// (the reconciler keeps it `pending` instead of dropping its annotation while the old
+/// rules may still capture its traffic); once unenrolled, it is an ordinary pod again.
+#[tokio::test]
+async fn an_enrolled_pod_whose_netns_is_lost_at_startup_stays_enrolled_for_retries() {
+    require_root!();
+    let node = TestNetns::new();
+    let handoff = Arc::new(FakeHandoff::default());
+    let r = InpodRedirector::new(
+        InpodConfig {
+            host_netns: Some(node.path()),
+            proc_root: tempfile::tempdir().unwrap().keep(),
+            ..Default::default()
+        },
+        handoff.clone(),
+    )
+    .await
+    .unwrap();
+    let p = PodRedirect {
+        uid: "uid-l".into(),
+        name: "l".into(),
+        namespace: "ns1".into(),
+        ips: vec!["10.9.0.9".parse().unwrap()],
+        ..Default::default()
+    };
+    let report = r.reconcile(std::slice::from_ref(&p)).await;
+    assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
+    assert!(report.failed[0].is_retryable(), "{}", report.failed[0]);
+    let e = r.enrol(&p).await.unwrap_err();
+    assert!(e.is_retryable(), "{e}");
+    assert_eq!(
+        handoff.calls.lock().unwrap().clone(),
+        vec!["register uid-l keep"]
+    );
+    r.unenrol(&p).await.unwrap();
+    let e = r.enrol(&p).await.unwrap_err();
+    assert!(!e.is_retryable(), "a fresh pod without a netns: {e}");
+    r.cleanup_all().await.unwrap();
+}
+
 /// Holds `/run/xtables.lock` (shared by every netns: it is a file) for
 /// `secs` in a `flock` child, as kube-proxy or a concurrent legacy restore
 /// would; returns once the lock is held. `None` when flock is missing.

@@ -25,7 +25,7 @@
 //! never tears it down: its previous redirection stays and a failure is
 //! retryable.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -135,6 +135,11 @@ pub struct InpodRedirector {
     host: Netns,
     handoff: Arc<dyn WorkloadHandoff>,
     pods: Mutex<HashMap<String, EnrolledPod>>,
+    /// Pods a previous agent enrolled whose netns the start-up reconcile could not find:
+    /// registered with ztunnel to keep their proxies, and, until one is enrolled or
+    /// unenrolled, treated as enrolled by a retry (a failure stays retryable and keeps
+    /// the annotation: the rules a previous agent applied may still be in place).
+    unreachable: std::sync::Mutex<HashSet<String>>,
     /// Serialises probe-ipset changes: removing a pod's entries reads their
     /// UID comments first, and an enrolment reusing the IP must not slip in
     /// between.
@@ -200,6 +205,7 @@ impl InpodRedirector {
             host,
             handoff,
             pods: Mutex::new(HashMap::new()),
+            unreachable: Default::default(),
             ipset_lock: Mutex::new(()),
         };
         this.ensure_host().await?;
@@ -387,7 +393,7 @@ impl InpodRedirector {
             let pods = self.pods.lock().await;
             let entry = pods.get(&pod.uid);
             (
-                entry.is_some(),
+                entry.is_some() || self.is_unreachable(&pod.uid),
                 entry.and_then(|p| p.netns.try_clone().ok()),
             )
         };
@@ -450,6 +456,7 @@ impl InpodRedirector {
                 ips: pod.ips.clone(),
             },
         );
+        self.set_unreachable(&pod.uid, false);
 
         self.handoff
             .add(&pod.uid, &info_of(pod), &netns)
@@ -460,6 +467,7 @@ impl InpodRedirector {
     }
 
     async fn unenrol_pod(&self, pod: &PodRedirect) -> Result<(), RedirectError> {
+        self.set_unreachable(&pod.uid, false);
         let entry = self.pods.lock().await.remove(&pod.uid);
         let mut first_err = None;
 
@@ -524,8 +532,28 @@ impl InpodRedirector {
         }
     }
 
+    fn is_unreachable(&self, uid: &str) -> bool {
+        self.unreachable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(uid)
+    }
+
+    fn set_unreachable(&self, uid: &str, unreachable: bool) {
+        let mut set = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
+        if unreachable {
+            set.insert(uid.to_string());
+        } else {
+            set.remove(uid);
+        }
+    }
+
     async fn reconcile_pods(&self, enrolled: &[PodRedirect]) -> ReconcileReport {
         let mut report = ReconcileReport::default();
+        self.unreachable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         if let Err(e) = self.ensure_host().await {
             report.failed.push(e);
         }
@@ -613,9 +641,10 @@ impl InpodRedirector {
             Ok(ns) => ns,
             Err(e) => {
                 // Enrolled, but we cannot reach its netns: ask ztunnel to keep
-                // whatever proxy it runs for it.
+                // whatever proxy it runs for it, and keep treating it as enrolled.
                 self.handoff.register(&pod.uid, &info, None);
-                return Err(e);
+                self.set_unreachable(&pod.uid, true);
+                return Err(retryable(e, true));
             }
         };
         self.handoff.register(&pod.uid, &info, Some(&netns));
