@@ -14,6 +14,7 @@ mod inpod_netns_support;
 mod inpod_support;
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -247,19 +248,26 @@ async fn host_probe_snat_and_ipsets() {
     }
 }
 
+/// An `InpodRedirector` on `node` (its host netns) with a fake hand-off to ztunnel,
+/// scanning `proc_root` for pods without a netns path.
+async fn redirector(node: &TestNetns, proc_root: PathBuf) -> (InpodRedirector, Arc<FakeHandoff>) {
+    let handoff = Arc::new(FakeHandoff::default());
+    let cfg = InpodConfig {
+        host_netns: Some(node.path()),
+        proc_root,
+        ..Default::default()
+    };
+    let r = InpodRedirector::new(cfg, handoff.clone()).await.unwrap();
+    (r, handoff)
+}
+
 #[tokio::test]
 async fn redirector_enrol_unenrol_reconcile_cleanup() {
     require_root!();
     let node = TestNetns::new();
     let pod_a = TestNetns::new();
     let pod_b = TestNetns::new();
-    let handoff = Arc::new(FakeHandoff::default());
-    let cfg = InpodConfig {
-        host_netns: Some(node.path()),
-        proc_root: tempfile::tempdir().unwrap().keep(),
-        ..Default::default()
-    };
-    let r = InpodRedirector::new(cfg, handoff.clone()).await.unwrap();
+    let (r, handoff) = redirector(&node, tempfile::tempdir().unwrap().keep()).await;
     let backend = r.backend().unwrap();
     let host = node.netns();
     assert!(full_save(&host, backend).contains("ISTIO_POSTRT"));
@@ -435,17 +443,7 @@ async fn unenrol_keeps_the_pod_in_ztunnel_while_its_rules_cannot_be_removed() {
     require_root!();
     let node = TestNetns::new();
     let pod = TestNetns::new();
-    let handoff = Arc::new(FakeHandoff::default());
-    let r = InpodRedirector::new(
-        InpodConfig {
-            host_netns: Some(node.path()),
-            proc_root: tempfile::tempdir().unwrap().keep(),
-            ..Default::default()
-        },
-        handoff.clone(),
-    )
-    .await
-    .unwrap();
+    let (r, handoff) = redirector(&node, tempfile::tempdir().unwrap().keep()).await;
     let backend = r.backend().unwrap();
     if backend != node_agent::redirect::iptables::Backend::Nft {
         eprintln!("skipped: needs the iptables-nft backend (detected {backend:?})");
@@ -504,17 +502,7 @@ async fn a_process_netns_path_must_hold_one_of_the_pods_ips() {
     let proc_root = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(proc_root.path().join("4242/ns")).unwrap();
     std::os::unix::fs::symlink(other.path(), proc_root.path().join("4242/ns/net")).unwrap();
-    let handoff = Arc::new(FakeHandoff::default());
-    let r = InpodRedirector::new(
-        InpodConfig {
-            host_netns: Some(node.path()),
-            proc_root: proc_root.path().to_path_buf(),
-            ..Default::default()
-        },
-        handoff.clone(),
-    )
-    .await
-    .unwrap();
+    let (r, handoff) = redirector(&node, proc_root.path().to_path_buf()).await;
     let backend = r.backend().unwrap();
     let p = PodRedirect {
         uid: "uid-p".into(),
@@ -555,17 +543,7 @@ async fn a_process_netns_path_must_hold_one_of_the_pods_ips() {
 async fn an_enrolled_pod_whose_netns_is_lost_at_startup_stays_enrolled_for_retries() {
     require_root!();
     let node = TestNetns::new();
-    let handoff = Arc::new(FakeHandoff::default());
-    let r = InpodRedirector::new(
-        InpodConfig {
-            host_netns: Some(node.path()),
-            proc_root: tempfile::tempdir().unwrap().keep(),
-            ..Default::default()
-        },
-        handoff.clone(),
-    )
-    .await
-    .unwrap();
+    let (r, handoff) = redirector(&node, tempfile::tempdir().unwrap().keep()).await;
     let p = PodRedirect {
         uid: "uid-l".into(),
         name: "l".into(),
