@@ -169,6 +169,9 @@ pub async fn copy_tcp_h2(
         Ok(()) => None,
         Err(e) => {
             h2.send.send_reset(Reason::CANCEL);
+            // The app must not take a failed tunnel for a complete exchange: closing its
+            // connection sends a reset, not a FIN.
+            let _ = socket2::SockRef::from(&*tcp).set_linger(Some(Duration::ZERO));
             Some(e)
         }
     };
@@ -383,6 +386,40 @@ mod tests {
         assert_eq!(read_to_end(&mut recv).await, (LEN, Ok(())));
         let out = copy.await.unwrap();
         assert_eq!(out.to_tunnel, LEN as u64);
+    }
+
+    /// A tunnel that fails (here the peer resets the stream with INTERNAL_ERROR) reaches
+    /// the app as a connection reset, after what did arrive, not as a FIN it could take
+    /// for the end of a complete answer.
+    #[tokio::test]
+    async fn a_failed_tunnel_resets_the_app_connection() {
+        use tokio::io::AsyncReadExt;
+        let (mut server_end, (send, recv)) = tunnel().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut proxy_side, _) = listener.accept().await.unwrap();
+        let copy = tokio::spawn(async move {
+            let counters = ByteCounters::default();
+            copy_tcp_h2(&mut proxy_side, H2Stream::client(send, recv), &counters).await
+        });
+        server_end
+            .send
+            .send_data(Bytes::from_static(b"partial"), false)
+            .unwrap();
+        let mut got = [0u8; 7];
+        app.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"partial");
+        server_end.send.send_reset(Reason::INTERNAL_ERROR);
+        let out = copy.await.unwrap();
+        assert!(out.error.is_some(), "{out:?}");
+        let mut rest = Vec::new();
+        let end = app.read_to_end(&mut rest).await;
+        assert_eq!(
+            end.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset)
+        );
     }
 
     /// The peer's app answered and reset (its ztunnel sends END_STREAM, then RST_STREAM
