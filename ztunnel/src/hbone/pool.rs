@@ -74,7 +74,6 @@ struct PooledConn {
 }
 
 impl PooledConn {
-    /// Takes a stream slot if the connection is open and below `max`.
     /// Takes a stream slot if the connection is open and below both `max` and the peer's
     /// SETTINGS_MAX_CONCURRENT_STREAMS (a stream over the peer's limit would wait in h2's
     /// queue until the response deadline instead of going to another connection).

@@ -333,14 +333,32 @@ mod tests {
         (server_end, (send, recv))
     }
 
+    /// A loopback TCP connection: (the app's end, the proxy's end).
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (proxy_side, _) = listener.accept().await.unwrap();
+        (app, proxy_side)
+    }
+
+    /// Copies between `proxy_side` and the client stream `(send, recv)` on a task of its
+    /// own; the task returns the copy's outcome.
+    fn spawn_client_copy(
+        mut proxy_side: TcpStream,
+        (send, recv): (SendStream<Bytes>, RecvStream),
+    ) -> tokio::task::JoinHandle<CopyOutcome> {
+        tokio::spawn(async move {
+            let counters = ByteCounters::default();
+            copy_tcp_h2(&mut proxy_side, H2Stream::client(send, recv), &counters).await
+        })
+    }
+
     /// The proxy's end of a TCP connection whose app wrote `len` bytes and then reset it
     /// (closing with unread input, and SO_LINGER 0).
     async fn app_wrote_then_reset(len: usize) -> TcpStream {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut app = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut proxy_side, _) = listener.accept().await.unwrap();
+        let (mut app, mut proxy_side) = tcp_pair().await;
         proxy_side
             .write_all(b"input the app never reads")
             .await
@@ -394,16 +412,9 @@ mod tests {
     #[tokio::test]
     async fn a_failed_tunnel_resets_the_app_connection() {
         use tokio::io::AsyncReadExt;
-        let (mut server_end, (send, recv)) = tunnel().await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut app = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut proxy_side, _) = listener.accept().await.unwrap();
-        let copy = tokio::spawn(async move {
-            let counters = ByteCounters::default();
-            copy_tcp_h2(&mut proxy_side, H2Stream::client(send, recv), &counters).await
-        });
+        let (mut server_end, client_end) = tunnel().await;
+        let (mut app, proxy_side) = tcp_pair().await;
+        let copy = spawn_client_copy(proxy_side, client_end);
         server_end
             .send
             .send_data(Bytes::from_static(b"partial"), false)
@@ -428,16 +439,9 @@ mod tests {
     #[tokio::test]
     async fn a_peer_that_answered_and_reset_is_a_clean_end() {
         use tokio::io::AsyncReadExt;
-        let (mut server_end, (send, recv)) = tunnel().await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut app = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut proxy_side, _) = listener.accept().await.unwrap();
-        let copy = tokio::spawn(async move {
-            let counters = ByteCounters::default();
-            copy_tcp_h2(&mut proxy_side, H2Stream::client(send, recv), &counters).await
-        });
+        let (mut server_end, client_end) = tunnel().await;
+        let (mut app, proxy_side) = tcp_pair().await;
+        let copy = spawn_client_copy(proxy_side, client_end);
         server_end
             .send
             .send_data(Bytes::from_static(b"answer"), true)
@@ -460,12 +464,8 @@ mod tests {
     async fn a_client_app_reset_after_writing_delivers_what_it_wrote() {
         // Within the initial stream window: all of it is queued at once.
         const LEN: usize = 32 * 1024;
-        let (mut server_end, (send, recv)) = tunnel().await;
-        let mut proxy_side = app_wrote_then_reset(LEN).await;
-        let copy = tokio::spawn(async move {
-            let counters = ByteCounters::default();
-            copy_tcp_h2(&mut proxy_side, H2Stream::client(send, recv), &counters).await
-        });
+        let (mut server_end, client_end) = tunnel().await;
+        let copy = spawn_client_copy(app_wrote_then_reset(LEN).await, client_end);
         assert_eq!(read_to_end(&mut server_end.recv).await, (LEN, Ok(())));
         server_end.send.send_data(Bytes::new(), true).unwrap();
         let out = copy.await.unwrap();
